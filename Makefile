@@ -1,0 +1,27 @@
+# The README's two commands. Each does its own set-up (scripts/bootstrap.sh).
+.PHONY: test demo bootstrap lint typecheck unit
+
+VENV := .venv/bin
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+lint: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+typecheck: bootstrap
+	$(VENV)/mypy
+
+# Whole suite, inside a private network namespace (scripts/in-netns).
+test: bootstrap
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+	./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: bootstrap
+	$(VENV)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: bootstrap
+	./scripts/in-netns $(VENV)/python -m matrixrtc demo

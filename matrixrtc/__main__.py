@@ -1,0 +1,3 @@
+from matrixrtc.cli import main
+
+raise SystemExit(main())

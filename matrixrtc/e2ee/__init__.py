@@ -1,0 +1,1 @@
+"""Media E2EE (pure): LiveKit frame format cryptor, key rings, sender-key manager."""

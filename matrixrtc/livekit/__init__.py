@@ -1,0 +1,1 @@
+"""LiveKit transport (I/O): livekit rtc SDK with our key provider."""

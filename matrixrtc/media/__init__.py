@@ -1,0 +1,1 @@
+"""Synthetic media sources, counting sinks, recorder."""

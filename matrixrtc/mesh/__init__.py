@@ -1,0 +1,1 @@
+"""Full-mesh media engine (I/O) on aiortc with MSC2746 to-device signalling."""

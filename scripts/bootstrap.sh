@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs everything `make test` and `make demo` need, from the project's own files:
+# Debian packages, the pinned Python tree (.venv), npm tooling and the LiveKit server
+# built from the Go module proxy. Idempotent: each step is skipped when already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LIVEKIT_VERSION="v1.13.5"
+CACHE_DIR="${MATRIXRTC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/matrixrtc}"
+LK_BIN="$CACHE_DIR/livekit-$LIVEKIT_VERSION/livekit-server"
+PY="${PYTHON:-python3}"
+APT_PACKAGES=(chromium iproute2 util-linux redis-server coturn)
+
+log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# --- Debian packages --------------------------------------------------------------
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packaged daemons must not run system-wide: the devstack starts its own instances.
+  for svc in redis-server coturn; do
+    (systemctl disable --now "$svc" || service "$svc" stop || true) >/dev/null 2>&1
+  done
+fi
+
+# --- Python -----------------------------------------------------------------------
+stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+  log "creating .venv and installing requirements.lock"
+  [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+
+# --- npm (playwright-core drives Debian's Chromium; never download a browser) -----------
+if [[ ! -f node_modules/.package-lock.json ]] || ! cmp -s package-lock.json node_modules/.lock-copy; then
+  log "npm ci"
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null
+  cp package-lock.json node_modules/.lock-copy
+fi
+
+# --- LiveKit server, pinned, from the Go module proxy ---------------------------------
+if [[ -x "$LK_BIN" ]] && "$LK_BIN" --version 2>/dev/null | grep -q "${LIVEKIT_VERSION#v}"; then
+  :
+else
+  log "building livekit-server $LIVEKIT_VERSION (go install; a few minutes on 2 cores)"
+  tmp="$CACHE_DIR/livekit-$LIVEKIT_VERSION/gobin"
+  mkdir -p "$tmp"
+  GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-mod=mod \
+    go install "github.com/livekit/livekit-server/cmd/server@$LIVEKIT_VERSION"
+  mv "$tmp/server" "$LK_BIN"
+  "$LK_BIN" --version
+fi
+mkdir -p .cache
+ln -sfn "$LK_BIN" .cache/livekit-server
+log "ready: $(.venv/bin/python --version), livekit-server $("$LK_BIN" --version 2>&1 | tail -1)"

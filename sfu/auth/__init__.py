@@ -1,0 +1,1 @@
+"""Authorization service: the lk-jwt-service API (OpenID -> LiveKit JWT)."""

@@ -1,0 +1,1 @@
+"""Controller: webhooks, delegated delayed leave, room lifecycle."""
