@@ -35,7 +35,9 @@ if [[ ! -f "$stamp" ]]; then
   log "creating .venv and installing requirements.lock"
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # The project itself is used in place (no build step): a .pth puts the checkout on sys.path.
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  printf '%s\n' "$PWD" > "$site/matrixrtc-checkout.pth"
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 
