@@ -18,7 +18,7 @@ test: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
-	./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 unit: bootstrap
 	$(VENV)/python -m pytest -q tests/unit $(PYTEST_ARGS)
