@@ -1,0 +1,89 @@
+"""Typed access to untrusted JSON (private helpers for the parsers).
+
+Every getter returns ``None`` (or raises nothing) on a type mismatch so that parsers can say
+*why* they reject an event and return ``None`` themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import structlog
+
+__all__ = [
+    "JsonDict",
+    "JsonValue",
+    "Reject",
+    "as_int",
+    "as_str",
+    "canonical_json",
+    "get_dict",
+    "is_mxid",
+]
+
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+JsonDict: TypeAlias = "dict[str, JsonValue]"
+
+_log = structlog.get_logger("matrixrtc.model")
+
+# Largest integer JSON/JS can carry exactly; Matrix uses the same bound for its integers.
+_MAX_SAFE_INT = 2**53 - 1
+
+
+class Reject(Exception):
+    """Raised inside a parser to abort with a reason; caught by the parser's entry point."""
+
+    def __init__(self, reason: str, **fields: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fields = fields
+
+
+def log_reject(kind: str, err: Reject, **context: object) -> None:
+    """Log one rejection (debug level: remote junk is expected and must not flood logs)."""
+    _log.debug("rejected", kind=kind, reason=err.reason, **err.fields, **context)
+
+
+def log_parser_bug(kind: str, exc: BaseException, **context: object) -> None:
+    """A parser hit an exception it did not anticipate: log loudly, still drop the input."""
+    _log.warning("parser_error", kind=kind, error=repr(exc), **context)
+
+
+def as_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def as_int(value: object) -> int | None:
+    """A JSON number that is an exact integer within the safe range, else None.
+
+    Floats with an integral value are accepted (JS has only doubles; ``1.7e12`` is fine).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return as_int(int(value))
+    return None
+
+
+def get_dict(value: object) -> dict[str, JsonValue] | None:
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return value
+    return None
+
+
+def is_mxid(value: str) -> bool:
+    """Loose Matrix user id check, as js-sdk does: ``@localpart:server``, non-empty parts."""
+    if not value.startswith("@") or ":" not in value:
+        return False
+    local, _, server = value[1:].partition(":")
+    return bool(local) and bool(server) and len(value) <= 255
+
+
+def canonical_json(value: Mapping[str, object]) -> str:
+    """Deterministic compact JSON, used to keep opaque objects hashable and comparable."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
