@@ -1,1 +1,44 @@
-"""Homeserver adapter (I/O): matrix-nio[e2e] plus the endpoints nio lacks."""
+"""Homeserver adapter (I/O): matrix-nio[e2e] plus the endpoints nio lacks.
+
+Start with :class:`Homeserver` (``async with Homeserver(url, Login(...), state_dir=...)``).
+"""
+
+from matrixrtc.matrix.errors import (
+    DelayNotFound,
+    DelayTooLong,
+    HomeserverError,
+    HomeserverUnreachable,
+    LoginError,
+    RateLimited,
+    Unsupported,
+)
+from matrixrtc.matrix.homeserver import (
+    DelayAction,
+    DeviceRef,
+    Homeserver,
+    Login,
+    OpenIdToken,
+    RoomUpdate,
+    Subscription,
+    ToDeviceEvent,
+    ToDeviceSendResult,
+)
+
+__all__ = [
+    "DelayAction",
+    "DelayNotFound",
+    "DelayTooLong",
+    "DeviceRef",
+    "Homeserver",
+    "HomeserverError",
+    "HomeserverUnreachable",
+    "Login",
+    "LoginError",
+    "OpenIdToken",
+    "RateLimited",
+    "RoomUpdate",
+    "Subscription",
+    "ToDeviceEvent",
+    "ToDeviceSendResult",
+    "Unsupported",
+]

@@ -1,0 +1,88 @@
+"""The agent's state directory: credentials and the nio crypto store.
+
+Layout (created with mode 0700; ``session.json`` 0600)::
+
+    DIR/session.json   {"homeserver", "user_id", "device_id", "access_token"}
+    DIR/crypto/        nio's SQLite crypto store (Olm account, Olm/Megolm sessions)
+
+Reusing the directory makes a restarted agent the same device: same device id, same
+identity keys, same Olm sessions, so peers need no new key query and no device sprawl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+__all__ = ["SavedSession", "StateDir"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedSession:
+    homeserver: str
+    user_id: str
+    device_id: str
+    access_token: str
+
+    def __repr__(self) -> str:  # the token is a secret: keep it out of logs and tracebacks
+        return f"SavedSession({self.homeserver!r}, {self.user_id!r}, {self.device_id!r})"
+
+
+class StateDir:
+    """A directory holding one device's credentials and crypto store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def crypto_dir(self) -> Path:
+        return self.path / "crypto"
+
+    @property
+    def session_file(self) -> Path:
+        return self.path / "session.json"
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.crypto_dir.mkdir(exist_ok=True, mode=0o700)
+
+    def load(self) -> SavedSession | None:
+        """The saved session, or None when there is none or it is unreadable (logged)."""
+        try:
+            raw = json.loads(self.session_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("state_dir.unreadable", path=str(self.session_file), reason=str(e))
+            return None
+        if not isinstance(raw, dict):
+            log.warning("state_dir.unreadable", path=str(self.session_file), reason="not an object")
+            return None
+        fields = ("homeserver", "user_id", "device_id", "access_token")
+        values = [raw.get(f) for f in fields]
+        if not all(isinstance(v, str) and v for v in values):
+            log.warning("state_dir.unreadable", path=str(self.session_file), reason="missing field")
+            return None
+        hs, user, dev, tok = (str(v) for v in values)
+        return SavedSession(hs, user, dev, tok)
+
+    def save(self, session: SavedSession) -> None:
+        """Write atomically with mode 0600 (the file holds an access token)."""
+        self.ensure()
+        tmp = self.session_file.with_suffix(".tmp")
+        data = {
+            "homeserver": session.homeserver,
+            "user_id": session.user_id,
+            "device_id": session.device_id,
+            "access_token": session.access_token,
+        }
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.session_file)
