@@ -1046,6 +1046,7 @@ class Homeserver:
             parsed = MegolmEvent.from_dict(ev)
             if not isinstance(parsed, MegolmEvent):
                 return None
+            parsed.room_id = room_id  # sync events omit it; nio needs it to find the session
             out = nio.decrypt_event(parsed)
         except Exception as e:  # nio raises its own EncryptionError and schema errors
             log.debug("homeserver.undecryptable", room_id=room_id, reason=str(e))
