@@ -1,0 +1,289 @@
+"""Request bodies of the lk-jwt-service API, decoded the way Go's ``encoding/json`` does.
+
+lk-jwt-service decodes each body with ``json.NewDecoder(body).DisallowUnknownFields()`` into a
+Go struct. To be a drop-in we reproduce what clients can observe of that:
+
+- the first JSON value is decoded; anything after it is ignored (``Decoder.Decode`` reads one
+  value);
+- object keys match struct fields exactly, or else case-insensitively (Go's ``foldName``);
+  a key matching no field is an error (``DisallowUnknownFields``), also in nested objects;
+- ``null`` leaves a field at its zero value; the wrong JSON type is an error; an ``int`` field
+  rejects fractions, exponents and values outside int64; a top-level ``null`` is an empty
+  struct; the last of duplicate keys wins;
+- invalid UTF-8 and lone surrogates in strings become U+FFFD; ``NaN``/``Infinity`` are errors.
+
+Every decode error is answered with 400 ``M_NOT_JSON`` "Error reading request"; validation
+errors (missing fields) with 400 ``M_BAD_JSON`` and lk-jwt-service's messages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+__all__ = [
+    "ApiError",
+    "DelegateDelayedLeaveRequest",
+    "LegacySFURequest",
+    "Member",
+    "OpenIDToken",
+    "SFURequest",
+    "decode_delegate",
+    "decode_get_token",
+    "decode_legacy",
+    "validate_delegate",
+    "validate_get_token",
+    "validate_legacy",
+]
+
+log = structlog.get_logger(__name__)
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError:
+    """A Matrix-style error answer: HTTP status, ``errcode`` and ``error``."""
+
+    status: int
+    errcode: str
+    error: str
+
+
+NOT_JSON: Final = ApiError(400, "M_NOT_JSON", "Error reading request")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenIDToken:
+    """``openid_token`` as returned by ``/openid/request_token``."""
+
+    access_token: str = ""
+    token_type: str = ""
+    matrix_server_name: str = ""
+    expires_in: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """``member`` of an MSC4195 request."""
+
+    id: str = ""
+    claimed_user_id: str = ""
+    claimed_device_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SFURequest:
+    """Body of ``POST /get_token`` (MSC4195)."""
+
+    room_id: str = ""
+    slot_id: str = ""
+    openid_token: OpenIDToken = OpenIDToken()
+    member: Member = Member()
+    delay_id: str = ""
+    delay_timeout: int = 0
+    delay_cs_api_url: str = ""  # accepted and ignored, as on lk-jwt-service main
+
+
+@dataclass(frozen=True, slots=True)
+class LegacySFURequest:
+    """Body of ``POST /sfu/get`` (pre-Matrix-2.0)."""
+
+    room: str = ""
+    openid_token: OpenIDToken = OpenIDToken()
+    device_id: str = ""
+    delay_id: str = ""
+    delay_timeout: int = 0
+    delay_cs_api_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DelegateDelayedLeaveRequest:
+    """Body of ``POST /delegate_delayed_leave``."""
+
+    room_id: str = ""
+    slot_id: str = ""
+    openid_token: OpenIDToken = OpenIDToken()
+    member: Member = Member()
+    delay_id: str = ""
+    delay_timeout: int = 0
+    delay_cs_api_url: str = ""
+
+
+class _DecodeError(Exception):
+    pass
+
+
+# Field kinds: "s" string, "i" int, or a nested schema.
+_Schema = dict[str, "str | tuple[type[Any], _Schema]"]
+
+_OPENID: Final[_Schema] = {
+    "access_token": "s",
+    "token_type": "s",
+    "matrix_server_name": "s",
+    "expires_in": "i",
+}
+_MEMBER: Final[_Schema] = {"id": "s", "claimed_user_id": "s", "claimed_device_id": "s"}
+_SFU: Final[_Schema] = {
+    "room_id": "s",
+    "slot_id": "s",
+    "openid_token": (OpenIDToken, _OPENID),
+    "member": (Member, _MEMBER),
+    "delay_id": "s",
+    "delay_timeout": "i",
+    "delay_cs_api_url": "s",
+}
+_LEGACY: Final[_Schema] = {
+    "room": "s",
+    "openid_token": (OpenIDToken, _OPENID),
+    "device_id": "s",
+    "delay_id": "s",
+    "delay_timeout": "i",
+    "delay_cs_api_url": "s",
+}
+
+
+class _Float(float):
+    """A JSON number written with a fraction or exponent (Go's int fields reject these)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _DecodeError(f"invalid JSON constant {name}")
+
+
+_DECODER: Final = json.JSONDecoder(parse_float=_Float, parse_constant=_reject_constant)
+_WS: Final = " \t\n\r"
+
+
+def _fold(s: str) -> str:
+    # Go matches keys with simple Unicode case folding, rune by rune (no expansions like ß→ss).
+    out = []
+    for ch in s:
+        low = ch.lower()
+        if ch == "ſ":  # U+017F folds to "s" in Go
+            low = "s"
+        out.append(low if len(low) == 1 else ch)
+    return "".join(out)
+
+
+def _clean_str(s: str) -> str:
+    # Lone surrogates (from \ud800 escapes) become U+FFFD, as in Go.
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in s)
+    return s
+
+
+def _build(cls: type[Any], schema: _Schema, value: object) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise _DecodeError(f"cannot decode {type(value).__name__} into {cls.__name__}")
+    folded = {_fold(k): k for k in schema}
+    fields: dict[str, Any] = {}
+    for key, item in value.items():
+        name = key if key in schema else folded.get(_fold(key))
+        if name is None:
+            raise _DecodeError(f"unknown field {key!r}")
+        kind = schema[name]
+        if item is None:
+            continue  # null leaves the field unchanged
+        if kind == "s":
+            if not isinstance(item, str):
+                raise _DecodeError(f"field {name!r} is not a string")
+            fields[name] = _clean_str(item)
+        elif kind == "i":
+            if isinstance(item, bool) or not isinstance(item, int) or isinstance(item, _Float):
+                raise _DecodeError(f"field {name!r} is not an integer")
+            if not _INT64_MIN <= item <= _INT64_MAX:
+                raise _DecodeError(f"field {name!r} overflows int64")
+            fields[name] = item
+        elif isinstance(kind, tuple):
+            fields[name] = _build(kind[0], kind[1], item)
+    return cls(**fields)
+
+
+def _decode(raw: bytes, cls: type[Any], schema: _Schema) -> Any | None:
+    text = raw.decode("utf-8", errors="replace")
+    start = len(text) - len(text.lstrip(_WS))
+    try:
+        value, _end = _DECODER.raw_decode(text, start)
+        return _build(cls, schema, value)
+    except (ValueError, _DecodeError, RecursionError) as exc:
+        log.info("request body rejected", reason=str(exc)[:200])
+        return None
+
+
+def decode_get_token(raw: bytes) -> SFURequest | None:
+    """Decode a ``/get_token`` body; None when Go would have failed to decode it."""
+    result: SFURequest | None = _decode(raw, SFURequest, _SFU)
+    return result
+
+
+def decode_delegate(raw: bytes) -> DelegateDelayedLeaveRequest | None:
+    """Decode a ``/delegate_delayed_leave`` body; None on a decode error."""
+    result: DelegateDelayedLeaveRequest | None = _decode(raw, DelegateDelayedLeaveRequest, _SFU)
+    return result
+
+
+def decode_legacy(raw: bytes) -> LegacySFURequest | None:
+    """Decode a ``/sfu/get`` body; None on a decode error."""
+    result: LegacySFURequest | None = _decode(raw, LegacySFURequest, _LEGACY)
+    return result
+
+
+def _bad(msg: str) -> ApiError:
+    return ApiError(400, "M_BAD_JSON", msg)
+
+
+def _validate_common(
+    room_id: str, slot_id: str, member: Member, token: OpenIDToken, member_article: str
+) -> ApiError | None:
+    if not room_id or not slot_id:
+        return _bad("The request body is missing `room_id` or `slot_id`")
+    if not member.id or not member.claimed_user_id or not member.claimed_device_id:
+        return _bad(
+            f"The request body `member` is missing {member_article}`id`, `claimed_user_id` "
+            "or `claimed_device_id`"
+        )
+    if not token.access_token or not token.matrix_server_name:
+        return _bad(
+            f"The request body `openid_token` is missing {member_article}`access_token` "
+            "or `matrix_server_name`"
+        )
+    return None
+
+
+def _validate_delay(delay_id: str, delay_timeout: int) -> ApiError | None:
+    if (bool(delay_id) or delay_timeout > 0) and not (delay_id and delay_timeout > 0):
+        return _bad("The request body is missing `delay_id` or `delay_timeout`")
+    return None
+
+
+def validate_get_token(req: SFURequest) -> ApiError | None:
+    """lk-jwt-service's ``SFURequest.Validate``."""
+    return _validate_common(
+        req.room_id, req.slot_id, req.member, req.openid_token, "a "
+    ) or _validate_delay(req.delay_id, req.delay_timeout)
+
+
+def validate_delegate(req: DelegateDelayedLeaveRequest) -> ApiError | None:
+    """lk-jwt-service's ``DelegateDelayedLeaveRequest.Validate`` (delay fields mandatory)."""
+    err = _validate_common(req.room_id, req.slot_id, req.member, req.openid_token, "")
+    if err is not None:
+        return err
+    if not req.delay_id or req.delay_timeout <= 0:
+        return _bad("The request body is missing `delay_id` or `delay_timeout`")
+    return None
+
+
+def validate_legacy(req: LegacySFURequest) -> ApiError | None:
+    """lk-jwt-service's ``LegacySFURequest.Validate``."""
+    if not req.room:
+        return _bad("Missing room parameter")
+    if not req.openid_token.access_token or not req.openid_token.matrix_server_name:
+        return _bad("Missing OpenID token parameters")
+    return _validate_delay(req.delay_id, req.delay_timeout)

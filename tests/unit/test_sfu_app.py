@@ -1,0 +1,335 @@
+"""The service's HTTP surface in-process: CORS, methods, error table, limits, SSRF, webhooks.
+
+OpenID lookups here never reach a homeserver: names resolve through an empty
+:class:`StaticResolver` (so nothing resolves) or are refused by the SSRF guard, which is what
+these tests are about. Real OpenID validation is in tests/integration/test_sfu_service.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from livekit import api as lkapi
+
+from sfu.auth.app import create_app
+from sfu.auth.config import Config
+from sfu.auth.netguard import StaticResolver
+
+KEY, SECRET = "testkey", "testsecret-testsecret-testsecret-0123"
+
+
+def make_config(**env: str) -> Config:
+    base = {
+        "LIVEKIT_URL": "ws://127.0.0.1:9",  # never contacted: no full-access user here
+        "LIVEKIT_KEY": KEY,
+        "LIVEKIT_SECRET": SECRET,
+        "LIVEKIT_FULL_ACCESS_HOMESERVERS": "full.invalid",
+        "LIVEKIT_JWT_BIND": "127.0.0.1:0",
+        "MATRIXRTC_SFU_RATE_LIMIT": "0",
+    }
+    base.update(env)
+    return Config.from_env(base)
+
+
+async def client_for(
+    config: Config, resolver: StaticResolver | None = None
+) -> TestClient[Any, Any]:
+    app = create_app(config, resolver=resolver or StaticResolver())
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[TestClient[Any, Any]]:
+    c = await client_for(make_config())
+    yield c
+    await c.close()
+
+
+def body(server: str = "example.org", **extra: object) -> dict[str, object]:
+    return {
+        "room_id": "!r:example.org",
+        "slot_id": "m.call#ROOM",
+        "openid_token": {
+            "access_token": "secret-token",
+            "token_type": "Bearer",
+            "matrix_server_name": server,
+            "expires_in": 3600,
+        },
+        "member": {"id": "m", "claimed_user_id": f"@a:{server}", "claimed_device_id": "D"},
+        **extra,
+    }
+
+
+CORS = {
+    "Content-Type": "application/json",
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Accept, Content-Type, Content-Length, Accept-Encoding, "
+    "X-CSRF-Token",
+}
+
+
+@pytest.mark.parametrize("path", ["/sfu/get", "/get_token", "/delegate_delayed_leave"])
+async def test_cors_options_and_wrong_methods(client: TestClient[Any, Any], path: str) -> None:
+    resp = await client.options(path)
+    assert resp.status == 200
+    assert await resp.read() == b""
+    for k, v in CORS.items():
+        assert resp.headers[k] == v
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        resp = await client.request(method, path)
+        assert resp.status == 405, method
+        assert await resp.read() == b""
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_healthz_metrics_and_webhook_methods(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.head("/healthz")).status == 200
+    assert (await client.post("/healthz")).status == 405
+    assert (await client.get("/sfu_webhook")).status == 405
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert "matrixrtc_sfu_requests_total" in await resp.text()
+
+
+async def expect(
+    client: TestClient[Any, Any], path: str, data: bytes, status: int, errcode: str
+) -> dict[str, Any]:
+    resp = await client.post(path, data=data)
+    text = await resp.text()
+    assert resp.status == status, text
+    assert text.endswith("\n")
+    obj = json.loads(text)
+    assert obj["errcode"] == errcode, obj
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    return dict(obj)
+
+
+async def test_error_table_before_openid(client: TestClient[Any, Any]) -> None:
+    for path in ("/get_token", "/sfu/get", "/delegate_delayed_leave"):
+        for raw in (b"", b"{", b"[1]", b'{"nope": 1}', b'{"room_id": 1}'):
+            obj = await expect(client, path, raw, 400, "M_NOT_JSON")
+            assert obj["error"] == "Error reading request"
+    good = body()
+    for field in ("room_id", "slot_id"):
+        await expect(
+            client, "/get_token", json.dumps({**good, field: ""}).encode(), 400, "M_BAD_JSON"
+        )
+    for field in ("id", "claimed_user_id", "claimed_device_id"):
+        b = body()
+        b["member"] = {**b["member"], field: ""}  # type: ignore[dict-item]
+        await expect(client, "/get_token", json.dumps(b).encode(), 400, "M_BAD_JSON")
+    for field in ("access_token", "matrix_server_name"):
+        b = body()
+        b["openid_token"] = {**b["openid_token"], field: ""}  # type: ignore[dict-item]
+        await expect(client, "/get_token", json.dumps(b).encode(), 400, "M_BAD_JSON")
+    await expect(client, "/get_token", json.dumps(body(delay_id="x")).encode(), 400, "M_BAD_JSON")
+    await expect(client, "/delegate_delayed_leave", json.dumps(body()).encode(), 400, "M_BAD_JSON")
+    legacy = {"room": "", "openid_token": good["openid_token"], "device_id": "D"}
+    await expect(client, "/sfu/get", json.dumps(legacy).encode(), 400, "M_BAD_JSON")
+
+
+async def test_unresolvable_homeserver_is_unauthorised(client: TestClient[Any, Any]) -> None:
+    obj = await expect(client, "/get_token", json.dumps(body()).encode(), 401, "M_UNAUTHORIZED")
+    assert obj["error"] == "The request could not be authorised."
+    # a name outside the server-name grammar is refused without any lookup
+    await expect(client, "/get_token", json.dumps(body("a/b@c")).encode(), 401, "M_UNAUTHORIZED")
+
+
+async def test_body_limit_and_rate_limit() -> None:
+    c = await client_for(
+        make_config(
+            MATRIXRTC_SFU_MAX_BODY="1024",
+            MATRIXRTC_SFU_RATE_LIMIT="1",
+            MATRIXRTC_SFU_RATE_BURST="3",
+        )
+    )
+    try:
+        await expect(c, "/get_token", b" " * 2048, 413, "M_TOO_LARGE")
+        statuses = [(await c.post("/get_token", data=b"{")).status for _ in range(5)]
+        assert statuses[:2] == [400, 400]  # the 413 above took one token of the burst
+        assert statuses[-1] == 429
+        resp = await c.post("/get_token", data=b"{")
+        assert resp.status == 429
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert (await resp.json())["errcode"] == "M_LIMIT_EXCEEDED"
+    finally:
+        await c.close()
+
+
+class ListeningSocket:
+    """A TCP listener that records whether anyone connected."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def connections(self) -> int:
+        n = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[ListeningSocket]:
+    s = ListeningSocket()
+    yield s
+    s.close()
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext",
+            f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_ssrf_refused_without_connecting(listener: ListeningSocket, tmp_path: Path) -> None:
+    # A well-known server for "wk.test" (allow-listed, so it may live on loopback) that
+    # delegates to the listening socket, and a name that resolves straight to it.
+    cert, key = _self_signed(tmp_path, "wk.test")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    hits: list[str] = []
+
+    async def well_known(request: web.Request) -> web.Response:
+        hits.append(request.host)
+        return web.json_response({"m.server": f"127.0.0.1:{listener.port}"})
+
+    wk_app = web.Application()
+    wk_app.router.add_get("/.well-known/matrix/server", well_known)
+    runner = web.AppRunner(wk_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    wk_port = runner.addresses[0][1]
+    resolver = StaticResolver(
+        hosts={"wk.test": [("127.0.0.1", wk_port)], "evil.test": [("127.0.0.1", listener.port)]},
+        srv={"_matrix-fed._tcp.srv.test": [("evil.test", listener.port)]},
+    )
+    c = await client_for(
+        make_config(MATRIXRTC_SFU_PRIVATE_ALLOWLIST="wk.test", MATRIXRTC_SFU_CA_BUNDLE=str(cert)),
+        resolver,
+    )
+    try:
+        names = [
+            f"127.0.0.1:{listener.port}",
+            "10.0.0.1",
+            "169.254.169.254",
+            "[::1]:8448",
+            "wk.test",  # well-known → 127.0.0.1:<listener>
+            f"evil.test:{listener.port}",  # resolves to loopback
+            "srv.test",  # SRV → evil.test
+        ]
+        for name in names:
+            await expect(c, "/get_token", json.dumps(body(name)).encode(), 401, "M_UNAUTHORIZED")
+        assert hits == ["wk.test"]  # the well-known was fetched (over verified TLS)...
+        assert listener.connections() == 0  # ...but nothing ever connected to the target
+        text = await (await c.get("/metrics")).text()
+        assert 'matrixrtc_sfu_openid_lookup_seconds_count{outcome="blocked"}' in text
+    finally:
+        await c.close()
+        await runner.cleanup()
+
+
+def _webhook(event: lkapi.WebhookEvent, secret: str = SECRET) -> tuple[str, str]:
+    import base64
+    import hashlib
+
+    from google.protobuf.json_format import MessageToJson
+
+    payload = MessageToJson(event)
+    digest = base64.b64encode(hashlib.sha256(payload.encode()).digest()).decode()
+    token = lkapi.AccessToken(KEY, secret).with_sha256(digest).to_jwt()
+    return payload, token
+
+
+async def test_webhook_signature(client: TestClient[Any, Any]) -> None:
+    event = lkapi.WebhookEvent(
+        event="participant_joined",
+        room=lkapi.Room(name="r"),
+        participant=lkapi.ParticipantInfo(identity="i"),
+    )
+    payload, token = _webhook(event)
+    resp = await client.post("/sfu_webhook", data=payload, headers={"Authorization": token})
+    assert resp.status == 200
+    _, forged = _webhook(event, secret="wrong-secret-wrong-secret-wrong-secret")
+    resp = await client.post("/sfu_webhook", data=payload, headers={"Authorization": forged})
+    assert resp.status == 401
+    assert (await resp.json())["errcode"] == "M_UNAUTHORIZED"
+    tampered = payload.replace('"i"', '"j"')
+    resp = await client.post("/sfu_webhook", data=tampered, headers={"Authorization": token})
+    assert resp.status == 401
+    resp = await client.post("/sfu_webhook", data=payload)
+    assert resp.status == 401
+
+
+_keys = st.sampled_from(
+    ["room_id", "slot_id", "openid_token", "member", "room", "device_id", "delay_id",
+     "delay_timeout", "access_token", "matrix_server_name", "expires_in", "id",
+     "claimed_user_id", "claimed_device_id", "x"]
+)  # fmt: skip
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=12)
+    | st.sampled_from(["10.0.0.1", "127.0.0.1:1", "169.254.169.254", "localhost", "a.test"]),
+    lambda ch: st.lists(ch, max_size=3) | st.dictionaries(_keys, ch, max_size=6),
+    max_leaves=16,
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    path=st.sampled_from(["/get_token", "/sfu/get", "/delegate_delayed_leave"]),
+    payload=_json.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=80),
+)
+def test_random_bodies_never_5xx_or_token(path: str, payload: bytes) -> None:
+    async def run() -> None:
+        c = await client_for(make_config())
+        try:
+            resp = await c.post(path, data=payload)
+            text = await resp.text()
+            assert resp.status < 500, text
+            assert resp.status != 200
+            assert "jwt" not in text
+        finally:
+            await c.close()
+
+    asyncio.run(run())
