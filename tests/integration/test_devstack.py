@@ -1,0 +1,208 @@
+"""The real local stack: each service comes up, does its job, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from livekit import api, rtc
+
+from matrixrtc.devstack import (
+    HomeserverRequestError,
+    LiveKit,
+    Redis,
+    Synapse,
+    leftover_processes,
+)
+from matrixrtc.devstack._process import ManagedProcess
+from matrixrtc.devstack.coturn import Coturn
+from matrixrtc.errors import ServiceStartError
+from tests.conftest import UserFactory
+
+CALL_MEMBER = "org.matrix.msc3401.call.member"
+
+
+def _member_key(user_id: str, device_id: str) -> str:
+    return f"_{user_id}_{device_id}_m.call"
+
+
+async def test_synapse_call_room_and_delayed_leave_fires(
+    synapse: Synapse, user_factory: UserFactory
+) -> None:
+    alice = await user_factory("alice")
+    bob = await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], name="call")
+
+    joined = await synapse.request("GET", "/_matrix/client/v3/joined_rooms", user=bob)
+    assert room in joined["joined_rooms"]
+    # Bob has the default power level 0 and may still publish his call membership.
+    bob_key = _member_key(bob.user_id, bob.device_id)
+    await synapse.put_state(bob, room, CALL_MEMBER, bob_key, {"application": "m.call"})
+
+    key = _member_key(alice.user_id, alice.device_id)
+    await synapse.put_state(alice, room, CALL_MEMBER, key, {"application": "m.call"})
+    t0 = time.monotonic()
+    scheduled = await synapse.put_state(
+        alice, room, CALL_MEMBER, key, {}, params={"org.matrix.msc4140.delay": "3000"}
+    )
+    assert scheduled.get("delay_id")
+    assert await synapse.get_state(bob, room, CALL_MEMBER, key) == {"application": "m.call"}
+    while (await synapse.get_state(bob, room, CALL_MEMBER, key)) != {}:
+        assert time.monotonic() - t0 < 10, "delayed leave did not fire within 10 s"
+        await asyncio.sleep(0.1)
+    fired_after = time.monotonic() - t0
+    assert 2.5 < fired_after < 6, fired_after
+
+
+async def test_synapse_versions_and_restart_keep_data(
+    synapse: Synapse, user_factory: UserFactory
+) -> None:
+    versions = await synapse.request("GET", "/_matrix/client/versions")
+    for feature in ("org.matrix.msc4140", "org.matrix.msc4143", "org.matrix.msc4354"):
+        assert versions["unstable_features"].get(feature) is True, feature
+    carol = await user_factory("carol")
+    room = await synapse.create_call_room(carol, room_version="org.matrix.msc3757.11")
+    port = synapse.port
+
+    await synapse.restart()
+
+    assert synapse.port == port
+    again = await synapse.login(carol.user_id, carol.password)
+    assert again.user_id == carol.user_id
+    create = await synapse.get_state(again, room, "m.room.create", "")
+    assert create is not None
+    assert create["room_version"] == "org.matrix.msc3757.11"
+    with pytest.raises(HomeserverRequestError) as err:
+        await synapse.login(carol.user_id, "wrong password")
+    assert err.value.status == 403
+
+
+async def test_synapse_advertises_livekit_transport(run_dir: Path) -> None:
+    focus_url = "http://127.0.0.1:9/livekit/jwt"
+    async with Synapse(run_dir, livekit_service_url=focus_url, name="synapse-rtc") as hs:
+        user = await hs.register("dana")
+        transports = await hs.request(
+            "GET", "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", user=user
+        )
+        assert {"type": "livekit", "livekit_service_url": focus_url} in transports["rtc_transports"]
+        assert hs.startup_seconds is not None
+        print(f"synapse start-up: {hs.startup_seconds:.2f} s")
+
+
+async def test_livekit_room_participant_and_no_auto_create(livekit: LiveKit) -> None:
+    assert len(livekit.api_secret) >= 32
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
+        created = await lkapi.room.create_room(api.CreateRoomRequest(name="devstack-room"))
+        assert created.name == "devstack-room"
+
+        token = (
+            api.AccessToken(livekit.api_key, livekit.api_secret)
+            .with_identity("py-participant")
+            .with_grants(api.VideoGrants(room_join=True, room="devstack-room"))
+            .to_jwt()
+        )
+        room = rtc.Room()
+        await room.connect(livekit.url, token, rtc.RoomOptions(connect_timeout=5))
+        try:
+            listed = await lkapi.room.list_participants(
+                api.ListParticipantsRequest(room="devstack-room")
+            )
+            assert [p.identity for p in listed.participants] == ["py-participant"]
+        finally:
+            await room.disconnect()
+
+        # auto_create is off: a join token alone cannot bring a room into existence.
+        stray = (
+            api.AccessToken(livekit.api_key, livekit.api_secret)
+            .with_identity("stray")
+            .with_grants(api.VideoGrants(room_join=True, room="no-such-room"))
+            .to_jwt()
+        )
+        other = rtc.Room()
+        with pytest.raises(rtc.ConnectError, match="room does not exist"):
+            await other.connect(livekit.url, stray, rtc.RoomOptions(connect_timeout=5))
+        rooms = await lkapi.room.list_rooms(api.ListRoomsRequest())
+        assert "no-such-room" not in [r.name for r in rooms.rooms]
+    assert livekit.startup_seconds is not None
+    print(f"livekit start-up: {livekit.startup_seconds:.2f} s")
+
+
+async def test_redis_restart_keeps_data(redis: Redis) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis.url)
+    try:
+        await client.set("devstack-key", "kept")
+        await redis.restart()
+        # The old connection died with the server; a new one sees the data.
+        await client.connection_pool.disconnect()
+        assert await client.get("devstack-key") == b"kept"
+    finally:
+        await client.aclose()
+
+
+async def test_coturn_allocates_a_relay_with_its_credentials(coturn: Coturn) -> None:
+    from aioice import stun, turn
+
+    assert coturn.uris[0] == f"turn:127.0.0.1:{coturn.port}?transport=udp"
+    server = ("127.0.0.1", coturn.port)
+    transport, _ = await turn.create_turn_endpoint(
+        asyncio.DatagramProtocol, server, coturn.username, coturn.password
+    )
+    try:
+        relayed = transport.get_extra_info("sockname")
+        assert relayed[0] == "127.0.0.1"
+    finally:
+        transport.close()
+
+    with pytest.raises(stun.TransactionFailed):
+        await turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, server, coturn.username, "wrong password"
+        )
+
+
+async def test_start_failure_raises_with_log_tail(run_dir: Path) -> None:
+    before = leftover_processes()
+    broken = LiveKit(run_dir, extra_config={"rtc": {"udp_port": "not-a-port"}}, name="lk-broken")
+    with pytest.raises(ServiceStartError) as err:
+        async with broken:
+            pass
+    message = str(err.value)
+    assert message.startswith("lk-broken exited with code")
+    # The tail of the service's own log explains why.
+    assert "not-a-port" in message
+    assert broken.pid is None
+    assert leftover_processes() == before
+
+
+async def test_stop_kills_the_whole_group_even_if_sigterm_is_ignored(run_dir: Path) -> None:
+    marker = run_dir / "stubborn-ready"
+    script = (
+        "import os, signal, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "if os.fork() == 0:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    time.sleep(60)\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    proc = ManagedProcess(
+        name="stubborn",
+        argv=[sys.executable, "-c", script],
+        log_path=run_dir / "stubborn.log",
+        cwd=run_dir,
+        stop_grace=0.3,
+    )
+
+    async def ready() -> bool:
+        return marker.exists()
+
+    await proc.start(ready, 10)
+    pgid = proc.pid
+    assert pgid is not None
+    assert pgid in leftover_processes()
+    await proc.stop()
+    assert pgid not in leftover_processes()
