@@ -2,7 +2,7 @@
 
 :class:`JoinTokenSigner` produces exactly the claims livekit-api's ``AccessToken`` produces for
 lk-jwt-service's grants (``roomJoin``, ``canPublish``, ``canSubscribe``,
-``canUpdateOwnMetadata``, ``room``; ``roomCreate`` false hence omitted; ``sub``, ``iss``,
+``canUpdateOwnMetadata``, ``room``, ``roomCreate: false``; ``sub``, ``iss``,
 ``nbf``, ``exp`` = now + 1 h), but with the JWT header and the HMAC key prepared once: the
 token endpoint's warm path is then one JSON dump and one HMAC. A unit test checks the claims
 against ``AccessToken`` and the signature against ``TokenVerifier``.
@@ -59,6 +59,7 @@ class JoinTokenSigner:
         now = int(self._clock())
         return {
             "video": {
+                "roomCreate": False,
                 "roomJoin": True,
                 "room": room,
                 "canPublish": True,
