@@ -1,0 +1,960 @@
+"""Own-membership state machine (sans-I/O): delayed leave, heartbeat, expiry refresh, leave.
+
+Theory of operation
+-------------------
+This is js-sdk's ``MembershipManager`` + ``ActionScheduler`` (spec/matrixrtc.md §2.3) with the
+I/O taken out. The machine keeps a queue of *steps* with due times and performs at most one
+request at a time. The adapter drives it with a loop::
+
+    m = OwnMembershipMachine(user_id=…, device_id=…, dialect=Dialect.STATE, room_version=…)
+    m.join(now_ms, transports=[LivekitTransport(...)], intent="video")
+    while True:
+        action = m.next_action(clock())
+        match action:
+            case Stopped():  break                         # left, or failed (action.error)
+            case Wait(until_ms=t):  sleep until t, or until an observation/leave arrives
+            case _:                                        # a request: perform it, then
+                m.receive_result(<Ok/NotFound/RateLimited/…>, clock())
+        # whenever the RTC session changes:
+        m.observe(OwnMembershipSeen(created_ts=…, event_id=…) | OwnMembershipMissing(), clock())
+        for ev in m.drain_events(): ...                    # StatusChanged, ProbablyLeftChanged
+
+Requests and what the adapter does (state form shown; sticky form sends a sticky room event
+``org.matrix.msc4143.rtc.member`` with ``sticky_duration_ms`` instead of a state event):
+
+* ``ScheduleDelayedLeave``  PUT state ``content`` at ``state_key`` with ``delay_ms``  → Ok(delay_id)
+* ``CancelDelayedLeave``    POST …/delayed_events/{delay_id}/cancel                  → Ok()
+* ``RestartDelayedLeave``   POST …/{delay_id}/restart, abort after ``timeout_ms``    → Ok()
+* ``SendDelayedLeaveNow``   POST …/{delay_id}/send                                   → Ok()
+* ``SendJoin``              PUT state ``content`` at ``state_key``                    → Ok(event_id)
+* ``SendLeave``             PUT state ``content`` (``{}``) at ``state_key``           → Ok()
+
+Results: ``Ok``, ``NotFound`` (M_NOT_FOUND), ``RateLimited(retry_after_ms)`` (429 /
+M_LIMIT_EXCEEDED), ``NetworkError`` (connection error, 5xx), ``LocalTimeout`` (our abort),
+``MaxDelayExceeded(max_delay_ms)``, ``Unsupported`` (no ``org.matrix.msc4140`` in /versions),
+``Rejected(errcode)`` (anything else).
+
+Step graph (js-sdk's, same names in snake case)::
+
+    join ─► SEND_DELAYED_LEAVE ─ok─► SEND_JOIN ─ok─► RESTART (now, then every 5 s) ◄─┐
+               ▲    │ (cancel an old delay id first)  └─ok─► UPDATE_EXPIRY (hourly) ─┘
+               │    └─unsupported/failed on first join─► SEND_JOIN (no delayed leave)
+               └── RESTART got M_NOT_FOUND, or our membership went missing (re-join)
+    leave ─► SEND_DELAYED_LEAVE_NOW ─not found/failed─► SEND_LEAVE ─► stopped
+
+Rules: rate limits wait ``retry_after_ms`` (else 5 s), network errors wait 3 s, local timeouts
+retry at once; each step has its own budget (10 + 10) and exhausting one stops the machine
+with ``error`` set. The restart request is aborted after ``min(2000, expected_leave_ts − now)``
+so that reaching the server's leave time is noticed (``probably_left``). A successful join
+restarts the delayed leave at once (old Synapse cancels delayed state on overwrite) and plans
+refreshes at ``start + k·min(expiry, 1 h) − 5 s`` with ``expires = expiry·(k+1)`` and the
+original ``created_ts``. A ``join``/``leave``/re-join replaces the queue; a result that
+arrives for a request started before that still updates the facts (delay id, "our membership
+exists") but not the queue, as js-sdk's scheduler wake-up does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final, TypeAlias
+
+import structlog
+
+from matrixrtc.errors import ConfigError, LocalError
+from matrixrtc.model._json import JsonDict
+from matrixrtc.model.event_types import EventType
+from matrixrtc.model.membership import (
+    DEFAULT_EXPIRES_MS,
+    Dialect,
+    RtcMemberData,
+    SessionMembershipData,
+    state_key_for,
+    state_leave_content,
+    sticky_leave_content,
+)
+from matrixrtc.model.transports import Transport
+
+__all__ = [
+    "Action",
+    "CancelDelayedLeave",
+    "LocalTimeout",
+    "MachineEvent",
+    "MaxDelayExceeded",
+    "MembershipConfig",
+    "MembershipStatus",
+    "NetworkError",
+    "NotFound",
+    "Observation",
+    "Ok",
+    "OwnMembershipMachine",
+    "OwnMembershipMissing",
+    "OwnMembershipSeen",
+    "ProbablyLeftChanged",
+    "RateLimited",
+    "Rejected",
+    "Request",
+    "RestartDelayedLeave",
+    "Result",
+    "ScheduleDelayedLeave",
+    "SendDelayedLeaveNow",
+    "SendJoin",
+    "SendLeave",
+    "StatusChanged",
+    "Step",
+    "Stopped",
+    "Unsupported",
+    "Wait",
+]
+
+_log = structlog.get_logger(__name__)
+
+# MSC4354 stickiness lasts at most an hour, so js-sdk refreshes at least hourly in both forms.
+STICKY_DURATION_MS: Final = 3_600_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MembershipConfig:
+    """Timings and budgets; defaults are js-sdk's (Element Call uses 10 s delay, 1 s retry)."""
+
+    delayed_leave_delay_ms: int = 8_000
+    delayed_leave_restart_ms: int = 5_000
+    restart_local_timeout_ms: int = 2_000
+    expiry_ms: int = DEFAULT_EXPIRES_MS
+    expiry_headroom_ms: int = 5_000
+    sticky_duration_ms: int = STICKY_DURATION_MS
+    network_error_retry_ms: int = 3_000
+    rate_limit_default_ms: int = 5_000
+    max_network_retries: int = 10
+    max_rate_limit_retries: int = 10
+    # After our join is sent, "own membership missing" is believed only once we have seen the
+    # join in sync or after this long (sync lags the PUT response; js-sdk has this race).
+    own_membership_grace_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in (
+            "delayed_leave_delay_ms",
+            "delayed_leave_restart_ms",
+            "restart_local_timeout_ms",
+            "expiry_ms",
+            "sticky_duration_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"MembershipConfig.{name} must be positive")
+        for name in (
+            "expiry_headroom_ms",
+            "network_error_retry_ms",
+            "rate_limit_default_ms",
+            "max_network_retries",
+            "max_rate_limit_retries",
+            "own_membership_grace_ms",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"MembershipConfig.{name} must not be negative")
+        if self.expiry_headroom_ms >= min(self.expiry_ms, self.sticky_duration_ms):
+            raise ConfigError(
+                "MembershipConfig.expiry_headroom_ms must be below the refresh period"
+            )
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleDelayedLeave:
+    """Schedule ``content`` to be sent after ``delay_ms`` (MSC4140); answer Ok(delay_id)."""
+
+    event_type: str
+    state_key: str | None  # None: sticky room event (send with sticky_duration_ms)
+    content: JsonDict
+    delay_ms: int
+    sticky_duration_ms: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelDelayedLeave:
+    delay_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestartDelayedLeave:
+    """Restart the delayed leave; abort locally after ``timeout_ms`` and answer LocalTimeout."""
+
+    delay_id: str
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendDelayedLeaveNow:
+    delay_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendJoin:
+    """Send our membership; answer Ok(event_id). ``refresh`` marks an expiry update."""
+
+    event_type: str
+    state_key: str | None
+    content: JsonDict
+    sticky_duration_ms: int | None
+    refresh: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendLeave:
+    event_type: str
+    state_key: str | None
+    content: JsonDict
+    sticky_duration_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing is due before ``until_ms``; call ``next_action`` then (or on new input)."""
+
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The machine is not running: left cleanly (``error`` None) or gave up (``error``)."""
+
+    error: str | None = None
+
+
+Request: TypeAlias = (
+    ScheduleDelayedLeave
+    | CancelDelayedLeave
+    | RestartDelayedLeave
+    | SendDelayedLeaveNow
+    | SendJoin
+    | SendLeave
+)
+Action: TypeAlias = Request | Wait | Stopped
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ok:
+    delay_id: str | None = None  # ScheduleDelayedLeave
+    event_id: str | None = None  # SendJoin
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """M_NOT_FOUND (unknown delay id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkError:
+    """Connection failure or a 5xx answer."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTimeout:
+    """We aborted the request ourselves (``RestartDelayedLeave.timeout_ms`` elapsed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaxDelayExceeded:
+    """The homeserver refuses ``delay_ms``; ``max_delay_ms`` is its limit when it says so."""
+
+    max_delay_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """The homeserver does not do delayed events (MSC4140)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Any other error answer."""
+
+    errcode: str = ""
+    reason: str = ""
+
+
+Result: TypeAlias = (
+    Ok | NotFound | RateLimited | NetworkError | LocalTimeout | MaxDelayExceeded | Unsupported
+) | Rejected
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnMembershipSeen:
+    """The session lists our membership; ``created_ts`` is carried into later sends."""
+
+    created_ts: int
+    event_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnMembershipMissing:
+    """The session does not list our membership (left by the server, overwritten, expired)."""
+
+
+Observation: TypeAlias = OwnMembershipSeen | OwnMembershipMissing
+
+
+class MembershipStatus(StrEnum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # the server has probably sent our leave; getting back in
+    DISCONNECTING = "disconnecting"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChanged:
+    old: MembershipStatus
+    new: MembershipStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ProbablyLeftChanged:
+    probably_left: bool
+
+
+MachineEvent: TypeAlias = StatusChanged | ProbablyLeftChanged
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+class Step(StrEnum):
+    """Scheduled step types (js-sdk ``MembershipActionType``)."""
+
+    SEND_DELAYED_LEAVE = "send_delayed_leave"
+    SEND_JOIN = "send_join"
+    RESTART_DELAYED_LEAVE = "restart_delayed_leave"
+    UPDATE_EXPIRY = "update_expiry"
+    SEND_DELAYED_LEAVE_NOW = "send_delayed_leave_now"
+    SEND_LEAVE = "send_leave"
+
+
+@dataclass(order=True, frozen=True, slots=True)
+class _Scheduled:
+    due_ms: int
+    seq: int
+    step: Step = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    step: Step
+    request: Request
+    generation: int
+
+
+class _Fatal(Exception):
+    pass
+
+
+# A queue update: ("insert", steps) appends, ("replace", steps) replaces the whole queue.
+_Update: TypeAlias = tuple[str, list[tuple[int, Step]]] | None
+
+
+class OwnMembershipMachine:
+    """Our own membership in one room's call slot; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        user_id: str,
+        device_id: str,
+        dialect: Dialect = Dialect.STATE,
+        room_version: str | None = None,
+        member_id: str | None = None,
+        config: MembershipConfig | None = None,
+    ) -> None:
+        if dialect is Dialect.STICKY and not member_id:
+            raise LocalError("the sticky dialect needs a member_id (a fresh UUID per join)")
+        self.user_id = user_id
+        self.device_id = device_id
+        self.dialect = dialect
+        self.config = config or MembershipConfig()
+        self.state_key: str | None = (
+            state_key_for(user_id, device_id, room_version) if dialect is Dialect.STATE else None
+        )
+        self.member_id = member_id or f"{user_id}:{device_id}"
+        self._log = _log.bind(user_id=user_id, device_id=device_id, dialect=dialect.value)
+        # Join parameters.
+        self._transports: tuple[Transport, ...] = ()
+        self._intent: str | None = None
+        self._multi_sfu = True
+        # Scheduler.
+        self._running = False
+        self._activated = False
+        self._queue: list[_Scheduled] = []
+        self._seq = 0
+        self._generation = 0
+        self._in_flight: _InFlight | None = None
+        self._error: str | None = None
+        # Facts (js-sdk MembershipManagerState).
+        self._delay_id: str | None = None
+        self._delay_override_ms: int | None = None
+        self._delayed_ok = True
+        self._has_member_event = False
+        self._start_ms = 0
+        self._expiry_iterations = 1
+        self._expected_leave_ms: int | None = None
+        self._probably_left = False
+        self._rate_retries: dict[Step, int] = {}
+        self._net_retries: dict[Step, int] = {}
+        self._created_ts: int | None = None
+        self._last_join_event_id: str | None = None
+        self._join_sent_ms: int | None = None
+        self._seen_since_join = False
+        # Outbox.
+        self._events: list[MachineEvent] = []
+        self._status = MembershipStatus.DISCONNECTED
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def status(self) -> MembershipStatus:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def joined(self) -> bool:
+        """We intend to be in the call (join called, leave not yet)."""
+        return self._activated
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def delay_id(self) -> str | None:
+        return self._delay_id
+
+    @property
+    def delay_ms(self) -> int:
+        """The delayed-leave delay in use (lowered if the server has a maximum)."""
+        return self._delay_override_ms or self.config.delayed_leave_delay_ms
+
+    @property
+    def delayed_events_in_use(self) -> bool:
+        return self._delayed_ok
+
+    @property
+    def expected_leave_ms(self) -> int | None:
+        """When the server will send our delayed leave unless restarted again."""
+        return self._expected_leave_ms
+
+    @property
+    def probably_left(self) -> bool:
+        return self._probably_left
+
+    @property
+    def has_membership_event(self) -> bool:
+        return self._has_member_event
+
+    @property
+    def created_ts(self) -> int | None:
+        return self._created_ts
+
+    @property
+    def event_type(self) -> str:
+        return EventType.CALL_MEMBER if self.dialect is Dialect.STATE else EventType.RTC_MEMBER
+
+    @property
+    def scheduled(self) -> tuple[tuple[int, Step], ...]:
+        """The queue (due time, step), earliest first: for logs and tests."""
+        return tuple((s.due_ms, s.step) for s in sorted(self._queue))
+
+    @property
+    def in_flight(self) -> Request | None:
+        return self._in_flight.request if self._in_flight else None
+
+    def drain_events(self) -> list[MachineEvent]:
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ inputs
+
+    def join(
+        self,
+        now_ms: int,
+        *,
+        transports: tuple[Transport, ...] | list[Transport],
+        intent: str | None = None,
+        multi_sfu: bool = True,
+    ) -> None:
+        """Start joining. ``transports[0]`` is where we publish (state form: multi_sfu)."""
+        if self._running:
+            raise LocalError(f"join while the machine is running (status {self._status.value})")
+        self._transports = tuple(transports)
+        self._intent = intent
+        self._multi_sfu = multi_sfu
+        self._running = True
+        self._activated = True
+        self._error = None
+        # A delay id from an earlier run is kept: SEND_DELAYED_LEAVE cancels it first.
+        self._delayed_ok = True
+        self._has_member_event = False
+        self._expiry_iterations = 1
+        self._expected_leave_ms = None
+        self._rate_retries.clear()
+        self._net_retries.clear()
+        self._created_ts = None
+        self._last_join_event_id = None
+        self._join_sent_ms = None
+        self._seen_since_join = False
+        self._set_probably_left(False)
+        self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
+        self._log.info("join")
+        self._update_status()
+
+    def leave(self, now_ms: int) -> None:
+        """Leave: fire the scheduled delayed leave now, else send the leave content."""
+        if not self._running or not self._activated:
+            return
+        self._activated = False
+        self._replace([(now_ms, Step.SEND_DELAYED_LEAVE_NOW)])
+        self._log.info("leave")
+        self._update_status()
+
+    def observe(self, observation: Observation, now_ms: int) -> None:
+        """What the RTC session says about our own membership (call on every change)."""
+        if not self._activated:
+            return
+        if isinstance(observation, OwnMembershipSeen):
+            self._created_ts = observation.created_ts
+            self._seen_since_join = True
+            return
+        # Missing.
+        if not self._has_member_event:
+            return  # still joining: the queued SEND_DELAYED_LEAVE/SEND_JOIN will add it
+        busy = {Step.SEND_DELAYED_LEAVE, Step.SEND_JOIN}
+        if any(s.step in busy for s in self._queue) or (
+            self._in_flight is not None and self._in_flight.step in busy
+        ):
+            return
+        if (
+            not self._seen_since_join
+            and self._join_sent_ms is not None
+            and now_ms - self._join_sent_ms < self.config.own_membership_grace_ms
+        ):
+            self._log.debug("own_membership_missing_ignored", reason="join not yet seen in sync")
+            return
+        self._log.warning("own_membership_missing", action="re-join")
+        self._has_member_event = False
+        self._created_ts = None  # the re-join is a new membership to others
+        self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
+        self._update_status()
+
+    def next_action(self, now_ms: int) -> Action:
+        """The next request to perform, ``Wait`` until something is due, or ``Stopped``."""
+        if self._in_flight is not None:
+            raise LocalError(
+                f"next_action while {type(self._in_flight.request).__name__} awaits its result"
+            )
+        for _ in range(64):  # internal transitions are few; a loop here would be a bug
+            if not self._running:
+                return Stopped(self._error)
+            if not self._queue:
+                self._stop(None)
+                continue
+            head = min(self._queue)
+            if head.due_ms > now_ms:
+                return Wait(head.due_ms)
+            self._queue.remove(head)
+            request = self._start(head.step, now_ms)
+            self._update_status()
+            if request is not None:
+                self._in_flight = _InFlight(head.step, request, self._generation)
+                return request
+        raise LocalError("membership machine did not settle (internal transition loop)")
+
+    def receive_result(self, result: Result, now_ms: int) -> None:
+        """The outcome of the request last returned by ``next_action``."""
+        flight = self._in_flight
+        if flight is None:
+            raise LocalError(f"result {type(result).__name__} without a request in flight")
+        self._in_flight = None
+        stale = flight.generation != self._generation
+        try:
+            update = self._finish(flight, result, now_ms)
+        except _Fatal as fatal:
+            if stale:
+                self._log.info("stale_failure_ignored", step=flight.step.value, error=str(fatal))
+            else:
+                self._stop(str(fatal))
+            update = None
+        if update is not None and not stale:
+            kind, steps = update
+            if kind == "replace":
+                self._replace(steps)
+            else:
+                for due, step in steps:
+                    self._insert(due, step)
+        self._update_status()
+
+    # ------------------------------------------------------------------ step starts
+
+    def _start(self, step: Step, now_ms: int) -> Request | None:
+        """Turn a due step into a request, or apply an internal transition (None)."""
+        match step:
+            case Step.SEND_DELAYED_LEAVE:
+                if not self._delayed_ok:
+                    if not self._has_member_event:
+                        self._insert(now_ms, Step.SEND_JOIN)
+                    return None
+                if self._delay_id is not None:
+                    return CancelDelayedLeave(delay_id=self._delay_id)
+                return ScheduleDelayedLeave(
+                    event_type=self.event_type,
+                    state_key=self.state_key,
+                    content=self._leave_content(),
+                    delay_ms=self.delay_ms,
+                    sticky_duration_ms=self._sticky_ms(),
+                )
+            case Step.SEND_JOIN:
+                return self._join_request(self.config.expiry_ms, refresh=False)
+            case Step.UPDATE_EXPIRY:
+                expires = self.config.expiry_ms * (self._expiry_iterations + 1)
+                return self._join_request(expires, refresh=True)
+            case Step.RESTART_DELAYED_LEAVE:
+                if not self._delayed_ok:
+                    return None
+                if self._delay_id is None:
+                    self._insert(now_ms, Step.SEND_DELAYED_LEAVE)
+                    return None
+                return RestartDelayedLeave(
+                    delay_id=self._delay_id, timeout_ms=self._restart_timeout(now_ms)
+                )
+            case Step.SEND_DELAYED_LEAVE_NOW:
+                if not self._has_member_event:
+                    self._queue.clear()
+                    return None
+                if self._delay_id is not None and self._delayed_ok:
+                    return SendDelayedLeaveNow(delay_id=self._delay_id)
+                self._insert(now_ms, Step.SEND_LEAVE)
+                return None
+            case Step.SEND_LEAVE:
+                if not self._has_member_event:
+                    self._queue.clear()
+                    return None
+                return SendLeave(
+                    event_type=self.event_type,
+                    state_key=self.state_key,
+                    content=self._leave_content(),
+                    sticky_duration_ms=self._sticky_ms(),
+                )
+        raise LocalError(f"unknown step {step!r}")  # pragma: no cover
+
+    def _restart_timeout(self, now_ms: int) -> int:
+        local = self.config.restart_local_timeout_ms
+        expected = self._expected_leave_ms
+        if expected is None or self._probably_left:
+            return local
+        left = expected - now_ms
+        if left <= 0:
+            # js-sdk would abort at once and learn this in its error path; say it directly.
+            self._set_probably_left(True)
+            return local
+        return min(local, left)
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(self, flight: _InFlight, result: Result, now_ms: int) -> _Update:
+        step = flight.step
+        request = flight.request
+        if isinstance(request, CancelDelayedLeave):
+            return self._finish_cancel(result, now_ms)
+        match step:
+            case Step.SEND_DELAYED_LEAVE:
+                return self._finish_schedule(result, now_ms)
+            case Step.SEND_JOIN:
+                return self._finish_join(result, now_ms)
+            case Step.UPDATE_EXPIRY:
+                return self._finish_refresh(result, now_ms)
+            case Step.RESTART_DELAYED_LEAVE:
+                return self._finish_restart(result, now_ms)
+            case Step.SEND_DELAYED_LEAVE_NOW:
+                return self._finish_leave_now(result, now_ms)
+            case Step.SEND_LEAVE:
+                return self._finish_leave(result, now_ms)
+        raise LocalError(f"unknown step {step!r}")  # pragma: no cover
+
+    def _finish_schedule(self, result: Result, now_ms: int) -> _Update:
+        step = Step.SEND_DELAYED_LEAVE
+        match result:
+            case Ok(delay_id=delay_id) if delay_id:
+                self._delay_id = delay_id
+                self._expected_leave_ms = now_ms + self.delay_ms
+                self._set_probably_left(False)
+                self._reset_retries(step)
+                if self._has_member_event:
+                    # Re-scheduled after the server lost it: back to the heartbeat.
+                    return (
+                        "insert",
+                        [
+                            (
+                                now_ms + self.config.delayed_leave_restart_ms,
+                                Step.RESTART_DELAYED_LEAVE,
+                            )
+                        ],
+                    )
+                return ("insert", [(now_ms, Step.SEND_JOIN)])
+            case MaxDelayExceeded(max_delay_ms=limit) if limit is not None and (
+                0 < limit < self.delay_ms
+            ):
+                self._log.info("delayed_leave_delay_lowered", max_delay_ms=limit)
+                self._delay_override_ms = limit
+                return ("insert", [(now_ms, step)])
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case Unsupported():
+                self._delayed_ok = False
+                self._log.info("delayed_events_unsupported")
+                return None if self._has_member_event else ("insert", [(now_ms, Step.SEND_JOIN)])
+            case _:
+                if self._has_member_event:
+                    raise _Fatal(f"could not schedule the delayed leave: {_describe(result)}")
+                # First join: go on without a delayed leave rather than not at all.
+                self._delayed_ok = False
+                self._log.warning("joining_without_delayed_leave", reason=_describe(result))
+                return ("insert", [(now_ms, Step.SEND_JOIN)])
+
+    def _finish_cancel(self, result: Result, now_ms: int) -> _Update:
+        step = Step.SEND_DELAYED_LEAVE
+        match result:
+            case Ok() | NotFound():
+                self._delay_id = None
+                self._reset_retries(step)
+                return ("replace", [(now_ms, step)])
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case Unsupported():
+                self._delayed_ok = False
+                return ("replace", [(now_ms, Step.SEND_JOIN)])
+            case _:
+                raise _Fatal(f"could not cancel the old delayed leave: {_describe(result)}")
+
+    def _finish_join(self, result: Result, now_ms: int) -> _Update:
+        step = Step.SEND_JOIN
+        match result:
+            case Ok(event_id=event_id):
+                self._set_probably_left(False)
+                self._has_member_event = True
+                self._start_ms = now_ms
+                self._expiry_iterations = 1
+                self._last_join_event_id = event_id
+                self._join_sent_ms = now_ms
+                self._seen_since_join = False
+                self._reset_retries(step)
+                kept = [
+                    (s.due_ms, s.step)
+                    for s in self._queue
+                    if s.step not in (Step.UPDATE_EXPIRY, Step.SEND_JOIN)
+                ]
+                return (
+                    "replace",
+                    [
+                        *kept,
+                        # Old Synapse cancels delayed state when the state is overwritten.
+                        (now_ms, Step.RESTART_DELAYED_LEAVE),
+                        (self._next_refresh_ms(1), Step.UPDATE_EXPIRY),
+                    ],
+                )
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case _:
+                raise _Fatal(f"could not send the join: {_describe(result)}")
+
+    def _finish_refresh(self, result: Result, now_ms: int) -> _Update:
+        step = Step.UPDATE_EXPIRY
+        match result:
+            case Ok(event_id=event_id):
+                self._reset_retries(step)
+                self._expiry_iterations += 1
+                if event_id:
+                    self._last_join_event_id = event_id
+                return ("insert", [(self._next_refresh_ms(self._expiry_iterations), step)])
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case _:
+                raise _Fatal(f"could not refresh the membership: {_describe(result)}")
+
+    def _finish_restart(self, result: Result, now_ms: int) -> _Update:
+        step = Step.RESTART_DELAYED_LEAVE
+        if isinstance(result, Ok):
+            self._expected_leave_ms = now_ms + self.delay_ms
+            self._reset_retries(step)
+            self._set_probably_left(False)
+            return ("insert", [(now_ms + self.config.delayed_leave_restart_ms, step)])
+        if self._expected_leave_ms is not None and self._expected_leave_ms <= now_ms:
+            self._set_probably_left(True)
+        match result:
+            case NotFound():
+                self._delay_id = None
+                return ("insert", [(now_ms, Step.SEND_DELAYED_LEAVE)])
+            case Unsupported():
+                self._delayed_ok = False
+                return None
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case _:
+                raise _Fatal(f"could not restart the delayed leave: {_describe(result)}")
+
+    def _finish_leave_now(self, result: Result, now_ms: int) -> _Update:
+        match result:
+            case Ok():
+                self._has_member_event = False
+                self._delay_id = None
+                self._reset_retries(Step.SEND_DELAYED_LEAVE_NOW)
+                return ("replace", [])
+            case NotFound():
+                self._delay_id = None
+                return ("insert", [(now_ms, Step.SEND_LEAVE)])
+            case RateLimited() | NetworkError() | LocalTimeout():
+                # js-sdk retries with the plain leave after the back-off.
+                return self._retry(Step.SEND_LEAVE, result, now_ms)
+            case _:
+                return ("insert", [(now_ms, Step.SEND_LEAVE)])
+
+    def _finish_leave(self, result: Result, now_ms: int) -> _Update:
+        step = Step.SEND_LEAVE
+        match result:
+            case Ok():
+                self._has_member_event = False
+                self._reset_retries(step)
+                return ("replace", [])
+            case RateLimited() | NetworkError() | LocalTimeout():
+                return self._retry(step, result, now_ms)
+            case _:
+                raise _Fatal(f"could not send the leave: {_describe(result)}")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _retry(self, step: Step, result: Result, now_ms: int) -> _Update:
+        cfg = self.config
+        if isinstance(result, RateLimited):
+            n = self._rate_retries.get(step, 0)
+            if n >= cfg.max_rate_limit_retries:
+                raise _Fatal(f"{step.value}: rate limited {n} times in a row")
+            self._rate_retries[step] = n + 1
+            wait = result.retry_after_ms
+            delay = wait if wait is not None and wait >= 0 else cfg.rate_limit_default_ms
+        else:
+            n = self._net_retries.get(step, 0)
+            if n >= cfg.max_network_retries:
+                raise _Fatal(f"{step.value}: {n} network errors in a row ({_describe(result)})")
+            self._net_retries[step] = n + 1
+            # A local timeout already waited; retry at once (js-sdk does the same).
+            delay = 0 if isinstance(result, LocalTimeout) else cfg.network_error_retry_ms
+        self._log.info("retry", step=step.value, after_ms=delay, result=_describe(result))
+        return ("insert", [(now_ms + delay, step)])
+
+    def _reset_retries(self, step: Step) -> None:
+        self._rate_retries[step] = 0
+        self._net_retries[step] = 0
+
+    def _next_refresh_ms(self, iteration: int) -> int:
+        period = min(self.config.expiry_ms, self.config.sticky_duration_ms)
+        return self._start_ms + period * iteration - self.config.expiry_headroom_ms
+
+    def _sticky_ms(self) -> int | None:
+        return self.config.sticky_duration_ms if self.dialect is Dialect.STICKY else None
+
+    def _leave_content(self) -> JsonDict:
+        if self.dialect is Dialect.STICKY:
+            return sticky_leave_content(self.member_id)
+        return state_leave_content()
+
+    def _join_request(self, expires: int, *, refresh: bool) -> SendJoin:
+        content: JsonDict
+        if self.dialect is Dialect.STICKY:
+            content = RtcMemberData.for_join(
+                user_id=self.user_id,
+                device_id=self.device_id,
+                member_id=self.member_id,
+                transports=self._transports,
+                intent=self._intent,
+                previous_event_id=self._last_join_event_id if refresh else None,
+            ).to_json()
+        else:
+            content = SessionMembershipData.for_join(
+                user_id=self.user_id,
+                device_id=self.device_id,
+                transports=self._transports,
+                multi_sfu=self._multi_sfu,
+                intent=self._intent,
+                expires=expires,
+                created_ts=self._created_ts,
+            ).to_json()
+        return SendJoin(
+            event_type=self.event_type,
+            state_key=self.state_key,
+            content=content,
+            sticky_duration_ms=self._sticky_ms(),
+            refresh=refresh,
+        )
+
+    def _insert(self, due_ms: int, step: Step) -> None:
+        self._seq += 1
+        self._queue.append(_Scheduled(due_ms, self._seq, step))
+
+    def _replace(self, steps: list[tuple[int, Step]]) -> None:
+        self._generation += 1
+        self._queue.clear()
+        for due, step in steps:
+            self._insert(due, step)
+
+    def _stop(self, error: str | None) -> None:
+        self._running = False
+        self._activated = False
+        self._queue.clear()
+        self._error = error
+        if error is not None:
+            self._log.error("membership_machine_failed", error=error)
+        else:
+            self._log.info("membership_machine_stopped")
+        self._update_status()
+
+    def _set_probably_left(self, value: bool) -> None:
+        if self._probably_left != value:
+            self._probably_left = value
+            self._events.append(ProbablyLeftChanged(value))
+            self._log.info("probably_left", value=value)
+
+    def _update_status(self) -> None:
+        if not self._running:
+            new = MembershipStatus.FAILED if self._error else MembershipStatus.DISCONNECTED
+        elif not self._activated:
+            new = MembershipStatus.DISCONNECTING
+        elif self._probably_left:
+            new = MembershipStatus.RECONNECTING
+        elif not self._has_member_event:
+            new = MembershipStatus.CONNECTING
+        else:
+            new = MembershipStatus.CONNECTED
+        if new != self._status:
+            self._events.append(StatusChanged(self._status, new))
+            self._log.info("status", old=self._status.value, new=new.value)
+            self._status = new
+
+
+def _describe(result: Result) -> str:
+    match result:
+        case Rejected(errcode=code, reason=reason):
+            return f"Rejected({code}{': ' + reason if reason else ''})"
+        case NetworkError(reason=reason) if reason:
+            return f"NetworkError({reason})"
+    return type(result).__name__

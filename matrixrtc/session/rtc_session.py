@@ -1,0 +1,331 @@
+"""The RTC session of one room and slot: room events in, ordered active memberships out.
+
+Pure and synchronous; the caller passes the current time. The pipeline is js-sdk's
+``MatrixRTCSession`` (spec/matrixrtc.md §1.3) with a deterministic tie-break.
+
+Public API::
+
+    s = RTCSession(room_id, slot_id="m.call#ROOM", room_version=None)
+    s.receive_state_event(event)            # org.matrix.msc3401.call.member state (any content)
+    s.receive_sticky_event(event, now_ms)   # org.matrix.msc4143.rtc.member sticky room event
+    s.receive_redaction(redacted_event_id)
+    s.receive_member_event(event)           # m.room.member state, or:
+    s.set_joined_members(user_ids)          # replace the whole joined set
+    changes = s.update(now_ms)              # MembershipChanges, or None if nothing changed
+    s.memberships                           # ordered (oldest first) active CallMemberships
+    s.oldest, s.own_membership(user, device)
+    s.next_wakeup_ms()                      # earliest expiry to call update() again at
+
+Feed events in stream order (state: the latest per state key wins; the adapter must pass
+state from ``state``/``state_after`` and timeline in order). Nothing here raises on bad input;
+invalid events are logged by the parsers and count as "no membership at that key".
+
+Rules (each one a test in tests/unit/test_session_*.py):
+1. Collect active sticky members, plus state-form members whose state key is not the
+   ``msc4354_sticky_key`` of any active sticky event (js-sdk's precedence rule).
+2. Keep a membership only if its slot id equals ours, it has not expired at ``now_ms``
+   (state form: ``created_ts + expires <= now`` is expired) and its sender is joined.
+3. Order by ``created_ts``, then sender, device id, event id (js-sdk has no tie-break; any
+   fixed rule makes every client agree on the oldest member).
+4. ``update`` returns a diff keyed by :class:`MembershipKey` only when something changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from matrixrtc.model._json import JsonDict, as_int, as_str, get_dict
+from matrixrtc.model.event_types import EventType
+from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
+from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
+
+__all__ = [
+    "MAX_STICKY_DURATION_MS",
+    "MembershipChanges",
+    "RTCSession",
+    "StickyEntry",
+    "membership_sort_key",
+    "sticky_expires_at",
+]
+
+_log = structlog.get_logger(__name__)
+
+# MSC4354: stickiness is capped at one hour; js-sdk clamps larger values.
+MAX_STICKY_DURATION_MS: Final = 3_600_000
+
+
+def membership_sort_key(m: CallMembership) -> tuple[int, str, str, str]:
+    """Oldest first; ties broken by sender, device, event id so all clients agree."""
+    return (m.created_ts, m.sender, m.device_id, m.event_id)
+
+
+def sticky_expires_at(
+    event: Mapping[str, object], received_ms: int, default_duration_ms: int | None = None
+) -> int | None:
+    """When a sticky event stops being sticky, computed at receipt (js-sdk ``event.ts``).
+
+    ``unsigned.msc4354_sticky_duration_ttl_ms`` (time left, from the server) wins; otherwise
+    ``min(received, origin_server_ts) + msc4354_sticky.duration_ms``, the duration capped at
+    one hour. None if the event carries no stickiness and no default was given.
+    """
+    unsigned = get_dict(event.get("unsigned"))
+    if unsigned is not None:
+        ttl = as_int(unsigned.get("msc4354_sticky_duration_ttl_ms"))
+        if ttl is not None:
+            return received_ms + min(max(ttl, 0), MAX_STICKY_DURATION_MS)
+    sticky = get_dict(event.get("msc4354_sticky"))
+    duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
+    if duration is None:
+        duration = default_duration_ms
+    if duration is None:
+        return None
+    ots = as_int(event.get("origin_server_ts"))
+    start = received_ms if ots is None else min(received_ms, ots)
+    return start + min(max(duration, 0), MAX_STICKY_DURATION_MS)
+
+
+@dataclass(frozen=True, slots=True)
+class StickyEntry:
+    """One sticky event held by the store (join or leave)."""
+
+    event_id: str
+    origin_server_ts: int
+    duration_ms: int
+    expires_at: int
+    parsed: CallMembership | MembershipLeft
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        # js-sdk RoomStickyEventsStore: the latest expiry (ots + duration) wins, then event id.
+        return (self.origin_server_ts + self.duration_ms, self.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChanges:
+    """What ``update`` changed. ``memberships`` is the new ordered list."""
+
+    joined: tuple[CallMembership, ...]
+    left: tuple[CallMembership, ...]
+    updated: tuple[tuple[CallMembership, CallMembership], ...]  # (old, new)
+    memberships: tuple[CallMembership, ...]
+    previous: tuple[CallMembership, ...] = field(default=())
+
+    @property
+    def session_started(self) -> bool:
+        """Members went 0 -> >=1 (a ring notification is due if we caused it)."""
+        return not self.previous and bool(self.memberships)
+
+    @property
+    def session_ended(self) -> bool:
+        return bool(self.previous) and not self.memberships
+
+    @property
+    def order_changed(self) -> bool:
+        return [m.key for m in self.previous] != [m.key for m in self.memberships]
+
+
+class RTCSession:
+    """Membership view of one MatrixRTC slot in one room (see module docstring)."""
+
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        slot_id: str = DEFAULT_SLOT_ID,
+        room_version: str | None = None,
+        default_sticky_duration_ms: int | None = None,
+    ) -> None:
+        self.room_id = room_id
+        self.slot_id = slot_id
+        self.room_version = room_version
+        # Used only when a sticky event carries neither duration nor TTL (js-sdk drops it).
+        self.default_sticky_duration_ms = default_sticky_duration_ms
+        self._raw_state: dict[str, JsonDict] = {}
+        self._state: dict[str, CallMembership | MembershipLeft | None] = {}
+        self._state_event_ids: dict[str, str] = {}
+        self._sticky: dict[tuple[str, str], list[StickyEntry]] = {}
+        self._joined: set[str] = set()
+        self._memberships: tuple[CallMembership, ...] = ()
+        self._log = _log.bind(room_id=room_id, slot_id=slot_id)
+
+    # ----------------------------------------------------------------------- inputs
+
+    def set_room_version(self, room_version: str | None) -> None:
+        """Room version from ``m.room.create``; decides whether ``@…`` state keys are owned."""
+        self.room_version = room_version
+        # Re-parse: ownership of `@user…` keys depends on the version.
+        for event in list(self._raw_state.values()):
+            self.receive_state_event(event)
+
+    def receive_state_event(self, event: object) -> None:
+        """Latest state at one ``org.matrix.msc3401.call.member`` state key (any content)."""
+        ev = get_dict(event)
+        if ev is None or ev.get("type") != EventType.CALL_MEMBER:
+            self._log.debug("state_event_ignored", reason="not a call.member event")
+            return
+        state_key = as_str(ev.get("state_key"))
+        if state_key is None:
+            self._log.debug("state_event_ignored", reason="no string state_key")
+            return
+        self._raw_state[state_key] = ev
+        self._state[state_key] = parse_membership_event(ev, self.room_version)
+        event_id = as_str(ev.get("event_id"))
+        if event_id is not None:
+            self._state_event_ids[state_key] = event_id
+
+    def receive_sticky_event(self, event: object, now_ms: int) -> None:
+        """A sticky ``org.matrix.msc4143.rtc.member`` event (from sync or the timeline)."""
+        ev = get_dict(event)
+        if ev is None or ev.get("type") != EventType.RTC_MEMBER:
+            self._log.debug("sticky_event_ignored", reason="not an rtc.member event")
+            return
+        parsed = parse_membership_event(ev, self.room_version)
+        if parsed is None:
+            return
+        expires_at = sticky_expires_at(ev, now_ms, self.default_sticky_duration_ms)
+        if expires_at is None:
+            self._log.debug("sticky_event_ignored", reason="no msc4354_sticky.duration_ms")
+            return
+        if expires_at <= now_ms:
+            self._log.debug("sticky_event_ignored", reason="already expired")
+            return
+        sticky = get_dict(ev.get("msc4354_sticky"))
+        duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
+        if duration is None:
+            duration = self.default_sticky_duration_ms or MAX_STICKY_DURATION_MS
+        duration = min(max(duration, 0), MAX_STICKY_DURATION_MS)
+        key = (parsed.key.sender, parsed.key.key)
+        entries = [e for e in self._sticky.get(key, []) if e.event_id != parsed.event_id]
+        entries.append(
+            StickyEntry(parsed.event_id, parsed.origin_server_ts, duration, expires_at, parsed)
+        )
+        entries.sort(key=lambda e: e.rank, reverse=True)
+        self._sticky[key] = entries
+
+    def receive_redaction(self, redacted_event_id: str) -> None:
+        """A redaction: a sticky key reverts to its previous event; a state event's content
+        is gone (the server sends the redacted state event too, which also clears it)."""
+        for key, entries in list(self._sticky.items()):
+            kept = [e for e in entries if e.event_id != redacted_event_id]
+            if len(kept) != len(entries):
+                if kept:
+                    self._sticky[key] = kept
+                else:
+                    del self._sticky[key]
+        for state_key, event_id in list(self._state_event_ids.items()):
+            if event_id == redacted_event_id:
+                self._state[state_key] = None
+
+    def receive_member_event(self, event: object) -> None:
+        """An ``m.room.member`` state event: track who is currently joined."""
+        ev = get_dict(event)
+        if ev is None or ev.get("type") != EventType.ROOM_MEMBER:
+            return
+        user_id = as_str(ev.get("state_key"))
+        content = get_dict(ev.get("content"))
+        if user_id is None or content is None:
+            self._log.debug("member_event_ignored", reason="malformed m.room.member")
+            return
+        if content.get("membership") == "join":
+            self._joined.add(user_id)
+        else:
+            self._joined.discard(user_id)
+
+    def set_joined_members(self, user_ids: Iterable[str]) -> None:
+        self._joined = set(user_ids)
+
+    # ---------------------------------------------------------------------- outputs
+
+    @property
+    def memberships(self) -> tuple[CallMembership, ...]:
+        """Active memberships as of the last ``update``, oldest first."""
+        return self._memberships
+
+    @property
+    def oldest(self) -> CallMembership | None:
+        return self._memberships[0] if self._memberships else None
+
+    @property
+    def joined_members(self) -> frozenset[str]:
+        return frozenset(self._joined)
+
+    def own_membership(self, user_id: str, device_id: str) -> CallMembership | None:
+        """Our own active membership (js ``isMyMembership``: sender and device match)."""
+        for m in self._memberships:
+            if m.sender == user_id and m.device_id == device_id:
+                return m
+        return None
+
+    def next_wakeup_ms(self) -> int | None:
+        """Earliest time at which ``update`` may give a different answer without new input:
+        the soonest state-form expiry or sticky expiry among held events."""
+        times: list[int] = []
+        for parsed in self._state.values():
+            if isinstance(parsed, CallMembership) and parsed.expires_at is not None:
+                times.append(parsed.expires_at)
+        for entries in self._sticky.values():
+            times.extend(e.expires_at for e in entries)
+        return min(times) if times else None
+
+    def update(self, now_ms: int) -> MembershipChanges | None:
+        """Recompute the active memberships; a diff if anything changed, else None."""
+        self._prune_sticky(now_ms)
+        current = self._compute(now_ms)
+        previous = self._memberships
+        if current == previous:
+            return None
+        old = {m.key: m for m in previous}
+        new = {m.key: m for m in current}
+        joined = tuple(m for m in current if m.key not in old)
+        left = tuple(m for m in previous if m.key not in new)
+        updated = tuple((old[m.key], m) for m in current if m.key in old and old[m.key] != m)
+        self._memberships = current
+        changes = MembershipChanges(
+            joined=joined, left=left, updated=updated, memberships=current, previous=previous
+        )
+        self._log.info(
+            "memberships_changed",
+            joined=[m.rtc_backend_identity for m in joined],
+            left=[m.rtc_backend_identity for m in left],
+            updated=[n.rtc_backend_identity for _, n in updated],
+            count=len(current),
+        )
+        return changes
+
+    # ---------------------------------------------------------------------- internals
+
+    def _prune_sticky(self, now_ms: int) -> None:
+        for key, entries in list(self._sticky.items()):
+            kept = [e for e in entries if e.expires_at > now_ms]
+            if not kept:
+                del self._sticky[key]
+            elif len(kept) != len(entries):
+                self._sticky[key] = kept
+
+    def _candidates(self) -> list[CallMembership]:
+        sticky_current = [entries[0].parsed for entries in self._sticky.values()]
+        sticky_keys = {p.key.key for p in sticky_current}
+        out = [p for p in sticky_current if isinstance(p, CallMembership)]
+        for state_key, parsed in self._state.items():
+            if state_key in sticky_keys:
+                continue
+            if isinstance(parsed, CallMembership):
+                out.append(parsed)
+        return out
+
+    def _compute(self, now_ms: int) -> tuple[CallMembership, ...]:
+        keep: list[CallMembership] = []
+        for m in self._candidates():
+            if m.slot_id != self.slot_id:
+                continue
+            if m.is_expired(now_ms):
+                continue
+            if m.sender not in self._joined:
+                continue
+            keep.append(m)
+        keep.sort(key=membership_sort_key)
+        return tuple(keep)

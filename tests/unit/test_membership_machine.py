@@ -1,0 +1,729 @@
+"""OwnMembershipMachine driven through hours of simulated time (exact actions and timings).
+
+``FakeDelayedEventsServer`` below is a *fake* (named so): it models only what the machine's
+contract needs — delayed events that fire at their time, restart/cancel/send by id, our
+membership at one key, old-Synapse behaviour (an overwrite cancels delayed state), outages
+and scripted answers. The adapter's integration tests cover the real path against Synapse.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from matrixrtc.errors import ConfigError, LocalError
+from matrixrtc.model import (
+    Dialect,
+    LivekitTransport,
+    RtcMemberData,
+    SessionMembershipData,
+)
+from matrixrtc.session.membership_machine import (
+    Action,
+    CancelDelayedLeave,
+    LocalTimeout,
+    MaxDelayExceeded,
+    MembershipConfig,
+    MembershipStatus,
+    NetworkError,
+    NotFound,
+    Ok,
+    OwnMembershipMachine,
+    OwnMembershipMissing,
+    OwnMembershipSeen,
+    ProbablyLeftChanged,
+    RateLimited,
+    Rejected,
+    Request,
+    RestartDelayedLeave,
+    Result,
+    ScheduleDelayedLeave,
+    SendDelayedLeaveNow,
+    SendJoin,
+    SendLeave,
+    StatusChanged,
+    Stopped,
+    Unsupported,
+    Wait,
+)
+
+ALICE = "@alice:example.org"
+DEV = "ABCDEFGH"
+LK = LivekitTransport(
+    livekit_service_url="https://rtc.example.org/livekit/jwt", livekit_alias="!r:example.org"
+)
+KEY = f"_{ALICE}_{DEV}_m.call"
+HOUR = 3_600_000
+T0 = 1_753_000_000_000  # a realistic epoch so created_ts values look like the real thing
+
+
+# ------------------------------------------------------------------------ the fake server
+
+
+@dataclass
+class _Delayed:
+    fire_at: int
+    delay_ms: int
+    content: dict[str, Any]
+
+
+@dataclass
+class FakeDelayedEventsServer:
+    supports_delayed: bool = True
+    overwrite_cancels_delayed: bool = False  # Synapse before #17810
+    # Requests in [start, end) fail: restarts time out locally, the rest get NetworkError.
+    outages: list[tuple[int, int]] = field(default_factory=list)
+    # Scripted answers, consumed in order per request class name.
+    script: dict[str, deque[Result]] = field(default_factory=dict)
+    delayed: dict[str, _Delayed] = field(default_factory=dict)
+    content: dict[str, Any] | None = None  # what is at our key
+    content_ts: int = 0
+    event_seq: int = 0
+    delay_seq: int = 0
+    fired: list[int] = field(default_factory=list)
+
+    def down(self, now: int) -> bool:
+        return any(a <= now < b for a, b in self.outages)
+
+    def next_fire(self) -> int | None:
+        return min((d.fire_at for d in self.delayed.values()), default=None)
+
+    def tick(self, now: int) -> bool:
+        """Fire due delayed events; True if the content at our key changed."""
+        changed = False
+        for delay_id, d in sorted(self.delayed.items(), key=lambda kv: kv[1].fire_at):
+            if d.fire_at <= now:
+                del self.delayed[delay_id]
+                self.set_content(d.content, d.fire_at)
+                self.fired.append(d.fire_at)
+                changed = True
+        return changed
+
+    def set_content(self, content: dict[str, Any], ts: int) -> None:
+        self.content = content
+        self.content_ts = ts
+        self.event_seq += 1
+
+    def answer(self, request: Request, now: int) -> Result:
+        queued = self.script.get(type(request).__name__)
+        if queued:
+            return queued.popleft()
+        if self.down(now):
+            return NetworkError("connection refused")
+        match request:
+            case ScheduleDelayedLeave(delay_ms=delay, content=content):
+                if not self.supports_delayed:
+                    return Unsupported()
+                self.delay_seq += 1
+                delay_id = f"d{self.delay_seq}"
+                self.delayed[delay_id] = _Delayed(now + delay, delay, dict(content))
+                return Ok(delay_id=delay_id)
+            case CancelDelayedLeave(delay_id=delay_id):
+                return Ok() if self.delayed.pop(delay_id, None) else NotFound()
+            case RestartDelayedLeave(delay_id=delay_id):
+                d = self.delayed.get(delay_id)
+                if d is None:
+                    return NotFound()
+                d.fire_at = now + d.delay_ms
+                return Ok()
+            case SendDelayedLeaveNow(delay_id=delay_id):
+                d = self.delayed.pop(delay_id, None)
+                if d is None:
+                    return NotFound()
+                self.set_content(d.content, now)
+                return Ok()
+            case SendJoin(content=content) | SendLeave(content=content):
+                if self.overwrite_cancels_delayed:
+                    self.delayed.clear()
+                self.set_content(dict(content), now)
+                return Ok(event_id=f"$ev{self.event_seq}")
+        raise AssertionError(f"unexpected request {request!r}")
+
+
+@dataclass
+class Sim:
+    """Drives a machine against the fake server on simulated milliseconds, like an adapter."""
+
+    machine: OwnMembershipMachine
+    server: FakeDelayedEventsServer = field(default_factory=FakeDelayedEventsServer)
+    now: int = T0
+    latency_ms: int = 0
+    observe: bool = True  # feed OwnMembershipSeen/Missing as the RTC session would
+    log: list[tuple[int, Request]] = field(default_factory=list)
+    results: list[tuple[int, Result]] = field(default_factory=list)
+    _seen_seq: int = 0
+
+    def _observe(self) -> None:
+        # During an outage sync is down too: changes are seen once the server is back.
+        if not self.observe or self.server.event_seq == self._seen_seq:
+            return
+        if self.server.down(self.now):
+            return
+        self._seen_seq = self.server.event_seq
+        content = self.server.content or {}
+        if "application" in content:
+            created = content.get("created_ts", self.server.content_ts)
+            self.machine.observe(OwnMembershipSeen(created_ts=created), self.now)
+        else:
+            self.machine.observe(OwnMembershipMissing(), self.now)
+
+    def _advance(self, until: int) -> None:
+        # Stop at each delayed-event firing so the machine observes it when it happens.
+        while True:
+            fire = self.server.next_fire()
+            if fire is None or fire > until:
+                break
+            self.now = max(self.now, fire)
+            self.server.tick(self.now)
+            self._observe()
+        self.now = max(self.now, until)
+
+    def run_until(self, end_ms: int) -> Stopped | None:
+        for _ in range(2_000_000):
+            action: Action = self.machine.next_action(self.now)
+            if isinstance(action, Stopped):
+                return action
+            if isinstance(action, Wait):
+                if action.until_ms > end_ms:
+                    self._advance(end_ms)
+                    return None
+                self._advance(action.until_ms)
+                continue
+            self.log.append((self.now, action))
+            if isinstance(action, RestartDelayedLeave) and self.server.down(self.now):
+                self._advance(self.now + action.timeout_ms)
+                result: Result = LocalTimeout()
+            else:
+                result = self.server.answer(action, self.now)
+                self._advance(self.now + self.latency_ms)
+            self.results.append((self.now, result))
+            self.machine.receive_result(result, self.now)
+            self._observe()
+        raise AssertionError("simulation did not settle")
+
+    def run_for(self, ms: int) -> Stopped | None:
+        return self.run_until(self.now + ms)
+
+    def of(self, kind: type[Any], since: int = 0) -> list[tuple[int, Any]]:
+        return [(t - T0, a) for t, a in self.log if isinstance(a, kind) and t - T0 >= since]
+
+    def kinds(self) -> list[str]:
+        return [type(a).__name__ for _, a in self.log]
+
+
+def status(m: OwnMembershipMachine) -> MembershipStatus:
+    """Read through a function so mypy does not narrow the property across calls."""
+    return m.status
+
+
+def machine(**kw: Any) -> OwnMembershipMachine:
+    return OwnMembershipMachine(user_id=ALICE, device_id=DEV, **kw)
+
+
+def joined_sim(server: FakeDelayedEventsServer | None = None, **kw: Any) -> Sim:
+    sim = Sim(machine(**kw), server or FakeDelayedEventsServer())
+    sim.machine.join(sim.now, transports=[LK], intent="video")
+    return sim
+
+
+# ----------------------------------------------------------------------------- join path
+
+
+def test_join_sequence_and_heartbeat_cadence() -> None:
+    sim = joined_sim()
+    assert status(sim.machine) is MembershipStatus.CONNECTING
+    sim.run_for(30_000)
+    first = sim.log[:3]
+    assert [type(a).__name__ for _, a in first] == [
+        "ScheduleDelayedLeave",
+        "SendJoin",
+        "RestartDelayedLeave",
+    ]
+    sched = first[0][1]
+    assert sched == ScheduleDelayedLeave(
+        event_type="org.matrix.msc3401.call.member",
+        state_key=KEY,
+        content={},
+        delay_ms=8000,
+        sticky_duration_ms=None,
+    )
+    join = first[1][1]
+    assert isinstance(join, SendJoin)
+    assert join.state_key == KEY
+    assert (
+        join.content
+        == SessionMembershipData.for_join(
+            user_id=ALICE, device_id=DEV, transports=[LK], intent="video"
+        ).to_json()
+    )
+    assert "created_ts" not in join.content
+    assert join.content["expires"] == 14_400_000
+    # Restart at once after the join, then every 5 s, each with a 2 s local timeout.
+    restarts = sim.of(RestartDelayedLeave)
+    assert [t for t, _ in restarts] == list(range(0, 30_001, 5000))
+    assert all(r.delay_id == "d1" and r.timeout_ms == 2000 for _, r in restarts)
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    assert sim.server.fired == []  # the heartbeat kept the delayed leave from firing
+    assert sim.machine.expected_leave_ms == T0 + 30_000 + 8000
+    assert status(sim.machine) is MembershipStatus.CONNECTED
+
+
+def test_heartbeat_with_latency_keeps_5s_after_each_answer() -> None:
+    sim = joined_sim()
+    sim.latency_ms = 120
+    sim.run_for(20_000)
+    times = [t for t, _ in sim.of(RestartDelayedLeave)]
+    # schedule answered at 120, join at 240, restart sent at 240, answered 360, next 5360…
+    assert times == [240, 5360, 10480, 15600]
+
+
+def test_hours_of_refreshes_carry_created_ts_and_grow_expires() -> None:
+    sim = joined_sim()
+    sim.run_for(5 * HOUR)
+    joins = sim.of(SendJoin)
+    assert [t for t, _ in joins] == [0] + [k * HOUR - 5000 for k in range(1, 6)]
+    assert [j.refresh for _, j in joins] == [False] + [True] * 5
+    assert [j.content["expires"] for _, j in joins] == [14_400_000 * k for k in range(1, 7)]
+    # The first join's origin_server_ts (T0) is carried into every refresh.
+    assert [j.content.get("created_ts") for _, j in joins] == [None] + [T0] * 5
+    # Heartbeat: every 5 s for 5 h, never interrupted.
+    restarts = sim.of(RestartDelayedLeave)
+    assert len(restarts) == 5 * HOUR // 5000 + 1
+    assert sim.server.fired == []
+    assert sim.machine.status is MembershipStatus.CONNECTED
+
+
+def test_old_synapse_cancels_delayed_on_overwrite_and_we_reschedule() -> None:
+    sim = joined_sim(FakeDelayedEventsServer(overwrite_cancels_delayed=True))
+    sim.run_for(12_000)
+    assert sim.kinds()[:5] == [
+        "ScheduleDelayedLeave",
+        "SendJoin",
+        "RestartDelayedLeave",  # -> NotFound: the join cancelled it
+        "ScheduleDelayedLeave",
+        "RestartDelayedLeave",
+    ]
+    assert sim.of(ScheduleDelayedLeave)[1][0] == 0
+    assert sim.of(RestartDelayedLeave)[1] == (
+        5000,
+        RestartDelayedLeave(delay_id="d2", timeout_ms=2000),
+    )
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    # Each hourly refresh cancels it again and the machine recovers the same way.
+    sim.run_for(HOUR)
+    refresh_t = HOUR - 5000
+    after = [type(a).__name__ for t, a in sim.log if t - T0 >= refresh_t][:4]
+    assert after == [
+        "SendJoin",
+        "RestartDelayedLeave",
+        "ScheduleDelayedLeave",
+        "RestartDelayedLeave",
+    ]
+    assert sim.server.fired == []
+
+
+def test_max_delay_exceeded_lowers_the_delay() -> None:
+    server = FakeDelayedEventsServer(
+        script={"ScheduleDelayedLeave": deque([MaxDelayExceeded(6000)])}
+    )
+    sim = joined_sim(server)
+    sim.run_for(30_000)
+    scheds = sim.of(ScheduleDelayedLeave)
+    assert [s.delay_ms for _, s in scheds] == [8000, 6000]
+    assert sim.machine.delay_ms == 6000
+    assert sim.machine.expected_leave_ms == T0 + 30_000 + 6000
+    # The local timeout is cut to the 1 s left before the server would send our leave.
+    assert [(t, r.timeout_ms) for t, r in sim.of(RestartDelayedLeave)][:3] == [
+        (0, 2000),
+        (5000, 1000),
+        (10_000, 1000),
+    ]
+    assert sim.server.fired == []
+
+
+def test_max_delay_exceeded_without_a_usable_limit_joins_without_delayed_leave() -> None:
+    server = FakeDelayedEventsServer(
+        script={"ScheduleDelayedLeave": deque([MaxDelayExceeded(None)])}
+    )
+    sim = joined_sim(server)
+    sim.run_for(20_000)
+    assert sim.kinds() == ["ScheduleDelayedLeave", "SendJoin"]
+    assert not sim.machine.delayed_events_in_use
+
+
+# ----------------------------------------------------------------------- without MSC4140
+
+
+def test_unsupported_delayed_events_join_anyway_and_refresh_only() -> None:
+    sim = joined_sim(FakeDelayedEventsServer(supports_delayed=False))
+    sim.run_for(3 * HOUR)
+    assert sim.kinds() == ["ScheduleDelayedLeave", "SendJoin", "SendJoin", "SendJoin", "SendJoin"]
+    assert [t for t, _ in sim.of(SendJoin)] == [0, HOUR - 5000, 2 * HOUR - 5000, 3 * HOUR - 5000]
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    sim.machine.leave(sim.now)
+    assert sim.run_for(1000) == Stopped(None)
+    assert sim.log[-1][1] == SendLeave(
+        event_type="org.matrix.msc3401.call.member",
+        state_key=KEY,
+        content={},
+        sticky_duration_ms=None,
+    )
+    assert sim.server.content == {}
+
+
+def test_first_schedule_rejected_joins_without_delayed_leave() -> None:
+    server = FakeDelayedEventsServer(
+        script={"ScheduleDelayedLeave": deque([Rejected("M_FORBIDDEN", "no")])}
+    )
+    sim = joined_sim(server)
+    sim.run_for(60_000)
+    assert sim.kinds() == ["ScheduleDelayedLeave", "SendJoin"]
+    assert sim.machine.status is MembershipStatus.CONNECTED
+
+
+# --------------------------------------------------------------------- errors and retries
+
+
+def test_rate_limit_waits_retry_after_then_default() -> None:
+    server = FakeDelayedEventsServer(
+        script={"RestartDelayedLeave": deque([RateLimited(1234), RateLimited(None)])}
+    )
+    sim = joined_sim(server)
+    sim.run_for(15_000)
+    times = [t for t, _ in sim.of(RestartDelayedLeave)]
+    # 0 -> 429 (1234 ms) -> 1234 -> 429 (default 5000) -> 6234 ok -> 11234
+    assert times == [0, 1234, 6234, 11234]
+
+
+def test_rate_limit_on_join_is_retried() -> None:
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([RateLimited(700)])})
+    sim = joined_sim(server)
+    sim.run_for(1000)
+    assert [t for t, _ in sim.of(SendJoin)] == [0, 700]
+    assert [t for t, _ in sim.of(RestartDelayedLeave)] == [700]
+
+
+def test_rate_limit_budget_exhausted_stops_with_error() -> None:
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([RateLimited(100)] * 11)})
+    sim = joined_sim(server)
+    stopped = sim.run_for(10_000)
+    assert isinstance(stopped, Stopped)
+    assert stopped.error is not None
+    assert "rate limited 10 times" in stopped.error
+    assert len(sim.of(SendJoin)) == 11
+    assert sim.machine.status is MembershipStatus.FAILED
+
+
+def test_network_errors_retry_every_3s_and_budget_resets_on_success() -> None:
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([NetworkError("refused")] * 10)})
+    sim = joined_sim(server)
+    sim.run_for(40_000)
+    assert [t for t, _ in sim.of(SendJoin)] == [3000 * k for k in range(11)]
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    # Budget was reset by the success: ten more failures later are survivable again.
+    sim.server.script["RestartDelayedLeave"] = deque([NetworkError()] * 10)
+    sim.run_for(60_000)
+    assert sim.machine.status is MembershipStatus.CONNECTED
+
+
+def test_network_error_budget_exhausted_fails() -> None:
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([NetworkError()] * 11)})
+    sim = joined_sim(server)
+    stopped = sim.run_for(60_000)
+    assert stopped is not None
+    assert stopped.error is not None
+    assert "network errors" in stopped.error
+    assert sim.machine.status is MembershipStatus.FAILED
+    assert sim.machine.next_action(sim.now) == stopped
+
+
+# ---------------------------------------------------------- network loss and ProbablyLeft
+
+
+def test_local_timeout_shrinks_to_expected_leave_then_probably_left() -> None:
+    sim = joined_sim()
+    sim.server.outages.append((T0 + 4000, T0 + 9000))
+    sim.run_for(4999)
+    sim.machine.drain_events()
+    sim.run_until(T0 + 11_000)
+    restarts = [(t, r) for t, r in sim.of(RestartDelayedLeave, since=5000) if t < 10_000]
+    # 5000: min(2000, 8000-5000); 7000: min(2000, 1000); 8000: probably left -> plain 2000
+    assert [(t, r.timeout_ms) for t, r in restarts] == [(5000, 2000), (7000, 1000), (8000, 2000)]
+    assert sim.machine.drain_events() == [
+        ProbablyLeftChanged(True),  # at 8 s, when the restart at 7 s timed out
+        StatusChanged(MembershipStatus.CONNECTED, MembershipStatus.RECONNECTING),
+        ProbablyLeftChanged(False),  # a new delayed leave is scheduled (re-join)
+        StatusChanged(MembershipStatus.RECONNECTING, MembershipStatus.CONNECTING),
+        StatusChanged(MembershipStatus.CONNECTING, MembershipStatus.CONNECTED),
+    ]
+    # Back online at 10 s: the delayed leave fired at 8 s and sync shows our membership
+    # gone, so the machine re-joins as a new membership (the old delay id is cancelled first).
+    assert sim.server.fired == [T0 + 8000]
+    after = [(t - T0, type(a).__name__) for t, a in sim.log if t - T0 >= 10_000]
+    assert after == [
+        (10_000, "CancelDelayedLeave"),  # -> NotFound: it has fired
+        (10_000, "ScheduleDelayedLeave"),
+        (10_000, "SendJoin"),
+        (10_000, "RestartDelayedLeave"),
+    ]
+    assert not sim.machine.probably_left
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    assert "created_ts" not in sim.of(SendJoin)[-1][1].content
+
+
+def test_network_loss_then_rejoin_as_new_membership() -> None:
+    sim = joined_sim()
+    sim.run_for(20_000)  # connected, created_ts seen = T0
+    assert sim.machine.created_ts == T0
+    outage = (T0 + 21_000, T0 + 40_000)
+    sim.server.outages.append(outage)
+    sim.run_until(T0 + 60_000)
+    # The server fired our delayed leave 8 s after the last successful restart (at 20 s).
+    assert sim.server.fired == [T0 + 28_000]
+    # After the outage: the restart finds the delayed event gone, and the session showed our
+    # membership missing, so the machine re-joined: cancel/schedule, then a fresh join.
+    after = [(t - T0, type(a).__name__) for t, a in sim.log if t >= outage[1]]
+    names = [n for _, n in after]
+    assert names[:4] == [
+        "CancelDelayedLeave",
+        "ScheduleDelayedLeave",
+        "SendJoin",
+        "RestartDelayedLeave",
+    ]
+    # During the outage restarts were aborted locally and retried (8 of the 10 allowed).
+    during = [t - T0 for t, a in sim.log if outage[0] <= t < outage[1]]
+    assert during == [25_000, 27_000, 28_000, 30_000, 32_000, 34_000, 36_000, 38_000]
+    rejoin = next(a for t, a in sim.log if t >= outage[1] and isinstance(a, SendJoin))
+    # No created_ts: to everyone else this is a new membership (and a key rotation).
+    assert "created_ts" not in rejoin.content
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    assert not sim.machine.probably_left
+    # Network errors during the outage were retried (restarts time out, then keep trying).
+    assert sim.machine.error is None
+
+
+def test_probably_left_set_exactly_when_expected_leave_passes() -> None:
+    m = machine()
+    m.join(T0, transports=[LK])
+    for result in (Ok(delay_id="d1"), Ok(event_id="$j"), Ok()):
+        m.next_action(T0)
+        m.receive_result(result, T0)
+    assert m.expected_leave_ms == T0 + 8000
+    assert m.next_action(T0) == Wait(T0 + 5000)
+    assert m.next_action(T0 + 5000) == RestartDelayedLeave(delay_id="d1", timeout_ms=2000)
+    m.receive_result(LocalTimeout(), T0 + 7000)
+    assert m.next_action(T0 + 7000) == RestartDelayedLeave(delay_id="d1", timeout_ms=1000)
+    m.receive_result(LocalTimeout(), T0 + 7999)
+    assert not m.probably_left
+    assert m.next_action(T0 + 7999) == RestartDelayedLeave(delay_id="d1", timeout_ms=1)
+    m.receive_result(LocalTimeout(), T0 + 8000)
+    assert m.probably_left
+    assert m.status is MembershipStatus.RECONNECTING
+    assert m.next_action(T0 + 8000) == RestartDelayedLeave(delay_id="d1", timeout_ms=2000)
+    m.receive_result(Ok(), T0 + 8100)  # the server had not fired it yet after all
+    assert not m.probably_left
+    assert m.status is MembershipStatus.CONNECTED
+
+
+# -------------------------------------------------------------- disappearance / overwrite
+
+
+def test_overwritten_membership_is_reasserted() -> None:
+    sim = joined_sim()
+    sim.run_for(10_000)
+    before = len(sim.log)
+    # Someone else writes {} (or a forged membership the session ignores) at our key.
+    sim.server.set_content({}, sim.now)
+    sim.machine.observe(OwnMembershipMissing(), sim.now)
+    sim.run_for(3000)
+    after = [type(a).__name__ for _, a in sim.log[before:]]
+    # Our old delayed leave is cancelled first, then the usual join sequence.
+    assert after[:4] == [
+        "CancelDelayedLeave",
+        "ScheduleDelayedLeave",
+        "SendJoin",
+        "RestartDelayedLeave",
+    ]
+    assert sim.server.content is not None
+    assert sim.server.content.get("device_id") == DEV
+    assert "created_ts" not in sim.server.content
+
+
+def test_missing_before_our_join_is_seen_is_ignored_within_grace() -> None:
+    sim = joined_sim()
+    sim.observe = False  # sync has not delivered our join yet
+    sim.run_for(1000)
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    sim.machine.observe(OwnMembershipMissing(), sim.now)  # another member joined meanwhile
+    sim.run_for(1000)
+    assert "CancelDelayedLeave" not in sim.kinds()
+    # After the grace period without ever seeing it, missing is believed.
+    sim.run_until(T0 + 10_000)
+    sim.machine.observe(OwnMembershipMissing(), sim.now)
+    sim.run_for(10)
+    assert "CancelDelayedLeave" in sim.kinds()
+
+
+def test_missing_while_not_joined_or_while_joining_is_ignored() -> None:
+    m = machine()
+    m.observe(OwnMembershipMissing(), T0)
+    assert m.next_action(T0) == Stopped(None)
+    m.join(T0, transports=[LK])
+    m.observe(OwnMembershipMissing(), T0)
+    assert isinstance(m.next_action(T0), ScheduleDelayedLeave)
+
+
+# ----------------------------------------------------------------------------- leave
+
+
+def test_leave_sends_the_scheduled_delayed_leave() -> None:
+    sim = joined_sim()
+    sim.run_for(7000)
+    sim.machine.leave(sim.now)
+    assert status(sim.machine) is MembershipStatus.DISCONNECTING
+    assert sim.run_for(1000) == Stopped(None)
+    assert sim.log[-1] == (T0 + 7000, SendDelayedLeaveNow(delay_id="d1"))
+    assert sim.server.content == {}
+    assert status(sim.machine) is MembershipStatus.DISCONNECTED
+    assert sim.machine.delay_id is None
+
+
+def test_leave_falls_back_to_plain_leave_when_delayed_is_gone() -> None:
+    sim = joined_sim()
+    sim.run_for(7000)
+    sim.server.delayed.clear()
+    sim.machine.leave(sim.now)
+    assert sim.run_for(1000) == Stopped(None)
+    assert sim.kinds()[-2:] == ["SendDelayedLeaveNow", "SendLeave"]
+    assert sim.server.content == {}
+
+
+def test_leave_retries_after_network_error_with_plain_leave() -> None:
+    sim = joined_sim()
+    sim.run_for(7000)
+    sim.server.script["SendDelayedLeaveNow"] = deque([NetworkError()])
+    sim.machine.leave(sim.now)
+    assert sim.run_for(5000) == Stopped(None)
+    assert sim.of(SendLeave) == [(10_000, sim.log[-1][1])]
+
+
+def test_leave_while_join_in_flight_still_leaves() -> None:
+    m = machine()
+    m.join(T0, transports=[LK])
+    sched = m.next_action(T0)
+    assert isinstance(sched, ScheduleDelayedLeave)
+    m.receive_result(Ok(delay_id="d1"), T0 + 10)
+    assert isinstance(m.next_action(T0 + 10), SendJoin)
+    m.leave(T0 + 20)  # the join is on the wire
+    m.receive_result(Ok(event_id="$j"), T0 + 30)  # it landed: we must take it back
+    assert m.next_action(T0 + 30) == SendDelayedLeaveNow(delay_id="d1")
+    m.receive_result(Ok(), T0 + 40)
+    assert m.next_action(T0 + 40) == Stopped(None)
+
+
+def test_leave_before_anything_was_sent_sends_nothing() -> None:
+    m = machine()
+    m.join(T0, transports=[LK])
+    m.leave(T0)
+    assert m.next_action(T0) == Stopped(None)
+
+
+def test_rejoin_after_leave() -> None:
+    sim = joined_sim()
+    sim.run_for(6000)
+    sim.machine.leave(sim.now)
+    sim.run_for(100)
+    sim.machine.join(sim.now, transports=[LK])
+    sim.run_for(100)
+    assert sim.kinds()[-3:] == ["ScheduleDelayedLeave", "SendJoin", "RestartDelayedLeave"]
+    assert sim.machine.status is MembershipStatus.CONNECTED
+
+
+# ------------------------------------------------------------------------- sticky dialect
+
+
+def test_sticky_dialect_actions() -> None:
+    sim = joined_sim(dialect=Dialect.STICKY, member_id="uuid-1")
+    sim.run_for(2 * HOUR)
+    sched = sim.of(ScheduleDelayedLeave)[0][1]
+    assert sched.event_type == "org.matrix.msc4143.rtc.member"
+    assert sched.state_key is None
+    assert sched.content == {"msc4354_sticky_key": "uuid-1"}
+    assert sched.sticky_duration_ms == HOUR
+    joins = sim.of(SendJoin)
+    assert [t for t, _ in joins] == [0, HOUR - 5000, 2 * HOUR - 5000]
+    first = RtcMemberData.from_json(joins[0][1].content)
+    assert first is not None
+    assert first.member.id == "uuid-1"
+    assert first.relates_to is None
+    second = RtcMemberData.from_json(joins[1][1].content)
+    assert second is not None
+    assert second.relates_to == "$ev1"
+    assert all(j.sticky_duration_ms == HOUR for _, j in joins)
+    sim.machine.leave(sim.now)
+    sim.run_for(10)
+    assert sim.server.content == {"msc4354_sticky_key": "uuid-1"}
+
+
+def test_sticky_needs_member_id() -> None:
+    with pytest.raises(LocalError):
+        machine(dialect=Dialect.STICKY)
+
+
+def test_msc3757_room_uses_unprefixed_state_key() -> None:
+    m = machine(room_version="org.matrix.msc3757.11")
+    assert m.state_key == f"{ALICE}_{DEV}_m.call"
+
+
+# ------------------------------------------------------------------------- API misuse
+
+
+def test_misuse_raises_local_error_and_changes_nothing() -> None:
+    m = machine()
+    with pytest.raises(LocalError):
+        m.receive_result(Ok(), T0)
+    m.join(T0, transports=[LK])
+    with pytest.raises(LocalError):
+        m.join(T0, transports=[LK])
+    req = m.next_action(T0)
+    with pytest.raises(LocalError):
+        m.next_action(T0)
+    assert m.in_flight == req
+    m.receive_result(Ok(delay_id="d"), T0)
+    assert isinstance(m.next_action(T0), SendJoin)
+
+
+def test_status_events_sequence() -> None:
+    sim = joined_sim()
+    sim.run_for(1000)
+    sim.machine.leave(sim.now)
+    sim.run_for(1000)
+    statuses = [e for e in sim.machine.drain_events() if isinstance(e, StatusChanged)]
+    assert [(e.old, e.new) for e in statuses] == [
+        (MembershipStatus.DISCONNECTED, MembershipStatus.CONNECTING),
+        (MembershipStatus.CONNECTING, MembershipStatus.CONNECTED),
+        (MembershipStatus.CONNECTED, MembershipStatus.DISCONNECTING),
+        (MembershipStatus.DISCONNECTING, MembershipStatus.DISCONNECTED),
+    ]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        MembershipConfig(delayed_leave_delay_ms=0)
+    with pytest.raises(ConfigError):
+        MembershipConfig(max_network_retries=-1)
+    with pytest.raises(ConfigError):
+        MembershipConfig(expiry_ms=4000, expiry_headroom_ms=5000)
+
+
+def test_element_call_timings() -> None:
+    cfg = MembershipConfig(delayed_leave_delay_ms=10_000, network_error_retry_ms=1000)
+    sim = joined_sim(config=cfg)
+    sim.server.script["SendJoin"] = deque([NetworkError()])
+    sim.run_for(11_000)
+    assert sim.of(ScheduleDelayedLeave)[0][1].delay_ms == 10_000
+    assert [t for t, _ in sim.of(SendJoin)] == [0, 1000]
+    assert [t for t, _ in sim.of(RestartDelayedLeave)] == [1000, 6000, 11000]
