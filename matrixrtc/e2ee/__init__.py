@@ -1,1 +1,39 @@
-"""Media E2EE (pure): LiveKit frame format cryptor, key rings, sender-key manager."""
+"""Media E2EE (pure): LiveKit frame format cryptor, key rings, sender-key manager.
+
+No I/O here: transports feed frames to :class:`FrameCryptor`; the agent feeds membership and
+key events to the key manager and carries out the actions it returns.
+"""
+
+from matrixrtc.e2ee.cryptor import (
+    ELEMENT_CALL,
+    SHARED_PASSPHRASE,
+    CryptorOptions,
+    CryptorStats,
+    FrameCryptor,
+    KeyRing,
+)
+from matrixrtc.e2ee.frame import (
+    Codec,
+    DecryptError,
+    MediaKind,
+    UnsupportedCodecError,
+    decrypt_frame,
+    encrypt_frame,
+)
+from matrixrtc.e2ee.kdf import Kdf
+
+__all__ = [
+    "ELEMENT_CALL",
+    "SHARED_PASSPHRASE",
+    "Codec",
+    "CryptorOptions",
+    "CryptorStats",
+    "DecryptError",
+    "FrameCryptor",
+    "Kdf",
+    "KeyRing",
+    "MediaKind",
+    "UnsupportedCodecError",
+    "decrypt_frame",
+    "encrypt_frame",
+]

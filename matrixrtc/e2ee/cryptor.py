@@ -32,6 +32,8 @@ from cryptography.exceptions import InvalidTag
 from matrixrtc.e2ee.frame import (
     IV_LENGTH,
     RING_SIZE,
+    TAG_LENGTH,
+    TRAILER_LENGTH,
     Codec,
     DecryptError,
     MediaKind,
@@ -57,6 +59,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 _IV_PACK = struct.Struct(">III").pack
 _TRAILERS = tuple(bytes((IV_LENGTH, i)) for i in range(256))
+_MIN_BODY = TAG_LENGTH + TRAILER_LENGTH
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,11 +286,24 @@ class FrameCryptor:
             self.stats.missing_key += 1
             ring._failure(slot)
             return self._decrypt_failed("missing key")
+        out: bytes | None
         try:
-            n, nalu = clear_header_length(frame, kind, codec, keyframe)
-            out: bytes | None
+            if kind == "audio":  # as in encrypt(): the common rules inline
+                n, nalu = 1, False
+            elif codec == "vp8" and keyframe is not None:
+                n, nalu = (10 if keyframe else 3), False
+            else:
+                n, nalu = clear_header_length(frame, kind, codec, keyframe)
             try:
-                out = unseal(ks, frame, n, nalu)
+                if nalu:
+                    out = unseal(ks, frame, n, nalu)
+                else:  # unseal(), inlined
+                    size = len(frame)
+                    if size - n < _MIN_BODY or frame[-2] != IV_LENGTH:
+                        raise DecryptError("frame too short or IV length byte not 12")
+                    end = size - TRAILER_LENGTH
+                    header = frame[:n]
+                    out = header + ks.aead.decrypt(frame[end : size - 2], frame[n:end], header)
             except InvalidTag:
                 out = self._ratchet_decrypt(ks, slot, frame, n, nalu)
         except (DecryptError, UnsupportedCodecError) as e:
