@@ -1,0 +1,96 @@
+"""Counting sinks for remote media: they always drain the track and count what arrives.
+
+aiortc's ``RemoteStreamTrack`` queue is unbounded, so a remote track nobody reads grows
+without limit: every remote track gets a :class:`CountingSink`. :class:`ReceiveStats` is also
+updated by the mesh engine's receive hook (encoded frames, bytes, decrypt failures), so one
+object describes a remote track from packet to picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+__all__ = ["CountingSink", "ReceiveStats"]
+
+log = structlog.get_logger(__name__)
+
+_FPS_WINDOW_S = 2.0
+
+
+@dataclass(slots=True)
+class ReceiveStats:
+    """Counters for one remote track. ``*_at`` are clock seconds (``time.monotonic``)."""
+
+    kind: str
+    started_at: float = field(default_factory=time.monotonic)
+    encoded_frames: int = 0  # frames that reached the decoder queue (after decryption)
+    encoded_bytes: int = 0
+    decrypt_failures: int = 0
+    frames_decoded: int = 0
+    first_frame_at: float | None = None
+    last_frame_at: float | None = None
+    _recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
+
+    def frame_decoded(self, now: float) -> None:
+        self.frames_decoded += 1
+        if self.first_frame_at is None:
+            self.first_frame_at = now
+        self.last_frame_at = now
+        self._recent.append(now)
+
+    def fps(self, now: float | None = None) -> float:
+        """Decoded frames per second over the last two seconds."""
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._recent if t > now - _FPS_WINDOW_S]
+        return len(recent) / _FPS_WINDOW_S
+
+    @property
+    def first_frame_delay(self) -> float | None:
+        return None if self.first_frame_at is None else self.first_frame_at - self.started_at
+
+
+class CountingSink:
+    """Drains one remote track in an owned task and counts decoded frames into ``stats``."""
+
+    def __init__(
+        self,
+        track: MediaStreamTrack,
+        stats: ReceiveStats | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.track = track
+        self.stats = stats if stats is not None else ReceiveStats(kind=track.kind)
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"sink-{self.track.kind}-{self.track.id}"
+            )
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self.track.recv()
+                self.stats.frame_decoded(self._clock())
+        except MediaStreamError:
+            pass  # the track ended
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():  # we were cancelled ourselves
+                    raise

@@ -1,0 +1,129 @@
+"""Synthetic local media: a moving video pattern and an audio tone, paced in real time.
+
+Both are aiortc ``MediaStreamTrack`` s producing raw ``av`` frames with ``pts``/``time_base``
+set (90 kHz for video, 48 kHz for audio, as RTP uses), so they can feed aiortc's own encoders
+or the mesh's shared encoder. Pacing uses the event loop clock; a slow consumer makes frames
+late, never piles them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+from typing import Final
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+__all__ = [
+    "AUDIO_RATE",
+    "AUDIO_TIME_BASE",
+    "VIDEO_CLOCK",
+    "VIDEO_TIME_BASE",
+    "SyntheticVideoTrack",
+    "ToneAudioTrack",
+]
+
+VIDEO_CLOCK: Final = 90_000
+VIDEO_TIME_BASE: Final = fractions.Fraction(1, VIDEO_CLOCK)
+AUDIO_RATE: Final = 48_000
+AUDIO_TIME_BASE: Final = fractions.Fraction(1, AUDIO_RATE)
+AUDIO_PTIME: Final = 0.020
+
+
+class _Pacer:
+    """Releases frame n at start + n * interval on the loop clock."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.count = 0
+        self._start: float | None = None
+
+    async def next(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        due = self._start + self.count * self.interval
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        n = self.count
+        self.count += 1
+        return n
+
+
+class SyntheticVideoTrack(MediaStreamTrack):
+    """A moving colour pattern at ``width``×``height`` and ``fps`` (default 320×240 @ 15).
+
+    The pattern is a precomputed image rolled a few pixels per frame: cheap to make, and it
+    keeps the encoder busy like real motion does (a static image would cost almost nothing).
+    """
+
+    kind = "video"
+
+    def __init__(self, width: int = 320, height: int = 240, fps: float = 15.0) -> None:
+        super().__init__()
+        if width <= 0 or height <= 0 or width % 2 or height % 4 or fps <= 0:
+            raise ValueError("width must be even, height a multiple of 4, fps positive")
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.frames_produced = 0
+        self._pacer = _Pacer(1.0 / fps)
+        ys, xs = np.mgrid[0:height, 0:width]
+        rng = np.random.default_rng(1)
+        noise = rng.integers(0, 24, size=(height, width))
+        y = (((xs + ys) * 2 + noise) % 256).astype(np.uint8)
+        u = ((xs * 255) // max(1, width - 1)).astype(np.uint8)[::2, ::2]
+        v = ((ys * 255) // max(1, height - 1)).astype(np.uint8)[::2, ::2]
+        self._planes = (y, u, v)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        n = await self._pacer.next()
+        y, u, v = self._planes
+        shift = (n * 4) % self.width
+        # yuv420p as one (h * 3 / 2, w) array: Y, then U and V each folded to h / 4 rows.
+        stacked = np.concatenate(
+            (
+                np.roll(y, shift, axis=1),
+                u.reshape(self.height // 4, self.width),
+                v.reshape(self.height // 4, self.width),
+            )
+        )
+        frame = av.VideoFrame.from_ndarray(stacked, format="yuv420p")
+        frame.pts = round(n * VIDEO_CLOCK / self.fps)
+        frame.time_base = VIDEO_TIME_BASE
+        self.frames_produced += 1
+        return frame
+
+
+class ToneAudioTrack(MediaStreamTrack):
+    """A sine tone (default 440 Hz), 48 kHz mono s16, in 20 ms frames."""
+
+    kind = "audio"
+
+    def __init__(self, frequency: float = 440.0, amplitude: float = 0.25) -> None:
+        super().__init__()
+        self.frequency = frequency
+        self.amplitude = amplitude
+        self.frames_produced = 0
+        self._samples = round(AUDIO_RATE * AUDIO_PTIME)
+        self._pacer = _Pacer(AUDIO_PTIME)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        n = await self._pacer.next()
+        start = n * self._samples
+        t = (np.arange(start, start + self._samples) / AUDIO_RATE) * (2 * math.pi * self.frequency)
+        pcm = (np.sin(t) * self.amplitude * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = start
+        frame.time_base = AUDIO_TIME_BASE
+        self.frames_produced += 1
+        return frame

@@ -1,0 +1,351 @@
+"""The full-mesh engine: :class:`MeshSignalling` driven over aiortc, one peer connection per
+remote device, every local track encoded once (:mod:`matrixrtc.mesh.fanout`).
+
+The engine is the I/O adapter of the pure signalling core: it feeds the core received
+to-device events, SDP results, connection states and timer ticks, and carries out the actions
+the core returns, in order, in one owned runner task. To-device delivery is behind the small
+:class:`ToDeviceSender` protocol (the homeserver adapter in production, an in-process queue in
+tests). Every task the engine starts is owned and cancelled by :meth:`MeshEngine.aclose`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import candidate_from_sdp
+
+from matrixrtc.errors import LocalError
+from matrixrtc.media.sinks import CountingSink, ReceiveStats
+from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
+from matrixrtc.mesh.ice import IceServerConfig, gather_on, rtc_configuration
+from matrixrtc.mesh.signalling import (
+    Action,
+    AddIceCandidates,
+    ClosePeerConnection,
+    CreateOffer,
+    DeviceRef,
+    LocalDevice,
+    MeshSignalling,
+    RemoteStreamMetadata,
+    SendToDevice,
+    SetRemoteDescription,
+    SignallingConfig,
+)
+from matrixrtc.mesh.transform import FrameTransform
+from matrixrtc.model.voip import HangupReason, IceCandidate, StreamMetadata, StreamPurpose
+
+__all__ = ["MeshConfig", "MeshEngine", "PeerLink", "ToDeviceSender"]
+
+log = structlog.get_logger(__name__)
+
+
+class ToDeviceSender(Protocol):
+    async def send_to_device(
+        self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshConfig:
+    ice_servers: tuple[IceServerConfig, ...] = ()
+    # Host candidate addresses; None lets aioice choose (every address but 127.0.0.1).
+    host_addresses: tuple[str, ...] | None = None
+    relay_only: bool = False
+    signalling: SignallingConfig = field(default_factory=SignallingConfig)
+    send_queue_frames: int = 8
+
+
+@dataclass(slots=True, kw_only=True)
+class PeerLink:
+    """One remote device's peer connection and what flows over it."""
+
+    call_id: str
+    peer: DeviceRef
+    pc: RTCPeerConnection
+    created_at: float
+    connected_at: float | None = None
+    tracks: list[FanOutTrack] = field(default_factory=list)
+    stats: dict[str, ReceiveStats] = field(default_factory=dict)  # by kind
+    sinks: list[CountingSink] = field(default_factory=list)
+    hooked: set[int] = field(default_factory=set)  # id() of receivers with our hook
+
+
+class MeshEngine:
+    """Full-mesh calls for one local device (see module doc)."""
+
+    def __init__(
+        self,
+        local: LocalDevice,
+        sender: ToDeviceSender,
+        *,
+        sources: Sequence[MediaStreamTrack] = (),
+        config: MeshConfig | None = None,
+        transform: FrameTransform | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = local
+        self.config = config or MeshConfig()
+        self._sender = sender
+        self._transform = transform
+        self._clock = clock
+        self.signalling = MeshSignalling(
+            local, clock=clock, config=self.config.signalling, local_metadata=self._metadata
+        )
+        self.encoders: dict[str, SharedEncoder] = {}
+        for source in sources:
+            if source.kind in self.encoders:
+                raise LocalError(f"one local {source.kind} track only")
+            self.encoders[source.kind] = SharedEncoder(
+                source, transform=transform, queue_frames=self.config.send_queue_frames
+            )
+        self.links: dict[str, PeerLink] = {}
+        self._actions: asyncio.Queue[Action] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closed = False
+        self._stream_id: str | None = None
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MeshEngine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for encoder in self.encoders.values():
+            encoder.start()
+        loop = asyncio.get_running_loop()
+        for coro, name in ((self._run_actions(), "actions"), (self._run_timer(), "timer")):
+            task = loop.create_task(coro, name=f"mesh-{name}-{self.local.device_id}")
+            self._tasks.add(task)
+
+    async def aclose(self) -> None:
+        """Hang up every call, close every peer connection, stop every task."""
+        if self._closed:
+            return
+        self._closed = True
+        final = self.signalling.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for action in final:  # the hangups and closes, carried out directly now
+            try:
+                await asyncio.wait_for(self._execute(action), 5.0)
+            except Exception as exc:
+                log.warning(
+                    "mesh.close_action_failed", action=type(action).__name__, error=repr(exc)
+                )
+        for link in list(self.links.values()):
+            await self._close_link(link)
+        for encoder in self.encoders.values():
+            await encoder.aclose()
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def set_members(self, members: Mapping[DeviceRef, str]) -> None:
+        """The active members that advertise the mesh transport (device → session id)."""
+        self._feed(self.signalling.set_members(members))
+
+    def receive(
+        self, sender_user_id: str, event_type: str, content: object, *, local_age_ms: int = 0
+    ) -> None:
+        """A to-device ``m.call.*`` event from ``sender_user_id`` (already decrypted)."""
+        self._feed(
+            self.signalling.receive(sender_user_id, event_type, content, local_age_ms=local_age_ms)
+        )
+
+    # -- views -----------------------------------------------------------------------------
+
+    def link_for(self, peer: DeviceRef) -> PeerLink | None:
+        call = self.signalling.call_for(peer)
+        return None if call is None else self.links.get(call.call_id)
+
+    def connected_peers(self) -> set[DeviceRef]:
+        return {link.peer for link in self.links.values() if link.connected_at is not None}
+
+    # -- action runner ---------------------------------------------------------------------
+
+    def _feed(self, actions: Sequence[Action]) -> None:
+        if self._closed:
+            return
+        for action in actions:
+            self._actions.put_nowait(action)
+        self._wake.set()  # deadlines may have moved
+
+    async def _run_actions(self) -> None:
+        while True:
+            action = await self._actions.get()
+            try:
+                await self._execute(action)
+            except Exception:
+                log.exception("mesh.action_failed", action=type(action).__name__)
+
+    async def _run_timer(self) -> None:
+        while True:
+            self._wake.clear()
+            deadline = self.signalling.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._feed(self.signalling.tick())
+
+    async def _execute(self, action: Action) -> None:
+        if isinstance(action, SendToDevice):
+            await self._sender.send_to_device(
+                action.user_id, action.device_id, action.event_type, action.content
+            )
+        elif isinstance(action, CreateOffer):
+            await self._create_offer(action)
+        elif isinstance(action, SetRemoteDescription):
+            await self._set_remote(action)
+        elif isinstance(action, AddIceCandidates):
+            await self._add_candidates(action)
+        elif isinstance(action, ClosePeerConnection):
+            link = self.links.pop(action.call_id, None)
+            if link is not None:
+                log.info("mesh.link_closed", peer=link.peer.device_id, reason=str(action.reason))
+                await self._close_link(link)
+        elif isinstance(action, RemoteStreamMetadata):
+            log.info("mesh.remote_metadata", peer=action.peer.device_id)
+
+    # -- peer connections ------------------------------------------------------------------
+
+    def _metadata(self) -> Mapping[str, StreamMetadata]:
+        if self._stream_id is None:
+            return {}
+        return {self._stream_id: StreamMetadata(purpose=StreamPurpose.USERMEDIA)}
+
+    def _new_link(self, call_id: str, peer: DeviceRef) -> PeerLink:
+        cfg = self.config
+        pc = RTCPeerConnection(rtc_configuration(cfg.ice_servers, relay_only=cfg.relay_only))
+        link = PeerLink(call_id=call_id, peer=peer, pc=pc, created_at=self._clock())
+        self.links[call_id] = link
+
+        @pc.on("connectionstatechange")
+        def _on_state() -> None:
+            state = pc.connectionState
+            if self.links.get(call_id) is not link:
+                return
+            if state == "connected" and link.connected_at is None:
+                link.connected_at = self._clock()
+                log.info("mesh.connected", peer=peer.device_id, call_id=call_id)
+                self._feed(self.signalling.media_connected(call_id))
+            elif state == "failed":
+                self._feed(self.signalling.media_failed(call_id))
+
+        @pc.on("track")
+        def _on_track(track: MediaStreamTrack) -> None:
+            stats = link.stats.setdefault(track.kind, ReceiveStats(kind=track.kind))
+            sink = CountingSink(track, stats, clock=self._clock)
+            link.sinks.append(sink)
+            sink.start()
+
+        return link
+
+    def _attach_media(self, link: PeerLink) -> None:
+        """Send our shared tracks and hook every receiver; before any transport connects."""
+        sending = {s.track.kind for s in link.pc.getSenders() if s.track is not None}
+        for kind, encoder in self.encoders.items():
+            if kind in sending:
+                continue
+            track = encoder.subscribe()
+            sender = link.pc.addTrack(track)
+            adopt_sender(sender)
+            link.tracks.append(track)
+            self._stream_id = sender._stream_id
+        decryptor = None if self._transform is None else self._transform.decryptor(link.peer)
+        for transceiver in link.pc.getTransceivers():
+            receiver = transceiver.receiver
+            if id(receiver) in link.hooked:
+                continue
+            stats = link.stats.setdefault(transceiver.kind, ReceiveStats(kind=transceiver.kind))
+            install_receive_hook(receiver, decryptor=decryptor, stats=stats)
+            link.hooked.add(id(receiver))
+
+    async def _set_local(self, link: PeerLink, description: RTCSessionDescription) -> str:
+        if self.config.host_addresses is not None:
+            await gather_on(link.pc, self.config.host_addresses)
+        await link.pc.setLocalDescription(description)
+        return str(link.pc.localDescription.sdp)
+
+    async def _create_offer(self, action: CreateOffer) -> None:
+        link = self._new_link(action.call_id, action.peer)
+        try:
+            self._attach_media(link)
+            sdp = await self._set_local(link, await link.pc.createOffer())
+        except Exception as exc:
+            log.warning("mesh.offer_failed", call_id=action.call_id, error=repr(exc))
+            self._feed(self.signalling.local_failed(action.call_id, HangupReason.CREATE_OFFER))
+            return
+        self._feed(self.signalling.offer_created(action.call_id, sdp))
+
+    async def _set_remote(self, action: SetRemoteDescription) -> None:
+        desc = action.description
+        link = self.links.get(action.call_id)
+        if link is None:
+            if desc.type != "offer":
+                return  # the call ended meanwhile
+            link = self._new_link(action.call_id, action.peer)
+        step = HangupReason.SET_REMOTE_DESCRIPTION
+        try:
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=desc.sdp, type=desc.type))
+            if desc.type == "offer":
+                step = HangupReason.CREATE_ANSWER
+                self._attach_media(link)
+                sdp = await self._set_local(link, await link.pc.createAnswer())
+        except Exception as exc:
+            # Garbage SDP from a peer ends up here: hang up that call, keep serving the rest.
+            log.warning("mesh.remote_description_failed", call_id=action.call_id, error=repr(exc))
+            self._feed(self.signalling.local_failed(action.call_id, step))
+            return
+        if desc.type == "offer":
+            self._feed(self.signalling.answer_created(action.call_id, sdp))
+
+    async def _add_candidates(self, action: AddIceCandidates) -> None:
+        link = self.links.get(action.call_id)
+        if link is None:
+            return
+        for candidate in action.candidates:
+            try:
+                await link.pc.addIceCandidate(_to_rtc_candidate(candidate))
+            except Exception as exc:
+                log.info("mesh.bad_candidate", call_id=action.call_id, error=repr(exc))
+
+    async def _close_link(self, link: PeerLink) -> None:
+        self.links.pop(link.call_id, None)
+        for track in link.tracks:
+            track.stop()
+        try:
+            await asyncio.wait_for(link.pc.close(), 10.0)
+        except Exception as exc:
+            log.warning("mesh.close_failed", peer=link.peer.device_id, error=repr(exc))
+        for sink in link.sinks:
+            await sink.aclose()
+
+
+def _to_rtc_candidate(candidate: IceCandidate) -> Any:
+    if candidate.end_of_candidates:
+        return None
+    text = candidate.candidate
+    if text.startswith("candidate:"):
+        text = text.split(":", 1)[1]
+    rtc = candidate_from_sdp(text)
+    rtc.sdpMid = candidate.sdp_mid
+    rtc.sdpMLineIndex = candidate.sdp_mline_index
+    return rtc

@@ -1,0 +1,428 @@
+"""Encode once, send to every peer; decrypt per receiver. The aiortc hook points.
+
+aiortc creates one encoder per ``RTCRtpSender``, so a mesh of N would encode each local frame
+N−1 times. Instead a :class:`SharedEncoder` reads the local track, encodes (VP8 / Opus through
+PyAV) and encrypts each frame **once**, and feeds the resulting ``av.Packet`` to one
+:class:`FanOutTrack` per peer. aiortc's sender treats a track yielding packets as pre-encoded
+and only packetizes them (``Encoder.pack``), which puts the E2EE step exactly between encoder
+and packetizer.
+
+Feedback from peers must reach the one encoder. RTCP is handled by ``RTCRtpSender`` itself,
+whose keyframe flag and REMB handling only touch its private (pack-only) encoder, so each of
+our senders is switched to :class:`_FanOutSender`, a subclass that also forwards PLI/FIR to the
+shared encoder and reports REMB to it (the encoder targets the minimum over its peers). We
+change the class of our own sender instances (:func:`adopt_sender`) instead of replacing
+``aiortc.rtcpeerconnection.RTCRtpSender`` module-wide: aiortc builds senders inside a private
+``RTCPeerConnection`` method, and rebinding a module name would affect every peer connection
+in the process, not only the mesh's.
+
+Receive side: aiortc hands each complete depacketized frame to its decoder thread through the
+receiver's private ``queue.Queue``. :func:`install_receive_hook` swaps that queue, before the
+thread starts, for a :class:`_DecryptingQueue` bound to one remote participant's decryptor:
+frames are decrypted on the event loop when aiortc enqueues them, and a frame that fails (or
+whose decryptor raises) is dropped and counted — the decoder thread never sees it, so a bad
+frame cannot kill the thread (aiortc's worker only survives ``av.FFmpegError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import queue
+import secrets
+from typing import Any, Final
+
+import av
+import structlog
+from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+from matrixrtc.errors import LocalError
+from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
+from matrixrtc.mesh.transform import FrameDecryptor, FrameTransform, vp8_is_keyframe
+
+__all__ = [
+    "DEFAULT_VIDEO_BITRATE",
+    "FanOutTrack",
+    "SharedEncoder",
+    "adopt_sender",
+    "install_receive_hook",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_VIDEO_BITRATE: Final = 500_000
+MIN_VIDEO_BITRATE: Final = 150_000
+MAX_VIDEO_BITRATE: Final = 1_500_000
+OPUS_BITRATE: Final = 32_000
+OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
+
+
+class FanOutTrack(MediaStreamTrack):
+    """One peer's view of a :class:`SharedEncoder`: ``recv()`` yields encoded ``av.Packet`` s.
+
+    A bounded queue decouples the peer from the encoder. Video starts (and restarts after an
+    overflow) at a key frame, so a peer that was not reading (still connecting) or fell behind
+    resumes with a decodable frame instead of garbage.
+    """
+
+    def __init__(self, encoder: SharedEncoder, maxsize: int) -> None:
+        super().__init__()
+        self.kind = encoder.kind
+        self.encoder = encoder
+        self.packets_sent = 0
+        self.overflows = 0
+        self.bitrate_report: int | None = None
+        self._queue: asyncio.Queue[av.Packet[Any] | None] = asyncio.Queue(maxsize)
+        self._need_keyframe = encoder.kind == "video"
+
+    async def recv(self) -> av.Packet[Any]:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._need_keyframe and self._queue.empty():
+            self.encoder.request_keyframe()
+        packet = await self._queue.get()
+        if packet is None:
+            raise MediaStreamError
+        self.packets_sent += 1
+        return packet
+
+    def request_keyframe(self) -> None:
+        self.encoder.keyframe_requests_from_peers += 1
+        self.encoder.request_keyframe()
+
+    def report_bitrate(self, bitrate: int) -> None:
+        self.bitrate_report = bitrate
+        self.encoder.bitrate_changed()
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self.encoder.unsubscribe(self)
+            super().stop()
+            if self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)
+
+    def _push(self, packet: av.Packet[Any], keyframe: bool) -> None:
+        if self._need_keyframe:
+            if not keyframe:
+                return
+            self._need_keyframe = False
+        if self._queue.full():
+            self.overflows += 1
+            if self.kind == "video":
+                # Dropping one video frame breaks every later one: restart at a key frame.
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                if not keyframe:
+                    self._need_keyframe = True
+                    return
+            else:
+                self._queue.get_nowait()
+        self._queue.put_nowait(packet)
+
+
+class SharedEncoder:
+    """Reads one local track, encodes and encrypts each frame once, fans it out to peers."""
+
+    def __init__(
+        self,
+        source: MediaStreamTrack,
+        *,
+        transform: FrameTransform | None = None,
+        queue_frames: int = 8,
+        default_bitrate: int = DEFAULT_VIDEO_BITRATE,
+    ) -> None:
+        if source.kind not in ("audio", "video"):
+            raise LocalError(f"unsupported track kind {source.kind!r}")
+        self.source = source
+        self.kind: str = source.kind
+        self.codec = "vp8" if self.kind == "video" else "opus"
+        # Feeds the E2EE IV only; see matrixrtc.mesh.transform.
+        self.ssrc = secrets.randbits(32)
+        self.frames_in = 0  # raw frames read from the source
+        self.frames_encoded = 0  # encoder invocations: one per raw frame while anyone listens
+        self.keyframes = 0
+        self.keyframe_requests_from_peers = 0
+        self.encrypt_drops = 0
+        self._transform = transform
+        self._queue_frames = queue_frames
+        self._default_bitrate = default_bitrate
+        self._subscribers: list[FanOutTrack] = []
+        self._force_keyframe = False
+        self._task: asyncio.Task[None] | None = None
+        self._video: Any = None  # PyAV VideoCodecContext, owned by the encode thread
+        self._video_bitrate = 0
+        self._audio: Any = None
+        self._resampler: Any = None
+        self._audio_pts = 0
+
+    # -- subscribers and feedback ------------------------------------------------------------
+
+    @property
+    def subscribers(self) -> tuple[FanOutTrack, ...]:
+        return tuple(self._subscribers)
+
+    def subscribe(self) -> FanOutTrack:
+        track = FanOutTrack(self, self._queue_frames)
+        self._subscribers.append(track)
+        return track
+
+    def unsubscribe(self, track: FanOutTrack) -> None:
+        if track in self._subscribers:
+            self._subscribers.remove(track)
+            self.bitrate_changed()
+
+    def request_keyframe(self) -> None:
+        self._force_keyframe = True
+
+    def bitrate_changed(self) -> None:
+        """Called when a peer's REMB changes; the target is read at the next frame."""
+
+    @property
+    def target_bitrate(self) -> int:
+        """The most constrained peer's estimate, clamped; the default before any report."""
+        reports = [t.bitrate_report for t in self._subscribers if t.bitrate_report is not None]
+        target = min(reports) if reports else self._default_bitrate
+        return max(MIN_VIDEO_BITRATE, min(MAX_VIDEO_BITRATE, target))
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"shared-encoder-{self.kind}"
+            )
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+        for track in list(self._subscribers):
+            track.stop()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = await self.source.recv()
+                self.frames_in += 1
+                if not isinstance(frame, av.VideoFrame | av.AudioFrame):
+                    continue  # a pre-encoded source is not what a SharedEncoder is for
+                if not self._subscribers:
+                    continue  # nobody listens: read (so the source never backs up), skip work
+                force, self._force_keyframe = self._force_keyframe, False
+                if isinstance(frame, av.VideoFrame):
+                    bitrate = self.target_bitrate
+                    encoded = await loop.run_in_executor(
+                        None, self._encode_video, frame, force, bitrate
+                    )
+                else:
+                    encoded = self._encode_audio(frame)
+                for data, pts, time_base, keyframe in encoded:
+                    self._fan_out(data, pts, time_base, keyframe)
+        except MediaStreamError:
+            log.info("mesh.encoder.source_ended", kind=self.kind)
+
+    def _fan_out(self, data: bytes, pts: int, time_base: fractions.Fraction, key: bool) -> None:
+        if self._transform is not None:
+            protected = self._transform.encrypt(
+                data, kind=self.kind, codec=self.codec, keyframe=key, ssrc=self.ssrc, timestamp=pts
+            )
+            if protected is None:
+                self.encrypt_drops += 1
+                return
+            data = protected
+        packet = av.Packet(data)
+        packet.pts = pts
+        packet.time_base = time_base
+        for track in list(self._subscribers):
+            track._push(packet, key)
+
+    # -- codecs (PyAV) -----------------------------------------------------------------------
+
+    def _encode_video(
+        self, frame: av.VideoFrame, force_keyframe: bool, bitrate: int
+    ) -> list[tuple[bytes, int, fractions.Fraction, bool]]:
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        ctx = self._video
+        if (
+            ctx is None
+            or ctx.width != frame.width
+            or ctx.height != frame.height
+            # libvpx cannot retarget in place through PyAV; reopen on a >10% change.
+            or abs(bitrate - self._video_bitrate) > self._video_bitrate // 10
+        ):
+            ctx = self._video = self._open_vp8(frame.width, frame.height, bitrate)
+            force_keyframe = True
+        if force_keyframe:
+            frame.pict_type = av.video.frame.PictureType.I
+        packets = ctx.encode(frame)
+        self.frames_encoded += 1
+        data = b"".join(bytes(p) for p in packets)
+        if not data:
+            return []
+        key = any(p.is_keyframe for p in packets)
+        if key:
+            self.keyframes += 1
+        pts = frame.pts if frame.pts is not None else 0
+        return [(data, pts, frame.time_base or VIDEO_TIME_BASE, key)]
+
+    def _open_vp8(self, width: int, height: int, bitrate: int) -> Any:
+        ctx = av.CodecContext.create("libvpx", "w")
+        ctx.width = width
+        ctx.height = height
+        ctx.pix_fmt = "yuv420p"
+        ctx.time_base = VIDEO_TIME_BASE
+        ctx.bit_rate = bitrate
+        ctx.gop_size = 100_000  # key frames only on request (new peer, PLI/FIR)
+        ctx.qmin = 2
+        ctx.qmax = 56
+        ctx.thread_count = 1
+        ctx.options = {
+            "deadline": "realtime",
+            "cpu-used": "-6",
+            "lag-in-frames": "0",
+            "minrate": str(bitrate),
+            "maxrate": str(bitrate),
+            "bufsize": str(bitrate),
+            "undershoot-pct": "100",
+            "overshoot-pct": "15",
+            "static-thresh": "1",
+        }
+        self._video_bitrate = bitrate
+        log.info("mesh.encoder.vp8_open", width=width, height=height, bitrate=bitrate)
+        return ctx
+
+    def _encode_audio(
+        self, frame: av.AudioFrame
+    ) -> list[tuple[bytes, int, fractions.Fraction, bool]]:
+        if self._audio is None:
+            ctx = av.CodecContext.create("libopus", "w")
+            ctx.bit_rate = OPUS_BITRATE
+            ctx.sample_rate = AUDIO_RATE
+            ctx.format = "s16"
+            ctx.layout = "mono"
+            ctx.time_base = AUDIO_TIME_BASE
+            ctx.options = {"application": "voip"}
+            self._audio = ctx
+            self._resampler = av.AudioResampler(
+                format="s16", layout="mono", rate=AUDIO_RATE, frame_size=OPUS_FRAME_SAMPLES
+            )
+        out: list[tuple[bytes, int, fractions.Fraction, bool]] = []
+        for chunk in self._resampler.resample(frame):
+            self.frames_encoded += 1
+            for packet in self._audio.encode(chunk):
+                # Our own running pts: libopus starts at a negative pts (pre-skip).
+                out.append((bytes(packet), self._audio_pts, AUDIO_TIME_BASE, False))
+                self._audio_pts += OPUS_FRAME_SAMPLES
+        return out
+
+
+class _FanOutSender(RTCRtpSender):
+    """An ``RTCRtpSender`` whose PLI/FIR and REMB reach the shared encoder (see module doc)."""
+
+    def _send_keyframe(self) -> None:
+        super()._send_keyframe()
+        track = self.track
+        if isinstance(track, FanOutTrack):
+            track.request_keyframe()
+
+    async def _handle_rtcp_packet(self, packet: Any) -> None:
+        await super()._handle_rtcp_packet(packet)
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            track = self.track
+            if self._ssrc in ssrcs and isinstance(track, FanOutTrack):
+                track.report_bitrate(bitrate)
+
+
+def adopt_sender(sender: RTCRtpSender) -> None:
+    """Make one of our senders forward keyframe requests and REMB to its shared encoder."""
+    if type(sender) is RTCRtpSender:
+        sender.__class__ = _FanOutSender
+    elif not isinstance(sender, _FanOutSender):
+        raise LocalError(f"cannot adopt a sender of type {type(sender).__name__}")
+
+
+class _DecryptingQueue(queue.Queue[Any]):
+    """aiortc's decoder queue for one receiver, decrypting on the way in (see module doc)."""
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        kind: str,
+        decryptor: FrameDecryptor | None,
+        stats: ReceiveStats,
+    ) -> None:
+        super().__init__()
+        self._receiver = receiver
+        self._kind = kind
+        self._decryptor = decryptor
+        self._stats = stats
+        self._failing = False
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:  # aiortc's stop sentinel
+            super().put(item, block, timeout)
+            return
+        codec, frame = item
+        data: bytes = frame.data
+        clear: bytes | None
+        try:
+            if self._decryptor is None:
+                clear = data
+            else:
+                name = str(codec.name).lower()
+                key = vp8_is_keyframe(data) if name == "vp8" else None
+                clear = self._decryptor.decrypt(data, kind=self._kind, codec=name, keyframe=key)
+        except Exception as exc:  # a decryptor bug must not break aiortc's receive path
+            log.warning("mesh.decrypt_error", kind=self._kind, error=repr(exc))
+            clear = None
+        if clear is None:
+            self._stats.decrypt_failures += 1
+            self._failing = True
+            return
+        if self._failing:
+            # Frames were dropped: the decoder needs a key frame. aiortc sends a PLI for the
+            # next packet when this flag (normally set by its decoder thread) is up.
+            self._failing = False
+            if self._kind == "video":
+                getattr(self._receiver, "_RTCRtpReceiver__decoder_error").set()  # noqa: B009
+        self._stats.encoded_frames += 1
+        self._stats.encoded_bytes += len(data)
+        frame.data = clear
+        super().put((codec, frame), block, timeout)
+
+
+def install_receive_hook(
+    receiver: RTCRtpReceiver, *, decryptor: FrameDecryptor | None, stats: ReceiveStats
+) -> None:
+    """Bind ``receiver``'s decode path to one participant's decryptor and counters.
+
+    Must run before aiortc starts the receiver (i.e. before the transport connects).
+    """
+    if getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:
+        raise LocalError("receive hook must be installed before the receiver starts")
+    current = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
+    if isinstance(current, _DecryptingQueue):
+        return
+    if not isinstance(current, queue.Queue):
+        raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
+    kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
+    setattr(  # noqa: B010
+        receiver,
+        "_RTCRtpReceiver__decoder_queue",
+        _DecryptingQueue(receiver, kind, decryptor, stats),
+    )
