@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from matrixrtc.devstack import (
+    Chromium,
     Coturn,
     LiveKit,
     Redis,
@@ -107,6 +108,14 @@ async def coturn(run_dir: Path) -> AsyncIterator[Coturn]:
     """A coturn TURN server shared by the session."""
     async with Coturn(run_dir) as t:
         yield t
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def chromium(run_dir: Path) -> AsyncIterator[Chromium]:
+    """A headless Chromium shared by the session; attach with playwright-core's
+    ``chromium.connectOverCDP(chromium.devtools_url)``."""
+    async with Chromium(run_dir) as browser:
+        yield browser
 
 
 _user_counter = itertools.count(1)

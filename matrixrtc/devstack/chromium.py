@@ -1,0 +1,130 @@
+"""Debian's Chromium, headless, as a devstack service that playwright-core attaches to.
+
+The devstack starts the browser itself (rather than letting playwright launch it) so that it
+runs in a process group the devstack owns: shutdown and the leftover-process check cover it.
+Clients attach with ``chromium.connectOverCDP(devtools_url)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import structlog
+
+from matrixrtc.devstack._process import ManagedProcess
+from matrixrtc.errors import ConfigError
+
+__all__ = ["CHROMIUM_FLAGS", "Chromium", "find_chromium"]
+
+log = structlog.get_logger(__name__)
+
+START_TIMEOUT = 30.0
+
+# Fake camera/microphone without prompts, WebRTC on loopback, nothing phoning home.
+CHROMIUM_FLAGS: tuple[str, ...] = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--password-store=basic",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream=fps=30",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+)
+
+
+def find_chromium() -> Path:
+    """$MATRIXRTC_CHROMIUM, else Debian's /usr/bin/chromium (never a downloaded browser)."""
+    candidate = os.environ.get("MATRIXRTC_CHROMIUM") or shutil.which("chromium")
+    if candidate is None or not os.access(candidate, os.X_OK):
+        raise ConfigError("chromium not found: run scripts/bootstrap.sh (apt-get install chromium)")
+    return Path(candidate)
+
+
+class Chromium:
+    """A headless Chromium with a DevTools endpoint on 127.0.0.1 and a profile under run_dir."""
+
+    def __init__(
+        self, run_dir: Path, extra_args: Sequence[str] = (), *, name: str = "chromium"
+    ) -> None:
+        self.dir = run_dir / name
+        self.profile_dir = self.dir / "profile"
+        self.log_path = self.dir / "chromium.log"
+        self.devtools_url: str = ""
+        self.startup_seconds: float | None = None
+        self._proc = ManagedProcess(
+            name=name,
+            argv=[
+                str(find_chromium()),
+                *CHROMIUM_FLAGS,
+                *extra_args,
+                # Port 0: Chromium picks one and writes it to DevToolsActivePort.
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile_dir}",
+                "about:blank",
+            ],
+            log_path=self.log_path,
+            cwd=self.dir,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    async def _ready(self) -> bool:
+        port_file = self.profile_dir / "DevToolsActivePort"
+        try:
+            port = int(port_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return False
+        url = f"http://127.0.0.1:{port}"
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+            session.get(url + "/json/version") as resp,
+        ):
+            if resp.status != 200:
+                return False
+        self.devtools_url = url
+        return True
+
+    async def start(self) -> None:
+        """Start the browser and wait until its DevTools endpoint answers."""
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        # A stale port file from an earlier run would point at a dead browser.
+        (self.profile_dir / "DevToolsActivePort").unlink(missing_ok=True)
+        self.startup_seconds = await self._proc.start(self._ready, START_TIMEOUT)
+        log.info("chromium ready", devtools=self.devtools_url, seconds=self.startup_seconds)
+
+    async def stop(self) -> None:
+        """Stop the browser and every process of its group."""
+        await self._proc.stop()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
