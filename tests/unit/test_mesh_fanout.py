@@ -1,0 +1,213 @@
+"""Encode-once fan-out and the per-receiver decrypt hook, on real PyAV codecs and aiortc
+objects in-process (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from typing import Any
+
+import av
+import pytest
+from aiortc import RTCPeerConnection
+from aiortc.codecs import get_decoder
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, pack_remb_fci
+
+from matrixrtc.errors import LocalError
+from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.fanout import (
+    MAX_VIDEO_BITRATE,
+    MIN_VIDEO_BITRATE,
+    FanOutTrack,
+    SharedEncoder,
+    adopt_sender,
+    install_receive_hook,
+)
+from matrixrtc.mesh.ice import IceServerConfig, rtc_configuration
+from matrixrtc.mesh.transform import vp8_is_keyframe
+
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
+
+
+async def _drain(track: FanOutTrack, into: list[av.Packet[Any]]) -> None:
+    try:
+        while True:
+            into.append(await track.recv())
+    except Exception:
+        return
+
+
+@pytest.mark.parametrize("subscribers", [1, 3])
+async def test_one_encode_per_frame_whatever_the_number_of_peers(subscribers: int) -> None:
+    source = SyntheticVideoTrack(160, 120, 30)
+    encoder = SharedEncoder(source)
+    tracks = [encoder.subscribe() for _ in range(subscribers)]
+    received: list[list[av.Packet[Any]]] = [[] for _ in tracks]
+    readers = [asyncio.create_task(_drain(t, r)) for t, r in zip(tracks, received, strict=True)]
+    encoder.start()
+    await asyncio.sleep(0.6)
+    await encoder.aclose()
+    await asyncio.gather(*readers)
+    assert encoder.frames_in >= 12
+    assert encoder.frames_encoded == encoder.frames_in
+    # Every peer got the very same packets (objects), starting at a key frame.
+    for packets in received:
+        assert len(packets) >= encoder.frames_encoded - 1
+        assert packets[0] is received[0][0]
+        assert vp8_is_keyframe(bytes(packets[0]))
+    # And they decode.
+    decoder = get_decoder(VP8)
+    frames = []
+    for p in received[-1]:
+        frames += decoder.decode(JitterFrame(data=bytes(p), timestamp=p.pts or 0))
+    assert len(frames) == len(received[-1])
+    assert isinstance(frames[0], av.VideoFrame)
+    assert (frames[0].width, frames[0].height) == (160, 120)
+
+
+async def test_no_subscribers_means_no_encoding() -> None:
+    source = SyntheticVideoTrack(160, 120, 30)
+    encoder = SharedEncoder(source)
+    encoder.start()
+    await asyncio.sleep(0.2)
+    await encoder.aclose()
+    assert encoder.frames_in > 0
+    assert encoder.frames_encoded == 0
+
+
+async def test_audio_is_encoded_once_into_20ms_opus_packets() -> None:
+    encoder = SharedEncoder(ToneAudioTrack())
+    a, b = encoder.subscribe(), encoder.subscribe()
+    got_a: list[av.Packet[Any]] = []
+    got_b: list[av.Packet[Any]] = []
+    readers = [asyncio.create_task(_drain(a, got_a)), asyncio.create_task(_drain(b, got_b))]
+    encoder.start()
+    await asyncio.sleep(0.3)
+    await encoder.aclose()
+    await asyncio.gather(*readers)
+    assert encoder.frames_encoded == encoder.frames_in >= 10
+    assert [p.pts for p in got_a[:3]] == [0, 960, 1920]
+    assert [id(p) for p in got_a] == [id(p) for p in got_b]
+
+
+def test_target_bitrate_is_the_minimum_over_peers() -> None:
+    encoder = SharedEncoder(SyntheticVideoTrack())
+    a, b, c = encoder.subscribe(), encoder.subscribe(), encoder.subscribe()
+    assert encoder.target_bitrate == 500_000  # default before any report
+    a.report_bitrate(900_000)
+    b.report_bitrate(400_000)
+    assert encoder.target_bitrate == 400_000
+    b.stop()  # the constrained peer leaves
+    assert encoder.target_bitrate == 900_000
+    c.report_bitrate(1)
+    assert encoder.target_bitrate == MIN_VIDEO_BITRATE
+    c.stop()
+    a.report_bitrate(10**9)
+    assert encoder.target_bitrate == MAX_VIDEO_BITRATE
+
+
+async def test_overflow_restarts_a_slow_video_peer_at_a_keyframe() -> None:
+    encoder = SharedEncoder(SyntheticVideoTrack(), queue_frames=2)
+    track = encoder.subscribe()
+    packet = av.Packet(b"\x01delta")
+    key = av.Packet(b"\x00key")
+    track._push(packet, False)  # dropped: a new peer starts at a key frame
+    track._push(key, True)
+    track._push(packet, False)
+    track._push(packet, False)  # overflow: queue cleared, wait for the next key frame
+    track._push(packet, False)
+    track._push(key, True)
+    assert track.overflows == 1
+    assert await track.recv() is key
+
+
+async def test_keyframe_requests_and_remb_reach_the_shared_encoder() -> None:
+    encoder = SharedEncoder(SyntheticVideoTrack())
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        track = encoder.subscribe()
+        sender = pc.addTrack(track)
+        adopt_sender(sender)
+        adopt_sender(sender)  # idempotent
+        await sender._handle_rtcp_packet(
+            RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc)
+        )
+        assert encoder.keyframe_requests_from_peers == 1
+        assert encoder._force_keyframe
+        remb = RtcpPsfbPacket(
+            fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0, fci=pack_remb_fci(300_000, [sender._ssrc])
+        )
+        await sender._handle_rtcp_packet(remb)
+        assert track.bitrate_report == 300_000
+        assert encoder.target_bitrate == 300_000
+    finally:
+        await pc.close()
+        await encoder.aclose()
+
+
+class _Flaky:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decrypt(
+        self, frame: bytes, *, kind: str, codec: str, keyframe: bool | None
+    ) -> bytes | None:
+        self.calls += 1
+        if frame.startswith(b"boom"):
+            raise RuntimeError("decryptor bug")
+        if frame.startswith(b"bad"):
+            return None
+        return frame[::-1]
+
+
+async def test_receive_hook_decrypts_counts_and_never_raises() -> None:
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        receiver = pc.addTransceiver("video").receiver
+        stats = ReceiveStats(kind="video")
+        decryptor = _Flaky()
+        install_receive_hook(receiver, decryptor=decryptor, stats=stats)
+        install_receive_hook(receiver, decryptor=decryptor, stats=stats)  # idempotent
+        q: queue.Queue[Any] = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        error_flag = receiver._RTCRtpReceiver__decoder_error  # type: ignore[attr-defined]
+        q.put((VP8, JitterFrame(data=b"\x00abc", timestamp=1)))
+        q.put((VP8, JitterFrame(data=b"bad", timestamp=2)))
+        q.put((VP8, JitterFrame(data=b"boom", timestamp=3)))
+        assert not error_flag.is_set()
+        q.put((VP8, JitterFrame(data=b"\x01xyz", timestamp=4)))
+        assert error_flag.is_set()  # recovered after drops: ask the sender for a key frame
+        q.put(None)
+        items = [q.get_nowait() for _ in range(q.qsize())]
+        assert [i[1].data if i else i for i in items] == [b"cba\x00", b"zyx\x01", None]
+        assert stats.decrypt_failures == 2
+        assert stats.encoded_frames == 2
+        assert decryptor.calls == 4
+    finally:
+        await pc.close()
+
+
+def test_hook_refuses_a_started_receiver() -> None:
+    class Started:
+        _RTCRtpReceiver__decoder_thread = object()
+
+    with pytest.raises(LocalError):
+        install_receive_hook(Started(), decryptor=None, stats=ReceiveStats(kind="video"))  # type: ignore[arg-type]
+
+
+def test_ice_servers_are_never_left_to_aiortc_defaults() -> None:
+    cfg = rtc_configuration([])
+    assert cfg.iceServers == []
+    turn = IceServerConfig(urls=("turn:127.0.0.1:3478",), username="u", credential="p")
+    cfg = rtc_configuration([turn], relay_only=True)
+    assert cfg.iceServers is not None
+    assert cfg.iceServers[0].urls == ["turn:127.0.0.1:3478"]
+    assert str(cfg.iceTransportPolicy.value) == "relay"
+
+
+def test_vp8_keyframe_bit() -> None:
+    assert vp8_is_keyframe(b"\x10\x02\x00")
+    assert not vp8_is_keyframe(b"\x11\x02\x00")
+    assert not vp8_is_keyframe(b"")
