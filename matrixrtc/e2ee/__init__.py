@@ -21,6 +21,7 @@ from matrixrtc.e2ee.frame import (
     encrypt_frame,
 )
 from matrixrtc.e2ee.kdf import Kdf
+from matrixrtc.e2ee.keys import InstallRemoteKey, KeyManager, Member, SendKey, UseKey
 
 __all__ = [
     "ELEMENT_CALL",
@@ -30,10 +31,15 @@ __all__ = [
     "CryptorStats",
     "DecryptError",
     "FrameCryptor",
+    "InstallRemoteKey",
     "Kdf",
+    "KeyManager",
     "KeyRing",
+    "Member",
     "MediaKind",
+    "SendKey",
     "UnsupportedCodecError",
+    "UseKey",
     "decrypt_frame",
     "encrypt_frame",
 ]

@@ -1,0 +1,355 @@
+"""Sender-key manager (sans-I/O): matrix-js-sdk's RTCEncryptionManager rotation policy.
+
+Theory of operation
+-------------------
+Every membership recalculation calls :meth:`KeyManager.update_members`; that *ensures a key
+distribution* ("rollout"). At most one rollout is in flight; requests made meanwhile collapse
+into a single follow-up that starts when the current one ends. A rollout compares the members
+(``user_id``, ``device_id``, ``created_ts``) with the set the current key was shared with:
+
+* no key yet → create index 0 and use it **immediately**; everyone present counts as joined;
+* someone left (a shared-with tuple is gone) → **new key** (index ``(prev + 1) % 256``) to all;
+* someone joined (incl. a rejoin: same user and device, new ``created_ts``) →
+  key younger than ``grace_ms`` (10 s): the **current key to the joiners only**;
+  otherwise a **new key to all**;
+* nothing changed → the rollout ends at once.
+
+A rollout emits :class:`SendKey` and waits for :meth:`KeyManager.send_result`. After a
+successful send of a key that is not in use yet it waits ``use_key_delay_ms`` (1000 ms, so the
+key arrives before frames need it) and then emits :class:`UseKey`; that ends the rollout. A
+failed send is only logged; the next membership update retries.
+
+One deliberate difference: matrix-js-sdk creates a rotated key before sending it, and when that
+send fails the retry hands the same key to everyone as "joiners" and never switches to it, so it
+keeps encrypting with the key a leaver holds. Here a key that was never put into use is put into
+use after the next successful send.
+
+Received keys pass the outdated-key filter (per ``user:device(memberId)`` and index, a key
+received earlier in local time than the one already stored is dropped), then are matched to a
+current membership by user and device (not memberId) and installed under that membership's
+LiveKit identity; keys from devices without a membership are buffered (bounded) and re-checked
+on every membership update.
+
+All inputs carry ``now_ms`` (local clock); keys come from an injected random source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
+
+__all__ = [
+    "Action",
+    "InstallRemoteKey",
+    "KeyManager",
+    "Member",
+    "SendKey",
+    "UseKey",
+    "key_ring_id",
+]
+
+log = structlog.get_logger(__name__)
+
+KEY_BYTES = 16
+INDEX_MODULUS = 256
+USE_KEY_DELAY_MS = 1000  # matrix-js-sdk join(): useKeyDelay ?? 1000
+GRACE_MS = 10_000  # keyRotationGracePeriodMs
+MAX_EARLY_KEYS = 256  # bound on keys buffered for devices without a membership (js: unbounded)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    """One call member as the key manager needs it (the own device included)."""
+
+    user_id: str
+    device_id: str
+    created_ts: int
+    member_id: str
+    identity: str  # LiveKit participant identity this member publishes under
+
+    @classmethod
+    def state_form(
+        cls, user_id: str, device_id: str, created_ts: int, member_id: str | None = None
+    ) -> Member:
+        """A ``call.member`` state-event member: identity ``user:device`` (``/sfu/get``)."""
+        return cls(
+            user_id=user_id,
+            device_id=device_id,
+            created_ts=created_ts,
+            member_id=member_id if member_id is not None else f"{user_id}:{device_id}",
+            identity=legacy_identity(user_id, device_id),
+        )
+
+    @classmethod
+    def sticky_form(cls, user_id: str, device_id: str, created_ts: int, member_id: str) -> Member:
+        """An ``rtc.member`` sticky-event member: the hashed identity (``/get_token``)."""
+        return cls(
+            user_id=user_id,
+            device_id=device_id,
+            created_ts=created_ts,
+            member_id=member_id,
+            identity=livekit_identity(user_id, device_id, member_id),
+        )
+
+    @property
+    def device(self) -> tuple[str, str]:
+        return (self.user_id, self.device_id)
+
+    @property
+    def tuple(self) -> tuple[str, str, int]:
+        return (self.user_id, self.device_id, self.created_ts)
+
+
+def key_ring_id(user_id: str, device_id: str, member_id: str) -> str:
+    """The receiver key-ring name matrix-js-sdk uses: ``user:device(memberId)``."""
+    return f"{user_id}:{device_id}({member_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class SendKey:
+    """Send ``key`` at ``index`` to these devices (to-device, Olm-encrypted), then report
+    :meth:`KeyManager.send_result` with ``rollout``."""
+
+    to: tuple[tuple[str, str], ...]
+    index: int
+    key: bytes = field(repr=False)
+    rollout: int
+
+
+@dataclass(frozen=True, slots=True)
+class UseKey:
+    """Encrypt our own media with this key from now on (install it as our current key)."""
+
+    identity: str
+    index: int
+    key: bytes = field(repr=False)
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstallRemoteKey:
+    """Install a remote participant's key in its ring (LiveKit identity + index)."""
+
+    identity: str
+    index: int
+    key: bytes = field(repr=False)
+    ring: str  # key_ring_id of the sender
+
+
+Action = SendKey | UseKey | InstallRemoteKey
+
+
+@dataclass(slots=True)
+class _Outbound:
+    key: bytes = field(repr=False)
+    index: int
+    created_ms: int
+    in_use: bool
+    shared_with: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Rollout:
+    id: int
+    outbound: _Outbound
+    targets: list[tuple[str, str, int]]
+    use_at_ms: int | None = None  # set once sent: waiting for the use-key delay
+
+
+@dataclass(frozen=True, slots=True)
+class _EarlyKey:
+    user_id: str
+    device_id: str
+    member_id: str
+    index: int
+    key: bytes = field(repr=False)
+
+
+class KeyManager:
+    """Own sender key rotation/distribution and remote key bookkeeping for one call."""
+
+    def __init__(
+        self,
+        own: Member,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        use_key_delay_ms: int = USE_KEY_DELAY_MS,
+        grace_ms: int = GRACE_MS,
+    ) -> None:
+        self.own = own
+        self._random = random_bytes
+        self.use_key_delay_ms = use_key_delay_ms
+        self.grace_ms = grace_ms
+        self._reset()
+
+    def _reset(self) -> None:
+        self._members: list[Member] = []
+        self._outbound: _Outbound | None = None
+        self._current: int | None = None
+        self._rollout: _Rollout | None = None
+        self._again = False
+        self._rollout_ids = 0
+        self._early: list[_EarlyKey] = []
+        self._latest: dict[tuple[str, int], int] = {}  # outdated-key filter: (ring, index) → ms
+        self.rings: dict[str, dict[int, bytes]] = {}  # ring id → index → key (latest)
+
+    # ------------------------------------------------------------------ inputs
+    def update_members(self, members: Iterable[Member], now_ms: int) -> list[Action]:
+        """A membership recalculation: the full current member list, own device included."""
+        self._members = list(members)
+        actions = self._ensure_distribution(now_ms)
+        actions += self._recheck_early_keys()
+        return actions
+
+    def send_result(self, rollout: int, ok: bool, now_ms: int) -> list[Action]:
+        """The outcome of a :class:`SendKey`."""
+        r = self._rollout
+        if r is None or r.id != rollout or r.use_at_ms is not None:
+            log.debug("e2ee.stale_send_result", rollout=rollout)
+            return []
+        if not ok:
+            log.warning("e2ee.key_send_failed", index=r.outbound.index, rollout=rollout)
+            return self._finish(now_ms)
+        r.outbound.shared_with += r.targets
+        if r.outbound.in_use:
+            return self._finish(now_ms)
+        r.use_at_ms = now_ms + self.use_key_delay_ms
+        return self.tick(now_ms)
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Advance timers; call at :meth:`next_deadline` (calling early is harmless)."""
+        r = self._rollout
+        if r is None or r.use_at_ms is None or now_ms < r.use_at_ms:
+            return []
+        r.outbound.in_use = True
+        self._current = r.outbound.index
+        use = UseKey(self.own.identity, r.outbound.index, r.outbound.key, r.use_at_ms)
+        log.info("e2ee.use_key", index=r.outbound.index)
+        return [use, *self._finish(now_ms)]
+
+    def next_deadline(self) -> int | None:
+        r = self._rollout
+        return r.use_at_ms if r is not None else None
+
+    def receive_key(
+        self,
+        user_id: str,
+        device_id: str,
+        member_id: str | None,
+        index: int,
+        key: bytes,
+        now_ms: int,
+    ) -> list[Action]:
+        """A key message from ``user_id``'s ``device_id`` (already authenticated and parsed)."""
+        if not 0 <= index < INDEX_MODULUS or not key:
+            log.warning("e2ee.bad_key", user=user_id, device=device_id, index=index)
+            return []
+        mid = member_id if member_id is not None else f"{user_id}:{device_id}"
+        ring = key_ring_id(user_id, device_id, mid)
+        latest = self._latest.get((ring, index))
+        if latest is not None and latest > now_ms:
+            log.info("e2ee.outdated_key_dropped", ring=ring, index=index)
+            return []
+        self._latest[(ring, index)] = now_ms
+        return self._add_remote(_EarlyKey(user_id, device_id, mid, index, bytes(key)))
+
+    def leave(self) -> None:
+        """We left the call: forget every key (a rejoin starts again at index 0)."""
+        self._reset()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def current_index(self) -> int | None:
+        """Index of the key our media is encrypted with (None before the first key)."""
+        return self._current
+
+    @property
+    def rollout_in_flight(self) -> bool:
+        return self._rollout is not None
+
+    @property
+    def early_keys(self) -> int:
+        return len(self._early)
+
+    # ------------------------------------------------------------------ rollout
+    def _ensure_distribution(self, now_ms: int) -> list[Action]:
+        if self._rollout is not None:
+            self._again = True
+            return []
+        return self._start_rollout(now_ms)
+
+    def _start_rollout(self, now_ms: int) -> list[Action]:
+        actions: list[Action] = []
+        if self._outbound is None:
+            self._outbound = _Outbound(self._random(KEY_BYTES), 0, now_ms, in_use=True)
+            self._current = 0
+            actions.append(UseKey(self.own.identity, 0, self._outbound.key, now_ms))
+        outbound = self._outbound
+        present = [m.tuple for m in self._members]
+        devices = {(u, d): ts for u, d, ts in present}
+        # A shared-with device whose created_ts changed rejoined: not a leaver; it rejoins below.
+        # (Filtered per rollout, not stored: should that device later leave without having
+        # received the key again, its old tuple still makes it a leaver, as in matrix-js-sdk.)
+        shared = [t for t in outbound.shared_with if devices.get((t[0], t[1]), t[2]) == t[2]]
+        left = [t for t in shared if t not in present]
+        joined = [t for t in present if t not in shared]
+        if left:
+            outbound, targets = self._new_outbound(now_ms), present
+            log.info("e2ee.rotate_on_leave", index=outbound.index, left=len(left))
+        elif joined:
+            if now_ms - outbound.created_ms < self.grace_ms:
+                targets = joined
+            else:
+                outbound, targets = self._new_outbound(now_ms), present
+                log.info("e2ee.rotate_on_join", index=outbound.index, joined=len(joined))
+        else:
+            return actions
+        self._rollout_ids += 1
+        r = self._rollout = _Rollout(self._rollout_ids, outbound, targets)
+        to = tuple((u, d) for u, d, _ in targets if (u, d) != self.own.device)
+        if not to:
+            # Nobody else to send to (js-sdk: the transport returns at once): sent.
+            return actions + self.send_result(r.id, True, now_ms)
+        actions.append(SendKey(to, outbound.index, outbound.key, r.id))
+        return actions
+
+    def _new_outbound(self, now_ms: int) -> _Outbound:
+        prev = self._outbound
+        index = (prev.index + 1) % INDEX_MODULUS if prev is not None else 0
+        self._outbound = _Outbound(self._random(KEY_BYTES), index, now_ms, in_use=False)
+        return self._outbound
+
+    def _finish(self, now_ms: int) -> list[Action]:
+        self._rollout = None
+        if self._again:
+            self._again = False
+            return self._start_rollout(now_ms)
+        return []
+
+    # ------------------------------------------------------------------ remote keys
+    def _add_remote(self, k: _EarlyKey) -> list[Action]:
+        member = next(
+            (m for m in self._members if m.user_id == k.user_id and m.device_id == k.device_id),
+            None,
+        )
+        if member is None:
+            if len(self._early) >= MAX_EARLY_KEYS:
+                self._early.pop(0)
+            self._early.append(k)
+            log.info("e2ee.key_buffered_until_membership", user=k.user_id, device=k.device_id)
+            return []
+        ring = key_ring_id(k.user_id, k.device_id, k.member_id)
+        self.rings.setdefault(ring, {})[k.index] = k.key
+        return [InstallRemoteKey(member.identity, k.index, k.key, ring)]
+
+    def _recheck_early_keys(self) -> list[Action]:
+        early, self._early = self._early, []
+        actions: list[Action] = []
+        for k in early:
+            actions += self._add_remote(k)
+        return actions
