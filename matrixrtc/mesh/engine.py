@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
@@ -61,6 +62,9 @@ class MeshConfig:
     relay_only: bool = False
     signalling: SignallingConfig = field(default_factory=SignallingConfig)
     send_queue_frames: int = 8
+    # False: aiortc's own path, one encoder per peer fed through MediaRelay (no frame E2EE).
+    # Only for comparison (bench/mesh.py).
+    encode_once: bool = True
 
 
 @dataclass(slots=True, kw_only=True)
@@ -100,12 +104,20 @@ class MeshEngine:
             local, clock=clock, config=self.config.signalling, local_metadata=self._metadata
         )
         self.encoders: dict[str, SharedEncoder] = {}
+        self._sources: dict[str, MediaStreamTrack] = {}
+        self._relay: MediaRelay | None = None
+        if not self.config.encode_once:
+            if transform is not None:
+                raise LocalError("frame E2EE needs encode_once (the shared encoder)")
+            self._relay = MediaRelay()
         for source in sources:
-            if source.kind in self.encoders:
+            if source.kind in self._sources:
                 raise LocalError(f"one local {source.kind} track only")
-            self.encoders[source.kind] = SharedEncoder(
-                source, transform=transform, queue_frames=self.config.send_queue_frames
-            )
+            self._sources[source.kind] = source
+            if self.config.encode_once:
+                self.encoders[source.kind] = SharedEncoder(
+                    source, transform=transform, queue_frames=self.config.send_queue_frames
+                )
         self.links: dict[str, PeerLink] = {}
         self._actions: asyncio.Queue[Action] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -261,13 +273,16 @@ class MeshEngine:
     def _attach_media(self, link: PeerLink) -> None:
         """Send our shared tracks and hook every receiver; before any transport connects."""
         sending = {s.track.kind for s in link.pc.getSenders() if s.track is not None}
-        for kind, encoder in self.encoders.items():
+        for kind, source in self._sources.items():
             if kind in sending:
                 continue
-            track = encoder.subscribe()
-            sender = link.pc.addTrack(track)
-            adopt_sender(sender)
-            link.tracks.append(track)
+            if self._relay is not None:
+                sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
+            else:
+                track = self.encoders[kind].subscribe()
+                sender = link.pc.addTrack(track)
+                adopt_sender(sender)
+                link.tracks.append(track)
             self._stream_id = sender._stream_id
         decryptor = None if self._transform is None else self._transform.decryptor(link.peer)
         for transceiver in link.pc.getTransceivers():
