@@ -15,7 +15,7 @@ from typing import cast
 from matrixrtc.logging import configure_logging
 
 # Add new commands here (module names under matrixrtc.commands).
-COMMANDS: tuple[str, ...] = ("stack", "demo")
+COMMANDS: tuple[str, ...] = ("stack", "demo", "join")
 
 
 def build_parser() -> argparse.ArgumentParser:

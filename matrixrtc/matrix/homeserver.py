@@ -302,6 +302,8 @@ class Homeserver:
         self._room_subs: set[Subscription[RoomUpdate]] = set()
         self._to_device_subs: set[Subscription[ToDeviceEvent]] = set()
         self._room_state: dict[str, dict[tuple[str, str], JsonDict]] = {}
+        # Sticky events still live, per room: event id -> (event, wall-clock ms received).
+        self._room_sticky: dict[str, dict[str, tuple[JsonDict, int]]] = {}
         self._synced = asyncio.Condition()
         self.sync_count = 0
         self.connected = False
@@ -581,6 +583,21 @@ class Homeserver:
     def room_state(self, room_id: str) -> Mapping[tuple[str, str], JsonDict]:
         """The room's current state as seen by the sync loop, keyed by (type, state_key)."""
         return dict(self._room_state.get(room_id, {}))
+
+    def room_sticky(self, room_id: str) -> list[tuple[JsonDict, int]]:
+        """Sticky events received and not yet expired, with the wall-clock ms of receipt
+        (what the remaining-time field ``unsigned.msc4354_sticky_duration_ttl_ms`` counts from).
+        Lets a consumer that subscribes late rebuild the sticky store."""
+        self._prune_sticky(room_id, _now_ms())
+        return list(self._room_sticky.get(room_id, {}).values())
+
+    def _prune_sticky(self, room_id: str, now_ms: int) -> None:
+        held = self._room_sticky.get(room_id)
+        if not held:
+            return
+        for event_id, (ev, received) in list(held.items()):
+            if received + _sticky_ttl_ms(ev) <= now_ms:
+                del held[event_id]
 
     def is_encrypted(self, room_id: str) -> bool:
         nio = self._require_nio()
@@ -889,11 +906,15 @@ class Homeserver:
 
     async def _sync_loop(self) -> None:
         backoff = 0.25
+        failure: RemoteError | None = None
         try:
             while True:
-                failure: RemoteError | None = None
+                # After a failure, catch up at once instead of long-polling: the caller learns
+                # promptly that we are connected again (wait_synced, connected).
+                timeout_ms = 0 if failure is not None else self._sync_timeout_ms
+                failure = None
                 try:
-                    await self._sync_once(timeout_ms=self._sync_timeout_ms)
+                    await self._sync_once(timeout_ms=timeout_ms)
                 except (HomeserverUnreachable, RateLimited) as e:
                     failure = e
                 except HomeserverError as e:
@@ -1001,6 +1022,7 @@ class Homeserver:
             for room_id in left:
                 if isinstance(room_id, str):
                     self._room_state.pop(room_id, None)
+                    self._room_sticky.pop(room_id, None)
                     for sub in list(self._room_subs):
                         sub._put(RoomUpdate(room_id, (), (), (), initial, left=True))
 
@@ -1016,6 +1038,11 @@ class Homeserver:
         ]
         seen = {e.get("event_id") for e in sticky}
         sticky += [e for e in timeline if "msc4354_sticky" in e and e.get("event_id") not in seen]
+        now = _now_ms()
+        held = self._room_sticky.setdefault(room_id, {})
+        for ev in sticky:
+            held.setdefault(str(ev.get("event_id")), (ev, now))
+        self._prune_sticky(room_id, now)
         applied = state_events + [e for e in timeline if isinstance(e.get("state_key"), str)]
         store = self._room_state.setdefault(room_id, {})
         for ev in applied:
@@ -1063,6 +1090,23 @@ class Homeserver:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _sticky_ttl_ms(ev: Mapping[str, Any]) -> int:
+    """Time left on a sticky event when received: the server's remaining time, else its
+    duration; MSC4354 caps stickiness at one hour."""
+    unsigned = ev.get("unsigned")
+    ttl = unsigned.get("msc4354_sticky_duration_ttl_ms") if isinstance(unsigned, dict) else None
+    if not isinstance(ttl, int):
+        sticky = ev.get("msc4354_sticky")
+        ttl = sticky.get("duration_ms") if isinstance(sticky, dict) else None
+    if not isinstance(ttl, int) or isinstance(ttl, bool):
+        return 0
+    return max(0, min(ttl, 3_600_000))
 
 
 def _txn() -> str:

@@ -1,0 +1,448 @@
+"""CallAgent against a real Synapse: agents in separate processes (the ``join`` CLI) and in
+process, both membership dialects, delayed-leave liveness, a homeserver restart, forged
+overwrites, ring and decline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged, RingState
+from matrixrtc.devstack import Synapse, UserCreds
+from matrixrtc.matrix import Homeserver, Login, RoomUpdate
+from matrixrtc.model import Dialect, LivekitTransport
+
+pytestmark = pytest.mark.integration
+
+CALL_MEMBER = "org.matrix.msc3401.call.member"
+FOCUS = "http://127.0.0.1:9/livekit/jwt"  # advertised only, never contacted
+DELAY_MS = 3_000  # short delayed leave: same semantics, shorter tests
+
+Snapshot = list[dict[str, Any]]
+
+
+class AgentProcess:
+    """``python -m matrixrtc.commands.join --output json`` in its own process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.user_id = ""
+        self.device_id = ""
+        self.history: list[tuple[float, Snapshot]] = []
+        self.left = False
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(
+        cls,
+        hs: Synapse,
+        user: UserCreds,
+        room_id: str,
+        state_dir: Path,
+        log_path: Path,
+        *extra: str,
+    ) -> AgentProcess:
+        env = {**os.environ, "MATRIXRTC_PASSWORD": user.password}
+        env.pop("MATRIXRTC_ACCESS_TOKEN", None)
+        with log_path.open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "matrixrtc.commands.join",
+                "--homeserver",
+                hs.base_url,
+                "--user",
+                user.user_id,
+                "--room",
+                room_id,
+                "--state-dir",
+                str(state_dir),
+                "--livekit-service-url",
+                FOCUS,
+                "--delayed-leave-ms",
+                str(DELAY_MS),
+                "--output",
+                "json",
+                "--log-level",
+                "warning",
+                *extra,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
+        return cls(proc, user.user_id)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            async with self._changed:
+                if obj.get("event") == "ready":
+                    self.user_id, self.device_id = obj["user_id"], obj["device_id"]
+                elif obj.get("event") == "participants":
+                    self.history.append((time.monotonic(), obj["participants"]))
+                elif obj.get("event") == "left":
+                    self.left = True
+                self._changed.notify_all()
+
+    @property
+    def current(self) -> Snapshot:
+        return self.history[-1][1] if self.history else []
+
+    def members(self) -> set[tuple[str, str]]:
+        return {(p["user_id"], p["device_id"]) for p in self.current}
+
+    async def wait(self, pred: Callable[[AgentProcess], bool], within: float) -> float:
+        """Until ``pred(self)`` holds; returns the monotonic time it first held."""
+
+        async def _wait() -> float:
+            async with self._changed:
+                await self._changed.wait_for(lambda: pred(self))
+            return self.history[-1][0] if self.history else time.monotonic()
+
+        return await asyncio.wait_for(_wait(), within)
+
+    async def stop(self, sig: int = signal.SIGINT, within: float = 10.0) -> int:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), within)
+        await self._reader
+        return code
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def procs() -> AsyncIterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for p in started:
+        if p.proc.returncode is None:
+            await p.stop(signal.SIGKILL)
+
+
+async def _start_all(
+    synapse: Synapse, users: list[UserCreds], room: str, run_dir: Path, tag: str
+) -> list[AgentProcess]:
+    return list(
+        await asyncio.gather(
+            *(
+                AgentProcess.start(
+                    synapse,
+                    u,
+                    room,
+                    run_dir / f"{tag}-{i}",
+                    run_dir / f"{tag}-{i}.log",
+                )
+                for i, u in enumerate(users)
+            )
+        )
+    )
+
+
+def _first_seen(p: AgentProcess, who: tuple[str, str]) -> float | None:
+    for t, snap in p.history:
+        if who in {(x["user_id"], x["device_id"]) for x in snap}:
+            return t
+    return None
+
+
+async def test_three_agent_processes_converge_agree_and_see_a_clean_leave(
+    synapse: Synapse, user_factory: Any, run_dir: Path, procs: list[AgentProcess]
+) -> None:
+    users = [await user_factory(n) for n in ("ann", "ben", "cat")]
+    room = await synapse.create_call_room(users[0], invite=users[1:])
+    procs += await _start_all(synapse, users, room, run_dir, "converge")
+    for p in procs:
+        await p.wait(lambda p: len(p.members()) == 3, within=30.0)
+    everyone = {(p.user_id, p.device_id) for p in procs}
+    # Each agent's own join (when it first saw itself) reached the other two within 2 s.
+    for joiner in procs:
+        me = (joiner.user_id, joiner.device_id)
+        t_self = _first_seen(joiner, me)
+        assert t_self is not None
+        for other in procs:
+            if other is not joiner:
+                t_other = _first_seen(other, me)
+                assert t_other is not None
+                assert t_other - t_self < 2.0, f"{other.name} saw {joiner.name} late"
+    # They agree on the order, hence on the oldest member, and on every member's transport.
+    views = [[(x["user_id"], x["device_id"], x["created_ts"]) for x in p.current] for p in procs]
+    assert all(v == views[0] for v in views)
+    assert {(u, d) for u, d, _ in views[0]} == everyone
+    transports = [[x["transport"] for x in p.current] for p in procs]
+    assert all(t == transports[0] for t in transports)
+    assert transports[0][0] == {
+        "type": "livekit",
+        "livekit_service_url": FOCUS,
+        "livekit_alias": room,
+    }
+
+    leaver, stayers = procs[2], procs[:2]
+    gone = (leaver.user_id, leaver.device_id)
+    t0 = time.monotonic()
+    assert await leaver.stop(signal.SIGINT) == 0
+    assert leaver.left
+    for p in stayers:
+        t = await p.wait(lambda p: gone not in p.members(), within=5.0)
+        assert t - t0 < 2.0, f"{p.name} saw the clean leave after {t - t0:.2f} s"
+        assert len(p.members()) == 2
+
+
+async def test_sigkilled_agent_is_seen_leaving_by_its_delayed_event(
+    synapse: Synapse, user_factory: Any, run_dir: Path, procs: list[AgentProcess]
+) -> None:
+    users = [await user_factory(n) for n in ("dan", "eve")]
+    room = await synapse.create_call_room(users[0], invite=users[1:])
+    procs += await _start_all(synapse, users, room, run_dir, "kill")
+    for p in procs:
+        await p.wait(lambda p: len(p.members()) == 2, within=30.0)
+    victim, watcher = procs
+    gone = (victim.user_id, victim.device_id)
+    t0 = time.monotonic()
+    await victim.stop(signal.SIGKILL)
+    t = await watcher.wait(lambda p: gone not in p.members(), within=DELAY_MS / 1000 + 6)
+    assert t - t0 < DELAY_MS / 1000 + 3.0
+    assert not victim.left  # it never got to leave by itself
+    # The homeserver sent the scheduled leave: the state content is now {}.
+    async with Homeserver(
+        synapse.base_url, Login(users[1].user_id, password=users[1].password)
+    ) as hs:
+        key = f"_{victim.user_id}_{victim.device_id}_m.call"
+        assert await hs.get_state_event(room, CALL_MEMBER, key) == {}
+
+
+# -------------------------------------------------------------------------- in process
+
+
+def _config(**kw: Any) -> AgentConfig:
+    kw.setdefault("transports", (LivekitTransport(livekit_service_url=FOCUS),))
+    kw.setdefault("delayed_leave_ms", DELAY_MS)
+    return AgentConfig(**kw)
+
+
+async def _until(pred: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``pred`` (state held by another task) until it holds, or fail saying ``what``."""
+    deadline = time.monotonic() + within
+    while True:
+        if pred():
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _wait_members(agent: CallAgent, n: int, within: float = 10.0) -> None:
+    await _until(lambda: len(agent.participants) == n, within, f"{n} participants")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def own_synapse(run_dir: Path) -> AsyncIterator[Synapse]:
+    """A homeserver this module may restart without disturbing other tests."""
+    async with Synapse(run_dir, name="synapse-agent") as hs:
+        yield hs
+
+
+def _reconnected(hs: Homeserver, failures_before: int) -> Callable[[], bool]:
+    return lambda: hs.connected and hs.sync_failures > failures_before
+
+
+def _beating(agent: CallAgent, beats_before: int) -> Callable[[], bool]:
+    return lambda: agent.heartbeats > beats_before + 1
+
+
+async def test_homeserver_restart_mid_call(own_synapse: Synapse, run_dir: Path) -> None:
+    hs_ = own_synapse
+    a, b = await hs_.register("fay"), await hs_.register("gus")
+    room = await hs_.create_call_room(a, invite=[b])
+    cfg = _config(delayed_leave_ms=8_000)  # js-sdk's default: outlasts a Synapse restart
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, cfg) as agent_a,
+        CallAgent(hb, room, cfg) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        seen: list[ParticipantsChanged] = []
+        with agent_a.changes() as ca, agent_b.changes() as cb:
+            beats = (agent_a.heartbeats, agent_b.heartbeats)
+            failures = (ha.sync_failures, hb.sync_failures)
+            await hs_.restart()
+            # Both sync loops reconnect and both heartbeats resume.
+            for hs, agent, before, failed in (
+                (ha, agent_a, beats[0], failures[0]),
+                (hb, agent_b, beats[1], failures[1]),
+            ):
+                await _until(_reconnected(hs, failed), 15.0, "the sync loop to reconnect")
+                await _until(_beating(agent, before), 12.0, "the heartbeat to resume")
+            # Past the point where a lost heartbeat would have fired the delayed leave.
+            await asyncio.sleep(1.0)
+            for sub in (ca, cb):
+                while (item := sub.get_nowait()) is not None:
+                    seen.append(item)
+        assert all(len(c.participants) == 2 for c in seen), "someone was reported as left"
+        assert len(agent_a.participants) == len(agent_b.participants) == 2
+        assert agent_a.rejoins == agent_b.rejoins == 0
+        # No duplicate membership: one non-empty call.member state event per device.
+        state = await ha.fetch_room_state(room)
+        active = [e for e in state if e["type"] == CALL_MEMBER and e["content"]]
+        assert sorted(e["state_key"] for e in active) == sorted(
+            f"_{h.user_id}_{h.device_id}_m.call" for h in (ha, hb)
+        )
+
+
+async def test_forged_overwrite_is_ignored_and_the_owner_reasserts(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b, m = [await user_factory(n) for n in ("hal", "ida", "mallory")]
+    room = await synapse.create_call_room(a, invite=[b, m])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+        Homeserver(synapse.base_url, Login(m.user_id, password=m.password)) as hm,
+        CallAgent(ha, room, _config()) as agent_a,
+        CallAgent(hb, room, _config()) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        key = agent_a.membership_state_key
+        assert key is not None
+        original = await hb.get_state_event(room, CALL_MEMBER, key)
+        assert original is not None
+        created = next(p.created_ts for p in agent_b.participants if p.user_id == ha.user_id)
+        # Mallory writes a membership claiming hal's device at hal's key (Synapse allows it).
+        forged = {
+            **original,
+            "foci_preferred": [{"type": "livekit", "livekit_service_url": "https://evil.example"}],
+        }
+        with agent_b.changes() as changes:
+            await hm.put_state(room, CALL_MEMBER, key, forged)
+
+            # The owner notices and writes its own membership back, with its created_ts.
+            async def reasserted() -> dict[str, Any]:
+                while True:
+                    ev = ha.room_state(room).get((CALL_MEMBER, key))
+                    if ev is not None and ev["sender"] == ha.user_id and agent_a.rejoins >= 1:
+                        return ev
+                    await asyncio.sleep(0.05)
+
+            ev = await asyncio.wait_for(reasserted(), 10.0)
+            assert ev["content"]["device_id"] == ha.device_id
+            assert ev["content"]["created_ts"] == created
+            await _wait_members(agent_b, 2)
+            views: list[ParticipantsChanged] = []
+            while (item := changes.get_nowait()) is not None:
+                views.append(item)
+        # No receiver ever listed the forged membership.
+        for view in views:
+            for p in view.participants:
+                assert p.transport is None or "evil" not in json.dumps(p.transport.to_json())
+        final = {(p.user_id, p.device_id, p.created_ts) for p in agent_b.participants}
+        assert (ha.user_id, ha.device_id, created) in final
+        assert all(p.user_id != hm.user_id for p in agent_b.participants)
+
+
+async def test_sticky_member_and_state_member_see_each_other(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b = await user_factory("jay"), await user_factory("kim")
+    room = await synapse.create_call_room(a, invite=[b])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, _config(dialect=Dialect.STICKY, intent="audio")) as sticky,
+        CallAgent(hb, room, _config(dialect=Dialect.STATE, intent="video")) as state,
+    ):
+        await _wait_members(sticky, 2)
+        await _wait_members(state, 2)
+        for agent in (sticky, state):
+            forms = {(p.user_id, p.dialect) for p in agent.participants}
+            assert forms == {(ha.user_id, Dialect.STICKY), (hb.user_id, Dialect.STATE)}
+            assert [p.event_id for p in agent.participants] == [
+                p.event_id for p in state.participants
+            ]
+        # The sticky member's LiveKit identity is the hash form, the state member's the legacy one.
+        ids = {p.user_id: p.rtc_backend_identity for p in state.participants}
+        assert ids[hb.user_id] == f"{hb.user_id}:{hb.device_id}"
+        assert not ids[ha.user_id].startswith("@")
+        await sticky.leave()
+        await _wait_members(state, 1, within=5.0)
+
+
+def _ring(agent: CallAgent) -> RingState:
+    return agent.ring_state  # read through a call: mypy would keep the earlier narrowing
+
+
+async def test_ring_when_starting_a_call_and_decline_ends_it(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b = await user_factory("lee"), await user_factory("max")
+    room = await synapse.create_call_room(a, invite=[b])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+    ):
+        with hb.room_updates() as updates:
+            async with CallAgent(ha, room, _config(ring=True, intent="video")) as caller:
+                await caller.wait_joined()
+
+                async def notification() -> dict[str, Any]:
+                    while True:
+                        u: RoomUpdate = await updates.get()
+                        for ev in u.timeline:
+                            if ev["type"] == "org.matrix.msc4075.rtc.notification":
+                                return ev
+
+                ev = await asyncio.wait_for(notification(), 5.0)
+                own = next(p for p in caller.participants if p.is_self)
+                content = ev["content"]
+                assert ev["sender"] == ha.user_id
+                assert content["notification_type"] == "ring"
+                assert content["m.relates_to"] == {
+                    "event_id": own.event_id,
+                    "rel_type": "m.reference",
+                }
+                assert content["m.mentions"] == {"user_ids": [], "room": True}
+                assert content["lifetime"] == 30_000
+                assert isinstance(content["sender_ts"], int)
+                assert content["m.call.intent"] == "video"
+                assert caller.ring_state is RingState.RINGING
+
+                # A second ringing agent joining a call that already has members sends nothing.
+                async with CallAgent(hb, room, _config(ring=True)) as second:
+                    await second.wait_joined()
+                    await asyncio.sleep(0.5)
+                    assert second.ring_state is RingState.IDLE
+                    assert second.notification_event_id is None
+                assert _ring(caller) is RingState.ANSWERED
+
+        # A fresh call: the rung user declines, and the caller stops ringing.
+        async with CallAgent(ha, room, _config(ring=True)) as caller:
+            await caller.wait_joined()
+            await _until(lambda: caller.notification_event_id is not None, 5.0, "the ring")
+            assert caller.notification_event_id is not None
+            await hb.send_event(
+                room,
+                "org.matrix.msc4310.rtc.decline",
+                {
+                    "m.relates_to": {
+                        "rel_type": "m.reference",
+                        "event_id": caller.notification_event_id,
+                    }
+                },
+            )
+            assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
