@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import sys
 import time
+from asyncio.subprocess import Process
 from pathlib import Path
+from typing import IO
 
+import aiohttp
 import pytest
 from livekit import api, rtc
 
@@ -206,3 +212,94 @@ async def test_stop_kills_the_whole_group_even_if_sigterm_is_ignored(run_dir: Pa
     assert pgid in leftover_processes()
     await proc.stop()
     assert pgid not in leftover_processes()
+
+
+async def _start_cli(*args: str, stderr: int | IO[bytes] = asyncio.subprocess.PIPE) -> Process:
+    # Its own session: signals sent here reach only the CLI, as a Ctrl-C would.
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "matrixrtc",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_stack_up_serves_ready_logins_and_stops_on_signal(
+    run_dir: Path, sig: signal.Signals
+) -> None:
+    cli_dir = run_dir / f"cli-{sig.name}"
+    cli_dir.mkdir()
+    with (cli_dir / "cli.log").open("wb") as cli_log:
+        proc = await _start_cli("stack", "up", "--json", "--run-dir", str(cli_dir), stderr=cli_log)
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        info = json.loads(line)
+        pids = [info["synapse"]["pid"], info["livekit"]["pid"]]
+        assert [u["user_id"] for u in info["users"]] == ["@alice:localhost", "@bob:localhost"]
+        base = info["synapse"]["base_url"]
+        async with aiohttp.ClientSession() as http:
+            for u in info["users"]:
+                headers = {"Authorization": f"Bearer {u['access_token']}"}
+                async with http.get(
+                    f"{base}/_matrix/client/v3/account/whoami", headers=headers
+                ) as r:
+                    assert (await r.json())["user_id"] == u["user_id"]
+        lk = info["livekit"]
+        async with api.LiveKitAPI(lk["http_url"], lk["api_key"], lk["api_secret"]) as lkapi:
+            rooms = await lkapi.room.list_rooms(api.ListRoomsRequest())
+            assert list(rooms.rooms) == []
+
+        proc.send_signal(sig)
+        await asyncio.wait_for(proc.wait(), 15)
+        assert proc.returncode == 0
+        assert all(_gone(pid) for pid in pids)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        for pid in pids:
+            if not _gone(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+async def test_every_command_has_help() -> None:
+    async def usage(*args: str) -> tuple[int | None, str]:
+        proc = await _start_cli(*args, "--help")
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode, out.decode()
+
+    commands = [(), ("stack",), ("stack", "up"), ("demo",)]
+    results = await asyncio.gather(*(usage(*c) for c in commands))
+    for command, (code, out) in zip(commands, results, strict=True):
+        assert code == 0, command
+        assert out.startswith("usage: python -m matrixrtc " + " ".join(command)), command
+
+
+async def test_demo_prints_its_summary(run_dir: Path) -> None:
+    proc = await _start_cli("demo", "--run-dir", str(run_dir / "demo"))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text + err.decode()[-2000:]
+    assert "delayed leave fired" in text
+    assert "LiveKit participant @alice:localhost:" in text
+    summary = text.split("\nsummary\n", 1)[1]
+    assert "total" in summary
