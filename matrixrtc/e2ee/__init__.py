@@ -22,6 +22,7 @@ from matrixrtc.e2ee.frame import (
 )
 from matrixrtc.e2ee.kdf import Kdf
 from matrixrtc.e2ee.keys import InstallRemoteKey, KeyManager, Member, SendKey, UseKey
+from matrixrtc.e2ee.messages import ElementCallKeys, ReceivedKey, parse_key_message
 
 __all__ = [
     "ELEMENT_CALL",
@@ -30,6 +31,7 @@ __all__ = [
     "CryptorOptions",
     "CryptorStats",
     "DecryptError",
+    "ElementCallKeys",
     "FrameCryptor",
     "InstallRemoteKey",
     "Kdf",
@@ -37,9 +39,11 @@ __all__ = [
     "KeyRing",
     "MediaKind",
     "Member",
+    "ReceivedKey",
     "SendKey",
     "UnsupportedCodecError",
     "UseKey",
     "decrypt_frame",
     "encrypt_frame",
+    "parse_key_message",
 ]
