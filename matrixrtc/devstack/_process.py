@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
@@ -69,18 +70,36 @@ def leftover_processes() -> dict[int, str]:
     return {pgid: name for pgid, name in _REGISTRY.items() if _group_alive(pgid)}
 
 
+# Service ports come from below the kernel's ephemeral range (32768+ by default), so that a
+# client socket's automatic local port can never take a service's port between choosing it
+# and binding it, or while the service restarts.
+_PORT_RANGE = (20000, 32000)
+_HANDED_OUT: set[int] = set()
+
+
+def _free_port(kind: socket.SocketKind, host: str) -> int:
+    for _ in range(200):
+        port = random.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise ServiceStartError(f"no free port in {_PORT_RANGE} on {host}")
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on ``host`` now and not handed out before by this process."""
+    return _free_port(socket.SOCK_STREAM, host)
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A UDP port free on ``host`` now and not handed out before by this process."""
+    return _free_port(socket.SOCK_DGRAM, host)
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

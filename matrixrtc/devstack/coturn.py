@@ -42,8 +42,8 @@ class Coturn:
         self.realm = REALM
         self.log_path = self.dir / "turnserver.log"
         self.startup_seconds: float | None = None
-        # A random relay range keeps parallel stacks outside a namespace apart.
-        relay_min = random.randrange(40000, 60000 - RELAY_PORTS)
+        # Relay ports: a random slice below the ephemeral range and the devstack's own ports.
+        relay_min = random.randrange(10000, 20000 - RELAY_PORTS)
         self._proc = ManagedProcess(
             name=name,
             argv=[
