@@ -149,7 +149,7 @@ def media_frames(rng: random.Random) -> dict[str, tuple[str, str, list[MediaFram
 def _escaping_timestamp(key: bytes, frame: MediaFrame, ssrc: int) -> int:
     """An RTP timestamp for which the encrypted H.264 frame needs RBSP escaping."""
     ts = frame.timestamp
-    for _ in range(200_000):
+    for _ in range(2_000_000):  # ~4k tries expected for a 650-byte frame
         enc = encrypt_frame(key, 3, frame.data, kind="video", codec="h264", ssrc=ssrc, timestamp=ts)
         if len(enc) != len(frame.data) + 30:  # grew beyond the trailer: escaped
             return ts
@@ -183,10 +183,12 @@ def build_vectors(seed: int | None = None) -> Json:
     passphrase = "correct horse battery staple"
     ssrc = rng.randrange(1 << 32)
 
-    # Make sure at least one H.264 frame exercises RBSP escaping of the ciphertext.
+    # Make sure at least one H.264 frame exercises RBSP escaping of the ciphertext (the
+    # largest frame, so that a timestamp whose IV yields an escape is found quickly).
     kind, codec, frames = streams["h264"]
-    ts = _escaping_timestamp(key, frames[1], ssrc)
-    streams["h264-escaped"] = (kind, codec, [MediaFrame(frames[1].data, ts, False)])
+    big = max(frames, key=lambda f: len(f.data))
+    ts = _escaping_timestamp(key, big, ssrc)
+    streams["h264-escaped"] = (kind, codec, [MediaFrame(big.data, ts, big.keyframe)])
 
     setups: list[Json] = []
     for name in streams:

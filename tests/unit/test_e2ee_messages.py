@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matrixrtc.e2ee.messages import (
@@ -162,6 +162,7 @@ _json = st.recursive(
 )
 
 
+@settings(deadline=None)
 @given(
     st.sampled_from([ELEMENT_CALL_KEYS_TYPE, "m.rtc.encryption_key"]),
     _json
