@@ -152,20 +152,20 @@ def sticky_leave_content(member_id: str) -> JsonDict:
     return {STICKY_KEY_FIELD: member_id}
 
 
-def _opt_str(d: Mapping[str, object], key: str) -> str | None:
-    value = d.get(key)
-    if value is None:
+def _opt_str(d: Mapping[str, object], key: str, *, null_ok: bool = False) -> str | None:
+    # js-sdk rejects an explicit null for the optional fields it type-checks.
+    if key not in d or (null_ok and d[key] is None):
         return None
+    value = d[key]
     if not isinstance(value, str):
         raise Reject(f"{key} is not a string")
     return value
 
 
-def _opt_int(d: Mapping[str, object], key: str) -> int | None:
-    value = d.get(key)
-    if value is None:
+def _opt_int(d: Mapping[str, object], key: str, *, null_ok: bool = False) -> int | None:
+    if key not in d or (null_ok and d[key] is None):
         return None
-    number = as_int(value)
+    number = as_int(d[key])
     if number is None:
         raise Reject(f"{key} is not an integer")
     return number
@@ -300,9 +300,10 @@ def _parse_session(content: object) -> SessionMembershipData:
     if focus_active is None:
         raise Reject("focus_active invalid")
     foci: tuple[Transport, ...] = ()
-    if d.get("foci_preferred") is not None:
+    if "foci_preferred" in d:
         foci = _transports(d["foci_preferred"], "foci_preferred")
-    expires = _opt_int(d, "expires")
+    # js-sdk does not type-check `expires` (null means the default); we require a number.
+    expires = _opt_int(d, "expires", null_ok=True)
     if expires is not None and expires < 0:
         raise Reject("expires is negative")
     created_ts = _opt_int(d, "created_ts")
@@ -313,7 +314,7 @@ def _parse_session(content: object) -> SessionMembershipData:
         focus_active=focus_active,
         foci_preferred=foci,
         scope=_opt_str(d, "scope"),
-        membership_id=_opt_str(d, "membershipID"),
+        membership_id=_opt_str(d, "membershipID", null_ok=True),
         expires=expires,
         intent=_opt_str(d, "m.call.intent"),
         created_ts=created_ts,
@@ -466,7 +467,9 @@ def _parse_rtc(content: object, sender: str | None) -> RtcMemberData:
             raise Reject("m.relates_to is not an m.reference")
         relates_to = _req_str(rel, "event_id")
     return RtcMemberData(
-        application=RtcApplication(type=app_type, intent=_opt_str(app, "m.call.intent")),
+        application=RtcApplication(
+            type=app_type, intent=_opt_str(app, "m.call.intent", null_ok=True)
+        ),
         slot_id=slot_id,
         member=RtcMember(user_id=user_id, device_id=device_id, id=member_id),
         rtc_transports=transports,
