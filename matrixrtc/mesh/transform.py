@@ -13,11 +13,13 @@ different RTP SSRC. It only feeds the IV, which travels in the frame trailer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
+from matrixrtc.e2ee import FrameCryptor
 from matrixrtc.mesh.signalling import DeviceRef
 
-__all__ = ["FrameDecryptor", "FrameTransform", "vp8_is_keyframe"]
+__all__ = ["CryptorTransform", "FrameDecryptor", "FrameTransform", "vp8_is_keyframe"]
 
 
 class FrameDecryptor(Protocol):
@@ -46,3 +48,25 @@ def vp8_is_keyframe(frame: bytes) -> bool:
     The frame tag stays in clear in LiveKit's format, so this works on protected frames too.
     """
     return bool(frame) and not frame[0] & 0x01
+
+
+class CryptorTransform:
+    """A :class:`FrameTransform` over :mod:`matrixrtc.e2ee`'s LiveKit-format ``FrameCryptor``.
+
+    ``local`` encrypts with our sender key ring; ``remote(participant)`` returns the cryptor
+    holding that participant's key ring (the key manager's owner decides how rings are kept).
+    """
+
+    def __init__(self, local: FrameCryptor, remote: Callable[[DeviceRef], FrameCryptor]) -> None:
+        self.local = local
+        self._remote = remote
+
+    def encrypt(
+        self, frame: bytes, *, kind: str, codec: str, keyframe: bool, ssrc: int, timestamp: int
+    ) -> bytes | None:
+        return self.local.encrypt(
+            frame, kind=kind, codec=codec, keyframe=keyframe, ssrc=ssrc, timestamp=timestamp
+        )
+
+    def decryptor(self, participant: DeviceRef) -> FrameDecryptor:
+        return self._remote(participant)

@@ -2,8 +2,8 @@
 
 An in-process queue stands in for to-device delivery (the Matrix wiring is tested elsewhere).
 Frame E2EE uses a small AES-GCM transform defined here (same clear-header rule as LiveKit's
-format) until the stateful cryptor from ``matrixrtc.e2ee`` is wired in; see the test that uses
-it at the end when available.
+format, a key per sender) and, in the last test, the stateful LiveKit-format cryptor from
+``matrixrtc.e2ee``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from matrixrtc.e2ee import FrameCryptor, KeyRing
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.signalling import DeviceRef, LocalDevice, mesh_conf_id
-from matrixrtc.mesh.transform import FrameDecryptor
+from matrixrtc.mesh.transform import CryptorTransform, FrameDecryptor
 
 pytestmark = [
     pytest.mark.integration,
@@ -341,3 +342,53 @@ async def test_malformed_signalling_is_contained(router: Router) -> None:
     link = eb.link_for(a)
     assert link is not None
     assert link.stats["video"].decrypt_failures == 0
+
+
+async def test_livekit_format_cryptor_with_key_rotation(router: Router) -> None:
+    """The stateful LiveKit-format cryptor from matrixrtc.e2ee, per-participant key rings."""
+    a, b = ref("AAA"), ref("BBB")
+    rings = {r: KeyRing() for r in (a, b)}  # each sender's ring, as every receiver knows it
+    for r, ring in rings.items():
+        ring.set_key(key_for(r.device_id), 0)
+    # Each side: one local cryptor, and one receiving cryptor per remote participant with its
+    # own copy of that participant's ring.
+    remote_rings = {(me, peer): KeyRing() for me in (a, b) for peer in (a, b) if me != peer}
+    for (_me, peer), ring in remote_rings.items():
+        ring.set_key(key_for(peer.device_id), 0)
+    cryptors: dict[tuple[DeviceRef, DeviceRef], FrameCryptor] = {}
+
+    def remote_for(me: DeviceRef) -> Callable[[DeviceRef], FrameCryptor]:
+        def get(peer: DeviceRef) -> FrameCryptor:
+            c = FrameCryptor(remote_rings[(me, peer)], identity=peer.device_id)
+            cryptors[(me, peer)] = c
+            return c
+
+        return get
+
+    local = {r: FrameCryptor(rings[r], identity=r.device_id) for r in (a, b)}
+    ea = make_engine(router, a, CryptorTransform(local[a], remote_for(a)))
+    eb = make_engine(router, b, CryptorTransform(local[b], remote_for(b)))
+    for e in (ea, eb):
+        e.start()
+        e.set_members({a: session(a), b: session(b)})
+    await wait_for(
+        lambda: decoded(ea, b, "video") > 15 and decoded(eb, a, "video") > 15, 10, "decoding"
+    )
+    assert cryptors[(b, a)].stats.decrypted > 0
+    assert local[a].stats.encrypted > 0
+    # Rotate AAA's key: receivers learn index 1 first, then AAA switches to it.
+    new_key = bytes(range(16))
+    remote_rings[(b, a)].set_key(new_key, 1, make_current=False)
+    rings[a].set_key(new_key, 1)
+    await asyncio.sleep(0.5)
+    # From now on only index 1 can decrypt AAA's frames at BBB.
+    remote_rings[(b, a)].set_key(b"\xff" * 16, 0, make_current=False)
+    base = decoded(eb, a, "video")
+    await asyncio.sleep(1.0)
+    assert decoded(eb, a, "video") - base >= 0.8 * FPS
+    for e, peer in ((ea, b), (eb, a)):
+        link = e.link_for(peer)
+        assert link is not None
+        assert link.stats["video"].decrypt_failures == 0
+        assert link.stats["audio"].decrypt_failures == 0
+    assert cryptors[(b, a)].stats.decrypt_failures == 0
