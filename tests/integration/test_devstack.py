@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from livekit import api, rtc
 
+from matrixrtc.cli import COMMANDS
 from matrixrtc.devstack import (
     HomeserverRequestError,
     LiveKit,
@@ -57,10 +58,11 @@ async def test_synapse_call_room_and_delayed_leave_fires(
     assert scheduled.get("delay_id")
     assert await synapse.get_state(bob, room, CALL_MEMBER, key) == {"application": "m.call"}
     while (await synapse.get_state(bob, room, CALL_MEMBER, key)) != {}:
-        assert time.monotonic() - t0 < 10, "delayed leave did not fire within 10 s"
+        assert time.monotonic() - t0 < 15, "delayed leave did not fire within 15 s"
         await asyncio.sleep(0.1)
     fired_after = time.monotonic() - t0
-    assert 2.5 < fired_after < 6, fired_after
+    # Not before its delay; the upper bound leaves room for a loaded CI machine.
+    assert 2.9 < fired_after < 8, fired_after
 
 
 async def test_synapse_versions_and_restart_keep_data(
@@ -282,7 +284,7 @@ async def test_every_command_has_help() -> None:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         return proc.returncode, out.decode()
 
-    commands = [(), ("stack",), ("stack", "up"), ("demo",)]
+    commands = [(), *((name,) for name in COMMANDS), ("stack", "up")]
     results = await asyncio.gather(*(usage(*c) for c in commands))
     for command, (code, out) in zip(commands, results, strict=True):
         assert code == 0, command
