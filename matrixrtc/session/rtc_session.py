@@ -124,6 +124,12 @@ class MembershipChanges:
         return bool(self.previous) and not self.memberships
 
     @property
+    def rejoined(self) -> tuple[CallMembership, ...]:
+        """Updated memberships whose ``created_ts`` changed: a new membership at the same key
+        (js-sdk treats this as leave + join and rotates media keys). Refreshes keep it."""
+        return tuple(new for old, new in self.updated if old.created_ts != new.created_ts)
+
+    @property
     def order_changed(self) -> bool:
         return [m.key for m in self.previous] != [m.key for m in self.memberships]
 

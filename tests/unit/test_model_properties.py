@@ -35,6 +35,7 @@ from matrixrtc.model import (
 )
 from matrixrtc.model.notification import RtcDecline, RtcNotification
 from matrixrtc.session import RTCSession
+from matrixrtc.session.rtc_session import sticky_expires_at
 from matrixrtc.session.transports import discover_transport
 
 
@@ -346,6 +347,13 @@ def test_parsers_never_raise_on_arbitrary_json(value: Any) -> None:
     RtcNotification.from_json(value)
     RtcDecline.from_json(value)
     discover_transport(rtc_transports=value, well_known=value)
+    if isinstance(value, dict):
+        sticky_expires_at(value, 1_000)
+    s = RTCSession("!r:example.org")
+    s.receive_state_event(value)
+    s.receive_sticky_event(value, 1_000)
+    s.receive_member_event(value)
+    s.update(1_000)
 
 
 @SETTINGS

@@ -125,6 +125,13 @@ def test_changes_only_on_real_change() -> None:
         (ev["event_id"], refresh["event_id"])
     ]
     assert not changed.order_changed
+    assert changed.rejoined == ()
+    # A re-join at the same key (no created_ts carried) is flagged for key rotation.
+    rejoin = state_ev(ALICE, "A1", ts=NOW + 200)
+    s.receive_state_event(rejoin)
+    again = s.update(NOW + 5)
+    assert again is not None
+    assert [m.event_id for m in again.rejoined] == [rejoin["event_id"]]
 
 
 def test_leave_detection_and_session_end() -> None:
