@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import hmac
 import json
@@ -122,7 +123,7 @@ class LiveKitRooms:
         """
         task = self._creating.get(room)
         if task is None:
-            task = asyncio.create_task(self._create(room))
+            task = asyncio.create_task(self._create(room), context=contextvars.Context())
             self._creating[room] = task
             task.add_done_callback(lambda _t: self._creating.pop(room, None))
         await asyncio.shield(task)

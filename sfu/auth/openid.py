@@ -14,6 +14,7 @@ few seconds only; concurrent lookups of one token share one request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -152,7 +153,9 @@ class OpenIDValidator:
         metrics.OPENID_CACHE.labels("miss").inc()
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._lookup(access_token, server_name))
+            task = asyncio.create_task(
+                self._lookup(access_token, server_name), context=contextvars.Context()
+            )
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
             sub = await asyncio.shield(task)

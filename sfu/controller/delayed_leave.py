@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import time
 from collections.abc import Callable
@@ -170,7 +171,10 @@ class DelayedLeaveManager:
         job.state = State.CONNECTED if resumed and stored.seen_connected else State.WAITING
         self._jobs[stored.params.key] = job
         metrics.DELAYED_LEAVE_JOBS.inc()
-        job.task = asyncio.create_task(self._run(job, resumed=resumed))
+        # A fresh context: the job outlives the request that created it (and its request id).
+        job.task = asyncio.create_task(
+            self._run(job, resumed=resumed), context=contextvars.Context()
+        )
         job.task.add_done_callback(lambda _t: self._finished(job))
 
     def _finished(self, job: _Job) -> None:
