@@ -521,10 +521,18 @@ class OwnMembershipMachine:
         self._update_status()
 
     def leave(self, now_ms: int) -> None:
-        """Leave: fire the scheduled delayed leave now, else send the leave content."""
-        if not self._running or not self._activated:
-            return
+        """Leave: fire the scheduled delayed leave now, else send the leave content.
+
+        Also works after a failure: if our membership may still be in the room, the machine
+        runs again just to take it back (then stops with the old error cleared).
+        """
+        if self._running and not self._activated:
+            return  # already leaving
+        if not self._running and not self._has_member_event:
+            return  # nothing of ours to take back
         self._activated = False
+        self._running = True
+        self._error = None
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE_NOW)])
         self._log.info("leave")
         self._update_status()
@@ -759,11 +767,9 @@ class OwnMembershipMachine:
                 self._join_sent_ms = now_ms
                 self._seen_since_join = False
                 self._reset_retries(step)
-                kept = [
-                    (s.due_ms, s.step)
-                    for s in self._queue
-                    if s.step not in (Step.UPDATE_EXPIRY, Step.SEND_JOIN)
-                ]
+                # Drop what this success re-plans, so no step ever runs twice in parallel.
+                replanned = (Step.UPDATE_EXPIRY, Step.SEND_JOIN, Step.RESTART_DELAYED_LEAVE)
+                kept = [(s.due_ms, s.step) for s in self._queue if s.step not in replanned]
                 return (
                     "replace",
                     [

@@ -202,6 +202,9 @@ class Sim:
             self.results.append((self.now, result))
             self.machine.receive_result(result, self.now)
             self._observe()
+            # Invariant: never two copies of a step queued (no parallel heartbeat loops).
+            steps = [step for _, step in self.machine.scheduled]
+            assert len(steps) == len(set(steps)), steps
         raise AssertionError("simulation did not settle")
 
     def run_for(self, ms: int) -> Stopped | None:
@@ -622,6 +625,33 @@ def test_leave_while_join_in_flight_still_leaves() -> None:
     assert m.next_action(T0 + 30) == SendDelayedLeaveNow(delay_id="d1")
     m.receive_result(Ok(), T0 + 40)
     assert m.next_action(T0 + 40) == Stopped(None)
+
+
+def test_leave_after_failure_still_takes_our_membership_back() -> None:
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([Rejected("M_FORBIDDEN")])})
+    sim = joined_sim(server)
+    sim.run_for(HOUR)
+    # The join was refused: nothing of ours is in the room, leave has nothing to do.
+    assert status(sim.machine) is MembershipStatus.FAILED
+    sim.machine.leave(sim.now)
+    assert sim.machine.next_action(sim.now) == Stopped(
+        "could not send the join: Rejected(M_FORBIDDEN)"
+    )
+    # A refresh refused after a successful join: the membership is there; leave removes it.
+    server = FakeDelayedEventsServer(supports_delayed=False)
+    sim = joined_sim(server)
+    sim.run_for(HOUR - 5001)
+    server.script["SendJoin"] = deque([Rejected("M_FORBIDDEN")])
+    stopped = sim.run_for(HOUR)
+    assert stopped is not None
+    assert stopped.error is not None
+    assert server.content is not None
+    assert "application" in server.content
+    sim.machine.leave(sim.now)
+    assert status(sim.machine) is MembershipStatus.DISCONNECTING
+    assert sim.run_for(1000) == Stopped(None)
+    assert server.content == {}
+    assert status(sim.machine) is MembershipStatus.DISCONNECTED
 
 
 def test_leave_before_anything_was_sent_sends_nothing() -> None:
