@@ -88,14 +88,38 @@ async def test_synapse_versions_and_restart_keep_data(
     assert err.value.status == 403
 
 
-async def test_synapse_advertises_livekit_transport(run_dir: Path) -> None:
+async def test_synapse_rate_limits_are_raised(synapse: Synapse, user_factory: UserFactory) -> None:
+    erin = await user_factory("erin")
+    room = await synapse.create_call_room(erin)
+    # Synapse's default rc_message (burst 10, 0.2/s) would answer 429 long before 30.
+    for n in range(30):
+        await synapse.request(
+            "PUT",
+            f"/_matrix/client/v3/rooms/{room}/send/m.room.message/burst-{n}",
+            user=erin,
+            json_body={"msgtype": "m.text", "body": str(n)},
+        )
+
+
+async def test_synapse_transport_and_extra_config_deep_merged(run_dir: Path) -> None:
     focus_url = "http://127.0.0.1:9/livekit/jwt"
-    async with Synapse(run_dir, livekit_service_url=focus_url, name="synapse-rtc") as hs:
+    extra = {"experimental_features": {"msc4140_max_delayed_events_per_user": 1}}
+    async with Synapse(
+        run_dir, livekit_service_url=focus_url, extra_config=extra, name="synapse-rtc"
+    ) as hs:
         user = await hs.register("dana")
+        # The merge kept the other experimental flags: MSC4143 still answers.
         transports = await hs.request(
             "GET", "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", user=user
         )
         assert {"type": "livekit", "livekit_service_url": focus_url} in transports["rtc_transports"]
+        # ...and the override took effect: a second pending delayed event is refused.
+        room = await hs.create_call_room(user)
+        delay = {"org.matrix.msc4140.delay": "60000"}
+        await hs.put_state(user, room, CALL_MEMBER, "_a", {}, params=delay)
+        with pytest.raises(HomeserverRequestError) as err:
+            await hs.put_state(user, room, CALL_MEMBER, "_b", {}, params=delay)
+        assert err.value.status in (400, 429), err.value
         assert hs.startup_seconds is not None
         print(f"synapse start-up: {hs.startup_seconds:.2f} s")
 
