@@ -60,6 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# trylast: after pytest's own sessionfinish, which tears down session fixtures (that matters
+# when the run is interrupted; normally they are gone after the last test).
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the session loudly if any devstack process outlived its fixture or test."""
     left = leftover_processes()
