@@ -38,10 +38,15 @@ from typing import Final
 
 import structlog
 
-from matrixrtc.model._json import JsonDict, as_int, as_str, get_dict
+from matrixrtc.model._json import JsonDict, as_int, as_str, get_dict, is_mxid
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
-from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
+from matrixrtc.model.membership import (
+    STICKY_KEY_FIELD,
+    CallMembership,
+    MembershipLeft,
+    parse_membership_event,
+)
 
 __all__ = [
     "MAX_STICKY_DURATION_MS",
@@ -90,13 +95,14 @@ def sticky_expires_at(
 
 @dataclass(frozen=True, slots=True)
 class StickyEntry:
-    """One sticky event held by the store (join or leave)."""
+    """One sticky event held by the store (join, leave, or invalid)."""
 
     event_id: str
     origin_server_ts: int
     duration_ms: int
     expires_at: int
-    parsed: CallMembership | MembershipLeft
+    sticky_key: str
+    parsed: CallMembership | MembershipLeft | None  # None: invalid, holds the key empty
 
     @property
     def rank(self) -> tuple[int, str]:
@@ -190,7 +196,24 @@ class RTCSession:
             self._log.debug("sticky_event_ignored", reason="not an rtc.member event")
             return
         parsed = parse_membership_event(ev, self.room_version)
-        if parsed is None:
+        sender: str | None
+        sticky_key: str | None
+        event_id: str | None
+        ots: int | None
+        if parsed is not None:
+            sender, sticky_key = parsed.key.sender, parsed.key.key
+            event_id, ots = parsed.event_id, parsed.origin_server_ts
+        else:
+            # An invalid event still takes its key's place in the sticky store (as in js-sdk),
+            # so a member whose latest event is junk is not listed from an older one.
+            content = get_dict(ev.get("content")) or {}
+            sender = as_str(ev.get("sender"))
+            sticky_key = as_str(content.get(STICKY_KEY_FIELD)) or as_str(content.get("sticky_key"))
+            event_id = as_str(ev.get("event_id"))
+            ots = as_int(ev.get("origin_server_ts"))
+        if sender is None or not is_mxid(sender) or sticky_key is None:
+            return
+        if event_id is None or ots is None:
             return
         expires_at = sticky_expires_at(ev, now_ms, self.default_sticky_duration_ms)
         if expires_at is None:
@@ -204,11 +227,9 @@ class RTCSession:
         if duration is None:
             duration = self.default_sticky_duration_ms or MAX_STICKY_DURATION_MS
         duration = min(max(duration, 0), MAX_STICKY_DURATION_MS)
-        key = (parsed.key.sender, parsed.key.key)
-        entries = [e for e in self._sticky.get(key, []) if e.event_id != parsed.event_id]
-        entries.append(
-            StickyEntry(parsed.event_id, parsed.origin_server_ts, duration, expires_at, parsed)
-        )
+        key = (sender, sticky_key)
+        entries = [e for e in self._sticky.get(key, []) if e.event_id != event_id]
+        entries.append(StickyEntry(event_id, ots, duration, expires_at, sticky_key, parsed))
         entries.sort(key=lambda e: e.rank, reverse=True)
         self._sticky[key] = entries
 
@@ -313,9 +334,9 @@ class RTCSession:
                 self._sticky[key] = kept
 
     def _candidates(self) -> list[CallMembership]:
-        sticky_current = [entries[0].parsed for entries in self._sticky.values()]
-        sticky_keys = {p.key.key for p in sticky_current}
-        out = [p for p in sticky_current if isinstance(p, CallMembership)]
+        current = [entries[0] for entries in self._sticky.values()]
+        sticky_keys = {e.sticky_key for e in current}
+        out = [e.parsed for e in current if isinstance(e.parsed, CallMembership)]
         for state_key, parsed in self._state.items():
             if state_key in sticky_keys:
                 continue

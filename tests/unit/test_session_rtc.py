@@ -292,6 +292,18 @@ def test_sticky_expiry_leave_replacement_and_redaction() -> None:
     assert s.memberships == ()
 
 
+def test_invalid_newer_sticky_event_hides_the_older_valid_one() -> None:
+    s = session()
+    s.receive_sticky_event(sticky_ev(BOB, "B1", "uuid-b", ts=NOW), NOW)
+    s.update(NOW)
+    junk = sticky_ev(BOB, "B1", "uuid-b", ts=NOW + 5)
+    junk["content"]["slot_id"] = "m.call"  # invalid: no '#'
+    s.receive_sticky_event(junk, NOW + 5)
+    changes = s.update(NOW + 5)
+    assert changes is not None
+    assert [m.sender for m in changes.left] == [BOB]
+
+
 def test_sticky_leave_content() -> None:
     s = session()
     s.receive_sticky_event(sticky_ev(BOB, "B1", "uuid-b"), NOW)
