@@ -11,6 +11,7 @@ from matrixrtc.e2ee.cryptor import (
     CryptorStats,
     FrameCryptor,
     KeyRing,
+    KeyRings,
 )
 from matrixrtc.e2ee.frame import (
     Codec,
@@ -21,7 +22,14 @@ from matrixrtc.e2ee.frame import (
     encrypt_frame,
 )
 from matrixrtc.e2ee.kdf import Kdf
-from matrixrtc.e2ee.keys import InstallRemoteKey, KeyManager, Member, SendKey, UseKey
+from matrixrtc.e2ee.keys import (
+    InstallRemoteKey,
+    KeyManager,
+    Member,
+    SendKey,
+    UseKey,
+    apply_to_rings,
+)
 from matrixrtc.e2ee.messages import ElementCallKeys, ReceivedKey, parse_key_message
 
 __all__ = [
@@ -37,12 +45,14 @@ __all__ = [
     "Kdf",
     "KeyManager",
     "KeyRing",
+    "KeyRings",
     "MediaKind",
     "Member",
     "ReceivedKey",
     "SendKey",
     "UnsupportedCodecError",
     "UseKey",
+    "apply_to_rings",
     "decrypt_frame",
     "encrypt_frame",
     "parse_key_message",

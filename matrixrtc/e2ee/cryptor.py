@@ -54,6 +54,7 @@ __all__ = [
     "CryptorStats",
     "FrameCryptor",
     "KeyRing",
+    "KeyRings",
 ]
 
 log = structlog.get_logger(__name__)
@@ -345,3 +346,37 @@ class FrameCryptor:
 
     def _count(self, reason: str) -> None:
         self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
+
+class KeyRings:
+    """Key rings by LiveKit identity, as the LiveKit key provider keeps them.
+
+    Feed it the key manager's :class:`~matrixrtc.e2ee.keys.UseKey` and
+    :class:`~matrixrtc.e2ee.keys.InstallRemoteKey` actions with :meth:`install`; hand
+    :meth:`cryptor` to a transport for each participant (own identity: the sender).
+    """
+
+    __slots__ = ("_rings", "options")
+
+    def __init__(self, options: CryptorOptions = ELEMENT_CALL) -> None:
+        self.options = options
+        self._rings: dict[str, KeyRing] = {}
+
+    def ring(self, identity: str) -> KeyRing:
+        ring = self._rings.get(identity)
+        if ring is None:
+            ring = self._rings[identity] = KeyRing(self.options)
+        return ring
+
+    def install(self, identity: str, index: int, key: bytes) -> None:
+        """Set ``key`` at ``index`` for ``identity`` and make it that ring's current key."""
+        self.ring(identity).set_key(key, index)
+
+    def cryptor(self, identity: str, *, sif_trailer: bytes = b"") -> FrameCryptor:
+        return FrameCryptor(self.ring(identity), identity=identity, sif_trailer=sif_trailer)
+
+    def forget(self, identity: str) -> None:
+        self._rings.pop(identity, None)
+
+    def __contains__(self, identity: object) -> bool:
+        return identity in self._rings

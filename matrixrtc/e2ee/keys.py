@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from matrixrtc.e2ee.cryptor import KeyRings
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Member",
     "SendKey",
     "UseKey",
+    "apply_to_rings",
     "key_ring_id",
 ]
 
@@ -353,3 +355,14 @@ class KeyManager:
         for k in early:
             actions += self._add_remote(k)
         return actions
+
+
+def apply_to_rings(actions: Iterable[Action], rings: KeyRings) -> list[SendKey]:
+    """Install every :class:`UseKey`/:class:`InstallRemoteKey` in ``rings``; return the sends."""
+    sends: list[SendKey] = []
+    for a in actions:
+        if isinstance(a, SendKey):
+            sends.append(a)
+        else:
+            rings.install(a.identity, a.index, a.key)
+    return sends
