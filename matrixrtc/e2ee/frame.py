@@ -46,6 +46,7 @@ __all__ = [
     "seal",
     "sif_payload",
     "unseal",
+    "widen_start_codes",
     "write_rbsp",
 ]
 
@@ -203,7 +204,8 @@ def parse_rbsp(data: bytes) -> bytes:
     return _ESCAPED.sub(b"\x00\x00", data)
 
 
-def _widen_start_codes(header: bytes) -> bytes:
+def widen_start_codes(header: bytes) -> bytes:
+    """00 00 01 → 00 00 00 01: the receiving depacketiser rebuilds 4-byte start codes."""
     return _SHORT_START_CODE.sub(b"\x00\x00\x00\x01", header)
 
 
@@ -252,7 +254,7 @@ def seal(keys: KeySet, key_byte: int, frame: bytes, n: int, nalu: bool, iv: byte
     """Encrypt ``frame`` with ``n`` clear header bytes (the format's core; no checks)."""
     header = frame[:n]
     if nalu:
-        header = _widen_start_codes(header)
+        header = widen_start_codes(header)
         body = keys.aead.encrypt(iv, frame[n:], header)
         return header + write_rbsp(b"".join((body, iv, _TRAILERS[key_byte])))
     return b"".join((header, keys.aead.encrypt(iv, frame[n:], header), iv, _TRAILERS[key_byte]))

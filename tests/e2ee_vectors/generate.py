@@ -28,7 +28,7 @@ from typing import Any, cast
 import av
 import numpy as np
 
-from matrixrtc.e2ee.frame import _widen_start_codes, clear_header_length, encrypt_frame
+from matrixrtc.e2ee.frame import clear_header_length, encrypt_frame, widen_start_codes
 from matrixrtc.e2ee.kdf import Kdf, ratchet_material
 
 __all__ = [
@@ -150,7 +150,7 @@ def _escaping_timestamp(key: bytes, frame: MediaFrame, ssrc: int) -> int:
     """An RTP timestamp for which the encrypted H.264 frame needs RBSP escaping."""
     n, _ = clear_header_length(frame.data, "video", "h264", frame.keyframe)
     # Unescaped size: the header with its start codes widened, the rest, tag and trailer.
-    plain_size = len(_widen_start_codes(frame.data[:n])) + len(frame.data) - n + 30
+    plain_size = len(widen_start_codes(frame.data[:n])) + len(frame.data) - n + 30
     ts = frame.timestamp
     for _ in range(2_000_000):  # ~4k tries expected for a 650-byte frame
         enc = encrypt_frame(key, 3, frame.data, kind="video", codec="h264", ssrc=ssrc, timestamp=ts)

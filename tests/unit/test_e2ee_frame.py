@@ -106,7 +106,7 @@ def test_clear_header_bytes(
     assert enc[: min(n, 4)] == frame[: min(n, 4)]
     out = decrypt_frame(KEY, enc, kind=kind, codec=codec, keyframe=keyframe)
     if clear_header_length(frame, kind, codec, keyframe)[1]:
-        assert out == fmt._widen_start_codes(frame[:n]) + frame[n:]
+        assert out == fmt.widen_start_codes(frame[:n]) + frame[n:]
     else:
         assert out == frame
 
@@ -393,7 +393,7 @@ def test_nalu_scan_matches_reference(data: bytes) -> None:
 @settings(deadline=None)
 @given(_nal_bytes)
 def test_start_code_widening(data: bytes) -> None:
-    wide = fmt._widen_start_codes(data)
+    wide = fmt.widen_start_codes(data)
     ref, i = bytearray(), 0
     while i < len(data):
         if data[i : i + 3] == b"\x00\x00\x01" and (i == 0 or data[i - 1] != 0):
@@ -430,7 +430,7 @@ def test_round_trip_any_frame(kc: tuple[str, str | None], frame: bytes, key: boo
     enc = tx.encrypt(frame, kind=kind, codec=codec, keyframe=key, ssrc=7, timestamp=99)
     assert enc is not None
     n, nalu = clear_header_length(frame, kind, codec, key)
-    expected = fmt._widen_start_codes(frame[:n]) + frame[n:] if nalu else frame
+    expected = fmt.widen_start_codes(frame[:n]) + frame[n:] if nalu else frame
     out = rx.decrypt(enc, kind=kind, codec=codec, keyframe=key)
     if out is None:
         # The format's own ambiguity (livekit-client has it too): the receiver re-derives N
