@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
-from aiohttp import web
-
 from matrixrtc.devstack import Chromium, leftover_processes
-
-HERE = Path(__file__).resolve().parent
-
-
-async def _serve_dir(directory: Path) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_static("/", directory)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
-
-
-async def _node(*args: str, limit: float = 30) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "node", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=HERE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), limit)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode()[-2000:]
-    return out.decode()
+from tests.browser.helpers import BROWSER_DIR, run_node, serve_dir
 
 
 async def test_fake_camera_yields_live_painted_video(chromium: Chromium) -> None:
-    runner, base = await _serve_dir(HERE)
-    try:
-        out = await _node("gum.mjs", chromium.devtools_url, f"{base}/camera.html")
-    finally:
-        await runner.cleanup()
-    result = json.loads(out.strip().splitlines()[-1])
+    async with serve_dir(BROWSER_DIR) as base:
+        out = await run_node(
+            "eval_page.mjs", chromium.devtools_url, f"{base}/camera.html", "checkCamera", "1500"
+        )
+    result = json.loads(out.strip().splitlines()[-1])["result"]
     print(f"camera check: {result}")
     # playwright detached from the shared browser; it did not close it.
     assert chromium.pid in leftover_processes()
@@ -57,6 +27,20 @@ async def test_fake_camera_yields_live_painted_video(chromium: Chromium) -> None
     # 1.5 s at the fake device's 30 fps is ~45: frames really reach the page (with slack for a
     # loaded machine), not just a track object.
     assert result["frames"] >= 10, result
+
+
+async def test_host_candidates_are_real_namespace_addresses(chromium: Chromium) -> None:
+    async with serve_dir(BROWSER_DIR) as base:
+        out = await run_node(
+            "eval_page.mjs", chromium.devtools_url, f"{base}/ice.html", "gatherCandidates"
+        )
+    addresses = json.loads(out.strip().splitlines()[-1])["result"]
+    # No mDNS names (they cannot resolve here), and only addresses of this namespace.
+    assert addresses, "no host candidate gathered"
+    assert not [a for a in addresses if a.endswith(".local")], addresses
+    assert set(addresses) <= {"127.0.0.1", "10.203.0.1", "::1"} | {
+        a for a in addresses if a.startswith("fe80:")
+    }, addresses
 
 
 async def test_browser_stops_with_its_whole_group(run_dir: Path) -> None:
