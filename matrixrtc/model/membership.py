@@ -423,9 +423,11 @@ def _sticky_key(d: Mapping[str, object]) -> str:
         raise Reject("sticky_key is not a string")
     if unstable is not None and stable is not None and unstable != stable:
         raise Reject("sticky_key and msc4354_sticky_key differ")
-    key = unstable if isinstance(unstable, str) else stable
-    assert isinstance(key, str)
-    return key
+    if isinstance(unstable, str):
+        return unstable
+    if isinstance(stable, str):
+        return stable
+    raise Reject("no sticky key")  # unreachable: one of them is a string by now
 
 
 def _parse_rtc(content: object, sender: str | None) -> RtcMemberData:

@@ -48,8 +48,8 @@ def _quiet_logs() -> Iterator[None]:
     structlog.configure(**saved)
 
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-LIGHT = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LIGHT = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_scalars = (
     st.none()
