@@ -17,6 +17,7 @@ __all__ = [
     "JsonDict",
     "JsonValue",
     "Reject",
+    "Suspicious",
     "as_int",
     "as_str",
     "canonical_json",
@@ -42,9 +43,15 @@ class Reject(Exception):
         self.fields = fields
 
 
+class Suspicious(Reject):
+    """A rejection of input that looks like an attempt to impersonate someone."""
+
+
 def log_reject(kind: str, err: Reject, **context: object) -> None:
-    """Log one rejection (debug level: remote junk is expected and must not flood logs)."""
-    _log.debug("rejected", kind=kind, reason=err.reason, **err.fields, **context)
+    """Log one rejection: debug for junk (expected, must not flood logs), info for input that
+    looks like an attempt to impersonate someone (:class:`Suspicious`)."""
+    log = _log.info if isinstance(err, Suspicious) else _log.debug
+    log("rejected", kind=kind, reason=err.reason, **err.fields, **context)
 
 
 def log_parser_bug(kind: str, exc: BaseException, **context: object) -> None:

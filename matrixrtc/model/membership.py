@@ -43,6 +43,7 @@ from matrixrtc.model._json import (
     JsonDict,
     JsonValue,
     Reject,
+    Suspicious,
     as_int,
     as_str,
     get_dict,
@@ -453,7 +454,7 @@ def _parse_rtc(content: object, sender: str | None) -> RtcMemberData:
     if not is_mxid(user_id):
         raise Reject("member.user_id is not a user id")
     if sender is not None and user_id != sender:
-        raise Reject("member.user_id is not the sender", user_id=user_id, sender=sender)
+        raise Suspicious("member.user_id is not the sender", user_id=user_id, sender=sender)
     device_id = _req_str(member, "device_id")
     member_id = _req_str(member, "id")
     transports = _transports(d.get("rtc_transports"), "rtc_transports")
@@ -651,7 +652,7 @@ def _parse_event(event: object, room_version: str | None) -> CallMembership | Me
             raise Reject("invalid call.member content", **ctx)
         bad_key = _state_key_owner_ok(state_key, sender, data.device_id, room_version)
         if bad_key is not None:
-            raise Reject(bad_key, state_key=state_key, device_id=data.device_id, **ctx)
+            raise Suspicious(bad_key, state_key=state_key, device_id=data.device_id, **ctx)
         return CallMembership(
             dialect=Dialect.STATE,
             event_id=event_id,

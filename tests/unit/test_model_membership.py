@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from matrixrtc.model import (
     DEFAULT_SLOT_ID,
@@ -355,3 +356,16 @@ def test_transports_parse() -> None:
         livekit_service_url=LK.livekit_service_url, livekit_alias="!room:example.org"
     )
     assert len({LK, same}) == 1
+
+
+def test_rejections_are_logged_with_reasons() -> None:
+    with capture_logs() as logs:
+        forged = state_event(
+            copy.deepcopy(SPEC_STATE_CONTENT), sender=BOB, state_key=f"_{ALICE}_{DEV}_m.call"
+        )
+        assert parse_membership_event(forged) is None
+        assert parse_membership_event(state_event({"application": "m.call"})) is None
+    levels = {(e["log_level"], e["reason"]) for e in logs if e["event"] == "rejected"}
+    # Impersonation attempts are logged at info, ordinary junk at debug.
+    assert ("info", "state key does not belong to the sender") in levels
+    assert ("debug", "content is invalid") in levels
