@@ -206,35 +206,35 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(router: Router) -
             for k in ("video", "audio")
         }
 
-    def encoder_counts() -> dict[DeviceRef, tuple[int, int]]:
+    def encoder_counts() -> dict[tuple[DeviceRef, str], tuple[int, int]]:
         return {
-            r: (e.encoders["video"].frames_in, e.encoders["video"].frames_encoded)
+            (r, k): (e.encoders[k].frames_in, e.encoders[k].frames_encoded)
             for r, e in engines.items()
+            for k in ("video", "audio")
         }
 
     before, enc_before, t0 = snapshot(), encoder_counts(), time.monotonic()
     await asyncio.sleep(5.0)
     after, enc_after, elapsed = snapshot(), encoder_counts(), time.monotonic() - t0
 
-    expected = {"video": FPS * elapsed, "audio": 50 * elapsed}
-    for key, count in after.items():
-        got = count - before[key]
-        kind = key[2]
-        assert got >= 0.9 * expected[kind], (key, got, expected[kind])
+    nominal = {"video": FPS * elapsed, "audio": 50 * elapsed}
+    for (r, kind), (frames_in, encoded) in enc_after.items():
+        produced = frames_in - enc_before[(r, kind)][0]
+        encodes = encoded - enc_before[(r, kind)][1]
+        # The sources kept (near) real time, so "expected" below is close to nominal.
+        assert produced >= 0.85 * nominal[kind], (r, kind, produced, nominal[kind])
+        # Encode once: one encoder invocation per source frame while serving two peers.
+        assert abs(encodes - produced) <= 1, (r, kind, produced, encodes)
+        assert len(engines[r].encoders[kind].subscribers) == 2
+        for p in refs:
+            if p != r:
+                # ... and every peer decodes >= 90 % of the frames that one encoder made.
+                got = after[(p, r, kind)] - before[(p, r, kind)]
+                assert got >= 0.9 * encodes, (kind, "from", r, "at", p, got, encodes)
     for r, e in engines.items():
         for link in e.links.values():
             for kind, stats in link.stats.items():
                 assert stats.decrypt_failures == 0, (r, link.peer, kind)
-        # Encode once: one encoder invocation per source frame while serving two peers.
-        produced = enc_after[r][0] - enc_before[r][0]
-        encoded = enc_after[r][1] - enc_before[r][1]
-        assert abs(encoded - produced) <= 1, (r, produced, encoded)
-        assert len(e.encoders["video"].subscribers) == 2
-        for p in refs:
-            if p != r:
-                # ... and each peer decoded as many frames as were encoded (±2 in flight).
-                got = after[(p, r, "video")] - before[(p, r, "video")]
-                assert abs(got - encoded) <= 2, (r, p, got, encoded)
 
     # CCC leaves: exactly its connections close, AAA <-> BBB keep flowing.
     a, b, c = refs
