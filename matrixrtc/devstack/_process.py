@@ -154,7 +154,7 @@ class ManagedProcess:
         """Spawn and poll ``ready`` until it returns True; returns the start-up time in s.
 
         Raises ServiceStartError (with the log tail) if the process exits or is not ready in
-        time; the process is stopped before raising.
+        time; on any failure, cancellation included, the process is stopped before raising.
         """
         if self.running:
             raise ServiceStartError(f"{self.name} is already running (pid {self.pid})")
@@ -176,29 +176,42 @@ class ManagedProcess:
             except OSError as e:
                 raise ServiceStartError(f"{self.name}: cannot execute {self.argv[0]}: {e}") from e
         _REGISTRY[self._proc.pid] = self.name
-        deadline = t0 + start_timeout
+        try:
+            await self._wait_ready(self._proc, ready, t0 + start_timeout, start_timeout)
+        except BaseException:
+            # Also on cancellation (Ctrl-C during start-up): never leave a half-started service.
+            await self.stop()
+            raise
+        elapsed = time.monotonic() - t0
+        log.debug("service ready", service=self.name, pid=self._proc.pid, seconds=elapsed)
+        return elapsed
+
+    async def _wait_ready(
+        self,
+        proc: asyncio.subprocess.Process,
+        ready: ReadyCheck,
+        deadline: float,
+        start_timeout: float,
+    ) -> None:
+        last_error = ""
         while True:
-            if self._proc.returncode is not None:
-                await self._proc.wait()
+            if proc.returncode is not None:
                 raise ServiceStartError(
-                    f"{self.name} exited with code {self._proc.returncode} during start-up; "
+                    f"{self.name} exited with code {proc.returncode} during start-up; "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             try:
                 if await ready():
-                    break
-            except (TimeoutError, OSError):
-                pass
+                    return
+            except Exception as e:  # a probe: any failure just means "not ready yet"
+                last_error = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
-                await self.stop()
                 raise ServiceStartError(
-                    f"{self.name} not ready after {start_timeout:.0f} s; "
+                    f"{self.name} not ready after {start_timeout:.0f} s "
+                    f"(last probe error: {last_error or 'none'}); "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             await asyncio.sleep(0.05)
-        elapsed = time.monotonic() - t0
-        log.debug("service ready", service=self.name, pid=self._proc.pid, seconds=elapsed)
-        return elapsed
 
     async def stop(self) -> None:
         """SIGTERM the whole process group, SIGKILL it after the grace period; reap."""

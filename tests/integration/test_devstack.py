@@ -329,3 +329,44 @@ async def test_demo_prints_its_summary(run_dir: Path) -> None:
     assert "LiveKit participant @alice:localhost:" in text
     summary = text.split("\nsummary\n", 1)[1]
     assert "total" in summary
+
+
+async def test_start_timeout_and_cancellation_leave_nothing_running(run_dir: Path) -> None:
+    def sleeper(name: str) -> ManagedProcess:
+        return ManagedProcess(
+            name=name,
+            argv=[
+                sys.executable,
+                "-c",
+                "import time; print('sleeping', flush=True); time.sleep(60)",
+            ],
+            log_path=run_dir / f"{name}.log",
+            cwd=run_dir,
+        )
+
+    async def never_ready() -> bool:
+        raise aiohttp.ServerDisconnectedError()  # not an OSError: still just "not ready"
+
+    before = leftover_processes()
+    slow = sleeper("never-ready")
+    with pytest.raises(ServiceStartError, match="not ready after") as err:
+        await slow.start(never_ready, 0.5)
+    assert "ServerDisconnectedError" in str(err.value)
+    assert "sleeping" in str(err.value)  # the log tail
+    assert leftover_processes() == before
+
+    probing = asyncio.Event()
+
+    async def probed() -> bool:
+        probing.set()
+        return False
+
+    cancelled = sleeper("cancelled")
+    task = asyncio.create_task(cancelled.start(probed, 30))
+    await asyncio.wait_for(probing.wait(), 10)
+    assert cancelled.pid is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.pid is None
+    assert leftover_processes() == before
