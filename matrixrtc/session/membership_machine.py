@@ -51,6 +51,19 @@ refreshes at ``start + k·min(expiry, 1 h) − 5 s`` with ``expires = expiry·(k
 original ``created_ts``. A ``join``/``leave``/re-join replaces the queue; a result that
 arrives for a request started before that still updates the facts (delay id, "our membership
 exists") but not the queue, as js-sdk's scheduler wake-up does.
+
+Where this differs from js-sdk (deliberately; each has a test):
+* ``MaxDelayExceeded`` without a limit below our delay is a failure of the delayed leave, not
+  an endless retry of the same request.
+* A delayed leave that fails on the first join disables delayed events for this join; js-sdk
+  joins too but then retries from the heartbeat path and stops with a fatal error.
+* ``Unsupported`` when leaving via the delayed event falls back to sending the leave; js-sdk
+  returns and leaves the membership in the room.
+* "Own membership missing" right after our join is believed only once the join was seen in
+  sync or ``own_membership_grace_ms`` has passed (js-sdk re-joins on this race).
+* ``leave`` after a failure still takes our membership back.
+* A restart due after the expected leave time is sent with the plain local timeout and sets
+  ``probably_left`` at once, instead of a zero-length abort that does the same thing later.
 """
 
 from __future__ import annotations

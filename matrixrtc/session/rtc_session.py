@@ -28,6 +28,11 @@ Rules (each one a test in tests/unit/test_session_*.py):
 3. Order by ``created_ts``, then sender, device id, event id (js-sdk has no tie-break; any
    fixed rule makes every client agree on the oldest member).
 4. ``update`` returns a diff keyed by :class:`MembershipKey` only when something changed.
+
+Sticky events are kept like js-sdk's ``RoomStickyEventsStore``: per (sender, sticky key) the
+event with the latest ``origin_server_ts + duration`` (then the greatest event id) is current,
+even when its content is invalid (then that member is simply not listed); a redaction reverts
+to the previous event; expired events are dropped.
 """
 
 from __future__ import annotations
