@@ -757,3 +757,33 @@ def test_element_call_timings() -> None:
     assert sim.of(ScheduleDelayedLeave)[0][1].delay_ms == 10_000
     assert [t for t, _ in sim.of(SendJoin)] == [0, 1000]
     assert [t for t, _ in sim.of(RestartDelayedLeave)] == [1000, 6000, 11000]
+
+
+def _connected_machine() -> OwnMembershipMachine:
+    m = machine()
+    m.join(T0, transports=[LK])
+    for result in (Ok(delay_id="d1"), Ok(event_id="$j"), Ok()):
+        m.next_action(T0)
+        m.receive_result(result, T0)
+    return m
+
+
+def test_restart_due_after_expected_leave_sets_probably_left_at_once() -> None:
+    m = _connected_machine()
+    # The adapter could not run for 9 s (e.g. the process was suspended).
+    action = m.next_action(T0 + 9000)
+    assert action == RestartDelayedLeave(delay_id="d1", timeout_ms=2000)
+    assert m.probably_left
+    assert status(m) is MembershipStatus.RECONNECTING
+
+
+def test_unsupported_delayed_send_on_leave_falls_back_to_plain_leave() -> None:
+    m = _connected_machine()
+    m.leave(T0 + 100)
+    assert m.next_action(T0 + 100) == SendDelayedLeaveNow(delay_id="d1")
+    m.receive_result(Unsupported(), T0 + 110)
+    leave = m.next_action(T0 + 110)
+    assert isinstance(leave, SendLeave)
+    assert leave.content == {}
+    m.receive_result(Ok(), T0 + 120)
+    assert m.next_action(T0 + 120) == Stopped(None)
