@@ -35,9 +35,12 @@ __all__ = [
     "HARNESS",
     "VECTORS",
     "MediaFrame",
+    "Plan",
+    "assemble",
     "build_vectors",
     "media_frames",
     "node_available",
+    "plan_vectors",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -178,8 +181,27 @@ def run_livekit(jobs: list[Json]) -> Json:
     return result
 
 
+@dataclass
+class Plan:
+    """Frames and jobs for livekit-client, and what :func:`assemble` needs afterwards."""
+
+    jobs: list[Json]
+    setups: list[Json]
+    streams: dict[str, tuple[str, str, list[MediaFrame]]]
+    key: bytes
+    passphrase: str
+    ssrc: int
+    sif_trailer: bytes
+
+
 def build_vectors(seed: int | None = None) -> Json:
-    """Generate frames, run livekit-client both ways and return the vector document."""
+    """Generate frames, run livekit-client (Node) both ways, return the vector document."""
+    plan = plan_vectors(seed)
+    return assemble(plan, run_livekit(plan.jobs))
+
+
+def plan_vectors(seed: int | None = None) -> Plan:
+    """Frames, keys and the livekit-client jobs (encrypt, decrypt, decrypt ours)."""
     rng = random.Random(seed)
     streams = media_frames(rng)
     key = rng.randbytes(16)
@@ -306,7 +328,13 @@ def build_vectors(seed: int | None = None) -> Json:
             }
         )
 
-    result = run_livekit(jobs)
+    return Plan(jobs, setups, streams, key, passphrase, ssrc, sif_trailer)
+
+
+def assemble(plan: Plan, result: Json) -> Json:
+    """The vector document from a plan and livekit-client's answers to its jobs."""
+    setups, streams, key, passphrase = plan.setups, plan.streams, plan.key, plan.passphrase
+    ssrc, sif_trailer = plan.ssrc, plan.sif_trailer
     out = result["jobs"]
     vectors: list[Json] = []
     for s in setups:
