@@ -147,11 +147,13 @@ class SharedEncoder:
         self.keyframes = 0
         self.keyframe_requests_from_peers = 0
         self.encrypt_drops = 0
+        self.errors = 0
         self._transform = transform
         self._queue_frames = queue_frames
         self._default_bitrate = default_bitrate
         self._subscribers: list[FanOutTrack] = []
         self._force_keyframe = False
+        self._resync = False  # frames were dropped: send nothing until the next key frame
         self._task: asyncio.Task[None] | None = None
         self._video: Any = None  # PyAV VideoCodecContext, owned by the encode thread
         self._video_bitrate = 0
@@ -219,26 +221,49 @@ class SharedEncoder:
                 if not self._subscribers:
                     continue  # nobody listens: read (so the source never backs up), skip work
                 force, self._force_keyframe = self._force_keyframe, False
-                if isinstance(frame, av.VideoFrame):
-                    bitrate = self.target_bitrate
-                    encoded = await loop.run_in_executor(
-                        None, self._encode_video, frame, force, bitrate
-                    )
-                else:
-                    encoded = self._encode_audio(frame)
-                for data, pts, time_base, keyframe in encoded:
-                    self._fan_out(data, pts, time_base, keyframe)
+                try:
+                    if isinstance(frame, av.VideoFrame):
+                        bitrate = self.target_bitrate
+                        encoded = await loop.run_in_executor(
+                            None, self._encode_video, frame, force, bitrate
+                        )
+                    else:
+                        encoded = self._encode_audio(frame)
+                    for data, pts, time_base, keyframe in encoded:
+                        self._fan_out(data, pts, time_base, keyframe)
+                except (av.FFmpegError, ValueError) as exc:
+                    # One bad frame must not end the track for every peer; the next frame
+                    # is made a key frame so decoders resynchronise.
+                    self.errors += 1
+                    self._force_keyframe = True
+                    log.warning("mesh.encoder.frame_failed", kind=self.kind, error=repr(exc))
         except MediaStreamError:
             log.info("mesh.encoder.source_ended", kind=self.kind)
 
     def _fan_out(self, data: bytes, pts: int, time_base: fractions.Fraction, key: bool) -> None:
         if self._transform is not None:
-            protected = self._transform.encrypt(
-                data, kind=self.kind, codec=self.codec, keyframe=key, ssrc=self.ssrc, timestamp=pts
-            )
+            try:
+                protected = self._transform.encrypt(
+                    data,
+                    kind=self.kind,
+                    codec=self.codec,
+                    keyframe=key,
+                    ssrc=self.ssrc,
+                    timestamp=pts,
+                )
+            except Exception as exc:  # a transform bug drops the frame, not the track
+                log.warning("mesh.encrypt_error", kind=self.kind, error=repr(exc))
+                protected = None
             if protected is None:
                 self.encrypt_drops += 1
+                self._resync = self.kind == "video"
                 return
+            if self._resync and not key:
+                # Peers missed frames (e.g. no key yet): a delta frame would not decode.
+                self.encrypt_drops += 1
+                self._force_keyframe = True
+                return
+            self._resync = False
             data = protected
         packet = av.Packet(data)
         packet.pts = pts

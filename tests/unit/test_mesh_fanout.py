@@ -211,3 +211,44 @@ def test_vp8_keyframe_bit() -> None:
     assert vp8_is_keyframe(b"\x10\x02\x00")
     assert not vp8_is_keyframe(b"\x11\x02\x00")
     assert not vp8_is_keyframe(b"")
+
+
+class _Gate:
+    """Encrypts (trivially) only while ``open``; a broken call raises."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.broken = False
+
+    def encrypt(
+        self, frame: bytes, *, kind: str, codec: str, keyframe: bool, ssrc: int, timestamp: int
+    ) -> bytes | None:
+        if self.broken:
+            raise RuntimeError("transform bug")
+        return frame if self.open else None
+
+    def decryptor(self, participant: Any) -> Any:
+        raise NotImplementedError
+
+
+async def test_after_dropped_frames_peers_resume_at_a_keyframe() -> None:
+    gate = _Gate()
+    encoder = SharedEncoder(SyntheticVideoTrack(160, 120, 30), transform=gate)
+    track = encoder.subscribe()
+    got: list[av.Packet[Any]] = []
+    reader = asyncio.create_task(_drain(track, got))
+    encoder.start()
+    await asyncio.sleep(0.2)
+    gate.open = False  # e.g. no key yet
+    await asyncio.sleep(0.2)
+    gate.broken = True  # and a transform that raises must not end the track either
+    await asyncio.sleep(0.1)
+    dropped_at = len(got)
+    gate.open, gate.broken = True, False
+    await asyncio.sleep(0.3)
+    await encoder.aclose()
+    await reader
+    assert encoder.encrypt_drops > 0
+    assert len(got) > dropped_at + 3
+    assert vp8_is_keyframe(bytes(got[dropped_at]))
+    assert not vp8_is_keyframe(bytes(got[dropped_at + 1]))
