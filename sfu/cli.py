@@ -68,16 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_one(reuse_port: bool) -> int:
     from aiohttp import web
 
-    from matrixrtc.logging import configure_logging
     from sfu.auth.app import create_app
     from sfu.auth.config import Config
+    from sfu.logsetup import configure_service_logging, flusher
 
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    configure_logging("json" if config.log_format == "json" else "console", config.log_level)
+    configure_service_logging(config.log_format, config.log_level)
     import structlog
 
     structlog.get_logger("sfu").info(
@@ -89,6 +89,7 @@ def _serve_one(reuse_port: bool) -> int:
         worker=os.environ.get("MATRIXRTC_SFU_WORKER_INDEX", "0"),
     )
     app = create_app(config)
+    app.cleanup_ctx.append(flusher)
     web.run_app(
         app,
         host=config.bind_host,

@@ -8,6 +8,7 @@ body), ``/sfu_webhook`` (POST; a bad signature → 401, where lk-jwt-service ans
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import ssl
@@ -21,7 +22,7 @@ import structlog
 from aiohttp import web
 from livekit import api as lkapi
 
-from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity, livekit_room_alias
+from matrixrtc.model import livekit_ids
 from sfu.auth import metrics
 from sfu.auth.config import Config
 from sfu.auth.livekit import JoinTokenSigner, LiveKitRooms
@@ -59,6 +60,10 @@ UNAUTHORIZED: Final = ApiError(401, "M_UNAUTHORIZED", "The request could not be 
 DELEGATION_RESTRICTED: Final = (
     "Delegation of delayed events is only supported for full access users"
 )
+# Reconnects and multi-SFU subscribes repeat the same inputs: keep recent hashes.
+livekit_room_alias = functools.lru_cache(maxsize=4096)(livekit_ids.livekit_room_alias)
+livekit_identity = functools.lru_cache(maxsize=4096)(livekit_ids.livekit_identity)
+legacy_identity = livekit_ids.legacy_identity
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -130,7 +135,9 @@ class AuthService:
             timeout=config.openid_timeout,
         )
         self.signer = JoinTokenSigner(config.key, config.secret)
-        self.rooms = LiveKitRooms(config.livekit_url, config.key, config.secret)
+        self.rooms = LiveKitRooms(
+            config.livekit_url, config.key, config.secret, ensured_ttl=config.room_ensured_ttl
+        )
         # The federation override also locates the client-server API unless overridden.
         cs_overrides = {**config.homeserver_overrides, **config.cs_api_overrides}
         self.csapi = CsApi(self.http, cs_overrides)
@@ -277,7 +284,9 @@ class AuthService:
         metrics.WEBHOOKS.labels("ok").inc()
         kind = event.event
         signal: Signal | None = None
-        if kind == "participant_joined":
+        if kind == "room_finished":
+            self.rooms.forget(event.room.name)
+        elif kind == "participant_joined":
             signal = Signal.JOINED
         elif kind in ("participant_left", "participant_connection_aborted"):
             client_initiated = event.participant.disconnect_reason == 1  # CLIENT_INITIATED

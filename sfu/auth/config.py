@@ -45,6 +45,10 @@ OUR_VARIABLES: dict[str, str] = {
         "the peer address)"
     ),
     "MATRIXRTC_SFU_MAX_BODY": "largest accepted request body, bytes (default 16384)",
+    "MATRIXRTC_SFU_ROOM_ENSURED_TTL": (
+        "seconds a successful CreateRoom is trusted before asking LiveKit again (default 1; "
+        "0 = every request, like lk-jwt-service); a room_finished webhook resets it"
+    ),
     "MATRIXRTC_SFU_LOG_FORMAT": "json (default) or console",
     "MATRIXRTC_SFU_WORKERS": "worker processes (default 1; --workers overrides)",
 }
@@ -76,6 +80,7 @@ class Config:
     rate_burst: int = 30
     client_ip_header: str = ""
     max_body: int = 16 * 1024
+    room_ensured_ttl: float = 1.0
     log_format: str = "json"
     workers: int = 1
 
@@ -162,6 +167,7 @@ class Config:
             rate_burst=_num(env, "MATRIXRTC_SFU_RATE_BURST", 30, int, positive=True),
             client_ip_header=env.get("MATRIXRTC_SFU_CLIENT_IP_HEADER", "").strip(),
             max_body=_num(env, "MATRIXRTC_SFU_MAX_BODY", 16 * 1024, int, positive=True),
+            room_ensured_ttl=_num(env, "MATRIXRTC_SFU_ROOM_ENSURED_TTL", 1.0, float),
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
         )

@@ -84,8 +84,20 @@ class JoinTokenSigner:
 class LiveKitRooms:
     """CreateRoom (coalesced per room) and participant presence over LiveKit's Twirp API."""
 
-    def __init__(self, url: str, api_key: str, api_secret: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        api_secret: str,
+        *,
+        timeout: float = 10.0,
+        ensured_ttl: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._url = url
+        self._ensured_ttl = ensured_ttl
+        self._ensured: dict[str, float] = {}
+        self._clock = clock
         self._key = api_key
         self._secret = api_secret
         self._timeout = timeout
@@ -119,8 +131,14 @@ class LiveKitRooms:
         """Ensure ``room`` exists (empty_timeout 300 s, departure_timeout 20 s).
 
         Concurrent calls for one room share one CreateRoom request: it is idempotent, and
-        whoever waits on it gets a room that exists once it returns.
+        whoever waits on it gets a room that exists once it returns. A room ensured less than
+        ``ensured_ttl`` seconds ago (default 1 s; 0 = always ask, as lk-jwt-service does) is
+        not asked for again, unless LiveKit reported it finished meanwhile: this widens the
+        unavoidable window between CreateRoom and the client's join by at most that much.
         """
+        until = self._ensured.get(room)
+        if until is not None and until > self._clock():
+            return
         task = self._creating.get(room)
         if task is None:
             task = asyncio.create_task(self._create(room), context=contextvars.Context())
@@ -142,6 +160,14 @@ class LiveKitRooms:
             metrics.ROOMS_CREATED.labels("error").inc()
             raise
         metrics.ROOMS_CREATED.labels("ok").inc()
+        if self._ensured_ttl > 0:
+            if len(self._ensured) > 10_000:
+                self._ensured.clear()
+            self._ensured[room] = self._clock() + self._ensured_ttl
+
+    def forget(self, room: str) -> None:
+        """LiveKit closed ``room``: the next request must create it again."""
+        self._ensured.pop(room, None)
 
     async def participant_present(self, room: str, identity: str) -> bool:
         """True if present, False if LiveKit says not found; raises on other failures."""

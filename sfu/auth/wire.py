@@ -19,6 +19,7 @@ errors (missing fields) with 400 ``M_BAD_JSON`` and lk-jwt-service's messages.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -170,11 +171,22 @@ def _fold(s: str) -> str:
     return "".join(out)
 
 
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
 def _clean_str(s: str) -> str:
     # Lone surrogates (from \ud800 escapes) become U+FFFD, as in Go.
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
-        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in s)
-    return s
+    return _SURROGATE.sub("\ufffd", s)
+
+
+_FOLDED: dict[int, dict[str, str]] = {}
+
+
+def _folded(schema: _Schema) -> dict[str, str]:
+    table = _FOLDED.get(id(schema))
+    if table is None:
+        table = _FOLDED[id(schema)] = {_fold(k): k for k in schema}
+    return table
 
 
 def _build(cls: type[Any], schema: _Schema, value: object) -> Any:
@@ -182,10 +194,9 @@ def _build(cls: type[Any], schema: _Schema, value: object) -> Any:
         return cls()
     if not isinstance(value, dict):
         raise _DecodeError(f"cannot decode {type(value).__name__} into {cls.__name__}")
-    folded = {_fold(k): k for k in schema}
     fields: dict[str, Any] = {}
     for key, item in value.items():
-        name = key if key in schema else folded.get(_fold(key))
+        name = key if key in schema else _folded(schema).get(_fold(key))
         if name is None:
             raise _DecodeError(f"unknown field {key!r}")
         kind = schema[name]
