@@ -56,6 +56,7 @@ from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity, liveki
 from matrixrtc.model.transports import (
     FocusActive,
     FocusSelection,
+    LivekitTransport,
     Transport,
     parse_focus_active,
     parse_transport,
@@ -375,13 +376,21 @@ class RtcMemberData:
         slot_id: str = DEFAULT_SLOT_ID,
         previous_event_id: str | None = None,
     ) -> RtcMemberData:
-        """The content Element Call's matrix_2_0 mode sends (§1.2)."""
+        """The content Element Call's matrix_2_0 mode sends (§1.2).
+
+        LiveKit transports lose ``livekit_alias`` here, as js-sdk strips it in this form.
+        """
         application = slot_id.split("#", 1)[0]
         return cls(
             application=RtcApplication(type=application, intent=intent),
             slot_id=slot_id,
             member=RtcMember(user_id=user_id, device_id=device_id, id=member_id),
-            rtc_transports=tuple(transports),
+            rtc_transports=tuple(
+                LivekitTransport(livekit_service_url=t.livekit_service_url)
+                if isinstance(t, LivekitTransport)
+                else t
+                for t in transports
+            ),
             sticky_key=member_id,
             relates_to=previous_event_id,
         )

@@ -426,6 +426,7 @@ class OwnMembershipMachine:
         self._net_retries: dict[Step, int] = {}
         self._created_ts: int | None = None
         self._last_join_event_id: str | None = None
+        self._own_event_id: str | None = None  # our membership event as the session shows it
         self._join_sent_ms: int | None = None
         self._seen_since_join = False
         # Outbox.
@@ -526,6 +527,7 @@ class OwnMembershipMachine:
         self._net_retries.clear()
         self._created_ts = None
         self._last_join_event_id = None
+        self._own_event_id = None
         self._join_sent_ms = None
         self._seen_since_join = False
         self._set_probably_left(False)
@@ -556,6 +558,7 @@ class OwnMembershipMachine:
             return
         if isinstance(observation, OwnMembershipSeen):
             self._created_ts = observation.created_ts
+            self._own_event_id = observation.event_id or None
             self._seen_since_join = True
             return
         # Missing.
@@ -576,6 +579,7 @@ class OwnMembershipMachine:
         self._log.warning("own_membership_missing", action="re-join")
         self._has_member_event = False
         self._created_ts = None  # the re-join is a new membership to others
+        self._own_event_id = None
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._update_status()
 
@@ -906,7 +910,9 @@ class OwnMembershipMachine:
                 member_id=self.member_id,
                 transports=self._transports,
                 intent=self._intent,
-                previous_event_id=self._last_join_event_id if refresh else None,
+                # js-sdk references our membership event whenever the session shows it.
+                previous_event_id=self._own_event_id
+                or (self._last_join_event_id if refresh else None),
             ).to_json()
         else:
             content = SessionMembershipData.for_join(

@@ -166,7 +166,8 @@ class Sim:
         content = self.server.content or {}
         if "application" in content:
             created = content.get("created_ts", self.server.content_ts)
-            self.machine.observe(OwnMembershipSeen(created_ts=created), self.now)
+            event_id = f"$ev{self.server.event_seq}"
+            self.machine.observe(OwnMembershipSeen(created_ts=created, event_id=event_id), self.now)
         else:
             self.machine.observe(OwnMembershipMissing(), self.now)
 
@@ -691,7 +692,12 @@ def test_sticky_dialect_actions() -> None:
     assert first.relates_to is None
     second = RtcMemberData.from_json(joins[1][1].content)
     assert second is not None
-    assert second.relates_to == "$ev1"
+    assert second.relates_to == "$ev1"  # a refresh references our current membership event
+    third = RtcMemberData.from_json(joins[2][1].content)
+    assert third is not None
+    assert third.relates_to == "$ev2"
+    # LiveKit transports carry no alias in the sticky form.
+    assert third.rtc_transports == (LivekitTransport(livekit_service_url=LK.livekit_service_url),)
     assert all(j.sticky_duration_ms == HOUR for _, j in joins)
     sim.machine.leave(sim.now)
     sim.run_for(10)
