@@ -26,7 +26,14 @@ from aiortc.sdp import candidate_from_sdp
 from matrixrtc.errors import LocalError
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
-from matrixrtc.mesh.ice import IceServerConfig, gather_on, rtc_configuration
+from matrixrtc.mesh.ice import (
+    IceServerConfig,
+    candidate_allowed,
+    filter_sdp_candidates,
+    gather_on,
+    parse_networks,
+    rtc_configuration,
+)
 from matrixrtc.mesh.signalling import (
     Action,
     AddIceCandidates,
@@ -60,6 +67,8 @@ class MeshConfig:
     # Host candidate addresses; None lets aioice choose (every address but 127.0.0.1).
     host_addresses: tuple[str, ...] | None = None
     relay_only: bool = False
+    # Remote candidates outside these networks (CIDR) are ignored; None accepts any.
+    remote_networks: tuple[str, ...] | None = None
     signalling: SignallingConfig = field(default_factory=SignallingConfig)
     send_queue_frames: int = 8
     # False: aiortc's own path, one encoder per peer fed through MediaRelay (no frame E2EE).
@@ -118,6 +127,11 @@ class MeshEngine:
                 self.encoders[source.kind] = SharedEncoder(
                     source, transform=transform, queue_frames=self.config.send_queue_frames
                 )
+        self._networks = (
+            None
+            if self.config.remote_networks is None
+            else parse_networks(self.config.remote_networks)
+        )
         self.links: dict[str, PeerLink] = {}
         self._actions: asyncio.Queue[Action] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -318,8 +332,11 @@ class MeshEngine:
                 return  # the call ended meanwhile
             link = self._new_link(action.call_id, action.peer)
         step = HangupReason.SET_REMOTE_DESCRIPTION
+        sdp = desc.sdp
+        if self._networks is not None:
+            sdp = filter_sdp_candidates(sdp, self._networks)
         try:
-            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=desc.sdp, type=desc.type))
+            await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=desc.type))
             if desc.type == "offer":
                 step = HangupReason.CREATE_ANSWER
                 self._attach_media(link)
@@ -337,6 +354,13 @@ class MeshEngine:
         if link is None:
             return
         for candidate in action.candidates:
+            if (
+                self._networks is not None
+                and not candidate.end_of_candidates
+                and not candidate_allowed(candidate.candidate, self._networks)
+            ):
+                log.info("mesh.remote_candidate_refused", call_id=action.call_id)
+                continue
             try:
                 await link.pc.addIceCandidate(_to_rtc_candidate(candidate))
             except Exception as exc:

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aioice import TransportPolicy
 from aiortc import (
     RTCBundlePolicy,
@@ -29,7 +31,20 @@ from aiortc import (
 
 from matrixrtc.errors import LocalError
 
-__all__ = ["IceServerConfig", "gather_on", "rtc_configuration"]
+__all__ = [
+    "IceServerConfig",
+    "candidate_allowed",
+    "filter_sdp_candidates",
+    "gather_on",
+    "ice_servers_from_turn_response",
+    "parse_networks",
+    "rtc_configuration",
+]
+
+log = structlog.get_logger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ICE_SCHEMES = ("stun:", "turn:", "turns:")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,3 +95,60 @@ async def gather_on(pc: RTCPeerConnection, addresses: Sequence[str]) -> None:
                 component=component, addresses=host
             )
         connection._local_candidates_end = True
+
+
+def ice_servers_from_turn_response(response: object) -> tuple[IceServerConfig, ...]:
+    """Servers from a ``GET /_matrix/client/v3/voip/turnServer`` body; () if unusable.
+
+    aiortc uses only the first STUN and the first TURN URI of its configuration.
+    """
+    if not isinstance(response, Mapping):
+        return ()
+    uris = response.get("uris")
+    username = response.get("username")
+    password = response.get("password")
+    if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+        log.info("mesh.turn_response_ignored", reason="uris is not a list of strings")
+        return ()
+    usable = tuple(u for u in uris if u.startswith(_ICE_SCHEMES) and len(u) <= 512)
+    if not usable:
+        return ()
+    if not isinstance(username, str) or not isinstance(password, str):
+        username = password = None
+    return (IceServerConfig(urls=usable, username=username, credential=password),)
+
+
+def parse_networks(networks: Sequence[str]) -> tuple[Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+    except ValueError as exc:
+        raise LocalError(f"invalid network in remote_networks: {exc}") from exc
+
+
+def candidate_allowed(candidate: str, networks: Sequence[Network]) -> bool:
+    """Whether an ICE candidate (``candidate:...`` attribute value) points into ``networks``.
+
+    mDNS (``.local``) and unparsable candidates are refused: we cannot tell where they lead.
+    """
+    fields = candidate.split()
+    if len(fields) < 8:
+        return False
+    try:
+        address = ipaddress.ip_address(fields[4])
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def filter_sdp_candidates(sdp: str, networks: Sequence[Network]) -> str:
+    """``sdp`` without the ``a=candidate`` lines that point outside ``networks``."""
+    kept: list[str] = []
+    dropped = 0
+    for line in sdp.splitlines(keepends=True):
+        if line.startswith("a=candidate:") and not candidate_allowed(line[2:].strip(), networks):
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        log.info("mesh.remote_candidates_filtered", dropped=dropped)
+    return "".join(kept)

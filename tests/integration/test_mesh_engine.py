@@ -35,7 +35,7 @@ pytestmark = [
 
 CONF = mesh_conf_id("!mesh:localhost")
 FPS = 15
-CONFIG = MeshConfig(host_addresses=("127.0.0.1",))
+CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
 
 
 # -- a test-only frame transform ------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""ICE helpers: /voip/turnServer parsing and remote candidate filtering (pure functions)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matrixrtc.mesh.ice import (
+    IceServerConfig,
+    candidate_allowed,
+    filter_sdp_candidates,
+    ice_servers_from_turn_response,
+    parse_networks,
+)
+
+LOOPBACK = parse_networks(["127.0.0.0/8"])
+HOST = "candidate:1 1 udp 2130706431 {} 50000 typ host"
+
+
+def test_turn_response_becomes_one_server() -> None:
+    body = {
+        "uris": ["turn:127.0.0.1:3478?transport=udp", "http://evil", "stun:127.0.0.1:3478"],
+        "username": "1443779631:@user:example.com",
+        "password": "JlKfBy1QwLrO20385QyAtEyIv0=",
+        "ttl": 86400,
+    }
+    assert ice_servers_from_turn_response(body) == (
+        IceServerConfig(
+            urls=("turn:127.0.0.1:3478?transport=udp", "stun:127.0.0.1:3478"),
+            username="1443779631:@user:example.com",
+            credential="JlKfBy1QwLrO20385QyAtEyIv0=",
+        ),
+    )
+
+
+def test_unusable_turn_responses_give_nothing() -> None:
+    assert ice_servers_from_turn_response({}) == ()
+    assert ice_servers_from_turn_response({"uris": "turn:x"}) == ()
+    assert ice_servers_from_turn_response({"uris": ["http://x"]}) == ()
+    assert ice_servers_from_turn_response(None) == ()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, st.dictionaries(st.sampled_from(["uris", "username", "password"]), json_values))
+def test_turn_parser_never_raises(anything: object, mutated: dict[str, object]) -> None:
+    ice_servers_from_turn_response(anything)
+    ice_servers_from_turn_response(mutated)
+
+
+def test_candidate_filter() -> None:
+    assert candidate_allowed(HOST.format("127.0.0.1"), LOOPBACK)
+    assert not candidate_allowed(HOST.format("192.0.2.7"), LOOPBACK)
+    assert not candidate_allowed(HOST.format("0a1b2c3d-aaaa.local"), LOOPBACK)
+    assert not candidate_allowed("garbage", LOOPBACK)
+    sdp = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\n"
+        f"a={HOST.format('127.0.0.1')}\r\n"
+        f"a={HOST.format('10.1.2.3')}\r\n"
+        "a=end-of-candidates\r\n"
+    )
+    out = filter_sdp_candidates(sdp, LOOPBACK)
+    assert "127.0.0.1" in out
+    assert "10.1.2.3" not in out
+    assert out.count("\r\n") == sdp.count("\r\n") - 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_candidate_filter_never_raises(text: str) -> None:
+    candidate_allowed(text, LOOPBACK)
+    filter_sdp_candidates(text, LOOPBACK)
