@@ -11,7 +11,7 @@ Public API::
 * state form, ``multi_sfu``: its own ``foci_preferred[0]``;
 * state form, ``oldest_membership``: its own ``foci_preferred[0]`` if it is the oldest, else
   wherever the oldest member publishes (so an oldest ``multi_sfu`` member yields its own [0]);
-* anything else (unknown selection, non-livekit ``focus_active``): None, media ignored.
+* any other selection: None, the member's media is ignored.
 
 ``transports_to_connect`` is Element Call's rule: one connection per distinct transport over
 all members, computed against ``memberships[0]`` (the oldest).
@@ -34,7 +34,6 @@ import structlog
 from matrixrtc.model._json import get_dict
 from matrixrtc.model.membership import CallMembership, RtcMemberData
 from matrixrtc.model.transports import (
-    LIVEKIT_TYPE,
     FocusSelection,
     LivekitTransport,
     Transport,
@@ -65,10 +64,9 @@ def _publish_transport(
 ) -> Transport | None:
     if isinstance(member.data, RtcMemberData):
         return member.data.rtc_transports[0] if member.data.rtc_transports else None
+    # Like js-sdk, only focus_selection matters here, not focus_active.type.
     focus = member.data.focus_active
     own_first = member.data.foci_preferred[0] if member.data.foci_preferred else None
-    if focus.type != LIVEKIT_TYPE:
-        return None
     if focus.focus_selection == FocusSelection.MULTI_SFU:
         return own_first
     if focus.focus_selection == FocusSelection.OLDEST_MEMBERSHIP:

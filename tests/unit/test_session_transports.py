@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -157,3 +158,12 @@ def test_discovery_skips_unusable_entries() -> None:
     junks: list[object] = [None, [], "x", {"rtc_transports": "no"}, {"rtc_transports": [1, 2]}]
     for junk in junks:
         assert discover_transport(rtc_transports=junk, well_known=junk) is None
+
+
+def test_only_focus_selection_matters_not_focus_type() -> None:
+    # js-sdk getTransport reads focus_active.focus_selection only.
+    a = state_member("@a:x", [SFU_A], selection=MULTI, ts=1)
+    assert isinstance(a.data, SessionMembershipData)
+    focus = FocusActive(type="com.example", focus_selection=MULTI)
+    odd = dataclasses.replace(a, data=dataclasses.replace(a.data, focus_active=focus))
+    assert publish_transport(odd, odd) == SFU_A
