@@ -23,7 +23,8 @@ invalid events are logged by the parsers and count as "no membership at that key
 Rules (each one a test in tests/unit/test_session_*.py):
 1. Collect active sticky members, plus state-form members whose state key is not the
    ``msc4354_sticky_key`` of any active sticky event (js-sdk's precedence rule).
-2. Keep a membership only if its slot id equals ours, it has not expired at ``now_ms``
+2. Keep a membership only if its slot's id part equals ours (js-sdk ignores the application
+   part), it has not expired at ``now_ms``
    (state form: ``created_ts + expires <= now`` is expired) and its sender is joined.
 3. Order by ``created_ts``, then sender, device id, event id (js-sdk has no tie-break; any
    fixed rule makes every client agree on the oldest member).
@@ -66,6 +67,15 @@ _log = structlog.get_logger(__name__)
 
 # MSC4354: stickiness is capped at one hour; js-sdk clamps larger values.
 MAX_STICKY_DURATION_MS: Final = 3_600_000
+
+
+def _slot_local_id(slot_id: str) -> str | None:
+    """The id part of ``{application}#{id}``; None if malformed (js-sdk throws and drops it).
+
+    js-sdk's ``isValidMembership`` compares only this part, not the application.
+    """
+    parts = slot_id.split("#")
+    return parts[1] if len(parts) == 2 else None
 
 
 def membership_sort_key(m: CallMembership) -> tuple[int, str, str, str]:
@@ -351,8 +361,9 @@ class RTCSession:
 
     def _compute(self, now_ms: int) -> tuple[CallMembership, ...]:
         keep: list[CallMembership] = []
+        ours = _slot_local_id(self.slot_id)
         for m in self._candidates():
-            if m.slot_id != self.slot_id:
+            if _slot_local_id(m.slot_id) != ours:
                 continue
             if m.is_expired(now_ms):
                 continue

@@ -250,6 +250,18 @@ def test_slot_mismatch_and_legacy_array_ignored() -> None:
     assert who(other) == [(ALICE, "A1")]
 
 
+def test_slot_match_compares_the_id_part_only_like_js_sdk() -> None:
+    s = session()
+    content = RtcMemberData.for_join(
+        user_id=BOB, device_id="B1", member_id="uuid-b", transports=[LK], slot_id="m.other#ROOM"
+    ).to_json()
+    s.receive_sticky_event(sticky_ev(BOB, "B1", "uuid-b", content=content), NOW)
+    s.receive_state_event(state_ev(ALICE, "A1", call_id="x#y"))  # malformed slot: dropped
+    s.receive_state_event(state_ev(CAROL, "C1", call_id="ROOM"))  # "m.call#ROOM" as well
+    s.update(NOW)
+    assert who(s) == [(BOB, "B1"), (CAROL, "C1")]
+
+
 def test_sticky_and_state_members_together() -> None:
     s = session()
     s.receive_state_event(state_ev(ALICE, "A1", ts=NOW))
