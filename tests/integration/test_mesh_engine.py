@@ -392,3 +392,37 @@ async def test_livekit_format_cryptor_with_key_rotation(router: Router) -> None:
         assert link.stats["video"].decrypt_failures == 0
         assert link.stats["audio"].decrypt_failures == 0
     assert cryptors[(b, a)].stats.decrypt_failures == 0
+
+
+async def test_ice_failure_replaces_the_call_and_media_resumes(router: Router) -> None:
+    a, b = ref("AAA"), ref("BBB")
+    tf = transforms("AAA", "BBB")
+    ea, eb = make_engine(router, a, tf["AAA"]), make_engine(router, b, tf["BBB"])
+    for e in (ea, eb):
+        e.start()
+        e.set_members({a: session(a), b: session(b)})
+    await wait_for(lambda: decoded(eb, a, "video") > 5, 10, "BBB decoding AAA")
+    old = eb.link_for(a)
+    assert old is not None
+    # aioice reports "failed" only after ~30 s of lost consent; feed the outcome directly.
+    eb._feed(eb.signalling.media_failed(old.call_id))
+    await wait_for(
+        lambda: (
+            (link := eb.link_for(a)) is not None
+            and link.call_id != old.call_id
+            and link.stats.get("video") is not None
+            and link.stats["video"].frames_decoded > 5
+        ),
+        10,
+        "a new call with media",
+    )
+    hangups = [c for o, t, ty, c in router.sent if o == b and ty == "m.call.hangup"]
+    assert [(c["call_id"], c["reason"]) for c in hangups] == [(old.call_id, "ice_failed")]
+    new = eb.link_for(a)
+    assert new is not None
+    assert ea.link_for(b) is not None
+    assert ea.link_for(b).call_id == new.call_id  # type: ignore[union-attr]
+    assert old.call_id not in ea.links
+    assert old.call_id not in eb.links
+    assert len(ea.encoders["video"].subscribers) == 1
+    assert new.stats["video"].decrypt_failures == 0
