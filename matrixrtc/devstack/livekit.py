@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ __all__ = ["LiveKit", "livekit_config"]
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 30.0
+# LiveKitServer.Start(): Serve(), then time.Sleep(100 ms), then running = true.
+_RUNNING_DELAY = 0.15
 
 
 def livekit_config(
@@ -121,7 +124,13 @@ class LiveKit:
             aiohttp.ClientSession(timeout=timeout) as session,
             session.get(self.http_url + "/") as resp,
         ):
-            return resp.status == 200
+            if resp.status != 200:
+                return False
+        # livekit-server serves HTTP 100 ms before it marks itself running, and a SIGTERM in
+        # that window is ignored (Stop() returns early; the process never exits). Only call
+        # it ready once a stop would work.
+        await asyncio.sleep(_RUNNING_DELAY)
+        return True
 
     async def start(self) -> None:
         """Start the server and wait until its HTTP port answers."""

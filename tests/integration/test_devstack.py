@@ -162,6 +162,14 @@ async def test_livekit_room_participant_and_no_auto_create(livekit: LiveKit) -> 
     print(f"livekit start-up: {livekit.startup_seconds:.2f} s")
 
 
+async def test_livekit_stopped_right_after_start_exits_on_sigterm(run_dir: Path) -> None:
+    # livekit-server ignores a SIGTERM in its first 100 ms of serving; readiness waits that out,
+    # otherwise this stop would run into the 5 s grace period and end in SIGKILL.
+    async with LiveKit(run_dir, name="lk-quick-stop"):
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 2
+
+
 async def test_redis_restart_keeps_data(redis: Redis) -> None:
     import redis.asyncio as aioredis
 
