@@ -31,7 +31,7 @@ Rules (each one a test in tests/unit/test_session_*.py):
 4. ``update`` returns a diff keyed by :class:`MembershipKey` only when something changed.
 
 Sticky events are kept like js-sdk's ``RoomStickyEventsStore``: per (sender, sticky key) the
-event with the latest ``origin_server_ts + duration`` (then the greatest event id) is current,
+event with the latest ``origin_server_ts`` (then the greatest event id) is current,
 even when its content is invalid (then that member is simply not listed); a redaction reverts
 to the previous event; expired events are dropped.
 """
@@ -60,6 +60,7 @@ __all__ = [
     "RTCSession",
     "StickyEntry",
     "membership_sort_key",
+    "sticky_duration_ms",
     "sticky_expires_at",
 ]
 
@@ -83,29 +84,40 @@ def membership_sort_key(m: CallMembership) -> tuple[int, str, str, str]:
     return (m.created_ts, m.sender, m.device_id, m.event_id)
 
 
+def sticky_duration_ms(event: Mapping[str, object], default_ms: int | None = None) -> int | None:
+    """``msc4354_sticky.duration_ms`` capped at one hour; None (not sticky) if absent or 0.
+
+    ``default_ms`` stands in when the event has no duration (js-sdk has no such fallback).
+    """
+    sticky = get_dict(event.get("msc4354_sticky"))
+    duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
+    if not duration or duration < 0:
+        duration = default_ms
+    if not duration or duration < 0:
+        return None
+    return min(duration, MAX_STICKY_DURATION_MS)
+
+
 def sticky_expires_at(
     event: Mapping[str, object], received_ms: int, default_duration_ms: int | None = None
 ) -> int | None:
-    """When a sticky event stops being sticky, computed at receipt (js-sdk ``event.ts``).
+    """When a sticky event stops being sticky, computed at receipt (js-sdk ``MatrixEvent``).
 
-    ``unsigned.msc4354_sticky_duration_ttl_ms`` (time left, from the server) wins; otherwise
-    ``min(received, origin_server_ts) + msc4354_sticky.duration_ms``, the duration capped at
-    one hour. None if the event carries no stickiness and no default was given.
+    Only events with a duration are sticky. Then ``unsigned.msc4354_sticky_duration_ttl_ms``
+    (time left, from the server) wins; otherwise ``min(received, origin_server_ts) +
+    duration`` (an ``origin_server_ts`` from the future does not extend it).
     """
-    unsigned = get_dict(event.get("unsigned"))
-    if unsigned is not None:
-        ttl = as_int(unsigned.get("msc4354_sticky_duration_ttl_ms"))
-        if ttl is not None:
-            return received_ms + min(max(ttl, 0), MAX_STICKY_DURATION_MS)
-    sticky = get_dict(event.get("msc4354_sticky"))
-    duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
-    if duration is None:
-        duration = default_duration_ms
+    duration = sticky_duration_ms(event, default_duration_ms)
     if duration is None:
         return None
+    unsigned = get_dict(event.get("unsigned"))
+    ttl = as_int(unsigned.get("msc4354_sticky_duration_ttl_ms")) if unsigned is not None else None
+    if ttl:
+        # js-sdk trusts the server's bound; we cap it too, so a bad value cannot pin a member.
+        return received_ms + min(max(ttl, 0), MAX_STICKY_DURATION_MS)
     ots = as_int(event.get("origin_server_ts"))
     start = received_ms if ots is None else min(received_ms, ots)
-    return start + min(max(duration, 0), MAX_STICKY_DURATION_MS)
+    return start + duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +133,8 @@ class StickyEntry:
 
     @property
     def rank(self) -> tuple[int, str]:
-        # js-sdk RoomStickyEventsStore: the latest expiry (ots + duration) wins, then event id.
-        return (self.origin_server_ts + self.duration_ms, self.event_id)
+        # js-sdk RoomStickyEventsStore: the latest origin_server_ts wins, then the greatest id.
+        return (self.origin_server_ts, self.event_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,11 +249,7 @@ class RTCSession:
         if expires_at <= now_ms:
             self._log.debug("sticky_event_ignored", reason="already expired")
             return
-        sticky = get_dict(ev.get("msc4354_sticky"))
-        duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
-        if duration is None:
-            duration = self.default_sticky_duration_ms or MAX_STICKY_DURATION_MS
-        duration = min(max(duration, 0), MAX_STICKY_DURATION_MS)
+        duration = sticky_duration_ms(ev, self.default_sticky_duration_ms) or 0
         key = (sender, sticky_key)
         entries = [e for e in self._sticky.get(key, []) if e.event_id != event_id]
         entries.append(StickyEntry(event_id, ots, duration, expires_at, sticky_key, parsed))

@@ -337,6 +337,10 @@ def test_sticky_ttl_and_missing_duration() -> None:
     no_duration = sticky_ev(CAROL, "C1", "uuid-c")
     del no_duration["msc4354_sticky"]
     s.receive_sticky_event(no_duration, NOW)  # js-sdk drops it; so do we
+    no_duration["unsigned"] = {"msc4354_sticky_duration_ttl_ms": 10_000}
+    s.receive_sticky_event(no_duration, NOW)  # a TTL alone does not make it sticky
+    zero = sticky_ev(CAROL, "C1", "uuid-c", duration_ms=0)
+    s.receive_sticky_event(zero, NOW)
     assert s.update(NOW) is None
     # Stickiness is capped at one hour.
     long = sticky_ev(CAROL, "C1", "uuid-c", duration_ms=10 * 3_600_000)
