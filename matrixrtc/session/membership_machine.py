@@ -8,6 +8,7 @@ request at a time. The adapter drives it with a loop::
 
     m = OwnMembershipMachine(user_id=…, device_id=…, dialect=Dialect.STATE, room_version=…)
     m.join(now_ms, transports=[LivekitTransport(...)], intent="video")
+    m.update_membership(now_ms, transports=[...])      # e.g. start advertising mesh, live
     while True:
         action = m.next_action(clock())
         match action:
@@ -534,6 +535,31 @@ class OwnMembershipMachine:
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._log.info("join")
         self._update_status()
+
+    def update_membership(
+        self,
+        now_ms: int,
+        *,
+        transports: tuple[Transport, ...] | list[Transport] | None = None,
+        intent: str | None = None,
+    ) -> None:
+        """Change the advertised transports and/or intent while joined (js-sdk
+        ``updateCallIntent``): the join is re-sent with the same ``created_ts``."""
+        if not self._activated:
+            raise LocalError("update_membership while not joined")
+        changed = False
+        if transports is not None and tuple(transports) != self._transports:
+            self._transports = tuple(transports)
+            changed = True
+        if intent is not None and intent != self._intent:
+            self._intent = intent
+            changed = True
+        if not changed:
+            return
+        if not self._has_member_event:
+            return  # the pending join will carry the new values
+        if not any(s.step is Step.SEND_JOIN for s in self._queue):
+            self._insert(now_ms, Step.SEND_JOIN)
 
     def leave(self, now_ms: int) -> None:
         """Leave: fire the scheduled delayed leave now, else send the leave content.

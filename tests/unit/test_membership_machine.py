@@ -17,6 +17,7 @@ import pytest
 from matrixrtc.errors import ConfigError, LocalError
 from matrixrtc.model import (
     Dialect,
+    FullMeshTransport,
     LivekitTransport,
     RtcMemberData,
     SessionMembershipData,
@@ -793,3 +794,33 @@ def test_unsupported_delayed_send_on_leave_falls_back_to_plain_leave() -> None:
     assert leave.content == {}
     m.receive_result(Ok(), T0 + 120)
     assert m.next_action(T0 + 120) == Stopped(None)
+
+
+def test_update_membership_resends_join_with_same_created_ts() -> None:
+    sim = joined_sim()
+    sim.run_for(20_000)
+    before = len(sim.log)
+    mesh = FullMeshTransport()
+    sim.machine.update_membership(sim.now, transports=[LK, mesh], intent="audio")
+    sim.run_for(6_000)
+    names = [type(a).__name__ for _, a in sim.log[before:]]
+    assert names[:2] == ["SendJoin", "RestartDelayedLeave"]
+    join = sim.log[before][1]
+    assert isinstance(join, SendJoin)
+    assert join.content["created_ts"] == T0
+    assert join.content["m.call.intent"] == "audio"
+    assert join.content["foci_preferred"] == [
+        LK.to_json(),
+        {"type": "org.matrix.msc3401.full_mesh"},
+    ]
+    # The refresh schedule restarts from the re-send, and the heartbeat keeps its cadence.
+    assert sim.machine.scheduled[-1][1].value == "update_expiry"
+    sim.machine.update_membership(sim.now, intent="audio")  # no change: nothing sent
+    n = len(sim.log)
+    sim.run_for(1)
+    assert all(not isinstance(a, SendJoin) for _, a in sim.log[n:])
+
+
+def test_update_membership_requires_joined() -> None:
+    with pytest.raises(LocalError):
+        machine().update_membership(T0, intent="audio")
