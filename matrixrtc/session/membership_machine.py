@@ -428,6 +428,7 @@ class OwnMembershipMachine:
         self._created_ts: int | None = None
         self._last_join_event_id: str | None = None
         self._own_event_id: str | None = None  # our membership event as the session shows it
+        self._content_dirty = False  # transports/intent changed since the last join was built
         self._join_sent_ms: int | None = None
         self._seen_since_join = False
         # Outbox.
@@ -556,8 +557,15 @@ class OwnMembershipMachine:
             changed = True
         if not changed:
             return
+        self._content_dirty = True
         if not self._has_member_event:
             return  # the pending join will carry the new values
+        sending = self._in_flight is not None and self._in_flight.step in (
+            Step.SEND_JOIN,
+            Step.UPDATE_EXPIRY,
+        )
+        if sending:
+            return  # re-sent when that request succeeds (its content is already stale)
         if not any(s.step is Step.SEND_JOIN for s in self._queue):
             self._insert(now_ms, Step.SEND_JOIN)
 
@@ -813,15 +821,15 @@ class OwnMembershipMachine:
                 # Drop what this success re-plans, so no step ever runs twice in parallel.
                 replanned = (Step.UPDATE_EXPIRY, Step.SEND_JOIN, Step.RESTART_DELAYED_LEAVE)
                 kept = [(s.due_ms, s.step) for s in self._queue if s.step not in replanned]
-                return (
-                    "replace",
-                    [
-                        *kept,
-                        # Old Synapse cancels delayed state when the state is overwritten.
-                        (now_ms, Step.RESTART_DELAYED_LEAVE),
-                        (self._next_refresh_ms(1), Step.UPDATE_EXPIRY),
-                    ],
-                )
+                steps = [
+                    *kept,
+                    # Old Synapse cancels delayed state when the state is overwritten.
+                    (now_ms, Step.RESTART_DELAYED_LEAVE),
+                    (self._next_refresh_ms(1), Step.UPDATE_EXPIRY),
+                ]
+                if self._content_dirty:  # update_membership while this was on the wire
+                    steps.append((now_ms, Step.SEND_JOIN))
+                return ("replace", steps)
             case RateLimited() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
@@ -835,7 +843,10 @@ class OwnMembershipMachine:
                 self._expiry_iterations += 1
                 if event_id:
                     self._last_join_event_id = event_id
-                return ("insert", [(self._next_refresh_ms(self._expiry_iterations), step)])
+                steps = [(self._next_refresh_ms(self._expiry_iterations), step)]
+                if self._content_dirty:  # update_membership while this was on the wire
+                    steps.append((now_ms, Step.SEND_JOIN))
+                return ("insert", steps)
             case RateLimited() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
@@ -928,6 +939,7 @@ class OwnMembershipMachine:
         return state_leave_content()
 
     def _join_request(self, expires: int, *, refresh: bool) -> SendJoin:
+        self._content_dirty = False
         content: JsonDict
         if self.dialect is Dialect.STICKY:
             content = RtcMemberData.for_join(

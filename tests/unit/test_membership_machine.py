@@ -824,3 +824,21 @@ def test_update_membership_resends_join_with_same_created_ts() -> None:
 def test_update_membership_requires_joined() -> None:
     with pytest.raises(LocalError):
         machine().update_membership(T0, intent="audio")
+
+
+def test_update_membership_while_join_on_the_wire_is_resent() -> None:
+    m = machine()
+    m.join(T0, transports=[LK], intent="video")
+    m.next_action(T0)
+    m.receive_result(Ok(delay_id="d1"), T0)
+    first = m.next_action(T0)
+    assert isinstance(first, SendJoin)
+    m.update_membership(T0 + 1, intent="audio")  # the video join is in flight
+    m.receive_result(Ok(event_id="$j1"), T0 + 2)
+    kinds = []
+    for _ in range(2):
+        action = m.next_action(T0 + 2)
+        kinds.append(action)
+        m.receive_result(Ok(event_id="$j2"), T0 + 3)
+    resend = next(a for a in kinds if isinstance(a, SendJoin))
+    assert resend.content["m.call.intent"] == "audio"
