@@ -88,7 +88,9 @@ def _serve_one(reuse_port: bool) -> int:
         SkipVerifyTLS=config.skip_verify_tls,
         worker=os.environ.get("MATRIXRTC_SFU_WORKER_INDEX", "0"),
     )
-    app = create_app(config)
+    index = int(os.environ.get("MATRIXRTC_SFU_WORKER_INDEX", "0"))
+    count = int(os.environ.get("MATRIXRTC_SFU_WORKER_COUNT", "1"))
+    app = create_app(config, worker_index=index, worker_count=count)
     app.cleanup_ctx.append(flusher)
     web.run_app(
         app,

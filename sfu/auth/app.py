@@ -40,6 +40,7 @@ from sfu.auth.wire import (
     validate_get_token,
     validate_legacy,
 )
+from sfu.controller.bus import WebhookBus
 from sfu.controller.csapi import CsApi
 from sfu.controller.delayed_leave import DelayedLeaveManager, Signal
 from sfu.controller.store import JobParams, JobStore, MemoryStore, RedisStore
@@ -115,9 +116,16 @@ class AuthService:
     """Everything a worker owns: outbound clients, caches, the job manager."""
 
     def __init__(
-        self, config: Config, *, resolver: HostResolver | None = None, store: JobStore | None = None
+        self,
+        config: Config,
+        *,
+        resolver: HostResolver | None = None,
+        store: JobStore | None = None,
+        worker_index: int = 0,
+        worker_count: int = 1,
     ) -> None:
         self.config = config
+        self.worker_index = worker_index
         resolver = resolver or SystemResolver()
         override_hosts = {
             urlsplit(u).hostname or ""
@@ -149,6 +157,15 @@ class AuthService:
         )
         self.webhooks = lkapi.WebhookReceiver(lkapi.TokenVerifier(config.key, config.secret))
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.bus: WebhookBus | None = None
+        if worker_count > 1 and config.redis_url:
+            self.bus = WebhookBus(config.redis_url, self._route)
+        elif worker_count > 1:
+            log.warning(
+                "several workers without LIVEKIT_REDIS_URL: a webhook reaches one worker; "
+                "departures elsewhere are noticed by the presence check",
+                interval=config.sanity_check_interval,
+            )
         self._url_json = go_json_string(config.livekit_url)
 
     async def start(self) -> None:
@@ -158,9 +175,14 @@ class AuthService:
             await self.store.ping()
         else:
             log.warning("LIVEKIT_REDIS_URL not set. Using in-memory store.")
-        await self.jobs.start()
+        if self.bus is not None:
+            await self.bus.start()
+        if self.worker_index == 0:  # one worker resumes the stored jobs
+            await self.jobs.start()
 
     async def close(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
         await self.jobs.close()
         await self.openid.close()
         await self.rooms.close()
@@ -270,7 +292,7 @@ class AuthService:
         await self._add_job(server, req.delay_id, req.delay_timeout, room, identity)
         return web.Response(body=b"{}\n", headers=CORS_HEADERS)
 
-    def webhook(self, body: str, auth: str) -> web.Response:
+    async def webhook(self, body: str, auth: str) -> web.Response:
         if auth.lower().startswith("bearer "):
             auth = auth[7:]
         try:
@@ -283,18 +305,27 @@ class AuthService:
             )
         metrics.WEBHOOKS.labels("ok").inc()
         kind = event.event
-        signal: Signal | None = None
-        if kind == "room_finished":
-            self.rooms.forget(event.room.name)
-        elif kind == "participant_joined":
-            signal = Signal.JOINED
-        elif kind in ("participant_left", "participant_connection_aborted"):
+        signal = ""
+        if kind in ("participant_left", "participant_connection_aborted"):
             client_initiated = event.participant.disconnect_reason == 1  # CLIENT_INITIATED
-            signal = Signal.LEFT if client_initiated else Signal.ABORTED
-        if signal is not None:
-            routed = self.jobs.on_webhook(event.room.name, event.participant.identity, signal)
-            log.debug("webhook", webhook_event=kind, routed=routed)
+            signal = Signal.LEFT.value if client_initiated else Signal.ABORTED.value
+        elif kind == "participant_joined":
+            signal = Signal.JOINED.value
+        elif kind != "room_finished":
+            return web.Response(status=200)
+        room, identity = event.room.name, event.participant.identity
+        if self.bus is not None:
+            await self.bus.publish(kind, room, identity, signal)
+        else:
+            self._route(kind, room, identity, signal)
         return web.Response(status=200)
+
+    def _route(self, kind: str, room: str, identity: str, signal: str) -> None:
+        if kind == "room_finished":
+            self.rooms.forget(room)
+            return
+        routed = self.jobs.on_webhook(room, identity, Signal(signal))
+        log.debug("webhook", webhook_event=kind, routed=routed)
 
 
 SERVICE_KEY: Final = web.AppKey("service", AuthService)
@@ -371,17 +402,28 @@ async def _webhook(request: web.Request) -> web.StreamResponse:
     if request.method != "POST":
         return web.Response(status=405)
     raw = await request.read()
-    return request.app[SERVICE_KEY].webhook(
+    return await request.app[SERVICE_KEY].webhook(
         raw.decode("utf-8", errors="replace"), request.headers.get("Authorization", "")
     )
 
 
 def create_app(
-    config: Config, *, resolver: HostResolver | None = None, store: JobStore | None = None
+    config: Config,
+    *,
+    resolver: HostResolver | None = None,
+    store: JobStore | None = None,
+    worker_index: int = 0,
+    worker_count: int = 1,
 ) -> web.Application:
     """The application; the service starts and stops with it (``cleanup_ctx``)."""
     app = web.Application(middlewares=[_middleware], client_max_size=config.max_body)
-    service = AuthService(config, resolver=resolver, store=store)
+    service = AuthService(
+        config,
+        resolver=resolver,
+        store=store,
+        worker_index=worker_index,
+        worker_count=worker_count,
+    )
     app[SERVICE_KEY] = service
 
     async def lifetime(_app: web.Application) -> AsyncIterator[None]:

@@ -1,0 +1,82 @@
+"""Fan-out of LiveKit webhooks between ``--workers`` processes, over Redis pub/sub.
+
+With SO_REUSEPORT the kernel hands each webhook to one worker, but the job it concerns may
+live in another. When ``LIVEKIT_REDIS_URL`` is set and there is more than one worker, the
+receiving worker publishes the (already verified) event and every worker, itself included,
+routes it to its own jobs. Without Redis, a webhook only reaches the worker that received it
+and the periodic presence check is what notices a departure elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+
+import structlog
+
+__all__ = ["CHANNEL", "WebhookBus"]
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "matrixrtc-sfu:webhooks"
+
+Handler = Callable[[str, str, str, str], None]  # kind, room, identity, signal name
+
+
+class WebhookBus:
+    """Publishes verified webhook events and delivers every published one to ``handler``."""
+
+    def __init__(self, redis_url: str, handler: Handler) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        self._handler = handler
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+        # Do not accept webhooks before we can hear our own publications.
+        async with asyncio.timeout(10):
+            await self._subscribed.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._redis.aclose()
+
+    async def publish(self, kind: str, room: str, identity: str, signal: str) -> None:
+        msg = json.dumps({"k": kind, "r": room, "i": identity, "s": signal})
+        await self._redis.publish(CHANNEL, msg)
+
+    async def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(CHANNEL)
+                self._subscribed.set()
+                backoff = 0.5
+                async for message in pubsub.listen():
+                    self._deliver(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("webhook bus disconnected", reason=str(exc)[:200])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _deliver(self, message: object) -> None:
+        if not isinstance(message, dict) or message.get("type") != "message":
+            return
+        try:
+            obj = json.loads(message["data"])
+            kind, room, identity, signal = (str(obj[k]) for k in ("k", "r", "i", "s"))
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed webhook bus message")
+            return
+        self._handler(kind, room, identity, signal)
