@@ -14,6 +14,7 @@ from typing import IO
 
 import aiohttp
 import pytest
+from aiohttp import web
 from livekit import api, rtc
 
 from matrixrtc.cli import COMMANDS
@@ -168,6 +169,34 @@ async def test_livekit_stopped_right_after_start_exits_on_sigterm(run_dir: Path)
     async with LiveKit(run_dir, name="lk-quick-stop"):
         t0 = time.monotonic()
     assert time.monotonic() - t0 < 2
+
+
+async def test_livekit_posts_signed_webhooks(run_dir: Path) -> None:
+    received: asyncio.Queue[api.WebhookEvent] = asyncio.Queue()
+    receiver: api.WebhookReceiver | None = None
+
+    async def hook(request: web.Request) -> web.Response:
+        assert receiver is not None
+        body = await request.text()
+        received.put_nowait(receiver.receive(body, request.headers["Authorization"]))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/sfu_webhook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/sfu_webhook"
+        async with LiveKit(run_dir, webhook_urls=[url], name="lk-webhooks") as lk:
+            receiver = api.WebhookReceiver(api.TokenVerifier(lk.api_key, lk.api_secret))
+            async with api.LiveKitAPI(lk.http_url, lk.api_key, lk.api_secret) as lkapi:
+                await lkapi.room.create_room(api.CreateRoomRequest(name="hooked"))
+            event = await asyncio.wait_for(received.get(), 10)
+            assert event.event == "room_started"
+            assert event.room.name == "hooked"
+    finally:
+        await runner.cleanup()
 
 
 async def test_redis_restart_keeps_data(redis: Redis) -> None:
