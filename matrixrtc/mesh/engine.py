@@ -85,6 +85,7 @@ class PeerLink:
     pc: RTCPeerConnection
     created_at: float
     connected_at: float | None = None
+    stream_id: str | None = None
     tracks: list[FanOutTrack] = field(default_factory=list)
     stats: dict[str, ReceiveStats] = field(default_factory=dict)  # by kind
     sinks: list[CountingSink] = field(default_factory=list)
@@ -109,9 +110,7 @@ class MeshEngine:
         self._sender = sender
         self._transform = transform
         self._clock = clock
-        self.signalling = MeshSignalling(
-            local, clock=clock, config=self.config.signalling, local_metadata=self._metadata
-        )
+        self.signalling = MeshSignalling(local, clock=clock, config=self.config.signalling)
         self.encoders: dict[str, SharedEncoder] = {}
         self._sources: dict[str, MediaStreamTrack] = {}
         self._relay: MediaRelay | None = None
@@ -138,7 +137,6 @@ class MeshEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
-        self._stream_id: str | None = None
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -252,10 +250,12 @@ class MeshEngine:
 
     # -- peer connections ------------------------------------------------------------------
 
-    def _metadata(self) -> Mapping[str, StreamMetadata]:
-        if self._stream_id is None:
+    @staticmethod
+    def _metadata(link: PeerLink) -> Mapping[str, StreamMetadata]:
+        # js-sdk keys stream metadata by the msid stream id; aiortc uses one per connection.
+        if link.stream_id is None:
             return {}
-        return {self._stream_id: StreamMetadata(purpose=StreamPurpose.USERMEDIA)}
+        return {link.stream_id: StreamMetadata(purpose=StreamPurpose.USERMEDIA)}
 
     def _new_link(self, call_id: str, peer: DeviceRef) -> PeerLink:
         cfg = self.config
@@ -297,7 +297,7 @@ class MeshEngine:
                 sender = link.pc.addTrack(track)
                 adopt_sender(sender)
                 link.tracks.append(track)
-            self._stream_id = sender._stream_id
+            link.stream_id = sender._stream_id
         decryptor = None if self._transform is None else self._transform.decryptor(link.peer)
         for transceiver in link.pc.getTransceivers():
             receiver = transceiver.receiver
@@ -322,7 +322,7 @@ class MeshEngine:
             log.warning("mesh.offer_failed", call_id=action.call_id, error=repr(exc))
             self._feed(self.signalling.local_failed(action.call_id, HangupReason.CREATE_OFFER))
             return
-        self._feed(self.signalling.offer_created(action.call_id, sdp))
+        self._feed(self.signalling.offer_created(action.call_id, sdp, self._metadata(link)))
 
     async def _set_remote(self, action: SetRemoteDescription) -> None:
         desc = action.description
@@ -347,7 +347,7 @@ class MeshEngine:
             self._feed(self.signalling.local_failed(action.call_id, step))
             return
         if desc.type == "offer":
-            self._feed(self.signalling.answer_created(action.call_id, sdp))
+            self._feed(self.signalling.answer_created(action.call_id, sdp, self._metadata(link)))
 
     async def _add_candidates(self, action: AddIceCandidates) -> None:
         link = self.links.get(action.call_id)

@@ -189,6 +189,15 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(router: Router) -
         15,
         "every peer to decode video from every other",
     )
+    # js-sdk reads stream metadata by the SDP's msid stream id (and throws if it is missing).
+    for _o, _t, ty, content in router.sent:
+        if ty in ("m.call.invite", "m.call.answer"):
+            sdp = content["offer" if ty == "m.call.invite" else "answer"]["sdp"]
+            streams = set(re.findall(r"a=msid:(\S+) ", sdp))
+            assert set(content["sdp_stream_metadata"]) == streams
+            assert (
+                content["org.matrix.msc3077.sdp_stream_metadata"] == content["sdp_stream_metadata"]
+            )
     # Every candidate we offered is on loopback only.
     for engine in engines.values():
         for link in engine.links.values():
