@@ -206,6 +206,15 @@ class HttpResult:
     cache_control: str | None = None
 
 
+def _scrub(text: str, url: str) -> str:
+    """Error text without the URL's path and query (they carry tokens and delay ids)."""
+    parts = urlsplit(url)
+    for secret in (url, parts.path, parts.query):
+        if secret and secret != "/":
+            text = text.replace(secret, "…")
+    return text
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -317,4 +326,4 @@ class GuardedHttp:
         except TimeoutError as exc:
             raise FetchError(f"timed out after {timeout} s") from exc
         except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
-            raise FetchError(f"{type(exc).__name__}: {exc}"[:300]) from exc
+            raise FetchError(_scrub(f"{type(exc).__name__}: {exc}", url)[:300]) from exc

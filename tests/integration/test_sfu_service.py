@@ -319,6 +319,9 @@ async def test_error_rows(stack: Stack) -> None:
             assert r.status == 405
     # the valid token still works after all that
     await expect("/get_token", good, 200, None)
+    await assert_not_logged(
+        svc, token["access_token"], forged["access_token"], expired["access_token"]
+    )
 
 
 @dataclass
@@ -445,6 +448,7 @@ async def test_delegated_leave_restarts_then_sends_on_kill(stack: Stack, run_dir
         sends_before + 1, "matrixrtc_sfu_delayed_leave_actions_total", action="send", result="ok"
     )
     timing.check()
+    await assert_not_logged(stack.full, token["access_token"], resp["jwt"], m.delay_id)
 
 
 def forged_webhook(room: str, identity: str) -> tuple[str, dict[str, str]]:
@@ -496,6 +500,15 @@ async def test_delegated_leave_survives_a_service_restart(stack: Stack, run_dir:
         1, "matrixrtc_sfu_delayed_leave_actions_total", action="send", result="ok"
     )
     timing.check()
+
+
+async def assert_not_logged(svc: Service, *secrets_: str) -> None:
+    """The service logs (at debug level here) never contain tokens, JWTs or delay ids."""
+    await asyncio.sleep(0.5)  # log lines are written in batches
+    text = await asyncio.to_thread(svc.proc.log_path.read_text)
+    assert '"event": "token issued"' in text  # the log is there and is JSON
+    for secret in secrets_:
+        assert secret not in text
 
 
 async def wait_seen_connected(redis: Redis, alias: str, ident: str) -> None:
