@@ -302,9 +302,8 @@ class FrameCryptor:
                     size = len(frame)
                     if size - n < _MIN_BODY or frame[-2] != IV_LENGTH:
                         raise DecryptError("frame too short or IV length byte not 12")
-                    end = size - TRAILER_LENGTH
                     header = frame[:n]
-                    out = header + ks.aead.decrypt(frame[end : size - 2], frame[n:end], header)
+                    out = header + ks.aead.decrypt(frame[-14:-2], frame[n:-14], header)
             except InvalidTag:
                 out = self._ratchet_decrypt(ks, slot, frame, n, nalu)
         except (DecryptError, UnsupportedCodecError) as e:
