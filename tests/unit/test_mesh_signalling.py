@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from matrixrtc.mesh.signalling import (
     MESH_TRANSPORT_TYPE,
@@ -605,3 +607,102 @@ def test_close_hangs_up_every_call_and_ignores_later_input() -> None:
     assert len([a for a in actions if isinstance(a, ClosePeerConnection)]) == 2
     assert mesh.nodes[ALICE].set_members(mesh.sessions(ALICE, BOB)) == []
     assert mesh.nodes[ALICE].tick() == []
+
+
+# -- property: any interleaving of inputs keeps the core consistent ----------------------------
+
+PEERS = [ALICE, CAROL, DeviceRef("@aaa:hs", "ZZZ"), DeviceRef("@bob:hs", "AAA")]
+TYPES = [
+    "m.call.invite",
+    "m.call.answer",
+    "m.call.select_answer",
+    "m.call.candidates",
+    "m.call.negotiate",
+    "m.call.hangup",
+    "m.call.reject",
+    "m.call.sdp_stream_metadata_changed",
+    "m.call.unknown",
+]
+CALL_IDS = ["c1", "c2", "zz", "c0000AAA"]
+SDP_BODIES: list[dict[str, Any]] = [
+    {"offer": {"type": "offer", "sdp": "v=0"}},
+    {"answer": {"type": "answer", "sdp": "v=0"}},
+    {"description": {"type": "offer", "sdp": "v=0"}},
+    {"description": {"type": "answer", "sdp": "v=0"}},
+    {"candidates": [{"candidate": ""}]},
+    {"selected_party_id": "BBB"},
+    {"selected_party_id": "XXX"},
+    {"reason": "ice_failed"},
+    {"sdp_stream_metadata": {"s": {"purpose": "m.usermedia"}}},
+    {},
+]
+
+ops = st.one_of(
+    st.tuples(
+        st.just("receive"),
+        st.sampled_from(PEERS),
+        st.sampled_from(TYPES),
+        st.sampled_from(CALL_IDS),
+        st.one_of(st.none(), st.integers(0, 4)),
+        st.sampled_from(SDP_BODIES),
+        st.sampled_from(["s-BBB", "other"]),
+    ),
+    st.tuples(st.just("tick"), st.floats(0, 70)),
+    st.tuples(st.just("members"), st.lists(st.sampled_from(PEERS), unique=True)),
+    st.tuples(
+        st.just("local"),
+        st.sampled_from(["offer", "answer", "fail", "up", "down"]),
+        st.integers(0, 5),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ops, max_size=40))
+def test_random_input_sequences_keep_the_core_consistent(sequence: list[tuple[Any, ...]]) -> None:
+    clock = Clock()
+    node = MeshSignalling(
+        LocalDevice(user_id=BOB.user_id, device_id="BBB", session_id="s-BBB", conf_id=CONF),
+        clock=clock,
+    )
+    for op in sequence:
+        if op[0] == "receive":
+            _, peer, event_type, call_id, seq, body, dest = op
+            content = {
+                "call_id": call_id,
+                "party_id": peer.device_id,
+                "version": "1",
+                "conf_id": CONF,
+                "device_id": peer.device_id,
+                "sender_session_id": f"s-{peer.device_id}",
+                "dest_session_id": dest,
+                **({} if seq is None else {"seq": seq}),
+                **body,
+            }
+            node.receive(peer.user_id, event_type, content)
+        elif op[0] == "tick":
+            clock.now += op[1]
+            node.tick()
+        elif op[0] == "members":
+            node.set_members({p: f"s-{p.device_id}" for p in op[1]})
+        else:
+            calls = list(node.calls)
+            if not calls:
+                continue
+            call_id = calls[op[2] % len(calls)]
+            {
+                "offer": lambda c: node.offer_created(c, "v=0"),
+                "answer": lambda c: node.answer_created(c, "v=0"),
+                "fail": lambda c: node.local_failed(c, HangupReason.CREATE_ANSWER),
+                "up": node.media_connected,
+                "down": node.media_failed,
+            }[op[1]](call_id)
+        # invariants: one live call per peer, indexes agree, no ENDED call is live
+        by_peer = {c.peer for c in node.calls.values()}
+        assert len(by_peer) == len(node.calls)
+        for call_id, call in node.calls.items():
+            assert call.state is not CallState.ENDED
+            assert node.call_for(call.peer) is call
+            assert call.call_id == call_id
+        deadline = node.next_deadline()
+        assert deadline is None or deadline >= clock.now - 70
