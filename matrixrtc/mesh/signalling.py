@@ -571,11 +571,16 @@ class MeshSignalling:
 
     def _drain(self, order: _Reorder) -> list[Action]:
         actions: list[Action] = []
+        advanced = False
         while order.next_seq in order.pending:
             item = order.pending.pop(order.next_seq)
             order.next_seq += 1
+            advanced = True
             actions += self._dispatch(item)
-        order.gap_since = (order.gap_since or self._clock()) if order.pending else None
+        if not order.pending:
+            order.gap_since = None
+        elif advanced or order.gap_since is None:
+            order.gap_since = self._clock()  # a new gap: its own full timeout
         return actions
 
     def _dispatch(self, r: _Received) -> list[Action]:

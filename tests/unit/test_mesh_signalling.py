@@ -706,3 +706,18 @@ def test_random_input_sequences_keep_the_core_consistent(sequence: list[tuple[An
             assert call.call_id == call_id
         deadline = node.next_deadline()
         assert deadline is None or deadline >= clock.now - 70
+
+
+def test_each_new_gap_gets_a_full_timeout() -> None:
+    clock = Clock()
+    bob = bob_alone(clock, SignallingConfig(gap_timeout_ms=1000))
+    cand = {"candidates": [{"candidate": ""}]}
+    bob.receive(ALICE.user_id, "m.call.candidates", envelope("c1", 1) | cand)  # gap at 0
+    clock.now += 0.9
+    bob.receive(ALICE.user_id, "m.call.candidates", envelope("c1", 3) | cand)  # gap at 2 too
+    actions = bob.receive(ALICE.user_id, "m.call.invite", envelope("c1", 0) | INVITE_BODY)
+    assert [type(a) for a in actions] == [SetRemoteDescription, AddIceCandidates]
+    clock.now += 0.5  # 1.4 s after the first gap opened, 0.5 s after the second
+    assert bob.tick() == []
+    clock.now += 0.5
+    assert [type(a) for a in bob.tick()] == [AddIceCandidates]
