@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -721,3 +723,15 @@ def test_each_new_gap_gets_a_full_timeout() -> None:
     assert bob.tick() == []
     clock.now += 0.5
     assert [type(a) for a in bob.tick()] == [AddIceCandidates]
+
+
+def test_the_signalling_core_imports_no_io_library() -> None:
+    code = (
+        "import sys, matrixrtc.mesh.signalling, matrixrtc.model.voip;"
+        "bad = [m for m in ('aiortc', 'aiohttp', 'nio', 'livekit', 'av') if m in sys.modules];"
+        "sys.exit(','.join(bad) or None)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
