@@ -123,6 +123,7 @@ class AuthService:
         store: JobStore | None = None,
         worker_index: int = 0,
         worker_count: int = 1,
+        address_policy: AddressPolicy | None = None,
     ) -> None:
         self.config = config
         self.worker_index = worker_index
@@ -131,7 +132,8 @@ class AuthService:
             urlsplit(u).hostname or ""
             for u in [*config.homeserver_overrides.values(), *config.cs_api_overrides.values()]
         }
-        policy = AddressPolicy.from_entries(config.private_allowlist).with_hosts(override_hosts)
+        policy = address_policy or AddressPolicy.from_entries(config.private_allowlist)
+        policy = policy.with_hosts(override_hosts)
         self.http = GuardedHttp(resolver, policy, _ssl_context(config))
         self.openid = OpenIDValidator(
             self.http,
@@ -414,6 +416,7 @@ def create_app(
     store: JobStore | None = None,
     worker_index: int = 0,
     worker_count: int = 1,
+    address_policy: AddressPolicy | None = None,
 ) -> web.Application:
     """The application; the service starts and stops with it (``cleanup_ctx``)."""
     app = web.Application(middlewares=[_middleware], client_max_size=config.max_body)
@@ -423,6 +426,7 @@ def create_app(
         store=store,
         worker_index=worker_index,
         worker_count=worker_count,
+        address_policy=address_policy,
     )
     app[SERVICE_KEY] = service
 

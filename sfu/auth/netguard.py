@@ -128,6 +128,7 @@ class AddressPolicy:
 
     allowed_hosts: frozenset[str] = frozenset()
     allowed_networks: tuple[IPNetwork, ...] = ()
+    allow_global: bool = True  # False confines a test to its allow-list
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> AddressPolicy:
@@ -145,12 +146,18 @@ class AddressPolicy:
         return cls(frozenset(hosts), tuple(nets))
 
     def with_hosts(self, hosts: Iterable[str]) -> AddressPolicy:
-        return AddressPolicy(self.allowed_hosts | {h.lower() for h in hosts}, self.allowed_networks)
+        return AddressPolicy(
+            self.allowed_hosts | {h.lower() for h in hosts},
+            self.allowed_networks,
+            self.allow_global,
+        )
 
     def address_allowed(self, addr: IPAddress) -> bool:
         a = _unmap(addr)
         if any(a in net for net in self.allowed_networks):
             return True
+        if not self.allow_global:
+            return False
         return bool(a.is_global) and not (a.is_multicast or a.is_reserved or a.is_unspecified)
 
     def check(self, host: str, addresses: Iterable[str]) -> None:
