@@ -94,8 +94,7 @@ class FanOutTrack(MediaStreamTrack):
         self.encoder.request_keyframe()
 
     def report_bitrate(self, bitrate: int) -> None:
-        self.bitrate_report = bitrate
-        self.encoder.bitrate_changed()
+        self.bitrate_report = bitrate  # read by the encoder's target_bitrate at the next frame
 
     def stop(self) -> None:
         if self.readyState == "live":
@@ -175,13 +174,9 @@ class SharedEncoder:
     def unsubscribe(self, track: FanOutTrack) -> None:
         if track in self._subscribers:
             self._subscribers.remove(track)
-            self.bitrate_changed()
 
     def request_keyframe(self) -> None:
         self._force_keyframe = True
-
-    def bitrate_changed(self) -> None:
-        """Called when a peer's REMB changes; the target is read at the next frame."""
 
     @property
     def target_bitrate(self) -> int:
