@@ -92,16 +92,20 @@ def _serve_one(reuse_port: bool) -> int:
     count = int(os.environ.get("MATRIXRTC_SFU_WORKER_COUNT", "1"))
     app = create_app(config, worker_index=index, worker_count=count)
     app.cleanup_ctx.append(flusher)
-    web.run_app(
-        app,
-        host=config.bind_host,
-        port=config.bind_port,
-        reuse_port=reuse_port or None,
-        access_log=None,
-        print=None,
-        shutdown_timeout=5.0,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=config.bind_host,
+            port=config.bind_port,
+            reuse_port=reuse_port or None,
+            access_log=None,
+            print=None,
+            shutdown_timeout=5.0,
+            handle_signals=True,
+        )
+    except ConfigError as exc:  # e.g. Redis unreachable at start-up
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from livekit import api as lkapi
 
+from matrixrtc.errors import ConfigError
 from matrixrtc.model import livekit_ids
 from sfu.auth import metrics
 from sfu.auth.config import Config
@@ -171,10 +172,20 @@ class AuthService:
         self._url_json = go_json_string(config.livekit_url)
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         await self.http.start()
         await self.rooms.start()
         if isinstance(self.store, RedisStore):
-            await self.store.ping()
+            try:
+                await self.store.ping()
+            except Exception as exc:  # lk-jwt-service's start-up message
+                raise ConfigError(f"Could not connect Redis store: {exc}") from exc
         else:
             log.warning("LIVEKIT_REDIS_URL not set. Using in-memory store.")
         if self.bus is not None:

@@ -412,11 +412,11 @@ LIVEKIT_DETECTION_LIMIT = 30.0  # measured ~20-21 s for LiveKit v1.13.5
 
 
 async def test_delegated_leave_restarts_then_sends_on_kill(stack: Stack, run_dir: Path) -> None:
-    # A 6 s delayed leave would fire by itself after 6 s: the service must keep restarting it
-    # while the participant is connected, and send it once the participant's process dies.
-    m = await join_with_delayed_leave(stack.hs, 6000)
+    # A 10 s delayed leave would fire by itself after 10 s: the service must keep restarting
+    # it (at 8 s) while the participant is connected, and send it once the process dies.
+    m = await join_with_delayed_leave(stack.hs, 10_000)
     token = await openid(stack.hs, m.user)
-    body = get_token_body(m.room_id, m.user, token, delay_id=m.delay_id, delay_timeout=6000)
+    body = get_token_body(m.room_id, m.user, token, delay_id=m.delay_id, delay_timeout=10_000)
     status, resp = await stack.full.post("/get_token", body)
     assert status == 200, resp
     alias = livekit_room_alias(m.room_id, "m.call#ROOM")
@@ -433,7 +433,7 @@ async def test_delegated_leave_restarts_then_sends_on_kill(stack: Stack, run_dir
             s.post(stack.full.url + "/sfu_webhook", data=forged[0], headers=forged[1]) as r,
         ):
             assert r.status == 401
-        await asyncio.sleep(8.0)
+        await asyncio.sleep(11.0)
         assert not await left(stack.hs, m), "the delayed leave fired while connected"
         restarts = await stack.full.metric(
             "matrixrtc_sfu_delayed_leave_actions_total", action="restart", result="ok"
