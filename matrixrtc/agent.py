@@ -9,24 +9,13 @@ expiry, sticky-over-state precedence). Outputs: the ordered participant list
 (:attr:`CallAgent.participants`), a stream of changes (:meth:`CallAgent.changes`), and the
 own membership on the homeserver.
 
-Own membership (spec/matrixrtc.md §2.3, js-sdk ``MembershipManager`` constants by default):
-
-1. schedule the delayed leave (``{}`` at our state key, or the sticky leave content) and hold
-   its delay id — cancelling an older one first; without MSC4140 the agent joins anyway;
-2. send the join, then restart the delayed leave at once (older Synapse cancels delayed
-   state overwritten by the same state);
-3. restart it every ``restart_interval_ms``, each request bounded by
-   ``min(restart_timeout_ms, expected_leave - now)``; network errors retry after
-   ``network_retry_ms``, rate limits after ``retry_after_ms``; ``M_NOT_FOUND`` (it fired or
-   was cancelled) goes back to 1;
-4. refresh the state-form join at ``start + k * min(expires, 1 h) - 5 s`` with
-   ``expires * (k + 1)`` and the original ``created_ts``; the sticky form is re-sent with a
-   reference to the previous event before its stickiness runs out;
-5. when our membership disappears from the room while we are in the call — the delayed
-   leave fired (content ``{}``) or someone overwrote our ``_@…`` key — join again: a fresh
-   membership after a fired leave (js-sdk behaviour), the same ``created_ts`` after an
-   overwrite so our place in the order is kept;
-6. leave: ``send`` the delayed leave now; if that fails, send the leave content directly.
+Own membership: the core's sans-I/O :class:`~matrixrtc.session.membership_machine.
+OwnMembershipMachine` (js-sdk ``MembershipManager``: delayed leave, join, restart every
+``restart_interval_ms``, hourly expiry refresh, re-join when our membership goes missing,
+leave via ``send`` of the delayed leave) decides; this module performs its requests on the
+homeserver, maps the answers to its result types and feeds it what the room shows of our
+membership. A restart period at or above the delay would let the leave fire between
+restarts, so the period is capped at 5/8 of the delay (js-sdk's 5 s for 8 s).
 
 Ring (§5): with ``ring=True``, when our join starts the call (we are its only member), send
 one ``org.matrix.msc4075.rtc.notification`` referencing our membership event. Ringing ends
@@ -37,7 +26,6 @@ member joins, or when the lifetime passes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -55,24 +43,22 @@ from matrixrtc.matrix import (
     DelayTooLong,
     Homeserver,
     HomeserverError,
+    HomeserverTimeout,
     HomeserverUnreachable,
-    RateLimited,
     Subscription,
-    Unsupported,
 )
+from matrixrtc.matrix import RateLimited as HsRateLimited
+from matrixrtc.matrix import Unsupported as HsUnsupported
 from matrixrtc.matrix.homeserver import RoomUpdate
 from matrixrtc.model import (
     CallMembership,
     Dialect,
     EventType,
     RtcDecline,
-    RtcMemberData,
     RtcNotification,
-    SessionMembershipData,
     Transport,
-    state_key_for,
-    sticky_leave_content,
 )
+from matrixrtc.session import membership_machine as mm
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.transports import publish_transport
 
@@ -90,11 +76,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 JsonDict = dict[str, Any]
 
-# js-sdk: the expiry refresh happens this long before the membership would expire, and at
-# most hourly; sticky events live at most an hour (MSC4354).
-_EXPIRY_HEADROOM_MS: Final = 5_000
-_MAX_REFRESH_PERIOD_MS: Final = 3_600_000
-_MAX_STICKY_MS: Final = 3_600_000
+_MAX_STICKY_MS: Final = 3_600_000  # MSC4354 caps stickiness at one hour
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,20 +154,19 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass(slots=True)
-class _Own:
-    """Our membership as sent, and what the room showed us of it."""
+async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Whether ``event`` got set within ``timeout_s``.
 
-    state_key: str | None = None  # state form
-    member_id: str | None = None  # sticky form: per-join id
-    delay_id: str | None = None  # a secret: never logged
-    expected_leave_mono: float = 0.0
-    created_ts: int | None = None  # first join's origin_server_ts, carried on refresh
-    event_id: str | None = None  # our latest membership event id (sticky relation, ring)
-    seen: bool = False  # the room has shown our current membership
-    joined_mono: float = 0.0
-    refreshes: int = 0
-    delayed_supported: bool = True
+    Uses ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` can swallow a
+    cancellation that coincides with the event being set, and a loop built on it then never
+    stops (seen as a hung agent shutdown).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class CallAgent:
@@ -198,24 +179,21 @@ class CallAgent:
         config: AgentConfig | None = None,
         *,
         clock_ms: Callable[[], int] = _wall_ms,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hs = hs
         self.room_id = room_id
         self.config = config or AgentConfig()
         self._clock_ms = clock_ms
-        self._mono = monotonic
         self._session = RTCSession(room_id)
-        self._own = _Own()
+        self._machine: mm.OwnMembershipMachine | None = None
+        self._poke = asyncio.Event()  # new input for the machine (observation, leave)
+        self._stopped = asyncio.Event()  # the machine stopped (left, or gave up)
+        self._joins_sent = 0
         self._participants: tuple[Participant, ...] = ()
         self._subs: set[Subscription[ParticipantsChanged]] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._rejoin = asyncio.Event()
-        self._rejoin_fresh = False
         self._wake = asyncio.Event()
         self._in_call = False
-        self._leaving = False
-        self._left = asyncio.Event()
         self._own_present = asyncio.Event()
         self._ring = RingState.IDLE
         self._ring_sent = False
@@ -224,7 +202,6 @@ class CallAgent:
         self._ring_ended = asyncio.Event()
         self._updates: Subscription[RoomUpdate] | None = None
         self._log = log.bind(room_id=room_id, user_id=hs.user_id, device_id=hs.device_id)
-        self.rejoins = 0
         self.heartbeats = 0
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -238,10 +215,17 @@ class CallAgent:
         # Seed from what the adapter already holds; later updates come from the subscription
         # (taken first, with no await in between, so nothing is missed).
         self._seed()
+        self._machine = self._new_machine()
+        self._machine.join(
+            self._clock_ms(),
+            transports=self.config.transports,
+            intent=self.config.intent,
+            multi_sfu=self.config.multi_sfu,
+        )
+        self._in_call = True
         self._spawn(self._room_loop(), "room")
         self._spawn(self._timer_loop(), "timers")
-        self._in_call = True
-        self._spawn(self._membership_loop(), "membership")
+        self._spawn(self._drive(), "membership")
         return self
 
     async def __aexit__(
@@ -298,7 +282,13 @@ class CallAgent:
 
     @property
     def membership_state_key(self) -> str | None:
-        return self._own.state_key
+        return self._machine.state_key if self._machine is not None else None
+
+    @property
+    def machine(self) -> mm.OwnMembershipMachine:
+        if self._machine is None:
+            raise LocalError("the agent has not joined (use `async with CallAgent(...)`)")
+        return self._machine
 
     def changes(self) -> Subscription[ParticipantsChanged]:
         """Subscribe to participant-list changes (also ring-state changes)."""
@@ -306,26 +296,24 @@ class CallAgent:
 
     async def wait_joined(self, timeout_s: float = 10.0) -> None:
         """Until the room shows our own membership."""
-        await asyncio.wait_for(self._own_present.wait(), timeout_s)
+        if not await _wait_event(self._own_present, timeout_s):
+            raise TimeoutError("our membership did not appear in the room")
 
     async def wait_ring_ended(self, timeout_s: float | None = None) -> RingState:
-        await asyncio.wait_for(self._ring_ended.wait(), timeout_s)
+        if not await _wait_event(self._ring_ended, timeout_s):
+            raise TimeoutError("the ring did not end")
         return self._ring
 
-    async def leave(self) -> None:
+    async def leave(self, timeout_s: float = 10.0) -> None:
         """Leave the call now (idempotent); the context exit does this too."""
-        if not self._in_call:
+        if not self._in_call or self._machine is None:
             return
-        self._leaving = True
         self._in_call = False
-        for t in self._tasks:
-            if t.get_name().startswith("agent membership"):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-        await self._send_leave()
+        self._machine.leave(self._clock_ms())
+        self._poke.set()
+        if not await _wait_event(self._stopped, timeout_s):
+            self._log.warning("agent.leave_timed_out")
         self._stop_ringing(RingState.IDLE)
-        self._left.set()
 
     # -- room input -------------------------------------------------------------------------
 
@@ -410,286 +398,173 @@ class CallAgent:
 
     def _own_membership(self) -> CallMembership | None:
         m = self._session.own_membership(self.hs.user_id, self.hs.device_id)
-        if m is None:
+        machine = self._machine
+        if m is None or machine is None:
             return None
         if self.config.dialect is Dialect.STICKY:
-            ok = isinstance(m.data, RtcMemberData) and m.member_id == self._own.member_id
+            ok = m.dialect is Dialect.STICKY and m.member_id == machine.member_id
         else:
-            ok = m.dialect is Dialect.STATE and m.state_key == self._own.state_key
+            ok = m.dialect is Dialect.STATE and m.state_key == machine.state_key
         return m if ok else None
 
     def _check_own(self) -> None:
-        if not self._in_call or self._leaving:
+        machine = self._machine
+        if machine is None or not self._in_call:
             return
         own = self._own_membership()
+        now = self._clock_ms()
         if own is not None:
-            if not self._own.seen:
+            if not self._own_present.is_set():
                 self._log.info("agent.joined", created_ts=own.created_ts)
-            self._own.seen = True
-            self._own.event_id = own.event_id
-            if self._own.created_ts is None:
-                self._own.created_ts = own.created_ts
             self._own_present.set()
-            return
-        if not self._own.seen:
-            return  # our join has not come back from the homeserver yet
-        self._own.seen = False
-        self._own_present.clear()
-        fired = self._own_content_is_leave()
-        self._log.warning(
-            "agent.membership_lost", reason="leave fired" if fired else "overwritten or expired"
-        )
-        self._rejoin_fresh = fired
-        self._rejoin.set()
-
-    def _own_content_is_leave(self) -> bool:
-        if self.config.dialect is Dialect.STATE and self._own.state_key is not None:
-            ev = self.hs.room_state(self.room_id).get((EventType.CALL_MEMBER, self._own.state_key))
-            content = ev.get("content") if ev is not None else None
-            return content == {}
-        return True  # sticky: only our own leave event can replace our sticky key
-
-    # -- own membership ---------------------------------------------------------------------
-
-    async def _membership_loop(self) -> None:
-        fresh = True
-        while True:
-            await self._join(fresh=fresh)
-            await self._heartbeat()
-            # The heartbeat returns when our membership must be sent again.
-            fresh = self._rejoin_fresh
-            self.rejoins += 1
-
-    def _join_content(self) -> tuple[JsonDict, str | None]:
-        cfg, own = self.config, self._own
-        if cfg.dialect is Dialect.STICKY:
-            assert own.member_id is not None
-            data = RtcMemberData.for_join(
-                user_id=self.hs.user_id,
-                device_id=self.hs.device_id,
-                member_id=own.member_id,
-                transports=cfg.transports,
-                intent=cfg.intent,
-                previous_event_id=own.event_id if own.seen or own.refreshes else None,
+            machine.observe(
+                mm.OwnMembershipSeen(created_ts=own.created_ts, event_id=own.event_id), now
             )
-            return data.to_json(), None
-        expires = cfg.expires_ms * (own.refreshes + 1)
-        state = SessionMembershipData.for_join(
+        else:
+            if self._own_present.is_set():
+                self._log.warning("agent.membership_missing")
+            self._own_present.clear()
+            machine.observe(mm.OwnMembershipMissing(), now)
+        self._poke.set()
+
+    # -- own membership: perform the machine's requests ------------------------------------
+
+    def _new_machine(self) -> mm.OwnMembershipMachine:
+        cfg = self.config
+        create = self.hs.room_state(self.room_id).get((EventType.ROOM_CREATE, ""))
+        content = create.get("content") if create is not None else None
+        version = content.get("room_version") if isinstance(content, dict) else None
+        return mm.OwnMembershipMachine(
             user_id=self.hs.user_id,
             device_id=self.hs.device_id,
-            transports=cfg.transports,
-            multi_sfu=cfg.multi_sfu,
-            intent=cfg.intent,
-            expires=expires,
-            created_ts=own.created_ts,
+            dialect=cfg.dialect,
+            room_version=version if isinstance(version, str) else "1",
+            member_id=str(uuid.uuid4()) if cfg.dialect is Dialect.STICKY else None,
+            config=mm.MembershipConfig(
+                delayed_leave_delay_ms=cfg.delayed_leave_ms,
+                delayed_leave_restart_ms=min(
+                    cfg.restart_interval_ms, cfg.delayed_leave_ms * 5 // 8
+                ),
+                restart_local_timeout_ms=cfg.restart_timeout_ms,
+                expiry_ms=cfg.expires_ms,
+                sticky_duration_ms=min(cfg.sticky_duration_ms, _MAX_STICKY_MS),
+                network_error_retry_ms=cfg.network_retry_ms,
+            ),
         )
-        return state.to_json(), own.state_key
 
-    def _leave_content(self) -> JsonDict:
-        if self.config.dialect is Dialect.STICKY:
-            assert self._own.member_id is not None
-            return sticky_leave_content(self._own.member_id)
-        return {}
-
-    async def _join(self, *, fresh: bool) -> None:
-        own = self._own
-        if fresh:
-            own.created_ts = None
-            own.refreshes = 0
-            own.event_id = None
-            own.member_id = str(uuid.uuid4())
-        if own.state_key is None:
-            create = self.hs.room_state(self.room_id).get((EventType.ROOM_CREATE, ""))
-            content = create.get("content") if create is not None else None
-            version = content.get("room_version") if isinstance(content, dict) else None
-            own.state_key = state_key_for(
-                self.hs.user_id, self.hs.device_id, version if isinstance(version, str) else "1"
-            )
-        self._rejoin.clear()
-        await self._schedule_delayed_leave()
-        await self._send_join()
-        own.joined_mono = self._mono()
-        if own.delay_id is not None:
-            await self._restart_once()  # older Synapse cancels it on our own overwrite
-
-    async def _schedule_delayed_leave(self) -> None:
-        own, cfg = self._own, self.config
-        if not own.delayed_supported:
-            return
-        if own.delay_id is not None:
-            old, own.delay_id = own.delay_id, None
-            with contextlib.suppress(RemoteError):
-                await self.hs.update_delayed(old, DelayAction.CANCEL)
-        delay = cfg.delayed_leave_ms
-        while True:
-            try:
-                if cfg.dialect is Dialect.STICKY:
-                    own.delay_id = await self.hs.schedule_delayed_sticky(
-                        self.room_id,
-                        EventType.RTC_MEMBER,
-                        self._leave_content(),
-                        delay,
-                        cfg.sticky_duration_ms,
-                    )
-                else:
-                    assert own.state_key is not None
-                    own.delay_id = await self.hs.schedule_delayed_state(
-                        self.room_id, EventType.CALL_MEMBER, own.state_key, {}, delay
-                    )
-                own.expected_leave_mono = self._mono() + delay / 1000
-                return
-            except Unsupported:
-                self._log.warning("agent.no_delayed_events", reason="MSC4140 not advertised")
-                own.delayed_supported = False
-                return
-            except DelayTooLong as e:
-                if e.max_delay_ms is None or e.max_delay_ms >= delay:
-                    self._log.warning("agent.delay_rejected", delay_ms=delay)
-                    return
-                delay = e.max_delay_ms
-            except RemoteError as e:
-                if not await self._retry_wait(e):
-                    self._log.warning("agent.delayed_leave_failed", error=str(e))
-                    return
-
-    async def _send_join(self) -> None:
-        own, cfg = self._own, self.config
-        while True:
-            content, state_key = self._join_content()
-            try:
-                if cfg.dialect is Dialect.STICKY:
-                    own.event_id = await self.hs.send_sticky(
-                        self.room_id, EventType.RTC_MEMBER, content, cfg.sticky_duration_ms
-                    )
-                else:
-                    assert state_key is not None
-                    own.event_id = await self.hs.put_state(
-                        self.room_id, EventType.CALL_MEMBER, state_key, content
-                    )
-                self._log.info("agent.join_sent", refresh=own.refreshes, dialect=cfg.dialect.value)
-                return
-            except RemoteError as e:
-                if not await self._retry_wait(e):
-                    raise
-
-    async def _retry_wait(self, error: RemoteError) -> bool:
-        """Sleep before retrying a transient failure; False if it is not worth retrying."""
-        if isinstance(error, RateLimited):
-            await asyncio.sleep((error.retry_after_ms or 5_000) / 1000)
-            return True
-        if isinstance(error, HomeserverUnreachable) or (
-            isinstance(error, HomeserverError) and error.transient
-        ):
-            await asyncio.sleep(self.config.network_retry_ms / 1000)
-            return True
-        return False
-
-    async def _restart_once(self) -> bool:
-        """One bounded restart; False when the delayed event is gone (M_NOT_FOUND)."""
-        own, cfg = self._own, self.config
-        assert own.delay_id is not None
-        left_s = own.expected_leave_mono - self._mono()
-        timeout_s = max(0.1, min(cfg.restart_timeout_ms / 1000, left_s))
-        while True:
-            try:
-                await self.hs.update_delayed(own.delay_id, DelayAction.RESTART, timeout_s=timeout_s)
-            except DelayNotFound:
-                own.delay_id = None
-                return False
-            except RemoteError as e:
-                if self._mono() >= own.expected_leave_mono:
-                    self._log.warning("agent.probably_left", error=str(e))
-                if isinstance(e, RateLimited):
-                    await asyncio.sleep((e.retry_after_ms or 5_000) / 1000)
-                elif isinstance(e, HomeserverUnreachable) and "Timeout" in str(e):
-                    pass  # a local abort: js-sdk retries at once
-                else:
-                    await asyncio.sleep(cfg.network_retry_ms / 1000)
-                timeout_s = cfg.restart_timeout_ms / 1000
-                continue
-            own.expected_leave_mono = self._mono() + cfg.delayed_leave_ms / 1000
-            self.heartbeats += 1
-            return True
-
-    async def _heartbeat(self) -> None:
-        own, cfg = self._own, self.config
-        refresh_base = own.joined_mono
-        # A restart period at or above the delay would let the leave fire between restarts;
-        # keep js-sdk's ratio (5 s for 8 s) as the ceiling.
-        interval_s = min(cfg.restart_interval_ms, cfg.delayed_leave_ms * 5 // 8) / 1000
-        while True:
-            next_restart = self._mono() + interval_s
-            while True:
-                now = self._mono()
-                wait = min(next_restart, refresh_base + self._refresh_offset_s()) - now
-                if wait <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._rejoin.wait(), wait)
-                if self._rejoin.is_set():
-                    return
-            if self._mono() >= refresh_base + self._refresh_offset_s():
-                own.refreshes += 1
-                await self._send_join()
-                continue
-            if own.delay_id is None:
-                continue  # joined without delayed events: only refreshes are due
-            if not await self._restart_once():
-                self._log.info("agent.delayed_leave_gone")
-                self._rejoin_fresh = self._own_content_is_leave()
-                return
-
-    def _refresh_offset_s(self) -> float:
-        own, cfg = self._own, self.config
-        if cfg.dialect is Dialect.STICKY:
-            period = min(cfg.sticky_duration_ms, _MAX_STICKY_MS)
-        else:
-            period = min(cfg.expires_ms, _MAX_REFRESH_PERIOD_MS)
-        return ((own.refreshes + 1) * period - _EXPIRY_HEADROOM_MS) / 1000
-
-    async def _send_leave(self) -> None:
-        own = self._own
-        if own.delay_id is not None:
-            delay_id, own.delay_id = own.delay_id, None
-            try:
-                await self.hs.update_delayed(delay_id, DelayAction.SEND)
-                self._log.info("agent.left", via="delayed_send")
-                return
-            except RemoteError as e:
-                self._log.info("agent.delayed_send_failed", error=str(e))
+    async def _drive(self) -> None:
+        machine = self.machine
         try:
-            if self.config.dialect is Dialect.STICKY:
-                await self.hs.send_sticky(
-                    self.room_id,
-                    EventType.RTC_MEMBER,
-                    self._leave_content(),
-                    self.config.sticky_duration_ms,
-                )
-            elif own.state_key is not None:
-                await self.hs.put_state(self.room_id, EventType.CALL_MEMBER, own.state_key, {})
-            self._log.info("agent.left", via="direct")
+            while True:
+                action = machine.next_action(self._clock_ms())
+                for ev in machine.drain_events():
+                    self._log.info("agent.membership", change=repr(ev))
+                if isinstance(action, mm.Stopped):
+                    if action.error is not None:
+                        self._log.error("agent.membership_failed", error=action.error)
+                    return
+                if isinstance(action, mm.Wait):
+                    self._poke.clear()
+                    delay = max(0.0, (action.until_ms - self._clock_ms()) / 1000)
+                    await _wait_event(self._poke, delay)
+                    continue
+                result = await self._perform(action)
+                machine.receive_result(result, self._clock_ms())
+        finally:
+            self._stopped.set()
+
+    async def _perform(self, action: mm.Request) -> mm.Result:
+        hs, room = self.hs, self.room_id
+        try:
+            match action:
+                case mm.ScheduleDelayedLeave(state_key=key) if key is not None:
+                    delay_id = await hs.schedule_delayed_state(
+                        room, action.event_type, key, action.content, action.delay_ms
+                    )
+                    return mm.Ok(delay_id=delay_id)
+                case mm.ScheduleDelayedLeave():
+                    delay_id = await hs.schedule_delayed_sticky(
+                        room,
+                        action.event_type,
+                        action.content,
+                        action.delay_ms,
+                        action.sticky_duration_ms or _MAX_STICKY_MS,
+                    )
+                    return mm.Ok(delay_id=delay_id)
+                case mm.CancelDelayedLeave():
+                    await hs.update_delayed(action.delay_id, DelayAction.CANCEL)
+                case mm.RestartDelayedLeave():
+                    await hs.update_delayed(
+                        action.delay_id, DelayAction.RESTART, timeout_s=action.timeout_ms / 1000
+                    )
+                    self.heartbeats += 1
+                case mm.SendDelayedLeaveNow():
+                    await hs.update_delayed(action.delay_id, DelayAction.SEND)
+                case mm.SendJoin() | mm.SendLeave():
+                    if action.state_key is not None:
+                        event_id = await hs.put_state(
+                            room, action.event_type, action.state_key, action.content
+                        )
+                    else:
+                        event_id = await hs.send_sticky(
+                            room,
+                            action.event_type,
+                            action.content,
+                            action.sticky_duration_ms or _MAX_STICKY_MS,
+                        )
+                    if isinstance(action, mm.SendJoin):
+                        if not action.refresh:
+                            self._joins_sent += 1
+                        self._log.info("agent.join_sent", refresh=action.refresh)
+                        return mm.Ok(event_id=event_id)
+                    self._log.info("agent.left", via="leave event")
+        except DelayNotFound:
+            return mm.NotFound()
+        except HsRateLimited as e:
+            return mm.RateLimited(e.retry_after_ms)
+        except HomeserverTimeout:
+            return mm.LocalTimeout()
+        except HomeserverUnreachable as e:
+            return mm.NetworkError(str(e))
+        except DelayTooLong as e:
+            return mm.MaxDelayExceeded(e.max_delay_ms)
+        except HsUnsupported:
+            return mm.Unsupported()
+        except HomeserverError as e:
+            if e.errcode == "M_NOT_FOUND":
+                return mm.NotFound()
+            if e.transient:
+                return mm.NetworkError(str(e))
+            return mm.Rejected(e.errcode, e.error)
         except RemoteError as e:
-            self._log.warning("agent.leave_failed", error=str(e))
+            return mm.Rejected("", str(e))
+        if isinstance(action, mm.SendDelayedLeaveNow):
+            self._log.info("agent.left", via="delayed leave sent now")
+        return mm.Ok()
+
+    @property
+    def rejoins(self) -> int:
+        """Joins sent after the first (not counting expiry refreshes)."""
+        return max(0, self._joins_sent - 1)
 
     # -- timers -----------------------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
+        """Recompute at the soonest membership expiry and at the ring's end of lifetime."""
+        fired_ms = 0  # deadlines at or before this have been handled: never spin on them
         while True:
             self._wake.clear()
-            deadlines = [
-                t for t in (self._session.next_wakeup_ms(), self._ring_deadline_ms) if t is not None
-            ]
-            now = self._clock_ms()
-            timeout = None if not deadlines else max(0.0, (min(deadlines) - now) / 1000) + 0.01
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if self._wake.is_set():
+            candidates = (self._session.next_wakeup_ms(), self._ring_deadline_ms)
+            deadlines = [t for t in candidates if t is not None and t > fired_ms]
+            timeout = None
+            if deadlines:
+                timeout = max(0.0, (min(deadlines) - self._clock_ms()) / 1000) + 0.01
+            if await _wait_event(self._wake, timeout):
                 continue
-            if self._ring_deadline_ms is not None and self._clock_ms() >= self._ring_deadline_ms:
+            fired_ms = self._clock_ms()
+            if self._ring_deadline_ms is not None and fired_ms >= self._ring_deadline_ms:
                 self._stop_ringing(RingState.EXPIRED)
             self._recompute()
-            if self._session.next_wakeup_ms() == min(deadlines, default=None):
-                await asyncio.sleep(0.05)  # an expiry in the past: avoid a hot loop
 
     # -- ring -------------------------------------------------------------------------------
 

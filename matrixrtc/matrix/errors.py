@@ -16,6 +16,7 @@ __all__ = [
     "DelayNotFound",
     "DelayTooLong",
     "HomeserverError",
+    "HomeserverTimeout",
     "HomeserverUnreachable",
     "LoginError",
     "RateLimited",
@@ -25,6 +26,10 @@ __all__ = [
 
 class HomeserverUnreachable(RemoteError):
     """The request did not get an HTTP answer (connection refused/reset, timeout)."""
+
+
+class HomeserverTimeout(HomeserverUnreachable):
+    """Our own time limit for the request passed before an answer came."""
 
 
 class HomeserverError(RemoteError):

@@ -53,6 +53,7 @@ from matrixrtc.matrix.errors import (
     DelayNotFound,
     DelayTooLong,
     HomeserverError,
+    HomeserverTimeout,
     HomeserverUnreachable,
     LoginError,
     RateLimited,
@@ -512,7 +513,9 @@ class Homeserver:
                 status = resp.status
                 text = await resp.text()
                 retry_after = resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except TimeoutError as e:
+            raise HomeserverTimeout(f"{method} {shown}: no answer in time") from e
+        except (aiohttp.ClientError, OSError) as e:
             raise HomeserverUnreachable(f"{method} {shown}: {type(e).__name__}: {e}") from e
         try:
             parsed: Any = json.loads(text) if text else {}
@@ -902,7 +905,8 @@ class Homeserver:
                 await self._synced.wait_for(lambda: self.sync_count > target)
                 return self.sync_count
 
-        return await asyncio.wait_for(_wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await _wait()
 
     async def _sync_loop(self) -> None:
         backoff = 0.25
@@ -1036,8 +1040,10 @@ class Homeserver:
         sticky = [
             self._decrypted(room_id, e, decrypted) for e in _events(section.get("msc4354_sticky"))
         ]
-        seen = {e.get("event_id") for e in sticky}
-        sticky += [e for e in timeline if "msc4354_sticky" in e and e.get("event_id") not in seen]
+        seen = {str(e.get("event_id")) for e in sticky}
+        sticky += [
+            e for e in timeline if "msc4354_sticky" in e and str(e.get("event_id")) not in seen
+        ]
         now = _now_ms()
         held = self._room_sticky.setdefault(room_id, {})
         for ev in sticky:
@@ -1068,7 +1074,9 @@ class Homeserver:
         return {**ev, "type": etype, "content": content, "decrypted": True}
 
     def _decrypt_megolm(self, room_id: str, ev: JsonDict) -> JsonDict | None:
-        nio = self._require_nio()
+        nio = self._nio
+        if nio is None:
+            return None
         try:
             parsed = MegolmEvent.from_dict(ev)
             if not isinstance(parsed, MegolmEvent):

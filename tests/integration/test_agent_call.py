@@ -342,8 +342,12 @@ async def test_forged_overwrite_is_ignored_and_the_owner_reasserts(
 
             ev = await asyncio.wait_for(reasserted(), 10.0)
             assert ev["content"]["device_id"] == ha.device_id
-            assert ev["content"]["created_ts"] == created
-            await _wait_members(agent_b, 2)
+            assert ev["content"]["foci_preferred"] == original["foci_preferred"]
+            await _until(
+                lambda: {p.user_id for p in agent_b.participants} == {ha.user_id, hb.user_id},
+                5.0,
+                "ida to list hal again",
+            )
             views: list[ParticipantsChanged] = []
             while (item := changes.get_nowait()) is not None:
                 views.append(item)
@@ -351,9 +355,9 @@ async def test_forged_overwrite_is_ignored_and_the_owner_reasserts(
         for view in views:
             for p in view.participants:
                 assert p.transport is None or "evil" not in json.dumps(p.transport.to_json())
-        final = {(p.user_id, p.device_id, p.created_ts) for p in agent_b.participants}
-        assert (ha.user_id, ha.device_id, created) in final
-        assert all(p.user_id != hm.user_id for p in agent_b.participants)
+        # js-sdk re-joins as a new membership (no created_ts carried), so hal now sorts last.
+        assert [p.user_id for p in agent_b.participants] == [hb.user_id, ha.user_id]
+        assert next(p for p in agent_b.participants if p.user_id == ha.user_id).created_ts > created
 
 
 async def test_sticky_member_and_state_member_see_each_other(

@@ -1,0 +1,130 @@
+"""Property tests for what the homeserver adapter parses from the wire: error answers, raw
+sync room sections, the saved session file. Whatever arrives, nothing raises, and only
+well-formed values come out. (Pure and fast; it lives here because it tests the I/O adapter.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matrixrtc.matrix import DelayTooLong, Homeserver, HomeserverError, Login, RateLimited
+from matrixrtc.matrix.homeserver import _error_from, _sticky_ttl_ms, _transport_list
+from matrixrtc.matrix.state_dir import SavedSession, StateDir
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+keys = st.sampled_from(
+    ["type", "state_key", "event_id", "content", "sender", "msc4354_sticky", "unsigned", "events"]
+)
+event_like = st.dictionaries(keys, json_values, max_size=6)
+
+
+@given(
+    st.integers(100, 599),
+    st.dictionaries(st.text(max_size=30), json_values, max_size=5),
+    st.none() | st.text(max_size=5),
+)
+def test_error_mapping_never_raises(
+    status: int, body: dict[str, Any], retry_after: str | None
+) -> None:
+    err = _error_from(status, body, retry_after)
+    assert isinstance(err, HomeserverError)
+    assert isinstance(err.errcode, str)
+    if isinstance(err, RateLimited):
+        assert err.retry_after_ms is None or isinstance(err.retry_after_ms, int)
+
+
+def test_error_mapping_known_answers() -> None:
+    limited = _error_from(429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 1234}, None)
+    assert isinstance(limited, RateLimited)
+    assert limited.retry_after_ms == 1234
+    assert _error_from(429, {}, "3").retry_after_ms == 3000  # type: ignore[attr-defined]
+    synapse = _error_from(
+        400,
+        {
+            "errcode": "ORG.MATRIX.MSC4140_DELAY_TOO_LARGE",
+            "error": "The requested delay (999ms) exceeds the allowed maximum (86400000ms)",
+        },
+        None,
+    )
+    assert isinstance(synapse, DelayTooLong)
+    assert synapse.max_delay_ms == 86_400_000
+    msc = _error_from(
+        400,
+        {
+            "errcode": "M_UNKNOWN",
+            "org.matrix.msc4140.errcode": "M_MAX_DELAY_EXCEEDED",
+            "org.matrix.msc4140.max_delay": 5000,
+        },
+        None,
+    )
+    assert isinstance(msc, DelayTooLong)
+    assert msc.max_delay_ms == 5000
+    assert _error_from(502, {}, None).transient
+
+
+@given(json_values)
+def test_transport_lists_keep_only_typed_objects(value: Any) -> None:
+    out = _transport_list(value, "test")
+    assert all(isinstance(t, dict) and isinstance(t["type"], str) for t in out)
+
+
+@given(event_like)
+def test_sticky_ttl_is_bounded(ev: dict[str, Any]) -> None:
+    assert 0 <= _sticky_ttl_ms(ev) <= 3_600_000
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.sampled_from(["state", "timeline", "msc4354_sticky", "summary"]),
+        st.dictionaries(st.just("events"), st.lists(event_like | json_values, max_size=5))
+        | json_values,
+        max_size=4,
+    )
+)
+def test_raw_room_sections_never_break_the_sync_dispatch(section: dict[str, Any]) -> None:
+    hs = Homeserver("http://127.0.0.1:9", Login("@x:localhost"))  # never opened: no I/O
+    update = hs._room_update("!r", section, {}, initial=True)
+    assert all(isinstance(e, dict) for e in update.state + update.timeline + update.sticky)
+    for (etype, key), ev in hs.room_state("!r").items():
+        assert isinstance(etype, str)
+        assert isinstance(key, str)
+        assert ev["type"] == etype
+    for ev, received in hs.room_sticky("!r"):
+        assert isinstance(ev, dict)
+        assert isinstance(received, int)
+
+
+@given(json_values)
+def test_saved_session_file_of_any_shape_is_rejected_or_complete(
+    tmp_path_factory: Any, value: Any
+) -> None:
+    d = StateDir(Path(tmp_path_factory.mktemp("state")))
+    d.ensure()
+    d.session_file.write_text(json.dumps(value))
+    saved = d.load()
+    assert saved is None or all(
+        isinstance(v, str) and v
+        for v in (saved.homeserver, saved.user_id, saved.device_id, saved.access_token)
+    )
+
+
+def test_saved_session_round_trip_is_private(tmp_path: Path) -> None:
+    d = StateDir(tmp_path / "s")
+    s = SavedSession("http://h", "@u:h", "DEV", "secret-token")
+    d.save(s)
+    assert d.load() == s
+    assert d.session_file.stat().st_mode & 0o077 == 0
+    assert "secret-token" not in repr(s)
+    d.session_file.write_text("{not json")
+    assert d.load() is None
