@@ -1,1 +1,52 @@
-"""LiveKit transport (I/O): livekit rtc SDK with our key provider."""
+"""LiveKit transport (I/O): livekit rtc SDK with Element-Call-compatible per-participant E2EE.
+
+Modules (each documents its API in its docstring):
+
+* ``token``       credentials from an authorization service (``/get_token``, ``/sfu/get``).
+* ``connection``  ``LiveKitConnection``: one SFU, E2EE key provider, synthetic media, counters.
+* ``transport``   ``LiveKitTransport``: one connection per SFU the call needs (oldest member
+                  or multi-SFU), keys from the sender-key manager installed everywhere.
+"""
+
+from matrixrtc.livekit.connection import (
+    LiveKitConnectError,
+    LiveKitConnection,
+    MediaOptions,
+    ParticipantStats,
+    SentStats,
+    element_call_e2ee_options,
+)
+from matrixrtc.livekit.token import (
+    Endpoint,
+    JwtClaims,
+    SfuCredentials,
+    TokenResponseError,
+    TokenServiceError,
+    TokenServiceUnreachable,
+    jwt_claims,
+    parse_credentials,
+    request_credentials,
+)
+from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, Plan, plan_connections
+
+__all__ = [
+    "Endpoint",
+    "JwtClaims",
+    "LiveKitConnectError",
+    "LiveKitConnection",
+    "LiveKitTransport",
+    "MediaOptions",
+    "OwnDevice",
+    "ParticipantStats",
+    "Plan",
+    "SentStats",
+    "SfuCredentials",
+    "TokenResponseError",
+    "TokenServiceError",
+    "TokenServiceUnreachable",
+    "element_call_e2ee_options",
+    "jwt_claims",
+    "parse_credentials",
+    "plan_connections",
+    "request_credentials",
+]

@@ -1,0 +1,419 @@
+"""One LiveKit connection (one SFU) with Element-Call-compatible per-participant E2EE.
+
+Public API::
+
+    async with LiveKitConnection(creds, publish=True) as conn:   # creds: token.SfuCredentials
+        conn.set_remote_key(identity, index, key)   # a remote sender's key (any identity form)
+        conn.use_own_key(index, key)                # our key; our frame cryptors follow index
+        conn.stats[identity].video_frames           # per remote participant counters
+        conn.sent.video_frames                      # what we published
+
+E2EE is the livekit rtc SDK's own frame cryptor, configured as Element Call's
+``MatrixKeyProvider`` (spec/livekit.md §B.1/§B.2): per-participant keys, HKDF with salt
+``LKFrameEncryptionKey``, ratchet window 10, failure tolerance 10, key ring 256. The SDK's
+defaults (PBKDF2, ring 16, tolerance −1) do not interoperate: a PBKDF2-derived key never
+decrypts Element Call's frames, and with ring 16 any key index ≥ 16 is "missing".
+
+The SDK's sender frame cryptor does not follow ``set_key``: it keeps encrypting with its own
+key index (0 when created). :meth:`LiveKitConnection.use_own_key` therefore sets the index on
+every local cryptor, and cryptors created by a later publish get the current index too.
+
+Media is synthetic (``matrixrtc.media.sources``: a moving pattern, default 320×240 at 15 fps,
+and a 440 Hz tone), re-captured into LiveKit sources. Every subscribed remote track is drained
+and counted in an owned task. The SDK reports decryption problems only as state changes per
+participant (``e2ee_state_changed``), not per frame, so ``decrypt_failures`` counts entries
+into a failing state and ``e2ee_events`` keeps when they happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import structlog
+from livekit import rtc
+from livekit.rtc.participant import PublishTrackError
+
+from matrixrtc.errors import RemoteError
+from matrixrtc.livekit.token import SfuCredentials
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+
+__all__ = [
+    "ELEMENT_CALL_KEY_RING_SIZE",
+    "LiveKitConnectError",
+    "LiveKitConnection",
+    "MediaOptions",
+    "ParticipantStats",
+    "SentStats",
+    "element_call_e2ee_options",
+]
+
+log = structlog.get_logger(__name__)
+
+RATCHET_SALT: Final = b"LKFrameEncryptionKey"
+RATCHET_WINDOW_SIZE: Final = 10  # Element Call MatrixKeyProvider
+FAILURE_TOLERANCE: Final = 10  # livekit-client KEY_PROVIDER_DEFAULTS, kept by Element Call
+ELEMENT_CALL_KEY_RING_SIZE: Final = 256  # indices run 0..255 (matrix-js-sdk)
+CONNECT_TIMEOUT_S: Final = 10.0
+
+# States that mean a participant's frames are not being decrypted.
+_FAILING: Final = frozenset(
+    {
+        rtc.EncryptionState.DECRYPTION_FAILED,
+        rtc.EncryptionState.MISSING_KEY,
+        rtc.EncryptionState.INTERNAL_ERROR,
+    }
+)
+_MAX_EVENTS: Final = 1024
+_MAX_FRAME_TIMES: Final = 8192
+
+
+def element_call_e2ee_options() -> rtc.E2EEOptions:
+    """Key provider settings that match Element Call's per-participant mode."""
+    return rtc.E2EEOptions(
+        key_provider_options=rtc.KeyProviderOptions(
+            shared_key=None,
+            ratchet_salt=RATCHET_SALT,
+            ratchet_window_size=RATCHET_WINDOW_SIZE,
+            failure_tolerance=FAILURE_TOLERANCE,
+            key_ring_size=ELEMENT_CALL_KEY_RING_SIZE,
+            key_derivation_function=rtc.KeyDerivationFunction.HKDF,
+        ),
+        encryption_type=rtc.EncryptionType.GCM,
+    )
+
+
+class LiveKitConnectError(RemoteError):
+    """LiveKit refused or dropped the connection, or a publish failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaOptions:
+    """What we publish when a connection publishes."""
+
+    video: bool = True
+    audio: bool = True
+    width: int = 320
+    height: int = 240
+    fps: float = 15.0
+    tone_hz: float = 440.0
+
+
+@dataclass(slots=True)
+class ParticipantStats:
+    """Counters for one remote participant on one connection. Times are clock seconds."""
+
+    identity: str
+    video_tracks: int = 0  # video tracks subscribed
+    video_frames: int = 0  # decoded video frames (so: decrypted, when E2EE is on)
+    # 10 ms frames out of the SDK's audio stream. It plays concealment/silence when nothing
+    # decrypts, so this counts time, not decrypted audio.
+    audio_frames: int = 0
+    first_video_at: float | None = None
+    last_video_at: float | None = None
+    e2ee_state: str | None = None  # last EncryptionState name
+    decrypt_failures: int = 0  # entries into DECRYPTION_FAILED / MISSING_KEY / INTERNAL_ERROR
+    e2ee_events: collections.deque[tuple[float, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=_MAX_EVENTS)
+    )
+    video_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=_MAX_FRAME_TIMES)
+    )
+
+    def video_frames_between(self, start: float, end: float) -> int:
+        """Decoded video frames whose arrival time lies in ``[start, end)``."""
+        return sum(1 for t in self.video_times if start <= t < end)
+
+    def failures_after(self, start: float) -> list[tuple[float, str]]:
+        """Failing e2ee state entries at or after ``start``."""
+        names = {rtc.EncryptionState.Name(s) for s in _FAILING}
+        return [(t, s) for t, s in self.e2ee_events if t >= start and s in names]
+
+
+@dataclass(slots=True)
+class SentStats:
+    """What this connection published (frames handed to the SDK)."""
+
+    video_frames: int = 0
+    audio_frames: int = 0
+    video_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=_MAX_FRAME_TIMES)
+    )
+
+    def video_frames_between(self, start: float, end: float) -> int:
+        return sum(1 for t in self.video_times if start <= t < end)
+
+
+class LiveKitConnection:
+    """A LiveKit room connection: E2EE, optional synthetic publishing, per-remote counters."""
+
+    def __init__(
+        self,
+        credentials: SfuCredentials,
+        *,
+        publish: bool,
+        media: MediaOptions | None = None,
+        e2ee: bool = True,
+        e2ee_options: rtc.E2EEOptions | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.credentials = credentials
+        self.publish = publish
+        self.media = media if media is not None else MediaOptions()
+        self.e2ee = e2ee
+        # Element Call's settings unless told otherwise (tests use the SDK defaults to show
+        # that they do not interoperate).
+        self._e2ee_options = (
+            e2ee_options if e2ee_options is not None else element_call_e2ee_options()
+        )
+        self._connect_timeout_s = connect_timeout_s
+        self._clock = clock
+        self.room = rtc.Room()
+        self.stats: dict[str, ParticipantStats] = {}
+        self.sent = SentStats()
+        self.connected_at: float | None = None
+        self._own_key: tuple[int, bytes] | None = None
+        self._remote_keys: dict[tuple[str, int], bytes] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
+        self._closed = False
+        self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.on("e2ee_state_changed", self._on_e2ee_state)
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def identity(self) -> str:
+        """Our LiveKit identity (the JWT ``sub``)."""
+        return self.credentials.identity
+
+    async def connect(self) -> None:
+        """Connect, then (when publishing) publish the synthetic tracks."""
+        options = rtc.RoomOptions(
+            auto_subscribe=True,
+            encryption=self._e2ee_options if self.e2ee else None,
+            connect_timeout=self._connect_timeout_s,
+        )
+        try:
+            await self.room.connect(self.credentials.url, self.credentials.jwt, options)
+        except rtc.ConnectError as exc:
+            raise LiveKitConnectError(f"LiveKit connect failed: {exc}") from None
+        self.connected_at = self._clock()
+        for (identity, index), key in self._remote_keys.items():
+            self.set_remote_key(identity, index, key)
+        log.info(
+            "livekit.connected",
+            room=self.credentials.room,
+            identity=self.identity,
+            publish=self.publish,
+        )
+        if self._own_key is not None:
+            self.use_own_key(*self._own_key)
+        if self.publish:
+            await self._publish()
+
+    async def aclose(self) -> None:
+        """Stop publishing, drain tasks, leave the room. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.room.disconnect()
+        finally:
+            for source in self._sources:
+                await source.aclose()
+            self._sources.clear()
+        log.info("livekit.closed", room=self.credentials.room, identity=self.identity)
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("livekit.task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    # ------------------------------------------------------------------ keys
+    def _key_provider(self) -> rtc.KeyProvider | None:
+        if not self.e2ee or self.connected_at is None:  # the SDK makes it in connect()
+            return None
+        return self.room.e2ee_manager.key_provider
+
+    def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        """Install a remote sender's key under its LiveKit identity (state or sticky form)."""
+        self._remote_keys[(identity, index)] = key
+        kp = self._key_provider()
+        if kp is not None:  # else applied in connect()
+            kp.set_key(identity, key, index)
+
+    def use_own_key(self, index: int, key: bytes) -> None:
+        """Encrypt our media with ``key`` at ``index`` from now on."""
+        self._own_key = (index, key)
+        kp = self._key_provider()
+        if kp is None:
+            return  # applied in connect()
+        kp.set_key(self.room.local_participant.identity, key, index)
+        self._sync_own_key_index()
+
+    def _sync_own_key_index(self) -> None:
+        if self._own_key is None or not self.e2ee:
+            return
+        index = self._own_key[0]
+        me = self.room.local_participant.identity
+        for cryptor in self.room.e2ee_manager.frame_cryptors():
+            if cryptor.participant_identity == me and cryptor.key_index != index:
+                cryptor.set_key_index(index)
+
+    @property
+    def own_key_indices(self) -> list[int]:
+        """Key index of each of our sender frame cryptors (what goes on the wire)."""
+        me = self.room.local_participant.identity
+        return [
+            c.key_index
+            for c in self.room.e2ee_manager.frame_cryptors()
+            if c.participant_identity == me
+        ]
+
+    # ------------------------------------------------------------------ publishing
+    async def _publish(self) -> None:
+        m = self.media
+        lp = self.room.local_participant
+        try:
+            if m.video:
+                vsource = rtc.VideoSource(m.width, m.height)
+                self._sources.append(vsource)
+                vtrack = rtc.LocalVideoTrack.create_video_track("synthetic-video", vsource)
+                await lp.publish_track(
+                    vtrack,
+                    rtc.TrackPublishOptions(
+                        source=rtc.TrackSource.SOURCE_CAMERA,
+                        video_codec=rtc.VideoCodec.VP8,
+                        simulcast=False,
+                    ),
+                )
+                self._spawn(self._pump_video(vsource), "livekit-video-source")
+            if m.audio:
+                asource = rtc.AudioSource(48_000, 1)
+                self._sources.append(asource)
+                atrack = rtc.LocalAudioTrack.create_audio_track("synthetic-audio", asource)
+                await lp.publish_track(
+                    atrack, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+                )
+                self._spawn(self._pump_audio(asource), "livekit-audio-source")
+        except PublishTrackError as exc:
+            raise LiveKitConnectError(f"LiveKit publish failed: {exc}") from None
+        # New sender cryptors start at index 0.
+        self._sync_own_key_index()
+
+    async def _pump_video(self, source: rtc.VideoSource) -> None:
+        m = self.media
+        track = SyntheticVideoTrack(m.width, m.height, m.fps)
+        try:
+            while True:
+                frame = await track.recv()
+                data = frame.to_ndarray().tobytes()  # yuv420p planes, i.e. I420
+                source.capture_frame(
+                    rtc.VideoFrame(m.width, m.height, rtc.VideoBufferType.I420, data)
+                )
+                self.sent.video_frames += 1
+                self.sent.video_times.append(self._clock())
+        finally:
+            track.stop()
+
+    async def _pump_audio(self, source: rtc.AudioSource) -> None:
+        track = ToneAudioTrack(self.media.tone_hz)
+        try:
+            while True:
+                frame = await track.recv()
+                pcm = frame.to_ndarray()
+                await source.capture_frame(
+                    rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, pcm.shape[-1])
+                )
+                self.sent.audio_frames += 1
+        finally:
+            track.stop()
+
+    # ------------------------------------------------------------------ receiving
+    def _stats_for(self, identity: str) -> ParticipantStats:
+        stats = self.stats.get(identity)
+        if stats is None:
+            stats = self.stats[identity] = ParticipantStats(identity)
+        return stats
+
+    def _on_track_subscribed(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        participant: rtc.RemoteParticipant,
+    ) -> None:
+        stats = self._stats_for(participant.identity)
+        if track.kind == rtc.TrackKind.KIND_VIDEO:
+            stats.video_tracks += 1
+            self._spawn(self._count_video(track, stats), f"livekit-sink-video-{track.sid}")
+        elif track.kind == rtc.TrackKind.KIND_AUDIO:
+            self._spawn(self._count_audio(track, stats), f"livekit-sink-audio-{track.sid}")
+
+    async def _count_video(self, track: rtc.Track, stats: ParticipantStats) -> None:
+        stream = rtc.VideoStream(track)
+        try:
+            async for _ in stream:
+                now = self._clock()
+                stats.video_frames += 1
+                if stats.first_video_at is None:
+                    stats.first_video_at = now
+                    log.info("livekit.first_remote_frame", identity=stats.identity)
+                stats.last_video_at = now
+                stats.video_times.append(now)
+        finally:
+            await stream.aclose()
+
+    async def _count_audio(self, track: rtc.Track, stats: ParticipantStats) -> None:
+        stream = rtc.AudioStream(track)
+        try:
+            async for _ in stream:
+                stats.audio_frames += 1
+        finally:
+            await stream.aclose()
+
+    def _on_e2ee_state(
+        self, participant: rtc.Participant | None, state: rtc.EncryptionState.ValueType
+    ) -> None:
+        if participant is None or participant.identity == self.identity:
+            return  # our own sender state
+        stats = self._stats_for(participant.identity)
+        name = rtc.EncryptionState.Name(state)
+        stats.e2ee_state = name
+        stats.e2ee_events.append((self._clock(), name))
+        if state in _FAILING:
+            stats.decrypt_failures += 1
+            log.info("livekit.decrypt_failing", identity=participant.identity, state=name)

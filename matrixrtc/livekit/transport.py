@@ -1,0 +1,264 @@
+"""LiveKit transport: one :class:`LiveKitConnection` per SFU the call needs (spec §3.2).
+
+Public API::
+
+    async with LiveKitTransport(room_id=…, own=OwnDevice(…), openid=hs.request_openid_token,
+                                session=http) as lk:
+        await lk.update(session.memberships, own_membership)   # open/close connections
+        sends = lk.apply_key_actions(key_manager_actions)      # UseKey/InstallRemoteKey
+        lk.connections                                         # transport -> connection
+
+Which SFUs: every member's media is where ``publish_transport(member, oldest)`` says (the
+oldest-membership rule and multi-SFU are both in that function); we connect to each distinct
+LiveKit transport among them, and publish only on our own. With ``oldest_membership`` that is
+one connection (the oldest member's SFU, publish and subscribe); with ``multi_sfu`` it is our
+own SFU (publish) plus every other SFU a member publishes on (subscribe only).
+
+Token endpoint per connection (spec §3.4): the SFU we publish on gets the endpoint of the
+dialect we advertise (sticky → ``/get_token``, state → ``/sfu/get``), so that our LiveKit
+identity is the one other members compute from our membership; a subscribe-only SFU gets
+``/get_token`` with ``/sfu/get`` as fallback.
+
+Keys: every remote key and our own current key are kept here and installed in every
+connection, including ones opened later (a sender's frames may reach us through any SFU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import structlog
+
+from matrixrtc.e2ee.keys import Action, InstallRemoteKey, SendKey, UseKey
+from matrixrtc.errors import MatrixRTCError
+from matrixrtc.livekit.connection import LiveKitConnection, MediaOptions, ParticipantStats
+from matrixrtc.livekit.token import Endpoint, request_credentials
+from matrixrtc.matrix.homeserver import OpenIdToken
+from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
+from matrixrtc.model.membership import CallMembership
+from matrixrtc.model.transports import LivekitTransport
+from matrixrtc.session.transports import publish_transport
+
+__all__ = ["LiveKitTransport", "OwnDevice", "Plan", "plan_connections"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OwnDevice:
+    """Who we are in the call."""
+
+    user_id: str
+    device_id: str
+    member_id: str
+    sticky: bool  # we advertise the sticky form (m.rtc.member) rather than the state form
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The connections a membership list calls for: transport → do we publish there."""
+
+    connections: Mapping[LivekitTransport, bool]
+
+    @property
+    def publish_on(self) -> LivekitTransport | None:
+        return next((t for t, pub in self.connections.items() if pub), None)
+
+
+def _key(t: LivekitTransport) -> LivekitTransport:
+    # livekit_alias is per room, not per server: it must not split one SFU into two.
+    return LivekitTransport(livekit_service_url=t.livekit_service_url.rstrip("/"))
+
+
+def plan_connections(memberships: Sequence[CallMembership], own: CallMembership | None) -> Plan:
+    """Pure: which SFUs to connect to, oldest member's first (see module docstring)."""
+    oldest = memberships[0] if memberships else None
+    wanted: dict[LivekitTransport, bool] = {}
+    if own is not None:
+        mine = publish_transport(own, oldest if oldest is not None else own)
+        if isinstance(mine, LivekitTransport):
+            wanted[_key(mine)] = True
+    for m in memberships:
+        if own is not None and m.key == own.key:
+            continue
+        t = publish_transport(m, oldest)
+        if isinstance(t, LivekitTransport):
+            wanted.setdefault(_key(t), False)
+    return Plan(wanted)
+
+
+class LiveKitTransport:
+    """Opens and closes LiveKit connections as the call's memberships change."""
+
+    def __init__(
+        self,
+        *,
+        room_id: str,
+        own: OwnDevice,
+        openid: Callable[[], Awaitable[OpenIdToken]],
+        session: aiohttp.ClientSession | None = None,
+        media: MediaOptions | None = None,
+        e2ee: bool = True,
+        slot_id: str = DEFAULT_SLOT_ID,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.room_id = room_id
+        self.own = own
+        self._openid = openid
+        self._session = session
+        self._own_session = session is None
+        self.media = media if media is not None else MediaOptions()
+        self.e2ee = e2ee
+        self.slot_id = slot_id
+        self._clock = clock
+        self.connections: dict[LivekitTransport, LiveKitConnection] = {}
+        self.failures: dict[LivekitTransport, MatrixRTCError] = {}
+        self._remote_keys: dict[tuple[str, int], bytes] = {}
+        self._own_key: tuple[int, bytes] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifetime
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            self._closed = True
+            conns, self.connections = list(self.connections.values()), {}
+            await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+            if self._own_session and self._session is not None:
+                await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    # ------------------------------------------------------------------ connections
+    async def update(
+        self, memberships: Sequence[CallMembership], own: CallMembership | None
+    ) -> Plan:
+        """Make the open connections match ``plan_connections(memberships, own)``.
+
+        A connection that fails to open is left out and recorded in :attr:`failures`; the
+        next update tries again. Returns the plan.
+        """
+        plan = plan_connections(memberships, own)
+        async with self._lock:
+            if self._closed:
+                return plan
+            stale = [
+                t
+                for t, conn in self.connections.items()
+                if plan.connections.get(t) is None or plan.connections[t] != conn.publish
+            ]
+            for t in stale:
+                log.info("livekit.connection_closing", transport=t.livekit_service_url)
+                await self.connections.pop(t).aclose()
+            new = [(t, pub) for t, pub in plan.connections.items() if t not in self.connections]
+            results = await asyncio.gather(
+                *(self._open(t, pub) for t, pub in new), return_exceptions=True
+            )
+            for (t, _), result in zip(new, results, strict=True):
+                if isinstance(result, LiveKitConnection):
+                    self.connections[t] = result
+                    self.failures.pop(t, None)
+                elif isinstance(result, MatrixRTCError):
+                    self.failures[t] = result
+                    log.warning(
+                        "livekit.connection_failed",
+                        transport=t.livekit_service_url,
+                        error=str(result),
+                    )
+                elif isinstance(result, BaseException):
+                    raise result
+        return plan
+
+    async def _open(self, transport: LivekitTransport, publish: bool) -> LiveKitConnection:
+        if publish:
+            endpoint = Endpoint.GET_TOKEN if self.own.sticky else Endpoint.SFU_GET
+        else:
+            endpoint = Endpoint.AUTO
+        creds = await request_credentials(
+            self._http(),
+            transport.livekit_service_url,
+            room_id=self.room_id,
+            user_id=self.own.user_id,
+            device_id=self.own.device_id,
+            member_id=self.own.member_id,
+            openid=await self._openid(),
+            endpoint=endpoint,
+            slot_id=self.slot_id,
+        )
+        conn = LiveKitConnection(
+            creds, publish=publish, media=self.media, e2ee=self.e2ee, clock=self._clock
+        )
+        for (identity, index), key in self._remote_keys.items():
+            conn.set_remote_key(identity, index, key)
+        if self._own_key is not None:
+            conn.use_own_key(*self._own_key)
+        try:
+            await conn.connect()
+        except BaseException:
+            await conn.aclose()
+            raise
+        log.info(
+            "livekit.connection_open",
+            transport=transport.livekit_service_url,
+            endpoint=creds.endpoint.value,
+            publish=publish,
+        )
+        return conn
+
+    # ------------------------------------------------------------------ keys
+    def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        self._remote_keys[(identity, index)] = key
+        for conn in self.connections.values():
+            conn.set_remote_key(identity, index, key)
+
+    def use_own_key(self, index: int, key: bytes) -> None:
+        self._own_key = (index, key)
+        for conn in self.connections.values():
+            conn.use_own_key(index, key)
+
+    def apply_key_actions(self, actions: Iterable[Action]) -> list[SendKey]:
+        """Carry out the key manager's installs; return the :class:`SendKey` s for Matrix."""
+        sends: list[SendKey] = []
+        for a in actions:
+            if isinstance(a, SendKey):
+                sends.append(a)
+            elif isinstance(a, UseKey):
+                self.use_own_key(a.index, a.key)
+            elif isinstance(a, InstallRemoteKey):
+                self.set_remote_key(a.identity, a.index, a.key)
+        return sends
+
+    # ------------------------------------------------------------------ stats
+    def remote_stats(self) -> dict[str, ParticipantStats]:
+        """Per remote identity, the connection's counters where its media arrives.
+
+        A participant seen on several SFUs is reported from the one with most frames.
+        """
+        out: dict[str, ParticipantStats] = {}
+        for conn in self.connections.values():
+            for identity, stats in conn.stats.items():
+                best = out.get(identity)
+                if best is None or stats.video_frames > best.video_frames:
+                    out[identity] = stats
+        return out
