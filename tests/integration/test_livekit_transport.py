@@ -395,6 +395,19 @@ async def test_two_members_exchange_encrypted_media_and_keyless_participants_can
         # reports nothing at all, frames just never decode.
         carol_view = extra[0].stats
         assert all(carol_view[p.identity].e2ee_state == "MISSING_KEY" for p in (a, b))
+
+        # Element Call's key indices run to 255 (ring 256); with the SDK's default ring of 16
+        # index 200 would not be usable.
+        high = os.urandom(16)
+        b.transport.set_remote_key(a.identity, 200, high)
+        a.transport.use_own_key(200, high)
+        switched = time.monotonic()
+        assert ca.own_key_indices == [200, 200]
+        await asyncio.sleep(2.5)
+        window = (switched + 0.5, switched + 2.5)
+        sent = ca.sent.video_frames_between(*window)
+        assert cb.stats[a.identity].video_frames_between(*window) >= MIN_FRACTION * sent
+        assert cb.stats[a.identity].failures_after(switched) == []
     finally:
         await asyncio.gather(*(c.aclose() for c in extra))
         await close_all(a, b)
