@@ -244,6 +244,8 @@ class AuthService:
         if self.jobs.closing:
             raise _Reject(ApiError(503, "M_UNKNOWN", "Service is shutting down"))
         await self.jobs.add(JobParams(server_name, delay_id, delay_timeout, room, identity))
+        if self.bus is not None:  # an older job for this participant may live in another worker
+            await self.bus.publish("replace", room, identity, delay_id)
 
     def _token_response(self, endpoint: str, grant: _Grant, user: str) -> web.Response:
         jwt = self.signer.sign(grant.room, grant.identity)
@@ -334,6 +336,9 @@ class AuthService:
         return web.Response(status=200)
 
     def _route(self, kind: str, room: str, identity: str, signal: str) -> None:
+        if kind == "replace":  # from the bus: signal carries the new delay id
+            self.jobs.superseded(room, identity, signal)
+            return
         if kind == "room_finished":
             self.rooms.forget(room)
             return

@@ -22,7 +22,8 @@ log = structlog.get_logger(__name__)
 
 CHANNEL = "matrixrtc-sfu:webhooks"
 
-Handler = Callable[[str, str, str, str], None]  # kind, room, identity, signal name
+# kind (a webhook event name, or "replace"), room, identity, signal name (or delay id)
+Handler = Callable[[str, str, str, str], None]
 
 
 class WebhookBus:

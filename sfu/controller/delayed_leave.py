@@ -132,7 +132,7 @@ class DelayedLeaveManager:
             remaining = job.restarted_at + job.params.delay_timeout_ms / 1000 - now
             if remaining <= 0:
                 log.info("dropping expired stored job", delay=redact(job.params.delay_id))
-                await self._store_call(self._store.delete(job.params.key))
+                await self._store_call(self._store.delete(job.params.key, job.params.delay_id))
                 continue
             self._spawn(job, resumed=True)
         log.info("delayed-leave jobs resumed", count=len(self._jobs))
@@ -157,6 +157,12 @@ class DelayedLeaveManager:
             old.signals.put_nowait(Signal.REPLACED)
         await self._store_call(self._store.save(stored))
         self._spawn(stored, resumed=False)
+
+    def superseded(self, room: str, identity: str, delay_id: str) -> None:
+        """Another worker took over this participant with ``delay_id``: stop an older job."""
+        job = self._jobs.get((room, identity))
+        if job is not None and job.stored.params.delay_id != delay_id:
+            job.signals.put_nowait(Signal.REPLACED)
 
     def on_webhook(self, room: str, identity: str, signal: Signal) -> bool:
         """Route a LiveKit webhook to its job; False when no job matches."""
@@ -237,7 +243,7 @@ class DelayedLeaveManager:
         if not replaced and not self._closing:
             current = self._jobs.get(p.key)
             if current is None or current is job:
-                await self._store_call(self._store.delete(p.key))
+                await self._store_call(self._store.delete(p.key, p.delay_id))
 
     async def _restart(
         self, job: _Job, lg: structlog.typing.FilteringBoundLogger, deadline: float, backoff: float

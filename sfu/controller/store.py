@@ -23,6 +23,14 @@ __all__ = ["JobParams", "JobStore", "MemoryStore", "RedisStore", "StoredJob"]
 log = structlog.get_logger(__name__)
 
 JOBS_KEY = "lk-jwt:jobs"
+_DELETE_IF_SAME = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local ok, job = pcall(cjson.decode, v)
+if ok and type(job) == 'table' and type(job.Params) == 'table'
+   and job.Params.DelayId ~= ARGV[2] then return 0 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +111,10 @@ def store_field(key: tuple[str, str]) -> str:
 
 class JobStore(Protocol):
     async def save(self, job: StoredJob) -> None: ...
-    async def delete(self, key: tuple[str, str]) -> None: ...
+    async def delete(self, key: tuple[str, str], delay_id: str) -> None:
+        """Forget the job at ``key`` if it is still the one for ``delay_id``."""
+        ...
+
     async def all(self) -> list[StoredJob]: ...
     async def close(self) -> None: ...
 
@@ -117,8 +128,10 @@ class MemoryStore:
     async def save(self, job: StoredJob) -> None:
         self.jobs[job.params.key] = job
 
-    async def delete(self, key: tuple[str, str]) -> None:
-        self.jobs.pop(key, None)
+    async def delete(self, key: tuple[str, str], delay_id: str) -> None:
+        job = self.jobs.get(key)
+        if job is not None and job.params.delay_id == delay_id:
+            del self.jobs[key]
 
     async def all(self) -> list[StoredJob]:
         return list(self.jobs.values())
@@ -141,8 +154,9 @@ class RedisStore:
     async def save(self, job: StoredJob) -> None:
         await self._redis.hset(JOBS_KEY, store_field(job.params.key), job.to_json())
 
-    async def delete(self, key: tuple[str, str]) -> None:
-        await self._redis.hdel(JOBS_KEY, store_field(key))
+    async def delete(self, key: tuple[str, str], delay_id: str) -> None:
+        # Atomically: another worker may have stored a newer job for the same participant.
+        await self._redis.eval(_DELETE_IF_SAME, 1, JOBS_KEY, store_field(key), delay_id)
 
     async def all(self) -> list[StoredJob]:
         fields = await self._redis.hgetall(JOBS_KEY)

@@ -121,3 +121,21 @@ def test_signed_webhook_is_what_livekit_sends() -> None:
     body, token = signed_webhook(_LK(), "participant_left", "r", "i")  # type: ignore[arg-type]
     event = lkapi.WebhookReceiver(lkapi.TokenVerifier("APIx", "s" * 32)).receive(body, token)
     assert json.loads(body)["event"] == event.event == "participant_left"
+
+
+async def test_redis_store_deletes_only_the_same_job(redis: Redis) -> None:
+    from sfu.controller.store import JobParams, MemoryStore, RedisStore, StoredJob
+
+    room, ident = "room-" + secrets.token_hex(4), "ident<&>"
+    old = StoredJob(JobParams("hs", "d1", 5000, room, ident), 1_800_000_000.5, True)
+    new = StoredJob(JobParams("hs", "d2", 5000, room, ident), 1_800_000_001.25, False)
+    for store in (RedisStore(redis.url), MemoryStore()):
+        try:
+            await store.save(old)
+            await store.save(new)  # a newer job for the same participant (maybe another worker)
+            await store.delete((room, ident), "d1")  # the old job finishing must not remove it
+            assert [j for j in await store.all() if j.params.room == room] == [new]
+            await store.delete((room, ident), "d2")
+            assert [j for j in await store.all() if j.params.room == room] == []
+        finally:
+            await store.close()
