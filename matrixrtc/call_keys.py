@@ -120,6 +120,15 @@ class CallKeysStats:
         return sum(self.dropped.values())
 
 
+@dataclass(frozen=True, slots=True)
+class _Resend:
+    """Send an already distributed key again to devices that missed it."""
+
+    to: tuple[DeviceRef, ...]
+    index: int
+    key: bytes = field(repr=False)
+
+
 def _wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -150,7 +159,8 @@ class CallKeys:
         self._own_key: tuple[int, bytes] | None = None
         self._latest_sent: tuple[int, bytes] | None = None  # the newest key we handed out
         self._remote: dict[str, dict[int, bytes]] = {}  # identity -> index -> key
-        self._sends: asyncio.Queue[SendKey] = asyncio.Queue()
+        # One sender task performs sends in order; timers never wait for the homeserver.
+        self._sends: asyncio.Queue[SendKey | _Resend] = asyncio.Queue()
         self._undelivered: set[DeviceRef] = set()
         self._retry_at_ms: int | None = None
         self._retry_delay_ms = self.config.retry_ms
@@ -410,10 +420,13 @@ class CallKeys:
 
     async def _send_loop(self) -> None:
         while True:
-            send = await self._sends.get()
-            to = tuple(DeviceRef(u, d) for u, d in send.to)
-            ok = await self._send(to, send.index, send.key)
-            self._apply(self.manager.send_result(send.rollout, ok, self._clock_ms()))
+            item = await self._sends.get()
+            if isinstance(item, _Resend):
+                await self._send(item.to, item.index, item.key)
+                continue
+            to = tuple(DeviceRef(u, d) for u, d in item.to)
+            ok = await self._send(to, item.index, item.key)
+            self._apply(self.manager.send_result(item.rollout, ok, self._clock_ms()))
 
     async def _send(self, to: tuple[DeviceRef, ...], index: int, key: bytes) -> bool:
         """Send ``key`` to ``to``; True when at least one device got it (the rest are retried)."""
@@ -429,9 +442,13 @@ class CallKeys:
             result = await self.hs.send_to_device(
                 ELEMENT_CALL_KEYS_TYPE, dict.fromkeys(to, content), encrypted=True
             )
-        except MatrixRTCError as e:
+        except Exception as e:  # nio may raise its own or aiohttp errors, not only ours
+            # Whatever went wrong, the call goes on: the key is retried, the task lives.
             self.stats.send_failures += len(to)
-            self._log.warning("call_keys.send_failed", index=index, error=str(e))
+            known = isinstance(e, MatrixRTCError)
+            self._log.warning(
+                "call_keys.send_failed", index=index, error=repr(e), exc_info=not known
+            )
             self._schedule_retry(redistribute=True)
             return False
         self.stats.messages_sent += len(result.sent)
@@ -464,7 +481,7 @@ class CallKeys:
             self._retry_delay_ms = min(self._retry_delay_ms * 2, self.config.max_retry_ms)
         self._wake.set()
 
-    async def _retry(self) -> None:
+    def _retry(self) -> None:
         self._retry_at_ms = None
         if self._redistribute:
             self._redistribute = False
@@ -475,7 +492,7 @@ class CallKeys:
             index, key = self._latest_sent
             targets = tuple(sorted(self._undelivered, key=lambda r: (r.user_id, r.device_id)))
             self._log.info("call_keys.resend", index=index, devices=len(targets))
-            await self._send(targets, index, key)
+            self._sends.put_nowait(_Resend(targets, index, key))
 
     async def _timer_loop(self) -> None:
         while True:
@@ -491,4 +508,4 @@ class CallKeys:
             now = self._clock_ms()
             self._apply(self.manager.tick(now))
             if self._retry_at_ms is not None and now >= self._retry_at_ms:
-                await self._retry()
+                self._retry()

@@ -35,6 +35,7 @@ from matrixrtc.model import LivekitTransport
 pytestmark = pytest.mark.integration
 
 FOCUS = "http://127.0.0.1:9/livekit/jwt"  # advertised only, never contacted
+CALL_MEMBER = "org.matrix.msc3401.call.member"
 GRACE_MS = 5_000  # shorter than the 10 s default so the after-grace join stays quick
 JOIN_KEYS_WITHIN_S = 1.0
 OPUS = b"\xfc" + os.urandom(80)
@@ -327,6 +328,65 @@ async def test_unencrypted_room_refuses_sender_keys_without_the_opt_in(
             assert keys.current_index == 0
 
 
+def _member_content(user_id: str, device_id: str) -> dict[str, object]:
+    """A state-form call membership as Element Call sends it (spec/matrixrtc.md §1.1)."""
+    return {
+        "application": "m.call",
+        "call_id": "",
+        "scope": "m.room",
+        "device_id": device_id,
+        "membershipID": f"{user_id}:{device_id}",
+        "expires": 14_400_000,
+        "focus_active": {"type": "livekit", "focus_selection": "multi_sfu"},
+        "foci_preferred": [{"type": "livekit", "livekit_service_url": FOCUS}],
+    }
+
+
+async def test_a_device_without_keys_does_not_block_the_others_and_gets_the_key_later(
+    e2ee_synapse: Synapse,
+) -> None:
+    hs = e2ee_synapse
+    owner, ann, bob = await _user(hs, "gho"), await _user(hs, "ann"), await _user(hs, "bob")
+    room = await hs.create_call_room(ann, invite=[owner, bob], encrypted=True)
+    ghost = "GHOSTDEV"
+    # A membership for a device that has never logged in: no device keys, no Olm session.
+    await hs.put_state(
+        owner,
+        room,
+        CALL_MEMBER,
+        f"_{owner.user_id}_{ghost}_m.call",
+        _member_content(owner.user_id, ghost),
+    )
+    cfg = CallKeysConfig(retry_ms=300, max_retry_ms=600)
+    async with _peers(hs, [ann, bob]) as (a, b):
+        await a.join(room, cfg)
+        await _until(lambda: a.k.stats.send_failures >= 2, 5.0, "failed sends to the ghost")
+        await b.join(room, cfg)
+        await _until(lambda: _all_hold([a, b]), 5.0, "keys between the reachable devices")
+        own = a.k.own_key
+        assert own is not None
+        # The device logs in for real: the retries deliver the key in use.
+        creds = await hs.login(owner.user_id, owner.password, device_id=ghost)
+        async with Homeserver(
+            hs.base_url, Login(owner.user_id, access_token=creds.access_token)
+        ) as g:
+            assert g.device_id == ghost
+            with g.to_device_events() as sub:
+
+                async def from_ann() -> dict[str, object]:
+                    while True:
+                        ev = await sub.get()
+                        if ev.type == ELEMENT_CALL_KEYS_TYPE and ev.sender == a.hs.user_id:
+                            assert ev.encrypted
+                            assert ev.sender_device == a.hs.device_id
+                            return ev.content
+
+                content = await asyncio.wait_for(from_ann(), 5.0)
+        got = ElementCallKeys.from_json(content, room_id=room)
+        assert got is not None
+        assert (got.index, got.key) == own
+
+
 def _forms(key: bytes) -> dict[str, bytes]:
     std, url = base64.b64encode(key), base64.urlsafe_b64encode(key)
     forms = {
@@ -379,15 +439,29 @@ async def test_no_media_key_reaches_the_homeserver_in_plaintext(
     e2ee_synapse: Synapse, run_dir: Path
 ) -> None:
     hs = e2ee_synapse
-    if len(GENERATED) < 4:  # run on its own: make a call of our own first
-        users = [await _user(hs, n) for n in ("sol", "tim")]
-        room = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
-        async with _peers(hs, users) as peers:
-            for p in peers:
-                await p.join(room, CallKeysConfig())
-            await _until(lambda: _all_hold(peers), 5.0, "keys exchanged")
+    # A member whose device went offline keeps its to-device messages queued on the
+    # homeserver: whatever we send it stays in the database, so this call's keys must be
+    # there in Olm ciphertext only (messages to online devices are deleted once fetched).
+    sol, tim, zed = [await _user(hs, n) for n in ("sol", "tim", "zed")]
+    room = await hs.create_call_room(sol, invite=[tim, zed], encrypted=True)
+    async with Homeserver(hs.base_url, Login(zed.user_id, password=zed.password)) as z:
+        offline = DeviceRef(z.user_id, z.device_id)  # device and one-time keys uploaded
+    key = f"_{zed.user_id}_{offline.device_id}_m.call"
+    await hs.put_state(zed, room, CALL_MEMBER, key, _member_content(zed.user_id, offline.device_id))
+    async with _peers(hs, [sol, tim]) as peers:
+        for p in peers:
+            await p.join(room, CallKeysConfig())
+        await _until(lambda: _all_hold(peers), 5.0, "keys exchanged")
+        await _until(
+            lambda: all(
+                any(offline in ev.devices for ev in p.events if ev.kind is KeyEventKind.SENT)
+                for p in peers
+            ),
+            5.0,
+            "keys sent to the offline member",
+        )
     keys = list(dict.fromkeys(GENERATED))
-    assert len(keys) >= 4
+    assert len(keys) >= 2
     # Control: a key-shaped secret sent in plaintext, to a device that never syncs it away,
     # must be found, or the scan proves nothing.
     control = os.urandom(16)
