@@ -207,7 +207,7 @@ def listener() -> Iterator[ListeningSocket]:
     s.close()
 
 
-def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+def _self_signed(tmp: Path, names: list[str]) -> tuple[Path, Path]:
     import datetime
 
     from cryptography import x509
@@ -216,7 +216,7 @@ def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -226,7 +226,9 @@ def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -245,13 +247,15 @@ def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
 async def test_ssrf_refused_without_connecting(listener: ListeningSocket, tmp_path: Path) -> None:
     # A well-known server for "wk.test" (allow-listed, so it may live on loopback) that
     # delegates to the listening socket, and a name that resolves straight to it.
-    cert, key = _self_signed(tmp_path, "wk.test")
+    cert, key = _self_signed(tmp_path, ["wk.test", "redir.test"])
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     hits: list[str] = []
 
     async def well_known(request: web.Request) -> web.Response:
         hits.append(request.host)
+        if request.host == "redir.test":  # a redirect towards the listener is refused too
+            raise web.HTTPFound(f"https://127.0.0.1:{listener.port}/.well-known/matrix/server")
         return web.json_response({"m.server": f"127.0.0.1:{listener.port}"})
 
     wk_app = web.Application()
@@ -262,13 +266,17 @@ async def test_ssrf_refused_without_connecting(listener: ListeningSocket, tmp_pa
     await site.start()
     wk_port = runner.addresses[0][1]
     resolver = StaticResolver(
-        hosts={"wk.test": [("127.0.0.1", wk_port)], "evil.test": [("127.0.0.1", listener.port)]},
+        hosts={
+            "wk.test": [("127.0.0.1", wk_port)],
+            "redir.test": [("127.0.0.1", wk_port)],
+            "evil.test": [("127.0.0.1", listener.port)],
+        },
         srv={"_matrix-fed._tcp.srv.test": [("evil.test", listener.port)]},
     )
     c = await client_for(
         make_config(MATRIXRTC_SFU_CA_BUNDLE=str(cert)),
         resolver,
-        allow=("wk.test",),
+        allow=("wk.test", "redir.test"),
     )
     try:
         names = [
@@ -277,12 +285,14 @@ async def test_ssrf_refused_without_connecting(listener: ListeningSocket, tmp_pa
             "169.254.169.254",
             "[::1]:8448",
             "wk.test",  # well-known → 127.0.0.1:<listener>
+            "redir.test",  # well-known redirects to https://127.0.0.1:<listener>/
             f"evil.test:{listener.port}",  # resolves to loopback
             "srv.test",  # SRV → evil.test
         ]
         for name in names:
             await expect(c, "/get_token", json.dumps(body(name)).encode(), 401, "M_UNAUTHORIZED")
-        assert hits == ["wk.test"]  # the well-known was fetched (over verified TLS)...
+        # the well-knowns were fetched (over TLS verified with the CA bundle)...
+        assert sorted(hits) == ["redir.test", "wk.test"]
         assert listener.connections() == 0  # ...but nothing ever connected to the target
         text = await (await c.get("/metrics")).text()
         assert 'matrixrtc_sfu_openid_lookup_seconds_count{outcome="blocked"}' in text
