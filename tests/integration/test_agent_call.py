@@ -33,7 +33,7 @@ Snapshot = list[dict[str, Any]]
 
 
 class AgentProcess:
-    """``python -m matrixrtc.commands.join --output json`` in its own process."""
+    """``python -m matrixrtc join --output json`` in its own process."""
 
     def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
         self.proc = proc
@@ -61,7 +61,10 @@ class AgentProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "matrixrtc.commands.join",
+                "matrixrtc",
+                "--log-level",
+                "warning",
+                "join",
                 "--homeserver",
                 hs.base_url,
                 "--user",
@@ -76,8 +79,6 @@ class AgentProcess:
                 str(DELAY_MS),
                 "--output",
                 "json",
-                "--log-level",
-                "warning",
                 *extra,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
@@ -360,11 +361,14 @@ async def test_forged_overwrite_is_ignored_and_the_owner_reasserts(
         assert next(p for p in agent_b.participants if p.user_id == ha.user_id).created_ts > created
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_sticky_member_and_state_member_see_each_other(
-    synapse: Synapse, user_factory: Any
+    synapse: Synapse, user_factory: Any, encrypted: bool
 ) -> None:
+    # In an encrypted room the sticky join is a Megolm-encrypted room event (the delayed
+    # leave is not: the server sends it); the state member must decrypt it to see the join.
     a, b = await user_factory("jay"), await user_factory("kim")
-    room = await synapse.create_call_room(a, invite=[b])
+    room = await synapse.create_call_room(a, invite=[b], encrypted=encrypted)
     async with (
         Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
         Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
