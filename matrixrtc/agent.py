@@ -119,6 +119,7 @@ class Participant:
     transport: Transport | None  # where it publishes (§3.2, given the oldest member)
     rtc_backend_identity: str
     is_self: bool
+    advertised: tuple[Transport, ...] = ()  # every transport it lists, in its order
 
     @staticmethod
     def of(m: CallMembership, oldest: CallMembership | None, me: tuple[str, str]) -> Participant:
@@ -133,6 +134,7 @@ class Participant:
             transport=publish_transport(m, oldest),
             rtc_backend_identity=m.rtc_backend_identity,
             is_self=(m.sender, m.device_id) == me,
+            advertised=m.transports,
         )
 
 
@@ -275,6 +277,11 @@ class CallAgent:
     @property
     def oldest(self) -> Participant | None:
         return self._participants[0] if self._participants else None
+
+    @property
+    def memberships(self) -> tuple[CallMembership, ...]:
+        """The parsed active memberships behind :attr:`participants`, same order."""
+        return self._session.memberships
 
     @property
     def ring_state(self) -> RingState:
