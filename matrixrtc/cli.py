@@ -14,8 +14,8 @@ from typing import cast
 
 from matrixrtc.logging import configure_logging
 
-# Add new commands here (module names under matrixrtc.commands).
-COMMANDS: tuple[str, ...] = ("stack", "demo", "join")
+# Add new commands here (command names; the module under matrixrtc.commands has "_" for "-").
+COMMANDS: tuple[str, ...] = ("stack", "demo", "join", "call-test")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="log level (default: info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"matrixrtc.commands.{name}")
+        module = importlib.import_module(f"matrixrtc.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""Call tests: N participants in separate processes on one mesh call, and their report."""

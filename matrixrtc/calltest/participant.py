@@ -1,0 +1,291 @@
+"""One call-test participant, in its own process: homeserver login, call agent, keys, mesh.
+
+``python -m matrixrtc.calltest.participant CONFIG_JSON`` (see :class:`ParticipantConfig`).
+It writes one JSON object per line to stdout: ``ready`` (its user and device), ``stats`` once
+a second, ``final`` when it has left. Logs go to stderr. SIGTERM/SIGINT or the end of
+``duration_s`` make it leave cleanly. Times in the output are wall-clock milliseconds
+(``time.time``), so a coordinator can compare participants on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged
+from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
+from matrixrtc.e2ee.cryptor import KeyRings
+from matrixrtc.matrix import Homeserver, Login, Subscription
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.engine import MeshConfig
+from matrixrtc.mesh.ice import IceServerConfig
+from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
+from matrixrtc.model import FullMeshTransport
+
+__all__ = ["ParticipantConfig", "main", "run_participant"]
+
+log = structlog.get_logger(__name__)
+
+_STATS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipantConfig:
+    name: str
+    homeserver: str
+    user: str
+    password: str
+    room_id: str
+    duration_s: float = 20.0  # 0: until SIGTERM
+    width: int = 320
+    height: int = 240
+    fps: float = 15.0
+    audio: bool = True
+    e2ee: bool = True
+    plaintext_keys: bool = False  # E2EE keys in an unencrypted room (test pages only)
+    withhold_keys: bool = False  # test hook: discard every remote key (decrypt with none)
+    delayed_leave_ms: int = 8_000
+    host_addresses: tuple[str, ...] | None = ("127.0.0.1",)
+    remote_networks: tuple[str, ...] | None = None
+    turn_uris: tuple[str, ...] = ()
+    turn_username: str | None = None
+    turn_password: str | None = None
+    turn_from_homeserver: bool = False
+    relay_only: bool = False
+    state_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ParticipantConfig:
+        data = dict(obj)
+        for key in ("host_addresses", "remote_networks", "turn_uris"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _emit(obj: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _wall_ms(mono: float | None) -> int | None:
+    """A ``time.monotonic`` reading as wall-clock milliseconds."""
+    if mono is None:
+        return None
+    return round((time.time() - (time.monotonic() - mono)) * 1000)
+
+
+class _Probe:
+    """Collects what the report needs from the mesh, the keys and the process."""
+
+    def __init__(self, cfg: ParticipantConfig, joined_ms: int) -> None:
+        self.cfg = cfg
+        self.joined_ms = joined_ms
+        self.cpu0 = time.process_time()
+        self.wall0 = time.monotonic()
+        self.last_cpu = (self.cpu0, self.wall0)
+        self.cpu_percent = 0.0
+        self.rotations_ms: list[float] = []
+        self.key_delivery_ms: list[int] = []
+        self.keys_used: list[int] = []
+        self._left_at: float | None = None
+        self._prev_bytes: dict[str, tuple[float, int, int]] = {}
+
+    def on_change(self, change: ParticipantsChanged) -> None:
+        if change.left and self._left_at is None:
+            self._left_at = time.monotonic()
+
+    def on_key(self, ev: KeyEvent) -> None:
+        if ev.kind is KeyEventKind.USED:
+            self.keys_used.append(ev.index or 0)
+            if self._left_at is not None:
+                self.rotations_ms.append(round((ev.monotonic - self._left_at) * 1000, 1))
+                self._left_at = None
+        elif ev.kind is KeyEventKind.INSTALLED and ev.sent_ts is not None:
+            self.key_delivery_ms.append(ev.at_ms - ev.sent_ts)
+
+    async def snapshot(self, mesh: MatrixMesh, keys: CallKeys | None) -> dict[str, Any]:
+        now = time.monotonic()
+        cpu = time.process_time()
+        c0, w0 = self.last_cpu
+        if now > w0:
+            self.cpu_percent = round((cpu - c0) / (now - w0) * 100, 1)
+        self.last_cpu = (cpu, now)
+        engine = mesh.engine
+        peers: list[dict[str, Any]] = []
+        if engine is not None:
+            for link in list(engine.links.values()):
+                pid = f"{link.peer.user_id}|{link.peer.device_id}"
+                video = link.stats.get("video")
+                audio = link.stats.get("audio")
+                bytes_in = sum(s.encoded_bytes for s in link.stats.values())
+                bytes_out = packets_in = 0
+                try:
+                    report = await link.pc.getStats()
+                except Exception as exc:  # a closing connection; the figures stay at 0
+                    log.debug("calltest.stats_failed", error=repr(exc))
+                else:
+                    for st in report.values():
+                        if st.type == "outbound-rtp":
+                            bytes_out += int(getattr(st, "bytesSent", 0) or 0)
+                        elif st.type == "inbound-rtp":
+                            packets_in += int(getattr(st, "packetsReceived", 0) or 0)
+                prev = self._prev_bytes.get(pid)
+                kbps_in = kbps_out = 0.0
+                if prev is not None and now > prev[0] and prev[1] <= bytes_in:
+                    kbps_in = (bytes_in - prev[1]) * 8 / 1000 / (now - prev[0])
+                    kbps_out = max(0, bytes_out - prev[2]) * 8 / 1000 / (now - prev[0])
+                self._prev_bytes[pid] = (now, bytes_in, bytes_out)
+                peers.append(
+                    {
+                        "id": pid,
+                        "user_id": link.peer.user_id,
+                        "device_id": link.peer.device_id,
+                        "call_id": link.call_id,
+                        "connected_at_ms": _wall_ms(link.connected_at),
+                        "created_at_ms": _wall_ms(link.created_at),
+                        "fps_in": video.fps(now) if video is not None else 0.0,
+                        "kbps_in": round(kbps_in, 1),
+                        "kbps_out": round(kbps_out, 1),
+                        "frames_decoded": video.frames_decoded if video is not None else 0,
+                        "audio_frames_decoded": audio.frames_decoded if audio is not None else 0,
+                        "first_frame_at_ms": _wall_ms(video.first_frame_at) if video else None,
+                        "decrypt_failures": sum(s.decrypt_failures for s in link.stats.values()),
+                        "packets_in": packets_in,
+                        "bytes_in": bytes_in,
+                        "bytes_out": bytes_out,
+                    }
+                )
+        return {
+            "id": self.cfg.name,
+            "t_ms": round(time.time() * 1000),
+            "joined_at_ms": self.joined_ms,
+            "members": len(mesh.members),
+            "cpu_percent": self.cpu_percent,
+            "cpu_percent_avg": round((cpu - self.cpu0) / max(1e-6, now - self.wall0) * 100, 1),
+            "key_index": keys.current_index if keys is not None else None,
+            "keys_used": list(self.keys_used),
+            "key_rotation_ms": list(self.rotations_ms),
+            "key_delivery_ms": list(self.key_delivery_ms[-20:]),
+            "signalling_dropped": mesh.dropped_signalling,
+            "peers": peers,
+        }
+
+
+async def _pump_changes(sub: Subscription[ParticipantsChanged], probe: _Probe) -> None:
+    async for change in sub:
+        probe.on_change(change)
+
+
+async def _pump_keys(sub: Subscription[KeyEvent], probe: _Probe) -> None:
+    async for ev in sub:
+        probe.on_key(ev)
+
+
+async def run_participant(cfg: ParticipantConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sources: list[Any] = [SyntheticVideoTrack(cfg.width, cfg.height, cfg.fps)]
+    if cfg.audio:
+        sources.append(ToneAudioTrack())
+    ice: tuple[IceServerConfig, ...] = ()
+    if cfg.turn_uris:
+        ice = (
+            IceServerConfig(
+                urls=cfg.turn_uris, username=cfg.turn_username, credential=cfg.turn_password
+            ),
+        )
+    link_cfg = MeshLinkConfig(
+        mesh=MeshConfig(
+            ice_servers=ice,
+            host_addresses=cfg.host_addresses,
+            remote_networks=cfg.remote_networks,
+            relay_only=cfg.relay_only,
+        ),
+        turn_from_homeserver=cfg.turn_from_homeserver,
+    )
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
+    async with Homeserver(cfg.homeserver, Login(cfg.user, cfg.password), state_dir=state_dir) as hs:
+        room_id = await hs.join_room(cfg.room_id)
+        agent_cfg = AgentConfig(
+            transports=(FullMeshTransport(),), delayed_leave_ms=cfg.delayed_leave_ms
+        )
+        joined_ms = round(time.time() * 1000)
+        async with CallAgent(hs, room_id, agent_cfg) as agent:
+            await agent.wait_joined(timeout_s=30)
+            _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
+                   "device_id": hs.device_id, "joined_at_ms": joined_ms})  # fmt: skip
+            probe = _Probe(cfg, joined_ms)
+            async with contextlib.AsyncExitStack() as stack:
+                keys: CallKeys | None = None
+                if cfg.e2ee:
+                    keys = await stack.enter_async_context(
+                        CallKeys(agent, CallKeysConfig(allow_plaintext_keys=cfg.plaintext_keys))
+                    )
+                mesh = await stack.enter_async_context(
+                    MatrixMesh(
+                        agent,
+                        keys=keys,
+                        sources=sources,
+                        config=link_cfg,
+                        decrypt_rings=KeyRings() if cfg.withhold_keys else None,
+                    )
+                )
+                pumps = [
+                    asyncio.create_task(_pump_changes(stack.enter_context(agent.changes()), probe))
+                ]
+                if keys is not None:
+                    pumps.append(
+                        asyncio.create_task(_pump_keys(stack.enter_context(keys.events()), probe))
+                    )
+                try:
+                    deadline = loop.time() + cfg.duration_s if cfg.duration_s > 0 else None
+                    while not stop.is_set():
+                        timeout = _STATS_INTERVAL_S
+                        if deadline is not None:
+                            timeout = min(timeout, deadline - loop.time())
+                            if timeout <= 0:
+                                break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout)
+                        _emit({"event": "stats", **await probe.snapshot(mesh, keys)})
+                    final = await probe.snapshot(mesh, keys)
+                finally:
+                    for task in pumps:
+                        task.cancel()
+                    await asyncio.gather(*pumps, return_exceptions=True)
+            await agent.leave()
+    _emit({"event": "final", **final})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from matrixrtc.logging import configure_logging
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m matrixrtc.calltest.participant CONFIG_JSON", file=sys.stderr)
+        return 2
+    cfg = ParticipantConfig.from_json(json.loads(args[0]))
+    configure_logging("console", str(cfg.extra.get("log_level", "warning")))
+    return asyncio.run(run_participant(cfg))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

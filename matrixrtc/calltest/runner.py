@@ -1,0 +1,457 @@
+"""The call-test coordinator: users and a room, N participant processes, progress, report.
+
+:class:`ParticipantProcess` runs one :mod:`matrixrtc.calltest.participant` and follows its
+JSON lines; :func:`run_call_test` does a whole run (the ``call-test`` command and the demo);
+tests drive :class:`ParticipantProcess` directly to kill or add participants mid-call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from matrixrtc.calltest.participant import ParticipantConfig
+from matrixrtc.devstack import Synapse, new_run_dir
+from matrixrtc.errors import LocalError, RemoteError
+
+__all__ = [
+    "CallTestConfig",
+    "ParticipantProcess",
+    "Provisioned",
+    "build_report",
+    "format_report",
+    "provision",
+    "run_call_test",
+]
+
+log = structlog.get_logger(__name__)
+
+CALL_MEMBER = "org.matrix.msc3401.call.member"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallTestConfig:
+    participants: int = 3
+    duration_s: float = 20.0
+    width: int = 320
+    height: int = 240
+    fps: float = 15.0
+    e2ee: bool = True
+    homeserver: str | None = None  # None: start the embedded Synapse
+    user_prefix: str = "calltest-"
+    password: str | None = None  # for an external homeserver's existing users
+    run_dir: Path | None = None
+    delayed_leave_ms: int = 8_000
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioned:
+    base_url: str
+    room_id: str
+    users: tuple[tuple[str, str], ...]  # (user id, password)
+
+
+async def _call(
+    http: aiohttp.ClientSession,
+    base: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.request(method, base + path, json=body, headers=headers) as resp:
+        data: Any = await resp.json(content_type=None)
+        if resp.status >= 400:
+            raise RemoteError(f"{method} {path}: {resp.status} {data}")
+        return data if isinstance(data, dict) else {}
+
+
+async def provision(
+    base_url: str,
+    names: Sequence[str],
+    *,
+    encrypted: bool,
+    password: str | None = None,
+) -> Provisioned:
+    """Register (or log in) ``names`` and create a call room they have all joined.
+
+    Every member may send call memberships (power level 0), as Element Call sets it up.
+    """
+    pw = password or secrets.token_urlsafe(16)
+    users: list[tuple[str, str, str]] = []  # (user id, password, token)
+    async with aiohttp.ClientSession() as http:
+        for name in names:
+            try:
+                body = await _call(
+                    http,
+                    base_url,
+                    "POST",
+                    "/_matrix/client/v3/register",
+                    {"username": name, "password": pw, "auth": {"type": "m.login.dummy"}},
+                )
+            except RemoteError:
+                body = await _call(
+                    http,
+                    base_url,
+                    "POST",
+                    "/_matrix/client/v3/login",
+                    {
+                        "type": "m.login.password",
+                        "identifier": {"type": "m.id.user", "user": name},
+                        "password": pw,
+                    },
+                )
+            users.append((str(body["user_id"]), pw, str(body["access_token"])))
+        req: dict[str, Any] = {
+            "preset": "private_chat",
+            "name": "call-test",
+            "invite": [u for u, _, _ in users[1:]],
+            "power_level_content_override": {"events": {CALL_MEMBER: 0}},
+        }
+        if encrypted:
+            req["initial_state"] = [
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            ]
+        room = await _call(
+            http, base_url, "POST", "/_matrix/client/v3/createRoom", req, users[0][2]
+        )
+        room_id = str(room["room_id"])
+        for _, _, token in users[1:]:
+            await _call(
+                http, base_url, "POST", f"/_matrix/client/v3/join/{quote(room_id, safe='')}", {},
+                token,
+            )  # fmt: skip
+        # The registration devices are not call devices: each participant logs in afresh.
+        for _, _, token in users:
+            with contextlib.suppress(RemoteError):
+                await _call(http, base_url, "POST", "/_matrix/client/v3/logout", {}, token)
+    return Provisioned(base_url, room_id, tuple((u, p) for u, p, _ in users))
+
+
+class ParticipantProcess:
+    """One participant process and everything it reported."""
+
+    def __init__(self, cfg: ParticipantConfig, proc: asyncio.subprocess.Process) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.proc = proc
+        self.ready: dict[str, Any] | None = None
+        self.stats: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read(), name=f"calltest-reader-{cfg.name}")
+
+    @classmethod
+    async def start(cls, cfg: ParticipantConfig, log_path: Path) -> ParticipantProcess:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "matrixrtc.calltest.participant",
+                json.dumps(cfg.to_json()),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        return cls(cfg, proc)
+
+    @property
+    def device(self) -> tuple[str, str] | None:
+        if self.ready is None:
+            return None
+        return str(self.ready["user_id"]), str(self.ready["device_id"])
+
+    @property
+    def peer_id(self) -> str | None:
+        d = self.device
+        return None if d is None else f"{d[0]}|{d[1]}"
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        return self.final or (self.stats[-1] if self.stats else None)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            async with self._changed:
+                kind = msg.get("event")
+                if kind == "ready":
+                    self.ready = msg
+                elif kind == "stats":
+                    self.stats.append(msg)
+                elif kind == "final":
+                    self.final = msg
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(
+        self, predicate: Callable[[ParticipantProcess], bool], timeout_s: float
+    ) -> None:
+        """Until ``predicate(self)`` holds after a report; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            while not predicate(self):
+                if self._reader.done():
+                    raise LocalError(f"{self.name} exited (status {self.proc.returncode})")
+                await self._changed.wait()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        await self.wait_until(lambda p: p.ready is not None, timeout_s)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (a clean leave), then SIGKILL after ``timeout_s``; waits for the reader."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            self.kill()
+            await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader, 5.0)
+
+    async def wait(self, timeout_s: float) -> int:
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            await self.stop()
+            raise
+
+
+@contextlib.asynccontextmanager
+async def participants(
+    configs: Sequence[ParticipantConfig], log_dir: Path
+) -> AsyncIterator[list[ParticipantProcess]]:
+    """Start every participant; on exit stop those still running (never leaves orphans)."""
+    procs: list[ParticipantProcess] = []
+    try:
+        for cfg in configs:
+            procs.append(await ParticipantProcess.start(cfg, log_dir / f"{cfg.name}.log"))
+        yield procs
+    finally:
+        await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _rate(count: float, start_ms: int | None, end_ms: int | None) -> float:
+    if start_ms is None or end_ms is None or end_ms <= start_ms:
+        return 0.0
+    return count / ((end_ms - start_ms) / 1000)
+
+
+def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> dict[str, Any]:
+    """The ``--json`` object: per participant and per peer figures over the whole run."""
+    names = {p.peer_id: p.name for p in procs if p.peer_id is not None}
+    out: list[dict[str, Any]] = []
+    for p in procs:
+        last = p.latest
+        if last is None:
+            out.append({"id": p.name, "error": "no report", "peers": []})
+            continue
+        joined = int(last["joined_at_ms"])
+        end = int(last["t_ms"])
+        peers = []
+        connected: list[int] = []
+        first: list[int] = []
+        for peer in last["peers"]:
+            c_at, f_at = peer.get("connected_at_ms"), peer.get("first_frame_at_ms")
+            if c_at is not None:
+                connected.append(int(c_at))
+            if f_at is not None:
+                first.append(int(f_at))
+            peers.append(
+                {
+                    "id": names.get(peer["id"], peer["id"]),
+                    "fps_in": round(_rate(peer["frames_decoded"], f_at, end), 1),
+                    "kbps_in": round(_rate(peer["bytes_in"] * 8 / 1000, c_at, end), 1),
+                    "kbps_out": round(_rate(peer.get("bytes_out", 0) * 8 / 1000, c_at, end), 1),
+                    "frames_decoded": peer["frames_decoded"],
+                    "decrypt_failures": peer["decrypt_failures"],
+                    "connect_ms": None if c_at is None else int(c_at) - joined,
+                }
+            )
+        out.append(
+            {
+                "id": p.name,
+                "user_id": p.device[0] if p.device else None,
+                "device_id": p.device[1] if p.device else None,
+                "connect_ms": max(connected) - joined if connected else None,
+                "first_frame_ms": max(first) - joined if first else None,
+                "cpu_percent": last.get("cpu_percent_avg"),
+                "key_index": last.get("key_index"),
+                "key_rotation_ms": last.get("key_rotation_ms", []),
+                "key_delivery_ms": last.get("key_delivery_ms", []),
+                "peers": peers,
+            }
+        )
+    return {
+        "participants": out,
+        "duration_s": cfg.duration_s,
+        "fps": cfg.fps,
+        "resolution": f"{cfg.width}x{cfg.height}",
+        "e2ee": cfg.e2ee,
+        "transport": "mesh",
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        return ",".join(_fmt(v) for v in value) or "-"
+    return str(value)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A fixed-width table: one row per participant and peer."""
+    rows = [
+        (
+            "participant",
+            "connect ms",
+            "1st frame ms",
+            "cpu %",
+            "key rot ms",
+            "peer",
+            "fps in",
+            "kbit/s in",
+            "kbit/s out",
+            "frames",
+            "decrypt fail",
+        )
+    ]
+    for p in report["participants"]:
+        head = (
+            p["id"],
+            _fmt(p.get("connect_ms")),
+            _fmt(p.get("first_frame_ms")),
+            _fmt(p.get("cpu_percent")),
+            _fmt(p.get("key_rotation_ms")),
+        )
+        blank = ("",) * len(head)
+        for i, peer in enumerate(p["peers"] or [{}]):
+            rows.append(
+                (
+                    *(head if i == 0 else blank),
+                    _fmt(peer.get("id")),
+                    _fmt(peer.get("fps_in")),
+                    _fmt(peer.get("kbps_in")),
+                    _fmt(peer.get("kbps_out")),
+                    _fmt(peer.get("frames_decoded")),
+                    _fmt(peer.get("decrypt_failures")),
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    title = (
+        f"mesh call: {len(report['participants'])} participants, {report['resolution']} @ "
+        f"{report['fps']:g} fps, {report['duration_s']:g} s, "
+        f"E2EE {'on' if report.get('e2ee') else 'off'}"
+    )
+    return "\n".join([title, *lines])
+
+
+def progress_line(procs: Sequence[ParticipantProcess], elapsed: float) -> str:
+    parts = []
+    for p in procs:
+        last = p.latest
+        if last is None:
+            parts.append(f"{p.name}: starting")
+            continue
+        peers = last["peers"]
+        up = sum(1 for x in peers if x.get("connected_at_ms") is not None)
+        fps = "/".join(f"{x['fps_in']:.0f}" for x in peers) or "-"
+        parts.append(f"{p.name}: {up} peers, fps {fps}, cpu {last['cpu_percent']:.0f}%")
+    return f"[{elapsed:5.1f} s] " + " | ".join(parts)
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+async def run_call_test(
+    cfg: CallTestConfig, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run the whole call test and return the report (see :func:`build_report`)."""
+    if cfg.participants < 2:
+        raise LocalError("a call needs at least two participants")
+    run_dir = cfg.run_dir or new_run_dir(prefix="call-test")
+    say = progress or (lambda _: None)
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.homeserver is None:
+            t = time.monotonic()
+            synapse = await stack.enter_async_context(Synapse(run_dir))
+            base_url = synapse.base_url
+            say(f"Synapse up at {base_url} ({time.monotonic() - t:.1f} s)")
+        else:
+            base_url = cfg.homeserver
+        tag = secrets.token_hex(2)
+        names = [f"{cfg.user_prefix}{i + 1}-{tag}" for i in range(cfg.participants)]
+        if cfg.homeserver is not None and cfg.password is not None:
+            names = [f"{cfg.user_prefix}{i + 1}" for i in range(cfg.participants)]
+        prov = await provision(base_url, names, encrypted=cfg.e2ee, password=cfg.password)
+        say(f"room {prov.room_id} ({'encrypted' if cfg.e2ee else 'unencrypted'})")
+        base = ParticipantConfig(
+            name="",
+            homeserver=base_url,
+            user="",
+            password="",
+            room_id=prov.room_id,
+            duration_s=0,
+            width=cfg.width,
+            height=cfg.height,
+            fps=cfg.fps,
+            e2ee=cfg.e2ee,
+            delayed_leave_ms=cfg.delayed_leave_ms,
+            host_addresses=("127.0.0.1",) if cfg.homeserver is None else None,
+        )
+        configs = [
+            replace(base, name=f"p{i + 1}", user=user, password=pw)
+            for i, (user, pw) in enumerate(prov.users)
+        ]
+        procs = await stack.enter_async_context(participants(configs, run_dir / "participants"))
+        await asyncio.gather(*(p.wait_ready() for p in procs))
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < cfg.duration_s:
+            say(progress_line(procs, elapsed))
+            dead = [p.name for p in procs if p.proc.returncode is not None]
+            if dead:
+                raise RemoteError(f"participant(s) exited early: {', '.join(dead)}")
+            await asyncio.sleep(min(1.0, cfg.duration_s - elapsed))
+        await asyncio.gather(*(p.stop() for p in procs))
+        return build_report(procs, cfg)
+    raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

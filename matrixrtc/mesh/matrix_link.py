@@ -1,0 +1,263 @@
+"""The mesh engine wired to Matrix: a :class:`CallAgent`'s call, its to-device stream, its keys.
+
+``async with MatrixMesh(agent, keys=keys, sources=...) as mesh`` (inside the agent's and the
+keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's call:
+
+* **members**: the agent's active memberships. The mesh forms only when *every* active member
+  advertises the mesh transport (``org.matrix.msc3401.full_mesh``, after any LiveKit one); a
+  member joining or leaving then adds or removes exactly its peer connection. A member's MSC2746
+  session id is derived from its membership (``member_id`` and ``created_ts``), so a rejoin is
+  a new session and its old call is hung up with ``new_session``.
+* **signalling**: ``m.call.*`` to-device events through the homeserver adapter, Olm-encrypted
+  when the room is encrypted. In an encrypted room only Olm-decrypted events whose verified
+  sender device is the envelope's ``device_id`` are accepted; plaintext is accepted only where
+  the room is unencrypted.
+* **ICE servers**: the configuration's, else ``/_matrix/client/v3/voip/turnServer`` when
+  ``turn_from_homeserver`` is set; never a public default.
+* **frame E2EE**: with ``keys`` (:class:`~matrixrtc.call_keys.CallKeys`), our frames are
+  encrypted with our ring and each remote device's frames are decrypted with the ring of its
+  LiveKit identity (``Participant.rtc_backend_identity``), the same rings the LiveKit
+  transport uses.
+
+Every task is owned and cancelled on exit; leaving the block hangs up every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+from aiortc.mediastreams import MediaStreamTrack
+
+from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
+from matrixrtc.call_keys import CallKeys
+from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
+from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
+from matrixrtc.matrix import DeviceRef as HsDeviceRef
+from matrixrtc.matrix import Subscription, ToDeviceEvent
+from matrixrtc.mesh.engine import MeshConfig, MeshEngine
+from matrixrtc.mesh.ice import ice_servers_from_turn_response
+from matrixrtc.mesh.signalling import MESH_TRANSPORT_TYPE, DeviceRef, LocalDevice, mesh_conf_id
+from matrixrtc.mesh.transform import CryptorTransform
+from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
+
+__all__ = ["MatrixMesh", "MeshLinkConfig", "mesh_session_id"]
+
+log = structlog.get_logger(__name__)
+
+_CALL_EVENT_PREFIXES = ("m.call.", "org.matrix.call.")
+_TURN_PATH = "/_matrix/client/v3/voip/turnServer"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshLinkConfig:
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Ask the homeserver for TURN servers when ``mesh.ice_servers`` is empty.
+    turn_from_homeserver: bool = False
+    # A member without the mesh transport stops the mesh (design.md principle 5).
+    require_all_mesh: bool = True
+    slot_id: str = DEFAULT_SLOT_ID
+
+
+def mesh_session_id(p: Participant) -> str:
+    """The MSC2746 session id of a membership: the same for every observer, new on rejoin."""
+    return f"{p.member_id}.{p.created_ts}"
+
+
+def _advertises_mesh(agent: CallAgent) -> dict[tuple[str, str], bool]:
+    # Participant carries only the transport it publishes on; the full advertised list lives
+    # in the session's memberships.
+    return {
+        (m.sender, m.device_id): any(t.type == MESH_TRANSPORT_TYPE for t in m.transports)
+        for m in agent._session.memberships
+    }
+
+
+class MatrixMesh:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        agent: CallAgent,
+        *,
+        keys: CallKeys | None = None,
+        sources: Sequence[MediaStreamTrack] = (),
+        config: MeshLinkConfig | None = None,
+        decrypt_rings: KeyRings | None = None,
+    ) -> None:
+        """``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
+        participant that is left out of key distribution."""
+        self.agent = agent
+        self.hs = agent.hs
+        self.keys = keys
+        self.config = config or MeshLinkConfig()
+        self._sources = tuple(sources)
+        self._decrypt_rings = decrypt_rings
+        self._identities: dict[DeviceRef, str] = {}
+        self.engine: MeshEngine | None = None
+        self.encrypted_signalling = False
+        self.members: dict[DeviceRef, str] = {}
+        self.dropped_signalling = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changes: Subscription[ParticipantsChanged] | None = None
+        self._to_device: Subscription[ToDeviceEvent] | None = None
+        self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        agent = self.agent
+        await agent.wait_joined()
+        me = next((p for p in agent.participants if p.is_self), None)
+        if me is None:
+            raise LocalError("our membership is not among the participants")
+        self.encrypted_signalling = self.hs.is_encrypted(agent.room_id) or (
+            ("m.room.encryption", "") in self.hs.room_state(agent.room_id)
+        )
+        mesh_cfg = self.config.mesh
+        if not mesh_cfg.ice_servers and self.config.turn_from_homeserver:
+            mesh_cfg = replace(mesh_cfg, ice_servers=await self._turn_servers())
+        local = LocalDevice(
+            user_id=self.hs.user_id,
+            device_id=self.hs.device_id,
+            session_id=mesh_session_id(me),
+            conf_id=mesh_conf_id(agent.room_id, self.config.slot_id),
+        )
+        transform = None
+        if self.keys is not None:
+            rings = self.keys.rings
+            transform = CryptorTransform(rings.cryptor(self.keys.identity), self._decryptor)
+        self.engine = MeshEngine(
+            local, self, sources=self._sources, config=mesh_cfg, transform=transform
+        )
+        # Subscribe before reading the current state, with no await between: nothing is missed.
+        self._to_device = self.hs.to_device_events()
+        self._changes = agent.changes()
+        self.engine.start()
+        self._update_members()
+        self._spawn(self._changes_loop(self._changes), "changes")
+        self._spawn(self._to_device_loop(self._to_device), "to-device")
+        self._log.info(
+            "mesh_link.started",
+            session_id=local.session_id,
+            conf_id=local.conf_id,
+            olm=self.encrypted_signalling,
+            e2ee=transform is not None,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            for t in self._tasks:
+                t.cancel()
+            results = await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
+        finally:
+            for sub in (self._changes, self._to_device):
+                if sub is not None:
+                    sub.close()
+            if self.engine is not None:
+                await self.engine.aclose()
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise RemoteError(f"mesh link task failed: {errors[0]!r}") from errors[0]
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("mesh_link.task_failed", task=name)
+                raise
+
+        self._tasks.append(asyncio.create_task(run(), name=f"mesh-link {name}"))
+
+    # -- ToDeviceSender (for the engine) ----------------------------------------------------
+
+    async def send_to_device(
+        self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
+    ) -> None:
+        try:
+            result = await self.hs.send_to_device(
+                event_type,
+                {HsDeviceRef(user_id, device_id): content},
+                encrypted=self.encrypted_signalling,
+            )
+        except MatrixRTCError as e:
+            # The engine logs and carries on; the signalling core retries calls that never
+            # connect, so one lost message is not fatal.
+            self._log.warning("mesh_link.send_failed", type=event_type, error=str(e))
+            return
+        if result.failed:
+            self._log.warning("mesh_link.undeliverable", type=event_type, device=device_id)
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    async def _changes_loop(self, changes: Subscription[ParticipantsChanged]) -> None:
+        async for _ in changes:
+            self._update_members()
+
+    def _update_members(self) -> None:
+        assert self.engine is not None
+        participants = self.agent.participants
+        capable = _advertises_mesh(self.agent)
+        everyone = all(capable.get((p.user_id, p.device_id), False) for p in participants)
+        members: dict[DeviceRef, str] = {}
+        if everyone or not self.config.require_all_mesh:
+            for p in participants:
+                if capable.get((p.user_id, p.device_id), False):
+                    ref = DeviceRef(p.user_id, p.device_id)
+                    members[ref] = mesh_session_id(p)
+                    self._identities[ref] = p.rtc_backend_identity
+        elif self.members:
+            self._log.info("mesh_link.not_all_mesh_capable")
+        if members != self.members:
+            self._log.info("mesh_link.members", count=len(members))
+            self.members = members
+            self.engine.set_members(members)
+
+    async def _to_device_loop(self, events: Subscription[ToDeviceEvent]) -> None:
+        async for ev in events:
+            if ev.type.startswith(_CALL_EVENT_PREFIXES):
+                self._on_call_event(ev)
+
+    def _on_call_event(self, ev: ToDeviceEvent) -> None:
+        assert self.engine is not None
+        problem = None
+        claimed = ev.content.get("device_id")
+        if self.encrypted_signalling and not ev.encrypted:
+            problem = "plaintext signalling in an encrypted room"
+        elif ev.encrypted and claimed != ev.sender_device:
+            problem = "device_id is not the verified sending device"
+        if problem is not None:
+            self.dropped_signalling += 1
+            self._log.warning("mesh_link.signalling_dropped", reason=problem, sender=ev.sender)
+            return
+        self.engine.receive(ev.sender, ev.type, ev.content)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _decryptor(self, peer: DeviceRef) -> FrameCryptor:
+        assert self.keys is not None
+        rings = self._decrypt_rings if self._decrypt_rings is not None else self.keys.rings
+        identity = self._identities.get(peer) or legacy_identity(peer.user_id, peer.device_id)
+        return rings.cryptor(identity)
+
+    async def _turn_servers(self) -> tuple[Any, ...]:
+        try:
+            body = await self.hs.request("GET", _TURN_PATH)
+        except MatrixRTCError as e:
+            self._log.info("mesh_link.no_turn_server", error=str(e))
+            return ()
+        return ice_servers_from_turn_response(body)
