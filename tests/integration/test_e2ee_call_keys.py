@@ -27,6 +27,7 @@ from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
 from matrixrtc.devstack import Synapse, UserCreds
 from matrixrtc.e2ee import DecryptError, decrypt_frame, encrypt_frame
+from matrixrtc.e2ee.frame import frame_key_index
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
 from matrixrtc.errors import LocalError
 from matrixrtc.matrix import DeviceRef, Homeserver, Login, Subscription
@@ -201,6 +202,20 @@ async def test_three_agents_share_rotate_on_leave_and_rotate_only_after_grace(
             index, key = sender.k.own_key or (None, b"")
             assert index == 1
             assert key not in leaver_keys
+            # The new key went out first and was put to use only after the use-key delay.
+            sent = next(
+                ev.monotonic
+                for ev in sender.events
+                if ev.kind is KeyEventKind.SENT and ev.index == 1
+            )
+            assert _used_at(sender, 1) - sent >= 0.95
+            # What a transport does: the sending ring's current key, the receiver's ring.
+            tx = sender.k.rings.cryptor(sender.k.identity)
+            via_rings = tx.encrypt(OPUS, kind="audio", codec="opus", ssrc=9, timestamp=960)
+            assert via_rings is not None
+            assert frame_key_index(via_rings) == 1
+            rx = receiver.k.rings.cryptor(sender.k.identity)
+            assert rx.decrypt(via_rings, kind="audio", codec="opus") == OPUS
             frame = encrypt_frame(
                 key, index, OPUS, kind="audio", codec="opus", ssrc=7, timestamp=960
             )
@@ -287,22 +302,43 @@ async def test_forged_key_messages_are_dropped_and_logged(e2ee_synapse: Synapse)
             await _until(
                 lambda: v.k.remote_key(m.k.identity, 7) == honest_key, 5.0, "the honest key"
             )
+            # The MSC4143 draft dialect is read too: accepted over Olm, dropped in plaintext.
+            draft_key, plain_draft_key = os.urandom(16), os.urandom(16)
+            for key, index, encrypted in ((plain_draft_key, 5, False), (draft_key, 6, True)):
+                await m.hs.send_to_device(
+                    "org.matrix.msc4143.rtc.encryption_key",
+                    {
+                        to_v: {
+                            "room_id": room,
+                            "member_id": f"{m.hs.user_id}:{m.hs.device_id}",
+                            "media_key": {"index": index, "key": base64.b64encode(key).decode()},
+                        }
+                    },
+                    encrypted=encrypted,
+                )
+            await dropped("plaintext_in_encrypted_room", 2)
+            await _until(
+                lambda: v.k.remote_key(m.k.identity, 6) == draft_key, 5.0, "the draft-form key"
+            )
+            assert v.k.remote_key(m.k.identity, 5) is None
             held = {k for ring in v.k.remote_keys().values() for k in ring.values()}
             assert plain_key not in held
             assert lie_key not in held
             assert v.k.remote_key(m.k.identity, 9) is None
             assert v.k.remote_key(m.k.identity, 8) is None
             assert v.k.manager.early_keys == 0  # not buffered for some other device either
-            assert v.k.stats.dropped_total() == 2
+            assert plain_draft_key not in held
+            assert v.k.stats.dropped_total() == 3
     drops = [x for x in logs if x["event"] == "call_keys.key_message_dropped"]
-    assert {(x["reason"], x["log_level"], x["sender"]) for x in drops} == {
-        ("plaintext_in_encrypted_room", "warning", mallory.user_id),
-        ("claimed_device_mismatch", "warning", mallory.user_id),
-    }
+    assert sorted((x["reason"], x["log_level"], x["sender"]) for x in drops) == [
+        ("claimed_device_mismatch", "warning", m.hs.user_id),
+        ("plaintext_in_encrypted_room", "warning", m.hs.user_id),
+        ("plaintext_in_encrypted_room", "warning", m.hs.user_id),
+    ]
     for x in drops:  # the log names the problem but never carries the key
         assert not any(
             k.hex() in str(x) or base64.b64encode(k).decode() in str(x)
-            for k in (plain_key, lie_key)
+            for k in (plain_key, lie_key, plain_draft_key)
         )
 
 
