@@ -29,7 +29,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -85,7 +85,7 @@ class AgentConfig:
 
     intent: str | None = None  # "m.call.intent": "audio" | "video"
     transports: tuple[Transport, ...] = ()  # advertised; [0] is where we publish
-    dialect: Dialect = Dialect.STATE  # STICKY needs MSC4354 on the homeserver
+    dialect: Dialect = Dialect.STATE  # STICKY if the homeserver has MSC4354, else STATE
     multi_sfu: bool = True  # state form focus_selection (EC compatibility mode)
     ring: bool = False  # send a ring notification if we start the call
     ring_lifetime_ms: int = 30_000
@@ -212,7 +212,9 @@ class CallAgent:
         if self.config.dialect is Dialect.STICKY and not await self.hs.supports(
             "org.matrix.msc4354"
         ):
-            raise LocalError("sticky dialect asked for, but the homeserver lacks MSC4354")
+            # Sticky only where it can work; the state form is what every client reads.
+            self._log.warning("agent.sticky_unsupported", fallback=Dialect.STATE.value)
+            self.config = replace(self.config, dialect=Dialect.STATE)
         self._updates = self.hs.room_updates()
         # Seed from what the adapter already holds; later updates come from the subscription
         # (taken first, with no await in between, so nothing is missed).

@@ -454,3 +454,29 @@ async def test_ring_when_starting_a_call_and_decline_ends_it(
                 },
             )
             assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
+
+
+async def test_without_msc4140_or_msc4354_the_agent_still_joins(run_dir: Path) -> None:
+    """A homeserver with neither delayed events nor sticky events: the agent joins in the
+    state form (sticky was asked for) and without a delayed leave, and still leaves cleanly."""
+    extra = {
+        "max_event_delay_duration": None,
+        "experimental_features": {"msc4354_enabled": False},
+    }
+    async with Synapse(run_dir, extra_config=extra, name="synapse-plain") as plain:
+        a, b = await plain.register("nia"), await plain.register("oli")
+        room = await plain.create_call_room(a, invite=[b])
+        async with (
+            Homeserver(plain.base_url, Login(a.user_id, password=a.password)) as ha,
+            Homeserver(plain.base_url, Login(b.user_id, password=b.password)) as hb,
+        ):
+            assert not await ha.supports("org.matrix.msc4140")
+            assert not await ha.supports("org.matrix.msc4354")
+            async with CallAgent(hb, room, _config()) as watcher:
+                async with CallAgent(ha, room, _config(dialect=Dialect.STICKY)) as agent:
+                    await _wait_members(watcher, 2)
+                    assert agent.config.dialect is Dialect.STATE
+                    assert not agent.machine.delayed_events_in_use
+                    mine = next(p for p in watcher.participants if p.user_id == ha.user_id)
+                    assert mine.dialect is Dialect.STATE
+                await _wait_members(watcher, 1, within=5.0)
