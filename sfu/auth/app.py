@@ -149,9 +149,7 @@ class AuthService:
         self.rooms = LiveKitRooms(
             config.livekit_url, config.key, config.secret, ensured_ttl=config.room_ensured_ttl
         )
-        # The federation override also locates the client-server API unless overridden.
-        cs_overrides = {**config.homeserver_overrides, **config.cs_api_overrides}
-        self.csapi = CsApi(self.http, cs_overrides)
+        self.csapi = CsApi(self.http, config.cs_api_overrides)
         if store is None:
             store = RedisStore(config.redis_url) if config.redis_url else MemoryStore()
         self.store = store

@@ -114,6 +114,7 @@ def make_service(
         "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
         "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url},"
         f"other.localhost={hs.base_url}",
+        "LIVEKIT_CS_API_URL_OVERRIDES": f"{hs.server_name}={hs.base_url}",
         "MATRIXRTC_SFU_RATE_LIMIT": "0",
         "LIVEKIT_LOG_LEVEL": "debug",
         **extra,
@@ -322,6 +323,36 @@ async def test_error_rows(stack: Stack) -> None:
     await assert_not_logged(
         svc, token["access_token"], forged["access_token"], expired["access_token"]
     )
+
+
+async def test_sfu_and_homeserver_failure_rows(stack: Stack, run_dir: Path) -> None:
+    """CreateRoom failing → 500; client-server API unknown → 400 (before any room is made)."""
+    eve = await stack.hs.register(f"eve-{secrets.token_hex(3)}")
+    room_id = await stack.hs.create_call_room(eve)
+    svc = make_service(
+        run_dir,
+        "sfu-broken",
+        free_tcp_port(),
+        stack.lk,
+        stack.hs,
+        LIVEKIT_URL=f"ws://127.0.0.1:{free_tcp_port()}",  # nothing listens: CreateRoom fails
+        LIVEKIT_FULL_ACCESS_HOMESERVERS=stack.hs.server_name,
+        LIVEKIT_CS_API_URL_OVERRIDES="",  # "localhost" has no usable .well-known/matrix/client
+    )
+    await svc.start()
+    try:
+        body = get_token_body(room_id, eve, await openid(stack.hs, eve))
+        status, err = await svc.post("/get_token", body)
+        assert (status, err) == (
+            500,
+            {"errcode": "M_UNKNOWN", "error": "Unable to create room on SFU"},
+        )
+        unresolvable = {"errcode": "M_BAD_JSON", "error": "Unable to resolve client-server API"}
+        delayed = {**body, "delay_id": "d", "delay_timeout": 5000}
+        assert await svc.post("/get_token", delayed) == (400, unresolvable)
+        assert await svc.post("/delegate_delayed_leave", delayed) == (400, unresolvable)
+    finally:
+        await svc.stop()
 
 
 @dataclass
