@@ -2,9 +2,10 @@
 
 lk-jwt-service hashes ``json.Marshal([]string{...})`` (Go) with SHA-256 and encodes the digest
 as unpadded standard base64. matrix-js-sdk computes the same identity with ``JSON.stringify``.
-The two serialisers differ: Go escapes ``<``, ``>``, ``&``, U+2028 and U+2029 and writes
-``\\b``/``\\f`` as ``\\u0008``/``\\u000c``; JS does not. For ordinary Matrix ids they agree.
-The service side must match Go byte for byte; ``js=True`` gives what matrix-js-sdk computes.
+The two serialisers differ: Go escapes ``<``, ``>``, ``&``, U+2028 and U+2029; JS does not
+(both write ``\\b``/``\\f`` in short form since Go 1.22; lk-jwt-service builds with Go 1.26).
+For ordinary Matrix ids they agree. The service side must match Go byte for byte;
+``js=True`` gives what matrix-js-sdk computes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ __all__ = [
 DEFAULT_SLOT_ID = "m.call#ROOM"
 
 # Escapes shared by Go's encoding/json and JSON.stringify.
-_COMMON = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_COMMON = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\b": "\\b",
+    "\f": "\\f",
+}
 # Go (encoding/json with HTML escaping, the json.Marshal default) additionally escapes these.
 _GO_ONLY = {
     "<": "\\u003c",
@@ -34,8 +43,7 @@ _GO_ONLY = {
     "\u2028": "\\u2028",
     "\u2029": "\\u2029",
 }
-# JSON.stringify uses the short forms for \b and \f; Go uses \u0008 and \u000c.
-_JS_ONLY = {"\b": "\\b", "\f": "\\f"}
+_JS_ONLY: dict[str, str] = {}
 
 
 def _encode(s: str, extra: dict[str, str]) -> str:

@@ -73,11 +73,6 @@ def test_identity_golden(parts: tuple[str, str, str], expected: str) -> None:
     assert livekit_identity(*parts) == expected
 
 
-@pytest.mark.xfail(
-    reason="matrixrtc.model.livekit_ids escapes \\b/\\f as Go < 1.22 did (lk-jwt-service is "
-    "built with Go 1.26); reported to the model's owner",
-    strict=False,
-)
 def test_backspace_formfeed_like_go_1_26() -> None:
     parts, expected = BACKSPACE_FORMFEED
     assert livekit_identity(*parts) == expected
