@@ -181,10 +181,17 @@ class DelayedLeaveManager:
         job.task = asyncio.create_task(
             self._run(job, resumed=resumed), context=contextvars.Context()
         )
-        job.task.add_done_callback(lambda _t: self._finished(job))
+        job.task.add_done_callback(lambda t: self._finished(job, t))
 
-    def _finished(self, job: _Job) -> None:
+    def _finished(self, job: _Job, task: asyncio.Task[None]) -> None:
         metrics.DELAYED_LEAVE_JOBS.dec()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "delayed-leave job failed",
+                room=job.stored.params.room,
+                identity=job.stored.params.identity,
+                exc_info=exc,
+            )
         if self._jobs.get(job.stored.params.key) is job:
             del self._jobs[job.stored.params.key]
 
