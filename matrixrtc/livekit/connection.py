@@ -110,6 +110,7 @@ class ParticipantStats:
 
     identity: str
     video_tracks: int = 0  # video tracks subscribed
+    video_subscribed_at: float | None = None  # first video track subscribed
     video_frames: int = 0  # decoded video frames (so: decrypted, when E2EE is on)
     # 10 ms frames out of the SDK's audio stream. It plays concealment/silence when nothing
     # decrypts, so this counts time, not decrypted audio.
@@ -379,6 +380,8 @@ class LiveKitConnection:
         stats = self._stats_for(participant.identity)
         if track.kind == rtc.TrackKind.KIND_VIDEO:
             stats.video_tracks += 1
+            if stats.video_subscribed_at is None:
+                stats.video_subscribed_at = self._clock()
             self._spawn(self._count_video(track, stats), f"livekit-sink-video-{track.sid}")
         elif track.kind == rtc.TrackKind.KIND_AUDIO:
             self._spawn(self._count_audio(track, stats), f"livekit-sink-audio-{track.sid}")
