@@ -7,9 +7,9 @@ the pure :class:`~matrixrtc.e2ee.keys.KeyManager` for the agent's call:
   :meth:`CallAgent.changes`), key messages from the adapter's to-device stream, the clock;
 * **sending** (:class:`~matrixrtc.e2ee.keys.SendKey`): one ``io.element.call.encryption_keys``
   (spec/matrixrtc.md §4.2) Olm-encrypted to each listed device. Devices the adapter could not
-  reach are retried with the key in use; a send that reached nobody is reported failed to the
-  manager and the distribution is re-run after a back-off (js-sdk waits for the next membership
-  recalculation, which here may be an hour away);
+  reach are retried with the newest key handed out; a send that reached nobody is reported
+  failed to the manager and the distribution is re-run after a back-off (js-sdk waits for the
+  next membership recalculation, which here may be an hour away);
 * **receiving**: :func:`~matrixrtc.e2ee.inbound.screen_key_message` (Olm only, the verified
   sender device, no lying ``claimed_device_id``, both dialects); drops are logged and counted;
 * **keys**: :class:`~matrixrtc.e2ee.keys.UseKey` and ``InstallRemoteKey`` go into
@@ -177,10 +177,10 @@ class CallKeys:
     async def __aenter__(self) -> Self:
         if not self.room_encrypted and not self.config.allow_plaintext_keys:
             raise LocalError(
-                f"room {self.room_id} is not encrypted: per-participant media keys are only "
-                "used in encrypted rooms (as Element Call does), because key messages there "
-                "could not be told apart from forgeries; enable encryption in the room, or "
-                "pass CallKeysConfig(allow_plaintext_keys=True) for a test page"
+                f"room {self.room_id} is not encrypted: per-participant media E2EE is used "
+                "only in encrypted rooms, as Element Call does; enable encryption in the room "
+                "(m.room.encryption), or opt in for a test page with "
+                "CallKeysConfig(allow_plaintext_keys=True)"
             )
         machine = self.agent.machine  # raises LocalError when the agent has not joined
         user, device = self.hs.user_id, self.hs.device_id
