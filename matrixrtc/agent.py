@@ -36,7 +36,7 @@ from typing import Any, Final, Self, TypeVar
 
 import structlog
 
-from matrixrtc.errors import LocalError, RemoteError
+from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import (
     DelayAction,
     DelayNotFound,
@@ -545,7 +545,7 @@ class CallAgent:
             if e.transient:
                 return mm.NetworkError(str(e))
             return mm.Rejected(e.errcode, e.error)
-        except RemoteError as e:
+        except MatrixRTCError as e:  # other remote failures, and local crypto errors
             return mm.Rejected("", str(e))
         if isinstance(action, mm.SendDelayedLeaveNow):
             self._log.info("agent.left", via="delayed leave sent now")

@@ -4,6 +4,7 @@ Start with :class:`Homeserver` (``async with Homeserver(url, Login(...), state_d
 """
 
 from matrixrtc.matrix.errors import (
+    CryptoError,
     DelayNotFound,
     DelayTooLong,
     HomeserverError,
@@ -26,6 +27,7 @@ from matrixrtc.matrix.homeserver import (
 )
 
 __all__ = [
+    "CryptoError",
     "DelayAction",
     "DelayNotFound",
     "DelayTooLong",

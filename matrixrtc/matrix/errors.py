@@ -13,6 +13,7 @@ from typing import Any
 from matrixrtc.errors import LocalError, RemoteError
 
 __all__ = [
+    "CryptoError",
     "DelayNotFound",
     "DelayTooLong",
     "HomeserverError",
@@ -83,6 +84,11 @@ class Unsupported(RemoteError):
     def __init__(self, feature: str) -> None:
         super().__init__(f"homeserver does not support {feature}")
         self.feature = feature
+
+
+class CryptoError(LocalError):
+    """The Olm/Megolm machinery (nio) could not do what was asked: no group session, an
+    untrusted device, a crypto store problem. The message carries nio's reason."""
 
 
 class LoginError(LocalError):

@@ -32,11 +32,12 @@ Secrets: access tokens, delay ids and OpenID tokens are never logged at info lev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -47,9 +48,16 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 from nio import AsyncClient, AsyncClientConfig, MegolmEvent, SyncResponse
+from nio.exceptions import (
+    EncryptionError,
+    GroupEncryptionError,
+    LocalProtocolError,
+    OlmTrustError,
+)
 
-from matrixrtc.errors import RemoteError
+from matrixrtc.errors import MatrixRTCError, RemoteError
 from matrixrtc.matrix.errors import (
+    CryptoError,
     DelayNotFound,
     DelayTooLong,
     HomeserverError,
@@ -644,13 +652,14 @@ class Homeserver:
         if room is None or not room.encrypted:
             return event_type, content
         async with self._crypto_lock:
-            if not room.members_synced:
-                await nio.joined_members(room_id)
-            if nio.should_query_keys:
-                await nio.keys_query()
-            if nio.olm.should_share_group_session(room_id):
-                await nio.share_group_session(room_id, ignore_unverified_devices=True)
-            etype, enc = nio.encrypt(room_id, event_type, content)
+            with _nio_errors("encrypt"):
+                if not room.members_synced:
+                    await nio.joined_members(room_id)
+                if nio.should_query_keys:
+                    await nio.keys_query()
+                if nio.olm.should_share_group_session(room_id):
+                    await nio.share_group_session(room_id, ignore_unverified_devices=True)
+                etype, enc = nio.encrypt(room_id, event_type, content)
         return str(etype), dict(enc)
 
     async def enable_encryption(self, room_id: str) -> None:
@@ -797,26 +806,27 @@ class Homeserver:
         failed: list[DeviceRef] = []
         out: dict[str, dict[str, JsonDict]] = {}
         async with self._crypto_lock:
-            olm = nio.olm
-            await self._ensure_device_keys(nio, messages.keys())
-            claim: dict[str, list[str]] = {}
-            for ref in messages:
-                dev = _device(nio, ref)
-                if dev is not None and olm.session_store.get(dev.curve25519) is None:
-                    claim.setdefault(ref.user_id, []).append(ref.device_id)
-            if claim:
-                resp = await nio.keys_claim(claim)
-                if not hasattr(resp, "one_time_keys"):
-                    log.warning("homeserver.keys_claim_failed", error=str(resp))
-            for ref, content in messages.items():
-                dev = _device(nio, ref)
-                session = olm.session_store.get(dev.curve25519) if dev is not None else None
-                if dev is None or session is None:
-                    failed.append(ref)
-                    continue
-                enc = olm._olm_encrypt(session, dev, event_type, dict(content))
-                out.setdefault(ref.user_id, {})[ref.device_id] = enc
-                sent.append(ref)
+            with _nio_errors("to-device encrypt"):
+                olm = nio.olm
+                await self._ensure_device_keys(nio, messages.keys())
+                claim: dict[str, list[str]] = {}
+                for ref in messages:
+                    dev = _device(nio, ref)
+                    if dev is not None and olm.session_store.get(dev.curve25519) is None:
+                        claim.setdefault(ref.user_id, []).append(ref.device_id)
+                if claim:
+                    resp = await nio.keys_claim(claim)
+                    if not hasattr(resp, "one_time_keys"):
+                        log.warning("homeserver.keys_claim_failed", error=str(resp))
+                for ref, content in messages.items():
+                    dev = _device(nio, ref)
+                    session = olm.session_store.get(dev.curve25519) if dev is not None else None
+                    if dev is None or session is None:
+                        failed.append(ref)
+                        continue
+                    enc = olm._olm_encrypt(session, dev, event_type, dict(content))
+                    out.setdefault(ref.user_id, {})[ref.device_id] = enc
+                    sent.append(ref)
         if out:
             await self._put_to_device("m.room.encrypted", out)
         if failed:
@@ -868,7 +878,11 @@ class Homeserver:
             if unknown:  # a device we have not seen yet: fetch its keys once, then verify
                 async with self._crypto_lock:
                     nio.olm.users_for_key_query.update(unknown)
-                    await nio.keys_query()
+                    try:
+                        with _nio_errors("key query"):
+                            await nio.keys_query()
+                    except MatrixRTCError as e:
+                        log.warning("homeserver.keys_query_failed", error=str(e))
         for c in captured:
             device = self._verified_device(c.sender, c.sender_curve25519, c.payload)
             etype, content = c.payload.get("type"), c.payload.get("content")
@@ -972,7 +986,15 @@ class Homeserver:
         decrypted: dict[str, JsonDict] = {}
         resp = SyncResponse.from_dict(raw)
         if isinstance(resp, SyncResponse):
-            await nio.receive_response(resp)
+            try:
+                await nio.receive_response(resp)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # nio's own processing (crypto, room models) failed on this response. Its
+                # error types are not ours to enumerate; one bad response must not end the
+                # loop, and the raw sections below still reach our subscribers.
+                log.error("homeserver.nio_sync_failed", exc_info=True)
             for room in resp.rooms.join.values():
                 for ev in room.timeline.events:
                     if getattr(ev, "decrypted", False) and isinstance(ev.source, dict):
@@ -1004,7 +1026,7 @@ class Homeserver:
                 if nio.should_claim_keys:
                     await nio.keys_claim(nio.get_users_for_key_claiming())
                 await nio.send_to_device_messages()
-            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            except (aiohttp.ClientError, TimeoutError, OSError, LocalProtocolError) as e:
                 # The next sync retries; a lost homeserver shows up there.
                 log.warning("homeserver.crypto_housekeeping_failed", error=str(e))
 
@@ -1115,6 +1137,20 @@ def _sticky_ttl_ms(ev: Mapping[str, Any]) -> int:
     if not isinstance(ttl, int) or isinstance(ttl, bool):
         return 0
     return max(0, min(ttl, 3_600_000))
+
+
+@contextlib.contextmanager
+def _nio_errors(what: str) -> Iterator[None]:
+    """nio raises transport errors (after its own retries) and crypto errors as-is: give
+    callers our types instead."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise HomeserverTimeout(f"{what}: no answer in time") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise HomeserverUnreachable(f"{what}: {type(e).__name__}: {e}") from e
+    except (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError) as e:
+        raise CryptoError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def _txn() -> str:
