@@ -251,6 +251,14 @@ async def test_three_agents_share_rotate_on_leave_and_rotate_only_after_grace(
             ev.kind is KeyEventKind.INSTALLED and ev.identity == a.k.identity and ev.index == 2
             for ev in e.events
         )
+        wire = sorted(
+            ev.at_ms - ev.sent_ts
+            for p in (a, b, d, e)
+            for ev in p.events
+            if ev.kind is KeyEventKind.INSTALLED and ev.sent_ts is not None
+        )
+        assert wire
+        print(f"key sent -> installed (ms): p50 {wire[len(wire) // 2]}, max {wire[-1]}")
 
 
 async def test_forged_key_messages_are_dropped_and_logged(e2ee_synapse: Synapse) -> None:
