@@ -49,7 +49,7 @@ from matrixrtc.matrix import (
 )
 from matrixrtc.matrix import RateLimited as HsRateLimited
 from matrixrtc.matrix import Unsupported as HsUnsupported
-from matrixrtc.matrix.homeserver import RoomUpdate
+from matrixrtc.matrix.types import RoomUpdate
 from matrixrtc.model import (
     CallMembership,
     Dialect,

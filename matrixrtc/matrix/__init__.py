@@ -14,10 +14,10 @@ from matrixrtc.matrix.errors import (
     RateLimited,
     Unsupported,
 )
-from matrixrtc.matrix.homeserver import (
+from matrixrtc.matrix.homeserver import Homeserver
+from matrixrtc.matrix.types import (
     DelayAction,
     DeviceRef,
-    Homeserver,
     Login,
     OpenIdToken,
     RoomUpdate,

@@ -36,13 +36,10 @@ import contextlib
 import json
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self
 from urllib.parse import quote
 
 import aiohttp
@@ -56,10 +53,10 @@ from nio.exceptions import (
 )
 
 from matrixrtc.errors import MatrixRTCError, RemoteError
+from matrixrtc.matrix import wire
 from matrixrtc.matrix.errors import (
     CryptoError,
     DelayNotFound,
-    DelayTooLong,
     HomeserverError,
     HomeserverTimeout,
     HomeserverUnreachable,
@@ -69,6 +66,17 @@ from matrixrtc.matrix.errors import (
 )
 from matrixrtc.matrix.olm_hook import CapturingOlm
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
+from matrixrtc.matrix.types import (
+    DelayAction,
+    DeviceRef,
+    JsonDict,
+    Login,
+    OpenIdToken,
+    RoomUpdate,
+    Subscription,
+    ToDeviceEvent,
+    ToDeviceSendResult,
+)
 
 __all__ = [
     "DelayAction",
@@ -84,8 +92,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-JsonDict = dict[str, Any]
 
 MSC4140 = "org.matrix.msc4140"
 MSC4143 = "org.matrix.msc4143"
@@ -98,163 +104,6 @@ _OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
 
 def _q(part: str) -> str:
     return quote(part, safe="")
-
-
-# ---------------------------------------------------------------------------------------------
-# Value types
-
-
-@dataclass(frozen=True, slots=True)
-class Login:
-    """How to log in. ``user`` is a full mxid or a localpart on the homeserver.
-
-    Give a password or an access token (the CLI reads them from the environment). With a
-    state directory that already holds a session for this user, neither is needed.
-    """
-
-    user: str
-    password: str | None = None
-    access_token: str | None = None
-    device_name: str = "matrixrtc"
-
-    def __repr__(self) -> str:
-        return f"Login(user={self.user!r}, password={'***' if self.password else None})"
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRef:
-    user_id: str
-    device_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToDeviceEvent:
-    """A received to-device event.
-
-    For ``encrypted`` events, ``sender_device`` is the device whose Olm identity key
-    (``sender_curve25519``) decrypted the message and whose signed device keys (from the key
-    query) match it: a verified binding, unlike a ``device_id`` claimed in the content. For
-    plaintext events both are None: consumers that need authenticity must drop them.
-    """
-
-    type: str
-    content: JsonDict
-    sender: str
-    sender_device: str | None
-    sender_curve25519: str | None
-    encrypted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ToDeviceSendResult:
-    """Which devices got the message; ``failed`` have no keys or no Olm session."""
-
-    sent: tuple[DeviceRef, ...]
-    failed: tuple[DeviceRef, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RoomUpdate:
-    """One joined room's part of one sync response, raw events, decrypted where possible.
-
-    ``state`` holds the ``state`` section followed by state events of the timeline, in
-    order; ``timeline`` every timeline event; ``sticky`` the events of the
-    ``msc4354_sticky`` section plus timeline events carrying the ``msc4354_sticky`` field.
-    ``initial`` is set on the first sync (full state). ``left`` means we are no longer joined.
-    """
-
-    room_id: str
-    state: tuple[JsonDict, ...]
-    timeline: tuple[JsonDict, ...]
-    sticky: tuple[JsonDict, ...]
-    initial: bool
-    left: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class OpenIdToken:
-    access_token: str
-    token_type: str
-    matrix_server_name: str
-    expires_in: int
-
-    def as_json(self) -> JsonDict:
-        return {
-            "access_token": self.access_token,
-            "token_type": self.token_type,
-            "matrix_server_name": self.matrix_server_name,
-            "expires_in": self.expires_in,
-        }
-
-    def __repr__(self) -> str:
-        return f"OpenIdToken(server={self.matrix_server_name!r}, expires_in={self.expires_in})"
-
-
-class DelayAction(Enum):
-    RESTART = "restart"
-    CANCEL = "cancel"
-    SEND = "send"
-
-
-class _Closed:
-    """Queue sentinel: the producer ended (``error`` says why, None for a normal close)."""
-
-    def __init__(self, error: BaseException | None) -> None:
-        self.error = error
-
-
-class Subscription(Generic[T]):
-    """An unbounded stream of items from the sync loop; ``async for`` it or ``await get()``.
-
-    Closing it (or leaving ``async with``) unsubscribes. If the sync loop stops for good,
-    pending items are still delivered, then iteration raises the loop's error.
-    """
-
-    def __init__(self, registry: set[Subscription[T]]) -> None:
-        self._queue: asyncio.Queue[T | _Closed] = asyncio.Queue()
-        self._registry = registry
-        registry.add(self)
-
-    def _put(self, item: T) -> None:
-        self._queue.put_nowait(item)
-
-    def _end(self, error: BaseException | None) -> None:
-        self._queue.put_nowait(_Closed(error))
-
-    async def get(self) -> T:
-        item = await self._queue.get()
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)  # keep later get() calls failing the same way
-            if item.error is not None:
-                raise RemoteError(f"sync loop stopped: {item.error}") from item.error
-            raise StopAsyncIteration
-        return item
-
-    def get_nowait(self) -> T | None:
-        """An item if one is queued, else None (never blocks)."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)
-            return None
-        return item
-
-    def close(self) -> None:
-        self._registry.discard(self)
-
-    def __aiter__(self) -> AsyncIterator[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        return await self.get()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _mxid_matches(user: str, user_id: str) -> bool:
@@ -531,7 +380,7 @@ class Homeserver:
             parsed = {}
         payload: JsonDict = parsed if isinstance(parsed, dict) else {}
         if status >= 400:
-            raise _error_from(status, payload, retry_after)
+            raise wire.error_from(status, payload, retry_after)
         return payload
 
     async def versions(self, refresh: bool = False) -> JsonDict:
@@ -562,7 +411,7 @@ class Homeserver:
     ) -> str:
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}"
         resp = await self.request("PUT", path, body=dict(content))
-        return _event_id(resp)
+        return wire.event_id(resp)
 
     async def get_state_event(
         self, room_id: str, event_type: str, state_key: str
@@ -587,7 +436,7 @@ class Homeserver:
             timeout=aiohttp.ClientTimeout(total=self._request_timeout_s),
         ) as resp:
             if resp.status >= 400:
-                raise _error_from(resp.status, {}, None)
+                raise wire.error_from(resp.status, {}, None)
             data = await resp.json()
         return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
@@ -599,7 +448,7 @@ class Homeserver:
         """Sticky events received and not yet expired, with the wall-clock ms of receipt
         (what the remaining-time field ``unsigned.msc4354_sticky_duration_ttl_ms`` counts from).
         Lets a consumer that subscribes late rebuild the sticky store."""
-        self._prune_sticky(room_id, _now_ms())
+        self._prune_sticky(room_id, wire.now_ms())
         return list(self._room_sticky.get(room_id, {}).values())
 
     def _prune_sticky(self, room_id: str, now_ms: int) -> None:
@@ -607,7 +456,7 @@ class Homeserver:
         if not held:
             return
         for event_id, (ev, received) in list(held.items()):
-            if received + _sticky_ttl_ms(ev) <= now_ms:
+            if received + wire.sticky_ttl_ms(ev) <= now_ms:
                 del held[event_id]
 
     def is_encrypted(self, room_id: str) -> bool:
@@ -625,8 +474,8 @@ class Homeserver:
     ) -> str:
         """Send a room event (Megolm-encrypted when the room is encrypted); its event id."""
         etype, body = await self._maybe_encrypt(room_id, event_type, dict(content))
-        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(etype)}/{_q(txn_id or _txn())}"
-        return _event_id(await self.request("PUT", path, body=body))
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(etype)}/{_q(txn_id or wire.txn())}"
+        return wire.event_id(await self.request("PUT", path, body=body))
 
     async def send_sticky(
         self,
@@ -640,9 +489,9 @@ class Homeserver:
         """Send an MSC4354 sticky event (encrypted in encrypted rooms); its event id."""
         await self._require_feature(MSC4354)
         etype, body = await self._maybe_encrypt(room_id, event_type, dict(content))
-        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(etype)}/{_q(txn_id or _txn())}"
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(etype)}/{_q(txn_id or wire.txn())}"
         query = {"org.matrix.msc4354.sticky_duration_ms": str(sticky_duration_ms)}
-        return _event_id(await self.request("PUT", path, query=query, body=body))
+        return wire.event_id(await self.request("PUT", path, query=query, body=body))
 
     async def _maybe_encrypt(
         self, room_id: str, event_type: str, content: JsonDict
@@ -681,7 +530,7 @@ class Homeserver:
         await self._require_feature(MSC4140)
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}"
         query = {"org.matrix.msc4140.delay": str(delay_ms)}
-        return _delay_id(await self.request("PUT", path, query=query, body=dict(content)))
+        return wire.delay_id(await self.request("PUT", path, query=query, body=dict(content)))
 
     async def schedule_delayed_sticky(
         self,
@@ -695,12 +544,12 @@ class Homeserver:
         cannot encrypt later and the leave content carries only the sticky key)."""
         await self._require_feature(MSC4140)
         await self._require_feature(MSC4354)
-        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{_q(_txn())}"
+        path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{_q(wire.txn())}"
         query = {
             "org.matrix.msc4140.delay": str(delay_ms),
             "org.matrix.msc4354.sticky_duration_ms": str(sticky_duration_ms),
         }
-        return _delay_id(await self.request("PUT", path, query=query, body=dict(content)))
+        return wire.delay_id(await self.request("PUT", path, query=query, body=dict(content)))
 
     async def update_delayed(
         self, delay_id: str, action: DelayAction, *, timeout_s: float | None = None
@@ -751,7 +600,7 @@ class Homeserver:
             if e.status in (400, 404, 405) or e.errcode == "M_UNRECOGNIZED":
                 raise Unsupported(f"{MSC4143} rtc/transports") from e
             raise
-        return _transport_list(resp.get("rtc_transports"), "rtc_transports")
+        return wire.transport_list(resp.get("rtc_transports"), "rtc_transports")
 
     async def well_known_rtc_foci(self) -> list[JsonDict]:
         """``org.matrix.msc4143.rtc_foci`` from this homeserver's ``/.well-known/matrix/client``;
@@ -761,7 +610,7 @@ class Homeserver:
         except RemoteError as e:
             log.debug("homeserver.well_known_unavailable", reason=str(e))
             return []
-        return _transport_list(resp.get(_WELL_KNOWN_FOCI), _WELL_KNOWN_FOCI)
+        return wire.transport_list(resp.get(_WELL_KNOWN_FOCI), _WELL_KNOWN_FOCI)
 
     async def request_openid_token(self) -> OpenIdToken:
         path = f"/_matrix/client/v3/user/{_q(self.user_id)}/openid/request_token"
@@ -838,7 +687,7 @@ class Homeserver:
         return ToDeviceSendResult(tuple(sent), tuple(failed))
 
     async def _put_to_device(self, event_type: str, body: Mapping[str, Any]) -> None:
-        path = f"/_matrix/client/v3/sendToDevice/{_q(event_type)}/{_q(_txn())}"
+        path = f"/_matrix/client/v3/sendToDevice/{_q(event_type)}/{_q(wire.txn())}"
         await self.request("PUT", path, body={"messages": body})
 
     async def _ensure_device_keys(self, nio: _NioClient, refs: Iterable[DeviceRef]) -> None:
@@ -1055,18 +904,19 @@ class Homeserver:
     def _room_update(
         self, room_id: str, section: JsonDict, decrypted: Mapping[str, JsonDict], initial: bool
     ) -> RoomUpdate:
-        state_events = _events(section.get("state"))
+        state_events = wire.events(section.get("state"))
         timeline = [
-            self._decrypted(room_id, e, decrypted) for e in _events(section.get("timeline"))
+            self._decrypted(room_id, e, decrypted) for e in wire.events(section.get("timeline"))
         ]
         sticky = [
-            self._decrypted(room_id, e, decrypted) for e in _events(section.get("msc4354_sticky"))
+            self._decrypted(room_id, e, decrypted)
+            for e in wire.events(section.get("msc4354_sticky"))
         ]
         seen = {str(e.get("event_id")) for e in sticky}
         sticky += [
             e for e in timeline if "msc4354_sticky" in e and str(e.get("event_id")) not in seen
         ]
-        now = _now_ms()
+        now = wire.now_ms()
         held = self._room_sticky.setdefault(room_id, {})
         for ev in sticky:
             held.setdefault(str(ev.get("event_id")), (ev, now))
@@ -1122,23 +972,6 @@ class Homeserver:
 # helpers
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _sticky_ttl_ms(ev: Mapping[str, Any]) -> int:
-    """Time left on a sticky event when received: the server's remaining time, else its
-    duration; MSC4354 caps stickiness at one hour."""
-    unsigned = ev.get("unsigned")
-    ttl = unsigned.get("msc4354_sticky_duration_ttl_ms") if isinstance(unsigned, dict) else None
-    if not isinstance(ttl, int):
-        sticky = ev.get("msc4354_sticky")
-        ttl = sticky.get("duration_ms") if isinstance(sticky, dict) else None
-    if not isinstance(ttl, int) or isinstance(ttl, bool):
-        return 0
-    return max(0, min(ttl, 3_600_000))
-
-
 @contextlib.contextmanager
 def _nio_errors(what: str) -> Iterator[None]:
     """nio raises transport errors (after its own retries) and crypto errors as-is: give
@@ -1153,85 +986,8 @@ def _nio_errors(what: str) -> Iterator[None]:
         raise CryptoError(f"{what}: {type(e).__name__}: {e}") from e
 
 
-def _txn() -> str:
-    return uuid.uuid4().hex
-
-
-def _events(section: Any) -> list[JsonDict]:
-    if not isinstance(section, dict):
-        return []
-    events = section.get("events")
-    if not isinstance(events, list):
-        return []
-    return [e for e in events if isinstance(e, dict)]
-
-
-def _event_id(resp: JsonDict) -> str:
-    event_id = resp.get("event_id")
-    if not isinstance(event_id, str):
-        raise RemoteError("homeserver answered without an event_id")
-    return event_id
-
-
-def _delay_id(resp: JsonDict) -> str:
-    delay_id = resp.get("delay_id")
-    if not isinstance(delay_id, str) or not delay_id:
-        raise RemoteError("homeserver answered a delayed event without a delay_id")
-    return delay_id
-
-
 def _device(nio: _NioClient, ref: DeviceRef) -> Any:
     try:
         return nio.device_store[ref.user_id][ref.device_id]
     except KeyError:
         return None
-
-
-def _transport_list(value: Any, what: str) -> list[JsonDict]:
-    if not isinstance(value, list):
-        return []
-    out = [t for t in value if isinstance(t, dict) and isinstance(t.get("type"), str)]
-    if len(out) != len(value):
-        log.info("homeserver.transport_dropped", source=what, dropped=len(value) - len(out))
-    return out
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _error_from(status: int, body: JsonDict, retry_after: str | None) -> HomeserverError:
-    errcode = body.get("errcode")
-    errcode = errcode if isinstance(errcode, str) else f"HTTP_{status}"
-    error = body.get("error")
-    error = error if isinstance(error, str) else ""
-    if status == 429 or errcode == "M_LIMIT_EXCEEDED":
-        ms = _int_or_none(body.get("retry_after_ms"))
-        if ms is None and retry_after is not None and retry_after.isdigit():
-            ms = int(retry_after) * 1000
-        return RateLimited(status, errcode, error, body, ms)
-    if errcode == "ORG.MATRIX.MSC4140_DELAY_TOO_LARGE" or (
-        body.get("org.matrix.msc4140.errcode") == "M_MAX_DELAY_EXCEEDED"
-    ):
-        return DelayTooLong(
-            status,
-            errcode,
-            error,
-            body,
-            _max_delay(body.get("org.matrix.msc4140.max_delay"), error),
-        )
-    return HomeserverError(status, errcode, error, body)
-
-
-def _max_delay(value: Any, error: str) -> int | None:
-    ms = _int_or_none(value)
-    if ms is not None:
-        return ms
-    # Synapse says it only in prose: "... exceeds the allowed maximum (86400000ms)".
-    marker = "maximum ("
-    at = error.find(marker)
-    if at >= 0:
-        digits = error[at + len(marker) :].split("ms", 1)[0]
-        if digits.isdigit():
-            return int(digits)
-    return None

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matrixrtc.matrix import DelayTooLong, Homeserver, HomeserverError, Login, RateLimited
-from matrixrtc.matrix.homeserver import _error_from, _sticky_ttl_ms, _transport_list
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
+from matrixrtc.matrix.wire import error_from, sticky_ttl_ms, transport_list
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -36,7 +36,7 @@ event_like = st.dictionaries(keys, json_values, max_size=6)
 def test_error_mapping_never_raises(
     status: int, body: dict[str, Any], retry_after: str | None
 ) -> None:
-    err = _error_from(status, body, retry_after)
+    err = error_from(status, body, retry_after)
     assert isinstance(err, HomeserverError)
     assert isinstance(err.errcode, str)
     if isinstance(err, RateLimited):
@@ -44,11 +44,11 @@ def test_error_mapping_never_raises(
 
 
 def test_error_mapping_known_answers() -> None:
-    limited = _error_from(429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 1234}, None)
+    limited = error_from(429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 1234}, None)
     assert isinstance(limited, RateLimited)
     assert limited.retry_after_ms == 1234
-    assert _error_from(429, {}, "3").retry_after_ms == 3000  # type: ignore[attr-defined]
-    synapse = _error_from(
+    assert error_from(429, {}, "3").retry_after_ms == 3000  # type: ignore[attr-defined]
+    synapse = error_from(
         400,
         {
             "errcode": "ORG.MATRIX.MSC4140_DELAY_TOO_LARGE",
@@ -58,7 +58,7 @@ def test_error_mapping_known_answers() -> None:
     )
     assert isinstance(synapse, DelayTooLong)
     assert synapse.max_delay_ms == 86_400_000
-    msc = _error_from(
+    msc = error_from(
         400,
         {
             "errcode": "M_UNKNOWN",
@@ -69,18 +69,18 @@ def test_error_mapping_known_answers() -> None:
     )
     assert isinstance(msc, DelayTooLong)
     assert msc.max_delay_ms == 5000
-    assert _error_from(502, {}, None).transient
+    assert error_from(502, {}, None).transient
 
 
 @given(json_values)
 def test_transport_lists_keep_only_typed_objects(value: Any) -> None:
-    out = _transport_list(value, "test")
+    out = transport_list(value, "test")
     assert all(isinstance(t, dict) and isinstance(t["type"], str) for t in out)
 
 
 @given(event_like)
 def test_sticky_ttl_is_bounded(ev: dict[str, Any]) -> None:
-    assert 0 <= _sticky_ttl_ms(ev) <= 3_600_000
+    assert 0 <= sticky_ttl_ms(ev) <= 3_600_000
 
 
 @settings(max_examples=200)

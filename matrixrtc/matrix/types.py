@@ -1,0 +1,181 @@
+"""Value types of the homeserver adapter (no I/O): login, device references, received
+to-device events, per-room sync updates, OpenID tokens, delayed-event actions, and the
+:class:`Subscription` stream the sync loop feeds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, Self, TypeVar
+
+from matrixrtc.errors import RemoteError
+
+__all__ = [
+    "DelayAction",
+    "DeviceRef",
+    "JsonDict",
+    "Login",
+    "OpenIdToken",
+    "RoomUpdate",
+    "Subscription",
+    "ToDeviceEvent",
+    "ToDeviceSendResult",
+]
+
+T = TypeVar("T")
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """How to log in. ``user`` is a full mxid or a localpart on the homeserver.
+
+    Give a password or an access token (the CLI reads them from the environment). With a
+    state directory that already holds a session for this user, neither is needed.
+    """
+
+    user: str
+    password: str | None = None
+    access_token: str | None = None
+    device_name: str = "matrixrtc"
+
+    def __repr__(self) -> str:
+        return f"Login(user={self.user!r}, password={'***' if self.password else None})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    user_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToDeviceEvent:
+    """A received to-device event.
+
+    For ``encrypted`` events, ``sender_device`` is the device whose Olm identity key
+    (``sender_curve25519``) decrypted the message and whose signed device keys (from the key
+    query) match it: a verified binding, unlike a ``device_id`` claimed in the content. For
+    plaintext events both are None: consumers that need authenticity must drop them.
+    """
+
+    type: str
+    content: JsonDict
+    sender: str
+    sender_device: str | None
+    sender_curve25519: str | None
+    encrypted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ToDeviceSendResult:
+    """Which devices got the message; ``failed`` have no keys or no Olm session."""
+
+    sent: tuple[DeviceRef, ...]
+    failed: tuple[DeviceRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomUpdate:
+    """One joined room's part of one sync response, raw events, decrypted where possible.
+
+    ``state`` holds the ``state`` section followed by state events of the timeline, in
+    order; ``timeline`` every timeline event; ``sticky`` the events of the
+    ``msc4354_sticky`` section plus timeline events carrying the ``msc4354_sticky`` field.
+    ``initial`` is set on the first sync (full state). ``left`` means we are no longer joined.
+    """
+
+    room_id: str
+    state: tuple[JsonDict, ...]
+    timeline: tuple[JsonDict, ...]
+    sticky: tuple[JsonDict, ...]
+    initial: bool
+    left: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenIdToken:
+    access_token: str
+    token_type: str
+    matrix_server_name: str
+    expires_in: int
+
+    def as_json(self) -> JsonDict:
+        return {
+            "access_token": self.access_token,
+            "token_type": self.token_type,
+            "matrix_server_name": self.matrix_server_name,
+            "expires_in": self.expires_in,
+        }
+
+    def __repr__(self) -> str:
+        return f"OpenIdToken(server={self.matrix_server_name!r}, expires_in={self.expires_in})"
+
+
+class DelayAction(Enum):
+    RESTART = "restart"
+    CANCEL = "cancel"
+    SEND = "send"
+
+
+class _Closed:
+    """Queue sentinel: the producer ended (``error`` says why, None for a normal close)."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+class Subscription(Generic[T]):
+    """An unbounded stream of items from the sync loop; ``async for`` it or ``await get()``.
+
+    Closing it (or leaving ``async with``) unsubscribes. If the sync loop stops for good,
+    pending items are still delivered, then iteration raises the loop's error.
+    """
+
+    def __init__(self, registry: set[Subscription[T]]) -> None:
+        self._queue: asyncio.Queue[T | _Closed] = asyncio.Queue()
+        self._registry = registry
+        registry.add(self)
+
+    def _put(self, item: T) -> None:
+        self._queue.put_nowait(item)
+
+    def _end(self, error: BaseException | None) -> None:
+        self._queue.put_nowait(_Closed(error))
+
+    async def get(self) -> T:
+        item = await self._queue.get()
+        if isinstance(item, _Closed):
+            self._queue.put_nowait(item)  # keep later get() calls failing the same way
+            if item.error is not None:
+                raise RemoteError(f"sync loop stopped: {item.error}") from item.error
+            raise StopAsyncIteration
+        return item
+
+    def get_nowait(self) -> T | None:
+        """An item if one is queued, else None (never blocks)."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, _Closed):
+            self._queue.put_nowait(item)
+            return None
+        return item
+
+    def close(self) -> None:
+        self._registry.discard(self)
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self.get()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
