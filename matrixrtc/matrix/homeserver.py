@@ -151,6 +151,7 @@ class Homeserver:
 
         self._http: aiohttp.ClientSession | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._state: StateDir | None = None
         self._nio: _NioClient | None = None
         self._session: SavedSession | None = None
         self._versions: JsonDict | None = None
@@ -193,7 +194,8 @@ class Homeserver:
             state = StateDir(Path(self._tmp.name))
         else:
             state = StateDir(self._state_dir_path)
-        state.ensure()
+        state.acquire()
+        self._state = state
         session = await self._log_in(state)
         self._session = session
         config = AsyncClientConfig(
@@ -235,6 +237,9 @@ class Homeserver:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._state is not None:
+            self._state.release()
+            self._state = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -4,6 +4,7 @@ Layout (created with mode 0700; ``session.json`` 0600)::
 
     DIR/session.json   {"homeserver", "user_id", "device_id", "access_token"}
     DIR/crypto/        nio's SQLite crypto store (Olm account, Olm/Megolm sessions)
+    DIR/lock           held (flock) while a process uses the directory
 
 Reusing the directory makes a restarted agent the same device: same device id, same
 identity keys, same Olm sessions, so peers need no new key query and no device sprawl.
@@ -11,12 +12,16 @@ identity keys, same Olm sessions, so peers need no new key query and no device s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import structlog
+
+from matrixrtc.errors import LocalError
 
 __all__ = ["SavedSession", "StateDir"]
 
@@ -39,6 +44,7 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock: IO[bytes] | None = None
 
     @property
     def crypto_dir(self) -> Path:
@@ -51,6 +57,23 @@ class StateDir:
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.crypto_dir.mkdir(exist_ok=True, mode=0o700)
+
+    def acquire(self) -> None:
+        """Take the directory for this process: two processes as one device would fight over
+        its Olm sessions and one-time keys. Raises :class:`LocalError` if it is taken."""
+        self.ensure()
+        f = (self.path / "lock").open("ab")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise LocalError(f"state directory {self.path} is in use by another agent") from None
+        self._lock = f
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     def load(self) -> SavedSession | None:
         """The saved session, or None when there is none or it is unreadable (logged)."""

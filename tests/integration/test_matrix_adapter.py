@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from matrixrtc.devstack import Synapse
+from matrixrtc.errors import LocalError
 from matrixrtc.matrix import (
     DelayAction,
     DelayNotFound,
@@ -90,6 +91,11 @@ async def test_restarted_agent_is_the_same_device_and_keeps_olm_sessions(
                 assert ev.content == {"n": 2}
         # Reusing the saved session means no new Olm session had to be claimed.
         assert sum(len(v) for v in olm.session_store._entries.values()) == sessions_before
+    # One process at a time per state directory: a second user of it is refused.
+    async with Homeserver(synapse.base_url, Login(alice.user_id), state_dir=a_dir):
+        with pytest.raises(LocalError, match="in use"):
+            async with Homeserver(synapse.base_url, Login(alice.user_id), state_dir=a_dir):
+                pass
     # A password login into the same state directory also keeps the device.
     async with Homeserver(
         synapse.base_url, Login(alice.user_id, password=alice.password), state_dir=a_dir
