@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _transports(
-    hs: Homeserver, room_id: str, configured: str | None
+    hs: Homeserver, room_id: str, configured: str | None, dialect: Dialect
 ) -> tuple[Transport, ...]:
     try:
         offered: list[dict[str, Any]] | None = await hs.rtc_transports()
@@ -119,12 +119,11 @@ async def _transports(
         log.warning("join.no_transport", hint="pass --livekit-service-url")
         return ()
     log.info("join.transport", source=found.source.value, url=found.transport.livekit_service_url)
+    url = found.transport.livekit_service_url
+    if dialect is Dialect.STICKY:  # rtc_transports carry no alias (spec §1.2)
+        return (LivekitTransport(livekit_service_url=url),)
     # Element Call's compatibility mode writes the room id as the alias (state form).
-    return (
-        LivekitTransport(
-            livekit_service_url=found.transport.livekit_service_url, livekit_alias=room_id
-        ),
-    )
+    return (LivekitTransport(livekit_service_url=url, livekit_alias=room_id),)
 
 
 def _participant_json(p: Participant) -> dict[str, Any]:
@@ -169,7 +168,9 @@ async def _main(args: argparse.Namespace) -> int:
         room_id = await hs.join_room(args.room)
         config = AgentConfig(
             intent=args.intent,
-            transports=await _transports(hs, room_id, args.livekit_service_url),
+            transports=await _transports(
+                hs, room_id, args.livekit_service_url, Dialect(args.dialect)
+            ),
             dialect=Dialect(args.dialect),
             ring=args.ring,
             delayed_leave_ms=args.delayed_leave_ms,
