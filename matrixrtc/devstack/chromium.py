@@ -11,20 +11,15 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import aiohttp
-import structlog
 
 from matrixrtc.devstack._process import ManagedProcess
+from matrixrtc.devstack._service import Service
 from matrixrtc.errors import ConfigError
 
 __all__ = ["CHROMIUM_FLAGS", "Chromium", "find_chromium"]
 
-log = structlog.get_logger(__name__)
-
-START_TIMEOUT = 30.0
 
 # Fake camera/microphone without prompts, WebRTC on loopback, nothing phoning home.
 CHROMIUM_FLAGS: tuple[str, ...] = (
@@ -54,8 +49,10 @@ def find_chromium() -> Path:
     return Path(candidate)
 
 
-class Chromium:
+class Chromium(Service):
     """A headless Chromium with a DevTools endpoint on 127.0.0.1 and a profile under run_dir."""
+
+    start_timeout = 30.0
 
     def __init__(
         self, run_dir: Path, extra_args: Sequence[str] = (), *, name: str = "chromium"
@@ -64,7 +61,6 @@ class Chromium:
         self.profile_dir = self.dir / "profile"
         self.log_path = self.dir / "chromium.log"
         self.devtools_url: str = ""
-        self.startup_seconds: float | None = None
         self._proc = ManagedProcess(
             name=name,
             argv=[
@@ -80,10 +76,6 @@ class Chromium:
             log_path=self.log_path,
             cwd=self.dir,
         )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
 
     async def _ready(self) -> bool:
         port_file = self.profile_dir / "DevToolsActivePort"
@@ -101,30 +93,10 @@ class Chromium:
         self.devtools_url = url
         return True
 
-    async def start(self) -> None:
-        """Start the browser and wait until its DevTools endpoint answers."""
+    def _prepare(self) -> None:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         # A stale port file from an earlier run would point at a dead browser.
         (self.profile_dir / "DevToolsActivePort").unlink(missing_ok=True)
-        self.startup_seconds = await self._proc.start(self._ready, START_TIMEOUT)
-        log.info("chromium ready", devtools=self.devtools_url, seconds=self.startup_seconds)
 
-    async def stop(self) -> None:
-        """Stop the browser and every process of its group."""
-        await self._proc.stop()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def _ready_fields(self) -> dict[str, object]:
+        return {"devtools": self.devtools_url}

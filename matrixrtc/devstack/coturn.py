@@ -7,24 +7,19 @@ import random
 import secrets
 import shutil
 from pathlib import Path
-from types import TracebackType
-from typing import Self
-
-import structlog
 
 from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack._service import Service
 from matrixrtc.errors import ConfigError
 
 __all__ = ["Coturn"]
-
-log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 15.0
 REALM = "matrixrtc.localhost"
 RELAY_PORTS = 200
 
 
-class Coturn:
+class Coturn(Service):
     """turnserver on 127.0.0.1 (UDP and TCP on one port); ``uris`` for ICE configuration."""
 
     def __init__(self, run_dir: Path, *, name: str = "coturn") -> None:
@@ -41,7 +36,6 @@ class Coturn:
         self.password = secrets.token_urlsafe(18)
         self.realm = REALM
         self.log_path = self.dir / "turnserver.log"
-        self.startup_seconds: float | None = None
         # Relay ports: a random slice below the ephemeral range and the devstack's own ports.
         relay_min = random.randrange(10000, 20000 - RELAY_PORTS)
         self._proc = ManagedProcess(
@@ -73,43 +67,14 @@ class Coturn:
             cwd=self.dir,
         )
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
     async def _ready(self) -> bool:
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 2)
         writer.close()
         await writer.wait_closed()
         return True
 
-    async def start(self) -> None:
-        """Start turnserver and wait until its TCP listener accepts."""
+    def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.startup_seconds = await self._proc.start(self._ready, START_TIMEOUT)
-        log.info("coturn ready", uris=self.uris, seconds=round(self.startup_seconds, 2))
 
-    async def stop(self) -> None:
-        """Stop turnserver."""
-        await self._proc.stop()
-
-    async def restart(self) -> None:
-        """Stop and start again with the same port and credentials."""
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def _ready_fields(self) -> dict[str, object]:
+        return {"uris": self.uris}

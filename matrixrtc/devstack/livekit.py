@@ -7,11 +7,9 @@ import json
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
-import structlog
 
 from matrixrtc.devstack._paths import find_livekit_binary
 from matrixrtc.devstack._process import (
@@ -20,12 +18,10 @@ from matrixrtc.devstack._process import (
     free_tcp_port,
     free_udp_port,
 )
+from matrixrtc.devstack._service import Service
 
 __all__ = ["LiveKit", "livekit_config"]
 
-log = structlog.get_logger(__name__)
-
-START_TIMEOUT = 30.0
 # LiveKitServer.Start(): Serve(), then time.Sleep(100 ms), then running = true.
 _RUNNING_DELAY = 0.15
 
@@ -64,11 +60,13 @@ def livekit_config(
     return cfg
 
 
-class LiveKit:
+class LiveKit(Service):
     """A livekit-server process on 127.0.0.1; config and log under ``run_dir``.
 
     ``url`` is the signalling WebSocket URL for SDKs, ``http_url`` the Twirp API base.
     """
+
+    start_timeout = 30.0
 
     def __init__(
         self,
@@ -89,7 +87,6 @@ class LiveKit:
         self.log_path = self.dir / "livekit.log"
         self.config_path = self.dir / "livekit.yaml"
         self.webhook_urls = tuple(webhook_urls)
-        self.startup_seconds: float | None = None
         self._extra_config = extra_config
         self._binary = find_livekit_binary()
         self._proc = ManagedProcess(
@@ -98,10 +95,6 @@ class LiveKit:
             log_path=self.log_path,
             cwd=self.dir,
         )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
 
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -132,33 +125,9 @@ class LiveKit:
         await asyncio.sleep(_RUNNING_DELAY)
         return True
 
-    async def start(self) -> None:
-        """Start the server and wait until its HTTP port answers."""
+    def _prepare(self) -> None:
         self._write_config()
-        self.startup_seconds = await self._proc.start(self._ready, START_TIMEOUT)
-        log.info("livekit ready", url=self.url, seconds=round(self.startup_seconds, 2))
 
-    async def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after a grace period)."""
-        await self._proc.stop()
-
-    async def restart(self) -> None:
-        """Stop and start again with the same ports and keys (rooms are lost)."""
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def _ready_fields(self) -> dict[str, object]:
+        # A restart keeps ports and keys; rooms are lost (no Redis behind this server).
+        return {"url": self.url}

@@ -10,22 +10,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import structlog
 
 from matrixrtc.devstack._process import ManagedProcess, deep_merge, free_tcp_port
+from matrixrtc.devstack._service import Service
 from matrixrtc.errors import RemoteError
 
 __all__ = ["HomeserverRequestError", "Synapse", "UserCreds", "synapse_config"]
 
-log = structlog.get_logger(__name__)
-
 SERVER_NAME = "localhost"
-START_TIMEOUT = 60.0
 
 # Every rate limit the homeserver applies to local users, raised out of reach of tests.
 _UNLIMITED = {"per_second": 10000, "burst_count": 100000}
@@ -157,12 +153,14 @@ def _default_events_power_levels(room_version: str | None) -> dict[str, int]:
     }
 
 
-class Synapse:
+class Synapse(Service):
     """A Synapse process on 127.0.0.1 with its config, data and log under ``run_dir``.
 
     Use as ``async with Synapse(run_dir) as hs``. Client, federation (OpenID userinfo) and
     well-known are served on one plain-HTTP listener at ``base_url``.
     """
+
+    start_timeout = 60.0
 
     def __init__(
         self,
@@ -179,7 +177,6 @@ class Synapse:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.dir / "homeserver.log"
         self.config_path = self.dir / "homeserver.yaml"
-        self.startup_seconds: float | None = None
         self._livekit_service_url = livekit_service_url
         self._extra_config = extra_config
         self._session: aiohttp.ClientSession | None = None
@@ -195,10 +192,6 @@ class Synapse:
             log_path=self.log_path,
             cwd=self.dir,
         )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
 
     def _write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -224,37 +217,13 @@ class Synapse:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    async def start(self) -> None:
-        """Start the homeserver (config written on first start) and wait until it answers."""
+    def _prepare(self) -> None:
+        # Written once: a restart keeps the signing key, port and data.
         if not self.config_path.exists():
             self._write_config()
-        self.startup_seconds = await self._proc.start(self._ready, START_TIMEOUT)
-        log.info("synapse ready", url=self.base_url, seconds=round(self.startup_seconds, 2))
 
-    async def stop(self) -> None:
-        """Stop the homeserver (SIGTERM, then SIGKILL after a grace period)."""
-        await self._proc.stop()
-
-    async def restart(self) -> None:
-        """Stop and start again on the same port with the same data."""
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def _ready_fields(self) -> dict[str, object]:
+        return {"url": self.base_url}
 
     async def aclose(self) -> None:
         """Stop the process and close the helper HTTP session."""
