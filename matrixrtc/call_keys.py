@@ -165,6 +165,7 @@ class CallKeys:
         self._retry_at_ms: int | None = None
         self._retry_delay_ms = self.config.retry_ms
         self._redistribute = False  # the retry re-runs the distribution (nothing was sent)
+        self._left = False  # the agent left the call: no more distribution
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: set[Subscription[KeyEvent]] = set()
@@ -297,6 +298,9 @@ class CallKeys:
             self._members_changed(self.agent.participants)
 
     def _members_changed(self, participants: tuple[Participant, ...]) -> None:
+        if not self.agent.machine.joined:
+            self._agent_left()
+            return
         members = [
             Member(
                 user_id=p.user_id,
@@ -311,6 +315,18 @@ class CallKeys:
         if self._undelivered:
             present = {DeviceRef(p.user_id, p.device_id) for p in participants}
             self._undelivered &= present
+
+    def _agent_left(self) -> None:
+        # Our own leave shows as a member leaving: without this we would rotate and hand a
+        # fresh key to the others on the way out. Like js-sdk's leave: forget our keys.
+        if self._left:
+            return
+        self._left = True
+        self.manager.leave()
+        self._own_key = self._latest_sent = None
+        self._undelivered.clear()
+        self._retry_at_ms = None
+        self._log.info("call_keys.agent_left")
 
     async def _to_device_loop(self, events: Subscription[ToDeviceEvent]) -> None:
         async for ev in events:

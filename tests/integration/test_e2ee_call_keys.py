@@ -80,6 +80,11 @@ class Peer:
     _reader: asyncio.Task[None] | None = None
 
     @property
+    def a(self) -> CallAgent:
+        assert self.agent is not None
+        return self.agent
+
+    @property
     def k(self) -> CallKeys:
         assert self.keys is not None
         return self.keys
@@ -337,6 +342,18 @@ async def test_forged_key_messages_are_dropped_and_logged(e2ee_synapse: Synapse)
             assert v.k.manager.early_keys == 0  # not buffered for some other device either
             assert plain_draft_key not in held
             assert v.k.stats.dropped_total() == 3
+
+            # Our own leave is not a member leaving: no new key on the way out.
+            made, sent = m.random_calls, m.k.stats.messages_sent
+            await m.a.leave()
+            await _until(
+                lambda: not any(p.is_self for p in m.a.participants) and len(v.a.participants) == 1,
+                5.0,
+                "both sides see mallory gone",
+            )
+            await asyncio.sleep(0.3)
+            assert (m.random_calls, m.k.stats.messages_sent) == (made, sent)
+            assert m.k.own_key is None
     drops = [x for x in logs if x["event"] == "call_keys.key_message_dropped"]
     assert sorted((x["reason"], x["log_level"], x["sender"]) for x in drops) == [
         ("claimed_device_mismatch", "warning", m.hs.user_id),
