@@ -5,10 +5,12 @@ Modules (each documents its API in its docstring):
 * ``token``       credentials from an authorization service (``/get_token``, ``/sfu/get``).
 * ``connection``  ``LiveKitConnection``: one SFU, E2EE key provider, synthetic media, counters.
 * ``transport``   ``LiveKitTransport``: one connection per SFU the call needs (oldest member
-                  or multi-SFU), keys from the sender-key manager installed everywhere.
+                  or multi-SFU), keys from the sender-key manager installed everywhere,
+                  dropped connections replaced with fresh credentials.
 """
 
 from matrixrtc.livekit.connection import (
+    ConnectionState,
     LiveKitConnectError,
     LiveKitConnection,
     MediaOptions,
@@ -27,9 +29,16 @@ from matrixrtc.livekit.token import (
     parse_credentials,
     request_credentials,
 )
-from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, Plan, plan_connections
+from matrixrtc.livekit.transport import (
+    LiveKitTransport,
+    OwnDevice,
+    Plan,
+    Repair,
+    plan_connections,
+)
 
 __all__ = [
+    "ConnectionState",
     "Endpoint",
     "JwtClaims",
     "LiveKitConnectError",
@@ -39,6 +48,7 @@ __all__ = [
     "OwnDevice",
     "ParticipantStats",
     "Plan",
+    "Repair",
     "SentStats",
     "SfuCredentials",
     "TokenResponseError",

@@ -32,6 +32,7 @@ import collections
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -45,6 +46,7 @@ from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 
 __all__ = [
     "ELEMENT_CALL_KEY_RING_SIZE",
+    "ConnectionState",
     "LiveKitConnectError",
     "LiveKitConnection",
     "MediaOptions",
@@ -86,6 +88,14 @@ def element_call_e2ee_options() -> rtc.E2EEOptions:
         ),
         encryption_type=rtc.EncryptionType.GCM,
     )
+
+
+class ConnectionState(StrEnum):
+    NEW = "new"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # the SDK is trying to resume or restart by itself
+    LOST = "lost"  # the SDK gave up (or the server removed us): needs a new connection
+    CLOSED = "closed"  # closed by us
 
 
 class LiveKitConnectError(RemoteError):
@@ -163,7 +173,12 @@ class LiveKitConnection:
         e2ee_options: rtc.E2EEOptions | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        on_state: Callable[[LiveKitConnection], None] | None = None,
+        stats: dict[str, ParticipantStats] | None = None,
+        sent: SentStats | None = None,
     ) -> None:
+        """``on_state`` is called (synchronously) whenever :attr:`state` changes. ``stats`` and
+        ``sent`` continue the counters of a connection this one replaces."""
         self.credentials = credentials
         self.publish = publish
         self.media = media if media is not None else MediaOptions()
@@ -176,8 +191,11 @@ class LiveKitConnection:
         self._connect_timeout_s = connect_timeout_s
         self._clock = clock
         self.room = rtc.Room()
-        self.stats: dict[str, ParticipantStats] = {}
-        self.sent = SentStats()
+        self.stats: dict[str, ParticipantStats] = stats if stats is not None else {}
+        self.sent = sent if sent is not None else SentStats()
+        self.state = ConnectionState.NEW
+        self.state_since = clock()
+        self._on_state = on_state
         self.connected_at: float | None = None
         self._own_key: tuple[int, bytes] | None = None
         self._remote_keys: dict[tuple[str, int], bytes] = {}
@@ -186,6 +204,9 @@ class LiveKitConnection:
         self._closed = False
         self.room.on("track_subscribed", self._on_track_subscribed)
         self.room.on("e2ee_state_changed", self._on_e2ee_state)
+        self.room.on("reconnecting", lambda: self._set_state(ConnectionState.RECONNECTING))
+        self.room.on("reconnected", lambda: self._set_state(ConnectionState.CONNECTED))
+        self.room.on("disconnected", self._on_disconnected)
 
     # ------------------------------------------------------------------ lifetime
     @property
@@ -205,6 +226,7 @@ class LiveKitConnection:
         except rtc.ConnectError as exc:
             raise LiveKitConnectError(f"LiveKit connect failed: {exc}") from None
         self.connected_at = self._clock()
+        self._set_state(ConnectionState.CONNECTED)
         for (identity, index), key in self._remote_keys.items():
             self.set_remote_key(identity, index, key)
         log.info(
@@ -223,6 +245,7 @@ class LiveKitConnection:
         if self._closed:
             return
         self._closed = True
+        self._set_state(ConnectionState.CLOSED)
         tasks, self._tasks = list(self._tasks), set()
         for task in tasks:
             task.cancel()
@@ -250,6 +273,25 @@ class LiveKitConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state is self.state or self.state is ConnectionState.CLOSED:
+            return
+        log.info(
+            "livekit.connection_state",
+            room=self.credentials.room,
+            old=self.state.value,
+            new=state.value,
+        )
+        self.state, self.state_since = state, self._clock()
+        if self._on_state is not None:
+            self._on_state(self)
+
+    def _on_disconnected(self, reason: int = 0) -> None:
+        # Also emitted for our own disconnect(); by then the state is CLOSED and stays so.
+        if not self._closed:
+            log.warning("livekit.connection_lost", room=self.credentials.room, reason=reason)
+            self._set_state(ConnectionState.LOST)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._closed:

@@ -19,6 +19,11 @@ dialect we advertise (sticky → ``/get_token``, state → ``/sfu/get``), so tha
 identity is the one other members compute from our membership; a subscribe-only SFU gets
 ``/get_token`` with ``/sfu/get`` as fallback.
 
+Repair: when LiveKit drops a connection (the SDK gives up, or its own resume has not
+succeeded within ``resume_grace_s``), the connection is replaced by a new one with fresh
+credentials, and failed opens are retried with backoff; counters carry over, so a gap shows in
+the per-participant frame times. :attr:`LiveKitTransport.repairs` records each one.
+
 Keys: every remote key and our own current key are kept here and installed in every
 connection, including ones opened later (a sender's frames may reach us through any SFU).
 """
@@ -37,7 +42,13 @@ import structlog
 
 from matrixrtc.e2ee.keys import Action, InstallRemoteKey, SendKey, UseKey
 from matrixrtc.errors import MatrixRTCError
-from matrixrtc.livekit.connection import LiveKitConnection, MediaOptions, ParticipantStats
+from matrixrtc.livekit.connection import (
+    ConnectionState,
+    LiveKitConnection,
+    MediaOptions,
+    ParticipantStats,
+    SentStats,
+)
 from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.matrix.homeserver import OpenIdToken
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
@@ -48,6 +59,21 @@ from matrixrtc.session.transports import publish_transport
 __all__ = ["LiveKitTransport", "OwnDevice", "Plan", "plan_connections"]
 
 log = structlog.get_logger(__name__)
+
+
+RESUME_GRACE_S = 3.0  # the SDK's own resume gets this long before we replace the connection
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 8.0
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """A connection LiveKit dropped, and when its replacement was up (clock seconds)."""
+
+    transport: LivekitTransport
+    lost_at: float  # when it left the connected state
+    restored_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +120,8 @@ def plan_connections(memberships: Sequence[CallMembership], own: CallMembership 
 
 
 class LiveKitTransport:
-    """Opens and closes LiveKit connections as the call's memberships change."""
+    """Opens and closes LiveKit connections as the call's memberships change, and replaces
+    connections LiveKit drops (module docstring, "Repair")."""
 
     def __init__(
         self,
@@ -106,6 +133,7 @@ class LiveKitTransport:
         media: MediaOptions | None = None,
         e2ee: bool = True,
         slot_id: str = DEFAULT_SLOT_ID,
+        resume_grace_s: float = RESUME_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.room_id = room_id
@@ -116,12 +144,21 @@ class LiveKitTransport:
         self.media = media if media is not None else MediaOptions()
         self.e2ee = e2ee
         self.slot_id = slot_id
+        self.resume_grace_s = resume_grace_s
         self._clock = clock
         self.connections: dict[LivekitTransport, LiveKitConnection] = {}
         self.failures: dict[LivekitTransport, MatrixRTCError] = {}
+        self.repairs: list[Repair] = []
+        self._plan = Plan({})
+        self._retry: dict[LivekitTransport, tuple[float, float]] = {}  # → (at, backoff)
+        # Counters of a replaced connection, kept until its successor opens.
+        self._carry: dict[LivekitTransport, tuple[dict[str, ParticipantStats], SentStats]] = {}
+        self._lost_at: dict[LivekitTransport, float] = {}
         self._remote_keys: dict[tuple[str, int], bytes] = {}
         self._own_key: tuple[int, bytes] | None = None
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifetime
@@ -137,6 +174,10 @@ class LiveKitTransport:
         await self.aclose()
 
     async def aclose(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         async with self._lock:
             self._closed = True
             conns, self.connections = list(self.connections.values()), {}
@@ -156,13 +197,17 @@ class LiveKitTransport:
     ) -> Plan:
         """Make the open connections match ``plan_connections(memberships, own)``.
 
-        A connection that fails to open is left out and recorded in :attr:`failures`; the
-        next update tries again. Returns the plan.
+        A connection that fails to open is recorded in :attr:`failures` and retried in the
+        background with backoff. Returns the plan.
         """
         plan = plan_connections(memberships, own)
         async with self._lock:
             if self._closed:
                 return plan
+            self._plan = plan
+            for t in list(self._retry):
+                if t not in plan.connections:
+                    self._forget(t)
             stale = [
                 t
                 for t, conn in self.connections.items()
@@ -171,24 +216,53 @@ class LiveKitTransport:
             for t in stale:
                 log.info("livekit.connection_closing", transport=t.livekit_service_url)
                 await self.connections.pop(t).aclose()
+                self._forget(t)
             new = [(t, pub) for t, pub in plan.connections.items() if t not in self.connections]
-            results = await asyncio.gather(
-                *(self._open(t, pub) for t, pub in new), return_exceptions=True
-            )
-            for (t, _), result in zip(new, results, strict=True):
-                if isinstance(result, LiveKitConnection):
-                    self.connections[t] = result
-                    self.failures.pop(t, None)
-                elif isinstance(result, MatrixRTCError):
-                    self.failures[t] = result
-                    log.warning(
-                        "livekit.connection_failed",
-                        transport=t.livekit_service_url,
-                        error=str(result),
-                    )
-                elif isinstance(result, BaseException):
-                    raise result
+            await self._open_all(new)
+        self._ensure_supervisor()
         return plan
+
+    def _forget(self, t: LivekitTransport) -> None:
+        self._retry.pop(t, None)
+        self._carry.pop(t, None)
+        self._lost_at.pop(t, None)
+        self.failures.pop(t, None)
+
+    async def _open_all(self, wanted: Sequence[tuple[LivekitTransport, bool]]) -> None:
+        results = await asyncio.gather(
+            *(self._open(t, pub) for t, pub in wanted), return_exceptions=True
+        )
+        unexpected: BaseException | None = None
+        for (t, _), result in zip(wanted, results, strict=True):
+            if isinstance(result, LiveKitConnection):
+                self.connections[t] = result
+                self.failures.pop(t, None)
+                self._retry.pop(t, None)
+                self._carry.pop(t, None)
+                lost_at = self._lost_at.pop(t, None)
+                if lost_at is not None:
+                    repair = Repair(t, lost_at, self._clock())
+                    self.repairs.append(repair)
+                    log.info(
+                        "livekit.connection_repaired",
+                        transport=t.livekit_service_url,
+                        seconds=round(repair.restored_at - repair.lost_at, 3),
+                    )
+            elif isinstance(result, MatrixRTCError):
+                self.failures[t] = result
+                _, backoff = self._retry.get(t, (0.0, RETRY_MIN_S / 2))
+                backoff = min(RETRY_MAX_S, backoff * 2)
+                self._retry[t] = (self._clock() + backoff, backoff)
+                log.warning(
+                    "livekit.connection_failed",
+                    transport=t.livekit_service_url,
+                    error=str(result),
+                    retry_s=backoff,
+                )
+            elif isinstance(result, BaseException) and unexpected is None:
+                unexpected = result
+        if unexpected is not None:
+            raise unexpected
 
     async def _open(self, transport: LivekitTransport, publish: bool) -> LiveKitConnection:
         if publish:
@@ -206,8 +280,16 @@ class LiveKitTransport:
             endpoint=endpoint,
             slot_id=self.slot_id,
         )
+        stats, sent = self._carry.get(transport, (None, None))
         conn = LiveKitConnection(
-            creds, publish=publish, media=self.media, e2ee=self.e2ee, clock=self._clock
+            creds,
+            publish=publish,
+            media=self.media,
+            e2ee=self.e2ee,
+            clock=self._clock,
+            on_state=lambda _: self._wake.set(),
+            stats=stats,
+            sent=sent,
         )
         for (identity, index), key in self._remote_keys.items():
             conn.set_remote_key(identity, index, key)
@@ -225,6 +307,70 @@ class LiveKitTransport:
             publish=publish,
         )
         return conn
+
+    # ------------------------------------------------------------------ repair
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None and not self._closed:
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervise(), name="livekit-transport-supervisor"
+            )
+
+    def _next_check_s(self) -> float | None:
+        now = self._clock()
+        due = [at for at, _ in self._retry.values()]
+        due += [
+            c.state_since + self.resume_grace_s
+            for c in self.connections.values()
+            if c.state is ConnectionState.RECONNECTING
+        ]
+        return max(0.0, min(due) - now) if due else None
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._next_check_s()):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            async with self._lock:
+                if self._closed:
+                    return
+                try:
+                    await self._repair()
+                except Exception as exc:  # keep supervising; the next wake-up retries
+                    log.error("livekit.repair_failed", error=repr(exc))
+                    self._retry = {
+                        t: (self._clock() + RETRY_MAX_S, RETRY_MAX_S) for t in self._retry
+                    }
+
+    async def _repair(self) -> None:
+        now = self._clock()
+        for t, conn in list(self.connections.items()):
+            overdue = (
+                conn.state is ConnectionState.RECONNECTING
+                and now - conn.state_since >= self.resume_grace_s
+            )
+            if conn.state is ConnectionState.LOST or overdue:
+                # A new token makes the service create the room again, should the SFU have
+                # lost it (a restart); the old connection keeps retrying the old one.
+                log.info("livekit.connection_replacing", transport=t.livekit_service_url)
+                del self.connections[t]
+                self._lost_at.setdefault(t, conn.state_since)
+                self._carry[t] = (conn.stats, conn.sent)
+                self._retry[t] = (now, RETRY_MIN_S / 2)
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await conn.aclose()
+                except TimeoutError:
+                    log.warning("livekit.close_timeout", transport=t.livekit_service_url)
+        due = [
+            (t, pub)
+            for t, pub in self._plan.connections.items()
+            if t not in self.connections and self._retry.get(t, (now + 1, 0.0))[0] <= now
+        ]
+        if due:
+            await self._open_all(due)
 
     # ------------------------------------------------------------------ keys
     def set_remote_key(self, identity: str, index: int, key: bytes) -> None:

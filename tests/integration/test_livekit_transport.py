@@ -526,6 +526,76 @@ async def test_multi_sfu_members_on_different_sfus_receive_each_other(
         await close_all(a, b)
 
 
+async def test_livekit_restart_connections_are_replaced_and_media_resumes(
+    stack: Stack, user_factory: Callable[..., Awaitable[UserCreds]]
+) -> None:
+    """LiveKit B restarts mid-call (its rooms are gone; auto_create is off). Each transport
+    replaces its dropped connection with fresh credentials (the service creates the room
+    again), keys are installed again, and decrypted media resumes."""
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room_id = await call_room(stack, [alice, bob])
+    t0 = now_ms()
+    a = make_participant(stack.hs, alice, room_id, stack.sfu_b.url, sticky=True, created_ts=t0)
+    b = make_participant(stack.hs, bob, room_id, stack.sfu_b.url, sticky=False, created_ts=t0 + 1)
+    bus = KeyBus()
+    try:
+        memberships = [a.membership, b.membership]
+        await asyncio.gather(*(p.transport.update(memberships, p.membership) for p in (a, b)))
+        bus.update([a, b], [a, b])
+        old_a, old_b = conn(a), conn(b)
+        await wait_until(
+            lambda: all(
+                x.identity in c.stats and c.stats[x.identity].video_frames >= 15
+                for x, c in ((a, old_b), (b, old_a))
+            ),
+            FIRST_FRAME_TIMEOUT,
+            "media before the restart",
+        )
+        await stack.lk_b.restart()
+        restarted = time.monotonic()
+        await wait_until(
+            lambda: all(len(p.transport.repairs) == 1 for p in (a, b)),
+            30,
+            "both connections replaced",
+        )
+        new_a, new_b = conn(a), conn(b)
+        assert new_a is not old_a
+        assert new_b is not old_b
+        assert (new_a.identity, new_b.identity) == (old_a.identity, old_b.identity)
+        # Counters carry over: the same stats objects, now fed by the new connections.
+        a_at_b, b_at_a = new_b.stats[a.identity], new_a.stats[b.identity]
+        assert a_at_b is old_b.stats[a.identity]
+        await wait_until(
+            lambda: (
+                bool(a_at_b.video_times)
+                and a_at_b.video_times[-1] > restarted
+                and bool(b_at_a.video_times)
+                and b_at_a.video_times[-1] > restarted
+            ),
+            FIRST_FRAME_TIMEOUT,
+            "media after the restart",
+        )
+        start = 1.0 + max(
+            next(t for t in stats.video_times if t > restarted) for stats in (a_at_b, b_at_a)
+        )
+        await asyncio.sleep(max(0.0, start + 3.0 - time.monotonic()))
+        for rx, tx in ((new_b, new_a), (new_a, new_b)):
+            sent = tx.sent.video_frames_between(start, start + 3.0)
+            stats = rx.stats[tx.identity]
+            assert stats.video_frames_between(start, start + 3.0) >= MIN_FRACTION * sent
+            assert stats.failures_after(start) == []
+        gaps = [
+            max(y - x for x, y in zip(s.video_times, list(s.video_times)[1:], strict=False))
+            for s in (a_at_b, b_at_a)
+        ]
+        print(
+            f"restart: largest media gap {max(gaps):.2f} s; repairs",
+            [round(r.restored_at - r.lost_at, 2) for p in (a, b) for r in p.transport.repairs],
+        )
+    finally:
+        await close_all(a, b)
+
+
 # ---------------------------------------------------------------------------------- tokens
 @pytest_asyncio.fixture(loop_scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
