@@ -5,7 +5,8 @@ an access token from ``MATRIXRTC_ACCESS_TOKEN``, or a prompt when stdin is a ter
 state directory that already holds this user's session needs neither.
 
 ``--output json`` prints one JSON object per line instead of tables (for scripts and tests):
-``{"event": "participants", "participants": [...], "ring": ...}``, then ``{"event": "left"}``.
+``{"event": "participants", "participants": [...], "ring": ..., "monotonic": ...}``, then
+``{"event": "left"}``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,9 @@ def _participant_json(p: Participant) -> dict[str, Any]:
 
 def _print(output: str, change: ParticipantsChanged | None, **extra: Any) -> None:
     if output == "json":
-        obj: dict[str, Any] = dict(extra)
+        # "monotonic": when this process saw it (CLOCK_MONOTONIC, one clock for all local
+        # processes), so a supervisor can compare agents without its own read delays.
+        obj: dict[str, Any] = {"monotonic": time.monotonic(), **extra}
         if change is not None:
             obj.update(
                 event="participants",

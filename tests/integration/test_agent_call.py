@@ -97,7 +97,10 @@ class AgentProcess:
                 if obj.get("event") == "ready":
                     self.user_id, self.device_id = obj["user_id"], obj["device_id"]
                 elif obj.get("event") == "participants":
-                    self.history.append((time.monotonic(), obj["participants"]))
+                    # The agent's own clock reading (Linux CLOCK_MONOTONIC is shared by all
+                    # processes), so our read delays under load do not count.
+                    seen_at = float(obj.get("monotonic", time.monotonic()))
+                    self.history.append((seen_at, obj["participants"]))
                 elif obj.get("event") == "left":
                     self.left = True
                 self._changed.notify_all()
