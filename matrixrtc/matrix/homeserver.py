@@ -99,7 +99,6 @@ MSC4354 = "org.matrix.msc4354"
 _DELAYED_BASE = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
 _TRANSPORTS_PATH = "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports"
 _WELL_KNOWN_FOCI = "org.matrix.msc4143.rtc_foci"
-_OLM_ALGORITHM = "m.olm.v1.curve25519-aes-sha2"
 
 
 def _q(part: str) -> str:
