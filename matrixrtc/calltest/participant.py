@@ -89,6 +89,18 @@ def _wall_ms(mono: float | None) -> int | None:
     return round((time.time() - (time.monotonic() - mono)) * 1000)
 
 
+def _selected_pair(pc: Any) -> list[str] | None:
+    """Candidate types (local, remote) of the nominated ICE pair, from aioice's state."""
+    try:
+        connection = pc.getTransceivers()[0].receiver.transport.transport.iceGatherer._connection
+        pair = connection._nominated.get(1)
+    except (AttributeError, IndexError):
+        return None
+    if pair is None:
+        return None
+    return [str(pair.local_candidate.type), str(pair.remote_candidate.type)]
+
+
 class _Probe:
     """Collects what the report needs from the mesh, the keys and the process."""
 
@@ -168,6 +180,7 @@ class _Probe:
                         "packets_in": packets_in,
                         "bytes_in": bytes_in,
                         "bytes_out": bytes_out,
+                        "ice_pair": _selected_pair(link.pc),
                     }
                 )
         return {
