@@ -188,6 +188,8 @@ class _Probe:
             "t_ms": round(time.time() * 1000),
             "joined_at_ms": self.joined_ms,
             "members": len(mesh.members),
+            "session_id": engine.local.session_id if engine is not None else None,
+            "conf_id": engine.local.conf_id if engine is not None else None,
             "cpu_percent": self.cpu_percent,
             "cpu_percent_avg": round((cpu - self.cpu0) / max(1e-6, now - self.wall0) * 100, 1),
             "key_index": keys.current_index if keys is not None else None,
