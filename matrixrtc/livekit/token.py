@@ -68,6 +68,7 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 _SFU_URL_SCHEMES: Final = frozenset({"ws", "wss", "http", "https"})
 _DELAY_REFUSED: Final = frozenset({"M_BAD_JSON", "M_NOT_JSON"})
 _MAX_ERROR_TEXT: Final = 200
+_MAX_BODY: Final = 64 * 1024
 
 
 class Endpoint(StrEnum):
@@ -257,7 +258,9 @@ async def _post(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,
         ) as resp:
-            text = await resp.text(errors="replace")
+            # A token answer is a few hundred bytes; do not buffer whatever a service sends.
+            raw = await resp.content.read(_MAX_BODY)
+            text = raw.decode("utf-8", errors="replace")
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         # The URL carries no secret (the token is in the body); the exception text may.

@@ -51,7 +51,12 @@ from matrixrtc.livekit.connection import (
 )
 from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.matrix.homeserver import OpenIdToken
-from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
+from matrixrtc.model.livekit_ids import (
+    DEFAULT_SLOT_ID,
+    legacy_identity,
+    livekit_identity,
+    livekit_room_alias,
+)
 from matrixrtc.model.membership import CallMembership
 from matrixrtc.model.transports import LivekitTransport
 from matrixrtc.session.transports import publish_transport
@@ -280,6 +285,23 @@ class LiveKitTransport:
             endpoint=endpoint,
             slot_id=self.slot_id,
         )
+        expected = (
+            livekit_identity(self.own.user_id, self.own.device_id, self.own.member_id)
+            if creds.endpoint is Endpoint.GET_TOKEN
+            else legacy_identity(self.own.user_id, self.own.device_id)
+        )
+        if creds.identity != expected or creds.room != livekit_room_alias(
+            self.room_id, self.slot_id
+        ):
+            # An older service (lk-jwt-service < v0.4.3 hashed differently): others will not
+            # find our keys' identity, or we are not in their LiveKit room.
+            log.warning(
+                "livekit.unexpected_token_claims",
+                transport=transport.livekit_service_url,
+                identity=creds.identity,
+                expected_identity=expected,
+                room=creds.room,
+            )
         stats, sent = self._carry.get(transport, (None, None))
         conn = LiveKitConnection(
             creds,
