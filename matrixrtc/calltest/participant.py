@@ -25,7 +25,9 @@ import structlog
 from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
 from matrixrtc.e2ee.cryptor import KeyRings
-from matrixrtc.matrix import Homeserver, Login, Subscription
+from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
+from matrixrtc.errors import MatrixRTCError
+from matrixrtc.matrix import DeviceRef, Homeserver, Login, Subscription
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.ice import IceServerConfig
@@ -211,6 +213,40 @@ async def _pump_keys(sub: Subscription[KeyEvent], probe: _Probe) -> None:
         probe.on_key(ev)
 
 
+async def _share_keys_in_clear(agent: CallAgent, keys: CallKeys) -> None:
+    """Test pages have no Olm: with plaintext keys enabled (unencrypted rooms only), also hand
+    our current key in clear to every other member device, once per key index."""
+    hs = agent.hs
+    done: set[tuple[str, str, int]] = set()
+    while True:
+        own = keys.own_key
+        if own is not None:
+            index, key = own
+            to = [
+                DeviceRef(p.user_id, p.device_id)
+                for p in agent.participants
+                if not p.is_self and (p.user_id, p.device_id, index) not in done
+            ]
+            if to:
+                content = ElementCallKeys(
+                    room_id=agent.room_id,
+                    index=index,
+                    key=key,
+                    claimed_device_id=hs.device_id,
+                    member_id=keys.manager.own.member_id,
+                    sent_ts=round(time.time() * 1000),
+                ).to_json()
+                try:
+                    await hs.send_to_device(
+                        ELEMENT_CALL_KEYS_TYPE, dict.fromkeys(to, content), encrypted=False
+                    )
+                except MatrixRTCError as e:
+                    log.warning("calltest.clear_key_send_failed", error=str(e))
+                else:
+                    done.update((r.user_id, r.device_id, index) for r in to)
+        await asyncio.sleep(0.25)
+
+
 async def run_participant(cfg: ParticipantConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -269,6 +305,8 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                     pumps.append(
                         asyncio.create_task(_pump_keys(stack.enter_context(keys.events()), probe))
                     )
+                    if cfg.plaintext_keys:
+                        pumps.append(asyncio.create_task(_share_keys_in_clear(agent, keys)))
                 try:
                     deadline = loop.time() + cfg.duration_s if cfg.duration_s > 0 else None
                     while not stop.is_set():
