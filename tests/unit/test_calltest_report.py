@@ -1,0 +1,127 @@
+"""call-test report: figures from participant reports, the table, the JSON shape; participant
+configuration round trip; the mesh session id derived from a membership."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from matrixrtc.agent import Participant
+from matrixrtc.calltest.participant import ParticipantConfig
+from matrixrtc.calltest.runner import (
+    CallTestConfig,
+    ParticipantProcess,
+    build_report,
+    format_report,
+)
+from matrixrtc.mesh.matrix_link import mesh_session_id
+from matrixrtc.model import Dialect
+
+
+class _Proc(ParticipantProcess):
+    """A ParticipantProcess holding given reports (no process)."""
+
+    def __init__(self, name: str, device: str, final: dict[str, Any]) -> None:
+        self.name = name
+        self.ready = {"user_id": f"@{name}:hs", "device_id": device}
+        self.stats = []
+        self.final = final
+
+
+def _peer(peer_id: str, frames: int, connected: int, first: int, end: int) -> dict[str, Any]:
+    return {
+        "id": peer_id,
+        "connected_at_ms": connected,
+        "first_frame_at_ms": first,
+        "frames_decoded": frames,
+        "bytes_in": 125_000 * (end - connected) // 1000,  # 1000 kbit/s
+        "bytes_out": 62_500 * (end - connected) // 1000,  # 500 kbit/s
+        "decrypt_failures": 0,
+        "kbps_out": 0.0,
+    }
+
+
+def _final(joined: int, end: int, peers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "joined_at_ms": joined,
+        "t_ms": end,
+        "cpu_percent_avg": 12.5,
+        "key_index": 1,
+        "key_rotation_ms": [1040.0],
+        "key_delivery_ms": [30],
+        "peers": peers,
+    }
+
+
+def test_report_figures_and_json_shape() -> None:
+    a = _Proc("a", "DA", _final(0, 10_000, [_peer("@b:hs|DB", 150, 400, 500, 10_000)]))
+    b = _Proc("b", "DB", _final(100, 10_000, [_peer("@a:hs|DA", 99, 300, 1_100, 10_000)]))
+    report = build_report([a, b], CallTestConfig(participants=2, duration_s=10))
+    assert json.loads(json.dumps(report)) == report
+    assert report["duration_s"] == 10
+    assert report["fps"] == 15
+    assert report["resolution"] == "320x240"
+    pa, pb = report["participants"]
+    assert pa["id"] == "a"
+    assert pa["connect_ms"] == 400
+    assert pa["first_frame_ms"] == 500
+    assert pa["cpu_percent"] == 12.5
+    assert pa["key_rotation_ms"] == [1040.0]
+    (peer,) = pa["peers"]
+    assert peer["id"] == "b"  # device ids are shown as participant names
+    assert peer["fps_in"] == round(150 / 9.5, 1)
+    assert peer["kbps_in"] == 1000.0
+    assert peer["kbps_out"] == 500.0
+    assert peer["frames_decoded"] == 150
+    assert peer["decrypt_failures"] == 0
+    assert pb["connect_ms"] == 200  # from its own join
+    assert pb["first_frame_ms"] == 1000
+    assert pb["peers"][0]["fps_in"] == round(99 / 8.9, 1)
+
+
+def test_report_of_a_silent_participant_and_table() -> None:
+    a = _Proc("a", "DA", _final(0, 5_000, []))
+    silent = _Proc("s", "DS", {})
+    silent.final = None
+    report = build_report([a, silent], CallTestConfig(participants=2, duration_s=5))
+    assert report["participants"][1] == {"id": "s", "error": "no report", "peers": []}
+    assert report["participants"][0]["connect_ms"] is None
+    table = format_report(report)
+    assert table.splitlines()[0].startswith("mesh call: 2 participants, 320x240 @ 15 fps, 5 s")
+    assert "decrypt fail" in table.splitlines()[1]
+    assert table.splitlines()[2].split()[:2] == ["a", "-"]
+
+
+def test_participant_config_round_trips_through_json() -> None:
+    cfg = ParticipantConfig(
+        name="p1",
+        homeserver="http://127.0.0.1:1",
+        user="@u:hs",
+        password="pw",
+        room_id="!r",
+        turn_uris=("turn:127.0.0.1:3478?transport=udp",),
+        host_addresses=("127.0.0.1",),
+    )
+    assert ParticipantConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def _member(member_id: str, created_ts: int) -> Participant:
+    return Participant(
+        user_id="@u:hs",
+        device_id="D",
+        member_id=member_id,
+        dialect=Dialect.STATE,
+        created_ts=created_ts,
+        event_id="$e",
+        intent=None,
+        transport=None,
+        rtc_backend_identity="@u:hs:D",
+        is_self=False,
+    )
+
+
+def test_mesh_session_id_changes_with_a_rejoin_only() -> None:
+    first = mesh_session_id(_member("@u:hs:D", 1000))
+    assert mesh_session_id(_member("@u:hs:D", 1000)) == first  # a refresh keeps created_ts
+    assert mesh_session_id(_member("@u:hs:D", 2000)) != first  # a rejoin is a new session
+    assert mesh_session_id(_member("other", 1000)) != first
