@@ -298,6 +298,7 @@ def assert_receives(rx: LiveKitConnection, tx: LiveKitConnection, start: float, 
     sent = tx.sent.video_frames_between(start, end)
     stats = rx.stats[tx.identity]
     got = stats.video_frames_between(start, end)
+    print(f"{tx.identity[:12]} → {rx.identity[:12]}: {got}/{sent} frames")
     assert sent >= MEASURE_S * MEDIA.fps * 0.8, f"sender too slow: {sent} frames"
     assert got >= MIN_FRACTION * sent, f"{rx.identity} got {got} of {sent} frames"
     assert stats.failures_after(start) == [], stats.e2ee_events
