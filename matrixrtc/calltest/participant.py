@@ -279,11 +279,10 @@ async def run_participant(cfg: ParticipantConfig) -> int:
         )
         joined_ms = round(time.time() * 1000)
         async with CallAgent(hs, room_id, agent_cfg) as agent:
-            await agent.wait_joined(timeout_s=30)
-            _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
-                   "device_id": hs.device_id, "joined_at_ms": joined_ms})  # fmt: skip
             probe = _Probe(cfg, joined_ms)
             async with contextlib.AsyncExitStack() as stack:
+                # Keys and mesh listen from the start: peers react to our membership as soon
+                # as they see it, possibly before we do.
                 keys: CallKeys | None = None
                 if cfg.e2ee:
                     keys = await stack.enter_async_context(
@@ -298,6 +297,8 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                         decrypt_rings=KeyRings() if cfg.withhold_keys else None,
                     )
                 )
+                _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
+                       "device_id": hs.device_id, "joined_at_ms": joined_ms})  # fmt: skip
                 pumps = [
                     asyncio.create_task(_pump_changes(stack.enter_context(agent.changes()), probe))
                 ]

@@ -61,6 +61,7 @@ class MeshLinkConfig:
     # A member without the mesh transport stops the mesh (design.md principle 5).
     require_all_mesh: bool = True
     slot_id: str = DEFAULT_SLOT_ID
+    join_timeout_s: float = 30.0  # until the room shows our own membership
 
 
 def mesh_session_id(p: Participant) -> str:
@@ -110,8 +111,23 @@ class MatrixMesh:
     # -- lifetime ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        # Subscribe first: peers may send invites as soon as they see our membership, which
+        # can be before we see it ourselves. Events wait in the subscriptions until we start.
+        self._to_device = self.hs.to_device_events()
+        self._changes = self.agent.changes()
+        try:
+            await self._start()
+        except BaseException:
+            self._changes.close()
+            self._to_device.close()
+            if self.engine is not None:
+                await self.engine.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
         agent = self.agent
-        await agent.wait_joined()
+        await agent.wait_joined(self.config.join_timeout_s)
         me = next((p for p in agent.participants if p.is_self), None)
         if me is None:
             raise LocalError("our membership is not among the participants")
@@ -134,11 +150,10 @@ class MatrixMesh:
         self.engine = MeshEngine(
             local, self, sources=self._sources, config=mesh_cfg, transform=transform
         )
-        # Subscribe before reading the current state, with no await between: nothing is missed.
-        self._to_device = self.hs.to_device_events()
-        self._changes = agent.changes()
         self.engine.start()
         self._update_members()
+        assert self._changes is not None
+        assert self._to_device is not None
         self._spawn(self._changes_loop(self._changes), "changes")
         self._spawn(self._to_device_loop(self._to_device), "to-device")
         self._log.info(
@@ -148,7 +163,6 @@ class MatrixMesh:
             olm=self.encrypted_signalling,
             e2ee=transform is not None,
         )
-        return self
 
     async def __aexit__(
         self,

@@ -39,6 +39,7 @@ def _configs(prov: Provisioned, **overrides: Any) -> list[ParticipantConfig]:
         duration_s=0,  # until stopped
         fps=FPS,
         delayed_leave_ms=DELAY_MS,
+        extra={"log_level": "info"},
     )
     return [
         replace(base, name=f"p{i + 1}", user=user, password=pw, **overrides)
@@ -200,6 +201,8 @@ async def test_late_joiner_connects_and_decodes_quickly(synapse: Synapse, run_di
                 peer = _peer(late, o)
                 assert peer is not None
                 connected, first = int(peer["connected_at_ms"]), int(peer["first_frame_at_ms"])
+                print(f"late joiner <- {o.name}: connected {connected - joined} ms after joining, "
+                      f"first frame {first - connected} ms after connecting")  # fmt: skip
                 assert connected - joined <= 3000, (o.name, connected - joined)
                 assert first - connected <= 1000, (o.name, first - connected)
             await _all(early, lambda p: _decoding_from(p, [late]), 10)
