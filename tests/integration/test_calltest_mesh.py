@@ -103,6 +103,17 @@ def _assert_rate(
         assert n1 - n0 >= share * expected, f"{key}: {n1 - n0} of {expected:.0f} frames"
 
 
+def _call_ids(procs: Sequence[ParticipantProcess]) -> dict[tuple[str, str], str]:
+    """(participant, peer) -> call id of their current link."""
+    out = {}
+    for p in procs:
+        for o in procs:
+            peer = _peer(p, o) if o is not p else None
+            if peer is not None:
+                out[(p.name, o.name)] = str(peer["call_id"])
+    return out
+
+
 def _decrypt_failures(p: ParticipantProcess) -> int:
     assert p.latest is not None
     return sum(int(x["decrypt_failures"]) for x in p.latest["peers"])
@@ -156,6 +167,7 @@ async def test_sigkill_closes_links_rotates_keys_media_continues(
         p1, p2, p3 = procs
         await asyncio.gather(*(p.wait_ready() for p in procs))
         await _all(procs, lambda p: _decoding_from(p, [o for o in procs if o is not p]), 20)
+        calls = _call_ids([p1, p2])
         killed = p3.peer_id
         p3.kill()
         t_kill = time.time() * 1000
@@ -181,6 +193,7 @@ async def test_sigkill_closes_links_rotates_keys_media_continues(
         await asyncio.sleep(3)
         await _next_report(rest)
         _assert_rate(before, _frames(rest), 0.8)
+        assert _call_ids(rest) == calls  # only the leaver's connections went
         for p in rest:
             assert _decrypt_failures(p) == 0, p.name
 
@@ -192,6 +205,7 @@ async def test_late_joiner_connects_and_decodes_quickly(synapse: Synapse, run_di
     async with participants([c1, c2], log_dir) as early:
         await asyncio.gather(*(p.wait_ready() for p in early))
         await _all(early, lambda p: _decoding_from(p, [o for o in early if o is not p]), 20)
+        calls = _call_ids(early)
         async with participants([c3], log_dir) as (late,):
             await late.wait_ready()
             await late.wait_until(lambda p: _decoding_from(p, early), 10)
@@ -207,6 +221,7 @@ async def test_late_joiner_connects_and_decodes_quickly(synapse: Synapse, run_di
                 assert first - connected <= 1000, (o.name, first - connected)
             await _all(early, lambda p: _decoding_from(p, [late]), 10)
             assert _decrypt_failures(late) == 0
+            assert _call_ids(early) == calls  # the joiner only added its own connections
 
 
 async def test_turn_relay_only_two_party_call(coturn: Coturn, run_dir: Path) -> None:
