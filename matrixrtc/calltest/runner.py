@@ -347,6 +347,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             "1st frame ms",
             "cpu %",
             "key rot ms",
+            "key dlv ms",
             "peer",
             "fps in",
             "kbit/s in",
@@ -362,6 +363,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             _fmt(p.get("first_frame_ms")),
             _fmt(p.get("cpu_percent")),
             _fmt(p.get("key_rotation_ms")),
+            _fmt(max(p.get("key_delivery_ms") or [None], key=lambda v: v or 0)),
         )
         blank = ("",) * len(head)
         for i, peer in enumerate(p["peers"] or [{}]):

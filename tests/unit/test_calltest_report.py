@@ -77,6 +77,9 @@ def test_report_figures_and_json_shape() -> None:
     assert pb["connect_ms"] == 200  # from its own join
     assert pb["first_frame_ms"] == 1000
     assert pb["peers"][0]["fps_in"] == round(99 / 8.9, 1)
+    row = format_report(report).splitlines()[2].split()
+    assert row == ["a", "400", "500", "12.5", "1040.0", "30", "b", "15.8", "1000.0", "500.0",
+                   "150", "0"]  # fmt: skip
 
 
 def test_report_of_a_silent_participant_and_table() -> None:
