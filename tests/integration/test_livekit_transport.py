@@ -404,10 +404,11 @@ async def test_two_members_exchange_encrypted_media_and_keyless_participants_can
         a.transport.use_own_key(200, high)
         switched = time.monotonic()
         assert ca.own_key_indices == [200, 200]
-        await asyncio.sleep(2.5)
-        window = (switched + 0.5, switched + 2.5)
-        sent = ca.sent.video_frames_between(*window)
-        assert cb.stats[a.identity].video_frames_between(*window) >= MIN_FRACTION * sent
+        # Measured after a settle time: on a loaded machine the switch can cost a key frame
+        # (LiveKit throttles PLIs per track), seen as a gap of up to ~1.5 s in CI.
+        window = switched + 2.0
+        await asyncio.sleep(max(0.0, window + MEASURE_S - time.monotonic()))
+        assert_receives(cb, ca, window, window + MEASURE_S)
         assert cb.stats[a.identity].failures_after(switched) == []
     finally:
         await asyncio.gather(*(c.aclose() for c in extra))
