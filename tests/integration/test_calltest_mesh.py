@@ -181,12 +181,14 @@ async def test_sigkill_closes_links_rotates_keys_media_continues(
         for p in rest:
             first_without = next(s for s in p.stats if all(x["id"] != killed for x in s["peers"]))
             # Reports come once a second: the link was closed before this report was taken.
+            print(f"{p.name}: link to the killed peer gone {first_without['t_ms'] - t_kill:.0f} ms")
             assert first_without["t_ms"] - t_kill <= DELAY_MS + 3000, p.name
         # Keys rotate (a new index, so p3's key no longer decrypts anything new) ...
         await _all(rest, lambda p: p.latest is not None and p.latest["key_index"] == 1, 10)
         for p in rest:
             assert p.latest is not None
             assert p.latest["key_rotation_ms"], p.name
+            print(f"{p.name}: key rotation {p.latest['key_rotation_ms']} ms after the leave")
         # ... and media between the rest continues under the new keys, undisturbed.
         await _next_report(rest)
         before = _frames(rest)
