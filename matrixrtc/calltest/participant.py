@@ -1,6 +1,7 @@
 """One call-test participant, in its own process: homeserver login, call agent, keys, mesh.
 
-``python -m matrixrtc.calltest.participant CONFIG_JSON`` (see :class:`ParticipantConfig`).
+``python -m matrixrtc.calltest.participant`` reads one line of JSON (:class:`ParticipantConfig`,
+which holds a password) from stdin.
 It writes one JSON object per line to stdout: ``ready`` (its user and device), ``stats`` once
 a second, ``final`` when it has left. Logs go to stderr. SIGTERM/SIGINT or the end of
 ``duration_s`` make it leave cleanly. Times in the output are wall-clock milliseconds
@@ -333,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     from matrixrtc.logging import configure_logging
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m matrixrtc.calltest.participant CONFIG_JSON", file=sys.stderr)
+    if args:
+        print("usage: python -m matrixrtc.calltest.participant < CONFIG_JSON", file=sys.stderr)
         return 2
-    cfg = ParticipantConfig.from_json(json.loads(args[0]))
+    cfg = ParticipantConfig.from_json(json.loads(sys.stdin.readline()))
     configure_logging("console", str(cfg.extra.get("log_level", "warning")))
     return asyncio.run(run_participant(cfg))
 

@@ -168,12 +168,16 @@ class ParticipantProcess:
                 sys.executable,
                 "-m",
                 "matrixrtc.calltest.participant",
-                json.dumps(cfg.to_json()),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        # On stdin, not the command line: the configuration holds a password.
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(cfg.to_json()).encode() + b"\n")
+        await proc.stdin.drain()
+        proc.stdin.close()
         return cls(cfg, proc)
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from matrixrtc.calltest.runner import CallTestConfig, format_report, run_call_test
@@ -44,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--homeserver", default=None, help="homeserver URL (default: start an embedded Synapse)"
     )
-    parser.add_argument("--user-prefix", default="calltest-", help="user name prefix")
     parser.add_argument(
-        "--password",
-        default=None,
-        help="password of existing users PREFIX1..N on --homeserver (default: register new ones)",
+        "--user-prefix",
+        default="calltest-",
+        help="user name prefix; with MATRIXRTC_PASSWORD set, the existing users PREFIX1..N on "
+        "--homeserver log in with it (default: register new users)",
     )
     parser.add_argument("--delayed-leave-ms", type=int, default=8_000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -80,7 +81,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         e2ee=args.e2ee,
         homeserver=args.homeserver,
         user_prefix=args.user_prefix,
-        password=args.password,
+        password=os.environ.get("MATRIXRTC_PASSWORD") if args.homeserver else None,
         delayed_leave_ms=args.delayed_leave_ms,
     )
 
