@@ -1,0 +1,505 @@
+"""Live mesh ↔ SFU switching for one call member (design.md principle 5).
+
+``async with MediaSwitcher(agent, keys, SwitchConfig(mesh_max=3)) as switcher`` (inside the
+agent's and the keys' blocks) runs the call's media over whichever transport the pure policy
+(:func:`matrixrtc.session.media_policy.choose_media_for`) picks for the agent's active
+memberships: a :class:`~matrixrtc.mesh.matrix_link.MatrixMesh` or a
+:class:`~matrixrtc.livekit.transport.LiveKitTransport`. Our SFU is the LiveKit transport the
+agent advertises (``AgentConfig.transports[0]``); the mesh transport must be advertised after
+it for the policy to pick mesh.
+
+Switching is make-before-break: when the decision changes, the new transport is brought up
+while the old one keeps carrying media; once the new one has delivered a video frame from
+every remote member (or ``settle_timeout_s`` has passed) the old one is torn down. Every
+member computes the same decision from the same membership list, so all switch together and
+nobody leads. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both transports: the
+mesh encrypts with its rings, the LiveKit key provider is fed every installed key and our own
+current key, so media keeps flowing under the current keys across a switch.
+
+Reports: :attr:`MediaSwitcher.history` (one :class:`SwitchRecord` per start or switch, with
+reason and duration), :attr:`MediaSwitcher.peers` (per remote device: frames seen over each
+transport and the largest gap between two consecutive video frames over either). Frames are
+observed by polling the transports' counters every ``poll_s``; a gap is measured from the
+previous frame's arrival time to the newest frame's arrival time at the poll that sees frames
+again, so it can only be overstated (by at most the frames that arrived within one poll).
+
+Every task is owned and cancelled on exit; leaving the block tears down the running transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import structlog
+from aiortc.mediastreams import MediaStreamTrack
+
+from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
+from matrixrtc.call_keys import CallKeys, KeyEvent, KeyEventKind
+from matrixrtc.errors import RemoteError
+from matrixrtc.livekit.connection import MediaOptions
+from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
+from matrixrtc.matrix import Subscription
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
+from matrixrtc.mesh.signalling import DeviceRef
+from matrixrtc.model import CallMembership, Dialect
+from matrixrtc.session.media_policy import (
+    DEFAULT_MESH_MAX,
+    MediaDecision,
+    MediaKind,
+    choose_media_for,
+)
+
+__all__ = ["GapRecord", "MediaSwitcher", "PeerMedia", "SwitchConfig", "SwitchRecord"]
+
+log = structlog.get_logger(__name__)
+
+_GAP_RECORD_MIN_S: Final = 0.1  # shorter gaps are ordinary frame jitter (15 fps: 67 ms)
+_MAX_GAP_RECORDS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SwitchConfig:
+    mesh_max: int = DEFAULT_MESH_MAX
+    media: MediaOptions = field(default_factory=MediaOptions)  # what we send on either transport
+    mesh: MeshLinkConfig = field(default_factory=MeshLinkConfig)
+    # Local tracks for each mesh we start; None: synthetic video (and a tone) from ``media``.
+    mesh_sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
+    settle_timeout_s: float = 10.0  # longest make-before-break overlap
+    join_timeout_s: float = 30.0  # until the room shows our own membership
+    poll_s: float = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchRecord:
+    """One transport start (``old`` None) or switch. Times are ``time.monotonic`` seconds."""
+
+    old: MediaKind | None
+    new: MediaKind
+    reason: str
+    members: int
+    started_at: float
+    finished_at: float  # the old transport was gone (or, for a start, the new one was up)
+    carried_at: float | None  # the new transport had media from every peer; None: timed out
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished_at - self.started_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.old.value if self.old is not None else None,
+            "to": self.new.value,
+            "reason": self.reason,
+            "members": self.members,
+            "duration_ms": round(self.duration_s * 1000),
+            "complete": self.carried_at is not None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    """A stretch without video from one peer over any transport."""
+
+    peer: DeviceRef
+    start: float  # arrival of the last frame before the gap
+    end: float  # arrival of the first frame seen after it
+    transport: MediaKind  # what carried the frame that ended the gap
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class PeerMedia:
+    """Video from one remote device, over every transport."""
+
+    peer: DeviceRef
+    frames: dict[MediaKind, int] = field(default_factory=dict)
+    first_frame_at: float | None = None
+    last_frame_at: float | None = None
+    max_gap_s: float = 0.0  # largest gap between two frames seen (an open gap is not counted)
+
+    def open_gap_s(self, now: float) -> float:
+        return 0.0 if self.last_frame_at is None else max(0.0, now - self.last_frame_at)
+
+
+@dataclass(slots=True)
+class _Source:
+    """One counter we poll; ``obj`` keeps it alive so its id() is not reused."""
+
+    obj: object
+    count: int
+
+
+class MediaSwitcher:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        agent: CallAgent,
+        keys: CallKeys | None,
+        config: SwitchConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent = agent
+        self.keys = keys
+        self.config = config or SwitchConfig()
+        self._clock = clock
+        self.kind: MediaKind | None = None  # the transport carrying our media now
+        self.decision: MediaDecision | None = None
+        self.mesh: MatrixMesh | None = None
+        self.livekit: LiveKitTransport | None = None
+        self.history: list[SwitchRecord] = []
+        self.peers: dict[DeviceRef, PeerMedia] = {}
+        self.gaps: collections.deque[GapRecord] = collections.deque(maxlen=_MAX_GAP_RECORDS)
+        self._sources: dict[int, _Source] = {}
+        self._mesh_tracks: list[MediaStreamTrack] = []
+        self._dirty = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changes: Subscription[ParticipantsChanged] | None = None
+        self._key_events: Subscription[KeyEvent] | None = None
+        self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._changes = self.agent.changes()
+        if self.keys is not None:
+            self._key_events = self.keys.events()
+            self._spawn(self._key_loop(self._key_events), "keys")
+        self._spawn(self._changes_loop(self._changes), "changes")
+        self._spawn(self._drive(), "drive")
+        self._spawn(self._monitor(), "monitor")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for t in self._tasks:
+            t.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for sub in (self._changes, self._key_events):
+            if sub is not None:
+                sub.close()
+        await self._close_mesh()
+        await self._close_livekit()
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise RemoteError(f"media switcher task failed: {errors[0]!r}") from errors[0]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("switch.task_failed", task=name)
+                raise
+
+        self._tasks.append(asyncio.create_task(run(), name=f"switch {name}"))
+
+    # -- public view ------------------------------------------------------------------------
+
+    async def wait_settled(self, kind: MediaKind, timeout_s: float) -> SwitchRecord:
+        """Until ``kind`` alone carries our media (after a start or switch to it)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                self._settled.clear()
+                if self.kind is kind and self.history and self.history[-1].new is kind:
+                    return self.history[-1]
+                await self._settled.wait()
+
+    def max_gap_s(self, since: float | None = None, until: float | None = None) -> float:
+        """Largest video gap from any peer; with bounds, among gaps overlapping them."""
+        lo = float("-inf") if since is None else since
+        hi = float("inf") if until is None else until
+        best = 0.0
+        if since is None and until is None:
+            best = max((p.max_gap_s for p in self.peers.values()), default=0.0)
+        for g in self.gaps:
+            if g.end >= lo and g.start <= hi:
+                best = max(best, g.seconds)
+        return best
+
+    def report(self) -> dict[str, Any]:
+        """History and per-peer figures, JSON-ready."""
+        return {
+            "transport": self.kind.value if self.kind is not None else None,
+            "switches": [r.to_json() for r in self.history],
+            "peers": {
+                f"{p.peer.user_id}|{p.peer.device_id}": {
+                    "frames": {k.value: n for k, n in p.frames.items()},
+                    "max_gap_ms": round(p.max_gap_s * 1000),
+                }
+                for p in self.peers.values()
+            },
+        }
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    async def _changes_loop(self, changes: Subscription[ParticipantsChanged]) -> None:
+        async for _ in changes:
+            self._dirty.set()
+
+    async def _key_loop(self, events: Subscription[KeyEvent]) -> None:
+        keys = self.keys
+        assert keys is not None
+        async for ev in events:
+            lk = self.livekit
+            if lk is None:
+                continue  # a new LiveKit transport gets every key when it starts
+            if ev.kind is KeyEventKind.USED and keys.own_key is not None:
+                lk.use_own_key(*keys.own_key)
+            elif ev.kind is KeyEventKind.INSTALLED and ev.identity is not None:
+                key = keys.remote_key(ev.identity, ev.index or 0)
+                if key is not None:
+                    lk.set_remote_key(ev.identity, ev.index or 0, key)
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def _own_membership(self) -> CallMembership | None:
+        me = (self.agent.hs.user_id, self.agent.hs.device_id)
+        return next((m for m in self.agent.memberships if (m.sender, m.device_id) == me), None)
+
+    def _remote(self) -> list[Participant]:
+        return [p for p in self.agent.participants if not p.is_self]
+
+    async def _drive(self) -> None:
+        await self.agent.wait_joined(self.config.join_timeout_s)
+        while True:
+            self._dirty.clear()
+            decision = choose_media_for(self.agent.memberships, self.config.mesh_max)
+            if decision != self.decision:
+                self._log.info("switch.decision", kind=decision.kind.value, reason=decision.reason)
+                self.decision = decision
+            if decision.kind is not MediaKind.NONE and decision.kind is not self.kind:
+                await self._switch(decision)
+                continue  # memberships may have moved meanwhile
+            if self.kind is MediaKind.SFU:
+                await self._update_livekit()
+            await self._dirty.wait()
+
+    async def _switch(self, decision: MediaDecision) -> None:
+        old, new = self.kind, decision.kind
+        started = self._clock()
+        self._log.info(
+            "switch.started",
+            old=old.value if old is not None else None,
+            new=new.value,
+            reason=decision.reason,
+            members=decision.members,
+        )
+        if new is MediaKind.SFU:
+            await self._start_livekit()
+        else:
+            await self._start_mesh()
+        carried_at = await self._wait_carried(new, started)
+        self.kind = new
+        if old is MediaKind.MESH:
+            await self._close_mesh()
+        elif old is MediaKind.SFU:
+            await self._close_livekit()
+        record = SwitchRecord(
+            old=old,
+            new=new,
+            reason=decision.reason,
+            members=decision.members,
+            started_at=started,
+            finished_at=self._clock(),
+            carried_at=carried_at,
+        )
+        self.history.append(record)
+        self._settled.set()
+        self._log.info(
+            "switch.done" if old is not None else "switch.transport_started",
+            old=old.value if old is not None else None,
+            new=new.value,
+            reason=decision.reason,
+            duration_ms=round(record.duration_s * 1000),
+            carried_ms=None if carried_at is None else round((carried_at - started) * 1000),
+            complete=carried_at is not None,
+        )
+
+    async def _wait_carried(self, kind: MediaKind, since: float) -> float | None:
+        """Until ``kind`` has carried a video frame from every remote member since ``since``;
+        None after ``settle_timeout_s``, or when the decision moved away meanwhile."""
+        deadline = since + self.config.settle_timeout_s
+        while self._clock() < deadline:
+            if self._dirty.is_set():
+                if choose_media_for(self.agent.memberships, self.config.mesh_max).kind != kind:
+                    self._log.info("switch.overtaken", kind=kind.value)
+                    return None
+                if kind is MediaKind.SFU:
+                    await self._update_livekit()
+            if all(self._carries(kind, p, since) for p in self._remote()):
+                return self._clock()
+            await asyncio.sleep(self.config.poll_s * 2)
+        self._log.warning("switch.settle_timeout", kind=kind.value)
+        return None
+
+    def _carries(self, kind: MediaKind, p: Participant, since: float) -> bool:
+        if kind is MediaKind.MESH:
+            engine = self.mesh.engine if self.mesh is not None else None
+            link = engine.link_for(DeviceRef(p.user_id, p.device_id)) if engine else None
+            if link is None:
+                return False
+            if not self.config.media.video:
+                return link.connected_at is not None
+            video = link.stats.get("video")
+            return video is not None and (video.last_frame_at or 0.0) >= since
+        if self.livekit is None:
+            return False
+        for conn in self.livekit.connections.values():
+            stats = conn.stats.get(p.rtc_backend_identity)
+            if stats is None:
+                continue
+            if not self.config.media.video:
+                if stats.audio_frames > 0:
+                    return True
+            elif (stats.last_video_at or 0.0) >= since:
+                return True
+        return False
+
+    # -- transports -------------------------------------------------------------------------
+
+    async def _start_mesh(self) -> None:
+        cfg = self.config
+        if cfg.mesh_sources is not None:
+            tracks = list(cfg.mesh_sources())
+        else:
+            m = cfg.media
+            tracks = []
+            if m.video:
+                tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
+            if m.audio:
+                tracks.append(ToneAudioTrack(m.tone_hz))
+        mesh = MatrixMesh(self.agent, keys=self.keys, sources=tracks, config=cfg.mesh)
+        try:
+            await mesh.__aenter__()
+        except BaseException:
+            for t in tracks:
+                t.stop()
+            raise
+        self.mesh, self._mesh_tracks = mesh, tracks
+
+    async def _close_mesh(self) -> None:
+        mesh, self.mesh = self.mesh, None
+        tracks, self._mesh_tracks = self._mesh_tracks, []
+        if mesh is not None:
+            try:
+                await mesh.__aexit__(None, None, None)
+            except Exception as exc:  # the switch goes on; the old mesh is gone either way
+                self._log.warning("switch.mesh_close_failed", error=repr(exc))
+        for t in tracks:
+            t.stop()
+
+    async def _start_livekit(self) -> None:
+        own = self._own_membership()
+        hs = self.agent.hs
+        member_id = own.member_id if own is not None else self.agent.machine.member_id
+        sticky = (own.dialect if own is not None else self.agent.config.dialect) is Dialect.STICKY
+        lk = LiveKitTransport(
+            room_id=self.agent.room_id,
+            own=OwnDevice(hs.user_id, hs.device_id, member_id, sticky=sticky),
+            openid=hs.request_openid_token,
+            media=self.config.media,
+            e2ee=self.keys is not None,
+            slot_id=self.config.mesh.slot_id,
+            clock=self._clock,
+        )
+        self.livekit = lk
+        await self._update_livekit()
+
+    async def _update_livekit(self) -> None:
+        lk = self.livekit
+        if lk is None:
+            return
+        self._install_keys(lk)
+        await lk.update(self.agent.memberships, self._own_membership())
+        # A key that arrives while a connection is being opened reaches the transport but not
+        # that connection (it joins ``connections`` only once connected): install them all
+        # again now that every new connection is in.
+        self._install_keys(lk)
+
+    def _install_keys(self, lk: LiveKitTransport) -> None:
+        if self.keys is None:
+            return
+        for identity, ring in self.keys.remote_keys().items():
+            for index, key in ring.items():
+                lk.set_remote_key(identity, index, key)
+        if self.keys.own_key is not None:
+            lk.use_own_key(*self.keys.own_key)
+
+    async def _close_livekit(self) -> None:
+        lk, self.livekit = self.livekit, None
+        if lk is not None:
+            try:
+                await lk.aclose()
+            except Exception as exc:
+                self._log.warning("switch.livekit_close_failed", error=repr(exc))
+
+    # -- media monitor ----------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a transport closing under our feet
+                self._poll()
+            await asyncio.sleep(self.config.poll_s)
+
+    def _poll(self) -> None:
+        live: dict[int, _Source] = {}
+        for p in self._remote():
+            ref = DeviceRef(p.user_id, p.device_id)
+            peer = self.peers.get(ref)
+            if peer is None:
+                peer = self.peers[ref] = PeerMedia(ref)
+            for kind, obj, count, last in self._frame_sources(p, ref):
+                seen = self._sources.get(id(obj))
+                new = count - (seen.count if seen is not None and seen.obj is obj else 0)
+                live[id(obj)] = _Source(obj, count)
+                if new <= 0 or last is None:
+                    continue
+                peer.frames[kind] = peer.frames.get(kind, 0) + new
+                if peer.first_frame_at is None:
+                    peer.first_frame_at = last
+                elif peer.last_frame_at is not None and last > peer.last_frame_at:
+                    gap = last - peer.last_frame_at
+                    if gap > peer.max_gap_s:
+                        peer.max_gap_s = gap
+                    if gap >= _GAP_RECORD_MIN_S:
+                        self.gaps.append(GapRecord(ref, peer.last_frame_at, last, kind))
+                if peer.last_frame_at is None or last > peer.last_frame_at:
+                    peer.last_frame_at = last
+        self._sources = live
+
+    def _frame_sources(
+        self, p: Participant, ref: DeviceRef
+    ) -> list[tuple[MediaKind, object, int, float | None]]:
+        out: list[tuple[MediaKind, object, int, float | None]] = []
+        engine = self.mesh.engine if self.mesh is not None else None
+        link = engine.link_for(ref) if engine is not None else None
+        video = link.stats.get("video") if link is not None else None
+        if video is not None:
+            out.append((MediaKind.MESH, video, video.frames_decoded, video.last_frame_at))
+        if self.livekit is not None:
+            for conn in self.livekit.connections.values():
+                stats = conn.stats.get(p.rtc_backend_identity)
+                if stats is not None:
+                    out.append((MediaKind.SFU, stats, stats.video_frames, stats.last_video_at))
+        return out
