@@ -98,6 +98,7 @@ class MatrixMesh:
         self.config = config or MeshLinkConfig()
         self._sources = tuple(sources)
         self._decrypt_rings = decrypt_rings
+        self._mesh_cfg = self.config.mesh  # with the TURN servers once started
         self._identities: dict[DeviceRef, str] = {}
         self.engine: MeshEngine | None = None
         self.encrypted_signalling = False
@@ -137,20 +138,8 @@ class MatrixMesh:
         mesh_cfg = self.config.mesh
         if not mesh_cfg.ice_servers and self.config.turn_from_homeserver:
             mesh_cfg = replace(mesh_cfg, ice_servers=await self._turn_servers())
-        local = LocalDevice(
-            user_id=self.hs.user_id,
-            device_id=self.hs.device_id,
-            session_id=mesh_session_id(me),
-            conf_id=mesh_conf_id(agent.room_id, self.config.slot_id),
-        )
-        transform = None
-        if self.keys is not None:
-            rings = self.keys.rings
-            transform = CryptorTransform(rings.cryptor(self.keys.identity), self._decryptor)
-        self.engine = MeshEngine(
-            local, self, sources=self._sources, config=mesh_cfg, transform=transform
-        )
-        self.engine.start()
+        self._mesh_cfg = mesh_cfg
+        self.engine = self._new_engine(mesh_session_id(me))
         self._update_members()
         assert self._changes is not None
         assert self._to_device is not None
@@ -158,11 +147,28 @@ class MatrixMesh:
         self._spawn(self._to_device_loop(self._to_device), "to-device")
         self._log.info(
             "mesh_link.started",
-            session_id=local.session_id,
-            conf_id=local.conf_id,
+            session_id=self.engine.local.session_id,
+            conf_id=self.engine.local.conf_id,
             olm=self.encrypted_signalling,
-            e2ee=transform is not None,
+            e2ee=self.keys is not None,
         )
+
+    def _new_engine(self, session_id: str) -> MeshEngine:
+        local = LocalDevice(
+            user_id=self.hs.user_id,
+            device_id=self.hs.device_id,
+            session_id=session_id,
+            conf_id=mesh_conf_id(self.agent.room_id, self.config.slot_id),
+        )
+        transform = None
+        if self.keys is not None:
+            rings = self.keys.rings
+            transform = CryptorTransform(rings.cryptor(self.keys.identity), self._decryptor)
+        engine = MeshEngine(
+            local, self, sources=self._sources, config=self._mesh_cfg, transform=transform
+        )
+        engine.start()
+        return engine
 
     async def __aexit__(
         self,
@@ -220,7 +226,23 @@ class MatrixMesh:
 
     async def _changes_loop(self, changes: Subscription[ParticipantsChanged]) -> None:
         async for _ in changes:
+            me = next((p for p in self.agent.participants if p.is_self), None)
+            if self.engine is not None and me is not None:
+                session_id = mesh_session_id(me)
+                if session_id != self.engine.local.session_id:
+                    await self._new_session(session_id)
             self._update_members()
+
+    async def _new_session(self, session_id: str) -> None:
+        """Our membership was replaced by a fresh one (e.g. the delayed leave fired while we
+        were cut off, and the agent joined again): peers now address the new session id."""
+        self._log.info("mesh_link.new_session", session_id=session_id)
+        old = self.engine
+        # Swap first, with no await in between, so no to-device event reaches the old engine.
+        self.engine = self._new_engine(session_id)
+        self.members = {}
+        if old is not None:
+            await old.aclose()
 
     def _update_members(self) -> None:
         assert self.engine is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -198,6 +199,41 @@ async def test_sigkill_closes_links_rotates_keys_media_continues(
         assert _call_ids(rest) == calls  # only the leaver's connections went
         for p in rest:
             assert _decrypt_failures(p) == 0, p.name
+
+
+async def test_frozen_participant_rejoins_as_a_new_session_and_the_mesh_reforms(
+    synapse: Synapse, run_dir: Path
+) -> None:
+    """SIGSTOP (a device cut off) past the delayed leave: the others drop it; on SIGCONT its
+    agent joins afresh (new created_ts, so a new MSC2746 session) and the mesh forms again."""
+    prov = await _room(synapse.base_url, 3)
+    async with participants(_configs(prov), run_dir / "mesh-freeze") as procs:
+        p1, p2, p3 = procs
+        await asyncio.gather(*(p.wait_ready() for p in procs))
+        await _all(procs, lambda p: _decoding_from(p, [o for o in procs if o is not p]), 20)
+        assert p3.latest is not None
+        old_session = p3.latest["session_id"]
+        frozen = p3.peer_id
+        p3.proc.send_signal(signal.SIGSTOP)
+        try:
+
+            def dropped(p: ParticipantProcess) -> bool:
+                return p.latest is not None and all(x["id"] != frozen for x in p.latest["peers"])
+
+            await _all([p1, p2], dropped, (DELAY_MS + 3000) / 1000 + 2)
+        finally:
+            p3.proc.send_signal(signal.SIGCONT)
+
+        def fresh(p: ParticipantProcess) -> bool:
+            return p.latest is not None and p.latest["session_id"] != old_session
+
+        await p3.wait_until(fresh, 15)
+        await _all(procs, lambda p: _decoding_from(p, [o for o in procs if o is not p]), 15)
+        await _next_report(procs)
+        before = _frames(procs)
+        await asyncio.sleep(2)
+        await _next_report(procs)
+        _assert_rate(before, _frames(procs), 0.8)
 
 
 async def test_late_joiner_connects_and_decodes_quickly(synapse: Synapse, run_dir: Path) -> None:
