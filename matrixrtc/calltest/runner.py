@@ -443,7 +443,9 @@ async def run_call_test(
             fps=cfg.fps,
             e2ee=cfg.e2ee,
             delayed_leave_ms=cfg.delayed_leave_ms,
+            # Embedded stack: loopback only. A real homeserver: its TURN servers, any address.
             host_addresses=("127.0.0.1",) if cfg.homeserver is None else None,
+            turn_from_homeserver=cfg.homeserver is not None,
         )
         configs = [
             replace(base, name=f"p{i + 1}", user=user, password=pw)
