@@ -7,7 +7,9 @@ keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's ca
   advertises the mesh transport (``org.matrix.msc3401.full_mesh``, after any LiveKit one); a
   member joining or leaving then adds or removes exactly its peer connection. A member's MSC2746
   session id is derived from its membership (``member_id`` and ``created_ts``), so a rejoin is
-  a new session and its old call is hung up with ``new_session``.
+  a new session and its old call is hung up with ``new_session``. When *our* membership is
+  replaced by a fresh one (the delayed leave fired while we were cut off and the agent joined
+  again), the link continues on a new engine under the new session id.
 * **signalling**: ``m.call.*`` to-device events through the homeserver adapter, Olm-encrypted
   when the room is encrypted. In an encrypted room only Olm-decrypted events whose verified
   sender device is the envelope's ``device_id`` are accepted; plaintext is accepted only where
@@ -19,7 +21,9 @@ keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's ca
   LiveKit identity (``Participant.rtc_backend_identity``), the same rings the LiveKit
   transport uses.
 
-Every task is owned and cancelled on exit; leaving the block hangs up every call.
+Every task is owned and cancelled on exit; leaving the block hangs up every call. The
+agent's ``Participant`` carries only the transport a member publishes on, so the advertised
+list is read from the agent's session (``CallAgent._session``) until ``Participant`` has it.
 """
 
 from __future__ import annotations
