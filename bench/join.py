@@ -1,4 +1,4 @@
-"""Join benchmark, SFU path: from starting a join to the first decrypted remote video frame.
+"""Join benchmark: join → first decrypted remote video frame on SFU and mesh; switch gaps.
 
 Run inside the private network namespace (everything binds 127.0.0.1)::
 
@@ -10,15 +10,27 @@ member (new member id, so a new LiveKit identity) running ``LiveKitTransport.upd
 token from Synapse, ``/get_token`` at the service, LiveKit connect with Element Call's key
 provider, publish, subscribe; the clock stops at the first video frame of the host that the SDK
 has decrypted and decoded. Keys are exchanged in-process at the start of the join, so the
-to-device hop and the key manager's use-key delay are not in the figure. The mesh part and the
-switch gap belong to a later benchmark. Prints figures only; never fails on time. Bounded:
-about 35 s with the defaults, 90 s at most.
+to-device hop and the key manager's use-key delay are not in the figure.
+
+Mesh path: a host member (Homeserver + CallAgent + CallKeys + MatrixMesh, mesh transport only,
+encrypted room) and, per join, a freshly logged-in guest device; the clock starts when the
+guest's agent starts joining (login is before) and stops at the first video frame of the host
+that the guest decrypted and decoded. This one includes the whole Matrix path: membership
+event, sync, Olm key exchange (and the use-key delay when the host rotates on a join after its
+10 s grace period), MSC2746 signalling over to-device, ICE/DTLS.
+
+Switch gaps: three members under ``MediaSwitcher`` with ``mesh_max`` 3 on mesh; a fourth joins
+(the call moves to the SFU), then leaves (back to mesh). Each direction's figure is the largest
+gap between two video frames from one peer that any member saw around that switch.
+
+Prints figures only; never fails on time. Bounded: about 90 s with the defaults, 240 s at most.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -26,21 +38,31 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from matrixrtc.agent import AgentConfig, CallAgent
+from matrixrtc.call_keys import CallKeys
 from matrixrtc.devstack import LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
 from matrixrtc.livekit import LiveKitTransport, MediaOptions, OwnDevice
 from matrixrtc.logging import configure_logging
+from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.matrix.homeserver import OpenIdToken
+from matrixrtc.media.sources import SyntheticVideoTrack
+from matrixrtc.mesh.engine import MeshConfig
+from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
+from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
 from matrixrtc.model.membership import CallMembership, Dialect, RtcMemberData
-from matrixrtc.model.transports import LivekitTransport
+from matrixrtc.model.transports import FullMeshTransport, LivekitTransport
+from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
-LIMIT_S = 90.0
+LIMIT_S = 240.0
 FIRST_FRAME_TIMEOUT_S = 10.0
 
 
@@ -178,10 +200,139 @@ async def measure_sfu(joins: int, media: MediaOptions, gap_s: float) -> dict[str
     }
 
 
+_MESH_LINK = MeshLinkConfig(
+    mesh=MeshConfig(
+        host_addresses=("127.0.0.1",),
+        signalling=SignallingConfig(invite_timeout_ms=4000, retry_interval_ms=1000),
+    )
+)
+
+
+async def measure_mesh(joins: int, media: MediaOptions, gap_s: float) -> dict[str, Any]:
+    run_dir = new_run_dir(prefix="bench-join-mesh")
+    mesh_only = AgentConfig(transports=(FullMeshTransport(),))
+    async with Synapse(run_dir) as hs:
+        host_user, guest_user = await hs.register("host"), await hs.register("guest")
+        room_id = await hs.create_call_room(host_user, invite=[guest_user], encrypted=True)
+        firsts: list[float] = []
+        failures = 0
+        async with contextlib.AsyncExitStack() as host_stack:
+            host_hs = await host_stack.enter_async_context(
+                Homeserver(hs.base_url, Login(host_user.user_id, password=host_user.password))
+            )
+            host_agent = await host_stack.enter_async_context(
+                CallAgent(host_hs, room_id, mesh_only)
+            )
+            host_keys = await host_stack.enter_async_context(CallKeys(host_agent))
+            host_track = SyntheticVideoTrack(media.width, media.height, media.fps)
+            host_stack.callback(host_track.stop)
+            await host_stack.enter_async_context(
+                MatrixMesh(host_agent, keys=host_keys, sources=[host_track], config=_MESH_LINK)
+            )
+            host_ref = DeviceRef(host_hs.user_id, host_hs.device_id)
+            for _ in range(joins):
+                async with contextlib.AsyncExitStack() as guest_stack:
+                    guest_hs = await guest_stack.enter_async_context(
+                        Homeserver(
+                            hs.base_url, Login(guest_user.user_id, password=guest_user.password)
+                        )
+                    )
+                    track = SyntheticVideoTrack(media.width, media.height, media.fps)
+                    guest_stack.callback(track.stop)
+                    started = time.monotonic()
+                    agent = await guest_stack.enter_async_context(
+                        CallAgent(guest_hs, room_id, mesh_only)
+                    )
+                    keys = await guest_stack.enter_async_context(CallKeys(agent))
+                    mesh = await guest_stack.enter_async_context(
+                        MatrixMesh(agent, keys=keys, sources=[track], config=_MESH_LINK)
+                    )
+                    deadline = started + FIRST_FRAME_TIMEOUT_S
+                    while time.monotonic() < deadline:
+                        link = mesh.engine.link_for(host_ref) if mesh.engine else None
+                        video = link.stats.get("video") if link is not None else None
+                        if video is not None and video.first_frame_at is not None:
+                            firsts.append(video.first_frame_at - started)
+                            break
+                        await asyncio.sleep(0.005)
+                    else:
+                        failures += 1
+                await asyncio.sleep(gap_s)
+    return {
+        **_ms(firsts),
+        "joins": joins,
+        "failed": failures,
+        "first_frame_ms_all": [round(1000 * d) for d in firsts],
+    }
+
+
+async def measure_switch(media: MediaOptions) -> dict[str, Any]:
+    run_dir = new_run_dir(prefix="bench-switch")
+    async with Synapse(run_dir) as hs, LiveKit(run_dir) as lk:
+        proc, service_url = await _service(run_dir, lk, hs)
+        try:
+            users = [await hs.register(f"sw{i}") for i in range(4)]
+            room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
+            transports = (LivekitTransport(livekit_service_url=service_url), FullMeshTransport())
+            config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK)
+            members: list[tuple[contextlib.AsyncExitStack, MediaSwitcher]] = []
+
+            async def join(user: UserCreds) -> tuple[contextlib.AsyncExitStack, MediaSwitcher]:
+                stack = contextlib.AsyncExitStack()
+                h = await stack.enter_async_context(
+                    Homeserver(hs.base_url, Login(user.user_id, password=user.password))
+                )
+                agent = await stack.enter_async_context(
+                    CallAgent(h, room_id, AgentConfig(transports=transports))
+                )
+                keys = await stack.enter_async_context(CallKeys(agent))
+                switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
+                return stack, switcher
+
+            async def settled(kind: MediaKind, who: list[MediaSwitcher]) -> float:
+                records = await asyncio.gather(*(s.wait_settled(kind, 30) for s in who))
+                return max(r.finished_at for r in records)
+
+            try:
+                for u in users[:3]:
+                    members.append(await join(u))
+                first = [s for _, s in members]
+                await settled(MediaKind.MESH, first)
+                await asyncio.sleep(3)  # steady mesh media before the switch
+                t_join = time.monotonic()
+                fourth = await join(users[3])
+                members.append(fourth)
+                to_sfu_done = await settled(MediaKind.SFU, [*first, fourth[1]])
+                await asyncio.sleep(3)
+                mesh_to_sfu = max(s.max_gap_s(since=t_join) for _, s in members)
+                members.remove(fourth)
+                t_leave = time.monotonic()
+                await fourth[0].aclose()
+                to_mesh_done = await settled(MediaKind.MESH, first)
+                await asyncio.sleep(3)
+                sfu_to_mesh = max(s.max_gap_s(since=t_leave) for s in first)
+            finally:
+                await asyncio.gather(*(st.aclose() for st, _ in members), return_exceptions=True)
+        finally:
+            await proc.stop()
+    return {
+        "mesh_to_sfu": round(mesh_to_sfu * 1000),
+        "sfu_to_mesh": round(sfu_to_mesh * 1000),
+        "switch_duration_ms": {
+            "mesh_to_sfu": round((to_sfu_done - t_join) * 1000),
+            "sfu_to_mesh": round((to_mesh_done - t_leave) * 1000),
+        },
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     media = MediaOptions(width=320, height=240, fps=15.0)
     async with asyncio.timeout(LIMIT_S):
-        return {"sfu": await measure_sfu(args.joins, media, args.gap)}
+        sfu = await measure_sfu(args.joins, media, args.gap)
+        mesh = await measure_mesh(args.joins, media, args.gap)
+        switch = await measure_switch(replace(media, audio=False))
+    durations = switch.pop("switch_duration_ms")
+    return {"mesh": mesh, "sfu": sfu, "switch_gap_ms": switch, "switch_duration_ms": durations}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  token + LiveKit connect done: p50 {sfu['connect']['p50_ms']} ms")
     print(f"  host's video subscribed:      p50 {sfu['video_subscribed']['p50_ms']} ms")
     print(f"  all: {sfu['first_frame_ms_all']}")
+    mesh = result["mesh"]
+    print(f"mesh join (membership, Olm keys, to-device signalling) → first frame, {mesh['joins']}")
+    print(f"  p50 {mesh['p50_ms']} ms   p95 {mesh['p95_ms']} ms   failed {mesh['failed']}")
+    print(f"  all: {mesh['first_frame_ms_all']}")
+    gaps, took = result["switch_gap_ms"], result["switch_duration_ms"]
+    print("switch, largest video gap any member saw (3 on mesh, mesh_max 3, a 4th joins/leaves)")
+    print(f"  mesh → sfu {gaps['mesh_to_sfu']} ms (switch took {took['mesh_to_sfu']} ms)")
+    print(f"  sfu → mesh {gaps['sfu_to_mesh']} ms (switch took {took['sfu_to_mesh']} ms)")
     print(f"({result['bench_duration_s']} s)")
     return 0
 

@@ -18,7 +18,8 @@ current key, so media keeps flowing under the current keys across a switch.
 
 Reports: :attr:`MediaSwitcher.history` (one :class:`SwitchRecord` per start or switch, with
 reason and duration), :attr:`MediaSwitcher.peers` (per remote device: frames seen over each
-transport and the largest gap between two consecutive video frames over either). Frames are
+transport and the largest gap between two consecutive video frames over either) and
+:attr:`MediaSwitcher.gaps` (the latest inter-frame gaps, for figures around a switch). Frames are
 observed by polling the transports' counters every ``poll_s``; a gap is measured from the
 previous frame's arrival time to the newest frame's arrival time at the poll that sees frames
 again, so it can only be overstated (by at most the frames that arrived within one poll).
@@ -42,7 +43,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys, KeyEvent, KeyEventKind
-from matrixrtc.errors import RemoteError
+from matrixrtc.errors import MatrixRTCError, RemoteError
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
 from matrixrtc.matrix import Subscription
@@ -61,8 +62,7 @@ __all__ = ["GapRecord", "MediaSwitcher", "PeerMedia", "SwitchConfig", "SwitchRec
 
 log = structlog.get_logger(__name__)
 
-_GAP_RECORD_MIN_S: Final = 0.1  # shorter gaps are ordinary frame jitter (15 fps: 67 ms)
-_MAX_GAP_RECORDS: Final = 1024
+_MAX_GAP_RECORDS: Final = 8192  # every inter-frame gap is kept; at 15 fps × 3 peers, ~3 min
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +75,7 @@ class SwitchConfig:
     settle_timeout_s: float = 10.0  # longest make-before-break overlap
     join_timeout_s: float = 30.0  # until the room shows our own membership
     poll_s: float = 0.02
+    retry_s: float = 2.0  # pause after a transport failed to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +290,15 @@ class MediaSwitcher:
                 self._log.info("switch.decision", kind=decision.kind.value, reason=decision.reason)
                 self.decision = decision
             if decision.kind is not MediaKind.NONE and decision.kind is not self.kind:
-                await self._switch(decision)
+                try:
+                    await self._switch(decision)
+                except MatrixRTCError as exc:
+                    # The old transport (if any) still runs; try again on the next change or
+                    # after a pause.
+                    self._log.warning("switch.failed", new=decision.kind.value, error=str(exc))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.config.retry_s):
+                            await self._dirty.wait()
                 continue  # memberships may have moved meanwhile
             if self.kind is MediaKind.SFU:
                 await self._update_livekit()
@@ -305,10 +314,14 @@ class MediaSwitcher:
             reason=decision.reason,
             members=decision.members,
         )
-        if new is MediaKind.SFU:
-            await self._start_livekit()
-        else:
-            await self._start_mesh()
+        try:
+            if new is MediaKind.SFU:
+                await self._start_livekit()
+            else:
+                await self._start_mesh()
+        except BaseException:
+            await (self._close_livekit() if new is MediaKind.SFU else self._close_mesh())
+            raise
         carried_at = await self._wait_carried(new, started)
         self.kind = new
         if old is MediaKind.MESH:
@@ -482,8 +495,7 @@ class MediaSwitcher:
                     gap = last - peer.last_frame_at
                     if gap > peer.max_gap_s:
                         peer.max_gap_s = gap
-                    if gap >= _GAP_RECORD_MIN_S:
-                        self.gaps.append(GapRecord(ref, peer.last_frame_at, last, kind))
+                    self.gaps.append(GapRecord(ref, peer.last_frame_at, last, kind))
                 if peer.last_frame_at is None or last > peer.last_frame_at:
                     peer.last_frame_at = last
         self._sources = live
