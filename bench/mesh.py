@@ -208,46 +208,66 @@ async def measure_join(joins: int, *, width: int, height: int, fps: float) -> di
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    width, height = (int(x) for x in args.resolution.split("x"))
+async def run_profile(
+    resolution: str, fps: float, max_participants: int, window: float, joins: int
+) -> dict[str, Any]:
+    width, height = (int(x) for x in resolution.split("x"))
     cpu: list[dict[str, Any]] = []
-    for n in range(2, args.max_participants + 1):
+    for n in range(2, max_participants + 1):
         for encode_once in (True, False):
             cpu.append(
                 await measure_cpu(
-                    n,
-                    encode_once=encode_once,
-                    width=width,
-                    height=height,
-                    fps=args.fps,
-                    window=args.window,
+                    n, encode_once=encode_once, width=width, height=height, fps=fps, window=window
                 )
             )
     ratios = {}
-    for n in range(2, args.max_participants + 1):
+    for n in range(2, max_participants + 1):
         once = next(r for r in cpu if r["participants"] == n and r["mode"] == "encode_once")
         per = next(r for r in cpu if r["participants"] == n and r["mode"] == "per_peer")
         ratios[str(n)] = round(
             once["cpu_percent_per_participant"] / max(0.1, per["cpu_percent_per_participant"]), 2
         )
-    join = await measure_join(args.joins, width=width, height=height, fps=args.fps)
+    join = await measure_join(joins, width=width, height=height, fps=fps)
     return {
-        "resolution": args.resolution,
-        "fps": args.fps,
-        "window_s": args.window,
+        "resolution": resolution,
+        "fps": fps,
+        "window_s": window,
         "cpu": cpu,
         "cpu_ratio_encode_once_over_per_peer": ratios,
         "join": join,
     }
 
 
+def _profile(text: str) -> tuple[str, float]:
+    """``WxH@FPS`` → (``"WxH"``, fps)."""
+    resolution, _, fps = text.partition("@")
+    w, _, h = resolution.partition("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WxH@FPS, got {text!r}")
+    return resolution, float(fps or 15)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    profiles = args.profile or [_profile("320x240@15"), _profile("640x480@30")]
+    return {
+        "profiles": [
+            await run_profile(res, fps, args.max_participants, args.window, args.joins)
+            for res, fps in profiles
+        ]
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--resolution", default="320x240")
-    parser.add_argument("--fps", type=float, default=15.0)
-    parser.add_argument("--max-participants", type=int, default=4)
-    parser.add_argument("--window", type=float, default=5.0, help="seconds measured per case")
+    parser.add_argument(
+        "--profile",
+        type=_profile,
+        action="append",
+        help="WxH@FPS, repeatable (default: 320x240@15 and 640x480@30)",
+    )
+    parser.add_argument("--max-participants", type=int, default=5)
+    parser.add_argument("--window", type=float, default=4.0, help="seconds measured per case")
     parser.add_argument("--joins", type=int, default=5)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -257,21 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"mesh at {args.resolution}@{args.fps:g}, {args.window:g} s windows (one process)")
-    print(
-        f"{'N':>2} {'mode':<12} {'cpu%/participant':>17} {'total cpu%':>10} {'fps in min/mean':>16}"
-    )
-    for r in result["cpu"]:
+    for prof in result["profiles"]:
+        print(f"mesh at {prof['resolution']}@{prof['fps']:g}, {prof['window_s']:g} s windows")
         print(
-            f"{r['participants']:>2} {r['mode']:<12} {r['cpu_percent_per_participant']:>17} "
-            f"{r['cpu_percent_total']:>10} {r['fps_in_min']:>8}/{r['fps_in_mean']:<7}"
+            f"{'N':>2} {'mode':<12} {'cpu%/participant':>17} {'total cpu%':>10} "
+            f"{'fps in min/mean':>16}"
         )
-    print("ratio encode-once / per-peer:", result["cpu_ratio_encode_once_over_per_peer"])
-    j = result["join"]
-    print(
-        f"join -> first frame: p50 {j['first_frame_ms_p50']} ms "
-        f"over {j['succeeded']}/{j['joins']} joins {j['first_frame_ms_all']}"
-    )
+        for r in prof["cpu"]:
+            print(
+                f"{r['participants']:>2} {r['mode']:<12} {r['cpu_percent_per_participant']:>17} "
+                f"{r['cpu_percent_total']:>10} {r['fps_in_min']:>8}/{r['fps_in_mean']:<7}"
+            )
+        print("ratio encode-once / per-peer:", prof["cpu_ratio_encode_once_over_per_peer"])
+        j = prof["join"]
+        print(
+            f"join -> first frame: p50 {j['first_frame_ms_p50']} ms "
+            f"over {j['succeeded']}/{j['joins']} joins {j['first_frame_ms_all']}\n"
+        )
     print(f"took {result['bench_duration_s']} s")
     return 0
 
