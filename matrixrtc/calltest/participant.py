@@ -27,13 +27,17 @@ from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
 from matrixrtc.e2ee.cryptor import KeyRings
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
-from matrixrtc.errors import MatrixRTCError
+from matrixrtc.errors import LocalError, MatrixRTCError
+from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.matrix import DeviceRef, Homeserver, Login, Subscription
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.ice import IceServerConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
-from matrixrtc.model import FullMeshTransport
+from matrixrtc.mesh.signalling import DeviceRef as MeshDeviceRef
+from matrixrtc.model import FullMeshTransport, LivekitTransport, Transport
+from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
 __all__ = ["ParticipantConfig", "main", "run_participant"]
 
@@ -66,6 +70,11 @@ class ParticipantConfig:
     turn_from_homeserver: bool = False
     relay_only: bool = False
     state_dir: str | None = None
+    # "mesh": the mesh alone; "sfu": LiveKit through the service at sfu_url; "auto": both
+    # advertised, the mesh/SFU policy decides and switches live (matrixrtc.switching).
+    transport: str = "mesh"
+    sfu_url: str | None = None
+    mesh_max: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -133,14 +142,17 @@ class _Probe:
         elif ev.kind is KeyEventKind.INSTALLED and ev.sent_ts is not None:
             self.key_delivery_ms.append(ev.at_ms - ev.sent_ts)
 
-    async def snapshot(self, mesh: MatrixMesh, keys: CallKeys | None) -> dict[str, Any]:
+    async def snapshot(
+        self, media: MatrixMesh | MediaSwitcher, keys: CallKeys | None
+    ) -> dict[str, Any]:
+        mesh = media if isinstance(media, MatrixMesh) else media.mesh
         now = time.monotonic()
         cpu = time.process_time()
         c0, w0 = self.last_cpu
         if now > w0:
             self.cpu_percent = round((cpu - c0) / (now - w0) * 100, 1)
         self.last_cpu = (cpu, now)
-        engine = mesh.engine
+        engine = mesh.engine if mesh is not None else None
         peers: list[dict[str, Any]] = []
         if engine is not None:
             for link in list(engine.links.values()):
@@ -186,11 +198,15 @@ class _Probe:
                         "ice_pair": _selected_pair(link.pc),
                     }
                 )
+        extra: dict[str, Any] = {}
+        if isinstance(media, MediaSwitcher):
+            peers, extra = _switcher_view(media, peers, now)
         return {
+            **extra,
             "id": self.cfg.name,
             "t_ms": round(time.time() * 1000),
             "joined_at_ms": self.joined_ms,
-            "members": len(mesh.members),
+            "members": len(mesh.members) if mesh is not None else len(peers),
             "session_id": engine.local.session_id if engine is not None else None,
             "conf_id": engine.local.conf_id if engine is not None else None,
             "cpu_percent": self.cpu_percent,
@@ -199,9 +215,66 @@ class _Probe:
             "keys_used": list(self.keys_used),
             "key_rotation_ms": list(self.rotations_ms),
             "key_delivery_ms": list(self.key_delivery_ms[-20:]),
-            "signalling_dropped": mesh.dropped_signalling,
+            "signalling_dropped": mesh.dropped_signalling if mesh is not None else 0,
             "peers": peers,
         }
+
+
+def _switcher_view(
+    switcher: MediaSwitcher, mesh_peers: list[dict[str, Any]], now: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Peers over whichever transport carries them (frame totals span switches), and the
+    switch history with wall-clock times."""
+    by_id = {p["id"]: p for p in mesh_peers}
+    lk = switcher.livekit
+    out: list[dict[str, Any]] = []
+    for part in switcher.agent.participants:
+        if part.is_self:
+            continue
+        pid = f"{part.user_id}|{part.device_id}"
+        seen = switcher.peers.get(MeshDeviceRef(part.user_id, part.device_id))
+        peer = by_id.get(pid)
+        lk_stats = None
+        if lk is not None:
+            lk_conn = next(
+                (c for c in lk.connections.values() if part.rtc_backend_identity in c.stats), None
+            )
+            lk_stats = lk_conn.stats[part.rtc_backend_identity] if lk_conn else None
+            if lk_stats is not None and (peer is None or switcher.kind is MediaKind.SFU):
+                recent = [t for t in lk_stats.video_times if t > now - 2.0]
+                peer = {
+                    "id": pid,
+                    "user_id": part.user_id,
+                    "device_id": part.device_id,
+                    "call_id": None,
+                    "connected_at_ms": _wall_ms(lk_conn.connected_at if lk_conn else None),
+                    "created_at_ms": None,
+                    "fps_in": len(recent) / 2.0,
+                    "kbps_in": None,  # the livekit SDK exposes no byte counts here
+                    "kbps_out": None,
+                    "audio_frames_decoded": lk_stats.audio_frames,
+                    "decrypt_failures": lk_stats.decrypt_failures,
+                    "packets_in": None,
+                    "bytes_in": None,
+                    "bytes_out": None,
+                    "ice_pair": None,
+                }
+        if peer is None:
+            continue
+        carrier = "sfu" if lk_stats is not None and peer.get("call_id") is None else "mesh"
+        peer = {**peer, "transport": carrier}
+        if seen is not None:
+            peer["frames_decoded"] = sum(seen.frames.values())
+            peer["first_frame_at_ms"] = _wall_ms(seen.first_frame_at)
+            peer["frames_by_transport"] = {k.value: n for k, n in seen.frames.items()}
+            peer["max_gap_ms"] = round(seen.max_gap_s * 1000)
+        else:
+            peer.setdefault("frames_decoded", 0)
+            peer.setdefault("first_frame_at_ms", None)
+        out.append(peer)
+    switches = [{**r.to_json(), "at_ms": _wall_ms(r.started_at)} for r in switcher.history]
+    kind = switcher.kind.value if switcher.kind is not None else None
+    return out, {"transport": kind, "switches": switches}
 
 
 async def _pump_changes(sub: Subscription[ParticipantsChanged], probe: _Probe) -> None:
@@ -275,9 +348,14 @@ async def run_participant(cfg: ParticipantConfig) -> int:
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     async with Homeserver(cfg.homeserver, Login(cfg.user, cfg.password), state_dir=state_dir) as hs:
         room_id = await hs.join_room(cfg.room_id)
-        agent_cfg = AgentConfig(
-            transports=(FullMeshTransport(),), delayed_leave_ms=cfg.delayed_leave_ms
-        )
+        advertised: tuple[Transport, ...] = (FullMeshTransport(),)
+        if cfg.transport != "mesh":
+            if cfg.sfu_url is None:
+                raise LocalError(f"transport {cfg.transport!r} needs sfu_url")
+            sfu = LivekitTransport(livekit_service_url=cfg.sfu_url)
+            # The mesh transport goes after the LiveKit one (design.md principle 5).
+            advertised = (sfu,) if cfg.transport == "sfu" else (sfu, FullMeshTransport())
+        agent_cfg = AgentConfig(transports=advertised, delayed_leave_ms=cfg.delayed_leave_ms)
         joined_ms = round(time.time() * 1000)
         async with CallAgent(hs, room_id, agent_cfg) as agent:
             probe = _Probe(cfg, joined_ms)
@@ -289,15 +367,28 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                     keys = await stack.enter_async_context(
                         CallKeys(agent, CallKeysConfig(allow_plaintext_keys=cfg.plaintext_keys))
                     )
-                mesh = await stack.enter_async_context(
-                    MatrixMesh(
-                        agent,
-                        keys=keys,
-                        sources=sources,
-                        config=link_cfg,
-                        decrypt_rings=KeyRings() if cfg.withhold_keys else None,
+                mesh: MatrixMesh | MediaSwitcher
+                if cfg.transport == "mesh":
+                    mesh = await stack.enter_async_context(
+                        MatrixMesh(
+                            agent,
+                            keys=keys,
+                            sources=sources,
+                            config=link_cfg,
+                            decrypt_rings=KeyRings() if cfg.withhold_keys else None,
+                        )
                     )
-                )
+                else:
+                    for track in sources:  # each mesh the switcher starts gets its own
+                        track.stop()
+                    switch_cfg = SwitchConfig(
+                        mesh_max=cfg.mesh_max,
+                        media=MediaOptions(
+                            width=cfg.width, height=cfg.height, fps=cfg.fps, audio=cfg.audio
+                        ),
+                        mesh=link_cfg,
+                    )
+                    mesh = await stack.enter_async_context(MediaSwitcher(agent, keys, switch_cfg))
                 _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
                        "device_id": hs.device_id, "joined_at_ms": joined_ms})  # fmt: skip
                 pumps = [

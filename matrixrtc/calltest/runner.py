@@ -25,7 +25,8 @@ import aiohttp
 import structlog
 
 from matrixrtc.calltest.participant import ParticipantConfig
-from matrixrtc.devstack import Synapse, new_run_dir
+from matrixrtc.devstack import LiveKit, Synapse, new_run_dir
+from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
 from matrixrtc.errors import LocalError, RemoteError
 
 __all__ = [
@@ -56,6 +57,12 @@ class CallTestConfig:
     password: str | None = None  # for an external homeserver's existing users
     run_dir: Path | None = None
     delayed_leave_ms: int = 8_000
+    # "mesh"; "sfu" (LiveKit only); "auto" (the mesh/SFU policy, switching live). sfu and
+    # auto use sfu_url, or an embedded LiveKit + authorization service (auto: only when the
+    # policy can pick the SFU, i.e. more than mesh_max participants).
+    transport: str = "mesh"
+    mesh_max: int = 4
+    sfu_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +284,10 @@ def _rate(count: float, start_ms: int | None, end_ms: int | None) -> float:
     return count / ((end_ms - start_ms) / 1000)
 
 
+def _kbps(count: int | None, start_ms: int | None, end_ms: int | None) -> float | None:
+    return None if count is None else round(_rate(count * 8 / 1000, start_ms, end_ms), 1)
+
+
 def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> dict[str, Any]:
     """The ``--json`` object: per participant and per peer figures over the whole run."""
     names = {p.peer_id: p.name for p in procs if p.peer_id is not None}
@@ -301,11 +312,13 @@ def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> di
                 {
                     "id": names.get(peer["id"], peer["id"]),
                     "fps_in": round(_rate(peer["frames_decoded"], f_at, end), 1),
-                    "kbps_in": round(_rate(peer["bytes_in"] * 8 / 1000, c_at, end), 1),
-                    "kbps_out": round(_rate(peer.get("bytes_out", 0) * 8 / 1000, c_at, end), 1),
+                    # None: the transport does not say (LiveKit's SDK counts no bytes).
+                    "kbps_in": _kbps(peer.get("bytes_in", 0), c_at, end),
+                    "kbps_out": _kbps(peer.get("bytes_out", 0), c_at, end),
                     "frames_decoded": peer["frames_decoded"],
                     "decrypt_failures": peer["decrypt_failures"],
                     "connect_ms": None if c_at is None else int(c_at) - joined,
+                    "transport": peer.get("transport", "mesh"),
                 }
             )
         out.append(
@@ -319,6 +332,10 @@ def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> di
                 "key_index": last.get("key_index"),
                 "key_rotation_ms": last.get("key_rotation_ms", []),
                 "key_delivery_ms": last.get("key_delivery_ms", []),
+                "switches": [
+                    {**sw, "at_ms": sw["at_ms"] - joined if sw.get("at_ms") else None}
+                    for sw in last.get("switches", [])
+                ],
                 "peers": peers,
             }
         )
@@ -328,7 +345,7 @@ def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> di
         "fps": cfg.fps,
         "resolution": f"{cfg.width}x{cfg.height}",
         "e2ee": cfg.e2ee,
-        "transport": "mesh",
+        "transport": cfg.transport,
     }
 
 
@@ -344,7 +361,7 @@ def _fmt(value: Any) -> str:
 
 def format_report(report: Mapping[str, Any]) -> str:
     """A fixed-width table: one row per participant and peer."""
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             "participant",
             "connect ms",
@@ -382,14 +399,30 @@ def format_report(report: Mapping[str, Any]) -> str:
                     _fmt(peer.get("decrypt_failures")),
                 )
             )
+    transport = report.get("transport", "mesh")
+    switched: list[str] = []
+    if transport != "mesh":
+        # Which transport carried each pair at the end, and every switch (ms after the join).
+        vias = ["via"]
+        for p in report["participants"]:
+            vias += [_fmt(peer.get("transport")) for peer in p["peers"] or [{}]]
+        rows = [(*r, v) for r, v in zip(rows, vias, strict=True)]
+        for p in report["participants"]:
+            for sw in p.get("switches", []):
+                switched.append(
+                    f"  {p['id']} at {_fmt(sw.get('at_ms'))} ms: {_fmt(sw.get('from'))} -> "
+                    f"{sw.get('to')} in {sw.get('duration_ms')} ms ({sw.get('reason')})"
+                )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     title = (
-        f"mesh call: {len(report['participants'])} participants, {report['resolution']} @ "
+        f"{transport} call: {len(report['participants'])} participants, {report['resolution']} @ "
         f"{report['fps']:g} fps, {report['duration_s']:g} s, "
         f"E2EE {'on' if report.get('e2ee') else 'off'}"
     )
-    return "\n".join([title, *lines])
+    if switched:
+        switched.insert(0, "transport starts and switches:")
+    return "\n".join([title, *lines, *switched])
 
 
 def progress_line(procs: Sequence[ParticipantProcess], elapsed: float) -> str:
@@ -409,6 +442,39 @@ def progress_line(procs: Sequence[ParticipantProcess], elapsed: float) -> str:
 # -- one run ------------------------------------------------------------------------------
 
 
+async def _embedded_sfu(stack: contextlib.AsyncExitStack, run_dir: Path, hs: Synapse) -> str:
+    """Start LiveKit and our authorization service (``python -m sfu serve``) in front of it;
+    both stop with ``stack``. Returns the service URL members advertise."""
+    lk = await stack.enter_async_context(LiveKit(run_dir))
+    port = free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ManagedProcess(
+        name="call-test-sfu",
+        argv=[sys.executable, "-m", "sfu", "serve"],
+        log_path=run_dir / "call-test-sfu" / "service.log",
+        cwd=run_dir,
+        env={
+            **os.environ,
+            "LIVEKIT_URL": lk.url,
+            "LIVEKIT_KEY": lk.api_key,
+            "LIVEKIT_SECRET": lk.api_secret,
+            "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
+            "LIVEKIT_FULL_ACCESS_HOMESERVERS": hs.server_name,
+            "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url}",
+            "MATRIXRTC_SFU_RATE_LIMIT": "0",
+        },
+    )
+
+    async def ready() -> bool:
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url + "/healthz") as r:
+            return r.status == 200
+
+    await proc.start(ready, 30)
+    stack.push_async_callback(proc.stop)
+    return url
+
+
 async def run_call_test(
     cfg: CallTestConfig, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -425,6 +491,16 @@ async def run_call_test(
             say(f"Synapse up at {base_url} ({time.monotonic() - t:.1f} s)")
         else:
             base_url = cfg.homeserver
+        sfu_url = cfg.sfu_url
+        wants_sfu = cfg.transport == "sfu" or (
+            cfg.transport == "auto" and cfg.participants > cfg.mesh_max
+        )
+        if sfu_url is None and wants_sfu:
+            if cfg.homeserver is not None:
+                raise LocalError(f"--transport {cfg.transport} with --homeserver needs --sfu-url")
+            t = time.monotonic()
+            sfu_url = await _embedded_sfu(stack, run_dir, synapse)
+            say(f"LiveKit and the authorization service up ({time.monotonic() - t:.1f} s)")
         tag = secrets.token_hex(2)
         names = [f"{cfg.user_prefix}{i + 1}-{tag}" for i in range(cfg.participants)]
         if cfg.homeserver is not None and cfg.password is not None:
@@ -446,6 +522,9 @@ async def run_call_test(
             # Embedded stack: loopback only. A real homeserver: its TURN servers, any address.
             host_addresses=("127.0.0.1",) if cfg.homeserver is None else None,
             turn_from_homeserver=cfg.homeserver is not None,
+            transport=cfg.transport if sfu_url is not None else "mesh",
+            sfu_url=sfu_url,
+            mesh_max=cfg.mesh_max,
         )
         configs = [
             replace(base, name=f"p{i + 1}", user=user, password=pw)

@@ -30,9 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds (default 20)")
     parser.add_argument(
         "--transport",
-        choices=("auto", "mesh"),
+        choices=("auto", "mesh", "sfu"),
         default="auto",
-        help="auto: mesh (every participant advertises it and no SFU is configured); mesh",
+        help="auto: the mesh/SFU policy (mesh up to --mesh-max participants, else SFU, "
+        "switching live; the embedded stack starts LiveKit only when the SFU can be picked); "
+        "mesh; sfu: LiveKit through our authorization service",
+    )
+    parser.add_argument(
+        "--mesh-max", type=int, default=4, help="largest call kept on mesh by auto (default 4)"
+    )
+    parser.add_argument(
+        "--sfu-url",
+        default=None,
+        help="authorization service URL (lk-jwt-service API) for sfu/auto with --homeserver",
     )
     parser.add_argument("--resolution", type=_resolution, default=(320, 240))
     parser.add_argument("--fps", type=float, default=15.0)
@@ -58,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "call-test",
-        help="run N participants in one mesh call and report",
+        help="run N participants in one call (mesh, SFU or auto) and report",
         description=(
             "Run N call participants, each in its own process (call agent + sender keys + "
             "mesh), on an embedded Synapse or a given homeserver; print a live progress line "
@@ -83,6 +93,9 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         user_prefix=args.user_prefix,
         password=os.environ.get("MATRIXRTC_PASSWORD") if args.homeserver else None,
         delayed_leave_ms=args.delayed_leave_ms,
+        transport=args.transport,
+        mesh_max=args.mesh_max,
+        sfu_url=args.sfu_url,
     )
 
 
