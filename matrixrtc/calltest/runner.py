@@ -63,6 +63,7 @@ class CallTestConfig:
     transport: str = "mesh"
     mesh_max: int = 4
     sfu_url: str | None = None
+    join_interval_s: float = 0.0  # start each participant this long after the previous joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +264,18 @@ class ParticipantProcess:
 
 @contextlib.asynccontextmanager
 async def participants(
-    configs: Sequence[ParticipantConfig], log_dir: Path
+    configs: Sequence[ParticipantConfig], log_dir: Path, *, join_interval_s: float = 0.0
 ) -> AsyncIterator[list[ParticipantProcess]]:
-    """Start every participant; on exit stop those still running (never leaves orphans)."""
+    """Start every participant; on exit stop those still running (never leaves orphans).
+
+    With ``join_interval_s``, each one starts that long after the previous one is in the call.
+    """
     procs: list[ParticipantProcess] = []
     try:
         for cfg in configs:
+            if procs and join_interval_s > 0:
+                await procs[-1].wait_ready()
+                await asyncio.sleep(join_interval_s)
             procs.append(await ParticipantProcess.start(cfg, log_dir / f"{cfg.name}.log"))
         yield procs
     finally:
@@ -530,7 +537,9 @@ async def run_call_test(
             replace(base, name=f"p{i + 1}", user=user, password=pw)
             for i, (user, pw) in enumerate(prov.users)
         ]
-        procs = await stack.enter_async_context(participants(configs, run_dir / "participants"))
+        procs = await stack.enter_async_context(
+            participants(configs, run_dir / "participants", join_interval_s=cfg.join_interval_s)
+        )
         await asyncio.gather(*(p.wait_ready() for p in procs))
         t0 = time.monotonic()
         while (elapsed := time.monotonic() - t0) < cfg.duration_s:

@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mesh-max", type=int, default=4, help="largest call kept on mesh by auto (default 4)"
     )
     parser.add_argument(
+        "--join-interval",
+        type=float,
+        default=0.0,
+        help="seconds between one participant being in the call and the next starting "
+        "(default 0: start them all at once)",
+    )
+    parser.add_argument(
         "--sfu-url",
         default=None,
         help="authorization service URL (lk-jwt-service API) for sfu/auto with --homeserver",
@@ -96,6 +103,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         transport=args.transport,
         mesh_max=args.mesh_max,
         sfu_url=args.sfu_url,
+        join_interval_s=args.join_interval,
     )
 
 
