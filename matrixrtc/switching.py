@@ -48,8 +48,9 @@ from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
 from matrixrtc.matrix import Subscription
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
-from matrixrtc.mesh.signalling import DeviceRef
+from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import (
     DEFAULT_MESH_MAX,
@@ -58,18 +59,33 @@ from matrixrtc.session.media_policy import (
     choose_media_for,
 )
 
-__all__ = ["GapRecord", "MediaSwitcher", "PeerMedia", "SwitchConfig", "SwitchRecord"]
+__all__ = [
+    "SWITCH_MESH",
+    "GapRecord",
+    "MediaSwitcher",
+    "PeerMedia",
+    "SwitchConfig",
+    "SwitchRecord",
+]
 
 log = structlog.get_logger(__name__)
 
 _MAX_GAP_RECORDS: Final = 8192  # every inter-frame gap is kept; at 15 fps × 3 peers, ~3 min
 
 
+# Members start their mesh when each sees the membership change, so a caller's invite can reach
+# a callee a moment before the callee listens: call again within seconds, not after the 60 s
+# invite lifetime (the old transport carries media meanwhile).
+SWITCH_MESH: Final = MeshLinkConfig(
+    mesh=MeshConfig(signalling=SignallingConfig(invite_timeout_ms=4000, retry_interval_ms=1000))
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchConfig:
     mesh_max: int = DEFAULT_MESH_MAX
     media: MediaOptions = field(default_factory=MediaOptions)  # what we send on either transport
-    mesh: MeshLinkConfig = field(default_factory=MeshLinkConfig)
+    mesh: MeshLinkConfig = field(default_factory=lambda: SWITCH_MESH)
     # Local tracks for each mesh we start; None: synthetic video (and a tone) from ``media``.
     mesh_sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
     settle_timeout_s: float = 10.0  # longest make-before-break overlap

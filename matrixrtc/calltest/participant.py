@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
 from matrixrtc.mesh.signalling import DeviceRef as MeshDeviceRef
 from matrixrtc.model import FullMeshTransport, LivekitTransport, Transport
 from matrixrtc.session.media_policy import MediaKind
-from matrixrtc.switching import MediaSwitcher, SwitchConfig
+from matrixrtc.switching import SWITCH_MESH, MediaSwitcher, SwitchConfig
 
 __all__ = ["ParticipantConfig", "main", "run_participant"]
 
@@ -386,7 +386,10 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                         media=MediaOptions(
                             width=cfg.width, height=cfg.height, fps=cfg.fps, audio=cfg.audio
                         ),
-                        mesh=link_cfg,
+                        mesh=replace(
+                            link_cfg,
+                            mesh=replace(link_cfg.mesh, signalling=SWITCH_MESH.mesh.signalling),
+                        ),
                     )
                     mesh = await stack.enter_async_context(MediaSwitcher(agent, keys, switch_cfg))
                 _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
