@@ -92,6 +92,7 @@ class SwitchConfig:
     join_timeout_s: float = 30.0  # until the room shows our own membership
     poll_s: float = 0.02
     retry_s: float = 2.0  # pause after a transport failed to start
+    close_timeout_s: float = 15.0  # longest wait for an old transport to close
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ class SwitchRecord:
     reason: str
     members: int
     started_at: float
-    finished_at: float  # the old transport was gone (or, for a start, the new one was up)
+    finished_at: float  # the old transport was detached (closing goes on in the background)
     carried_at: float | None  # the new transport had media from every peer; None: timed out
 
     @property
@@ -184,6 +185,7 @@ class MediaSwitcher:
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._teardowns: set[asyncio.Task[None]] = set()  # old transports being closed
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._key_events: Subscription[KeyEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
@@ -213,6 +215,7 @@ class MediaSwitcher:
         for sub in (self._changes, self._key_events):
             if sub is not None:
                 sub.close()
+        await asyncio.gather(*self._teardowns, return_exceptions=True)  # each bounded
         await self._close_mesh()
         await self._close_livekit()
         errors = [r for r in results if isinstance(r, Exception)]
@@ -340,10 +343,15 @@ class MediaSwitcher:
             raise
         carried_at = await self._wait_carried(new, started)
         self.kind = new
+        # Detach the old transport now and close it in the background: hanging up and closing
+        # peer connections can take seconds on a loaded machine, and the call is already on
+        # the new transport (its frames no longer count).
         if old is MediaKind.MESH:
-            await self._close_mesh()
+            mesh, tracks, self.mesh, self._mesh_tracks = self.mesh, self._mesh_tracks, None, []
+            self._teardown(self._close_mesh_now(mesh, tracks), "mesh")
         elif old is MediaKind.SFU:
-            await self._close_livekit()
+            lk, self.livekit = self.livekit, None
+            self._teardown(self._close_livekit_now(lk), "livekit")
         record = SwitchRecord(
             old=old,
             new=new,
@@ -427,9 +435,33 @@ class MediaSwitcher:
             raise
         self.mesh, self._mesh_tracks = mesh, tracks
 
+    def _teardown(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        async def run() -> None:
+            started = self._clock()
+            try:
+                async with asyncio.timeout(self.config.close_timeout_s):
+                    await coro
+            except TimeoutError:
+                self._log.warning("switch.teardown_timeout", transport=what)
+            else:
+                self._log.info(
+                    "switch.teardown_done",
+                    transport=what,
+                    ms=round((self._clock() - started) * 1000),
+                )
+
+        task = asyncio.create_task(run(), name=f"switch teardown {what}")
+        self._teardowns.add(task)
+        task.add_done_callback(self._teardowns.discard)
+
     async def _close_mesh(self) -> None:
         mesh, self.mesh = self.mesh, None
         tracks, self._mesh_tracks = self._mesh_tracks, []
+        await self._close_mesh_now(mesh, tracks)
+
+    async def _close_mesh_now(
+        self, mesh: MatrixMesh | None, tracks: Sequence[MediaStreamTrack]
+    ) -> None:
         if mesh is not None:
             try:
                 await mesh.__aexit__(None, None, None)
@@ -477,6 +509,9 @@ class MediaSwitcher:
 
     async def _close_livekit(self) -> None:
         lk, self.livekit = self.livekit, None
+        await self._close_livekit_now(lk)
+
+    async def _close_livekit_now(self, lk: LiveKitTransport | None) -> None:
         if lk is not None:
             try:
                 await lk.aclose()
