@@ -53,7 +53,10 @@ from matrixrtc.model.transports import LivekitTransport
 MEDIA = MediaOptions(width=320, height=240, fps=15.0)
 FIRST_FRAME_TIMEOUT = 20.0
 MEASURE_S = 4.0
-MIN_FRACTION = 0.8
+# Half the frames: proves decrypted media flows without depending on how fast a loaded 2-core
+# box drains the SDK's frame queue (it drops frames under load: "queue overflow"). Keyless and
+# wrong-KDF participants must decode exactly zero, which is where breakage shows.
+MIN_FRACTION = 0.5
 
 
 # ---------------------------------------------------------------------------------- services
