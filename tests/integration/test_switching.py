@@ -158,12 +158,9 @@ async def test_fourth_member_moves_the_call_to_sfu_and_back_without_a_two_second
         t_back = time.monotonic()
         # The leave rotates every key (after the use-key delay); media goes on under the new ones.
         deadline = time.monotonic() + 10
-        while [m.keys.current_index for m in first] == index_before:
-            assert time.monotonic() < deadline, "no key rotation after the leave"
+        while any(m.keys.current_index == i for m, i in zip(first, index_before, strict=True)):
+            assert time.monotonic() < deadline, "a remaining member did not rotate after the leave"
             await asyncio.sleep(0.1)
-        assert all(m.keys.current_index != i for m, i in zip(first, index_before, strict=True)), (
-            "every remaining member rotates"
-        )
         await flowing(first, MediaKind.MESH)
         for m in first:
             assert m.switcher.livekit is None
