@@ -17,6 +17,13 @@ homeserver, maps the answers to its result types and feeds it what the room show
 membership. A restart period at or above the delay would let the leave fire between
 restarts, so the period is capped at 5/8 of the delay (js-sdk's 5 s for 8 s).
 
+The machine gives up after ``network_retries`` failures of one step (a homeserver away for
+longer than that). The agent does not: while it is still meant to be in the call
+(:attr:`CallAgent.in_call`) it waits with backoff until the homeserver answers ``/versions``
+and joins again from the first step (the old delayed leave is cancelled first), logging
+``agent.rejoin_scheduled`` and ``agent.rejoining``. :meth:`CallAgent.leave` during that wait,
+or after any failure, still sends the leave.
+
 Ring (§5): with ``ring=True``, when our join starts the call (we are its only member), send
 one ``org.matrix.msc4075.rtc.notification`` referencing our membership event. Ringing ends
 when a rung user declines (``org.matrix.msc4310.rtc.decline`` referencing it), when another
@@ -38,6 +45,7 @@ import structlog
 
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import (
+    Broadcaster,
     DelayAction,
     DelayNotFound,
     DelayTooLong,
@@ -58,6 +66,7 @@ from matrixrtc.model import (
     RtcNotification,
     Transport,
 )
+from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 from matrixrtc.session import membership_machine as mm
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.transports import publish_transport
@@ -94,7 +103,13 @@ class AgentConfig:
     restart_timeout_ms: int = 2_000
     expires_ms: int = 14_400_000
     network_retry_ms: int = 1_000
+    network_retries: int = 10  # per step, before the membership machine gives up
     sticky_duration_ms: int = _MAX_STICKY_MS
+    # After the machine gave up while we are still meant to be in the call (a long outage):
+    # join again, first after this long, doubling up to the maximum while the homeserver
+    # does not answer.
+    rejoin_backoff_ms: int = 1_000
+    rejoin_max_backoff_ms: int = 30_000
 
 
 class RingState(StrEnum):
@@ -189,10 +204,13 @@ class CallAgent:
         self._session = RTCSession(room_id)
         self._machine: mm.OwnMembershipMachine | None = None
         self._poke = asyncio.Event()  # new input for the machine (observation, leave)
-        self._stopped = asyncio.Event()  # the machine stopped (left, or gave up)
+        self._stopped = asyncio.Event()  # the drive loop ended (left, or it crashed)
+        self._leaving = asyncio.Event()  # leave() was called: ends a recovery wait
+        self._rejoin_delay_ms = self.config.rejoin_backoff_ms
+        self._recoveries = 0
         self._joins_sent = 0
         self._participants: tuple[Participant, ...] = ()
-        self._subs: set[Subscription[ParticipantsChanged]] = set()
+        self._changes: Broadcaster[ParticipantsChanged] = Broadcaster()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._in_call = False
@@ -245,8 +263,7 @@ class CallAgent:
             await self._stop_tasks()
             if self._updates is not None:
                 self._updates.close()
-            for sub in list(self._subs):
-                sub._end(None)
+            self._changes.end()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         async def run() -> None:
@@ -294,6 +311,37 @@ class CallAgent:
         return self._machine.state_key if self._machine is not None else None
 
     @property
+    def in_call(self) -> bool:
+        """Whether we mean to be in the call: from entering until :meth:`leave`, also while
+        the membership is being restored after a homeserver outage."""
+        return self._in_call
+
+    @property
+    def membership_status(self) -> mm.MembershipStatus:
+        """Our own membership's state (connecting, connected, reconnecting, failed, ...)."""
+        if self._machine is None:
+            return mm.MembershipStatus.DISCONNECTED
+        return self._machine.status
+
+    @property
+    def member_id(self) -> str:
+        """Our membership's member id (sticky form: a UUID per agent; state form:
+        ``user:device``)."""
+        return self.machine.member_id
+
+    @property
+    def rtc_backend_identity(self) -> str:
+        """Our LiveKit identity, as other members derive it from our membership (§4.5)."""
+        if self.config.dialect is Dialect.STICKY:
+            return livekit_identity(self.hs.user_id, self.hs.device_id, self.member_id)
+        return legacy_identity(self.hs.user_id, self.hs.device_id)
+
+    @property
+    def recoveries(self) -> int:
+        """How often the membership was joined again after the machine had given up."""
+        return self._recoveries
+
+    @property
     def machine(self) -> mm.OwnMembershipMachine:
         if self._machine is None:
             raise LocalError("the agent has not joined (use `async with CallAgent(...)`)")
@@ -301,7 +349,7 @@ class CallAgent:
 
     def changes(self) -> Subscription[ParticipantsChanged]:
         """Subscribe to participant-list changes (also ring-state changes)."""
-        return Subscription(self._subs)
+        return self._changes.subscribe()
 
     async def wait_joined(self, timeout_s: float = 10.0) -> None:
         """Until the room shows our own membership."""
@@ -314,11 +362,20 @@ class CallAgent:
         return self._ring
 
     async def leave(self, timeout_s: float = 10.0) -> None:
-        """Leave the call now (idempotent); the context exit does this too."""
+        """Leave the call now (idempotent); the context exit does this too.
+
+        Also after the membership machine gave up (an outage): the leave still goes out, by
+        sending the scheduled delayed leave now, else the leave content.
+        """
         if not self._in_call or self._machine is None:
             return
         self._in_call = False
+        self._leaving.set()
         self._machine.leave(self._clock_ms())
+        if self._machine.running and self._stopped.is_set():
+            # Nothing drives the machine any more (its loop ended): drive it for the leave.
+            self._stopped.clear()
+            self._spawn(self._drive(), "membership-leave")
         self._poke.set()
         if not await _wait_event(self._stopped, timeout_s):
             self._log.warning("agent.leave_timed_out")
@@ -402,8 +459,7 @@ class CallAgent:
             self._emit(ParticipantsChanged(parts, joined, left, self._ring))
 
     def _emit(self, event: ParticipantsChanged) -> None:
-        for sub in list(self._subs):
-            sub._put(event)
+        self._changes.publish(event)
 
     def _own_membership(self) -> CallMembership | None:
         m = self._session.own_membership(self.hs.user_id, self.hs.device_id)
@@ -458,19 +514,33 @@ class CallAgent:
                 expiry_ms=cfg.expires_ms,
                 sticky_duration_ms=min(cfg.sticky_duration_ms, _MAX_STICKY_MS),
                 network_error_retry_ms=cfg.network_retry_ms,
+                max_network_retries=cfg.network_retries,
             ),
         )
 
     async def _drive(self) -> None:
+        """Perform the machine's requests until it stops while we are not in the call.
+
+        When it gives up while we are still in the call (the homeserver was away longer than
+        the retry budget), wait with backoff until the homeserver answers, then join again:
+        a new membership from the first step (the old delayed leave is cancelled first).
+        """
         machine = self.machine
         try:
             while True:
                 action = machine.next_action(self._clock_ms())
                 for ev in machine.drain_events():
                     self._log.info("agent.membership", change=repr(ev))
+                    if isinstance(ev, mm.StatusChanged) and ev.new is mm.MembershipStatus.CONNECTED:
+                        self._rejoin_delay_ms = self.config.rejoin_backoff_ms
                 if isinstance(action, mm.Stopped):
                     if action.error is not None:
                         self._log.error("agent.membership_failed", error=action.error)
+                    if self._in_call and action.error is not None:
+                        await self._recover(machine, action.error)
+                        continue
+                    if machine.running:  # leave() during the recovery wait: take it back
+                        continue
                     return
                 if isinstance(action, mm.Wait):
                     self._poke.clear()
@@ -481,6 +551,36 @@ class CallAgent:
                 machine.receive_result(result, self._clock_ms())
         finally:
             self._stopped.set()
+
+    async def _recover(self, machine: mm.OwnMembershipMachine, error: str) -> None:
+        """Wait with backoff until the homeserver answers, then join again (unless leave()
+        was called meanwhile)."""
+        while self._in_call:
+            delay_ms = self._rejoin_delay_ms
+            self._rejoin_delay_ms = min(delay_ms * 2, self.config.rejoin_max_backoff_ms)
+            self._log.warning("agent.rejoin_scheduled", after_ms=delay_ms, error=error)
+            if await _wait_event(self._leaving, delay_ms / 1000) or not self._in_call:
+                return
+            try:
+                await self.hs.request(
+                    "GET",
+                    "/_matrix/client/versions",
+                    auth=False,
+                    timeout_s=self.config.restart_timeout_ms / 1000,
+                )
+            except MatrixRTCError as e:
+                error = str(e)
+                continue
+            self._recoveries += 1
+            self._log.warning("agent.rejoining", recoveries=self._recoveries)
+            machine.join(
+                self._clock_ms(),
+                transports=self.config.transports,
+                intent=self.config.intent,
+                multi_sfu=self.config.multi_sfu,
+            )
+            self._check_own()
+            return
 
     async def _perform(self, action: mm.Request) -> mm.Result:
         hs, room = self.hs, self.room_id

@@ -54,9 +54,7 @@ from matrixrtc.e2ee.keys import (
 )
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
-from matrixrtc.matrix import DeviceRef, Subscription, ToDeviceEvent
-from matrixrtc.model import Dialect
-from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
+from matrixrtc.matrix import Broadcaster, DeviceRef, Subscription, ToDeviceEvent
 
 __all__ = [
     "CallKeys",
@@ -168,7 +166,7 @@ class CallKeys:
         self._left = False  # the agent left the call: no more distribution
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._subs: set[Subscription[KeyEvent]] = set()
+        self._events: Broadcaster[KeyEvent] = Broadcaster()
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=self.room_id, user_id=self.hs.user_id)
@@ -183,17 +181,14 @@ class CallKeys:
                 "(m.room.encryption), or opt in for a test page with "
                 "CallKeysConfig(allow_plaintext_keys=True)"
             )
-        machine = self.agent.machine  # raises LocalError when the agent has not joined
-        user, device = self.hs.user_id, self.hs.device_id
-        if machine.dialect is Dialect.STICKY:
-            identity = livekit_identity(user, device, machine.member_id)
-        else:
-            identity = legacy_identity(user, device)
+        if not self.agent.in_call:
+            raise LocalError("the agent is not in the call (use `async with CallAgent(...)`)")
+        identity = self.agent.rtc_backend_identity
         own = Member(
-            user_id=user,
-            device_id=device,
+            user_id=self.hs.user_id,
+            device_id=self.hs.device_id,
             created_ts=0,  # the manager uses only our identity and device
-            member_id=machine.member_id,
+            member_id=self.agent.member_id,
             identity=identity,
         )
         self._manager = KeyManager(
@@ -228,8 +223,7 @@ class CallKeys:
             if self._manager is not None:
                 self._manager.leave()
             self._own_key = None
-            for ksub in list(self._subs):
-                ksub._end(None)
+            self._events.end()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         # The coroutine goes straight into the task: cancelled before it starts, it is
@@ -289,7 +283,7 @@ class CallKeys:
 
     def events(self) -> Subscription[KeyEvent]:
         """Subscribe to key events (sent, used, installed, dropped), e.g. to measure latency."""
-        return Subscription(self._subs)
+        return self._events.subscribe()
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -298,7 +292,7 @@ class CallKeys:
             self._members_changed(self.agent.participants)
 
     def _members_changed(self, participants: tuple[Participant, ...]) -> None:
-        if not self.agent.machine.joined:
+        if not self.agent.in_call:
             self._agent_left()
             return
         members = [
@@ -431,8 +425,7 @@ class CallKeys:
         self._wake.set()
 
     def _emit(self, event: KeyEvent) -> None:
-        for sub in list(self._subs):
-            sub._put(event)
+        self._events.publish(event)
 
     async def _send_loop(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from matrixrtc.matrix.errors import (
 )
 from matrixrtc.matrix.homeserver import Homeserver
 from matrixrtc.matrix.types import (
+    Broadcaster,
     DelayAction,
     DeviceRef,
     Login,
@@ -27,6 +28,7 @@ from matrixrtc.matrix.types import (
 )
 
 __all__ = [
+    "Broadcaster",
     "CryptoError",
     "DelayAction",
     "DelayNotFound",

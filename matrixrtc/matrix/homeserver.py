@@ -67,6 +67,7 @@ from matrixrtc.matrix.errors import (
 from matrixrtc.matrix.olm_hook import CapturingOlm
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
 from matrixrtc.matrix.types import (
+    Broadcaster,
     DelayAction,
     DeviceRef,
     JsonDict,
@@ -157,8 +158,8 @@ class Homeserver:
         self._sync_task: asyncio.Task[None] | None = None
         self._since: str | None = None
         self._crypto_lock = asyncio.Lock()
-        self._room_subs: set[Subscription[RoomUpdate]] = set()
-        self._to_device_subs: set[Subscription[ToDeviceEvent]] = set()
+        self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
+        self._to_device: Broadcaster[ToDeviceEvent] = Broadcaster()
         self._room_state: dict[str, dict[tuple[str, str], JsonDict]] = {}
         # Sticky events still live, per room: event id -> (event, wall-clock ms received).
         self._room_sticky: dict[str, dict[str, tuple[JsonDict, int]]] = {}
@@ -631,7 +632,7 @@ class Homeserver:
 
     def to_device_events(self) -> Subscription[ToDeviceEvent]:
         """Subscribe to received to-device events (decrypted; see :class:`ToDeviceEvent`)."""
-        return Subscription(self._to_device_subs)
+        return self._to_device.subscribe()
 
     async def send_to_device(
         self,
@@ -754,14 +755,13 @@ class Homeserver:
             self._publish_to_device(ToDeviceEvent(etype, content, sender, None, None, False))
 
     def _publish_to_device(self, event: ToDeviceEvent) -> None:
-        for sub in list(self._to_device_subs):
-            sub._put(event)
+        self._to_device.publish(event)
 
     # -- sync -------------------------------------------------------------------------------
 
     def room_updates(self) -> Subscription[RoomUpdate]:
         """Subscribe to per-room sync updates (all joined rooms; filter on ``room_id``)."""
-        return Subscription(self._room_subs)
+        return self._room_updates.subscribe()
 
     async def wait_synced(self, after: int | None = None, timeout_s: float = 10.0) -> int:
         """Wait until a sync newer than ``after`` (default: now) has been processed."""
@@ -894,16 +894,14 @@ class Homeserver:
             for room_id, section in joined.items():
                 if isinstance(room_id, str) and isinstance(section, dict):
                     update = self._room_update(room_id, section, decrypted, initial)
-                    for sub in list(self._room_subs):
-                        sub._put(update)
+                    self._room_updates.publish(update)
         left = rooms.get("leave")
         if isinstance(left, dict):
             for room_id in left:
                 if isinstance(room_id, str):
                     self._room_state.pop(room_id, None)
                     self._room_sticky.pop(room_id, None)
-                    for sub in list(self._room_subs):
-                        sub._put(RoomUpdate(room_id, (), (), (), initial, left=True))
+                    self._room_updates.publish(RoomUpdate(room_id, (), (), (), initial, left=True))
 
     def _room_update(
         self, room_id: str, section: JsonDict, decrypted: Mapping[str, JsonDict], initial: bool
@@ -966,10 +964,8 @@ class Homeserver:
         return src if isinstance(src, dict) else None
 
     def _end_subscriptions(self, error: BaseException | None) -> None:
-        for sub in list(self._room_subs):
-            sub._end(error)
-        for tsub in list(self._to_device_subs):
-            tsub._end(error)
+        self._room_updates.end(error)
+        self._to_device.end(error)
 
 
 # ---------------------------------------------------------------------------------------------

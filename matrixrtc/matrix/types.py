@@ -1,6 +1,6 @@
 """Value types of the homeserver adapter (no I/O): login, device references, received
 to-device events, per-room sync updates, OpenID tokens, delayed-event actions, and the
-:class:`Subscription` stream the sync loop feeds."""
+:class:`Broadcaster`/:class:`Subscription` streams the sync loop (and the agent) feed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Generic, Self, TypeVar
 from matrixrtc.errors import RemoteError
 
 __all__ = [
+    "Broadcaster",
     "DelayAction",
     "DeviceRef",
     "JsonDict",
@@ -128,18 +129,19 @@ class _Closed:
 
 
 class Subscription(Generic[T]):
-    """An unbounded stream of items from the sync loop; ``async for`` it or ``await get()``.
+    """An unbounded stream of one :class:`Broadcaster`'s items; ``async for`` it or
+    ``await get()``.
 
-    Closing it (or leaving ``async with``) unsubscribes. If the sync loop stops for good,
-    pending items are still delivered, then iteration raises the loop's error.
+    Closing it (or leaving ``with``) unsubscribes. When the producer ends the stream,
+    pending items are still delivered, then iteration stops (or raises the producer's error
+    as :class:`~matrixrtc.errors.RemoteError`).
     """
 
-    def __init__(self, registry: set[Subscription[T]]) -> None:
+    def __init__(self, source: Broadcaster[T]) -> None:
         self._queue: asyncio.Queue[T | _Closed] = asyncio.Queue()
-        self._registry = registry
-        registry.add(self)
+        self._source: Broadcaster[T] | None = source
 
-    def _put(self, item: T) -> None:
+    def _put(self, item: T) -> None:  # only the Broadcaster calls these two
         self._queue.put_nowait(item)
 
     def _end(self, error: BaseException | None) -> None:
@@ -150,7 +152,7 @@ class Subscription(Generic[T]):
         if isinstance(item, _Closed):
             self._queue.put_nowait(item)  # keep later get() calls failing the same way
             if item.error is not None:
-                raise RemoteError(f"sync loop stopped: {item.error}") from item.error
+                raise RemoteError(f"stream ended: {item.error}") from item.error
             raise StopAsyncIteration
         return item
 
@@ -166,7 +168,9 @@ class Subscription(Generic[T]):
         return item
 
     def close(self) -> None:
-        self._registry.discard(self)
+        if self._source is not None:
+            self._source._unsubscribe(self)
+            self._source = None
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self
@@ -179,3 +183,43 @@ class Subscription(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Broadcaster(Generic[T]):
+    """The producer side of a stream: owns its subscriptions, hands every published item to
+    each of them, and ends them all at once.
+
+    After :meth:`end`, new subscriptions are ended at once too, so a late subscriber never
+    waits forever on a stream that is over.
+    """
+
+    def __init__(self) -> None:
+        self._subs: set[Subscription[T]] = set()
+        self._ended: _Closed | None = None
+
+    def subscribe(self) -> Subscription[T]:
+        sub = Subscription(self)
+        if self._ended is not None:
+            sub._end(self._ended.error)
+        else:
+            self._subs.add(sub)
+        return sub
+
+    def publish(self, item: T) -> None:
+        """Queue ``item`` for every current subscriber (never blocks)."""
+        for sub in list(self._subs):
+            sub._put(item)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the stream: subscribers get what is queued, then stop (``error``: raise it)."""
+        self._ended = _Closed(error)
+        subs, self._subs = self._subs, set()
+        for sub in subs:
+            sub._end(error)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    def _unsubscribe(self, sub: Subscription[T]) -> None:
+        self._subs.discard(sub)

@@ -21,9 +21,7 @@ keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's ca
   LiveKit identity (``Participant.rtc_backend_identity``), the same rings the LiveKit
   transport uses.
 
-Every task is owned and cancelled on exit; leaving the block hangs up every call. The
-agent's ``Participant`` carries only the transport a member publishes on, so the advertised
-list is read from the agent's session (``CallAgent._session``) until ``Participant`` has it.
+Every task is owned and cancelled on exit; leaving the block hangs up every call.
 """
 
 from __future__ import annotations
@@ -73,13 +71,9 @@ def mesh_session_id(p: Participant) -> str:
     return f"{p.member_id}.{p.created_ts}"
 
 
-def _advertises_mesh(agent: CallAgent) -> dict[tuple[str, str], bool]:
-    # Participant carries only the transport it publishes on; the full advertised list lives
-    # in the session's memberships.
-    return {
-        (m.sender, m.device_id): any(t.type == MESH_TRANSPORT_TYPE for t in m.transports)
-        for m in agent._session.memberships
-    }
+def _advertises_mesh(p: Participant) -> bool:
+    # ``transport`` is only where a member publishes; ``advertised`` is its whole list.
+    return any(t.type == MESH_TRANSPORT_TYPE for t in p.advertised)
 
 
 class MatrixMesh:
@@ -251,12 +245,11 @@ class MatrixMesh:
     def _update_members(self) -> None:
         assert self.engine is not None
         participants = self.agent.participants
-        capable = _advertises_mesh(self.agent)
-        everyone = all(capable.get((p.user_id, p.device_id), False) for p in participants)
+        everyone = all(_advertises_mesh(p) for p in participants)
         members: dict[DeviceRef, str] = {}
         if everyone or not self.config.require_all_mesh:
             for p in participants:
-                if capable.get((p.user_id, p.device_id), False):
+                if _advertises_mesh(p):
                     ref = DeviceRef(p.user_id, p.device_id)
                     members[ref] = mesh_session_id(p)
                     self._identities[ref] = p.rtc_backend_identity

@@ -22,6 +22,7 @@ from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged, RingSta
 from matrixrtc.devstack import Synapse, UserCreds
 from matrixrtc.matrix import Homeserver, Login, RoomUpdate
 from matrixrtc.model import Dialect, LivekitTransport
+from matrixrtc.session.membership_machine import MembershipStatus
 
 pytestmark = pytest.mark.integration
 
@@ -390,6 +391,9 @@ async def test_sticky_member_and_state_member_see_each_other(
         ids = {p.user_id: p.rtc_backend_identity for p in state.participants}
         assert ids[hb.user_id] == f"{hb.user_id}:{hb.device_id}"
         assert not ids[ha.user_id].startswith("@")
+        # Each agent's own identity is the one the others derive from its membership.
+        assert sticky.rtc_backend_identity == ids[ha.user_id]
+        assert state.rtc_backend_identity == ids[hb.user_id]
         await sticky.leave()
         await _wait_members(state, 1, within=5.0)
 
@@ -483,3 +487,117 @@ async def test_without_msc4140_or_msc4354_the_agent_still_joins(run_dir: Path) -
                     mine = next(p for p in watcher.participants if p.user_id == ha.user_id)
                     assert mine.dialect is Dialect.STATE
                 await _wait_members(watcher, 1, within=5.0)
+
+
+# ------------------------------------------------------------------ long homeserver outages
+
+# Gives up after one failed retry (the default budget is 10): an outage of a few seconds is
+# then "longer than the budget" without making the test long.
+_FRAGILE = {"network_retries": 1, "network_retry_ms": 200}
+# The watcher outlasts the outage, and its own delayed leave does not fire meanwhile.
+_STURDY = {"delayed_leave_ms": 30_000, "network_retries": 60}
+
+
+def _status(agent: CallAgent) -> MembershipStatus:
+    return agent.membership_status  # read through a call: mypy keeps no stale narrowing
+
+
+async def _state_of(hs: Homeserver, room: str, key: str) -> dict[str, Any] | None:
+    return next(
+        (
+            e
+            for e in await hs.fetch_room_state(room)
+            if e["type"] == CALL_MEMBER and e["state_key"] == key
+        ),
+        None,
+    )
+
+
+async def test_agent_rejoins_after_an_outage_longer_than_its_retry_budget(
+    own_synapse: Synapse,
+) -> None:
+    hs_ = own_synapse
+    a, b = await hs_.register("pia"), await hs_.register("quin")
+    room = await hs_.create_call_room(a, invite=[b])
+    fragile = _config(**_FRAGILE, rejoin_backoff_ms=250, rejoin_max_backoff_ms=1_000)
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, fragile) as agent_a,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        key = agent_a.membership_state_key
+        assert key is not None
+        before = await _state_of(ha, room, key)
+        assert before is not None
+        t0 = time.monotonic()
+        await hs_.stop()
+        try:
+            await _until(lambda: _status(agent_a) is MembershipStatus.FAILED, 15.0, "a to give up")
+            assert agent_a.in_call  # gave up on the membership, not on the call
+            # Stay down past a's delayed leave: Synapse sends it when it starts again.
+            await asyncio.sleep(max(0.0, DELAY_MS / 1000 + 0.5 - (time.monotonic() - t0)))
+        finally:
+            await hs_.start()
+        # a joins again by itself once the homeserver answers, and keeps its heartbeat going.
+        await _until(lambda: agent_a.recoveries >= 1, 20.0, "a to join again")
+        await _until(
+            lambda: _status(agent_a) is MembershipStatus.CONNECTED, 15.0, "a to be connected"
+        )
+        beats = agent_a.heartbeats
+        await _until(_beating(agent_a, beats), 10.0, "a's heartbeat to resume")
+        # Past a's delay again: had nothing restarted the new delayed leave, it would fire now.
+        await asyncio.sleep(DELAY_MS / 1000 + 1.0)
+        ha_ids = [p for p in agent_b.participants if p.user_id == ha.user_id]
+        assert len(ha_ids) == 1, "b does not list a exactly once"
+        assert [p.user_id for p in agent_a.participants].count(ha.user_id) == 1
+        after = await _state_of(hb, room, key)
+        assert after is not None
+        assert after["content"], "a's membership is still the fired delayed leave"
+        assert after["event_id"] != before["event_id"]
+        # No duplicate membership: one non-empty call.member state event per device.
+        state = await ha.fetch_room_state(room)
+        active = [e for e in state if e["type"] == CALL_MEMBER and e["content"]]
+        assert sorted(e["state_key"] for e in active) == sorted(
+            f"_{h.user_id}_{h.device_id}_m.call" for h in (ha, hb)
+        )
+        assert agent_b.recoveries == 0
+
+
+async def test_leave_after_the_membership_gave_up_still_takes_it_back(
+    own_synapse: Synapse,
+) -> None:
+    hs_ = own_synapse
+    a, b = await hs_.register("rue"), await hs_.register("sol")
+    room = await hs_.create_call_room(a, invite=[b])
+    # A long delayed leave (it must not be what removes a) and no re-join during the test.
+    fragile = _config(
+        **_FRAGILE, delayed_leave_ms=30_000, restart_interval_ms=1_000, rejoin_backoff_ms=60_000
+    )
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, fragile) as agent_a,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        key = agent_a.membership_state_key
+        assert key is not None
+        await hs_.stop()
+        try:
+            await _until(lambda: _status(agent_a) is MembershipStatus.FAILED, 15.0, "a to give up")
+        finally:
+            await hs_.start()
+        await _until(lambda: ha.connected, 15.0, "a's sync loop to reconnect")
+        assert len(agent_b.participants) == 2  # a's membership is still in the room
+        assert agent_a.in_call
+        t0 = time.monotonic()
+        await agent_a.leave()
+        assert not agent_a.in_call
+        assert _status(agent_a) is MembershipStatus.DISCONNECTED
+        await _wait_members(agent_b, 1, within=5.0)
+        assert time.monotonic() - t0 < 5.0
+        assert await hb.get_state_event(room, CALL_MEMBER, key) == {}
