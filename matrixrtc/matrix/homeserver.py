@@ -14,7 +14,8 @@ What it adds to nio, as small typed methods that raise :mod:`matrixrtc.matrix.er
 - OpenID tokens (MSC4195 SFU auth): :meth:`Homeserver.request_openid_token`;
 - Olm-encrypted to-device messages to chosen devices: :meth:`Homeserver.send_to_device`
   (key query, one-time-key claim, Olm encrypt per device) and a stream of received
-  to-device events carrying the *verified* sender device: :meth:`Homeserver.to_device_events`.
+  to-device events carrying the *verified* sender device: :meth:`Homeserver.to_device_events`
+  (both implemented in :mod:`matrixrtc.matrix.to_device`).
 
 The sync loop fetches raw ``/sync`` JSON itself, feeds nio's ``SyncResponse`` to nio (crypto:
 to-device decryption, device lists, one-time keys, Megolm keys) and hands the raw room
@@ -32,11 +33,10 @@ Secrets: access tokens, delay ids and OpenID tokens are never logged at info lev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -44,18 +44,15 @@ from urllib.parse import quote
 
 import aiohttp
 import structlog
-from nio import AsyncClient, AsyncClientConfig, MegolmEvent, SyncResponse
+from nio import AsyncClientConfig, MegolmEvent, SyncResponse
 from nio.exceptions import (
-    EncryptionError,
-    GroupEncryptionError,
     LocalProtocolError,
-    OlmTrustError,
 )
 
-from matrixrtc.errors import MatrixRTCError, RemoteError
+from matrixrtc.errors import RemoteError
 from matrixrtc.matrix import wire
+from matrixrtc.matrix._nio import NioClient, nio_errors
 from matrixrtc.matrix.errors import (
-    CryptoError,
     DelayNotFound,
     HomeserverError,
     HomeserverTimeout,
@@ -64,8 +61,8 @@ from matrixrtc.matrix.errors import (
     RateLimited,
     Unsupported,
 )
-from matrixrtc.matrix.olm_hook import CapturingOlm
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
+from matrixrtc.matrix.to_device import ToDevice
 from matrixrtc.matrix.types import (
     Broadcaster,
     DelayAction,
@@ -112,17 +109,6 @@ def _mxid_matches(user: str, user_id: str) -> bool:
     return user_id.startswith(f"@{user}:")
 
 
-class _NioClient(AsyncClient):  # type: ignore[misc]  # nio is untyped
-    """nio's client with an Olm machine that keeps to-device payloads nio would drop."""
-
-    def load_store(self) -> None:
-        super().load_store()
-        olm: Any = getattr(self, "olm", None)
-        if olm is not None and not isinstance(olm, CapturingOlm):
-            # nio builds a plain Olm; rebuild from the same (now saved) account and store.
-            self.olm = CapturingOlm(self.user_id, self.device_id, self.store)
-
-
 # ---------------------------------------------------------------------------------------------
 # The adapter
 
@@ -152,14 +138,14 @@ class Homeserver:
         self._http: aiohttp.ClientSession | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._state: StateDir | None = None
-        self._nio: _NioClient | None = None
+        self._nio: NioClient | None = None
         self._session: SavedSession | None = None
         self._versions: JsonDict | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._since: str | None = None
-        self._crypto_lock = asyncio.Lock()
+        self._crypto_lock = asyncio.Lock()  # nio's Olm/Megolm state is not reentrant
         self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
-        self._to_device: Broadcaster[ToDeviceEvent] = Broadcaster()
+        self._to_device = ToDevice(self._require_nio, self.request, self._crypto_lock)
         self._room_state: dict[str, dict[tuple[str, str], JsonDict]] = {}
         # Sticky events still live, per room: event id -> (event, wall-clock ms received).
         self._room_sticky: dict[str, dict[str, tuple[JsonDict, int]]] = {}
@@ -205,7 +191,7 @@ class Homeserver:
             max_limit_exceeded=5,
             request_timeout=self._request_timeout_s,
         )
-        nio = _NioClient(
+        nio = NioClient(
             self.base_url,
             session.user_id,
             session.device_id,
@@ -267,7 +253,7 @@ class Homeserver:
             raise LoginError("not logged in (use `async with Homeserver(...)`)")
         return self._session
 
-    def _require_nio(self) -> _NioClient:
+    def _require_nio(self) -> NioClient:
         if self._nio is None:
             raise LoginError("not logged in (use `async with Homeserver(...)`)")
         return self._nio
@@ -506,7 +492,7 @@ class Homeserver:
         if room is None or not room.encrypted:
             return event_type, content
         async with self._crypto_lock:
-            with _nio_errors("encrypt"):
+            with nio_errors("encrypt"):
                 if not room.members_synced:
                     await nio.joined_members(room_id)
                 if nio.should_query_keys:
@@ -628,7 +614,7 @@ class Homeserver:
             raise RemoteError("OpenID token response lacks an integer expires_in")
         return OpenIdToken(tok, ttype, server, exp)
 
-    # -- to-device --------------------------------------------------------------------------
+    # -- to-device (matrixrtc.matrix.to_device) -------------------------------------------
 
     def to_device_events(self) -> Subscription[ToDeviceEvent]:
         """Subscribe to received to-device events (decrypted; see :class:`ToDeviceEvent`)."""
@@ -641,121 +627,9 @@ class Homeserver:
         *,
         encrypted: bool = True,
     ) -> ToDeviceSendResult:
-        """Send to-device messages, Olm-encrypted per device by default.
-
-        Queries device keys of unknown devices and claims one-time keys to start Olm sessions
-        where none exists. Devices without keys or without a session are returned in
-        ``failed`` (not raised): a peer that vanished must not stop the others' delivery.
-        """
-        if not messages:
-            return ToDeviceSendResult((), ())
-        if not encrypted:
-            body: dict[str, dict[str, JsonDict]] = {}
-            for ref, content in messages.items():
-                body.setdefault(ref.user_id, {})[ref.device_id] = dict(content)
-            await self._put_to_device(event_type, body)
-            return ToDeviceSendResult(tuple(messages), ())
-        nio = self._require_nio()
-        sent: list[DeviceRef] = []
-        failed: list[DeviceRef] = []
-        out: dict[str, dict[str, JsonDict]] = {}
-        async with self._crypto_lock:
-            with _nio_errors("to-device encrypt"):
-                olm = nio.olm
-                await self._ensure_device_keys(nio, messages.keys())
-                claim: dict[str, list[str]] = {}
-                for ref in messages:
-                    dev = _device(nio, ref)
-                    if dev is not None and olm.session_store.get(dev.curve25519) is None:
-                        claim.setdefault(ref.user_id, []).append(ref.device_id)
-                if claim:
-                    resp = await nio.keys_claim(claim)
-                    if not hasattr(resp, "one_time_keys"):
-                        log.warning("homeserver.keys_claim_failed", error=str(resp))
-                for ref, content in messages.items():
-                    dev = _device(nio, ref)
-                    session = olm.session_store.get(dev.curve25519) if dev is not None else None
-                    if dev is None or session is None:
-                        failed.append(ref)
-                        continue
-                    enc = olm._olm_encrypt(session, dev, event_type, dict(content))
-                    out.setdefault(ref.user_id, {})[ref.device_id] = enc
-                    sent.append(ref)
-        if out:
-            await self._put_to_device("m.room.encrypted", out)
-        if failed:
-            log.warning(
-                "homeserver.to_device_undeliverable",
-                type=event_type,
-                devices=[f"{r.user_id}/{r.device_id}" for r in failed],
-            )
-        return ToDeviceSendResult(tuple(sent), tuple(failed))
-
-    async def _put_to_device(self, event_type: str, body: Mapping[str, Any]) -> None:
-        path = f"/_matrix/client/v3/sendToDevice/{_q(event_type)}/{_q(wire.txn())}"
-        await self.request("PUT", path, body={"messages": body})
-
-    async def _ensure_device_keys(self, nio: _NioClient, refs: Iterable[DeviceRef]) -> None:
-        missing = {r.user_id for r in refs if _device(nio, r) is None}
-        if not missing and not nio.should_query_keys:
-            return
-        nio.olm.users_for_key_query.update(missing)
-        resp = await nio.keys_query()
-        if not hasattr(resp, "device_keys"):
-            log.warning("homeserver.keys_query_failed", error=str(resp))
-
-    def _verified_device(self, sender: str, curve: str, payload: JsonDict) -> str | None:
-        nio = self._require_nio()
-        claimed = payload.get("sender_device")
-        keys = payload.get("keys")
-        ed = keys.get("ed25519") if isinstance(keys, dict) else None
-        for dev in nio.device_store.active_user_devices(sender):
-            if dev.curve25519 == curve:
-                if ed is not None and dev.ed25519 != ed:
-                    log.warning("homeserver.olm_key_mismatch", sender=sender, device=dev.id)
-                    return None
-                if isinstance(claimed, str) and claimed != dev.id:
-                    log.warning("homeserver.olm_device_mismatch", sender=sender, device=dev.id)
-                    return None
-                return str(dev.id)
-        return None
-
-    async def _dispatch_to_device(self, raw_events: list[JsonDict]) -> None:
-        nio = self._require_nio()
-        captured = nio.olm.take_captured() if isinstance(nio.olm, CapturingOlm) else []
-        if captured:
-            unknown = {
-                c.sender
-                for c in captured
-                if self._verified_device(c.sender, c.sender_curve25519, c.payload) is None
-            }
-            if unknown:  # a device we have not seen yet: fetch its keys once, then verify
-                async with self._crypto_lock:
-                    nio.olm.users_for_key_query.update(unknown)
-                    try:
-                        with _nio_errors("key query"):
-                            await nio.keys_query()
-                    except MatrixRTCError as e:
-                        log.warning("homeserver.keys_query_failed", error=str(e))
-        for c in captured:
-            device = self._verified_device(c.sender, c.sender_curve25519, c.payload)
-            etype, content = c.payload.get("type"), c.payload.get("content")
-            if device is None or not isinstance(etype, str) or not isinstance(content, dict):
-                log.warning("homeserver.to_device_unverified", sender=c.sender, type=etype)
-                continue
-            self._publish_to_device(
-                ToDeviceEvent(etype, content, c.sender, device, c.sender_curve25519, True)
-            )
-        for ev in raw_events:
-            etype, sender, content = ev.get("type"), ev.get("sender"), ev.get("content")
-            if etype == "m.room.encrypted" or not isinstance(etype, str):
-                continue
-            if not isinstance(sender, str) or not isinstance(content, dict):
-                continue
-            self._publish_to_device(ToDeviceEvent(etype, content, sender, None, None, False))
-
-    def _publish_to_device(self, event: ToDeviceEvent) -> None:
-        self._to_device.publish(event)
+        """Send to-device messages, Olm-encrypted per device by default; see
+        :meth:`matrixrtc.matrix.to_device.ToDevice.send`."""
+        return await self._to_device.send(event_type, messages, encrypted=encrypted)
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -861,7 +735,7 @@ class Homeserver:
         self._since = next_batch
         to_device = raw.get("to_device")
         events = to_device.get("events") if isinstance(to_device, dict) else None
-        await self._dispatch_to_device([e for e in events or [] if isinstance(e, dict)])
+        await self._to_device.dispatch([e for e in events or [] if isinstance(e, dict)])
         self._dispatch_rooms(raw, decrypted, initial)
         self.last_sync_monotonic = time.monotonic()
         async with self._synced:
@@ -966,28 +840,3 @@ class Homeserver:
     def _end_subscriptions(self, error: BaseException | None) -> None:
         self._room_updates.end(error)
         self._to_device.end(error)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-@contextlib.contextmanager
-def _nio_errors(what: str) -> Iterator[None]:
-    """nio raises transport errors (after its own retries) and crypto errors as-is: give
-    callers our types instead."""
-    try:
-        yield
-    except TimeoutError as e:
-        raise HomeserverTimeout(f"{what}: no answer in time") from e
-    except (aiohttp.ClientError, OSError) as e:
-        raise HomeserverUnreachable(f"{what}: {type(e).__name__}: {e}") from e
-    except (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError) as e:
-        raise CryptoError(f"{what}: {type(e).__name__}: {e}") from e
-
-
-def _device(nio: _NioClient, ref: DeviceRef) -> Any:
-    try:
-        return nio.device_store[ref.user_id][ref.device_id]
-    except KeyError:
-        return None
