@@ -521,9 +521,14 @@ class MediaSwitcher:
     # -- media monitor ----------------------------------------------------------------------
 
     async def _monitor(self) -> None:
+        failures = 0
         while True:
-            with contextlib.suppress(Exception):  # a transport closing under our feet
+            try:
                 self._poll()
+            except Exception as exc:  # e.g. a transport closing under our feet: poll again
+                failures += 1
+                if failures == 1 or failures % 1000 == 0:
+                    self._log.warning("switch.poll_failed", error=repr(exc), count=failures)
             await asyncio.sleep(self.config.poll_s)
 
     def _poll(self) -> None:
