@@ -25,9 +25,12 @@ and joins again from the first step (the old delayed leave is cancelled first), 
 or after any failure, still sends the leave.
 
 Ring (§5): with ``ring=True``, when our join starts the call (we are its only member), send
-one ``org.matrix.msc4075.rtc.notification`` referencing our membership event. Ringing ends
-when a rung user declines (``org.matrix.msc4310.rtc.decline`` referencing it), when another
-member joins, or when the lifetime passes.
+one ``org.matrix.msc4075.rtc.notification`` referencing our membership event. It rings the
+room (``m.mentions.room``): the rung users are the other joined room members at that moment.
+Ringing ends when every rung user has declined (``org.matrix.msc4310.rtc.decline``
+referencing it; in a DM, the one other user), when another member joins, or when the
+lifetime passes. With ``leave_when_ring_unanswered`` the agent then leaves the call after a
+decline or an expiry, as Element Call's caller does.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class AgentConfig:
     multi_sfu: bool = True  # state form focus_selection (EC compatibility mode)
     ring: bool = False  # send a ring notification if we start the call
     ring_lifetime_ms: int = 30_000
+    # Element Call's caller: leave when every rung user declined or the lifetime passed
+    # with nobody joining.
+    leave_when_ring_unanswered: bool = False
     delayed_leave_ms: int = 8_000
     restart_interval_ms: int = 5_000
     restart_timeout_ms: int = 2_000
@@ -220,6 +226,8 @@ class CallAgent:
         self._ring_deadline_ms: int | None = None
         self.notification_event_id: str | None = None
         self._ring_ended = asyncio.Event()
+        self._rung: frozenset[str] = frozenset()
+        self._declined: set[str] = set()
         self._updates: Subscription[RoomUpdate] | None = None
         self._log = log.bind(room_id=room_id, user_id=hs.user_id, device_id=hs.device_id)
         self.heartbeats = 0
@@ -259,6 +267,9 @@ class CallAgent:
         try:
             if self._in_call:
                 await self.leave()
+            elif self._machine is not None and self._machine.running:
+                # A leave already under way (e.g. the ring went unanswered): let it finish.
+                await _wait_event(self._stopped, 10.0)
         finally:
             await self._stop_tasks()
             if self._updates is not None:
@@ -702,7 +713,10 @@ class CallAgent:
         )
         self._ring = RingState.RINGING
         self._ring_deadline_ms = note.sender_ts + note.effective_lifetime_ms
-        self._log.info("agent.ringing", lifetime_ms=note.effective_lifetime_ms)
+        self._rung = self._session.joined_members - {self.hs.user_id}
+        self._log.info(
+            "agent.ringing", lifetime_ms=note.effective_lifetime_ms, rung=len(self._rung)
+        )
         self._emit(ParticipantsChanged(self._participants, ring=self._ring))
         self._wake.set()
 
@@ -710,8 +724,13 @@ class CallAgent:
         if self._ring is not RingState.RINGING or ev.get("sender") == self.hs.user_id:
             return
         decline = RtcDecline.from_json(ev.get("content"))
-        if decline is not None and decline.notification_event_id == self.notification_event_id:
-            self._log.info("agent.ring_declined", by=ev.get("sender"))
+        sender = ev.get("sender")
+        if decline is None or decline.notification_event_id != self.notification_event_id:
+            return
+        if isinstance(sender, str):
+            self._declined.add(sender)
+        self._log.info("agent.ring_declined", by=sender)
+        if self._rung <= self._declined:
             self._stop_ringing(RingState.DECLINED)
 
     def _stop_ringing(self, state: RingState, *, emit: bool = True) -> None:
@@ -722,6 +741,10 @@ class CallAgent:
         self._ring_ended.set()
         if emit:
             self._emit(ParticipantsChanged(self._participants, ring=state))
+        unanswered = state in (RingState.DECLINED, RingState.EXPIRED)
+        if unanswered and self.config.leave_when_ring_unanswered and self._in_call:
+            self._log.info("agent.leaving_unanswered_call", ring=state.value)
+            self._spawn(self.leave(), "ring-leave")
 
 
 def participants_table(participants: Iterable[Participant]) -> str:

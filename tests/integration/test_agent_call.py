@@ -461,6 +461,66 @@ async def test_ring_when_starting_a_call_and_decline_ends_it(
                 },
             )
             assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
+            # By default the caller stays in the call it started.
+            await asyncio.sleep(0.3)
+            assert caller.in_call
+            assert _status(caller) is MembershipStatus.CONNECTED
+
+
+async def test_a_group_ring_ends_only_when_every_rung_user_declined(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b, c = [await user_factory(n) for n in ("wes", "xia", "yul")]
+    room = await synapse.create_call_room(a, invite=[b, c])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+        Homeserver(synapse.base_url, Login(c.user_id, password=c.password)) as hc,
+        CallAgent(ha, room, _config(ring=True)) as caller,
+    ):
+        await caller.wait_joined()
+        await _until(lambda: caller.notification_event_id is not None, 5.0, "the ring")
+        relation = {"rel_type": "m.reference", "event_id": caller.notification_event_id}
+        await hb.send_event(room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation})
+        # The caller has synced past xia's decline: one of two rung users declined.
+        await ha.wait_synced()
+        await asyncio.sleep(0.3)
+        assert caller.ring_state is RingState.RINGING
+        await hc.send_event(room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation})
+        assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
+
+
+async def test_caller_leaves_when_the_ring_is_declined_or_expires(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b = await user_factory("uma"), await user_factory("vic")
+    room = await synapse.create_call_room(a, invite=[b])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+    ):
+        cases = ((RingState.DECLINED, 30_000), (RingState.EXPIRED, 1_500))
+        for ending, lifetime in cases:
+            cfg = _config(ring=True, leave_when_ring_unanswered=True, ring_lifetime_ms=lifetime)
+            async with CallAgent(ha, room, cfg) as caller:
+                await caller.wait_joined()
+                await _until(lambda: caller.notification_event_id is not None, 5.0, "the ring")
+                key = caller.membership_state_key
+                assert key is not None
+                assert await hb.get_state_event(room, CALL_MEMBER, key)  # in the call
+                if ending is RingState.DECLINED:
+                    relation = {"rel_type": "m.reference", "event_id": caller.notification_event_id}
+                    await hb.send_event(
+                        room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation}
+                    )
+                assert await caller.wait_ring_ended(timeout_s=lifetime / 1000 + 5) is ending
+                await _until(lambda: not caller.in_call, 5.0, "the caller to leave")
+                await _until(
+                    lambda: _status(caller) is MembershipStatus.DISCONNECTED,
+                    5.0,
+                    "the leave to be sent",
+                )
+                assert await hb.get_state_event(room, CALL_MEMBER, key) == {}, ending
 
 
 async def test_without_msc4140_or_msc4354_the_agent_still_joins(run_dir: Path) -> None:
