@@ -842,3 +842,32 @@ def test_update_membership_while_join_on_the_wire_is_resent() -> None:
         m.receive_result(Ok(event_id="$j2"), T0 + 3)
     resend = next(a for a in kinds if isinstance(a, SendJoin))
     assert resend.content["m.call.intent"] == "audio"
+
+
+def test_join_again_after_giving_up_cancels_the_old_delay_then_joins_anew() -> None:
+    """What the agent does after the machine gave up in a long outage: ``join`` again once the
+    homeserver answers. The old delay id is cancelled first (it may still be pending), then
+    the join runs from the first step and the heartbeat resumes."""
+    cfg = MembershipConfig(max_network_retries=1, network_error_retry_ms=200)
+    sim = joined_sim(config=cfg)
+    sim.run_for(6000)
+    old_delay = sim.machine.delay_id
+    assert old_delay is not None
+    outage = (sim.now, sim.now + 30_000)
+    sim.server.outages.append(outage)
+    stopped = sim.run_for(30_000)
+    assert stopped is not None
+    assert stopped.error is not None
+    assert status(sim.machine) is MembershipStatus.FAILED
+    assert sim.server.content == {}  # the delayed leave fired meanwhile
+    assert sim.run_for(1000) == stopped  # stopped: nothing is sent until the adapter joins
+    sim._advance(outage[1])
+    sim.machine.join(sim.now, transports=[LK])
+    assert sim.machine.next_action(sim.now) == CancelDelayedLeave(delay_id=old_delay)
+    sim.machine.receive_result(NotFound(), sim.now)
+    sim.run_for(10_000)
+    after = [type(a).__name__ for t, a in sim.log if t >= outage[1]]
+    assert after[:3] == ["ScheduleDelayedLeave", "SendJoin", "RestartDelayedLeave"]
+    assert status(sim.machine) is MembershipStatus.CONNECTED
+    assert sim.server.content is not None
+    assert "application" in sim.server.content
