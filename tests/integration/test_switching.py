@@ -63,7 +63,9 @@ class Member:
         return DeviceRef(self.agent.hs.user_id, self.agent.hs.device_id)
 
 
-async def join(synapse: Synapse, user: UserCreds, room_id: str, sfu_url: str, name: str) -> Member:
+async def join(
+    synapse: Synapse, user: UserCreds, room_id: str, sfu_url: str, name: str, mesh_max: int = 3
+) -> Member:
     stack = contextlib.AsyncExitStack()
     try:
         hs = await stack.enter_async_context(
@@ -75,7 +77,7 @@ async def join(synapse: Synapse, user: UserCreds, room_id: str, sfu_url: str, na
         )
         keys = await stack.enter_async_context(CallKeys(agent))
         config = SwitchConfig(
-            mesh_max=3,
+            mesh_max=mesh_max,
             media=MEDIA,
             mesh=MeshLinkConfig(
                 mesh=MeshConfig(
