@@ -11,6 +11,7 @@ Modules (each documents its API in its docstring):
 
 from matrixrtc.livekit.connection import (
     ConnectionState,
+    KeyTable,
     LiveKitConnectError,
     LiveKitConnection,
     MediaOptions,
@@ -41,6 +42,7 @@ __all__ = [
     "ConnectionState",
     "Endpoint",
     "JwtClaims",
+    "KeyTable",
     "LiveKitConnectError",
     "LiveKitConnection",
     "LiveKitTransport",

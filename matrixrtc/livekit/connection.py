@@ -18,6 +18,12 @@ The SDK's sender frame cryptor does not follow ``set_key``: it keeps encrypting 
 key index (0 when created). :meth:`LiveKitConnection.use_own_key` therefore sets the index on
 every local cryptor, and cryptors created by a later publish get the current index too.
 
+Keys live in a :class:`KeyTable`. A connection attaches to its table when it is created and
+detaches when closed; every key set on the table reaches every attached connection at once
+(into the SDK's key provider when connected, else at the end of ``connect()``). Connections
+of one call share one table (the transport's), so a key cannot miss a connection that is
+still opening; a connection made alone gets a private table.
+
 Media is synthetic (``matrixrtc.media.sources``: a moving pattern, default 320×240 at 15 fps,
 and a 440 Hz tone), re-captured into LiveKit sources. Every subscribed remote track is drained
 and counted in an owned task. The SDK reports decryption problems only as state changes per
@@ -30,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -47,6 +53,7 @@ from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 __all__ = [
     "ELEMENT_CALL_KEY_RING_SIZE",
     "ConnectionState",
+    "KeyTable",
     "LiveKitConnectError",
     "LiveKitConnection",
     "MediaOptions",
@@ -161,6 +168,45 @@ class SentStats:
         return sum(1 for t in self.video_times if start <= t < end)
 
 
+class KeyTable:
+    """Remote senders' keys per (LiveKit identity, index) and our own current key, pushed to
+    every attached :class:`LiveKitConnection` (module docstring). No I/O."""
+
+    def __init__(self) -> None:
+        self._remote: dict[tuple[str, int], bytes] = {}
+        self._own: tuple[int, bytes] | None = None
+        # A dict keeps attach order (deterministic installs) and makes detach O(1).
+        self._attached: dict[int, LiveKitConnection] = {}
+
+    @property
+    def remote_keys(self) -> Mapping[tuple[str, int], bytes]:
+        return dict(self._remote)
+
+    @property
+    def own_key(self) -> tuple[int, bytes] | None:
+        return self._own
+
+    @property
+    def attached(self) -> list[LiveKitConnection]:
+        return list(self._attached.values())
+
+    def attach(self, conn: LiveKitConnection) -> None:
+        self._attached[id(conn)] = conn
+
+    def detach(self, conn: LiveKitConnection) -> None:
+        self._attached.pop(id(conn), None)
+
+    def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        self._remote[(identity, index)] = key
+        for conn in list(self._attached.values()):
+            conn._install_remote_key(identity, index, key)
+
+    def use_own_key(self, index: int, key: bytes) -> None:
+        self._own = (index, key)
+        for conn in list(self._attached.values()):
+            conn._install_own_key()
+
+
 class LiveKitConnection:
     """A LiveKit room connection: E2EE, optional synthetic publishing, per-remote counters."""
 
@@ -177,9 +223,12 @@ class LiveKitConnection:
         on_state: Callable[[LiveKitConnection], None] | None = None,
         stats: dict[str, ParticipantStats] | None = None,
         sent: SentStats | None = None,
+        keys: KeyTable | None = None,
     ) -> None:
         """``on_state`` is called (synchronously) whenever :attr:`state` changes. ``stats`` and
-        ``sent`` continue the counters of a connection this one replaces."""
+        ``sent`` continue the counters of a connection this one replaces. ``keys``: the table
+        shared with the other connections of the call (attached from here on); None: a
+        private one."""
         self.credentials = credentials
         self.publish = publish
         self.media = media if media is not None else MediaOptions()
@@ -198,8 +247,7 @@ class LiveKitConnection:
         self.state_since = clock()
         self._on_state = on_state
         self.connected_at: float | None = None
-        self._own_key: tuple[int, bytes] | None = None
-        self._remote_keys: dict[tuple[str, int], bytes] = {}
+        self.keys = keys if keys is not None else KeyTable()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
         self._closed = False
@@ -208,6 +256,7 @@ class LiveKitConnection:
         self.room.on("reconnecting", lambda: self._set_state(ConnectionState.RECONNECTING))
         self.room.on("reconnected", lambda: self._set_state(ConnectionState.CONNECTED))
         self.room.on("disconnected", self._on_disconnected)
+        self.keys.attach(self)
 
     # ------------------------------------------------------------------ lifetime
     @property
@@ -226,18 +275,21 @@ class LiveKitConnection:
             await self.room.connect(self.credentials.url, self.credentials.jwt, options)
         except rtc.ConnectError as exc:
             raise LiveKitConnectError(f"LiveKit connect failed: {exc}") from None
+        # From here on the key provider exists, so keys set on the table go straight in; the
+        # ones set before (while opening) are installed now, with no await in between.
         self.connected_at = self._clock()
+        kp = self._key_provider()
+        if kp is not None:
+            for (identity, index), key in self.keys.remote_keys.items():
+                kp.set_key(identity, key, index)
+            self._install_own_key()
         self._set_state(ConnectionState.CONNECTED)
-        for (identity, index), key in self._remote_keys.items():
-            self.set_remote_key(identity, index, key)
         log.info(
             "livekit.connected",
             room=self.credentials.room,
             identity=self.identity,
             publish=self.publish,
         )
-        if self._own_key is not None:
-            self.use_own_key(*self._own_key)
         if self.publish:
             await self._publish()
 
@@ -246,6 +298,7 @@ class LiveKitConnection:
         if self._closed:
             return
         self._closed = True
+        self.keys.detach(self)
         self._set_state(ConnectionState.CLOSED)
         tasks, self._tasks = list(self._tasks), set()
         for task in tasks:
@@ -314,25 +367,33 @@ class LiveKitConnection:
         return self.room.e2ee_manager.key_provider
 
     def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
-        """Install a remote sender's key under its LiveKit identity (state or sticky form)."""
-        self._remote_keys[(identity, index)] = key
-        kp = self._key_provider()
-        if kp is not None:  # else applied in connect()
-            kp.set_key(identity, key, index)
+        """Install a remote sender's key under its LiveKit identity (state or sticky form), in
+        this connection and every other one sharing its :attr:`keys`."""
+        self.keys.set_remote_key(identity, index, key)
 
     def use_own_key(self, index: int, key: bytes) -> None:
-        """Encrypt our media with ``key`` at ``index`` from now on."""
-        self._own_key = (index, key)
+        """Encrypt our media with ``key`` at ``index`` from now on (on every connection sharing
+        :attr:`keys`)."""
+        self.keys.use_own_key(index, key)
+
+    def _install_remote_key(self, identity: str, index: int, key: bytes) -> None:
         kp = self._key_provider()
-        if kp is None:
-            return  # applied in connect()
-        kp.set_key(self.room.local_participant.identity, key, index)
+        if kp is not None:  # else installed at the end of connect()
+            kp.set_key(identity, key, index)
+
+    def _install_own_key(self) -> None:
+        own = self.keys.own_key
+        kp = self._key_provider()
+        if own is None or kp is None:
+            return  # installed at the end of connect()
+        kp.set_key(self.room.local_participant.identity, own[1], own[0])
         self._sync_own_key_index()
 
     def _sync_own_key_index(self) -> None:
-        if self._own_key is None or not self.e2ee:
+        own = self.keys.own_key
+        if own is None or not self.e2ee or self.connected_at is None:
             return
-        index = self._own_key[0]
+        index = own[0]
         me = self.room.local_participant.identity
         for cryptor in self.room.e2ee_manager.frame_cryptors():
             if cryptor.participant_identity == me and cryptor.key_index != index:

@@ -24,8 +24,11 @@ succeeded within ``resume_grace_s``), the connection is replaced by a new one wi
 credentials, and failed opens are retried with backoff; counters carry over, so a gap shows in
 the per-participant frame times. :attr:`LiveKitTransport.repairs` records each one.
 
-Keys: every remote key and our own current key are kept here and installed in every
-connection, including ones opened later (a sender's frames may reach us through any SFU).
+Keys: one :class:`~matrixrtc.livekit.connection.KeyTable` per transport holds every remote key
+and our own current key (with its index). Each connection is attached to it the moment it is
+created (credentials in hand, before it connects) and stays attached through connecting,
+connected and being replaced, so every key reaches every connection in whatever state (a
+sender's frames may reach us through any SFU); one opened later gets all keys so far.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from matrixrtc.e2ee.keys import Action, InstallRemoteKey, SendKey, UseKey
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.livekit.connection import (
     ConnectionState,
+    KeyTable,
     LiveKitConnection,
     MediaOptions,
     ParticipantStats,
@@ -159,8 +163,7 @@ class LiveKitTransport:
         # Counters of a replaced connection, kept until its successor opens.
         self._carry: dict[LivekitTransport, tuple[dict[str, ParticipantStats], SentStats]] = {}
         self._lost_at: dict[LivekitTransport, float] = {}
-        self._remote_keys: dict[tuple[str, int], bytes] = {}
-        self._own_key: tuple[int, bytes] | None = None
+        self.keys = KeyTable()  # the one place keys are kept; see the module docstring
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -312,11 +315,8 @@ class LiveKitTransport:
             on_state=lambda _: self._wake.set(),
             stats=stats,
             sent=sent,
+            keys=self.keys,  # attached now: later keys reach it while it opens
         )
-        for (identity, index), key in self._remote_keys.items():
-            conn.set_remote_key(identity, index, key)
-        if self._own_key is not None:
-            conn.use_own_key(*self._own_key)
         try:
             await conn.connect()
         except BaseException:
@@ -396,14 +396,12 @@ class LiveKitTransport:
 
     # ------------------------------------------------------------------ keys
     def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
-        self._remote_keys[(identity, index)] = key
-        for conn in self.connections.values():
-            conn.set_remote_key(identity, index, key)
+        """A remote sender's key, for every connection (open, opening or opened later)."""
+        self.keys.set_remote_key(identity, index, key)
 
     def use_own_key(self, index: int, key: bytes) -> None:
-        self._own_key = (index, key)
-        for conn in self.connections.values():
-            conn.use_own_key(index, key)
+        """Our key and index, for every publishing connection (open, opening or later)."""
+        self.keys.use_own_key(index, key)
 
     def apply_key_actions(self, actions: Iterable[Action]) -> list[SendKey]:
         """Carry out the key manager's installs; return the :class:`SendKey` s for Matrix."""

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from livekit import rtc
+from livekit import api, rtc
 
 from matrixrtc.devstack import LiveKit, Synapse, UserCreds
 from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
@@ -599,6 +599,117 @@ async def test_livekit_restart_connections_are_replaced_and_media_resumes(
         )
     finally:
         await close_all(a, b)
+
+
+@dataclass
+class GatedService:
+    """A stand-in for a slow authorization service: forwards to a real one, but holds every
+    token request until :attr:`gate` opens (so a connection's open can be kept in flight)."""
+
+    target: str
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    held: asyncio.Event = field(default_factory=asyncio.Event)  # a request is waiting
+    url: str = ""
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        self.held.set()
+        await self.gate.wait()
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.target + request.path, data=await request.read()) as r,
+        ):
+            return web.json_response(await r.json(), status=r.status)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def gated_sfu_b(stack: Stack) -> AsyncIterator[GatedService]:
+    gated = GatedService(stack.sfu_b.url)
+    app = web.Application()
+    app.router.add_post("/get_token", gated.forward)
+    app.router.add_post("/sfu/get", gated.forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_tcp_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gated.url = f"http://127.0.0.1:{port}"
+    try:
+        yield gated
+    finally:
+        gated.gate.set()
+        await runner.cleanup()
+
+
+async def test_keys_set_while_a_connection_opens_reach_it(
+    stack: Stack,
+    user_factory: Callable[..., Awaitable[UserCreds]],
+    gated_sfu_b: GatedService,
+) -> None:
+    """Alice (multi_sfu) publishes on SFU A and must also subscribe to Carol's SFU B, whose
+    token service is held. Her SFU A connection is up and published, but her transport is
+    still opening SFU B when every key arrives: Bob's key, and her own at index 3. Once the
+    open finishes, that SFU A connection holds them all: Bob and Alice decode each other from
+    the first frame, with no MISSING_KEY ever, and her sender cryptors use index 3."""
+    alice, bob, carol = [await user_factory(n) for n in ("alice", "bob", "carol")]
+    room_id = await call_room(stack, [alice, bob, carol])
+    t0 = now_ms()
+    a = make_participant(stack.hs, alice, room_id, stack.sfu_a.url, sticky=False, created_ts=t0)
+    b = make_participant(stack.hs, bob, room_id, stack.sfu_a.url, sticky=False, created_ts=t0 + 1)
+    # Carol only has a membership (on the held service); she never connects.
+    c = make_participant(stack.hs, carol, room_id, gated_sfu_b.url, sticky=False, created_ts=t0 + 2)
+    bus = KeyBus()
+    alias = livekit_room_alias(room_id)
+    lkapi = api.LiveKitAPI(stack.lk_a.http_url, stack.lk_a.api_key, stack.lk_a.api_secret)
+    opening = asyncio.get_running_loop().create_task(
+        a.transport.update([a.membership, b.membership, c.membership], a.membership)
+    )
+    try:
+
+        async def alice_published_on_a() -> bool:
+            listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=alias))
+            return any(p.identity == a.identity and len(p.tracks) == 2 for p in listed.participants)
+
+        deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
+        while not (gated_sfu_b.held.is_set() and await alice_published_on_a()):
+            assert time.monotonic() < deadline, "Alice's SFU A connection never published"
+            assert not opening.done()
+            await asyncio.sleep(0.1)
+        assert not opening.done()  # SFU B is still being opened
+        # Every key, while Alice's transport is mid-open.
+        bus.update([a, b], [a, b])
+        high = os.urandom(16)
+        a.transport.use_own_key(3, high)
+        b.transport.set_remote_key(a.identity, 3, high)
+        gated_sfu_b.gate.set()
+        plan = await asyncio.wait_for(opening, 15)
+        ta = LivekitTransport(livekit_service_url=stack.sfu_a.url)
+        assert dict(plan.connections) == {
+            ta: True,
+            LivekitTransport(livekit_service_url=gated_sfu_b.url): False,
+        }
+        assert a.transport.failures == {}
+        ca = a.transport.connections[ta]
+        assert ca.own_key_indices == [3, 3]  # video + audio sender cryptors
+
+        await b.transport.update([a.membership, b.membership], b.membership)
+        cb = conn(b)
+        await wait_until(
+            lambda: all(
+                tx.identity in rx.stats and rx.stats[tx.identity].video_frames >= 15
+                for rx, tx in ((ca, b), (cb, a))
+            ),
+            FIRST_FRAME_TIMEOUT,
+            "Alice and Bob decode each other",
+        )
+        for rx, tx in ((ca, b), (cb, a)):
+            stats = rx.stats[tx.identity]
+            assert stats.failures_after(0.0) == [], stats.e2ee_events
+            assert stats.e2ee_state == "OK"
+    finally:
+        gated_sfu_b.gate.set()
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        await lkapi.aclose()
+        await close_all(a, b, c)
 
 
 # ---------------------------------------------------------------------------------- tokens
