@@ -7,6 +7,9 @@ state directory that already holds this user's session needs neither.
 ``--output json`` prints one JSON object per line instead of tables (for scripts and tests):
 ``{"event": "participants", "participants": [...], "ring": ..., "monotonic": ...}``, then
 ``{"event": "left"}``.
+
+``--ring --leave-when-unanswered`` makes it behave like Element Call's caller: when everyone
+rung declined, or nobody joined within ``--ring-lifetime-ms``, it leaves and exits (status 0).
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--room", required=True, help="room id or alias (joined if needed)")
     p.add_argument("--intent", default=None, help="m.call.intent, e.g. audio or video")
     p.add_argument("--ring", action="store_true", help="ring the room if we start the call")
+    p.add_argument("--ring-lifetime-ms", type=int, default=30_000)
+    p.add_argument(
+        "--leave-when-unanswered",
+        action="store_true",
+        help="with --ring: leave (and exit) when everyone declined or nobody joined in time",
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -177,6 +186,8 @@ async def _main(args: argparse.Namespace) -> int:
             ),
             dialect=Dialect(args.dialect),
             ring=args.ring,
+            ring_lifetime_ms=args.ring_lifetime_ms,
+            leave_when_ring_unanswered=args.leave_when_unanswered,
             delayed_leave_ms=args.delayed_leave_ms,
             restart_interval_ms=args.restart_interval_ms,
         )
@@ -199,6 +210,8 @@ async def _main(args: argparse.Namespace) -> int:
                         )
                         if getter in done:
                             _print(args.output, getter.result())
+                            if not agent.in_call:  # left by itself (unanswered ring)
+                                break
                         else:
                             getter.cancel()
                             with contextlib.suppress(asyncio.CancelledError):

@@ -231,6 +231,31 @@ async def test_sigkilled_agent_is_seen_leaving_by_its_delayed_event(
         assert await hs.get_state_event(room, CALL_MEMBER, key) == {}
 
 
+async def test_join_cli_leaves_and_exits_when_its_ring_goes_unanswered(
+    synapse: Synapse, user_factory: Any, run_dir: Path, procs: list[AgentProcess]
+) -> None:
+    a, b = await user_factory("zed"), await user_factory("abe")
+    room = await synapse.create_call_room(a, invite=[b])
+    caller = await AgentProcess.start(
+        synapse,
+        a,
+        room,
+        run_dir / "ring-cli",
+        run_dir / "ring-cli.log",
+        "--ring",
+        "--leave-when-unanswered",
+        "--ring-lifetime-ms",
+        "1500",
+    )
+    procs.append(caller)
+    await caller.wait(lambda p: len(p.members()) == 1, within=30.0)  # it started the call
+    await caller.wait(lambda p: p.left, within=15.0)  # nobody joined: it left by itself
+    assert await asyncio.wait_for(caller.proc.wait(), 10.0) == 0
+    async with Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb:
+        key = f"_{caller.user_id}_{caller.device_id}_m.call"
+        assert await hb.get_state_event(room, CALL_MEMBER, key) == {}
+
+
 # -------------------------------------------------------------------------- in process
 
 
