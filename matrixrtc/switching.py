@@ -485,18 +485,16 @@ class MediaSwitcher:
             clock=self._clock,
         )
         self.livekit = lk
+        # Every key so far; later ones come through _key_loop. The transport hands each key to
+        # all its connections, including those still opening, so this is needed only once.
+        self._install_keys(lk)
         await self._update_livekit()
 
     async def _update_livekit(self) -> None:
         lk = self.livekit
         if lk is None:
             return
-        self._install_keys(lk)
         await lk.update(self.agent.memberships, self._own_membership())
-        # A key that arrives while a connection is being opened reaches the transport but not
-        # that connection (it joins ``connections`` only once connected): install them all
-        # again now that every new connection is in.
-        self._install_keys(lk)
 
     def _install_keys(self, lk: LiveKitTransport) -> None:
         if self.keys is None:
