@@ -665,10 +665,7 @@ async def test_keys_set_while_a_connection_opens_reach_it(
     try:
 
         async def alice_published_on_a() -> bool:
-            try:
-                listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=alias))
-            except api.TwirpError:  # the service has not created the room yet
-                return False
+            listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=alias))
             return any(p.identity == a.identity and len(p.tracks) == 2 for p in listed.participants)
 
         deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
