@@ -473,7 +473,7 @@ class MediaSwitcher:
     async def _start_livekit(self) -> None:
         own = self._own_membership()
         hs = self.agent.hs
-        member_id = own.member_id if own is not None else self.agent.machine.member_id
+        member_id = own.member_id if own is not None else self.agent.member_id
         sticky = (own.dialect if own is not None else self.agent.config.dialect) is Dialect.STICKY
         lk = LiveKitTransport(
             room_id=self.agent.room_id,
