@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import TracebackType
@@ -46,7 +46,7 @@ from typing import Any, Final, Self, TypeVar
 
 import structlog
 
-from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
+from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.matrix import (
     Broadcaster,
     DelayAction,
@@ -73,6 +73,7 @@ from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 from matrixrtc.session import membership_machine as mm
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.transports import publish_transport
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "AgentConfig",
@@ -217,7 +218,7 @@ class CallAgent:
         self._joins_sent = 0
         self._participants: tuple[Participant, ...] = ()
         self._changes: Broadcaster[ParticipantsChanged] = Broadcaster()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = OwnedTasks(f"agent {hs.user_id}", log, event_prefix="agent")
         self._wake = asyncio.Event()
         self._in_call = False
         self._own_present = asyncio.Event()
@@ -271,31 +272,13 @@ class CallAgent:
                 # A leave already under way (e.g. the ring went unanswered): let it finish.
                 await _wait_event(self._stopped, 10.0)
         finally:
-            await self._stop_tasks()
+            await self._tasks.aclose()
             if self._updates is not None:
                 self._updates.close()
             self._changes.end()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._log.exception("agent.task_failed", task=name)
-                raise
-
-        self._tasks.append(asyncio.create_task(run(), name=f"agent {name} {self.hs.user_id}"))
-
-    async def _stop_tasks(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise RemoteError(f"call agent task failed: {errors[0]!r}") from errors[0]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name)
 
     # -- public view ------------------------------------------------------------------------
 

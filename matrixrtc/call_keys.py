@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -53,8 +52,9 @@ from matrixrtc.e2ee.keys import (
     UseKey,
 )
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
-from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
+from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.matrix import Broadcaster, DeviceRef, Subscription, ToDeviceEvent
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "CallKeys",
@@ -165,7 +165,7 @@ class CallKeys:
         self._redistribute = False  # the retry re-runs the distribution (nothing was sent)
         self._left = False  # the agent left the call: no more distribution
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = OwnedTasks(f"call-keys {self.hs.user_id}", log, event_prefix="call_keys")
         self._events: Broadcaster[KeyEvent] = Broadcaster()
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
@@ -215,7 +215,7 @@ class CallKeys:
         tb: TracebackType | None,
     ) -> None:
         try:
-            await self._stop_tasks()
+            await self._tasks.aclose()
         finally:
             for sub in (self._changes, self._to_device):
                 if sub is not None:
@@ -226,24 +226,7 @@ class CallKeys:
             self._events.end()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        # The coroutine goes straight into the task: cancelled before it starts, it is
-        # still closed properly. A crash is logged here and raised again on exit.
-        task = asyncio.create_task(coro, name=f"call-keys {name} {self.hs.user_id}")
-        task.add_done_callback(functools.partial(self._task_done, name))
-        self._tasks.append(task)
-
-    def _task_done(self, name: str, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._log.error("call_keys.task_failed", task=name, exc_info=task.exception())
-
-    async def _stop_tasks(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise RemoteError(f"call key task failed: {errors[0]!r}") from errors[0]
+        self._tasks.spawn(coro, name)
 
     # -- public view ------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys, KeyEvent, KeyEventKind
-from matrixrtc.errors import MatrixRTCError, RemoteError
+from matrixrtc.errors import MatrixRTCError
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
 from matrixrtc.matrix import Subscription
@@ -58,6 +58,7 @@ from matrixrtc.session.media_policy import (
     MediaKind,
     choose_media_for,
 )
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "SWITCH_MESH",
@@ -184,7 +185,7 @@ class MediaSwitcher:
         self._mesh_tracks: list[MediaStreamTrack] = []
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = OwnedTasks("switch", log, event_prefix="switch")
         self._teardowns: set[asyncio.Task[None]] = set()  # old transports being closed
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._key_events: Subscription[KeyEvent] | None = None
@@ -208,31 +209,18 @@ class MediaSwitcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for t in self._tasks:
-            t.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        failure = await self._tasks.cancel()
         for sub in (self._changes, self._key_events):
             if sub is not None:
                 sub.close()
         await asyncio.gather(*self._teardowns, return_exceptions=True)  # each bounded
         await self._close_mesh()
         await self._close_livekit()
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise RemoteError(f"media switcher task failed: {errors[0]!r}") from errors[0]
+        if failure is not None:
+            raise failure
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._log.exception("switch.task_failed", task=name)
-                raise
-
-        self._tasks.append(asyncio.create_task(run(), name=f"switch {name}"))
+        self._tasks.spawn(coro, name)
 
     # -- public view ------------------------------------------------------------------------
 

@@ -26,8 +26,7 @@ Every task is owned and cancelled on exit; leaving the block hangs up every call
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
@@ -46,6 +45,7 @@ from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.signalling import MESH_TRANSPORT_TYPE, DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.mesh.transform import CryptorTransform
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["MatrixMesh", "MeshLinkConfig", "mesh_session_id"]
 
@@ -102,7 +102,7 @@ class MatrixMesh:
         self.encrypted_signalling = False
         self.members: dict[DeviceRef, str] = {}
         self.dropped_signalling = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = OwnedTasks("mesh-link", log, event_prefix="mesh_link")
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
@@ -174,32 +174,20 @@ class MatrixMesh:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        failure: RemoteError | None = None
         try:
-            for t in self._tasks:
-                t.cancel()
-            results = await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks = []
+            failure = await self._tasks.cancel()
         finally:
             for sub in (self._changes, self._to_device):
                 if sub is not None:
                     sub.close()
             if self.engine is not None:
                 await self.engine.aclose()
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise RemoteError(f"mesh link task failed: {errors[0]!r}") from errors[0]
+        if failure is not None:
+            raise failure
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._log.exception("mesh_link.task_failed", task=name)
-                raise
-
-        self._tasks.append(asyncio.create_task(run(), name=f"mesh-link {name}"))
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name)
 
     # -- ToDeviceSender (for the engine) ----------------------------------------------------
 
