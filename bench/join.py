@@ -34,21 +34,16 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys
-from matrixrtc.devstack import LiveKit, Synapse, UserCreds, new_run_dir
-from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.livekit import LiveKitTransport, MediaOptions, OwnDevice
 from matrixrtc.logging import configure_logging
 from matrixrtc.matrix import Homeserver, Login
@@ -101,36 +96,7 @@ def _transport(
     return LiveKitTransport(room_id=room_id, own=own, openid=_openid(hs, user), media=media)
 
 
-async def _service(run_dir: Path, lk: LiveKit, hs: Synapse) -> tuple[ManagedProcess, str]:
-    port = free_tcp_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ManagedProcess(
-        name="bench-sfu",
-        argv=[sys.executable, "-m", "sfu", "serve"],
-        log_path=run_dir / "bench-sfu" / "service.log",
-        cwd=run_dir,
-        env={
-            **os.environ,
-            "LIVEKIT_URL": lk.url,
-            "LIVEKIT_KEY": lk.api_key,
-            "LIVEKIT_SECRET": lk.api_secret,
-            "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-            "LIVEKIT_FULL_ACCESS_HOMESERVERS": hs.server_name,
-            "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url}",
-            "MATRIXRTC_SFU_RATE_LIMIT": "0",
-            "LIVEKIT_LOG_LEVEL": "error",
-        },
-    )
-
-    async def ready() -> bool:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as s,
-            s.get(url + "/healthz") as r,
-        ):
-            return r.status == 200
-
-    await proc.start(ready, 30)
-    return proc, url
+_QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
 
 
 def _ms(values: Sequence[float]) -> dict[str, Any]:
@@ -143,53 +109,54 @@ def _ms(values: Sequence[float]) -> dict[str, Any]:
 
 async def measure_sfu(joins: int, media: MediaOptions, gap_s: float) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-join")
-    async with Synapse(run_dir) as hs, LiveKit(run_dir) as lk:
-        proc, service_url = await _service(run_dir, lk, hs)
+    async with (
+        Synapse(run_dir) as hs,
+        LiveKit(run_dir) as lk,
+        AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET) as svc,
+    ):
+        service_url = svc.url
+        host_user, guest_user = await hs.register("host"), await hs.register("guest")
+        room_id = await hs.create_call_room(host_user, invite=[guest_user])
+        host_m = _membership(host_user, service_url, 1)
+        host = _transport(hs, host_user, host_m, room_id, media)
+        host_key, guest_key = os.urandom(16), os.urandom(16)
+        host.use_own_key(0, host_key)
+        firsts: list[float] = []
+        connects: list[float] = []
+        subscribes: list[float] = []
+        failures = 0
         try:
-            host_user, guest_user = await hs.register("host"), await hs.register("guest")
-            room_id = await hs.create_call_room(host_user, invite=[guest_user])
-            host_m = _membership(host_user, service_url, 1)
-            host = _transport(hs, host_user, host_m, room_id, media)
-            host_key, guest_key = os.urandom(16), os.urandom(16)
-            host.use_own_key(0, host_key)
-            firsts: list[float] = []
-            connects: list[float] = []
-            subscribes: list[float] = []
-            failures = 0
-            try:
-                await host.update([host_m], host_m)
-                for i in range(joins):
-                    guest_m = _membership(guest_user, service_url, 2 + i)
-                    guest = _transport(hs, guest_user, guest_m, room_id, media)
-                    guest.set_remote_key(host_m.rtc_backend_identity, 0, host_key)
-                    guest.use_own_key(0, guest_key)
-                    host.set_remote_key(guest_m.rtc_backend_identity, 0, guest_key)
-                    started = time.monotonic()
-                    try:
-                        await guest.update([host_m, guest_m], guest_m)
-                        (conn,) = guest.connections.values()
-                        if conn.connected_at is not None:
-                            connects.append(conn.connected_at - started)
-                        deadline = started + FIRST_FRAME_TIMEOUT_S
-                        while time.monotonic() < deadline:
-                            stats = conn.stats.get(host_m.rtc_backend_identity)
-                            if stats is not None and stats.first_video_at is not None:
-                                firsts.append(stats.first_video_at - started)
-                                if stats.video_subscribed_at is not None:
-                                    subscribes.append(stats.video_subscribed_at - started)
-                                break
-                            await asyncio.sleep(0.005)
-                        else:
-                            failures += 1
-                    finally:
-                        await guest.aclose()
-                    # LiveKit throttles key-frame requests per track (pli_throttle, up to 1 s):
-                    # back-to-back joins would measure the throttle, not a join.
-                    await asyncio.sleep(gap_s)
-            finally:
-                await host.aclose()
+            await host.update([host_m], host_m)
+            for i in range(joins):
+                guest_m = _membership(guest_user, service_url, 2 + i)
+                guest = _transport(hs, guest_user, guest_m, room_id, media)
+                guest.set_remote_key(host_m.rtc_backend_identity, 0, host_key)
+                guest.use_own_key(0, guest_key)
+                host.set_remote_key(guest_m.rtc_backend_identity, 0, guest_key)
+                started = time.monotonic()
+                try:
+                    await guest.update([host_m, guest_m], guest_m)
+                    (conn,) = guest.connections.values()
+                    if conn.connected_at is not None:
+                        connects.append(conn.connected_at - started)
+                    deadline = started + FIRST_FRAME_TIMEOUT_S
+                    while time.monotonic() < deadline:
+                        stats = conn.stats.get(host_m.rtc_backend_identity)
+                        if stats is not None and stats.first_video_at is not None:
+                            firsts.append(stats.first_video_at - started)
+                            if stats.video_subscribed_at is not None:
+                                subscribes.append(stats.video_subscribed_at - started)
+                            break
+                        await asyncio.sleep(0.005)
+                    else:
+                        failures += 1
+                finally:
+                    await guest.aclose()
+                # LiveKit throttles key-frame requests per track (pli_throttle, up to 1 s):
+                # back-to-back joins would measure the throttle, not a join.
+                await asyncio.sleep(gap_s)
         finally:
-            await proc.stop()
+            await host.aclose()
     return {
         **_ms(firsts),
         "joins": joins,
@@ -268,53 +235,54 @@ async def measure_mesh(joins: int, media: MediaOptions, gap_s: float) -> dict[st
 
 async def measure_switch(media: MediaOptions) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-switch")
-    async with Synapse(run_dir) as hs, LiveKit(run_dir) as lk:
-        proc, service_url = await _service(run_dir, lk, hs)
+    async with (
+        Synapse(run_dir) as hs,
+        LiveKit(run_dir) as lk,
+        AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET) as svc,
+    ):
+        service_url = svc.url
+        users = [await hs.register(f"sw{i}") for i in range(4)]
+        room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
+        transports = (LivekitTransport(livekit_service_url=service_url), FullMeshTransport())
+        config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK)
+        members: list[tuple[contextlib.AsyncExitStack, MediaSwitcher]] = []
+
+        async def join(user: UserCreds) -> tuple[contextlib.AsyncExitStack, MediaSwitcher]:
+            stack = contextlib.AsyncExitStack()
+            h = await stack.enter_async_context(
+                Homeserver(hs.base_url, Login(user.user_id, password=user.password))
+            )
+            agent = await stack.enter_async_context(
+                CallAgent(h, room_id, AgentConfig(transports=transports))
+            )
+            keys = await stack.enter_async_context(CallKeys(agent))
+            switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
+            return stack, switcher
+
+        async def settled(kind: MediaKind, who: list[MediaSwitcher]) -> float:
+            records = await asyncio.gather(*(s.wait_settled(kind, 30) for s in who))
+            return max(r.finished_at for r in records)
+
         try:
-            users = [await hs.register(f"sw{i}") for i in range(4)]
-            room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
-            transports = (LivekitTransport(livekit_service_url=service_url), FullMeshTransport())
-            config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK)
-            members: list[tuple[contextlib.AsyncExitStack, MediaSwitcher]] = []
-
-            async def join(user: UserCreds) -> tuple[contextlib.AsyncExitStack, MediaSwitcher]:
-                stack = contextlib.AsyncExitStack()
-                h = await stack.enter_async_context(
-                    Homeserver(hs.base_url, Login(user.user_id, password=user.password))
-                )
-                agent = await stack.enter_async_context(
-                    CallAgent(h, room_id, AgentConfig(transports=transports))
-                )
-                keys = await stack.enter_async_context(CallKeys(agent))
-                switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
-                return stack, switcher
-
-            async def settled(kind: MediaKind, who: list[MediaSwitcher]) -> float:
-                records = await asyncio.gather(*(s.wait_settled(kind, 30) for s in who))
-                return max(r.finished_at for r in records)
-
-            try:
-                for u in users[:3]:
-                    members.append(await join(u))
-                first = [s for _, s in members]
-                await settled(MediaKind.MESH, first)
-                await asyncio.sleep(3)  # steady mesh media before the switch
-                t_join = time.monotonic()
-                fourth = await join(users[3])
-                members.append(fourth)
-                to_sfu_done = await settled(MediaKind.SFU, [*first, fourth[1]])
-                await asyncio.sleep(3)
-                mesh_to_sfu = max(s.max_gap_s(since=t_join) for _, s in members)
-                members.remove(fourth)
-                t_leave = time.monotonic()
-                await fourth[0].aclose()
-                to_mesh_done = await settled(MediaKind.MESH, first)
-                await asyncio.sleep(3)
-                sfu_to_mesh = max(s.max_gap_s(since=t_leave) for s in first)
-            finally:
-                await asyncio.gather(*(st.aclose() for st, _ in members), return_exceptions=True)
+            for u in users[:3]:
+                members.append(await join(u))
+            first = [s for _, s in members]
+            await settled(MediaKind.MESH, first)
+            await asyncio.sleep(3)  # steady mesh media before the switch
+            t_join = time.monotonic()
+            fourth = await join(users[3])
+            members.append(fourth)
+            to_sfu_done = await settled(MediaKind.SFU, [*first, fourth[1]])
+            await asyncio.sleep(3)
+            mesh_to_sfu = max(s.max_gap_s(since=t_join) for _, s in members)
+            members.remove(fourth)
+            t_leave = time.monotonic()
+            await fourth[0].aclose()
+            to_mesh_done = await settled(MediaKind.MESH, first)
+            await asyncio.sleep(3)
+            sfu_to_mesh = max(s.max_gap_s(since=t_leave) for s in first)
         finally:
-            await proc.stop()
+            await asyncio.gather(*(st.aclose() for st, _ in members), return_exceptions=True)
     return {
         "mesh_to_sfu": round(mesh_to_sfu * 1000),
         "sfu_to_mesh": round(sfu_to_mesh * 1000),

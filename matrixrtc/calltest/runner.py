@@ -25,8 +25,7 @@ import aiohttp
 import structlog
 
 from matrixrtc.calltest.participant import ParticipantConfig
-from matrixrtc.devstack import LiveKit, Synapse, new_run_dir
-from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
 from matrixrtc.errors import LocalError, RemoteError
 
 __all__ = [
@@ -453,33 +452,8 @@ async def _embedded_sfu(stack: contextlib.AsyncExitStack, run_dir: Path, hs: Syn
     """Start LiveKit and our authorization service (``python -m sfu serve``) in front of it;
     both stop with ``stack``. Returns the service URL members advertise."""
     lk = await stack.enter_async_context(LiveKit(run_dir))
-    port = free_tcp_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ManagedProcess(
-        name="call-test-sfu",
-        argv=[sys.executable, "-m", "sfu", "serve"],
-        log_path=run_dir / "call-test-sfu" / "service.log",
-        cwd=run_dir,
-        env={
-            **os.environ,
-            "LIVEKIT_URL": lk.url,
-            "LIVEKIT_KEY": lk.api_key,
-            "LIVEKIT_SECRET": lk.api_secret,
-            "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-            "LIVEKIT_FULL_ACCESS_HOMESERVERS": hs.server_name,
-            "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url}",
-            "MATRIXRTC_SFU_RATE_LIMIT": "0",
-        },
-    )
-
-    async def ready() -> bool:
-        timeout = aiohttp.ClientTimeout(total=1)
-        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url + "/healthz") as r:
-            return r.status == 200
-
-    await proc.start(ready, 30)
-    stack.push_async_callback(proc.stop)
-    return url
+    svc = await stack.enter_async_context(AuthService(run_dir, lk, hs, name="call-test-sfu"))
+    return svc.url
 
 
 async def run_call_test(

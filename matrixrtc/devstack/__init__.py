@@ -1,4 +1,5 @@
-"""The real local stack: Synapse, LiveKit, Redis, coturn, Chromium as async context managers.
+"""The real local stack: Synapse, LiveKit, our authorization service, Redis, coturn, Chromium
+as async context managers.
 
 Each service takes a run directory (``new_run_dir()``), picks free loopback ports, writes its
 config and log there, waits until it is ready and stops its whole process group on exit.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from matrixrtc.devstack._paths import LIVEKIT_VERSION, find_livekit_binary, new_run_dir
 from matrixrtc.devstack._process import leftover_processes, log_tail
+from matrixrtc.devstack.auth_service import AuthService
 from matrixrtc.devstack.chromium import Chromium
 from matrixrtc.devstack.coturn import Coturn
 from matrixrtc.devstack.livekit import LiveKit
@@ -18,6 +20,7 @@ from matrixrtc.devstack.synapse import HomeserverRequestError, Synapse, UserCred
 
 __all__ = [
     "LIVEKIT_VERSION",
+    "AuthService",
     "Chromium",
     "Coturn",
     "HomeserverRequestError",

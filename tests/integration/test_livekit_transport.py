@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,8 +24,8 @@ import pytest_asyncio
 from aiohttp import web
 from livekit import api, rtc
 
-from matrixrtc.devstack import LiveKit, Synapse, UserCreds
-from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
+from matrixrtc.devstack._process import free_tcp_port
 from matrixrtc.e2ee.keys import Action, InstallRemoteKey, KeyManager, Member, SendKey, UseKey
 from matrixrtc.livekit import (
     Endpoint,
@@ -60,49 +59,12 @@ MIN_FRACTION = 0.5
 
 
 # ---------------------------------------------------------------------------------- services
-@dataclass
-class Service:
-    """Our authorization service as a child process, in front of one LiveKit."""
-
-    proc: ManagedProcess
-    url: str
-
-    async def start(self) -> None:
-        async def ready() -> bool:
-            timeout = aiohttp.ClientTimeout(total=1)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as s,
-                s.get(self.url + "/healthz") as r,
-            ):
-                return r.status == 200
-
-        await self.proc.start(ready, 30)
-
-    async def stop(self) -> None:
-        await self.proc.stop()
+# Other test modules import these two names.
+Service = AuthService
 
 
 def service(run_dir: Path, name: str, lk: LiveKit, hs: Synapse, full_access: str) -> Service:
-    port = free_tcp_port()
-    env = {
-        **os.environ,
-        "LIVEKIT_URL": lk.url,
-        "LIVEKIT_KEY": lk.api_key,
-        "LIVEKIT_SECRET": lk.api_secret,
-        "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-        "LIVEKIT_FULL_ACCESS_HOMESERVERS": full_access,
-        # Synapse's server name resolves nowhere: point the OpenID check at its listener.
-        "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url}",
-        "MATRIXRTC_SFU_RATE_LIMIT": "0",
-    }
-    proc = ManagedProcess(
-        name=name,
-        argv=[sys.executable, "-m", "sfu", "serve"],
-        log_path=run_dir / name / "service.log",
-        cwd=run_dir,
-        env=env,
-    )
-    return Service(proc, f"http://127.0.0.1:{port}")
+    return AuthService(run_dir, lk, hs, name=name, full_access=full_access)
 
 
 @dataclass
