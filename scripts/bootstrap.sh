@@ -52,6 +52,9 @@ fi
 if [[ -x "$LK_BIN" ]] && "$LK_BIN" --version 2>/dev/null | grep -q "${LIVEKIT_VERSION#v}"; then
   :
 else
+  # The Go toolchain lives outside Debian's PATH on these machines.
+  command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
+  command -v go >/dev/null || { echo "bootstrap: go (>= 1.26) not found; it builds livekit-server" >&2; exit 1; }
   log "building livekit-server $LIVEKIT_VERSION (go install; a few minutes on 2 cores)"
   tmp="$CACHE_DIR/livekit-$LIVEKIT_VERSION/gobin"
   mkdir -p "$tmp"
