@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import TypeAlias
+from collections.abc import Callable, Mapping
+from typing import TypeAlias, TypeVar
 
 import structlog
 
@@ -57,6 +57,23 @@ def log_reject(kind: str, err: Reject, **context: object) -> None:
 def log_parser_bug(kind: str, exc: BaseException, **context: object) -> None:
     """A parser hit an exception it did not anticipate: log loudly, still drop the input."""
     _log.warning("parser_error", kind=kind, error=repr(exc), **context)
+
+
+_T = TypeVar("_T")
+
+
+def parse_or_none(kind: str, parse: Callable[[], _T]) -> _T | None:
+    """Run a strict parser that raises :class:`Reject`; never raise: log and return None.
+
+    Every public parser of the model goes through here (design principle 6).
+    """
+    try:
+        return parse()
+    except Reject as err:
+        log_reject(kind, err)
+    except Exception as exc:
+        log_parser_bug(kind, exc)
+    return None
 
 
 def as_str(value: object) -> str | None:

@@ -48,8 +48,7 @@ from matrixrtc.model._json import (
     as_str,
     get_dict,
     is_mxid,
-    log_parser_bug,
-    log_reject,
+    parse_or_none,
 )
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity, livekit_identity
@@ -275,13 +274,7 @@ class SessionMembershipData:
     @classmethod
     def from_json(cls, content: object) -> SessionMembershipData | None:
         """Strict parse of join content; None (logged) if invalid."""
-        try:
-            return _parse_session(content)
-        except Reject as err:
-            log_reject("call.member content", err)
-        except Exception as exc:
-            log_parser_bug("call.member content", exc)
-        return None
+        return parse_or_none("call.member content", lambda: _parse_session(content))
 
 
 def _parse_session(content: object) -> SessionMembershipData:
@@ -413,13 +406,7 @@ class RtcMemberData:
     @classmethod
     def from_json(cls, content: object, *, sender: str | None = None) -> RtcMemberData | None:
         """Strict parse; with ``sender``, also require ``member.user_id == sender``."""
-        try:
-            return _parse_rtc(content, sender)
-        except Reject as err:
-            log_reject("rtc.member content", err)
-        except Exception as exc:
-            log_parser_bug("rtc.member content", exc)
-        return None
+        return parse_or_none("rtc.member content", lambda: _parse_rtc(content, sender))
 
 
 def _sticky_key(d: Mapping[str, object]) -> str:
@@ -699,10 +686,4 @@ def parse_membership_event(
     rejects them in other rooms anyway). Returns a join, a leave, or None (logged) for
     anything invalid, forged or ignorable (the legacy ``memberships`` array).
     """
-    try:
-        return _parse_event(event, room_version)
-    except Reject as err:
-        log_reject("membership event", err)
-    except Exception as exc:
-        log_parser_bug("membership event", exc)
-    return None
+    return parse_or_none("membership event", lambda: _parse_event(event, room_version))

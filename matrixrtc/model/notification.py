@@ -25,8 +25,7 @@ from matrixrtc.model._json import (
     as_int,
     as_str,
     get_dict,
-    log_parser_bug,
-    log_reject,
+    parse_or_none,
 )
 
 __all__ = [
@@ -123,13 +122,7 @@ class RtcNotification:
 
     @classmethod
     def from_json(cls, content: object) -> RtcNotification | None:
-        try:
-            return _parse_notification(content)
-        except Reject as err:
-            log_reject("rtc.notification", err)
-        except Exception as exc:
-            log_parser_bug("rtc.notification", exc)
-        return None
+        return parse_or_none("rtc.notification", lambda: _parse_notification(content))
 
 
 def _parse_notification(content: object) -> RtcNotification:
@@ -186,15 +179,12 @@ class RtcDecline:
 
     @classmethod
     def from_json(cls, content: object) -> RtcDecline | None:
-        try:
+        def parse() -> RtcDecline:
             d = get_dict(content)
             if d is None:
                 raise Reject("content is not an object")
             event_id = _relates_to(d, required=True)
             assert event_id is not None
             return cls(notification_event_id=event_id)
-        except Reject as err:
-            log_reject("rtc.decline", err)
-        except Exception as exc:
-            log_parser_bug("rtc.decline", exc)
-        return None
+
+        return parse_or_none("rtc.decline", parse)

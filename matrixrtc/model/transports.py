@@ -29,8 +29,7 @@ from matrixrtc.model._json import (
     as_str,
     canonical_json,
     get_dict,
-    log_parser_bug,
-    log_reject,
+    parse_or_none,
 )
 
 __all__ = [
@@ -142,13 +141,7 @@ def _parse_transport(obj: object) -> Transport:
 
 def parse_transport(obj: object) -> Transport | None:
     """Parse one transport object; None (logged) when it has no string ``type``."""
-    try:
-        return _parse_transport(obj)
-    except Reject as err:
-        log_reject("transport", err)
-    except Exception as exc:  # a parser never raises (design principle 6)
-        log_parser_bug("transport", exc)
-    return None
+    return parse_or_none("transport", lambda: _parse_transport(obj))
 
 
 class FocusSelection(StrEnum):
@@ -200,10 +193,4 @@ def _parse_focus_active(obj: object) -> FocusActive:
 
 
 def parse_focus_active(obj: object) -> FocusActive | None:
-    try:
-        return _parse_focus_active(obj)
-    except Reject as err:
-        log_reject("focus_active", err)
-    except Exception as exc:
-        log_parser_bug("focus_active", exc)
-    return None
+    return parse_or_none("focus_active", lambda: _parse_focus_active(obj))
