@@ -499,6 +499,7 @@ class CallAgent:
             dialect=cfg.dialect,
             room_version=version if isinstance(version, str) else "1",
             member_id=str(uuid.uuid4()) if cfg.dialect is Dialect.STICKY else None,
+            room_id=self.room_id,
             config=mm.MembershipConfig(
                 delayed_leave_delay_ms=cfg.delayed_leave_ms,
                 delayed_leave_restart_ms=min(

@@ -37,9 +37,11 @@ _MAX_SAFE_INT = 2**53 - 1
 class Reject(Exception):
     """Raised inside a parser to abort with a reason; caught by the parser's entry point."""
 
-    def __init__(self, reason: str, **fields: object) -> None:
+    def __init__(self, reason: str, *, field: str | None = None, **fields: object) -> None:
         super().__init__(reason)
         self.reason = reason
+        # The offending JSON field (dotted path, e.g. "transports.published"), when one is.
+        self.field = field
         self.fields = fields
 
 
@@ -51,6 +53,8 @@ def log_reject(kind: str, err: Reject, **context: object) -> None:
     """Log one rejection: debug for junk (expected, must not flood logs), info for input that
     looks like an attempt to impersonate someone (:class:`Suspicious`)."""
     log = _log.info if isinstance(err, Suspicious) else _log.debug
+    if err.field is not None:
+        context = {"field": err.field, **context}
     log("rejected", kind=kind, reason=err.reason, **err.fields, **context)
 
 

@@ -80,6 +80,7 @@ from matrixrtc.model._json import JsonDict
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.membership import (
     DEFAULT_EXPIRES_MS,
+    DEFAULT_SLOT_ID,
     Dialect,
     RtcMemberData,
     SessionMembershipData,
@@ -390,6 +391,7 @@ class OwnMembershipMachine:
         room_version: str | None = None,
         member_id: str | None = None,
         config: MembershipConfig | None = None,
+        room_id: str | None = None,
     ) -> None:
         if dialect is Dialect.STICKY and not member_id:
             raise LocalError("the sticky dialect needs a member_id (a fresh UUID per join)")
@@ -401,6 +403,8 @@ class OwnMembershipMachine:
             state_key_for(user_id, device_id, room_version) if dialect is Dialect.STATE else None
         )
         self.member_id = member_id or f"{user_id}:{device_id}"
+        # State form: LiveKit transports get the room id as `livekit_alias` (Element Call).
+        self.room_id = room_id
         self._log = _log.bind(user_id=user_id, device_id=device_id, dialect=dialect.value)
         # Join parameters.
         self._transports: tuple[Transport, ...] = ()
@@ -935,7 +939,7 @@ class OwnMembershipMachine:
 
     def _leave_content(self) -> JsonDict:
         if self.dialect is Dialect.STICKY:
-            return sticky_leave_content(self.member_id)
+            return sticky_leave_content(self.member_id, DEFAULT_SLOT_ID)
         return state_leave_content()
 
     def _join_request(self, expires: int, *, refresh: bool) -> SendJoin:
@@ -961,6 +965,7 @@ class OwnMembershipMachine:
                 intent=self._intent,
                 expires=expires,
                 created_ts=self._created_ts,
+                room_id=self.room_id,
             ).to_json()
         return SendJoin(
             event_type=self.event_type,

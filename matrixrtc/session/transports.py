@@ -7,7 +7,7 @@ Public API::
     discover_transport(rtc_transports=…, well_known=…, configured=…) -> DiscoveredTransport | None
 
 ``publish_transport`` follows js-sdk ``CallMembership.getTransport(oldest)``:
-* sticky form: ``rtc_transports[0]``;
+* sticky form: ``transports.published[0]`` (or the old ``rtc_transports[0]``);
 * state form, ``multi_sfu``: its own ``foci_preferred[0]``;
 * state form, ``oldest_membership``: its own ``foci_preferred[0]`` if it is the oldest, else
   wherever the oldest member publishes (so an oldest ``multi_sfu`` member yields its own [0]);
@@ -63,7 +63,7 @@ def _publish_transport(
     member: CallMembership, oldest: CallMembership | None, depth: int
 ) -> Transport | None:
     if isinstance(member.data, RtcMemberData):
-        return member.data.rtc_transports[0] if member.data.rtc_transports else None
+        return member.data.published[0] if member.data.published else None
     # Like js-sdk, only focus_selection matters here, not focus_active.type.
     focus = member.data.focus_active
     own_first = member.data.foci_preferred[0] if member.data.foci_preferred else None

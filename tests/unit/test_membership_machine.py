@@ -683,7 +683,8 @@ def test_sticky_dialect_actions() -> None:
     sched = sim.of(ScheduleDelayedLeave)[0][1]
     assert sched.event_type == "org.matrix.msc4143.rtc.member"
     assert sched.state_key is None
-    assert sched.content == {"msc4354_sticky_key": "uuid-1"}
+    # js-sdk 43's sticky (delayed) leave: the slot and the sticky key.
+    assert sched.content == {"slot_id": "m.call#ROOM", "msc4354_sticky_key": "uuid-1"}
     assert sched.sticky_duration_ms == HOUR
     joins = sim.of(SendJoin)
     assert [t for t, _ in joins] == [0, HOUR - 5000, 2 * HOUR - 5000]
@@ -698,11 +699,11 @@ def test_sticky_dialect_actions() -> None:
     assert third is not None
     assert third.relates_to == "$ev2"
     # LiveKit transports carry no alias in the sticky form.
-    assert third.rtc_transports == (LivekitTransport(livekit_service_url=LK.livekit_service_url),)
+    assert third.published == (LivekitTransport(livekit_service_url=LK.livekit_service_url),)
     assert all(j.sticky_duration_ms == HOUR for _, j in joins)
     sim.machine.leave(sim.now)
     sim.run_for(10)
-    assert sim.server.content == {"msc4354_sticky_key": "uuid-1"}
+    assert sim.server.content == {"slot_id": "m.call#ROOM", "msc4354_sticky_key": "uuid-1"}
 
 
 def test_sticky_needs_member_id() -> None:

@@ -30,6 +30,8 @@ from matrixrtc.model import (
     sticky_leave_content,
 )
 from matrixrtc.model.livekit_ids import livekit_identity
+from matrixrtc.model.membership import TransportsShape
+from matrixrtc.model.rejections import RejectionLog
 
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
@@ -58,8 +60,24 @@ SPEC_STATE_CONTENT: dict[str, Any] = {
     "created_ts": 1753000000000,
 }
 
-# The sticky content of spec §1.2, with the relation under the name the validator reads.
+# The sticky content js-sdk 43's makeMyMembership + StickyEventMembershipManager send (spec
+# §1.2 correction), in its key order, with the relation under the name the validator reads.
 SPEC_STICKY_CONTENT: dict[str, Any] = {
+    "slot_id": "m.call#ROOM",
+    "application": {"type": "m.call", "m.call.intent": "video"},
+    "transports": {
+        "published": [
+            {"type": "livekit", "livekit_service_url": "https://rtc.example.org/livekit/jwt"}
+        ],
+        "can_subscribe": ["livekit"],
+    },
+    "member": {"device_id": DEV, "user_id": ALICE, "id": "6f1c0b6e-uuid"},
+    "versions": [],
+    "m.relates_to": {"rel_type": "m.reference", "event_id": "$prev"},
+    "msc4354_sticky_key": "6f1c0b6e-uuid",
+}
+# The same membership in the shape before js-sdk 42.2 (and this project before issue 12).
+OLD_STICKY_CONTENT: dict[str, Any] = {
     "application": {"type": "m.call", "m.call.intent": "video"},
     "slot_id": "m.call#ROOM",
     "rtc_transports": [
@@ -68,7 +86,6 @@ SPEC_STICKY_CONTENT: dict[str, Any] = {
     "member": {"device_id": DEV, "user_id": ALICE, "id": "6f1c0b6e-uuid"},
     "versions": [],
     "msc4354_sticky_key": "6f1c0b6e-uuid",
-    "m.relates_to": {"rel_type": "m.reference", "event_id": "$prev"},
 }
 
 
@@ -196,7 +213,10 @@ def test_state_leave_and_legacy_array() -> None:
         ("created_ts", "1753000000000"),
         ("scope", 1),
         ("m.call.intent", 1),
-        ("expires", "long"),
+        ("m.call.intent", "NULL"),
+        ("scope", "NULL"),
+        ("created_ts", "NULL"),
+        ("created_ts", True),
     ],
 )
 def test_state_validation_rejects(field: str, value: Any) -> None:
@@ -204,8 +224,52 @@ def test_state_validation_rejects(field: str, value: Any) -> None:
     if value is None:
         del content[field]
     else:
-        content[field] = value
+        content[field] = None if value == "NULL" else value
     assert parse_membership_event(state_event(content)) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # js-sdk 43 never type-checks these: a wrong type is not a rejection.
+        ("expires", "long"),
+        ("expires", None),
+        ("expires", -5),
+        ("membershipID", 7),
+        ("focus_active", {"type": "livekit", "focus_selection": 3}),
+        ("focus_active", {"type": "livekit"}),
+        # checkSessionsMembershipData wants strings, empty ones included.
+        ("device_id", ""),
+        ("created_ts", 1753000000000.5),
+        ("created_ts", 2**60),
+    ],
+)
+def test_state_validation_accepts_what_js_sdk_accepts(field: str, value: Any) -> None:
+    content = copy.deepcopy(SPEC_STATE_CONTENT)
+    content[field] = value
+    key = f"_{ALICE}_{content['device_id']}_m.call"
+    m = parse_membership_event(state_event(content, state_key=key))
+    assert isinstance(m, CallMembership), (field, value)
+
+
+def test_state_for_join_sets_the_room_id_as_livekit_alias() -> None:
+    bare = LivekitTransport(livekit_service_url="https://rtc.example.org/livekit/jwt")
+    data = SessionMembershipData.for_join(
+        user_id=ALICE, device_id=DEV, transports=[bare], room_id="!room:example.org"
+    )
+    assert data.to_json()["foci_preferred"] == [
+        {
+            "type": "livekit",
+            "livekit_service_url": "https://rtc.example.org/livekit/jwt",
+            "livekit_alias": "!room:example.org",
+        }
+    ]
+
+
+def test_state_leave_with_only_a_slot_id_is_a_leave() -> None:
+    # js-sdk 43 isLeftMembershipContent: nothing but slot_id / msc4354_sticky_key.
+    left = parse_membership_event(state_event({"slot_id": "m.call#ROOM"}))
+    assert isinstance(left, MembershipLeft)
 
 
 def test_state_quick_filter_needs_application_and_two_keys() -> None:
@@ -273,8 +337,36 @@ def test_sticky_for_join_and_round_trip() -> None:
         previous_event_id="$prev",
     )
     assert data.to_json() == SPEC_STICKY_CONTENT
+    assert list(data.to_json()) == list(SPEC_STICKY_CONTENT)  # js-sdk's key order
     assert RtcMemberData.from_json(SPEC_STICKY_CONTENT) == data
-    assert sticky_leave_content("6f1c0b6e-uuid") == {"msc4354_sticky_key": "6f1c0b6e-uuid"}
+    assert sticky_leave_content("6f1c0b6e-uuid") == {
+        "slot_id": "m.call#ROOM",
+        "msc4354_sticky_key": "6f1c0b6e-uuid",
+    }
+
+
+def test_sticky_for_join_advertises_mesh_in_can_subscribe() -> None:
+    lk = LivekitTransport(livekit_service_url="https://rtc.example.org/livekit/jwt")
+    data = RtcMemberData.for_join(
+        user_id=ALICE, device_id=DEV, member_id="m", transports=[lk, FullMeshTransport()]
+    )
+    assert data.to_json()["transports"] == {
+        "published": [lk.to_json(), {"type": "org.matrix.msc3401.full_mesh"}],
+        "can_subscribe": ["livekit", "org.matrix.msc3401.full_mesh"],
+    }
+
+
+def test_old_rtc_transports_shape_is_still_read() -> None:
+    m = parse_membership_event(sticky_event(copy.deepcopy(OLD_STICKY_CONTENT)))
+    assert isinstance(m, CallMembership)
+    assert isinstance(m.data, RtcMemberData)
+    assert m.data.transports.shape is TransportsShape.RTC_TRANSPORTS
+    assert m.transports == (
+        LivekitTransport(livekit_service_url="https://rtc.example.org/livekit/jwt"),
+    )
+    # An explicit (even null) `transports` is judged by the current rules only.
+    broken = {**OLD_STICKY_CONTENT, "transports": None}
+    assert parse_membership_event(sticky_event(broken)) is None
 
 
 def test_parse_sticky_event() -> None:
@@ -313,8 +405,17 @@ def test_sticky_member_must_be_sender() -> None:
         lambda c: c["member"].update(user_id="alice"),
         lambda c: c["member"].update(device_id=None),
         lambda c: c["member"].pop("id"),
-        lambda c: c.update(rtc_transports=[{"url": "x"}]),
-        lambda c: c.pop("rtc_transports"),
+        lambda c: c["transports"].update(published=[{"url": "x"}]),
+        lambda c: c["transports"].update(published={"type": "livekit"}),
+        lambda c: c["transports"].pop("published"),
+        lambda c: c["transports"].pop("can_subscribe"),
+        lambda c: c["transports"].update(can_subscribe=[1]),
+        lambda c: c["transports"].update(can_subscribe="livekit"),
+        lambda c: c.update(transports=[]),
+        lambda c: c.pop("transports"),
+        lambda c: c.update(sticky_key=None),
+        lambda c: c.update(msc4354_sticky_key=None),
+        lambda c: c["member"].update(user_id="@bob:example.org"),
         lambda c: c.update(versions=[1]),
         lambda c: c.pop("versions"),
         lambda c: c.pop("msc4354_sticky_key"),
@@ -359,13 +460,48 @@ def test_transports_parse() -> None:
 
 
 def test_rejections_are_logged_with_reasons() -> None:
+    log = RejectionLog()
     with capture_logs() as logs:
         forged = state_event(
             copy.deepcopy(SPEC_STATE_CONTENT), sender=BOB, state_key=f"_{ALICE}_{DEV}_m.call"
         )
-        assert parse_membership_event(forged) is None
-        assert parse_membership_event(state_event({"application": "m.call"})) is None
-    levels = {(e["log_level"], e["reason"]) for e in logs if e["event"] == "rejected"}
-    # Impersonation attempts are logged at info, ordinary junk at debug.
+        assert parse_membership_event(forged, rejections=log) is None
+        invalid = state_event({"application": "m.call"})
+        assert parse_membership_event(invalid, rejections=log) is None
+    levels = {(e["log_level"], e["reason"]) for e in logs if e["event"] == "membership_rejected"}
+    # Every rejected membership is logged at info (issue 12), with sender and field.
+    assert all(e["sender"] for e in logs if e["event"] == "membership_rejected")
     assert ("info", "state key does not belong to the sender") in levels
-    assert ("debug", "content is invalid") in levels
+    assert ("info", "content is invalid") in levels
+
+
+def test_rejection_names_sender_field_and_reason() -> None:
+    content = copy.deepcopy(SPEC_STICKY_CONTENT)
+    content["transports"]["can_subscribe"] = [1]
+    with capture_logs() as logs:
+        assert parse_membership_event(sticky_event(content), rejections=RejectionLog()) is None
+    [line] = [e for e in logs if e["event"] == "membership_rejected"]
+    assert line["log_level"] == "info"
+    assert line["sender"] == ALICE
+    assert line["field"] == "transports.can_subscribe"
+    assert line["reason"] == "transports.can_subscribe is not an array of strings"
+    assert line["event_id"] == "$s1"
+    assert line["kind"] == "org.matrix.msc4143.rtc.member"
+
+
+def test_rejections_are_rate_limited_per_sender() -> None:
+    now = [0.0]
+    log = RejectionLog(interval_s=60.0, burst=2, clock=lambda: now[0])
+    bad = copy.deepcopy(SPEC_STICKY_CONTENT)
+    bad["versions"] = [1]
+    bob_bad = copy.deepcopy(bad)
+    bob_bad["member"]["user_id"] = BOB
+    with capture_logs() as logs:
+        for _ in range(10):
+            parse_membership_event(sticky_event(bad), rejections=log)
+        parse_membership_event(sticky_event(bob_bad, sender=BOB), rejections=log)
+        now[0] = 61.0
+        parse_membership_event(sticky_event(bad), rejections=log)
+    lines = [e for e in logs if e["event"] == "membership_rejected"]
+    assert [e["sender"] for e in lines] == [ALICE, ALICE, BOB, ALICE]
+    assert lines[-1]["suppressed_before"] == 8

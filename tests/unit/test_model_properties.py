@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,9 @@ interesting_keys = st.sampled_from(
         "slot_id",
         "member",
         "rtc_transports",
+        "transports",
+        "published",
+        "can_subscribe",
         "versions",
         "m.relates_to",
         "type",
@@ -127,8 +131,21 @@ def _opt(d: dict[str, Any], key: str, check: Any) -> bool:
     return key not in d or check(d[key])
 
 
+def _number(v: Any) -> bool:
+    """js ``typeof v === "number"``."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _left_or_filtered(c: dict[str, Any]) -> bool:
+    """js-sdk 43 isLeftMembershipContent or its quick filter says: not a join."""
+    if all(k in ("slot_id", "msc4354_sticky_key") for k in c):
+        return True
+    keys = [k for k in c if k != "msc4354_sticky_key"]
+    return len(keys) < 2 or "application" not in c
+
+
 def oracle_state(ev: Any) -> bool:
-    """Is ``ev`` a state-form join that the spec says to accept?"""
+    """Is ``ev`` a state-form join? js-sdk 43 checkSessionsMembershipData + our hardening."""
     if not isinstance(ev, dict) or ev.get("type") != "org.matrix.msc3401.call.member":
         return False
     sender, key, c = ev.get("sender"), ev.get("state_key"), ev.get("content")
@@ -136,25 +153,20 @@ def oracle_state(ev: Any) -> bool:
         return False
     if not _int(ev.get("origin_server_ts")) or not isinstance(c, dict):
         return False
-    keys = [k for k in c if k != "msc4354_sticky_key"]
-    if len(keys) < 2 or "application" not in c:
+    if _left_or_filtered(c):
         return False
     dev = c.get("device_id")
     fa = c.get("focus_active")
     ok = (
         isinstance(dev, str)
-        and dev != ""
         and isinstance(c.get("call_id"), str)
         and isinstance(c.get("application"), str)
         and isinstance(fa, dict)
         and isinstance(fa.get("type"), str)
-        and (fa.get("focus_selection") is None or isinstance(fa.get("focus_selection"), str))
         and _opt(c, "foci_preferred", _transport_list)
-        and _opt(c, "created_ts", _int)
+        and _opt(c, "created_ts", _number)
         and _opt(c, "scope", lambda v: isinstance(v, str))
         and _opt(c, "m.call.intent", lambda v: isinstance(v, str))
-        and _opt(c, "expires", lambda v: v is None or (_int(v) and v >= 0))
-        and _opt(c, "membershipID", lambda v: v is None or isinstance(v, str))
     )
     if not ok:
         return False
@@ -166,7 +178,11 @@ def oracle_state(ev: Any) -> bool:
     return False
 
 
+_JS_MXID = re.compile(r"@[^\n\r\u2028\u2029]+:[^\n\r\u2028\u2029]+")
+
+
 def oracle_sticky(ev: Any) -> bool:
+    """js-sdk 43 checkRtcMembershipData, plus the old ``rtc_transports`` shape we still read."""
     if not isinstance(ev, dict) or ev.get("type") != "org.matrix.msc4143.rtc.member":
         return False
     sender, c = ev.get("sender"), ev.get("content")
@@ -174,30 +190,39 @@ def oracle_sticky(ev: Any) -> bool:
         return False
     if not _int(ev.get("origin_server_ts")) or not isinstance(c, dict):
         return False
-    keys = [k for k in c if k != "msc4354_sticky_key"]
-    if len(keys) < 2 or "application" not in c:
+    if _left_or_filtered(c):
         return False
     app, member = c.get("application"), c.get("member")
     if not (isinstance(app, dict) and isinstance(app.get("type"), str) and "#" not in app["type"]):
         return False
-    if app.get("m.call.intent") is not None and not isinstance(app.get("m.call.intent"), str):
-        return False
     slot = c.get("slot_id")
     if not (isinstance(slot, str) and slot.startswith(app["type"] + "#") and slot.count("#") == 1):
         return False
-    if not (isinstance(member, dict) and member.get("user_id") == sender):
+    if not isinstance(member, dict) or not isinstance(member.get("user_id"), str):
+        return False
+    if not _JS_MXID.search(member["user_id"]) or member["user_id"] != sender:
         return False
     if not (isinstance(member.get("device_id"), str) and isinstance(member.get("id"), str)):
         return False
-    if not _transport_list(c.get("rtc_transports")):
-        return False
+    if "transports" not in c and "rtc_transports" in c:
+        if not _transport_list(c["rtc_transports"]):
+            return False
+    else:
+        t = c.get("transports")
+        if not isinstance(t, dict) or not _transport_list(t.get("published")):
+            return False
+        subs = t.get("can_subscribe")
+        if not (isinstance(subs, list) and all(isinstance(x, str) for x in subs)):
+            return False
     versions = c.get("versions")
     if not (isinstance(versions, list) and all(isinstance(v, str) for v in versions)):
         return False
     a, b = c.get("msc4354_sticky_key"), c.get("sticky_key")
     if a is None and b is None:
         return False
-    if (a is not None and not isinstance(a, str)) or (b is not None and not isinstance(b, str)):
+    if ("msc4354_sticky_key" in c and not isinstance(a, str)) or (
+        "sticky_key" in c and not isinstance(b, str)
+    ):
         return False
     if a is not None and b is not None and a != b:
         return False
