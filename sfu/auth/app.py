@@ -24,10 +24,8 @@ from livekit import api as lkapi
 
 from matrixrtc.errors import ConfigError
 from matrixrtc.model import livekit_ids
-from sfu.auth import metrics
 from sfu.auth.config import Config
 from sfu.auth.livekit import JoinTokenSigner, LiveKitRooms
-from sfu.auth.netguard import AddressPolicy, GuardedHttp, HostResolver, SystemResolver
 from sfu.auth.openid import OpenIDValidator
 from sfu.auth.ratelimit import RateLimiter
 from sfu.auth.wire import (
@@ -41,6 +39,8 @@ from sfu.auth.wire import (
     validate_get_token,
     validate_legacy,
 )
+from sfu.common import metrics
+from sfu.common.netguard import AddressPolicy, GuardedHttp, HostResolver, SystemResolver
 from sfu.controller.bus import WebhookBus
 from sfu.controller.csapi import CsApi
 from sfu.controller.delayed_leave import DelayedLeaveManager, Signal

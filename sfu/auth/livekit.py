@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 from livekit import api as lkapi
 
-from sfu.auth import metrics
+from sfu.common import metrics
 
 __all__ = ["TOKEN_TTL_SECONDS", "JoinTokenSigner", "LiveKitRooms"]
 

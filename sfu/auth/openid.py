@@ -4,7 +4,7 @@ Resolution follows the Matrix server-server spec (as gomatrixserverlib does): IP
 (default port 8448), explicit port, ``/.well-known/matrix/server`` (re-resolved without
 well-known), SRV ``_matrix-fed._tcp`` then ``_matrix._tcp``, else ``:8448``. An operator's
 override map (server name → base URL) comes first and is how private or test homeservers are
-reached. Every connection passes the SSRF guard of :mod:`sfu.auth.netguard`.
+reached. Every connection passes the SSRF guard of :mod:`sfu.common.netguard`.
 
 Validated tokens are cached until ``min(expires_in, max_ttl)`` after first sight, so a
 reconnect or a multi-SFU subscribe does not hit the homeserver again; failures are cached for a
@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import structlog
 
-from sfu.auth import metrics
-from sfu.auth.netguard import BlockedAddressError, FetchError, GuardedHttp, HostResolver
-from sfu.auth.servername import ServerName, parse_server_name
+from sfu.common import metrics
+from sfu.common.netguard import BlockedAddressError, FetchError, GuardedHttp, HostResolver
+from sfu.common.servername import ServerName, parse_server_name
 
 __all__ = ["Destination", "LookupOutcome", "OpenIDValidator", "federation_destinations"]
 

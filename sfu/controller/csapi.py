@@ -16,8 +16,8 @@ from urllib.parse import quote, urlsplit
 
 import structlog
 
-from sfu.auth.netguard import BlockedAddressError, FetchError, GuardedHttp
-from sfu.auth.servername import parse_server_name
+from sfu.common.netguard import BlockedAddressError, FetchError, GuardedHttp
+from sfu.common.servername import parse_server_name
 
 __all__ = ["ActionResult", "CsApi", "DelayAction"]
 

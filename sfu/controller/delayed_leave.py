@@ -35,7 +35,7 @@ from typing import Protocol
 
 import structlog
 
-from sfu.auth import metrics
+from sfu.common import metrics
 from sfu.controller.csapi import ActionResult, CsApi, DelayAction
 from sfu.controller.store import JobParams, JobStore, StoredJob
 

@@ -25,7 +25,7 @@ from livekit import api as lkapi
 
 from sfu.auth.app import create_app
 from sfu.auth.config import Config
-from sfu.auth.netguard import AddressPolicy, StaticResolver
+from sfu.common.netguard import AddressPolicy, StaticResolver
 
 KEY, SECRET = "testkey", "testsecret-testsecret-testsecret-0123"
 

@@ -14,9 +14,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from sfu.auth.netguard import AddressPolicy, GuardedHttp, StaticResolver
 from sfu.auth.openid import Destination, OpenIDValidator, federation_destinations
-from sfu.auth.servername import ServerName, parse_server_name
+from sfu.common.netguard import AddressPolicy, GuardedHttp, StaticResolver
+from sfu.common.servername import ServerName, parse_server_name
 from sfu.controller.store import JobParams, StoredJob
 
 
