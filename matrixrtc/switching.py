@@ -46,7 +46,8 @@ from matrixrtc.call_keys import CallKeys, KeyEvent, KeyEventKind
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
-from matrixrtc.matrix import Subscription
+from matrixrtc.matrix import Broadcaster, Subscription
+from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
@@ -87,8 +88,9 @@ class SwitchConfig:
     mesh_max: int = DEFAULT_MESH_MAX
     media: MediaOptions = field(default_factory=MediaOptions)  # what we send on either transport
     mesh: MeshLinkConfig = field(default_factory=lambda: SWITCH_MESH)
-    # Local tracks for each mesh we start; None: synthetic video (and a tone) from ``media``.
-    mesh_sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
+    # Local tracks for each transport we start (a mesh, a publishing LiveKit connection); the
+    # transport stops them when it closes. None: synthetic video (and a tone) from ``media``.
+    sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
     settle_timeout_s: float = 10.0  # longest make-before-break overlap
     join_timeout_s: float = 30.0  # until the room shows our own membership
     poll_s: float = 0.02
@@ -169,10 +171,20 @@ class MediaSwitcher:
         config: SwitchConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        frames: FrameTap[tuple[Participant, MediaKind]] | None = None,
     ) -> None:
+        """``frames``: every decoded remote frame, with its sender and the transport that
+        carried it."""
         self.agent = agent
         self.keys = keys
         self.config = config or SwitchConfig()
+        self._frames = frames
+        self._mesh_tap: FrameTap[DeviceRef] | None = None
+        self._sfu_tap: FrameTap[str] | None = None
+        if frames is not None:
+            self._mesh_tap = FrameTap(self._mesh_frame, lambda: frames.listening)
+            self._sfu_tap = FrameTap(self._sfu_frame, lambda: frames.listening)
+        self._records: Broadcaster[SwitchRecord] = Broadcaster()
         self._clock = clock
         self.kind: MediaKind | None = None  # the transport carrying our media now
         self.decision: MediaDecision | None = None
@@ -216,6 +228,7 @@ class MediaSwitcher:
         await asyncio.gather(*self._teardowns, return_exceptions=True)  # each bounded
         await self._close_mesh()
         await self._close_livekit()
+        self._records.end()
         if failure is not None:
             raise failure
 
@@ -223,6 +236,10 @@ class MediaSwitcher:
         self._tasks.spawn(coro, name)
 
     # -- public view ------------------------------------------------------------------------
+
+    def switches(self) -> Subscription[SwitchRecord]:
+        """Subscribe to transport starts and switches as they complete."""
+        return self._records.subscribe()
 
     async def wait_settled(self, kind: MediaKind, timeout_s: float) -> SwitchRecord:
         """Until ``kind`` alone carries our media (after a start or switch to it)."""
@@ -329,6 +346,8 @@ class MediaSwitcher:
         except BaseException:
             await (self._close_livekit() if new is MediaKind.SFU else self._close_mesh())
             raise
+        if old is None:
+            self.kind = new  # nothing to hand over from: it carries our media from now on
         carried_at = await self._wait_carried(new, started)
         self.kind = new
         # Detach the old transport now and close it in the background: hanging up and closing
@@ -350,6 +369,7 @@ class MediaSwitcher:
             carried_at=carried_at,
         )
         self.history.append(record)
+        self._records.publish(record)
         self._settled.set()
         self._log.info(
             "switch.done" if old is not None else "switch.transport_started",
@@ -405,8 +425,8 @@ class MediaSwitcher:
 
     async def _start_mesh(self) -> None:
         cfg = self.config
-        if cfg.mesh_sources is not None:
-            tracks = list(cfg.mesh_sources())
+        if cfg.sources is not None:
+            tracks = list(cfg.sources())
         else:
             m = cfg.media
             tracks = []
@@ -414,7 +434,9 @@ class MediaSwitcher:
                 tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
             if m.audio:
                 tracks.append(ToneAudioTrack(m.tone_hz))
-        mesh = MatrixMesh(self.agent, keys=self.keys, sources=tracks, config=cfg.mesh)
+        mesh = MatrixMesh(
+            self.agent, keys=self.keys, sources=tracks, config=cfg.mesh, frames=self._mesh_tap
+        )
         try:
             await mesh.__aenter__()
         except BaseException:
@@ -471,6 +493,8 @@ class MediaSwitcher:
             e2ee=self.keys is not None,
             slot_id=self.config.mesh.slot_id,
             clock=self._clock,
+            sources=self.config.sources,
+            frames=self._sfu_tap,
         )
         self.livekit = lk
         # Every key so far; later ones come through _key_loop. The transport hands each key to
@@ -503,6 +527,27 @@ class MediaSwitcher:
                 await lk.aclose()
             except Exception as exc:
                 self._log.warning("switch.livekit_close_failed", error=repr(exc))
+
+    # -- decoded frames ---------------------------------------------------------------------
+
+    def _mesh_frame(self, peer: DeviceRef, frame: AvFrame) -> None:
+        assert self._frames is not None
+        p = next(
+            (
+                p
+                for p in self.agent.participants
+                if (p.user_id, p.device_id) == (peer.user_id, peer.device_id)
+            ),
+            None,
+        )
+        if p is not None:
+            self._frames((p, MediaKind.MESH), frame)
+
+    def _sfu_frame(self, identity: str, frame: AvFrame) -> None:
+        assert self._frames is not None
+        p = next((p for p in self.agent.participants if p.rtc_backend_identity == identity), None)
+        if p is not None:
+            self._frames((p, MediaKind.SFU), frame)
 
     # -- media monitor ----------------------------------------------------------------------
 

@@ -31,10 +31,10 @@ import structlog
 
 from matrixrtc.agent import AgentConfig, CallAgent, Participant, ParticipantsChanged
 from matrixrtc.agent import participants_table as _table
+from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.matrix import Homeserver, Login
-from matrixrtc.model import Dialect, LivekitTransport, Transport
-from matrixrtc.session.transports import discover_transport
+from matrixrtc.model import Dialect, Transport
 
 __all__ = ["register", "run"]
 
@@ -115,26 +115,11 @@ def run(args: argparse.Namespace) -> int:
 async def _transports(
     hs: Homeserver, room_id: str, configured: str | None, dialect: Dialect
 ) -> tuple[Transport, ...]:
-    try:
-        offered: list[dict[str, Any]] | None = await hs.rtc_transports()
-    except MatrixRTCError as e:
-        log.info("join.no_rtc_transports", reason=str(e))
-        offered = None
-    well_known = {"org.matrix.msc4143.rtc_foci": await hs.well_known_rtc_foci()}
-    found = discover_transport(
-        rtc_transports={"rtc_transports": offered} if offered is not None else None,
-        well_known=well_known,
-        configured=[LivekitTransport(livekit_service_url=configured)] if configured else None,
-    )
+    found = await discover_livekit(hs, room_id, configured, dialect)
     if found is None:
         log.warning("join.no_transport", hint="pass --livekit-service-url")
         return ()
-    log.info("join.transport", source=found.source.value, url=found.transport.livekit_service_url)
-    url = found.transport.livekit_service_url
-    if dialect is Dialect.STICKY:  # rtc_transports carry no alias (spec §1.2)
-        return (LivekitTransport(livekit_service_url=url),)
-    # Element Call's compatibility mode writes the room id as the alias (state form).
-    return (LivekitTransport(livekit_service_url=url, livekit_alias=room_id),)
+    return (found,)
 
 
 def _participant_json(p: Participant) -> dict[str, Any]:

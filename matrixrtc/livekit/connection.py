@@ -25,10 +25,15 @@ of one call share one table (the transport's), so a key cannot miss a connection
 still opening; a connection made alone gets a private table.
 
 Media is synthetic (``matrixrtc.media.sources``: a moving pattern, default 320×240 at 15 fps,
-and a 440 Hz tone), re-captured into LiveKit sources. Every subscribed remote track is drained
-and counted in an owned task. The SDK reports decryption problems only as state changes per
-participant (``e2ee_state_changed``), not per frame, so ``decrypt_failures`` counts entries
-into a failing state and ``e2ee_events`` keeps when they happened.
+and a 440 Hz tone) unless ``sources`` gives the tracks to publish (any ``av``-frame tracks, e.g.
+a call's published tracks): each is published once its first frame arrives (LiveKit's source
+takes that frame's size) and re-captured into a LiveKit source. Every subscribed remote track is
+drained and counted in an owned task; with a ``frames`` tap that listens, each decoded frame is
+also handed on as an ``av`` frame with the sender's identity.
+
+The SDK reports decryption problems only as state changes per participant
+(``e2ee_state_changed``), not per frame, so ``decrypt_failures`` counts entries into a failing
+state and ``e2ee_events`` keeps when they happened.
 """
 
 from __future__ import annotations
@@ -36,18 +41,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Final, Self
 
+import av
 import structlog
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from livekit import rtc
 from livekit.rtc.participant import PublishTrackError
 
 from matrixrtc.errors import RemoteError
+from matrixrtc.livekit.frames import AudioToRtc, audio_to_av, video_to_av, video_to_rtc
 from matrixrtc.livekit.token import SfuCredentials
+from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 
 __all__ = [
@@ -224,8 +233,13 @@ class LiveKitConnection:
         stats: dict[str, ParticipantStats] | None = None,
         sent: SentStats | None = None,
         keys: KeyTable | None = None,
+        sources: Callable[[], Sequence[MediaStreamTrack]] | None = None,
+        frames: FrameTap[str] | None = None,
     ) -> None:
-        """``on_state`` is called (synchronously) whenever :attr:`state` changes. ``stats`` and
+        """``sources``: the tracks to publish (called once, when publishing); None: synthetic
+        media from ``media``. ``frames``: where decoded remote frames go.
+
+        ``on_state`` is called (synchronously) whenever :attr:`state` changes. ``stats`` and
         ``sent`` continue the counters of a connection this one replaces. ``keys``: the table
         shared with the other connections of the call (attached from here on); None: a
         private one."""
@@ -248,6 +262,8 @@ class LiveKitConnection:
         self._on_state = on_state
         self.connected_at: float | None = None
         self.keys = keys if keys is not None else KeyTable()
+        self._track_sources = sources
+        self._frames = frames
         self._tasks: set[asyncio.Task[None]] = set()
         self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
         self._closed = False
@@ -411,6 +427,10 @@ class LiveKitConnection:
 
     # ------------------------------------------------------------------ publishing
     async def _publish(self) -> None:
+        if self._track_sources is not None:
+            for track in self._track_sources():
+                self._spawn(self._publish_track(track), f"livekit-publish-{track.kind}")
+            return
         m = self.media
         lp = self.room.local_participant
         try:
@@ -439,6 +459,51 @@ class LiveKitConnection:
             raise LiveKitConnectError(f"LiveKit publish failed: {exc}") from None
         # New sender cryptors start at index 0.
         self._sync_own_key_index()
+
+    async def _publish_track(self, track: MediaStreamTrack) -> None:
+        """Publish ``track`` once it has a frame, then copy its frames into LiveKit."""
+        lp = self.room.local_participant
+        try:
+            frame = await track.recv()
+            if isinstance(frame, av.VideoFrame):
+                vsource = rtc.VideoSource(frame.width, frame.height)
+                self._sources.append(vsource)
+                await lp.publish_track(
+                    rtc.LocalVideoTrack.create_video_track("video", vsource),
+                    rtc.TrackPublishOptions(
+                        source=rtc.TrackSource.SOURCE_CAMERA,
+                        video_codec=rtc.VideoCodec.VP8,
+                        simulcast=False,
+                    ),
+                )
+                self._sync_own_key_index()  # a new sender cryptor starts at index 0
+                while True:
+                    if isinstance(frame, av.VideoFrame):
+                        vsource.capture_frame(video_to_rtc(frame))
+                        self.sent.video_frames += 1
+                        self.sent.video_times.append(self._clock())
+                    frame = await track.recv()
+            else:
+                audio = AudioToRtc()
+                asource = rtc.AudioSource(audio.sample_rate, audio.channels)
+                self._sources.append(asource)
+                await lp.publish_track(
+                    rtc.LocalAudioTrack.create_audio_track("audio", asource),
+                    rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE),
+                )
+                self._sync_own_key_index()
+                while True:
+                    if isinstance(frame, av.AudioFrame):
+                        for pcm in audio.convert(frame):
+                            await asource.capture_frame(pcm)
+                        self.sent.audio_frames += 1
+                    frame = await track.recv()
+        except MediaStreamError:
+            log.info("livekit.published_track_ended", kind=track.kind)
+        except PublishTrackError as exc:
+            log.warning("livekit.publish_failed", kind=track.kind, error=str(exc))
+        finally:
+            track.stop()
 
     async def _pump_video(self, source: rtc.VideoSource) -> None:
         m = self.media
@@ -493,8 +558,10 @@ class LiveKitConnection:
     async def _count_video(self, track: rtc.Track, stats: ParticipantStats) -> None:
         stream = rtc.VideoStream(track)
         try:
-            async for _ in stream:
+            async for event in stream:
                 now = self._clock()
+                if self._frames is not None and self._frames.listening:
+                    self._frames(stats.identity, video_to_av(event.frame))
                 stats.video_frames += 1
                 if stats.first_video_at is None:
                     stats.first_video_at = now
@@ -509,8 +576,10 @@ class LiveKitConnection:
         # 100 ms frames instead of the default 10 ms keep that load a tenth.
         stream = rtc.AudioStream(track, frame_size_ms=AUDIO_FRAME_MS)
         try:
-            async for _ in stream:
+            async for event in stream:
                 stats.audio_frames += 1
+                if self._frames is not None and self._frames.listening:
+                    self._frames(stats.identity, audio_to_av(event.frame))
         finally:
             await stream.aclose()
 

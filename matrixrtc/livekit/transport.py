@@ -42,6 +42,7 @@ from typing import Self
 
 import aiohttp
 import structlog
+from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.e2ee.keys import Action, InstallRemoteKey, SendKey, UseKey
 from matrixrtc.errors import MatrixRTCError
@@ -55,6 +56,7 @@ from matrixrtc.livekit.connection import (
 )
 from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.matrix.homeserver import OpenIdToken
+from matrixrtc.media.frames import FrameTap
 from matrixrtc.model.livekit_ids import (
     DEFAULT_SLOT_ID,
     legacy_identity,
@@ -144,7 +146,13 @@ class LiveKitTransport:
         slot_id: str = DEFAULT_SLOT_ID,
         resume_grace_s: float = RESUME_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
+        sources: Callable[[], Sequence[MediaStreamTrack]] | None = None,
+        frames: FrameTap[str] | None = None,
     ) -> None:
+        """``sources``: the tracks each publishing connection publishes (None: synthetic media
+        from ``media``); ``frames``: where decoded remote frames go, by LiveKit identity."""
+        self._sources = sources
+        self._frames = frames
         self.room_id = room_id
         self.own = own
         self._openid = openid
@@ -316,6 +324,8 @@ class LiveKitTransport:
             stats=stats,
             sent=sent,
             keys=self.keys,  # attached now: later keys reach it while it opens
+            sources=self._sources,
+            frames=self._frames,
         )
         try:
             await conn.connect()

@@ -1,5 +1,8 @@
 """Counting sinks for remote media: they always drain the track and count what arrives.
 
+A sink can also hand every decoded frame to a callback (``on_frame``): how a call's
+``frames()`` stream gets the mesh's frames. A failing callback is logged, never stops the sink.
+
 aiortc's ``RemoteStreamTrack`` queue is unbounded, so a remote track nobody reads grows
 without limit: every remote track gets a :class:`CountingSink`. :class:`ReceiveStats` is also
 updated by the mesh engine's receive hook (encoded frames, bytes, decrypt failures), so one
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -65,10 +69,13 @@ class CountingSink:
         stats: ReceiveStats | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_frame: Callable[[av.VideoFrame | av.AudioFrame], None] | None = None,
     ) -> None:
         self.track = track
         self.stats = stats if stats is not None else ReceiveStats(kind=track.kind)
         self._clock = clock
+        self._on_frame = on_frame
+        self.callback_failures = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -80,10 +87,21 @@ class CountingSink:
     async def _run(self) -> None:
         try:
             while True:
-                await self.track.recv()
+                frame = await self.track.recv()
                 self.stats.frame_decoded(self._clock())
+                if self._on_frame is not None and isinstance(frame, av.VideoFrame | av.AudioFrame):
+                    self._hand_on(frame)
         except MediaStreamError:
             pass  # the track ended
+
+    def _hand_on(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        assert self._on_frame is not None
+        try:
+            self._on_frame(frame)
+        except Exception as exc:  # the listener's fault: keep draining and counting
+            self.callback_failures += 1
+            if self.callback_failures == 1 or self.callback_failures % 1000 == 0:
+                log.warning("media.frame_callback_failed", error=repr(exc))
 
     async def aclose(self) -> None:
         task, self._task = self._task, None

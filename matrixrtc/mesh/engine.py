@@ -24,6 +24,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError
+from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
 from matrixrtc.mesh.ice import (
@@ -104,8 +105,11 @@ class MeshEngine:
         config: MeshConfig | None = None,
         transform: FrameTransform | None = None,
         clock: Callable[[], float] = time.monotonic,
+        frames: FrameTap[DeviceRef] | None = None,
     ) -> None:
+        """``frames``: where every decoded remote frame goes, with the device it came from."""
         self.local = local
+        self._frames = frames
         self.config = config or MeshConfig()
         self._sender = sender
         self._transform = transform
@@ -278,11 +282,22 @@ class MeshEngine:
         @pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
             stats = link.stats.setdefault(track.kind, ReceiveStats(kind=track.kind))
-            sink = CountingSink(track, stats, clock=self._clock)
+            sink = CountingSink(track, stats, clock=self._clock, on_frame=self._frame_hook(peer))
             link.sinks.append(sink)
             sink.start()
 
         return link
+
+    def _frame_hook(self, peer: DeviceRef) -> Callable[[AvFrame], None] | None:
+        tap = self._frames
+        if tap is None:
+            return None
+
+        def hand_on(frame: AvFrame) -> None:
+            if tap.listening:
+                tap(peer, frame)
+
+        return hand_on
 
     def _attach_media(self, link: PeerLink) -> None:
         """Send our shared tracks and hook every receiver; before any transport connects."""

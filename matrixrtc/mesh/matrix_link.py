@@ -40,6 +40,7 @@ from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import DeviceRef as HsDeviceRef
 from matrixrtc.matrix import Subscription, ToDeviceEvent
+from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.signalling import MESH_TRANSPORT_TYPE, DeviceRef, LocalDevice, mesh_conf_id
@@ -87,9 +88,12 @@ class MatrixMesh:
         sources: Sequence[MediaStreamTrack] = (),
         config: MeshLinkConfig | None = None,
         decrypt_rings: KeyRings | None = None,
+        frames: FrameTap[DeviceRef] | None = None,
     ) -> None:
         """``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
-        participant that is left out of key distribution."""
+        participant that is left out of key distribution. ``frames`` gets every decoded remote
+        frame."""
+        self._frames = frames
         self.agent = agent
         self.hs = agent.hs
         self.keys = keys
@@ -163,7 +167,12 @@ class MatrixMesh:
             rings = self.keys.rings
             transform = CryptorTransform(rings.cryptor(self.keys.identity), self._decryptor)
         engine = MeshEngine(
-            local, self, sources=self._sources, config=self._mesh_cfg, transform=transform
+            local,
+            self,
+            sources=self._sources,
+            config=self._mesh_cfg,
+            transform=transform,
+            frames=self._frames,
         )
         engine.start()
         return engine

@@ -1,0 +1,73 @@
+"""Frames between ``av`` (what aiortc tracks and the rest of matrixrtc use) and the livekit rtc
+SDK's own frame types: I420 video and 16-bit PCM audio, copied plane by plane."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+from livekit import rtc
+
+__all__ = ["AudioToRtc", "audio_to_av", "video_to_av", "video_to_rtc"]
+
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+def _i420_sizes(width: int, height: int) -> tuple[tuple[int, int], ...]:
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    return ((width, height), (cw, ch), (cw, ch))
+
+
+def video_to_rtc(frame: av.VideoFrame) -> rtc.VideoFrame:
+    """An ``av`` video frame (any pixel format) as an I420 LiveKit frame."""
+    if frame.format.name != "yuv420p":
+        frame = frame.reformat(format="yuv420p")
+    parts = []
+    for plane, (w, h) in zip(frame.planes, _i420_sizes(frame.width, frame.height), strict=True):
+        rows = np.frombuffer(memoryview(plane), np.uint8).reshape(h, plane.line_size)
+        parts.append(rows[:, :w].tobytes())
+    return rtc.VideoFrame(frame.width, frame.height, rtc.VideoBufferType.I420, b"".join(parts))
+
+
+def video_to_av(frame: rtc.VideoFrame) -> av.VideoFrame:
+    """A LiveKit video frame (any buffer type) as a ``yuv420p`` ``av`` frame."""
+    if frame.type != rtc.VideoBufferType.I420:
+        frame = frame.convert(rtc.VideoBufferType.I420)
+    out = av.VideoFrame(frame.width, frame.height, "yuv420p")
+    data = memoryview(frame.data).cast("B")
+    offset = 0
+    for plane, (w, h) in zip(out.planes, _i420_sizes(frame.width, frame.height), strict=True):
+        src = np.frombuffer(data, np.uint8, count=w * h, offset=offset).reshape(h, w)
+        offset += w * h
+        padded = np.zeros((h, plane.line_size), np.uint8)
+        padded[:, :w] = src
+        plane.update(padded.tobytes())
+    return out
+
+
+def audio_to_av(frame: rtc.AudioFrame) -> av.AudioFrame:
+    """A LiveKit PCM frame as an ``s16`` ``av`` frame (mono or stereo, interleaved)."""
+    layout = _LAYOUTS.get(frame.num_channels)
+    if layout is None:
+        raise ValueError(f"{frame.num_channels} audio channels")
+    pcm = np.frombuffer(memoryview(frame.data).cast("B"), np.int16).reshape(1, -1)
+    out = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+    out.sample_rate = frame.sample_rate
+    return out
+
+
+class AudioToRtc:
+    """``av`` audio frames (any format, rate or layout) as LiveKit PCM at one rate and layout."""
+
+    def __init__(self, sample_rate: int = 48_000, channels: int = 1) -> None:
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._resampler = av.AudioResampler(
+            format="s16", layout=_LAYOUTS[channels], rate=sample_rate
+        )
+
+    def convert(self, frame: av.AudioFrame) -> list[rtc.AudioFrame]:
+        out = []
+        for f in self._resampler.resample(frame):
+            pcm = f.to_ndarray()
+            out.append(rtc.AudioFrame(pcm.tobytes(), self.sample_rate, self.channels, f.samples))
+        return out

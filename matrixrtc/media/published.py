@@ -1,0 +1,174 @@
+"""Local media a call publishes: one swappable source per kind, fanned out to every transport.
+
+A :class:`PublishedTrack` reads the track the application publishes (any aiortc
+``MediaStreamTrack`` producing ``av`` frames: a file player, a camera, a synthetic source) in
+one owned task and hands each frame to every subscriber track it made. Each transport instance
+gets its own subscriber (a mesh's shared encoder, a LiveKit connection's capture pump), so a
+make-before-break switch, where two transports run at once, does not split the frames between
+them, and publishing another source (or none) never touches a running transport.
+
+Frames are restamped on the way through, so a source swap never makes time run backwards for
+an encoder: video ``pts`` counts 90 kHz ticks of the loop clock since the first frame, audio
+``pts`` counts samples. Without a source, subscribers simply get no frames. A subscriber that
+falls behind loses its oldest frames (``queue_frames``), never the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+from typing import Final
+
+import av
+import structlog
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+__all__ = ["PublishedTrack"]
+
+log = structlog.get_logger(__name__)
+
+_VIDEO_TIME_BASE: Final = fractions.Fraction(1, 90_000)
+_KINDS: Final = ("audio", "video")
+
+
+class _Subscriber(MediaStreamTrack):
+    """What one transport reads: the frames of whatever the call publishes in this kind."""
+
+    def __init__(self, hub: PublishedTrack, queue_frames: int) -> None:
+        super().__init__()
+        self.kind = hub.kind
+        self._hub = hub
+        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | None] = asyncio.Queue(
+            maxsize=queue_frames
+        )
+
+    def _offer(self, frame: av.VideoFrame | av.AudioFrame | None) -> None:
+        if self._queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._queue.get_nowait()  # the oldest goes; a live call wants the newest
+        self._queue.put_nowait(frame)
+
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self._queue.get()
+        if frame is None:
+            raise MediaStreamError
+        return frame
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._hub._unsubscribe(self)
+            self._offer(None)  # wakes a pending recv()
+        super().stop()
+
+
+class PublishedTrack:
+    """One kind (``"audio"`` or ``"video"``) of what a call publishes; see the module doc."""
+
+    def __init__(self, kind: str, *, queue_frames: int = 4) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be audio or video, not {kind!r}")
+        self.kind = kind
+        self.frames = 0  # frames handed on (restamped) since creation
+        self._queue_frames = queue_frames
+        self._source: MediaStreamTrack | None = None
+        self._source_changed = asyncio.Event()
+        self._subscribers: list[_Subscriber] = []
+        self._task: asyncio.Task[None] | None = None
+        self._t0: float | None = None
+        self._last_pts = -1
+        self._samples = 0
+
+    @property
+    def source(self) -> MediaStreamTrack | None:
+        return self._source
+
+    def set_source(self, track: MediaStreamTrack | None) -> None:
+        """Publish ``track`` from now on (None: publish nothing). The caller keeps owning the
+        track: it is not stopped here, nor when the call ends."""
+        if track is not None and track.kind != self.kind:
+            raise ValueError(f"a {track.kind} track cannot be published as {self.kind}")
+        self._source = track
+        self._source_changed.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._pump(), name=f"published-{self.kind}"
+            )
+            self._task.add_done_callback(self._pump_done)
+
+    def subscribe(self) -> MediaStreamTrack:
+        """A new track carrying what is published; stopping it unsubscribes."""
+        sub = _Subscriber(self, self._queue_frames)
+        self._subscribers.append(sub)
+        return sub
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def _unsubscribe(self, sub: _Subscriber) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+
+    async def aclose(self) -> None:
+        """Stop reading the source and end every subscriber track."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in list(self._subscribers):
+            sub.stop()
+
+    def _pump_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("media.published_pump_failed", kind=self.kind, exc_info=task.exception())
+
+    async def _pump(self) -> None:
+        while True:
+            source = self._source
+            if source is None:
+                self._source_changed.clear()
+                await self._source_changed.wait()
+                continue
+            self._source_changed.clear()
+            recv = asyncio.ensure_future(source.recv())
+            changed = asyncio.ensure_future(self._source_changed.wait())
+            try:
+                done, _ = await asyncio.wait({recv, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                if not recv.done():
+                    recv.cancel()
+                await asyncio.gather(recv, changed, return_exceptions=True)
+            if recv not in done or recv.cancelled() or self._source is not source:
+                continue  # another source was published meanwhile: its frames only
+            try:
+                frame = recv.result()
+            except MediaStreamError:
+                log.info("media.published_source_ended", kind=self.kind)
+                if self._source is source:
+                    self._source = None
+                continue
+            if isinstance(frame, av.VideoFrame | av.AudioFrame):
+                self._hand_on(frame)
+
+    def _hand_on(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(frame, av.VideoFrame):
+            now = loop.time()
+            if self._t0 is None:
+                self._t0 = now
+            pts = max(self._last_pts + 1, round((now - self._t0) * 90_000))
+            self._last_pts = pts
+            frame.pts = pts
+            frame.time_base = _VIDEO_TIME_BASE
+        else:
+            frame.pts = self._samples
+            frame.time_base = fractions.Fraction(1, frame.sample_rate)
+            self._samples += frame.samples
+        self.frames += 1
+        for sub in list(self._subscribers):
+            sub._offer(frame)

@@ -1,0 +1,134 @@
+"""``matrixrtc.Call`` over the real stack: two calls in one process, each its own device.
+
+Over the mesh and over LiveKit (through our authorization service), in an encrypted room (so
+media is end-to-end encrypted with Olm-distributed keys): Alice publishes a synthetic video
+track; Bob's ``frames()`` yields decoded ``av`` frames from her, attributed to her participant
+and to the transport that carried them; publishing a track of another size replaces what Bob
+receives; Bob's ``events()`` shows her joining, keys being installed, the transport starting,
+and her leaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import av
+import pytest
+import pytest_asyncio
+
+from matrixrtc import (
+    Call,
+    CallOptions,
+    KeyEvent,
+    KeyEventKind,
+    MediaKind,
+    ParticipantsChanged,
+    RemoteFrame,
+    SwitchRecord,
+)
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
+from matrixrtc.media.sources import SyntheticVideoTrack
+from tests.conftest import UserFactory
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = CallOptions(mesh_host_addresses=("127.0.0.1",), turn_from_homeserver=False)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def sfu(synapse: Synapse, livekit: LiveKit, run_dir: Path) -> AsyncIterator[AuthService]:
+    svc = AuthService(run_dir, livekit, synapse, name="lk-sfu-call", full_access=None)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+def _call(synapse: Synapse, user: UserCreds, room: str, transport: str, sfu_url: str) -> Call:
+    return Call(
+        room,
+        homeserver=synapse.base_url,
+        user=user.user_id,
+        password=user.password,
+        transport="mesh" if transport == "mesh" else "sfu",
+        sfu_url=sfu_url,
+        options=OPTIONS,
+    )
+
+
+async def _video_from(
+    frames: AsyncIterator[RemoteFrame], user_id: str, size: tuple[int, int]
+) -> RemoteFrame:
+    async for f in frames:
+        frame = f.frame
+        if not isinstance(frame, av.VideoFrame) or f.participant.user_id != user_id:
+            continue
+        if (frame.width, frame.height) == size:
+            return f
+    raise AssertionError("the call ended before the frame arrived")
+
+
+@pytest.mark.parametrize("transport", ["mesh", "sfu"])
+async def test_call_publishes_and_receives_decoded_frames_and_reports_events(
+    synapse: Synapse, sfu: AuthService, user_factory: UserFactory, transport: str
+) -> None:
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    big, small = SyntheticVideoTrack(320, 240, 15), SyntheticVideoTrack(160, 120, 15)
+    try:
+        async with _call(synapse, bob, room, transport, sfu.url) as b:
+            with b.events() as events, b.frames("video") as frames:
+                async with _call(synapse, alice, room, transport, sfu.url) as a:
+                    a.publish(big)
+                    async with asyncio.timeout(30):
+                        first = await _video_from(frames, alice.user_id, (320, 240))
+                    assert isinstance(first.frame, av.VideoFrame)
+                    assert first.kind == "video"
+                    assert first.transport is MediaKind(transport)
+                    assert not first.participant.is_self
+                    a.publish(small)  # replaces the big one, nothing renegotiated
+                    async with asyncio.timeout(20):
+                        await _video_from(frames, alice.user_id, (160, 120))
+                    assert a.transport is MediaKind(transport)
+                    assert [p.user_id for p in a.participants] == [bob.user_id, alice.user_id]
+                seen: list[object] = []
+                async with asyncio.timeout(20):
+                    async for ev in events:
+                        seen.append(ev)
+                        if isinstance(ev, ParticipantsChanged) and any(
+                            p.user_id == alice.user_id for p in ev.left
+                        ):
+                            break
+        joined = [p.user_id for e in seen if isinstance(e, ParticipantsChanged) for p in e.joined]
+        assert alice.user_id in joined
+        installed = [
+            e for e in seen if isinstance(e, KeyEvent) and e.kind is KeyEventKind.INSTALLED
+        ]
+        assert any(e.user_id == alice.user_id for e in installed), seen
+        assert any(isinstance(e, SwitchRecord) and e.new is MediaKind(transport) for e in seen), (
+            seen
+        )
+    finally:
+        big.stop()
+        small.stop()
+
+
+async def test_call_refuses_sfu_without_a_focus(
+    synapse: Synapse, user_factory: UserFactory
+) -> None:
+    alice = await user_factory("alice")
+    room = await synapse.create_call_room(alice)
+    from matrixrtc import ConfigError
+
+    with pytest.raises(ConfigError, match="no LiveKit focus"):
+        async with Call(
+            room,
+            homeserver=synapse.base_url,
+            user=alice.user_id,
+            password=alice.password,
+            transport="sfu",
+        ):
+            pass
