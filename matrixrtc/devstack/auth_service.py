@@ -2,8 +2,14 @@
 
 It fronts one devstack LiveKit and checks OpenID tokens against one devstack Synapse. The
 Synapse's server name ("localhost") resolves nowhere, so the service is pointed at its
-listener through ``MATRIXRTC_SFU_HOMESERVER_OVERRIDES``; rate limiting is off (tests and
-benches make many requests from one address).
+listener for OpenID (``MATRIXRTC_SFU_HOMESERVER_OVERRIDES``) and for the client-server API
+(``LIVEKIT_CS_API_URL_OVERRIDES``: delayed-event restart/send), and the LiveKit server posts its
+webhooks to the service's ``/sfu_webhook`` (added to the server's config at start; a running
+server is restarted for it). So delegated delayed leave (``/get_token`` with ``delay_id``,
+``/delegate_delayed_leave``) works with no further set-up: the leave is sent as soon as LiveKit
+reports the participant gone. Rate limiting is off (tests and benches make many requests from
+one address). Jobs are kept in memory (no Redis) unless ``LIVEKIT_REDIS_URL`` is passed in
+``extra_env``.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ class AuthService(Service):
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.dir = run_dir / name
+        self.livekit = livekit
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.webhook_url = f"{self.url}/sfu_webhook"
         self.log_path = self.dir / "service.log"
         env = {
             **os.environ,
@@ -53,6 +61,7 @@ class AuthService(Service):
                 synapse.server_name if full_access is None else full_access
             ),
             "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
+            "LIVEKIT_CS_API_URL_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
             "MATRIXRTC_SFU_RATE_LIMIT": "0",
             **(extra_env or {}),
         }
@@ -66,6 +75,10 @@ class AuthService(Service):
 
     def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        await self.livekit.add_webhook_url(self.webhook_url)
+        await super().start()
 
     async def _ready(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=1)

@@ -87,6 +87,7 @@ class LiveKit(Service):
         self.log_path = self.dir / "livekit.log"
         self.config_path = self.dir / "livekit.yaml"
         self.webhook_urls = tuple(webhook_urls)
+        self._webhook_lock = asyncio.Lock()  # services starting together add theirs in turn
         self._extra_config = extra_config
         self._binary = find_livekit_binary()
         self._proc = ManagedProcess(
@@ -127,6 +128,21 @@ class LiveKit(Service):
 
     def _prepare(self) -> None:
         self._write_config()
+
+    @property
+    def running(self) -> bool:
+        return self._proc.running
+
+    async def add_webhook_url(self, url: str) -> None:
+        """Post webhooks to ``url`` too. livekit-server reads its webhook list only at start:
+        a running server is restarted (same ports and keys; rooms are lost, so do this before
+        anyone connects)."""
+        async with self._webhook_lock:
+            if url in self.webhook_urls:
+                return
+            self.webhook_urls = (*self.webhook_urls, url)
+            if self.running:
+                await self.restart()
 
     def _ready_fields(self) -> dict[str, object]:
         # A restart keeps ports and keys; rooms are lost (no Redis behind this server).
