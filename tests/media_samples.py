@@ -1,0 +1,177 @@
+"""Known media for the media tests: numbered video frames, tones, and ways to check them.
+
+Every video frame carries its number in a 12-bit barcode (black/white blocks across the top
+16 rows) over a smooth moving picture, so a recording can be aligned frame by frame with its
+source after any codec, and PSNR compares the right frames. Audio is a pure tone whose
+frequency an FFT recovers.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import av
+import numpy as np
+
+BITS = 12
+BAR_ROWS = 16
+
+
+def picture(n: int, width: int = 320, height: int = 240) -> np.ndarray:
+    """Frame ``n`` as a (height * 3 / 2, width) yuv420p array."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    y = (64 + 64 * np.sin((xs + 3 * n) / 23.0) + 48 * np.cos((ys - 2 * n) / 17.0)).astype(np.uint8)
+    # A bright square moving across: real motion for the encoder.
+    cx = (n * 5) % max(1, width - 40)
+    y[BAR_ROWS + 20 : BAR_ROWS + 60, cx : cx + 40] = 220
+    block = width // BITS
+    for bit in range(BITS):
+        y[:BAR_ROWS, bit * block : (bit + 1) * block] = 235 if (n >> bit) & 1 else 16
+    u = np.full((height // 2, width // 2), 128, np.uint8)
+    u[:, :] = (128 + 40 * np.sin(np.arange(width // 2) / 19.0 + n / 10)).astype(np.uint8)
+    v = np.full((height // 2, width // 2), 110, np.uint8)
+    return np.concatenate((y, u.reshape(height // 4, width), v.reshape(height // 4, width)), axis=0)
+
+
+def video_frame(n: int, width: int = 320, height: int = 240) -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(picture(n, width, height), format="yuv420p")
+
+
+def luma(frame: av.VideoFrame) -> np.ndarray:
+    return frame.to_ndarray(format="gray")
+
+
+def read_barcode(y: np.ndarray) -> int | None:
+    """The frame number in a luma plane, or None when the barcode is unreadable."""
+    width = y.shape[1]
+    block = width // BITS
+    n = 0
+    for bit in range(BITS):
+        cell = y[2 : BAR_ROWS - 2, bit * block + 3 : (bit + 1) * block - 3]
+        mean = float(cell.mean())
+        if 60 < mean < 190:
+            return None
+        if mean >= 190:
+            n |= 1 << bit
+    return n
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two luma planes of the same shape (barcode rows excluded)."""
+    a = a[BAR_ROWS:].astype(np.float64)
+    b = b[BAR_ROWS:].astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def tone(seconds: float, frequency: float = 440.0, rate: int = 48_000) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (np.sin(2 * math.pi * frequency * t) * 0.3 * 32767).astype(np.int16)
+
+
+def dominant_frequency(samples: np.ndarray, rate: int = 48_000) -> float:
+    samples = samples.astype(np.float64)
+    samples -= samples.mean()
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
+
+
+def write_wav(path: Path, seconds: float, frequency: float = 440.0, rate: int = 48_000) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(tone(seconds, frequency, rate).tobytes())
+
+
+def write_y4m(path: Path, frames: int, fps: int = 15, width: int = 320, height: int = 240) -> None:
+    with path.open("wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for n in range(frames):
+            f.write(b"FRAME\n")
+            f.write(picture(n, width, height).tobytes())
+
+
+def write_media_file(
+    path: Path,
+    seconds: float,
+    *,
+    fps: int = 15,
+    width: int = 320,
+    height: int = 240,
+    frequency: float | None = 440.0,
+    video: str | None = "libvpx",
+    audio: str = "libopus",
+    audio_rate: int = 48_000,
+) -> None:
+    """A file with numbered frames (``video`` codec) and a tone (``audio`` codec)."""
+    with av.open(str(path), "w") as out:
+        vs = None
+        if video is not None:
+            options = (
+                {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+                if "vpx" in video
+                else {}
+            )
+            if video == "libx264":
+                options = {"preset": "ultrafast", "tune": "zerolatency"}
+            vs = cast(av.video.stream.VideoStream, out.add_stream(video, rate=fps, options=options))
+            vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+            vs.bit_rate = 1_500_000
+        as_ = None
+        if frequency is not None:
+            as_ = cast(av.audio.stream.AudioStream, out.add_stream(audio, rate=audio_rate))
+            as_.layout = "mono"
+        if vs is not None:
+            for n in range(round(seconds * fps)):
+                frame = video_frame(n, width, height)
+                frame.pts = n
+                frame.time_base = fractions.Fraction(1, fps)
+                for p in vs.encode(frame):
+                    out.mux(p)
+            for p in vs.encode(None):
+                out.mux(p)
+        if as_ is not None and frequency is not None:
+            pcm = tone(seconds, frequency, audio_rate)
+            step = 960
+            for i in range(0, len(pcm) - step + 1, step):
+                af = av.AudioFrame.from_ndarray(
+                    pcm[i : i + step].reshape(1, -1), format="s16", layout="mono"
+                )
+                af.sample_rate = audio_rate
+                af.pts = i
+                af.time_base = fractions.Fraction(1, audio_rate)
+                for p in as_.encode(af):
+                    out.mux(p)
+            for p in as_.encode(None):
+                out.mux(p)
+
+
+def decode(path: Path) -> Iterator[av.VideoFrame | av.AudioFrame]:
+    with av.open(str(path)) as container:
+        for frame in container.decode(*container.streams.video, *container.streams.audio):
+            if isinstance(frame, av.VideoFrame | av.AudioFrame):
+                yield frame
+
+
+def read_media(path: Path) -> tuple[list[tuple[float, np.ndarray]], np.ndarray, int]:
+    """(video frames as (time, luma)), mono audio samples at 48 kHz, audio start in samples."""
+    video: list[tuple[float, np.ndarray]] = []
+    chunks: list[np.ndarray] = []
+    first_audio: int | None = None
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+    for frame in decode(path):
+        if isinstance(frame, av.VideoFrame):
+            video.append((float(frame.time or 0.0), luma(frame)))
+        else:
+            if first_audio is None:
+                first_audio = round((frame.time or 0.0) * 48_000)
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return video, audio, first_audio or 0
