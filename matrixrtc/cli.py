@@ -15,7 +15,14 @@ from typing import cast
 from matrixrtc.logging import configure_logging
 
 # Add new commands here (command names; the module under matrixrtc.commands has "_" for "-").
-COMMANDS: tuple[str, ...] = ("stack", "demo", "join", "call-test")
+COMMANDS: tuple[str, ...] = (
+    "stack",
+    "demo",
+    "join",
+    "call-test",
+    "recording-key",
+    "decrypt-recording",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

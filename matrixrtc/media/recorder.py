@@ -1,0 +1,471 @@
+"""Recording a call: one WebM file per remote participant and presence, and ``index.json``.
+
+:class:`Recorder` knows nothing about calls: it is told who joined and left and handed decoded
+frames (``frame(pid, kind, av_frame)``); ``Call.record`` feeds it. Each presence of a
+participant is a *segment*: a WebM file (Opus audio, VP8 video) opened when it joins (or
+sends its first frame) and finished when it leaves; coming back opens the next segment.
+
+Files stay playable while they are written and after a crash: the muxer writes live Matroska
+(no seeking back) in clusters of at most one second, and every cluster goes to the disk as soon
+as it is complete (through :class:`~matrixrtc.media.sealed_file.RecordingFile`, sealed to a
+recipient key when one is given). Encoding and muxing run in one thread per segment (PyAV
+releases the GIL while encoding), so the event loop only queues frames.
+
+Timing: frames are stamped with their arrival time on the recorder's clock, relative to the
+segment's start (one clock for audio and video, so they stay in step). Audio time counts
+samples and jumps forward only over a gap longer than ``GAP_S`` (counted in the report).
+
+A write error (full disk, I/O error) ends that segment's file — what was written stays
+playable — is logged, counted and listed in ``index.json``; the recorder and the call go on.
+
+``index.json`` (rewritten atomically on every change) lists each participant with its segments:
+file name, join and leave times (UTC, ISO 8601), frames, bytes, gaps and errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fractions
+import json
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+
+import av
+import structlog
+
+from matrixrtc.errors import LocalError
+from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile
+
+__all__ = ["GAP_S", "Recorder", "SegmentStats", "SegmentWriter"]
+
+log = structlog.get_logger(__name__)
+
+GAP_S: Final = 0.2  # more than this without audio is a gap
+_WAIT_FOR_VIDEO_S: Final = 2.0  # audio-first segments wait this long to learn the video size
+_MS: Final = fractions.Fraction(1, 1000)
+_AUDIO_RATE: Final = 48_000
+_QUEUE_MAX: Final = 300  # frames waiting for the encoder before new ones are dropped
+_MUXER_OPTIONS: Final = {
+    "live": "1",  # never seek back: the file is valid at every cluster boundary
+    "cluster_time_limit": "1000",  # ms
+    "max_interleave_delta": "500000",  # µs: a silent or camera-less peer does not stall muxing
+}
+
+
+def _utc(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _video_bitrate(width: int, height: int) -> int:
+    # ~0.5 bit per pixel per frame at 15 fps: generous, so re-encoding costs little quality.
+    return max(300_000, min(4_000_000, width * height * 8))
+
+
+@dataclass(slots=True)
+class SegmentStats:
+    frames: dict[str, int] = field(default_factory=lambda: {"audio": 0, "video": 0})
+    dropped: int = 0  # frames the encoder could not keep up with
+    gaps: int = 0  # audio gaps longer than GAP_S
+    gap_s: float = 0.0
+    error: str | None = None
+
+
+class SegmentWriter:
+    """One WebM file: frames in (any thread-safe caller), Opus + VP8 out, in its own thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        recipient: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        video_bitrate: int | None = None,
+        bitexact: bool = False,
+    ) -> None:
+        """``bitexact``: no random ids or version strings in the file (same frames, same
+        bytes; for tests)."""
+        self.file = RecordingFile(path, recipient)
+        self.bitexact = bitexact
+        self.path = path
+        self.stats = SegmentStats()
+        self._clock = clock
+        self._t0 = clock()
+        self._bitrate = video_bitrate
+        self._queue: queue.Queue[tuple[str, float, av.AudioFrame | av.VideoFrame] | None] = (
+            queue.Queue()
+        )
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"rec-{path.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        return self.stats.error is not None
+
+    def put(self, kind: str, frame: av.AudioFrame | av.VideoFrame) -> None:
+        """Queue one decoded frame, stamped now; never blocks."""
+        if self._closed or self.failed:
+            return
+        if self._queue.qsize() >= _QUEUE_MAX:
+            self.stats.dropped += 1
+            return
+        self._queue.put((kind, self._clock() - self._t0, frame))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Encode what is queued, finish the file (blocks; call it from a thread)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        mux = _Muxer(self, self._bitrate)
+        try:
+            while (item := self._queue.get()) is not None:
+                if not self.failed:
+                    mux.add(*item)
+            mux.finish()
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            mux.abandon()
+            with contextlib.suppress(Exception):
+                self.file.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.stats.error is None:
+            self.stats.error = self.file.error or f"{type(exc).__name__}: {exc}"
+            log.warning("recorder.segment_failed", file=self.path.name, error=self.stats.error)
+
+
+class _Muxer:
+    """The writer thread's state: container, encoders, timestamps."""
+
+    def __init__(self, seg: SegmentWriter, bitrate: int | None) -> None:
+        self.seg = seg
+        self.bitrate = bitrate
+        self.container: av.container.OutputContainer | None = None
+        self.audio: av.audio.stream.AudioStream | None = None
+        self.video: av.video.stream.VideoStream | None = None
+        self.size: tuple[int, int] | None = None
+        self.pending: list[tuple[str, float, av.AudioFrame | av.VideoFrame]] = []
+        self.resampler: av.AudioResampler | None = None
+        self.samples = 0
+        self.last_video_ms = -1
+
+    def add(self, kind: str, t: float, frame: av.AudioFrame | av.VideoFrame) -> None:
+        if self.container is None:
+            if isinstance(frame, av.VideoFrame):
+                self.size = (frame.width - frame.width % 2, frame.height - frame.height % 2)
+            self.pending.append((kind, t, frame))
+            if self.size is None and t - self.pending[0][1] < _WAIT_FOR_VIDEO_S:
+                return
+            self._open(self.size or (320, 240))
+            pending, self.pending = self.pending, []
+            for item in pending:
+                self._encode(*item)
+            return
+        self._encode(kind, t, frame)
+
+    def _open(self, size: tuple[int, int]) -> None:
+        container = av.open(self.seg.file, mode="w", format="webm", options=_MUXER_OPTIONS)
+        container.flags |= cast(int, av.container.Flags.flush_packets.value)
+        if self.seg.bitexact:
+            container.flags |= cast(int, av.container.Flags.bitexact.value)
+        audio = container.add_stream("libopus", rate=_AUDIO_RATE)
+        audio.layout = "stereo"
+        audio.bit_rate = 64_000
+        # libvpx's realtime mode adapts its speed to the time encoding takes: not
+        # reproducible, so bit-exact files use its "good" mode at its fastest setting.
+        deadline = "good" if self.seg.bitexact else "realtime"
+        video = container.add_stream(
+            "libvpx",
+            options={"deadline": deadline, "cpu-used": "8", "lag-in-frames": "0"},
+        )
+        video.thread_count = 1
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        video.bit_rate = self.bitrate or _video_bitrate(*size)
+        video.codec_context.time_base = _MS
+        video.codec_context.gop_size = 60
+        self.container, self.audio, self.video, self.size = container, audio, video, size
+
+    def _encode(self, kind: str, t: float, frame: av.AudioFrame | av.VideoFrame) -> None:
+        assert self.container is not None
+        assert self.audio is not None
+        assert self.video is not None
+        stats = self.seg.stats
+        if isinstance(frame, av.VideoFrame):
+            ms = max(self.last_video_ms + 1, round(t * 1000))
+            self.last_video_ms = ms
+            assert self.size is not None
+            if (frame.width, frame.height) != self.size or frame.format.name != "yuv420p":
+                frame = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+            frame.pts = ms
+            frame.time_base = _MS
+            frame.pict_type = av.video.frame.PictureType.NONE
+            self._mux(self.video.encode(frame))
+            stats.frames["video"] += 1
+            return
+        if self.resampler is None:
+            self.resampler = av.AudioResampler(
+                format="s16", layout="stereo", rate=_AUDIO_RATE, frame_size=960
+            )
+        arrival = round(t * _AUDIO_RATE)
+        # The frame's own length is already counted in `samples` only after this one: a frame
+        # that arrives more than GAP_S after the audio written so far ends starts after a gap.
+        if arrival - frame.samples - self.samples > GAP_S * _AUDIO_RATE:
+            gap = arrival - frame.samples - self.samples
+            if stats.frames["audio"]:  # silence before the first frame is no gap
+                stats.gaps += 1
+                stats.gap_s += gap / _AUDIO_RATE
+            self.samples += gap
+        stats.frames["audio"] += 1
+        frame.pts = None
+        for out in self.resampler.resample(frame):
+            out.pts = self.samples
+            out.time_base = fractions.Fraction(1, _AUDIO_RATE)
+            self.samples += out.samples
+            self._mux(self.audio.encode(out))
+
+    def _mux(self, packets: list[av.Packet[Any]]) -> None:
+        assert self.container is not None
+        for packet in packets:
+            self.container.mux(packet)
+
+    def finish(self) -> None:
+        if self.container is None:
+            if not self.pending:
+                return
+            self._open(self.size or (320, 240))
+            pending, self.pending = self.pending, []
+            for item in pending:
+                self._encode(*item)
+        assert self.container is not None
+        assert self.audio is not None
+        assert self.video is not None
+        if self.resampler is not None:
+            for out in self.resampler.resample(None):
+                out.pts = self.samples
+                self.samples += out.samples
+                self._mux(self.audio.encode(out))
+        self._mux(self.audio.encode(None))
+        self._mux(self.video.encode(None))
+        container, self.container = self.container, None
+        container.close()
+
+    def abandon(self) -> None:
+        """After a failure: drop the container without writing more."""
+        container, self.container = self.container, None
+        if container is not None:
+            with contextlib.suppress(Exception):
+                container.close()
+
+
+# -- the recorder ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Segment:
+    file: str
+    joined_at: float
+    writer: SegmentWriter | None
+    left_at: float | None = None
+    stats: SegmentStats | None = None
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        stats = self.writer.stats if self.writer is not None else self.stats
+        assert stats is not None
+        nbytes = self.writer.file.bytes_written if self.writer is not None else self.bytes
+        return {
+            "file": self.file,
+            "joined_at": _utc(self.joined_at),
+            "left_at": _utc(self.left_at) if self.left_at is not None else None,
+            "frames": dict(stats.frames),
+            "bytes": nbytes,
+            "dropped_frames": stats.dropped,
+            "audio_gaps": stats.gaps,
+            "error": stats.error,
+        }
+
+
+@dataclass(slots=True)
+class _Participant:
+    pid: str
+    info: dict[str, Any]
+    stem: str
+    segments: list[_Segment] = field(default_factory=list)
+
+    @property
+    def current(self) -> _Segment | None:
+        if self.segments and self.segments[-1].left_at is None:
+            return self.segments[-1]
+        return None
+
+
+def _stem(pid: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", pid.lstrip("@")).strip("._") or "participant"
+    base = base[:80]
+    stem, n = base, 2
+    while stem in taken:
+        stem, n = f"{base}-{n}", n + 1
+    taken.add(stem)
+    return stem
+
+
+class Recorder:
+    """Writes every participant's media under ``directory``; see the module docstring.
+
+    ``pid`` is any stable participant key (``Call.record`` uses the member id); ``info`` is
+    written to ``index.json`` as given (user id, device id…)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        recipient: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        video_bitrate: int | None = None,
+    ) -> None:
+        self.directory = directory
+        self.recipient = recipient
+        self._clock = clock
+        self._wall = wall_clock
+        self._bitrate = video_bitrate
+        self._participants: dict[str, _Participant] = {}
+        self._stems: set[str] = set()
+        self._closed = False
+        self.started_at = wall_clock()
+        self.errors: list[str] = []
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalError(f"cannot create the recording directory {directory}: {exc}") from exc
+        if (directory / "index.json").exists():
+            raise LocalError(f"{directory} already holds a recording (index.json)")
+        self._write_index()
+
+    @property
+    def participants(self) -> dict[str, _Participant]:
+        return self._participants
+
+    def joined(self, pid: str, info: dict[str, Any] | None = None) -> None:
+        """``pid`` is (again) in the call: open its next segment."""
+        if self._closed:
+            return
+        p = self._participants.get(pid)
+        if p is None:
+            p = _Participant(pid, dict(info or {}), _stem(pid, self._stems))
+            self._participants[pid] = p
+        elif info:
+            p.info.update(info)
+        if p.current is not None:
+            return
+        suffix = ".webm" + (SEALED_SUFFIX if self.recipient is not None else "")
+        name = f"{p.stem}.{len(p.segments) + 1}{suffix}"
+        try:
+            writer: SegmentWriter | None = SegmentWriter(
+                self.directory / name,
+                recipient=self.recipient,
+                clock=self._clock,
+                video_bitrate=self._bitrate,
+            )
+            stats = None
+        except LocalError as exc:
+            writer, stats = None, SegmentStats(error=str(exc))
+            self.errors.append(str(exc))
+            log.warning("recorder.segment_not_opened", file=name, error=str(exc))
+        p.segments.append(_Segment(name, self._wall(), writer, stats=stats))
+        log.info("recorder.segment_started", participant=pid, file=name)
+        self._write_index()
+
+    def frame(self, pid: str, kind: str, frame: av.AudioFrame | av.VideoFrame) -> None:
+        """One decoded frame from ``pid`` (opens a segment if it has none)."""
+        if self._closed:
+            return
+        p = self._participants.get(pid)
+        if p is None or p.current is None:
+            self.joined(pid)
+            p = self._participants[pid]
+        seg = p.current
+        if seg is not None and seg.writer is not None:
+            seg.writer.put(kind, frame)
+
+    def left(self, pid: str) -> SegmentWriter | None:
+        """``pid`` left: its segment is finished. Returns the writer to close (blocking, from
+        a thread: see :meth:`finish`)."""
+        p = self._participants.get(pid)
+        seg = p.current if p is not None else None
+        if seg is None:
+            return None
+        seg.left_at = self._wall()
+        writer = seg.writer
+        return writer
+
+    def finish(self, writer: SegmentWriter | None) -> None:
+        """Close a writer returned by :meth:`left` (blocks) and record its outcome."""
+        if writer is None:
+            return
+        writer.close()
+        for p in self._participants.values():
+            for seg in p.segments:
+                if seg.writer is writer:
+                    seg.stats, seg.bytes, seg.writer = writer.stats, writer.file.bytes_written, None
+                    if writer.stats.error:
+                        self.errors.append(writer.stats.error)
+        self._write_index()
+
+    def close(self) -> None:
+        """Finish every open segment (blocks; from a thread when a loop is running)."""
+        if self._closed:
+            return
+        writers = [self.left(pid) for pid in list(self._participants)]
+        self._closed = True
+        for w in writers:
+            self.finish(w)
+        self._write_index()
+
+    # -- index.json and the report ------------------------------------------------------------
+
+    def index(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "started_at": _utc(self.started_at),
+            "encrypted": self.recipient is not None,
+            "finished": self._closed,
+            "participants": [
+                {
+                    "id": p.pid,
+                    **{k: v for k, v in p.info.items() if k != "id"},
+                    "segments": [s.to_json() for s in p.segments],
+                }
+                for p in self._participants.values()
+            ],
+        }
+
+    def _write_index(self) -> None:
+        path = self.directory / "index.json"
+        tmp = path.with_suffix(".json.tmp")
+        try:
+            tmp.write_text(json.dumps(self.index(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            msg = f"writing {path} failed: {exc.strerror or exc}"
+            if msg not in self.errors:
+                self.errors.append(msg)
+                log.warning("recorder.index_failed", error=msg)
+
+    def segment_writers(self) -> list[SegmentWriter]:
+        return [s.writer for p in self._participants.values() for s in p.segments if s.writer]

@@ -1,0 +1,306 @@
+"""The recorder with real encoders and PyAV round trips: quality and sync, segments and
+index.json, files playable while written and after a SIGKILL, sealed files equal to plain
+ones and holding no plaintext, write errors, and the decrypt-recording command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from nacl.public import PrivateKey
+
+from matrixrtc.cli import main as cli_main
+from matrixrtc.e2ee.sealed_stream import TruncatedStream
+from matrixrtc.media.recorder import Recorder, SegmentWriter
+from matrixrtc.media.sealed_file import decrypt_file
+from tests.media_samples import (
+    dominant_frequency,
+    luma,
+    psnr,
+    read_barcode,
+    read_media,
+    tone,
+    video_frame,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = PrivateKey(bytes(range(1, 33)))
+PUB = bytes(KEY.public_key)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def feed(put: object, clock: FakeClock, seconds: float, *, first: int = 0) -> None:
+    """Numbered 320x240 video at 15 fps and a 440 Hz tone in 20 ms frames, in step."""
+    assert callable(put)
+    pcm = tone(seconds + 1)
+    start = clock.now
+    audio_i = 0
+
+    def audio_until(t: float) -> None:
+        nonlocal audio_i
+        while audio_i * 0.02 <= t:
+            clock.now = start + audio_i * 0.02
+            chunk = pcm[audio_i * 960 : (audio_i + 1) * 960].reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            frame.sample_rate = 48_000
+            put("audio", frame)
+            audio_i += 1
+
+    for n in range(round(seconds * 15)):
+        t = n / 15
+        audio_until(t)
+        clock.now = start + t
+        put("video", video_frame(first + n))
+    audio_until(seconds - 0.01)
+    clock.now = start + seconds
+
+
+def check_recording(path: Path, seconds: float, *, first: int = 0) -> None:
+    video, audio, audio_start = read_media(path)
+    numbers = [read_barcode(y) for _, y in video]
+    assert numbers == list(range(first, first + round(seconds * 15)))
+    assert all(n is not None for n in numbers)
+    scores = [
+        psnr(y, luma(video_frame(n)))
+        for (_, y), n in zip(video, range(first, first + len(video)), strict=True)
+    ]
+    assert min(scores) >= 30, scores
+    assert abs(dominant_frequency(audio) - 440) < 3
+    duration = len(audio) / 48_000
+    assert abs(duration - seconds) <= 0.02 * seconds + 0.03, duration
+    # In step: the first video frame and the first audio sample both start at 0.
+    assert abs(video[0][0] - audio_start / 48_000) <= 0.03
+
+
+def test_segment_round_trip_quality_and_sync(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "a.webm", clock=clock)
+    feed(writer.put, clock, 2.0)
+    writer.close()
+    assert writer.stats.error is None
+    assert writer.stats.dropped == 0
+    assert writer.stats.frames == {"audio": 100, "video": 30}
+    with av.open(str(tmp_path / "a.webm")) as c:
+        assert c.format.name.startswith("matroska")
+        assert {s.codec_context.name for s in c.streams} == {"opus", "vp8"}
+    check_recording(tmp_path / "a.webm", 2.0)
+
+
+def test_leave_and_rejoin_appends_segments_listed_in_index(tmp_path: Path) -> None:
+    clock = FakeClock()
+    wall = iter(range(1_800_000_000, 1_800_001_000))
+    rec = Recorder(tmp_path / "rec", clock=clock, wall_clock=lambda: float(next(wall)))
+    rec.joined("@alice:hs:DEV", {"user_id": "@alice:hs", "device_id": "DEV"})
+    feed(lambda k, f: rec.frame("@alice:hs:DEV", k, f), clock, 1.0)
+    # bob only ever sends: he gets a segment anyway
+    feed(lambda k, f: rec.frame("@bob:hs:X", k, f), clock, 1.0)
+    rec.finish(rec.left("@alice:hs:DEV"))
+    rec.joined("@alice:hs:DEV")
+    feed(lambda k, f: rec.frame("@alice:hs:DEV", k, f), clock, 1.0, first=100)
+    rec.close()
+    index = json.loads((tmp_path / "rec" / "index.json").read_text())
+    assert index["finished"] is True
+    assert index["encrypted"] is False
+    alice, bob = index["participants"]
+    assert (alice["id"], alice["user_id"], alice["device_id"]) == (
+        "@alice:hs:DEV",
+        "@alice:hs",
+        "DEV",
+    )
+    assert [s["file"] for s in alice["segments"]] == ["alice_hs_DEV.1.webm", "alice_hs_DEV.2.webm"]
+    assert [s["file"] for s in bob["segments"]] == ["bob_hs_X.1.webm"]
+    first, second = alice["segments"]
+    assert first["joined_at"] < first["left_at"] < second["joined_at"] < second["left_at"]
+    assert first["frames"] == {"audio": 50, "video": 15}
+    assert first["error"] is None
+    check_recording(tmp_path / "rec" / "alice_hs_DEV.1.webm", 1.0)
+    check_recording(tmp_path / "rec" / "alice_hs_DEV.2.webm", 1.0, first=100)
+    with pytest.raises(Exception, match="already holds a recording"):
+        Recorder(tmp_path / "rec")
+
+
+def test_playable_while_being_written(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "live.webm", clock=clock)
+    feed(writer.put, clock, 3.0)
+    deadline = time.monotonic() + 20
+    while writer._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    shutil.copy(tmp_path / "live.webm", tmp_path / "snapshot.webm")  # the writer is still open
+    video, audio, _ = read_media(tmp_path / "snapshot.webm")
+    numbers = [read_barcode(y) for _, y in video]
+    assert len(numbers) >= 15
+    assert numbers == list(range(len(numbers)))
+    assert len(audio) >= 48_000
+    writer.close()
+
+
+_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from matrixrtc.media.recorder import SegmentWriter
+    from tests.unit.test_recorder import FakeClock, feed, PUB
+    out = Path(sys.argv[1])
+    clock = FakeClock()
+    plain = SegmentWriter(out / "plain.webm", clock=clock)
+    sealed = SegmentWriter(out / "sealed.webm.sealed", recipient=PUB, clock=clock)
+    feed(lambda k, f: (plain.put(k, f), sealed.put(k, f)), clock, 3.0)
+    while plain._queue.qsize() or sealed._queue.qsize():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_files_survive_a_crash(tmp_path: Path) -> None:
+    script = _CRASH_SCRIPT.format(root=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, timeout=60, check=False
+    )
+    assert proc.returncode == -9
+    video, audio, _ = read_media(tmp_path / "plain.webm")
+    assert len(video) >= 15
+    assert len(audio) >= 48_000
+    with pytest.raises(TruncatedStream):
+        decrypt_file(tmp_path / "sealed.webm.sealed", tmp_path / "restored.webm", bytes(KEY))
+    restored, restored_audio, _ = read_media(tmp_path / "restored.webm")
+    assert len(restored) >= 15
+    assert len(restored_audio) >= 48_000
+    numbers = [read_barcode(y) for _, y in restored]
+    assert numbers == list(range(len(numbers)))
+
+
+def test_sealed_file_decrypts_to_the_plain_bytes_and_holds_no_plaintext(tmp_path: Path) -> None:
+    clock = FakeClock()
+    plain = SegmentWriter(tmp_path / "p.webm", clock=clock, bitexact=True)
+    sealed = SegmentWriter(tmp_path / "s.webm.sealed", recipient=PUB, clock=clock, bitexact=True)
+
+    def both(kind: str, frame: av.AudioFrame | av.VideoFrame) -> None:
+        plain.put(kind, frame)
+        sealed.put(kind, frame)
+
+    feed(both, clock, 2.0)
+    plain.close()
+    sealed.close()
+    decrypt_file(tmp_path / "s.webm.sealed", tmp_path / "s.webm", bytes(KEY))
+    plain_bytes = (tmp_path / "p.webm").read_bytes()
+    assert (tmp_path / "s.webm").read_bytes() == plain_bytes
+    on_disk = (tmp_path / "s.webm.sealed").read_bytes()
+    assert b"\x1a\x45\xdf\xa3" not in on_disk  # no EBML header
+    assert b"webm" not in on_disk
+    assert b"V_VP8" not in on_disk
+    with av.open(str(tmp_path / "p.webm")) as c:
+        frames = [bytes(p) for p in c.demux() if p.size >= 24]
+    assert len(frames) > 100
+    assert not [f for f in frames if f[:24] in on_disk]  # no frame's bytes on disk
+
+
+_FSIZE_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    from matrixrtc.media.recorder import Recorder
+    from tests.unit.test_recorder import FakeClock, feed
+    clock = FakeClock()
+    rec = Recorder(Path(sys.argv[1]), clock=clock)
+    feed(lambda k, f: rec.frame("@a:hs:D", k, f), clock, 4.0)
+    rec.close()
+    print(json.dumps(rec.errors))
+    """
+)
+
+
+def test_a_write_error_ends_the_file_cleanly_and_is_reported(tmp_path: Path) -> None:
+    """A real write failure (the file-size limit: EFBIG) mid-recording."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FSIZE_SCRIPT.format(root=str(ROOT)), str(tmp_path / "rec")],
+        cwd=ROOT,
+        timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 1
+    assert "File too large" in errors[0]
+    index = json.loads((tmp_path / "rec" / "index.json").read_text())
+    seg = index["participants"][0]["segments"][0]
+    assert "File too large" in seg["error"]
+    video, audio, _ = read_media(tmp_path / "rec" / seg["file"])  # playable up to the error
+    assert len(video) >= 5
+    assert len(audio) > 0
+
+
+def test_decrypt_recording_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["recording-key", str(tmp_path / "key")]) == 0
+    public = capsys.readouterr().out.strip()
+    assert oct(os.stat(tmp_path / "key").st_mode & 0o777) == "0o600"
+    assert cli_main(["recording-key", str(tmp_path / "key")]) == 1  # never overwritten
+    from matrixrtc.media.sealed_file import parse_key
+
+    clock = FakeClock()
+    rec = Recorder(tmp_path / "rec", recipient=parse_key(public), clock=clock)
+    feed(lambda k, f: rec.frame("@a:hs:D", k, f), clock, 3.0)
+    rec.close()
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
+        "a_hs_D.1.webm.sealed",
+        "index.json",
+    ]
+    assert (
+        cli_main(["decrypt-recording", "--key", str(tmp_path / "key"), str(tmp_path / "rec")]) == 0
+    )
+    out = tmp_path / "rec-decrypted"
+    index = json.loads((out / "index.json").read_text())
+    assert index["participants"][0]["segments"][0]["file"] == "a_hs_D.1.webm"
+    check_recording(out / "a_hs_D.1.webm", 3.0)
+    capsys.readouterr()
+    # wrong key: a clear error, nothing written
+    (tmp_path / "other").write_text(
+        __import__("base64").b64encode(bytes(PrivateKey.generate())).decode()
+    )
+    code = cli_main(
+        [
+            "decrypt-recording",
+            "--key",
+            str(tmp_path / "other"),
+            str(tmp_path / "rec"),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 1
+    assert "not sealed to the given private key" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "a_hs_D.1.webm").exists()
+    # truncated: what was intact is restored, status 2
+    sealed = tmp_path / "rec" / "a_hs_D.1.webm.sealed"
+    cut = tmp_path / "cut.webm.sealed"
+    cut.write_bytes(sealed.read_bytes()[: sealed.stat().st_size * 2 // 3])
+    assert cli_main(["decrypt-recording", "--key", str(tmp_path / "key"), str(cut)]) == 2
+    assert "TRUNCATED" in capsys.readouterr().out
+    video, _, _ = read_media(tmp_path / "cut.webm")
+    assert len(video) >= 5
+    assert np.all([read_barcode(y) is not None for _, y in video])
