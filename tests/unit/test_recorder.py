@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from nacl.public import PrivateKey
 
-from matrixrtc.cli import main as cli_main
+from matrixrtc.cli import build_parser
 from matrixrtc.e2ee.sealed_stream import TruncatedStream
 from matrixrtc.media.recorder import Recorder, SegmentWriter
 from matrixrtc.media.sealed_file import decrypt_file
@@ -33,6 +33,13 @@ from tests.media_samples import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_main(argv: list[str]) -> int:
+    """A command as ``python -m matrixrtc`` runs it, minus the global logging set-up (which
+    would bind structlog to pytest's captured streams)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
 KEY = PrivateKey(bytes(range(1, 33)))
 PUB = bytes(KEY.public_key)
 
