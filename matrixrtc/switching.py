@@ -4,17 +4,19 @@
 agent's and the keys' blocks) runs the call's media over whichever transport the pure policy
 (:func:`matrixrtc.session.media_policy.choose_media_for`) picks for the agent's active
 memberships: a :class:`~matrixrtc.mesh.matrix_link.MatrixMesh` or a
-:class:`~matrixrtc.livekit.transport.LiveKitTransport`. Our SFU is the LiveKit transport the
-agent advertises (``AgentConfig.transports[0]``); the mesh transport must be advertised after
-it for the policy to pick mesh.
+:class:`~matrixrtc.livekit.transport.LiveKitTransport`, each behind the
+:class:`~matrixrtc.media_transport.MediaTransport` protocol (the switcher knows no transport by
+name: ``SwitchConfig.transports`` maps each decision to a factory). Our SFU is the LiveKit
+transport the agent advertises (``AgentConfig.transports[0]``); the mesh transport must be
+advertised after it for the policy to pick mesh.
 
 Switching is make-before-break: when the decision changes, the new transport is brought up
 while the old one keeps carrying media; once the new one has delivered a video frame from
 every remote member (or ``settle_timeout_s`` has passed) the old one is torn down. Every
 member computes the same decision from the same membership list, so all switch together and
-nobody leads. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both transports: the
-mesh encrypts with its rings, the LiveKit key provider is fed every installed key and our own
-current key, so media keeps flowing under the current keys across a switch.
+nobody leads. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both transports (each
+transport takes them from the context it is built with), so media keeps flowing under the
+current keys across a switch.
 
 Reports: :attr:`MediaSwitcher.history` (one :class:`SwitchRecord` per start or switch, with
 reason and duration), :attr:`MediaSwitcher.peers` (per remote device: frames seen over each
@@ -33,7 +35,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -42,17 +44,20 @@ import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
-from matrixrtc.call_keys import CallKeys, KeyEvent, KeyEventKind
-from matrixrtc.errors import MatrixRTCError
+from matrixrtc.call_keys import CallKeys
+from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.livekit.connection import MediaOptions
-from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
 from matrixrtc.matrix import Broadcaster, Subscription
-from matrixrtc.media.frames import AvFrame, FrameTap
-from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media.frames import FrameTap
+from matrixrtc.media_transport import (
+    DEFAULT_TRANSPORTS,
+    MediaTransport,
+    TransportContext,
+    TransportFactory,
+)
 from matrixrtc.mesh.engine import MeshConfig
-from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
+from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
-from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import (
     DEFAULT_MESH_MAX,
     MediaDecision,
@@ -96,6 +101,10 @@ class SwitchConfig:
     poll_s: float = 0.02
     retry_s: float = 2.0  # pause after a transport failed to start
     close_timeout_s: float = 15.0  # longest wait for an old transport to close
+    # What runs for each decision of the policy (matrixrtc.media_transport).
+    transports: Mapping[MediaKind, TransportFactory] = field(
+        default_factory=lambda: dict(DEFAULT_TRANSPORTS)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,37 +188,26 @@ class MediaSwitcher:
         self.keys = keys
         self.config = config or SwitchConfig()
         self._frames = frames
-        self._mesh_tap: FrameTap[DeviceRef] | None = None
-        self._sfu_tap: FrameTap[str] | None = None
-        if frames is not None:
-            self._mesh_tap = FrameTap(self._mesh_frame, lambda: frames.listening)
-            self._sfu_tap = FrameTap(self._sfu_frame, lambda: frames.listening)
         self._records: Broadcaster[SwitchRecord] = Broadcaster()
         self._clock = clock
-        self.kind: MediaKind | None = None  # the transport carrying our media now
+        self.current: MediaTransport | None = None  # carries our media now
+        self._starting: MediaTransport | None = None  # being brought up by a switch
         self.decision: MediaDecision | None = None
-        self.mesh: MatrixMesh | None = None
-        self.livekit: LiveKitTransport | None = None
         self.history: list[SwitchRecord] = []
         self.peers: dict[DeviceRef, PeerMedia] = {}
         self.gaps: collections.deque[GapRecord] = collections.deque(maxlen=_MAX_GAP_RECORDS)
         self._sources: dict[int, _Source] = {}
-        self._mesh_tracks: list[MediaStreamTrack] = []
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()
         self._tasks = OwnedTasks("switch", log, event_prefix="switch")
         self._teardowns: set[asyncio.Task[None]] = set()  # old transports being closed
         self._changes: Subscription[ParticipantsChanged] | None = None
-        self._key_events: Subscription[KeyEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
         self._changes = self.agent.changes()
-        if self.keys is not None:
-            self._key_events = self.keys.events()
-            self._spawn(self._key_loop(self._key_events), "keys")
         self._spawn(self._changes_loop(self._changes), "changes")
         self._spawn(self._drive(), "drive")
         self._spawn(self._monitor(), "monitor")
@@ -222,12 +220,12 @@ class MediaSwitcher:
         tb: TracebackType | None,
     ) -> None:
         failure = await self._tasks.cancel()
-        for sub in (self._changes, self._key_events):
-            if sub is not None:
-                sub.close()
+        if self._changes is not None:
+            self._changes.close()
         await asyncio.gather(*self._teardowns, return_exceptions=True)  # each bounded
-        await self._close_mesh()
-        await self._close_livekit()
+        for t in self._running():
+            await t.aclose()
+        self.current = self._starting = None
         self._records.end()
         if failure is not None:
             raise failure
@@ -236,6 +234,15 @@ class MediaSwitcher:
         self._tasks.spawn(coro, name)
 
     # -- public view ------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> MediaKind | None:
+        """The kind of transport carrying our media now (None before the first one)."""
+        return self.current.kind if self.current is not None else None
+
+    def running(self, kind: MediaKind) -> MediaTransport | None:
+        """The running transport of ``kind`` (carrying media, or being switched to)."""
+        return next((t for t in self._running() if t.kind is kind), None)
 
     def switches(self) -> Subscription[SwitchRecord]:
         """Subscribe to transport starts and switches as they complete."""
@@ -282,25 +289,10 @@ class MediaSwitcher:
         async for _ in changes:
             self._dirty.set()
 
-    async def _key_loop(self, events: Subscription[KeyEvent]) -> None:
-        keys = self.keys
-        assert keys is not None
-        async for ev in events:
-            lk = self.livekit
-            if lk is None:
-                continue  # a new LiveKit transport gets every key when it starts
-            if ev.kind is KeyEventKind.USED and keys.own_key is not None:
-                lk.use_own_key(*keys.own_key)
-            elif ev.kind is KeyEventKind.INSTALLED and ev.identity is not None:
-                key = keys.remote_key(ev.identity, ev.index or 0)
-                if key is not None:
-                    lk.set_remote_key(ev.identity, ev.index or 0, key)
-
     # -- decisions --------------------------------------------------------------------------
 
-    def _own_membership(self) -> CallMembership | None:
-        me = (self.agent.hs.user_id, self.agent.hs.device_id)
-        return next((m for m in self.agent.memberships if (m.sender, m.device_id) == me), None)
+    def _running(self) -> list[MediaTransport]:
+        return [t for t in (self.current, self._starting) if t is not None]
 
     def _remote(self) -> list[Participant]:
         return [p for p in self.agent.participants if not p.is_self]
@@ -324,43 +316,55 @@ class MediaSwitcher:
                         async with asyncio.timeout(self.config.retry_s):
                             await self._dirty.wait()
                 continue  # memberships may have moved meanwhile
-            if self.kind is MediaKind.SFU:
-                await self._update_livekit()
+            if self.current is not None:
+                await self.current.update()
             await self._dirty.wait()
 
+    def _context(self) -> TransportContext:
+        cfg = self.config
+        return TransportContext(
+            agent=self.agent,
+            keys=self.keys,
+            media=cfg.media,
+            mesh=cfg.mesh,
+            sources=cfg.sources,
+            frames=self._frames,
+            clock=self._clock,
+        )
+
     async def _switch(self, decision: MediaDecision) -> None:
-        old, new = self.kind, decision.kind
+        old, new = self.current, decision.kind
+        factory = self.config.transports.get(new)
+        if factory is None:
+            raise LocalError(f"no transport registered for {new.value}")
         started = self._clock()
         self._log.info(
             "switch.started",
-            old=old.value if old is not None else None,
+            old=old.kind.value if old is not None else None,
             new=new.value,
             reason=decision.reason,
             members=decision.members,
         )
+        transport = factory(self._context())
+        self._starting = transport
         try:
-            if new is MediaKind.SFU:
-                await self._start_livekit()
-            else:
-                await self._start_mesh()
+            await transport.start()
         except BaseException:
-            await (self._close_livekit() if new is MediaKind.SFU else self._close_mesh())
+            self._starting = None
+            await transport.aclose()
             raise
         if old is None:
-            self.kind = new  # nothing to hand over from: it carries our media from now on
-        carried_at = await self._wait_carried(new, started)
-        self.kind = new
+            # Nothing to hand over from: it carries our media from now on.
+            self.current, self._starting = transport, None
+        carried_at = await self._wait_carried(transport, started)
+        self.current, self._starting = transport, None
         # Detach the old transport now and close it in the background: hanging up and closing
         # peer connections can take seconds on a loaded machine, and the call is already on
         # the new transport (its frames no longer count).
-        if old is MediaKind.MESH:
-            mesh, tracks, self.mesh, self._mesh_tracks = self.mesh, self._mesh_tracks, None, []
-            self._teardown(self._close_mesh_now(mesh, tracks), "mesh")
-        elif old is MediaKind.SFU:
-            lk, self.livekit = self.livekit, None
-            self._teardown(self._close_livekit_now(lk), "livekit")
+        if old is not None:
+            self._teardown(old.aclose(), old.kind.value)
         record = SwitchRecord(
-            old=old,
+            old=old.kind if old is not None else None,
             new=new,
             reason=decision.reason,
             members=decision.members,
@@ -373,7 +377,7 @@ class MediaSwitcher:
         self._settled.set()
         self._log.info(
             "switch.done" if old is not None else "switch.transport_started",
-            old=old.value if old is not None else None,
+            old=old.kind.value if old is not None else None,
             new=new.value,
             reason=decision.reason,
             duration_ms=round(record.duration_s * 1000),
@@ -381,69 +385,25 @@ class MediaSwitcher:
             complete=carried_at is not None,
         )
 
-    async def _wait_carried(self, kind: MediaKind, since: float) -> float | None:
-        """Until ``kind`` has carried a video frame from every remote member since ``since``;
-        None after ``settle_timeout_s``, or when the decision moved away meanwhile."""
+    async def _wait_carried(self, transport: MediaTransport, since: float) -> float | None:
+        """Until ``transport`` has carried a video frame from every remote member since
+        ``since``; None after ``settle_timeout_s``, or when the decision moved away."""
         deadline = since + self.config.settle_timeout_s
+        video = self.config.media.video
         while self._clock() < deadline:
             if self._dirty.is_set():
-                if choose_media_for(self.agent.memberships, self.config.mesh_max).kind != kind:
-                    self._log.info("switch.overtaken", kind=kind.value)
+                decided = choose_media_for(self.agent.memberships, self.config.mesh_max).kind
+                if decided is not transport.kind:
+                    self._log.info("switch.overtaken", kind=transport.kind.value)
                     return None
-                if kind is MediaKind.SFU:
-                    await self._update_livekit()
-            if all(self._carries(kind, p, since) for p in self._remote()):
+                await transport.update()
+            if all(transport.carries(p, since, video=video) for p in self._remote()):
                 return self._clock()
             await asyncio.sleep(self.config.poll_s * 2)
-        self._log.warning("switch.settle_timeout", kind=kind.value)
+        self._log.warning("switch.settle_timeout", kind=transport.kind.value)
         return None
 
-    def _carries(self, kind: MediaKind, p: Participant, since: float) -> bool:
-        if kind is MediaKind.MESH:
-            engine = self.mesh.engine if self.mesh is not None else None
-            link = engine.link_for(DeviceRef(p.user_id, p.device_id)) if engine else None
-            if link is None:
-                return False
-            if not self.config.media.video:
-                return link.connected_at is not None
-            video = link.stats.get("video")
-            return video is not None and (video.last_frame_at or 0.0) >= since
-        if self.livekit is None:
-            return False
-        for conn in self.livekit.connections.values():
-            stats = conn.stats.get(p.rtc_backend_identity)
-            if stats is None:
-                continue
-            if not self.config.media.video:
-                if stats.audio_frames > 0:
-                    return True
-            elif (stats.last_video_at or 0.0) >= since:
-                return True
-        return False
-
     # -- transports -------------------------------------------------------------------------
-
-    async def _start_mesh(self) -> None:
-        cfg = self.config
-        if cfg.sources is not None:
-            tracks = list(cfg.sources())
-        else:
-            m = cfg.media
-            tracks = []
-            if m.video:
-                tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
-            if m.audio:
-                tracks.append(ToneAudioTrack(m.tone_hz))
-        mesh = MatrixMesh(
-            self.agent, keys=self.keys, sources=tracks, config=cfg.mesh, frames=self._mesh_tap
-        )
-        try:
-            await mesh.__aenter__()
-        except BaseException:
-            for t in tracks:
-                t.stop()
-            raise
-        self.mesh, self._mesh_tracks = mesh, tracks
 
     def _teardown(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         async def run() -> None:
@@ -463,91 +423,6 @@ class MediaSwitcher:
         task = asyncio.create_task(run(), name=f"switch teardown {what}")
         self._teardowns.add(task)
         task.add_done_callback(self._teardowns.discard)
-
-    async def _close_mesh(self) -> None:
-        mesh, self.mesh = self.mesh, None
-        tracks, self._mesh_tracks = self._mesh_tracks, []
-        await self._close_mesh_now(mesh, tracks)
-
-    async def _close_mesh_now(
-        self, mesh: MatrixMesh | None, tracks: Sequence[MediaStreamTrack]
-    ) -> None:
-        if mesh is not None:
-            try:
-                await mesh.__aexit__(None, None, None)
-            except Exception as exc:  # the switch goes on; the old mesh is gone either way
-                self._log.warning("switch.mesh_close_failed", error=repr(exc))
-        for t in tracks:
-            t.stop()
-
-    async def _start_livekit(self) -> None:
-        own = self._own_membership()
-        hs = self.agent.hs
-        member_id = own.member_id if own is not None else self.agent.member_id
-        sticky = (own.dialect if own is not None else self.agent.config.dialect) is Dialect.STICKY
-        lk = LiveKitTransport(
-            room_id=self.agent.room_id,
-            own=OwnDevice(hs.user_id, hs.device_id, member_id, sticky=sticky),
-            openid=hs.request_openid_token,
-            media=self.config.media,
-            e2ee=self.keys is not None,
-            slot_id=self.config.mesh.slot_id,
-            clock=self._clock,
-            sources=self.config.sources,
-            frames=self._sfu_tap,
-        )
-        self.livekit = lk
-        # Every key so far; later ones come through _key_loop. The transport hands each key to
-        # all its connections, including those still opening, so this is needed only once.
-        self._install_keys(lk)
-        await self._update_livekit()
-
-    async def _update_livekit(self) -> None:
-        lk = self.livekit
-        if lk is None:
-            return
-        await lk.update(self.agent.memberships, self._own_membership())
-
-    def _install_keys(self, lk: LiveKitTransport) -> None:
-        if self.keys is None:
-            return
-        for identity, ring in self.keys.remote_keys().items():
-            for index, key in ring.items():
-                lk.set_remote_key(identity, index, key)
-        if self.keys.own_key is not None:
-            lk.use_own_key(*self.keys.own_key)
-
-    async def _close_livekit(self) -> None:
-        lk, self.livekit = self.livekit, None
-        await self._close_livekit_now(lk)
-
-    async def _close_livekit_now(self, lk: LiveKitTransport | None) -> None:
-        if lk is not None:
-            try:
-                await lk.aclose()
-            except Exception as exc:
-                self._log.warning("switch.livekit_close_failed", error=repr(exc))
-
-    # -- decoded frames ---------------------------------------------------------------------
-
-    def _mesh_frame(self, peer: DeviceRef, frame: AvFrame) -> None:
-        assert self._frames is not None
-        p = next(
-            (
-                p
-                for p in self.agent.participants
-                if (p.user_id, p.device_id) == (peer.user_id, peer.device_id)
-            ),
-            None,
-        )
-        if p is not None:
-            self._frames((p, MediaKind.MESH), frame)
-
-    def _sfu_frame(self, identity: str, frame: AvFrame) -> None:
-        assert self._frames is not None
-        p = next((p for p in self.agent.participants if p.rtc_backend_identity == identity), None)
-        if p is not None:
-            self._frames((p, MediaKind.SFU), frame)
 
     # -- media monitor ----------------------------------------------------------------------
 
@@ -569,7 +444,7 @@ class MediaSwitcher:
             peer = self.peers.get(ref)
             if peer is None:
                 peer = self.peers[ref] = PeerMedia(ref)
-            for kind, obj, count, last in self._frame_sources(p, ref):
+            for kind, obj, count, last in self._frame_sources(p):
                 seen = self._sources.get(id(obj))
                 new = count - (seen.count if seen is not None and seen.obj is obj else 0)
                 live[id(obj)] = _Source(obj, count)
@@ -587,18 +462,9 @@ class MediaSwitcher:
                     peer.last_frame_at = last
         self._sources = live
 
-    def _frame_sources(
-        self, p: Participant, ref: DeviceRef
-    ) -> list[tuple[MediaKind, object, int, float | None]]:
-        out: list[tuple[MediaKind, object, int, float | None]] = []
-        engine = self.mesh.engine if self.mesh is not None else None
-        link = engine.link_for(ref) if engine is not None else None
-        video = link.stats.get("video") if link is not None else None
-        if video is not None:
-            out.append((MediaKind.MESH, video, video.frames_decoded, video.last_frame_at))
-        if self.livekit is not None:
-            for conn in self.livekit.connections.values():
-                stats = conn.stats.get(p.rtc_backend_identity)
-                if stats is not None:
-                    out.append((MediaKind.SFU, stats, stats.video_frames, stats.last_video_at))
-        return out
+    def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, object, int, float | None]]:
+        return [
+            (t.kind, c.source, c.frames, c.last_frame_at)
+            for t in self._running()
+            for c in t.video_counters(p)
+        ]

@@ -31,6 +31,7 @@ from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.matrix import DeviceRef, Homeserver, Login, Subscription
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media_transport import LiveKitMedia, MeshMedia
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.ice import IceServerConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
@@ -145,7 +146,7 @@ class _Probe:
     async def snapshot(
         self, media: MatrixMesh | MediaSwitcher, keys: CallKeys | None
     ) -> dict[str, Any]:
-        mesh = media if isinstance(media, MatrixMesh) else media.mesh
+        mesh = media if isinstance(media, MatrixMesh) else _mesh_of(media)
         now = time.monotonic()
         cpu = time.process_time()
         c0, w0 = self.last_cpu
@@ -220,13 +221,19 @@ class _Probe:
         }
 
 
+def _mesh_of(switcher: MediaSwitcher) -> MatrixMesh | None:
+    running = switcher.running(MediaKind.MESH)
+    return running.link if isinstance(running, MeshMedia) else None
+
+
 def _switcher_view(
     switcher: MediaSwitcher, mesh_peers: list[dict[str, Any]], now: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Peers over whichever transport carries them (frame totals span switches), and the
     switch history with wall-clock times."""
     by_id = {p["id"]: p for p in mesh_peers}
-    lk = switcher.livekit
+    running = switcher.running(MediaKind.SFU)
+    lk = running.lk if isinstance(running, LiveKitMedia) else None
     out: list[dict[str, Any]] = []
     for part in switcher.agent.participants:
         if part.is_self:

@@ -84,7 +84,7 @@ async def test_livekit_restart_resumes_media_and_nobody_leaves_in_matrix(
         assert after == before
         for seen in changes:
             assert all(not c.left for c in seen), [c.left for c in seen]
-        assert all(m.switcher.mesh is None for m in members)  # still on the SFU
+        assert all(m.switcher.running(MediaKind.MESH) is None for m in members)  # still on the SFU
     finally:
         for t in recorders:
             t.cancel()

@@ -1,0 +1,76 @@
+"""The media transport protocol and what a transport is built from (see the package doc)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiortc.mediastreams import MediaStreamTrack
+
+from matrixrtc.agent import CallAgent, Participant
+from matrixrtc.call_keys import CallKeys
+from matrixrtc.livekit.connection import MediaOptions
+from matrixrtc.media.frames import FrameTap
+from matrixrtc.mesh.matrix_link import MeshLinkConfig
+from matrixrtc.session.media_policy import MediaKind
+
+__all__ = [
+    "FrameCounter",
+    "MediaTransport",
+    "TransportContext",
+    "TransportFactory",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FrameCounter:
+    """One running count of decoded video frames from one peer. ``source`` identifies the
+    counter (a new object after a reconnect starts a new count)."""
+
+    source: object
+    frames: int
+    last_frame_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportContext:
+    """Everything a transport factory may use to build a transport for one call member."""
+
+    agent: CallAgent
+    keys: CallKeys | None
+    media: MediaOptions = field(default_factory=MediaOptions)
+    mesh: MeshLinkConfig = field(default_factory=MeshLinkConfig)
+    # Local tracks for each transport started (it stops them on close); None: synthetic.
+    sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
+    # Every decoded remote frame with its sender and the transport kind that carried it.
+    frames: FrameTap[tuple[Participant, MediaKind]] | None = None
+    clock: Callable[[], float] = time.monotonic
+
+
+class MediaTransport(Protocol):
+    """One running media transport of a call (see the module docstring)."""
+
+    @property
+    def kind(self) -> MediaKind: ...
+
+    async def start(self) -> None:
+        """Bring the transport up; raises a ``MatrixRTCError`` if it cannot (the caller then
+        closes it)."""
+
+    async def update(self) -> None:
+        """The call's memberships changed: follow them (open or close connections)."""
+
+    def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
+        """Whether ``peer``'s media reaches us over this transport: a video frame that
+        arrived at or after ``since`` (``video``), else any sign of a working connection."""
+
+    def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
+        """The decoded-video counters of ``peer`` on this transport (none: not connected)."""
+
+    async def aclose(self) -> None:
+        """Tear down; never raises for an already broken transport."""
+
+
+TransportFactory = Callable[[TransportContext], MediaTransport]

@@ -1,0 +1,96 @@
+"""The full mesh as a :class:`~matrixrtc.media_transport.base.MediaTransport`: a
+:class:`~matrixrtc.mesh.matrix_link.MatrixMesh` on the call's agent and keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from aiortc.mediastreams import MediaStreamTrack
+
+from matrixrtc.agent import Participant
+from matrixrtc.media.frames import AvFrame, FrameTap
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media_transport.base import FrameCounter, TransportContext
+from matrixrtc.mesh.matrix_link import MatrixMesh
+from matrixrtc.mesh.signalling import DeviceRef
+from matrixrtc.session.media_policy import MediaKind
+
+__all__ = ["MeshMedia"]
+
+log = structlog.get_logger(__name__)
+
+
+class MeshMedia:
+    """See the module docstring. ``link`` is the running :class:`MatrixMesh` (after start)."""
+
+    kind = MediaKind.MESH
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self._ctx = ctx
+        self.link: MatrixMesh | None = None
+        self._tracks: list[MediaStreamTrack] = []
+
+    def _local_tracks(self) -> list[MediaStreamTrack]:
+        if self._ctx.sources is not None:
+            return list(self._ctx.sources())
+        m = self._ctx.media
+        tracks: list[MediaStreamTrack] = []
+        if m.video:
+            tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
+        if m.audio:
+            tracks.append(ToneAudioTrack(m.tone_hz))
+        return tracks
+
+    async def start(self) -> None:
+        ctx = self._ctx
+        self._tracks = self._local_tracks()
+        tap: FrameTap[DeviceRef] | None = None
+        if ctx.frames is not None:
+            frames = ctx.frames
+            tap = FrameTap(self._frame, lambda: frames.listening)
+        link = MatrixMesh(
+            ctx.agent, keys=ctx.keys, sources=self._tracks, config=ctx.mesh, frames=tap
+        )
+        await link.__aenter__()
+        self.link = link
+
+    async def update(self) -> None:
+        """Nothing to do: the mesh follows the agent's participant changes itself."""
+
+    def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
+        engine = self.link.engine if self.link is not None else None
+        link = engine.link_for(DeviceRef(peer.user_id, peer.device_id)) if engine else None
+        if link is None:
+            return False
+        if not video:
+            return link.connected_at is not None
+        stats = link.stats.get("video")
+        return stats is not None and (stats.last_frame_at or 0.0) >= since
+
+    def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
+        engine = self.link.engine if self.link is not None else None
+        link = engine.link_for(DeviceRef(peer.user_id, peer.device_id)) if engine else None
+        stats = link.stats.get("video") if link is not None else None
+        if stats is None:
+            return ()
+        return (FrameCounter(stats, stats.frames_decoded, stats.last_frame_at),)
+
+    def _frame(self, peer: DeviceRef, frame: AvFrame) -> None:
+        tap = self._ctx.frames
+        assert tap is not None
+        who = (peer.user_id, peer.device_id)
+        p = next((p for p in self._ctx.agent.participants if (p.user_id, p.device_id) == who), None)
+        if p is not None:
+            tap((p, MediaKind.MESH), frame)
+
+    async def aclose(self) -> None:
+        link, self.link = self.link, None
+        tracks, self._tracks = self._tracks, []
+        if link is not None:
+            try:
+                await link.__aexit__(None, None, None)
+            except Exception as exc:  # the old mesh is gone either way
+                log.warning("mesh_media.close_failed", error=repr(exc))
+        for t in tracks:
+            t.stop()
