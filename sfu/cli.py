@@ -3,6 +3,8 @@
 ``serve`` runs the authorization service, configured like lk-jwt-service through the
 environment (see ``python -m sfu serve --help``). ``--workers N`` starts N processes that
 share the listening port through SO_REUSEPORT, since one Python process uses one core.
+``controller`` runs the SFU controller alone (ghost removal, room closing, one leader);
+``MATRIXRTC_SFU_CONTROLLER=1`` runs it inside ``serve`` instead.
 """
 
 from __future__ import annotations
@@ -43,6 +45,22 @@ def _env_help() -> str:
     lines = [_ENV_HELP]
     for name, text in OUR_VARIABLES.items():
         lines.append(f"  {name}\n      {text}\n")
+    lines.append("\nThe controller (see `python -m sfu controller --help`):\n")
+    lines.append(_controller_help(intro=False))
+    return "".join(lines)
+
+
+def _controller_help(*, intro: bool = True) -> str:
+    from sfu.controller.config import CONTROLLER_VARIABLES
+
+    lines = []
+    if intro:
+        lines.append(
+            "Uses the service's LIVEKIT_URL, LIVEKIT_KEY*/LIVEKIT_SECRET* and "
+            "LIVEKIT_REDIS_URL (grants,\nleader election), plus:\n"
+        )
+    for name, text in CONTROLLER_VARIABLES.items():
+        lines.append(f"  {name}\n      {text}\n")
     return "".join(lines)
 
 
@@ -61,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="worker processes sharing the port (default: MATRIXRTC_SFU_WORKERS or 1)",
+    )
+    sub.add_parser(
+        "controller",
+        help="run the SFU controller alone (ghost removal, room closing, one leader)",
+        description=(
+            "Remove LiveKit participants without a Matrix membership, close LiveKit rooms "
+            "without Matrix members; several instances elect one leader through Redis."
+        ),
+        epilog=_controller_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 
@@ -164,8 +192,46 @@ def _supervise(workers: int) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _controller() -> int:
+    from aiohttp import web
+
+    from sfu.auth.config import _log_level
+    from sfu.controller.config import ControllerConfig
+    from sfu.controller.controller import build_controller
+    from sfu.controller.http import controller_app
+    from sfu.logsetup import configure_service_logging, flusher
+
+    try:
+        config = ControllerConfig.from_env(os.environ)
+        log_format = os.environ.get("MATRIXRTC_SFU_LOG_FORMAT", "json")
+        if log_format not in ("json", "console"):
+            raise ConfigError("MATRIXRTC_SFU_LOG_FORMAT must be json or console")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    configure_service_logging(log_format, _log_level(os.environ.get("LIVEKIT_LOG_LEVEL", "")))
+    app = controller_app(build_controller(config))
+    app.cleanup_ctx.append(flusher)
+    try:
+        web.run_app(
+            app,
+            host=config.bind_host,
+            port=config.bind_port,
+            access_log=None,
+            print=None,
+            shutdown_timeout=5.0,
+            handle_signals=True,
+        )
+    except Exception as exc:  # e.g. Redis unreachable at start-up
+        print(f"error: controller could not start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "controller":
+        return _controller()
     if args.command == "serve":
         workers = args.workers
         if workers is None:

@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,8 +43,11 @@ from sfu.auth.wire import (
 from sfu.common import metrics
 from sfu.common.netguard import AddressPolicy, GuardedHttp, HostResolver, SystemResolver
 from sfu.controller.bus import WebhookBus
+from sfu.controller.controller import Controller, build_controller
 from sfu.controller.csapi import CsApi
 from sfu.controller.delayed_leave import DelayedLeaveManager, Signal
+from sfu.controller.http import status_response
+from sfu.controller.registry import Grant, GrantRegistry, MemoryRegistry, RedisRegistry
 from sfu.controller.store import JobParams, JobStore, MemoryStore, RedisStore
 
 __all__ = ["SERVICE_KEY", "AuthService", "create_app"]
@@ -125,6 +129,7 @@ class AuthService:
         worker_index: int = 0,
         worker_count: int = 1,
         address_policy: AddressPolicy | None = None,
+        registry: GrantRegistry | None = None,
     ) -> None:
         self.config = config
         self.worker_index = worker_index
@@ -153,6 +158,18 @@ class AuthService:
         if store is None:
             store = RedisStore(config.redis_url) if config.redis_url else MemoryStore()
         self.store = store
+        if registry is None:
+            registry = RedisRegistry(config.redis_url) if config.redis_url else MemoryRegistry()
+        self.registry = registry
+        self.controller: Controller | None = None
+        # With Redis every worker stands for election; without, only worker 0 runs one, and
+        # it knows only its own worker's grants when there are several.
+        if config.controller is not None and (config.redis_url or worker_index == 0):
+            self.controller = build_controller(
+                config.controller,
+                registry=registry,
+                registry_complete=bool(config.redis_url) or worker_count == 1,
+            )
         self.jobs = DelayedLeaveManager(
             self.rooms, self.csapi, store, check_interval=config.sanity_check_interval
         )
@@ -190,11 +207,16 @@ class AuthService:
             await self.bus.start()
         if self.worker_index == 0:  # one worker resumes the stored jobs
             await self.jobs.start()
+        if self.controller is not None:
+            await self.controller.start()
 
     async def close(self) -> None:
+        if self.controller is not None:
+            await self.controller.close()
         if self.bus is not None:
             await self.bus.close()
         await self.jobs.close()
+        await self.registry.close()
         await self.openid.close()
         await self.rooms.close()
         await self.http.close()
@@ -220,6 +242,7 @@ class AuthService:
         identity: str,
         delay_id: str,
         delay_timeout: int,
+        record: Grant,
     ) -> _Grant:
         full = self.config.is_full_access(server_name)
         if delay_id and not full:
@@ -234,6 +257,11 @@ class AuthService:
                 raise _Reject(ApiError(500, "M_UNKNOWN", "Unable to create room on SFU")) from exc
             if delay_id:
                 await self._add_job(server_name, delay_id, delay_timeout, room, identity)
+        try:  # before the token exists: the controller must never see it unrecorded
+            await self.registry.record(record)
+        except Exception as exc:
+            log.error("could not record the grant", room=room, reason=str(exc)[:200])
+            raise _Reject(ApiError(503, "M_UNKNOWN", "Unable to record the grant")) from exc
         return _Grant(room, identity, full)
 
     async def _add_job(
@@ -262,13 +290,22 @@ class AuthService:
         if err := validate_get_token(req):
             return error_response(err)
         sub = await self._verify(req.openid_token, req.member.claimed_user_id)
-        grant = await self._grant(
-            req.openid_token.matrix_server_name,
-            livekit_room_alias(req.room_id, req.slot_id),
-            livekit_identity(sub, req.member.claimed_device_id, req.member.id),
-            req.delay_id,
-            req.delay_timeout,
+        room = livekit_room_alias(req.room_id, req.slot_id)
+        identity = livekit_identity(sub, req.member.claimed_device_id, req.member.id)
+        server = req.openid_token.matrix_server_name
+        record = Grant(
+            room=room,
+            identity=identity,
+            matrix_room=req.room_id,
+            slot_id=req.slot_id,
+            user_id=sub,
+            device_id=req.member.claimed_device_id,
+            member_id=req.member.id,
+            server_name=server,
+            endpoint="get_token",
+            issued_at=time.time(),
         )
+        grant = await self._grant(server, room, identity, req.delay_id, req.delay_timeout, record)
         return self._token_response("get_token", grant, sub)
 
     async def sfu_get(self, raw: bytes) -> web.Response:
@@ -278,13 +315,22 @@ class AuthService:
         if err := validate_legacy(req):
             return error_response(err)
         sub = await self._verify(req.openid_token, "")
-        grant = await self._grant(
-            req.openid_token.matrix_server_name,
-            livekit_room_alias(req.room),
-            legacy_identity(sub, req.device_id),
-            req.delay_id,
-            req.delay_timeout,
+        room = livekit_room_alias(req.room)
+        identity = legacy_identity(sub, req.device_id)
+        server = req.openid_token.matrix_server_name
+        record = Grant(
+            room=room,
+            identity=identity,
+            matrix_room=req.room,
+            slot_id=livekit_ids.DEFAULT_SLOT_ID,
+            user_id=sub,
+            device_id=req.device_id,
+            member_id=identity,
+            server_name=server,
+            endpoint="sfu_get",
+            issued_at=time.time(),
         )
+        grant = await self._grant(server, room, identity, req.delay_id, req.delay_timeout, record)
         return self._token_response("sfu_get", grant, sub)
 
     async def delegate(self, raw: bytes) -> web.Response:
@@ -414,6 +460,13 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+async def _status(request: web.Request) -> web.StreamResponse:
+    controller = request.app[SERVICE_KEY].controller
+    if controller is None:
+        return web.Response(status=404)
+    return await status_response(request, controller)
+
+
 async def _webhook(request: web.Request) -> web.StreamResponse:
     if request.method != "POST":
         return web.Response(status=405)
@@ -458,4 +511,5 @@ def create_app(
     app.router.add_route("*", "/sfu_webhook", _webhook)
     app.router.add_route("*", "/healthz", _healthz)
     app.router.add_route("*", "/metrics", _metrics)
+    app.router.add_route("GET", "/status", _status)
     return app

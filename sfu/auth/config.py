@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 
 from matrixrtc.errors import ConfigError
+from sfu.common.env import num as _num
+from sfu.common.env import parse_overrides
+from sfu.common.env import read_key_secret as _read_key_secret
+from sfu.controller.config import ControllerConfig, enabled_in_serve
 
 __all__ = ["OUR_VARIABLES", "Config", "parse_bind", "parse_overrides"]
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T", int, float)
 
 SKIP_TLS_MAGIC = "YES_I_KNOW_WHAT_I_AM_DOING"
 
@@ -83,6 +84,7 @@ class Config:
     room_ensured_ttl: float = 1.0
     log_format: str = "json"
     workers: int = 1
+    controller: ControllerConfig | None = None  # MATRIXRTC_SFU_CONTROLLER=1
 
     def is_full_access(self, server_name: str) -> bool:
         """lk-jwt-service's rule: ``*`` as the only entry means everyone."""
@@ -170,24 +172,8 @@ class Config:
             room_ensured_ttl=_num(env, "MATRIXRTC_SFU_ROOM_ENSURED_TTL", 1.0, float),
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
+            controller=ControllerConfig.from_env(env) if enabled_in_serve(env) else None,
         )
-
-
-def _num(
-    env: Mapping[str, str], name: str, default: _T, kind: type[_T], *, positive: bool = False
-) -> _T:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
-    if value < 0 or (positive and value == 0) or value != value:
-        raise ConfigError(
-            f"{name} must be {'positive' if positive else 'non-negative'}, got {raw!r}"
-        )
-    return value
 
 
 def _log_level(raw: str) -> str:
@@ -199,43 +185,6 @@ def _log_level(raw: str) -> str:
     if low:
         log.warning("Invalid log level in LIVEKIT_LOG_LEVEL, defaulting to info", invalidValue=raw)
     return "info"
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _read_key_secret(env: Mapping[str, str]) -> tuple[str, str]:
-    key = env.get("LIVEKIT_KEY", "")
-    secret = env.get("LIVEKIT_SECRET", "")
-    if path := env.get("LIVEKIT_KEY_FILE", ""):
-        parts = _read(path).split(":")
-        if len(parts) != 2:
-            raise ConfigError("invalid key secret file format!")
-        key, secret = parts
-    else:
-        if path := env.get("LIVEKIT_KEY_FROM_FILE", ""):
-            key = _read(path)
-        if path := env.get("LIVEKIT_SECRET_FROM_FILE", ""):
-            secret = _read(path)
-    return key.strip(" \r\n"), secret.strip(" \r\n")
-
-
-def parse_overrides(raw: str) -> dict[str, str]:
-    """``server=url,server2=url2`` (lk-jwt-service's format; blanks trimmed)."""
-    out: dict[str, str] = {}
-    if not raw:
-        return out
-    for entry in raw.split(","):
-        server, sep, url = entry.partition("=")
-        server, url = server.strip(), url.strip()
-        if not sep or not server or not url:
-            raise ConfigError(f"invalid entry {entry!r}, expected server_name=url")
-        out[server] = url
-    return out
 
 
 def parse_bind(bind: str) -> tuple[str | None, int]:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the authorization service and the delayed-leave controller.
+"""Prometheus metrics of the authorization service, the delayed-leave jobs and the controller.
 
 With ``--workers N`` each worker writes to ``PROMETHEUS_MULTIPROC_DIR`` (set by the
 supervisor) and ``/metrics`` aggregates all workers.
@@ -19,13 +19,19 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "CONTROLLER_CYCLE",
+    "CONTROLLER_ERRORS",
+    "CONTROLLER_LEADER",
     "DELAYED_LEAVE",
     "DELAYED_LEAVE_JOBS",
+    "GHOST_KICKS",
     "OPENID_CACHE",
     "OPENID_LOOKUP",
     "REQUESTS",
+    "ROOMS_CLOSED",
     "ROOMS_CREATED",
     "TOKENS_ISSUED",
+    "TOKEN_LIMITS",
     "WEBHOOKS",
     "render",
 ]
@@ -64,3 +70,31 @@ def render() -> bytes:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(_DEFAULT)
+
+
+# -- the controller (sfu.controller.controller) ---------------------------------------------
+
+GHOST_KICKS = Counter(
+    _P + "controller_removals_total",
+    "LiveKit participants removed by the controller, by reason",
+    ["reason"],
+)
+ROOMS_CLOSED = Counter(
+    _P + "controller_rooms_closed_total", "LiveKit rooms closed by the controller (no members)"
+)
+CONTROLLER_LEADER = Gauge(
+    _P + "controller_leader",
+    "1 while this process is the acting controller",
+    multiprocess_mode="livesum",
+)
+CONTROLLER_CYCLE = Histogram(
+    _P + "controller_cycle_seconds",
+    "Duration of one controller cycle (LiveKit listing, Matrix state, actions)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+CONTROLLER_ERRORS = Counter(
+    _P + "controller_errors_total", "Failed controller steps, by step", ["step"]
+)
+TOKEN_LIMITS = Counter(
+    _P + "token_limits_total", "Token requests refused by a configured limit", ["limit"]
+)

@@ -1,0 +1,447 @@
+"""The SFU controller: removes LiveKit ghosts, closes memberless rooms, one leader acts.
+
+Every ``interval`` seconds the acting controller (see :mod:`sfu.controller.leader`) lists
+LiveKit's rooms and participants, reads the grants the service recorded
+(:mod:`sfu.controller.registry`) and the Matrix room state of the rooms involved
+(:mod:`sfu.controller.matrix_source`), and lets :class:`~sfu.controller.ghosts.GhostJudge`
+decide. A participant due for removal is removed with LiveKit's RemoveParticipant; an empty
+LiveKit room whose Matrix room shows no call member ``room_grace`` after its creation and
+its last token is deleted. Every action is claimed first (never taken twice), written as
+one audit log line (logger ``sfu.audit``) and counted in ``/metrics``.
+
+At start-up it says what it cannot see and therefore will not act on (no Redis, no
+homeserver access, a refused token), then runs with what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from livekit import api as lkapi
+from livekit.protocol import models as lkmodels
+
+from sfu.common import metrics
+from sfu.controller.config import ControllerConfig
+from sfu.controller.ghosts import Finding, GhostJudge, Participant, Reason, RoomView, Verdict
+from sfu.controller.ghosts import room_view as make_room_view
+from sfu.controller.leader import Leadership, LocalLeadership, RedisLeadership
+from sfu.controller.matrix_source import AdminStateSource, MatrixSource, MemberStateSource
+from sfu.controller.registry import Grant, GrantRegistry, MemoryRegistry, RedisRegistry
+
+__all__ = ["STATUS_KEY", "Controller", "build_controller"]
+
+log = structlog.get_logger(__name__)
+audit = structlog.get_logger("sfu.audit")
+
+STATUS_KEY = "matrixrtc-sfu:controller:status"
+_STANDARD = lkmodels.ParticipantInfo.Kind.STANDARD
+
+
+@dataclass
+class _RoomResult:
+    room: str
+    findings: list[Finding] = field(default_factory=list)
+    matrix_rooms: dict[str, int | None] = field(default_factory=dict)  # → active members
+    closed: bool = False
+
+
+class Controller:
+    """See the module docstring. ``run_cycle`` is one pass; ``start`` loops it."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        registry: GrantRegistry,
+        *,
+        registry_complete: bool,
+        source: MatrixSource | None,
+        leadership: Leadership,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.registry_complete = registry_complete
+        self.source = source
+        self.leadership = leadership
+        self._clock = clock
+        self.judge = GhostJudge(
+            grace=config.grace,
+            join_grace=config.join_grace,
+            require_membership=config.require_membership,
+            allow_identities=config.allow_identities,
+        )
+        self.limits: list[str] = []  # what this controller cannot see, in plain words
+        self._session: aiohttp.ClientSession | None = None
+        self._api: lkapi.LiveKitAPI | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._status: dict[str, Any] = {}
+        self._status_redis: Any = None
+        self._matrix_visible = source is not None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._api = lkapi.LiveKitAPI(
+            self.config.livekit_url,
+            self.config.key,
+            self.config.secret,
+            session=self._session,
+            failover=False,
+        )
+        if self.config.redis_url:
+            import redis.asyncio as aioredis
+
+            self._status_redis = aioredis.Redis.from_url(
+                self.config.redis_url, socket_timeout=2, socket_connect_timeout=2
+            )
+        await self._report_capabilities()
+        await self.leadership.start()
+        self._task = asyncio.create_task(self._loop(), name="controller")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.leadership.close()
+        if self.source is not None:
+            await self.source.close()
+        if self._api is not None:
+            await self._api.aclose()
+        if self._session is not None:
+            await self._session.close()
+        if self._status_redis is not None:
+            await self._status_redis.aclose()
+
+    async def _report_capabilities(self) -> None:
+        cfg = self.config
+        limits: list[str] = []
+        if not cfg.redis_url:
+            limits.append(
+                "no LIVEKIT_REDIS_URL: no leader election (run exactly one controller) and "
+                "grants are known only inside this process"
+            )
+        if not self.registry_complete:
+            limits.append(
+                "the grant registry is incomplete here (no shared Redis), so participants "
+                "whose identity the service never issued are NOT removed"
+            )
+        if self.source is None:
+            limits.append(
+                "no homeserver access (MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL with an ADMIN "
+                "or ACCESS token): Matrix room state is invisible, so members who left the "
+                "call, left or were banned from the room are NOT removed and rooms are NOT "
+                "closed; only a delayed leave found gone by the service is acted on"
+            )
+        else:
+            await self.source.start()
+            check = await self.source.probe()
+            if check.ok:
+                log.info("controller reads Matrix room state", source=check.message)
+            else:
+                limits.append(
+                    f"homeserver access failed at start-up ({check.message}): rooms that "
+                    "cannot be read are treated as unknown and nothing Matrix-based is done "
+                    "there"
+                )
+        if cfg.require_membership:
+            log.info(
+                "participants without a call.member state membership are removed after "
+                "the join grace (MSC4354 sticky memberships are not visible in room state; "
+                "set MATRIXRTC_SFU_CONTROLLER_REQUIRE_MEMBERSHIP=0 for such clients)",
+                join_grace=cfg.join_grace,
+            )
+        if cfg.dry_run:
+            limits.append("dry run: removals and room closes are only logged and counted")
+        for line in limits:
+            log.warning("controller limitation", detail=line)
+        self.limits = limits
+        log.info(
+            "controller started",
+            interval=cfg.interval,
+            grace=cfg.grace,
+            join_grace=cfg.join_grace,
+            room_grace=cfg.room_grace,
+            kick_foreign=cfg.kick_foreign and self.registry_complete,
+            leader_election=isinstance(self.leadership, RedisLeadership),
+            instance=self.leadership.id,
+        )
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            if self.leadership.is_leader():
+                try:
+                    await self.run_cycle()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    metrics.CONTROLLER_ERRORS.labels("cycle").inc()
+                    log.exception("controller cycle failed")
+                metrics.CONTROLLER_CYCLE.observe(time.monotonic() - started)
+            await asyncio.sleep(max(0.05, self.config.interval - (time.monotonic() - started)))
+
+    # -- one cycle ---------------------------------------------------------------------
+
+    @property
+    def api(self) -> lkapi.LiveKitAPI:
+        if self._api is None:
+            raise RuntimeError("controller not started")
+        return self._api
+
+    async def run_cycle(self) -> list[_RoomResult]:
+        now = self._clock()
+        rooms = (await self.api.room.list_rooms(lkapi.ListRoomsRequest())).rooms
+        since = await self.registry.since()
+        views: dict[str, asyncio.Task[RoomView | None]] = {}
+        results = await asyncio.gather(
+            *(self._room(r, since, views, now) for r in rooms), return_exceptions=True
+        )
+        out: list[_RoomResult] = []
+        live: list[str] = []
+        for room, res in zip(rooms, results, strict=True):
+            if isinstance(res, BaseException):
+                metrics.CONTROLLER_ERRORS.labels("room").inc()
+                log.warning("controller room step failed", room=room.name, reason=repr(res)[:200])
+                continue
+            out.append(res)
+            live.extend(f.participant.sid for f in res.findings)
+        self.judge.forget_except(live)
+        await self._publish_status(out, now)
+        return out
+
+    async def _view(self, matrix_room: str, now: float) -> RoomView | None:
+        if self.source is None:
+            return None
+        events = await self.source.room_state(matrix_room)
+        return None if events is None else make_room_view(events, int(now * 1000))
+
+    async def _room(
+        self,
+        room: lkmodels.Room,
+        since: float,
+        views: dict[str, asyncio.Task[RoomView | None]],
+        now: float,
+    ) -> _RoomResult:
+        result = _RoomResult(room.name)
+        grants = await self.registry.room_grants(room.name)
+        # ListRooms' num_participants lags behind joins: always ask for the participants.
+        parts = await self._participants(room.name)
+        matrix_rooms = {g.matrix_room for g in grants.values()}
+        for mr in matrix_rooms:  # one state read per Matrix room per cycle
+            if mr not in views:
+                views[mr] = asyncio.ensure_future(self._view(mr, now))
+        room_views = {mr: await views[mr] for mr in matrix_rooms}
+        for mr, v in room_views.items():
+            result.matrix_rooms[mr] = None if v is None else v.active_members()
+        ended = await self.registry.ended(room.name) if parts and grants else {}
+        if parts:
+            result.findings = self.judge.observe(
+                parts,
+                grants,
+                room_views,
+                registry_since=since if self.registry_complete else float("inf"),
+                ended_hints=ended,
+                now=now,
+            )
+            if grants:
+                await self.registry.touch(room.name)
+        for f in result.findings:
+            if f.verdict is Verdict.REMOVE:
+                await self._remove(room.name, f, now)
+        if not parts and grants:
+            result.closed = await self._maybe_close(room, grants, room_views, now)
+        return result
+
+    async def _remove(self, room: str, f: Finding, now: float) -> None:
+        p = f.participant
+        if f.reason is Reason.FOREIGN_TOKEN and not self.config.kick_foreign:
+            return
+        if not await self.leadership.claim(f"kick:{room}:{p.sid}"):
+            return
+        g = f.grant
+        fields: dict[str, object] = {
+            "action": "remove_participant",
+            "reason": f.reason.value,
+            "room": room,
+            "identity": p.identity,
+            "sid": p.sid,
+            "joined_at": p.joined_at,
+            "bad_since": f.bad_since,
+            "seconds_after_evidence": round(now - (f.bad_since or now), 3),
+            "dry_run": self.config.dry_run,
+            "instance": self.leadership.id,
+        }
+        if g is not None:
+            fields.update(matrix_room=g.matrix_room, user_id=g.user_id, device_id=g.device_id)
+        if not self.config.dry_run:
+            try:
+                await self.api.room.remove_participant(
+                    lkapi.RoomParticipantIdentity(room=room, identity=p.identity)
+                )
+            except lkapi.TwirpError as exc:
+                if exc.code != "not_found":
+                    metrics.CONTROLLER_ERRORS.labels("remove").inc()
+                    log.warning("RemoveParticipant failed", room=room, reason=str(exc)[:200])
+                    return
+                fields["result"] = "already_gone"
+        metrics.GHOST_KICKS.labels(f.reason.value).inc()
+        audit.warning("ghost removed", **fields)
+
+    async def _maybe_close(
+        self,
+        room: lkmodels.Room,
+        grants: Mapping[str, Grant],
+        views: Mapping[str, RoomView | None],
+        now: float,
+    ) -> bool:
+        if any(v is None for v in views.values()) or not views:
+            return False  # cannot see every Matrix room: never close on ignorance
+        if any(v.active_members() > 0 for v in views.values() if v is not None):
+            return False
+        created = float(room.creation_time_ms) / 1000 if room.creation_time_ms else 0.0
+        created = created or float(room.creation_time)
+        last_token = max(g.issued_at for g in grants.values())
+        if now - max(created, last_token) < self.config.room_grace:
+            return False
+        if await self._participants(room.name):
+            return False  # someone joined meanwhile
+        if not await self.leadership.claim(f"close:{room.name}:{room.sid}"):
+            return False
+        if not self.config.dry_run:
+            try:
+                await self.api.room.delete_room(lkapi.DeleteRoomRequest(room=room.name))
+            except lkapi.TwirpError as exc:
+                if exc.code != "not_found":
+                    metrics.CONTROLLER_ERRORS.labels("close").inc()
+                    log.warning("DeleteRoom failed", room=room.name, reason=str(exc)[:200])
+                    return False
+        metrics.ROOMS_CLOSED.inc()
+        audit.warning(
+            "room closed",
+            action="delete_room",
+            reason="no_matrix_members",
+            room=room.name,
+            matrix_rooms=sorted(views),
+            dry_run=self.config.dry_run,
+            instance=self.leadership.id,
+        )
+        return True
+
+    async def _participants(self, room: str) -> list[Participant]:
+        listed = await self.api.room.list_participants(lkapi.ListParticipantsRequest(room=room))
+        return [_participant(p) for p in listed.participants]
+
+    # -- /status -------------------------------------------------------------------------
+
+    async def _publish_status(self, results: list[_RoomResult], now: float) -> None:
+        rooms = []
+        for r in results:
+            parts = []
+            for f in r.findings:
+                g = f.grant
+                parts.append(
+                    {
+                        "identity": f.participant.identity,
+                        "sid": f.participant.sid,
+                        "joined_at": f.participant.joined_at,
+                        "user_id": g.user_id if g else None,
+                        "device_id": g.device_id if g else None,
+                        "matrix_room": g.matrix_room if g else None,
+                        "matrix_state": f.reason.value,
+                        "verdict": f.verdict.value,
+                        "due_in": round(f.due_at - now, 2) if f.due_at is not None else None,
+                    }
+                )
+            rooms.append(
+                {
+                    "room": r.room,
+                    "matrix_rooms": [
+                        {"room_id": mr, "active_call_members": n}
+                        for mr, n in sorted(r.matrix_rooms.items())
+                    ],
+                    "participants": parts,
+                    "closed": r.closed,
+                }
+            )
+        self._status = {
+            "instance": self.leadership.id,
+            "leader": True,
+            "at": now,
+            "limitations": self.limits,
+            "rooms": rooms,
+        }
+        if self._status_redis is not None:
+            try:
+                await self._status_redis.set(
+                    STATUS_KEY, json.dumps(self._status), ex=max(10, int(self.config.interval * 5))
+                )
+            except Exception as exc:
+                log.debug("status not published", reason=str(exc)[:200])
+
+    async def status(self) -> dict[str, Any]:
+        """The newest snapshot: ours when we lead, else the leader's (from Redis)."""
+        if self.leadership.is_leader() and self._status:
+            return self._status
+        if self._status_redis is not None:
+            raw = await self._status_redis.get(STATUS_KEY)
+            if raw is not None:
+                snap: dict[str, Any] = json.loads(raw)
+                snap["leader"] = snap.get("instance") == self.leadership.id
+                snap["served_by"] = self.leadership.id
+                return snap
+        return {
+            "instance": self.leadership.id,
+            "leader": False,
+            "limitations": self.limits,
+            "rooms": None,
+            "error": "no controller has reported yet",
+        }
+
+
+def _participant(p: lkmodels.ParticipantInfo) -> Participant:
+    joined = p.joined_at_ms / 1000 if p.joined_at_ms else float(p.joined_at)
+    return Participant(p.identity, p.sid, joined, p.kind == _STANDARD)
+
+
+def build_controller(
+    config: ControllerConfig,
+    *,
+    registry: GrantRegistry | None = None,
+    registry_complete: bool | None = None,
+) -> Controller:
+    """Assemble a controller from its configuration (Redis and homeserver when configured).
+
+    ``registry`` is the service's own when the controller runs inside ``serve``; without
+    Redis that registry knows this process's tokens only, which ``registry_complete`` says.
+    """
+    if registry is None:
+        registry = RedisRegistry(config.redis_url) if config.redis_url else MemoryRegistry()
+    if registry_complete is None:
+        registry_complete = bool(config.redis_url)
+    leadership: Leadership
+    if config.redis_url:
+        leadership = RedisLeadership(config.redis_url, ttl=config.leader_ttl)
+    else:
+        leadership = LocalLeadership()
+    source: MatrixSource | None = None
+    if config.homeserver_url and config.admin_token:
+        source = AdminStateSource(config.homeserver_url, config.admin_token)
+    elif config.homeserver_url and config.access_token:
+        source = MemberStateSource(config.homeserver_url, config.access_token)
+    return Controller(
+        config,
+        registry,
+        registry_complete=registry_complete,
+        source=source,
+        leadership=leadership,
+    )

@@ -1,0 +1,283 @@
+"""Who should not be in a LiveKit room, and since when (pure: no I/O, times passed in).
+
+Each cycle the controller hands :meth:`GhostJudge.observe` one LiveKit room: its
+participants, the grants the service recorded for it, what the homeserver shows of the
+Matrix room (or None when it cannot see it) and the current wall time. The judge answers
+with a :class:`Finding` per participant and remembers, per LiveKit session (``sid``), since
+when a participant has been without a valid reason to be there. A participant is *due* for
+removal once that has lasted ``grace`` seconds; a verdict that needs the member's own
+client to act first (publish a membership) waits ``join_grace`` from its LiveKit join.
+
+Rules, in order (the first that applies decides):
+
+1. No grant for (room, identity):
+   - joined before the registry existed → ``unknown`` (never removed: the token may predate
+     the registry, e.g. minted by lk-jwt-service before an upgrade);
+   - a non-standard participant kind (egress, ingress, SIP, agent) or an identity matching
+     the operator's allow pattern → ``allowed``;
+   - otherwise ``foreign_token``: the service never issued this identity.
+2. Matrix room not visible → ``unknown`` unless a delayed-leave job reported the membership
+   ended during this LiveKit session (``call_ended``).
+3. The user's ``m.room.member`` is ``ban`` → ``banned``; ``leave`` sent by someone else →
+   ``kicked``; ``leave`` by the user → ``left_room``; anything but ``join`` (never joined,
+   invited, knocking) → ``not_in_room`` (waits ``join_grace``: federation may lag).
+4. An active (unexpired) call membership of (user, device) in the Matrix room → ``ok``.
+5. A membership for that device that ended (leave content ``{}``, or expired) *after* the
+   participant joined LiveKit, or one this judge saw active before → ``call_ended``.
+6. No membership at all → ``no_membership`` (waits ``join_grace``; only when memberships
+   are required: clients publishing only MSC4354 sticky memberships are invisible in room
+   state, see the README).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
+from sfu.controller.registry import Grant
+
+__all__ = [
+    "Finding",
+    "GhostJudge",
+    "Participant",
+    "Reason",
+    "RoomView",
+    "Verdict",
+    "room_view",
+]
+
+ROOM_MEMBER = "m.room.member"
+ROOM_CREATE = "m.room.create"
+
+
+class Reason(StrEnum):
+    OK = "ok"
+    UNKNOWN = "unknown"
+    ALLOWED = "allowed"
+    FOREIGN_TOKEN = "foreign_token"
+    BANNED = "banned"
+    KICKED = "kicked"
+    LEFT_ROOM = "left_room"
+    NOT_IN_ROOM = "not_in_room"
+    CALL_ENDED = "call_ended"
+    NO_MEMBERSHIP = "no_membership"
+
+
+# Reasons whose evidence needs no further action from the member: removal after `grace`.
+_DEFINITE = frozenset(
+    {Reason.FOREIGN_TOKEN, Reason.BANNED, Reason.KICKED, Reason.LEFT_ROOM, Reason.CALL_ENDED}
+)
+# Reasons the member's own client may still fix (join the room, publish a membership).
+_PATIENT = frozenset({Reason.NOT_IN_ROOM, Reason.NO_MEMBERSHIP})
+
+
+class Verdict(StrEnum):
+    KEEP = "keep"
+    WATCH = "watch"  # a ghost, not yet due
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    """A LiveKit participant as ListParticipants shows it."""
+
+    identity: str
+    sid: str
+    joined_at: float  # wall seconds
+    standard: bool = True  # ParticipantInfo.kind == STANDARD
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceState:
+    active: tuple[CallMembership, ...] = ()
+    ended_at: float | None = None  # ms: newest leave/expiry seen for the device
+
+
+@dataclass(frozen=True, slots=True)
+class RoomView:
+    """What the homeserver shows of one Matrix room, reduced to what the judge needs."""
+
+    members: Mapping[str, tuple[str, str]]  # user → (membership, sender)
+    # (user, device) → state. Any slot counts: a LiveKit room is derived from the slot, so a
+    # device in another slot of the same Matrix room would hold another room's token, and
+    # being lenient here can only keep someone, never remove them.
+    devices: Mapping[tuple[str, str], _DeviceState]
+
+    def member_state(self, user: str) -> tuple[str, str] | None:
+        return self.members.get(user)
+
+    def device(self, user: str, device: str) -> _DeviceState:
+        return self.devices.get((user, device), _DeviceState())
+
+    def active_members(self) -> int:
+        return sum(len(s.active) for s in self.devices.values())
+
+
+def room_view(events: Iterable[object], now_ms: int) -> RoomView:
+    """Reduce a room's current state events (client format) at wall time ``now_ms``."""
+    members: dict[str, tuple[str, str]] = {}
+    room_version: str | None = None
+    state_events: list[dict[str, object]] = []
+    for ev in events:
+        if not isinstance(ev, dict):
+            continue
+        etype = ev.get("type")
+        content = ev.get("content")
+        if not isinstance(content, dict):
+            continue
+        if etype == ROOM_MEMBER:
+            key, sender = ev.get("state_key"), ev.get("sender")
+            membership = content.get("membership")
+            if isinstance(key, str) and isinstance(membership, str):
+                members[key] = (membership, sender if isinstance(sender, str) else "")
+        elif etype == ROOM_CREATE:
+            rv = content.get("room_version")
+            room_version = rv if isinstance(rv, str) else "1"
+        else:
+            state_events.append(ev)
+    devices: dict[tuple[str, str], _DeviceState] = {}
+    for ev in state_events:
+        parsed = parse_membership_event(ev, room_version)
+        if isinstance(parsed, CallMembership):
+            key = (parsed.user_id, parsed.device_id)
+            old = devices.get(key, _DeviceState())
+            expires = parsed.expires_at
+            if parsed.is_expired(now_ms):
+                ended = max(old.ended_at or 0, float(expires or now_ms))
+                devices[key] = _DeviceState(old.active, ended)
+            else:
+                devices[key] = _DeviceState((*old.active, parsed), old.ended_at)
+        elif isinstance(parsed, MembershipLeft):
+            user, device = _device_of_state_key(parsed.key.key, parsed.key.sender)
+            if device is None:
+                continue
+            key = (user, device)
+            old = devices.get(key, _DeviceState())
+            devices[key] = _DeviceState((), max(old.ended_at or 0, float(parsed.origin_server_ts)))
+    return RoomView(members, devices)
+
+
+def _device_of_state_key(state_key: str, sender: str) -> tuple[str, str | None]:
+    """The device a state-form key names: ``_@u:hs_DEV_m.call`` / ``@u:hs_DEV_m.call`` /
+    ``_@u:hs_DEV``."""
+    for prefix in (f"_{sender}_", f"{sender}_"):
+        if state_key.startswith(prefix):
+            rest = state_key[len(prefix) :]
+            device, _sep, _app = rest.partition("_")
+            return sender, device or None
+    return sender, None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """The judgement of one participant in one cycle."""
+
+    participant: Participant
+    reason: Reason
+    verdict: Verdict
+    grant: Grant | None
+    bad_since: float | None = None  # wall seconds
+    due_at: float | None = None  # wall seconds
+
+
+@dataclass
+class _Track:
+    reason: Reason
+    since: float
+
+
+@dataclass
+class GhostJudge:
+    """Per-sid memory across cycles; see the module docstring for the rules."""
+
+    grace: float = 2.0
+    join_grace: float = 30.0
+    require_membership: bool = True
+    allow_identities: re.Pattern[str] | None = None
+    _bad: dict[str, _Track] = field(default_factory=dict)
+    _seen_active: set[str] = field(default_factory=set)
+
+    def observe(
+        self,
+        participants: Sequence[Participant],
+        grants: Mapping[str, Grant],
+        views: Mapping[str, RoomView | None],
+        *,
+        registry_since: float,
+        ended_hints: Mapping[str, float],
+        now: float,
+    ) -> list[Finding]:
+        """Judge one LiveKit room's participants at wall time ``now``."""
+        out = []
+        for p in participants:
+            grant = grants.get(p.identity)
+            view = views.get(grant.matrix_room) if grant is not None else None
+            reason = self._reason(p, grant, view, registry_since, ended_hints.get(p.identity))
+            out.append(self._verdict(p, reason, grant, now))
+        return out
+
+    def forget_except(self, live_sids: Iterable[str]) -> None:
+        """Drop memory of sessions no longer in LiveKit."""
+        live = set(live_sids)
+        for sid in [s for s in self._bad if s not in live]:
+            del self._bad[sid]
+        self._seen_active &= live
+
+    def _reason(
+        self,
+        p: Participant,
+        grant: Grant | None,
+        view: RoomView | None,
+        registry_since: float,
+        ended_hint: float | None,
+    ) -> Reason:
+        if grant is None:
+            if p.joined_at < registry_since:
+                return Reason.UNKNOWN
+            if not p.standard or (
+                self.allow_identities is not None and self.allow_identities.fullmatch(p.identity)
+            ):
+                return Reason.ALLOWED
+            return Reason.FOREIGN_TOKEN
+        hinted_end = ended_hint is not None and ended_hint >= p.joined_at
+        if view is None:
+            return Reason.CALL_ENDED if hinted_end else Reason.UNKNOWN
+        member = view.member_state(grant.user_id)
+        if member is None or member[0] != "join":
+            if member is not None and member[0] == "ban":
+                return Reason.BANNED
+            if member is not None and member[0] == "leave":
+                return Reason.LEFT_ROOM if member[1] == grant.user_id else Reason.KICKED
+            return Reason.NOT_IN_ROOM
+        dev = view.device(grant.user_id, grant.device_id)
+        if dev.active:
+            self._seen_active.add(p.sid)
+            return Reason.OK
+        ended_ms = dev.ended_at or 0.0
+        if (
+            p.sid in self._seen_active
+            or hinted_end
+            or (ended_ms and ended_ms / 1000.0 >= p.joined_at)
+        ):
+            return Reason.CALL_ENDED
+        return Reason.NO_MEMBERSHIP if self.require_membership else Reason.UNKNOWN
+
+    def _verdict(self, p: Participant, reason: Reason, grant: Grant | None, now: float) -> Finding:
+        if reason not in _DEFINITE and reason not in _PATIENT:
+            self._bad.pop(p.sid, None)
+            return Finding(p, reason, Verdict.KEEP, grant)
+        track = self._bad.get(p.sid)
+        if track is None or track.reason is not reason:
+            track = _Track(reason, now)
+            self._bad[p.sid] = track
+        if reason is Reason.FOREIGN_TOKEN:
+            due = max(p.joined_at, 0.0) + self.grace
+        elif reason in _PATIENT:
+            due = max(track.since + self.grace, p.joined_at + self.join_grace)
+        else:
+            due = track.since + self.grace
+        verdict = Verdict.REMOVE if now >= due else Verdict.WATCH
+        return Finding(p, reason, verdict, grant, track.since, due)

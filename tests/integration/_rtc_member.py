@@ -1,0 +1,74 @@
+"""A call member as a separate process (so a test can SIGSTOP it): one LiveKit connection
+plus a state-form call membership kept alive by an MSC4140 delayed leave it restarts.
+
+Usage: python _rtc_member.py LIVEKIT_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS
+Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it.
+Without a membership (DELAY_MS = 0) it only holds the LiveKit connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from urllib.parse import quote
+
+import aiohttp
+from livekit import rtc
+
+CALL_MEMBER = "org.matrix.msc3401.call.member"
+DELAY = "org.matrix.msc4140.delay"
+DELAYED = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
+
+
+async def main() -> None:
+    lk_url, jwt, hs, token, room_id, user, device, delay_ms = sys.argv[1:9]
+    delay = int(delay_ms)
+    room = rtc.Room()
+    gone = asyncio.Event()
+    room.on("disconnected", lambda *_a: gone.set())
+    await room.connect(lk_url, jwt, rtc.RoomOptions(connect_timeout=10))
+    headers = {"Authorization": f"Bearer {token}"}
+    key = f"_{user}_{device}_m.call"
+    path = (
+        f"{hs}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state/"
+        f"{quote(CALL_MEMBER, safe='')}/{quote(key, safe='')}"
+    )
+    async with aiohttp.ClientSession(headers=headers) as http:
+        delay_id = ""
+        if delay:
+            async with http.put(path, params={DELAY: str(delay)}, json={}) as r:
+                delay_id = (await r.json())["delay_id"]
+            content = {
+                "application": "m.call",
+                "call_id": "",
+                "scope": "m.room",
+                "device_id": device,
+                "expires": 3_600_000,
+                "created_ts": int(time.time() * 1000),
+                "focus_active": {"type": "livekit", "focus_selection": "oldest_membership"},
+                "foci_preferred": [
+                    {
+                        "type": "livekit",
+                        "livekit_service_url": "http://127.0.0.1:1",
+                        "livekit_alias": room_id,
+                    }
+                ],
+            }
+            async with http.put(path, json=content) as r:
+                r.raise_for_status()
+        print("ready", room.local_participant.identity, flush=True)
+        while not gone.is_set():
+            if delay_id:
+                try:
+                    async with http.post(f"{hs}{DELAYED}/{delay_id}/restart") as r:
+                        await r.read()
+                except aiohttp.ClientError:
+                    pass  # the homeserver may be restarting; the next beat retries
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), max(0.2, delay / 4000))
+    print("disconnected", flush=True)
+
+
+asyncio.run(main())

@@ -1,0 +1,389 @@
+"""The SFU controller against the real stack: Synapse, LiveKit v1.13.5, Redis, the service.
+
+The service runs with the controller inside (``MATRIXRTC_SFU_CONTROLLER=1``, Synapse admin
+token, grants in Redis) in front of its own LiveKit (the controller judges every room of its
+LiveKit). Each member is a separate process holding a LiveKit connection and a state-form
+call membership kept alive by a 3 s MSC4140 delayed leave. Every cause of a ghost is staged
+at once, each in its own Matrix room, next to honest members; each ghost must be gone from
+LiveKit at most 5 s after the evidence reached the homeserver (grace 2 s, interval 1 s), with
+an audit line and a metric, and no honest member may be touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest_asyncio
+from livekit import api as lkapi
+
+from matrixrtc.devstack import LiveKit, Redis, Synapse, UserCreds
+from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.model.livekit_ids import legacy_identity, livekit_room_alias
+
+MEMBER_SCRIPT = Path(__file__).with_name("_rtc_member.py")
+CALL_MEMBER = "org.matrix.msc3401.call.member"
+LIMIT = 5.0  # seconds from evidence to removal
+STATUS_TOKEN = "status-" + secrets.token_hex(8)
+
+
+async def register_admin(hs: Synapse, name: str) -> UserCreds:
+    """A server admin through Synapse's shared-secret registration."""
+    secret = json.loads(hs.config_path.read_text())["registration_shared_secret"]
+    nonce = (await hs.request("GET", "/_synapse/admin/v1/register"))["nonce"]
+    password = secrets.token_urlsafe(12)
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
+    mac.update(b"\x00".join([nonce.encode(), name.encode(), password.encode(), b"admin"]))
+    body = await hs.request(
+        "POST",
+        "/_synapse/admin/v1/register",
+        json_body={
+            "nonce": nonce,
+            "username": name,
+            "password": password,
+            "admin": True,
+            "mac": mac.hexdigest(),
+        },
+    )
+    return UserCreds(body["user_id"], password, body["access_token"], body["device_id"])
+
+
+@dataclass
+class Sfu:
+    """``python -m sfu serve`` with the controller inside."""
+
+    proc: ManagedProcess
+    url: str
+    log_path: Path
+
+    async def start(self) -> None:
+        async def ready() -> bool:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r,
+            ):
+                return r.status == 200
+
+        await self.proc.start(ready, 30)
+
+    async def post(self, path: str, body: object) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.post(self.url + path, json=body) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def get(self, path: str, token: str = "") -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with aiohttp.ClientSession() as s, s.get(self.url + path, headers=headers) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text)
+            except ValueError:
+                return r.status, text
+
+    def audit(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if obj.get("event") in ("ghost removed", "room closed"):
+                    out.append(obj)
+        return out
+
+
+def controller_env(
+    lk: LiveKit, hs: Synapse, redis: Redis, admin: UserCreds, **extra: str
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LIVEKIT_URL": lk.url,
+        "LIVEKIT_KEY": lk.api_key,
+        "LIVEKIT_SECRET": lk.api_secret,
+        "LIVEKIT_REDIS_URL": redis.url,
+        "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
+        "MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN": admin.access_token,
+        "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
+        "MATRIXRTC_SFU_CONTROLLER_INTERVAL": "1",
+        "MATRIXRTC_SFU_CONTROLLER_GRACE": "2",
+        "MATRIXRTC_SFU_CONTROLLER_JOIN_GRACE": "3",
+        "MATRIXRTC_SFU_CONTROLLER_ROOM_GRACE": "3",
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    hs: Synapse
+    lk: LiveKit
+    redis: Redis
+    sfu: Sfu
+    admin: UserCreds
+    run_dir: Path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
+    admin = await register_admin(synapse, f"ctladmin{secrets.token_hex(3)}")
+    port = free_tcp_port()
+    async with (
+        LiveKit(run_dir, name="livekit-controller") as lk,
+        Redis(run_dir, name="redis-controller") as redis,
+    ):
+        env = controller_env(
+            lk,
+            synapse,
+            redis,
+            admin,
+            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
+            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
+            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
+            MATRIXRTC_SFU_RATE_LIMIT="0",
+            MATRIXRTC_SFU_CONTROLLER="1",
+        )
+        log_path = run_dir / "sfu-controller" / "service.log"
+        proc = ManagedProcess(
+            name="sfu-controller",
+            argv=[sys.executable, "-m", "sfu", "serve"],
+            log_path=log_path,
+            cwd=run_dir,
+            env=env,
+        )
+        sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
+        await sfu.start()
+        try:
+            yield Stack(synapse, lk, redis, sfu, admin, run_dir)
+        finally:
+            await proc.stop()
+
+
+@dataclass
+class Member:
+    user: UserCreds
+    room_id: str
+    identity: str
+    lk_room: str
+    proc: asyncio.subprocess.Process | None = None
+    lines: list[str] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+
+
+async def spawn_member(
+    lk_url: str, jwt: str, hs: Synapse, user: UserCreds, room_id: str, delay_ms: int
+) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(MEMBER_SCRIPT),
+        lk_url,
+        jwt,
+        hs.base_url,
+        user.access_token,
+        room_id,
+        user.user_id,
+        user.device_id,
+        str(delay_ms),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(20):
+        line = (await proc.stdout.readline()).decode()
+    assert line.startswith("ready"), line
+    return proc
+
+
+async def openid(hs: Synapse, user: UserCreds) -> dict[str, Any]:
+    return await hs.request(
+        "POST",
+        f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token",
+        user=user,
+        json_body={},
+    )
+
+
+async def join_call(
+    st: Stack, owner: UserCreds, room_id: str | None = None, *, delay_ms: int = 3000
+) -> Member:
+    """A fresh user joins (a fresh room, unless given) and the call: token, LiveKit, state."""
+    user = await st.hs.register(f"m{secrets.token_hex(4)}")
+    if room_id is None:
+        room_id = await st.hs.create_call_room(owner, invite=[user])
+    else:
+        await st.hs.request(
+            "POST",
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/invite",
+            user=owner,
+            json_body={"user_id": user.user_id},
+        )
+        await st.hs.join_room(user, room_id)
+    status, resp = await st.sfu.post(
+        "/sfu/get",
+        {"room": room_id, "openid_token": await openid(st.hs, user), "device_id": user.device_id},
+    )
+    assert status == 200, resp
+    m = Member(
+        user, room_id, legacy_identity(user.user_id, user.device_id), livekit_room_alias(room_id)
+    )
+    m.proc = await spawn_member(resp["url"], resp["jwt"], st.hs, user, room_id, delay_ms)
+    return m
+
+
+async def present(lk: LiveKit, room: str) -> set[str]:
+    async with lkapi.LiveKitAPI(lk.http_url, lk.api_key, lk.api_secret) as api:
+        res = await api.room.list_participants(lkapi.ListParticipantsRequest(room=room))
+    return {p.identity for p in res.participants}
+
+
+async def time_until(check: Callable[[], Awaitable[bool]], limit: float) -> float | None:
+    """Seconds until ``check()`` holds (polled every 0.1 s: remote servers have no events
+    to wait on), or None after ``limit``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if await check():
+            return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def removal_after(st: Stack, m: Member, limit: float = 15.0) -> float | None:
+    async def gone() -> bool:
+        return m.identity not in await present(st.lk, m.lk_room)
+
+    return await time_until(gone, limit)
+
+
+async def membership_left(st: Stack, m: Member) -> bool:
+    content = await st.hs.get_state(
+        m.user, m.room_id, CALL_MEMBER, f"_{m.user.user_id}_{m.user.device_id}_m.call"
+    )
+    return content == {}
+
+
+async def test_every_kind_of_ghost_is_removed_and_honest_members_stay(stack: Stack) -> None:
+    st = stack
+    owner = await st.hs.register(f"owner{secrets.token_hex(3)}")
+    # Honest members share rooms with the ghosts, so a wrong verdict per room would show.
+    left_room = await st.hs.create_call_room(owner)
+    banned_room = await st.hs.create_call_room(owner)
+    joins = {
+        "expired": join_call(st, owner),
+        "left": join_call(st, owner, left_room),
+        "banned": join_call(st, owner, banned_room),
+        "kicked": join_call(st, owner),
+        "honest": join_call(st, owner, left_room, delay_ms=10_000),
+        "honest2": join_call(st, owner, banned_room, delay_ms=10_000),
+        # joins LiveKit with a service token but never publishes a membership
+        "silent": join_call(st, owner, delay_ms=0),
+    }
+    results = await asyncio.gather(*joins.values(), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        await asyncio.gather(*(r.stop() for r in results if isinstance(r, Member)))
+        raise failed[0]
+    members = {k: r for k, r in zip(joins, results, strict=True) if isinstance(r, Member)}
+    # A token minted with the API key, not by the service, into the honest member's room.
+    foreign_id = "intruder-" + secrets.token_hex(3)
+    jwt = (
+        lkapi.AccessToken(st.lk.api_key, st.lk.api_secret)
+        .with_identity(foreign_id)
+        .with_grants(lkapi.VideoGrants(room_join=True, room=members["left"].lk_room))
+        .to_jwt()
+    )
+    honest = members["honest"]
+    foreign = Member(honest.user, honest.room_id, foreign_id, honest.lk_room)
+    foreign.proc = await spawn_member(st.lk.url, jwt, st.hs, honest.user, honest.room_id, 0)
+    t_foreign = time.monotonic()  # the evidence is the join itself
+    members["foreign"] = foreign
+    try:
+        times: dict[str, float | None] = {}
+
+        async def expired() -> None:
+            m = members["expired"]
+            assert m.proc is not None
+            os.killpg(m.proc.pid, signal.SIGSTOP)  # heartbeat stops; the 3 s leave fires
+            fired = await time_until(lambda: membership_left(st, m), 10)
+            assert fired is not None, "the delayed leave did not fire"
+            times["expired"] = await removal_after(st, m)
+
+        async def left() -> None:
+            m = members["left"]
+            key = f"_{m.user.user_id}_{m.user.device_id}_m.call"
+            await st.hs.put_state(m.user, m.room_id, CALL_MEMBER, key, {})
+            times["left"] = await removal_after(st, m)
+
+        async def banned() -> None:
+            m = members["banned"]
+            await st.hs.request(
+                "POST",
+                f"/_matrix/client/v3/rooms/{quote(m.room_id, safe='')}/ban",
+                user=owner,
+                json_body={"user_id": m.user.user_id, "reason": "test"},
+            )
+            times["banned"] = await removal_after(st, m)
+
+        async def kicked() -> None:
+            m = members["kicked"]
+            await st.hs.request(
+                "POST",
+                f"/_matrix/client/v3/rooms/{quote(m.room_id, safe='')}/kick",
+                user=owner,
+                json_body={"user_id": m.user.user_id},
+            )
+            times["kicked"] = await removal_after(st, m)
+
+        async def foreign_token() -> None:
+            gone = await removal_after(st, foreign)
+            times["foreign_token"] = None if gone is None else time.monotonic() - t_foreign
+
+        async def silent() -> None:
+            times["no_membership"] = await removal_after(st, members["silent"], 15)
+
+        await asyncio.gather(expired(), left(), banned(), kicked(), foreign_token(), silent())
+        print("ghost removal after evidence, s:", {k: v and round(v, 2) for k, v in times.items()})
+        for cause in ("expired", "left", "banned", "kicked", "foreign_token"):
+            got = times[cause]
+            assert got is not None, cause
+            assert got <= LIMIT, (cause, got)
+        # never had a membership: removed after the 3 s join grace, not before
+        assert times["no_membership"] is not None
+        for m in (members["honest"], members["honest2"]):
+            assert m.identity in await present(st.lk, m.lk_room)
+        audit = {a["identity"]: a for a in st.sfu.audit() if a["event"] == "ghost removed"}
+        assert audit[members["expired"].identity]["reason"] == "call_ended"
+        assert audit[members["left"].identity]["reason"] == "call_ended"
+        assert audit[members["banned"].identity]["reason"] == "banned"
+        assert audit[members["kicked"].identity]["reason"] == "kicked"
+        assert audit[foreign_id]["reason"] == "foreign_token"
+        assert audit[members["silent"].identity]["reason"] == "no_membership"
+        assert members["honest"].identity not in audit
+        assert members["honest2"].identity not in audit
+        status, text = await st.sfu.get("/metrics")
+        assert status == 200
+        assert 'matrixrtc_sfu_controller_removals_total{reason="banned"} 1.0' in text
+        # /status: bearer token required; lists the honest member with its Matrix state
+        assert (await st.sfu.get("/status"))[0] == 401
+        status, snap = await st.sfu.get("/status", STATUS_TOKEN)
+        assert status == 200
+        rows = {p["identity"]: p for r in snap["rooms"] for p in r["participants"]}
+        assert rows[members["honest"].identity]["matrix_state"] == "ok"
+        assert rows[members["honest"].identity]["user_id"] == members["honest"].user.user_id
+    finally:
+        await asyncio.gather(*(m.stop() for m in members.values()))

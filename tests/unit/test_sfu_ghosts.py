@@ -1,0 +1,205 @@
+"""The controller's judge (pure): each rule, grace timing, and what must never be removed."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sfu.controller.ghosts import GhostJudge, Participant, Reason, RoomView, Verdict, room_view
+from sfu.controller.registry import Grant
+
+ROOM = "!r:hs"
+ALICE = "@alice:hs"
+T0 = 1_000_000.0  # wall seconds: the participant joined LiveKit
+
+
+def grant(identity: str = "id-a", user: str = ALICE, device: str = "DEV") -> Grant:
+    return Grant(
+        room="lk",
+        identity=identity,
+        matrix_room=ROOM,
+        slot_id="m.call#ROOM",
+        user_id=user,
+        device_id=device,
+        member_id=identity,
+        server_name="hs",
+        endpoint="sfu_get",
+        issued_at=T0 - 1,
+    )
+
+
+def member_ev(user: str, membership: str, sender: str | None = None) -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "state_key": user,
+        "sender": sender or user,
+        "event_id": f"$m{user}{membership}",
+        "origin_server_ts": 1,
+        "content": {"membership": membership},
+    }
+
+
+def call_ev(
+    user: str, device: str, ts_ms: int, *, left: bool = False, expires: int = 3_600_000
+) -> dict[str, Any]:
+    content: dict[str, Any] = (
+        {}
+        if left
+        else {
+            "application": "m.call",
+            "call_id": "",
+            "scope": "m.room",
+            "device_id": device,
+            "expires": expires,
+            "created_ts": ts_ms,
+            "focus_active": {"type": "livekit", "focus_selection": "oldest_membership"},
+            "foci_preferred": [
+                {"type": "livekit", "livekit_service_url": "https://x", "livekit_alias": ROOM}
+            ],
+        }
+    )
+    return {
+        "type": "org.matrix.msc3401.call.member",
+        "state_key": f"_{user}_{device}_m.call",
+        "sender": user,
+        "event_id": f"$c{ts_ms}{left}",
+        "origin_server_ts": ts_ms,
+        "content": content,
+    }
+
+
+def view(*events: dict[str, Any], now: float = T0 + 10) -> RoomView:
+    return room_view(events, int(now * 1000))
+
+
+P = Participant("id-a", "PA_1", T0)
+
+
+def judge_once(
+    j: GhostJudge,
+    v: RoomView | None,
+    now: float,
+    *,
+    p: Participant = P,
+    grants: dict[str, Grant] | None = None,
+    since: float = 0.0,
+    hints: dict[str, float] | None = None,
+) -> tuple[Reason, Verdict]:
+    g = {"id-a": grant()} if grants is None else grants
+    [f] = j.observe([p], g, {ROOM: v}, registry_since=since, ended_hints=hints or {}, now=now)
+    return f.reason, f.verdict
+
+
+def test_active_membership_is_kept() -> None:
+    v = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int(T0 * 1000)))
+    assert judge_once(GhostJudge(), v, T0 + 100) == (Reason.OK, Verdict.KEEP)
+
+
+def test_ban_is_removed_after_grace_not_before() -> None:
+    j = GhostJudge(grace=2)
+    v = view(member_ev(ALICE, "ban", "@mod:hs"), call_ev(ALICE, "DEV", int(T0 * 1000)))
+    assert judge_once(j, v, T0 + 10) == (Reason.BANNED, Verdict.WATCH)
+    assert judge_once(j, v, T0 + 11.9) == (Reason.BANNED, Verdict.WATCH)
+    assert judge_once(j, v, T0 + 12) == (Reason.BANNED, Verdict.REMOVE)
+
+
+def test_leave_by_user_and_kick_by_moderator() -> None:
+    j = GhostJudge(grace=0)
+    assert judge_once(j, view(member_ev(ALICE, "leave")), T0 + 5)[0] is Reason.LEFT_ROOM
+    kicked = view(member_ev(ALICE, "leave", "@mod:hs"))
+    assert judge_once(j, kicked, T0 + 5) == (Reason.KICKED, Verdict.REMOVE)
+
+
+def test_call_leave_after_join_is_definite_but_an_old_one_waits_for_join_grace() -> None:
+    j = GhostJudge(grace=2, join_grace=30)
+    after = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 + 5) * 1000), left=True))
+    assert judge_once(j, after, T0 + 6)[0] is Reason.CALL_ENDED
+    assert judge_once(j, after, T0 + 8)[1] is Verdict.REMOVE
+    # a leave from an earlier call (before this LiveKit join): the client may still publish
+    j2 = GhostJudge(grace=2, join_grace=30)
+    before = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 - 60) * 1000), left=True))
+    assert judge_once(j2, before, T0 + 6) == (Reason.NO_MEMBERSHIP, Verdict.WATCH)
+    assert judge_once(j2, before, T0 + 29) == (Reason.NO_MEMBERSHIP, Verdict.WATCH)
+    assert judge_once(j2, before, T0 + 30) == (Reason.NO_MEMBERSHIP, Verdict.REMOVE)
+
+
+def test_expired_membership_ends_the_call() -> None:
+    j = GhostJudge(grace=0)
+    v = view(
+        member_ev(ALICE, "join"),
+        call_ev(ALICE, "DEV", int(T0 * 1000), expires=5_000),
+        now=T0 + 6,
+    )
+    assert judge_once(j, v, T0 + 6) == (Reason.CALL_ENDED, Verdict.REMOVE)
+
+
+def test_seen_active_then_gone_is_call_ended() -> None:
+    j = GhostJudge(grace=1, join_grace=30)
+    active = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int(T0 * 1000)))
+    assert judge_once(j, active, T0 + 5)[0] is Reason.OK
+    gone = view(member_ev(ALICE, "join"))  # state event vanished (e.g. redacted)
+    assert judge_once(j, gone, T0 + 6) == (Reason.CALL_ENDED, Verdict.WATCH)
+    assert judge_once(j, gone, T0 + 7) == (Reason.CALL_ENDED, Verdict.REMOVE)
+
+
+def test_a_rejoin_within_grace_cancels_the_removal() -> None:
+    j = GhostJudge(grace=2)
+    left = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 + 5) * 1000), left=True))
+    assert judge_once(j, left, T0 + 6)[1] is Verdict.WATCH
+    back = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 + 7) * 1000)))
+    assert judge_once(j, back, T0 + 7)[1] is Verdict.KEEP
+    # leaving again starts a fresh grace period
+    again = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 + 9) * 1000), left=True))
+    assert judge_once(j, again, T0 + 10)[1] is Verdict.WATCH
+    assert judge_once(j, again, T0 + 12)[1] is Verdict.REMOVE
+
+
+def test_invisible_room_is_never_acted_on_without_a_hint() -> None:
+    j = GhostJudge(grace=0, join_grace=0)
+    assert judge_once(j, None, T0 + 1000) == (Reason.UNKNOWN, Verdict.KEEP)
+    # a delayed-leave job reported the membership gone after this join
+    got = judge_once(j, None, T0 + 1000, hints={"id-a": T0 + 10})
+    assert got == (Reason.CALL_ENDED, Verdict.REMOVE)
+    # a hint from before this LiveKit session says nothing about it
+    assert judge_once(GhostJudge(grace=0), None, T0 + 1000, hints={"id-a": T0 - 1})[0] is (
+        Reason.UNKNOWN
+    )
+
+
+def test_foreign_tokens() -> None:
+    j = GhostJudge(grace=2, allow_identities=re.compile(r"bot-.*"))
+    assert judge_once(j, None, T0 + 1, grants={}) == (Reason.FOREIGN_TOKEN, Verdict.WATCH)
+    assert judge_once(j, None, T0 + 2, grants={}) == (Reason.FOREIGN_TOKEN, Verdict.REMOVE)
+    # joined before the registry existed: maybe a token from before an upgrade
+    assert judge_once(j, None, T0 + 9, grants={}, since=T0 + 1)[0] is Reason.UNKNOWN
+    # egress/ingress/agent kinds and allow-listed identities
+    egress = Participant("EG_x", "PA_2", T0, standard=False)
+    assert judge_once(j, None, T0 + 9, p=egress, grants={})[0] is Reason.ALLOWED
+    bot = Participant("bot-recorder", "PA_3", T0)
+    assert judge_once(j, None, T0 + 9, p=bot, grants={})[0] is Reason.ALLOWED
+
+
+def test_memberships_not_required_for_sticky_only_clients() -> None:
+    j = GhostJudge(grace=0, join_grace=0, require_membership=False)
+    assert judge_once(j, view(member_ev(ALICE, "join")), T0 + 100)[0] is Reason.UNKNOWN
+
+
+def test_another_device_or_a_forged_key_does_not_count() -> None:
+    j = GhostJudge(grace=0, join_grace=0)
+    other = view(member_ev(ALICE, "join"), call_ev(ALICE, "OTHER", int(T0 * 1000)))
+    assert judge_once(j, other, T0 + 1)[0] is Reason.NO_MEMBERSHIP
+    forged = call_ev(ALICE, "DEV", int(T0 * 1000))
+    forged["sender"] = "@mallory:hs"  # anyone may write another user's `_@…` key
+    assert judge_once(j, view(member_ev(ALICE, "join"), forged), T0 + 1)[0] is (
+        Reason.NO_MEMBERSHIP
+    )
+
+
+def test_memory_is_dropped_for_departed_sessions() -> None:
+    j = GhostJudge(grace=5)
+    v = view(member_ev(ALICE, "ban", "@mod:hs"))
+    judge_once(j, v, T0 + 1)
+    j.forget_except([])
+    # a new session of the same identity starts its own grace period
+    p2 = Participant("id-a", "PA_new", T0 + 2)
+    assert judge_once(j, v, T0 + 6, p=p2)[1] is Verdict.WATCH
