@@ -9,6 +9,7 @@ bootstrap:
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports --no-cache
 
 typecheck: bootstrap
 	$(VENV)/mypy
@@ -18,6 +19,7 @@ test: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+	$(VENV)/lint-imports --no-cache
 	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 unit: bootstrap

@@ -1,7 +1,10 @@
-"""The mesh engine wired to Matrix: a :class:`CallAgent`'s call, its to-device stream, its keys.
+"""The mesh engine wired to Matrix: a call agent's call, its to-device stream, its keys.
 
 ``async with MatrixMesh(agent, keys=keys, sources=...) as mesh`` (inside the agent's and the
-keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's call:
+keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's call. It needs
+only what :class:`MeshCall` and :class:`FrameKeys` describe (a
+:class:`~matrixrtc.agent.CallAgent` and :class:`~matrixrtc.call_keys.CallKeys` fit), so the
+mesh sits below the agent and the key distribution instead of importing them:
 
 * **members**: the agent's active memberships. The mesh forms only when *every* active member
   advertises the mesh transport (``org.matrix.msc3401.full_mesh``, after any LiveKit one); a
@@ -16,9 +19,9 @@ keys' blocks) runs :class:`~matrixrtc.mesh.engine.MeshEngine` for the agent's ca
   the room is unencrypted.
 * **ICE servers**: the configuration's, else ``/_matrix/client/v3/voip/turnServer`` when
   ``turn_from_homeserver`` is set; never a public default.
-* **frame E2EE**: with ``keys`` (:class:`~matrixrtc.call_keys.CallKeys`), our frames are
+* **frame E2EE**: with ``keys`` (e.g. :class:`~matrixrtc.call_keys.CallKeys`), our frames are
   encrypted with our ring and each remote device's frames are decrypted with the ring of its
-  LiveKit identity (``Participant.rtc_backend_identity``), the same rings the LiveKit
+  LiveKit identity (``MeshMember.rtc_backend_identity``), the same rings the LiveKit
   transport uses.
 
 Every task is owned and cancelled on exit; leaving the block hangs up every call.
@@ -29,26 +32,25 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
-from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
-from matrixrtc.call_keys import CallKeys
 from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import DeviceRef as HsDeviceRef
-from matrixrtc.matrix import Subscription, ToDeviceEvent
+from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.signalling import MESH_TRANSPORT_TYPE, DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.mesh.transform import CryptorTransform
+from matrixrtc.model import Transport
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
 from matrixrtc.tasks import OwnedTasks
 
-__all__ = ["MatrixMesh", "MeshLinkConfig", "mesh_session_id"]
+__all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "MeshMember", "mesh_session_id"]
 
 log = structlog.get_logger(__name__)
 
@@ -67,12 +69,53 @@ class MeshLinkConfig:
     join_timeout_s: float = 30.0  # until the room shows our own membership
 
 
-def mesh_session_id(p: Participant) -> str:
+class MeshMember(Protocol):
+    """One active member of the call, as the mesh needs it (an agent's ``Participant``)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def member_id(self) -> str: ...
+    @property
+    def created_ts(self) -> int: ...
+    @property
+    def rtc_backend_identity(self) -> str: ...
+    @property
+    def is_self(self) -> bool: ...
+    @property
+    def advertised(self) -> Sequence[Transport]: ...
+
+
+class MeshCall(Protocol):
+    """Our presence in the call (a :class:`~matrixrtc.agent.CallAgent`)."""
+
+    @property
+    def hs(self) -> Homeserver: ...
+    @property
+    def room_id(self) -> str: ...
+    @property
+    def participants(self) -> Sequence[MeshMember]: ...
+    def changes(self) -> Subscription[Any]: ...
+    async def wait_joined(self, timeout_s: float = ...) -> None: ...
+
+
+class FrameKeys(Protocol):
+    """Where frame keys live (a :class:`~matrixrtc.call_keys.CallKeys`)."""
+
+    @property
+    def rings(self) -> KeyRings: ...
+    @property
+    def identity(self) -> str: ...
+
+
+def mesh_session_id(p: MeshMember) -> str:
     """The MSC2746 session id of a membership: the same for every observer, new on rejoin."""
     return f"{p.member_id}.{p.created_ts}"
 
 
-def _advertises_mesh(p: Participant) -> bool:
+def _advertises_mesh(p: MeshMember) -> bool:
     # ``transport`` is only where a member publishes; ``advertised`` is its whole list.
     return any(t.type == MESH_TRANSPORT_TYPE for t in p.advertised)
 
@@ -82,9 +125,9 @@ class MatrixMesh:
 
     def __init__(
         self,
-        agent: CallAgent,
+        agent: MeshCall,
         *,
-        keys: CallKeys | None = None,
+        keys: FrameKeys | None = None,
         sources: Sequence[MediaStreamTrack] = (),
         config: MeshLinkConfig | None = None,
         decrypt_rings: KeyRings | None = None,
@@ -107,7 +150,7 @@ class MatrixMesh:
         self.members: dict[DeviceRef, str] = {}
         self.dropped_signalling = 0
         self._tasks = OwnedTasks("mesh-link", log, event_prefix="mesh_link")
-        self._changes: Subscription[ParticipantsChanged] | None = None
+        self._changes: Subscription[Any] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
@@ -219,7 +262,7 @@ class MatrixMesh:
 
     # -- inputs -----------------------------------------------------------------------------
 
-    async def _changes_loop(self, changes: Subscription[ParticipantsChanged]) -> None:
+    async def _changes_loop(self, changes: Subscription[Any]) -> None:
         async for _ in changes:
             me = next((p for p in self.agent.participants if p.is_self), None)
             if self.engine is not None and me is not None:
