@@ -113,7 +113,13 @@ class RoomView:
         return self.devices.get((user, device), _DeviceState())
 
     def active_members(self) -> int:
-        return sum(len(s.active) for s in self.devices.values())
+        """Unexpired call memberships of users joined to the room (a kicked or banned user's
+        membership event stays in the state, but does not count)."""
+        return sum(
+            len(s.active)
+            for (user, _device), s in self.devices.items()
+            if self.members.get(user, ("",))[0] == "join"
+        )
 
 
 def room_view(events: Iterable[object], now_ms: int) -> RoomView:

@@ -385,5 +385,128 @@ async def test_every_kind_of_ghost_is_removed_and_honest_members_stay(stack: Sta
         rows = {p["identity"]: p for r in snap["rooms"] for p in r["participants"]}
         assert rows[members["honest"].identity]["matrix_state"] == "ok"
         assert rows[members["honest"].identity]["user_id"] == members["honest"].user.user_id
+
+        # Room lifecycle: the kicked member's LiveKit room has no Matrix call member left and
+        # is closed once the room grace (3 s) has passed; rooms with honest members stay.
+        async def closed() -> bool:
+            async with lkapi.LiveKitAPI(st.lk.http_url, st.lk.api_key, st.lk.api_secret) as api:
+                rooms = await api.room.list_rooms(lkapi.ListRoomsRequest())
+            return members["kicked"].lk_room not in {r.name for r in rooms.rooms}
+
+        assert await time_until(closed, 10) is not None
+        closes = [a for a in st.sfu.audit() if a["event"] == "room closed"]
+        assert members["kicked"].lk_room in {a["room"] for a in closes}
+        assert members["honest"].lk_room not in {a["room"] for a in closes}
+        assert members["honest"].identity in await present(st.lk, members["honest"].lk_room)
     finally:
         await asyncio.gather(*(m.stop() for m in members.values()))
+
+
+async def leader_metric(url: str) -> float | None:
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r,
+        ):
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("matrixrtc_sfu_controller_leader "):
+            return float(line.split()[1])
+    return None
+
+
+async def test_two_controllers_one_leader_failover_and_one_removal_per_ghost(
+    synapse: Synapse, run_dir: Path
+) -> None:
+    """Two stand-alone controllers on one Redis: only the leader acts; SIGKILL it and the
+    other takes over within 10 s; every ghost is removed exactly once."""
+    async with (
+        LiveKit(run_dir, name="livekit-failover") as lk,
+        Redis(run_dir, name="redis-failover") as redis,
+    ):
+        ctl: list[ManagedProcess] = []
+        urls: list[str] = []
+        for name in ("ctl-a", "ctl-b"):
+            port = free_tcp_port()
+            env = {
+                **os.environ,
+                "LIVEKIT_URL": lk.url,
+                "LIVEKIT_KEY": lk.api_key,
+                "LIVEKIT_SECRET": lk.api_secret,
+                "LIVEKIT_REDIS_URL": redis.url,
+                "MATRIXRTC_SFU_CONTROLLER_BIND": f"127.0.0.1:{port}",
+                "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",
+                "MATRIXRTC_SFU_CONTROLLER_INTERVAL": "0.5",
+            }
+            ctl.append(
+                ManagedProcess(
+                    name=name,
+                    argv=[sys.executable, "-m", "sfu", "controller"],
+                    log_path=run_dir / name / "controller.log",
+                    cwd=run_dir,
+                    env=env,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        async with lkapi.LiveKitAPI(lk.http_url, lk.api_key, lk.api_secret) as api:
+            await api.room.create_room(lkapi.CreateRoomRequest(name="failover"))
+        intruders: list[Member] = []
+        try:
+            for proc, url in zip(ctl, urls, strict=True):
+
+                async def up(url: str = url) -> bool:
+                    return await leader_metric(url) is not None
+
+                await proc.start(up, 30)
+                await asyncio.sleep(0.2)  # the first one takes the lock before the second starts
+            leaders = [await leader_metric(u) for u in urls]
+            assert leaders in ([1.0, 0.0], [0.0, 1.0]), leaders
+            first = leaders.index(1.0)
+
+            async def intrude(name: str) -> Member:
+                jwt = (
+                    lkapi.AccessToken(lk.api_key, lk.api_secret)
+                    .with_identity(name)
+                    .with_grants(lkapi.VideoGrants(room_join=True, room="failover"))
+                    .to_jwt()
+                )
+                m = Member(UserCreds("", "", "", ""), "", name, "failover")
+                m.proc = await spawn_member(lk.url, jwt, synapse, m.user, "", 0)
+                intruders.append(m)
+                return m
+
+            async def gone(m: Member) -> float | None:
+                async def check() -> bool:
+                    return m.identity not in await present(lk, "failover")
+
+                return await time_until(check, 10)
+
+            assert await gone(await intrude("intruder-1")) is not None
+            pid = ctl[first].pid
+            assert pid is not None
+            os.killpg(pid, signal.SIGKILL)
+            t_kill = time.monotonic()
+            other = urls[1 - first]
+
+            async def took_over() -> bool:
+                return await leader_metric(other) == 1.0
+
+            failover = await time_until(took_over, 15)
+            print(f"failover after SIGKILL of the leader: {failover} s")
+            assert failover is not None
+            assert failover <= 10.0
+            assert time.monotonic() - t_kill <= 10.5
+            assert await gone(await intrude("intruder-2")) is not None
+            removals: list[str] = []
+            for proc in ctl:
+                for line in proc.log_path.read_text().splitlines():
+                    with contextlib.suppress(ValueError):
+                        obj = json.loads(line)
+                        if obj.get("event") == "ghost removed":
+                            removals.append(obj["identity"])
+            assert sorted(removals) == ["intruder-1", "intruder-2"]
+        finally:
+            await asyncio.gather(*(m.stop() for m in intruders))
+            await asyncio.gather(*(p.stop() for p in ctl))

@@ -40,6 +40,8 @@ def cli_main(argv: list[str]) -> int:
     would bind structlog to pytest's captured streams)."""
     args = build_parser().parse_args(argv)
     return int(args.func(args))
+
+
 KEY = PrivateKey(bytes(range(1, 33)))
 PUB = bytes(KEY.public_key)
 

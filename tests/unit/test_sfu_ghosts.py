@@ -203,3 +203,14 @@ def test_memory_is_dropped_for_departed_sessions() -> None:
     # a new session of the same identity starts its own grace period
     p2 = Participant("id-a", "PA_new", T0 + 2)
     assert judge_once(j, v, T0 + 6, p=p2)[1] is Verdict.WATCH
+
+
+def test_active_members_count_only_joined_users() -> None:
+    v = view(
+        member_ev(ALICE, "leave", "@mod:hs"),
+        call_ev(ALICE, "DEV", int(T0 * 1000)),
+        member_ev("@bob:hs", "join"),
+        call_ev("@bob:hs", "B", int(T0 * 1000)),
+        call_ev("@bob:hs", "OLD", int((T0 - 7200) * 1000), expires=1000),
+    )
+    assert v.active_members() == 1
