@@ -152,7 +152,10 @@ class AuthService:
         )
         self.signer = JoinTokenSigner(config.key, config.secret)
         self.rooms = LiveKitRooms(
-            config.livekit_url, config.key, config.secret, ensured_ttl=config.room_ensured_ttl
+            config.livekit_api_url or config.livekit_url,
+            config.key,
+            config.secret,
+            ensured_ttl=config.room_ensured_ttl,
         )
         self.csapi = CsApi(self.http, config.cs_api_overrides)
         if store is None:

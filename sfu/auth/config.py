@@ -35,6 +35,11 @@ OUR_VARIABLES: dict[str, str] = {
         "host,ip,cidr,... : destinations that may resolve to non-global addresses (default: none)"
     ),
     "MATRIXRTC_SFU_CA_BUNDLE": "PEM file of extra CA certificates for outbound HTTPS",
+    "MATRIXRTC_SFU_LIVEKIT_API_URL": (
+        "http(s) URL of LiveKit's API (CreateRoom, presence checks) when it differs from "
+        "LIVEKIT_URL, e.g. http://livekit:7880 inside a compose network (default: LIVEKIT_URL "
+        "with ws->http); LIVEKIT_URL is still what clients get"
+    ),
     "MATRIXRTC_SFU_OPENID_CACHE_SIZE": "validated OpenID tokens kept (default 10000; 0 = no cache)",
     "MATRIXRTC_SFU_OPENID_CACHE_MAX_TTL": "upper bound of a cached token's life, s (default 3600)",
     "MATRIXRTC_SFU_OPENID_FAILURE_TTL": "how long a failed lookup is remembered, s (default 5)",
@@ -85,6 +90,8 @@ class Config:
     log_format: str = "json"
     workers: int = 1
     controller: ControllerConfig | None = None  # MATRIXRTC_SFU_CONTROLLER=1
+    # LiveKit's server API, when it is not reached through the public LIVEKIT_URL.
+    livekit_api_url: str = ""
 
     def is_full_access(self, server_name: str) -> bool:
         """lk-jwt-service's rule: ``*`` as the only entry means everyone."""
@@ -141,6 +148,11 @@ class Config:
         log_format = env.get("MATRIXRTC_SFU_LOG_FORMAT", "json")
         if log_format not in ("json", "console"):
             raise ConfigError("MATRIXRTC_SFU_LOG_FORMAT must be json or console")
+        api_url = env.get("MATRIXRTC_SFU_LIVEKIT_API_URL", "").strip()
+        if api_url and not api_url.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ConfigError(
+                f"MATRIXRTC_SFU_LIVEKIT_API_URL must be an http(s) URL, got {api_url!r}"
+            )
 
         return cls(
             livekit_url=lk_url,
@@ -173,6 +185,7 @@ class Config:
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
             controller=ControllerConfig.from_env(env) if enabled_in_serve(env) else None,
+            livekit_api_url=api_url,
         )
 
 

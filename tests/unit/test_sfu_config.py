@@ -117,3 +117,14 @@ def test_help_lists_the_variables(capsys: pytest.CaptureFixture[str]) -> None:
         "--workers",
     ):
         assert name in out
+
+
+def test_livekit_api_url() -> None:
+    """LIVEKIT_URL is what clients get; the service's own API calls may take another route
+    (compose: http://livekit:7880 instead of a hairpin through the public proxy)."""
+    assert Config.from_env(BASE).livekit_api_url == ""
+    c = Config.from_env({**BASE, "MATRIXRTC_SFU_LIVEKIT_API_URL": " http://livekit:7880 "})
+    assert (c.livekit_url, c.livekit_api_url) == ("wss://sfu.example.org", "http://livekit:7880")
+    assert "MATRIXRTC_SFU_LIVEKIT_API_URL must be an http(s) URL" in err(
+        {**BASE, "MATRIXRTC_SFU_LIVEKIT_API_URL": "livekit:7880"}
+    )
