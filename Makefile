@@ -1,5 +1,5 @@
 # The README's two commands. Each does its own set-up (scripts/bootstrap.sh).
-.PHONY: test demo bootstrap lint typecheck unit
+.PHONY: test demo bootstrap lint typecheck unit image
 
 VENV := .venv/bin
 
@@ -27,3 +27,9 @@ unit: bootstrap
 
 demo: bootstrap
 	./scripts/in-netns $(VENV)/python -m matrixrtc demo
+
+# The service image (Dockerfile): wheels fetched first, so the build needs no network.
+image:
+	./scripts/wheelhouse
+	docker build -t matrixrtc/sfu:0.1.0 .
+

@@ -9,7 +9,8 @@ LIVEKIT_VERSION="v1.13.5"
 CACHE_DIR="${MATRIXRTC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/matrixrtc}"
 LK_BIN="$CACHE_DIR/livekit-$LIVEKIT_VERSION/livekit-server"
 PY="${PYTHON:-python3}"
-APT_PACKAGES=(chromium iproute2 util-linux redis-server coturn)
+# docker-compose (v1) and caddy: offline checks of compose.yaml and the Caddyfile (unit tests).
+APT_PACKAGES=(chromium iproute2 util-linux redis-server coturn docker-compose caddy)
 
 log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -24,7 +25,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packaged daemons must not run system-wide: the devstack starts its own instances.
-  for svc in redis-server coturn; do
+  for svc in redis-server coturn caddy; do
     (systemctl disable --now "$svc" || service "$svc" stop || true) >/dev/null 2>&1
   done
 fi
