@@ -77,7 +77,8 @@ class ControllerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ControllerConfig:
         key, secret = read_key_secret(env)
-        url = env.get("LIVEKIT_URL", "")
+        # Only LiveKit's API is used here: its internal URL when the service has one.
+        url = env.get("MATRIXRTC_SFU_LIVEKIT_API_URL", "").strip() or env.get("LIVEKIT_URL", "")
         if not key or not secret or not url:
             raise ConfigError("LIVEKIT_KEY* / LIVEKIT_SECRET* and LIVEKIT_URL must be set")
         hs = env.get(_C + "_HOMESERVER_URL", "").strip().rstrip("/")

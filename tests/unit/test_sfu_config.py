@@ -128,3 +128,11 @@ def test_livekit_api_url() -> None:
     assert "MATRIXRTC_SFU_LIVEKIT_API_URL must be an http(s) URL" in err(
         {**BASE, "MATRIXRTC_SFU_LIVEKIT_API_URL": "livekit:7880"}
     )
+
+
+def test_controller_uses_the_livekit_api_url() -> None:
+    from sfu.controller.config import ControllerConfig
+
+    assert ControllerConfig.from_env(BASE).livekit_url == "wss://sfu.example.org"
+    env = {**BASE, "MATRIXRTC_SFU_LIVEKIT_API_URL": "http://livekit:7880"}
+    assert ControllerConfig.from_env(env).livekit_url == "http://livekit:7880"
