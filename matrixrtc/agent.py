@@ -379,28 +379,10 @@ class CallAgent:
 
     def _seed(self) -> None:
         state = self.hs.room_state(self.room_id)
-        create = state.get((EventType.ROOM_CREATE, ""))
-        if create is not None:
-            self._set_room_version(create)
-        for (etype, _), ev in state.items():
-            self._apply_state(etype, ev)
+        self._session.receive_room_update(state=state.values(), now_ms=self._clock_ms())
         for ev, received_ms in self.hs.room_sticky(self.room_id):
-            if ev.get("type") == EventType.RTC_MEMBER:
-                self._session.receive_sticky_event(ev, received_ms)
+            self._session.receive_room_update(sticky=(ev,), now_ms=received_ms)
         self._recompute()
-
-    def _set_room_version(self, create: Mapping[str, Any]) -> None:
-        content = create.get("content")
-        version = content.get("room_version") if isinstance(content, dict) else None
-        self._session.set_room_version(version if isinstance(version, str) else "1")
-
-    def _apply_state(self, etype: object, ev: Mapping[str, Any]) -> None:
-        if etype == EventType.CALL_MEMBER:
-            self._session.receive_state_event(ev)
-        elif etype == EventType.ROOM_MEMBER:
-            self._session.receive_member_event(ev)
-        elif etype == EventType.ROOM_CREATE:
-            self._set_room_version(ev)
 
     async def _room_loop(self) -> None:
         assert self._updates is not None
@@ -409,26 +391,18 @@ class CallAgent:
                 continue
             if update.left:
                 self._log.warning("agent.room_left")
-                self._session.set_joined_members(())
             self._apply_update(update)
 
     def _apply_update(self, update: RoomUpdate) -> None:
-        now = self._clock_ms()
-        for ev in update.state:
-            self._apply_state(ev.get("type"), ev)
-        for ev in update.sticky:
-            if ev.get("type") == EventType.RTC_MEMBER:
-                self._session.receive_sticky_event(ev, now)
-        for ev in update.timeline:
-            etype = ev.get("type")
-            if etype == "m.room.redaction":
-                content = ev.get("content")
-                redacts = ev.get("redacts") or (
-                    content.get("redacts") if isinstance(content, dict) else None
-                )
-                if isinstance(redacts, str):
-                    self._session.receive_redaction(redacts)
-            elif etype == EventType.RTC_DECLINE:
+        rest = self._session.receive_room_update(
+            state=update.state,
+            timeline=update.timeline,
+            sticky=update.sticky,
+            now_ms=self._clock_ms(),
+            left=update.left,
+        )
+        for ev in rest:
+            if ev.get("type") == EventType.RTC_DECLINE:
                 self._on_decline(ev)
         self._recompute()
 

@@ -30,6 +30,7 @@ class EventType(StrEnum):
     ROOM_MEMBER = "m.room.member"
     ROOM_CREATE = "m.room.create"
     ROOM_ENCRYPTION = "m.room.encryption"
+    ROOM_REDACTION = "m.room.redaction"
 
 
 _BY_VALUE = {m.value: m for m in EventType}

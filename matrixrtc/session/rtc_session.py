@@ -6,6 +6,10 @@ Pure and synchronous; the caller passes the current time. The pipeline is js-sdk
 Public API::
 
     s = RTCSession(room_id, slot_id="m.call#ROOM", room_version=None)
+    rest = s.receive_room_update(state=..., timeline=..., sticky=..., now_ms=...)
+                                            # one sync update, raw events routed to the
+                                            # inputs below; returns the timeline events
+                                            # the session does not use (declines, ...)
     s.receive_state_event(event)            # org.matrix.msc3401.call.member state (any content)
     s.receive_sticky_event(event, now_ms)   # org.matrix.msc4143.rtc.member sticky room event
     s.receive_redaction(redacted_event_id)
@@ -60,6 +64,7 @@ __all__ = [
     "RTCSession",
     "StickyEntry",
     "membership_sort_key",
+    "redacted_event_id",
     "sticky_duration_ms",
     "sticky_expires_at",
 ]
@@ -77,6 +82,16 @@ def _slot_local_id(slot_id: str) -> str | None:
     """
     parts = slot_id.split("#")
     return parts[1] if len(parts) == 2 else None
+
+
+def redacted_event_id(event: Mapping[str, object]) -> str | None:
+    """The event id an ``m.room.redaction`` removes: ``content.redacts`` (room v11 and later)
+    or the top-level ``redacts`` (earlier versions; servers may send both). None when the
+    event is no redaction or names no event."""
+    if event.get("type") != EventType.ROOM_REDACTION:
+        return None
+    content = get_dict(event.get("content")) or {}
+    return as_str(content.get("redacts")) or as_str(event.get("redacts"))
 
 
 def membership_sort_key(m: CallMembership) -> tuple[int, str, str, str]:
@@ -192,6 +207,51 @@ class RTCSession:
         self._log = _log.bind(room_id=room_id, slot_id=slot_id)
 
     # ----------------------------------------------------------------------- inputs
+
+    def receive_room_update(
+        self,
+        *,
+        state: Iterable[object] = (),
+        timeline: Iterable[object] = (),
+        sticky: Iterable[object] = (),
+        now_ms: int,
+        left: bool = False,
+    ) -> tuple[JsonDict, ...]:
+        """One sync update of the room, raw events in stream order, routed to the inputs:
+        ``state`` (the state section, then the timeline's state events: ``m.room.create``,
+        call memberships, ``m.room.member``), ``sticky`` (MSC4354 sticky events, received at
+        ``now_ms``) and ``timeline`` (redactions). ``left``: we are no longer joined, so
+        nobody counts as joined. Returns the timeline events the session does not use, in
+        order, for the caller (declines, notifications). Call :meth:`update` afterwards."""
+        if left:
+            self.set_joined_members(())
+        events = [ev for ev in map(get_dict, state) if ev is not None]
+        for ev in events:  # the version decides how the other state keys parse
+            if ev.get("type") == EventType.ROOM_CREATE:
+                content = get_dict(ev.get("content")) or {}
+                self.set_room_version(as_str(content.get("room_version")) or "1")
+        for ev in events:
+            etype = ev.get("type")
+            if etype == EventType.CALL_MEMBER:
+                self.receive_state_event(ev)
+            elif etype == EventType.ROOM_MEMBER:
+                self.receive_member_event(ev)
+        for raw in sticky:
+            sticky_ev = get_dict(raw)
+            if sticky_ev is not None and sticky_ev.get("type") == EventType.RTC_MEMBER:
+                self.receive_sticky_event(sticky_ev, now_ms)
+        rest: list[JsonDict] = []
+        for raw in timeline:
+            timeline_ev = get_dict(raw)
+            if timeline_ev is None:
+                continue
+            if timeline_ev.get("type") == EventType.ROOM_REDACTION:
+                redacted = redacted_event_id(timeline_ev)
+                if redacted is not None:
+                    self.receive_redaction(redacted)
+            else:
+                rest.append(timeline_ev)
+        return tuple(rest)
 
     def set_room_version(self, room_version: str | None) -> None:
         """Room version from ``m.room.create``; decides whether ``@…`` state keys are owned."""

@@ -389,3 +389,101 @@ def test_membership_accessors() -> None:
     assert isinstance(m, CallMembership)
     assert s.own_membership(ALICE, "A2") is None
     assert s.joined_members == frozenset({ALICE, BOB, CAROL})
+
+
+# --------------------------------------------------------------- receive_room_update routing
+
+
+def member_ev(user: str, membership: str = "join") -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "state_key": user,
+        "sender": user,
+        "event_id": f"$m{next(_ids)}",
+        "content": {"membership": membership},
+    }
+
+
+def create_ev(version: str) -> dict[str, Any]:
+    return {"type": "m.room.create", "state_key": "", "content": {"room_version": version}}
+
+
+def redaction(event_id: str, *, v11: bool) -> dict[str, Any]:
+    ev: dict[str, Any] = {"type": "m.room.redaction", "event_id": f"$r{next(_ids)}"}
+    if v11:
+        ev["content"] = {"redacts": event_id}
+    else:
+        ev["redacts"] = event_id
+        ev["content"] = {}
+    return ev
+
+
+def test_a_room_update_routes_state_sticky_and_member_events() -> None:
+    s = RTCSession(ROOM)
+    rest = s.receive_room_update(
+        state=[member_ev(ALICE), member_ev(BOB), state_ev(ALICE, "A1")],
+        sticky=[sticky_ev(BOB, "B1", "uuid-b"), {"type": "m.room.message"}],
+        now_ms=NOW,
+    )
+    assert rest == ()
+    s.update(NOW)
+    assert who(s) == [(ALICE, "A1"), (BOB, "B1")]
+    # Bob leaves the room: his membership no longer counts.
+    s.receive_room_update(state=[member_ev(BOB, "leave")], now_ms=NOW + 1)
+    s.update(NOW + 1)
+    assert who(s) == [(ALICE, "A1")]
+
+
+def test_the_create_event_sets_the_version_before_the_state_it_comes_with() -> None:
+    s = RTCSession(ROOM, room_version="12")
+    owned_key = state_ev(ALICE, "A1", state_key=f"{ALICE}_A1_m.call")
+    # The create event comes after the membership in the list, and still decides its parse.
+    s.receive_room_update(
+        state=[member_ev(ALICE), owned_key, create_ev("org.matrix.msc3757.11")], now_ms=NOW
+    )
+    s.update(NOW)
+    assert who(s) == [(ALICE, "A1")]
+    assert s.room_version == "org.matrix.msc3757.11"
+
+
+def test_redactions_in_either_form_reach_the_session_and_other_events_are_handed_back() -> None:
+    s = session()
+    first = sticky_ev(BOB, "B1", "uuid-b", ts=NOW)
+    second = sticky_ev(BOB, "B1", "uuid-b", ts=NOW + 10)
+    carol = state_ev(CAROL, "C1")
+    s.receive_room_update(sticky=[first, second], state=[carol], now_ms=NOW)
+    s.update(NOW)
+
+    def bobs() -> str:
+        return next(m.event_id for m in s.memberships if m.sender == BOB)
+
+    assert bobs() == second["event_id"]
+    decline = {"type": "org.matrix.msc4310.rtc.decline", "content": {}}
+    rest = s.receive_room_update(
+        timeline=[redaction(second["event_id"], v11=False), decline, "junk"], now_ms=NOW + 20
+    )
+    assert rest == (decline,)
+    s.update(NOW + 20)
+    assert bobs() == first["event_id"]  # reverted to the older event
+    s.receive_room_update(timeline=[redaction(carol["event_id"], v11=True)], now_ms=NOW + 30)
+    s.update(NOW + 30)
+    assert who(s) == [(BOB, "B1")]
+
+
+def test_a_redaction_naming_no_event_is_ignored() -> None:
+    s = session()
+    s.receive_room_update(state=[state_ev(ALICE, "A1")], now_ms=NOW)
+    s.update(NOW)
+    for bad in ({"type": "m.room.redaction"}, {"type": "m.room.redaction", "redacts": 5}):
+        assert s.receive_room_update(timeline=[bad], now_ms=NOW) == ()
+    assert s.update(NOW) is None
+    assert who(s) == [(ALICE, "A1")]
+
+
+def test_leaving_the_room_means_nobody_counts_as_joined() -> None:
+    s = session()
+    s.receive_room_update(state=[state_ev(ALICE, "A1")], now_ms=NOW)
+    s.update(NOW)
+    s.receive_room_update(left=True, now_ms=NOW + 1)
+    s.update(NOW + 1)
+    assert s.memberships == ()
