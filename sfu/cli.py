@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_controller_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from sfu import doctor
+
+    doctor.build_parser(
+        sub.add_parser(
+            "doctor",
+            help="check a deployment: discovery, CORS, token service, LiveKit, webhooks",
+            description=(doctor.__doc__ or "").split("\n\n", 1)[0],
+            epilog=(doctor.__doc__ or "").split("\n\n", 1)[1],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -232,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "controller":
         return _controller()
+    if args.command == "doctor":
+        from sfu import doctor
+
+        return doctor.main(args)
     if args.command == "serve":
         workers = args.workers
         if workers is None:
