@@ -49,6 +49,20 @@ if [[ ! -f node_modules/.package-lock.json ]] || ! cmp -s package-lock.json node
   cp package-lock.json node_modules/.lock-copy
 fi
 
+# --- the web call client (web/): its own pinned npm tree, built by Vite into web/dist ---
+if [[ ! -f web/node_modules/.package-lock.json ]] || ! cmp -s web/package-lock.json web/node_modules/.lock-copy; then
+  log "npm ci (web/)"
+  (cd web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp web/package-lock.json web/node_modules/.lock-copy
+fi
+web_stamp="web/dist/.built-$(cat web/package-lock.json web/index.html web/vite.config.ts web/tsconfig.json \
+  $(find web/src -type f | sort) | sha256sum | cut -c1-16)"
+if [[ ! -f "$web_stamp" ]]; then
+  log "vite build (web/)"
+  (cd web && npx --no-install vite build --logLevel warn)
+  touch "$web_stamp"
+fi
+
 # --- LiveKit server, pinned, from the Go module proxy ---------------------------------
 if [[ -x "$LK_BIN" ]] && "$LK_BIN" --version 2>/dev/null | grep -q "${LIVEKIT_VERSION#v}"; then
   :

@@ -1,0 +1,404 @@
+// One call in one room: matrix-js-sdk's MatrixRTCSession for memberships and media keys, and
+// the media transport the policy picks (mesh or SFU), switched live make-before-break.
+import { EventType, type MatrixClient, type Room } from "matrix-js-sdk";
+import {
+  type CallMembership,
+  MatrixRTCSession,
+  MatrixRTCSessionEvent,
+  isMyMembership,
+} from "matrix-js-sdk/lib/matrixrtc/index.js";
+
+import type { LivekitFocus } from "./discovery.ts";
+import { KeyTable } from "./keys.ts";
+import { type LocalMedia, type MediaTransport, type ReceiverStats, type RemoteMedia, receiverStats } from "./media.ts";
+import { type MeshMember, MeshTransport } from "./mesh.ts";
+import { MESH_TRANSPORT_TYPE, type MediaKind, chooseMedia } from "./policy.ts";
+import { SfuTransport, sfuCredentials } from "./sfu.ts";
+
+export type TransportPreference = "auto" | "mesh" | "sfu";
+
+export interface CallOptions {
+  sticky: boolean; // MSC4354 sticky m.rtc.member (matrix 2.0) instead of state call.member
+  focus: LivekitFocus | null;
+  prefer: TransportPreference;
+  meshMax: number;
+  ring: boolean;
+}
+
+export interface Participant {
+  identity: string;
+  userId: string;
+  deviceId: string;
+  name: string;
+  membership: CallMembership;
+  media?: RemoteMedia;
+  stats?: ReceiverStats & { kbps: number };
+  keyIndex?: number;
+  e2ee: "decrypting" | "undecryptable" | "waiting-for-key" | "waiting-for-media";
+  speaking: boolean;
+}
+
+export interface SwitchRecord {
+  from: MediaKind | null;
+  to: MediaKind;
+  reason: string;
+  startedAt: number;
+  doneAt?: number;
+}
+
+const SETTLE_LIMIT_MS = 6000;
+
+export class Call {
+  readonly session: MatrixRTCSession;
+  readonly keys = new KeyTable();
+  readonly memberId: string;
+  transport: MediaTransport | null = null;
+  private old: MediaTransport | null = null;
+  kind: MediaKind | null = null;
+  participants: Participant[] = [];
+  own?: CallMembership;
+  switches: SwitchRecord[] = [];
+  error: string | null = null;
+  private switching: Promise<void> | null = null;
+  private wantedKind: MediaKind | null = null;
+  private statsTimer?: number;
+  private prevBytes = new Map<string, { at: number; bytes: number }>();
+  private left = false;
+  readonly listeners = new Set<() => void>();
+  readonly encrypted: boolean;
+
+  constructor(
+    readonly client: MatrixClient,
+    readonly room: Room,
+    readonly media: LocalMedia,
+    readonly options: CallOptions,
+  ) {
+    this.session = client.matrixRTC.getRoomSession(room);
+    this.memberId = `${client.getUserId()}:${client.getDeviceId()}`;
+    this.encrypted = room.hasEncryptionStateEvent();
+  }
+
+  private changed = (): void => {
+    for (const l of this.listeners) l();
+  };
+
+  /** The transports we advertise in our membership, LiveKit first (Element Call reads [0]). */
+  advertised(): Array<Record<string, unknown> & { type: string }> {
+    const out: Array<Record<string, unknown> & { type: string }> = [];
+    const { focus, prefer, sticky } = this.options;
+    if (focus && prefer !== "mesh") out.push({ ...focus });
+    // js-sdk's sticky membership publishes only its LiveKit transport: mesh needs the state form.
+    if (!sticky && prefer !== "sfu") out.push({ type: MESH_TRANSPORT_TYPE });
+    return out;
+  }
+
+  join(): void {
+    this.session.on(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
+    this.session.on(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
+    this.session.on(MatrixRTCSessionEvent.MembershipManagerError, (e: unknown) => {
+      this.error = `Your call membership could not be kept up: ${e instanceof Error ? e.message : e}`;
+      this.changed();
+    });
+    const advertised = this.advertised();
+    if (advertised.length === 0) {
+      this.error = "This homeserver offers no call server (SFU), and mesh calls are switched off.";
+    }
+    this.session.joinRTCSession(
+      { userId: this.client.getUserId()!, deviceId: this.client.getDeviceId()!, memberId: this.memberId },
+      advertised,
+      undefined,
+      {
+        manageMediaKeys: true,
+        unstableSendStickyEvents: this.options.sticky,
+        callIntent: "video",
+        notificationType: this.options.ring ? "ring" : undefined,
+        useKeyDelay: 1000,
+        delayedLeaveEventDelayMs: 8000,
+      },
+    );
+    this.statsTimer = window.setInterval(() => void this.refreshStats(), 1000);
+    this.onMemberships();
+  }
+
+  private readonly onKey = (
+    key: Uint8Array,
+    index: number,
+    membership: { userId: string; deviceId: string },
+    identity: string,
+  ): void => {
+    this.keys.set({
+      identity,
+      index,
+      key,
+      userId: membership.userId,
+      deviceId: membership.deviceId,
+      receivedAt: Date.now(),
+    });
+    this.changed();
+  };
+
+  private displayName(userId: string): string {
+    return this.room.getMember(userId)?.rawDisplayName || userId;
+  }
+
+  private readonly onMemberships = (): void => {
+    if (this.left) return;
+    const me = this.client.getUserId()!;
+    const device = this.client.getDeviceId()!;
+    const memberships = this.session.memberships.filter((m) => !m.isExpired());
+    this.own = memberships.find((m) => isMyMembership(m, me, device));
+    const byIdentity = new Map(this.participants.map((p) => [p.identity, p]));
+    this.participants = memberships
+      .filter((m) => !isMyMembership(m, me, device))
+      .map((m) => {
+        const prev = byIdentity.get(m.rtcBackendIdentity);
+        return {
+          identity: m.rtcBackendIdentity,
+          userId: m.sender,
+          deviceId: m.deviceId,
+          name: this.displayName(m.sender),
+          membership: m,
+          stats: prev?.stats,
+          keyIndex: prev?.keyIndex,
+          e2ee: prev?.e2ee ?? "waiting-for-media",
+          speaking: prev?.speaking ?? false,
+        };
+      });
+    if (this.own) {
+      const kind = this.options.prefer === "auto" ? chooseMedia(memberships.map((m) => m.transports), this.options.meshMax) : this.forced(memberships);
+      this.wantedKind = kind;
+      void this.reconcile();
+    }
+    this.attachMedia();
+    this.changed();
+  };
+
+  private forced(memberships: CallMembership[]): MediaKind {
+    if (this.options.prefer === "sfu") return this.options.focus ? "sfu" : "none";
+    const allMesh = memberships.every((m) => m.transports.some((t) => t.type === MESH_TRANSPORT_TYPE));
+    return allMesh ? "mesh" : "none";
+  }
+
+  private meshMembers(): MeshMember[] {
+    return this.session.memberships
+      .filter((m) => !m.isExpired() && m.transports.some((t) => t.type === MESH_TRANSPORT_TYPE))
+      .map((m) => ({
+        userId: m.sender,
+        deviceId: m.deviceId,
+        sessionId: `${m.memberId}.${m.createdTs()}`,
+        identity: m.rtcBackendIdentity,
+      }));
+  }
+
+  /** The SFU to use: the oldest member's LiveKit transport (oldest_membership), else ours. */
+  private sfuServiceUrl(): string | null {
+    const oldest = this.session.getOldestMembership();
+    const t = oldest?.transports.find((x) => x.type === "livekit");
+    const url = t?.livekit_service_url;
+    if (typeof url === "string") return url;
+    return this.options.focus?.livekit_service_url ?? null;
+  }
+
+  private async reconcile(): Promise<void> {
+    if (this.switching) {
+      await this.switching;
+    }
+    if (this.left) return;
+    const wanted = this.wantedKind;
+    if (wanted === null) return;
+    if (wanted === this.kind && this.transport) {
+      if (this.transport instanceof MeshTransport) this.transport.setMembers(this.meshMembers());
+      return;
+    }
+    if (wanted === "none") {
+      if (this.participants.length > 0) {
+        this.error = "Nobody in this call offers a transport every member can use (no SFU, and not everyone can do mesh).";
+      }
+      this.changed();
+      return;
+    }
+    const record: SwitchRecord = {
+      from: this.kind,
+      to: wanted,
+      reason: `${this.participants.length + 1} members`,
+      startedAt: performance.now(),
+    };
+    this.switching = this.switchTo(wanted, record).finally(() => {
+      this.switching = null;
+    });
+    await this.switching;
+    if (this.wantedKind !== this.kind) void this.reconcile();
+  }
+
+  private async switchTo(kind: MediaKind, record: SwitchRecord): Promise<void> {
+    let next: MediaTransport;
+    try {
+      if (kind === "mesh") {
+        const own = this.own!;
+        const mesh = await MeshTransport.start(
+          this.client,
+          {
+            userId: own.sender,
+            deviceId: own.deviceId,
+            sessionId: `${own.memberId}.${own.createdTs()}`,
+            identity: own.rtcBackendIdentity,
+            roomId: this.room.roomId,
+            encryptedSignalling: this.encrypted,
+          },
+          this.media,
+          this.keys,
+          () => this.onTransportChange(),
+        );
+        mesh.setMembers(this.meshMembers());
+        next = mesh;
+      } else {
+        const service = this.sfuServiceUrl();
+        if (!service) throw new Error("No call server (SFU) is configured for this homeserver.");
+        const creds = await sfuCredentials(this.client, service, this.room.roomId, this.options.sticky, this.memberId);
+        next = await SfuTransport.start(creds, this.media, this.keys, () => this.onTransportChange());
+      }
+    } catch (e) {
+      this.error = e instanceof Error ? e.message : String(e);
+      this.changed();
+      return;
+    }
+    if (this.left) {
+      await next.close();
+      return;
+    }
+    this.error = null;
+    const previous = this.transport;
+    this.old = previous;
+    this.transport = next;
+    this.kind = kind;
+    this.switches.push(record);
+    this.changed();
+    if (previous) {
+      // Make before break: the old transport carries media until the new one has video from
+      // every participant (or the settle limit passes).
+      const until = performance.now() + SETTLE_LIMIT_MS;
+      while (performance.now() < until && !this.left) {
+        const stats = await Promise.all(
+          this.participants.map(async (p) => {
+            const m = next.remotes().get(p.identity);
+            return m ? (await receiverStats(m.receivers())).framesDecoded : 0;
+          }),
+        );
+        if (stats.every((n) => n > 0)) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      this.old = null;
+      await previous.close().catch(() => {});
+    }
+    record.doneAt = performance.now();
+    this.attachMedia();
+    this.changed();
+  }
+
+  private onTransportChange(): void {
+    if (this.transport?.failure) this.error = this.transport.failure;
+    this.attachMedia();
+    this.changed();
+  }
+
+  /** Each participant's media: from the current transport, else the one being replaced. */
+  private attachMedia(): void {
+    const current = this.transport?.remotes() ?? new Map<string, RemoteMedia>();
+    const old = this.old?.remotes() ?? new Map<string, RemoteMedia>();
+    for (const p of this.participants) {
+      const c = current.get(p.identity);
+      const o = old.get(p.identity);
+      p.media = c?.video || !o ? c : o;
+    }
+  }
+
+  private async refreshStats(): Promise<void> {
+    const now = performance.now();
+    for (const p of this.participants) {
+      p.keyIndex = this.keys.latestIndex(p.identity);
+      if (!p.media) continue;
+      const s = await receiverStats(p.media.receivers());
+      const prev = this.prevBytes.get(p.identity);
+      const kbps = prev && now > prev.at && s.bytes >= prev.bytes ? ((s.bytes - prev.bytes) * 8) / (now - prev.at) : 0;
+      this.prevBytes.set(p.identity, { at: now, bytes: s.bytes });
+      p.stats = { ...s, kbps };
+      p.speaking = !p.media.audioMuted && s.audioLevel > 0.02;
+      if (s.framesDecoded > 0) p.e2ee = "decrypting";
+      else if (!this.keys.has(p.identity)) p.e2ee = "waiting-for-key";
+      else if (s.videoPackets > 60) p.e2ee = "undecryptable";
+      else p.e2ee = "waiting-for-media";
+    }
+    this.changed();
+  }
+
+  async setMuted(kind: "audio" | "video", muted: boolean): Promise<void> {
+    const tracks = kind === "audio" ? this.media.stream.getAudioTracks() : this.media.stream.getVideoTracks();
+    for (const t of tracks) t.enabled = !muted;
+    if (kind === "audio") this.media.audioMuted = muted;
+    else this.media.videoMuted = muted;
+    await this.transport?.localChanged();
+    this.changed();
+  }
+
+  async setScreenShare(on: boolean): Promise<void> {
+    if (on && !this.media.screen) {
+      this.media.screen = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
+      this.media.screen.getVideoTracks()[0]?.addEventListener("ended", () => void this.setScreenShare(false));
+    } else if (!on && this.media.screen) {
+      for (const t of this.media.screen.getTracks()) t.stop();
+      this.media.screen = undefined;
+    }
+    await this.transport?.localChanged();
+    this.changed();
+  }
+
+  async leave(): Promise<void> {
+    if (this.left) return;
+    this.left = true;
+    clearInterval(this.statsTimer);
+    this.session.off(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
+    this.session.off(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
+    await Promise.all([this.transport?.close(), this.old?.close()].map((p) => p?.catch(() => {})));
+    this.transport = null;
+    await this.session.leaveRoomSession(5000).catch(() => false);
+    for (const t of this.media.stream.getTracks()) t.stop();
+    for (const t of this.media.screen?.getTracks() ?? []) t.stop();
+    this.changed();
+  }
+
+  /** For people debugging a call, and for the tests. */
+  async snapshot(): Promise<Record<string, unknown>> {
+    const parts = await Promise.all(
+      this.participants.map(async (p) => ({
+        identity: p.identity,
+        userId: p.userId,
+        deviceId: p.deviceId,
+        name: p.name,
+        transport: p.media?.transport ?? null,
+        state: p.media?.state ?? null,
+        hasVideo: !!p.media?.video,
+        hasAudio: !!p.media?.audio,
+        audioMuted: p.media?.audioMuted ?? null,
+        videoMuted: p.media?.videoMuted ?? null,
+        keyIndex: p.keyIndex ?? null,
+        e2ee: p.e2ee,
+        stats: p.media ? await receiverStats(p.media.receivers()) : null,
+      })),
+    );
+    return {
+      joined: this.session.isJoined(),
+      kind: this.kind,
+      ownIdentity: this.own?.rtcBackendIdentity ?? null,
+      ownKeyIndex: this.own ? this.keys.latestIndex(this.own.rtcBackendIdentity) ?? null : null,
+      memberships: this.session.memberships.length,
+      participants: parts,
+      switches: this.switches,
+      error: this.error,
+      meshLog: this.transport instanceof MeshTransport ? this.transport.log.slice(-30) : [],
+      cryptorErrors: this.transport instanceof MeshTransport ? this.transport.crypto.errors.slice(-10) : this.transport instanceof SfuTransport ? this.transport.encryptionErrors.slice(-10) : [],
+      frameCryptoMode: this.transport instanceof MeshTransport ? this.transport.crypto.mode : null,
+    };
+  }
+}
+
+export { EventType };
