@@ -1,0 +1,117 @@
+// Drives the web call client (web/dist) in the devstack's Chromium the way a person would:
+// log in, pick the room, join from the lobby, wait until every remote participant's video
+// decodes, look at the tiles' pixels, use the call controls, leave. Prints one JSON line.
+// Usage: node web_client.mjs <devtools_url> <json options>
+//   options: base (client URL), homeserver, user, password, roomId, transport, dialect,
+//   peers (remote participants expected), minFrames, holdMs, timeoutMs, keyboard (log in and
+//   join with the keyboard only), toggleMute (mute and unmute the microphone once)
+import { chromium } from "playwright-core";
+
+const [devtoolsUrl, raw] = process.argv.slice(2);
+const o = JSON.parse(raw);
+const t0 = Date.now();
+const marks = {};
+const mark = (name) => (marks[name] = Date.now() - t0);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const browser = await chromium.connectOverCDP(devtoolsUrl);
+// A fresh context per client: its own localStorage and IndexedDB (crypto store).
+const context = await browser.newContext();
+const page = await context.newPage();
+const consoleLines = [];
+page.on("console", (m) => {
+  if (m.type() === "error" || m.type() === "warning") consoleLines.push(`${m.type()}: ${m.text()}`.slice(0, 300));
+});
+page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+
+let result = { ok: false };
+try {
+  const url = `${o.base}/index.html?hs=${encodeURIComponent(o.homeserver)}&transport=${o.transport}&dialect=${o.dialect}` +
+    (o.meshMax ? `&mesh_max=${o.meshMax}` : "") + (o.query ?? "");
+  await page.goto(url);
+  await page.waitForSelector("#user");
+  mark("page");
+  if (o.keyboard) {
+    // Focus starts in the user name field (the homeserver came with the URL).
+    await page.keyboard.type(o.user);
+    await page.keyboard.press("Tab");
+    await page.keyboard.type(o.password);
+    await page.keyboard.press("Enter");
+  } else {
+    await page.fill("#user", o.user);
+    await page.fill("#password", o.password);
+    await page.click("button[type=submit]");
+  }
+  const room = page.locator(`button.room[data-room-id="${o.roomId}"]`);
+  await room.waitFor({ timeout: 30000 });
+  mark("rooms");
+  if (o.keyboard) {
+    await room.focus();
+    await page.keyboard.press("Enter");
+  } else {
+    await room.click();
+  }
+  await page.waitForSelector("#join:not([disabled])", { timeout: 20000 });
+  mark("lobby");
+  if (o.keyboard) {
+    await page.focus("#join");
+    await page.keyboard.press("Enter");
+  } else {
+    await page.click("#join");
+  }
+  mark("join");
+  // Every control in the call view has an accessible name.
+  const unnamed = await page.evaluate(() =>
+    [...document.querySelectorAll("button, input, select")]
+      .filter((el) => {
+        const label = el.getAttribute("aria-label") || el.textContent?.trim() || (el.id && document.querySelector(`label[for="${el.id}"]`)?.textContent) || el.closest("label")?.textContent?.trim();
+        return !label;
+      })
+      .map((el) => el.outerHTML.slice(0, 80)),
+  );
+  let snap = null;
+  const deadline = Date.now() + o.timeoutMs;
+  while (Date.now() < deadline) {
+    snap = await page.evaluate(() => window.mrtc.snapshot());
+    const ps = snap?.participants ?? [];
+    if (ps.length >= o.peers && ps.every((p) => (p.stats?.framesDecoded ?? 0) >= o.minFrames)) break;
+    await sleep(250);
+  }
+  mark("decoded");
+  const first = snap;
+  let muteCheck = null;
+  if (o.toggleMute) {
+    await page.click("#mic");
+    await sleep(300);
+    const label = await page.textContent("#mic");
+    await page.click("#mic");
+    muteCheck = { mutedLabel: label, pressedAfter: await page.getAttribute("#mic", "aria-pressed") };
+  }
+  await page.click("#stats-toggle");
+  await sleep(o.holdMs);
+  const statsText = await page.textContent("#stats");
+  const tiles = {};
+  for (const p of first?.participants ?? []) {
+    tiles[p.identity] = [await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity)];
+    await sleep(400);
+    tiles[p.identity].push(await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity));
+  }
+  const badges = await page.$$eval(".tile[data-identity] .badge", (els) => els.map((e) => e.textContent));
+  const last = await page.evaluate(() => window.mrtc.snapshot());
+  await page.click("#leave");
+  await page.waitForSelector("h1#rooms-title", { timeout: 15000 });
+  mark("left");
+  result = { ok: true, first, last, tiles, badges, statsText, muteCheck, unnamed, marks };
+} catch (e) {
+  let snap = null;
+  try {
+    snap = await page.evaluate(() => window.mrtc?.snapshot?.());
+  } catch {}
+  const text = await page.textContent("body").catch(() => "");
+  result = { ok: false, error: String(e), snap, body: text.slice(0, 1500), marks };
+} finally {
+  result.console = consoleLines.slice(-40);
+  console.log(JSON.stringify(result));
+  await context.close().catch(() => {});
+  await browser.close().catch(() => {});
+}
