@@ -23,15 +23,16 @@ BAR_ROWS = 16
 
 
 def picture(n: int, width: int = 320, height: int = 240) -> np.ndarray:
-    """Frame ``n`` as a (height * 3 / 2, width) yuv420p array."""
+    """Frame ``n`` (< 2048) as a (height * 3 / 2, width) yuv420p array."""
     ys, xs = np.mgrid[0:height, 0:width]
     y = (64 + 64 * np.sin((xs + 3 * n) / 23.0) + 48 * np.cos((ys - 2 * n) / 17.0)).astype(np.uint8)
     # A bright square moving across: real motion for the encoder.
     cx = (n * 5) % max(1, width - 40)
     y[BAR_ROWS + 20 : BAR_ROWS + 60, cx : cx + 40] = 220
     block = width // BITS
-    for bit in range(BITS):
-        y[:BAR_ROWS, bit * block : (bit + 1) * block] = 235 if (n >> bit) & 1 else 16
+    for bit in range(BITS):  # the last block is always white: black frames read as nothing
+        on = bit == BITS - 1 or (n >> bit) & 1
+        y[:BAR_ROWS, bit * block : (bit + 1) * block] = 235 if on else 16
     u = np.full((height // 2, width // 2), 128, np.uint8)
     u[:, :] = (128 + 40 * np.sin(np.arange(width // 2) / 19.0 + n / 10)).astype(np.uint8)
     v = np.full((height // 2, width // 2), 110, np.uint8)
@@ -58,7 +59,9 @@ def read_barcode(y: np.ndarray) -> int | None:
             return None
         if mean >= 190:
             n |= 1 << bit
-    return n
+    if not n >> (BITS - 1):
+        return None  # no marker: not one of our frames (black, or another picture)
+    return n & ((1 << (BITS - 1)) - 1)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,9 +72,44 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def tone(seconds: float, frequency: float = 440.0, rate: int = 48_000) -> np.ndarray:
+BEEP_S = 0.25  # with beeps=True the tone sounds for the first quarter of every second
+
+
+def tone(
+    seconds: float, frequency: float = 440.0, rate: int = 48_000, *, beeps: bool = False
+) -> np.ndarray:
     t = np.arange(round(seconds * rate)) / rate
-    return (np.sin(2 * math.pi * frequency * t) * 0.3 * 32767).astype(np.int16)
+    pcm = np.sin(2 * math.pi * frequency * t) * 0.3 * 32767
+    if beeps:  # A/V sync marks: a beep starts exactly when frame k * fps is shown
+        pcm[(t % 1.0) >= BEEP_S] = 0
+    return pcm.astype(np.int16)
+
+
+def beep_onsets(samples: np.ndarray, rate: int = 48_000) -> list[float]:
+    """Times (s from the first sample) where a beep starts after at least 0.3 s of quiet."""
+    win = rate // 200  # 5 ms
+    n = len(samples) // win
+    env = np.abs(samples[: n * win].astype(np.float64)).reshape(n, win).max(axis=1)
+    loud = env > 0.1 * 32767 * 0.3
+    onsets = []
+    quiet = 0
+    for i, is_loud in enumerate(loud):
+        if is_loud and quiet >= 60:
+            onsets.append(i * win / rate)
+        quiet = 0 if is_loud else quiet + 1
+    return onsets
+
+
+def av_skew(video: list[tuple[float, int]], onsets: list[float], fps: int) -> tuple[float, float]:
+    """(skew, spread) in seconds: how much later audio plays than the video it belongs to.
+
+    ``video`` holds (time in the recording, source frame number); ``onsets`` the beep times in
+    the recording. Each is mapped to its source time; the median offsets are compared."""
+    v_off = np.array([t - n / fps for t, n in video])
+    # A beep belongs to the source second nearest to (onset - video offset).
+    base = float(np.median(v_off))
+    a_off = np.array([t - round(t - base) for t in onsets])
+    return float(np.median(a_off) - base), float(np.percentile(np.abs(v_off - base), 90))
 
 
 def dominant_frequency(samples: np.ndarray, rate: int = 48_000) -> float:
@@ -81,12 +119,19 @@ def dominant_frequency(samples: np.ndarray, rate: int = 48_000) -> float:
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
 
 
-def write_wav(path: Path, seconds: float, frequency: float = 440.0, rate: int = 48_000) -> None:
+def write_wav(
+    path: Path,
+    seconds: float,
+    frequency: float = 440.0,
+    rate: int = 48_000,
+    *,
+    beeps: bool = False,
+) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(tone(seconds, frequency, rate).tobytes())
+        w.writeframes(tone(seconds, frequency, rate, beeps=beeps).tobytes())
 
 
 def write_y4m(path: Path, frames: int, fps: int = 15, width: int = 320, height: int = 240) -> None:
@@ -108,6 +153,7 @@ def write_media_file(
     video: str | None = "libvpx",
     audio: str = "libopus",
     audio_rate: int = 48_000,
+    beeps: bool = False,
 ) -> None:
     """A file with numbered frames (``video`` codec) and a tone (``audio`` codec)."""
     with av.open(str(path), "w") as out:
@@ -137,7 +183,7 @@ def write_media_file(
             for p in vs.encode(None):
                 out.mux(p)
         if as_ is not None and frequency is not None:
-            pcm = tone(seconds, frequency, audio_rate)
+            pcm = tone(seconds, frequency, audio_rate, beeps=beeps)
             step = 960
             for i in range(0, len(pcm) - step + 1, step):
                 af = av.AudioFrame.from_ndarray(
@@ -175,3 +221,15 @@ def read_media(path: Path) -> tuple[list[tuple[float, np.ndarray]], np.ndarray, 
                 chunks.append(out.to_ndarray().reshape(-1))
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
     return video, audio, first_audio or 0
+
+
+def audio_span(path: Path) -> tuple[float, float]:
+    """(first audio frame's time, last audio frame's end) in a file, in seconds."""
+    start: float | None = None
+    end = 0.0
+    with av.open(str(path)) as container:
+        for frame in container.decode(*container.streams.audio):
+            t = float(frame.time or 0.0)
+            start = t if start is None else start
+            end = max(end, t + frame.samples / frame.sample_rate)
+    return (start or 0.0, end)

@@ -11,9 +11,11 @@ as it is complete (through :class:`~matrixrtc.media.sealed_file.RecordingFile`, 
 recipient key when one is given). Encoding and muxing run in one thread per segment (PyAV
 releases the GIL while encoding), so the event loop only queues frames.
 
-Timing: frames are stamped with their arrival time on the recorder's clock, relative to the
-segment's start (one clock for audio and video, so they stay in step). Audio time counts
-samples and jumps forward only over a gap longer than ``GAP_S`` (counted in the report).
+Timing: one clock for audio and video (the recorder's, from the segment's start), so they
+stay in step. A frame is placed at its arrival time, or, when it carries its sender's
+timestamp, at that timestamp plus the smallest arrival delay seen (``_Timeline``: a burst
+after a stall keeps its spacing). Audio time counts samples and jumps forward only over a
+gap longer than ``GAP_S`` (counted in the report).
 
 A write error (full disk, I/O error) ends that segment's file — what was written stays
 playable — is logged, counted and listed in ``index.json``; the recorder and the call go on.
@@ -24,6 +26,7 @@ file name, join and leave times (UTC, ISO 8601), frames, bytes, gaps and errors.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import fractions
@@ -44,11 +47,14 @@ import structlog
 from matrixrtc.errors import LocalError
 from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile
 
-__all__ = ["GAP_S", "Recorder", "SegmentStats", "SegmentWriter"]
+__all__ = ["GAP_S", "HOLD_S", "Recorder", "SegmentStats", "SegmentWriter"]
 
 log = structlog.get_logger(__name__)
 
-GAP_S: Final = 0.2  # more than this without audio is a gap
+GAP_S: Final = 0.1  # more than this without audio is a gap
+HOLD_S: Final = 0.5  # frames wait this long in the writer before they are placed in time
+_JUMP_S: Final = 5.0  # a sender clock jumping this far is a new stream
+_REANCHOR_S: Final = 2.0  # frames this much later than the sender's clock says: re-anchor
 _WAIT_FOR_VIDEO_S: Final = 2.0  # audio-first segments wait this long to learn the video size
 _MS: Final = fractions.Fraction(1, 1000)
 _AUDIO_RATE: Final = 48_000
@@ -130,10 +136,28 @@ class SegmentWriter:
 
     def _run(self) -> None:
         mux = _Muxer(self, self._bitrate)
+        held: collections.deque[tuple[str, float, float | None, av.AudioFrame | av.VideoFrame]]
+        held = collections.deque()
+        timelines = {"audio": _Timeline(), "video": _Timeline()}
+
+        def release(until: float) -> None:
+            while held and held[0][1] <= until and not self.failed:
+                kind, arrival, src, frame = held.popleft()
+                t = timelines[kind].place(arrival, src)
+                if src is None and isinstance(frame, av.AudioFrame):
+                    t -= frame.samples / frame.sample_rate  # it arrived when it ended
+                mux.add(kind, t, frame)
+
         try:
             while (item := self._queue.get()) is not None:
-                if not self.failed:
-                    mux.add(*item)
+                if self.failed:
+                    continue
+                kind, arrival, frame = item
+                src = frame.time
+                timelines[kind].observe(arrival, src)
+                held.append((kind, arrival, src, frame))
+                release(arrival - HOLD_S)
+            release(float("inf"))
             mux.finish()
         except Exception as exc:
             self._fail(exc)
@@ -146,6 +170,42 @@ class SegmentWriter:
         if self.stats.error is None:
             self.stats.error = self.file.error or f"{type(exc).__name__}: {exc}"
             log.warning("recorder.segment_failed", file=self.path.name, error=self.stats.error)
+
+
+class _Timeline:
+    """Where one stream's frames go on the recorder's clock.
+
+    A frame that carries its sender's timestamp (aiortc's decoded frames do: RTP time) is
+    placed at that timestamp plus the smallest arrival delay seen so far, so frames delivered
+    in a burst (held back by a jitter buffer, or waiting for a key) keep their original
+    spacing. The writer holds frames for ``HOLD_S`` before placing them, so a burst's
+    first frames are placed with what its later ones taught. Frames without a timestamp are
+    placed at their arrival. A jump in the sender's clock (a new stream) or a lasting extra
+    delay re-anchors the stream at the current frame.
+    """
+
+    def __init__(self) -> None:
+        self.offset: float | None = None
+        self.last_src: float | None = None
+
+    def observe(self, arrival: float, src: float | None) -> None:
+        if src is None:
+            return
+        delay = arrival - src
+        if (
+            self.offset is None
+            or self.last_src is None
+            or abs(src - self.last_src) > _JUMP_S
+            or delay < self.offset
+            or delay > self.offset + _REANCHOR_S
+        ):
+            self.offset = delay
+        self.last_src = src
+
+    def place(self, arrival: float, src: float | None) -> float:
+        if src is None or self.offset is None:
+            return arrival
+        return src + self.offset
 
 
 class _Muxer:
@@ -209,8 +269,12 @@ class _Muxer:
             ms = max(self.last_video_ms + 1, round(t * 1000))
             self.last_video_ms = ms
             assert self.size is not None
+            # Always a new frame: the caller's frame may be shared with other listeners, and
+            # its timestamps are set here.
             if (frame.width, frame.height) != self.size or frame.format.name != "yuv420p":
                 frame = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+            else:
+                frame = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
             frame.pts = ms
             frame.time_base = _MS
             frame.pict_type = av.video.frame.PictureType.NONE
@@ -221,17 +285,15 @@ class _Muxer:
             self.resampler = av.AudioResampler(
                 format="s16", layout="stereo", rate=_AUDIO_RATE, frame_size=960
             )
-        arrival = round(t * _AUDIO_RATE)
-        # The frame's own length is already counted in `samples` only after this one: a frame
-        # that arrives more than GAP_S after the audio written so far ends starts after a gap.
-        if arrival - frame.samples - self.samples > GAP_S * _AUDIO_RATE:
-            gap = arrival - frame.samples - self.samples
-            if stats.frames["audio"]:  # silence before the first frame is no gap
-                stats.gaps += 1
-                stats.gap_s += gap / _AUDIO_RATE
+        start = round(t * _AUDIO_RATE)  # where this frame's first sample belongs
+        if not stats.frames["audio"]:
+            self.samples = max(0, start)  # silence before the first frame is no gap
+        elif start - self.samples > GAP_S * _AUDIO_RATE:
+            gap = start - self.samples
+            stats.gaps += 1
+            stats.gap_s += gap / _AUDIO_RATE
             self.samples += gap
         stats.frames["audio"] += 1
-        frame.pts = None
         for out in self.resampler.resample(frame):
             out.pts = self.samples
             out.time_base = fractions.Fraction(1, _AUDIO_RATE)
@@ -347,6 +409,9 @@ class Recorder:
         self._participants: dict[str, _Participant] = {}
         self._stems: set[str] = set()
         self._closed = False
+        # joined/left run on the event loop, finish/close in worker threads: one lock keeps
+        # the participant table and index.json consistent (frame() only reads).
+        self._lock = threading.RLock()
         self.started_at = wall_clock()
         self.errors: list[str] = []
         try:
@@ -363,6 +428,10 @@ class Recorder:
 
     def joined(self, pid: str, info: dict[str, Any] | None = None) -> None:
         """``pid`` is (again) in the call: open its next segment."""
+        with self._lock:
+            self._joined(pid, info)
+
+    def _joined(self, pid: str, info: dict[str, Any] | None) -> None:
         if self._closed:
             return
         p = self._participants.get(pid)
@@ -406,36 +475,41 @@ class Recorder:
     def left(self, pid: str) -> SegmentWriter | None:
         """``pid`` left: its segment is finished. Returns the writer to close (blocking, from
         a thread: see :meth:`finish`)."""
-        p = self._participants.get(pid)
-        seg = p.current if p is not None else None
-        if seg is None:
-            return None
-        seg.left_at = self._wall()
-        writer = seg.writer
-        return writer
+        with self._lock:
+            p = self._participants.get(pid)
+            seg = p.current if p is not None else None
+            if seg is None:
+                return None
+            seg.left_at = self._wall()
+            self._write_index()
+            return seg.writer
 
     def finish(self, writer: SegmentWriter | None) -> None:
         """Close a writer returned by :meth:`left` (blocks) and record its outcome."""
         if writer is None:
             return
         writer.close()
-        for p in self._participants.values():
-            for seg in p.segments:
-                if seg.writer is writer:
-                    seg.stats, seg.bytes, seg.writer = writer.stats, writer.file.bytes_written, None
-                    if writer.stats.error:
-                        self.errors.append(writer.stats.error)
-        self._write_index()
+        with self._lock:
+            for p in self._participants.values():
+                for seg in p.segments:
+                    if seg.writer is writer:
+                        seg.stats, seg.bytes = writer.stats, writer.file.bytes_written
+                        seg.writer = None
+                        if writer.stats.error:
+                            self.errors.append(writer.stats.error)
+            self._write_index()
 
     def close(self) -> None:
         """Finish every open segment (blocks; from a thread when a loop is running)."""
-        if self._closed:
-            return
-        writers = [self.left(pid) for pid in list(self._participants)]
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            writers = [self.left(pid) for pid in list(self._participants)]
+            self._closed = True
         for w in writers:
             self.finish(w)
-        self._write_index()
+        with self._lock:
+            self._write_index()
 
     # -- index.json and the report ------------------------------------------------------------
 
@@ -455,7 +529,7 @@ class Recorder:
             ],
         }
 
-    def _write_index(self) -> None:
+    def _write_index(self) -> None:  # with self._lock held
         path = self.directory / "index.json"
         tmp = path.with_suffix(".json.tmp")
         try:

@@ -4,6 +4,7 @@ ones and holding no plaintext, write errors, and the decrypt-recording command."
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
 import shutil
@@ -313,3 +314,25 @@ def test_decrypt_recording_command(tmp_path: Path, capsys: pytest.CaptureFixture
     video, _, _ = read_media(tmp_path / "cut.webm")
     assert len(video) >= 5
     assert np.all([read_barcode(y) is not None for _, y in video])
+
+
+def test_a_burst_keeps_the_senders_spacing(tmp_path: Path) -> None:
+    """Frames carrying sender timestamps (as aiortc's do) that arrive in a burst — held back
+    until a key arrived — are written at their original spacing, not at their arrival."""
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "burst.webm", clock=clock)
+    start = clock.now
+    rtp0 = 123_456_789
+    for n in range(45):
+        # frames 0-7 all arrive at 0.6 s; then each on time (+0.1 s network delay)
+        clock.now = start + (0.6 if n < 8 else n / 15 + 0.1)
+        frame = video_frame(n)
+        frame.pts = rtp0 + n * 6000
+        frame.time_base = fractions.Fraction(1, 90_000)
+        writer.put("video", frame)
+    writer.close()
+    video, _, _ = read_media(tmp_path / "burst.webm")
+    times = [t for t, _ in video]
+    steps = np.diff(times)
+    assert [read_barcode(y) for _, y in video] == list(range(45))
+    assert np.all(np.abs(steps - 1 / 15) < 0.01), steps
