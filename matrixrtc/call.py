@@ -47,8 +47,11 @@ from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import ConfigError, LocalError
 from matrixrtc.logging import library_default
 from matrixrtc.matrix import Broadcaster, Homeserver, Login, Subscription
+from matrixrtc.media.call_media import CallRecording
+from matrixrtc.media.file_source import MediaFile
 from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media.published import PublishedTrack
+from matrixrtc.media.sealed_file import parse_key
 from matrixrtc.model import Dialect, FullMeshTransport, Transport
 from matrixrtc.session.media_policy import DEFAULT_MESH_MAX, MediaKind
 from matrixrtc.switching import SWITCH_MESH, MediaSwitcher, SwitchConfig, SwitchRecord
@@ -198,6 +201,8 @@ class Call:
         self._callbacks: dict[type[Any], list[Callable[[Any], None]]] = {}
         self._streams: set[FrameStream] = set()
         self._tasks = OwnedTasks("call", log, event_prefix="call")
+        self._files: list[MediaFile] = []
+        self._recordings: list[CallRecording] = []
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -288,9 +293,22 @@ class Call:
         if stack is None:
             return
         try:
+            await self._close_media()
             await stack.aclose()
         finally:
             await self._end()
+
+    async def _close_media(self) -> None:
+        """Recordings first (every file finished while the call still runs), then files."""
+        recordings, self._recordings = self._recordings, []
+        for rec in recordings:
+            try:
+                await rec.aclose()
+            except Exception as exc:  # a recording's failure must not keep us in the call
+                log.error("call.recording_close_failed", error=repr(exc))
+        files, self._files = self._files, []
+        for media in files:
+            await asyncio.to_thread(media.close)
 
     async def _end(self) -> None:
         self._events.end()
@@ -369,6 +387,39 @@ class Call:
         if track.kind not in _KINDS:
             raise ValueError(f"cannot publish a {track.kind!r} track")
         self._published[track.kind].set_source(track)
+
+    def publish_file(
+        self, path: str | Path, *, loop: bool = False, start: float = 0.0
+    ) -> MediaFile:
+        """Send the audio and video of a media file (anything FFmpeg reads), paced in real
+        time from ``start`` seconds, again and again with ``loop``. The file is checked first:
+        :class:`~matrixrtc.media.file_source.MediaFileError` says why it cannot be played, and
+        nothing is sent. The call closes the file when it ends; ``MediaFile.stats`` counts what
+        was played."""
+        media = MediaFile(path, loop=loop, start=start)
+        self._files.append(media)
+        for track in media.tracks:
+            self.publish(track)
+        return media
+
+    def record(
+        self, directory: str | Path, *, encrypt_to: bytes | str | None = None
+    ) -> CallRecording:
+        """Record every remote participant into ``directory`` (one WebM file per participant
+        and presence, and ``index.json``; see ``matrixrtc.media.recorder``), sealed to the
+        X25519 public key ``encrypt_to`` (32 bytes, or base64/hex text) when given. Recording
+        runs until ``await recording.aclose()`` or the end of the call."""
+        recipient = parse_key(encrypt_to) if isinstance(encrypt_to, str) else encrypt_to
+        rec = CallRecording(Path(directory), participants=self.participants, recipient=recipient)
+        rec.on_close(
+            self.on(
+                ParticipantsChanged,
+                lambda change: rec.participants_changed(change.joined, change.left),
+            )
+        )
+        rec.on_close(self.on(RemoteFrame, lambda f: rec.frame(f.participant, f.kind, f.frame)))
+        self._recordings.append(rec)
+        return rec
 
     def unpublish(self, kind: str) -> None:
         """Stop sending ``kind`` (the track itself is not stopped)."""
