@@ -20,6 +20,8 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "join",
     "call-test",
+    "play",
+    "record",
     "recording-key",
     "decrypt-recording",
 )

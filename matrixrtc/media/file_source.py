@@ -176,7 +176,7 @@ class _FileTrack(MediaStreamTrack):
         item = await self._queue.get()
         if item is None:
             self._queue.put_nowait(None)
-            owner._check_failed()
+            owner._kind_ended(self.kind)
             raise MediaStreamError
         media_t, frame = item
         owner._clock_from(media_t)
@@ -229,6 +229,8 @@ class MediaFile:
         self._stop = threading.Event()
         self._t0: float | None = None
         self._started = threading.Event()
+        self._ended_kinds: set[str] = set()
+        self._ended: asyncio.Event | None = None
 
     @property
     def tracks(self) -> tuple[MediaStreamTrack, ...]:
@@ -273,9 +275,24 @@ class MediaFile:
             if t.readyState == "live":
                 MediaStreamTrack.stop(t)
 
-    def _check_failed(self) -> None:
-        if self.error is not None:
-            log.warning("media.file_failed", path=str(self.path), error=self.error)
+    def _kind_ended(self, kind: str) -> None:
+        self._ended_kinds.add(kind)
+        if self._ended_kinds >= {t.kind for t in self.tracks}:
+            self._ended_event().set()
+
+    def _ended_event(self) -> asyncio.Event:
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        return self._ended
+
+    @property
+    def ended(self) -> bool:
+        """Every track has handed out its last frame (never, with ``loop``)."""
+        return self._ended is not None and self._ended.is_set()
+
+    async def wait_ended(self) -> None:
+        """Until every track has handed out its last frame."""
+        await self._ended_event().wait()
 
     # -- decode thread ------------------------------------------------------------------------
 
