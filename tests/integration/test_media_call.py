@@ -1,0 +1,162 @@
+"""Real media through real calls: one Python participant plays a file, another records it.
+
+Encrypted room, Olm-distributed media keys, over the mesh and over LiveKit (our authorization
+service): Alice ``publish_file``s numbered frames and a beeping 440 Hz tone, Bob ``record``s.
+The recording must hold Alice's frames in order within PSNR ≥ 30 dB of the source, the tone,
+a duration within 2 % of her presence, and audio within 80 ms of the video it belongs to.
+Alice leaving and joining again appends a second segment in ``index.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from matrixrtc import Call, CallOptions
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
+from matrixrtc.media.file_source import MediaFileError
+from tests.conftest import UserFactory
+from tests.media_samples import (
+    audio_span,
+    av_skew,
+    beep_onsets,
+    dominant_frequency,
+    psnr,
+    read_barcode,
+    read_media,
+    video_frame,
+    write_media_file,
+)
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = CallOptions(mesh_host_addresses=("127.0.0.1",), turn_from_homeserver=False)
+FPS = 15
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def sfu(synapse: Synapse, livekit: LiveKit, run_dir: Path) -> AsyncIterator[AuthService]:
+    svc = AuthService(run_dir, livekit, synapse, name="lk-sfu-media", full_access=None)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "clip.webm"
+    write_media_file(path, 6.0, fps=FPS, frequency=440.0, beeps=True)
+    return path
+
+
+def _call(
+    synapse: Synapse,
+    user: UserCreds,
+    room: str,
+    transport: str,
+    sfu_url: str,
+    state_dir: Path | None = None,
+) -> Call:
+    return Call(
+        room,
+        homeserver=synapse.base_url,
+        user=user.user_id,
+        password=user.password,
+        state_dir=state_dir,
+        transport="mesh" if transport == "mesh" else "sfu",
+        sfu_url=sfu_url,
+        options=OPTIONS,
+    )
+
+
+def check_segment(path: Path) -> dict[str, float]:
+    """The recording of one presence of the clip: frames in order and close to the source,
+    the tone, real-time timing (spans within 2 % of the source's), A/V in step."""
+    video, audio, _ = read_media(path)
+    numbered = [(t, n, y) for t, y in video if (n := read_barcode(y)) is not None]
+    assert len(numbered) >= FPS * 4, len(numbered)
+    numbers = [n for _, n, _ in numbered]
+    assert numbers == sorted(numbers)  # in order (frames may be missing, never reordered)
+    scores = [psnr(y, video_frame(n).to_ndarray(format="gray")) for _, n, y in numbered]
+    median_psnr = float(sorted(scores)[len(scores) // 2])
+    assert median_psnr >= 30, scores
+    assert abs(dominant_frequency(audio) - 440) < 5
+    source_span = (numbers[-1] - numbers[0] + 1) / FPS
+    video_span = numbered[-1][0] - numbered[0][0] + 1 / FPS
+    a_start, _ = audio_span(path)
+    assert abs(video_span - source_span) <= 0.02 * source_span, (video_span, source_span)
+    # Audio in real time too: beeps one source second apart stay one second apart (±2 %).
+    onsets = [a_start + t for t in beep_onsets(audio)]
+    assert len(onsets) >= 3, onsets
+    beeps_span = onsets[-1] - onsets[0]
+    assert abs(beeps_span - round(beeps_span)) <= 0.02 * round(beeps_span), onsets
+    skew, _ = av_skew([(t, n) for t, n, _ in numbered], onsets, FPS)
+    assert abs(skew) <= 0.080, skew
+    return {
+        "psnr": median_psnr,
+        "skew_ms": skew * 1000,
+        "video_span": video_span,
+        "source_span": source_span,
+        "frames": len(numbers),
+    }
+
+
+@pytest.mark.parametrize("transport", ["mesh", "sfu"])
+async def test_play_a_file_and_record_it(
+    synapse: Synapse,
+    sfu: AuthService,
+    user_factory: UserFactory,
+    clip: Path,
+    transport: str,
+    tmp_path: Path,
+) -> None:
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    async with _call(synapse, bob, room, transport, sfu.url) as b:
+        rec = b.record(tmp_path / "rec")
+        for _ in range(2):  # the second presence is the second segment
+            async with _call(synapse, alice, room, transport, sfu.url, tmp_path / "a") as a:
+                media = a.publish_file(clip)
+                async with asyncio.timeout(30):
+                    await media.wait_ended()
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # Bob sees her leave
+        await rec.aclose()
+    index = json.loads((tmp_path / "rec" / "index.json").read_text())
+    print(json.dumps(index, indent=1))
+    (entry,) = index["participants"]
+    assert entry["user_id"] == alice.user_id
+    segments = entry["segments"]
+    assert len(segments) == 2
+    assert not rec.errors
+    for seg in segments:
+        assert seg["left_at"] is not None
+        assert seg["error"] is None
+        figures = check_segment(tmp_path / "rec" / seg["file"])
+        print(transport, seg["file"], figures)
+
+
+async def test_a_bad_file_fails_before_anything_is_sent(
+    synapse: Synapse, user_factory: UserFactory, tmp_path: Path
+) -> None:
+    alice = await user_factory("alice")
+    room = await synapse.create_call_room(alice, encrypted=True)
+    (tmp_path / "x.mp4").write_bytes(b"\x00" * 4096)
+    async with Call(
+        room,
+        homeserver=synapse.base_url,
+        user=alice.user_id,
+        password=alice.password,
+        transport="mesh",
+        options=OPTIONS,
+    ) as a:
+        with pytest.raises(MediaFileError, match="not a media file"):
+            a.publish_file(tmp_path / "x.mp4")
+        assert a._published["video"].source is None
