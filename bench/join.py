@@ -51,10 +51,10 @@ from matrixrtc.matrix.homeserver import OpenIdToken
 from matrixrtc.media.sources import SyntheticVideoTrack
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
-from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
 from matrixrtc.model.membership import CallMembership, Dialect, RtcMemberData
 from matrixrtc.model.transports import FullMeshTransport, LivekitTransport
 from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
 LIMIT_S = 240.0

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from matrixrtc.logging import configure_logging
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
-from matrixrtc.mesh.signalling import DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.mesh.transform import FrameDecryptor
+from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
 
 CONF = mesh_conf_id("!bench:localhost")
 

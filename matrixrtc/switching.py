@@ -57,13 +57,13 @@ from matrixrtc.media_transport import (
 )
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
-from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
 from matrixrtc.session.media_policy import (
     DEFAULT_MESH_MAX,
     MediaDecision,
     MediaKind,
     choose_media_for,
 )
+from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = [

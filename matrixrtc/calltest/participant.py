@@ -35,7 +35,6 @@ from matrixrtc.media_transport import LiveKitMedia, MeshMedia
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.ice import IceServerConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
-from matrixrtc.mesh.signalling import DeviceRef as MeshDeviceRef
 from matrixrtc.model import FullMeshTransport, LivekitTransport, Transport
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.switching import SWITCH_MESH, MediaSwitcher, SwitchConfig
@@ -239,7 +238,7 @@ def _switcher_view(
         if part.is_self:
             continue
         pid = f"{part.user_id}|{part.device_id}"
-        seen = switcher.peers.get(MeshDeviceRef(part.user_id, part.device_id))
+        seen = switcher.peers.get(DeviceRef(part.user_id, part.device_id))
         peer = by_id.get(pid)
         lk_stats = None
         if lk is not None:

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, Generic, Self, TypeVar
 
 from matrixrtc.errors import RemoteError
+from matrixrtc.model.devices import DeviceRef
 
 __all__ = [
     "Broadcaster",
@@ -44,12 +45,6 @@ class Login:
 
     def __repr__(self) -> str:
         return f"Login(user={self.user!r}, password={'***' if self.password else None})"
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRef:
-    user_id: str
-    device_id: str
 
 
 @dataclass(frozen=True, slots=True)

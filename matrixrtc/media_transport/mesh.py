@@ -13,8 +13,8 @@ from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.mesh.matrix_link import MatrixMesh
-from matrixrtc.mesh.signalling import DeviceRef
 from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.session.mesh_signalling import DeviceRef
 
 __all__ = ["MeshMedia"]
 

@@ -35,8 +35,9 @@ from matrixrtc.mesh.ice import (
     parse_networks,
     rtc_configuration,
 )
-from matrixrtc.mesh.signalling import (
-    Action,
+from matrixrtc.mesh.transform import FrameTransform
+from matrixrtc.model.voip import HangupReason, IceCandidate, StreamMetadata, StreamPurpose
+from matrixrtc.session.mesh_signalling import (
     AddIceCandidates,
     ClosePeerConnection,
     CreateOffer,
@@ -46,10 +47,9 @@ from matrixrtc.mesh.signalling import (
     RemoteStreamMetadata,
     SendToDevice,
     SetRemoteDescription,
+    SignallingAction,
     SignallingConfig,
 )
-from matrixrtc.mesh.transform import FrameTransform
-from matrixrtc.model.voip import HangupReason, IceCandidate, StreamMetadata, StreamPurpose
 
 __all__ = ["MeshConfig", "MeshEngine", "PeerLink", "ToDeviceSender"]
 
@@ -136,7 +136,7 @@ class MeshEngine:
             else parse_networks(self.config.remote_networks)
         )
         self.links: dict[str, PeerLink] = {}
-        self._actions: asyncio.Queue[Action] = asyncio.Queue()
+        self._actions: asyncio.Queue[SignallingAction] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -209,7 +209,7 @@ class MeshEngine:
 
     # -- action runner ---------------------------------------------------------------------
 
-    def _feed(self, actions: Sequence[Action]) -> None:
+    def _feed(self, actions: Sequence[SignallingAction]) -> None:
         if self._closed:
             return
         for action in actions:
@@ -233,7 +233,7 @@ class MeshEngine:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._feed(self.signalling.tick())
 
-    async def _execute(self, action: Action) -> None:
+    async def _execute(self, action: SignallingAction) -> None:
         if isinstance(action, SendToDevice):
             await self._sender.send_to_device(
                 action.user_id, action.device_id, action.event_type, action.content

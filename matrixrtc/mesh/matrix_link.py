@@ -39,15 +39,15 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
-from matrixrtc.matrix import DeviceRef as HsDeviceRef
 from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
-from matrixrtc.mesh.signalling import MESH_TRANSPORT_TYPE, DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.mesh.transform import CryptorTransform
 from matrixrtc.model import Transport
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
+from matrixrtc.model.transports import FULL_MESH_TYPE
+from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "MeshMember", "mesh_session_id"]
@@ -117,7 +117,7 @@ def mesh_session_id(p: MeshMember) -> str:
 
 def _advertises_mesh(p: MeshMember) -> bool:
     # ``transport`` is only where a member publishes; ``advertised`` is its whole list.
-    return any(t.type == MESH_TRANSPORT_TYPE for t in p.advertised)
+    return any(t.type == FULL_MESH_TYPE for t in p.advertised)
 
 
 class MatrixMesh:
@@ -249,7 +249,7 @@ class MatrixMesh:
         try:
             result = await self.hs.send_to_device(
                 event_type,
-                {HsDeviceRef(user_id, device_id): content},
+                {DeviceRef(user_id, device_id): content},
                 encrypted=self.encrypted_signalling,
             )
         except MatrixRTCError as e:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from matrixrtc.e2ee import FrameCryptor
-from matrixrtc.mesh.signalling import DeviceRef
+from matrixrtc.session.mesh_signalling import DeviceRef
 
 __all__ = ["CryptorTransform", "FrameDecryptor", "FrameTransform", "vp8_is_keyframe"]
 

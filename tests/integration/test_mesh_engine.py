@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from matrixrtc.e2ee import FrameCryptor, KeyRing
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
-from matrixrtc.mesh.signalling import DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.mesh.transform import CryptorTransform, FrameDecryptor
+from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
 
 pytestmark = [
     pytest.mark.integration,

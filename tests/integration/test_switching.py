@@ -27,9 +27,9 @@ from matrixrtc.livekit import MediaOptions
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
-from matrixrtc.mesh.signalling import DeviceRef, SignallingConfig
 from matrixrtc.model import FullMeshTransport, LivekitTransport
 from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.switching import MediaSwitcher, SwitchConfig
 from tests.integration.test_livekit_transport import Service, service
 

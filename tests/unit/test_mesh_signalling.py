@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matrixrtc.mesh.signalling import (
-    MESH_TRANSPORT_TYPE,
-    Action,
+from matrixrtc.model.livekit_ids import livekit_room_alias
+from matrixrtc.model.transports import FULL_MESH_TYPE
+from matrixrtc.model.voip import HangupReason
+from matrixrtc.session.mesh_signalling import (
     AddIceCandidates,
     CallDirection,
     CallState,
@@ -27,13 +28,12 @@ from matrixrtc.mesh.signalling import (
     RemoteStreamMetadata,
     SendToDevice,
     SetRemoteDescription,
+    SignallingAction,
     SignallingConfig,
     mesh_conf_id,
     wants_outgoing_call,
     with_mesh_transport,
 )
-from matrixrtc.model.livekit_ids import livekit_room_alias
-from matrixrtc.model.voip import HangupReason
 
 CONF = mesh_conf_id("!room:hs")
 ALICE = DeviceRef("@alice:hs", "AAA")
@@ -69,7 +69,7 @@ class Mesh:
                 # Ids sort in creation order so glare outcomes are predictable.
                 new_call_id=self._ids(counter, ref),
             )
-        self.log: list[tuple[DeviceRef, Action]] = []
+        self.log: list[tuple[DeviceRef, SignallingAction]] = []
         self.blocked: set[DeviceRef] = set()  # to-device messages to these are lost
         self.auto_sdp = True
 
@@ -80,13 +80,13 @@ class Mesh:
     def sessions(self, *refs: DeviceRef) -> dict[DeviceRef, str]:
         return {r: f"s-{r.device_id}" for r in refs}
 
-    def pump(self, origin: DeviceRef, actions: Iterable[Action]) -> None:
+    def pump(self, origin: DeviceRef, actions: Iterable[SignallingAction]) -> None:
         queue = deque((origin, a) for a in actions)
         while queue:
             who, action = queue.popleft()
             self.log.append((who, action))
             node = self.nodes[who]
-            more: list[Action] = []
+            more: list[SignallingAction] = []
             if isinstance(action, SendToDevice):
                 target = DeviceRef(action.user_id, action.device_id)
                 if target in self.nodes and target not in self.blocked:
@@ -179,8 +179,8 @@ def test_conf_id_is_room_and_slot_and_mesh_transport_goes_last() -> None:
     assert mesh_conf_id("!r:hs") != mesh_conf_id("!r:hs", "m.call#other")
     assert mesh_conf_id("!r:hs") != mesh_conf_id("!s:hs")
     livekit = {"type": "livekit", "livekit_service_url": "http://127.0.0.1:1"}
-    transports = with_mesh_transport([{"type": MESH_TRANSPORT_TYPE}, livekit])
-    assert transports == [livekit, {"type": MESH_TRANSPORT_TYPE}]
+    transports = with_mesh_transport([{"type": FULL_MESH_TYPE}, livekit])
+    assert transports == [livekit, {"type": FULL_MESH_TYPE}]
 
 
 # -- the handshake and the envelope --------------------------------------------------------
@@ -727,7 +727,7 @@ def test_each_new_gap_gets_a_full_timeout() -> None:
 
 def test_the_signalling_core_imports_no_io_library() -> None:
     code = (
-        "import sys, matrixrtc.mesh.signalling, matrixrtc.model.voip;"
+        "import sys, matrixrtc.session.mesh_signalling, matrixrtc.model.voip;"
         "bad = [m for m in ('aiortc', 'aiohttp', 'nio', 'livekit', 'av') if m in sys.modules];"
         "sys.exit(','.join(bad) or None)"
     )

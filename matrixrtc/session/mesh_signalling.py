@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :class:`MeshSignalling` holds one :class:`PeerCall` per remote device. It performs no I/O and
-never sleeps: every input is a method call and returns the :data:`Action` list the adapter must
-carry out (send a to-device message, create an offer, set a remote description, close a peer
-connection ...). Time comes from the injected ``clock`` (seconds, monotonic); the adapter calls
-:meth:`MeshSignalling.tick` at :meth:`MeshSignalling.next_deadline`.
+never sleeps: every input is a method call and returns the :data:`SignallingAction` list the
+adapter must carry out (send a to-device message, create an offer, set a remote description,
+close a peer connection ...). Time comes from the injected ``clock`` (seconds, monotonic); the
+adapter calls :meth:`MeshSignalling.tick` at :meth:`MeshSignalling.next_deadline`.
 
 Inputs: :meth:`set_members` (the session's active mesh members and their session ids),
 :meth:`receive` (a to-device ``m.call.*`` event), :meth:`offer_created` /
@@ -59,7 +59,9 @@ from typing import Any, Final
 
 import structlog
 
+from matrixrtc.model.devices import DeviceRef
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, livekit_room_alias
+from matrixrtc.model.transports import FULL_MESH_TYPE
 from matrixrtc.model.voip import (
     DEFAULT_INVITE_LIFETIME_MS,
     CallAnswer,
@@ -81,8 +83,6 @@ from matrixrtc.model.voip import (
 
 __all__ = [
     "MESH_TRANSPORT",
-    "MESH_TRANSPORT_TYPE",
-    "Action",
     "AddIceCandidates",
     "CallDirection",
     "CallState",
@@ -95,6 +95,7 @@ __all__ = [
     "RemoteStreamMetadata",
     "SendToDevice",
     "SetRemoteDescription",
+    "SignallingAction",
     "SignallingConfig",
     "mesh_conf_id",
     "wants_outgoing_call",
@@ -103,8 +104,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-MESH_TRANSPORT_TYPE: Final = "org.matrix.msc3401.full_mesh"
-MESH_TRANSPORT: Final[Mapping[str, str]] = {"type": MESH_TRANSPORT_TYPE}
+MESH_TRANSPORT: Final[Mapping[str, str]] = {"type": FULL_MESH_TYPE}
 # js-sdk drops invites that are about to expire (callEventHandler: localAge > lifetime - 3000).
 INVITE_EXPIRY_MARGIN_MS: Final = 3000
 _TOMBSTONE_TTL_S: Final = 300.0
@@ -119,14 +119,8 @@ def mesh_conf_id(room_id: str, slot_id: str = DEFAULT_SLOT_ID) -> str:
 
 def with_mesh_transport(transports: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """``transports`` with the mesh transport appended after the others (LiveKit stays [0])."""
-    others = [t for t in transports if t.get("type") != MESH_TRANSPORT_TYPE]
+    others = [t for t in transports if t.get("type") != FULL_MESH_TYPE]
     return [*others, dict(MESH_TRANSPORT)]
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class DeviceRef:
-    user_id: str
-    device_id: str
 
 
 def wants_outgoing_call(local: DeviceRef, remote: DeviceRef) -> bool:
@@ -217,7 +211,7 @@ class RemoteStreamMetadata:
     metadata: Mapping[str, StreamMetadata]
 
 
-Action = (
+SignallingAction = (
     SendToDevice
     | CreateOffer
     | SetRemoteDescription
@@ -383,14 +377,14 @@ class MeshSignalling:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def set_members(self, members: Mapping[DeviceRef, str]) -> list[Action]:
+    def set_members(self, members: Mapping[DeviceRef, str]) -> list[SignallingAction]:
         """The active mesh members (device → session id) of the session, ourselves included or
         not. Calls to devices that left or changed session end; new devices are called."""
         if self._closed:
             return []
         me = self.local.ref
         new = {ref: sess for ref, sess in members.items() if ref != me}
-        actions: list[Action] = []
+        actions: list[SignallingAction] = []
         for ref, old_session in list(self._members.items()):
             if ref not in new:
                 self._retries.pop(ref, None)
@@ -417,7 +411,7 @@ class MeshSignalling:
 
     def receive(
         self, sender_user_id: str, event_type: str, content: object, *, local_age_ms: int = 0
-    ) -> list[Action]:
+    ) -> list[SignallingAction]:
         """One received to-device event. Invalid or foreign events are logged and dropped."""
         if self._closed:
             return []
@@ -435,7 +429,7 @@ class MeshSignalling:
 
     def offer_created(
         self, call_id: str, sdp: str, metadata: Mapping[str, StreamMetadata] | None = None
-    ) -> list[Action]:
+    ) -> list[SignallingAction]:
         call = self._calls.get(call_id)
         if call is None or not call.fire(_Trigger.OFFER_CREATED):
             return []
@@ -451,7 +445,7 @@ class MeshSignalling:
 
     def answer_created(
         self, call_id: str, sdp: str, metadata: Mapping[str, StreamMetadata] | None = None
-    ) -> list[Action]:
+    ) -> list[SignallingAction]:
         call = self._calls.get(call_id)
         if call is None or not call.fire(_Trigger.ANSWER_CREATED):
             return []
@@ -469,20 +463,20 @@ class MeshSignalling:
         event = CallAnswer(envelope=self._envelope(call), answer=answer, stream_metadata=meta)
         return [self._send(call, event), self._send_end_of_candidates(call)]
 
-    def local_failed(self, call_id: str, reason: HangupReason) -> list[Action]:
+    def local_failed(self, call_id: str, reason: HangupReason) -> list[SignallingAction]:
         """The adapter failed to create/apply a description for ``call_id``."""
         call = self._calls.get(call_id)
         if call is None:
             return []
         return self._end(call, reason, notify=True)
 
-    def media_connected(self, call_id: str) -> list[Action]:
+    def media_connected(self, call_id: str) -> list[SignallingAction]:
         call = self._calls.get(call_id)
         if call is not None and call.fire(_Trigger.MEDIA_CONNECTED):
             self._retries.pop(call.peer, None)
         return []
 
-    def media_failed(self, call_id: str) -> list[Action]:
+    def media_failed(self, call_id: str) -> list[SignallingAction]:
         """ICE/DTLS failed. aiortc cannot restart ICE: hang up and place a new call."""
         call = self._calls.get(call_id)
         if call is None:
@@ -490,12 +484,12 @@ class MeshSignalling:
         actions = self._end(call, HangupReason.ICE_FAILED, notify=True)
         return actions + self._replace_if_caller(call.peer)
 
-    def tick(self) -> list[Action]:
+    def tick(self) -> list[SignallingAction]:
         if self._closed:
             return []
         now = self._clock()
         cfg = self.config
-        actions: list[Action] = []
+        actions: list[SignallingAction] = []
         for call in list(self._calls.values()):
             if (
                 call.state is CallState.INVITE_SENT
@@ -529,9 +523,9 @@ class MeshSignalling:
         self._arm_retry()
         return actions
 
-    def close(self) -> list[Action]:
+    def close(self) -> list[SignallingAction]:
         """Leave: hang up every call (user_hangup)."""
-        actions: list[Action] = []
+        actions: list[SignallingAction] = []
         for call in list(self._calls.values()):
             actions += self._end(call, HangupReason.USER_HANGUP, notify=True)
         self._closed = True
@@ -550,7 +544,7 @@ class MeshSignalling:
             return "dest_session_id is not our session"
         return None
 
-    def _deliver_in_order(self, received: _Received) -> list[Action]:
+    def _deliver_in_order(self, received: _Received) -> list[SignallingAction]:
         seq = received.event.envelope.seq
         if seq is None:
             return self._dispatch(received)
@@ -569,8 +563,8 @@ class MeshSignalling:
         order.pending[seq] = received
         return self._drain(order)
 
-    def _drain(self, order: _Reorder) -> list[Action]:
-        actions: list[Action] = []
+    def _drain(self, order: _Reorder) -> list[SignallingAction]:
+        actions: list[SignallingAction] = []
         advanced = False
         while order.next_seq in order.pending:
             item = order.pending.pop(order.next_seq)
@@ -583,7 +577,7 @@ class MeshSignalling:
             order.gap_since = self._clock()  # a new gap: its own full timeout
         return actions
 
-    def _dispatch(self, r: _Received) -> list[Action]:
+    def _dispatch(self, r: _Received) -> list[SignallingAction]:
         event = r.event
         if isinstance(event, CallInvite):
             return self._on_invite(r, event)
@@ -627,7 +621,7 @@ class MeshSignalling:
             ]
         return []
 
-    def _on_invite(self, r: _Received, invite: CallInvite) -> list[Action]:
+    def _on_invite(self, r: _Received, invite: CallInvite) -> list[SignallingAction]:
         if invite.call_id in self._calls or invite.call_id in self._ended:
             log.info("mesh.drop", reason="invite for a known call", call_id=invite.call_id)
             return []
@@ -641,7 +635,7 @@ class MeshSignalling:
             log.info("mesh.invite_held", call_id=invite.call_id, peer=r.sender.device_id)
             self._held[r.sender] = _HeldInvite(r, self._clock() + remaining_ms / 1000)
             return []
-        actions: list[Action] = []
+        actions: list[SignallingAction] = []
         existing = self.call_for(r.sender)
         if existing is not None:
             glare = existing.direction is CallDirection.OUTGOING and existing.state in (
@@ -669,7 +663,7 @@ class MeshSignalling:
         )
         return actions
 
-    def _on_answer(self, call: PeerCall, answer: CallAnswer) -> list[Action]:
+    def _on_answer(self, call: PeerCall, answer: CallAnswer) -> list[SignallingAction]:
         if call.direction is not CallDirection.OUTGOING or not call.fire(_Trigger.ANSWER_RECEIVED):
             return []
         call.remote_metadata = answer.stream_metadata
@@ -681,7 +675,7 @@ class MeshSignalling:
             self._send(call, select),
         ]
 
-    def _on_negotiate(self, call: PeerCall, negotiate: CallNegotiate) -> list[Action]:
+    def _on_negotiate(self, call: PeerCall, negotiate: CallNegotiate) -> list[SignallingAction]:
         if call.state not in (CallState.CONNECTING, CallState.CONNECTED):
             log.info("mesh.drop", reason="negotiate before answer", call_id=call.call_id)
             return []
@@ -718,7 +712,7 @@ class MeshSignalling:
         self._calls[call.call_id] = call
         self._by_peer[call.peer] = call.call_id
 
-    def _place_call(self, peer: DeviceRef) -> list[Action]:
+    def _place_call(self, peer: DeviceRef) -> list[SignallingAction]:
         session = self._members.get(peer)
         if session is None or self._closed:
             return []
@@ -729,22 +723,24 @@ class MeshSignalling:
         log.info("mesh.place_call", call_id=call.call_id, peer=peer.device_id)
         return [CreateOffer(call_id=call.call_id, peer=peer)]
 
-    def _replace_if_caller(self, peer: DeviceRef) -> list[Action]:
+    def _replace_if_caller(self, peer: DeviceRef) -> list[SignallingAction]:
         if peer not in self._members or not wants_outgoing_call(self.local.ref, peer):
             return []
         if self.call_for(peer) is not None:
             return []
         return self._place_call(peer)
 
-    def _end_peer(self, peer: DeviceRef, reason: HangupReason, *, notify: bool) -> list[Action]:
+    def _end_peer(
+        self, peer: DeviceRef, reason: HangupReason, *, notify: bool
+    ) -> list[SignallingAction]:
         call = self.call_for(peer)
         return [] if call is None else self._end(call, reason, notify=notify)
 
-    def _end(self, call: PeerCall, reason: HangupReason, *, notify: bool) -> list[Action]:
+    def _end(self, call: PeerCall, reason: HangupReason, *, notify: bool) -> list[SignallingAction]:
         if call.state is CallState.ENDED:
             return []
         log.info("mesh.call_ended", call_id=call.call_id, peer=call.peer.device_id, reason=reason)
-        actions: list[Action] = []
+        actions: list[SignallingAction] = []
         if notify:
             hangup = CallHangup(envelope=self._envelope(call), reason=reason)
             actions.append(self._send(call, hangup))
