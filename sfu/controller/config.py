@@ -35,6 +35,9 @@ CONTROLLER_VARIABLES: dict[str, str] = {
     "membership (default 30)",
     _C + "_ROOM_GRACE": "seconds an empty LiveKit room without Matrix members is kept after its "
     "creation or last token (default 60)",
+    _C + "_OUTAGE_GRACE": "seconds after the homeserver last failed to answer during which an "
+    "ending call membership is not acted on (delayed leaves fire when heartbeats cannot reach "
+    "the homeserver; clients publish again) (default 30)",
     _C + "_REQUIRE_MEMBERSHIP": "1 (default) = remove participants that never publish a "
     "call.member state membership; set 0 if your clients publish only MSC4354 sticky "
     "memberships, which room state does not show",
@@ -65,6 +68,7 @@ class ControllerConfig:
     grace: float = 2.0
     join_grace: float = 30.0
     room_grace: float = 60.0
+    outage_grace: float = 30.0
     require_membership: bool = True
     kick_foreign: bool = True
     allow_identities: re.Pattern[str] | None = None
@@ -109,6 +113,7 @@ class ControllerConfig:
             grace=num(env, _C + "_GRACE", 2.0, float),
             join_grace=num(env, _C + "_JOIN_GRACE", 30.0, float),
             room_grace=num(env, _C + "_ROOM_GRACE", 60.0, float),
+            outage_grace=num(env, _C + "_OUTAGE_GRACE", 30.0, float),
             require_membership=_flag(env, _C + "_REQUIRE_MEMBERSHIP", True),
             kick_foreign=_flag(env, _C + "_KICK_FOREIGN", True),
             allow_identities=allow,

@@ -252,6 +252,7 @@ class Controller:
                 registry_since=since if self.registry_complete else float("inf"),
                 ended_hints=ended,
                 now=now,
+                patient_until=self._patient_until(),
             )
             if grants:
                 await self.registry.touch(room.name)
@@ -261,6 +262,10 @@ class Controller:
         if not parts and grants:
             result.closed = await self._maybe_close(room, grants, room_views, now)
         return result
+
+    def _patient_until(self) -> float:
+        failed = self.source.last_failure if self.source is not None else 0.0
+        return failed + self.config.outage_grace if failed else 0.0
 
     async def _remove(self, room: str, f: Finding, now: float) -> None:
         p = f.participant

@@ -215,14 +215,21 @@ class GhostJudge:
         registry_since: float,
         ended_hints: Mapping[str, float],
         now: float,
+        patient_until: float = 0.0,
     ) -> list[Finding]:
-        """Judge one LiveKit room's participants at wall time ``now``."""
+        """Judge one LiveKit room's participants at wall time ``now``.
+
+        ``patient_until``: a call membership seen ending before this wall time is not removed
+        before it either (the controller sets it after the homeserver was unreachable: the
+        members' heartbeats could not reach it, their delayed leaves fired, and honest
+        clients publish their membership again once they notice).
+        """
         out = []
         for p in participants:
             grant = grants.get(p.identity)
             view = views.get(grant.matrix_room) if grant is not None else None
             reason = self._reason(p, grant, view, registry_since, ended_hints.get(p.identity))
-            out.append(self._verdict(p, reason, grant, now))
+            out.append(self._verdict(p, reason, grant, now, patient_until))
         return out
 
     def forget_except(self, live_sids: Iterable[str]) -> None:
@@ -271,7 +278,9 @@ class GhostJudge:
             return Reason.CALL_ENDED
         return Reason.NO_MEMBERSHIP if self.require_membership else Reason.UNKNOWN
 
-    def _verdict(self, p: Participant, reason: Reason, grant: Grant | None, now: float) -> Finding:
+    def _verdict(
+        self, p: Participant, reason: Reason, grant: Grant | None, now: float, patient_until: float
+    ) -> Finding:
         if reason not in _DEFINITE and reason not in _PATIENT:
             self._bad.pop(p.sid, None)
             return Finding(p, reason, Verdict.KEEP, grant)
@@ -285,5 +294,7 @@ class GhostJudge:
             due = max(track.since + self.grace, p.joined_at + self.join_grace)
         else:
             due = track.since + self.grace
+            if reason is Reason.CALL_ENDED and track.since <= patient_until:
+                due = max(due, patient_until)
         verdict = Verdict.REMOVE if now >= due else Verdict.WATCH
         return Finding(p, reason, verdict, grant, track.since, due)

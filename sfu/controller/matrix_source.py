@@ -20,6 +20,7 @@ requests do not go through the SSRF guard.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -41,6 +42,7 @@ class SourceCheck:
 
 class MatrixSource(Protocol):
     kind: str
+    last_failure: float  # wall time the homeserver last failed to answer (0 = never)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -62,6 +64,7 @@ class _HttpSource:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._failures = 0
+        self.last_failure = 0.0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -97,12 +100,15 @@ class _HttpSource:
             status, body = await self._get(path)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._failures += 1
+            self.last_failure = time.time()
             if self._failures == 1 or self._failures % 100 == 0:
                 log.warning(
                     "room state unavailable", source=self.kind, room=room_id, reason=str(exc)[:200]
                 )
             return None
         self._failures = 0
+        if status >= 500:
+            self.last_failure = time.time()
         if status != 200:
             log.debug("room state refused", source=self.kind, room=room_id, status=status)
             return None

@@ -2,7 +2,9 @@
 plus a state-form call membership kept alive by an MSC4140 delayed leave it restarts.
 
 Usage: python _rtc_member.py LIVEKIT_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS
-Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it.
+Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it. Like
+matrix-js-sdk, it publishes its membership again when its delayed leave turns out to have
+fired (404 on restart, e.g. after a homeserver outage longer than the delay).
 Without a membership (DELAY_MS = 0) it only holds the LiveKit connection.
 """
 
@@ -37,9 +39,16 @@ async def main() -> None:
     )
     async with aiohttp.ClientSession(headers=headers) as http:
         delay_id = ""
-        if delay:
+
+        async def publish() -> str:
+            """Arm the delayed leave, then publish the membership (as js-sdk does)."""
             async with http.put(path, params={DELAY: str(delay)}, json={}) as r:
-                delay_id = (await r.json())["delay_id"]
+                new_id = str((await r.json())["delay_id"])
+            async with http.put(path, json={**content, "created_ts": int(time.time() * 1000)}) as r:
+                r.raise_for_status()
+            return new_id
+
+        if delay:
             content = {
                 "application": "m.call",
                 "call_id": "",
@@ -56,14 +65,15 @@ async def main() -> None:
                     }
                 ],
             }
-            async with http.put(path, json=content) as r:
-                r.raise_for_status()
+            delay_id = await publish()
         print("ready", room.local_participant.identity, flush=True)
         while not gone.is_set():
             if delay_id:
                 try:
                     async with http.post(f"{hs}{DELAYED}/{delay_id}/restart") as r:
                         await r.read()
+                        if r.status == 404:  # it fired (homeserver outage): join again
+                            delay_id = await publish()
                 except aiohttp.ClientError:
                     pass  # the homeserver may be restarting; the next beat retries
             with contextlib.suppress(TimeoutError):

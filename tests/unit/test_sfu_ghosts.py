@@ -214,3 +214,47 @@ def test_active_members_count_only_joined_users() -> None:
         call_ev("@bob:hs", "OLD", int((T0 - 7200) * 1000), expires=1000),
     )
     assert v.active_members() == 1
+
+
+def test_after_a_homeserver_outage_an_ending_call_waits_for_the_client_to_rejoin() -> None:
+    j = GhostJudge(grace=2)
+    left = view(member_ev(ALICE, "join"), call_ev(ALICE, "DEV", int((T0 + 5) * 1000), left=True))
+    patient = T0 + 36  # homeserver last failed at T0 + 6; outage grace 30 s
+
+    def once(now: float) -> tuple[Reason, Verdict]:
+        [f] = j.observe(
+            [P],
+            {"id-a": grant()},
+            {ROOM: left},
+            registry_since=0.0,
+            ended_hints={},
+            now=now,
+            patient_until=patient,
+        )
+        return f.reason, f.verdict
+
+    assert once(T0 + 7) == (Reason.CALL_ENDED, Verdict.WATCH)
+    assert once(T0 + 20) == (Reason.CALL_ENDED, Verdict.WATCH)
+    assert once(T0 + 36) == (Reason.CALL_ENDED, Verdict.REMOVE)
+    # a ban right after the outage is explicit: no extra patience
+    j2 = GhostJudge(grace=2)
+    banned = view(member_ev(ALICE, "ban", "@mod:hs"))
+    [f] = j2.observe(
+        [P],
+        {"id-a": grant()},
+        {ROOM: banned},
+        registry_since=0.0,
+        ended_hints={},
+        now=T0 + 7,
+        patient_until=patient,
+    )
+    [f] = j2.observe(
+        [P],
+        {"id-a": grant()},
+        {ROOM: banned},
+        registry_since=0.0,
+        ended_hints={},
+        now=T0 + 9,
+        patient_until=patient,
+    )
+    assert f.verdict is Verdict.REMOVE
