@@ -42,7 +42,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import structlog
 
@@ -56,10 +56,10 @@ from matrixrtc.matrix import (
     HomeserverError,
     HomeserverTimeout,
     HomeserverUnreachable,
+    RateLimited,
     Subscription,
+    Unsupported,
 )
-from matrixrtc.matrix import RateLimited as HsRateLimited
-from matrixrtc.matrix import Unsupported as HsUnsupported
 from matrixrtc.matrix.types import RoomUpdate
 from matrixrtc.model import (
     CallMembership,
@@ -68,6 +68,7 @@ from matrixrtc.model import (
     RtcDecline,
     RtcNotification,
     Transport,
+    msc4354,
 )
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 from matrixrtc.session import membership_machine as mm
@@ -89,8 +90,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 JsonDict = dict[str, Any]
 
-_MAX_STICKY_MS: Final = 3_600_000  # MSC4354 caps stickiness at one hour
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentConfig:
@@ -111,7 +110,7 @@ class AgentConfig:
     expires_ms: int = 14_400_000
     network_retry_ms: int = 1_000
     network_retries: int = 10  # per step, before the membership machine gives up
-    sticky_duration_ms: int = _MAX_STICKY_MS
+    sticky_duration_ms: int = msc4354.MAX_STICKY_DURATION_MS
     # After the machine gave up while we are still meant to be in the call (a long outage):
     # join again, first after this long, doubling up to the maximum while the homeserver
     # does not answer.
@@ -237,7 +236,7 @@ class CallAgent:
 
     async def __aenter__(self) -> Self:
         if self.config.dialect is Dialect.STICKY and not await self.hs.supports(
-            "org.matrix.msc4354"
+            msc4354.UNSTABLE_FEATURE
         ):
             # Sticky only where it can work; the state form is what every client reads.
             self._log.warning("agent.sticky_unsupported", fallback=Dialect.STATE.value)
@@ -481,7 +480,7 @@ class CallAgent:
                 ),
                 restart_local_timeout_ms=cfg.restart_timeout_ms,
                 expiry_ms=cfg.expires_ms,
-                sticky_duration_ms=min(cfg.sticky_duration_ms, _MAX_STICKY_MS),
+                sticky_duration_ms=min(cfg.sticky_duration_ms, msc4354.MAX_STICKY_DURATION_MS),
                 network_error_retry_ms=cfg.network_retry_ms,
                 max_network_retries=cfg.network_retries,
             ),
@@ -566,7 +565,7 @@ class CallAgent:
                         action.event_type,
                         action.content,
                         action.delay_ms,
-                        action.sticky_duration_ms or _MAX_STICKY_MS,
+                        action.sticky_duration_ms or msc4354.MAX_STICKY_DURATION_MS,
                     )
                     return mm.Ok(delay_id=delay_id)
                 case mm.CancelDelayedLeave():
@@ -588,7 +587,7 @@ class CallAgent:
                             room,
                             action.event_type,
                             action.content,
-                            action.sticky_duration_ms or _MAX_STICKY_MS,
+                            action.sticky_duration_ms or msc4354.MAX_STICKY_DURATION_MS,
                         )
                     if isinstance(action, mm.SendJoin):
                         if not action.refresh:
@@ -598,16 +597,16 @@ class CallAgent:
                     self._log.info("agent.left", via="leave event")
         except DelayNotFound:
             return mm.NotFound()
-        except HsRateLimited as e:
-            return mm.RateLimited(e.retry_after_ms)
+        except RateLimited as e:
+            return mm.RetryAfter(e.retry_after_ms)
         except HomeserverTimeout:
             return mm.LocalTimeout()
         except HomeserverUnreachable as e:
             return mm.NetworkError(str(e))
         except DelayTooLong as e:
             return mm.MaxDelayExceeded(e.max_delay_ms)
-        except HsUnsupported:
-            return mm.Unsupported()
+        except Unsupported:
+            return mm.DelayedEventsUnsupported()
         except HomeserverError as e:
             if e.errcode == "M_NOT_FOUND":
                 return mm.NotFound()

@@ -75,6 +75,7 @@ from matrixrtc.matrix.types import (
     ToDeviceEvent,
     ToDeviceSendResult,
 )
+from matrixrtc.model import msc4354
 
 __all__ = [
     "DelayAction",
@@ -93,7 +94,6 @@ log = structlog.get_logger(__name__)
 
 MSC4140 = "org.matrix.msc4140"
 MSC4143 = "org.matrix.msc4143"
-MSC4354 = "org.matrix.msc4354"
 _DELAYED_BASE = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
 _TRANSPORTS_PATH = "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports"
 _WELL_KNOWN_FOCI = "org.matrix.msc4143.rtc_foci"
@@ -478,10 +478,10 @@ class Homeserver:
         txn_id: str | None = None,
     ) -> str:
         """Send an MSC4354 sticky event (encrypted in encrypted rooms); its event id."""
-        await self._require_feature(MSC4354)
+        await self._require_feature(msc4354.UNSTABLE_FEATURE)
         etype, body = await self._maybe_encrypt(room_id, event_type, dict(content))
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(etype)}/{_q(txn_id or wire.txn())}"
-        query = {"org.matrix.msc4354.sticky_duration_ms": str(sticky_duration_ms)}
+        query = {msc4354.STICKY_DURATION_PARAM: str(sticky_duration_ms)}
         return wire.event_id(await self.request("PUT", path, query=query, body=body))
 
     async def _maybe_encrypt(
@@ -534,11 +534,11 @@ class Homeserver:
         """Schedule a sticky room event; sent in plaintext, as js-sdk does (the homeserver
         cannot encrypt later and the leave content carries only the sticky key)."""
         await self._require_feature(MSC4140)
-        await self._require_feature(MSC4354)
+        await self._require_feature(msc4354.UNSTABLE_FEATURE)
         path = f"/_matrix/client/v3/rooms/{_q(room_id)}/send/{_q(event_type)}/{_q(wire.txn())}"
         query = {
             "org.matrix.msc4140.delay": str(delay_ms),
-            "org.matrix.msc4354.sticky_duration_ms": str(sticky_duration_ms),
+            msc4354.STICKY_DURATION_PARAM: str(sticky_duration_ms),
         }
         return wire.delay_id(await self.request("PUT", path, query=query, body=dict(content)))
 
@@ -786,11 +786,11 @@ class Homeserver:
         ]
         sticky = [
             self._decrypted(room_id, e, decrypted)
-            for e in wire.events(section.get("msc4354_sticky"))
+            for e in wire.events(section.get(msc4354.STICKY_FIELD))
         ]
         seen = {str(e.get("event_id")) for e in sticky}
         sticky += [
-            e for e in timeline if "msc4354_sticky" in e and str(e.get("event_id")) not in seen
+            e for e in timeline if msc4354.STICKY_FIELD in e and str(e.get("event_id")) not in seen
         ]
         now = wire.now_ms()
         held = self._room_sticky.setdefault(room_id, {})

@@ -12,9 +12,9 @@ import structlog
 
 from matrixrtc.errors import RemoteError
 from matrixrtc.matrix.errors import DelayTooLong, HomeserverError, RateLimited
+from matrixrtc.model import msc4354
 
 __all__ = [
-    "MAX_STICKY_MS",
     "delay_id",
     "error_from",
     "event_id",
@@ -30,8 +30,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 JsonDict = dict[str, Any]
 
-MAX_STICKY_MS = 3_600_000  # MSC4354 caps stickiness at one hour
-
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -41,13 +39,13 @@ def sticky_ttl_ms(ev: Mapping[str, Any]) -> int:
     """Time left on a sticky event when received: the server's remaining time, else its
     duration; MSC4354 caps stickiness at one hour."""
     unsigned = ev.get("unsigned")
-    ttl = unsigned.get("msc4354_sticky_duration_ttl_ms") if isinstance(unsigned, dict) else None
+    ttl = unsigned.get(msc4354.STICKY_TTL_FIELD) if isinstance(unsigned, dict) else None
     if not isinstance(ttl, int):
-        sticky = ev.get("msc4354_sticky")
+        sticky = ev.get(msc4354.STICKY_FIELD)
         ttl = sticky.get("duration_ms") if isinstance(sticky, dict) else None
     if not isinstance(ttl, int) or isinstance(ttl, bool):
         return 0
-    return max(0, min(ttl, MAX_STICKY_MS))
+    return max(0, min(ttl, msc4354.MAX_STICKY_DURATION_MS))
 
 
 def txn() -> str:

@@ -9,15 +9,16 @@ Modules (each documents its API in its docstring):
                           ``discover_transport`` (rtc/transports → .well-known → config).
 * ``membership_machine``  ``OwnMembershipMachine``: emits requests (``ScheduleDelayedLeave``,
                           ``SendJoin``, ``RestartDelayedLeave``, …), takes results (``Ok``,
-                          ``NotFound``, ``RateLimited``, …) and observations.
+                          ``NotFound``, ``RetryAfter``, …) and observations.
 """
 
 from matrixrtc.session.membership_machine import (
-    Action,
     CancelDelayedLeave,
+    DelayedEventsUnsupported,
     LocalTimeout,
     MachineEvent,
     MaxDelayExceeded,
+    MembershipAction,
     MembershipConfig,
     MembershipStatus,
     NetworkError,
@@ -28,18 +29,17 @@ from matrixrtc.session.membership_machine import (
     OwnMembershipMissing,
     OwnMembershipSeen,
     ProbablyLeftChanged,
-    RateLimited,
     Rejected,
     Request,
     RestartDelayedLeave,
     Result,
+    RetryAfter,
     ScheduleDelayedLeave,
     SendDelayedLeaveNow,
     SendJoin,
     SendLeave,
     StatusChanged,
     Stopped,
-    Unsupported,
     Wait,
 )
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession, membership_sort_key
@@ -52,12 +52,13 @@ from matrixrtc.session.transports import (
 )
 
 __all__ = [
-    "Action",
     "CancelDelayedLeave",
+    "DelayedEventsUnsupported",
     "DiscoveredTransport",
     "LocalTimeout",
     "MachineEvent",
     "MaxDelayExceeded",
+    "MembershipAction",
     "MembershipChanges",
     "MembershipConfig",
     "MembershipStatus",
@@ -70,11 +71,11 @@ __all__ = [
     "OwnMembershipSeen",
     "ProbablyLeftChanged",
     "RTCSession",
-    "RateLimited",
     "Rejected",
     "Request",
     "RestartDelayedLeave",
     "Result",
+    "RetryAfter",
     "ScheduleDelayedLeave",
     "SendDelayedLeaveNow",
     "SendJoin",
@@ -82,7 +83,6 @@ __all__ = [
     "StatusChanged",
     "Stopped",
     "TransportSource",
-    "Unsupported",
     "Wait",
     "discover_transport",
     "membership_sort_key",

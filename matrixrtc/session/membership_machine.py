@@ -15,7 +15,7 @@ request at a time. The adapter drives it with a loop::
             case Stopped():  break                         # left, or failed (action.error)
             case Wait(until_ms=t):  sleep until t, or until an observation/leave arrives
             case _:                                        # a request: perform it, then
-                m.receive_result(<Ok/NotFound/RateLimited/…>, clock())
+                m.receive_result(<Ok/NotFound/RetryAfter/…>, clock())
         # whenever the RTC session changes:
         m.observe(OwnMembershipSeen(created_ts=…, event_id=…) | OwnMembershipMissing(), clock())
         for ev in m.drain_events(): ...                    # StatusChanged, ProbablyLeftChanged
@@ -30,10 +30,12 @@ Requests and what the adapter does (state form shown; sticky form sends a sticky
 * ``SendJoin``              PUT state ``content`` at ``state_key``                    → Ok(event_id)
 * ``SendLeave``             PUT state ``content`` (``{}``) at ``state_key``           → Ok()
 
-Results: ``Ok``, ``NotFound`` (M_NOT_FOUND), ``RateLimited(retry_after_ms)`` (429 /
+Results: ``Ok``, ``NotFound`` (M_NOT_FOUND), ``RetryAfter(retry_after_ms)`` (429 /
 M_LIMIT_EXCEEDED), ``NetworkError`` (connection error, 5xx), ``LocalTimeout`` (our abort),
-``MaxDelayExceeded(max_delay_ms)``, ``Unsupported`` (no ``org.matrix.msc4140`` in /versions),
-``Rejected(errcode)`` (anything else).
+``MaxDelayExceeded(max_delay_ms)``, ``DelayedEventsUnsupported`` (no ``org.matrix.msc4140`` in
+/versions), ``Rejected(errcode)`` (anything else). Results are values, not the adapter's
+exceptions: the agent maps ``matrixrtc.matrix.RateLimited`` to ``RetryAfter`` and
+``matrixrtc.matrix.Unsupported`` to ``DelayedEventsUnsupported``.
 
 Step graph (js-sdk's, same names in snake case)::
 
@@ -58,8 +60,8 @@ Where this differs from js-sdk (deliberately; each has a test):
   an endless retry of the same request.
 * A delayed leave that fails on the first join disables delayed events for this join; js-sdk
   joins too but then retries from the heartbeat path and stops with a fatal error.
-* ``Unsupported`` when leaving via the delayed event falls back to sending the leave; js-sdk
-  returns and leaves the membership in the room.
+* ``DelayedEventsUnsupported`` when leaving via the delayed event falls back to sending the
+  leave; js-sdk returns and leaves the membership in the room.
 * "Own membership missing" right after our join is believed only once the join was seen in
   sync or ``own_membership_grace_ms`` has passed (js-sdk re-joins on this race).
 * ``leave`` after a failure still takes our membership back.
@@ -91,11 +93,12 @@ from matrixrtc.model.membership import (
 from matrixrtc.model.transports import Transport
 
 __all__ = [
-    "Action",
     "CancelDelayedLeave",
+    "DelayedEventsUnsupported",
     "LocalTimeout",
     "MachineEvent",
     "MaxDelayExceeded",
+    "MembershipAction",
     "MembershipConfig",
     "MembershipStatus",
     "NetworkError",
@@ -106,11 +109,11 @@ __all__ = [
     "OwnMembershipMissing",
     "OwnMembershipSeen",
     "ProbablyLeftChanged",
-    "RateLimited",
     "Rejected",
     "Request",
     "RestartDelayedLeave",
     "Result",
+    "RetryAfter",
     "ScheduleDelayedLeave",
     "SendDelayedLeaveNow",
     "SendJoin",
@@ -118,7 +121,6 @@ __all__ = [
     "StatusChanged",
     "Step",
     "Stopped",
-    "Unsupported",
     "Wait",
 ]
 
@@ -245,7 +247,7 @@ Request: TypeAlias = (
     | SendJoin
     | SendLeave
 )
-Action: TypeAlias = Request | Wait | Stopped
+MembershipAction: TypeAlias = Request | Wait | Stopped
 
 
 # ----------------------------------------------------------------------------- results
@@ -263,7 +265,7 @@ class NotFound:
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimited:
+class RetryAfter:
     retry_after_ms: int | None = None
 
 
@@ -287,7 +289,7 @@ class MaxDelayExceeded:
 
 
 @dataclass(frozen=True, slots=True)
-class Unsupported:
+class DelayedEventsUnsupported:
     """The homeserver does not do delayed events (MSC4140)."""
 
 
@@ -300,7 +302,13 @@ class Rejected:
 
 
 Result: TypeAlias = (
-    Ok | NotFound | RateLimited | NetworkError | LocalTimeout | MaxDelayExceeded | Unsupported
+    Ok
+    | NotFound
+    | RetryAfter
+    | NetworkError
+    | LocalTimeout
+    | MaxDelayExceeded
+    | DelayedEventsUnsupported
 ) | Rejected
 
 
@@ -621,7 +629,7 @@ class OwnMembershipMachine:
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._update_status()
 
-    def next_action(self, now_ms: int) -> Action:
+    def next_action(self, now_ms: int) -> MembershipAction:
         """The next request to perform, ``Wait`` until something is due, or ``Stopped``."""
         if self._in_flight is not None:
             raise LocalError(
@@ -781,9 +789,9 @@ class OwnMembershipMachine:
                 self._log.info("delayed_leave_delay_lowered", max_delay_ms=limit)
                 self._delay_override_ms = limit
                 return ("insert", [(now_ms, step)])
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
-            case Unsupported():
+            case DelayedEventsUnsupported():
                 self._delayed_ok = False
                 self._log.info("delayed_events_unsupported")
                 return None if self._has_member_event else ("insert", [(now_ms, Step.SEND_JOIN)])
@@ -802,9 +810,9 @@ class OwnMembershipMachine:
                 self._delay_id = None
                 self._reset_retries(step)
                 return ("replace", [(now_ms, step)])
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
-            case Unsupported():
+            case DelayedEventsUnsupported():
                 self._delayed_ok = False
                 return ("replace", [(now_ms, Step.SEND_JOIN)])
             case _:
@@ -834,7 +842,7 @@ class OwnMembershipMachine:
                 if self._content_dirty:  # update_membership while this was on the wire
                     steps.append((now_ms, Step.SEND_JOIN))
                 return ("replace", steps)
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
                 raise _Fatal(f"could not send the join: {_describe(result)}")
@@ -851,7 +859,7 @@ class OwnMembershipMachine:
                 if self._content_dirty:  # update_membership while this was on the wire
                     steps.append((now_ms, Step.SEND_JOIN))
                 return ("insert", steps)
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
                 raise _Fatal(f"could not refresh the membership: {_describe(result)}")
@@ -869,10 +877,10 @@ class OwnMembershipMachine:
             case NotFound():
                 self._delay_id = None
                 return ("insert", [(now_ms, Step.SEND_DELAYED_LEAVE)])
-            case Unsupported():
+            case DelayedEventsUnsupported():
                 self._delayed_ok = False
                 return None
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
                 raise _Fatal(f"could not restart the delayed leave: {_describe(result)}")
@@ -887,7 +895,7 @@ class OwnMembershipMachine:
             case NotFound():
                 self._delay_id = None
                 return ("insert", [(now_ms, Step.SEND_LEAVE)])
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 # js-sdk retries with the plain leave after the back-off.
                 return self._retry(Step.SEND_LEAVE, result, now_ms)
             case _:
@@ -900,7 +908,7 @@ class OwnMembershipMachine:
                 self._has_member_event = False
                 self._reset_retries(step)
                 return ("replace", [])
-            case RateLimited() | NetworkError() | LocalTimeout():
+            case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
                 raise _Fatal(f"could not send the leave: {_describe(result)}")
@@ -909,7 +917,7 @@ class OwnMembershipMachine:
 
     def _retry(self, step: Step, result: Result, now_ms: int) -> _Update:
         cfg = self.config
-        if isinstance(result, RateLimited):
+        if isinstance(result, RetryAfter):
             n = self._rate_retries.get(step, 0)
             if n >= cfg.max_rate_limit_retries:
                 raise _Fatal(f"{step.value}: rate limited {n} times in a row")

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
 import structlog
 
@@ -57,6 +56,7 @@ from matrixrtc.model.membership import (
     MembershipLeft,
     parse_membership_event,
 )
+from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, STICKY_FIELD, STICKY_TTL_FIELD
 
 __all__ = [
     "MAX_STICKY_DURATION_MS",
@@ -70,9 +70,6 @@ __all__ = [
 ]
 
 _log = structlog.get_logger(__name__)
-
-# MSC4354: stickiness is capped at one hour; js-sdk clamps larger values.
-MAX_STICKY_DURATION_MS: Final = 3_600_000
 
 
 def _slot_local_id(slot_id: str) -> str | None:
@@ -104,7 +101,7 @@ def sticky_duration_ms(event: Mapping[str, object], default_ms: int | None = Non
 
     ``default_ms`` stands in when the event has no duration (js-sdk has no such fallback).
     """
-    sticky = get_dict(event.get("msc4354_sticky"))
+    sticky = get_dict(event.get(STICKY_FIELD))
     duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
     if not duration or duration < 0:
         duration = default_ms
@@ -126,7 +123,7 @@ def sticky_expires_at(
     if duration is None:
         return None
     unsigned = get_dict(event.get("unsigned"))
-    ttl = as_int(unsigned.get("msc4354_sticky_duration_ttl_ms")) if unsigned is not None else None
+    ttl = as_int(unsigned.get(STICKY_TTL_FIELD)) if unsigned is not None else None
     if ttl:
         # js-sdk trusts the server's bound; we cap it too, so a bad value cannot pin a member.
         return received_ms + min(max(ttl, 0), MAX_STICKY_DURATION_MS)

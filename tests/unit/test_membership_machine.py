@@ -23,10 +23,11 @@ from matrixrtc.model import (
     SessionMembershipData,
 )
 from matrixrtc.session.membership_machine import (
-    Action,
     CancelDelayedLeave,
+    DelayedEventsUnsupported,
     LocalTimeout,
     MaxDelayExceeded,
+    MembershipAction,
     MembershipConfig,
     MembershipStatus,
     NetworkError,
@@ -36,18 +37,17 @@ from matrixrtc.session.membership_machine import (
     OwnMembershipMissing,
     OwnMembershipSeen,
     ProbablyLeftChanged,
-    RateLimited,
     Rejected,
     Request,
     RestartDelayedLeave,
     Result,
+    RetryAfter,
     ScheduleDelayedLeave,
     SendDelayedLeaveNow,
     SendJoin,
     SendLeave,
     StatusChanged,
     Stopped,
-    Unsupported,
     Wait,
 )
 
@@ -117,7 +117,7 @@ class FakeDelayedEventsServer:
         match request:
             case ScheduleDelayedLeave(delay_ms=delay, content=content):
                 if not self.supports_delayed:
-                    return Unsupported()
+                    return DelayedEventsUnsupported()
                 self.delay_seq += 1
                 delay_id = f"d{self.delay_seq}"
                 self.delayed[delay_id] = _Delayed(now + delay, delay, dict(content))
@@ -185,7 +185,7 @@ class Sim:
 
     def run_until(self, end_ms: int) -> Stopped | None:
         for _ in range(2_000_000):
-            action: Action = self.machine.next_action(self.now)
+            action: MembershipAction = self.machine.next_action(self.now)
             if isinstance(action, Stopped):
                 return action
             if isinstance(action, Wait):
@@ -394,7 +394,7 @@ def test_first_schedule_rejected_joins_without_delayed_leave() -> None:
 
 def test_rate_limit_waits_retry_after_then_default() -> None:
     server = FakeDelayedEventsServer(
-        script={"RestartDelayedLeave": deque([RateLimited(1234), RateLimited(None)])}
+        script={"RestartDelayedLeave": deque([RetryAfter(1234), RetryAfter(None)])}
     )
     sim = joined_sim(server)
     sim.run_for(15_000)
@@ -404,7 +404,7 @@ def test_rate_limit_waits_retry_after_then_default() -> None:
 
 
 def test_rate_limit_on_join_is_retried() -> None:
-    server = FakeDelayedEventsServer(script={"SendJoin": deque([RateLimited(700)])})
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([RetryAfter(700)])})
     sim = joined_sim(server)
     sim.run_for(1000)
     assert [t for t, _ in sim.of(SendJoin)] == [0, 700]
@@ -412,7 +412,7 @@ def test_rate_limit_on_join_is_retried() -> None:
 
 
 def test_rate_limit_budget_exhausted_stops_with_error() -> None:
-    server = FakeDelayedEventsServer(script={"SendJoin": deque([RateLimited(100)] * 11)})
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([RetryAfter(100)] * 11)})
     sim = joined_sim(server)
     stopped = sim.run_for(10_000)
     assert isinstance(stopped, Stopped)
@@ -789,7 +789,7 @@ def test_unsupported_delayed_send_on_leave_falls_back_to_plain_leave() -> None:
     m = _connected_machine()
     m.leave(T0 + 100)
     assert m.next_action(T0 + 100) == SendDelayedLeaveNow(delay_id="d1")
-    m.receive_result(Unsupported(), T0 + 110)
+    m.receive_result(DelayedEventsUnsupported(), T0 + 110)
     leave = m.next_action(T0 + 110)
     assert isinstance(leave, SendLeave)
     assert leave.content == {}

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from matrixrtc.model import Dialect, LivekitTransport
 from matrixrtc.session.membership_machine import (
     CancelDelayedLeave,
+    DelayedEventsUnsupported,
     LocalTimeout,
     MaxDelayExceeded,
     MembershipStatus,
@@ -24,14 +25,13 @@ from matrixrtc.session.membership_machine import (
     OwnMembershipMachine,
     OwnMembershipMissing,
     OwnMembershipSeen,
-    RateLimited,
     Rejected,
     Request,
     Result,
+    RetryAfter,
     ScheduleDelayedLeave,
     SendJoin,
     Stopped,
-    Unsupported,
     Wait,
 )
 
@@ -41,11 +41,11 @@ LK = LivekitTransport(livekit_service_url="https://rtc.example.org/livekit/jwt")
 results = st.one_of(
     st.builds(Ok),
     st.builds(NotFound),
-    st.builds(RateLimited, st.none() | st.integers(0, 20_000)),
+    st.builds(RetryAfter, st.none() | st.integers(0, 20_000)),
     st.builds(NetworkError),
     st.builds(LocalTimeout),
     st.builds(MaxDelayExceeded, st.none() | st.integers(-5, 20_000)),
-    st.builds(Unsupported),
+    st.builds(DelayedEventsUnsupported),
     st.builds(Rejected, st.sampled_from(["M_FORBIDDEN", "M_UNKNOWN", ""])),
 )
 events = st.lists(
