@@ -250,6 +250,7 @@ class AuthService:
         full = self.config.is_full_access(server_name)
         if delay_id and not full:
             raise _Reject(ApiError(400, "M_BAD_JSON", DELEGATION_RESTRICTED))
+        await self._check_limits(server_name, room, identity, full)
         if full:
             if delay_id and await self.jobs.resolve(server_name) is None:
                 raise _Reject(ApiError(400, "M_BAD_JSON", "Unable to resolve client-server API"))
@@ -266,6 +267,43 @@ class AuthService:
             log.error("could not record the grant", room=room, reason=str(exc)[:200])
             raise _Reject(ApiError(503, "M_UNKNOWN", "Unable to record the grant")) from exc
         return _Grant(room, identity, full)
+
+    async def _check_limits(self, server: str, room: str, identity: str, full: bool) -> None:
+        """The operator's limits, answered with a Matrix error before anything is created."""
+        cfg = self.config
+        try:
+            if cfg.max_room_participants:
+                others = await self.rooms.participant_count(room, other_than=identity)
+                if others >= cfg.max_room_participants:
+                    metrics.TOKEN_LIMITS.labels("room_participants").inc()
+                    raise _Reject(
+                        ApiError(
+                            403,
+                            "M_RESOURCE_LIMIT_EXCEEDED",
+                            f"This call is full: at most {cfg.max_room_participants} "
+                            "participants per call on this SFU",
+                        )
+                    )
+            if cfg.max_homeserver_rooms and full:
+                existing = await self.rooms.room_names()
+                if room not in existing:
+                    owners = await self.registry.room_servers(existing)
+                    held = sum(1 for r in existing if owners.get(r) == server)
+                    if held >= cfg.max_homeserver_rooms:
+                        metrics.TOKEN_LIMITS.labels("homeserver_rooms").inc()
+                        raise _Reject(
+                            ApiError(
+                                403,
+                                "M_RESOURCE_LIMIT_EXCEEDED",
+                                f"Too many calls from {server}: at most "
+                                f"{cfg.max_homeserver_rooms} at once on this SFU",
+                            )
+                        )
+        except _Reject:
+            raise
+        except Exception as exc:  # LiveKit or Redis down: the limit cannot be checked
+            log.error("limit check failed", room=room, reason=str(exc)[:200])
+            raise _Reject(ApiError(500, "M_UNKNOWN", "Unable to check the SFU's limits")) from exc
 
     async def _add_job(
         self, server_name: str, delay_id: str, delay_timeout: int, room: str, identity: str

@@ -55,6 +55,15 @@ OUR_VARIABLES: dict[str, str] = {
         "seconds a successful CreateRoom is trusted before asking LiveKit again (default 1; "
         "0 = every request, like lk-jwt-service); a room_finished webhook resets it"
     ),
+    "MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS": (
+        "participants per LiveKit room; a token for a full call is refused with 403 "
+        "M_RESOURCE_LIMIT_EXCEEDED (default 0 = no limit)"
+    ),
+    "MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS": (
+        "LiveKit rooms the users of one homeserver may have open at once (a room counts for the "
+        "homeserver whose user first got a token for it); beyond it a token that would open a "
+        "new room is refused with 403 M_RESOURCE_LIMIT_EXCEEDED (default 0 = no limit)"
+    ),
     "MATRIXRTC_SFU_LOG_FORMAT": "json (default) or console",
     "MATRIXRTC_SFU_WORKERS": "worker processes (default 1; --workers overrides)",
 }
@@ -90,6 +99,8 @@ class Config:
     log_format: str = "json"
     workers: int = 1
     controller: ControllerConfig | None = None  # MATRIXRTC_SFU_CONTROLLER=1
+    max_room_participants: int = 0
+    max_homeserver_rooms: int = 0
     # LiveKit's server API, when it is not reached through the public LIVEKIT_URL.
     livekit_api_url: str = ""
 
@@ -185,6 +196,8 @@ class Config:
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
             controller=ControllerConfig.from_env(env) if enabled_in_serve(env) else None,
+            max_room_participants=_num(env, "MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS", 0, int),
+            max_homeserver_rooms=_num(env, "MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS", 0, int),
             livekit_api_url=api_url,
         )
 

@@ -169,6 +169,15 @@ class LiveKitRooms:
         """LiveKit closed ``room``: the next request must create it again."""
         self._ensured.pop(room, None)
 
+    async def participant_count(self, room: str, *, other_than: str) -> int:
+        """Participants of ``room`` except ``other_than`` (0 when the room does not exist)."""
+        res = await self.api.room.list_participants(lkapi.ListParticipantsRequest(room=room))
+        return sum(1 for p in res.participants if p.identity != other_than)
+
+    async def room_names(self) -> set[str]:
+        res = await self.api.room.list_rooms(lkapi.ListRoomsRequest())
+        return {r.name for r in res.rooms}
+
     async def participant_present(self, room: str, identity: str) -> bool:
         """True if present, False if LiveKit says not found; raises on other failures."""
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ GRANT_TTL = 24 * 3600
 _PREFIX = "matrixrtc-sfu:grants:"
 _SINCE = "matrixrtc-sfu:grants-since"
 _ENDED = "matrixrtc-sfu:ended:"
+_SERVER = "matrixrtc-sfu:room-server:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,10 @@ class GrantRegistry(Protocol):
         """Identities of ``room`` whose membership was marked ended, with the time."""
         ...
 
+    async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
+        """For each of ``rooms``, the homeserver whose user first got a token for it."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -115,9 +120,11 @@ class MemoryRegistry:
         self._since = clock()
         self._rooms: dict[str, dict[str, Grant]] = {}
         self._ended: dict[str, dict[str, float]] = {}
+        self._servers: dict[str, str] = {}
 
     async def record(self, grant: Grant) -> None:
         self._rooms.setdefault(grant.room, {})[grant.identity] = grant
+        self._servers.setdefault(grant.room, grant.server_name)
         self._ended.get(grant.room, {}).pop(grant.identity, None)
 
     async def room_grants(self, room: str) -> dict[str, Grant]:
@@ -134,6 +141,9 @@ class MemoryRegistry:
 
     async def ended(self, room: str) -> dict[str, float]:
         return dict(self._ended.get(room, {}))
+
+    async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
+        return {r: self._servers[r] for r in rooms if r in self._servers}
 
     async def close(self) -> None:
         return None
@@ -159,6 +169,7 @@ class RedisRegistry:
             pipe.expire(key, GRANT_TTL)
             pipe.hdel(_ENDED + grant.room, grant.identity)
             pipe.set(_SINCE, repr(self._clock()), nx=True)
+            pipe.set(_SERVER + grant.room, grant.server_name, nx=True, ex=GRANT_TTL)
             await pipe.execute()
 
     async def room_grants(self, room: str) -> dict[str, Grant]:
@@ -197,6 +208,17 @@ class RedisRegistry:
             except ValueError:
                 continue
         return out
+
+    async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
+        names = list(rooms)
+        if not names:
+            return {}
+        values = await self._redis.mget([_SERVER + r for r in names])
+        return {
+            r: v.decode() if isinstance(v, bytes) else str(v)
+            for r, v in zip(names, values, strict=True)
+            if v is not None
+        }
 
     async def close(self) -> None:
         await self._redis.aclose()

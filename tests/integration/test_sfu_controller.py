@@ -510,3 +510,72 @@ async def test_two_controllers_one_leader_failover_and_one_removal_per_ghost(
         finally:
             await asyncio.gather(*(m.stop() for m in intruders))
             await asyncio.gather(*(p.stop() for p in ctl))
+
+
+async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path) -> None:
+    """At most 1 participant per call and 1 open call per homeserver: the next token request
+    gets 403 M_RESOURCE_LIMIT_EXCEEDED; the member already in the call may reconnect."""
+    port = free_tcp_port()
+    async with (
+        LiveKit(run_dir, name="livekit-limits") as lk,
+        Redis(run_dir, name="redis-limits") as redis,
+    ):
+        proc = ManagedProcess(
+            name="sfu-limits",
+            argv=[sys.executable, "-m", "sfu", "serve"],
+            log_path=run_dir / "sfu-limits" / "service.log",
+            cwd=run_dir,
+            env={
+                **os.environ,
+                "LIVEKIT_URL": lk.url,
+                "LIVEKIT_KEY": lk.api_key,
+                "LIVEKIT_SECRET": lk.api_secret,
+                "LIVEKIT_REDIS_URL": redis.url,
+                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
+                "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
+                "MATRIXRTC_SFU_RATE_LIMIT": "0",
+                "MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS": "1",
+                "MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS": "1",
+            },
+        )
+        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
+        await sfu.start()
+        member: Member | None = None
+        try:
+            alice, bob = await asyncio.gather(
+                synapse.register(f"la{secrets.token_hex(3)}"),
+                synapse.register(f"lb{secrets.token_hex(3)}"),
+            )
+            room1 = await synapse.create_call_room(alice, invite=[bob])
+            room2 = await synapse.create_call_room(bob)
+
+            async def token(user: UserCreds, room_id: str) -> tuple[int, Any]:
+                oid = await openid(synapse, user)
+                body = {"room": room_id, "openid_token": oid, "device_id": user.device_id}
+                return await sfu.post("/sfu/get", body)
+
+            status, resp = await token(alice, room1)
+            assert status == 200, resp
+            member = Member(
+                alice,
+                room1,
+                legacy_identity(alice.user_id, alice.device_id),
+                livekit_room_alias(room1),
+            )
+            member.proc = await spawn_member(lk.url, resp["jwt"], synapse, alice, room1, 0)
+            status, resp = await token(bob, room1)
+            assert (status, resp["errcode"]) == (403, "M_RESOURCE_LIMIT_EXCEEDED"), resp
+            assert "full" in resp["error"]
+            status, resp = await token(alice, room1)  # her own reconnect is not refused
+            assert status == 200, resp
+            status, resp = await token(bob, room2)  # a second open call from localhost
+            assert (status, resp["errcode"]) == (403, "M_RESOURCE_LIMIT_EXCEEDED"), resp
+            assert "Too many calls from localhost" in resp["error"]
+            status, text = await sfu.get("/metrics")
+            assert 'matrixrtc_sfu_token_limits_total{limit="room_participants"} 1.0' in text
+            assert 'matrixrtc_sfu_token_limits_total{limit="homeserver_rooms"} 1.0' in text
+        finally:
+            if member is not None:
+                await member.stop()
+            await proc.stop()
