@@ -1,5 +1,5 @@
 # The README's two commands. Each does its own set-up (scripts/bootstrap.sh).
-.PHONY: test demo bootstrap lint typecheck unit image
+.PHONY: test test-media demo bootstrap lint typecheck unit image
 
 VENV := .venv/bin
 
@@ -20,7 +20,11 @@ test: bootstrap
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
 	$(VENV)/lint-imports --no-cache
-	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 -m "not media_matrix" $(PYTEST_ARGS)
+
+# Real media between Chromium and Python call clients, mesh and SFU (a few minutes).
+test-media: bootstrap
+	timeout --signal=INT --kill-after=60 1200 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 -m media_matrix $(PYTEST_ARGS)
 
 unit: bootstrap
 	$(VENV)/python -m pytest -q tests/unit $(PYTEST_ARGS)

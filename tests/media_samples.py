@@ -13,7 +13,7 @@ import math
 import wave
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -233,3 +233,47 @@ def audio_span(path: Path) -> tuple[float, float]:
             start = t if start is None else start
             end = max(end, t + frame.samples / frame.sample_rate)
     return (start or 0.0, end)
+
+
+def unwrap(numbers: list[int], period: int | None) -> list[int]:
+    """Frame numbers of a looping source made monotonic (each wrap adds ``period``)."""
+    if period is None:
+        return numbers
+    out: list[int] = []
+    base = 0
+    for n in numbers:
+        if out and n + base < out[-1] - period // 2:
+            base += period
+        out.append(n + base)
+    return out
+
+
+def analyse(path: Path, fps: int, period: int | None = None) -> dict[str, Any]:
+    """Figures of a recording of our numbered, beeping media (the caller asserts on them):
+    numbers (frame numbers in file order), psnr (median dB over numbered frames, against the
+    source frame of that number), frequency, video_span and source_span (s), beeps_span (s
+    between the first and last beep onset), skew (s, audio later than its video), frames."""
+    video, audio, _ = read_media(path)
+    raw = [(t, n, y) for t, y in video if (n := read_barcode(y)) is not None]
+    if not raw:
+        return {"numbers": [], "frames": len(video)}
+    h, w = raw[0][2].shape
+    scores = sorted(psnr(y, luma(video_frame(n, w, h))) for _, n, y in raw)
+    numbers = unwrap([n for _, n, _ in raw], period)
+    numbered = [(t, n, y) for (t, _, y), n in zip(raw, numbers, strict=True)]
+    a_start, _ = audio_span(path)
+    onsets = [a_start + t for t in beep_onsets(audio)]
+    skew = av_skew([(t, n) for t, n, _ in numbered], onsets, fps)[0] if onsets else None
+    return {
+        "numbers": numbers,
+        "frames": len(video),
+        "size": (w, h),
+        "psnr": scores[len(scores) // 2],
+        "psnr_p10": scores[len(scores) // 10],
+        "frequency": dominant_frequency(audio) if len(audio) else None,
+        "source_span": (numbers[-1] - numbers[0] + 1) / fps,
+        "video_span": numbered[-1][0] - numbered[0][0] + 1 / fps,
+        "onsets": onsets,
+        "beeps_span": onsets[-1] - onsets[0] if len(onsets) > 1 else None,
+        "skew": skew,
+    }

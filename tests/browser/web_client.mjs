@@ -4,7 +4,9 @@
 // Usage: node web_client.mjs <devtools_url> <json options>
 //   options: base (client URL), homeserver, user, password, roomId, transport, dialect,
 //   peers (remote participants expected), minFrames, holdMs, timeoutMs, keyboard (log in and
-//   join with the keyboard only), toggleMute (mute and unmute the microphone once)
+//   join with the keyboard only), toggleMute (mute and unmute the microphone once),
+//   barcodes (read the frame-number barcode of tests/media_samples.py from each remote tile
+//   this many times, 150 ms apart, through a canvas)
 import { chromium } from "playwright-core";
 
 const [devtoolsUrl, raw] = process.argv.slice(2);
@@ -23,6 +25,36 @@ page.on("console", (m) => {
   if (m.type() === "error" || m.type() === "warning") consoleLines.push(`${m.type()}: ${m.text()}`.slice(0, 300));
 });
 page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+
+// In the page: the 12-block barcode in the top 16 rows of a remote tile's current picture
+// (tests/media_samples.py: 11 bits of frame number, the last block always white), or null.
+function readBarcode(identity) {
+  const video = document.querySelector(`.tile[data-identity="${CSS.escape(identity)}"] video`);
+  if (!video || !video.videoWidth) return null;
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(video, 0, 0);
+  const w = canvas.width;
+  const block = Math.floor(w / 12);
+  const rows = Math.max(1, Math.round((16 * canvas.height) / 240));
+  let n = 0;
+  const means = [];
+  for (let bit = 0; bit < 12; bit++) {
+    const x0 = bit * block + Math.ceil(block / 8);
+    const cw = Math.max(1, block - 2 * Math.ceil(block / 8));
+    const { data } = ctx.getImageData(x0, Math.floor(rows / 8), cw, Math.max(1, rows - 2 * Math.floor(rows / 8)));
+    let sum = 0;
+    for (let i = 0; i < data.length; i += 4) sum += 0.299 * data[i] + 0.587 * data[i + 1] + 0.114 * data[i + 2];
+    const mean = sum / (data.length / 4);
+    means.push(Math.round(mean));
+    if (mean > 60 && mean < 190) return { n: null, width: w, height: canvas.height, means };
+    if (mean >= 190) n |= 1 << bit;
+  }
+  if (!(n >> 11)) return { n: null, width: w, height: canvas.height, means };
+  return { n: n & 2047, width: w, height: canvas.height };
+}
 
 let result = { ok: false };
 try {
@@ -96,12 +128,23 @@ try {
     await sleep(400);
     tiles[p.identity].push(await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity));
   }
+  let barcodes = null;
+  if (o.barcodes) {
+    barcodes = {};
+    for (const p of first?.participants ?? []) {
+      barcodes[p.identity] = [];
+      for (let i = 0; i < o.barcodes; i++) {
+        barcodes[p.identity].push(await page.evaluate(readBarcode, p.identity));
+        await sleep(150);
+      }
+    }
+  }
   const badges = await page.$$eval(".tile[data-identity] .badge", (els) => els.map((e) => e.textContent));
   const last = await page.evaluate(() => window.mrtc.snapshot());
   await page.click("#leave");
   await page.waitForSelector("h1#rooms-title", { timeout: 15000 });
   mark("left");
-  result = { ok: true, first, last, tiles, badges, statsText, muteCheck, unnamed, marks };
+  result = { ok: true, first, last, tiles, badges, statsText, muteCheck, unnamed, marks, barcodes };
 } catch (e) {
   let snap = null;
   try {

@@ -1,0 +1,210 @@
+"""Real media between Chromium and Python call clients (``make test-media``; minutes, not
+seconds, so not in ``make test``).
+
+The browser is the project's web client (web/dist: matrix-js-sdk keys over Olm, livekit-client
+and its E2EE worker on the SFU, the mesh engine's frame format on the mesh) in a Chromium whose
+fake camera and microphone play a known Y4M video (numbered frames) and WAV tone (a 440 Hz beep
+at the start of every second), in an end-to-end encrypted room:
+
+* record: a Python ``Call.record`` writes the browser's media; decoding the file gives the
+  source frames (found by their number) within PSNR ≥ 30 dB, the tone's frequency, real-time
+  spans within 2 %, and audio within 80 ms of the video it belongs to;
+* play: ``python -m matrixrtc play`` sends a numbered file; the browser decodes it and its tile,
+  drawn into a canvas, shows our frames (read by number), in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from matrixrtc import Call, CallOptions
+from matrixrtc.calltest.runner import provision
+from matrixrtc.devstack import Chromium
+from tests.browser.test_web_client import WebStack, _browser, web_stack
+from tests.media_samples import analyse, write_media_file, write_wav, write_y4m
+
+pytestmark = [pytest.mark.browser, pytest.mark.media_matrix]
+
+__all__ = ["web_stack"]  # the fixture, shared with test_web_client
+
+REPO = Path(__file__).resolve().parents[2]
+FPS = 15
+SOURCE_S = 20  # longer than any call below: the fake devices never loop during a test
+OPTIONS = CallOptions(mesh_host_addresses=("127.0.0.1",), turn_from_homeserver=False)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media-sources")
+    write_y4m(d / "numbered.y4m", SOURCE_S * FPS, fps=FPS)
+    write_wav(d / "beeps.wav", SOURCE_S, 440.0, beeps=True)
+    write_media_file(d / "clip.webm", 6.0, fps=FPS, frequency=440.0, beeps=True)
+    return {"y4m": d / "numbered.y4m", "wav": d / "beeps.wav", "clip": d / "clip.webm"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def file_chromium(run_dir: Path, sources: dict[str, Path]) -> AsyncIterator[Chromium]:
+    """A Chromium whose fake camera and microphone play our files."""
+    args = [
+        f"--use-file-for-fake-video-capture={sources['y4m']}",
+        f"--use-file-for-fake-audio-capture={sources['wav']}",
+    ]
+    async with Chromium(run_dir, args, name="chromium-media") as browser:
+        yield browser
+
+
+def _check_recording(figures: dict[str, Any]) -> None:
+    printable = {k: v for k, v in figures.items() if k not in ("numbers", "onsets")}
+    print("recording:", printable)
+    numbers = figures["numbers"]
+    assert len(numbers) >= FPS * 4, figures["frames"]
+    assert numbers == sorted(numbers)
+    assert figures["psnr"] >= 30, printable
+    assert figures["frequency"] is not None
+    assert abs(figures["frequency"] - 440) < 5, printable
+    span, source = figures["video_span"], figures["source_span"]
+    assert abs(span - source) <= 0.02 * source, printable
+    beeps = figures["beeps_span"]
+    assert beeps is not None, figures["onsets"]
+    assert abs(beeps - round(beeps)) <= 0.02 * round(beeps), figures["onsets"]
+    assert figures["skew"] is not None
+    assert abs(figures["skew"]) <= 0.080, printable
+
+
+@pytest.mark.parametrize("transport", ["sfu", "mesh"])
+async def test_record_what_chromium_publishes(
+    file_chromium: Chromium, web_stack: WebStack, transport: str, tmp_path: Path
+) -> None:
+    tag = secrets.token_hex(3)
+    # Mesh: "aweb…" < "py…", so the browser places the call and the Python side answers.
+    prov = await provision(web_stack.synapse.base_url, [f"py-{tag}", f"aweb-{tag}"], encrypted=True)
+    (py_user, py_pw), (web_user, web_pw) = prov.users
+    async with Call(
+        prov.room_id,
+        homeserver=prov.base_url,
+        user=py_user,
+        password=py_pw,
+        transport="sfu" if transport == "sfu" else "mesh",
+        sfu_url=web_stack.sfu_url,
+        options=OPTIONS,
+    ) as call:
+        rec = call.record(tmp_path / "rec")
+        result = await _browser(
+            file_chromium,
+            web_stack,
+            web_user,
+            web_pw,
+            prov.room_id,
+            transport="sfu" if transport == "sfu" else "auto",
+            peers=0,  # the Python side only listens
+            timeoutMs=1000,
+            holdMs=9000,
+        )
+        assert result["ok"], json.dumps(result)[:3000]
+        await asyncio.sleep(1.5)  # the browser's leave reaches us
+        await rec.aclose()
+    index = json.loads((tmp_path / "rec" / "index.json").read_text())
+    (entry,) = index["participants"]
+    assert entry["user_id"] == web_user
+    (seg,) = entry["segments"]
+    assert seg["left_at"] is not None
+    assert seg["error"] is None
+    print("browser marks:", result.get("marks"))
+    _check_recording(analyse(tmp_path / "rec" / seg["file"], FPS, period=SOURCE_S * FPS))
+
+
+@pytest.mark.parametrize("transport", ["sfu", "mesh"])
+async def test_chromium_shows_what_python_plays(
+    file_chromium: Chromium,
+    web_stack: WebStack,
+    sources: dict[str, Path],
+    transport: str,
+    tmp_path: Path,
+) -> None:
+    tag = secrets.token_hex(3)
+    prov = await provision(web_stack.synapse.base_url, [f"py-{tag}", f"aweb-{tag}"], encrypted=True)
+    (py_user, py_pw), (web_user, web_pw) = prov.users
+    env = {**os.environ, "MATRIXRTC_PASSWORD": py_pw}
+    player = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "matrixrtc",
+        "play",
+        str(sources["clip"]),
+        "--loop",
+        "--homeserver",
+        prov.base_url,
+        "--user",
+        py_user,
+        "--room",
+        prov.room_id,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--transport",
+        transport,
+        "--sfu-url",
+        web_stack.sfu_url,
+        "--mesh-host",
+        "127.0.0.1",
+        "--output",
+        "json",
+        "--duration",
+        "90",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert player.stdout is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(30):
+            while not lines or lines[-1]["event"] != "ready":
+                raw = await player.stdout.readline()
+                assert raw, "play exited before joining"
+                lines.append(json.loads(raw))
+        result = await _browser(
+            file_chromium,
+            web_stack,
+            web_user,
+            web_pw,
+            prov.room_id,
+            transport="sfu" if transport == "sfu" else "auto",
+            peers=1,
+            minFrames=30,
+            holdMs=500,
+            barcodes=12,
+        )
+    finally:
+        if player.returncode is None:
+            player.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(player.communicate(), 30)
+    lines += [json.loads(x) for x in out.decode().splitlines() if x.strip()]
+    assert player.returncode == 0
+    report = lines[-1]
+    assert report["event"] == "report"
+    assert report["stopped"] == "signal"
+    assert report["frames"]["video"] > 30
+    assert result["ok"], json.dumps(result)[:3000]
+    (remote,) = result["last"]["participants"]
+    assert remote["transport"] == transport
+    assert remote["e2ee"] == "decrypting", remote
+    reads = result["barcodes"][remote["identity"]]
+    print("browser reads:", reads)
+    numbers = [r["n"] for r in reads if r and r.get("n") is not None]
+    assert len(numbers) >= 9, reads  # most canvas reads show one of our frames
+    assert all(r["width"] == 320 for r in reads if r)
+    # The picture moves forward through the clip (it loops every 90 frames).
+    steps = [(b - a) % 90 for a, b in itertools.pairwise(numbers)]
+    assert sum(1 for s in steps if 0 < s < 12) >= len(steps) * 0.7, numbers
