@@ -35,7 +35,7 @@ __all__ = [
     "TRAILER_LENGTH",
     "Codec",
     "DecryptError",
-    "MediaKind",
+    "TrackKind",
     "UnsupportedCodecError",
     "clear_header_length",
     "decrypt_frame",
@@ -60,7 +60,9 @@ _IV = struct.Struct(">III")
 _TRAILERS = tuple(bytes((IV_LENGTH, i)) for i in range(256))
 
 
-class MediaKind(enum.StrEnum):
+class TrackKind(enum.StrEnum):
+    """What a frame carries (a WebRTC track's ``kind``); decides the clear header."""
+
     AUDIO = "audio"
     VIDEO = "video"
 
@@ -161,7 +163,7 @@ _VP8_DELTA_RULE = (_VP8_DELTA, False)
 
 
 def clear_header_length(
-    frame: bytes, kind: MediaKind | str, codec: Codec | str | None, keyframe: bool | None = None
+    frame: bytes, kind: TrackKind | str, codec: Codec | str | None, keyframe: bool | None = None
 ) -> tuple[int, bool]:
     """``(N, nalu)``: clear header bytes of ``frame`` and whether it is NALU-processed.
 
@@ -283,7 +285,7 @@ def encrypt_frame(
     key_index: int,
     frame: bytes,
     *,
-    kind: MediaKind | str,
+    kind: TrackKind | str,
     codec: Codec | str | None,
     keyframe: bool | None = None,
     ssrc: int,
@@ -318,7 +320,7 @@ def decrypt_frame(
     key_material: bytes,
     frame: bytes,
     *,
-    kind: MediaKind | str,
+    kind: TrackKind | str,
     codec: Codec | str | None,
     keyframe: bool | None = None,
     key_index: int | None = None,

@@ -27,9 +27,9 @@ import structlog
 
 __all__ = [
     "ApiError",
+    "ClaimedMember",
     "DelegateDelayedLeaveRequest",
     "LegacySFURequest",
-    "Member",
     "OpenIDToken",
     "SFURequest",
     "decode_delegate",
@@ -69,8 +69,9 @@ class OpenIDToken:
 
 
 @dataclass(frozen=True, slots=True)
-class Member:
-    """``member`` of an MSC4195 request."""
+class ClaimedMember:
+    """``member`` of an MSC4195 request: who the requester says it is in the call (checked
+    against its OpenID identity). Not :class:`matrixrtc.e2ee.keys.Member`."""
 
     id: str = ""
     claimed_user_id: str = ""
@@ -84,7 +85,7 @@ class SFURequest:
     room_id: str = ""
     slot_id: str = ""
     openid_token: OpenIDToken = OpenIDToken()
-    member: Member = Member()
+    member: ClaimedMember = ClaimedMember()
     delay_id: str = ""
     delay_timeout: int = 0
     delay_cs_api_url: str = ""  # accepted and ignored, as on lk-jwt-service main
@@ -109,7 +110,7 @@ class DelegateDelayedLeaveRequest:
     room_id: str = ""
     slot_id: str = ""
     openid_token: OpenIDToken = OpenIDToken()
-    member: Member = Member()
+    member: ClaimedMember = ClaimedMember()
     delay_id: str = ""
     delay_timeout: int = 0
     delay_cs_api_url: str = ""
@@ -133,7 +134,7 @@ _SFU: Final[_Schema] = {
     "room_id": "s",
     "slot_id": "s",
     "openid_token": (OpenIDToken, _OPENID),
-    "member": (Member, _MEMBER),
+    "member": (ClaimedMember, _MEMBER),
     "delay_id": "s",
     "delay_timeout": "i",
     "delay_cs_api_url": "s",
@@ -251,7 +252,7 @@ def _bad(msg: str) -> ApiError:
 
 
 def _validate_common(
-    room_id: str, slot_id: str, member: Member, token: OpenIDToken, member_article: str
+    room_id: str, slot_id: str, member: ClaimedMember, token: OpenIDToken, member_article: str
 ) -> ApiError | None:
     if not room_id or not slot_id:
         return _bad("The request body is missing `room_id` or `slot_id`")

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfu.auth.wire import (
+    ClaimedMember,
     LegacySFURequest,
-    Member,
     OpenIDToken,
     SFURequest,
     decode_delegate,
@@ -45,7 +45,7 @@ def test_valid_body_decodes() -> None:
         room_id="!r:example.org",
         slot_id="m.call#ROOM",
         openid_token=OpenIDToken("tok", "Bearer", "example.org", 3600),
-        member=Member("m1", "@a:example.org", "DEV"),
+        member=ClaimedMember("m1", "@a:example.org", "DEV"),
     )
     assert validate_get_token(req) is None
 
@@ -82,7 +82,7 @@ def test_types_nulls_and_numbers() -> None:
     req = decode_get_token(enc({**GOOD, "room_id": None, "member": None}))
     assert req is not None
     assert req.room_id == ""
-    assert req.member == Member()
+    assert req.member == ClaimedMember()
     assert decode_get_token(b"null") == SFURequest()
     assert decode_get_token(b"[]") is None
     assert decode_get_token(b"") is None
