@@ -174,7 +174,11 @@ class AuthService:
                 registry_complete=bool(config.redis_url) or worker_count == 1,
             )
         self.jobs = DelayedLeaveManager(
-            self.rooms, self.csapi, store, check_interval=config.sanity_check_interval
+            self.rooms,
+            self.csapi,
+            store,
+            check_interval=config.sanity_check_interval,
+            on_gone=self._membership_gone,
         )
         self.webhooks = lkapi.WebhookReceiver(lkapi.TokenVerifier(config.key, config.secret))
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
@@ -305,11 +309,15 @@ class AuthService:
             log.error("limit check failed", room=room, reason=str(exc)[:200])
             raise _Reject(ApiError(500, "M_UNKNOWN", "Unable to check the SFU's limits")) from exc
 
+    async def _membership_gone(self, room: str, identity: str) -> None:
+        await self.registry.mark_ended(room, identity, time.time())
+
     async def _add_job(
         self, server_name: str, delay_id: str, delay_timeout: int, room: str, identity: str
     ) -> None:
         if self.jobs.closing:
             raise _Reject(ApiError(503, "M_UNKNOWN", "Service is shutting down"))
+        await self.registry.clear_ended(room, identity)  # a new delegation: a live membership
         await self.jobs.add(JobParams(server_name, delay_id, delay_timeout, room, identity))
         if self.bus is not None:  # an older job for this participant may live in another worker
             await self.bus.publish("replace", room, identity, delay_id)

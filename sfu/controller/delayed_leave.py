@@ -28,7 +28,7 @@ import contextlib
 import contextvars
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Protocol
@@ -103,7 +103,9 @@ class DelayedLeaveManager:
         check_interval: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        on_gone: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_gone = on_gone  # (room, identity): the member's delayed leave is gone
         self._presence = presence
         self._csapi = csapi
         self._store = store
@@ -235,6 +237,9 @@ class DelayedLeaveManager:
                     continue
                 lg.info("job transition", old=job.state.value, new=nxt.value, signal=sig.value)
                 replaced = sig is Signal.REPLACED
+                if sig is Signal.NOT_FOUND and self._on_gone is not None:
+                    # the member sent or cancelled its leave itself: its call membership ended
+                    await self._store_call(self._on_gone(p.room, p.identity))
                 if nxt is State.CONNECTED:
                     next_restart = self._clock()
                     job.stored = replace(job.stored, seen_connected=True)

@@ -105,6 +105,10 @@ class GrantRegistry(Protocol):
         """Identities of ``room`` whose membership was marked ended, with the time."""
         ...
 
+    async def clear_ended(self, room: str, identity: str) -> None:
+        """The member delegated a new delayed leave: its membership lives again."""
+        ...
+
     async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
         """For each of ``rooms``, the homeserver whose user first got a token for it."""
         ...
@@ -141,6 +145,9 @@ class MemoryRegistry:
 
     async def ended(self, room: str) -> dict[str, float]:
         return dict(self._ended.get(room, {}))
+
+    async def clear_ended(self, room: str, identity: str) -> None:
+        self._ended.get(room, {}).pop(identity, None)
 
     async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
         return {r: self._servers[r] for r in rooms if r in self._servers}
@@ -208,6 +215,9 @@ class RedisRegistry:
             except ValueError:
                 continue
         return out
+
+    async def clear_ended(self, room: str, identity: str) -> None:
+        await self._redis.hdel(_ENDED + room, identity)
 
     async def room_servers(self, rooms: Iterable[str]) -> dict[str, str]:
         names = list(rooms)

@@ -5,8 +5,9 @@ token, grants in Redis) in front of its own LiveKit (the controller judges every
 LiveKit). Each member is a separate process holding a LiveKit connection and a state-form
 call membership kept alive by a 3 s MSC4140 delayed leave. Every cause of a ghost is staged
 at once, each in its own Matrix room, next to honest members; each ghost must be gone from
-LiveKit at most 5 s after the evidence reached the homeserver (grace 2 s, interval 1 s), with
-an audit line and a metric, and no honest member may be touched.
+LiveKit at most 5 s after the evidence reached the homeserver (interval 1 s), with
+an audit line and a metric, and no honest member may be touched (grace 1 s here, for margin
+on a loaded machine; bench/controller.py measures the defaults).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def controller_env(
         "MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN": admin.access_token,
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
         "MATRIXRTC_SFU_CONTROLLER_INTERVAL": "1",
-        "MATRIXRTC_SFU_CONTROLLER_GRACE": "2",
+        "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",  # bench/controller.py measures the default 2 s
         "MATRIXRTC_SFU_CONTROLLER_JOIN_GRACE": "3",
         "MATRIXRTC_SFU_CONTROLLER_ROOM_GRACE": "3",
         **extra,
@@ -575,6 +576,93 @@ async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path
             status, text = await sfu.get("/metrics")
             assert 'matrixrtc_sfu_token_limits_total{limit="room_participants"} 1.0' in text
             assert 'matrixrtc_sfu_token_limits_total{limit="homeserver_rooms"} 1.0' in text
+        finally:
+            if member is not None:
+                await member.stop()
+            await proc.stop()
+
+
+async def test_without_homeserver_access_it_says_so_and_acts_on_delegated_leaves(
+    synapse: Synapse, run_dir: Path
+) -> None:
+    """No homeserver token: the start-up log names what the controller cannot see; a member
+    who delegated its delayed leave and then sent it itself (a clean leave) is still removed,
+    once the service's next restart of that delayed leave finds it gone."""
+    port = free_tcp_port()
+    async with (
+        LiveKit(run_dir, name="livekit-nohs") as lk,
+        Redis(run_dir, name="redis-nohs") as redis,
+    ):
+        proc = ManagedProcess(
+            name="sfu-nohs",
+            argv=[sys.executable, "-m", "sfu", "serve"],
+            log_path=run_dir / "sfu-nohs" / "service.log",
+            cwd=run_dir,
+            env={
+                **os.environ,
+                "LIVEKIT_URL": lk.url,
+                "LIVEKIT_KEY": lk.api_key,
+                "LIVEKIT_SECRET": lk.api_secret,
+                "LIVEKIT_REDIS_URL": redis.url,
+                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
+                "LIVEKIT_CS_API_URL_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
+                "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
+                "MATRIXRTC_SFU_RATE_LIMIT": "0",
+                "MATRIXRTC_SFU_CONTROLLER": "1",
+                "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",
+            },
+        )
+        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
+        await sfu.start()
+        member: Member | None = None
+        try:
+            limits = [
+                json.loads(line)["detail"]
+                for line in proc.log_path.read_text().splitlines()
+                if '"controller limitation"' in line
+            ]
+            assert any("no homeserver access" in x and "NOT removed" in x for x in limits), limits
+            user = await synapse.register(f"nh{secrets.token_hex(3)}")
+            room_id = await synapse.create_call_room(user)
+            key = f"_{user.user_id}_{user.device_id}_m.call"
+            delayed = await synapse.put_state(
+                user, room_id, CALL_MEMBER, key, {}, params={"org.matrix.msc4140.delay": "4000"}
+            )
+            status, resp = await sfu.post(
+                "/sfu/get",
+                {
+                    "room": room_id,
+                    "openid_token": await openid(synapse, user),
+                    "device_id": user.device_id,
+                    "delay_id": delayed["delay_id"],
+                    "delay_timeout": 4000,
+                },
+            )
+            assert status == 200, resp
+            member = Member(
+                user,
+                room_id,
+                legacy_identity(user.user_id, user.device_id),
+                livekit_room_alias(room_id),
+            )
+            member.proc = await spawn_member(lk.url, resp["jwt"], synapse, user, room_id, 0)
+            await asyncio.sleep(5)  # connected, delayed leave restarted: nobody is removed
+            assert member.identity in await present(lk, member.lk_room)
+            # the client leaves cleanly: it sends its delayed leave itself
+            await synapse.request(
+                "POST",
+                "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/"
+                f"{delayed['delay_id']}/send",
+                user=user,
+                json_body={},
+            )
+            # the next restart (every 3.2 s) finds it gone; then grace 1 s, interval 1 s
+            st = Stack(synapse, lk, redis, sfu, user, run_dir)
+            assert await removal_after(st, member, 10) is not None
+            [audit] = [a for a in sfu.audit() if a["event"] == "ghost removed"]
+            assert audit["reason"] == "call_ended"
+            assert audit["identity"] == member.identity
         finally:
             if member is not None:
                 await member.stop()
