@@ -37,3 +37,8 @@ image:
 	./scripts/wheelhouse
 	docker build -t matrixrtc/sfu:0.1.0 .
 
+# The whole matrix-js-sdk interop matrix (both dialects x both join orders x plain/encrypted,
+# SIGKILL of either side); `make test` runs a representative subset of it.
+.PHONY: interop
+interop: bootstrap
+	MATRIXRTC_INTEROP_FULL=1 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider tests/integration/test_jssdk_interop.py $(PYTEST_ARGS)

@@ -1,0 +1,339 @@
+"""The project and matrix-js-sdk (pinned npm release, run in Node) in one call, real Synapse.
+
+A js-sdk ``MatrixRTCSession`` member (``tests/jssdk/member.mjs``: Rust crypto in WASM, joins
+as Element Call does: multi-SFU focus, the room id as ``livekit_alias`` in the state form,
+``unstableSendStickyEvents`` in the sticky one) and a project member (``CallAgent`` +
+``CallKeys``) join one room. For each dialect, join order and room kind:
+
+- each sees the other's membership, with the identity and the transport it publishes on;
+- media keys arrive both ways (the bytes js-sdk hands its media layer are ours, and ours hold
+  the bytes js-sdk announced for itself);
+- a third member joins and leaves: both rotate, and each receives the other's new key;
+- SIGKILL of either side is seen by the other as a leave once the delayed leave fires.
+
+``make test`` runs a representative subset (one case per dialect, each order, each room kind
+once); ``make interop`` (``MATRIXRTC_INTEROP_FULL=1``) runs the whole matrix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from matrixrtc.agent import AgentConfig, CallAgent, Participant
+from matrixrtc.call_keys import CallKeys, CallKeysConfig
+from matrixrtc.devstack import Synapse, UserCreds
+from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.model import Dialect, LivekitTransport
+from tests.integration.jssdk_member import JsMember, js_sdk_available
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not js_sdk_available(), reason="node or node_modules/matrix-js-sdk missing"),
+]
+
+FOCUS = "http://127.0.0.1:9/livekit/jwt"  # advertised only, never contacted
+DELAY_MS = 3_000  # delayed leave on both sides: a SIGKILL shows as a leave after this
+# The delayed leave fires DELAY_MS after the last restart, and restarts come every DELAY_MS / 2.
+MIN_DELAYED_LEAVE_S = (DELAY_MS - DELAY_MS // 2) / 1000 * 0.9
+FULL = os.environ.get("MATRIXRTC_INTEROP_FULL") == "1"
+
+# (dialect, who joins first, encrypted room). The fast subset covers each dialect, each join
+# order and each room kind at least once.
+ALL_CASES = [
+    (d, order, enc)
+    for d in ("state", "sticky")
+    for order in ("js_first", "py_first")
+    for enc in (False, True)
+]
+FAST_CASES = {("state", "py_first", False), ("sticky", "js_first", True)}
+
+
+def _cases() -> list[Any]:
+    return [
+        pytest.param(*c, id="-".join((c[0], c[1], "e2ee" if c[2] else "plain")))
+        for c in ALL_CASES
+        if FULL or c in FAST_CASES
+    ]
+
+
+@dataclass
+class PyMember:
+    agent: CallAgent
+    keys: CallKeys
+
+    @property
+    def identity(self) -> str:
+        return self.agent.rtc_backend_identity
+
+    def sees(self, user_id: str) -> Participant | None:
+        return next((p for p in self.agent.participants if p.user_id == user_id), None)
+
+    def own_key_b64(self) -> tuple[int, str] | None:
+        own = self.keys.own_key
+        return None if own is None else (own[0], base64.b64encode(own[1]).decode())
+
+
+@contextlib.asynccontextmanager
+async def py_member(hs: Homeserver, room: str, dialect: str) -> AsyncIterator[PyMember]:
+    """Our member joins the call on an already logged-in device ``hs``."""
+    async with (
+        CallAgent(
+            hs,
+            room,
+            AgentConfig(
+                dialect=Dialect(dialect),
+                transports=(LivekitTransport(livekit_service_url=FOCUS),),
+                intent="video",
+                delayed_leave_ms=DELAY_MS,
+                restart_interval_ms=DELAY_MS // 2,
+            ),
+        ) as agent,
+        CallKeys(agent, CallKeysConfig(allow_plaintext_keys=True)) as keys,
+    ):
+        await agent.wait_joined(15)
+        yield PyMember(agent, keys)
+
+
+async def _learn_device(hs: Homeserver, user_id: str, device_id: str) -> None:
+    """Until ``hs`` has ``user_id``'s ``device_id`` in its device store (test-only peek)."""
+    nio = hs._require_nio()
+
+    async def known() -> bool:
+        nio.olm.users_for_key_query.add(user_id)
+        await nio.keys_query()
+        return any(d.id == device_id for d in nio.device_store.active_user_devices(user_id))
+
+    deadline = time.monotonic() + 15
+    while not await known():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{hs.user_id} never learnt {user_id}'s device {device_id}")
+        await asyncio.sleep(0.1)
+
+
+async def until(pred: Any, timeout_s: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or pred}")
+        await asyncio.sleep(0.05)
+
+
+def js_config(creds: UserCreds, synapse: Synapse, room: str, dialect: str) -> dict[str, Any]:
+    return {
+        "baseUrl": synapse.base_url,
+        "user": creds.user_id,
+        "password": creds.password,
+        "roomId": room,
+        "dialect": dialect,
+        "livekitServiceUrl": FOCUS,
+        "delayedLeaveMs": DELAY_MS,
+    }
+
+
+def expected_js_transport(dialect: str, room: str) -> LivekitTransport:
+    """Element Call's focus as js-sdk writes it: with the room id as alias in the state form."""
+    return LivekitTransport(
+        livekit_service_url=FOCUS, livekit_alias=room if dialect == "state" else None
+    )
+
+
+def expected_py_transport_json(dialect: str, room: str) -> dict[str, Any]:
+    t: dict[str, Any] = {"type": "livekit", "livekit_service_url": FOCUS}
+    if dialect == "state":
+        t["livekit_alias"] = room
+    return t
+
+
+async def _both_see_each_other(js: JsMember, py: PyMember, dialect: str, room: str) -> str:
+    """Membership and transport both ways; returns js's LiveKit identity."""
+    members = await js.wait_members(
+        lambda ms: any(m["user_id"] == py.agent.hs.user_id for m in ms), 20
+    )
+    theirs_of_ours = next(m for m in members if m["user_id"] == py.agent.hs.user_id)
+    assert theirs_of_ours["device_id"] == py.agent.hs.device_id
+    assert theirs_of_ours["kind"] == ("rtc" if dialect == "sticky" else "session")
+    assert theirs_of_ours["identity"] == py.identity
+    assert theirs_of_ours["transport"] == expected_py_transport_json(dialect, room)
+
+    ours_of_theirs: Participant = await until(lambda: py.sees(js.user_id), 20, "js member")
+    assert ours_of_theirs.device_id == js.device_id
+    assert ours_of_theirs.dialect is Dialect(dialect)
+    assert ours_of_theirs.transport == expected_js_transport(dialect, room)
+    assert ours_of_theirs.member_id == js.member_id
+    own = await js.wait_for(lambda e: e["event"] == "key" and e["user_id"] == js.user_id)
+    assert ours_of_theirs.rtc_backend_identity == own["identity"]
+    identity: str = own["identity"]
+    return identity
+
+
+async def _keys_both_ways(js: JsMember, py: PyMember, js_identity: str, *, min_index: int) -> None:
+    """Each side holds the other's current key at index >= ``min_index``, bytes equal."""
+
+    def ours_at_js() -> bool:
+        own = py.own_key_b64()
+        return (
+            own is not None and own[0] >= min_index and js.keys(py.identity).get(own[0]) == own[1]
+        )
+
+    await until(ours_at_js, 15, f"js-sdk to hold our key (index >= {min_index})")
+
+    def theirs_at_ours() -> bool:
+        js_own = js.keys(js_identity)
+        if not js_own or max(js_own) < min_index:
+            return False
+        index = max(js_own)
+        got = py.keys.remote_key(js_identity, index)
+        return got is not None and base64.b64encode(got).decode() == js_own[index]
+
+    await until(theirs_at_ours, 15, f"us to hold js-sdk's key (index >= {min_index})")
+
+
+@pytest.mark.parametrize(("dialect", "order", "encrypted"), _cases())
+async def test_js_sdk_and_project_in_one_call(
+    synapse: Synapse,
+    user_factory: Any,
+    run_dir: Path,
+    dialect: str,
+    order: str,
+    encrypted: bool,
+) -> None:
+    alice, bob, carol = await user_factory("js"), await user_factory("py"), await user_factory("c")
+    room = await synapse.create_call_room(alice, invite=[bob, carol], encrypted=encrypted)
+    js = JsMember(
+        {**js_config(alice, synapse, room, dialect), "join": False},
+        run_dir / f"js-{dialect}-{order}-{encrypted}.log",
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        # Every device exists before anyone joins: a sticky membership is a Megolm-encrypted
+        # room event in an encrypted room, readable only by devices that existed when it was
+        # sent (until its sender re-sends it, hourly) — true of js-sdk and of us alike.
+        bob_hs = await stack.enter_async_context(
+            Homeserver(synapse.base_url, Login(bob.user_id, password=bob.password))
+        )
+        carol_hs = await stack.enter_async_context(
+            Homeserver(synapse.base_url, Login(carol.user_id, password=carol.password))
+        )
+        stack.push_async_callback(js.close)
+        await js.start()
+        # ... and each device knows the others' (a device list change reaches a client only
+        # with its next sync: encrypting before that leaves the new device out).
+        for hs in (bob_hs, carol_hs):
+            await _learn_device(hs, js.user_id, js.device_id)
+        await js.send({"cmd": "track", "user_ids": [bob.user_id, carol.user_id]})
+        await js.wait_for(lambda e: e["event"] == "tracked")
+        if order == "js_first":
+            await js.send({"cmd": "join"})
+            await js.wait_members(lambda ms: len(ms) == 1)
+            py = await stack.enter_async_context(py_member(bob_hs, room, dialect))
+        else:
+            py = await stack.enter_async_context(py_member(bob_hs, room, dialect))
+            await js.send({"cmd": "join"})
+        js_identity = await _both_see_each_other(js, py, dialect, room)
+        await _keys_both_ways(js, py, js_identity, min_index=0)
+
+        # A third member joins (within the key grace: no rotation) and leaves: both rotate.
+        js_before = max(js.keys(js_identity))
+        own = py.own_key_b64()
+        assert own is not None
+        py_before = own[0]
+        async with py_member(carol_hs, room, dialect) as third:
+            await js.wait_members(lambda ms: any(m["user_id"] == carol.user_id for m in ms))
+            await until(lambda: py.sees(carol.user_id), 15, "third member")
+            await until(lambda: third.keys.remote_key(js_identity, js_before), 15, "third key")
+        await js.wait_members(lambda ms: all(m["user_id"] != carol.user_id for m in ms))
+        await until(lambda: py.sees(carol.user_id) is None, 15, "third member gone")
+        await _keys_both_ways(js, py, js_identity, min_index=max(js_before, py_before) + 1)
+        assert max(js.keys(js_identity)) > js_before, "js-sdk did not rotate after the leave"
+        own = py.own_key_b64()
+        assert own is not None
+        assert own[0] > py_before, "we did not rotate after the leave"
+
+        if dialect == "sticky" or FULL:
+            # SIGKILL of the js-sdk member: its delayed leave fires and we see it go.
+            killed = time.monotonic()
+            await js.kill()
+            await until(lambda: py.sees(js.user_id) is None, DELAY_MS / 1000 + 10, "js leave")
+            # The delayed leave fires DELAY after the last restart (one every DELAY / 2): an
+            # explicit leave would show within a few hundred ms.
+            assert time.monotonic() - killed >= MIN_DELAYED_LEAVE_S
+
+
+def _join_cli(synapse: Synapse, creds: UserCreds, room: str, dialect: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "matrixrtc",
+        "join",
+        "--homeserver",
+        synapse.base_url,
+        "--user",
+        creds.user_id,
+        "--room",
+        room,
+        "--dialect",
+        dialect,
+        "--livekit-service-url",
+        FOCUS,
+        "--delayed-leave-ms",
+        str(DELAY_MS),
+        "--restart-interval-ms",
+        str(DELAY_MS // 2),
+        "--output",
+        "json",
+    ]
+
+
+@pytest.mark.parametrize(
+    "dialect", [pytest.param(d) for d in ("state", "sticky") if FULL or d == "state"]
+)
+async def test_sigkill_of_the_project_member_is_a_leave_for_js_sdk(
+    synapse: Synapse, user_factory: Any, run_dir: Path, dialect: str
+) -> None:
+    alice, bob = await user_factory("js"), await user_factory("py")
+    room = await synapse.create_call_room(alice, invite=[bob])
+    js = JsMember(js_config(alice, synapse, room, dialect), run_dir / f"js-kill-{dialect}.log")
+    await js.start()
+    proc = await asyncio.create_subprocess_exec(
+        *_join_cli(synapse, bob, room, dialect),
+        env={**os.environ, "MATRIXRTC_PASSWORD": bob.password},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=(run_dir / f"py-kill-{dialect}.log").open("ab"),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):  # our process shows both members
+            while line := await proc.stdout.readline():
+                ev = json.loads(line)
+                if ev.get("event") == "participants" and len(ev["participants"]) == 2:
+                    break
+        await js.wait_members(lambda ms: any(m["user_id"] == bob.user_id for m in ms), 20)
+        killed = time.monotonic()
+        os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        await js.wait_members(
+            lambda ms: all(m["user_id"] != bob.user_id for m in ms), DELAY_MS / 1000 + 10
+        )
+        waited = time.monotonic() - killed
+        assert waited >= MIN_DELAYED_LEAVE_S, f"leave seen after {waited:.2f} s: not delayed"
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        await js.close()
