@@ -15,6 +15,15 @@ the pure :class:`~matrixrtc.e2ee.keys.KeyManager` for the agent's call:
 * **keys**: :class:`~matrixrtc.e2ee.keys.UseKey` and ``InstallRemoteKey`` go into
   :attr:`CallKeys.rings` (one ring per LiveKit identity), which transports encrypt and
   decrypt with; our sending ring's current index moves when the manager says ``UseKey``.
+  Every other holder of keys (a LiveKit transport's key table) registers a :class:`KeySink`
+  with :meth:`CallKeys.add_sink`: it is handed every key held so far at once and every later
+  one as it comes. This is the one way keys leave this object: pushed, never looked up again.
+* **delivery**: :meth:`CallKeys.key_sent_to` says whether a device has been sent a key index
+  (the mesh holds back frames a peer could not decrypt).
+
+Key 0 is put into use while entering, before anyone could have subscribed: so a new
+subscription to :meth:`CallKeys.events` starts with the "used" event of the key in use (a
+replay), and a sink added later is handed that key at once. Nobody misses the first key.
 
 Per-participant keys need an encrypted room, as in Element Call (§4.1): elsewhere entering
 raises :class:`~matrixrtc.errors.LocalError` unless ``allow_plaintext_keys`` is set, an
@@ -34,7 +43,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import structlog
 
@@ -62,6 +71,7 @@ __all__ = [
     "CallKeysStats",
     "KeyEvent",
     "KeyEventKind",
+    "KeySink",
 ]
 
 log = structlog.get_logger(__name__)
@@ -78,6 +88,21 @@ class CallKeysConfig:
     use_key_delay_ms: int = USE_KEY_DELAY_MS
     retry_ms: int = 1_000  # first retry of a failed key send; doubles up to max_retry_ms
     max_retry_ms: int = 30_000
+    # Send the next key ahead, so a joiner after the grace period can decrypt at once
+    # (matrixrtc.e2ee.keys: "prepared next key"); False: matrix-js-sdk's policy exactly.
+    prepare_next_key: bool = True
+
+
+class KeySink(Protocol):
+    """Something that needs the call's keys pushed to it (a LiveKit key table, …)."""
+
+    def use_own_key(self, index: int, key: bytes) -> None:
+        """Our media is encrypted with ``key`` at ``index`` from now on."""
+        ...
+
+    def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        """A remote sender's key, under its LiveKit identity."""
+        ...
 
 
 class KeyEventKind(StrEnum):
@@ -157,6 +182,10 @@ class CallKeys:
         self._own_key: tuple[int, bytes] | None = None
         self._latest_sent: tuple[int, bytes] | None = None  # the newest key we handed out
         self._remote: dict[str, dict[int, bytes]] = {}  # identity -> index -> key
+        self._sinks: list[KeySink] = []
+        self._last_used: KeyEvent | None = None  # replayed to new subscribers
+        # device -> (its membership's created_ts, key indices it has been sent)
+        self._delivered: dict[DeviceRef, tuple[int, set[int]]] = {}
         # One sender task performs sends in order; timers never wait for the homeserver.
         self._sends: asyncio.Queue[SendKey | _Resend] = asyncio.Queue()
         self._undelivered: set[DeviceRef] = set()
@@ -196,6 +225,7 @@ class CallKeys:
             random_bytes=self._random,
             use_key_delay_ms=self.config.use_key_delay_ms,
             grace_ms=self.config.grace_ms,
+            prepare_next_key=self.config.prepare_next_key,
         )
         # Subscribe before reading the current list, with no await between: nothing is missed.
         self._to_device = self.hs.to_device_events()
@@ -265,8 +295,32 @@ class CallKeys:
         return {ident: dict(keys) for ident, keys in self._remote.items()}
 
     def events(self) -> Subscription[KeyEvent]:
-        """Subscribe to key events (sent, used, installed, dropped), e.g. to measure latency."""
-        return self._events.subscribe()
+        """Subscribe to key events (sent, used, installed, dropped), e.g. to measure latency.
+        The subscription starts with the "used" event of the key in use, if any (so the first
+        key, used while entering, is seen too)."""
+        current = self._last_used if self._own_key is not None else None
+        return self._events.subscribe(first=() if current is None else (current,))
+
+    def add_sink(self, sink: KeySink) -> None:
+        """Push every key held now to ``sink`` (remote keys, then our current key), and every
+        later one as it is installed or put into use, until :meth:`remove_sink`."""
+        if any(s is sink for s in self._sinks):
+            return
+        self._sinks.append(sink)
+        for identity, ring in self._remote.items():
+            for index, key in ring.items():
+                sink.set_remote_key(identity, index, key)
+        if self._own_key is not None:
+            sink.use_own_key(*self._own_key)
+
+    def remove_sink(self, sink: KeySink) -> None:
+        self._sinks = [s for s in self._sinks if s is not sink]
+
+    def key_sent_to(self, device: DeviceRef, index: int) -> bool:
+        """True once our key at ``index`` went to ``device`` in its current membership (the
+        homeserver accepted the message; it may still be on its way)."""
+        sent = self._delivered.get(device)
+        return sent is not None and index in sent[1]
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -288,6 +342,11 @@ class CallKeys:
             )
             for p in participants
         ]
+        for p in participants:
+            ref = DeviceRef(p.user_id, p.device_id)
+            known = self._delivered.get(ref)
+            if known is not None and known[0] != p.created_ts:
+                del self._delivered[ref]  # a rejoin: a new key store on that device
         self._apply(self.manager.update_members(members, self._clock_ms()))
         if self._undelivered:
             present = {DeviceRef(p.user_id, p.device_id) for p in participants}
@@ -302,6 +361,7 @@ class CallKeys:
         self.manager.leave()
         self._own_key = self._latest_sent = None
         self._undelivered.clear()
+        self._delivered.clear()
         self._retry_at_ms = None
         self._log.info("call_keys.agent_left")
 
@@ -374,20 +434,23 @@ class CallKeys:
             elif isinstance(a, UseKey):
                 self.rings.install(a.identity, a.index, a.key)
                 self._own_key = (a.index, a.key)
+                for sink in list(self._sinks):
+                    sink.use_own_key(a.index, a.key)
                 self.stats.keys_used += 1
                 self._log.info("call_keys.use_key", index=a.index)
-                self._emit(
-                    KeyEvent(
-                        kind=KeyEventKind.USED,
-                        index=a.index,
-                        identity=a.identity,
-                        at_ms=self._clock_ms(),
-                        monotonic=self._mono(),
-                    )
+                self._last_used = KeyEvent(
+                    kind=KeyEventKind.USED,
+                    index=a.index,
+                    identity=a.identity,
+                    at_ms=self._clock_ms(),
+                    monotonic=self._mono(),
                 )
+                self._emit(self._last_used)
             elif isinstance(a, InstallRemoteKey):
                 self.rings.install(a.identity, a.index, a.key)
                 self._remote.setdefault(a.identity, {})[a.index] = a.key
+                for sink in list(self._sinks):
+                    sink.set_remote_key(a.identity, a.index, a.key)
                 self.stats.keys_installed += 1
                 who = next(
                     (p for p in self.agent.participants if p.rtc_backend_identity == a.identity),
@@ -445,6 +508,15 @@ class CallKeys:
             return False
         self.stats.messages_sent += len(result.sent)
         self._undelivered -= set(result.sent)
+        created = {DeviceRef(p.user_id, p.device_id): p.created_ts for p in self.agent.participants}
+        for ref in result.sent:
+            ts = created.get(ref)
+            if ts is None:
+                continue
+            had = self._delivered.get(ref)
+            if had is None or had[0] != ts:
+                had = self._delivered[ref] = (ts, set())
+            had[1].add(index)
         if result.sent:
             self._emit(
                 KeyEvent(

@@ -28,7 +28,6 @@ from matrixrtc.e2ee.keys import (
     Member,
     SendKey,
     UseKey,
-    apply_to_rings,
 )
 from matrixrtc.e2ee.messages import ElementCallKeys, ReceivedKey, parse_key_message
 
@@ -52,7 +51,6 @@ __all__ = [
     "TrackKind",
     "UnsupportedCodecError",
     "UseKey",
-    "apply_to_rings",
     "decrypt_frame",
     "encrypt_frame",
     "parse_key_message",

@@ -11,13 +11,27 @@ into a single follow-up that starts when the current one ends. A rollout compare
 * someone left (a shared-with tuple is gone) → **new key** (index ``(prev + 1) % 256``) to all;
 * someone joined (incl. a rejoin: same user and device, new ``created_ts``) →
   key younger than ``grace_ms`` (10 s): the **current key to the joiners only**;
-  otherwise a **new key to all**;
+  otherwise the **prepared next key** (below) to whoever lacks it, used as soon as that send
+  succeeds; without one, a **new key to all**;
 * nothing changed → the rollout ends at once.
+
+**Prepared next key** (``prepare_next_key``, on by default; matrix-js-sdk has no such step).
+js-sdk rotates on a join after the grace period by sending a new key to everyone and switching
+``use_key_delay_ms`` later, so the joiner receives nothing but undecryptable frames (under the
+old key it will never get) until the switch: about a second of media, ~55 frames. Instead, once
+the current key is ``grace_ms - use_key_delay_ms`` old, the next key (next index, never used)
+is sent to everyone present, and nothing else happens. A joiner after the grace period then
+needs only that key: it is sent to the joiner (and anyone else who lacks it) and put into use
+once the send succeeded and at least ``use_key_delay_ms`` after the others got it. The joiner
+still never holds a key that encrypted media from before it joined; existing members have had
+the key for a while; frames under the old key stop as soon as the joiner can have the new one.
+A leave throws the prepared key away (the leaver holds it) and rotates as before.
 
 A rollout emits :class:`SendKey` and waits for :meth:`KeyManager.send_result`. After a
 successful send of a key that is not in use yet it waits ``use_key_delay_ms`` (1000 ms, so the
 key arrives before frames need it) and then emits :class:`UseKey`; that ends the rollout. A
-failed send is only logged; the next membership update retries.
+failed send is only logged; the next membership update retries (a failed preparation is
+tried again ``PREPARE_RETRY_MS`` later).
 
 One deliberate difference: matrix-js-sdk creates a rotated key before sending it, and when that
 send fails the retry hands the same key to everyone as "joiners" and never switches to it, so it
@@ -35,13 +49,13 @@ All inputs carry ``now_ms`` (local clock); keys come from an injected random sou
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
-from matrixrtc.e2ee.cryptor import KeyRings
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 
 __all__ = [
@@ -51,7 +65,6 @@ __all__ = [
     "Member",
     "SendKey",
     "UseKey",
-    "apply_to_rings",
     "key_ring_id",
 ]
 
@@ -61,6 +74,7 @@ KEY_BYTES = 16
 INDEX_MODULUS = 256
 USE_KEY_DELAY_MS = 1000  # matrix-js-sdk join(): useKeyDelay ?? 1000
 GRACE_MS = 10_000  # keyRotationGracePeriodMs
+PREPARE_RETRY_MS = 5_000  # a failed preparation of the next key is tried again after this
 MAX_EARLY_KEYS = 256  # bound on keys buffered for devices without a membership (js: unbounded)
 
 
@@ -153,6 +167,13 @@ class _Outbound:
     created_ms: int
     in_use: bool
     shared_with: list[tuple[str, str, int]] = field(default_factory=list)
+    sent_ms: int | None = None  # a prepared key: when everyone then present had it
+
+
+class _Kind(enum.Enum):
+    SHARE = "share"  # the current key to joiners, or a new key to all (used after the delay)
+    PREPARE = "prepare"  # the next key to all, not used yet
+    PROMOTE = "promote"  # the prepared key to whoever lacks it, used once they have it
 
 
 @dataclass(slots=True)
@@ -160,6 +181,7 @@ class _Rollout:
     id: int
     outbound: _Outbound
     targets: list[tuple[str, str, int]]
+    kind: _Kind = _Kind.SHARE
     use_at_ms: int | None = None  # set once sent: waiting for the use-key delay
 
 
@@ -182,16 +204,20 @@ class KeyManager:
         random_bytes: Callable[[int], bytes] = os.urandom,
         use_key_delay_ms: int = USE_KEY_DELAY_MS,
         grace_ms: int = GRACE_MS,
+        prepare_next_key: bool = True,
     ) -> None:
         self.own = own
         self._random = random_bytes
         self.use_key_delay_ms = use_key_delay_ms
         self.grace_ms = grace_ms
+        self.prepare_next_key = prepare_next_key
         self._reset()
 
     def _reset(self) -> None:
         self._members: list[Member] = []
         self._outbound: _Outbound | None = None
+        self._next: _Outbound | None = None  # the prepared next key (module docstring)
+        self._prepare_retry_at: int | None = None
         self._current: int | None = None
         self._rollout: _Rollout | None = None
         self._again = False
@@ -216,19 +242,35 @@ class KeyManager:
             return []
         if not ok:
             log.warning("e2ee.key_send_failed", index=r.outbound.index, rollout=rollout)
+            if r.kind is _Kind.PREPARE:
+                self._next = None
+                self._prepare_retry_at = now_ms + PREPARE_RETRY_MS
             return self._finish(now_ms)
         r.outbound.shared_with += r.targets
+        if r.kind is _Kind.PREPARE:
+            r.outbound.sent_ms = now_ms
+            return self._finish(now_ms)
         if r.outbound.in_use:
             return self._finish(now_ms)
         r.use_at_ms = now_ms + self.use_key_delay_ms
+        if r.kind is _Kind.PROMOTE and r.outbound.sent_ms is not None:
+            # The others have had it since sent_ms; the joiners have it now.
+            r.use_at_ms = max(now_ms, r.outbound.sent_ms + self.use_key_delay_ms)
         return self.tick(now_ms)
 
     def tick(self, now_ms: int) -> list[Action]:
         """Advance timers; call at :meth:`next_deadline` (calling early is harmless)."""
         r = self._rollout
-        if r is None or r.use_at_ms is None or now_ms < r.use_at_ms:
+        if r is None:
+            at = self._prepare_at()
+            if at is not None and now_ms >= at:
+                return self._start_rollout(now_ms)
+            return []
+        if r.use_at_ms is None or now_ms < r.use_at_ms:
             return []
         r.outbound.in_use = True
+        if r.kind is _Kind.PROMOTE:
+            r.outbound.created_ms = r.use_at_ms  # its age counts from its first use
         self._current = r.outbound.index
         use = UseKey(self.own.identity, r.outbound.index, r.outbound.key, r.use_at_ms)
         log.info("e2ee.use_key", index=r.outbound.index)
@@ -236,7 +278,19 @@ class KeyManager:
 
     def next_deadline(self) -> int | None:
         r = self._rollout
-        return r.use_at_ms if r is not None else None
+        if r is not None:
+            return r.use_at_ms
+        return self._prepare_at()
+
+    def _prepare_at(self) -> int | None:
+        """When the next key should be prepared (None: not now, or already prepared)."""
+        out = self._outbound
+        if not self.prepare_next_key or out is None or not out.in_use or self._next is not None:
+            return None
+        at = out.created_ms + max(0, self.grace_ms - self.use_key_delay_ms)
+        if self._prepare_retry_at is not None:
+            at = max(at, self._prepare_retry_at)
+        return at
 
     def receive_key(
         self,
@@ -300,19 +354,34 @@ class KeyManager:
         shared = [t for t in outbound.shared_with if devices.get((t[0], t[1]), t[2]) == t[2]]
         left = [t for t in shared if t not in present]
         joined = [t for t in present if t not in shared]
+        prepared = self._next
+        kind = _Kind.SHARE
         if left:
-            outbound, targets = self._new_outbound(now_ms), present
+            self._next = None  # the leaver may hold it: skip its index too
+            outbound, targets = self._new_outbound(now_ms, after=prepared), present
             log.info("e2ee.rotate_on_leave", index=outbound.index, left=len(left))
         elif joined:
             if now_ms - outbound.created_ms < self.grace_ms:
                 targets = joined
+            elif prepared is not None and prepared.sent_ms is not None:
+                self._next = None
+                self._outbound = outbound = prepared
+                targets = [t for t in present if t not in prepared.shared_with]
+                kind = _Kind.PROMOTE
+                log.info("e2ee.use_prepared_key_on_join", index=outbound.index, joined=len(joined))
             else:
+                self._next = None
                 outbound, targets = self._new_outbound(now_ms), present
                 log.info("e2ee.rotate_on_join", index=outbound.index, joined=len(joined))
+        elif (at := self._prepare_at()) is not None and now_ms >= at:
+            self._prepare_retry_at = None
+            outbound = self._next = self._make_outbound(outbound.index, now_ms)
+            targets, kind = present, _Kind.PREPARE
+            log.info("e2ee.prepare_next_key", index=outbound.index)
         else:
             return actions
         self._rollout_ids += 1
-        r = self._rollout = _Rollout(self._rollout_ids, outbound, targets)
+        r = self._rollout = _Rollout(self._rollout_ids, outbound, targets, kind)
         to = tuple((u, d) for u, d, _ in targets if (u, d) != self.own.device)
         if not to:
             # Nobody else to send to (js-sdk: the transport returns at once): sent.
@@ -320,11 +389,14 @@ class KeyManager:
         actions.append(SendKey(to, outbound.index, outbound.key, r.id))
         return actions
 
-    def _new_outbound(self, now_ms: int) -> _Outbound:
-        prev = self._outbound
-        index = (prev.index + 1) % INDEX_MODULUS if prev is not None else 0
-        self._outbound = _Outbound(self._random(KEY_BYTES), index, now_ms, in_use=False)
+    def _new_outbound(self, now_ms: int, *, after: _Outbound | None = None) -> _Outbound:
+        prev = after if after is not None else self._outbound
+        self._outbound = self._make_outbound(prev.index if prev is not None else -1, now_ms)
         return self._outbound
+
+    def _make_outbound(self, prev_index: int, now_ms: int) -> _Outbound:
+        index = (prev_index + 1) % INDEX_MODULUS
+        return _Outbound(self._random(KEY_BYTES), index, now_ms, in_use=False)
 
     def _finish(self, now_ms: int) -> list[Action]:
         self._rollout = None
@@ -355,14 +427,3 @@ class KeyManager:
         for k in early:
             actions += self._add_remote(k)
         return actions
-
-
-def apply_to_rings(actions: Iterable[Action], rings: KeyRings) -> list[SendKey]:
-    """Install every :class:`UseKey`/:class:`InstallRemoteKey` in ``rings``; return the sends."""
-    sends: list[SendKey] = []
-    for a in actions:
-        if isinstance(a, SendKey):
-            sends.append(a)
-        else:
-            rings.install(a.identity, a.index, a.key)
-    return sends

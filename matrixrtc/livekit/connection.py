@@ -162,6 +162,24 @@ class ParticipantStats:
         names = {rtc.EncryptionState.Name(s) for s in _FAILING}
         return [(t, s) for t, s in self.e2ee_events if t >= start and s in names]
 
+    def failing_seconds(self, until: float) -> float:
+        """How long, up to ``until``, the SDK reported this participant's frames failing to
+        decrypt: from each entry into a failing state to the next OK. The SDK reports states,
+        not frames; times the sender's frame rate, this estimates undecryptable frames."""
+        names = {rtc.EncryptionState.Name(s) for s in _FAILING}
+        total, since = 0.0, None
+        for t, state in self.e2ee_events:
+            if t > until:
+                break
+            if state in names:
+                since = t if since is None else since
+            elif since is not None:
+                total += t - since
+                since = None
+        if since is not None:
+            total += until - since
+        return total
+
 
 @dataclass(slots=True)
 class SentStats:
@@ -205,15 +223,18 @@ class KeyTable:
     def detach(self, conn: LiveKitConnection) -> None:
         self._attached.pop(id(conn), None)
 
+    def has_remote_key(self, identity: str) -> bool:
+        return any(i == identity for i, _ in self._remote)
+
     def set_remote_key(self, identity: str, index: int, key: bytes) -> None:
         self._remote[(identity, index)] = key
         for conn in list(self._attached.values()):
-            conn._install_remote_key(identity, index, key)
+            conn.install_remote_key(identity, index, key)
 
     def use_own_key(self, index: int, key: bytes) -> None:
         self._own = (index, key)
         for conn in list(self._attached.values()):
-            conn._install_own_key()
+            conn.install_own_key()
 
 
 class LiveKitConnection:
@@ -235,9 +256,16 @@ class LiveKitConnection:
         keys: KeyTable | None = None,
         sources: Callable[[], Sequence[MediaStreamTrack]] | None = None,
         frames: FrameTap[str] | None = None,
+        subscribe_when_keyed: bool = False,
     ) -> None:
         """``sources``: the tracks to publish (called once, when publishing); None: synthetic
         media from ``media``. ``frames``: where decoded remote frames go.
+
+        ``subscribe_when_keyed`` (with E2EE): subscribe to a remote participant's tracks only
+        once its key table holds a key from that participant, instead of at once. Until then
+        every frame would be undecryptable (a joiner typically connects to LiveKit before the
+        others' keys reach it over Matrix); a sender using our key manager is already
+        encrypting with the first key it sends a joiner, so from then on frames decrypt.
 
         ``on_state`` is called (synchronously) whenever :attr:`state` changes. ``stats`` and
         ``sent`` continue the counters of a connection this one replaces. ``keys``: the table
@@ -264,10 +292,13 @@ class LiveKitConnection:
         self.keys = keys if keys is not None else KeyTable()
         self._track_sources = sources
         self._frames = frames
+        self.subscribe_when_keyed = subscribe_when_keyed and e2ee
+        self._subscribe_requested: set[str] = set()  # publication sids
         self._tasks: set[asyncio.Task[None]] = set()
         self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
         self._closed = False
         self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.on("track_published", self._on_track_published)
         self.room.on("e2ee_state_changed", self._on_e2ee_state)
         self.room.on("reconnecting", lambda: self._set_state(ConnectionState.RECONNECTING))
         self.room.on("reconnected", lambda: self._set_state(ConnectionState.CONNECTED))
@@ -283,7 +314,7 @@ class LiveKitConnection:
     async def connect(self) -> None:
         """Connect, then (when publishing) publish the synthetic tracks."""
         options = rtc.RoomOptions(
-            auto_subscribe=True,
+            auto_subscribe=not self.subscribe_when_keyed,
             encryption=self._e2ee_options if self.e2ee else None,
             connect_timeout=self._connect_timeout_s,
         )
@@ -298,7 +329,9 @@ class LiveKitConnection:
         if kp is not None:
             for (identity, index), key in self.keys.remote_keys.items():
                 kp.set_key(identity, key, index)
-            self._install_own_key()
+            self.install_own_key()
+        for identity in list(self.room.remote_participants):
+            self._subscribe_if_keyed(identity)
         self._set_state(ConnectionState.CONNECTED)
         log.info(
             "livekit.connected",
@@ -392,12 +425,36 @@ class LiveKitConnection:
         :attr:`keys`)."""
         self.keys.use_own_key(index, key)
 
-    def _install_remote_key(self, identity: str, index: int, key: bytes) -> None:
+    def install_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        """Put a key into this connection's key provider (the table calls this for every
+        attached connection; use :meth:`set_remote_key` to reach them all)."""
         kp = self._key_provider()
         if kp is not None:  # else installed at the end of connect()
             kp.set_key(identity, key, index)
+            self._subscribe_if_keyed(identity)
 
-    def _install_own_key(self) -> None:
+    def _on_track_published(
+        self, publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant
+    ) -> None:
+        self._subscribe_if_keyed(participant.identity)
+
+    def _subscribe_if_keyed(self, identity: str) -> None:
+        """With ``subscribe_when_keyed``: subscribe to ``identity``'s tracks once we hold a key
+        of it (the constructor's docstring)."""
+        if not self.subscribe_when_keyed or self._closed:
+            return
+        participant = self.room.remote_participants.get(identity)
+        if participant is None or not self.keys.has_remote_key(identity):
+            return
+        for sid, pub in participant.track_publications.items():
+            if sid in self._subscribe_requested or not isinstance(pub, rtc.RemoteTrackPublication):
+                continue
+            self._subscribe_requested.add(sid)
+            pub.set_subscribed(True)
+            log.debug("livekit.subscribe_keyed", identity=identity, track=sid)
+
+    def install_own_key(self) -> None:
+        """Put the table's own key into this connection (and set our cryptors' index)."""
         own = self.keys.own_key
         kp = self._key_provider()
         if own is None or kp is None:

@@ -5,7 +5,7 @@ Public API::
     async with LiveKitTransport(room_id=…, own=OwnDevice(…), openid=hs.request_openid_token,
                                 session=http) as lk:
         await lk.update(session.memberships, own_membership)   # open/close connections
-        sends = lk.apply_key_actions(key_manager_actions)      # UseKey/InstallRemoteKey
+        call_keys.add_sink(lk.keys)                            # keys pushed as they come
         lk.connections                                         # transport -> connection
 
 Which SFUs: every member's media is where ``publish_transport(member, oldest)`` says (the
@@ -28,14 +28,15 @@ Keys: one :class:`~matrixrtc.livekit.connection.KeyTable` per transport holds ev
 and our own current key (with its index). Each connection is attached to it the moment it is
 created (credentials in hand, before it connects) and stays attached through connecting,
 connected and being replaced, so every key reaches every connection in whatever state (a
-sender's frames may reach us through any SFU); one opened later gets all keys so far.
+sender's frames may reach us through any SFU); one opened later gets all keys so far. The
+table is a :class:`~matrixrtc.call_keys.KeySink`: the call's key manager pushes keys into it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -44,7 +45,6 @@ import aiohttp
 import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
-from matrixrtc.e2ee.keys import Action, InstallRemoteKey, SendKey, UseKey
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.livekit.connection import (
     ConnectionState,
@@ -148,9 +148,12 @@ class LiveKitTransport:
         clock: Callable[[], float] = time.monotonic,
         sources: Callable[[], Sequence[MediaStreamTrack]] | None = None,
         frames: FrameTap[str] | None = None,
+        subscribe_when_keyed: bool = False,
     ) -> None:
         """``sources``: the tracks each publishing connection publishes (None: synthetic media
-        from ``media``); ``frames``: where decoded remote frames go, by LiveKit identity."""
+        from ``media``); ``frames``: where decoded remote frames go, by LiveKit identity;
+        ``subscribe_when_keyed``: see :class:`LiveKitConnection`."""
+        self.subscribe_when_keyed = subscribe_when_keyed
         self._sources = sources
         self._frames = frames
         self.room_id = room_id
@@ -326,6 +329,7 @@ class LiveKitTransport:
             keys=self.keys,  # attached now: later keys reach it while it opens
             sources=self._sources,
             frames=self._frames,
+            subscribe_when_keyed=self.subscribe_when_keyed,
         )
         try:
             await conn.connect()
@@ -412,18 +416,6 @@ class LiveKitTransport:
     def use_own_key(self, index: int, key: bytes) -> None:
         """Our key and index, for every publishing connection (open, opening or later)."""
         self.keys.use_own_key(index, key)
-
-    def apply_key_actions(self, actions: Iterable[Action]) -> list[SendKey]:
-        """Carry out the key manager's installs; return the :class:`SendKey` s for Matrix."""
-        sends: list[SendKey] = []
-        for a in actions:
-            if isinstance(a, SendKey):
-                sends.append(a)
-            elif isinstance(a, UseKey):
-                self.use_own_key(a.index, a.key)
-            elif isinstance(a, InstallRemoteKey):
-                self.set_remote_key(a.identity, a.index, a.key)
-        return sends
 
     # ------------------------------------------------------------------ stats
     def remote_stats(self) -> dict[str, ParticipantStats]:

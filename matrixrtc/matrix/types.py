@@ -5,7 +5,7 @@ to-device events, per-room sync updates, OpenID tokens, delayed-event actions, a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, Self, TypeVar
@@ -192,8 +192,12 @@ class Broadcaster(Generic[T]):
         self._subs: set[Subscription[T]] = set()
         self._ended: _Closed | None = None
 
-    def subscribe(self) -> Subscription[T]:
+    def subscribe(self, first: Iterable[T] = ()) -> Subscription[T]:
+        """A new subscription; ``first``: items it gets before anything published later
+        (e.g. the current state, for a stream of changes)."""
         sub = Subscription(self)
+        for item in first:
+            sub._put(item)
         if self._ended is not None:
             sub._end(self._ended.error)
         else:

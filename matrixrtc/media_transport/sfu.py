@@ -1,7 +1,8 @@
 """LiveKit as a :class:`~matrixrtc.media_transport.base.MediaTransport`: a
-:class:`~matrixrtc.livekit.transport.LiveKitTransport` for the call's agent, fed the call's
-keys (every key so far when it starts, each later one as :class:`~matrixrtc.call_keys.CallKeys`
-reports it)."""
+:class:`~matrixrtc.livekit.transport.LiveKitTransport` for the call's agent. The transport's key
+table is registered as a sink of the call's :class:`~matrixrtc.call_keys.CallKeys`, which pushes
+every key so far at once and each later one as it comes (to every connection, including those
+still opening)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from collections.abc import Sequence
 import structlog
 
 from matrixrtc.agent import Participant
-from matrixrtc.call_keys import KeyEvent, KeyEventKind
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
-from matrixrtc.matrix import Subscription
 from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
-from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["LiveKitMedia"]
 
@@ -32,8 +30,6 @@ class LiveKitMedia:
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx
         self.lk: LiveKitTransport | None = None
-        self._key_events: Subscription[KeyEvent] | None = None
-        self._tasks = OwnedTasks("livekit-media", log, event_prefix="livekit_media")
 
     def _own_membership(self) -> CallMembership | None:
         hs = self._ctx.agent.hs
@@ -60,34 +56,14 @@ class LiveKitMedia:
             clock=ctx.clock,
             sources=ctx.sources,
             frames=tap,
+            # A joiner connects to LiveKit before the others' keys reach it: frames before
+            # that could only fail. Our senders encrypt with the first key they send it.
+            subscribe_when_keyed=True,
         )
         self.lk = lk
-        keys = ctx.keys
-        if keys is not None:
-            # Listen first, then install every key so far: none falls in between. The transport
-            # hands each key to all its connections, including those still opening.
-            self._key_events = keys.events()
-            for identity, ring in keys.remote_keys().items():
-                for index, key in ring.items():
-                    lk.set_remote_key(identity, index, key)
-            if keys.own_key is not None:
-                lk.use_own_key(*keys.own_key)
-            self._tasks.spawn(self._key_loop(self._key_events), "keys")
+        if ctx.keys is not None:
+            ctx.keys.add_sink(lk.keys)
         await self.update()
-
-    async def _key_loop(self, events: Subscription[KeyEvent]) -> None:
-        keys = self._ctx.keys
-        assert keys is not None
-        async for ev in events:
-            lk = self.lk
-            if lk is None:
-                return
-            if ev.kind is KeyEventKind.USED and keys.own_key is not None:
-                lk.use_own_key(*keys.own_key)
-            elif ev.kind is KeyEventKind.INSTALLED and ev.identity is not None:
-                key = keys.remote_key(ev.identity, ev.index or 0)
-                if key is not None:
-                    lk.set_remote_key(ev.identity, ev.index or 0, key)
 
     async def update(self) -> None:
         if self.lk is not None:
@@ -126,13 +102,9 @@ class LiveKitMedia:
             tap((p, MediaKind.SFU), frame)
 
     async def aclose(self) -> None:
-        failure = await self._tasks.cancel()
-        if failure is not None:
-            log.warning("livekit_media.key_loop_failed", error=str(failure))
-        if self._key_events is not None:
-            self._key_events.close()
-            self._key_events = None
         lk, self.lk = self.lk, None
+        if lk is not None and self._ctx.keys is not None:
+            self._ctx.keys.remove_sink(lk.keys)
         if lk is not None:
             try:
                 await lk.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,10 +107,15 @@ class MeshEngine:
         transform: FrameTransform | None = None,
         clock: Callable[[], float] = time.monotonic,
         frames: FrameTap[DeviceRef] | None = None,
+        key_sent: Callable[[DeviceRef, int], bool] | None = None,
     ) -> None:
-        """``frames``: where every decoded remote frame goes, with the device it came from."""
+        """``frames``: where every decoded remote frame goes, with the device it came from.
+        ``key_sent(peer, index)``: whether ``peer`` has been sent our key at ``index``; with
+        it, a protected frame goes to a peer only if so (it could not decrypt it otherwise:
+        frames are held back, not sent undecryptable, and video resumes at a key frame)."""
         self.local = local
         self._frames = frames
+        self._key_sent = key_sent
         self.config = config or MeshConfig()
         self._sender = sender
         self._transform = transform
@@ -309,6 +315,8 @@ class MeshEngine:
                 sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
             else:
                 track = self.encoders[kind].subscribe()
+                if self._key_sent is not None and self._transform is not None:
+                    track.admit = functools.partial(self._key_sent, link.peer)
                 sender = link.pc.addTrack(track)
                 adopt_sender(sender)
                 link.tracks.append(track)

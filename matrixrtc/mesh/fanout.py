@@ -30,6 +30,7 @@ import asyncio
 import fractions
 import queue
 import secrets
+from collections.abc import Callable
 from typing import Any, Final
 
 import av
@@ -38,6 +39,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
+from matrixrtc.e2ee.frame import frame_key_index
 from matrixrtc.errors import LocalError
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
@@ -66,6 +68,11 @@ class FanOutTrack(MediaStreamTrack):
     A bounded queue decouples the peer from the encoder. Video starts (and restarts after an
     overflow) at a key frame, so a peer that was not reading (still connecting) or fell behind
     resumes with a decodable frame instead of garbage.
+
+    ``admit(key_index)`` (optional) says whether this peer may be sent a frame protected with
+    our key at that index, i.e. whether it has been sent that key. A frame it could not decrypt
+    is held back (counted in ``held``) instead of sent; video then resumes at a key frame,
+    which is asked of the encoder as soon as frames are admitted again.
     """
 
     def __init__(self, encoder: SharedEncoder, maxsize: int) -> None:
@@ -77,6 +84,9 @@ class FanOutTrack(MediaStreamTrack):
         self.bitrate_report: int | None = None
         self._queue: asyncio.Queue[av.Packet[Any] | None] = asyncio.Queue(maxsize)
         self._need_keyframe = encoder.kind == "video"
+        self.admit: Callable[[int], bool] | None = None
+        self.held = 0  # frames not sent: the peer lacked their key
+        self._holding = False
 
     async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
@@ -104,7 +114,18 @@ class FanOutTrack(MediaStreamTrack):
                 self._queue.get_nowait()
             self._queue.put_nowait(None)
 
-    def _push(self, packet: av.Packet[Any], keyframe: bool) -> None:
+    def _push(self, packet: av.Packet[Any], keyframe: bool, key_index: int | None = None) -> None:
+        if self.admit is not None and key_index is not None:
+            if not self.admit(key_index):
+                self.held += 1
+                self._holding = True
+                if self.kind == "video":
+                    self._need_keyframe = True
+                return
+            if self._holding:
+                self._holding = False
+                if self._need_keyframe and not keyframe:
+                    self.encoder.request_keyframe()  # the next frame: nothing else asks
         if self._need_keyframe:
             if not keyframe:
                 return
@@ -263,8 +284,9 @@ class SharedEncoder:
         packet = av.Packet(data)
         packet.pts = pts
         packet.time_base = time_base
+        key_index = frame_key_index(data) if self._transform is not None else None
         for track in list(self._subscribers):
-            track._push(packet, key)
+            track._push(packet, key, key_index)
 
     # -- codecs (PyAV) -----------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ mesh sits below the agent and the key distribution instead of importing them:
 * **frame E2EE**: with ``keys`` (e.g. :class:`~matrixrtc.call_keys.CallKeys`), our frames are
   encrypted with our ring and each remote device's frames are decrypted with the ring of its
   LiveKit identity (``MeshMember.rtc_backend_identity``), the same rings the LiveKit
-  transport uses.
+  transport uses. A peer is sent only frames under a key it has been sent
+  (``FrameKeys.key_sent_to``): a joiner never receives frames it cannot decrypt.
 
 Every task is owned and cancelled on exit; leaving the block hangs up every call.
 """
@@ -39,6 +40,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
+from matrixrtc.matrix import DeviceRef as HsDeviceRef
 from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
@@ -108,6 +110,9 @@ class FrameKeys(Protocol):
     def rings(self) -> KeyRings: ...
     @property
     def identity(self) -> str: ...
+    def key_sent_to(self, device: HsDeviceRef, index: int) -> bool:
+        """Whether ``device`` has been sent our key at ``index``."""
+        ...
 
 
 def mesh_session_id(p: MeshMember) -> str:
@@ -206,9 +211,11 @@ class MatrixMesh:
             conf_id=mesh_conf_id(self.agent.room_id, self.config.slot_id),
         )
         transform = None
+        key_sent = None
         if self.keys is not None:
             rings = self.keys.rings
             transform = CryptorTransform(rings.cryptor(self.keys.identity), self._decryptor)
+            key_sent = self._key_sent
         engine = MeshEngine(
             local,
             self,
@@ -216,6 +223,7 @@ class MatrixMesh:
             config=self._mesh_cfg,
             transform=transform,
             frames=self._frames,
+            key_sent=key_sent,
         )
         engine.start()
         return engine
@@ -320,6 +328,11 @@ class MatrixMesh:
         self.engine.receive(ev.sender, ev.type, ev.content)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _key_sent(self, peer: DeviceRef, index: int) -> bool:
+        # Frames under a key the peer was never sent would only fail there: hold them back.
+        assert self.keys is not None
+        return self.keys.key_sent_to(HsDeviceRef(peer.user_id, peer.device_id), index)
 
     def _decryptor(self, peer: DeviceRef) -> FrameCryptor:
         assert self.keys is not None

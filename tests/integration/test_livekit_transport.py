@@ -199,12 +199,17 @@ class KeyBus:
     installed: list[tuple[str, int, bytes]] = field(default_factory=list)  # remote keys
 
     def handle(self, sender: Participant, actions: list[Action]) -> None:
+        sends: list[SendKey] = []
         for a in actions:
             if isinstance(a, UseKey):
                 self.used.append((sender.device, time.monotonic(), a.index))
+                sender.transport.use_own_key(a.index, a.key)
             elif isinstance(a, InstallRemoteKey):
                 self.installed.append((a.identity, a.index, a.key))
-        for send in sender.transport.apply_key_actions(actions):
+                sender.transport.set_remote_key(a.identity, a.index, a.key)
+            else:
+                sends.append(a)
+        for send in sends:
             self.sent.append((sender.device, send))
             for device in send.to:
                 receiver = self.members.get(device)

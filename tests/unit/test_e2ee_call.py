@@ -17,24 +17,39 @@ from matrixrtc.e2ee import (
     KeyRings,
     Member,
     SendKey,
-    apply_to_rings,
     parse_key_message,
 )
+from matrixrtc.e2ee.keys import Action
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE
 
 ROOM = "!call:hs"
+
+
+def apply_to_rings(actions: list[Action], rings: KeyRings) -> list[SendKey]:
+    """What CallKeys does with the manager's actions: installs go into the rings."""
+    sends: list[SendKey] = []
+    for a in actions:
+        if isinstance(a, SendKey):
+            sends.append(a)
+        else:
+            rings.install(a.identity, a.index, a.key)
+    return sends
+
+
 OPUS = b"\x78" + os.urandom(60)
 
 
 class Device:
-    def __init__(self, name: str, joined_ts: int, *, sticky: bool = False) -> None:
+    def __init__(
+        self, name: str, joined_ts: int, *, sticky: bool = False, prepare: bool = False
+    ) -> None:
         user, device = f"@{name}:hs", f"{name.upper()}DEV"
         self.member = (
             Member.sticky_form(user, device, joined_ts, f"mid-{name}")
             if sticky
             else Member.state_form(user, device, joined_ts, f"mid-{name}")
         )
-        self.keys = KeyManager(self.member)
+        self.keys = KeyManager(self.member, prepare_next_key=prepare)
         self.rings = KeyRings()
         self.sender = self.rings.cryptor(self.member.identity)
         self.outbox: list[SendKey] = []
@@ -55,7 +70,8 @@ class Device:
 
 
 class Call:
-    def __init__(self) -> None:
+    def __init__(self, *, prepare: bool = False) -> None:
+        self.prepare = prepare  # False: matrix-js-sdk's policy exactly
         self.devices: dict[str, Device] = {}
         self.now = 0
         self.sent_keys: list[bytes] = []
@@ -119,7 +135,7 @@ class Call:
         self.now = t
 
     def join(self, name: str, **kw: bool) -> Device:
-        d = self.devices[name] = Device(name, self.now, **kw)
+        d = self.devices[name] = Device(name, self.now, prepare=self.prepare, **kw)
         self.membership_changed()
         return d
 
@@ -176,3 +192,28 @@ def test_three_devices_rotate_on_leave_share_on_quick_join_rotate_on_late_join()
     call.run_until(41_100)
     assert a.keys.current_index == 2  # … then the new one
     assert call.everyone_reads_everyone()
+
+
+def test_prepared_next_key_lets_a_late_joiner_read_at_once() -> None:
+    call = Call(prepare=True)
+    a = call.join("alice")
+    call.run_until(100)
+    b = call.join("bob")
+    call.run_until(9_500)  # alice's key 0 is 9 s old: key 1 prepared, sent, not used
+    assert a.keys.current_index == 0
+    assert b.can_read(a, a.frame(call.now))
+    call.run_until(20_000)
+    carol = call.join("carol")  # after the grace period
+    # Carol got key 1 only (never used before she joined) and alice uses it from the moment
+    # the send succeeded: no use-key delay, nothing carol cannot read.
+    assert a.keys.current_index == 1
+    assert carol.can_read(a, a.frame(call.now))
+    assert b.can_read(a, a.frame(call.now))
+    assert call.everyone_reads_everyone()
+
+    call.run_until(25_000)
+    gone = call.leave("carol")  # she holds alice's key 1: rotate
+    call.run_until(26_100)
+    assert a.keys.current_index == 2
+    assert call.everyone_reads_everyone()
+    assert not gone.can_read(a, a.frame(call.now))

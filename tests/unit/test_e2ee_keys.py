@@ -26,9 +26,10 @@ def _keys() -> Iterator[bytes]:
 class Call:
     """The manager plus a simulated clock; SendKey results are reported explicitly."""
 
-    def __init__(self, own: Member = ME) -> None:
+    def __init__(self, own: Member = ME, *, prepare: bool = False) -> None:
+        # prepare=False: matrix-js-sdk's policy exactly (no prepared next key).
         gen = _keys()
-        self.m = KeyManager(own, random_bytes=lambda n: next(gen)[:n])
+        self.m = KeyManager(own, random_bytes=lambda n: next(gen)[:n], prepare_next_key=prepare)
         self.now = 0
 
     def at(self, t: int) -> Call:
@@ -256,3 +257,85 @@ def test_a_rejoiner_that_never_got_the_key_still_counts_as_a_leaver() -> None:
     assert c.at(3_000).members() == []
     assert c.m.next_deadline() == 4_000
     assert c.advance_to(4_000) == [UseKey(ME.identity, 1, bytes([2]) * 16, 4_000)]
+
+
+# ---------------------------------------------------------------- prepared next key
+def test_next_key_is_prepared_before_the_grace_period_ends_and_not_used() -> None:
+    c = Call(prepare=True)
+    c.sent(c.at(0).members(BOB, CAROL)[1])
+    assert c.m.next_deadline() == 9_000  # grace − use-key delay
+    assert c.advance_to(8_999) == []
+    (prep,) = c.advance_to(9_000)
+    assert isinstance(prep, SendKey)
+    assert (prep.index, prep.to) == (1, (BOB.device, CAROL.device))
+    assert c.at(9_050).sent(prep) == []  # no UseKey: still encrypting with key 0
+    assert c.m.current_index == 0
+    assert c.m.next_deadline() is None
+    assert c.at(9_500).members(BOB, CAROL) == []  # nothing changed: nothing to do
+
+
+def test_late_joiner_gets_only_the_prepared_key_which_is_used_once_sent() -> None:
+    c = Call(prepare=True)
+    c.sent(c.at(0).members(BOB)[1])
+    prep = c.advance_to(9_000)[0]
+    c.at(9_050).sent(prep)
+    (send,) = c.at(30_000).members(BOB, CAROL)
+    assert isinstance(send, SendKey)
+    assert (send.index, send.to, send.key) == (1, (CAROL.device,), prep.key)
+    assert c.m.current_index == 0  # not before carol has it …
+    assert c.at(30_040).sent(send) == [UseKey(ME.identity, 1, prep.key, 30_040)]  # … then at once
+    assert c.m.current_index == 1
+    # Its age counts from its first use: dave within 10 s gets key 1, nothing rotates.
+    (share,) = c.at(39_000).members(BOB, CAROL, DAVE)
+    assert (share.index, share.to) == (1, (DAVE.device,))  # type: ignore[union-attr]
+
+
+def test_prepared_key_is_not_used_before_the_others_had_it_for_the_use_key_delay() -> None:
+    c = Call(prepare=True)
+    c.sent(c.at(0).members(BOB)[1])
+    prep = c.advance_to(9_000)[0]
+    c.at(10_000).sent(prep)  # bob has it from 10 000
+    (send,) = c.at(10_100).members(BOB, CAROL)
+    assert c.at(10_200).sent(send) == []
+    assert c.m.next_deadline() == 11_000
+    assert c.advance_to(11_000) == [UseKey(ME.identity, 1, prep.key, 11_000)]
+
+
+def test_alone_the_prepared_key_needs_no_send() -> None:
+    c = Call(prepare=True)
+    c.at(0).members()
+    assert c.advance_to(9_000) == []  # prepared, sent to nobody
+    (send,) = c.at(60_000).members(BOB)
+    assert (send.index, send.to) == (1, (BOB.device,))  # type: ignore[union-attr]
+    assert c.sent(send) == [UseKey(ME.identity, 1, send.key, 60_000)]
+
+
+def test_a_leave_discards_the_prepared_key_and_skips_its_index() -> None:
+    c = Call(prepare=True)
+    c.sent(c.at(0).members(BOB, CAROL)[1])
+    prep = c.advance_to(9_000)[0]
+    c.sent(prep)
+    (send,) = c.at(12_000).members(BOB)  # carol holds keys 0 and 1
+    assert isinstance(send, SendKey)
+    assert send.index == 2
+    assert send.key not in (prep.key, bytes([1]) * 16)
+    c.sent(send)
+    assert c.advance_to(13_000) == [UseKey(ME.identity, 2, send.key, 13_000)]
+    assert c.m.next_deadline() == 12_000 + 9_000  # the next preparation (age from creation)
+
+
+def test_a_failed_preparation_is_retried_later() -> None:
+    c = Call(prepare=True)
+    c.sent(c.at(0).members(BOB)[1])
+    prep = c.advance_to(9_000)[0]
+    assert c.sent(prep, ok=False) == []
+    assert c.m.next_deadline() == 9_000 + km.PREPARE_RETRY_MS
+    (again,) = c.advance_to(14_000)
+    assert isinstance(again, SendKey)
+    assert again.index == 1
+    # A joiner meanwhile (no prepared key) falls back to js-sdk's rotation with the delay.
+    c.sent(again, ok=False)
+    (send,) = c.at(15_000).members(BOB, CAROL)
+    assert (send.index, send.to) == (1, (BOB.device, CAROL.device))  # type: ignore[union-attr]
+    assert c.sent(send) == []
+    assert c.advance_to(16_000) == [UseKey(ME.identity, 1, send.key, 16_000)]

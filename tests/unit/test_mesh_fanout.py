@@ -15,6 +15,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, pack_remb_fci
 
+from matrixrtc.e2ee import KeyRings
 from matrixrtc.errors import LocalError
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
@@ -27,7 +28,7 @@ from matrixrtc.mesh.fanout import (
     install_receive_hook,
 )
 from matrixrtc.mesh.ice import IceServerConfig, rtc_configuration
-from matrixrtc.mesh.transform import vp8_is_keyframe
+from matrixrtc.mesh.transform import CryptorTransform, vp8_is_keyframe
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 
@@ -252,3 +253,40 @@ async def test_after_dropped_frames_peers_resume_at_a_keyframe() -> None:
     assert len(got) > dropped_at + 3
     assert vp8_is_keyframe(bytes(got[dropped_at]))
     assert not vp8_is_keyframe(bytes(got[dropped_at + 1]))
+
+
+async def test_frames_under_a_key_the_peer_was_not_sent_are_held_back() -> None:
+    # Our sender encrypts with key 1; one peer has been sent only key 0 (a late joiner before
+    # the send completes), another has key 1. The first gets nothing until it is sent key 1,
+    # then resumes at a key frame that it can decrypt; the second is never held.
+    rings = KeyRings()
+    rings.install("me", 1, b"k" * 16)
+    transform = CryptorTransform(rings.cryptor("me"), lambda peer: rings.cryptor("me"))
+    encoder = SharedEncoder(SyntheticVideoTrack(160, 120, 30), transform=transform)
+    sent_to_late: set[int] = {0}
+    late, keyed = encoder.subscribe(), encoder.subscribe()
+    late.admit = lambda index: index in sent_to_late
+    keyed.admit = lambda index: index in {0, 1}
+    got_late: list[av.Packet[Any]] = []
+    got_keyed: list[av.Packet[Any]] = []
+    readers = [
+        asyncio.create_task(_drain(late, got_late)),
+        asyncio.create_task(_drain(keyed, got_keyed)),
+    ]
+    encoder.start()
+    await asyncio.sleep(0.4)
+    assert got_late == []
+    assert late.held > 0
+    assert len(got_keyed) >= 5
+    keyframes_before = encoder.keyframes
+    sent_to_late.add(1)
+    await asyncio.sleep(0.4)
+    await encoder.aclose()
+    await asyncio.gather(*readers)
+    assert len(got_late) >= 5
+    assert vp8_is_keyframe(bytes(got_late[0]))  # a key frame was asked for at once
+    assert encoder.keyframes > keyframes_before
+    rx = rings.cryptor("me")
+    assert all(
+        rx.decrypt(bytes(p), kind="video", codec="vp8", keyframe=None) is not None for p in got_late
+    )
