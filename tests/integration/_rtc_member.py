@@ -1,10 +1,13 @@
 """A call member as a separate process (so a test can SIGSTOP it): one LiveKit connection
 plus a state-form call membership kept alive by an MSC4140 delayed leave it restarts.
 
-Usage: python _rtc_member.py LIVEKIT_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS
+Usage: python _rtc_member.py LK_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS [watch]
+
 Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it. Like
 matrix-js-sdk, it publishes its membership again when its delayed leave turns out to have
-fired (404 on restart, e.g. after a homeserver outage longer than the delay).
+fired (404 on restart, e.g. after a homeserver outage longer than the delay) and, with
+``watch``, when its membership is gone from the room state (seen after a Synapse restart:
+an overdue delayed leave was sent *after* the membership published once it was back).
 Without a membership (DELAY_MS = 0) it only holds the LiveKit connection.
 """
 
@@ -26,6 +29,7 @@ DELAYED = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
 
 async def main() -> None:
     lk_url, jwt, hs, token, room_id, user, device, delay_ms = sys.argv[1:9]
+    watch_own = sys.argv[9:10] == ["watch"]  # re-publish when the membership vanished
     delay = int(delay_ms)
     room = rtc.Room()
     gone = asyncio.Event()
@@ -72,9 +76,13 @@ async def main() -> None:
                 try:
                     async with http.post(f"{hs}{DELAYED}/{delay_id}/restart") as r:
                         await r.read()
-                        if r.status == 404:  # it fired (homeserver outage): join again
-                            delay_id = await publish()
-                except aiohttp.ClientError:
+                        fired = r.status == 404  # e.g. a homeserver outage: join again
+                    if not fired and watch_own:  # overwritten (e.g. by an overdue leave)?
+                        async with http.get(path) as r:
+                            fired = r.status == 404 or (r.status == 200 and await r.json() == {})
+                    if fired:
+                        delay_id = await publish()
+                except (aiohttp.ClientError, ValueError, KeyError):
                     pass  # the homeserver may be restarting; the next beat retries
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(gone.wait(), max(0.2, delay / 4000))

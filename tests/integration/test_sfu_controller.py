@@ -188,7 +188,14 @@ class Member:
 
 
 async def spawn_member(
-    lk_url: str, jwt: str, hs: Synapse, user: UserCreds, room_id: str, delay_ms: int
+    lk_url: str,
+    jwt: str,
+    hs: Synapse,
+    user: UserCreds,
+    room_id: str,
+    delay_ms: int,
+    *,
+    watch: bool = False,
 ) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -201,6 +208,7 @@ async def spawn_member(
         user.user_id,
         user.device_id,
         str(delay_ms),
+        *(["watch"] if watch else []),
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
@@ -221,7 +229,12 @@ async def openid(hs: Synapse, user: UserCreds) -> dict[str, Any]:
 
 
 async def join_call(
-    st: Stack, owner: UserCreds, room_id: str | None = None, *, delay_ms: int = 3000
+    st: Stack,
+    owner: UserCreds,
+    room_id: str | None = None,
+    *,
+    delay_ms: int = 3000,
+    honest: bool = False,
 ) -> Member:
     """A fresh user joins (a fresh room, unless given) and the call: token, LiveKit, state."""
     user = await st.hs.register(f"m{secrets.token_hex(4)}")
@@ -243,7 +256,9 @@ async def join_call(
     m = Member(
         user, room_id, legacy_identity(user.user_id, user.device_id), livekit_room_alias(room_id)
     )
-    m.proc = await spawn_member(resp["url"], resp["jwt"], st.hs, user, room_id, delay_ms)
+    m.proc = await spawn_member(
+        resp["url"], resp["jwt"], st.hs, user, room_id, delay_ms, watch=honest
+    )
     return m
 
 
@@ -289,8 +304,8 @@ async def test_every_kind_of_ghost_is_removed_and_honest_members_stay(stack: Sta
         "left": join_call(st, owner, left_room),
         "banned": join_call(st, owner, banned_room),
         "kicked": join_call(st, owner),
-        "honest": join_call(st, owner, left_room, delay_ms=10_000),
-        "honest2": join_call(st, owner, banned_room, delay_ms=10_000),
+        "honest": join_call(st, owner, left_room, delay_ms=10_000, honest=True),
+        "honest2": join_call(st, owner, banned_room, delay_ms=10_000, honest=True),
         # joins LiveKit with a service token but never publishes a membership
         "silent": join_call(st, owner, delay_ms=0),
     }
