@@ -59,7 +59,7 @@ web_stamp="web/dist/.built-$(cat web/package-lock.json web/index.html web/vite.c
   $(find web/src -type f | sort) | sha256sum | cut -c1-16)"
 if [[ ! -f "$web_stamp" ]]; then
   log "vite build (web/)"
-  (cd web && npx --no-install vite build --logLevel warn)
+  (cd web && npx --no-install vite build --logLevel warn >/dev/null)
   touch "$web_stamp"
 fi
 

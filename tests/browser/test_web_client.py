@@ -75,7 +75,7 @@ async def _browser(
         "peers": 1,
         "minFrames": 30,
         "holdMs": 3000,
-        "timeoutMs": 45000,
+        "timeoutMs": 90000,
         **opts,
     }
     out = await run_node(
@@ -88,110 +88,178 @@ async def _browser(
     return result
 
 
-def _frames_from(p: ParticipantProcess, user_id: str) -> tuple[int, str | None]:
-    """Video frames the Python participant decoded from ``user_id``'s device, and the carrier."""
+def _peer(p: ParticipantProcess, user_id: str) -> dict[str, Any]:
+    """What the Python participant last reported about ``user_id``'s device ({} if nothing)."""
     for peer in (p.latest or {}).get("peers", []):
         if peer.get("user_id") == user_id:
-            return int(peer.get("frames_decoded") or 0), peer.get("transport")
-    return 0, None
+            out: dict[str, Any] = peer
+            return out
+    return {}
 
 
-def _check_browser_side(result: dict[str, Any], kind: str) -> dict[str, Any]:
+def _frames_from(p: ParticipantProcess, user_id: str) -> tuple[int, str | None]:
+    """Video frames the Python participant decoded from ``user_id``'s device, and the carrier."""
+    peer = _peer(p, user_id)
+    return int(peer.get("frames_decoded") or 0), peer.get("transport")
+
+
+def _check_picture(remote: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two samples of a remote tile, 400 ms apart, show its sender's moving test pattern:
+    Chromium's fake camera (a green field with a moving pie and a frame counter) from a browser,
+    the synthetic moving pattern (``matrixrtc.media.sources``) from a Python participant."""
+    assert a["mean"] != b["mean"], f"the picture of {remote['name']} does not change"
+    for sample in (a, b):
+        red, green, blue = sample["mean"]
+        if "web" not in remote["name"]:  # the Python participants are py-…, pz-…
+            assert sample["std"] > 8, sample
+        else:
+            assert green > 100, sample
+            assert red < 40, sample
+            assert blue < 40, sample
+
+
+def _check_browser_side(result: dict[str, Any], kind: str, peers: int) -> list[dict[str, Any]]:
     assert result["ok"], {k: v for k, v in result.items() if k != "first"}
     last = result["last"]
     assert last["joined"] is True
     assert last["kind"] == kind, last
-    (remote,) = last["participants"]
-    # The browser decrypted and decoded the Python participant's video ...
-    assert remote["transport"] == kind
-    assert remote["e2ee"] == "decrypting", remote
-    assert remote["stats"]["framesDecoded"] >= 30, remote
-    assert remote["keyIndex"] is not None
-    # ... and the remote tile shows a real, moving picture (not black, not a flat fill).
-    (a, b) = result["tiles"][remote["identity"]]
-    assert a is not None, result["tiles"]
-    assert b is not None, result["tiles"]
-    assert a["std"] > 8, a
-    assert b["std"] > 8, b
-    assert a["mean"] != b["mean"], "the remote picture does not change"
-    assert "E2EE: decrypting" in result["badges"]
+    remotes: list[dict[str, Any]] = last["participants"]
+    assert len(remotes) == peers, remotes
+    for remote in remotes:
+        # The browser decrypted and decoded every other participant's video ...
+        assert remote["transport"] == kind
+        assert remote["e2ee"] == "decrypting", remote
+        assert remote["stats"]["framesDecoded"] >= 30, remote
+        assert remote["keyIndex"] is not None
+        # ... and each remote tile shows its sender's moving test pattern.
+        (a, b) = result["tiles"][remote["identity"]]
+        assert a is not None, result["tiles"]
+        assert b is not None, result["tiles"]
+        _check_picture(remote, a, b)
+    assert result["badges"].count("E2EE: decrypting") == peers, result["badges"]
     assert "Key index" in result["statsText"]
     assert result["unnamed"] == [], result["unnamed"]
-    assert last["cryptorErrors"] == [] or kind == "sfu", last["cryptorErrors"]
-    out: dict[str, Any] = remote
-    return out
+    return remotes
 
 
-async def _call(
+async def _run_call(
     chromium: Chromium,
     stack: WebStack,
     *,
-    browser_name: str,
-    python_transport: str,
-    browser_opts: dict[str, Any],
-) -> tuple[dict[str, Any], int, str | None]:
+    browsers: list[tuple[str, dict[str, Any]]],
+    pythons: list[tuple[str, dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
+    """One encrypted room; ``browsers`` and ``pythons`` are (name prefix, options) in the call.
+
+    Returns each browser's result, what each Python participant reported about each browser
+    (by prefixes) while the browsers were still in the call, and user ids by prefix.
+    """
     tag = secrets.token_hex(3)
-    prov = await provision(
-        stack.synapse.base_url, [f"py-{tag}", f"{browser_name}-{tag}"], encrypted=True
-    )
-    (py_user, py_pw), (web_user, web_pw) = prov.users
-    cfg = ParticipantConfig(
-        name="py",
-        homeserver=prov.base_url,
-        user=py_user,
-        password=py_pw,
-        room_id=prov.room_id,
-        duration_s=0,
-        transport=python_transport,
-        sfu_url=stack.sfu_url if python_transport != "mesh" else None,
-    )
-    async with participants([cfg], stack.synapse.dir / f"py-{tag}") as (py,):
-        await py.wait_ready()
-        browser = asyncio.create_task(
-            _browser(chromium, stack, web_user, web_pw, prov.room_id, **browser_opts)
+    names = [f"{n}-{tag}" for n, _ in pythons + browsers]
+    prov = await provision(stack.synapse.base_url, names, encrypted=True)
+    creds = dict(zip([n for n, _ in pythons + browsers], prov.users, strict=True))
+    ids = {n: c[0] for n, c in creds.items()}
+    cfgs = [
+        ParticipantConfig(
+            name=n,
+            homeserver=prov.base_url,
+            user=creds[n][0],
+            password=creds[n][1],
+            room_id=prov.room_id,
+            duration_s=0,
+            **{"sfu_url": stack.sfu_url, **o} if o.get("transport", "mesh") != "mesh" else o,
         )
+        for n, o in pythons
+    ]
+    peers = len(browsers) + len(pythons) - 1
+    async with participants(cfgs, stack.synapse.dir / f"py-{tag}") as procs:
+        for p in procs:
+            await p.wait_ready()
+        tasks = [
+            asyncio.create_task(
+                _browser(chromium, stack, *creds[n], prov.room_id, peers=peers, **o)
+            )
+            for n, o in browsers
+        ]
         try:
-            # While the browser is in the call: the Python side decodes the browser's video.
-            await py.wait_until(lambda p: _frames_from(p, web_user)[0] >= 30, 60)
-            frames, via = _frames_from(py, web_user)
+            # While the browsers are in the call: every keyed Python participant decodes them.
+            for (_, o), proc in zip(pythons, procs, strict=True):
+                if o.get("withhold_keys"):
+                    continue
+                await proc.wait_until(
+                    lambda p: all(_frames_from(p, ids[b])[0] >= 30 for b, _ in browsers), 90
+                )
+            await asyncio.sleep(1.5)  # a fresh report from every Python participant
+            seen = {
+                n: {b: _peer(proc, ids[b]) for b, _ in browsers}
+                for (n, _), proc in zip(pythons, procs, strict=True)
+            }
+            results = list(await asyncio.gather(*tasks))
         except BaseException:
-            result = await browser
-            print(json.dumps(result, indent=1)[:6000])
+            for t in tasks:
+                print(json.dumps(await t, indent=1)[:6000])
             raise
-        result = await browser
-    print(json.dumps({k: result.get(k) for k in ("marks", "badges", "muteCheck")}))
-    print("browser:", json.dumps(result.get("last")), json.dumps(result.get("tiles")))
-    return result, frames, via
+    for r in results:
+        print(json.dumps({k: r.get(k) for k in ("marks", "badges", "muteCheck")}))
+        print("browser:", json.dumps(r.get("last"))[:3000])
+    return results, seen, ids
 
 
-async def test_sfu_call_with_a_python_participant(chromium: Chromium, web_stack: WebStack) -> None:
-    result, frames, via = await _call(
+async def test_sfu_call_browsers_and_python_both_dialects(
+    chromium: Chromium, web_stack: WebStack
+) -> None:
+    """Two browsers (one state-form member through /sfu/get, one sticky m.rtc.member through
+    /get_token) and a Python participant on LiveKit: everyone decodes everyone."""
+    results, py, ids = await _run_call(
         chromium,
         web_stack,
-        browser_name="web",
-        python_transport="sfu",
-        browser_opts={"transport": "sfu", "toggleMute": True},
+        browsers=[
+            ("web", {"transport": "sfu", "dialect": "state", "toggleMute": True}),
+            ("webs", {"transport": "sfu", "dialect": "sticky"}),
+        ],
+        pythons=[("py", {"transport": "sfu"})],
     )
-    print("python decoded", frames, "via", via)
-    _check_browser_side(result, "sfu")
-    assert frames >= 30
-    assert via == "sfu"
+    state_br, sticky_br = results
+    for r in results:
+        remotes = _check_browser_side(r, "sfu", 2)
+        # Remote audio is heard (Chromium's fake microphone beeps, Python sends a tone).
+        assert all(x["audioLevelMax"] > 0.01 for x in remotes), remotes
+    # The sticky member's LiveKit identity is js-sdk's hash, the state member's user:device.
+    assert state_br["last"]["ownIdentity"].startswith(ids["web"] + ":")
+    assert not sticky_br["last"]["ownIdentity"].startswith("@")
+    for b in ("web", "webs"):
+        assert py["py"][b]["frames_decoded"] >= 30, py
+        assert py["py"][b]["transport"] == "sfu", py
     # Mute and unmute from the call controls.
-    assert result["muteCheck"] == {"mutedLabel": "Unmute microphone", "pressedAfter": "false"}
+    assert state_br["muteCheck"] == {"mutedLabel": "Unmute microphone", "pressedAfter": "false"}
 
 
-async def test_mesh_call_with_a_python_participant(chromium: Chromium, web_stack: WebStack) -> None:
-    # "aweb…" < "py…": the browser places the call (invite), the aiortc participant answers.
-    # The client runs the mesh/SFU policy: both advertise mesh, two members -> mesh.
-    result, frames, via = await _call(
+async def test_mesh_call_browsers_python_and_a_keyless_participant(
+    chromium: Chromium, web_stack: WebStack
+) -> None:
+    """A four-member full mesh: "aweb" < "bweb" < "py…": the first browser places every call,
+    the second answers one and places two; a Python participant decodes both browsers; one
+    without the media keys receives their packets and decodes nothing."""
+    small = {"query": "&video=320x240"}
+    results, py, _ = await _run_call(
         chromium,
         web_stack,
-        browser_name="aweb",
-        python_transport="mesh",
-        browser_opts={"transport": "auto", "keyboard": True},
+        browsers=[
+            ("aweb", {"transport": "auto", "keyboard": True, **small}),
+            ("bweb", {"transport": "auto", **small}),
+        ],
+        pythons=[
+            ("py", {"transport": "mesh"}),
+            ("pz", {"transport": "mesh", "withhold_keys": True}),
+        ],
     )
-    print("python decoded", frames, "via", via)
-    remote = _check_browser_side(result, "mesh")
-    assert result["last"]["frameCryptoMode"] == "encoded-streams"  # Chromium
-    assert frames >= 30
-    assert remote["state"] == "connected"
+    for r in results:
+        remotes = _check_browser_side(r, "mesh", 3)
+        assert r["last"]["frameCryptoMode"] == "encoded-streams"  # Chromium
+        assert r["last"]["cryptorErrors"] == [], r["last"]["cryptorErrors"]
+        assert all(x["state"] == "connected" for x in remotes), remotes
+    for b in ("aweb", "bweb"):
+        assert py["py"][b]["frames_decoded"] >= 30, py
+        keyless = py["pz"][b]
+        assert keyless["packets_in"] > 100, keyless
+        assert keyless["frames_decoded"] == 0, keyless

@@ -111,17 +111,7 @@ try {
   }
   mark("decoded");
   const first = snap;
-  let muteCheck = null;
-  if (o.toggleMute) {
-    await page.click("#mic");
-    await sleep(300);
-    const label = await page.textContent("#mic");
-    await page.click("#mic");
-    muteCheck = { mutedLabel: label, pressedAfter: await page.getAttribute("#mic", "aria-pressed") };
-  }
-  await page.click("#stats-toggle");
-  await sleep(o.holdMs);
-  const statsText = await page.textContent("#stats");
+  // Look at the pictures and the badges while everyone is still in the call.
   const tiles = {};
   for (const p of first?.participants ?? []) {
     tiles[p.identity] = [await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity)];
@@ -141,6 +131,19 @@ try {
   }
   const badges = await page.$$eval(".tile[data-identity] .badge", (els) => els.map((e) => e.textContent));
   const last = await page.evaluate(() => window.mrtc.snapshot());
+  let muteCheck = null;
+  if (o.toggleMute) {
+    await page.click("#mic");
+    await sleep(300);
+    const label = await page.textContent("#mic");
+    await page.click("#mic");
+    muteCheck = { mutedLabel: label, pressedAfter: await page.getAttribute("#mic", "aria-pressed") };
+  }
+  await page.click("#stats-toggle");
+  await sleep(1200);
+  const statsText = await page.textContent("#stats");
+  // Stay a while: the other side is still measuring what we send.
+  await sleep(o.holdMs);
   await page.click("#leave");
   await page.waitForSelector("h1#rooms-title", { timeout: 15000 });
   mark("left");

@@ -36,6 +36,7 @@ export interface Participant {
   keyIndex?: number;
   e2ee: "decrypting" | "undecryptable" | "waiting-for-key" | "waiting-for-media";
   speaking: boolean;
+  audioLevelMax: number; // loudest remote audio heard so far (0..1)
 }
 
 export interface SwitchRecord {
@@ -103,19 +104,26 @@ export class Call {
     if (advertised.length === 0) {
       this.error = "This homeserver offers no call server (SFU), and mesh calls are switched off.";
     }
-    this.session.joinRTCSession(
-      { userId: this.client.getUserId()!, deviceId: this.client.getDeviceId()!, memberId: this.memberId },
-      advertised,
-      undefined,
-      {
-        manageMediaKeys: true,
-        unstableSendStickyEvents: this.options.sticky,
-        callIntent: "video",
-        notificationType: this.options.ring ? "ring" : undefined,
-        useKeyDelay: 1000,
-        delayedLeaveEventDelayMs: 8000,
-      },
-    );
+    const identity = { userId: this.client.getUserId()!, deviceId: this.client.getDeviceId()!, memberId: this.memberId };
+    const config = {
+      manageMediaKeys: true,
+      unstableSendStickyEvents: this.options.sticky,
+      callIntent: "video",
+      notificationType: this.options.ring ? ("ring" as const) : undefined,
+      useKeyDelay: 1000,
+      delayedLeaveEventDelayMs: 8000,
+    };
+    if (this.options.sticky) {
+      // js-sdk's sticky member publishes exactly the transport given as its multi-SFU focus.
+      if (!this.options.focus) {
+        this.error = "The Matrix 2.0 membership form needs a call server (SFU), and this homeserver offers none.";
+        this.changed();
+        return;
+      }
+      this.session.joinRTCSession(identity, [], { ...this.options.focus }, config);
+    } else {
+      this.session.joinRTCSession(identity, advertised, undefined, config);
+    }
     this.statsTimer = window.setInterval(() => void this.refreshStats(), 1000);
     this.onMemberships();
   }
@@ -162,6 +170,7 @@ export class Call {
           keyIndex: prev?.keyIndex,
           e2ee: prev?.e2ee ?? "waiting-for-media",
           speaking: prev?.speaking ?? false,
+          audioLevelMax: prev?.audioLevelMax ?? 0,
         };
       });
     if (this.own) {
@@ -323,6 +332,7 @@ export class Call {
       this.prevBytes.set(p.identity, { at: now, bytes: s.bytes });
       p.stats = { ...s, kbps };
       p.speaking = !p.media.audioMuted && s.audioLevel > 0.02;
+      p.audioLevelMax = Math.max(p.audioLevelMax, s.audioLevel);
       if (s.framesDecoded > 0) p.e2ee = "decrypting";
       else if (!this.keys.has(p.identity)) p.e2ee = "waiting-for-key";
       else if (s.videoPackets > 60) p.e2ee = "undecryptable";
@@ -382,6 +392,7 @@ export class Call {
         videoMuted: p.media?.videoMuted ?? null,
         keyIndex: p.keyIndex ?? null,
         e2ee: p.e2ee,
+        audioLevelMax: p.audioLevelMax,
         stats: p.media ? await receiverStats(p.media.receivers()) : null,
       })),
     );

@@ -264,10 +264,17 @@ function renderRing(): void {
 
 // ---- lobby --------------------------------------------------------------------------------
 
+/** Capture size: `?video=WxH` (default 640x360; smaller saves CPU in a full mesh). */
+function captureSize(): { width: number; height: number } {
+  const m = /^(\d+)x(\d+)$/.exec(params.get("video") ?? "");
+  return m ? { width: Number(m[1]), height: Number(m[2]) } : { width: 640, height: 360 };
+}
+
 async function getMedia(video: string | null, audio: string | null): Promise<MediaStream> {
+  const size = captureSize();
   try {
     return await navigator.mediaDevices.getUserMedia({
-      video: video ? { deviceId: { exact: video } } : true,
+      video: { ...(video ? { deviceId: { exact: video } } : {}), width: { ideal: size.width }, height: { ideal: size.height } },
       audio: audio ? { deviceId: { exact: audio } } : true,
     });
   } catch (e) {
@@ -541,16 +548,36 @@ function startCall(
 
 // ---- test and debugging hooks -------------------------------------------------------------
 
-/** Mean and spread of a tile's current picture (a decoded, decrypted frame is not flat). */
-function sampleTile(identity: string): { width: number; height: number; mean: number[]; std: number } | null {
+/**
+ * Mean and spread of the picture a tile's track delivers now (a decoded, decrypted frame is not
+ * flat). Read from the track itself (ImageCapture), so a page in the background, whose <video>
+ * elements are not painted, is measured too.
+ */
+async function sampleTile(identity: string): Promise<{ width: number; height: number; mean: number[]; std: number } | null> {
   const video = document.querySelector<HTMLVideoElement>(`.tile[data-identity="${CSS.escape(identity)}"] video`);
-  if (!video || !video.videoWidth) return null;
+  const track = (video?.srcObject as MediaStream | null)?.getVideoTracks()[0];
+  if (!video || !track) return null;
+  let source: CanvasImageSource = video;
+  let width = video.videoWidth;
+  let height = video.videoHeight;
+  const Capture = (globalThis as unknown as { ImageCapture?: new (t: MediaStreamTrack) => { grabFrame(): Promise<ImageBitmap> } }).ImageCapture;
+  if (Capture) {
+    try {
+      const bitmap = await new Capture(track).grabFrame();
+      source = bitmap;
+      width = bitmap.width;
+      height = bitmap.height;
+    } catch {
+      /* fall back to the element */
+    }
+  }
+  if (!width) return null;
   const canvas = document.createElement("canvas");
-  canvas.width = video.videoWidth;
-  canvas.height = video.videoHeight;
+  canvas.width = width;
+  canvas.height = height;
   const ctx = canvas.getContext("2d", { willReadFrequently: true })!;
-  ctx.drawImage(video, 0, 0);
-  const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(source, 0, 0);
+  const { data } = ctx.getImageData(0, 0, width, height);
   const sum = [0, 0, 0];
   let sq = 0;
   const n = data.length / 4;
@@ -561,9 +588,9 @@ function sampleTile(identity: string): { width: number; height: number; mean: nu
     const y = (data[i] + data[i + 1] + data[i + 2]) / 3;
     sq += y * y;
   }
-  const mean = sum.map((s) => s / n);
+  const mean = sum.map((x) => x / n);
   const m = (mean[0] + mean[1] + mean[2]) / 3;
-  return { width: canvas.width, height: canvas.height, mean, std: Math.sqrt(Math.max(0, sq / n - m * m)) };
+  return { width, height, mean, std: Math.sqrt(Math.max(0, sq / n - m * m)) };
 }
 
 Object.assign(window, {

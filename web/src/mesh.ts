@@ -21,8 +21,11 @@ import type { LocalMedia, MediaTransport, RemoteMedia } from "./media.ts";
 
 export const DEFAULT_SLOT_ID = "m.call#ROOM";
 const INVITE_LIFETIME_MS = 60_000;
-const RETRY_MS = 3_000;
-const MAX_RETRIES = 5;
+// An unanswered invite is hung up (invite_timeout) and placed again: the peer may have
+// dropped it (e.g. it addressed a session the peer had not seen itself join yet).
+const INVITE_TIMEOUT_MS = 8_000;
+const RETRY_MS = 2_000;
+const MAX_RETRIES = 6; // per peer session, reset once media connects
 const GATHER_LIMIT_MS = 3_000;
 
 export interface MeshMember {
@@ -287,7 +290,7 @@ export class MeshTransport implements MediaTransport {
       });
       setTimeout(() => {
         if (!call.ended && call.pc.remoteDescription === null) this.endCall(call, "invite_timeout");
-      }, INVITE_LIFETIME_MS);
+      }, INVITE_TIMEOUT_MS);
     } catch (e) {
       this.note(`invite to ${key} failed: ${e}`);
       this.endCall(call, "create_offer");

@@ -189,19 +189,29 @@ export class SfuTransport implements MediaTransport {
     }
     await t.room.setE2EEEnabled(true);
     for (const p of t.room.remoteParticipants.values()) t.entry(p.identity);
-    for (const track of media.stream.getTracks()) {
+    // Remote media flows from here on; our own tracks are published in the background (a
+    // slow publication must not hold up receiving, nor a switch to this transport).
+    t.publishing = t.publishLocal().catch((e) => {
+      t.failure = `Your camera and microphone could not be sent to the call server: ${e instanceof Error ? e.message : e}`;
+      onChange();
+    });
+    return t;
+  }
+
+  publishing: Promise<void> = Promise.resolve();
+
+  private async publishLocal(): Promise<void> {
+    for (const track of this.media.stream.getTracks()) {
+      if (this.closing) return;
       const local =
-        track.kind === "video"
-          ? new LocalVideoTrack(track, undefined, true)
-          : new LocalAudioTrack(track, undefined, true);
-      await t.room.localParticipant.publishTrack(local, {
+        track.kind === "video" ? new LocalVideoTrack(track, undefined, true) : new LocalAudioTrack(track, undefined, true);
+      this.published.push(local);
+      await this.room.localParticipant.publishTrack(local, {
         source: track.kind === "video" ? Track.Source.Camera : Track.Source.Microphone,
         videoCodec: "vp8",
       });
-      t.published.push(local);
     }
-    await t.localChanged();
-    return t;
+    await this.localChanged();
   }
 
   get identity(): string {
