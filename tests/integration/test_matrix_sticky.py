@@ -13,12 +13,14 @@ Findings (asserted below, documented in matrixrtc/matrix/homeserver.py):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from matrixrtc.matrix import Homeserver, Login, RoomUpdate
+from matrixrtc.matrix.rooms import Decrypt
 
 pytestmark = pytest.mark.integration
 
@@ -94,18 +96,20 @@ async def test_sticky_delivery_timeline_section_and_delayed_leave(
     # That sync runs inside __aenter__, before anyone can subscribe: record it at dispatch.
     c = Homeserver(synapse.base_url, Login(bob.user_id), state_dir=bob_dir, timeline_limit=1)
     seen: list[RoomUpdate] = []
-    orig = c._dispatch_rooms
+    orig = c._rooms.updates
 
-    def record(raw: dict[str, Any], decrypted: Any, initial: bool) -> None:
+    def record(raw: dict[str, Any], decrypt: Decrypt, initial: bool) -> Iterator[RoomUpdate]:
         section = raw.get("rooms", {}).get("join", {}).get(room)
         if section is not None:
             timeline_ids = [e["event_id"] for e in section["timeline"]["events"]]
             assert event_id not in timeline_ids
             assert event_id in [e["event_id"] for e in section["msc4354_sticky"]["events"]]
-            seen.append(c._room_update(room, section, decrypted, initial))
-        orig(raw, decrypted, initial)
+        for update in orig(raw, decrypt, initial):
+            if update.room_id == room:
+                seen.append(update)
+            yield update
 
-    c._dispatch_rooms = record  # type: ignore[method-assign]
+    c._rooms.updates = record  # type: ignore[method-assign,assignment]
     async with c:
         pass
     assert seen, "initial sync did not include the room"

@@ -1,0 +1,88 @@
+"""What the sync loop knows about rooms: raw ``/sync`` room sections turned into
+:class:`~matrixrtc.matrix.types.RoomUpdate` s, and the state and live sticky events of every
+joined room kept up to date from them. No I/O: decryption and the clock are passed in.
+
+Sticky events (MSC4354, as Synapse 1.163 delivers them) come in the joined room's timeline
+with the PDU field ``msc4354_sticky`` and, when still live but outside the timeline window, in
+the room's ``msc4354_sticky`` section; an update carries both, once each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from matrixrtc.matrix import wire
+from matrixrtc.matrix.types import JsonDict, RoomUpdate
+from matrixrtc.model import msc4354
+
+__all__ = ["Decrypt", "RoomCache"]
+
+# (room id, event) -> the event with its Megolm plaintext in place, or unchanged.
+Decrypt = Callable[[str, JsonDict], JsonDict]
+
+
+class RoomCache:
+    """Per joined room: the current state (by type and state key) and the sticky events
+    received and not yet expired (with the wall-clock ms of receipt)."""
+
+    def __init__(self, now_ms: Callable[[], int] = wire.now_ms) -> None:
+        self._now_ms = now_ms
+        self._state: dict[str, dict[tuple[str, str], JsonDict]] = {}
+        self._sticky: dict[str, dict[str, tuple[JsonDict, int]]] = {}
+
+    def state(self, room_id: str) -> Mapping[tuple[str, str], JsonDict]:
+        return dict(self._state.get(room_id, {}))
+
+    def sticky(self, room_id: str) -> list[tuple[JsonDict, int]]:
+        self._prune(room_id, self._now_ms())
+        return list(self._sticky.get(room_id, {}).values())
+
+    def updates(self, raw_sync: JsonDict, decrypt: Decrypt, initial: bool) -> Iterator[RoomUpdate]:
+        """The room updates of one ``/sync`` response (joined rooms, then rooms we left),
+        applied to the cache as they are yielded."""
+        rooms = raw_sync.get("rooms")
+        if not isinstance(rooms, dict):
+            return
+        joined = rooms.get("join")
+        if isinstance(joined, dict):
+            for room_id, section in joined.items():
+                if isinstance(room_id, str) and isinstance(section, dict):
+                    yield self._joined(room_id, section, decrypt, initial)
+        left = rooms.get("leave")
+        if isinstance(left, dict):
+            for room_id in left:
+                if isinstance(room_id, str):
+                    self._state.pop(room_id, None)
+                    self._sticky.pop(room_id, None)
+                    yield RoomUpdate(room_id, (), (), (), initial, left=True)
+
+    def _joined(
+        self, room_id: str, section: JsonDict, decrypt: Decrypt, initial: bool
+    ) -> RoomUpdate:
+        state_events = wire.events(section.get("state"))
+        timeline = [decrypt(room_id, e) for e in wire.events(section.get("timeline"))]
+        sticky = [decrypt(room_id, e) for e in wire.events(section.get(msc4354.STICKY_FIELD))]
+        seen = {str(e.get("event_id")) for e in sticky}
+        sticky += [
+            e for e in timeline if msc4354.STICKY_FIELD in e and str(e.get("event_id")) not in seen
+        ]
+        now = self._now_ms()
+        held = self._sticky.setdefault(room_id, {})
+        for ev in sticky:
+            held.setdefault(str(ev.get("event_id")), (ev, now))
+        self._prune(room_id, now)
+        applied = state_events + [e for e in timeline if isinstance(e.get("state_key"), str)]
+        store = self._state.setdefault(room_id, {})
+        for ev in applied:
+            etype, key = ev.get("type"), ev.get("state_key")
+            if isinstance(etype, str) and isinstance(key, str):
+                store[(etype, key)] = ev
+        return RoomUpdate(room_id, tuple(applied), tuple(timeline), tuple(sticky), initial)
+
+    def _prune(self, room_id: str, now_ms: int) -> None:
+        held = self._sticky.get(room_id)
+        if not held:
+            return
+        for event_id, (ev, received) in list(held.items()):
+            if received + wire.sticky_ttl_ms(ev) <= now_ms:
+                del held[event_id]
