@@ -43,6 +43,7 @@ from livekit import api as lkapi
 
 from matrixrtc.devstack import LiveKit, Redis, Synapse, new_run_dir
 from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.logging import configure_logging
 from tests.integration.test_sfu_controller import (
     CALL_MEMBER,
     Member,
@@ -270,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak length (60)")
     parser.add_argument("--honest", type=int, default=4, help="honest members in the soak (4)")
     args = parser.parse_args(argv)
+    configure_logging(level="warning")  # stderr: stdout carries the figures
     report = asyncio.run(run(args.soak_seconds, args.honest))
     if args.json:
         print(json.dumps(report))
