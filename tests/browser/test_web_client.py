@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,3 +263,80 @@ async def test_mesh_call_browsers_python_and_a_keyless_participant(
         keyless = py["pz"][b]
         assert keyless["packets_in"] > 100, keyless
         assert keyless["frames_decoded"] == 0, keyless
+
+
+async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: WebStack) -> None:
+    """mesh_max 2: a browser and a Python participant start on the mesh; a second Python
+    participant joins (three members: everyone moves to the SFU, make-before-break) and
+    leaves (back to the mesh), without anyone leaving the call. The longest time the browser
+    went without a decoded frame from the first Python participant is measured."""
+    tag = secrets.token_hex(3)
+    prov = await provision(
+        web_stack.synapse.base_url, [f"py-{tag}", f"pz-{tag}", f"web-{tag}"], encrypted=True
+    )
+    (py_user, py_pw), (pz_user, pz_pw), (web_user, web_pw) = prov.users
+
+    def cfg(name: str, user: str, pw: str) -> ParticipantConfig:
+        return ParticipantConfig(
+            name=name,
+            homeserver=prov.base_url,
+            user=user,
+            password=pw,
+            room_id=prov.room_id,
+            duration_s=0,
+            transport="auto",
+            sfu_url=web_stack.sfu_url,
+            mesh_max=2,
+        )
+
+    logs = web_stack.synapse.dir / f"switch-{tag}"
+    async with participants([cfg("py", py_user, py_pw)], logs) as (py,):
+        await py.wait_ready()
+        browser = asyncio.create_task(
+            _browser(
+                chromium,
+                web_stack,
+                web_user,
+                web_pw,
+                prov.room_id,
+                query="&mesh_max=2&video=320x240",
+                expectKinds=["sfu", "mesh"],
+                timeoutMs=60000,
+            )
+        )
+        try:
+
+            def carried_by(kind: str) -> Callable[[ParticipantProcess], bool]:
+                return lambda p: (
+                    _peer(p, web_user).get("transport") == kind
+                    and (_peer(p, web_user).get("frames_by_transport", {}).get(kind, 0) >= 10)
+                )
+
+            await py.wait_until(carried_by("mesh"), 90)
+            async with participants([cfg("pz", pz_user, pz_pw)], logs) as (pz,):
+                await pz.wait_ready()
+                await py.wait_until(carried_by("sfu"), 90)
+                await pz.wait_until(carried_by("sfu"), 90)
+            # pz has left: back to the mesh.
+            await py.wait_until(lambda p: _peer(p, web_user).get("transport") == "mesh", 90)
+            await asyncio.sleep(2)
+            py_view = _peer(py, web_user)
+        finally:
+            result = await browser
+    print(json.dumps({k: result.get(k) for k in ("marks", "badges")}))
+    print("browser:", json.dumps(result.get("last"))[:4000])
+    print("python:", py_view)
+    assert result["ok"], result
+    last = result["last"]
+    kinds = [(s["from"], s["to"]) for s in last["switches"]]
+    assert kinds == [(None, "mesh"), ("mesh", "sfu"), ("sfu", "mesh")], last["switches"]
+    assert last["kind"] == "mesh"
+    (remote,) = last["participants"]
+    assert remote["transport"] == "mesh"
+    assert remote["e2ee"] == "decrypting"
+    print("switch durations ms:", [s["durationMs"] for s in last["switches"]])
+    print("longest gap ms: browser", remote["maxGapMs"], "python", py_view.get("max_gap_ms"))
+    assert remote["maxGapMs"] < 2000, remote
+    # The Python participant saw the browser's video on both transports.
+    assert py_view["frames_by_transport"]["mesh"] >= 10
+    assert py_view["frames_by_transport"]["sfu"] >= 10

@@ -6,7 +6,8 @@
 //   peers (remote participants expected), minFrames, holdMs, timeoutMs, keyboard (log in and
 //   join with the keyboard only), toggleMute (mute and unmute the microphone once),
 //   barcodes (read the frame-number barcode of tests/media_samples.py from each remote tile
-//   this many times, 150 ms apart, through a canvas)
+//   this many times, 150 ms apart, through a canvas), expectKinds (transports the call must move
+//   to in turn after the first decoded frames, e.g. ["sfu", "mesh"])
 import { chromium } from "playwright-core";
 
 const [devtoolsUrl, raw] = process.argv.slice(2);
@@ -110,6 +111,18 @@ try {
     await sleep(250);
   }
   mark("decoded");
+  // expectKinds: the call must then move to each of these transports in turn (live switches
+  // driven by who joins and leaves), with every remote participant's video decoding on it.
+  for (const kind of o.expectKinds ?? []) {
+    const until = Date.now() + o.timeoutMs;
+    while (Date.now() < until) {
+      snap = await page.evaluate(() => window.mrtc.snapshot());
+      const ps = snap?.participants ?? [];
+      if (snap?.kind === kind && ps.length >= 1 && ps.every((p) => p.transport === kind && (p.stats?.framesDecoded ?? 0) >= 10)) break;
+      await sleep(200);
+    }
+    mark(`on-${kind}-${Object.keys(marks).length}`);
+  }
   const first = snap;
   // Look at the pictures and the badges while everyone is still in the call.
   const tiles = {};

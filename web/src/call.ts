@@ -63,6 +63,10 @@ export class Call {
   private switching: Promise<void> | null = null;
   private wantedKind: MediaKind | null = null;
   private statsTimer?: number;
+  private gapTimer?: number;
+  /** Per participant: when a video frame was last decoded on any transport, and the longest
+   *  time without one since the first (what a switch costs a person watching). */
+  readonly frameClock = new Map<string, { last: number; maxGapMs: number; counts: Map<RTCRtpReceiver, number> }>();
   private prevBytes = new Map<string, { at: number; bytes: number }>();
   private left = false;
   readonly listeners = new Set<() => void>();
@@ -125,6 +129,7 @@ export class Call {
       this.session.joinRTCSession(identity, advertised, undefined, config);
     }
     this.statsTimer = window.setInterval(() => void this.refreshStats(), 1000);
+    this.gapTimer = window.setInterval(() => void this.watchFrames(), 100);
     this.onMemberships();
   }
 
@@ -321,6 +326,29 @@ export class Call {
     }
   }
 
+  private async watchFrames(): Promise<void> {
+    const now = performance.now();
+    const sources = [this.transport, this.old].filter((t): t is MediaTransport => !!t);
+    for (const p of this.participants) {
+      let clock = this.frameClock.get(p.identity);
+      let advanced = false;
+      for (const t of sources) {
+        const m = t.remotes().get(p.identity);
+        for (const r of m?.receivers() ?? []) {
+          if (r.track.kind !== "video") continue;
+          const n = (await receiverStats([r])).framesDecoded;
+          if (!clock) this.frameClock.set(p.identity, (clock = { last: 0, maxGapMs: 0, counts: new Map() }));
+          if (n > (clock.counts.get(r) ?? 0)) advanced = true;
+          clock.counts.set(r, n);
+        }
+      }
+      if (advanced && clock) {
+        if (clock.last > 0) clock.maxGapMs = Math.max(clock.maxGapMs, now - clock.last);
+        clock.last = now;
+      }
+    }
+  }
+
   private async refreshStats(): Promise<void> {
     const now = performance.now();
     for (const p of this.participants) {
@@ -366,6 +394,7 @@ export class Call {
     if (this.left) return;
     this.left = true;
     clearInterval(this.statsTimer);
+    clearInterval(this.gapTimer);
     this.session.off(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
     this.session.off(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
     await Promise.all([this.transport?.close(), this.old?.close()].map((p) => p?.catch(() => {})));
@@ -393,6 +422,7 @@ export class Call {
         keyIndex: p.keyIndex ?? null,
         e2ee: p.e2ee,
         audioLevelMax: p.audioLevelMax,
+        maxGapMs: Math.round(this.frameClock.get(p.identity)?.maxGapMs ?? 0),
         stats: p.media ? await receiverStats(p.media.receivers()) : null,
       })),
     );
@@ -403,7 +433,7 @@ export class Call {
       ownKeyIndex: this.own ? this.keys.latestIndex(this.own.rtcBackendIdentity) ?? null : null,
       memberships: this.session.memberships.length,
       participants: parts,
-      switches: this.switches,
+      switches: this.switches.map((s) => ({ ...s, durationMs: s.doneAt === undefined ? null : Math.round(s.doneAt - s.startedAt) })),
       error: this.error,
       meshLog: this.transport instanceof MeshTransport ? this.transport.log.slice(-30) : [],
       cryptorErrors: this.transport instanceof MeshTransport ? this.transport.crypto.errors.slice(-10) : this.transport instanceof SfuTransport ? this.transport.encryptionErrors.slice(-10) : [],
