@@ -340,3 +340,31 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     # The Python participant saw the browser's video on both transports.
     assert py_view["frames_by_transport"]["mesh"] >= 10
     assert py_view["frames_by_transport"]["sfu"] >= 10
+
+
+async def test_clear_messages_for_login_and_device_failures(
+    chromium: Chromium, web_stack: WebStack
+) -> None:
+    """Never a blank page: an unreachable homeserver, a wrong password and a refused camera
+    each get a message that says what to do."""
+    tag = secrets.token_hex(3)
+    prov = await provision(web_stack.synapse.base_url, [f"web-{tag}"], encrypted=True)
+    ((user, pw),) = prov.users
+    options = {
+        "base": web_stack.client_url,
+        "homeserver": web_stack.synapse.base_url,
+        "user": user,
+        "password": pw,
+        "roomId": prov.room_id,
+    }
+    out = await run_node(
+        str(BROWSER_DIR / "web_errors.mjs"), chromium.devtools_url, json.dumps(options), limit=90
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    print(result)
+    assert result["ok"], result
+    assert "cannot be reached" in result["unreachable"]
+    assert result["blank"] is False
+    assert result["wrongPassword"] == "Wrong user name or password."
+    assert "permission was denied" in result["permission"]
+    assert result["joinDisabled"] is True
