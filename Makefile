@@ -1,5 +1,5 @@
 # The README's two commands. Each does its own set-up (scripts/bootstrap.sh).
-.PHONY: test test-media demo bootstrap lint typecheck unit image
+.PHONY: test test-media demo web bootstrap lint typecheck unit image
 
 VENV := .venv/bin
 
@@ -25,6 +25,11 @@ test: bootstrap
 # Real media between Chromium and Python call clients, mesh and SFU (a few minutes).
 test-media: bootstrap
 	timeout --signal=INT --kill-after=60 1200 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=15 -m media_matrix $(PYTEST_ARGS)
+
+# The browser call client (web/) next to an embedded stack and a Python participant, for people:
+# prints the URL and logins, runs until Ctrl-C. Not in the private namespace: a browser must reach it.
+web: bootstrap
+	$(VENV)/python -m matrixrtc web $(WEB_ARGS)
 
 unit: bootstrap
 	$(VENV)/python -m pytest -q tests/unit $(PYTEST_ARGS)

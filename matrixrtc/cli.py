@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "record",
     "recording-key",
     "decrypt-recording",
+    "web",
 )
 
 
