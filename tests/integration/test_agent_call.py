@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged, RingState
 from matrixrtc.devstack import Synapse, UserCreds
@@ -423,6 +424,19 @@ async def test_sticky_member_and_state_member_see_each_other(
         await _wait_members(state, 1, within=5.0)
 
 
+async def _notifications_until(updates: Any, marker: str) -> list[dict[str, Any]]:
+    """The ring notifications in the room timeline up to the event ``marker``."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while True:
+            u: RoomUpdate = await updates.get()
+            for ev in u.timeline:
+                if ev.get("event_id") == marker:
+                    return seen
+                if ev.get("type") == "org.matrix.msc4075.rtc.notification":
+                    seen.append(ev)
+
+
 def _ring(agent: CallAgent) -> RingState:
     return agent.ring_state  # read through a call: mypy would keep the earlier narrowing
 
@@ -462,16 +476,23 @@ async def test_ring_when_starting_a_call_and_decline_ends_it(
                 assert content["m.call.intent"] == "video"
                 assert caller.ring_state is RingState.RINGING
 
-                # A second ringing agent joining a call that already has members sends nothing.
+                # A second ringing agent joining a call that already has members sends nothing:
+                # its decision is made when it sees its own membership, so once the caller has
+                # seen it too, a ring would be in the room before a marker the caller sends now.
                 async with CallAgent(hb, room, _config(ring=True)) as second:
                     await second.wait_joined()
-                    await asyncio.sleep(0.5)
+                    await _wait_members(caller, 2)
+                    marker = await ha.send_event(
+                        room, "m.room.message", {"msgtype": "m.text", "body": "."}
+                    )
+                    notes = await _notifications_until(updates, marker)
+                    assert [n for n in notes if n["sender"] == hb.user_id] == []
                     assert second.ring_state is RingState.IDLE
                     assert second.notification_event_id is None
                 assert _ring(caller) is RingState.ANSWERED
 
         # A fresh call: the rung user declines, and the caller stops ringing.
-        async with CallAgent(ha, room, _config(ring=True)) as caller:
+        async with CallAgent(ha, room, _config(ring=True, restart_interval_ms=1_000)) as caller:
             await caller.wait_joined()
             await _until(lambda: caller.notification_event_id is not None, 5.0, "the ring")
             assert caller.notification_event_id is not None
@@ -486,8 +507,10 @@ async def test_ring_when_starting_a_call_and_decline_ends_it(
                 },
             )
             assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
-            # By default the caller stays in the call it started.
-            await asyncio.sleep(0.3)
+            # By default the caller stays in the call it started: its membership keeps being
+            # refreshed after the decline (a leave would stop the heartbeat).
+            beats = caller.heartbeats
+            await _until(lambda: caller.heartbeats > beats, 5.0, "a heartbeat after the decline")
             assert caller.in_call
             assert _status(caller) is MembershipStatus.CONNECTED
 
@@ -506,10 +529,16 @@ async def test_a_group_ring_ends_only_when_every_rung_user_declined(
         await caller.wait_joined()
         await _until(lambda: caller.notification_event_id is not None, 5.0, "the ring")
         relation = {"rel_type": "m.reference", "event_id": caller.notification_event_id}
-        await hb.send_event(room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation})
-        # The caller has synced past xia's decline: one of two rung users declined.
-        await ha.wait_synced()
-        await asyncio.sleep(0.3)
+        with capture_logs() as logs:
+            await hb.send_event(room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation})
+            # The caller has handled xia's decline: one of two rung users declined.
+            await _until(
+                lambda: any(
+                    e["event"] == "agent.ring_declined" and e.get("by") == hb.user_id for e in logs
+                ),
+                10.0,
+                "the caller to handle the first decline",
+            )
         assert caller.ring_state is RingState.RINGING
         await hc.send_event(room, "org.matrix.msc4310.rtc.decline", {"m.relates_to": relation})
         assert await caller.wait_ring_ended(timeout_s=5.0) is RingState.DECLINED
