@@ -50,3 +50,9 @@ image:
 .PHONY: interop
 interop: bootstrap
 	MATRIXRTC_INTEROP_FULL=1 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider tests/integration/test_jssdk_interop.py $(PYTEST_ARGS)
+
+# The SFU controller's figures (ghost removal per cause, failover) and the 10-minute soak of
+# honest members through Synapse, service and controller restarts (0 false kicks expected).
+.PHONY: soak-controller
+soak-controller: bootstrap
+	./scripts/in-netns $(VENV)/python bench/controller.py --soak-seconds 600

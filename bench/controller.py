@@ -15,8 +15,9 @@ one Redis. Measured:
 - ``failover_s``: SIGKILL of the leading controller until the other reports itself leader;
 - ``false_kicks``: removals of honest members (heartbeating memberships, 10 s delayed leave,
   publishing again when their membership is gone, as matrix-js-sdk does) during a soak of
-  ``--soak-seconds`` with a Synapse restart, a service restart and a controller restart in
-  it; plus whether each honest member is still in LiveKit at the end.
+  ``--soak-seconds`` with a Synapse outage longer than the delayed leave (their leaves fire
+  when it is back), a service restart and a controller restart in it; plus whether each
+  honest member is still in LiveKit at the end.
 
 Targets (issue 16): every ghost removed ≤ 5 s after the controller can know, failover ≤ 10 s,
 0 false kicks. Figures are printed, never asserted.
@@ -91,7 +92,7 @@ def _removals(procs: Sequence[ManagedProcess]) -> list[dict[str, Any]]:
     return out
 
 
-async def run(soak_seconds: float, honest_count: int) -> dict[str, Any]:
+async def run(soak_seconds: float, honest_count: int, down_seconds: float) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-controller")
     report: dict[str, Any] = {}
     async with (
@@ -151,7 +152,11 @@ async def run(soak_seconds: float, honest_count: int) -> dict[str, Any]:
             report["failover_s"] = await time_until(took_over, 30)
             await controllers[first][0].stop()
             # soak
-            report.update(await _soak(st, owner, members, controllers, soak_seconds, honest_count))
+            report.update(
+                await _soak(
+                    st, owner, members, controllers, soak_seconds, honest_count, down_seconds
+                )
+            )
         finally:
             await asyncio.gather(*(m.stop() for m in members))
             await asyncio.gather(*(p.stop() for p, _u in controllers), sfu_proc.stop())
@@ -218,6 +223,7 @@ async def _soak(
     controllers: list[tuple[ManagedProcess, str]],
     seconds: float,
     count: int,
+    down_seconds: float,
 ) -> dict[str, Any]:
     room = await st.hs.create_call_room(owner)
     honest = list(
@@ -236,8 +242,12 @@ async def _soak(
         await asyncio.sleep(max(0.0, t0 + seconds * fraction - time.monotonic()))
 
     await at(0.25)
-    await st.hs.restart()
-    events.append(f"synapse restarted at {time.monotonic() - t0:.0f} s")
+    await st.hs.stop()
+    # Down longer than the members' 10 s delayed leave: their leaves fire when it is back,
+    # and each member must notice and publish again (the controller waits: outage grace).
+    await asyncio.sleep(down_seconds)
+    await st.hs.start()
+    events.append(f"synapse down {down_seconds:.0f} s, back at {time.monotonic() - t0:.0f} s")
     await at(0.5)
     await st.sfu.proc.stop()
     await st.sfu.start()
@@ -270,9 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak length (60)")
     parser.add_argument("--honest", type=int, default=4, help="honest members in the soak (4)")
+    parser.add_argument(
+        "--synapse-down-seconds",
+        type=float,
+        default=12.0,
+        help="how long Synapse stays down in the soak (12: longer than the 10 s delayed leave)",
+    )
     args = parser.parse_args(argv)
     configure_logging(level="warning")  # stderr: stdout carries the figures
-    report = asyncio.run(run(args.soak_seconds, args.honest))
+    report = asyncio.run(run(args.soak_seconds, args.honest, args.synapse_down_seconds))
     if args.json:
         print(json.dumps(report))
     else:
