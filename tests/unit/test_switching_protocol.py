@@ -1,0 +1,209 @@
+"""The switcher drives transports only through the MediaTransport protocol: two fake
+transports registered in SwitchConfig.transports take the place of mesh and LiveKit, with a
+fake agent whose memberships the test sets. No network, no media."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+
+from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
+from matrixrtc.errors import RemoteError
+from matrixrtc.matrix import Broadcaster, Subscription
+from matrixrtc.media_transport import FrameCounter, MediaTransport, TransportContext
+from matrixrtc.model import (
+    CallMembership,
+    FullMeshTransport,
+    LivekitTransport,
+    SessionMembershipData,
+    parse_membership_event,
+)
+from matrixrtc.model.devices import DeviceRef
+from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.switching import MediaSwitcher, SwitchConfig
+
+ME = "@me:example.org"
+SFU = LivekitTransport(livekit_service_url="https://sfu.example.org")
+_ids = itertools.count()
+
+
+def membership(user: str) -> CallMembership:
+    content = SessionMembershipData.for_join(
+        user_id=user, device_id="D", transports=[SFU, FullMeshTransport()]
+    ).to_json()
+    m = parse_membership_event(
+        {
+            "type": "org.matrix.msc3401.call.member",
+            "state_key": f"_{user}_D_m.call",
+            "sender": user,
+            "event_id": f"$e{next(_ids)}",
+            "origin_server_ts": 1000 + next(_ids),
+            "content": content,
+        }
+    )
+    assert isinstance(m, CallMembership)
+    return m
+
+
+class FakeHs:
+    user_id = ME
+    device_id = "D"
+
+
+class FakeAgent:
+    """What the switcher reads of a CallAgent."""
+
+    room_id = "!room:example.org"
+
+    def __init__(self) -> None:
+        self.hs = FakeHs()
+        self.memberships: tuple[CallMembership, ...] = ()
+        self.participants: tuple[Participant, ...] = ()
+        self._changes: Broadcaster[ParticipantsChanged] = Broadcaster()
+
+    def changes(self) -> Subscription[ParticipantsChanged]:
+        return self._changes.subscribe()
+
+    async def wait_joined(self, timeout_s: float = 10.0) -> None:
+        return None
+
+    def members(self, *users: str) -> None:
+        self.memberships = tuple(membership(u) for u in users)
+        oldest = self.memberships[0]
+        self.participants = tuple(Participant.of(m, oldest, (ME, "D")) for m in self.memberships)
+        self._changes.publish(ParticipantsChanged(self.participants))
+
+
+class FakeTransport:
+    """A transport that carries media once the test says so, and counts frames."""
+
+    def __init__(self, kind: MediaKind, ctx: TransportContext, log: list[str]) -> None:
+        self.kind = kind
+        self.ctx = ctx
+        self.log = log
+        self.carrying = False
+        self.frames = 0
+        self.fail_start = False
+
+    async def start(self) -> None:
+        self.log.append(f"start {self.kind.value}")
+        if self.fail_start:
+            raise RemoteError("cannot start")
+
+    async def update(self) -> None:
+        self.log.append(f"update {self.kind.value}")
+
+    def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
+        return self.carrying
+
+    def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
+        return (FrameCounter(self, self.frames, 1.0 if self.frames else None),)
+
+    async def aclose(self) -> None:
+        self.log.append(f"close {self.kind.value}")
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.made: dict[MediaKind, FakeTransport] = {}
+        self.fail: set[MediaKind] = set()
+        self.carrying: set[MediaKind] = {MediaKind.MESH}  # carries as soon as it starts
+
+    def factory(self, kind: MediaKind) -> Any:
+        def make(ctx: TransportContext) -> MediaTransport:
+            t = FakeTransport(kind, ctx, self.log)
+            t.fail_start = kind in self.fail
+            t.carrying = kind in self.carrying
+            self.made[kind] = t
+            return t
+
+        return make
+
+    def config(self) -> SwitchConfig:
+        return SwitchConfig(
+            mesh_max=2,
+            poll_s=0.001,
+            settle_timeout_s=5.0,
+            retry_s=0.01,
+            transports={k: self.factory(k) for k in (MediaKind.MESH, MediaKind.SFU)},
+        )
+
+
+async def until(pred: Any) -> None:
+    """Until ``pred()`` holds (state another task changes), or fail after 5 s."""
+    async with asyncio.timeout(5):
+        for _ in itertools.count():
+            if pred():
+                return
+            await asyncio.sleep(0.001)
+
+
+async def test_the_switcher_starts_switches_and_closes_transports_through_the_protocol() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    switcher = MediaSwitcher(cast(CallAgent, agent), None, reg.config())
+    async with switcher:
+        with switcher.switches() as records:
+            first = await switcher.wait_settled(MediaKind.MESH, 5)
+            assert (first.old, first.new) == (None, MediaKind.MESH)
+            assert await records.get() == first
+            mesh = reg.made[MediaKind.MESH]
+            assert mesh.ctx.agent is cast(CallAgent, agent)
+            mesh.frames = 3
+            peer = DeviceRef("@a:example.org", "D")
+            await until(lambda: peer in switcher.peers)
+            await until(lambda: switcher.peers[peer].frames.get(MediaKind.MESH) == 3)
+
+            # A third member: above mesh_max, so SFU; make-before-break keeps the mesh until
+            # the SFU carries every peer.
+            agent.members(ME, "@a:example.org", "@b:example.org")
+            await until(lambda: switcher.running(MediaKind.SFU) is not None)
+            assert switcher.kind is MediaKind.MESH
+            assert switcher.running(MediaKind.MESH) is mesh
+            reg.made[MediaKind.SFU].carrying = True
+            second = await switcher.wait_settled(MediaKind.SFU, 5)
+            assert (second.old, second.new) == (MediaKind.MESH, MediaKind.SFU)
+            assert second.reason == "3 members > mesh_max 2"
+            assert second.carried_at is not None
+            assert await records.get() == second
+            await until(lambda: "close mesh" in reg.log)
+            assert switcher.running(MediaKind.MESH) is None
+    assert reg.log[-1] == "close sfu"  # leaving the block closes the running transport
+
+
+async def test_a_transport_that_fails_to_start_is_closed_and_the_old_one_keeps_running() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    reg.fail.add(MediaKind.SFU)
+    async with MediaSwitcher(cast(CallAgent, agent), None, reg.config()) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        agent.members(ME, "@a:example.org", "@b:example.org")
+        await until(lambda: reg.log.count("start sfu") >= 2)  # retried after a pause
+        assert "close sfu" in reg.log
+        assert switcher.kind is MediaKind.MESH
+        assert "close mesh" not in reg.log
+
+
+async def test_a_decision_without_a_registered_transport_is_refused_not_crashed() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org", "@b:example.org")  # SFU decision
+    reg = Registry()
+    cfg = reg.config()
+    only_mesh = SwitchConfig(
+        mesh_max=cfg.mesh_max,
+        poll_s=cfg.poll_s,
+        retry_s=cfg.retry_s,
+        transports={MediaKind.MESH: reg.factory(MediaKind.MESH)},
+    )
+    async with MediaSwitcher(cast(CallAgent, agent), None, only_mesh) as switcher:
+        with pytest.raises(TimeoutError):
+            await switcher.wait_settled(MediaKind.SFU, 0.2)
+        assert switcher.kind is None
+        assert reg.log == []
