@@ -682,3 +682,69 @@ async def test_without_homeserver_access_it_says_so_and_acts_on_delegated_leaves
             if member is not None:
                 await member.stop()
             await proc.stop()
+
+
+async def test_inside_serve_with_workers_one_worker_leads(synapse: Synapse, run_dir: Path) -> None:
+    """``serve --workers 2`` with the controller inside and Redis: both workers stand for
+    election, exactly one leads (the aggregated gauge is 1), and a ghost is removed once."""
+    port = free_tcp_port()
+    async with (
+        LiveKit(run_dir, name="livekit-workers") as lk,
+        Redis(run_dir, name="redis-workers") as redis,
+    ):
+        proc = ManagedProcess(
+            name="sfu-workers",
+            argv=[sys.executable, "-m", "sfu", "serve", "--workers", "2"],
+            log_path=run_dir / "sfu-workers" / "service.log",
+            cwd=run_dir,
+            env={
+                **os.environ,
+                "LIVEKIT_URL": lk.url,
+                "LIVEKIT_KEY": lk.api_key,
+                "LIVEKIT_SECRET": lk.api_secret,
+                "LIVEKIT_REDIS_URL": redis.url,
+                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
+                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
+                "MATRIXRTC_SFU_RATE_LIMIT": "0",
+                "MATRIXRTC_SFU_CONTROLLER": "1",
+                "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",
+                "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
+            },
+        )
+        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
+        await sfu.start()
+        intruder: Member | None = None
+        try:
+
+            async def one_leader() -> bool:
+                return await leader_metric(sfu.url) == 1.0
+
+            assert await time_until(one_leader, 15) is not None
+            async with lkapi.LiveKitAPI(lk.http_url, lk.api_key, lk.api_secret) as api:
+                await api.room.create_room(lkapi.CreateRoomRequest(name="workers"))
+            jwt = (
+                lkapi.AccessToken(lk.api_key, lk.api_secret)
+                .with_identity("intruder-w")
+                .with_grants(lkapi.VideoGrants(room_join=True, room="workers"))
+                .to_jwt()
+            )
+            intruder = Member(UserCreds("", "", "", ""), "", "intruder-w", "workers")
+            intruder.proc = await spawn_member(lk.url, jwt, synapse, intruder.user, "", 0)
+
+            async def gone() -> bool:
+                return "intruder-w" not in await present(lk, "workers")
+
+            assert await time_until(gone, 10) is not None
+            await asyncio.sleep(2)  # a second removal would have happened by now
+            removals = [a for a in sfu.audit() if a["event"] == "ghost removed"]
+            assert [a["identity"] for a in removals] == ["intruder-w"]
+            # any worker answers /status with the leader's snapshot
+            for _ in range(4):
+                status, snap = await sfu.get("/status", STATUS_TOKEN)
+                assert status == 200
+                assert snap["rooms"] is not None
+            assert await leader_metric(sfu.url) == 1.0
+        finally:
+            if intruder is not None:
+                await intruder.stop()
+            await proc.stop()
