@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +68,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
 
 TransportChoice: TypeAlias = Literal["auto", "mesh", "sfu"]
 CallEvent: TypeAlias = ParticipantsChanged | KeyEvent | SwitchRecord
@@ -167,12 +173,15 @@ class Call:
         sfu_url: str | None = None,
         publish: Sequence[MediaStreamTrack] = (),
         options: CallOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], int] = _wall_ms,
     ) -> None:
         """Join ``room`` (an id or alias; joined if needed) with ``client``, or log in at
         ``homeserver`` as ``user`` with ``password`` or ``access_token`` (a ``state_dir``
         keeps the device and its crypto store between runs). ``sfu_url`` is the LiveKit
         authorization service to advertise when the homeserver names none. ``publish``: tracks
-        to send from the start."""
+        to send from the start. ``clock`` (monotonic seconds) and ``wall_clock_ms`` are the
+        clocks every part of the call reads (tests inject their own)."""
         library_default()  # logs to stderr, warnings up, unless the application set logging up
         if client is None and (homeserver is None or user is None):
             raise ConfigError("give client=, or homeserver= and user=")
@@ -183,6 +192,8 @@ class Call:
         self.dialect = Dialect(dialect)
         self.e2ee = e2ee
         self.options = options or CallOptions()
+        self._clock = clock
+        self._wall_clock_ms = wall_clock_ms
         self._client = client
         self._login = (
             Login(user, password=password, access_token=access_token) if user is not None else None
@@ -244,7 +255,9 @@ class Call:
             intent=opts.intent if opts.intent is not None else opts.agent.intent,
             delayed_leave_ms=opts.delayed_leave_ms,
         )
-        agent = await stack.enter_async_context(CallAgent(hs, room_id, agent_cfg))
+        agent = await stack.enter_async_context(
+            CallAgent(hs, room_id, agent_cfg, clock_ms=self._wall_clock_ms)
+        )
         self._agent = agent
         # Listen before the keys and the media start: their first events count too.
         changes = stack.enter_context(agent.changes())
@@ -255,7 +268,12 @@ class Call:
         )
         if self.e2ee or (self.e2ee is None and encrypted):
             keys = await stack.enter_async_context(
-                CallKeys(agent, CallKeysConfig(allow_plaintext_keys=opts.allow_plaintext_keys))
+                CallKeys(
+                    agent,
+                    CallKeysConfig(allow_plaintext_keys=opts.allow_plaintext_keys),
+                    clock_ms=self._wall_clock_ms,
+                    monotonic=self._clock,
+                )
             )
             self._spawn(self._forward(stack.enter_context(keys.events())), "keys")
         self._keys = keys
@@ -269,7 +287,13 @@ class Call:
         )
         switch_cfg = SwitchConfig(mesh_max=opts.mesh_max, mesh=mesh, sources=self._sources)
         switcher = await stack.enter_async_context(
-            MediaSwitcher(agent, keys, switch_cfg, frames=FrameTap(self._frame, self._listening))
+            MediaSwitcher(
+                agent,
+                keys,
+                switch_cfg,
+                clock=self._clock,
+                frames=FrameTap(self._frame, self._listening),
+            )
         )
         self._switcher = switcher
         self._spawn(self._forward(stack.enter_context(switcher.switches())), "transport")

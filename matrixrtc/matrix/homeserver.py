@@ -42,7 +42,7 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -113,7 +113,12 @@ class Homeserver(ClientApi):
         timeline_limit: int = 50,
         request_timeout_s: float = 20.0,
         max_backoff_s: float = 2.0,
+        clock_ms: Callable[[], int] = wire.now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock_ms`` (wall clock, ms) dates received sticky events; ``monotonic`` stamps
+        :attr:`last_sync_monotonic`."""
+        self._monotonic = monotonic
         self.base_url = base_url.rstrip("/")
         self._login = login
         self._state_dir_path = state_dir
@@ -133,7 +138,7 @@ class Homeserver(ClientApi):
         self._crypto_lock = asyncio.Lock()  # nio's Olm/Megolm state is not reentrant
         self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
         self._to_device = ToDevice(self._require_nio, self.request, self._crypto_lock)
-        self._rooms = RoomCache()
+        self._rooms = RoomCache(now_ms=clock_ms)
         self._crypto: RoomCrypto | None = None
         self._synced = asyncio.Condition()
         self.sync_count = 0
@@ -492,7 +497,7 @@ class Homeserver(ClientApi):
             raw, lambda room_id, ev: crypto.decrypted(room_id, ev, decrypted), initial
         ):
             self._room_updates.publish(update)
-        self.last_sync_monotonic = time.monotonic()
+        self.last_sync_monotonic = self._monotonic()
         async with self._synced:
             self.sync_count += 1
             self._synced.notify_all()
