@@ -317,6 +317,7 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
                 await pz.wait_ready()
                 await py.wait_until(carried_by("sfu"), 90)
                 await pz.wait_until(carried_by("sfu"), 90)
+                await asyncio.sleep(3)  # the browser decodes both on the SFU too
             # pz has left: back to the mesh.
             await py.wait_until(lambda p: _peer(p, web_user).get("transport") == "mesh", 90)
             await asyncio.sleep(2)
@@ -328,6 +329,12 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     print("python:", py_view)
     assert result["ok"], result
     last = result["last"]
+    # The browser decoded everyone on the SFU (three members), then on the mesh again.
+    assert [(p["kind"], p["reached"]) for p in result["phases"]] == [
+        ("sfu", True),
+        ("mesh", True),
+    ], result["phases"]
+    assert result["phases"][0]["participants"] == 2
     kinds = [(s["from"], s["to"]) for s in last["switches"]]
     assert kinds == [(None, "mesh"), ("mesh", "sfu"), ("sfu", "mesh")], last["switches"]
     assert last["kind"] == "mesh"

@@ -66,7 +66,13 @@ export class Call {
   private gapTimer?: number;
   /** Per participant: when a video frame was last decoded on any transport, and the longest
    *  time without one since the first (what a switch costs a person watching). */
-  readonly frameClock = new Map<string, { last: number; maxGapMs: number; counts: Map<RTCRtpReceiver, number> }>();
+  readonly frameClock = new Map<
+    string,
+    { first: number; last: number; maxGapMs: number; counts: Map<RTCRtpReceiver, number>; gaps: Array<[number, number]> }
+  >();
+  /** performance.now() when join() was called. */
+  joinedAt = 0;
+  private joinedWall = 0;
   private prevBytes = new Map<string, { at: number; bytes: number }>();
   private left = false;
   readonly listeners = new Set<() => void>();
@@ -98,6 +104,8 @@ export class Call {
   }
 
   join(): void {
+    this.joinedAt = performance.now();
+    this.joinedWall = Date.now();
     this.session.on(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
     this.session.on(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
     this.session.on(MatrixRTCSessionEvent.MembershipManagerError, (e: unknown) => {
@@ -178,8 +186,13 @@ export class Call {
           audioLevelMax: prev?.audioLevelMax ?? 0,
         };
       });
-    if (this.own) {
-      const kind = this.options.prefer === "auto" ? chooseMedia(memberships.map((m) => m.transports), this.options.meshMax) : this.forced(memberships);
+    // Until our own membership comes back from the homeserver, decide as if it were there
+    // (the transports we advertise): an SFU connection can start at once; the mesh needs our
+    // membership's created_ts for its session id, so it waits for it.
+    const lists = memberships.map((m) => m.transports);
+    if (!this.own) lists.push(this.advertised());
+    const kind = this.options.prefer === "auto" ? chooseMedia(lists, this.options.meshMax) : this.forced(lists);
+    if (this.own || (kind === "sfu" && !this.transport)) {
       this.wantedKind = kind;
       void this.reconcile();
     }
@@ -187,9 +200,9 @@ export class Call {
     this.changed();
   };
 
-  private forced(memberships: CallMembership[]): MediaKind {
+  private forced(lists: Array<Array<{ type: string }>>): MediaKind {
     if (this.options.prefer === "sfu") return this.options.focus ? "sfu" : "none";
-    const allMesh = memberships.every((m) => m.transports.some((t) => t.type === MESH_TRANSPORT_TYPE));
+    const allMesh = lists.every((ts) => ts.some((t) => t.type === MESH_TRANSPORT_TYPE));
     return allMesh ? "mesh" : "none";
   }
 
@@ -337,13 +350,18 @@ export class Call {
         for (const r of m?.receivers() ?? []) {
           if (r.track.kind !== "video") continue;
           const n = (await receiverStats([r])).framesDecoded;
-          if (!clock) this.frameClock.set(p.identity, (clock = { last: 0, maxGapMs: 0, counts: new Map() }));
+          if (!clock) this.frameClock.set(p.identity, (clock = { first: 0, last: 0, maxGapMs: 0, counts: new Map(), gaps: [] }));
           if (n > (clock.counts.get(r) ?? 0)) advanced = true;
           clock.counts.set(r, n);
         }
       }
       if (advanced && clock) {
-        if (clock.last > 0) clock.maxGapMs = Math.max(clock.maxGapMs, now - clock.last);
+        if (clock.last > 0) {
+          clock.maxGapMs = Math.max(clock.maxGapMs, now - clock.last);
+          if (now - clock.last > 150 && clock.gaps.length < 500) clock.gaps.push([now, now - clock.last]);
+        } else {
+          clock.first = now;
+        }
         clock.last = now;
       }
     }
@@ -423,6 +441,8 @@ export class Call {
         e2ee: p.e2ee,
         audioLevelMax: p.audioLevelMax,
         maxGapMs: Math.round(this.frameClock.get(p.identity)?.maxGapMs ?? 0),
+        firstKeyMs: this.keys.firstAt.has(p.identity) ? this.keys.firstAt.get(p.identity)! - this.joinedWall : null,
+        firstFrameMs: this.frameClock.get(p.identity)?.first ? Math.round(this.frameClock.get(p.identity)!.first - this.joinedAt) : null,
         stats: p.media ? await receiverStats(p.media.receivers()) : null,
       })),
     );
@@ -433,7 +453,18 @@ export class Call {
       ownKeyIndex: this.own ? this.keys.latestIndex(this.own.rtcBackendIdentity) ?? null : null,
       memberships: this.session.memberships.length,
       participants: parts,
-      switches: this.switches.map((s) => ({ ...s, durationMs: s.doneAt === undefined ? null : Math.round(s.doneAt - s.startedAt) })),
+      // Per switch: how long it took, and the longest time anyone's video stood still from its
+      // start until 3 s after it was done.
+      transportReadyMs: this.switches[0]?.doneAt ? Math.round(this.switches[0].doneAt - this.joinedAt) : null,
+      switches: this.switches.map((s) => {
+        const end = (s.doneAt ?? performance.now()) + 3000;
+        const gaps = [...this.frameClock.values()].flatMap((c) => c.gaps.filter(([at]) => at >= s.startedAt && at - 0 <= end));
+        return {
+          ...s,
+          durationMs: s.doneAt === undefined ? null : Math.round(s.doneAt - s.startedAt),
+          gapMs: Math.round(Math.max(0, ...gaps.map(([, g]) => g))),
+        };
+      }),
       error: this.error,
       meshLog: this.transport instanceof MeshTransport ? this.transport.log.slice(-30) : [],
       cryptorErrors: this.transport instanceof MeshTransport ? this.transport.crypto.errors.slice(-10) : this.transport instanceof SfuTransport ? this.transport.encryptionErrors.slice(-10) : [],

@@ -17,11 +17,14 @@ export class KeyTable {
   private readonly byIdentity = new Map<string, Map<number, MediaKey>>();
   private readonly latest = new Map<string, number>();
   private readonly sinks = new Set<KeySink>();
+  /** identity -> Date.now() of the first key received for it. */
+  readonly firstAt = new Map<string, number>();
 
   set(k: MediaKey): void {
     let ring = this.byIdentity.get(k.identity);
     if (!ring) this.byIdentity.set(k.identity, (ring = new Map()));
     ring.set(k.index, k);
+    if (!this.firstAt.has(k.identity)) this.firstAt.set(k.identity, k.receivedAt);
     this.latest.set(k.identity, k.index);
     for (const sink of this.sinks) sink(k);
   }
