@@ -23,7 +23,16 @@ Switch gaps: three members under ``MediaSwitcher`` with ``mesh_max`` 3 on mesh; 
 (the call moves to the SFU), then leaves (back to mesh). Each direction's figure is the largest
 gap between two video frames from one peer that any member saw around that switch.
 
-Prints figures only; never fails on time. Bounded: about 90 s with the defaults, 240 s at most.
+Late joiners (``late_join_decrypt_failures``): two members on one transport (mesh, then SFU)
+until their keys are past the grace period (2 s here), then a third joins; the figure is the
+most frames the joiner could not decrypt in one join (target ≤ 2; see
+``matrixrtc.calltest.late_join`` for how the SFU figure is derived from the SDK's states).
+
+Fast exit (``sigterm_exit_ms``): ``python -m matrixrtc join`` processes, each SIGTERMed once in
+the call; SIGTERM → process gone, with the leave in the room (target p50 ≤ 150 ms; js-sdk
+42-62 ms). ``sigterm_left_ms``: SIGTERM → the process printed "left" (leave sent, all closed).
+
+Prints figures only; never fails on time. Bounded: about 2 min with the defaults, 6 min at most.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from urllib.parse import quote
 
 from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys
+from matrixrtc.calltest.exit_timing import sigterm_exit
+from matrixrtc.calltest.late_join import late_join
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.livekit import LiveKitTransport, MediaOptions, OwnDevice
 from matrixrtc.logging import configure_logging
@@ -57,7 +68,7 @@ from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
-LIMIT_S = 240.0
+LIMIT_S = 360.0
 FIRST_FRAME_TIMEOUT_S = 10.0
 
 
@@ -293,14 +304,74 @@ async def measure_switch(media: MediaOptions) -> dict[str, Any]:
     }
 
 
+async def measure_late_join(runs: int) -> dict[str, Any]:
+    run_dir = new_run_dir(prefix="bench-late-join")
+    every: dict[str, list[int]] = {"mesh": [], "sfu": []}
+    firsts: dict[str, list[float]] = {"mesh": [], "sfu": []}
+    async with (
+        Synapse(run_dir) as hs,
+        LiveKit(run_dir) as lk,
+        AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET) as svc,
+    ):
+        n = 0
+        for kind in (MediaKind.MESH, MediaKind.SFU):
+            for _ in range(runs):
+                n += 1
+                users = (
+                    await hs.register(f"lja{n}"),
+                    await hs.register(f"ljb{n}"),
+                    await hs.register(f"ljc{n}"),
+                )
+                r = await late_join(hs, users, kind, sfu_url=svc.url)
+                every[kind.value].append(r.total)
+                firsts[kind.value] += [s for s in r.first_frame_s.values() if s is not None]
+    return {
+        "mesh": max(every["mesh"]),
+        "sfu": max(every["sfu"]),
+        "all": every,
+        "first_frame_ms_p50": {
+            k: round(1000 * statistics.median(v)) if v else None for k, v in firsts.items()
+        },
+    }
+
+
+async def measure_sigterm(runs: int) -> dict[str, Any]:
+    run_dir = new_run_dir(prefix="bench-sigterm")
+    async with Synapse(run_dir) as hs:
+        user = await hs.register("quitter")
+        room_id = await hs.create_call_room(user)
+        done = await sigterm_exit(hs, user, room_id, run_dir, runs=runs)
+    exits = sorted(r.exit_ms for r in done)
+    lefts = sorted(r.left_ms for r in done)
+    return {
+        "sigterm_exit_ms": {
+            "p50": round(statistics.median(exits)),
+            "max": round(exits[-1]),
+            "all": [round(x) for x in exits],
+            "left_in_room": sum(r.left_in_room for r in done),
+            "runs": len(done),
+        },
+        "sigterm_left_ms": {"p50": round(statistics.median(lefts)), "max": round(lefts[-1])},
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     media = MediaOptions(width=320, height=240, fps=15.0)
     async with asyncio.timeout(LIMIT_S):
         sfu = await measure_sfu(args.joins, media, args.gap)
         mesh = await measure_mesh(args.joins, media, args.gap)
         switch = await measure_switch(replace(media, audio=False))
+        late = await measure_late_join(args.late_joins)
+        exits = await measure_sigterm(args.exits)
     durations = switch.pop("switch_duration_ms")
-    return {"mesh": mesh, "sfu": sfu, "switch_gap_ms": switch, "switch_duration_ms": durations}
+    return {
+        "mesh": mesh,
+        "sfu": sfu,
+        "switch_gap_ms": switch,
+        "switch_duration_ms": durations,
+        "late_join_decrypt_failures": late,
+        **exits,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--joins", type=int, default=10)
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between joins")
+    parser.add_argument("--late-joins", type=int, default=3, help="late joins per transport")
+    parser.add_argument("--exits", type=int, default=10, help="SIGTERMed join processes")
     args = parser.parse_args(argv)
     configure_logging(level="error")
     started = time.monotonic()
@@ -330,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     print("switch, largest video gap any member saw (3 on mesh, mesh_max 3, a 4th joins/leaves)")
     print(f"  mesh → sfu {gaps['mesh_to_sfu']} ms (switch took {took['mesh_to_sfu']} ms)")
     print(f"  sfu → mesh {gaps['sfu_to_mesh']} ms (switch took {took['sfu_to_mesh']} ms)")
+    late = result["late_join_decrypt_failures"]
+    print("late joiner (after the key grace period), most undecryptable frames in one join")
+    print(f"  mesh {late['mesh']}  sfu {late['sfu']}  (target <= 2; all: {late['all']})")
+    ex, lf = result["sigterm_exit_ms"], result["sigterm_left_ms"]
+    print(f"SIGTERM -> leave sent and process gone, {ex['runs']} runs")
+    print(f"  p50 {ex['p50']} ms  max {ex['max']} ms  (target p50 <= 150; all {ex['all']})")
+    print(f"  leave in the room {ex['left_in_room']}/{ex['runs']}; 'left' p50 {lf['p50']} ms")
     print(f"({result['bench_duration_s']} s)")
     return 0
 

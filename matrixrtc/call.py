@@ -317,6 +317,10 @@ class Call:
         if stack is None:
             return
         try:
+            if self._agent is not None:
+                # The leave event goes out before the media is torn down: others see us
+                # gone at once, however long closing the transports takes.
+                await self._agent.leave()
             await self._close_media()
             await stack.aclose()
         finally:
