@@ -24,8 +24,9 @@ What is checked (and what each needs):
 - ``token_flow`` and ``service_livekit`` (need ``--access-token``): a real OpenID token is
   exchanged for a LiveKit token; a 500 "Unable to create room on SFU" blames the service's
   LiveKit URL or key.
-- ``livekit_reachable``, ``livekit_token``: LiveKit answers on the URL the service hands
-  out, and accepts the service's token (``/rtc/validate``).
+- ``livekit_reachable``, ``livekit_token``, ``livekit_websocket``: LiveKit answers on the URL
+  the service hands out, accepts the service's token (``/rtc/validate``), and a join over its
+  signalling websocket gets a join response (proxies that drop the Upgrade header fail).
 - ``livekit_api``: LiveKit's API accepts ``--livekit-key``/``--livekit-secret`` (or the
   keys in ``--livekit-config``, or ``LIVEKIT_KEY``/``LIVEKIT_SECRET``).
 - ``webhook``: with ``--livekit-config``, LiveKit's ``webhook`` section posts to a
@@ -598,6 +599,7 @@ class Doctor:
         r = await self._req("GET", base + "/rtc/validate?access_token=" + quote(self._jwt))
         if r.status == 200:
             self._add("livekit_token", PASS, "LiveKit accepts the service's token")
+            await self._websocket()
         elif r.status == 404:
             self._add(
                 "livekit_token",
@@ -610,6 +612,38 @@ class Doctor:
                 FAIL,
                 f"LiveKit rejects the service's token: {r.status} {r.text[:80]}",
                 "the service's LIVEKIT_KEY/LIVEKIT_SECRET must be one of LiveKit's `keys`",
+            )
+
+    async def _websocket(self) -> None:
+        """Join over LiveKit's signalling websocket with the service's token, as a client
+        does (a reverse proxy that drops the Upgrade header fails here), then leave."""
+        assert self._session is not None
+        ws_url = self.livekit_url.rstrip("/")
+        if ws_url.startswith("http"):
+            ws_url = "ws" + ws_url[4:]
+        url = f"{ws_url}/rtc?access_token={quote(self._jwt)}&auto_subscribe=0&protocol=15"
+        fix = (
+            "the reverse proxy in front of LiveKit must pass websocket upgrades "
+            "(Upgrade/Connection headers, long read timeouts) on the LIVEKIT_URL path"
+        )
+        try:
+            async with self._session.ws_connect(url, autoclose=True) as ws:
+                msg = await ws.receive(timeout=self.timeout)
+                await ws.close()
+        except aiohttp.WSServerHandshakeError as exc:
+            self._add("livekit_websocket", FAIL, f"websocket upgrade refused: {exc.status}", fix)
+            return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._add("livekit_websocket", FAIL, f"websocket: {self._why(exc)}", fix)
+            return
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            self._add("livekit_websocket", PASS, "joined over LiveKit's websocket and left")
+        else:
+            self._add(
+                "livekit_websocket",
+                FAIL,
+                f"LiveKit's websocket answered {msg.type.name} instead of a join response",
+                fix,
             )
 
     def _keys(self) -> tuple[str, str]:

@@ -4,7 +4,8 @@ deployments broken one way each it names exactly that check and no other.
 A deployment here is Synapse (serving its own ``.well-known/matrix/client`` with the focus),
 the authorization service and LiveKit (webhooks to the service). Broken variants: delayed
 events off, no transports/foci, CORS stripped by a reverse proxy, service down, the service's
-LiveKit secret wrong, LiveKit signing webhooks with another key, federation unreachable.
+LiveKit secret wrong, LiveKit signing webhooks with another key, federation unreachable,
+LiveKit behind a proxy that does not pass websocket upgrades, a dead TURN port.
 """
 
 from __future__ import annotations
@@ -62,28 +63,30 @@ async def start(proc: ManagedProcess, port: int) -> None:
     await proc.start(ready, 30)
 
 
-def cors_stripping_proxy(upstream: str) -> web.Application:
-    """A reverse proxy configured the usual wrong way: OPTIONS not passed on (405), and the
-    service's Access-Control-* headers dropped."""
+def bad_proxy(upstream: str, *, strip_cors: bool) -> web.Application:
+    """A reverse proxy configured a usual wrong way: plain HTTP only (no websocket upgrade:
+    hop-by-hop headers are not passed on), and with ``strip_cors`` OPTIONS not passed on
+    (405) and the upstream's Access-Control-* headers dropped."""
+    hop = {"connection", "upgrade", "host", "content-length", "transfer-encoding"}
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.method == "OPTIONS":
+        if strip_cors and request.method == "OPTIONS":
             return web.Response(status=405)
         async with (
-            aiohttp.ClientSession() as s,
+            aiohttp.ClientSession(auto_decompress=False) as s,
             s.request(
                 request.method,
                 upstream + request.path_qs,
                 data=await request.read(),
-                headers={"Content-Type": request.headers.get("Content-Type", "")},
+                headers={k: v for k, v in request.headers.items() if k.lower() not in hop},
             ) as r,
         ):
             body = await r.read()
             headers = {
                 k: v
                 for k, v in r.headers.items()
-                if not k.lower().startswith("access-control-")
-                and k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
+                if not (strip_cors and k.lower().startswith("access-control-"))
+                and k.lower() not in hop
             }
             return web.Response(status=r.status, body=body, headers=headers)
 
@@ -104,6 +107,7 @@ class Deployments:
     wrong_secret: str
     webhook_mismatch: str
     cors_proxy: str
+    livekit_proxy: str  # plain HTTP in front of LiveKit: no websocket upgrades
     good_user: UserCreds
     no_delay_user: UserCreds
     bare_user: UserCreds
@@ -111,7 +115,8 @@ class Deployments:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def deps(synapse: Synapse, run_dir: Path) -> AsyncIterator[Deployments]:
-    ports = {n: free_tcp_port() for n in ("good", "nodelay", "wrong", "hook", "proxy")}
+    names = ("good", "nodelay", "wrong", "hook", "proxy", "lkproxy")
+    ports = {n: free_tcp_port() for n in names}
     url = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     hook_key, hook_secret = "APIhook" + secrets.token_hex(3), secrets.token_urlsafe(30)
     async with (
@@ -144,9 +149,12 @@ async def deps(synapse: Synapse, run_dir: Path) -> AsyncIterator[Deployments]:
             ),
             "hook": service(run_dir, "sfu-doctor-hook", ports["hook"], lk2, good_hs),
         }
-        runner = web.AppRunner(cors_stripping_proxy(url["good"]))
+        runner = web.AppRunner(bad_proxy(url["good"], strip_cors=True))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", ports["proxy"]).start()
+        lk_runner = web.AppRunner(bad_proxy(lk.http_url, strip_cors=False))
+        await lk_runner.setup()
+        await web.TCPSite(lk_runner, "127.0.0.1", ports["lkproxy"]).start()
         try:
             await asyncio.gather(*(start(p, ports[n]) for n, p in procs.items()))
             users = await asyncio.gather(
@@ -165,9 +173,11 @@ async def deps(synapse: Synapse, run_dir: Path) -> AsyncIterator[Deployments]:
                 url["wrong"],
                 url["hook"],
                 url["proxy"],
+                url["lkproxy"],
                 *users,
             )
         finally:
+            await lk_runner.cleanup()
             await runner.cleanup()
             await asyncio.gather(*(p.stop() for p in procs.values()))
 
@@ -208,6 +218,7 @@ async def test_good_deployment_passes_every_check(deps: Deployments) -> None:
         "service_livekit",
         "livekit_reachable",
         "livekit_token",
+        "livekit_websocket",
         "livekit_api",
         "webhook",
     ):
@@ -293,3 +304,8 @@ async def test_turn_probe(deps: Deployments, coturn: Coturn) -> None:
     dead = f"127.0.0.1:{free_udp_port()}"
     rows = await doctor(deps.good_hs, deps.good_user, deps.lk, turn=dead, timeout=1.5)
     assert failing(rows) == {"turn"}
+
+
+async def test_livekit_behind_a_proxy_without_websocket_upgrades(deps: Deployments) -> None:
+    rows = await doctor(deps.good_hs, deps.good_user, deps.lk, livekit_url=deps.livekit_proxy)
+    assert failing(rows) == {"livekit_websocket"}
