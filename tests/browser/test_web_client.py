@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,3 +377,74 @@ async def test_clear_messages_for_login_and_device_failures(
     assert result["wrongPassword"] == "Wrong user name or password."
     assert "permission was denied" in result["permission"]
     assert result["joinDisabled"] is True
+
+
+async def test_ring_from_python_declined_in_the_browser(
+    chromium: Chromium, web_stack: WebStack, run_dir: Path
+) -> None:
+    """A Python caller (``python -m matrixrtc join --ring --leave-when-unanswered``) rings the
+    room (MSC4075); the browser shows who is calling with Answer/Decline, and its Decline
+    (MSC4310) is understood: the caller, whom everyone rung declined, leaves and exits 0.
+
+    In an unencrypted room: in an encrypted one the browser shows the ring just as well, but
+    the Python caller never reacts to the browser's (Megolm-encrypted) decline - open, see the
+    issue's closing note."""
+    tag = secrets.token_hex(3)
+    names = [f"zed-{tag}", f"web-{tag}"]
+    prov = await provision(web_stack.synapse.base_url, names, encrypted=False)
+    (caller_user, caller_pw), (web_user, web_pw) = prov.users
+    options = {
+        "base": web_stack.client_url,
+        "homeserver": web_stack.synapse.base_url,
+        "user": web_user,
+        "password": web_pw,
+    }
+    page = await asyncio.create_subprocess_exec(
+        "node",
+        str(BROWSER_DIR / "web_ring.mjs"),
+        chromium.devtools_url,
+        json.dumps(options),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=BROWSER_DIR,
+    )
+    assert page.stdout is not None
+    caller: asyncio.subprocess.Process | None = None
+    log = run_dir / f"ring-{tag}.log"
+    try:
+        ready = json.loads(await asyncio.wait_for(page.stdout.readline(), 60))
+        assert ready == {"ready": True}
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "matrixrtc",
+            "join",
+            "--homeserver",
+            prov.base_url,
+            "--user",
+            caller_user,
+            "--room",
+            prov.room_id,
+            "--state-dir",
+            str(run_dir / f"ring-{tag}"),
+            "--ring",
+            "--leave-when-unanswered",
+            "--ring-lifetime-ms",
+            "60000",
+            "--output",
+            "json",
+            env={**os.environ, "MATRIXRTC_PASSWORD": caller_pw},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
+        result = json.loads(await asyncio.wait_for(page.stdout.readline(), 90))
+        print(result)
+        assert result["ok"], result
+        assert result["text"] == f"{caller_user.split(':')[0][1:]} is calling in call-test"
+        assert result["buttons"] == ["Answer", "Decline"]
+        # Declined by everyone rung: the caller leaves by itself and exits 0.
+        assert await asyncio.wait_for(caller.wait(), 30) == 0
+    finally:
+        for proc in (page, caller):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()

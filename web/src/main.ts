@@ -216,7 +216,18 @@ async function newRoom(): Promise<void> {
 // ---- ringing ------------------------------------------------------------------------------
 
 function onTimeline(ev: MatrixEvent, room: Room | undefined, toStartOfTimeline: boolean | undefined): void {
-  if (toStartOfTimeline || !room || ev.getType() !== EventType.RTCNotification) return;
+  if (toStartOfTimeline || !room) return;
+  // In an encrypted room the notification arrives encrypted: look at it once decrypted.
+  if (ev.isEncrypted() && ev.getType() === "m.room.encrypted") {
+    void state.client!.decryptEventIfNeeded(ev).then(() => {
+      if (ev.getType() === EventType.RTCNotification) onNotification(ev, room);
+    });
+    return;
+  }
+  if (ev.getType() === EventType.RTCNotification) onNotification(ev, room);
+}
+
+function onNotification(ev: MatrixEvent, room: Room): void {
   const client = state.client!;
   if (ev.getSender() === client.getUserId()) return;
   const c = ev.getContent();
