@@ -24,13 +24,20 @@ and joins again from the first step (the old delayed leave is cancelled first), 
 ``agent.rejoin_scheduled`` and ``agent.rejoining``. :meth:`CallAgent.leave` during that wait,
 or after any failure, still sends the leave.
 
-Ring (§5): with ``ring=True``, when our join starts the call (we are its only member), send
-one ``org.matrix.msc4075.rtc.notification`` referencing our membership event. It rings the
-room (``m.mentions.room``): the rung users are the other joined room members at that moment.
-Ringing ends when every rung user has declined (``org.matrix.msc4310.rtc.decline``
-referencing it; in a DM, the one other user), when another member joins, or when the
-lifetime passes. With ``leave_when_ring_unanswered`` the agent then leaves the call after a
-decline or an expiry, as Element Call's caller does.
+Ring (§5, js-sdk 43): with ``ring=True``, when our join starts the call (we are its only
+member), open the slot if needed and send one ``org.matrix.msc4075.rtc.notification`` (sticky,
+keyed by the slot) referencing our membership event. It rings the room (``m.mentions.room``)
+and names the rung users (the other joined room members at that moment). Ringing ends when
+every rung user has declined (``org.matrix.msc4310.rtc.decline`` referencing it), when
+another member joins, or when the lifetime passes; the logic is the pure
+:class:`matrixrtc.session.ring.OutgoingRing`. With ``leave_when_ring_unanswered`` the agent
+then leaves the call after a decline or an expiry, as Element Call's caller does. Rings
+addressed to us that pass js-sdk 43's receiving rules land in :attr:`CallAgent.incoming_rings`;
+:meth:`CallAgent.decline` declines one.
+
+Slots (``org.matrix.msc4143.rtc.slot``): the agent refuses to join a closed slot (LocalError
+naming it; the join CLI prints it), and in the sticky dialect opens an absent one first,
+keeping any other content (js-sdk ``ensureRtcSlotOpen``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -71,10 +77,15 @@ from matrixrtc.model import (
     msc4354,
 )
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
+from matrixrtc.model.notification import DECLINE_STICKY_MS
+from matrixrtc.model.slot import SLOT_ENCRYPTION_PER_MEMBER, SlotStatus, open_slot_content
 from matrixrtc.session import membership_machine as mm
+from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.transports import publish_transport
 from matrixrtc.tasks import OwnedTasks
+
+_MAX_MENTIONS = 100  # rung users named in a ring's m.mentions (bigger rooms: the room only)
 
 __all__ = [
     "AgentConfig",
@@ -116,14 +127,6 @@ class AgentConfig:
     # does not answer.
     rejoin_backoff_ms: int = 1_000
     rejoin_max_backoff_ms: int = 30_000
-
-
-class RingState(StrEnum):
-    IDLE = "idle"  # not asked to ring, or the call already had members
-    RINGING = "ringing"
-    DECLINED = "declined"
-    ANSWERED = "answered"  # someone else joined
-    EXPIRED = "expired"  # lifetime passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,13 +224,10 @@ class CallAgent:
         self._wake = asyncio.Event()
         self._in_call = False
         self._own_present = asyncio.Event()
-        self._ring = RingState.IDLE
-        self._ring_sent = False
-        self._ring_deadline_ms: int | None = None
-        self.notification_event_id: str | None = None
+        self._ring = OutgoingRing(self.hs.user_id)
+        # Valid ring notifications addressed to us (js-sdk 43's receiving rules), by event id.
+        self.incoming_rings: dict[str, RtcNotification] = {}
         self._ring_ended = asyncio.Event()
-        self._rung: frozenset[str] = frozenset()
-        self._declined: set[str] = set()
         self._updates: Subscription[RoomUpdate] | None = None
         self._log = log.bind(room_id=room_id, user_id=hs.user_id, device_id=hs.device_id)
         self.heartbeats = 0
@@ -245,6 +245,7 @@ class CallAgent:
         # Seed from what the adapter already holds; later updates come from the subscription
         # (taken first, with no await in between, so nothing is missed).
         self._seed()
+        await self._respect_slot()
         self._machine = self._new_machine()
         self._machine.join(
             self._clock_ms(),
@@ -297,7 +298,12 @@ class CallAgent:
 
     @property
     def ring_state(self) -> RingState:
-        return self._ring
+        return self._ring.state
+
+    @property
+    def notification_event_id(self) -> str | None:
+        """Our ring notification's event id, once sent."""
+        return self._ring.notification_event_id
 
     @property
     def membership_state_key(self) -> str | None:
@@ -352,7 +358,7 @@ class CallAgent:
     async def wait_ring_ended(self, timeout_s: float | None = None) -> RingState:
         if not await _wait_event(self._ring_ended, timeout_s):
             raise TimeoutError("the ring did not end")
-        return self._ring
+        return self._ring.state
 
     async def leave(self, timeout_s: float = 10.0) -> None:
         """Leave the call now (idempotent); the context exit does this too.
@@ -372,7 +378,7 @@ class CallAgent:
         self._poke.set()
         if not await _wait_event(self._stopped, timeout_s):
             self._log.warning("agent.leave_timed_out")
-        self._stop_ringing(RingState.IDLE)
+        self._stop_ringing()
 
     # -- room input -------------------------------------------------------------------------
 
@@ -403,6 +409,8 @@ class CallAgent:
         for ev in rest:
             if ev.get("type") == EventType.RTC_DECLINE:
                 self._on_decline(ev)
+            elif ev.get("type") == EventType.RTC_NOTIFICATION:
+                self._on_notification(ev)
         self._recompute()
 
     def _recompute(self) -> None:
@@ -423,7 +431,7 @@ class CallAgent:
         self._participants = parts
         self._ring_after_change(changes)
         if joined or left or [p.event_id for p in parts] != [p.event_id for p in prev.values()]:
-            self._emit(ParticipantsChanged(parts, joined, left, self._ring))
+            self._emit(ParticipantsChanged(parts, joined, left, self._ring.state))
 
     def _emit(self, event: ParticipantsChanged) -> None:
         self._changes.publish(event)
@@ -631,7 +639,7 @@ class CallAgent:
         fired_ms = 0  # deadlines at or before this have been handled: never spin on them
         while True:
             self._wake.clear()
-            candidates = (self._session.next_wakeup_ms(), self._ring_deadline_ms)
+            candidates = (self._session.next_wakeup_ms(), self._ring.deadline_ms)
             deadlines = [t for t in candidates if t is not None and t > fired_ms]
             timeout = None
             if deadlines:
@@ -639,62 +647,140 @@ class CallAgent:
             if await _wait_event(self._wake, timeout):
                 continue
             fired_ms = self._clock_ms()
-            if self._ring_deadline_ms is not None and fired_ms >= self._ring_deadline_ms:
-                self._stop_ringing(RingState.EXPIRED)
+            ended = self._ring.on_time(fired_ms)
+            if ended is not None:
+                self._ring_ended_as(ended)
             self._recompute()
 
     # -- ring -------------------------------------------------------------------------------
 
     def _ring_after_change(self, changes: MembershipChanges) -> None:
-        if self._ring is RingState.RINGING:
-            others = [m for m in changes.memberships if m.sender != self.hs.user_id]
-            if others:
-                self._stop_ringing(RingState.ANSWERED, emit=False)
-            return
-        if not self.config.ring or self._ring_sent:
+        if self._ring.state is RingState.RINGING:
+            if self._ring.on_memberships(changes.memberships) is not None:
+                self._ring_ended_as(RingState.ANSWERED, emit=False)
             return
         own = self._own_membership()
-        if own is not None and changes.session_started and changes.memberships == (own,):
-            self._ring_sent = True
+        if self._ring.should_ring(
+            enabled=self.config.ring,
+            memberships=changes.memberships,
+            own=own,
+            session_started=changes.session_started,
+        ):
+            assert own is not None
             self._spawn(self._send_ring(own), "ring")
 
     async def _send_ring(self, own: CallMembership) -> None:
+        # js-sdk 43 receivers refuse a notification unless its slot exists and is open.
+        await self.ensure_slot_open()
+        rung = sorted(self._session.joined_members - {self.hs.user_id})
         note = RtcNotification.ring(
             membership_event_id=own.event_id,
             sender_ts=self._clock_ms(),
             intent=self.config.intent,
             lifetime=self.config.ring_lifetime_ms,
+            slot_id=self._session.slot_id,
+            # js-sdk mentions only the room; its receivers then refuse the ring unless the
+            # sender may notify the room (power level, 50 by default). Naming the rung users
+            # too makes the ring valid for them whatever our power level.
+            mention_user_ids=rung[:_MAX_MENTIONS],
         )
-        self.notification_event_id = await self.hs.send_event(
-            self.room_id, EventType.RTC_NOTIFICATION, note.to_json()
-        )
-        self._ring = RingState.RINGING
-        self._ring_deadline_ms = note.sender_ts + note.effective_lifetime_ms
-        self._rung = self._session.joined_members - {self.hs.user_id}
+        # Sticky (keyed by the slot) where the homeserver has MSC4354, as js-sdk sends it.
+        if await self.hs.supports(msc4354.UNSTABLE_FEATURE):
+            event_id = await self.hs.send_sticky(
+                self.room_id, EventType.RTC_NOTIFICATION, note.to_json(), note.sticky_duration_ms
+            )
+        else:
+            event_id = await self.hs.send_event(
+                self.room_id, EventType.RTC_NOTIFICATION, note.to_json()
+            )
+        self._ring.started(event_id, note, self._clock_ms(), self._session.joined_members)
         self._log.info(
-            "agent.ringing", lifetime_ms=note.effective_lifetime_ms, rung=len(self._rung)
+            "agent.ringing", lifetime_ms=note.effective_lifetime_ms, rung=len(self._ring.rung)
         )
-        self._emit(ParticipantsChanged(self._participants, ring=self._ring))
+        self._emit(ParticipantsChanged(self._participants, ring=self._ring.state))
         self._wake.set()
 
     def _on_decline(self, ev: Mapping[str, Any]) -> None:
-        if self._ring is not RingState.RINGING or ev.get("sender") == self.hs.user_id:
-            return
-        decline = RtcDecline.from_json(ev.get("content"))
-        sender = ev.get("sender")
-        if decline is None or decline.notification_event_id != self.notification_event_id:
-            return
-        if isinstance(sender, str):
-            self._declined.add(sender)
-        self._log.info("agent.ring_declined", by=sender)
-        if self._rung <= self._declined:
-            self._stop_ringing(RingState.DECLINED)
+        ended = self._ring.on_decline(ev.get("sender"), ev.get("content"))
+        if ended is not None:
+            self._ring_ended_as(ended)
 
-    def _stop_ringing(self, state: RingState, *, emit: bool = True) -> None:
-        if self._ring is not RingState.RINGING:
+    def _on_notification(self, ev: Mapping[str, Any]) -> None:
+        """A ring for us? Judged by js-sdk 43's receiving rules."""
+        event_id = ev.get("event_id")
+        if not isinstance(event_id, str):
             return
-        self._ring = state
-        self._ring_deadline_ms = None
+        verdict = judge_notification(
+            ev,
+            receiver=self.hs.user_id,
+            now_ms=self._clock_ms(),
+            slot_status=self._session.slot_status,
+            # Room mentions: Synapse's default notifications.room power level is 50; the
+            # caller usually created the room. Without power levels at hand, trust the
+            # homeserver, which delivered it (differs from js-sdk: see README).
+            sender_may_notify_room=True,
+            current_sticky_event_id=event_id,
+            receiver_in_slot=self._own_membership() is not None,
+        )
+        if verdict.notification is None:
+            self._log.info("agent.notification_ignored", event_id=event_id, reason=verdict.reason)
+            return
+        self.incoming_rings[event_id] = verdict.notification
+        self._log.info("agent.ring_received", event_id=event_id, sender=ev.get("sender"))
+
+    async def decline(self, notification_event_id: str) -> str:
+        """Decline a ring (MSC4310): sticky where the homeserver has MSC4354, as js-sdk 43."""
+        content = RtcDecline.for_notification(notification_event_id).to_json()
+        self.incoming_rings.pop(notification_event_id, None)
+        if await self.hs.supports(msc4354.UNSTABLE_FEATURE):
+            return await self.hs.send_sticky(
+                self.room_id, EventType.RTC_DECLINE, content, DECLINE_STICKY_MS
+            )
+        return await self.hs.send_event(self.room_id, EventType.RTC_DECLINE, content)
+
+    async def _respect_slot(self) -> None:
+        """No membership goes into a closed slot; the sticky dialect opens an absent one."""
+        status = self._session.slot_status
+        if status is SlotStatus.CLOSED:
+            slot = self._session.slot_id
+            raise LocalError(
+                f"the call slot {slot} of room {self.room_id} is closed "
+                f"({EventType.RTC_SLOT} status {self._slot_status_text()}): not joining. "
+                "Element Call / matrix-js-sdk ignore sticky memberships in a closed slot; "
+                "someone with the power level must open it again"
+            )
+        if self.config.dialect is Dialect.STICKY and status is not SlotStatus.OPEN:
+            await self.ensure_slot_open()
+
+    def _slot_status_text(self) -> str:
+        content = self._session.slot_content or {}
+        return repr(content.get("status"))
+
+    async def ensure_slot_open(self) -> bool:
+        """js-sdk 43 ``ensureRtcSlotOpen``: open our slot (``m.call#ROOM``), keeping any other
+        content, declaring per-member encryption in encrypted rooms. Returns whether it is
+        open; a homeserver refusal (power levels) is logged, not raised."""
+        encryption = SLOT_ENCRYPTION_PER_MEMBER if self.hs.is_encrypted(self.room_id) else None
+        application = self._session.slot_id.split("#", 1)[0]
+        content = open_slot_content(self._session.slot_content, application, encryption)
+        if content is None:
+            return True
+        try:
+            await self.hs.put_state(
+                self.room_id, EventType.RTC_SLOT, self._session.slot_id, content
+            )
+        except HomeserverError as e:
+            self._log.warning("agent.slot_open_failed", slot_id=self._session.slot_id, error=str(e))
+            return False
+        self._log.info("agent.slot_opened", slot_id=self._session.slot_id)
+        return True
+
+    def _stop_ringing(self) -> None:
+        ended = self._ring.cancel()
+        if ended is not None:
+            self._ring_ended_as(ended)
+
+    def _ring_ended_as(self, state: RingState, *, emit: bool = True) -> None:
         self._ring_ended.set()
         if emit:
             self._emit(ParticipantsChanged(self._participants, ring=state))

@@ -149,6 +149,7 @@ def _default_events_power_levels(room_version: str | None) -> dict[str, int]:
         "m.room.server_acl": 100,
         "m.room.encryption": 100,
         CALL_MEMBER_EVENT: 0,
+        "org.matrix.msc4143.rtc.slot": 0,  # members may open the call slot (js-sdk 43)
         RTC_MEMBER_EVENT: 0,
     }
 

@@ -19,6 +19,8 @@ class EventType(StrEnum):
     CALL_MEMBER = "org.matrix.msc3401.call.member"
     # MSC4143 sticky form (MSC4354 sticky events); Element Call's matrix_2_0 mode.
     RTC_MEMBER = "org.matrix.msc4143.rtc.member"
+    # MSC4143 slot state (state key = slot id): open | closed (js-sdk 43).
+    RTC_SLOT = "org.matrix.msc4143.rtc.slot"
     # MSC4075 call notification (ring / notification).
     RTC_NOTIFICATION = "org.matrix.msc4075.rtc.notification"
     # MSC4075 legacy notify: no longer sent by js-sdk, recognised only.

@@ -14,6 +14,8 @@ Public API::
     s.receive_sticky_event(event, now_ms)   # org.matrix.msc4143.rtc.member sticky room event
     s.receive_redaction(redacted_event_id)
     s.receive_member_event(event)           # m.room.member state, or:
+    s.receive_slot_event(event)             # org.matrix.msc4143.rtc.slot state (our slot id)
+    s.slot_status                           # OPEN | CLOSED | UNKNOWN (js-sdk isSlotClosed)
     s.set_joined_members(user_ids)          # replace the whole joined set
     changes = s.update(now_ms)              # MembershipChanges, or None if nothing changed
     s.memberships                           # ordered (oldest first) active CallMemberships
@@ -27,6 +29,8 @@ invalid events are logged by the parsers and count as "no membership at that key
 Rules (each one a test in tests/unit/test_session_*.py):
 1. Collect active sticky members, plus state-form members whose state key is not the
    ``msc4354_sticky_key`` of any active sticky event (js-sdk's precedence rule).
+   A closed slot (``org.matrix.msc4143.rtc.slot`` at our slot id, js-sdk 43) contributes
+   no sticky members at all; state-form members still count.
 2. Keep a membership only if its slot's id part equals ours (js-sdk ignores the application
    part), it has not expired at ``now_ms``
    (state form: ``created_ts + expires <= now`` is expired) and its sender is joined.
@@ -57,6 +61,7 @@ from matrixrtc.model.membership import (
     parse_membership_event,
 )
 from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, STICKY_FIELD, STICKY_TTL_FIELD
+from matrixrtc.model.slot import SlotStatus, slot_status
 
 __all__ = [
     "MAX_STICKY_DURATION_MS",
@@ -196,6 +201,7 @@ class RTCSession:
         # Used only when a sticky event carries neither duration nor TTL (js-sdk drops it).
         self.default_sticky_duration_ms = default_sticky_duration_ms
         self._raw_state: dict[str, JsonDict] = {}
+        self._slot_content: JsonDict | None = None  # our slot's rtc.slot state, if any
         self._state: dict[str, CallMembership | MembershipLeft | None] = {}
         self._state_event_ids: dict[str, str] = {}
         self._sticky: dict[tuple[str, str], list[StickyEntry]] = {}
@@ -233,6 +239,8 @@ class RTCSession:
                 self.receive_state_event(ev)
             elif etype == EventType.ROOM_MEMBER:
                 self.receive_member_event(ev)
+            elif etype == EventType.RTC_SLOT:
+                self.receive_slot_event(ev)
         for raw in sticky:
             sticky_ev = get_dict(raw)
             if sticky_ev is not None and sticky_ev.get("type") == EventType.RTC_MEMBER:
@@ -249,6 +257,30 @@ class RTCSession:
             else:
                 rest.append(timeline_ev)
         return tuple(rest)
+
+    def receive_slot_event(self, event: object) -> None:
+        """``org.matrix.msc4143.rtc.slot`` state; only the one keyed by our slot id counts."""
+        ev = get_dict(event)
+        if ev is None or ev.get("type") != EventType.RTC_SLOT:
+            return
+        if ev.get("state_key") != self.slot_id:
+            return
+        content = get_dict(ev.get("content"))
+        before = self.slot_status
+        self._slot_content = content if content is not None else {}
+        if self.slot_status is not before:
+            self._log.info("slot_status", old=before.value, new=self.slot_status.value)
+
+    @property
+    def slot_status(self) -> SlotStatus:
+        """Our slot: OPEN, CLOSED (its sticky memberships are ignored) or UNKNOWN (no event)."""
+        application = self.slot_id.split("#", 1)[0]
+        return slot_status(self._slot_content, application)
+
+    @property
+    def slot_content(self) -> JsonDict | None:
+        """Our slot's state content (None: no slot event), e.g. to open it keeping the rest."""
+        return self._slot_content
 
     def set_room_version(self, room_version: str | None) -> None:
         """Room version from ``m.room.create``; decides whether ``@…`` state keys are owned."""
@@ -414,7 +446,10 @@ class RTCSession:
                 self._sticky[key] = kept
 
     def _candidates(self) -> list[CallMembership]:
-        current = [entries[0] for entries in self._sticky.values()]
+        # js-sdk 43 collectMembersEvents: a closed slot's sticky memberships are not collected
+        # at all (so they do not hide state memberships at their sticky key either).
+        closed = self.slot_status is SlotStatus.CLOSED
+        current = [] if closed else [entries[0] for entries in self._sticky.values()]
         sticky_keys = {e.sticky_key for e in current}
         out = [e.parsed for e in current if isinstance(e.parsed, CallMembership)]
         for state_key, parsed in self._state.items():

@@ -36,7 +36,10 @@ from matrixrtc.agent import AgentConfig, CallAgent, Participant
 from matrixrtc.call_keys import CallKeys, CallKeysConfig
 from matrixrtc.devstack import Synapse, UserCreds
 from matrixrtc.matrix import Homeserver, Login
-from matrixrtc.model import Dialect, LivekitTransport
+from matrixrtc.model import Dialect, EventType, LivekitTransport, RtcDecline
+from matrixrtc.model.notification import DECLINE_STICKY_MS
+from matrixrtc.session import RTCSession
+from matrixrtc.session.ring import RingState, judge_notification
 from tests.integration.jssdk_member import JsMember, js_sdk_available
 
 pytestmark = [
@@ -337,3 +340,124 @@ async def test_sigkill_of_the_project_member_is_a_leave_for_js_sdk(
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
         await js.close()
+
+
+async def test_rings_and_declines_both_ways(
+    synapse: Synapse, user_factory: Any, run_dir: Path
+) -> None:
+    """Ours rings, js-sdk's receiving rules accept it and its decline ends our ring; js-sdk
+    rings, our receiving rules accept it and js-sdk files our decline where it looks."""
+    alice, bob = await user_factory("js"), await user_factory("py")
+    async with Homeserver(synapse.base_url, Login(bob.user_id, password=bob.password)) as hs:
+        # 1. We start the call and ring (sticky dialect: the agent opens the slot first).
+        room = await synapse.create_call_room(alice, invite=[bob])
+        js = JsMember(
+            {**js_config(alice, synapse, room, "sticky"), "join": False},
+            run_dir / "js-ring-1.log",
+        )
+        try:
+            await js.start()
+            config = AgentConfig(
+                dialect=Dialect.STICKY,
+                transports=(LivekitTransport(livekit_service_url=FOCUS),),
+                ring=True,
+                ring_lifetime_ms=60_000,
+            )
+            async with CallAgent(hs, room, config) as caller:
+                await until(lambda: caller.notification_event_id, 15, "our ring")
+                note_id = caller.notification_event_id
+                seen = await js.wait_for(
+                    lambda e: e["event"] == "notification" and e["event_id"] == note_id, 15
+                )
+                assert seen["valid"], seen["error"]  # js-sdk 43's parseCallNotificationContent
+                assert seen["content"]["slot_id"] == "m.call#ROOM"
+                await js.send({"cmd": "decline", "event_id": note_id})
+                assert await caller.wait_ring_ended(15) is RingState.DECLINED
+        finally:
+            await js.close()
+
+        # 2. js-sdk starts a call and rings (Element Call's caller opens the slot first).
+        room2 = await synapse.create_call_room(alice, invite=[bob])
+        with hs.room_updates() as updates:
+            js2 = JsMember(
+                {
+                    **js_config(alice, synapse, room2, "sticky"),
+                    "notificationType": "ring",
+                    "openSlot": True,
+                },
+                run_dir / "js-ring-2.log",
+            )
+            try:
+                await js2.start()
+                sent = await js2.wait_for(lambda e: e["event"] == "sent_notification", 20)
+                note_ev: dict[str, Any] = {}
+                async with asyncio.timeout(15):
+                    while not note_ev:
+                        u = await updates.get()
+                        for ev in u.timeline if u.room_id == room2 else ():
+                            if ev.get("event_id") == sent["event_id"]:
+                                note_ev = dict(ev)
+                s = RTCSession(room2)
+                s.receive_room_update(state=hs.room_state(room2).values(), now_ms=0)
+                verdict = judge_notification(
+                    note_ev,
+                    receiver=hs.user_id,
+                    now_ms=int(time.time() * 1000),
+                    slot_status=s.slot_status,
+                    sender_may_notify_room=True,  # alice created the room (PL 100)
+                    current_sticky_event_id=note_ev["event_id"],
+                )
+                assert verdict.notification is not None, verdict.reason
+                assert verdict.notification.notification_type == "ring"
+                decline = RtcDecline.for_notification(note_ev["event_id"]).to_json()
+                await hs.send_sticky(room2, EventType.RTC_DECLINE, decline, DECLINE_STICKY_MS)
+
+                async def js_filed_it() -> bool:
+                    since = len(js2.lines)
+                    await js2.send(
+                        {
+                            "cmd": "has_declined",
+                            "user_id": bob.user_id,
+                            "event_id": sent["event_id"],
+                        }
+                    )
+                    answer = await js2.wait_for(lambda e: e["event"] == "has_declined", since=since)
+                    return bool(answer["value"])
+
+                deadline = time.monotonic() + 15
+                while not await js_filed_it():
+                    assert time.monotonic() < deadline, "js-sdk never saw our decline"
+                    await asyncio.sleep(0.2)
+            finally:
+                await js2.close()
+
+
+async def test_join_refuses_a_closed_slot_and_says_why(
+    synapse: Synapse, user_factory: Any, run_dir: Path
+) -> None:
+    """A closed slot (js-sdk 43 ignores sticky memberships in it): no membership is sent into
+    it, and ``matrixrtc join`` exits 1 naming the slot and its status."""
+    alice, bob = await user_factory("owner"), await user_factory("py")
+    room = await synapse.create_call_room(alice, invite=[bob])
+    await synapse.request(
+        "PUT",
+        f"/_matrix/client/v3/rooms/{room}/state/org.matrix.msc4143.rtc.slot/m.call%23ROOM",
+        user=alice,
+        json_body={"status": "closed", "application": {"type": "m.call"}, "x.keep": 1},
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *_join_cli(synapse, bob, room, "sticky"),
+        env={**os.environ, "MATRIXRTC_PASSWORD": bob.password},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"m.call#ROOM" in err
+    assert b"is closed" in err
+    reply = await synapse.request("GET", f"/_matrix/client/v3/rooms/{room}/state", user=alice)
+    state = reply["body"]  # a JSON array comes back wrapped
+    assert not [e for e in state if e["type"] == "org.matrix.msc3401.call.member" and e["content"]]
+    slot = [e for e in state if e["type"] == "org.matrix.msc4143.rtc.slot"]
+    assert slot[0]["content"]["status"] == "closed"  # left as it was

@@ -14,7 +14,8 @@
 //   {"event": "left", "ok"}
 // With "join": false in the config it logs in and syncs, and joins on {"cmd": "join"}.
 // Commands: one JSON object per line on stdin: {"cmd": "join"}, {"cmd": "leave"}, {"cmd": "decline",
-//   "event_id"}, {"cmd": "quit"}.
+//   "event_id"}, {"cmd": "has_declined", "user_id", "event_id"}, {"cmd": "track", "user_ids"},
+//   {"cmd": "quit"}.
 // Everything the SDK logs goes to stderr. The crypto is the SDK's Rust crypto (WASM), kept
 // in memory: a fresh device per run.
 // matrix-js-sdk 43 declares Node >= 22; this machine has Node 20, which lacks exactly one API
@@ -145,6 +146,8 @@ async function judgeNotification(ev) {
   if (ev.getType() !== "org.matrix.msc4075.rtc.notification" || ev.getRoomId() !== cfg.roomId) return;
   if (ev.getSender() === client.getUserId()) return;
   await client.decryptEventIfNeeded(ev);
+  // The sync files sticky events after firing the timeline: judge once the store has it.
+  await new Promise((r) => setTimeout(r, 300));
   try {
     const content = await parseCallNotificationContent(ev, { room, userId: client.getUserId() });
     out({ event: "notification", event_id: ev.getId(), sender: ev.getSender(), valid: true,
@@ -199,6 +202,10 @@ rl.on("line", async (line) => {
   } else if (msg.cmd === "leave") {
     const ok = await session.leaveRoomSession(5000);
     out({ event: "left", ok });
+  } else if (msg.cmd === "has_declined") {
+    // js-sdk's own lookup (types.js hasDeclined): the sticky map keyed by the notification.
+    const ev = room._unstable_getKeyedStickyEvent(msg.user_id, "org.matrix.msc4310.rtc.decline", msg.event_id);
+    out({ event: "has_declined", value: ev !== undefined, content: ev?.getContent() ?? null });
   } else if (msg.cmd === "decline") {
     const res = await client.sendRtcDecline(cfg.roomId, msg.event_id);
     out({ event: "declined", event_id: res.event_id });
