@@ -177,16 +177,26 @@ class Controller:
         )
 
     async def _loop(self) -> None:
+        failures = 0
         while True:
             started = time.monotonic()
             if self.leadership.is_leader():
                 try:
                     await self.run_cycle()
+                    failures = 0
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
                     metrics.CONTROLLER_ERRORS.labels("cycle").inc()
-                    log.exception("controller cycle failed")
+                    failures += 1
+                    if failures == 1:
+                        log.exception("controller cycle failed")
+                    elif failures % 60 == 0:
+                        log.error(
+                            "controller cycles still failing",
+                            count=failures,
+                            reason=repr(exc)[:200],
+                        )
                 metrics.CONTROLLER_CYCLE.observe(time.monotonic() - started)
             await asyncio.sleep(max(0.05, self.config.interval - (time.monotonic() - started)))
 
@@ -270,6 +280,16 @@ class Controller:
     async def _remove(self, room: str, f: Finding, now: float) -> None:
         p = f.participant
         if f.reason is Reason.FOREIGN_TOKEN and not self.config.kick_foreign:
+            return
+        try:  # the identity may have reconnected since the listing: judge that one anew
+            current = await self.api.room.get_participant(
+                lkapi.RoomParticipantIdentity(room=room, identity=p.identity)
+            )
+        except lkapi.TwirpError as exc:
+            if exc.code == "not_found":
+                return
+            raise
+        if current.sid != p.sid:
             return
         if not await self.leadership.claim(f"kick:{room}:{p.sid}"):
             return
