@@ -56,3 +56,10 @@ interop: bootstrap
 .PHONY: soak-controller
 soak-controller: bootstrap
 	./scripts/in-netns $(VENV)/python bench/controller.py --soak-seconds 600
+
+# compose.yaml end to end: local stand-in images, dockerd inside a private network namespace,
+# a real encrypted call through Caddy, a token-service restart mid-call, then `down -v`
+# (tests/compose/run.py). Cached under ~/.cache/matrixrtc/compose; a cold run takes minutes.
+.PHONY: compose-test
+compose-test: bootstrap
+	timeout --signal=INT --kill-after=60 1500 $(VENV)/python -m tests.compose.run $(COMPOSE_TEST_ARGS)

@@ -83,6 +83,12 @@ def main() -> None:
         },
         "rc_message": {"per_second": 0.5, "burst_count": 30},
         "rc_delayed_event_mgmt": {"per_second": 1, "burst_count": 20},
+        # A demo's users and bots log in from one address (e.g. the proxy's): Synapse's
+        # default allows 5 logins per address before throttling to one every ~5 minutes.
+        "rc_login": {
+            "address": {"per_second": 0.2, "burst_count": 20},
+            "account": {"per_second": 0.2, "burst_count": 10},
+        },
     }
     turn_secret = os.environ.get("TURN_SECRET", "").strip()
     turn_uris = [u.strip() for u in os.environ.get("TURN_URIS", "").split(",") if u.strip()]

@@ -113,6 +113,22 @@ def test_missing_required_variable_is_named(tmp_path: Path, var: str) -> None:
         assert f"{var} must be set in .env" in r.stderr, r.stderr
 
 
+def test_overlay_changes_only_images() -> None:
+    """compose-test runs the operators' file: its overlay swaps images, nothing else."""
+    overlay = yaml.safe_load(OVERLAY.read_text())
+    assert set(overlay) == {"services"}
+    assert set(overlay["services"]) == set(_services())
+    for name, svc in overlay["services"].items():
+        allowed = {"image", "build"} if name == "sfu" else {"image"}
+        assert set(svc) <= allowed, name
+        assert str(svc["image"]).startswith("local/matrixrtc-test-"), name
+        if name != "sfu":
+            assert (ROOT / "deploy" / "test" / "standins" / name / "Dockerfile").exists()
+    assert overlay["services"]["sfu"]["build"]["args"] == {
+        "BASE_IMAGE": "local/matrixrtc-test-base:bookworm"
+    }
+
+
 def _compose() -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(data, dict)
