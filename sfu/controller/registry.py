@@ -125,17 +125,27 @@ class MemoryRegistry:
         self._rooms: dict[str, dict[str, Grant]] = {}
         self._ended: dict[str, dict[str, float]] = {}
         self._servers: dict[str, str] = {}
+        self._used: dict[str, float] = {}  # room → last token or touch
+        self._records = 0
 
     async def record(self, grant: Grant) -> None:
         self._rooms.setdefault(grant.room, {})[grant.identity] = grant
         self._servers.setdefault(grant.room, grant.server_name)
+        self._used[grant.room] = self._clock()
+        self._records += 1
+        if self._records % 1024 == 0:  # forget rooms unused for GRANT_TTL, as Redis would
+            old = self._clock() - GRANT_TTL
+            for room in [r for r, t in self._used.items() if t < old]:
+                for table in (self._rooms, self._ended, self._servers, self._used):
+                    table.pop(room, None)
         self._ended.get(grant.room, {}).pop(grant.identity, None)
 
     async def room_grants(self, room: str) -> dict[str, Grant]:
         return dict(self._rooms.get(room, {}))
 
     async def touch(self, room: str) -> None:
-        return None
+        if room in self._used:
+            self._used[room] = self._clock()
 
     async def since(self) -> float:
         return self._since

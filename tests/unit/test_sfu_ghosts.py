@@ -258,3 +258,21 @@ def test_after_a_homeserver_outage_an_ending_call_waits_for_the_client_to_rejoin
         patient_until=patient,
     )
     assert f.verdict is Verdict.REMOVE
+
+
+async def test_memory_registry_forgets_rooms_unused_for_a_day() -> None:
+    from dataclasses import replace
+
+    from sfu.controller.registry import GRANT_TTL, MemoryRegistry
+
+    now = [T0]
+    reg = MemoryRegistry(clock=lambda: now[0])
+    await reg.record(grant("kept"))
+    await reg.record(replace(grant("old"), room="old-room"))
+    now[0] += GRANT_TTL / 2
+    await reg.touch("lk")
+    now[0] += GRANT_TTL / 2 + 1
+    for i in range(1024):  # the sweep runs every 1024 records
+        await reg.record(replace(grant(f"n{i}"), room="busy"))
+    assert "kept" in await reg.room_grants("lk")
+    assert await reg.room_grants("old-room") == {}
