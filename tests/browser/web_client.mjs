@@ -7,7 +7,11 @@
 //   join with the keyboard only), toggleMute (mute and unmute the microphone once),
 //   barcodes (read the frame-number barcode of tests/media_samples.py from each remote tile
 //   this many times, 150 ms apart, through a canvas), expectKinds (transports the call must move
-//   to in turn after the first decoded frames, e.g. ["sfu", "mesh"])
+//   to in turn after the first decoded frames, e.g. ["sfu", "mesh"]), barrier ({dir, name,
+//   count}: before leaving, wait until `count` browsers have written their name into `dir`)
+import { readdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+
 import { chromium } from "playwright-core";
 
 const [devtoolsUrl, raw] = process.argv.slice(2);
@@ -126,6 +130,27 @@ try {
     }
     phases.push({ kind, reached, at: Date.now() - t0, participants: (snap?.participants ?? []).length });
   }
+  let screen = null;
+  if (o.shareScreen) {
+    await page.click("#screen");
+    await page.waitForFunction(() => document.querySelector("#screen")?.getAttribute("aria-pressed") === "true", null, { timeout: 15000 });
+    screen = { sharing: true };
+  }
+  if (o.expectScreen) {
+    // Another participant shares a screen: its tile shows it, decoded.
+    const until = Date.now() + 30000;
+    while (Date.now() < until) {
+      snap = await page.evaluate(() => window.mrtc.snapshot());
+      const sharer = (snap?.participants ?? []).find((p) => p.hasScreen);
+      if (sharer) {
+        await sleep(1500);
+        const again = (await page.evaluate(() => window.mrtc.snapshot())).participants.find((p) => p.identity === sharer.identity);
+        screen = { from: sharer.name, hasScreen: again.hasScreen, framesDecoded: again.stats?.framesDecoded ?? 0 };
+        break;
+      }
+      await sleep(250);
+    }
+  }
   const first = snap;
   if (o.quick) {
     // Benchmarks: the figures are in the snapshot; leave at once.
@@ -167,10 +192,16 @@ try {
   const statsText = await page.textContent("#stats");
   // Stay a while: the other side is still measuring what we send.
   await sleep(o.holdMs);
+  if (o.barrier) {
+    // Several browsers in one call: nobody leaves before everyone has looked.
+    writeFileSync(join(o.barrier.dir, o.barrier.name), "");
+    const until = Date.now() + 60000;
+    while (Date.now() < until && readdirSync(o.barrier.dir).length < o.barrier.count) await sleep(200);
+  }
   await page.click("#leave");
   await page.waitForSelector("h1#rooms-title", { timeout: 15000 });
   mark("left");
-  result = { ok: true, first, last, tiles, badges, statsText, muteCheck, unnamed, marks, barcodes, phases };
+  result = { ok: true, first, last, tiles, badges, statsText, muteCheck, unnamed, marks, barcodes, phases, screen };
   }
 } catch (e) {
   let snap = null;

@@ -378,7 +378,7 @@ export class Call {
       this.prevBytes.set(p.identity, { at: now, bytes: s.bytes });
       p.stats = { ...s, kbps };
       p.speaking = !p.media.audioMuted && s.audioLevel > 0.02;
-      p.audioLevelMax = Math.max(p.audioLevelMax, s.audioLevel);
+      p.audioLevelMax = Math.max(p.audioLevelMax, s.audioLevel, s.audioRms);
       if (s.framesDecoded > 0) p.e2ee = "decrypting";
       else if (!this.keys.has(p.identity)) p.e2ee = "waiting-for-key";
       else if (s.videoPackets > 60) p.e2ee = "undecryptable";
@@ -435,6 +435,7 @@ export class Call {
         state: p.media?.state ?? null,
         hasVideo: !!p.media?.video,
         hasAudio: !!p.media?.audio,
+        hasScreen: !!p.media?.screen,
         audioMuted: p.media?.audioMuted ?? null,
         videoMuted: p.media?.videoMuted ?? null,
         keyIndex: p.keyIndex ?? null,

@@ -453,6 +453,7 @@ function startCall(
   statsBtn.addEventListener("click", () => {
     statsPanel.hidden = !statsPanel.hidden;
     statsBtn.setAttribute("aria-expanded", String(!statsPanel.hidden));
+    render();
   });
   leave.addEventListener("click", async () => {
     leave.disabled = true;
@@ -464,6 +465,10 @@ function startCall(
   const tileEls = new Map<string, HTMLElement>();
   const render = () => {
     errorBox.replaceChildren(...[banner(call.error)].filter((x): x is HTMLElement => !!x));
+    // The mesh does not renegotiate (the Python mesh engine sends no offers): screen sharing
+    // needs the SFU.
+    screen.disabled = call.kind !== "sfu" && !call.media.screen;
+    screen.title = screen.disabled ? "Screen sharing needs the call server (SFU)" : "";
     transportBadge.textContent = call.kind ? `Transport: ${call.kind === "sfu" ? "SFU (LiveKit)" : call.kind === "mesh" ? "full mesh" : "none"}` : "Transport: joining…";
     const seen = new Set<string>();
     for (const p of call.participants) {

@@ -42,6 +42,8 @@ export interface ReceiverStats {
   packetsLost: number;
   packetsReceived: number;
   audioLevel: number;
+  /** Root mean square level of all audio received so far (totalAudioEnergy / duration). */
+  audioRms: number;
   videoPackets: number;
 }
 
@@ -53,6 +55,7 @@ export async function receiverStats(receivers: RTCRtpReceiver[]): Promise<Receiv
     packetsLost: 0,
     packetsReceived: 0,
     audioLevel: 0,
+    audioRms: 0,
     videoPackets: 0,
   };
   for (const r of receivers) {
@@ -73,6 +76,8 @@ export async function receiverStats(receivers: RTCRtpReceiver[]): Promise<Receiv
         out.videoPackets += Number(s.packetsReceived ?? 0);
       } else if (s.kind === "audio") {
         out.audioLevel = Math.max(out.audioLevel, Number(s.audioLevel ?? 0));
+        const duration = Number(s.totalSamplesDuration ?? 0);
+        if (duration > 0) out.audioRms = Math.max(out.audioRms, Math.sqrt(Number(s.totalAudioEnergy ?? 0) / duration));
       }
     });
   }
