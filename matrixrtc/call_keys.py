@@ -567,8 +567,11 @@ class CallKeys:
             timeout = None
             if deadlines:
                 timeout = max(0.0, (min(deadlines) - self._clock_ms()) / 1000)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # coincides with the event being set, and this loop then never stops (a hung close).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             now = self._clock_ms()
             self._apply(self.manager.tick(now))
             if self._retry_at_ms is not None and now >= self._retry_at_ms:

@@ -235,8 +235,11 @@ class MeshEngine:
             self._wake.clear()
             deadline = self.signalling.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # coincides with the event being set, and this loop then never stops (a hung close).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._feed(self.signalling.tick())
 
     async def _execute(self, action: SignallingAction) -> None:
