@@ -81,6 +81,18 @@ def feed(put: object, clock: FakeClock, seconds: float, *, first: int = 0) -> No
     clock.now = start + seconds
 
 
+def settle(*writers: SegmentWriter, limit_s: float = 30.0) -> None:
+    """Until the writers have taken every queued frame and written nothing new for 0.5 s."""
+    deadline = time.monotonic() + limit_s
+    last = -1
+    while time.monotonic() < deadline:
+        now = sum(w.file.bytes_written for w in writers)
+        if now == last and not any(w._queue.qsize() for w in writers):
+            return
+        last = now
+        time.sleep(0.5)
+
+
 def check_recording(path: Path, seconds: float, *, first: int = 0) -> None:
     video, audio, audio_start = read_media(path)
     numbers = [read_barcode(y) for _, y in video]
@@ -149,10 +161,7 @@ def test_playable_while_being_written(tmp_path: Path) -> None:
     clock = FakeClock()
     writer = SegmentWriter(tmp_path / "live.webm", clock=clock)
     feed(writer.put, clock, 3.0)
-    deadline = time.monotonic() + 20
-    while writer._queue.qsize() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
+    settle(writer)
     shutil.copy(tmp_path / "live.webm", tmp_path / "snapshot.webm")  # the writer is still open
     video, audio, _ = read_media(tmp_path / "snapshot.webm")
     numbers = [read_barcode(y) for _, y in video]
@@ -168,15 +177,13 @@ _CRASH_SCRIPT = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from matrixrtc.media.recorder import SegmentWriter
-    from tests.unit.test_recorder import FakeClock, feed, PUB
+    from tests.unit.test_recorder import FakeClock, feed, settle, PUB
     out = Path(sys.argv[1])
     clock = FakeClock()
     plain = SegmentWriter(out / "plain.webm", clock=clock)
     sealed = SegmentWriter(out / "sealed.webm.sealed", recipient=PUB, clock=clock)
     feed(lambda k, f: (plain.put(k, f), sealed.put(k, f)), clock, 3.0)
-    while plain._queue.qsize() or sealed._queue.qsize():
-        time.sleep(0.05)
-    time.sleep(0.3)
+    settle(plain, sealed)
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
