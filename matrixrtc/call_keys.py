@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -316,6 +316,20 @@ class CallKeys:
     def remove_sink(self, sink: KeySink) -> None:
         self._sinks = [s for s in self._sinks if s is not sink]
 
+    def record_delivery(self, devices: Iterable[DeviceRef], index: int) -> None:
+        """Note that our key at ``index`` reached ``devices`` (in their current memberships).
+        Olm sends record themselves; a caller that delivers a key another way (the call-test's
+        clear keys for test pages) records it here so that the mesh sends those devices media."""
+        created = {DeviceRef(p.user_id, p.device_id): p.created_ts for p in self.agent.participants}
+        for ref in devices:
+            ts = created.get(ref)
+            if ts is None:
+                continue
+            had = self._delivered.get(ref)
+            if had is None or had[0] != ts:
+                had = self._delivered[ref] = (ts, set())
+            had[1].add(index)
+
     def key_sent_to(self, device: DeviceRef, index: int) -> bool:
         """True once our key at ``index`` went to ``device`` in its current membership (the
         homeserver accepted the message; it may still be on its way)."""
@@ -508,15 +522,7 @@ class CallKeys:
             return False
         self.stats.messages_sent += len(result.sent)
         self._undelivered -= set(result.sent)
-        created = {DeviceRef(p.user_id, p.device_id): p.created_ts for p in self.agent.participants}
-        for ref in result.sent:
-            ts = created.get(ref)
-            if ts is None:
-                continue
-            had = self._delivered.get(ref)
-            if had is None or had[0] != ts:
-                had = self._delivered[ref] = (ts, set())
-            had[1].add(index)
+        self.record_delivery(result.sent, index)
         if result.sent:
             self._emit(
                 KeyEvent(

@@ -324,6 +324,7 @@ async def _share_keys_in_clear(agent: CallAgent, keys: CallKeys) -> None:
                     log.warning("calltest.clear_key_send_failed", error=str(e))
                 else:
                     done.update((r.user_id, r.device_id, index) for r in to)
+                    keys.record_delivery(to, index)
         await asyncio.sleep(0.25)
 
 
