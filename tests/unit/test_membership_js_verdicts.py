@@ -334,11 +334,12 @@ def ours_in_session(ev: dict[str, Any], now: int) -> CallMembership | None:
 
 def _norm(value: Any) -> Any:
     """Numbers as JavaScript holds them (doubles): JSON.stringify prints integral doubles as
-    integers with the shortest round-trip digits."""
+    integers with the shortest round-trip digits. A field set to null means the same as an
+    absent one to both sides (js-sdk hands the raw object on, we drop the null)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, dict):
-        return {k: _norm(v) for k, v in value.items()}
+        return {k: _norm(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
         return [_norm(v) for v in value]
     return value
