@@ -537,7 +537,7 @@ async def test_a_group_ring_ends_only_when_every_rung_user_declined(
             # The caller has handled xia's decline: one of two rung users declined.
             await _until(
                 lambda: any(
-                    e["event"] == "agent.ring_declined" and e.get("by") == hb.user_id for e in logs
+                    e["event"] == "ring.declined" and e.get("by") == hb.user_id for e in logs
                 ),
                 10.0,
                 "the caller to handle the first decline",
