@@ -359,7 +359,11 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     assert last["kind"] == "mesh"
     (remote,) = last["participants"]
     assert remote["transport"] == "mesh"
-    assert remote["e2ee"] == "decrypting"
+    # The badge follows a periodic stats poll, so a snapshot taken just after the switch back
+    # may still show the new link's first state; the decoded frames (and the phases above)
+    # are the proof, the badge must only not claim a key or decryption problem.
+    assert remote["stats"]["framesDecoded"] > 0, remote
+    assert remote["e2ee"] in ("decrypting", "waiting-for-media"), remote
     print("switch durations ms:", [s["durationMs"] for s in last["switches"]])
     print("switch gaps ms:", [s["gapMs"] for s in last["switches"]])
     print("longest gap ms: browser", remote["maxGapMs"], "python", py_view.get("max_gap_ms"))
