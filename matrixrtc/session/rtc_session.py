@@ -60,7 +60,7 @@ from matrixrtc.model.membership import (
     MembershipLeft,
     parse_membership_event,
 )
-from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, STICKY_FIELD, STICKY_TTL_FIELD
+from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, sticky_duration_ms, sticky_expires_at
 from matrixrtc.model.slot import SlotStatus, slot_status
 
 __all__ = [
@@ -99,42 +99,6 @@ def redacted_event_id(event: Mapping[str, object]) -> str | None:
 def membership_sort_key(m: CallMembership) -> tuple[int, str, str, str]:
     """Oldest first; ties broken by sender, device, event id so all clients agree."""
     return (m.created_ts, m.sender, m.device_id, m.event_id)
-
-
-def sticky_duration_ms(event: Mapping[str, object], default_ms: int | None = None) -> int | None:
-    """``msc4354_sticky.duration_ms`` capped at one hour; None (not sticky) if absent or 0.
-
-    ``default_ms`` stands in when the event has no duration (js-sdk has no such fallback).
-    """
-    sticky = get_dict(event.get(STICKY_FIELD))
-    duration = as_int(sticky.get("duration_ms")) if sticky is not None else None
-    if not duration or duration < 0:
-        duration = default_ms
-    if not duration or duration < 0:
-        return None
-    return min(duration, MAX_STICKY_DURATION_MS)
-
-
-def sticky_expires_at(
-    event: Mapping[str, object], received_ms: int, default_duration_ms: int | None = None
-) -> int | None:
-    """When a sticky event stops being sticky, computed at receipt (js-sdk ``MatrixEvent``).
-
-    Only events with a duration are sticky. Then ``unsigned.msc4354_sticky_duration_ttl_ms``
-    (time left, from the server) wins; otherwise ``min(received, origin_server_ts) +
-    duration`` (an ``origin_server_ts`` from the future does not extend it).
-    """
-    duration = sticky_duration_ms(event, default_duration_ms)
-    if duration is None:
-        return None
-    unsigned = get_dict(event.get("unsigned"))
-    ttl = as_int(unsigned.get(STICKY_TTL_FIELD)) if unsigned is not None else None
-    if ttl:
-        # js-sdk trusts the server's bound; we cap it too, so a bad value cannot pin a member.
-        return received_ms + min(max(ttl, 0), MAX_STICKY_DURATION_MS)
-    ots = as_int(event.get("origin_server_ts"))
-    start = received_ms if ots is None else min(received_ms, ots)
-    return start + duration
 
 
 @dataclass(frozen=True, slots=True)
