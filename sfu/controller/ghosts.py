@@ -25,8 +25,16 @@ Rules, in order (the first that applies decides):
 5. A membership for that device that ended (leave content ``{}``, or expired) *after* the
    participant joined LiveKit, or one this judge saw active before → ``call_ended``.
 6. No membership at all → ``no_membership`` (waits ``join_grace``; only when memberships
-   are required: clients publishing only MSC4354 sticky memberships are invisible in room
-   state, see the README).
+   are required, and only where the user's MSC4354 sticky memberships are readable: the
+   source shows sticky events (a joined account's /sync, not the admin room-state API) and
+   the user has no live sticky event we cannot read (Megolm-encrypted). Otherwise a member
+   publishing only a sticky membership would look memberless: ``unknown``, never removed.)
+
+Memberships of both forms count: state-form ``org.matrix.msc3401.call.member`` from room
+state, sticky ``org.matrix.msc4143.rtc.member`` from the sticky events the source holds
+(per sender and sticky key the newest event is current; a join is active until its
+stickiness runs out, a leave or the end of stickiness ends it for the device the key's
+join named). Both are parsed by :mod:`matrixrtc.model.membership`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from matrixrtc.model.event_types import EventType
 from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
+from matrixrtc.model.msc4354 import sticky_expires_at
 from sfu.controller.registry import Grant
 
 __all__ = [
@@ -51,6 +61,7 @@ __all__ = [
 
 ROOM_MEMBER = "m.room.member"
 ROOM_CREATE = "m.room.create"
+ROOM_ENCRYPTED = "m.room.encrypted"
 
 
 class Reason(StrEnum):
@@ -105,6 +116,14 @@ class RoomView:
     # device in another slot of the same Matrix room would hold another room's token, and
     # being lenient here can only keep someone, never remove them.
     devices: Mapping[tuple[str, str], _DeviceState]
+    # False: the source cannot show sticky events at all (admin room-state API).
+    sticky_visible: bool = False
+    # Senders of live sticky events we cannot read (encrypted): their memberships are unknown.
+    opaque_senders: frozenset[str] = frozenset()
+
+    def sticky_readable(self, user: str) -> bool:
+        """Whether every sticky membership ``user`` may hold here is readable to us."""
+        return self.sticky_visible and user not in self.opaque_senders
 
     def member_state(self, user: str) -> tuple[str, str] | None:
         return self.members.get(user)
@@ -122,8 +141,18 @@ class RoomView:
         )
 
 
-def room_view(events: Iterable[object], now_ms: int) -> RoomView:
-    """Reduce a room's current state events (client format) at wall time ``now_ms``."""
+def room_view(
+    events: Iterable[object],
+    now_ms: int,
+    *,
+    sticky: Iterable[tuple[object, int]] | None = None,
+) -> RoomView:
+    """Reduce a room's current state events (client format) at wall time ``now_ms``.
+
+    ``sticky``: the room's sticky events the source holds, each with the wall time (ms) it
+    was received (their stickiness counts from then), or None when the source cannot see
+    sticky events at all.
+    """
     members: dict[str, tuple[str, str]] = {}
     room_version: str | None = None
     state_events: list[dict[str, object]] = []
@@ -163,7 +192,62 @@ def room_view(events: Iterable[object], now_ms: int) -> RoomView:
             key = (user, device)
             old = devices.get(key, _DeviceState())
             devices[key] = _DeviceState((), max(old.ended_at or 0, float(parsed.origin_server_ts)))
-    return RoomView(members, devices)
+    if sticky is None:
+        return RoomView(members, devices)
+    opaque = _add_sticky(devices, sticky, room_version, now_ms)
+    return RoomView(members, devices, sticky_visible=True, opaque_senders=frozenset(opaque))
+
+
+def _add_sticky(
+    devices: dict[tuple[str, str], _DeviceState],
+    sticky: Iterable[tuple[object, int]],
+    room_version: str | None,
+    now_ms: int,
+) -> set[str]:
+    """Fold sticky ``rtc.member`` events into ``devices``; the senders of unreadable ones."""
+    opaque: set[str] = set()
+    # (sender, sticky key) → [(rank, parsed, expires_at ms)]
+    by_key: dict[
+        tuple[str, str], list[tuple[tuple[int, str], CallMembership | MembershipLeft, int]]
+    ] = {}
+    for ev, received_ms in sticky:
+        if not isinstance(ev, dict):
+            continue
+        etype, sender = ev.get("type"), ev.get("sender")
+        if etype == ROOM_ENCRYPTED and isinstance(sender, str):
+            expires = sticky_expires_at(ev, received_ms)
+            if expires is not None and expires > now_ms:
+                opaque.add(sender)
+            continue
+        if etype != EventType.RTC_MEMBER:
+            continue
+        expires = sticky_expires_at(ev, received_ms)
+        parsed = parse_membership_event(ev, room_version)
+        if expires is None or parsed is None:
+            continue
+        rank = (parsed.origin_server_ts, parsed.event_id)
+        by_key.setdefault((parsed.key.sender, parsed.key.key), []).append((rank, parsed, expires))
+    for (sender, _sticky_key), entries in by_key.items():
+        entries.sort(key=lambda e: e[0])
+        _rank, newest, expires = entries[-1]
+        device = next(
+            (p.device_id for _r, p, _e in reversed(entries) if isinstance(p, CallMembership)),
+            None,
+        )
+        if device is None:
+            continue  # a leave for a key whose join we never saw: no device to end
+        key = (sender, device)
+        old = devices.get(key, _DeviceState())
+        if isinstance(newest, CallMembership) and expires > now_ms:
+            devices[key] = _DeviceState((*old.active, newest), old.ended_at)
+            continue
+        ended = (
+            float(newest.origin_server_ts)
+            if isinstance(newest, MembershipLeft)
+            else float(min(expires, now_ms))
+        )
+        devices[key] = _DeviceState(old.active, max(old.ended_at or 0.0, ended))
+    return opaque
 
 
 def _device_of_state_key(state_key: str, sender: str) -> tuple[str, str | None]:
@@ -276,7 +360,9 @@ class GhostJudge:
             or (ended_ms and ended_ms / 1000.0 >= p.joined_at)
         ):
             return Reason.CALL_ENDED
-        return Reason.NO_MEMBERSHIP if self.require_membership else Reason.UNKNOWN
+        if self.require_membership and view.sticky_readable(grant.user_id):
+            return Reason.NO_MEMBERSHIP
+        return Reason.UNKNOWN  # it may hold a sticky membership we cannot read
 
     def _verdict(
         self, p: Participant, reason: Reason, grant: Grant | None, now: float, patient_until: float

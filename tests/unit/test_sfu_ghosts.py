@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from matrixrtc.model.membership import RtcMemberData, sticky_leave_content
+from matrixrtc.model.transports import LivekitTransport
 from sfu.controller.ghosts import GhostJudge, Participant, Reason, RoomView, Verdict, room_view
 from sfu.controller.registry import Grant
 
@@ -68,8 +70,45 @@ def call_ev(
     }
 
 
-def view(*events: dict[str, Any], now: float = T0 + 10) -> RoomView:
-    return room_view(events, int(now * 1000))
+def sticky_ev(
+    user: str,
+    device: str,
+    ts_ms: int,
+    *,
+    member_id: str = "mem-1",
+    left: bool = False,
+    duration_ms: int = 3_600_000,
+) -> dict[str, Any]:
+    """An ``org.matrix.msc4143.rtc.member`` sticky event as a joined account's /sync shows it."""
+    content = (
+        sticky_leave_content(member_id)
+        if left
+        else RtcMemberData.for_join(
+            user_id=user,
+            device_id=device,
+            member_id=member_id,
+            transports=[LivekitTransport(livekit_service_url="https://x")],
+        ).to_json()
+    )
+    return {
+        "type": "org.matrix.msc4143.rtc.member",
+        "sender": user,
+        "event_id": f"$s{ts_ms}{left}",
+        "origin_server_ts": ts_ms,
+        "msc4354_sticky": {"duration_ms": duration_ms},
+        "content": content,
+    }
+
+
+def view(
+    *events: dict[str, Any],
+    now: float = T0 + 10,
+    sticky: list[tuple[dict[str, Any], int]] | None = None,
+    sticky_visible: bool = True,
+) -> RoomView:
+    """A room as a source that shows sticky events (unless ``sticky_visible`` is False)."""
+    held: list[tuple[object, int]] | None = list(sticky or []) if sticky_visible else None
+    return room_view(events, int(now * 1000), sticky=held)
 
 
 P = Participant("id-a", "PA_1", T0)
@@ -276,3 +315,96 @@ async def test_memory_registry_forgets_rooms_unused_for_a_day() -> None:
         await reg.record(replace(grant(f"n{i}"), room="busy"))
     assert "kept" in await reg.room_grants("lk")
     assert await reg.room_grants("old-room") == {}
+
+
+# -------------------------------------------------------------- sticky memberships (MSC4354)
+
+
+def test_a_sticky_member_is_kept() -> None:
+    j = GhostJudge(grace=0, join_grace=0)
+    ts = int(T0 * 1000)
+    v = view(member_ev(ALICE, "join"), sticky=[(sticky_ev(ALICE, "DEV", ts), ts)], now=T0 + 100)
+    assert judge_once(j, v, T0 + 100) == (Reason.OK, Verdict.KEEP)
+    assert v.active_members() == 1
+
+
+def test_a_sticky_leave_after_the_join_ends_the_call() -> None:
+    j = GhostJudge(grace=2, join_grace=30)
+    ts = int(T0 * 1000)
+    joined = (sticky_ev(ALICE, "DEV", ts), ts)
+    left = (sticky_ev(ALICE, "DEV", ts + 5000, left=True), ts + 5000)
+    # the leave names only the sticky key: the device comes from the key's join
+    v = view(member_ev(ALICE, "join"), sticky=[left, joined], now=T0 + 6)
+    assert v.active_members() == 0
+    assert judge_once(j, v, T0 + 6) == (Reason.CALL_ENDED, Verdict.WATCH)
+    assert judge_once(j, v, T0 + 8) == (Reason.CALL_ENDED, Verdict.REMOVE)
+
+
+def test_a_sticky_join_ends_when_its_stickiness_runs_out() -> None:
+    j = GhostJudge(grace=0, join_grace=30)
+    ts = int(T0 * 1000)
+    ev = sticky_ev(ALICE, "DEV", ts, duration_ms=5_000)
+    assert (
+        judge_once(j, view(member_ev(ALICE, "join"), sticky=[(ev, ts)], now=T0 + 4), T0 + 4)[0]
+        is Reason.OK
+    )
+    expired = view(member_ev(ALICE, "join"), sticky=[(ev, ts)], now=T0 + 6)
+    assert judge_once(j, expired, T0 + 6) == (Reason.CALL_ENDED, Verdict.REMOVE)
+    # the server's remaining time (unsigned ttl) counts from receipt
+    late = {**ev, "unsigned": {"msc4354_sticky_duration_ttl_ms": 10_000}}
+    v = view(member_ev(ALICE, "join"), sticky=[(late, ts + 3000)], now=T0 + 12)
+    assert judge_once(GhostJudge(grace=0), v, T0 + 12)[0] is Reason.OK
+
+
+def test_a_newer_sticky_join_replaces_a_leave_of_the_same_key() -> None:
+    ts = int(T0 * 1000)
+    events = [
+        (sticky_ev(ALICE, "DEV", ts), ts),
+        (sticky_ev(ALICE, "DEV", ts + 1000, left=True), ts + 1000),
+        (sticky_ev(ALICE, "DEV", ts + 2000), ts + 2000),
+    ]
+    v = view(member_ev(ALICE, "join"), sticky=events, now=T0 + 3)
+    assert judge_once(GhostJudge(grace=0), v, T0 + 3)[0] is Reason.OK
+
+
+def test_a_sticky_membership_of_another_device_or_sender_does_not_count() -> None:
+    j = GhostJudge(grace=0, join_grace=0)
+    ts = int(T0 * 1000)
+    other = view(member_ev(ALICE, "join"), sticky=[(sticky_ev(ALICE, "OTHER", ts), ts)])
+    assert judge_once(j, other, T0 + 1)[0] is Reason.NO_MEMBERSHIP
+    forged = sticky_ev(ALICE, "DEV", ts)
+    forged["sender"] = "@mallory:hs"  # member.user_id must be the sender
+    assert judge_once(j, view(member_ev(ALICE, "join"), sticky=[(forged, ts)]), T0 + 1)[0] is (
+        Reason.NO_MEMBERSHIP
+    )
+
+
+def test_where_sticky_memberships_cannot_be_read_nobody_is_removed_for_having_none() -> None:
+    """The admin room-state API shows no sticky events; an encrypted sticky event cannot be
+    read. A member publishing only a sticky membership must not look memberless there."""
+    j = GhostJudge(grace=0, join_grace=0)
+    blind = view(member_ev(ALICE, "join"), sticky_visible=False)
+    assert judge_once(j, blind, T0 + 100) == (Reason.UNKNOWN, Verdict.KEEP)
+    ts = int(T0 * 1000)
+    encrypted = {
+        "type": "m.room.encrypted",
+        "sender": ALICE,
+        "event_id": "$enc",
+        "origin_server_ts": ts,
+        "msc4354_sticky": {"duration_ms": 60_000},
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "..."},
+    }
+    opaque = view(member_ev(ALICE, "join"), sticky=[(encrypted, ts)])
+    assert judge_once(j, opaque, T0 + 10) == (Reason.UNKNOWN, Verdict.KEEP)
+    # once that event is no longer sticky, nothing unreadable is left: no membership
+    stale = view(member_ev(ALICE, "join"), sticky=[(encrypted, ts)], now=T0 + 61)
+    assert judge_once(j, stale, T0 + 61)[0] is Reason.NO_MEMBERSHIP
+    # other evidence still counts where sticky events are invisible
+    left = view(
+        member_ev(ALICE, "join"),
+        call_ev(ALICE, "DEV", int((T0 + 5) * 1000), left=True),
+        sticky_visible=False,
+    )
+    assert judge_once(GhostJudge(grace=0), left, T0 + 6)[0] is Reason.CALL_ENDED
+    banned = view(member_ev(ALICE, "ban", "@mod:hs"), sticky_visible=False)
+    assert judge_once(GhostJudge(grace=0), banned, T0 + 6)[0] is Reason.BANNED
