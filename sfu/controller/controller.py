@@ -1,13 +1,15 @@
 """The SFU controller: removes LiveKit ghosts, closes memberless rooms, one leader acts.
 
-Every ``interval`` seconds the acting controller (see :mod:`sfu.controller.leader`) lists
-LiveKit's rooms and participants, reads the grants the service recorded
-(:mod:`sfu.controller.registry`) and the Matrix room state of the rooms involved
-(:mod:`sfu.controller.matrix_source`), and lets :class:`~sfu.controller.ghosts.GhostJudge`
-decide. A participant due for removal is removed with LiveKit's RemoveParticipant; an empty
-LiveKit room whose Matrix room shows no call member ``room_grace`` after its creation and
-its last token is deleted. Every action is claimed first (never taken twice), written as
-one audit log line (logger ``sfu.audit``) and counted in ``/metrics``.
+Every ``interval`` seconds, and at once when the Matrix source pushes news (a joined
+account's /sync) or a participant's grace runs out, the acting controller (see
+:mod:`sfu.controller.leader`) lists LiveKit's rooms and participants, reads the grants the
+service recorded (:mod:`sfu.controller.registry`) and what the source shows of the Matrix
+rooms involved (:mod:`sfu.controller.matrix_source`, :mod:`sfu.controller.sync_source`),
+and lets :class:`~sfu.controller.ghosts.GhostJudge` decide. A participant due for removal
+is removed with LiveKit's RemoveParticipant; an empty LiveKit room whose Matrix room shows
+no call member ``room_grace`` after its creation and its last token is deleted. Every
+action is claimed first (never taken twice), written as one audit log line (logger
+``sfu.audit``) and counted in ``/metrics``.
 
 At start-up it says what it cannot see and therefore will not act on (no Redis, no
 homeserver access, a refused token), then runs with what it has.
@@ -33,8 +35,9 @@ from sfu.controller.config import ControllerConfig
 from sfu.controller.ghosts import Finding, GhostJudge, Participant, Reason, RoomView, Verdict
 from sfu.controller.ghosts import room_view as make_room_view
 from sfu.controller.leader import Leadership, LocalLeadership, RedisLeadership
-from sfu.controller.matrix_source import AdminStateSource, MatrixSource, MemberStateSource
+from sfu.controller.matrix_source import AdminStateSource, MatrixSource
 from sfu.controller.registry import Grant, GrantRegistry, MemoryRegistry, RedisRegistry
+from sfu.controller.sync_source import SyncSource
 
 __all__ = ["STATUS_KEY", "Controller", "build_controller"]
 
@@ -42,6 +45,7 @@ log = structlog.get_logger(__name__)
 audit = structlog.get_logger("sfu.audit")
 
 STATUS_KEY = "matrixrtc-sfu:controller:status"
+_MIN_SPACING = 0.05  # seconds between two cycles, however much news arrives
 _STANDARD = lkmodels.ParticipantInfo.Kind.STANDARD
 
 
@@ -153,11 +157,23 @@ class Controller:
                     "cannot be read are treated as unknown and nothing Matrix-based is done "
                     "there"
                 )
+        if isinstance(self.source, AdminStateSource):
+            limits.append(
+                "the Synapse admin room-state API cannot see MSC4354 sticky memberships "
+                "(org.matrix.msc4143.rtc.member, Element Call's matrix_2_0 mode): members "
+                "with only a sticky membership are never removed for having no membership, "
+                "and their sticky leave is NOT seen (give the controller a joined account, "
+                "MATRIXRTC_SFU_CONTROLLER_ACCESS_TOKEN, to see them)"
+            )
+        if isinstance(self.source, SyncSource):
+            log.info(
+                "sticky memberships are read from /sync; Megolm-encrypted ones cannot be: "
+                "their senders are never removed for having no membership"
+            )
         if cfg.require_membership:
             log.info(
-                "participants without a call.member state membership are removed after "
-                "the join grace (MSC4354 sticky memberships are not visible in room state; "
-                "set MATRIXRTC_SFU_CONTROLLER_REQUIRE_MEMBERSHIP=0 for such clients)",
+                "participants without a call membership where memberships are readable are "
+                "removed after the join grace",
                 join_grace=cfg.join_grace,
             )
         if cfg.dry_run:
@@ -180,9 +196,11 @@ class Controller:
         failures = 0
         while True:
             started = time.monotonic()
+            wait = self.config.interval
             if self.leadership.is_leader():
                 try:
-                    await self.run_cycle()
+                    results = await self.run_cycle()
+                    wait = self._next_wait(results)
                     failures = 0
                 except asyncio.CancelledError:
                     raise
@@ -198,7 +216,24 @@ class Controller:
                             reason=repr(exc)[:200],
                         )
                 metrics.CONTROLLER_CYCLE.observe(time.monotonic() - started)
-            await asyncio.sleep(max(0.05, self.config.interval - (time.monotonic() - started)))
+            wait = max(_MIN_SPACING, wait - (time.monotonic() - started))
+            if self.source is not None:
+                if await self.source.wait_changed(wait):
+                    await asyncio.sleep(_MIN_SPACING)  # let a burst of events land together
+            else:
+                await asyncio.sleep(wait)
+
+    def _next_wait(self, results: list[_RoomResult]) -> float:
+        """Seconds to the next cycle: the interval, or sooner when a watched participant's
+        removal falls due before it."""
+        now = self._clock()
+        dues = [
+            f.due_at - now
+            for r in results
+            for f in r.findings
+            if f.verdict is Verdict.WATCH and f.due_at is not None
+        ]
+        return min([self.config.interval, *(d + 0.01 for d in dues)])
 
     # -- one cycle ---------------------------------------------------------------------
 
@@ -232,8 +267,10 @@ class Controller:
     async def _view(self, matrix_room: str, now: float) -> RoomView | None:
         if self.source is None:
             return None
-        events = await self.source.room_state(matrix_room)
-        return None if events is None else make_room_view(events, int(now * 1000))
+        snap = await self.source.room(matrix_room)
+        if snap is None:
+            return None
+        return make_room_view(snap.state, int(now * 1000), sticky=snap.sticky)
 
     async def _room(
         self,
@@ -462,7 +499,7 @@ def build_controller(
     if config.homeserver_url and config.admin_token:
         source = AdminStateSource(config.homeserver_url, config.admin_token)
     elif config.homeserver_url and config.access_token:
-        source = MemberStateSource(config.homeserver_url, config.access_token)
+        source = SyncSource(config.homeserver_url, config.access_token)
     return Controller(
         config,
         registry,

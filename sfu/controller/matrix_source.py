@@ -1,18 +1,20 @@
-"""Where the controller reads Matrix room state from (the operator's own homeserver).
+"""Where the controller reads Matrix rooms from (the operator's own homeserver).
 
 Two sources, each granted by the operator:
 
 - :class:`AdminStateSource` — a homeserver admin token and Synapse's admin API
-  (``GET /_synapse/admin/v1/rooms/{room}/state``): every room the homeserver takes part in,
-  whether or not any local account is joined. Synapse only.
-- :class:`MemberStateSource` — the access token of an ordinary "controller" account and the
-  client-server API (``GET /_matrix/client/v3/rooms/{room}/state``): only rooms that account
-  has joined (invite it to the rooms whose calls it should police). Any homeserver.
+  (``GET /_synapse/admin/v1/rooms/{room}/state``, read again every interval): every room the
+  homeserver takes part in, whether or not any local account is joined. Synapse only. It
+  **cannot see MSC4354 sticky memberships** (``org.matrix.msc4143.rtc.member`` events are
+  not room state), so with it nobody is ever removed for having no membership.
+- :class:`~sfu.controller.sync_source.SyncSource` — the access token of an ordinary
+  "controller" account and its ``/sync`` stream: only rooms that account has joined (invite
+  it to the rooms whose calls it should police), but state-form *and* sticky memberships
+  (unencrypted ones; an encrypted sticky event cannot be read), pushed as they happen.
+  Any homeserver.
 
-Neither sees MSC4354 sticky memberships (``m.rtc.member`` events are not room state); both
-see ``org.matrix.msc3401.call.member`` state memberships and ``m.room.member``. A room the
-source cannot read (not joined, unknown, homeserver down) is reported as None: the controller
-then knows nothing about it and acts on nothing Matrix-based there.
+A room the source cannot read (not joined, unknown, homeserver down, sync stale) is reported
+as None: the controller then knows nothing about it and acts on nothing Matrix-based there.
 
 The URL is the operator's own configuration, not something a request can steer, so these
 requests do not go through the SSRF guard.
@@ -20,14 +22,16 @@ requests do not go through the SSRF guard.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 import structlog
 
-__all__ = ["AdminStateSource", "MatrixSource", "MemberStateSource", "SourceCheck"]
+__all__ = ["AdminStateSource", "MatrixSource", "RoomSnapshot", "SourceCheck"]
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +44,15 @@ class SourceCheck:
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class RoomSnapshot:
+    """One Matrix room as a source sees it now."""
+
+    state: list[dict[str, Any]]  # current state events, client format
+    # Sticky events held (each with the wall ms it was received), or None: not visible.
+    sticky: list[tuple[dict[str, Any], int]] | None = None
+
+
 class MatrixSource(Protocol):
     kind: str
     last_failure: float  # wall time the homeserver last failed to answer (0 = never)
@@ -50,8 +63,13 @@ class MatrixSource(Protocol):
         """Check the credentials once, at start-up."""
         ...
 
-    async def room_state(self, room_id: str) -> list[dict[str, Any]] | None:
-        """The room's current state events, or None when this source cannot see the room."""
+    async def room(self, room_id: str) -> RoomSnapshot | None:
+        """The room as far as this source sees it, or None when it cannot see the room."""
+        ...
+
+    async def wait_changed(self, within: float) -> bool:
+        """Wait up to ``within`` s for news from the homeserver; True if there is some
+        (a source that only polls just sleeps and answers False)."""
         ...
 
 
@@ -75,6 +93,10 @@ class _HttpSource:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    async def wait_changed(self, within: float) -> bool:
+        await asyncio.sleep(within)
+        return False
 
     async def _get(self, path: str) -> tuple[int, Any]:
         assert self._session is not None, "source not started"
@@ -131,32 +153,16 @@ class AdminStateSource(_HttpSource):
                 f"{user} is not a Synapse server admin (admin API answered {status}): room "
                 "state is only readable for rooms that account has joined",
             )
-        return SourceCheck(True, f"Synapse admin API as {user}: every room of {self._base}")
+        return SourceCheck(
+            True,
+            f"Synapse admin API as {user}: every room of {self._base}, but no MSC4354 sticky "
+            "memberships (nobody is removed for having no membership)",
+        )
 
-    async def room_state(self, room_id: str) -> list[dict[str, Any]] | None:
+    async def room(self, room_id: str) -> RoomSnapshot | None:
         body = await self._state(
             f"/_synapse/admin/v1/rooms/{quote(room_id, safe='')}/state", room_id
         )
         if not isinstance(body, dict) or not isinstance(body.get("state"), list):
             return None
-        return [e for e in body["state"] if isinstance(e, dict)]
-
-
-class MemberStateSource(_HttpSource):
-    """The client-server API as an account joined to the rooms."""
-
-    kind = "member"
-
-    async def probe(self) -> SourceCheck:
-        user, err = await self._whoami()
-        if user is None:
-            return SourceCheck(False, err)
-        return SourceCheck(True, f"client API as {user}: only rooms that account has joined")
-
-    async def room_state(self, room_id: str) -> list[dict[str, Any]] | None:
-        body = await self._state(
-            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state", room_id
-        )
-        if not isinstance(body, list):
-            return None
-        return [e for e in body if isinstance(e, dict)]
+        return RoomSnapshot([e for e in body["state"] if isinstance(e, dict)])

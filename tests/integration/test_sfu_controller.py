@@ -1,13 +1,14 @@
 """The SFU controller against the real stack: Synapse, LiveKit v1.13.5, Redis, the service.
 
-The service runs with the controller inside (``MATRIXRTC_SFU_CONTROLLER=1``, Synapse admin
-token, grants in Redis) in front of its own LiveKit (the controller judges every room of its
-LiveKit). Each member is a separate process holding a LiveKit connection and a state-form
-call membership kept alive by a 3 s MSC4140 delayed leave. Every cause of a ghost is staged
-at once, each in its own Matrix room, next to honest members; each ghost must be gone from
-LiveKit at most 5 s after the evidence reached the homeserver (interval 1 s), with
-an audit line and a metric, and no honest member may be touched (grace 1 s here, for margin
-on a loaded machine; bench/controller.py measures the defaults).
+The service runs with the controller inside (``MATRIXRTC_SFU_CONTROLLER=1``, grants in
+Redis) in front of its own LiveKit (the controller judges every room of its LiveKit); it
+reads Matrix through a controller account joined to every call room (its /sync: state and
+sticky memberships, pushed). Each member is a separate process holding a LiveKit connection
+and a state-form call membership kept alive by a 3 s MSC4140 delayed leave. Every cause of a
+ghost is staged at once, each in its own Matrix room, next to honest members; each ghost
+must be gone from LiveKit at most 5 s after the evidence reached the homeserver (interval 1
+s), with an audit line and a metric, and no honest member may be touched (grace 1 s here,
+for margin on a loaded machine; bench/controller.py measures the defaults).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,11 @@ class Sfu:
 
 
 def controller_env(
-    lk: LiveKit, hs: Synapse, redis: Redis, admin: UserCreds, **extra: str
+    lk: LiveKit, hs: Synapse, redis: Redis, watcher: UserCreds, *, admin: bool = False, **extra: str
 ) -> dict[str, str]:
+    """``watcher``: a server admin (``admin=True``: Synapse admin API) or the controller
+    account joined to the call rooms (its /sync)."""
+    token = "ADMIN_TOKEN" if admin else "ACCESS_TOKEN"
     return {
         **os.environ,
         "LIVEKIT_URL": lk.url,
@@ -114,7 +118,7 @@ def controller_env(
         "LIVEKIT_SECRET": lk.api_secret,
         "LIVEKIT_REDIS_URL": redis.url,
         "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
-        "MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN": admin.access_token,
+        f"MATRIXRTC_SFU_CONTROLLER_{token}": watcher.access_token,
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
         "MATRIXRTC_SFU_CONTROLLER_INTERVAL": "1",
         "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",  # bench/controller.py measures the default 2 s
@@ -130,13 +134,20 @@ class Stack:
     lk: LiveKit
     redis: Redis
     sfu: Sfu
-    admin: UserCreds
+    admin: UserCreds  # the controller's homeserver account
     run_dir: Path
+    watcher: UserCreds | None = None  # set: it must join every call room
+
+
+async def call_room(st: Stack, owner: UserCreds, invite: Sequence[UserCreds] = ()) -> str:
+    """A call room; the controller account (if the controller reads /sync) joins it too."""
+    extra = [st.watcher] if st.watcher is not None else []
+    return await st.hs.create_call_room(owner, invite=[*invite, *extra])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
-    admin = await register_admin(synapse, f"ctladmin{secrets.token_hex(3)}")
+    admin = await synapse.register(f"controller{secrets.token_hex(3)}")
     port = free_tcp_port()
     async with (
         LiveKit(run_dir, name="livekit-controller") as lk,
@@ -164,7 +175,7 @@ async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
         sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
         await sfu.start()
         try:
-            yield Stack(synapse, lk, redis, sfu, admin, run_dir)
+            yield Stack(synapse, lk, redis, sfu, admin, run_dir, watcher=admin)
         finally:
             await proc.stop()
 
@@ -239,7 +250,7 @@ async def join_call(
     """A fresh user joins (a fresh room, unless given) and the call: token, LiveKit, state."""
     user = await st.hs.register(f"m{secrets.token_hex(4)}")
     if room_id is None:
-        room_id = await st.hs.create_call_room(owner, invite=[user])
+        room_id = await call_room(st, owner, invite=[user])
     else:
         await st.hs.request(
             "POST",
@@ -297,8 +308,8 @@ async def test_every_kind_of_ghost_is_removed_and_honest_members_stay(stack: Sta
     st = stack
     owner = await st.hs.register(f"owner{secrets.token_hex(3)}")
     # Honest members share rooms with the ghosts, so a wrong verdict per room would show.
-    left_room = await st.hs.create_call_room(owner)
-    banned_room = await st.hs.create_call_room(owner)
+    left_room = await call_room(st, owner)
+    banned_room = await call_room(st, owner)
     joins = {
         "expired": join_call(st, owner),
         "left": join_call(st, owner, left_room),
@@ -748,3 +759,102 @@ async def test_inside_serve_with_workers_one_worker_leads(synapse: Synapse, run_
             if intruder is not None:
                 await intruder.stop()
             await proc.stop()
+
+
+async def sticky_events(st: Stack, room_id: str, sender: str) -> list[dict[str, Any]]:
+    """The ``rtc.member`` events ``sender`` sent to the room, newest first (as the watcher)."""
+    assert st.watcher is not None
+    flt = json.dumps({"types": ["org.matrix.msc4143.rtc.member"], "senders": [sender]})
+    body = await st.hs.request(
+        "GET",
+        f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages",
+        user=st.watcher,
+        params={"dir": "b", "limit": "20", "filter": flt},
+    )
+    return list(body.get("chunk", []))
+
+
+async def test_a_sticky_member_is_kept_and_its_ended_membership_removed(
+    stack: Stack, run_dir: Path
+) -> None:
+    """Two ``python -m matrixrtc join --dialect sticky`` members (MSC4354 sticky memberships
+    only, like Element Call in matrix_2_0 mode) in an SFU call with the controller requiring
+    memberships: neither is removed for lacking one, though the join grace (3 s) passes; when
+    one stops (SIGSTOP) its delayed sticky leave fires, and the controller removes it as
+    ``call_ended`` at most 5 s after that leave reached the homeserver."""
+    st = stack
+    tag = secrets.token_hex(2)
+    owner = await st.hs.register(f"sto{tag}")
+    ann, bob = await st.hs.register(f"sta{tag}"), await st.hs.register(f"stb{tag}")
+    room_id = await call_room(st, owner, invite=[ann, bob])
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    logs = run_dir / f"sticky-members-{tag}"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        for u in (ann, bob):
+            with (logs / f"{u.user_id}.log").open("ab") as log:
+                procs[u.user_id] = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "matrixrtc", "--log-level", "info", "join"),
+                    *("--homeserver", st.hs.base_url, "--user", u.user_id, "--room", room_id),
+                    *("--state-dir", str(logs / u.user_id), "--output", "json"),
+                    *("--dialect", "sticky", "--media", "sfu", "--e2ee", "off"),
+                    *("--publish", "none", "--livekit-service-url", st.sfu.url),
+                    *("--delayed-leave-ms", "3000"),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=log,
+                    env={**os.environ, "MATRIXRTC_PASSWORD": u.password},
+                    start_new_session=True,
+                )
+
+        async def rows() -> dict[str, dict[str, Any]]:
+            status, snap = await st.sfu.get("/status", STATUS_TOKEN)
+            assert status == 200, snap
+            return {
+                p["user_id"]: {**p, "room": r["room"]}
+                for r in snap.get("rooms") or []
+                for p in r["participants"]
+                if p["user_id"] in (ann.user_id, bob.user_id)
+            }
+
+        async def both_ok() -> bool:
+            got = await rows()
+            return len(got) == 2 and all(p["matrix_state"] == "ok" for p in got.values())
+
+        assert await time_until(both_ok, 60) is not None, await rows()
+        seen = await rows()
+        # join grace 3 s, grace 1 s: a member judged memberless would be gone by now
+        await asyncio.sleep(6)
+        for user in (ann.user_id, bob.user_id):
+            p = seen[user]
+            assert p["identity"] in await present(st.lk, p["room"]), user
+            assert (await rows())[user]["matrix_state"] == "ok"
+        assert not [a for a in st.sfu.audit() if a.get("user_id") in seen]
+
+        os.killpg(procs[bob.user_id].pid, signal.SIGSTOP)  # heartbeats stop: leave fires
+
+        async def leave_sent() -> bool:
+            newest = (await sticky_events(st, room_id, bob.user_id))[:1]
+            return bool(newest) and "member" not in newest[0]["content"]
+
+        assert await time_until(leave_sent, 20) is not None, "the delayed sticky leave never fired"
+        leave_ts = (await sticky_events(st, room_id, bob.user_id))[0]["origin_server_ts"] / 1000
+        b = seen[bob.user_id]
+
+        async def bob_gone() -> bool:
+            return b["identity"] not in await present(st.lk, b["room"])
+
+        assert await time_until(bob_gone, 15) is not None
+        after = time.time() - leave_ts
+        print(f"sticky member removed {after:.2f} s after its leave reached the homeserver")
+        assert after <= LIMIT
+        [audit] = [a for a in st.sfu.audit() if a.get("user_id") == bob.user_id]
+        assert audit["reason"] == "call_ended"
+        a = seen[ann.user_id]
+        assert a["identity"] in await present(st.lk, a["room"])
+        assert not [x for x in st.sfu.audit() if x.get("user_id") == ann.user_id]
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()

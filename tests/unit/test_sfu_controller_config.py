@@ -11,7 +11,8 @@ from sfu.auth.config import Config
 from sfu.controller.config import ControllerConfig
 from sfu.controller.controller import build_controller
 from sfu.controller.leader import LocalLeadership, RedisLeadership
-from sfu.controller.matrix_source import AdminStateSource, MemberStateSource
+from sfu.controller.matrix_source import AdminStateSource
+from sfu.controller.sync_source import SyncSource
 
 BASE = {"LIVEKIT_URL": "ws://127.0.0.1:1", "LIVEKIT_KEY": "k", "LIVEKIT_SECRET": "s"}
 C = "MATRIXRTC_SFU_CONTROLLER"
@@ -68,7 +69,7 @@ def test_sources_and_leadership_follow_the_configuration() -> None:
             {**BASE, f"{C}_HOMESERVER_URL": "https://hs", f"{C}_ACCESS_TOKEN": "b"}
         )
     )
-    assert isinstance(member.source, MemberStateSource)
+    assert isinstance(member.source, SyncSource)
     assert isinstance(member.leadership, LocalLeadership)
     assert not member.registry_complete  # a stand-alone controller without Redis sees no grants
 

@@ -1,0 +1,253 @@
+"""The controller account's ``/sync`` stream as a Matrix source: pushed, incremental, sticky.
+
+:class:`SyncRooms` (no I/O) keeps, per room the account has joined, the current state of the
+few event types the judge reads and the sticky ``org.matrix.msc4143.rtc.member`` events
+(MSC4354) with the wall time each arrived. Sticky events come as Synapse 1.163 delivers them
+(see matrixrtc's own sync, ``matrixrtc/matrix/rooms.py``): in the timeline with the PDU field
+``msc4354_sticky``, and, when still live but outside the timeline window (the first sync, a
+gappy one), in the room's ``msc4354_sticky`` section. A sticky event is kept
+``ENDED_KEEP_MS`` past the end of its stickiness, so the judge can see that a membership
+*ended* (and when), not only that it is gone.
+
+:class:`SyncSource` long-polls ``/sync`` (filtered to those types) in an owned task, feeds
+:class:`SyncRooms` and wakes the controller whenever a relevant event arrived
+(:meth:`SyncSource.wait_changed`): a leave, a ban or a new membership is judged at once, not
+at the next interval. Reading a room costs nothing (no request per room and interval).
+
+What it cannot see: rooms the account has not joined (None: nothing Matrix-based is done
+there); Megolm-encrypted sticky events (their senders are reported as opaque, and nobody is
+removed for having no membership while they have one); anything while the stream is stale
+(no successful sync for ``timeout + STALE_MARGIN_S``): then every room is None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from matrixrtc.model.event_types import EventType
+from matrixrtc.model.msc4354 import STICKY_FIELD, sticky_expires_at
+from sfu.controller.matrix_source import RoomSnapshot, SourceCheck, _HttpSource
+
+__all__ = ["ENDED_KEEP_MS", "SyncRooms", "SyncSource"]
+
+log = structlog.get_logger(__name__)
+
+# State the judge reads (membership, room version, encryption, state-form calls).
+STATE_TYPES = (
+    EventType.ROOM_MEMBER,
+    EventType.ROOM_CREATE,
+    EventType.ROOM_ENCRYPTION,
+    EventType.CALL_MEMBER,
+)
+# Timeline: the same, plus sticky memberships (plain or encrypted).
+TIMELINE_TYPES = (*STATE_TYPES, EventType.RTC_MEMBER, "m.room.encrypted")
+ENDED_KEEP_MS = 10 * 60 * 1000
+STALE_MARGIN_S = 15.0
+
+
+def sync_filter(timeline_limit: int = 50) -> str:
+    """The /sync filter: only what the judge reads, no presence, account data or receipts."""
+    none: dict[str, list[str]] = {"types": []}
+    return json.dumps(
+        {
+            "presence": none,
+            "account_data": none,
+            "room": {
+                "state": {"types": list(STATE_TYPES), "lazy_load_members": False},
+                "timeline": {"types": list(TIMELINE_TYPES), "limit": timeline_limit},
+                "ephemeral": none,
+                "account_data": none,
+            },
+        },
+        separators=(",", ":"),
+    )
+
+
+def _events(section: object) -> list[dict[str, Any]]:
+    events = section.get("events") if isinstance(section, dict) else None
+    return [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+
+
+class SyncRooms:
+    """Rooms as the sync stream showed them (pure: raw sync JSON and wall ms passed in)."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._sticky: dict[str, dict[str, tuple[dict[str, Any], int]]] = {}
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        return frozenset(self._state)
+
+    def apply(self, raw: object, now_ms: int) -> set[str]:
+        """Apply one /sync response; the rooms in which something relevant changed."""
+        changed: set[str] = set()
+        rooms = raw.get("rooms") if isinstance(raw, dict) else None
+        if not isinstance(rooms, dict):
+            return changed
+        joined = rooms.get("join")
+        for room_id, section in (joined if isinstance(joined, dict) else {}).items():
+            if (
+                isinstance(room_id, str)
+                and isinstance(section, dict)
+                and self._joined(room_id, section, now_ms)
+            ):
+                changed.add(room_id)
+        left = rooms.get("leave")
+        for room_id in left if isinstance(left, dict) else {}:
+            if self._state.pop(room_id, None) is not None:
+                changed.add(room_id)
+            self._sticky.pop(room_id, None)
+        return changed
+
+    def snapshot(self, room_id: str, now_ms: int) -> RoomSnapshot | None:
+        state = self._state.get(room_id)
+        if state is None:
+            return None
+        held = self._sticky.get(room_id, {})
+        for event_id, (ev, received) in list(held.items()):
+            expires = sticky_expires_at(ev, received)
+            if expires is None or expires + ENDED_KEEP_MS <= now_ms:
+                del held[event_id]
+        return RoomSnapshot(list(state.values()), list(held.values()))
+
+    def _joined(self, room_id: str, section: dict[str, Any], now_ms: int) -> bool:
+        timeline = _events(section.get("timeline"))
+        applied = _events(section.get("state")) + [
+            e for e in timeline if isinstance(e.get("state_key"), str)
+        ]
+        store = self._state.setdefault(room_id, {})
+        changed = bool(applied)
+        for ev in applied:
+            etype, key = ev.get("type"), ev.get("state_key")
+            if isinstance(etype, str) and isinstance(key, str):
+                store[(etype, key)] = ev
+        sticky = _events(section.get(STICKY_FIELD)) + [e for e in timeline if STICKY_FIELD in e]
+        held = self._sticky.setdefault(room_id, {})
+        for ev in sticky:
+            event_id = ev.get("event_id")
+            if isinstance(event_id, str) and event_id not in held:
+                held[event_id] = (ev, now_ms)
+                changed = True
+        return changed
+
+
+class SyncSource(_HttpSource):
+    """The client-server API as an account joined to the rooms: /sync, long-polled."""
+
+    kind = "sync"
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        poll_timeout: float = 20.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(base_url, token, timeout=poll_timeout + 15.0)
+        self._poll_timeout = poll_timeout
+        self._clock = clock
+        self._rooms = SyncRooms()
+        self._since: str | None = None
+        self._last_ok = 0.0  # monotonic: last successful sync
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.syncs = 0
+
+    async def start(self) -> None:
+        await super().start()
+        self._task = asyncio.create_task(self._loop(), name="controller-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await super().close()
+
+    async def probe(self) -> SourceCheck:
+        user, err = await self._whoami()
+        if user is None:
+            return SourceCheck(False, err)
+        return SourceCheck(
+            True,
+            f"/sync as {user}: only rooms that account has joined; state and sticky "
+            "memberships (not Megolm-encrypted sticky ones), pushed",
+        )
+
+    def fresh(self) -> bool:
+        return (
+            self._last_ok > 0
+            and time.monotonic() - self._last_ok <= self._poll_timeout + STALE_MARGIN_S
+        )
+
+    async def room(self, room_id: str) -> RoomSnapshot | None:
+        if not self.fresh():
+            return None
+        return self._rooms.snapshot(room_id, int(self._clock() * 1000))
+
+    async def wait_changed(self, within: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._changed.wait()
+        news = self._changed.is_set()
+        self._changed.clear()
+        return news
+
+    async def _loop(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self._sync_once()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failures += 1
+                self.last_failure = self._clock()
+                if self._failures == 1 or self._failures % 100 == 0:
+                    log.warning(
+                        "controller sync failed", failures=self._failures, reason=repr(exc)[:200]
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _sync_once(self) -> None:
+        assert self._session is not None, "source not started"
+        initial = self._since is None
+        params = {
+            "timeout": "0" if initial else str(int(self._poll_timeout * 1000)),
+            "filter": sync_filter(),
+            "set_presence": "offline",
+        }
+        if self._since is not None:
+            params["since"] = self._since
+        async with self._session.get(self._base + "/_matrix/client/v3/sync", params=params) as r:
+            body = await r.json(content_type=None)
+            if r.status != 200 or not isinstance(body, dict):
+                if r.status >= 500 or r.status == 429:
+                    self.last_failure = self._clock()
+                err = body.get("errcode") if isinstance(body, dict) else None
+                raise RuntimeError(f"/sync answered {r.status} {err}")
+        next_batch = body.get("next_batch")
+        if not isinstance(next_batch, str):
+            raise RuntimeError("/sync answered without next_batch")
+        changed = self._rooms.apply(body, int(self._clock() * 1000))
+        self._since = next_batch
+        self._last_ok = time.monotonic()
+        if self._failures:
+            log.info("controller sync resumed", after_failures=self._failures)
+        self._failures = 0
+        self.syncs += 1
+        if initial:
+            log.info("controller sync started", rooms=len(self._rooms.rooms))
+        if changed or initial:
+            self._changed.set()

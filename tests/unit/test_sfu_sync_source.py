@@ -1,0 +1,95 @@
+"""The controller's /sync room cache (pure): state and sticky memberships as /sync delivers
+them, fed to the judge through the same reduction as the admin source's room state."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sfu.controller.ghosts import GhostJudge, Participant, Reason, room_view
+from sfu.controller.registry import Grant
+from sfu.controller.sync_source import ENDED_KEEP_MS, SyncRooms, sync_filter
+from tests.unit.test_sfu_ghosts import ALICE, ROOM, T0, grant, member_ev, sticky_ev
+
+NOW_MS = int(T0 * 1000)
+
+
+def sync(
+    *,
+    state: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
+    timeline: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
+    sticky: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
+    left: bool = False,
+) -> dict[str, Any]:
+    if left:
+        return {"next_batch": "s", "rooms": {"leave": {ROOM: {}}}}
+    section = {
+        "state": {"events": list(state)},
+        "timeline": {"events": list(timeline)},
+        "msc4354_sticky": {"events": list(sticky)},
+    }
+    return {"next_batch": "s", "rooms": {"join": {ROOM: section}}}
+
+
+def judge(rooms: SyncRooms, now_ms: int, g: Grant | None = None) -> Reason:
+    snap = rooms.snapshot(ROOM, now_ms)
+    assert snap is not None
+    v = room_view(snap.state, now_ms, sticky=snap.sticky)
+    g = g or grant()
+    [f] = GhostJudge(grace=0, join_grace=0).observe(
+        [Participant(g.identity, "PA_1", T0)],
+        {g.identity: g},
+        {ROOM: v},
+        registry_since=0,
+        ended_hints={},
+        now=now_ms / 1000,
+    )
+    return f.reason
+
+
+def test_a_sticky_member_from_the_first_sync_then_its_leave_in_the_timeline() -> None:
+    rooms = SyncRooms()
+    join = sticky_ev(ALICE, "DEV", NOW_MS)
+    changed = rooms.apply(sync(state=[member_ev(ALICE, "join")], sticky=[join]), NOW_MS)
+    assert changed == {ROOM}
+    assert judge(rooms, NOW_MS + 1000) is Reason.OK
+    # nothing new: nothing changed
+    assert rooms.apply({"next_batch": "t", "rooms": {"join": {ROOM: {}}}}, NOW_MS + 1500) == set()
+    leave = sticky_ev(ALICE, "DEV", NOW_MS + 2000, left=True)
+    assert rooms.apply(sync(timeline=[leave]), NOW_MS + 2000) == {ROOM}
+    assert judge(rooms, NOW_MS + 2500) is Reason.CALL_ENDED
+
+
+def test_state_changes_in_the_timeline_apply() -> None:
+    rooms = SyncRooms()
+    rooms.apply(
+        sync(state=[member_ev(ALICE, "join")], sticky=[sticky_ev(ALICE, "DEV", NOW_MS)]), NOW_MS
+    )
+    assert rooms.apply(sync(timeline=[member_ev(ALICE, "ban", "@mod:hs")]), NOW_MS + 1) == {ROOM}
+    assert judge(rooms, NOW_MS + 2) is Reason.BANNED
+
+
+def test_an_ended_sticky_join_is_kept_a_while_so_the_end_is_seen() -> None:
+    rooms = SyncRooms()
+    ev = sticky_ev(ALICE, "DEV", NOW_MS, duration_ms=5000)
+    rooms.apply(sync(state=[member_ev(ALICE, "join")], timeline=[ev]), NOW_MS)
+    assert judge(rooms, NOW_MS + 6000) is Reason.CALL_ENDED
+    snap = rooms.snapshot(ROOM, NOW_MS + 5000 + ENDED_KEEP_MS)
+    assert snap is not None
+    assert snap.sticky == []
+
+
+def test_rooms_not_joined_or_left_are_unknown() -> None:
+    rooms = SyncRooms()
+    assert rooms.snapshot(ROOM, NOW_MS) is None
+    rooms.apply(sync(state=[member_ev(ALICE, "join")]), NOW_MS)
+    assert rooms.snapshot(ROOM, NOW_MS) is not None
+    assert rooms.apply(sync(left=True), NOW_MS) == {ROOM}
+    assert rooms.snapshot(ROOM, NOW_MS) is None
+
+
+def test_the_filter_asks_for_what_the_judge_reads() -> None:
+    f = json.loads(sync_filter())
+    timeline = set(f["room"]["timeline"]["types"])
+    assert {"org.matrix.msc4143.rtc.member", "m.room.encrypted", "m.room.member"} <= timeline
+    assert "org.matrix.msc3401.call.member" in f["room"]["state"]["types"]
