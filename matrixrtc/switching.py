@@ -200,7 +200,8 @@ class MediaSwitcher:
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()
         self._tasks = OwnedTasks("switch", log, event_prefix="switch")
-        self._teardowns: set[asyncio.Task[None]] = set()  # old transports being closed
+        # Old transports being closed: awaited (never cancelled) when the switcher closes.
+        self._teardowns = OwnedTasks("switch-teardown", log, event_prefix="switch.teardown")
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
@@ -219,12 +220,17 @@ class MediaSwitcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        failure = await self._tasks.cancel()
+        failure: MatrixRTCError | None = await self._tasks.cancel()
         if self._changes is not None:
             self._changes.close()
-        await asyncio.gather(*self._teardowns, return_exceptions=True)  # each bounded
+        teardown_failure = await self._teardowns.join()  # each bounded by close_timeout_s
+        failure = failure or teardown_failure
         for t in self._running():
-            await t.aclose()
+            try:
+                await t.aclose()
+            except MatrixRTCError as exc:  # close every transport; raise the first failure
+                self._log.error("switch.close_failed", transport=t.kind.value, error=repr(exc))
+                failure = failure or exc
         self.current = self._starting = None
         self._records.end()
         if failure is not None:
@@ -420,9 +426,7 @@ class MediaSwitcher:
                     ms=round((self._clock() - started) * 1000),
                 )
 
-        task = asyncio.create_task(run(), name=f"switch teardown {what}")
-        self._teardowns.add(task)
-        task.add_done_callback(self._teardowns.discard)
+        self._teardowns.spawn(run(), what)
 
     # -- media monitor ----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
 from matrixrtc.model import FullMeshTransport, LivekitTransport, Transport
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.switching import SWITCH_MESH, MediaSwitcher, SwitchConfig
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["ParticipantConfig", "main", "run_participant"]
 
@@ -401,15 +402,14 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                     mesh = await stack.enter_async_context(MediaSwitcher(agent, keys, switch_cfg))
                 _emit({"event": "ready", "id": cfg.name, "user_id": hs.user_id,
                        "device_id": hs.device_id, "joined_at_ms": joined_ms})  # fmt: skip
-                pumps = [
-                    asyncio.create_task(_pump_changes(stack.enter_context(agent.changes()), probe))
-                ]
+                # A failing pump means missed reports: it is logged at once and ends the
+                # participant with that error instead of a final report (never swallowed).
+                pumps = OwnedTasks(f"calltest {cfg.name}", log, event_prefix="calltest")
+                pumps.spawn(_pump_changes(stack.enter_context(agent.changes()), probe), "changes")
                 if keys is not None:
-                    pumps.append(
-                        asyncio.create_task(_pump_keys(stack.enter_context(keys.events()), probe))
-                    )
+                    pumps.spawn(_pump_keys(stack.enter_context(keys.events()), probe), "keys")
                     if cfg.plaintext_keys:
-                        pumps.append(asyncio.create_task(_share_keys_in_clear(agent, keys)))
+                        pumps.spawn(_share_keys_in_clear(agent, keys), "clear-keys")
                 try:
                     deadline = loop.time() + cfg.duration_s if cfg.duration_s > 0 else None
                     while not stop.is_set():
@@ -423,9 +423,7 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                         _emit({"event": "stats", **await probe.snapshot(mesh, keys)})
                     final = await probe.snapshot(mesh, keys)
                 finally:
-                    for task in pumps:
-                        task.cancel()
-                    await asyncio.gather(*pumps, return_exceptions=True)
+                    await pumps.aclose()
             await agent.leave()
     _emit({"event": "final", **final})
     return 0

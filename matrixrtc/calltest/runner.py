@@ -27,6 +27,7 @@ import structlog
 from matrixrtc.calltest.participant import ParticipantConfig
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
 from matrixrtc.errors import LocalError, RemoteError
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "CallTestConfig",
@@ -165,7 +166,8 @@ class ParticipantProcess:
         self.stats: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
         self._changed = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read(), name=f"calltest-reader-{cfg.name}")
+        self._tasks = OwnedTasks(f"calltest-runner {cfg.name}", log, event_prefix="calltest")
+        self._reader = self._tasks.spawn(self._read(), "reader")
 
     @classmethod
     async def start(cls, cfg: ParticipantConfig, log_path: Path) -> ParticipantProcess:
@@ -250,8 +252,14 @@ class ParticipantProcess:
         except TimeoutError:
             self.kill()
             await self.proc.wait()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._reader, 5.0)
+        failure = None
+        try:
+            async with asyncio.timeout(5.0):
+                failure = await self._tasks.join()
+        except TimeoutError:
+            failure = await self._tasks.cancel()
+        if failure is not None:  # its reports are incomplete: say so, never swallow it
+            raise failure
 
     async def wait(self, timeout_s: float) -> int:
         try:

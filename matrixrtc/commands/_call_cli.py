@@ -19,11 +19,17 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from matrixrtc.call import Call, CallOptions
 from matrixrtc.commands.join import _login, default_state_dir
 from matrixrtc.model import Dialect
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["Console", "add_call_arguments", "make_call", "run_until"]
+
+
+log = structlog.get_logger(__name__)
 
 
 def add_call_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,31 +127,29 @@ async def run_until(
     returns why it stopped: "signal", "duration" or "done"."""
     stop = asyncio.Event()
     deadline = None if duration is None else time.monotonic() + duration
-    finished = asyncio.ensure_future(done) if done is not None else None
+    # Both owned: a ``done`` that fails is logged at once and raised here, never dropped.
+    tasks = OwnedTasks("run-until", log, event_prefix="cli")
+    waiters: set[asyncio.Future[Any]] = {tasks.spawn(stop.wait(), "signal")}
+    finished = None if done is None else tasks.spawn(_wait(done), "done")
+    if finished is not None:
+        waiters.add(finished)
     with _signals(stop):
         try:
             while True:
                 wait = interval
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
-                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
-                if finished is not None:
-                    waiters.add(finished)
-                done_set, pending = await asyncio.wait(
-                    waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                for w in pending:
-                    if w is not finished:
-                        w.cancel()
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if stop.is_set():
                     return "signal"
-                if finished is not None and finished in done_set:
+                if finished is not None and finished.done():
                     return "done"
                 if deadline is not None and time.monotonic() >= deadline:
                     return "duration"
                 tick()
         finally:
-            if finished is not None and not finished.done():
-                finished.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await finished
+            await tasks.aclose()
+
+
+async def _wait(aw: Awaitable[Any]) -> None:
+    await aw

@@ -50,6 +50,7 @@ from matrixrtc.matrix import Homeserver, Login, Subscription
 from matrixrtc.model import Dialect, Transport
 from matrixrtc.session.media_policy import DEFAULT_MESH_MAX
 from matrixrtc.switching import SwitchRecord
+from matrixrtc.tasks import OwnedTasks, first_of
 
 __all__ = ["register", "run"]
 
@@ -300,24 +301,19 @@ async def _until_stopped(
         async for item in sub:
             queue.put_nowait(item)
 
-    pumps = [asyncio.create_task(pump(sub)) for sub in streams]
-    stopper = asyncio.create_task(stop.wait())
+    # A stream that fails ends the command with its error (logged when it happened).
+    pumps = OwnedTasks("join", log, event_prefix="join", on_failure=lambda _n, _e: stop.set())
+    for i, sub in enumerate(streams):
+        pumps.spawn(pump(sub), f"stream-{i}")
     try:
         while not stop.is_set():
-            getter = asyncio.create_task(queue.get())
-            finished, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in finished:
-                _report(args, getter.result())
+            which, ended = await first_of(item=queue.get(), stop=stop.wait())
+            if which == "item":
+                _report(args, ended.result())
                 if done():
                     break
-            else:
-                getter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
     finally:
-        for task in (stopper, *pumps):
-            task.cancel()
-        await asyncio.gather(stopper, *pumps, return_exceptions=True)
+        await pumps.aclose()
 
 
 def _wants_keys(args: argparse.Namespace, hs: Homeserver, room_id: str) -> bool:
@@ -420,12 +416,14 @@ async def _with_media(
                     device_id=hs.device_id,
                     room_id=room_id,
                 )
-                counter = asyncio.create_task(_count_frames(args, frames))
+                counter = OwnedTasks(
+                    "join", log, event_prefix="join", on_failure=lambda _n, _e: stop.set()
+                )
+                counter.spawn(_count_frames(args, frames), "frame-counter")
                 try:
                     await _until_stopped(args, [events], stop, lambda: False)
                 finally:
-                    counter.cancel()
-                    await asyncio.gather(counter, return_exceptions=True)
+                    await counter.aclose()
     finally:
         for track in tracks:
             track.stop()

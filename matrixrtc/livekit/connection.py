@@ -38,7 +38,6 @@ state and ``e2ee_events`` keeps when they happened.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -58,6 +57,7 @@ from matrixrtc.livekit.frames import AudioToRtc, audio_to_av, video_to_av, video
 from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "ELEMENT_CALL_KEY_RING_SIZE",
@@ -294,7 +294,7 @@ class LiveKitConnection:
         self._frames = frames
         self.subscribe_when_keyed = subscribe_when_keyed and e2ee
         self._subscribe_requested: set[str] = set()  # publication sids
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks(f"livekit {credentials.identity}", log, event_prefix="livekit")
         self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
         self._closed = False
         self.room.on("track_subscribed", self._on_track_subscribed)
@@ -343,23 +343,23 @@ class LiveKitConnection:
             await self._publish()
 
     async def aclose(self) -> None:
-        """Stop publishing, drain tasks, leave the room. Safe to call twice."""
+        """Stop publishing, drain tasks, leave the room. Safe to call twice. Raises the first
+        failure of this connection's tasks (each logged when it happened) once all is closed."""
         if self._closed:
             return
         self._closed = True
         self.keys.detach(self)
         self._set_state(ConnectionState.CLOSED)
-        tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await self.room.disconnect()
+            await self._tasks.aclose()
         finally:
-            for source in self._sources:
-                await source.aclose()
-            self._sources.clear()
-        log.info("livekit.closed", room=self.credentials.room, identity=self.identity)
+            try:
+                await self.room.disconnect()
+            finally:
+                for source in self._sources:
+                    await source.aclose()
+                self._sources.clear()
+                log.info("livekit.closed", room=self.credentials.room, identity=self.identity)
 
     async def __aenter__(self) -> Self:
         try:
@@ -397,17 +397,8 @@ class LiveKitConnection:
             self._set_state(ConnectionState.LOST)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        if self._closed:
-            coro.close()
-            return
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("livekit.task_failed", task=task.get_name(), error=repr(task.exception()))
+        # SDK callbacks may still fire while and after we close: the task then never runs.
+        self._tasks.spawn(coro, name)
 
     # ------------------------------------------------------------------ keys
     def _key_provider(self) -> rtc.KeyProvider | None:

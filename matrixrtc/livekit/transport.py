@@ -45,7 +45,7 @@ import aiohttp
 import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
-from matrixrtc.errors import MatrixRTCError
+from matrixrtc.errors import MatrixRTCError, RemoteError
 from matrixrtc.livekit.connection import (
     ConnectionState,
     KeyTable,
@@ -66,6 +66,7 @@ from matrixrtc.model.livekit_ids import (
 from matrixrtc.model.membership import CallMembership
 from matrixrtc.model.transports import LivekitTransport
 from matrixrtc.session.transports import publish_transport
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["LiveKitTransport", "OwnDevice", "Plan", "plan_connections"]
 
@@ -177,7 +178,8 @@ class LiveKitTransport:
         self.keys = KeyTable()  # the one place keys are kept; see the module docstring
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("livekit-transport", log, event_prefix="livekit.transport")
+        self._supervising = False
         self._closed = False
 
     # ------------------------------------------------------------------ lifetime
@@ -193,17 +195,22 @@ class LiveKitTransport:
         await self.aclose()
 
     async def aclose(self) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        """Stop repairing, close every connection; then raise the first failure (of the
+        supervisor, or of a connection's tasks), each logged when it happened."""
+        failure = await self._tasks.cancel()
         async with self._lock:
             self._closed = True
             conns, self.connections = list(self.connections.values()), {}
-            await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+            results = await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
             if self._own_session and self._session is not None:
                 await self._session.close()
             self._session = None
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                log.error("livekit.connection_close_failed", error=repr(r))
+                failure = failure or (r if isinstance(r, RemoteError) else RemoteError(repr(r)))
+        if failure is not None:
+            raise failure
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -346,10 +353,9 @@ class LiveKitTransport:
 
     # ------------------------------------------------------------------ repair
     def _ensure_supervisor(self) -> None:
-        if self._supervisor is None and not self._closed:
-            self._supervisor = asyncio.get_running_loop().create_task(
-                self._supervise(), name="livekit-transport-supervisor"
-            )
+        if not self._supervising and not self._closed:
+            self._supervising = True
+            self._tasks.spawn(self._supervise(), "supervisor")
 
     def _next_check_s(self) -> float | None:
         now = self._clock()

@@ -80,6 +80,7 @@ from matrixrtc.matrix.types import (
     ToDeviceSendResult,
 )
 from matrixrtc.model import msc4354
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "DelayAction",
@@ -134,6 +135,7 @@ class Homeserver(ClientApi):
         self._session: SavedSession | None = None
         self._versions: JsonDict | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("homeserver", log, event_prefix="homeserver")
         self._since: str | None = None
         self._crypto_lock = asyncio.Lock()  # nio's Olm/Megolm state is not reentrant
         self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
@@ -195,18 +197,16 @@ class Homeserver(ClientApi):
         self._crypto = RoomCrypto(nio, self._crypto_lock)
         await self._crypto.housekeeping()
         await self._sync_once(timeout_ms=0)
-        self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync {session.user_id}")
+        self._sync_task = self._tasks.spawn(self._sync_loop(), "sync")
         log.info("homeserver.ready", user_id=session.user_id, device_id=session.device_id)
 
     async def _close(self) -> None:
         if self._sync_task is not None:
-            self._sync_task.cancel()
-            try:
-                await self._sync_task
-            except asyncio.CancelledError:
-                pass
-            except Exception as e:  # the loop already ended with an error that was logged
-                log.debug("homeserver.sync_task_error", error=repr(e))
+            # A sync loop that ended with an error was logged then, and its error was handed
+            # to every subscription (_end_subscriptions): closing does not raise it again.
+            failure = await self._tasks.cancel()
+            if failure is not None:
+                log.info("homeserver.sync_had_failed", error=str(failure))
             self._sync_task = None
         self._end_subscriptions(None)
         if self._nio is not None:

@@ -24,6 +24,8 @@ import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from matrixrtc.tasks import OwnedTasks, first_of
+
 __all__ = ["PublishedTrack"]
 
 log = structlog.get_logger(__name__)
@@ -76,7 +78,8 @@ class PublishedTrack:
         self._source: MediaStreamTrack | None = None
         self._source_changed = asyncio.Event()
         self._subscribers: list[_Subscriber] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks(f"published {kind}", log, event_prefix="media.published")
+        self._pumping = False
         self._t0: float | None = None
         self._last_pts = -1
         self._samples = 0
@@ -92,11 +95,9 @@ class PublishedTrack:
             raise ValueError(f"a {track.kind} track cannot be published as {self.kind}")
         self._source = track
         self._source_changed.set()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._pump(), name=f"published-{self.kind}"
-            )
-            self._task.add_done_callback(self._pump_done)
+        if not self._pumping:
+            self._pumping = True
+            self._tasks.spawn(self._pump(), "pump")
 
     def subscribe(self) -> MediaStreamTrack:
         """A new track carrying what is published; stopping it unsubscribes."""
@@ -113,18 +114,13 @@ class PublishedTrack:
             self._subscribers.remove(sub)
 
     async def aclose(self) -> None:
-        """Stop reading the source and end every subscriber track."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sub in list(self._subscribers):
-            sub.stop()
-
-    def _pump_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("media.published_pump_failed", kind=self.kind, exc_info=task.exception())
+        """Stop reading the source and end every subscriber track; raise if the pump had
+        failed (logged when it did)."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            for sub in list(self._subscribers):
+                sub.stop()
 
     async def _pump(self) -> None:
         while True:
@@ -134,19 +130,11 @@ class PublishedTrack:
                 await self._source_changed.wait()
                 continue
             self._source_changed.clear()
-            recv = asyncio.ensure_future(source.recv())
-            changed = asyncio.ensure_future(self._source_changed.wait())
-            try:
-                done, _ = await asyncio.wait({recv, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-                if not recv.done():
-                    recv.cancel()
-                await asyncio.gather(recv, changed, return_exceptions=True)
-            if recv not in done or recv.cancelled() or self._source is not source:
+            which, ended = await first_of(frame=source.recv(), changed=self._source_changed.wait())
+            if which != "frame" or self._source is not source:
                 continue  # another source was published meanwhile: its frames only
             try:
-                frame = recv.result()
+                frame = ended.result()
             except MediaStreamError:
                 log.info("media.published_source_ended", kind=self.kind)
                 if self._source is source:

@@ -11,7 +11,6 @@ object describes a remote track from packet to picture.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import Callable
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["CountingSink", "ReceiveStats"]
 
@@ -76,13 +77,13 @@ class CountingSink:
         self._clock = clock
         self._on_frame = on_frame
         self.callback_failures = 0
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks(f"sink {track.kind} {track.id}", log, event_prefix="media.sink")
+        self._started = False
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"sink-{self.track.kind}-{self.track.id}"
-            )
+        if not self._started:
+            self._started = True
+            self._tasks.spawn(self._run(), "drain")
 
     async def _run(self) -> None:
         try:
@@ -104,11 +105,5 @@ class CountingSink:
                 log.warning("media.frame_callback_failed", error=repr(exc))
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():  # we were cancelled ourselves
-                    raise
+        """Stop draining; raise if draining had failed (logged when it did)."""
+        await self._tasks.aclose()

@@ -24,7 +24,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
-from matrixrtc.errors import LocalError
+from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
@@ -51,6 +51,7 @@ from matrixrtc.session.mesh_signalling import (
     SignallingAction,
     SignallingConfig,
 )
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["MeshConfig", "MeshEngine", "PeerLink", "ToDeviceSender"]
 
@@ -144,7 +145,7 @@ class MeshEngine:
         self.links: dict[str, PeerLink] = {}
         self._actions: asyncio.Queue[SignallingAction] = asyncio.Queue()
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks(f"mesh {self.local.device_id}", log, event_prefix="mesh")
         self._started = False
         self._closed = False
 
@@ -163,21 +164,17 @@ class MeshEngine:
         self._started = True
         for encoder in self.encoders.values():
             encoder.start()
-        loop = asyncio.get_running_loop()
-        for coro, name in ((self._run_actions(), "actions"), (self._run_timer(), "timer")):
-            task = loop.create_task(coro, name=f"mesh-{name}-{self.local.device_id}")
-            self._tasks.add(task)
+        self._tasks.spawn(self._run_actions(), "actions")
+        self._tasks.spawn(self._run_timer(), "timer")
 
     async def aclose(self) -> None:
-        """Hang up every call, close every peer connection, stop every task."""
+        """Hang up every call, close every peer connection, stop every task; then raise the
+        first failure of the engine's own tasks (logged when it happened)."""
         if self._closed:
             return
         self._closed = True
         final = self.signalling.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        failure = await self._tasks.cancel()
         for action in final:  # the hangups and closes, carried out directly now
             try:
                 await asyncio.wait_for(self._execute(action), 5.0)
@@ -188,7 +185,12 @@ class MeshEngine:
         for link in list(self.links.values()):
             await self._close_link(link)
         for encoder in self.encoders.values():
-            await encoder.aclose()
+            try:
+                await encoder.aclose()
+            except RemoteError as exc:  # every encoder is closed; the first failure is raised
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # -- inputs ----------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from matrixrtc.errors import LocalError
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
 from matrixrtc.mesh.transform import FrameDecryptor, FrameTransform, vp8_is_keyframe
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
     "DEFAULT_VIDEO_BITRATE",
@@ -174,7 +175,8 @@ class SharedEncoder:
         self._subscribers: list[FanOutTrack] = []
         self._force_keyframe = False
         self._resync = False  # frames were dropped: send nothing until the next key frame
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks(f"shared-encoder {self.kind}", log, event_prefix="mesh.encoder")
+        self._started = False
         self._video: Any = None  # PyAV VideoCodecContext, owned by the encode thread
         self._video_bitrate = 0
         self._audio: Any = None
@@ -209,22 +211,17 @@ class SharedEncoder:
     # -- lifetime ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"shared-encoder-{self.kind}"
-            )
+        if not self._started:
+            self._started = True
+            self._tasks.spawn(self._run(), "encode")
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
-        for track in list(self._subscribers):
-            track.stop()
+        """Stop encoding and end every subscriber; raise if the encoder loop had failed."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            for track in list(self._subscribers):
+                track.stop()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

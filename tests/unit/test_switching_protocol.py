@@ -207,3 +207,27 @@ async def test_a_decision_without_a_registered_transport_is_refused_not_crashed(
             await switcher.wait_settled(MediaKind.SFU, 0.2)
         assert switcher.kind is None
         assert reg.log == []
+
+
+async def test_a_failing_teardown_of_the_old_transport_is_raised_when_the_switcher_closes() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    switcher = MediaSwitcher(cast(CallAgent, agent), None, reg.config())
+    await switcher.__aenter__()
+    await switcher.wait_settled(MediaKind.MESH, 5)
+    mesh = reg.made[MediaKind.MESH]
+
+    async def broken_close() -> None:
+        raise RemoteError("mesh would not close")
+
+    mesh.aclose = broken_close  # type: ignore[method-assign]
+    agent.members(ME, "@a:example.org", "@b:example.org")
+    await until(lambda: MediaKind.SFU in reg.made)
+    reg.made[MediaKind.SFU].carrying = True
+    await switcher.wait_settled(MediaKind.SFU, 5)
+    await until(lambda: len(switcher._teardowns) == 0)  # failed in the background
+    assert [n for n, _ in switcher._teardowns.failures] == ["mesh"]
+    with pytest.raises(RemoteError, match="mesh would not close"):
+        await switcher.__aexit__(None, None, None)
+    assert reg.log[-1] == "close sfu"  # the running transport is still closed
