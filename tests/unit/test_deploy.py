@@ -479,3 +479,34 @@ def test_caddyfile_well_known_and_routes(site: str) -> None:
     # /metrics of the token service is not reachable through the proxy.
     metrics = [n for n in nodes if "/livekit/jwt/metrics*" in n.get("path", [])]
     assert metrics
+
+
+def test_the_controller_runs_by_default(tmp_path: Path) -> None:
+    """The SFU controller is on in the operators' compose file unless .env turns it off, and
+    every controller variable compose passes on is one the service reads."""
+    from sfu.controller.config import CONTROLLER_VARIABLES
+
+    sfu_env = _services()["sfu"]["environment"]
+    passed = {k for k in sfu_env if k.startswith("MATRIXRTC_SFU_CONTROLLER")}
+    assert passed <= set(CONTROLLER_VARIABLES)
+    assert {
+        "MATRIXRTC_SFU_CONTROLLER_ACCESS_TOKEN",
+        "MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN",
+    } <= passed
+    assert sfu_env["MATRIXRTC_SFU_CONTROLLER"] == "${MATRIXRTC_SFU_CONTROLLER:-1}"
+    assert _env_example()["MATRIXRTC_SFU_CONTROLLER"] == "1"
+    if V1:  # resolved by Compose itself, with no .env value for it
+        env_file = tmp_path / "test.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in REQUIRED.items()))
+        clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+        args = [V1, "--project-directory", str(ROOT), "--env-file", str(env_file)]
+        r = subprocess.run(
+            [*args, "-f", str(COMPOSE), "config"],
+            capture_output=True,
+            text=True,
+            env=clean,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        resolved = yaml.safe_load(r.stdout)["services"]["sfu"]["environment"]
+        assert resolved["MATRIXRTC_SFU_CONTROLLER"] == "1"
