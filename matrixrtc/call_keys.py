@@ -53,8 +53,8 @@ from matrixrtc.e2ee.inbound import AcceptedKey, DropReason, RejectedKey, screen_
 from matrixrtc.e2ee.keys import (
     GRACE_MS,
     USE_KEY_DELAY_MS,
-    Action,
     InstallRemoteKey,
+    KeyAction,
     KeyManager,
     Member,
     SendKey,
@@ -440,7 +440,7 @@ class CallKeys:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def _apply(self, actions: list[Action], *, sent_ts: int | None = None) -> None:
+    def _apply(self, actions: list[KeyAction], *, sent_ts: int | None = None) -> None:
         for a in actions:
             if isinstance(a, SendKey):
                 self._latest_sent = (a.index, a.key)

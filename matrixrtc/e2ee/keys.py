@@ -59,8 +59,8 @@ import structlog
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 
 __all__ = [
-    "Action",
     "InstallRemoteKey",
+    "KeyAction",
     "KeyManager",
     "Member",
     "SendKey",
@@ -157,7 +157,7 @@ class InstallRemoteKey:
     ring: str  # key_ring_id of the sender
 
 
-Action = SendKey | UseKey | InstallRemoteKey
+KeyAction = SendKey | UseKey | InstallRemoteKey
 
 
 @dataclass(slots=True)
@@ -227,14 +227,14 @@ class KeyManager:
         self.rings: dict[str, dict[int, bytes]] = {}  # ring id → index → key (latest)
 
     # ------------------------------------------------------------------ inputs
-    def update_members(self, members: Iterable[Member], now_ms: int) -> list[Action]:
+    def update_members(self, members: Iterable[Member], now_ms: int) -> list[KeyAction]:
         """A membership recalculation: the full current member list, own device included."""
         self._members = list(members)
         actions = self._ensure_distribution(now_ms)
         actions += self._recheck_early_keys()
         return actions
 
-    def send_result(self, rollout: int, ok: bool, now_ms: int) -> list[Action]:
+    def send_result(self, rollout: int, ok: bool, now_ms: int) -> list[KeyAction]:
         """The outcome of a :class:`SendKey`."""
         r = self._rollout
         if r is None or r.id != rollout or r.use_at_ms is not None:
@@ -258,7 +258,7 @@ class KeyManager:
             r.use_at_ms = max(now_ms, r.outbound.sent_ms + self.use_key_delay_ms)
         return self.tick(now_ms)
 
-    def tick(self, now_ms: int) -> list[Action]:
+    def tick(self, now_ms: int) -> list[KeyAction]:
         """Advance timers; call at :meth:`next_deadline` (calling early is harmless)."""
         r = self._rollout
         if r is None:
@@ -300,7 +300,7 @@ class KeyManager:
         index: int,
         key: bytes,
         now_ms: int,
-    ) -> list[Action]:
+    ) -> list[KeyAction]:
         """A key message from ``user_id``'s ``device_id`` (already authenticated and parsed)."""
         if not 0 <= index < INDEX_MODULUS or not key:
             log.warning("e2ee.bad_key", user=user_id, device=device_id, index=index)
@@ -333,14 +333,14 @@ class KeyManager:
         return len(self._early)
 
     # ------------------------------------------------------------------ rollout
-    def _ensure_distribution(self, now_ms: int) -> list[Action]:
+    def _ensure_distribution(self, now_ms: int) -> list[KeyAction]:
         if self._rollout is not None:
             self._again = True
             return []
         return self._start_rollout(now_ms)
 
-    def _start_rollout(self, now_ms: int) -> list[Action]:
-        actions: list[Action] = []
+    def _start_rollout(self, now_ms: int) -> list[KeyAction]:
+        actions: list[KeyAction] = []
         if self._outbound is None:
             self._outbound = _Outbound(self._random(KEY_BYTES), 0, now_ms, in_use=True)
             self._current = 0
@@ -398,7 +398,7 @@ class KeyManager:
         index = (prev_index + 1) % INDEX_MODULUS
         return _Outbound(self._random(KEY_BYTES), index, now_ms, in_use=False)
 
-    def _finish(self, now_ms: int) -> list[Action]:
+    def _finish(self, now_ms: int) -> list[KeyAction]:
         self._rollout = None
         if self._again:
             self._again = False
@@ -406,7 +406,7 @@ class KeyManager:
         return []
 
     # ------------------------------------------------------------------ remote keys
-    def _add_remote(self, k: _EarlyKey) -> list[Action]:
+    def _add_remote(self, k: _EarlyKey) -> list[KeyAction]:
         member = next(
             (m for m in self._members if m.user_id == k.user_id and m.device_id == k.device_id),
             None,
@@ -421,9 +421,9 @@ class KeyManager:
         self.rings.setdefault(ring, {})[k.index] = k.key
         return [InstallRemoteKey(member.identity, k.index, k.key, ring)]
 
-    def _recheck_early_keys(self) -> list[Action]:
+    def _recheck_early_keys(self) -> list[KeyAction]:
         early, self._early = self._early, []
-        actions: list[Action] = []
+        actions: list[KeyAction] = []
         for k in early:
             actions += self._add_remote(k)
         return actions

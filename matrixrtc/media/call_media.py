@@ -17,38 +17,26 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import av
 import structlog
 
 from matrixrtc.media.recorder import Recorder, SegmentWriter
+from matrixrtc.model.participant import ParticipantView
 from matrixrtc.tasks import OwnedTasks
 
-__all__ = ["CallRecording", "Member", "participant_key"]
+__all__ = ["CallRecording", "participant_key"]
 
 log = structlog.get_logger(__name__)
 
 
-class Member(Protocol):
-    """What the recording reads of a call participant (``matrixrtc.Participant``)."""
-
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def device_id(self) -> str: ...
-    @property
-    def member_id(self) -> str: ...
-    @property
-    def is_self(self) -> bool: ...
-
-
-def participant_key(p: Member) -> str:
+def participant_key(p: ParticipantView) -> str:
     """The recorder's key for a participant: one device of one user."""
     return f"{p.user_id}:{p.device_id}"
 
 
-def _info(p: Member) -> dict[str, Any]:
+def _info(p: ParticipantView) -> dict[str, Any]:
     return {"user_id": p.user_id, "device_id": p.device_id, "member_id": p.member_id}
 
 
@@ -62,7 +50,7 @@ class CallRecording:
         self,
         directory: Path,
         *,
-        participants: Iterable[Member] = (),
+        participants: Iterable[ParticipantView] = (),
         recipient: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -85,12 +73,14 @@ class CallRecording:
     def errors(self) -> list[str]:
         return self.recorder.errors
 
-    def _join(self, p: Member) -> None:
+    def _join(self, p: ParticipantView) -> None:
         key = participant_key(p)
         self._present.add(key)
         self.recorder.joined(key, _info(p))
 
-    def participants_changed(self, joined: Iterable[Member], left: Iterable[Member]) -> None:
+    def participants_changed(
+        self, joined: Iterable[ParticipantView], left: Iterable[ParticipantView]
+    ) -> None:
         """Some participants joined and left (a ``ParticipantsChanged``)."""
         if self._closed:
             return
@@ -111,7 +101,7 @@ class CallRecording:
     async def _finish(self, writer: SegmentWriter) -> None:
         await asyncio.to_thread(self.recorder.finish, writer)
 
-    def frame(self, participant: Member, kind: str, frame: object) -> None:
+    def frame(self, participant: ParticipantView, kind: str, frame: object) -> None:
         """One decoded remote frame (a ``RemoteFrame``)."""
         if self._closed:
             return

@@ -21,7 +21,7 @@ mesh sits below the agent and the key distribution instead of importing them:
   ``turn_from_homeserver`` is set; never a public default.
 * **frame E2EE**: with ``keys`` (e.g. :class:`~matrixrtc.call_keys.CallKeys`), our frames are
   encrypted with our ring and each remote device's frames are decrypted with the ring of its
-  LiveKit identity (``MeshMember.rtc_backend_identity``), the same rings the LiveKit
+  LiveKit identity (``ParticipantView.rtc_backend_identity``), the same rings the LiveKit
   transport uses. A peer is sent only frames under a key it has been sent
   (``FrameKeys.key_sent_to``): a joiner never receives frames it cannot decrypt.
 
@@ -40,19 +40,18 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
-from matrixrtc.matrix import DeviceRef as HsDeviceRef
 from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.transform import CryptorTransform
-from matrixrtc.model import Transport
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
+from matrixrtc.model.participant import ParticipantView
 from matrixrtc.model.transports import FULL_MESH_TYPE
 from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
 from matrixrtc.tasks import OwnedTasks
 
-__all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "MeshMember", "mesh_session_id"]
+__all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "mesh_session_id"]
 
 log = structlog.get_logger(__name__)
 
@@ -71,25 +70,6 @@ class MeshLinkConfig:
     join_timeout_s: float = 30.0  # until the room shows our own membership
 
 
-class MeshMember(Protocol):
-    """One active member of the call, as the mesh needs it (an agent's ``Participant``)."""
-
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def device_id(self) -> str: ...
-    @property
-    def member_id(self) -> str: ...
-    @property
-    def created_ts(self) -> int: ...
-    @property
-    def rtc_backend_identity(self) -> str: ...
-    @property
-    def is_self(self) -> bool: ...
-    @property
-    def advertised(self) -> Sequence[Transport]: ...
-
-
 class MeshCall(Protocol):
     """Our presence in the call (a :class:`~matrixrtc.agent.CallAgent`)."""
 
@@ -98,7 +78,7 @@ class MeshCall(Protocol):
     @property
     def room_id(self) -> str: ...
     @property
-    def participants(self) -> Sequence[MeshMember]: ...
+    def participants(self) -> Sequence[ParticipantView]: ...
     def changes(self) -> Subscription[Any]: ...
     async def wait_joined(self, timeout_s: float = ...) -> None: ...
 
@@ -110,17 +90,17 @@ class FrameKeys(Protocol):
     def rings(self) -> KeyRings: ...
     @property
     def identity(self) -> str: ...
-    def key_sent_to(self, device: HsDeviceRef, index: int) -> bool:
+    def key_sent_to(self, device: DeviceRef, index: int) -> bool:
         """Whether ``device`` has been sent our key at ``index``."""
         ...
 
 
-def mesh_session_id(p: MeshMember) -> str:
+def mesh_session_id(p: ParticipantView) -> str:
     """The MSC2746 session id of a membership: the same for every observer, new on rejoin."""
     return f"{p.member_id}.{p.created_ts}"
 
 
-def _advertises_mesh(p: MeshMember) -> bool:
+def _advertises_mesh(p: ParticipantView) -> bool:
     # ``transport`` is only where a member publishes; ``advertised`` is its whole list.
     return any(t.type == FULL_MESH_TYPE for t in p.advertised)
 
@@ -332,7 +312,7 @@ class MatrixMesh:
     def _key_sent(self, peer: DeviceRef, index: int) -> bool:
         # Frames under a key the peer was never sent would only fail there: hold them back.
         assert self.keys is not None
-        return self.keys.key_sent_to(HsDeviceRef(peer.user_id, peer.device_id), index)
+        return self.keys.key_sent_to(peer, index)  # one DeviceRef (model.devices)
 
     def _decryptor(self, peer: DeviceRef) -> FrameCryptor:
         assert self.keys is not None

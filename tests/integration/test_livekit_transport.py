@@ -26,7 +26,7 @@ from livekit import api, rtc
 
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
 from matrixrtc.devstack._process import free_tcp_port
-from matrixrtc.e2ee.keys import Action, InstallRemoteKey, KeyManager, Member, SendKey, UseKey
+from matrixrtc.e2ee.keys import InstallRemoteKey, KeyAction, KeyManager, Member, SendKey, UseKey
 from matrixrtc.livekit import (
     Endpoint,
     LiveKitConnection,
@@ -198,7 +198,7 @@ class KeyBus:
     used: list[tuple[tuple[str, str], float, int]] = field(default_factory=list)
     installed: list[tuple[str, int, bytes]] = field(default_factory=list)  # remote keys
 
-    def handle(self, sender: Participant, actions: list[Action]) -> None:
+    def handle(self, sender: Participant, actions: list[KeyAction]) -> None:
         sends: list[SendKey] = []
         for a in actions:
             if isinstance(a, UseKey):

@@ -19,13 +19,13 @@ from matrixrtc.e2ee import (
     SendKey,
     parse_key_message,
 )
-from matrixrtc.e2ee.keys import Action
+from matrixrtc.e2ee.keys import KeyAction
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE
 
 ROOM = "!call:hs"
 
 
-def apply_to_rings(actions: list[Action], rings: KeyRings) -> list[SendKey]:
+def apply_to_rings(actions: list[KeyAction], rings: KeyRings) -> list[SendKey]:
     """What CallKeys does with the manager's actions: installs go into the rings."""
     sends: list[SendKey] = []
     for a in actions:

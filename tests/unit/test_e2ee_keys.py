@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from matrixrtc.e2ee import keys as km
-from matrixrtc.e2ee.keys import Action, InstallRemoteKey, KeyManager, Member, SendKey, UseKey
+from matrixrtc.e2ee.keys import InstallRemoteKey, KeyAction, KeyManager, Member, SendKey, UseKey
 from matrixrtc.model.livekit_ids import livekit_identity
 
 ME = Member.state_form("@me:hs", "MEDEV", 1000)
@@ -36,19 +36,19 @@ class Call:
         self.now = t
         return self
 
-    def members(self, *ms: Member) -> list[Action]:
+    def members(self, *ms: Member) -> list[KeyAction]:
         return self.m.update_members([ME, *ms], self.now)
 
-    def sent(self, action: Action, ok: bool = True) -> list[Action]:
+    def sent(self, action: KeyAction, ok: bool = True) -> list[KeyAction]:
         assert isinstance(action, SendKey)
         return self.m.send_result(action.rollout, ok, self.now)
 
-    def advance_to(self, t: int) -> list[Action]:
+    def advance_to(self, t: int) -> list[KeyAction]:
         self.now = t
         return self.m.tick(t)
 
 
-def _only(actions: list[Action], kind: type) -> list[Action]:
+def _only(actions: list[KeyAction], kind: type) -> list[KeyAction]:
     return [a for a in actions if isinstance(a, kind)]
 
 
