@@ -12,7 +12,9 @@ Interop choices (shared/spec/mesh.md §1.3-1.4):
   value as ``"1"``, as the MSC asks.
 * stream metadata: js-sdk writes ``sdp_stream_metadata`` and reads either key; Hydrogen only
   knows ``org.matrix.msc3077.sdp_stream_metadata``. We write both and read the stable one
-  first.
+  first. Mute changes arrive as ``m.call.sdp_stream_metadata_changed`` (js-sdk) or
+  ``org.matrix.call.sdp_stream_metadata_changed`` (Hydrogen); both parse to
+  :class:`CallSdpStreamMetadataChanged`, which we send under the stable name (both read it).
 * size limits: SDP bodies, candidate lists and id strings are bounded so that one to-device
   message cannot make us parse or hand aiortc megabytes.
 """
@@ -82,6 +84,8 @@ class CallEventType(enum.StrEnum):
     HANGUP = "m.call.hangup"
     REJECT = "m.call.reject"
     SDP_STREAM_METADATA_CHANGED = "m.call.sdp_stream_metadata_changed"
+    # Hydrogen sends only this prefixed name; js-sdk sends the stable one; both read both.
+    SDP_STREAM_METADATA_CHANGED_UNSTABLE = "org.matrix.call.sdp_stream_metadata_changed"
 
 
 class _TolerantStrEnum(enum.StrEnum):
@@ -530,6 +534,7 @@ _PARSERS = {
     CallEventType.HANGUP: _parse_hangup,
     CallEventType.REJECT: _parse_reject,
     CallEventType.SDP_STREAM_METADATA_CHANGED: _parse_metadata_changed,
+    CallEventType.SDP_STREAM_METADATA_CHANGED_UNSTABLE: _parse_metadata_changed,
 }
 
 

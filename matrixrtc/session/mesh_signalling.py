@@ -22,11 +22,30 @@ Rules (shared/spec/mesh.md §1, matrix-js-sdk groupCall.ts / callEventHandler.ts
   that call (js-sdk ``GroupCall.onIncomingCall``).
 * **Envelope**: every event we send carries ``call_id``, ``party_id`` (our device id),
   ``version`` "1", ``conf_id``, ``device_id``, ``sender_session_id``, ``dest_session_id`` and a
-  ``seq`` counted per call_id from 0. Received events must name our ``conf_id`` and our
-  current session in ``dest_session_id`` and carry ``device_id``; otherwise they are dropped.
-* **Ordering**: received events are delivered per call_id in ``seq`` order. Unlike js-sdk
-  (which stalls a call forever on a missing number) a gap is skipped after
+  ``seq`` counted per call_id and direction from 0 (js-sdk ``MatrixCall.toDeviceSeq``), except
+  ``m.call.select_answer``, which goes without ``seq`` and consumes none (see *seq* below).
+  Received events must name our ``conf_id`` and our current session in ``dest_session_id`` and
+  carry ``device_id``; otherwise they are dropped.
+* **Ordering**: received events are delivered per call_id in ``seq`` order. The first number
+  of a call is not assumed to be 0: an *opening* event (invite, answer, hangup, reject) or
+  ``seq`` 0 fixes it, so a Hydrogen call that starts at its per-device counter is delivered at
+  once. Unlike js-sdk (which stalls a call forever on a missing number) a gap is skipped after
   ``gap_timeout_ms``. Events without ``seq`` pass straight through; duplicates are dropped.
+
+seq: how the two deployed peers count (read in their sources)
+-------------------------------------------------------------
+* **legacy js-sdk** (``call.ts`` ``sendVoipEvent``): one counter per ``MatrixCall``, i.e. per
+  call_id and direction, from 0, over *every* event it sends, select_answer included. Its
+  receiver (``callEventHandler.onToDeviceEvent``) orders per call_id from 0 with no gap
+  skipping, and hands events without ``seq`` straight through.
+* **Hydrogen** (``group/Member.ts``): one outbound counter per remote device connection,
+  across call_ids (a retry's invite starts at, say, 7). It never sends select_answer or
+  reject, and its receiver drops those types *before* its reorder queue
+  (``handlesEventType``), whose only tolerance is ``seq <= last processed + 1``: a
+  select_answer with a ``seq`` leaves a hole that holds every later message forever.
+* **we** send select_answer without ``seq``: js-sdk handles it at once, Hydrogen drops it, and
+  neither sees a hole. Everything else is numbered like js-sdk, which Hydrogen's tolerance
+  accepts (a new call restarting at 0 is ``<= last + 1``).
 * **Invites**: sent with ``lifetime`` 60000; a received invite whose local age exceeds
   ``lifetime - 3000`` is dropped; an outgoing invite unanswered for ``invite_timeout_ms`` is
   hung up with ``invite_timeout``. An invite from a device whose membership we have not seen
@@ -302,11 +321,17 @@ class _Received:
 
 @dataclass(slots=True)
 class _Reorder:
-    """Receive-side ordering for one call_id."""
+    """Receive-side ordering for one call_id; ``next_seq`` is None until the first number of
+    the call is known (an opening event or seq 0 arrived, or the gap timeout passed)."""
 
-    next_seq: int = 0
+    next_seq: int | None = None
     pending: dict[int, _Received] = field(default_factory=dict)
     gap_since: float | None = None
+
+
+# The first event a peer sends in a call: an invite (caller), or an answer, hangup or reject
+# (callee). Its seq starts the call's sequence, whatever the sender's counter stood at.
+_OPENING_EVENTS: Final = (CallInvite, CallAnswer, CallHangup, CallReject)
 
 
 @dataclass(slots=True)
@@ -554,19 +579,25 @@ class MeshSignalling:
             order = self._order[call_id] = _Reorder()
             while len(self._order) > _MAX_ORDERED_CALLS:
                 self._order.popitem(last=False)
-        if seq < order.next_seq or seq in order.pending:
+        if (order.next_seq is not None and seq < order.next_seq) or seq in order.pending:
             log.info("mesh.drop", reason="duplicate seq", call_id=call_id, seq=seq)
             return []
         if len(order.pending) >= self.config.max_buffered_per_call:
             log.info("mesh.drop", reason="reorder buffer full", call_id=call_id, seq=seq)
             return []
+        if order.next_seq is None and (seq == 0 or isinstance(received.event, _OPENING_EVENTS)):
+            # The call's first number: anything buffered below it cannot belong to the call.
+            order.next_seq = seq
+            for stale in [n for n in order.pending if n < seq]:
+                log.info("mesh.drop", reason="before the opening event", call_id=call_id, seq=stale)
+                del order.pending[stale]
         order.pending[seq] = received
         return self._drain(order)
 
     def _drain(self, order: _Reorder) -> list[SignallingAction]:
         actions: list[SignallingAction] = []
         advanced = False
-        while order.next_seq in order.pending:
+        while order.next_seq is not None and order.next_seq in order.pending:
             item = order.pending.pop(order.next_seq)
             order.next_seq += 1
             advanced = True
@@ -667,8 +698,11 @@ class MeshSignalling:
         if call.direction is not CallDirection.OUTGOING or not call.fire(_Trigger.ANSWER_RECEIVED):
             return []
         call.remote_metadata = answer.stream_metadata
+        # Without seq: Hydrogen drops select_answer unqueued, so a numbered one would leave a
+        # hole in its sequence that holds every later message (the hangup too).
         select = CallSelectAnswer(
-            envelope=self._envelope(call), selected_party_id=answer.envelope.party_id
+            envelope=self._envelope(call, numbered=False),
+            selected_party_id=answer.envelope.party_id,
         )
         return [
             SetRemoteDescription(call_id=call.call_id, peer=call.peer, description=answer.answer),
@@ -775,7 +809,7 @@ class MeshSignalling:
         elif self._next_retry_at is None:
             self._next_retry_at = self._clock() + self.config.retry_interval_ms / 1000
 
-    def _envelope(self, call: PeerCall) -> CallEnvelope:
+    def _envelope(self, call: PeerCall, *, numbered: bool = True) -> CallEnvelope:
         return CallEnvelope(
             call_id=call.call_id,
             party_id=self.local.device_id,
@@ -784,7 +818,7 @@ class MeshSignalling:
             device_id=self.local.device_id,
             sender_session_id=self.local.session_id,
             dest_session_id=call.peer_session_id,
-            seq=call.next_seq(),
+            seq=call.next_seq() if numbered else None,
         )
 
     def _send(self, call: PeerCall, event: CallEvent) -> SendToDevice:
