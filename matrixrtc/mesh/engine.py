@@ -310,11 +310,20 @@ class MeshEngine:
 
         return hand_on
 
-    def _attach_media(self, link: PeerLink) -> None:
-        """Send our shared tracks and hook every receiver; before any transport connects."""
+    def _attach_media(self, link: PeerLink, *, answering: bool) -> None:
+        """Send our shared tracks and hook every receiver; before any transport connects.
+
+        Offering, a kind we do not send gets a receive-only m-line, so the peer can still send
+        it. Answering, only kinds the offer has are attached: an answer cannot add m-lines
+        (a video-only offer gets a video-only answer; aiortc fails on an extra track)."""
         sending = {s.track.kind for s in link.pc.getSenders() if s.track is not None}
+        offered = {t.kind for t in link.pc.getTransceivers()}
+        if not answering:
+            for kind in ("audio", "video"):
+                if kind not in self._sources and kind not in offered:
+                    link.pc.addTransceiver(kind, direction="recvonly")
         for kind, source in self._sources.items():
-            if kind in sending:
+            if kind in sending or (answering and kind not in offered):
                 continue
             if self._relay is not None:
                 sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
@@ -344,7 +353,7 @@ class MeshEngine:
     async def _create_offer(self, action: CreateOffer) -> None:
         link = self._new_link(action.call_id, action.peer)
         try:
-            self._attach_media(link)
+            self._attach_media(link, answering=False)
             sdp = await self._set_local(link, await link.pc.createOffer())
         except Exception as exc:
             log.warning("mesh.offer_failed", call_id=action.call_id, error=repr(exc))
@@ -367,7 +376,7 @@ class MeshEngine:
             await link.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=desc.type))
             if desc.type == "offer":
                 step = HangupReason.CREATE_ANSWER
-                self._attach_media(link)
+                self._attach_media(link, answering=True)
                 sdp = await self._set_local(link, await link.pc.createAnswer())
         except Exception as exc:
             # Garbage SDP from a peer ends up here: hang up that call, keep serving the rest.
