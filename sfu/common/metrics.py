@@ -20,6 +20,7 @@ from prometheus_client import (
 
 __all__ = [
     "CONTROLLER_CYCLE",
+    "CONTROLLER_DOUBTS",
     "CONTROLLER_ERRORS",
     "CONTROLLER_LEADER",
     "DELAYED_LEAVE",
@@ -94,6 +95,10 @@ CONTROLLER_CYCLE = Histogram(
 )
 CONTROLLER_ERRORS = Counter(
     _P + "controller_errors_total", "Failed controller steps, by step", ["step"]
+)
+CONTROLLER_DOUBTS = Counter(
+    _P + "controller_membership_doubts_total",
+    "no_membership removals withheld: the homeserver may hold a sticky membership not seen",
 )
 TOKEN_LIMITS = Counter(
     _P + "token_limits_total", "Token requests refused by a configured limit", ["limit"]

@@ -25,9 +25,13 @@ CONTROLLER_VARIABLES: dict[str, str] = {
     _C + "_HOMESERVER_URL": "client-server API base URL of your homeserver, e.g. "
     "https://matrix.example.org (needed for any Matrix-based removal)",
     _C + "_ADMIN_TOKEN": "a Synapse server admin's access token: room state of every room "
-    "(or _ADMIN_TOKEN_FILE)",
-    _C + "_ACCESS_TOKEN": "an ordinary account's access token: room state of the rooms it "
-    "has joined only (or _ACCESS_TOKEN_FILE); used when no admin token is given",
+    "(or _ADMIN_TOKEN_FILE); sticky memberships are not room state: nobody is removed for "
+    "having no membership in rooms seen only this way",
+    _C + "_ACCESS_TOKEN": "an ordinary account's access token (or _ACCESS_TOKEN_FILE): the "
+    "rooms it has joined, followed live through /sync, state and MSC4354 sticky memberships; "
+    "with an admin token too, the admin API covers the rooms it has not joined",
+    _C + "_AUTO_JOIN": "1 = the _ACCESS_TOKEN account joins every room it is invited to "
+    "(default 0: join it to the rooms yourself)",
     _C + "_INTERVAL": "seconds between two looks at LiveKit and Matrix (default 1)",
     _C + "_GRACE": "seconds a participant must stay without a valid membership before it is "
     "removed (default 2)",
@@ -38,9 +42,9 @@ CONTROLLER_VARIABLES: dict[str, str] = {
     _C + "_OUTAGE_GRACE": "seconds after the homeserver last failed to answer during which an "
     "ending call membership is not acted on (delayed leaves fire when heartbeats cannot reach "
     "the homeserver; clients publish again) (default 30)",
-    _C + "_REQUIRE_MEMBERSHIP": "1 (default) = remove participants that never publish a "
-    "call.member state membership; set 0 if your clients publish only MSC4354 sticky "
-    "memberships, which room state does not show",
+    _C + "_REQUIRE_MEMBERSHIP": "1 (default) = remove participants that never publish a call "
+    "membership (only where the controller can read both forms: a room the access-token "
+    "account has joined, and no unreadable encrypted sticky event of that user); 0 = never",
     _C + "_KICK_FOREIGN": "1 (default) = remove participants whose identity the service never "
     "issued; 0 = only report them",
     _C + "_ALLOW_IDENTITIES": "regular expression of identities never treated as foreign "
@@ -64,6 +68,7 @@ class ControllerConfig:
     homeserver_url: str = ""
     admin_token: str = ""
     access_token: str = ""
+    auto_join: bool = False
     interval: float = 1.0
     grace: float = 2.0
     join_grace: float = 30.0
@@ -109,6 +114,7 @@ class ControllerConfig:
             homeserver_url=hs,
             admin_token=admin,
             access_token=access,
+            auto_join=_flag(env, _C + "_AUTO_JOIN", False),
             interval=num(env, _C + "_INTERVAL", 1.0, float, positive=True),
             grace=num(env, _C + "_GRACE", 2.0, float),
             join_grace=num(env, _C + "_JOIN_GRACE", 30.0, float),

@@ -37,7 +37,7 @@ from sfu.controller.ghosts import room_view as make_room_view
 from sfu.controller.leader import Leadership, LocalLeadership, RedisLeadership
 from sfu.controller.matrix_source import AdminStateSource, MatrixSource
 from sfu.controller.registry import Grant, GrantRegistry, MemoryRegistry, RedisRegistry
-from sfu.controller.sync_source import SyncSource
+from sfu.controller.sync_source import SyncAndAdminSource, SyncSource
 
 __all__ = ["STATUS_KEY", "Controller", "build_controller"]
 
@@ -46,6 +46,7 @@ audit = structlog.get_logger("sfu.audit")
 
 STATUS_KEY = "matrixrtc-sfu:controller:status"
 _MIN_SPACING = 0.05  # seconds between two cycles, however much news arrives
+_DOUBT_S = 60.0  # a participant the source could not confirm memberless is left alone this long
 _STANDARD = lkmodels.ParticipantInfo.Kind.STANDARD
 
 
@@ -89,6 +90,7 @@ class Controller:
         self._status: dict[str, Any] = {}
         self._status_redis: Any = None
         self._matrix_visible = source is not None
+        self._doubts: dict[str, float] = {}  # sid → monotonic time until which we keep it
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -157,6 +159,13 @@ class Controller:
                     "cannot be read are treated as unknown and nothing Matrix-based is done "
                     "there"
                 )
+        if isinstance(self.source, SyncAndAdminSource):
+            limits.append(
+                "rooms the controller account has not joined are read through the Synapse "
+                "admin API, which cannot see MSC4354 sticky memberships: there members with "
+                "only a sticky membership are never removed for having none, and their "
+                "sticky leave is NOT seen (invite the account to those rooms)"
+            )
         if isinstance(self.source, AdminStateSource):
             limits.append(
                 "the Synapse admin room-state API cannot see MSC4354 sticky memberships "
@@ -165,7 +174,7 @@ class Controller:
                 "and their sticky leave is NOT seen (give the controller a joined account, "
                 "MATRIXRTC_SFU_CONTROLLER_ACCESS_TOKEN, to see them)"
             )
-        if isinstance(self.source, SyncSource):
+        if isinstance(self.source, SyncSource | SyncAndAdminSource):
             log.info(
                 "sticky memberships are read from /sync; Megolm-encrypted ones cannot be: "
                 "their senders are never removed for having no membership"
@@ -328,6 +337,8 @@ class Controller:
             raise
         if current.sid != p.sid:
             return
+        if f.reason is Reason.NO_MEMBERSHIP and not await self._confirmed_memberless(f):
+            return
         if not await self.leadership.claim(f"kick:{room}:{p.sid}"):
             return
         g = f.grant
@@ -358,6 +369,31 @@ class Controller:
                 fields["result"] = "already_gone"
         metrics.GHOST_KICKS.labels(f.reason.value).inc()
         audit.warning("ghost removed", **fields)
+
+    async def _confirmed_memberless(self, f: Finding) -> bool:
+        """Before a ``no_membership`` removal, ask the source once more (a sticky membership
+        the stream missed would otherwise cost an honest member its call); a doubt holds
+        for ``_DOUBT_S``, so a doubtful participant costs one request per that period."""
+        g, sid = f.grant, f.participant.sid
+        if g is None or self.source is None:
+            return False
+        now = time.monotonic()
+        if self._doubts.get(sid, 0.0) > now:
+            return False
+        if not await self.source.may_hold_membership(g.matrix_room, g.user_id, g.device_id):
+            return True
+        self._doubts[sid] = now + _DOUBT_S
+        if len(self._doubts) > 10_000:
+            self._doubts = {k: v for k, v in self._doubts.items() if v > now}
+        metrics.CONTROLLER_DOUBTS.inc()
+        log.warning(
+            "not removed: the homeserver may hold a sticky membership the controller did not see",
+            identity=f.participant.identity,
+            user_id=g.user_id,
+            device_id=g.device_id,
+            matrix_room=g.matrix_room,
+        )
+        return False
 
     async def _maybe_close(
         self,
@@ -496,10 +532,15 @@ def build_controller(
     else:
         leadership = LocalLeadership()
     source: MatrixSource | None = None
-    if config.homeserver_url and config.admin_token:
-        source = AdminStateSource(config.homeserver_url, config.admin_token)
-    elif config.homeserver_url and config.access_token:
-        source = SyncSource(config.homeserver_url, config.access_token)
+    hs = config.homeserver_url
+    sync = SyncSource(hs, config.access_token, auto_join=config.auto_join) if hs else None
+    admin = AdminStateSource(hs, config.admin_token) if hs else None
+    if sync is not None and admin is not None and config.access_token and config.admin_token:
+        source = SyncAndAdminSource(sync, admin)
+    elif admin is not None and config.admin_token:
+        source = admin
+    elif sync is not None and config.access_token:
+        source = sync
     return Controller(
         config,
         registry,

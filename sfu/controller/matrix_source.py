@@ -55,7 +55,11 @@ class RoomSnapshot:
 
 class MatrixSource(Protocol):
     kind: str
-    last_failure: float  # wall time the homeserver last failed to answer (0 = never)
+
+    @property
+    def last_failure(self) -> float:
+        """Wall time the homeserver last failed to answer (0 = never)."""
+        ...
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -70,6 +74,11 @@ class MatrixSource(Protocol):
     async def wait_changed(self, within: float) -> bool:
         """Wait up to ``within`` s for news from the homeserver; True if there is some
         (a source that only polls just sleeps and answers False)."""
+        ...
+
+    async def may_hold_membership(self, room_id: str, user_id: str, device_id: str) -> bool:
+        """Asked before removing a participant for having no membership: False only when the
+        source can positively confirm that the device holds no live sticky membership."""
         ...
 
 
@@ -158,6 +167,9 @@ class AdminStateSource(_HttpSource):
             f"Synapse admin API as {user}: every room of {self._base}, but no MSC4354 sticky "
             "memberships (nobody is removed for having no membership)",
         )
+
+    async def may_hold_membership(self, room_id: str, user_id: str, device_id: str) -> bool:
+        return True  # room state never shows sticky memberships
 
     async def room(self, room_id: str) -> RoomSnapshot | None:
         body = await self._state(

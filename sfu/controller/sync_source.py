@@ -28,14 +28,29 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import structlog
 
 from matrixrtc.model.event_types import EventType
-from matrixrtc.model.msc4354 import STICKY_FIELD, sticky_expires_at
-from sfu.controller.matrix_source import RoomSnapshot, SourceCheck, _HttpSource
+from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
+from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, STICKY_FIELD, sticky_expires_at
+from sfu.controller.matrix_source import (
+    AdminStateSource,
+    RoomSnapshot,
+    SourceCheck,
+    _HttpSource,
+)
 
-__all__ = ["ENDED_KEEP_MS", "SyncRooms", "SyncSource"]
+__all__ = [
+    "ENDED_KEEP_MS",
+    "SyncAndAdminSource",
+    "SyncRooms",
+    "SyncSource",
+    "live_sticky_join",
+    "sync_filter",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +154,26 @@ class SyncRooms:
         return changed
 
 
+def live_sticky_join(events: list[object], user_id: str, device_id: str, now_ms: int) -> bool:
+    """Whether ``events`` (``rtc.member`` events of one sender, any order) hold a sticky join
+    of ``device_id`` that is the newest event of its sticky key and may still be sticky."""
+    newest: dict[str, tuple[tuple[int, str], CallMembership | MembershipLeft]] = {}
+    for ev in events:
+        parsed = parse_membership_event(ev)
+        if parsed is None or parsed.key.sender != user_id:
+            continue
+        rank = (parsed.origin_server_ts, parsed.event_id)
+        old = newest.get(parsed.key.key)
+        if old is None or rank > old[0]:
+            newest[parsed.key.key] = (rank, parsed)
+    return any(
+        isinstance(p, CallMembership)
+        and p.device_id == device_id
+        and p.origin_server_ts + MAX_STICKY_DURATION_MS > now_ms
+        for _rank, p in newest.values()
+    )
+
+
 class SyncSource(_HttpSource):
     """The client-server API as an account joined to the rooms: /sync, long-polled."""
 
@@ -150,10 +185,13 @@ class SyncSource(_HttpSource):
         token: str,
         *,
         poll_timeout: float = 20.0,
+        auto_join: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(base_url, token, timeout=poll_timeout + 15.0)
         self._poll_timeout = poll_timeout
+        self._auto_join = auto_join
+        self._joining: set[str] = set()
         self._clock = clock
         self._rooms = SyncRooms()
         self._since: str | None = None
@@ -183,6 +221,10 @@ class SyncSource(_HttpSource):
             "memberships (not Megolm-encrypted sticky ones), pushed",
         )
 
+    @property
+    def joined_rooms(self) -> frozenset[str]:
+        return self._rooms.rooms
+
     def fresh(self) -> bool:
         return (
             self._last_ok > 0
@@ -193,6 +235,26 @@ class SyncSource(_HttpSource):
         if not self.fresh():
             return None
         return self._rooms.snapshot(room_id, int(self._clock() * 1000))
+
+    async def may_hold_membership(self, room_id: str, user_id: str, device_id: str) -> bool:
+        """Look back through the room's ``rtc.member`` events from ``user_id``
+        (``/messages``): a sticky join of ``device_id`` that is still the newest event of its
+        sticky key and less than an hour old (the longest stickiness) may be live, whether
+        or not the sync stream delivered it. Any failure answers True (no removal)."""
+        assert self._session is not None, "source not started"
+        flt = json.dumps({"types": [EventType.RTC_MEMBER], "senders": [user_id]})
+        url = f"{self._base}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages"
+        try:
+            async with self._session.get(
+                url, params={"dir": "b", "limit": "50", "filter": flt}
+            ) as r:
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return True
+        chunk = body.get("chunk") if isinstance(body, dict) else None
+        if not isinstance(chunk, list):
+            return True
+        return live_sticky_join(chunk, user_id, device_id, int(self._clock() * 1000))
 
     async def wait_changed(self, within: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -220,6 +282,22 @@ class SyncSource(_HttpSource):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
+    async def _accept_invites(self, body: dict[str, Any]) -> None:
+        rooms = body.get("rooms")
+        invites = rooms.get("invite") if isinstance(rooms, dict) else None
+        for room_id in invites if isinstance(invites, dict) else {}:
+            if not isinstance(room_id, str) or room_id in self._joining:
+                continue
+            self._joining.add(room_id)  # once per process: a refused join is not retried
+            assert self._session is not None
+            url = f"{self._base}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/join"
+            try:
+                async with self._session.post(url, json={}) as r:
+                    ok = r.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            log.info("controller account invited", room=room_id, joined=ok)
+
     async def _sync_once(self) -> None:
         assert self._session is not None, "source not started"
         initial = self._since is None
@@ -241,6 +319,8 @@ class SyncSource(_HttpSource):
         if not isinstance(next_batch, str):
             raise RuntimeError("/sync answered without next_batch")
         changed = self._rooms.apply(body, int(self._clock() * 1000))
+        if self._auto_join:
+            await self._accept_invites(body)
         self._since = next_batch
         self._last_ok = time.monotonic()
         if self._failures:
@@ -251,3 +331,46 @@ class SyncSource(_HttpSource):
             log.info("controller sync started", rooms=len(self._rooms.rooms))
         if changed or initial:
             self._changed.set()
+
+
+class SyncAndAdminSource:
+    """Both grants: rooms the account has joined through its /sync (sticky memberships,
+    pushed), every other room through the Synapse admin API (room state only)."""
+
+    kind = "sync+admin"
+
+    def __init__(self, sync: SyncSource, admin: AdminStateSource) -> None:
+        self.sync = sync
+        self.admin = admin
+
+    @property
+    def last_failure(self) -> float:
+        return max(self.sync.last_failure, self.admin.last_failure)
+
+    async def start(self) -> None:
+        await self.sync.start()
+        await self.admin.start()
+
+    async def close(self) -> None:
+        await self.sync.close()
+        await self.admin.close()
+
+    async def probe(self) -> SourceCheck:
+        checks = [await self.sync.probe(), await self.admin.probe()]
+        return SourceCheck(all(c.ok for c in checks), "; ".join(c.message for c in checks))
+
+    def _joined(self, room_id: str) -> bool:
+        return self.sync.fresh() and room_id in self.sync.joined_rooms
+
+    async def room(self, room_id: str) -> RoomSnapshot | None:
+        if self._joined(room_id):
+            return await self.sync.room(room_id)
+        return await self.admin.room(room_id)
+
+    async def wait_changed(self, within: float) -> bool:
+        return await self.sync.wait_changed(within)
+
+    async def may_hold_membership(self, room_id: str, user_id: str, device_id: str) -> bool:
+        if self._joined(room_id):
+            return await self.sync.may_hold_membership(room_id, user_id, device_id)
+        return True

@@ -163,6 +163,7 @@ async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
             MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
             MATRIXRTC_SFU_RATE_LIMIT="0",
             MATRIXRTC_SFU_CONTROLLER="1",
+            MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN="1",
         )
         log_path = run_dir / "sfu-controller" / "service.log"
         proc = ManagedProcess(
@@ -786,7 +787,23 @@ async def test_a_sticky_member_is_kept_and_its_ended_membership_removed(
     tag = secrets.token_hex(2)
     owner = await st.hs.register(f"sto{tag}")
     ann, bob = await st.hs.register(f"sta{tag}"), await st.hs.register(f"stb{tag}")
-    room_id = await call_room(st, owner, invite=[ann, bob])
+    room_id = await st.hs.create_call_room(owner, invite=[ann, bob])
+    # only invited: the controller account joins by itself (MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN)
+    assert st.watcher is not None
+    await st.hs.request(
+        "POST",
+        f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/invite",
+        user=owner,
+        json_body={"user_id": st.watcher.user_id},
+    )
+
+    async def watcher_joined() -> bool:
+        body = await st.hs.request(
+            "GET", f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members", user=owner
+        )
+        return st.watcher is not None and st.watcher.user_id in body.get("joined", {})
+
+    assert await time_until(watcher_joined, 30) is not None, "the controller did not join"
     procs: dict[str, asyncio.subprocess.Process] = {}
     logs = run_dir / f"sticky-members-{tag}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -858,3 +875,71 @@ async def test_a_sticky_member_is_kept_and_its_ended_membership_removed(
                 os.killpg(proc.pid, signal.SIGCONT)
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+async def test_with_the_admin_api_only_nobody_is_removed_for_lacking_a_membership(
+    synapse: Synapse, run_dir: Path
+) -> None:
+    """The Synapse admin room-state API cannot see sticky memberships: the controller says so
+    at start-up and never removes a participant for having no membership (it may hold a
+    sticky one), while state-based evidence (a ban) is still acted on."""
+    admin = await register_admin(synapse, f"ctlad{secrets.token_hex(3)}")
+    port = free_tcp_port()
+    async with (
+        LiveKit(run_dir, name="livekit-adminonly") as lk,
+        Redis(run_dir, name="redis-adminonly") as redis,
+    ):
+        env = controller_env(
+            lk,
+            synapse,
+            redis,
+            admin,
+            admin=True,
+            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
+            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
+            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
+            MATRIXRTC_SFU_RATE_LIMIT="0",
+            MATRIXRTC_SFU_CONTROLLER="1",
+        )
+        log_path = run_dir / "sfu-adminonly" / "service.log"
+        proc = ManagedProcess(
+            name="sfu-adminonly",
+            argv=[sys.executable, "-m", "sfu", "serve"],
+            log_path=log_path,
+            cwd=run_dir,
+            env=env,
+        )
+        sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
+        await sfu.start()
+        st = Stack(synapse, lk, redis, sfu, admin, run_dir)
+        members: list[Member] = []
+        try:
+            limits = [
+                json.loads(line)["detail"]
+                for line in log_path.read_text().splitlines()
+                if '"controller limitation"' in line
+            ]
+            assert any("cannot see MSC4354 sticky memberships" in x for x in limits), limits
+            owner = await synapse.register(f"ado{secrets.token_hex(3)}")
+            # no membership published (as a sticky-only client looks through room state)
+            silent = await join_call(st, owner, delay_ms=0)
+            members.append(silent)
+            banned = await join_call(st, owner, silent.room_id, delay_ms=0)
+            members.append(banned)
+            await asyncio.sleep(6)  # join grace 3 s + grace 1 s, with margin
+            assert silent.identity in await present(lk, silent.lk_room)
+            assert banned.identity in await present(lk, banned.lk_room)
+            await synapse.request(
+                "POST",
+                f"/_matrix/client/v3/rooms/{quote(banned.room_id, safe='')}/ban",
+                user=owner,
+                json_body={"user_id": banned.user.user_id},
+            )
+            assert await removal_after(st, banned, 10) is not None
+            await asyncio.sleep(1)
+            assert silent.identity in await present(lk, silent.lk_room)
+            removed = [a for a in sfu.audit() if a["event"] == "ghost removed"]
+            assert [(a["identity"], a["reason"]) for a in removed] == [(banned.identity, "banned")]
+        finally:
+            await asyncio.gather(*(m.stop() for m in members))
+            await proc.stop()

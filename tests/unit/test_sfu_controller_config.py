@@ -12,7 +12,7 @@ from sfu.controller.config import ControllerConfig
 from sfu.controller.controller import build_controller
 from sfu.controller.leader import LocalLeadership, RedisLeadership
 from sfu.controller.matrix_source import AdminStateSource
-from sfu.controller.sync_source import SyncSource
+from sfu.controller.sync_source import SyncAndAdminSource, SyncSource
 
 BASE = {"LIVEKIT_URL": "ws://127.0.0.1:1", "LIVEKIT_KEY": "k", "LIVEKIT_SECRET": "s"}
 C = "MATRIXRTC_SFU_CONTROLLER"
@@ -61,9 +61,18 @@ def test_sources_and_leadership_follow_the_configuration() -> None:
             }
         )
     )
-    assert isinstance(admin.source, AdminStateSource)
+    both = admin.source
+    assert isinstance(both, SyncAndAdminSource)  # joined rooms by /sync, the rest by admin API
+    assert isinstance(both.sync, SyncSource)
+    assert isinstance(both.admin, AdminStateSource)
     assert isinstance(admin.leadership, RedisLeadership)
     assert admin.registry_complete
+    admin_only = build_controller(
+        ControllerConfig.from_env(
+            {**BASE, f"{C}_HOMESERVER_URL": "https://hs", f"{C}_ADMIN_TOKEN": "a"}
+        )
+    )
+    assert isinstance(admin_only.source, AdminStateSource)
     member = build_controller(
         ControllerConfig.from_env(
             {**BASE, f"{C}_HOMESERVER_URL": "https://hs", f"{C}_ACCESS_TOKEN": "b"}

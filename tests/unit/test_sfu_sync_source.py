@@ -8,7 +8,7 @@ from typing import Any
 
 from sfu.controller.ghosts import GhostJudge, Participant, Reason, room_view
 from sfu.controller.registry import Grant
-from sfu.controller.sync_source import ENDED_KEEP_MS, SyncRooms, sync_filter
+from sfu.controller.sync_source import ENDED_KEEP_MS, SyncRooms, live_sticky_join, sync_filter
 from tests.unit.test_sfu_ghosts import ALICE, ROOM, T0, grant, member_ev, sticky_ev
 
 NOW_MS = int(T0 * 1000)
@@ -93,3 +93,18 @@ def test_the_filter_asks_for_what_the_judge_reads() -> None:
     timeline = set(f["room"]["timeline"]["types"])
     assert {"org.matrix.msc4143.rtc.member", "m.room.encrypted", "m.room.member"} <= timeline
     assert "org.matrix.msc3401.call.member" in f["room"]["state"]["types"]
+
+
+def test_the_last_look_before_a_no_membership_removal() -> None:
+    """/messages, newest first: a sticky join of the device that its key has not since left
+    and under an hour old keeps the participant, whatever the sync stream showed."""
+    join = sticky_ev(ALICE, "DEV", NOW_MS)
+    leave = sticky_ev(ALICE, "DEV", NOW_MS + 1000, left=True)
+    assert live_sticky_join([join], ALICE, "DEV", NOW_MS + 5000)
+    assert not live_sticky_join([leave, join], ALICE, "DEV", NOW_MS + 5000)
+    assert not live_sticky_join([join], ALICE, "OTHER", NOW_MS + 5000)
+    assert not live_sticky_join([join], ALICE, "DEV", NOW_MS + 3_600_000)
+    assert not live_sticky_join([], ALICE, "DEV", NOW_MS)
+    # another key of the same device (a second member id) still counts
+    other_key = sticky_ev(ALICE, "DEV", NOW_MS + 2000, member_id="mem-2")
+    assert live_sticky_join([leave, other_key, join], ALICE, "DEV", NOW_MS + 5000)
