@@ -771,6 +771,9 @@ class _Quiet(Reject):
 def _parse_event(event: object, room_version: str | None) -> CallMembership | MembershipLeft:
     ev, sender, event_id, ts, content = _event_fields(event)
     etype = ev["type"]
+    if etype == EventType.CALL_MEMBER and "m.calls" in content:
+        # The 2022 per-user form (Hydrogen, legacy GroupCall): model/msc3401_2022.py reads it.
+        raise _Quiet("2022 m.calls content (read by the msc3401_2022 dialect)", field="m.calls")
     kind = classify_content(content)
     if kind is ContentKind.LEGACY_ARRAY:
         raise _Quiet("legacy memberships array (ignored, as js-sdk does)", field="memberships")
