@@ -26,6 +26,14 @@ observed by polling the transports' counters every ``poll_s``; a gap is measured
 previous frame's arrival time to the newest frame's arrival time at the poll that sees frames
 again, so it can only be overstated (by at most the frames that arrived within one poll).
 
+SFU failure: when the transport carrying our media reports it has lost its server
+(:meth:`MediaTransport.failing`) for ``fail_after_s``, that kind counts as unreachable and
+the policy is asked again with ``sfu_reachable=False`` (a call whose members can all mesh moves
+to the mesh, make-before-break as ever). Every ``probe_s`` the kind's probe
+(``SwitchConfig.probes``) asks whether it could work again; once it says so the policy decides
+as before, and the call moves back. The web client (web/src/call.ts) does the same with the
+same delays, so a browser and a Python member fall back and return together.
+
 Every task is owned and cancelled on exit; leaving the block tears down the running transport.
 """
 
@@ -50,10 +58,12 @@ from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.matrix import Broadcaster, Subscription
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media_transport import (
+    DEFAULT_PROBES,
     DEFAULT_TRANSPORTS,
     MediaTransport,
     TransportContext,
     TransportFactory,
+    TransportProbe,
 )
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
@@ -105,6 +115,9 @@ class SwitchConfig:
     transports: Mapping[MediaKind, TransportFactory] = field(
         default_factory=lambda: dict(DEFAULT_TRANSPORTS)
     )
+    fail_after_s: float = 1.0  # a transport failing this long: its kind is unreachable
+    probe_s: float = 2.0  # how often an unreachable kind is probed
+    probes: Mapping[MediaKind, TransportProbe] = field(default_factory=lambda: dict(DEFAULT_PROBES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +216,8 @@ class MediaSwitcher:
         # Old transports being closed: awaited (never cancelled) when the switcher closes.
         self._teardowns = OwnedTasks("switch-teardown", log, event_prefix="switch.teardown")
         self._changes: Subscription[ParticipantsChanged] | None = None
+        self.unreachable: set[MediaKind] = set()  # kinds whose transport failed, not yet back
+        self._failing_since: float | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -212,6 +227,7 @@ class MediaSwitcher:
         self._spawn(self._changes_loop(self._changes), "changes")
         self._spawn(self._drive(), "drive")
         self._spawn(self._monitor(), "monitor")
+        self._spawn(self._probe_loop(), "probe")
         return self
 
     async def __aexit__(
@@ -303,11 +319,18 @@ class MediaSwitcher:
     def _remote(self) -> list[Participant]:
         return [p for p in self.agent.participants if not p.is_self]
 
+    def _decide(self) -> MediaDecision:
+        return choose_media_for(
+            self.agent.memberships,
+            self.config.mesh_max,
+            sfu_reachable=MediaKind.SFU not in self.unreachable,
+        )
+
     async def _drive(self) -> None:
         await self.agent.wait_joined(self.config.join_timeout_s)
         while True:
             self._dirty.clear()
-            decision = choose_media_for(self.agent.memberships, self.config.mesh_max)
+            decision = self._decide()
             if decision != self.decision:
                 self._log.info("switch.decision", kind=decision.kind.value, reason=decision.reason)
                 self.decision = decision
@@ -398,7 +421,7 @@ class MediaSwitcher:
         video = self.config.media.video
         while self._clock() < deadline:
             if self._dirty.is_set():
-                decided = choose_media_for(self.agent.memberships, self.config.mesh_max).kind
+                decided = self._decide().kind
                 if decided is not transport.kind:
                     self._log.info("switch.overtaken", kind=transport.kind.value)
                     return None
@@ -430,10 +453,42 @@ class MediaSwitcher:
 
     # -- media monitor ----------------------------------------------------------------------
 
+    def _watch_failure(self) -> None:
+        """Mark the current transport's kind unreachable once it has failed for a while."""
+        t = self.current
+        if t is None or t.kind in self.unreachable or not t.failing():
+            self._failing_since = None
+            return
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.config.fail_after_s:
+            self._failing_since = None
+            self.unreachable.add(t.kind)
+            self._log.warning("switch.transport_unreachable", kind=t.kind.value)
+            self._dirty.set()
+
+    async def _probe_loop(self) -> None:
+        """Probe each unreachable kind until it answers again."""
+        while True:
+            await asyncio.sleep(self.config.probe_s)
+            for kind in list(self.unreachable):
+                probe = self.config.probes.get(kind)
+                try:
+                    back = probe is None or await probe(self._context())
+                except Exception as exc:  # a probe that breaks says "not yet"
+                    self._log.warning("switch.probe_failed", kind=kind.value, error=repr(exc))
+                    back = False
+                if back:
+                    self.unreachable.discard(kind)
+                    self._log.info("switch.transport_reachable", kind=kind.value)
+                    self._dirty.set()
+
     async def _monitor(self) -> None:
         failures = 0
         while True:
             try:
+                self._watch_failure()
                 self._poll()
             except Exception as exc:  # e.g. a transport closing under our feet: poll again
                 failures += 1

@@ -248,6 +248,15 @@ class LiveKitTransport:
         self._ensure_supervisor()
         return plan
 
+    def lost(self) -> bool:
+        """Whether a connection the plan calls for is not up now: being resumed by the SDK,
+        being replaced, or failing to open (the transport keeps trying)."""
+        for t in self._plan.connections:
+            conn = self.connections.get(t)
+            if conn is None or conn.state in (ConnectionState.RECONNECTING, ConnectionState.LOST):
+                return True
+        return False
+
     def _forget(self, t: LivekitTransport) -> None:
         self._retry.pop(t, None)
         self._carry.pop(t, None)

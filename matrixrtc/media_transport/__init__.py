@@ -21,12 +21,14 @@ from matrixrtc.media_transport.base import (
     MediaTransport,
     TransportContext,
     TransportFactory,
+    TransportProbe,
 )
 from matrixrtc.media_transport.mesh import MeshMedia
-from matrixrtc.media_transport.sfu import LiveKitMedia
+from matrixrtc.media_transport.sfu import LiveKitMedia, probe_livekit
 from matrixrtc.session.media_policy import MediaKind
 
 __all__ = [
+    "DEFAULT_PROBES",
     "DEFAULT_TRANSPORTS",
     "FrameCounter",
     "LiveKitMedia",
@@ -34,6 +36,7 @@ __all__ = [
     "MeshMedia",
     "TransportContext",
     "TransportFactory",
+    "TransportProbe",
 ]
 
 # What the switcher runs for each decision of the policy, unless told otherwise.
@@ -41,3 +44,6 @@ DEFAULT_TRANSPORTS: Final[Mapping[MediaKind, TransportFactory]] = {
     MediaKind.MESH: MeshMedia,
     MediaKind.SFU: LiveKitMedia,
 }
+
+# How the switcher learns that a failed kind of transport could work again.
+DEFAULT_PROBES: Final[Mapping[MediaKind, TransportProbe]] = {MediaKind.SFU: probe_livekit}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,7 @@ __all__ = [
     "MediaTransport",
     "TransportContext",
     "TransportFactory",
+    "TransportProbe",
 ]
 
 
@@ -69,8 +70,16 @@ class MediaTransport(Protocol):
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         """The decoded-video counters of ``peer`` on this transport (none: not connected)."""
 
+    def failing(self) -> bool:
+        """Whether the transport has lost its server now (it may be repairing itself); the
+        switcher falls back to another transport when this holds for a while."""
+
     async def aclose(self) -> None:
         """Tear down; never raises for an already broken transport."""
 
 
 TransportFactory = Callable[[TransportContext], MediaTransport]
+
+TransportProbe = Callable[[TransportContext], Awaitable[bool]]
+"""Whether a transport of one kind could start now (e.g. its server answers again), without
+starting it; the switcher probes a kind that failed before counting on it again."""

@@ -76,6 +76,10 @@ class MeshMedia:
             return ()
         return (FrameCounter(stats, stats.frames_decoded, stats.last_frame_at),)
 
+    def failing(self) -> bool:
+        """Never as a whole: each peer link repairs itself (a lost peer is that peer's gap)."""
+        return False
+
     def _frame(self, peer: DeviceRef, frame: AvFrame) -> None:
         tap = self._ctx.frames
         assert tap is not None

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import aiohttp
 import structlog
 
 from matrixrtc.agent import Participant
-from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
+from matrixrtc.errors import MatrixRTCError
+from matrixrtc.livekit.token import Endpoint, request_credentials
+from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, plan_connections
 from matrixrtc.media.frames import AvFrame, FrameTap
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
 
-__all__ = ["LiveKitMedia"]
+__all__ = ["LiveKitMedia", "probe_livekit"]
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +96,9 @@ class LiveKitMedia:
                 out.append(FrameCounter(stats, stats.video_frames, stats.last_video_at))
         return out
 
+    def failing(self) -> bool:
+        return self.lk is not None and self.lk.lost()
+
     def _frame(self, identity: str, frame: AvFrame) -> None:
         tap = self._ctx.frames
         assert tap is not None
@@ -110,3 +116,32 @@ class LiveKitMedia:
                 await lk.aclose()
             except Exception as exc:
                 log.warning("livekit_media.close_failed", error=repr(exc))
+
+
+async def probe_livekit(ctx: TransportContext) -> bool:
+    """Whether the SFU we would publish on answers again: its authorization service hands out
+    credentials, which it does only once LiveKit has (re)created the call's room."""
+    agent = ctx.agent
+    me = (agent.hs.user_id, agent.hs.device_id)
+    own = next((m for m in agent.memberships if (m.sender, m.device_id) == me), None)
+    target = plan_connections(agent.memberships, own).publish_on
+    if target is None or own is None:
+        return False
+    try:
+        async with aiohttp.ClientSession() as http:
+            await request_credentials(
+                http,
+                target.livekit_service_url,
+                room_id=agent.room_id,
+                user_id=agent.hs.user_id,
+                device_id=agent.hs.device_id,
+                member_id=own.member_id,
+                openid=await agent.hs.request_openid_token(),
+                endpoint=Endpoint.GET_TOKEN if own.dialect is Dialect.STICKY else Endpoint.SFU_GET,
+                slot_id=ctx.mesh.slot_id,
+                timeout_s=5.0,
+            )
+    except MatrixRTCError as exc:
+        log.info("livekit_media.probe_failed", error=str(exc))
+        return False
+    return True

@@ -156,3 +156,19 @@ def test_every_member_computes_the_same_decision_whatever_the_order(
     else:
         assert not everyone_meshes
         assert not any_sfu
+
+
+def test_an_unreachable_sfu_sends_a_call_that_can_mesh_to_the_mesh_at_any_size() -> None:
+    d = choose_media([[SFU, MESH]] * 7, mesh_max=3, sfu_reachable=False)
+    assert d.kind is MediaKind.MESH
+    assert d.reason == "the SFU is unreachable and all 7 members can mesh"
+    assert d.sfu_reachable is False
+    # Reachable again: back to the size rule.
+    assert choose_media([[SFU, MESH]] * 7, mesh_max=3).kind is MediaKind.SFU
+
+
+def test_an_unreachable_sfu_keeps_a_call_with_a_member_that_cannot_mesh_on_the_sfu() -> None:
+    d = choose_media([[SFU, MESH], [SFU]], sfu_reachable=False)
+    assert d.kind is MediaKind.SFU
+    assert d.sfu_reachable is False
+    assert choose_media([[MESH], [MESH]], sfu_reachable=False).kind is MediaKind.MESH

@@ -88,6 +88,7 @@ class FakeTransport:
         self.carrying = False
         self.frames = 0
         self.fail_start = False
+        self.lost = False
 
     async def start(self) -> None:
         self.log.append(f"start {self.kind.value}")
@@ -102,6 +103,9 @@ class FakeTransport:
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         return (FrameCounter(self, self.frames, 1.0 if self.frames else None),)
+
+    def failing(self) -> bool:
+        return self.lost
 
     async def aclose(self) -> None:
         self.log.append(f"close {self.kind.value}")
@@ -231,3 +235,44 @@ async def test_a_failing_teardown_of_the_old_transport_is_raised_when_the_switch
     with pytest.raises(RemoteError, match="mesh would not close"):
         await switcher.__aexit__(None, None, None)
     assert reg.log[-1] == "close sfu"  # the running transport is still closed
+
+
+async def test_a_lost_sfu_moves_the_call_to_the_mesh_and_back_once_a_probe_gets_through() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
+    reg = Registry()
+    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
+    sfu_back = False
+    probes: list[bool] = []
+
+    async def probe(ctx: TransportContext) -> bool:
+        probes.append(sfu_back)
+        return sfu_back
+
+    cfg = reg.config()
+    config = SwitchConfig(
+        mesh_max=cfg.mesh_max,
+        poll_s=cfg.poll_s,
+        retry_s=cfg.retry_s,
+        transports=cfg.transports,
+        fail_after_s=0.05,
+        probe_s=0.02,
+        probes={MediaKind.SFU: probe},
+    )
+    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
+        await switcher.wait_settled(MediaKind.SFU, 5)
+        first_sfu = reg.made[MediaKind.SFU]
+        first_sfu.lost = True
+        fallback = await switcher.wait_settled(MediaKind.MESH, 5)
+        assert (fallback.old, fallback.new) == (MediaKind.SFU, MediaKind.MESH)
+        assert fallback.reason == "the SFU is unreachable and all 3 members can mesh"
+        assert switcher.unreachable == {MediaKind.SFU}
+        await until(lambda: "close sfu" in reg.log)
+        await until(lambda: len(probes) >= 2)  # probed, not yet back: stays on the mesh
+        assert switcher.kind is MediaKind.MESH
+        sfu_back = True
+        back = await switcher.wait_settled(MediaKind.SFU, 5)
+        assert (back.old, back.new) == (MediaKind.MESH, MediaKind.SFU)
+        assert back.reason == "3 members > mesh_max 2"
+        assert reg.made[MediaKind.SFU] is not first_sfu  # a new connection
+        assert switcher.unreachable == set()
