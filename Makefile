@@ -40,8 +40,19 @@ unit: bootstrap
 	$(VENV)/python -m coverage run -m pytest -q tests/unit $(PYTEST_ARGS)
 	$(VENV)/coverage report
 
+# The call report on an embedded stack (3-participant E2EE mesh, in the private namespace);
+# then, when run from a terminal, the browser client next to a fresh stack with a Python
+# participant in a call: URL and logins printed, served for DEMO_WEB_SECONDS (600) or until
+# Ctrl-C. Not from a terminal (CI, scripts) or DEMO_WEB_SECONDS=0: the report only.
 demo: bootstrap
 	./scripts/in-netns $(VENV)/python -m matrixrtc demo
+	@secs="$${DEMO_WEB_SECONDS:-$$(if [ -t 0 ]; then echo 600; else echo 0; fi)}"; \
+	if [ "$$secs" = 0 ]; then \
+	  echo "web client not served (not a terminal, or DEMO_WEB_SECONDS=0): make web serves it"; \
+	else \
+	  echo; echo "the web call client, for $$secs s (Ctrl-C stops it):"; \
+	  $(VENV)/python -m matrixrtc web --for "$$secs" $(WEB_ARGS); \
+	fi
 
 # The service image (Dockerfile): wheels fetched first, so the build needs no network.
 image:

@@ -4,7 +4,8 @@ Starts LiveKit, Synapse (advertising our authorization service in ``/rtc/transpo
 ``.well-known``), the service (``python -m sfu serve``), serves the built client (``web/dist``,
 made by ``make bootstrap``) on 127.0.0.1, registers two users in an encrypted room and puts a
 Python participant in that room's call. Prints the URL to open and the logins; Ctrl-C or
-SIGTERM stops everything.
+SIGTERM stops everything (``--for SECONDS``: also that long after printing; ``make demo`` uses
+it after its call report).
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the Python participant's transport (auto: the mesh/SFU policy; none: no one)",
     )
     parser.add_argument("--user", dest="users", action="append", default=None, metavar="NAME")
+    parser.add_argument(
+        "--for",
+        dest="seconds",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop by itself this long after printing the URL (default: run until Ctrl-C)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -134,9 +143,14 @@ async def _serve(args: argparse.Namespace, run_dir: Path) -> int:
                         "--allow-loopback-in-peer-connection"
                     )
                     lines.append(f"logs       {run_dir}")
-                    lines.append("Ctrl-C or SIGTERM stops everything.")
+                    lines.append(
+                        "Ctrl-C or SIGTERM stops everything"
+                        + (f" (it stops by itself in {args.seconds:g} s)." if args.seconds else ".")
+                    )
                     print("\n".join(lines), flush=True)
-                    await stop.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(args.seconds):
+                            await stop.wait()
     except MatrixRTCError as e:
         log.error("web demo failed", error=str(e))
         return 1

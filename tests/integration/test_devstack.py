@@ -373,6 +373,61 @@ async def test_demo_prints_its_summary(run_dir: Path) -> None:
     assert "total" in report
 
 
+WEB_INDEX = Path(__file__).resolve().parents[2] / "web" / "dist" / "index.html"
+
+
+async def test_web_serves_the_client_prints_url_and_logins_and_stops_by_itself(
+    run_dir: Path,
+) -> None:
+    """``make demo``'s second half (``matrixrtc web --for``): the URL serves the client, the
+    logins work on the printed homeserver, and it stops by itself."""
+    if not WEB_INDEX.is_file():
+        pytest.fail("web/dist is missing: run `make bootstrap`")
+    proc = await _start_cli(
+        "web",
+        "--port",
+        "0",
+        "--participant",
+        "none",
+        "--for",
+        "4",
+        "--run-dir",
+        str(run_dir / "web"),
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not lines or not lines[-1].startswith("Ctrl-C"):
+                line = (await proc.stdout.readline()).decode()
+                assert line, "".join(lines)
+                lines.append(line.strip())
+            text = "\n".join(lines)
+            (url,) = re.findall(r"^open +(http://127\.0\.0\.1:\d+/\?hs=(\S+))$", text, re.M)
+            logins = re.findall(r"^login +(\S+) +password (\S+)$", text, re.M)
+            assert [u for u, _ in logins] == ["alice", "bob"], text
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url[0]) as resp:
+                    assert resp.status == 200
+                    assert '<script type="module"' in await resp.text()
+                async with http.post(
+                    url[1] + "/_matrix/client/v3/login",
+                    json={
+                        "type": "m.login.password",
+                        "identifier": {"type": "m.id.user", "user": logins[0][0]},
+                        "password": logins[0][1],
+                    },
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+            started = time.monotonic()
+            assert await proc.wait() == 0
+            assert time.monotonic() - started < 15
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
 async def test_start_timeout_and_cancellation_leave_nothing_running(run_dir: Path) -> None:
     def sleeper(name: str) -> ManagedProcess:
         return ManagedProcess(
