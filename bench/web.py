@@ -17,6 +17,10 @@ request and LiveKit connect (SFU) or the MSC2746 signalling and ICE/DTLS (mesh).
 Switch gaps: ``mesh_max`` 2; the browser and a Python participant on the mesh, a second Python
 participant joins (→ SFU) and leaves (→ mesh). Each figure is the longest time the browser went
 without a decoded frame from anyone around that switch (gaps under 150 ms count as 0).
+SFU failure (``sfu_lost_to_mesh``, ``sfu_back_mesh_to_sfu``): a browser and a Python participant
+on an SFU of their own (``mesh_max`` 1); LiveKit is SIGKILLed mid-call, both fall back to the
+mesh (the gap includes the 1 s before a lost SFU counts as unreachable), then it is started
+again and both return once a token request succeeds (probed every 2 s).
 
 ``bundle_kb_gzip``: every file of web/dist gzipped (level 9), in KiB; the Rust crypto WASM is
 most of it. Prints figures only; never fails on time.
@@ -28,7 +32,9 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import secrets
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -151,7 +157,81 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "breakdown": parts,
                 }
             out["switch_gap_ms"], out["switch_ms"] = await _switches(chromium, hs, svc, base)
+            gaps, took = await _sfu_failure(chromium, hs, base, run_dir)
+            out["switch_gap_ms"].update(gaps)
+            out["switch_ms"].update(took)
     return out
+
+
+async def _sfu_failure(
+    chromium: Chromium, hs: Synapse, base: dict[str, Any], run_dir: Path
+) -> tuple[dict[str, int], dict[str, int]]:
+    """A browser and a Python participant on an SFU of their own (mesh_max 1); LiveKit is
+    SIGKILLed mid-call (→ mesh), then started again (→ SFU)."""
+    tag = secrets.token_hex(3)
+    prov = await provision(hs.base_url, [f"py-{tag}", f"web-{tag}"], encrypted=True)
+    web_user, web_pw = prov.users[1]
+    lk = LiveKit(run_dir, name=f"lk-lost-{tag}")
+    svc = AuthService(run_dir, lk, hs, name=f"sfu-lost-{tag}")
+
+    def on(kind: str, more_than: int) -> Any:
+        def check(p: ParticipantProcess) -> bool:
+            frames = _peer_frames(p, web_user, kind)
+            return (p.latest or {}).get("transport") == kind and frames > more_than
+
+        return check
+
+    async with (
+        lk,
+        svc,
+        participants([py_config(prov, 0, "auto", svc.url, 1)], hs.dir / f"bench-lost-{tag}") as (
+            py,
+        ),
+    ):
+        await py.wait_ready()
+        task = asyncio.create_task(
+            browser(
+                chromium,
+                {
+                    **base,
+                    "user": web_user,
+                    "password": web_pw,
+                    "roomId": prov.room_id,
+                    "transport": "auto",
+                    "minFrames": 10,
+                    "query": "&mesh_max=1&video=320x240",
+                    "expectKinds": ["mesh", "sfu"],
+                },
+            )
+        )
+        await py.wait_until(on("sfu", 10), 60)
+        assert lk.pid is not None
+        os.kill(lk.pid, signal.SIGKILL)
+        await lk.stop()
+        await py.wait_until(on("mesh", 10), 60)
+        await asyncio.sleep(2)
+        before = _peer_frames(py, web_user, "sfu")
+        await lk.start()
+        await py.wait_until(on("sfu", before + 10), 60)
+        result = await task
+    moves = result["last"]["switches"][1:]
+    names = {("sfu", "mesh"): "sfu_lost_to_mesh", ("mesh", "sfu"): "sfu_back_mesh_to_sfu"}
+    gaps = {
+        names[(s["from"], s["to"])]: int(s["gapMs"]) for s in moves if (s["from"], s["to"]) in names
+    }
+    took = {
+        names[(s["from"], s["to"])]: int(s["durationMs"])
+        for s in moves
+        if (s["from"], s["to"]) in names
+    }
+    return gaps, took
+
+
+def _peer_frames(p: ParticipantProcess, user_id: str, kind: str) -> int:
+    for peer in (p.latest or {}).get("peers", []):
+        if peer.get("user_id") == user_id:
+            return int(peer.get("frames_by_transport", {}).get(kind, 0))
+    return 0
 
 
 async def _switches(

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -284,6 +285,34 @@ async def test_mesh_call_browsers_python_and_a_keyless_participant(
         assert keyless["frames_decoded"] == 0, keyless
 
 
+async def test_sfu_call_a_browser_without_the_media_keys_decodes_nothing(
+    chromium: Chromium, web_stack: WebStack
+) -> None:
+    """On the SFU, a browser with a LiveKit token and a place in the call but none of the
+    others' Matrix media keys (the page drops them) receives the Python participant's
+    encrypted video and decodes none of it, while the Python participant, which holds the
+    browser's key, decodes the browser."""
+    results, py, _ = await _run_call(
+        chromium,
+        web_stack,
+        browsers=[("kweb", {"transport": "sfu", "keyless": True, "minPackets": 150})],
+        pythons=[("py", {"transport": "sfu"})],
+    )
+    (r,) = results
+    assert r["ok"], r
+    (remote,) = r["last"]["participants"]
+    assert remote["transport"] == "sfu"
+    assert remote["stats"]["videoPackets"] >= 150, remote  # the SFU forwarded its video ...
+    assert remote["stats"]["framesDecoded"] == 0, remote  # ... and nothing of it decoded
+    assert remote["keyIndex"] is None, remote
+    assert remote["e2ee"] == "waiting-for-key", remote
+    assert "E2EE: waiting for this participant's key" in r["badges"], r["badges"]
+    assert "E2EE: decrypting" not in r["badges"], r["badges"]
+    assert r["last"]["ownKeyIndex"] is not None  # its own key it still has, and sends
+    assert py["py"]["kweb"]["frames_decoded"] >= 30, py
+    assert py["py"]["kweb"]["transport"] == "sfu", py
+
+
 async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: WebStack) -> None:
     """mesh_max 2: a browser and a Python participant start on the mesh; a second Python
     participant joins (three members: everyone moves to the SFU, make-before-break) and
@@ -374,6 +403,104 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     # The Python participant saw the browser's video on both transports.
     assert py_view["frames_by_transport"]["mesh"] >= 10
     assert py_view["frames_by_transport"]["sfu"] >= 10
+
+
+async def test_sfu_lost_mid_call_the_call_goes_on_as_a_mesh_and_returns(
+    chromium: Chromium, web_stack: WebStack, run_dir: Path
+) -> None:
+    """A browser and a Python participant on an SFU of their own (mesh_max 1: two members use
+    the SFU while it works). LiveKit is killed mid-call: both lose it, count it unreachable
+    and fall back to the mesh together; LiveKit starts again: a probe gets a token, and both
+    move back to it, without anyone leaving the call. The longest time the browser went
+    without a decoded frame around each switch is measured (printed, and < 2 s)."""
+    tag = secrets.token_hex(3)
+    prov = await provision(web_stack.synapse.base_url, [f"py-{tag}", f"web-{tag}"], encrypted=True)
+    (py_user, py_pw), (web_user, web_pw) = prov.users
+    logs = web_stack.synapse.dir / f"sfu-lost-{tag}"
+    lk = LiveKit(run_dir, name=f"lk-lost-{tag}")
+    svc = AuthService(run_dir, lk, web_stack.synapse, name=f"sfu-lost-{tag}")
+    # The Python participant joins first: its membership is the oldest, so the browser uses
+    # its SFU (oldest_membership) rather than the one the homeserver advertises.
+    cfg = ParticipantConfig(
+        name="py",
+        homeserver=prov.base_url,
+        user=py_user,
+        password=py_pw,
+        room_id=prov.room_id,
+        duration_s=0,
+        transport="auto",
+        sfu_url=svc.url,
+        mesh_max=1,
+    )
+
+    def frames_on(p: ParticipantProcess, kind: str) -> int:
+        return int(_peer(p, web_user).get("frames_by_transport", {}).get(kind, 0))
+
+    def on(kind: str, more_than: int = 10) -> Callable[[ParticipantProcess], bool]:
+        return lambda p: (
+            (p.latest or {}).get("transport") == kind and frames_on(p, kind) > more_than
+        )
+
+    async with lk, svc, participants([cfg], logs) as (py,):
+        await py.wait_ready()
+        browser = asyncio.create_task(
+            _browser(
+                chromium,
+                web_stack,
+                web_user,
+                web_pw,
+                prov.room_id,
+                query="&mesh_max=1&video=320x240",
+                minFrames=10,
+                expectKinds=["mesh", "sfu"],
+                timeoutMs=90000,
+            )
+        )
+        try:
+            await py.wait_until(on("sfu"), 90)
+            assert lk.pid is not None
+            os.kill(lk.pid, signal.SIGKILL)  # the SFU dies: no goodbye to anyone
+            await lk.stop()
+            await py.wait_until(on("mesh"), 60)
+            await asyncio.sleep(2)
+            sfu_before = frames_on(py, "sfu")
+            await lk.start()
+            await py.wait_until(on("sfu", sfu_before + 10), 60)
+            await asyncio.sleep(2)
+        finally:
+            py_view = _peer(py, web_user)
+            py_switches = (py.latest or {}).get("switches", [])
+            result = await browser
+            print(json.dumps({k: result.get(k) for k in ("marks", "phases", "error", "console")}))
+            print("browser:", json.dumps(result.get("last") or result.get("snap"))[:5000])
+            print("python:", py_view, py_switches)
+    assert result["ok"], result
+    last = result["last"]
+    # The browser decoded the Python participant on the mesh, then on the SFU again.
+    assert [(p["kind"], p["reached"]) for p in result["phases"]] == [
+        ("mesh", True),
+        ("sfu", True),
+    ], result["phases"]
+    kinds = [(s["from"], s["to"]) for s in last["switches"]]
+    assert kinds == [(None, "sfu"), ("sfu", "mesh"), ("mesh", "sfu")], last["switches"]
+    assert last["kind"] == "sfu"
+    assert last["sfuUnreachable"] is False
+    (remote,) = last["participants"]
+    assert remote["transport"] == "sfu"
+    assert remote["stats"]["framesDecoded"] > 0, remote
+    # The Python participant made the same moves for the same reasons.
+    # (It started alone, on the mesh, and moved to the SFU when the browser joined.)
+    py_moves = [(s["from"], s["to"]) for s in py_switches]
+    assert py_moves[-3:] == [("mesh", "sfu"), ("sfu", "mesh"), ("mesh", "sfu")], py_switches
+    assert "unreachable" in py_switches[-2]["reason"], py_switches
+    assert last["switches"][1]["reason"] == "the SFU is unreachable", last["switches"]
+    print("switch gaps ms:", [s["gapMs"] for s in last["switches"]])
+    print("longest gap ms: browser", remote["maxGapMs"], "python", py_view.get("max_gap_ms"))
+    # Losing the SFU costs the time to notice it (1 s) plus bringing up the mesh; coming back
+    # is make-before-break.
+    assert last["switches"][1]["gapMs"] < 4000, last["switches"]
+    assert last["switches"][2]["gapMs"] < 2000, last["switches"]
+    assert py_view["frames_by_transport"]["mesh"] >= 10
 
 
 async def test_clear_messages_for_login_and_device_failures(

@@ -8,7 +8,9 @@
 //   barcodes (read the frame-number barcode of tests/media_samples.py from each remote tile
 //   this many times, 150 ms apart, through a canvas), expectKinds (transports the call must move
 //   to in turn after the first decoded frames, e.g. ["sfu", "mesh"]), barrier ({dir, name,
-//   count}: before leaving, wait until `count` browsers have written their name into `dir`)
+//   count}: before leaving, wait until `count` browsers have written their name into `dir`),
+//   keyless (the page drops every other member's media key; wait for `minPackets` video
+//   packets from each remote instead of decoded frames)
 import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -64,7 +66,7 @@ function readBarcode(identity) {
 let result = { ok: false };
 try {
   const url = `${o.base}/index.html?hs=${encodeURIComponent(o.homeserver)}&transport=${o.transport}&dialect=${o.dialect}` +
-    (o.meshMax ? `&mesh_max=${o.meshMax}` : "") + (o.query ?? "");
+    (o.meshMax ? `&mesh_max=${o.meshMax}` : "") + (o.keyless ? "&keyless=1" : "") + (o.query ?? "");
   await page.goto(url);
   await page.waitForSelector("#user");
   mark("page");
@@ -111,7 +113,10 @@ try {
   while (Date.now() < deadline) {
     snap = await page.evaluate(() => window.mrtc.snapshot());
     const ps = snap?.participants ?? [];
-    const decoded = (p) => (p.stats?.framesDecoded ?? 0) >= o.minFrames && (!o.quick || p.firstFrameMs !== null);
+    // keyless (a page without the others' keys): wait for their video packets instead.
+    const decoded = o.keyless
+      ? (p) => (p.stats?.videoPackets ?? 0) >= o.minPackets
+      : (p) => (p.stats?.framesDecoded ?? 0) >= o.minFrames && (!o.quick || p.firstFrameMs !== null);
     if (ps.length >= o.peers && ps.every(decoded)) break;
     await sleep(250);
   }
@@ -161,7 +166,7 @@ try {
   } else {
   // Look at the pictures and the badges while everyone is still in the call.
   const tiles = {};
-  for (const p of first?.participants ?? []) {
+  for (const p of o.keyless ? [] : first?.participants ?? []) {
     tiles[p.identity] = [await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity)];
     await sleep(400);
     tiles[p.identity].push(await page.evaluate((id) => window.mrtc.sampleTile(id), p.identity));

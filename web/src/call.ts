@@ -1,6 +1,7 @@
 // One call in one room: matrix-js-sdk's MatrixRTCSession for memberships and media keys, and
 // the media transport the policy picks (mesh or SFU), switched live make-before-break.
-import { EventType, type MatrixClient, type Room } from "matrix-js-sdk";
+import { ClientEvent, EventType, type MatrixClient, type Room } from "matrix-js-sdk";
+import type { ReceivedToDeviceMessage } from "matrix-js-sdk/lib/sync-accumulator.js";
 import {
   type CallMembership,
   MatrixRTCSession,
@@ -23,6 +24,7 @@ export interface CallOptions {
   prefer: TransportPreference;
   meshMax: number;
   ring: boolean;
+  keyless?: boolean; // drop others' media keys (tests: a participant without the keys)
 }
 
 export interface Participant {
@@ -48,6 +50,14 @@ export interface SwitchRecord {
 }
 
 const SETTLE_LIMIT_MS = 6000;
+// SFU failure, as the Python switcher (matrixrtc/switching.py): an SFU connection down this long
+// makes the SFU unreachable for the policy; a token request is tried this often until one
+// succeeds (the authorization service hands out tokens only once LiveKit has the room again).
+const SFU_FAIL_AFTER_MS = 1000;
+const SFU_PROBE_MS = 2000;
+// How long mesh signalling is kept for a mesh transport that starts after it arrived.
+const EARLY_SIGNALLING_MS = 10_000;
+const SFU_LOST_NOTICE = "The call server (SFU) cannot be reached: the call goes on as a mesh while everyone can mesh.";
 
 export class Call {
   readonly session: MatrixRTCSession;
@@ -61,6 +71,12 @@ export class Call {
   switches: SwitchRecord[] = [];
   error: string | null = null;
   private switching: Promise<void> | null = null;
+  /** Our SFU connection was lost and no probe has got through since (policy input). */
+  sfuUnreachable = false;
+  private sfuProbeTimer?: number;
+  private probing = false;
+  /** The current SFU transport is dead and must be replaced by a new connection. */
+  private replaceSfu = false;
   private wantedKind: MediaKind | null = null;
   private statsTimer?: number;
   private gapTimer?: number;
@@ -108,6 +124,7 @@ export class Call {
     this.joinedWall = Date.now();
     this.session.on(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
     this.session.on(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
+    this.client.on(ClientEvent.ReceivedToDeviceMessage, this.onToDevice);
     this.session.on(MatrixRTCSessionEvent.MembershipManagerError, (e: unknown) => {
       this.error = `Your call membership could not be kept up: ${e instanceof Error ? e.message : e}`;
       this.changed();
@@ -137,8 +154,31 @@ export class Call {
       this.session.joinRTCSession(identity, advertised, undefined, config);
     }
     this.statsTimer = window.setInterval(() => void this.refreshStats(), 1000);
-    this.gapTimer = window.setInterval(() => void this.watchFrames(), 100);
+    this.gapTimer = window.setInterval(() => {
+      this.watchSfu();
+      void this.watchFrames();
+    }, 100);
     this.onMemberships();
+  }
+
+  /** Mesh signalling (MSC2746 to-device) of the last few seconds, for a mesh we start late. */
+  private readonly signalling: Array<{ at: number; msg: ReceivedToDeviceMessage }> = [];
+  private meshEndedAt = 0;
+
+  private readonly onToDevice = (msg: ReceivedToDeviceMessage): void => {
+    const type = msg.message.type;
+    if (!type.startsWith("m.call.") && !type.startsWith("org.matrix.call.")) return;
+    const now = performance.now();
+    this.signalling.push({ at: now, msg });
+    while (this.signalling.length > 50 || (this.signalling.length && now - this.signalling[0].at > EARLY_SIGNALLING_MS)) {
+      this.signalling.shift();
+    }
+  };
+
+  private recentSignalling(): ReceivedToDeviceMessage[] {
+    const now = performance.now();
+    // Not what our previous mesh (same session id) already handled.
+    return this.signalling.filter((s) => now - s.at <= EARLY_SIGNALLING_MS && s.at > this.meshEndedAt).map((s) => s.msg);
   }
 
   private readonly onKey = (
@@ -147,6 +187,8 @@ export class Call {
     membership: { userId: string; deviceId: string },
     identity: string,
   ): void => {
+    const own = membership.userId === this.client.getUserId() && membership.deviceId === this.client.getDeviceId();
+    if (this.options.keyless && !own) return;
     this.keys.set({
       identity,
       index,
@@ -191,7 +233,8 @@ export class Call {
     // membership's created_ts for its session id, so it waits for it.
     const lists = memberships.map((m) => m.transports);
     if (!this.own) lists.push(this.advertised());
-    const kind = this.options.prefer === "auto" ? chooseMedia(lists, this.options.meshMax) : this.forced(lists);
+    const kind =
+      this.options.prefer === "auto" ? chooseMedia(lists, this.options.meshMax, !this.sfuUnreachable) : this.forced(lists);
     if (this.own || (kind === "sfu" && !this.transport)) {
       this.wantedKind = kind;
       void this.reconcile();
@@ -233,7 +276,7 @@ export class Call {
     if (this.left) return;
     const wanted = this.wantedKind;
     if (wanted === null) return;
-    if (wanted === this.kind && this.transport) {
+    if (wanted === this.kind && this.transport && !(wanted === "sfu" && this.replaceSfu)) {
       if (this.transport instanceof MeshTransport) this.transport.setMembers(this.meshMembers());
       return;
     }
@@ -247,7 +290,7 @@ export class Call {
     const record: SwitchRecord = {
       from: this.kind,
       to: wanted,
-      reason: `${this.participants.length + 1} members`,
+      reason: this.sfuUnreachable ? "the SFU is unreachable" : `${this.participants.length + 1} members`,
       startedAt: performance.now(),
     };
     this.switching = this.switchTo(wanted, record).finally(() => {
@@ -275,6 +318,7 @@ export class Call {
           this.media,
           this.keys,
           () => this.onTransportChange(),
+          this.recentSignalling(),
         );
         mesh.setMembers(this.meshMembers());
         next = mesh;
@@ -282,10 +326,14 @@ export class Call {
         const service = this.sfuServiceUrl();
         if (!service) throw new Error("No call server (SFU) is configured for this homeserver.");
         const creds = await sfuCredentials(this.client, service, this.room.roomId, this.options.sticky, this.memberId);
-        next = await SfuTransport.start(creds, this.media, this.keys, () => this.onTransportChange());
+        next = await SfuTransport.start(creds, this.media, this.keys, () => this.onTransportChange(), {
+          subscribeAll: !!this.options.keyless,
+        });
+        this.replaceSfu = false;
       }
     } catch (e) {
       this.error = e instanceof Error ? e.message : String(e);
+      if (kind === "sfu") this.markSfuUnreachable();
       this.changed();
       return;
     }
@@ -293,8 +341,9 @@ export class Call {
       await next.close();
       return;
     }
-    this.error = null;
+    this.error = this.sfuUnreachable ? SFU_LOST_NOTICE : null;
     const previous = this.transport;
+    if (previous instanceof MeshTransport) this.meshEndedAt = performance.now();
     this.old = previous;
     this.transport = next;
     this.kind = kind;
@@ -315,7 +364,9 @@ export class Call {
         await new Promise((r) => setTimeout(r, 100));
       }
       this.old = null;
-      await previous.close().catch(() => {});
+      // Closed in the background: a transport whose server is gone can take seconds to give
+      // up, and the call is already on the new one.
+      void previous.close().catch(() => {});
     }
     record.doneAt = performance.now();
     this.attachMedia();
@@ -323,9 +374,44 @@ export class Call {
   }
 
   private onTransportChange(): void {
-    if (this.transport?.failure) this.error = this.transport.failure;
+    if (this.transport?.failure && !this.sfuUnreachable) this.error = this.transport.failure;
     this.attachMedia();
     this.changed();
+  }
+
+  /** The SFU carrying our media has been down for SFU_FAIL_AFTER_MS: fall back (policy). */
+  private watchSfu(): void {
+    const t = this.transport;
+    if (this.sfuUnreachable || !(t instanceof SfuTransport) || t.lostSince === null) return;
+    if (performance.now() - t.lostSince >= SFU_FAIL_AFTER_MS) this.markSfuUnreachable();
+  }
+
+  private markSfuUnreachable(): void {
+    if (this.sfuUnreachable || this.left) return;
+    this.sfuUnreachable = true;
+    this.replaceSfu = this.transport instanceof SfuTransport;
+    if (this.transport instanceof SfuTransport) this.transport.abandon();
+    this.error = SFU_LOST_NOTICE;
+    this.sfuProbeTimer = window.setInterval(() => void this.probeSfu(), SFU_PROBE_MS);
+    this.onMemberships();
+  }
+
+  private async probeSfu(): Promise<void> {
+    const service = this.sfuServiceUrl();
+    if (this.probing || this.left || !service) return;
+    this.probing = true;
+    try {
+      await sfuCredentials(this.client, service, this.room.roomId, this.options.sticky, this.memberId);
+    } catch {
+      return;
+    } finally {
+      this.probing = false;
+    }
+    if (!this.sfuUnreachable || this.left) return;
+    clearInterval(this.sfuProbeTimer);
+    this.sfuUnreachable = false;
+    this.error = null;
+    this.onMemberships();
   }
 
   /** Each participant's media: from the current transport, else the one being replaced. */
@@ -413,8 +499,10 @@ export class Call {
     this.left = true;
     clearInterval(this.statsTimer);
     clearInterval(this.gapTimer);
+    clearInterval(this.sfuProbeTimer);
     this.session.off(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
     this.session.off(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
+    this.client.off(ClientEvent.ReceivedToDeviceMessage, this.onToDevice);
     await Promise.all([this.transport?.close(), this.old?.close()].map((p) => p?.catch(() => {})));
     this.transport = null;
     await this.session.leaveRoomSession(5000).catch(() => false);
@@ -450,6 +538,7 @@ export class Call {
     return {
       joined: this.session.isJoined(),
       kind: this.kind,
+      sfuUnreachable: this.sfuUnreachable,
       ownIdentity: this.own?.rtcBackendIdentity ?? null,
       ownKeyIndex: this.own ? this.keys.latestIndex(this.own.rtcBackendIdentity) ?? null : null,
       memberships: this.session.memberships.length,

@@ -101,15 +101,22 @@ export class MeshTransport implements MediaTransport {
     client.on(ClientEvent.ReceivedToDeviceMessage, this.onToDevice);
   }
 
+  /** `early`: signalling that arrived before this transport existed (a peer that switched to
+   *  the mesh a moment before us may already have invited us); replayed once members are set. */
   static async start(
     client: MatrixClient,
     local: MeshLocal,
     media: LocalMedia,
     keys: KeyTable,
     onChange: () => void,
+    early: readonly ReceivedToDeviceMessage[] = [],
   ): Promise<MeshTransport> {
-    return new MeshTransport(client, local, await meshConfId(local.roomId), media, keys, onChange);
+    const t = new MeshTransport(client, local, await meshConfId(local.roomId), media, keys, onChange);
+    t.early = [...early];
+    return t;
   }
+
+  private early: ReceivedToDeviceMessage[] = [];
 
   get sessionId(): string {
     return this.local.sessionId;
@@ -144,6 +151,9 @@ export class MeshTransport implements MediaTransport {
     }
     this.members.clear();
     for (const [key, m] of wanted) this.members.set(key, m);
+    const early = this.early;
+    this.early = [];
+    for (const msg of early) this.onToDevice(msg);
     for (const [key, m] of wanted) {
       const pending = this.pendingInvites.get(key);
       if (pending) {
@@ -329,6 +339,7 @@ export class MeshTransport implements MediaTransport {
   }
 
   private readonly onToDevice = (msg: ReceivedToDeviceMessage): void => {
+    if (this.closed) return;
     const { message, encryptionInfo } = msg;
     const type = message.type;
     if (!type.startsWith("m.call.") && !type.startsWith("org.matrix.call.")) return;

@@ -97,19 +97,37 @@ export class SfuTransport implements MediaTransport {
   private screenTrack?: LocalVideoTrack;
   readonly encryptionErrors: string[] = [];
   failure?: string;
+  /** performance.now() since when the connection to the SFU is down (resuming or lost), or null. */
+  lostSince: number | null = null;
+
+  /** LiveKit identities whose key the key provider holds: their tracks may be subscribed. */
+  private readonly keyed = new Set<string>();
 
   private constructor(
     private readonly media: LocalMedia,
     keys: KeyTable,
     private readonly onChange: () => void,
+    private readonly subscribeAll: boolean,
   ) {
     this.room = new Room({
       encryption: { keyProvider: this.keyProvider, worker: new E2EEWorker() },
       adaptiveStream: false,
       dynacast: true,
     });
-    this.detachKeys = keys.attach((k) => void this.keyProvider.setRaw(k.identity, k.key, k.index));
+    // A remote's tracks are subscribed once its key is in the key provider, as the Python
+    // participant does: the SFU asks the sender for a key frame when we subscribe, and that
+    // key frame is then one we can decrypt (subscribed before the key, the first key frame
+    // is lost and the next one can be a second or more away).
+    this.detachKeys = keys.attach((k) => {
+      void this.keyProvider.setRaw(k.identity, k.key, k.index).then(() => {
+        if (this.keyed.has(k.identity)) return;
+        this.keyed.add(k.identity);
+        const p = this.room.remoteParticipants.get(k.identity);
+        if (p) this.subscribe(p);
+      });
+    });
     const r = this.room;
+    r.on(RoomEvent.TrackPublished, (_pub: RemoteTrackPublication, p: RemoteParticipant) => this.subscribe(p));
     r.on(RoomEvent.TrackSubscribed, (track: RemoteTrack, pub: RemoteTrackPublication, p: RemoteParticipant) => {
       const m = this.entry(p.identity);
       if (track.kind === Track.Kind.Audio) m.audio = track.mediaStreamTrack;
@@ -136,6 +154,7 @@ export class SfuTransport implements MediaTransport {
     });
     r.on(RoomEvent.ParticipantConnected, (p: RemoteParticipant) => {
       this.entry(p.identity);
+      this.subscribe(p);
       this.onChange();
     });
     r.on(RoomEvent.ParticipantDisconnected, (p: RemoteParticipant) => {
@@ -145,12 +164,27 @@ export class SfuTransport implements MediaTransport {
     r.on(RoomEvent.EncryptionError, (e: Error) => {
       if (this.encryptionErrors.length < 100) this.encryptionErrors.push(String(e?.message ?? e));
     });
+    r.on(RoomEvent.Reconnecting, () => {
+      this.lostSince ??= performance.now();
+      this.onChange();
+    });
+    r.on(RoomEvent.SignalReconnecting, () => {
+      this.lostSince ??= performance.now();
+      this.onChange();
+    });
+    r.on(RoomEvent.Reconnected, () => {
+      this.lostSince = null;
+      this.onChange();
+    });
     r.on(RoomEvent.ConnectionStateChanged, (state: ConnectionState) => {
       for (const m of this.remote.values()) m.state = state === ConnectionState.Connected ? "connected" : state;
       this.onChange();
     });
     r.on(RoomEvent.Disconnected, () => {
-      if (!this.closing) this.failure = "The connection to the call server (SFU) was lost.";
+      if (!this.closing) {
+        this.failure = "The connection to the call server (SFU) was lost.";
+        this.lostSince ??= performance.now();
+      }
       this.onChange();
     });
   }
@@ -173,22 +207,39 @@ export class SfuTransport implements MediaTransport {
     return m;
   }
 
+  /** Subscribe to every track of `p` we can decrypt (all of them with `subscribeAll`). */
+  private subscribe(p: RemoteParticipant): void {
+    if (this.closing || !(this.subscribeAll || this.keyed.has(p.identity))) return;
+    for (const pub of p.trackPublications.values()) {
+      if (!pub.isSubscribed) pub.setSubscribed(true);
+    }
+  }
+
   private refreshMutes(p: RemoteParticipant): void {
     const m = this.entry(p.identity);
     m.audioMuted = p.getTrackPublication(Track.Source.Microphone)?.isMuted ?? false;
     m.videoMuted = p.getTrackPublication(Track.Source.Camera)?.isMuted ?? false;
   }
 
-  static async start(creds: SfuCredentials, media: LocalMedia, keys: KeyTable, onChange: () => void): Promise<SfuTransport> {
-    const t = new SfuTransport(media, keys, onChange);
+  static async start(
+    creds: SfuCredentials,
+    media: LocalMedia,
+    keys: KeyTable,
+    onChange: () => void,
+    opts: { subscribeAll?: boolean } = {},
+  ): Promise<SfuTransport> {
+    const t = new SfuTransport(media, keys, onChange, !!opts.subscribeAll);
     try {
-      await t.room.connect(creds.url, creds.jwt, { autoSubscribe: true });
+      await t.room.connect(creds.url, creds.jwt, { autoSubscribe: false });
     } catch (e) {
       await t.close();
       throw new UserFacingError(`The call server (SFU) at ${creds.url} cannot be reached: ${e instanceof Error ? e.message : e}`);
     }
     await t.room.setE2EEEnabled(true);
-    for (const p of t.room.remoteParticipants.values()) t.entry(p.identity);
+    for (const p of t.room.remoteParticipants.values()) {
+      t.entry(p.identity);
+      t.subscribe(p);
+    }
     // Remote media flows from here on; our own tracks are published in the background (a
     // slow publication must not hold up receiving, nor a switch to this transport).
     t.publishing = t.publishLocal().catch((e) => {
@@ -242,11 +293,21 @@ export class SfuTransport implements MediaTransport {
     }
   }
 
+  /** The SFU is given up on: stop livekit-client's own reconnect attempts at once (were one to
+   *  succeed later, under our identity, it would push out the connection that replaces it). */
+  abandon(): void {
+    this.closing = true;
+    void this.room.disconnect(false).catch(() => {});
+  }
+
   async close(): Promise<void> {
+    const lost = this.lostSince !== null;
     this.closing = true;
     this.detachKeys();
     // The camera and microphone belong to the call, not to this transport: do not stop them.
-    for (const t of this.published) await this.room.localParticipant.unpublishTrack(t, false).catch(() => {});
+    if (!lost) {
+      for (const t of this.published) await this.room.localParticipant.unpublishTrack(t, false).catch(() => {});
+    }
     await this.room.disconnect(false);
   }
 }
