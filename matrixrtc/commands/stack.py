@@ -81,6 +81,7 @@ def describe(stack: LocalStack) -> dict[str, Any]:
             "pid": stack.livekit.pid,
             "startup_seconds": stack.livekit.startup_seconds,
         },
+        "turn": {"uris": list(stack.coturn.uris), "log": str(stack.coturn.log_path)},
         "users": [
             {
                 "user_id": u.user_id,
@@ -108,7 +109,8 @@ def _print_human(info: dict[str, Any]) -> None:
             f"user           {u['user_id']}  password {u['password']}  "
             f"token {u['access_token']}  device {u['device_id']}"
         )
-    lines.append("logs           " + "  ".join([syn["log"], lk["log"]]))
+    lines.append("turn           " + "  ".join(info["turn"]["uris"]))
+    lines.append("logs           " + "  ".join([syn["log"], lk["log"], info["turn"]["log"]]))
     lines.append("Ctrl-C or SIGTERM stops everything.")
     print("\n".join(lines), flush=True)
 

@@ -76,5 +76,19 @@ class Coturn(Service):
     def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def synapse_config(self) -> dict[str, object]:
+        """Synapse settings that make ``/voip/turnServer`` hand out this server's credentials.
+
+        Without them Synapse answers ``{}``, and Hydrogen then refuses to call at all
+        ("Malformed RTCIceServer"). Static long-term credentials, as coturn is started with.
+        """
+        return {
+            "turn_uris": list(self.uris),
+            "turn_username": self.username,
+            "turn_password": self.password,
+            "turn_user_lifetime": "1h",
+            "turn_allow_guests": True,
+        }
+
     def _ready_fields(self) -> dict[str, object]:
         return {"uris": self.uris}
