@@ -58,6 +58,7 @@ from matrixrtc.matrix import (
     DelayAction,
     DelayNotFound,
     DelayTooLong,
+    DeviceRef,
     Homeserver,
     HomeserverError,
     HomeserverTimeout,
@@ -231,6 +232,8 @@ class CallAgent:
         self._updates: Subscription[RoomUpdate] | None = None
         self._log = log.bind(room_id=room_id, user_id=hs.user_id, device_id=hs.device_id)
         self.heartbeats = 0
+        # Devices our sticky membership was re-sent for (see _resend_for_new_devices).
+        self._resent_for: set[DeviceRef] = set()
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -412,6 +415,30 @@ class CallAgent:
             elif ev.get("type") == EventType.RTC_NOTIFICATION:
                 self._on_notification(ev)
         self._recompute()
+        self._resend_for_new_devices()
+
+    def _resend_for_new_devices(self) -> None:
+        """Sticky form in an encrypted room: our membership is a Megolm-encrypted room event,
+        unreadable to a device that appeared after we sent it (and before js-sdk's hourly
+        re-send). Send it again, once per such device, when an update shows one; the
+        homeserver adapter shares a new session with it first."""
+        machine = self._machine
+        if machine is None or not self._in_call or self.config.dialect is not Dialect.STICKY:
+            return
+        event_id = machine.membership_event_id
+        if event_id is None:
+            return
+        missing = self.hs.devices_without_room_key(self.room_id, event_id) - self._resent_for
+        if not missing:
+            return
+        self._resent_for |= missing
+        self._log.info(
+            "agent.membership_resent",
+            reason="devices without the room key of our membership",
+            devices=sorted(f"{d.user_id}:{d.device_id}" for d in missing),
+        )
+        machine.resend(self._clock_ms())
+        self._poke.set()
 
     def _recompute(self) -> None:
         changes = self._session.update(self._clock_ms())

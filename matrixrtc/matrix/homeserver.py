@@ -96,6 +96,8 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+_RECIPIENTS_KEPT = 256  # sent events whose Megolm recipients are remembered
+
 
 # ---------------------------------------------------------------------------------------------
 # The adapter
@@ -142,6 +144,8 @@ class Homeserver(ClientApi):
         self._to_device = ToDevice(self._require_nio, self.request, self._crypto_lock)
         self._rooms = RoomCache(now_ms=clock_ms)
         self._crypto: RoomCrypto | None = None
+        # Our recent encrypted room events: who received the session each was encrypted with.
+        self._room_key_recipients: dict[str, frozenset[DeviceRef]] = {}
         self._synced = asyncio.Condition()
         self.sync_count = 0
         self.connected = False
@@ -350,9 +354,7 @@ class Homeserver(ClientApi):
         txn_id: str | None = None,
     ) -> str:
         """Send a room event (Megolm-encrypted when the room is encrypted); its event id."""
-        etype, body = await self._require_crypto().encrypt(room_id, event_type, dict(content))
-        path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(etype)}/{q(txn_id or wire.txn())}"
-        return wire.event_id(await self.request("PUT", path, body=body))
+        return await self._send_room_event(room_id, event_type, content, txn_id, None)
 
     async def send_sticky(
         self,
@@ -365,10 +367,36 @@ class Homeserver(ClientApi):
     ) -> str:
         """Send an MSC4354 sticky event (encrypted in encrypted rooms); its event id."""
         await self._require_feature(msc4354.UNSTABLE_FEATURE)
-        etype, body = await self._require_crypto().encrypt(room_id, event_type, dict(content))
-        path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(etype)}/{q(txn_id or wire.txn())}"
         query = {msc4354.STICKY_DURATION_PARAM: str(sticky_duration_ms)}
-        return wire.event_id(await self.request("PUT", path, query=query, body=body))
+        return await self._send_room_event(room_id, event_type, content, txn_id, query)
+
+    async def _send_room_event(
+        self,
+        room_id: str,
+        event_type: str,
+        content: Mapping[str, Any],
+        txn_id: str | None,
+        query: Mapping[str, str] | None,
+    ) -> str:
+        sent = await self._require_crypto().encrypt(room_id, event_type, dict(content))
+        path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/{q(sent.type)}/"
+        path += q(txn_id or wire.txn())
+        event_id = wire.event_id(await self.request("PUT", path, query=query, body=sent.content))
+        if sent.recipients is not None:
+            self._room_key_recipients[event_id] = sent.recipients
+            while len(self._room_key_recipients) > _RECIPIENTS_KEPT:
+                del self._room_key_recipients[next(iter(self._room_key_recipients))]
+        return event_id
+
+    def devices_without_room_key(self, room_id: str, event_id: str) -> frozenset[DeviceRef]:
+        """Member devices of ``room_id`` (as far as we know them) that were not sent the
+        Megolm session of our event ``event_id``, so cannot read it: they came later.
+
+        Empty when the event was not encrypted, or is not one of our recent sends."""
+        recipients = self._room_key_recipients.get(event_id)
+        if recipients is None or self._crypto is None:
+            return frozenset()
+        return self._crypto.member_devices(room_id) - recipients
 
     # -- to-device (matrixrtc.matrix.to_device) -------------------------------------------
 

@@ -5,6 +5,11 @@ joined room kept up to date from them. No I/O: decryption and the clock are pass
 Sticky events (MSC4354, as Synapse 1.163 delivers them) come in the joined room's timeline
 with the PDU field ``msc4354_sticky`` and, when still live but outside the timeline window, in
 the room's ``msc4354_sticky`` section; an update carries both, once each.
+
+A sticky event that arrives Megolm-encrypted before its room key is held as it came and tried
+again with every later sync (the key may come later, or the sender may share it again); once
+it decrypts, the next update carries it in ``sticky``, like js-sdk's sticky store, which files
+an event once it is decrypted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ __all__ = ["Decrypt", "RoomCache"]
 
 # (room id, event) -> the event with its Megolm plaintext in place, or unchanged.
 Decrypt = Callable[[str, JsonDict], JsonDict]
+
+_ENCRYPTED = "m.room.encrypted"
 
 
 class RoomCache:
@@ -44,10 +51,16 @@ class RoomCache:
         if not isinstance(rooms, dict):
             return
         joined = rooms.get("join")
+        seen: set[str] = set()
         if isinstance(joined, dict):
             for room_id, section in joined.items():
                 if isinstance(room_id, str) and isinstance(section, dict):
+                    seen.add(room_id)
                     yield self._joined(room_id, section, decrypt, initial)
+        for room_id in [r for r in self._sticky if r not in seen]:
+            late = self._decrypt_held(room_id, decrypt, set())
+            if late:
+                yield RoomUpdate(room_id, (), (), tuple(late), initial)
         left = rooms.get("leave")
         if isinstance(left, dict):
             for room_id in left:
@@ -68,8 +81,13 @@ class RoomCache:
         ]
         now = self._now_ms()
         held = self._sticky.setdefault(room_id, {})
+        arrived = {str(ev.get("event_id")) for ev in sticky}
+        sticky += self._decrypt_held(room_id, decrypt, arrived)
         for ev in sticky:
-            held.setdefault(str(ev.get("event_id")), (ev, now))
+            event_id = str(ev.get("event_id"))
+            kept = held.get(event_id)
+            if kept is None or kept[0].get("type") == _ENCRYPTED:
+                held[event_id] = (ev, now if kept is None else kept[1])
         self._prune(room_id, now)
         applied = state_events + [e for e in timeline if isinstance(e.get("state_key"), str)]
         store = self._state.setdefault(room_id, {})
@@ -78,6 +96,21 @@ class RoomCache:
             if isinstance(etype, str) and isinstance(key, str):
                 store[(etype, key)] = ev
         return RoomUpdate(room_id, tuple(applied), tuple(timeline), tuple(sticky), initial)
+
+    def _decrypt_held(self, room_id: str, decrypt: Decrypt, skip: set[str]) -> list[JsonDict]:
+        """Held sticky events still encrypted that decrypt now (replaced in the store)."""
+        held = self._sticky.get(room_id)
+        if not held:
+            return []
+        out: list[JsonDict] = []
+        for event_id, (ev, received) in list(held.items()):
+            if event_id in skip or ev.get("type") != _ENCRYPTED:
+                continue
+            plain = decrypt(room_id, ev)
+            if plain.get("type") != _ENCRYPTED:
+                held[event_id] = (plain, received)
+                out.append(plain)
+        return out
 
     def _prune(self, room_id: str, now_ms: int) -> None:
         held = self._sticky.get(room_id)

@@ -493,6 +493,11 @@ class OwnMembershipMachine:
         return self._has_member_event
 
     @property
+    def membership_event_id(self) -> str | None:
+        """The event id of the last join (or refresh) we sent, once the server answered."""
+        return self._last_join_event_id if self._has_member_event else None
+
+    @property
     def created_ts(self) -> int | None:
         return self._created_ts
 
@@ -569,6 +574,15 @@ class OwnMembershipMachine:
             changed = True
         if not changed:
             return
+        self._queue_resend(now_ms)
+
+    def resend(self, now_ms: int) -> None:
+        """Send the join again, same content and ``created_ts`` (e.g. because a device that
+        appeared after the last send cannot read an encrypted one). No-op while not joined."""
+        if self._activated:
+            self._queue_resend(now_ms)
+
+    def _queue_resend(self, now_ms: int) -> None:
         self._content_dirty = True
         if not self._has_member_event:
             return  # the pending join will carry the new values

@@ -129,3 +129,41 @@ def test_saved_session_round_trip_is_private(tmp_path: Path) -> None:
     assert "secret-token" not in repr(s)
     d.session_file.write_text("{not json")
     assert d.load() is None
+
+
+def test_an_undecryptable_sticky_event_is_delivered_once_its_key_arrives() -> None:
+    """Like js-sdk's sticky store: an event that came before its Megolm key is tried again
+    with each sync and handed on, decrypted, once it decrypts (also when its room is not in
+    that sync), with its original receipt time."""
+    now = [1_000]
+    cache = RoomCache(now_ms=lambda: now[0])
+    sealed = {
+        "type": "m.room.encrypted",
+        "event_id": "$m",
+        "content": {"ciphertext": "x"},
+        "msc4354_sticky": {"duration_ms": 60_000},
+    }
+    keys: set[str] = set()
+
+    def decrypt(room_id: str, ev: dict[str, Any]) -> dict[str, Any]:
+        if ev["type"] != "m.room.encrypted" or ev["event_id"] not in keys:
+            return ev
+        return {**ev, "type": "org.matrix.msc4143.rtc.member", "content": {"k": 1}}
+
+    (first,) = cache.updates(
+        {"rooms": {"join": {"!r": {"timeline": {"events": [sealed]}}}}}, decrypt, True
+    )
+    assert [e["type"] for e in first.sticky] == ["m.room.encrypted"]
+    now[0] = 5_000
+    assert list(cache.updates({"rooms": {"join": {}}}, decrypt, False)) == []
+    keys.add("$m")  # the room key arrives (a to-device message in some later sync)
+    (late,) = cache.updates({"rooms": {"join": {}}}, decrypt, False)
+    assert late.room_id == "!r"
+    assert [e["type"] for e in late.sticky] == ["org.matrix.msc4143.rtc.member"]
+    assert late.timeline == ()
+    assert late.state == ()
+    ((held, received),) = cache.sticky("!r")
+    assert held["content"] == {"k": 1}
+    assert received == 1_000
+    # Handed on once: the next sync has nothing new for the room.
+    assert list(cache.updates({"rooms": {"join": {}}}, decrypt, False)) == []

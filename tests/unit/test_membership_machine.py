@@ -872,3 +872,28 @@ def test_join_again_after_giving_up_cancels_the_old_delay_then_joins_anew() -> N
     assert status(sim.machine) is MembershipStatus.CONNECTED
     assert sim.server.content is not None
     assert "application" in sim.server.content
+
+
+def test_resend_sends_the_same_membership_again() -> None:
+    """The agent re-sends its sticky membership for a device that appeared after the send
+    (encrypted rooms): same member, same transports, and the new event id is reported."""
+    sim = joined_sim(dialect=Dialect.STICKY, member_id="uuid-1")
+    sim.run_for(20_000)
+    assert len(sim.of(SendJoin)) == 1
+    first_id = sim.machine.membership_event_id
+    assert first_id is not None
+    sim.machine.resend(sim.now)
+    sim.run_for(6_000)
+    joins = [RtcMemberData.from_json(j.content) for _, j in sim.of(SendJoin)]
+    assert len(joins) == 2
+    a, b = joins
+    assert a is not None
+    assert b is not None
+    assert (b.member, b.published, b.slot_id) == (a.member, a.published, a.slot_id)
+    assert b.relates_to == "$ev1"  # references the membership it repeats
+    assert sim.machine.membership_event_id not in (None, first_id)
+    # Not joined: nothing to re-send.
+    m = machine()
+    m.resend(T0)
+    assert isinstance(m.next_action(T0), Stopped)
+    assert m.membership_event_id is None
