@@ -404,6 +404,11 @@ class Controller:
     ) -> bool:
         if any(v is None for v in views.values()) or not views:
             return False  # cannot see every Matrix room: never close on ignorance
+        if not all(
+            (v := views.get(g.matrix_room)) is not None and v.sticky_readable(g.user_id)
+            for g in grants.values()
+        ):
+            return False  # a sticky membership could exist unseen (LiveKit's own empty timeout)
         if any(v.active_members() > 0 for v in views.values() if v is not None):
             return False
         created = float(room.creation_time_ms) / 1000 if room.creation_time_ms else 0.0
