@@ -5,8 +5,10 @@ Run inside the private network namespace (it starts its own Synapse, LiveKit, Re
     ./scripts/in-netns .venv/bin/python bench/controller.py [--json] [--soak-seconds 600]
 
 The deployment: the authorization service (grants in Redis) and two stand-alone controllers
-(``python -m sfu controller``, default interval 1 s and grace 2 s, Synapse admin token) on
-one Redis. Measured:
+(``python -m sfu controller``, default interval 1 s and grace 2 s) on one Redis, reading
+Matrix through ``--source``: ``sync`` (default: a controller account joined to every call
+room, its /sync pushes news), ``admin`` (Synapse admin room-state API, read every interval)
+or ``both``. Measured:
 
 - ``ghost_kick_s``: seconds from the evidence reaching the homeserver (or, for a foreign
   token, from the join) until LiveKit no longer lists the participant, per cause: membership
@@ -50,6 +52,7 @@ from tests.integration.test_sfu_controller import (
     Member,
     Sfu,
     Stack,
+    call_room,
     join_call,
     leader_metric,
     membership_left,
@@ -92,15 +95,18 @@ def _removals(procs: Sequence[ManagedProcess]) -> list[dict[str, Any]]:
     return out
 
 
-async def run(soak_seconds: float, honest_count: int, down_seconds: float) -> dict[str, Any]:
+async def run(
+    soak_seconds: float, honest_count: int, down_seconds: float, source: str = "sync"
+) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-controller")
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"source": source}
     async with (
         Synapse(run_dir) as hs,
         LiveKit(run_dir) as lk,
         Redis(run_dir) as redis,
     ):
         admin = await register_admin(hs, "benchadmin")
+        watcher = await hs.register("benchcontroller")
         sfu_port = free_tcp_port()
         base_env = {
             **os.environ,
@@ -123,11 +129,11 @@ async def run(soak_seconds: float, honest_count: int, down_seconds: float) -> di
             },
         )
         sfu = Sfu(sfu_proc, f"http://127.0.0.1:{sfu_port}", sfu_proc.log_path)
-        ctl_env = {
-            **base_env,
-            "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
-            "MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN": admin.access_token,
-        }
+        ctl_env = {**base_env, "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url}
+        if source in ("admin", "both"):
+            ctl_env["MATRIXRTC_SFU_CONTROLLER_ADMIN_TOKEN"] = admin.access_token
+        if source in ("sync", "both"):
+            ctl_env["MATRIXRTC_SFU_CONTROLLER_ACCESS_TOKEN"] = watcher.access_token
         controllers = [_controller(run_dir, n, ctl_env) for n in ("ctl-a", "ctl-b")]
         members: list[Member] = []
         try:
@@ -135,7 +141,9 @@ async def run(soak_seconds: float, honest_count: int, down_seconds: float) -> di
             for proc, url in controllers:
                 await _start_controller(proc, url)
                 await asyncio.sleep(0.3)
-            st = Stack(hs, lk, redis, sfu, admin, run_dir)
+            st = Stack(
+                hs, lk, redis, sfu, admin, run_dir, watcher=watcher if source != "admin" else None
+            )
             owner = await hs.register("benchowner")
             report["ghost_kick_s"] = await _ghosts(st, owner, members)
             # failover
@@ -225,7 +233,7 @@ async def _soak(
     count: int,
     down_seconds: float,
 ) -> dict[str, Any]:
-    room = await st.hs.create_call_room(owner)
+    room = await call_room(st, owner)
     honest = list(
         await asyncio.gather(
             *(
@@ -286,9 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=12.0,
         help="how long Synapse stays down in the soak (12: longer than the 10 s delayed leave)",
     )
+    parser.add_argument(
+        "--source",
+        choices=("sync", "admin", "both"),
+        default="sync",
+        help="how the controllers read Matrix (sync: a joined account's /sync, the default)",
+    )
     args = parser.parse_args(argv)
     configure_logging(level="warning")  # stderr: stdout carries the figures
-    report = asyncio.run(run(args.soak_seconds, args.honest, args.synapse_down_seconds))
+    report = asyncio.run(
+        run(args.soak_seconds, args.honest, args.synapse_down_seconds, args.source)
+    )
     if args.json:
         print(json.dumps(report))
     else:
