@@ -285,6 +285,25 @@ async def test_mesh_call_browsers_python_and_a_keyless_participant(
         assert keyless["frames_decoded"] == 0, keyless
 
 
+async def test_mesh_call_with_a_sticky_browser_member(
+    chromium: Chromium, web_stack: WebStack
+) -> None:
+    """A browser in the sticky form (m.rtc.member through js-sdk, which publishes only its
+    LiveKit transport; the client adds the mesh one) and a Python participant that only
+    meshes: the call runs as a mesh, both decode each other."""
+    results, py, _ = await _run_call(
+        chromium,
+        web_stack,
+        browsers=[("webs", {"transport": "auto", "dialect": "sticky", "query": "&video=320x240"})],
+        pythons=[("py", {"transport": "mesh"})],
+    )
+    (r,) = results
+    (remote,) = _check_browser_side(r, "mesh", 1)
+    assert remote["state"] == "connected", remote
+    assert not r["last"]["ownIdentity"].startswith("@")  # the sticky form's hashed identity
+    assert py["py"]["webs"]["frames_decoded"] >= 30, py
+
+
 async def test_sfu_call_a_browser_without_the_media_keys_decodes_nothing(
     chromium: Chromium, web_stack: WebStack
 ) -> None:

@@ -114,8 +114,9 @@ export class Call {
     const out: Array<Record<string, unknown> & { type: string }> = [];
     const { focus, prefer, sticky } = this.options;
     if (focus && prefer !== "mesh") out.push({ ...focus });
-    // js-sdk's sticky membership publishes only its LiveKit transport: mesh needs the state form.
-    if (!sticky && prefer !== "sfu") out.push({ type: MESH_TRANSPORT_TYPE });
+    // js-sdk's sticky membership publishes only its LiveKit transport; advertiseMeshWhenSticky
+    // adds the mesh one (without an SFU a sticky member cannot join through js-sdk at all).
+    if ((!sticky || focus) && prefer !== "sfu") out.push({ type: MESH_TRANSPORT_TYPE });
     return out;
   }
 
@@ -150,6 +151,7 @@ export class Call {
         return;
       }
       this.session.joinRTCSession(identity, [], { ...this.options.focus }, config);
+      if (this.options.prefer !== "sfu") advertiseMeshWhenSticky(this.session);
     } else {
       this.session.joinRTCSession(identity, advertised, undefined, config);
     }
@@ -561,6 +563,27 @@ export class Call {
       frameCryptoMode: this.transport instanceof MeshTransport ? this.transport.crypto.mode : null,
     };
   }
+}
+
+/** js-sdk 43 writes a sticky m.rtc.member with `transports.published` = its one LiveKit
+ *  transport and `can_subscribe` = ["livekit"], with no way to add another. The Python
+ *  agent's sticky membership lists the mesh transport in both when it can mesh; this adds it to
+ *  the content js-sdk's membership manager of this session builds, so sticky members can mesh
+ *  (checkRtcMembershipData accepts any typed transport object and any strings). */
+function advertiseMeshWhenSticky(session: MatrixRTCSession): void {
+  type Content = { transports?: { published?: unknown[]; can_subscribe?: string[] } } & Record<string, unknown>;
+  const manager = (session as unknown as { membershipManager?: { makeMyMembership?: () => Content } }).membershipManager;
+  const build = manager?.makeMyMembership?.bind(manager);
+  if (!manager || !build) return;
+  manager.makeMyMembership = () => {
+    const content = build();
+    const t = content.transports;
+    if (t && Array.isArray(t.published) && Array.isArray(t.can_subscribe)) {
+      t.published = [...t.published, { type: MESH_TRANSPORT_TYPE }];
+      t.can_subscribe = [...t.can_subscribe, MESH_TRANSPORT_TYPE];
+    }
+    return content;
+  };
 }
 
 export { EventType };
