@@ -415,8 +415,9 @@ class MediaSwitcher:
         )
 
     async def _wait_carried(self, transport: MediaTransport, since: float) -> float | None:
-        """Until ``transport`` has carried a video frame from every remote member since
-        ``since``; None after ``settle_timeout_s``, or when the decision moved away."""
+        """Until ``transport`` has carried media from every remote member since ``since`` (of
+        what each publishes: ``MediaTransport.carries``); None after ``settle_timeout_s``, or
+        when the decision moved away."""
         deadline = since + self.config.settle_timeout_s
         video = self.config.media.video
         while self._clock() < deadline:

@@ -88,6 +88,8 @@ _FAILING: Final = frozenset(
         rtc.EncryptionState.INTERNAL_ERROR,
     }
 )
+_FAILING_NAMES: Final = frozenset(rtc.EncryptionState.Name(s) for s in _FAILING)
+_KIND_NAMES: Final = {rtc.TrackKind.KIND_AUDIO: "audio", rtc.TrackKind.KIND_VIDEO: "video"}
 _MAX_EVENTS: Final = 1024
 _MAX_FRAME_TIMES: Final = 8192
 
@@ -142,6 +144,7 @@ class ParticipantStats:
     # 100 ms frames out of the SDK's audio stream. It plays concealment/silence when nothing
     # decrypts, so this counts time, not decrypted audio.
     audio_frames: int = 0
+    last_audio_at: float | None = None
     first_video_at: float | None = None
     last_video_at: float | None = None
     e2ee_state: str | None = None  # last EncryptionState name
@@ -429,6 +432,21 @@ class LiveKitConnection:
     ) -> None:
         self._subscribe_if_keyed(participant.identity)
 
+    def published_kinds(self, identity: str) -> frozenset[str] | None:
+        """The kinds (``"audio"``, ``"video"``) ``identity`` publishes in this room, as the
+        SFU announced them; None while it is not in the room."""
+        participant = self.room.remote_participants.get(identity)
+        if participant is None:
+            return None
+        return frozenset(
+            _KIND_NAMES.get(pub.kind, "other") for pub in participant.track_publications.values()
+        )
+
+    def decrypting(self, identity: str) -> bool:
+        """False while ``identity``'s media fails to decrypt (its last E2EE state)."""
+        stats = self.stats.get(identity)
+        return stats is None or stats.e2ee_state not in _FAILING_NAMES
+
     def _subscribe_if_keyed(self, identity: str) -> None:
         """With ``subscribe_when_keyed``: subscribe to ``identity``'s tracks once we hold a key
         of it (the constructor's docstring)."""
@@ -626,6 +644,7 @@ class LiveKitConnection:
         try:
             async for event in stream:
                 stats.audio_frames += 1
+                stats.last_audio_at = self._clock()
                 if self._frames is not None and self._frames.listening:
                     self._frames(stats.identity, audio_to_av(event.frame))
         finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+from collections.abc import Callable
 from typing import Final
 
 import av
@@ -41,9 +42,27 @@ class _Subscriber(MediaStreamTrack):
         super().__init__()
         self.kind = hub.kind
         self._hub = hub
+        self._publishing_listeners: list[Callable[[], None]] = []
         self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | None] = asyncio.Queue(
             maxsize=queue_frames
         )
+
+    @property
+    def publishing(self) -> bool:
+        """Whether the call publishes a source in this kind now (a transport announces a kind
+        that is not published as muted: MSC3291 ``audio_muted``/``video_muted``)."""
+        return self._hub.source is not None
+
+    def on_publishing_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever :attr:`publishing` flips (until this track stops)."""
+        self._publishing_listeners.append(listener)
+
+    def _publishing_changed(self) -> None:
+        for listener in list(self._publishing_listeners):
+            try:
+                listener()
+            except Exception:  # the listener's fault: the others still hear of it
+                log.error("media.publishing_listener_failed", exc_info=True)
 
     def _offer(self, frame: av.VideoFrame | av.AudioFrame | None) -> None:
         if self._queue.full():
@@ -93,8 +112,12 @@ class PublishedTrack:
         track: it is not stopped here, nor when the call ends."""
         if track is not None and track.kind != self.kind:
             raise ValueError(f"a {track.kind} track cannot be published as {self.kind}")
+        flipped = (track is None) != (self._source is None)
         self._source = track
         self._source_changed.set()
+        if flipped:
+            for sub in list(self._subscribers):
+                sub._publishing_changed()
         if not self._pumping:
             self._pumping = True
             self._tasks.spawn(self._pump(), "pump")
@@ -138,7 +161,7 @@ class PublishedTrack:
             except MediaStreamError:
                 log.info("media.published_source_ended", kind=self.kind)
                 if self._source is source:
-                    self._source = None
+                    self.set_source(None)
                 continue
             if isinstance(frame, av.VideoFrame | av.AudioFrame):
                 self._hand_on(frame)

@@ -64,8 +64,11 @@ class MediaTransport(Protocol):
         """The call's memberships changed: follow them (open or close connections)."""
 
     def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
-        """Whether ``peer``'s media reaches us over this transport: a video frame that
-        arrived at or after ``since`` (``video``), else any sign of a working connection."""
+        """Whether ``peer``'s media reaches us over this transport, judged by what the peer
+        actually publishes on it: a frame that arrived at or after ``since`` of its video (if
+        it publishes video and ``video``, i.e. the call carries video, or video is all it
+        publishes), else of its audio (decrypting); a peer that publishes nothing counts once
+        it is connected. So a switch settles as soon as an audio-only peer is heard."""
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         """The decoded-video counters of ``peer`` on this transport (none: not connected)."""

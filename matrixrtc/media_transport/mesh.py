@@ -63,10 +63,15 @@ class MeshMedia:
         link = engine.link_for(DeviceRef(peer.user_id, peer.device_id)) if engine else None
         if link is None:
             return False
-        if not video:
-            return link.connected_at is not None
-        stats = link.stats.get("video")
-        return stats is not None and (stats.last_frame_at or 0.0) >= since
+        # What the peer actually sends (see MediaTransport.carries); nothing: once connected.
+        assert engine is not None
+        muted = engine.remote_muted(link.peer)
+        order = ("video", "audio") if video else ("audio", "video")
+        for kind in order:
+            if kind in link.remote_kinds and kind not in muted:
+                stats = link.stats.get(kind)
+                return stats is not None and (stats.last_frame_at or 0.0) >= since
+        return link.connected_at is not None
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         engine = self.link.engine if self.link is not None else None

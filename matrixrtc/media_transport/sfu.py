@@ -75,15 +75,23 @@ class LiveKitMedia:
     def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
         if self.lk is None:
             return False
+        identity = peer.rtc_backend_identity
         for conn in self.lk.connections.values():
-            stats = conn.stats.get(peer.rtc_backend_identity)
-            if stats is None:
-                continue
-            if not video:
-                if stats.audio_frames > 0:
+            kinds = conn.published_kinds(identity)
+            if kinds is None:
+                continue  # not in this room
+            stats = conn.stats.get(identity)
+            if "video" in kinds and (video or "audio" not in kinds):
+                if stats is not None and (stats.last_video_at or 0.0) >= since:
                     return True
-            elif (stats.last_video_at or 0.0) >= since:
-                return True
+            elif "audio" in kinds:
+                # Audio frames keep coming (concealment) when nothing decrypts: only while
+                # the peer's media decrypts do they show it reaches us.
+                at = stats.last_audio_at if stats is not None else None
+                if (at or 0.0) >= since and conn.decrypting(identity):
+                    return True
+            else:
+                return True  # in the room and publishing nothing: nothing to wait for
         return False
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:

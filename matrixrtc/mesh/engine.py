@@ -91,6 +91,9 @@ class PeerLink:
     stream_id: str | None = None
     tracks: list[FanOutTrack] = field(default_factory=list)
     stats: dict[str, ReceiveStats] = field(default_factory=dict)  # by kind
+    # The kinds the peer sends us (its remote description's sending m-lines), known once the
+    # remote description is set and before any frame arrives.
+    remote_kinds: set[str] = field(default_factory=set)
     sinks: list[CountingSink] = field(default_factory=list)
     hooked: set[int] = field(default_factory=set)  # id() of receivers with our hook
 
@@ -148,6 +151,10 @@ class MeshEngine:
         self._tasks = OwnedTasks(f"mesh {self.local.device_id}", log, event_prefix="mesh")
         self._started = False
         self._closed = False
+        for source in self._sources.values():
+            listen = getattr(source, "on_publishing_changed", None)
+            if callable(listen):  # a Call's published track: announce mutes (MSC3291)
+                listen(self._local_media_changed)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -265,12 +272,42 @@ class MeshEngine:
 
     # -- peer connections ------------------------------------------------------------------
 
-    @staticmethod
-    def _metadata(link: PeerLink) -> Mapping[str, StreamMetadata]:
+    def _metadata(self, link: PeerLink) -> Mapping[str, StreamMetadata]:
         # js-sdk keys stream metadata by the msid stream id; aiortc uses one per connection.
         if link.stream_id is None:
             return {}
-        return {link.stream_id: StreamMetadata(purpose=StreamPurpose.USERMEDIA)}
+        return {
+            link.stream_id: StreamMetadata(
+                purpose=StreamPurpose.USERMEDIA,
+                audio_muted=not self._publishing("audio"),
+                video_muted=not self._publishing("video"),
+            )
+        }
+
+    def _local_media_changed(self) -> None:
+        # A kind started or stopped being published: every peer hears the new metadata.
+        for link in self.links.values():
+            self._feed(self.signalling.metadata_changed(link.call_id, self._metadata(link)))
+
+    def _publishing(self, kind: str) -> bool:
+        # A source that can say it has nothing to send now (a Call's PublishedTrack with no
+        # track published in that kind) is announced muted; any other source is live.
+        source = self._sources.get(kind)
+        return source is not None and bool(getattr(source, "publishing", True))
+
+    def remote_muted(self, peer: DeviceRef) -> frozenset[str]:
+        """The kinds ``peer`` announced muted in its stream metadata (MSC3291): it sends the
+        m-line but no media in it."""
+        call = self.signalling.call_for(peer)
+        meta = list(call.remote_metadata.values()) if call is not None else []
+        if not meta:
+            return frozenset()
+        muted = set()
+        if all(m.audio_muted for m in meta):
+            muted.add("audio")
+        if all(m.video_muted for m in meta):
+            muted.add("video")
+        return frozenset(muted)
 
     def _new_link(self, call_id: str, peer: DeviceRef) -> PeerLink:
         cfg = self.config
@@ -292,6 +329,7 @@ class MeshEngine:
 
         @pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
+            link.remote_kinds.add(track.kind)
             stats = link.stats.setdefault(track.kind, ReceiveStats(kind=track.kind))
             sink = CountingSink(track, stats, clock=self._clock, on_frame=self._frame_hook(peer))
             link.sinks.append(sink)

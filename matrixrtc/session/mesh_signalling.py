@@ -264,6 +264,11 @@ class _Trigger(enum.Enum):
     MEDIA_CONNECTED = "media_connected"
 
 
+# The peer has our description: a metadata change is sent on its own.
+_METADATA_STATES: Final = frozenset(
+    {CallState.INVITE_SENT, CallState.CONNECTING, CallState.CONNECTED}
+)
+
 # Every legal transition but "-> ENDED", which any live state may take.
 _TRANSITIONS: Final[Mapping[tuple[CallState, _Trigger], CallState]] = {
     (CallState.CREATING_OFFER, _Trigger.OFFER_CREATED): CallState.INVITE_SENT,
@@ -487,6 +492,19 @@ class MeshSignalling:
             return [self._send(call, negotiate)]
         event = CallAnswer(envelope=self._envelope(call), answer=answer, stream_metadata=meta)
         return [self._send(call, event), self._send_end_of_candidates(call)]
+
+    def metadata_changed(
+        self, call_id: str, metadata: Mapping[str, StreamMetadata]
+    ) -> list[SignallingAction]:
+        """Our stream metadata changed (a kind muted or unmuted, MSC3291): tell the peer once it
+        has had our description; before that, the invite or answer carries the new one."""
+        call = self._calls.get(call_id)
+        if call is None or call.state not in _METADATA_STATES:
+            return []
+        event = CallSdpStreamMetadataChanged(
+            envelope=self._envelope(call), stream_metadata=metadata
+        )
+        return [self._send(call, event)]
 
     def local_failed(self, call_id: str, reason: HangupReason) -> list[SignallingAction]:
         """The adapter failed to create/apply a description for ``call_id``."""

@@ -29,7 +29,7 @@ from matrixrtc import (
     SwitchRecord,
 )
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
-from matrixrtc.media.sources import SyntheticVideoTrack
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from tests.conftest import UserFactory
 
 pytestmark = pytest.mark.integration
@@ -132,3 +132,34 @@ async def test_call_refuses_sfu_without_a_focus(
             transport="sfu",
         ):
             pass
+
+
+@pytest.mark.parametrize("transport", ["mesh", "sfu"])
+async def test_the_first_switch_settles_on_the_audio_of_a_peer_that_publishes_no_video(
+    synapse: Synapse, sfu: AuthService, user_factory: UserFactory, transport: str
+) -> None:
+    """Bob publishes audio only; Alice's transport start is complete (carried) once Bob's audio
+    reaches her, not after ``settle_timeout_s`` (10 s) waiting for video he never sends."""
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    tone, video = ToneAudioTrack(), SyntheticVideoTrack(320, 240, 15)
+    try:
+        b = _call(synapse, bob, room, transport, sfu.url)
+        b.publish(tone)
+        async with b:
+            a = _call(synapse, alice, room, transport, sfu.url)
+            a.publish(video)
+            with a.events() as events:
+                async with a:
+                    async with asyncio.timeout(15):
+                        record = None
+                        while record is None:
+                            ev = await events.get()
+                            record = ev if isinstance(ev, SwitchRecord) else None
+        assert record.new is MediaKind(transport)
+        assert record.members == 2
+        assert record.carried_at is not None, "settled by timeout, not on Bob's audio"
+        assert record.carried_at - record.started_at < 5.0
+    finally:
+        tone.stop()
+        video.stop()

@@ -161,3 +161,20 @@ def test_audio_is_resampled_to_48k_mono_and_comes_back_unchanged() -> None:
     back = audio_to_av(out[0])
     assert back.sample_rate == 48_000
     assert np.array_equal(back.to_ndarray()[0], pcm[0][: back.samples])
+
+
+async def test_subscribers_say_whether_anything_is_published_and_announce_flips() -> None:
+    hub = PublishedTrack("video")
+    sub = hub.subscribe()
+    heard: list[bool] = []
+    sub.on_publishing_changed(lambda: heard.append(sub.publishing))  # type: ignore[attr-defined]
+    assert sub.publishing is False  # type: ignore[attr-defined]
+    src, other = Frames(), Frames()
+    hub.set_source(src)
+    hub.set_source(other)  # still publishing: no flip
+    hub.set_source(None)
+    assert heard == [True, False]
+    hub.set_source(src)
+    src.end()  # the source ending unpublishes it
+    await until(lambda: heard == [True, False, True, False])
+    await hub.aclose()

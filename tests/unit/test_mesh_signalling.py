@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from matrixrtc.model.livekit_ids import livekit_room_alias
 from matrixrtc.model.transports import FULL_MESH_TYPE
-from matrixrtc.model.voip import HangupReason
+from matrixrtc.model.voip import HangupReason, StreamMetadata, StreamPurpose
 from matrixrtc.session.mesh_signalling import (
     AddIceCandidates,
     CallDirection,
@@ -610,6 +610,25 @@ def test_metadata_changed_is_reported() -> None:
     assert len(actions) == 1
     assert isinstance(actions[0], RemoteStreamMetadata)
     assert actions[0].metadata["st"].video_muted
+
+
+def test_a_local_metadata_change_reaches_the_peer_once_it_has_our_description() -> None:
+    mesh = Mesh(Clock(), ALICE, BOB)
+    mesh.auto_sdp = False
+    mesh.join(mesh.sessions(ALICE, BOB))
+    alice = mesh.nodes[ALICE]
+    call_id = mesh.of(CreateOffer, ALICE)[0].call_id
+    muted = {"st": StreamMetadata(purpose=StreamPurpose.USERMEDIA, video_muted=True)}
+    assert alice.metadata_changed(call_id, muted) == []  # the invite will carry it
+    assert alice.metadata_changed("no-such-call", muted) == []
+    mesh.pump(ALICE, alice.offer_created(call_id, "offer"))
+    mesh.pump(ALICE, alice.metadata_changed(call_id, muted))
+    changed = mesh.sent(ALICE, "m.call.sdp_stream_metadata_changed")
+    assert len(changed) == 1
+    assert changed[0].content["sdp_stream_metadata"]["st"]["video_muted"] is True
+    bob_call = mesh.nodes[BOB].call_for(ALICE)
+    assert bob_call is not None
+    assert bob_call.remote_metadata["st"].video_muted
 
 
 def test_close_hangs_up_every_call_and_ignores_later_input() -> None:
