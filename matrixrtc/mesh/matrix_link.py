@@ -13,9 +13,11 @@ mesh sits below the agent and the key distribution instead of importing them:
   a new session and its old call is hung up with ``new_session``. When *our* membership is
   replaced by a fresh one (the delayed leave fired while we were cut off and the agent joined
   again), the link continues on a new engine under the new session id.
-* **signalling**: ``m.call.*`` to-device events through the homeserver adapter, Olm-encrypted
-  when the room is encrypted. In an encrypted room only Olm-decrypted events whose verified
-  sender device is the envelope's ``device_id`` are accepted; plaintext is accepted only where
+* **signalling**: ``m.call.*`` to-device events through the homeserver adapter, chosen per
+  peer (:mod:`matrixrtc.session.peer_policy`): Olm whenever the peer device has keys (Hydrogen
+  accepts nothing else, in unencrypted rooms too), plaintext only toward a device without keys
+  and only in an unencrypted room (current js-sdk's legacy GroupCall). Olm-decrypted events
+  are accepted only from the verified sender device the envelope names; plaintext only where
   the room is unencrypted.
 * **ICE servers**: the configuration's, else ``/_matrix/client/v3/voip/turnServer`` when
   ``turn_from_homeserver`` is set; never a public default.
@@ -49,6 +51,11 @@ from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
 from matrixrtc.model.participant import ParticipantView
 from matrixrtc.model.transports import FULL_MESH_TYPE
 from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
+from matrixrtc.session.peer_policy import (
+    SignallingProtection,
+    accept_signalling,
+    signalling_protection,
+)
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "mesh_session_id"]
@@ -234,18 +241,20 @@ class MatrixMesh:
     async def send_to_device(
         self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
     ) -> None:
+        message = {DeviceRef(user_id, device_id): content}
         try:
-            result = await self.hs.send_to_device(
-                event_type,
-                {DeviceRef(user_id, device_id): content},
-                encrypted=self.encrypted_signalling,
+            result = await self.hs.send_to_device(event_type, message, encrypted=True)
+            protection = signalling_protection(
+                room_encrypted=self.encrypted_signalling, peer_has_olm=not result.failed
             )
+            if protection is SignallingProtection.PLAINTEXT:
+                await self.hs.send_to_device(event_type, message, encrypted=False)
         except MatrixRTCError as e:
             # The engine logs and carries on; the signalling core retries calls that never
             # connect, so one lost message is not fatal.
             self._log.warning("mesh_link.send_failed", type=event_type, error=str(e))
             return
-        if result.failed:
+        if protection is SignallingProtection.WITHHELD:
             self._log.warning("mesh_link.undeliverable", type=event_type, device=device_id)
 
     # -- inputs -----------------------------------------------------------------------------
@@ -295,12 +304,12 @@ class MatrixMesh:
 
     def _on_call_event(self, ev: ToDeviceEvent) -> None:
         assert self.engine is not None
-        problem = None
-        claimed = ev.content.get("device_id")
-        if self.encrypted_signalling and not ev.encrypted:
-            problem = "plaintext signalling in an encrypted room"
-        elif ev.encrypted and claimed != ev.sender_device:
-            problem = "device_id is not the verified sending device"
+        problem = accept_signalling(
+            room_encrypted=self.encrypted_signalling,
+            encrypted=ev.encrypted,
+            claimed_device=ev.content.get("device_id"),
+            verified_device=ev.sender_device,
+        )
         if problem is not None:
             self.dropped_signalling += 1
             self._log.warning("mesh_link.signalling_dropped", reason=problem, sender=ev.sender)
