@@ -627,7 +627,7 @@ class LiveKitConnection:
             async for event in stream:
                 now = self._clock()
                 if self._frames is not None and self._frames.listening:
-                    self._frames(stats.identity, video_to_av(event.frame))
+                    self._frames(stats.identity, video_to_av(event.frame, event.timestamp_us))
                 stats.video_frames += 1
                 if stats.first_video_at is None:
                     stats.first_video_at = now
@@ -641,12 +641,14 @@ class LiveKitConnection:
         # Every SDK event passes through this process's event loop (and every stream's filter):
         # 100 ms frames instead of the default 10 ms keep that load a tenth.
         stream = rtc.AudioStream(track, frame_size_ms=AUDIO_FRAME_MS)
+        samples = 0  # this stream's samples so far: its clock (see audio_to_av)
         try:
             async for event in stream:
                 stats.audio_frames += 1
                 stats.last_audio_at = self._clock()
                 if self._frames is not None and self._frames.listening:
-                    self._frames(stats.identity, audio_to_av(event.frame))
+                    self._frames(stats.identity, audio_to_av(event.frame, samples))
+                samples += event.frame.samples_per_channel
         finally:
             await stream.aclose()
 

@@ -3,6 +3,8 @@ SDK's own frame types: I420 video and 16-bit PCM audio, copied plane by plane.""
 
 from __future__ import annotations
 
+import fractions
+
 import av
 import numpy as np
 from livekit import rtc
@@ -28,8 +30,16 @@ def video_to_rtc(frame: av.VideoFrame) -> rtc.VideoFrame:
     return rtc.VideoFrame(frame.width, frame.height, rtc.VideoBufferType.I420, b"".join(parts))
 
 
-def video_to_av(frame: rtc.VideoFrame) -> av.VideoFrame:
-    """A LiveKit video frame (any buffer type) as a ``yuv420p`` ``av`` frame."""
+_US = fractions.Fraction(1, 1_000_000)
+
+
+def video_to_av(frame: rtc.VideoFrame, timestamp_us: int | None = None) -> av.VideoFrame:
+    """A LiveKit video frame (any buffer type) as a ``yuv420p`` ``av`` frame.
+
+    ``timestamp_us`` (``VideoFrameEvent.timestamp_us``: libwebrtc's render time of a received
+    frame, on the sender's timing, in µs) becomes the frame's ``pts`` in a 1/1 000 000 time
+    base, so the recorder places the frame by the sender's timing instead of its arrival
+    in this process's event loop. Zero or negative (unknown) leaves the frame unstamped."""
     if frame.type != rtc.VideoBufferType.I420:
         frame = frame.convert(rtc.VideoBufferType.I420)
     out = av.VideoFrame(frame.width, frame.height, "yuv420p")
@@ -41,17 +51,29 @@ def video_to_av(frame: rtc.VideoFrame) -> av.VideoFrame:
         padded = np.zeros((h, plane.line_size), np.uint8)
         padded[:, :w] = src
         plane.update(padded.tobytes())
+    if timestamp_us is not None and timestamp_us > 0:
+        out.pts = timestamp_us
+        out.time_base = _US
     return out
 
 
-def audio_to_av(frame: rtc.AudioFrame) -> av.AudioFrame:
-    """A LiveKit PCM frame as an ``s16`` ``av`` frame (mono or stereo, interleaved)."""
+def audio_to_av(frame: rtc.AudioFrame, sample_index: int | None = None) -> av.AudioFrame:
+    """A LiveKit PCM frame as an ``s16`` ``av`` frame (mono or stereo, interleaved).
+
+    LiveKit's received audio carries no timestamp, but it is continuous: libwebrtc's jitter
+    buffer hands out exactly real time (concealment fills losses). ``sample_index`` (the
+    samples of this stream before this frame) becomes ``pts`` in a 1/sample-rate time base, so
+    the recorder places audio by that count instead of by its arrival, which a busy event
+    loop delays and bunches (a stall read as a gap shifted all later audio)."""
     layout = _LAYOUTS.get(frame.num_channels)
     if layout is None:
         raise ValueError(f"{frame.num_channels} audio channels")
     pcm = np.frombuffer(memoryview(frame.data).cast("B"), np.int16).reshape(1, -1)
     out = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
     out.sample_rate = frame.sample_rate
+    if sample_index is not None:
+        out.pts = sample_index
+        out.time_base = fractions.Fraction(1, frame.sample_rate)
     return out
 
 

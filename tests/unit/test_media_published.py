@@ -144,6 +144,15 @@ def test_video_survives_av_to_livekit_and_back(width: int, height: int) -> None:
         assert np.array_equal(a, b)
 
 
+def test_video_to_av_keeps_the_senders_timestamp() -> None:
+    # The recorder places a frame by its sender's timing when it carries one (frame.time).
+    frame = av.VideoFrame(64, 48, "yuv420p")
+    stamped = video_to_av(video_to_rtc(frame), timestamp_us=12_345_678)
+    assert stamped.time == pytest.approx(12.345678)
+    assert video_to_av(video_to_rtc(frame), timestamp_us=0).time is None
+    assert video_to_av(video_to_rtc(frame)).time is None
+
+
 def test_rgb_video_is_converted_to_i420() -> None:
     frame = av.VideoFrame.from_ndarray(np.full((8, 8, 3), 200, np.uint8), format="rgb24")
     rtc_frame = video_to_rtc(frame)
@@ -178,3 +187,13 @@ async def test_subscribers_say_whether_anything_is_published_and_announce_flips(
     src.end()  # the source ending unpublishes it
     await until(lambda: heard == [True, False, True, False])
     await hub.aclose()
+
+
+def test_audio_to_av_stamps_the_streams_sample_count() -> None:
+    # LiveKit audio has no timestamp; its sample count is its clock (the recorder's timeline).
+    pcm = np.zeros((1, 4800), np.int16)
+    frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+    frame.sample_rate = 48_000
+    (lk,) = AudioToRtc().convert(frame)
+    assert audio_to_av(lk, 96_000).time == pytest.approx(2.0)
+    assert audio_to_av(lk).time is None
