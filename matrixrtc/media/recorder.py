@@ -143,16 +143,17 @@ class SegmentWriter:
         def release(until: float) -> None:
             while held and held[0][1] <= until and not self.failed:
                 kind, arrival, src, frame = held.popleft()
-                t = timelines[kind].place(arrival, src)
-                if src is None and isinstance(frame, av.AudioFrame):
-                    t -= frame.samples / frame.sample_rate  # it arrived when it ended
-                mux.add(kind, t, frame)
+                mux.add(kind, timelines[kind].place(arrival, src), frame)
 
         try:
             while (item := self._queue.get()) is not None:
                 if self.failed:
                     continue
                 kind, arrival, frame = item
+                if isinstance(frame, av.AudioFrame) and frame.sample_rate:
+                    # It arrived when it ended (LiveKit hands 100 ms frames, aiortc 20 ms):
+                    # its first sample was there one frame earlier.
+                    arrival -= frame.samples / frame.sample_rate
                 src = frame.time
                 timelines[kind].observe(arrival, src)
                 held.append((kind, arrival, src, frame))

@@ -4,7 +4,7 @@ Encrypted room, Olm-distributed media keys, over the mesh and over LiveKit (our 
 service): Alice ``publish_file``s numbered frames and a beeping 440 Hz tone, Bob ``record``s.
 The recording must hold Alice's frames in order within PSNR ≥ 30 dB of the source, the tone,
 real-time spans within 2 % of the source's, and audio within 80 ms of the video it belongs
-to (mesh; SFU 120 ms, see SKEW_LIMIT_S). On the mesh, Alice leaving and joining again appends
+to. On the mesh, Alice leaving and joining again appends
 a second segment in ``index.json``.
 
 The timing checks need a box that is not overloaded (at a load average of 15-20 spans came out
@@ -81,10 +81,9 @@ def _call(
     )
 
 
-# LiveKit's SDK hands frames without timestamps, so SFU frames are placed at their arrival and
-# the event loop's scheduling shows up as skew: 35-60 ms on a quiet box, up to ~120 ms at a load
-# average of 20. The mesh's frames carry RTP time and keep within 80 ms.
-SKEW_LIMIT_S = {"mesh": 0.080, "sfu": 0.120}
+# Both transports place frames by sender timing (mesh: RTP time; SFU: libwebrtc's render time
+# for video, the stream's sample count for audio), not by their arrival in a busy event loop.
+SKEW_LIMIT_S = {"mesh": 0.080, "sfu": 0.080}
 
 
 def check_segment(path: Path, transport: str) -> dict[str, float]:
