@@ -50,7 +50,7 @@ from matrixrtc.logging import library_default
 from matrixrtc.matrix import Broadcaster, Homeserver, Login, Subscription
 from matrixrtc.media.call_media import CallRecording
 from matrixrtc.media.file_source import MediaFile
-from matrixrtc.media.frames import AvFrame, FrameTap
+from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap, TapFrame
 from matrixrtc.media.published import PublishedTrack
 from matrixrtc.media.sealed_file import parse_key
 from matrixrtc.model import Dialect, FullMeshTransport, Transport
@@ -63,6 +63,7 @@ __all__ = [
     "CallEvent",
     "CallOptions",
     "FrameStream",
+    "RemoteEncodedFrame",
     "RemoteFrame",
     "TransportChoice",
 ]
@@ -92,6 +93,18 @@ class RemoteFrame:
     kind: str  # "audio" | "video"
     frame: AvFrame  # av.VideoFrame or av.AudioFrame
     transport: MediaKind  # what carried it (mesh or sfu)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEncodedFrame:
+    """One received, decrypted frame before decoding (``call.on(RemoteEncodedFrame, cb)``).
+
+    Only the mesh hands these on (LiveKit's Python SDK gives no encoded frames), and only
+    while someone listens; the decoded frame follows as a :class:`RemoteFrame` as usual."""
+
+    participant: Participant
+    frame: EncodedFrame
+    transport: MediaKind
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -292,7 +305,7 @@ class Call:
                 keys,
                 switch_cfg,
                 clock=self._clock,
-                frames=FrameTap(self._frame, self._listening),
+                frames=FrameTap(self._frame, self._listening, self._listening_encoded),
             )
         )
         self._switcher = switcher
@@ -431,14 +444,27 @@ class Call:
         return media
 
     def record(
-        self, directory: str | Path, *, encrypt_to: bytes | str | None = None
+        self,
+        directory: str | Path,
+        *,
+        encrypt_to: bytes | str | None = None,
+        passthrough: bool = True,
     ) -> CallRecording:
         """Record every remote participant into ``directory`` (one WebM file per participant
         and presence, and ``index.json``; see ``matrixrtc.media.recorder``), sealed to the
         X25519 public key ``encrypt_to`` (32 bytes, or base64/hex text) when given. Recording
-        runs until ``await recording.aclose()`` or the end of the call."""
+        runs until ``await recording.aclose()`` or the end of the call.
+
+        ``passthrough``: where the transport hands on the received encoded video (the mesh,
+        VP8), write it as received instead of decoding and re-encoding it (see
+        ``matrixrtc.media.recorder``); the SFU's video and all audio are re-encoded."""
         recipient = parse_key(encrypt_to) if isinstance(encrypt_to, str) else encrypt_to
-        rec = CallRecording(Path(directory), participants=self.participants, recipient=recipient)
+        rec = CallRecording(
+            Path(directory),
+            participants=self.participants,
+            recipient=recipient,
+            passthrough=passthrough,
+        )
         rec.on_close(
             self.on(
                 ParticipantsChanged,
@@ -446,6 +472,10 @@ class Call:
             )
         )
         rec.on_close(self.on(RemoteFrame, lambda f: rec.frame(f.participant, f.kind, f.frame)))
+        if passthrough:
+            rec.on_close(
+                self.on(RemoteEncodedFrame, lambda f: rec.encoded_frame(f.participant, f.frame))
+            )
         self._recordings.append(rec)
         return rec
 
@@ -478,8 +508,14 @@ class Call:
     def _listening(self) -> bool:
         return bool(self._streams) or bool(self._callbacks.get(RemoteFrame))
 
-    def _frame(self, origin: tuple[Participant, MediaKind], frame: AvFrame) -> None:
+    def _listening_encoded(self) -> bool:
+        return bool(self._callbacks.get(RemoteEncodedFrame))
+
+    def _frame(self, origin: tuple[Participant, MediaKind], frame: TapFrame) -> None:
         participant, transport = origin
+        if isinstance(frame, EncodedFrame):
+            self._dispatch(RemoteEncodedFrame(participant, frame, transport))
+            return
         kind = "video" if isinstance(frame, av.VideoFrame) else "audio"
         item = RemoteFrame(participant, kind, frame, transport)
         for stream in list(self._streams):

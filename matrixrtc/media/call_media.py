@@ -22,7 +22,8 @@ from typing import Any
 import av
 import structlog
 
-from matrixrtc.media.recorder import Recorder, SegmentWriter
+from matrixrtc.media.frames import EncodedFrame
+from matrixrtc.media.recorder import PASSTHROUGH_VIDEO, Recorder, SegmentWriter
 from matrixrtc.model.participant import ParticipantView
 from matrixrtc.tasks import OwnedTasks
 
@@ -53,8 +54,10 @@ class CallRecording:
         participants: Iterable[ParticipantView] = (),
         recipient: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
+        passthrough: bool = True,
     ) -> None:
         self.recorder = Recorder(directory, recipient=recipient, clock=clock)
+        self.passthrough = passthrough
         self.directory = directory
         self._present: set[str] = set()
         self._tasks = OwnedTasks("recording", log, event_prefix="recording")
@@ -110,6 +113,15 @@ class CallRecording:
             return  # frames still in flight from someone who left
         if isinstance(frame, av.AudioFrame | av.VideoFrame):
             self.recorder.frame(key, kind, frame)
+
+    def encoded_frame(self, participant: ParticipantView, frame: EncodedFrame) -> None:
+        """One received encoded frame (a ``RemoteEncodedFrame``): VP8 video is written as it
+        came (the recorder then ignores that participant's decoded video)."""
+        if self._closed or not self.passthrough:
+            return
+        key = participant_key(participant)
+        if key in self._present and frame.kind == "video" and frame.codec in PASSTHROUGH_VIDEO:
+            self.recorder.frame(key, frame.kind, frame)
 
     async def aclose(self) -> None:
         """Stop recording; finish every file and index.json (idempotent)."""

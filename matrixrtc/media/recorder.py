@@ -5,6 +5,13 @@ frames (``frame(pid, kind, av_frame)``); ``Call.record`` feeds it. Each presence
 participant is a *segment*: a WebM file (Opus audio, VP8 video) opened when it joins (or
 sends its first frame) and finished when it leaves; coming back opens the next segment.
 
+Video passthrough: where the transport hands on the received encoded frames (the mesh, after
+decryption; ``EncodedFrame``), VP8 is written as it came — no decoding into the file, no
+re-encoding, the sender's quality kept. Such a segment starts at a key frame (asked for with a
+PLI through ``EncodedFrame.request_keyframe``) and ignores that participant's decoded video;
+its ``index.json`` entry says ``"video_passthrough": true``. Video from the SFU (LiveKit's
+Python SDK exposes no received encoded frames) and all audio are re-encoded.
+
 Files stay playable while they are written and after a crash: the muxer writes live Matroska
 (no seeking back) in clusters of at most one second, and every cluster goes to the disk as soon
 as it is complete (through :class:`~matrixrtc.media.sealed_file.RecordingFile`, sealed to a
@@ -39,24 +46,43 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, TypeAlias, cast
 
 import av
+import numpy as np
 import structlog
 
 from matrixrtc.errors import LocalError
+from matrixrtc.media.frames import EncodedFrame, vp8_frame_size
 from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile
 
-__all__ = ["GAP_S", "HOLD_S", "Recorder", "SegmentStats", "SegmentWriter"]
+__all__ = [
+    "DRIFT_S",
+    "GAP_S",
+    "HOLD_S",
+    "PASSTHROUGH_VIDEO",
+    "Recorder",
+    "SegmentStats",
+    "SegmentWriter",
+]
 
 log = structlog.get_logger(__name__)
 
 GAP_S: Final = 0.1  # more than this without audio is a gap
+# Stamped audio (its sender's timing is known) further than this from where it belongs is moved
+# back into place: silence is inserted, or the overlap dropped. A receiver's jitter buffer
+# stretches audio when it runs dry (libwebrtc's NetEq on the SFU, under load): counting samples
+# alone would let every such stretch push all later audio behind its video.
+DRIFT_S: Final = 0.04
 HOLD_S: Final = 0.5  # frames wait this long in the writer before they are placed in time
 _JUMP_S: Final = 5.0  # a sender clock jumping this far is a new stream
 _REANCHOR_S: Final = 2.0  # frames this much later than the sender's clock says: re-anchor
+_FILL_S: Final = 10.0  # audio gaps up to this long are written as silence
+_LATE_WINDOW_S: Final = 0.4  # all frames this long late: the stream lost time (< HOLD_S)
 _WAIT_FOR_VIDEO_S: Final = 2.0  # audio-first segments wait this long to learn the video size
 _MS: Final = fractions.Fraction(1, 1000)
+_KEYFRAME_ASK_S: Final = 0.5  # copied video waiting for a key frame asks this often
+PASSTHROUGH_VIDEO: Final = frozenset({"vp8"})  # received codecs written without re-encoding
 _AUDIO_RATE: Final = 48_000
 _QUEUE_MAX: Final = 300  # frames waiting for the encoder before new ones are dropped
 _MUXER_OPTIONS: Final = {
@@ -81,7 +107,12 @@ class SegmentStats:
     dropped: int = 0  # frames the encoder could not keep up with
     gaps: int = 0  # audio gaps longer than GAP_S
     gap_s: float = 0.0
+    trimmed_s: float = 0.0  # audio dropped to keep stamped audio in place (see DRIFT_S)
+    video_passthrough: bool = False  # video written as received (no re-encoding)
     error: str | None = None
+
+
+_Item: TypeAlias = av.AudioFrame | av.VideoFrame | EncodedFrame
 
 
 class SegmentWriter:
@@ -105,9 +136,7 @@ class SegmentWriter:
         self._clock = clock
         self._t0 = clock()
         self._bitrate = video_bitrate
-        self._queue: queue.Queue[tuple[str, float, av.AudioFrame | av.VideoFrame] | None] = (
-            queue.Queue()
-        )
+        self._queue: queue.Queue[tuple[str, float, _Item] | None] = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"rec-{path.name}", daemon=True)
         self._thread.start()
@@ -116,8 +145,9 @@ class SegmentWriter:
     def failed(self) -> bool:
         return self.stats.error is not None
 
-    def put(self, kind: str, frame: av.AudioFrame | av.VideoFrame) -> None:
-        """Queue one decoded frame, stamped now; never blocks."""
+    def put(self, kind: str, frame: _Item) -> None:
+        """Queue one decoded (or encoded, see :class:`_Muxer`) frame, stamped now; never
+        blocks."""
         if self._closed or self.failed:
             return
         if self._queue.qsize() >= _QUEUE_MAX:
@@ -136,7 +166,7 @@ class SegmentWriter:
 
     def _run(self) -> None:
         mux = _Muxer(self, self._bitrate)
-        held: collections.deque[tuple[str, float, float | None, av.AudioFrame | av.VideoFrame]]
+        held: collections.deque[tuple[str, float, float | None, _Item]]
         held = collections.deque()
         timelines = {"audio": _Timeline(), "video": _Timeline()}
 
@@ -183,11 +213,20 @@ class _Timeline:
     first frames are placed with what its later ones taught. Frames without a timestamp are
     placed at their arrival. A jump in the sender's clock (a new stream) or a lasting extra
     delay re-anchors the stream at the current frame.
+
+    A stream whose clock falls behind for good — every frame of the last ``_LATE_WINDOW_S``
+    (sender time) later than the offset says, by more than ``DRIFT_S`` — lost time, not
+    just arrived late (LiveKit audio stamped by its sample count, when the receiver drops
+    audio): from its first late frame on it is placed with the larger delay. A stall followed
+    by a burst never does this: the burst's last frames arrive on time again.
     """
 
     def __init__(self) -> None:
         self.offset: float | None = None
         self.last_src: float | None = None
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
+        self._raised_at: float | None = None  # frames before this src keep the old offset
+        self._before: float | None = None
 
     def observe(self, arrival: float, src: float | None) -> None:
         if src is None:
@@ -201,12 +240,47 @@ class _Timeline:
             or delay > self.offset + _REANCHOR_S
         ):
             self.offset = delay
+            self._recent.clear()
         self.last_src = src
+        recent = self._recent
+        recent.append((src, delay))
+        while len(recent) > 1 and recent[1][0] <= src - _LATE_WINDOW_S:
+            recent.popleft()
+        if recent[0][0] <= src - _LATE_WINDOW_S:  # the window is covered by frames
+            window = [(s, d) for s, d in recent if s > src - _LATE_WINDOW_S]
+            late = min(d for _, d in window)
+            if late > self.offset + DRIFT_S:
+                self._before, self._raised_at = self.offset, window[0][0]
+                self.offset = late
 
     def place(self, arrival: float, src: float | None) -> float:
         if src is None or self.offset is None:
             return arrival
+        if self._raised_at is not None and self._before is not None and src < self._raised_at:
+            return src + self._before
         return src + self.offset
+
+
+def _silence_like(frame: av.AudioFrame, samples: int) -> av.AudioFrame:
+    """``samples`` of silence in ``frame``'s format, layout and rate."""
+    channels = len(frame.layout.channels)
+    dtype = frame.to_ndarray().dtype
+    shape = (channels, samples) if frame.format.is_planar else (1, samples * channels)
+    out = av.AudioFrame.from_ndarray(
+        np.zeros(shape, dtype), format=frame.format.name, layout=frame.layout.name
+    )
+    out.sample_rate = frame.sample_rate
+    return out
+
+
+def _audio_tail(frame: av.AudioFrame, skip: int) -> av.AudioFrame:
+    """``frame`` without its first ``skip`` samples."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    data = data[:, skip:] if frame.format.is_planar else data[:, skip * channels :]
+    out = av.AudioFrame.from_ndarray(data, format=frame.format.name, layout=frame.layout.name)
+    out.sample_rate = frame.sample_rate
+    return out
 
 
 class _Muxer:
@@ -219,14 +293,32 @@ class _Muxer:
         self.audio: av.audio.stream.AudioStream | None = None
         self.video: av.video.stream.VideoStream | None = None
         self.size: tuple[int, int] | None = None
-        self.pending: list[tuple[str, float, av.AudioFrame | av.VideoFrame]] = []
+        self.pending: list[tuple[str, float, _Item]] = []
+        # Copied video: received VP8 frames written as they came (see the class doc).
+        self.copy_video = False
+        self.need_key = True
+        self.asked_key_at: float | None = None
         self.resampler: av.AudioResampler | None = None
-        self.samples = 0
+        self.samples = 0  # audio samples out of the resampler (48 kHz): the next pts
+        self.fed = 0  # where the next audio sample into the resampler belongs (48 kHz)
         self.last_video_ms = -1
 
-    def add(self, kind: str, t: float, frame: av.AudioFrame | av.VideoFrame) -> None:
+    def add(self, kind: str, t: float, frame: _Item) -> None:
+        if isinstance(frame, EncodedFrame):
+            if self.container is not None and not self.copy_video:
+                return  # the file was opened for re-encoded video
+            self.copy_video = self.seg.stats.video_passthrough = True
+            if self.need_key:
+                size = vp8_frame_size(frame.data) if frame.keyframe else None
+                if size is None:
+                    self._ask_key(t, frame)
+                    return  # a copied stream starts at a key frame
+                self.need_key = False
+                self.size = self.size or size
+        elif isinstance(frame, av.VideoFrame) and self.copy_video:
+            return  # the received encoded frames are written instead
         if self.container is None:
-            if isinstance(frame, av.VideoFrame):
+            if isinstance(frame, av.VideoFrame) and self.size is None:
                 self.size = (frame.width - frame.width % 2, frame.height - frame.height % 2)
             self.pending.append((kind, t, frame))
             if self.size is None and t - self.pending[0][1] < _WAIT_FOR_VIDEO_S:
@@ -249,10 +341,9 @@ class _Muxer:
         # libvpx's realtime mode adapts its speed to the time encoding takes: not
         # reproducible, so bit-exact files use its "good" mode at its fastest setting.
         deadline = "good" if self.seg.bitexact else "realtime"
-        video = container.add_stream(
-            "libvpx",
-            options={"deadline": deadline, "cpu-used": "8", "lag-in-frames": "0"},
-        )
+        # A copied stream needs no encoder options: its packets never pass the encoder.
+        options = {} if self.copy_video else {"deadline": deadline, "cpu-used": "8"}
+        video = container.add_stream("libvpx", options=options | {"lag-in-frames": "0"})
         video.thread_count = 1
         video.width, video.height = size
         video.pix_fmt = "yuv420p"
@@ -261,11 +352,31 @@ class _Muxer:
         video.codec_context.gop_size = 60
         self.container, self.audio, self.video, self.size = container, audio, video, size
 
-    def _encode(self, kind: str, t: float, frame: av.AudioFrame | av.VideoFrame) -> None:
+    def _ask_key(self, t: float, frame: EncodedFrame) -> None:
+        if frame.request_keyframe is None:
+            return
+        if self.asked_key_at is None or t - self.asked_key_at >= _KEYFRAME_ASK_S:
+            self.asked_key_at = t
+            frame.request_keyframe()
+
+    def _encode(self, kind: str, t: float, frame: _Item) -> None:
         assert self.container is not None
         assert self.audio is not None
         assert self.video is not None
         stats = self.seg.stats
+        if isinstance(frame, av.VideoFrame) and self.copy_video:
+            return  # queued before the first encoded frame came
+        if isinstance(frame, EncodedFrame):
+            ms = max(self.last_video_ms + 1, round(t * 1000))
+            self.last_video_ms = ms
+            packet = av.Packet(frame.data)
+            packet.pts = packet.dts = ms
+            packet.time_base = _MS
+            packet.stream = self.video
+            packet.is_keyframe = frame.keyframe
+            self._mux([packet])
+            stats.frames["video"] += 1
+            return
         if isinstance(frame, av.VideoFrame):
             ms = max(self.last_video_ms + 1, round(t * 1000))
             self.last_video_ms = ms
@@ -287,14 +398,38 @@ class _Muxer:
                 format="s16", layout="stereo", rate=_AUDIO_RATE, frame_size=960
             )
         start = round(t * _AUDIO_RATE)  # where this frame's first sample belongs
+        # Unstamped frames are placed by arrival, which jitters: only a real gap moves them.
+        drift = DRIFT_S if frame.time is not None else GAP_S
         if not stats.frames["audio"]:
-            self.samples = max(0, start)  # silence before the first frame is no gap
-        elif start - self.samples > GAP_S * _AUDIO_RATE:
-            gap = start - self.samples
-            stats.gaps += 1
-            stats.gap_s += gap / _AUDIO_RATE
-            self.samples += gap
+            # Silence before the first frame is no gap.
+            self.samples = self.fed = max(0, start)
+        elif start - self.fed > drift * _AUDIO_RATE:
+            gap = start - self.fed
+            if gap > GAP_S * _AUDIO_RATE:
+                stats.gaps += 1
+                stats.gap_s += gap / _AUDIO_RATE
+            if gap <= _FILL_S * _AUDIO_RATE:
+                # Silence, written: any player keeps the audio after it in its place.
+                self._resample_and_encode(
+                    _silence_like(frame, gap * frame.sample_rate // _AUDIO_RATE)
+                )
+            else:  # a long pause (muted): a jump in the timestamps costs no bytes
+                self.samples += gap
+            self.fed += gap
+        elif self.fed - start > drift * _AUDIO_RATE and frame.time is not None:
+            # Written audio runs ahead of this frame's time: drop what overlaps.
+            cut = round((self.fed - start) * frame.sample_rate / _AUDIO_RATE)
+            stats.trimmed_s += min(cut, frame.samples) / frame.sample_rate
+            if cut >= frame.samples:
+                return
+            frame = _audio_tail(frame, cut)
+        self.fed += round(frame.samples * _AUDIO_RATE / frame.sample_rate)
         stats.frames["audio"] += 1
+        self._resample_and_encode(frame)
+
+    def _resample_and_encode(self, frame: av.AudioFrame) -> None:
+        assert self.resampler is not None
+        assert self.audio is not None
         for out in self.resampler.resample(frame):
             out.pts = self.samples
             out.time_base = fractions.Fraction(1, _AUDIO_RATE)
@@ -323,7 +458,8 @@ class _Muxer:
                 self.samples += out.samples
                 self._mux(self.audio.encode(out))
         self._mux(self.audio.encode(None))
-        self._mux(self.video.encode(None))
+        if not self.copy_video:
+            self._mux(self.video.encode(None))
         container, self.container = self.container, None
         container.close()
 
@@ -359,6 +495,7 @@ class _Segment:
             "bytes": nbytes,
             "dropped_frames": stats.dropped,
             "audio_gaps": stats.gaps,
+            "video_passthrough": stats.video_passthrough,
             "error": stats.error,
         }
 
@@ -461,8 +598,9 @@ class Recorder:
         log.info("recorder.segment_started", participant=pid, file=name)
         self._write_index()
 
-    def frame(self, pid: str, kind: str, frame: av.AudioFrame | av.VideoFrame) -> None:
-        """One decoded frame from ``pid`` (opens a segment if it has none)."""
+    def frame(self, pid: str, kind: str, frame: _Item) -> None:
+        """One frame from ``pid`` (opens a segment if it has none): decoded, or a received
+        encoded video frame to write as it is (:data:`PASSTHROUGH_VIDEO` codecs)."""
         if self._closed:
             return
         p = self._participants.get(pid)

@@ -9,7 +9,7 @@ import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.agent import Participant
-from matrixrtc.media.frames import AvFrame, FrameTap
+from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.mesh.matrix_link import MatrixMesh
@@ -48,7 +48,7 @@ class MeshMedia:
         tap: FrameTap[DeviceRef] | None = None
         if ctx.frames is not None:
             frames = ctx.frames
-            tap = FrameTap(self._frame, lambda: frames.listening)
+            tap = FrameTap(self._frame, lambda: frames.listening, lambda: frames.listening_encoded)
         link = MatrixMesh(
             ctx.agent, keys=ctx.keys, sources=self._tracks, config=ctx.mesh, frames=tap
         )
@@ -85,7 +85,7 @@ class MeshMedia:
         """Never as a whole: each peer link repairs itself (a lost peer is that peer's gap)."""
         return False
 
-    def _frame(self, peer: DeviceRef, frame: AvFrame) -> None:
+    def _frame(self, peer: DeviceRef, frame: TapFrame) -> None:
         tap = self._ctx.frames
         assert tap is not None
         who = (peer.user_id, peer.device_id)

@@ -15,7 +15,7 @@ from matrixrtc.agent import Participant
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, plan_connections
-from matrixrtc.media.frames import AvFrame, FrameTap
+from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
@@ -107,7 +107,7 @@ class LiveKitMedia:
     def failing(self) -> bool:
         return self.lk is not None and self.lk.lost()
 
-    def _frame(self, identity: str, frame: AvFrame) -> None:
+    def _frame(self, identity: str, frame: TapFrame) -> None:
         tap = self._ctx.frames
         assert tap is not None
         agent = self._ctx.agent

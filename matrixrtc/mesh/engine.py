@@ -25,7 +25,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
-from matrixrtc.media.frames import AvFrame, FrameTap
+from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
 from matrixrtc.mesh.ice import (
@@ -348,6 +348,17 @@ class MeshEngine:
 
         return hand_on
 
+    def _encoded_hook(self, peer: DeviceRef) -> Callable[[EncodedFrame], None] | None:
+        tap = self._frames
+        if tap is None:
+            return None
+
+        def hand_on(frame: EncodedFrame) -> None:
+            if tap.listening_encoded:
+                tap(peer, frame)
+
+        return hand_on
+
     def _attach_media(self, link: PeerLink, *, answering: bool) -> None:
         """Send our shared tracks and hook every receiver; before any transport connects.
 
@@ -379,7 +390,12 @@ class MeshEngine:
             if id(receiver) in link.hooked:
                 continue
             stats = link.stats.setdefault(transceiver.kind, ReceiveStats(kind=transceiver.kind))
-            install_receive_hook(receiver, decryptor=decryptor, stats=stats)
+            install_receive_hook(
+                receiver,
+                decryptor=decryptor,
+                stats=stats,
+                on_encoded=self._encoded_hook(link.peer),
+            )
             link.hooked.add(id(receiver))
 
     async def _set_local(self, link: PeerLink, description: RTCSessionDescription) -> str:

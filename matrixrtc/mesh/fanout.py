@@ -21,7 +21,9 @@ receiver's private ``queue.Queue``. :func:`install_receive_hook` swaps that queu
 thread starts, for a :class:`_DecryptingQueue` bound to one remote participant's decryptor:
 frames are decrypted on the event loop when aiortc enqueues them, and a frame that fails (or
 whose decryptor raises) is dropped and counted — the decoder thread never sees it, so a bad
-frame cannot kill the thread (aiortc's worker only survives ``av.FFmpegError``).
+frame cannot kill the thread (aiortc's worker only survives ``av.FFmpegError``). The clear
+encoded frame can also be handed on there (``on_encoded``, an :class:`EncodedFrame` whose
+``request_keyframe`` makes aiortc send a PLI): a recorder writes it without re-encoding.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
 from matrixrtc.e2ee.frame import frame_key_index
 from matrixrtc.errors import LocalError
+from matrixrtc.media.frames import EncodedFrame
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
 from matrixrtc.mesh.transform import FrameDecryptor, FrameTransform, vp8_is_keyframe
@@ -404,6 +407,7 @@ class _DecryptingQueue(queue.Queue[Any]):
         kind: str,
         decryptor: FrameDecryptor | None,
         stats: ReceiveStats,
+        on_encoded: Callable[[EncodedFrame], None] | None = None,
     ) -> None:
         super().__init__()
         self._receiver = receiver
@@ -411,6 +415,12 @@ class _DecryptingQueue(queue.Queue[Any]):
         self._decryptor = decryptor
         self._stats = stats
         self._failing = False
+        self._on_encoded = on_encoded
+
+    def request_keyframe(self) -> None:
+        """Make aiortc send a PLI with the next packet (its decoder-error flag; any thread)."""
+        if self._kind == "video":
+            getattr(self._receiver, "_RTCRtpReceiver__decoder_error").set()  # noqa: B009
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:  # aiortc's stop sentinel
@@ -437,18 +447,42 @@ class _DecryptingQueue(queue.Queue[Any]):
             # Frames were dropped: the decoder needs a key frame. aiortc sends a PLI for the
             # next packet when this flag (normally set by its decoder thread) is up.
             self._failing = False
-            if self._kind == "video":
-                getattr(self._receiver, "_RTCRtpReceiver__decoder_error").set()  # noqa: B009
+            self.request_keyframe()
         self._stats.encoded_frames += 1
         self._stats.encoded_bytes += len(data)
         frame.data = clear
+        if self._on_encoded is not None:
+            self._hand_on(codec, clear, frame.timestamp)
         super().put((codec, frame), block, timeout)
+
+    def _hand_on(self, codec: Any, clear: bytes, timestamp: int) -> None:
+        assert self._on_encoded is not None
+        name = str(codec.name).lower()
+        try:
+            self._on_encoded(
+                EncodedFrame(
+                    kind=self._kind,
+                    codec=name,
+                    data=clear,
+                    pts=timestamp,  # aiortc's mapped RTP time, as its decoded frames carry
+                    time_base=fractions.Fraction(1, int(codec.clockRate)),
+                    keyframe=vp8_is_keyframe(clear) if name == "vp8" else self._kind == "audio",
+                    request_keyframe=self.request_keyframe,
+                )
+            )
+        except Exception as exc:  # a listener's bug must not break aiortc's receive path
+            log.warning("mesh.encoded_tap_error", kind=self._kind, error=repr(exc))
 
 
 def install_receive_hook(
-    receiver: RTCRtpReceiver, *, decryptor: FrameDecryptor | None, stats: ReceiveStats
+    receiver: RTCRtpReceiver,
+    *,
+    decryptor: FrameDecryptor | None,
+    stats: ReceiveStats,
+    on_encoded: Callable[[EncodedFrame], None] | None = None,
 ) -> None:
-    """Bind ``receiver``'s decode path to one participant's decryptor and counters.
+    """Bind ``receiver``'s decode path to one participant's decryptor and counters;
+    ``on_encoded`` gets every clear encoded frame before it is decoded.
 
     Must run before aiortc starts the receiver (i.e. before the transport connects).
     """
@@ -463,5 +497,5 @@ def install_receive_hook(
     setattr(  # noqa: B010
         receiver,
         "_RTCRtpReceiver__decoder_queue",
-        _DecryptingQueue(receiver, kind, decryptor, stats),
+        _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded),
     )

@@ -21,9 +21,13 @@ from nacl.public import PrivateKey
 
 from matrixrtc.cli import build_parser
 from matrixrtc.e2ee.sealed_stream import TruncatedStream
+from matrixrtc.media.frames import EncodedFrame, vp8_frame_size
 from matrixrtc.media.recorder import Recorder, SegmentWriter
 from matrixrtc.media.sealed_file import decrypt_file
 from tests.media_samples import (
+    audio_span,
+    av_skew,
+    beep_onsets,
     dominant_frequency,
     luma,
     psnr,
@@ -343,3 +347,135 @@ def test_a_burst_keeps_the_senders_spacing(tmp_path: Path) -> None:
     steps = np.diff(times)
     assert [read_barcode(y) for _, y in video] == list(range(45))
     assert np.all(np.abs(steps - 1 / 15) < 0.01), steps
+
+
+@pytest.mark.parametrize("change", ["stretched", "lost"])
+def test_stamped_audio_stays_in_step(tmp_path: Path, change: str) -> None:
+    """LiveKit-like stamps (video: µs, audio: the stream's sample count, 100 ms frames).
+    stretched: the receiver's jitter buffer adds 200 ms at 2 s (more samples than time): the
+    recorder drops the excess. lost: 300 ms of audio never arrive (fewer samples than time):
+    the recorder leaves a gap. Either way every later beep stays with its video frame."""
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "stretch.webm", clock=clock)
+    start = clock.now
+    pcm = tone(8, beeps=True)
+    events: list[tuple[float, str, av.AudioFrame | av.VideoFrame]] = []
+    for n in range(6 * 15):
+        vframe = video_frame(n)
+        vframe.pts = 5_000_000 + round(n / 15 * 1e6)
+        vframe.time_base = fractions.Fraction(1, 1_000_000)
+        events.append((n / 15 + 0.03, "video", vframe))
+    count = 0  # samples handed out so far (the audio's stamp)
+    for i in range(60):  # 100 ms of source audio each, arriving when it ends
+        chunk = pcm[i * 4800 : (i + 1) * 4800]
+        if change == "stretched" and i == 20:  # 200 ms that were never sent, in one frame
+            chunk = np.concatenate([np.zeros(9600, np.int16), chunk])
+        if change == "lost" and i in (20, 21, 22):
+            continue
+        aframe = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        aframe.sample_rate = 48_000
+        aframe.pts = count
+        aframe.time_base = fractions.Fraction(1, 48_000)
+        count += len(chunk)
+        events.append(((i + 1) * 0.1 + 0.05, "audio", aframe))
+    for t, kind, frame in sorted(events, key=lambda e: e[0]):
+        clock.now = start + t
+        writer.put(kind, frame)
+    writer.close()
+    if change == "stretched":
+        assert writer.stats.trimmed_s == pytest.approx(0.2, abs=0.05)
+    else:
+        assert writer.stats.trimmed_s == 0
+        assert writer.stats.gaps == 1
+    path = tmp_path / "stretch.webm"
+    video, audio, _ = read_media(path)
+    a_start, _ = audio_span(path)
+    onsets = [a_start + t for t in beep_onsets(audio)]
+    assert len(onsets) == (5 if change == "stretched" else 4), onsets  # lost: one beep too
+    numbered = [(t, k) for t, y in video if (k := read_barcode(y)) is not None]
+    assert len(numbered) == 6 * 15
+    base = float(np.median([t - k / 15 for t, k in numbered]))  # where source time 0 is
+    late = [(o - base) - round(o - base) for o in onsets]  # each beep against its second
+    assert all(abs(x) <= 0.05 for x in late), late
+    skew, _ = av_skew(numbered, onsets, 15)
+    assert abs(skew) <= 0.05, skew
+
+
+def _vp8_frames(count: int, *, keyframe_at: int) -> list[tuple[bytes, bool]]:
+    """Numbered frames encoded once as a sender would: key frames at 0 and ``keyframe_at``."""
+    ctx = av.CodecContext.create("libvpx", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = 320, 240, "yuv420p"
+    ctx.time_base = fractions.Fraction(1, 90_000)
+    ctx.bit_rate = 600_000
+    ctx.gop_size = 10_000
+    ctx.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+    out = []
+    for n in range(count):
+        frame = video_frame(n)
+        frame.pts = n * 6000
+        frame.pict_type = (
+            av.video.frame.PictureType.I
+            if n in (0, keyframe_at)
+            else av.video.frame.PictureType.NONE
+        )
+        packets = ctx.encode(frame)
+        out.append((b"".join(bytes(p) for p in packets), any(p.is_keyframe for p in packets)))
+    return out
+
+
+def test_received_vp8_is_written_as_it_came(tmp_path: Path) -> None:
+    """Passthrough: encoded VP8 frames (as the mesh hands them on after decryption) go into
+    the file byte for byte, starting at a key frame (asked for once the segment starts
+    mid-stream); decoded video of the same participant is ignored; audio is encoded."""
+    encoded = _vp8_frames(60, keyframe_at=12)
+    asked: list[float] = []
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "copy.webm", clock=clock)
+    start = clock.now
+    pcm = tone(5)
+    audio_i = 0
+    for n, (data, key) in enumerate(encoded[5:], start=5):  # joined mid-stream, at frame 5
+        t = n / 15
+        while audio_i * 0.02 <= t:
+            clock.now = start + audio_i * 0.02
+            chunk = pcm[audio_i * 960 : (audio_i + 1) * 960].reshape(1, -1)
+            aframe = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            aframe.sample_rate = 48_000
+            writer.put("audio", aframe)
+            audio_i += 1
+        clock.now = start + t
+        writer.put(
+            "video",
+            EncodedFrame(
+                kind="video",
+                codec="vp8",
+                data=data,
+                pts=n * 6000,
+                time_base=fractions.Fraction(1, 90_000),
+                keyframe=key,
+                request_keyframe=lambda: asked.append(clock.now),
+            ),
+        )
+        writer.put("video", video_frame(1000 + n))  # the decoded copy: not written
+    writer.close()
+    assert writer.stats.error is None
+    assert writer.stats.video_passthrough
+    assert asked  # frames 5-11 are deltas: a key frame was asked for
+    assert len(asked) <= 2  # ...at most once per 0.5 s
+    with av.open(str(tmp_path / "copy.webm")) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height) == ("vp8", 320, 240)
+        written = [bytes(p) for p in container.demux(stream) if p.size]
+    assert written == [data for data, _ in encoded[12:]]  # from the key frame on, unchanged
+    video, audio, _ = read_media(tmp_path / "copy.webm")
+    assert [read_barcode(y) for _, y in video] == list(range(12, 60))
+    assert np.allclose(np.diff([t for t, _ in video]), 1 / 15, atol=0.002)
+    assert abs(dominant_frequency(audio) - 440) < 3
+
+
+def test_vp8_frame_size_reads_key_frames_only() -> None:
+    (key, is_key), (delta, _) = _vp8_frames(2, keyframe_at=0)
+    assert is_key
+    assert vp8_frame_size(key) == (320, 240)
+    assert vp8_frame_size(delta) is None
+    assert vp8_frame_size(b"\x00" * 4) is None
