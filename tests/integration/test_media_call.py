@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -34,6 +38,7 @@ from tests.media_samples import (
     psnr,
     read_barcode,
     read_media,
+    unwrap,
     video_frame,
     write_media_file,
 )
@@ -172,3 +177,93 @@ async def test_a_bad_file_fails_before_anything_is_sent(
         with pytest.raises(MediaFileError, match="not a media file"):
             a.publish_file(tmp_path / "x.mp4")
         assert a._published["video"].source is None
+
+
+# The recorder's filesystem fills during the call: a 160 KiB tmpfs mounted over the recording
+# directory in a private mount namespace (nothing outside the recorder sees it). At the
+# recorder's ~600 kbit/s that is full within a few seconds; afterwards the shell copies what
+# was written out of the namespace for the checks.
+_FULL_DISK_SH = """
+d=$1; out=$2; shift 2
+mount -t tmpfs -o size=160k,mode=0700 mrtc-full "$d" || exit 97
+"$@" &
+child=$!
+trap 'kill -TERM $child' TERM
+wait $child; rc=$?
+if [ $rc -gt 128 ]; then wait $child; rc=$?; fi
+cp -a "$d"/. "$out"/
+exit $rc
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+@pytest.mark.parametrize("transport", ["mesh", "sfu"])
+async def test_a_full_disk_during_a_call(
+    synapse: Synapse,
+    sfu: AuthService,
+    user_factory: UserFactory,
+    clip: Path,
+    transport: str,
+    tmp_path: Path,
+) -> None:
+    """``python -m matrixrtc record`` whose disk fills mid-call: it reports the error, stays
+    in the call (Alice still sees it; it leaves when told to), exits 2 with the error
+    in its report, and the file written so far plays: Alice's frames, in order."""
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    rec_dir, out = tmp_path / "rec", tmp_path / "out"
+    rec_dir.mkdir()
+    out.mkdir()
+    async with _call(synapse, alice, room, transport, sfu.url) as a:
+        a.publish_file(clip, loop=True)
+        # fmt: off
+        proc = await asyncio.create_subprocess_exec(
+            "unshare", "--mount", "--propagation", "private", "sh", "-c", _FULL_DISK_SH, "sh",
+            str(rec_dir), str(out),
+            sys.executable, "-m", "matrixrtc", "record", str(rec_dir),
+            "--homeserver", synapse.base_url, "--user", bob.user_id, "--room", room,
+            "--state-dir", str(tmp_path / "state"), "--transport", transport,
+            "--sfu-url", sfu.url, "--mesh-host", "127.0.0.1", "--output", "json",
+            "--duration", "60",
+            env={**os.environ, "MATRIXRTC_PASSWORD": bob.password},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        # fmt: on
+        assert proc.stdout is not None
+        lines: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(30):
+                while not any(
+                    r.get("error") for x in lines[-1:] for r in x.get("participants", [])
+                ):
+                    raw = await proc.stdout.readline()
+                    assert raw, f"record exited early: {lines}"
+                    lines.append(json.loads(raw))
+            (row,) = lines[-1]["participants"]
+            assert "No space left on device" in row["error"], row
+            assert row["video_frames"] > 0
+            # The call goes on: the recorder is still running and still in Alice's call.
+            await asyncio.sleep(2.0)
+            assert proc.returncode is None
+            assert bob.user_id in {p.user_id for p in a.participants}
+            proc.terminate()  # the shell hands SIGTERM to the recorder
+            rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    lines += [json.loads(x) for x in rest.decode().splitlines() if x.strip()]
+    assert proc.returncode == 2, lines[-1]
+    report = lines[-1]
+    assert report["event"] == "report"
+    assert report["stopped"] == "signal"  # it stayed until told to leave
+    (entry,) = report["index"]["participants"]
+    (seg,) = entry["segments"]
+    assert "No space left on device" in seg["error"]
+    # What reached the disk before it filled plays, and holds Alice's frames in order.
+    video, audio, _ = read_media(out / seg["file"])
+    assert len(audio) > 0
+    numbers = unwrap([n for _, y in video if (n := read_barcode(y)) is not None], 75)
+    assert len(numbers) >= FPS, len(video)
+    assert numbers == sorted(numbers)  # the clip loops every 75 frames
+    assert json.loads((out / "index.json").read_text())["participants"]  # a complete index
