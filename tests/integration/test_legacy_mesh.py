@@ -1,0 +1,110 @@
+"""A full-mesh call in the 2022 MSC3401 dialect over a real Synapse, media over aiortc on
+127.0.0.1: what Hydrogen and legacy js-sdk ``GroupCall`` see in the room state (one call
+event, per-user ``m.calls`` entries that keep other devices), Olm signalling toward devices
+with keys, decoded media both ways, leave removes exactly our entry and hangs up the peer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from matrixrtc.devstack import Synapse
+from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.engine import MeshConfig, MeshEngine
+from matrixrtc.mesh.legacy_link import LegacyMeshCall
+from matrixrtc.session.mesh_signalling import DeviceRef
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        os.environ.get("MATRIXRTC_IN_NETNS") != "1" and os.environ.get("MATRIXRTC_NO_NETNS") != "1",
+        reason="media tests run inside the private network namespace (scripts/in-netns)",
+    ),
+]
+
+CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
+CALL = "org.matrix.msc3401.call"
+MEMBER = "org.matrix.msc3401.call.member"
+
+
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def decoded(engine: MeshEngine | None, peer: DeviceRef, kind: str) -> int:
+    link = None if engine is None else engine.link_for(peer)
+    if link is None or kind not in link.stats:
+        return 0
+    return link.stats[kind].frames_decoded
+
+
+def sources() -> list[Any]:
+    return [SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()]
+
+
+async def test_two_devices_call_in_the_2022_dialect_and_leave(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    a, b = await user_factory("leg-a"), await user_factory("leg-b")
+    room = await synapse.create_call_room(a, invite=[b])
+    # Another device of B's is already listed in that call: our write must keep it.
+    other_entry = {
+        "device_id": "BPHONE",
+        "session_id": "phone-session",
+        "expires_ts": int(time.time() * 1000) + 3_600_000,
+        "feeds": [{"purpose": "m.usermedia"}],
+    }
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+    ):
+        async with LegacyMeshCall(ha, room, sources=sources(), config=CONFIG) as ca:
+            conf_id = ca.conf_id
+            assert conf_id is not None
+            await hb.put_state(
+                room,
+                MEMBER,
+                b.user_id,
+                {"m.calls": [{"m.call_id": conf_id, "m.devices": [other_entry]}]},
+            )
+            await hb.wait_synced()
+            async with LegacyMeshCall(hb, room, sources=sources(), config=CONFIG) as cb:
+                assert cb.conf_id == conf_id  # joined the room's call, did not make another
+                pa, pb = DeviceRef(a.user_id, ha.device_id), DeviceRef(b.user_id, hb.device_id)
+                await wait_for(
+                    lambda: all(
+                        decoded(e, p, k) > 5
+                        for e, p in ((ca.engine, pb), (cb.engine, pa))
+                        for k in ("video", "audio")
+                    ),
+                    30,
+                    "media decoded both ways",
+                )
+                state = await hb.get_state_event(room, MEMBER, b.user_id)
+                assert state is not None
+                devices = state["m.calls"][0]["m.devices"]
+                assert [d["device_id"] for d in devices] == ["BPHONE", hb.device_id]
+                assert devices[0] == other_entry
+                assert devices[1]["session_id"] == cb.session_id
+                call = await hb.get_state_event(room, CALL, conf_id)
+                assert call == {"m.intent": "m.room", "m.type": "m.video"}
+                # Both devices have keys: signalling went Olm-encrypted, in an unencrypted room.
+                assert not ca.room_encrypted
+                assert ca.dropped_signalling == cb.dropped_signalling == 0
+            # B left: its entry is gone (its phone's stays) and A's call to B is hung up.
+            await wait_for(
+                lambda: ca.engine is not None and ca.engine.link_for(pb) is None, 10, "hangup"
+            )
+            state = await ha.get_state_event(room, MEMBER, b.user_id)
+            assert state is not None
+            assert [d["device_id"] for d in state["m.calls"][0]["m.devices"]] == ["BPHONE"]
