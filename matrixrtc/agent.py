@@ -358,6 +358,11 @@ class CallAgent:
         if not await _wait_event(self._own_present, timeout_s):
             raise TimeoutError("our membership did not appear in the room")
 
+    def clock_moved(self) -> None:
+        """The injected clock (``clock_ms``) jumped ahead: act on every deadline now due
+        (ring lifetime, membership expiry) instead of at the wall-clock time."""
+        self._wake.set()
+
     async def wait_ring_ended(self, timeout_s: float | None = None) -> RingState:
         if not await _wait_event(self._ring_ended, timeout_s):
             raise TimeoutError("the ring did not end")
