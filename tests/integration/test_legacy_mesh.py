@@ -67,44 +67,44 @@ async def test_two_devices_call_in_the_2022_dialect_and_leave(
     async with (
         Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
         Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+        LegacyMeshCall(ha, room, sources=sources(), config=CONFIG) as ca,
     ):
-        async with LegacyMeshCall(ha, room, sources=sources(), config=CONFIG) as ca:
-            conf_id = ca.conf_id
-            assert conf_id is not None
-            await hb.put_state(
-                room,
-                MEMBER,
-                b.user_id,
-                {"m.calls": [{"m.call_id": conf_id, "m.devices": [other_entry]}]},
-            )
-            await hb.wait_synced()
-            async with LegacyMeshCall(hb, room, sources=sources(), config=CONFIG) as cb:
-                assert cb.conf_id == conf_id  # joined the room's call, did not make another
-                pa, pb = DeviceRef(a.user_id, ha.device_id), DeviceRef(b.user_id, hb.device_id)
-                await wait_for(
-                    lambda: all(
-                        decoded(e, p, k) > 5
-                        for e, p in ((ca.engine, pb), (cb.engine, pa))
-                        for k in ("video", "audio")
-                    ),
-                    30,
-                    "media decoded both ways",
-                )
-                state = await hb.get_state_event(room, MEMBER, b.user_id)
-                assert state is not None
-                devices = state["m.calls"][0]["m.devices"]
-                assert [d["device_id"] for d in devices] == ["BPHONE", hb.device_id]
-                assert devices[0] == other_entry
-                assert devices[1]["session_id"] == cb.session_id
-                call = await hb.get_state_event(room, CALL, conf_id)
-                assert call == {"m.intent": "m.room", "m.type": "m.video"}
-                # Both devices have keys: signalling went Olm-encrypted, in an unencrypted room.
-                assert not ca.room_encrypted
-                assert ca.dropped_signalling == cb.dropped_signalling == 0
-            # B left: its entry is gone (its phone's stays) and A's call to B is hung up.
+        conf_id = ca.conf_id
+        assert conf_id is not None
+        await hb.put_state(
+            room,
+            MEMBER,
+            b.user_id,
+            {"m.calls": [{"m.call_id": conf_id, "m.devices": [other_entry]}]},
+        )
+        await hb.wait_synced()
+        async with LegacyMeshCall(hb, room, sources=sources(), config=CONFIG) as cb:
+            assert cb.conf_id == conf_id  # joined the room's call, did not make another
+            pa, pb = DeviceRef(a.user_id, ha.device_id), DeviceRef(b.user_id, hb.device_id)
             await wait_for(
-                lambda: ca.engine is not None and ca.engine.link_for(pb) is None, 10, "hangup"
+                lambda: all(
+                    decoded(e, p, k) > 5
+                    for e, p in ((ca.engine, pb), (cb.engine, pa))
+                    for k in ("video", "audio")
+                ),
+                30,
+                "media decoded both ways",
             )
-            state = await ha.get_state_event(room, MEMBER, b.user_id)
+            state = await hb.get_state_event(room, MEMBER, b.user_id)
             assert state is not None
-            assert [d["device_id"] for d in state["m.calls"][0]["m.devices"]] == ["BPHONE"]
+            devices = state["m.calls"][0]["m.devices"]
+            assert [d["device_id"] for d in devices] == ["BPHONE", hb.device_id]
+            assert devices[0] == other_entry
+            assert devices[1]["session_id"] == cb.session_id
+            call = await hb.get_state_event(room, CALL, conf_id)
+            assert call == {"m.intent": "m.room", "m.type": "m.video"}
+            # Both devices have keys: signalling went Olm-encrypted, in an unencrypted room.
+            assert not ca.room_encrypted
+            assert ca.dropped_signalling == cb.dropped_signalling == 0
+        # B left: its entry is gone (its phone's stays) and A's call to B is hung up.
+        await wait_for(
+            lambda: ca.engine is not None and ca.engine.link_for(pb) is None, 10, "hangup"
+        )
+        state = await ha.get_state_event(room, MEMBER, b.user_id)
+        assert state is not None
+        assert [d["device_id"] for d in state["m.calls"][0]["m.devices"]] == ["BPHONE"]
