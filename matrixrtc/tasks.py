@@ -33,10 +33,13 @@ class OwnedTasks:
         *,
         event_prefix: str,
         on_failure: Callable[[str, BaseException], None] | None = None,
+        recancel_after_s: float = 2.0,
     ) -> None:
         self._owner = owner
         self._log = log
         self._event = f"{event_prefix}.task_failed"
+        self._resisted = f"{event_prefix}.task_resisted_cancel"
+        self._recancel_after_s = recancel_after_s
         self._on_failure = on_failure
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failures: list[tuple[str, BaseException]] = []
@@ -101,12 +104,27 @@ class OwnedTasks:
 
     async def cancel(self) -> RemoteError | None:
         """Cancel and await every task; the first failure, as an error to raise (or None).
-        The owner may spawn again afterwards."""
+        The owner may spawn again afterwards.
+
+        A task still running ``recancel_after_s`` after being cancelled is cancelled again
+        (and logged, with where it waits): code that swallows a cancellation (Python 3.11's
+        ``wait_for`` can, when its inner awaitable finishes at the same moment; so can a
+        library catching ``CancelledError``) would otherwise hang its owner's close.
+        """
+        rounds = 0
         while self._tasks:
             tasks = set(self._tasks)
             for t in tasks:
                 t.cancel()
-            await asyncio.wait(tasks)
+            _, pending = await asyncio.wait(tasks, timeout=self._recancel_after_s)
+            if pending:
+                rounds += 1
+                self._log.warning(
+                    self._resisted,
+                    owner=self._owner,
+                    round=rounds,
+                    tasks={t.get_name(): _where(t) for t in pending},
+                )
         return self._collect()
 
     async def aclose(self) -> None:
@@ -115,6 +133,15 @@ class OwnedTasks:
         err = await self.cancel()
         if err is not None:
             raise err
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """The innermost frame a task is suspended in, as ``file:line`` (for logs)."""
+    frames = task.get_stack()
+    if not frames:
+        return "?"
+    code = frames[-1].f_code
+    return f"{code.co_filename}:{frames[-1].f_lineno} in {code.co_name}"
 
 
 async def first_of(**aws: Awaitable[Any]) -> tuple[str, asyncio.Future[Any]]:

@@ -285,3 +285,28 @@ async def test_mesh_engine_raises_a_failure_of_its_own_loops_on_close() -> None:
     assert [e["task"] for e in failed_events(logs)] == ["timer"]
     with pytest.raises(RemoteError, match="timer broke"):
         await engine.aclose()
+
+
+async def test_close_cancels_again_a_task_that_swallowed_its_cancellation() -> None:
+    """A task that eats one CancelledError (as Python 3.11's wait_for can, or a library)
+    and waits on must not hang its owner's close: it is cancelled again, and logged."""
+    tasks = OwnedTasks("owner", log, event_prefix="t", recancel_after_s=0.05)
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # and carries on as if nothing happened
+        await asyncio.Event().wait()
+
+    tasks.spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0)
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):
+            await tasks.aclose()
+    assert swallowed.is_set()
+    assert len(tasks) == 0
+    (resisted,) = [e for e in logs if e["event"] == "t.task_resisted_cancel"]
+    assert list(resisted["tasks"]) == ["owner stubborn"]
+    assert "stubborn" in resisted["tasks"]["owner stubborn"]
