@@ -548,6 +548,8 @@ export class Call {
       // Per switch: how long it took, and the longest time anyone's video stood still from its
       // start until 3 s after it was done.
       transportReadyMs: this.switches[0]?.doneAt ? Math.round(this.switches[0].doneAt - this.joinedAt) : null,
+      // When the homeserver stored our membership (its origin_server_ts), after the click.
+      ownMembershipMs: this.own ? this.own.createdTs() - this.joinedWall : null,
       switches: this.switches.map((s) => {
         const end = (s.doneAt ?? performance.now()) + 3000;
         const gaps = [...this.frameClock.values()].flatMap((c) => c.gaps.filter(([at]) => at >= s.startedAt && at - 0 <= end));
