@@ -114,13 +114,17 @@ def test_missing_required_variable_is_named(tmp_path: Path, var: str) -> None:
 
 
 def test_overlay_changes_only_images() -> None:
-    """compose-test runs the operators' file: its overlay swaps images, nothing else."""
+    """compose-test runs the operators' file: its overlay swaps images and polls health more
+    often (timing, not wiring), nothing else."""
     overlay = yaml.safe_load(OVERLAY.read_text())
-    assert set(overlay) == {"services"}
+    assert set(overlay) == {"services", "x-fast-health"}
     assert set(overlay["services"]) == set(_services())
     for name, svc in overlay["services"].items():
-        allowed = {"image", "build"} if name == "sfu" else {"image"}
+        allowed = {"image", "build", "healthcheck"} if name == "sfu" else {"image", "healthcheck"}
         assert set(svc) <= allowed, name
+        if "healthcheck" in svc:
+            assert set(svc["healthcheck"]) == {"interval", "retries"}, name
+            assert "healthcheck" in _services()[name], name
         assert str(svc["image"]).startswith("local/matrixrtc-test-"), name
         if name != "sfu":
             assert (ROOT / "deploy" / "test" / "standins" / name / "Dockerfile").exists()
