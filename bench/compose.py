@@ -5,9 +5,10 @@
 Runs ``python -m tests.compose.run`` (as root: dockerd in a private namespace, see that module)
 and reports:
 
-- ``cold_s``: the whole run with an empty cache (``--cold``: debootstrap, apt and pip in the
-  root file system, image import and builds, up, the call, down), in a fresh temporary cache
-  directory that is removed afterwards; ``null`` without ``--cold``;
+- ``cold_s``: the whole run with an empty cache (``--cold``: the stand-ins' base root file
+  system made from Debian packages, the wheelhouse, image import and builds, up, the call,
+  down), in a fresh temporary cache directory that is removed afterwards; ``null`` without
+  ``--cold``. A fresh machine adds apt-get install of docker.io (≈ 65 MB);
 - ``warm_s``: the whole run again with the cache in place (images built, layers cached);
 - ``warm_up_s``: ``docker-compose up`` until every service is healthy, on the warm run;
 - ``image_mb``: the service image's size (on the Debian stand-in base; the layers it adds on
