@@ -225,6 +225,10 @@ class CallAgent:
         self._wake = asyncio.Event()
         self._in_call = False
         self._own_present = asyncio.Event()
+        # /sync request numbers (RoomUpdate.sync_request): of the update being applied, and the
+        # last request sent before our latest join was acknowledged.
+        self._update_sync_request = 0
+        self._join_acked_sync_request: int | None = None
         self._ring = OutgoingRing(self.hs.user_id)
         # Valid ring notifications addressed to us (js-sdk 43's receiving rules), by event id.
         self.incoming_rings: dict[str, RtcNotification] = {}
@@ -407,6 +411,7 @@ class CallAgent:
             self._apply_update(update)
 
     def _apply_update(self, update: RoomUpdate) -> None:
+        self._update_sync_request = update.sync_request
         rest = self._session.receive_room_update(
             state=update.state,
             timeline=update.timeline,
@@ -496,7 +501,9 @@ class CallAgent:
             if self._own_present.is_set():
                 self._log.warning("agent.membership_missing")
             self._own_present.clear()
-            machine.observe(mm.OwnMembershipMissing(), now)
+            acked = self._join_acked_sync_request
+            after_join = acked is not None and self._update_sync_request > acked
+            machine.observe(mm.OwnMembershipMissing(after_join=after_join), now)
         self._poke.set()
 
     # -- own membership: perform the machine's requests ------------------------------------
@@ -556,6 +563,9 @@ class CallAgent:
                     await _wait_event(self._poke, delay)
                     continue
                 result = await self._perform(action)
+                if isinstance(action, mm.SendJoin) and isinstance(result, mm.Ok):
+                    # A sync asked for after this point shows the room after our join.
+                    self._join_acked_sync_request = self.hs.sync_requests_started
                 machine.receive_result(result, self._clock_ms())
         finally:
             self._stopped.set()

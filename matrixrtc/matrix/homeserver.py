@@ -39,6 +39,7 @@ Secrets: access tokens, delay ids and OpenID tokens are never logged at info lev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import tempfile
 import time
@@ -148,6 +149,8 @@ class Homeserver(ClientApi):
         self._room_key_recipients: dict[str, frozenset[DeviceRef]] = {}
         self._synced = asyncio.Condition()
         self.sync_count = 0
+        # /sync requests sent so far; each RoomUpdate carries the number of its own request.
+        self.sync_requests_started = 0
         self.connected = False
         self.sync_failures = 0
         self.last_sync_monotonic = 0.0
@@ -483,6 +486,8 @@ class Homeserver(ClientApi):
         }
         if self._since is not None:
             query["since"] = self._since
+        self.sync_requests_started += 1
+        request_no = self.sync_requests_started
         raw = await self.request(
             "GET",
             "/_matrix/client/v3/sync",
@@ -524,7 +529,7 @@ class Homeserver(ClientApi):
         for update in self._rooms.updates(
             raw, lambda room_id, ev: crypto.decrypted(room_id, ev, decrypted), initial
         ):
-            self._room_updates.publish(update)
+            self._room_updates.publish(dataclasses.replace(update, sync_request=request_no))
         self.last_sync_monotonic = self._monotonic()
         async with self._synced:
             self.sync_count += 1

@@ -81,6 +81,8 @@ class RoomUpdate:
     order; ``timeline`` every timeline event; ``sticky`` the events of the
     ``msc4354_sticky`` section plus timeline events carrying the ``msc4354_sticky`` field.
     ``initial`` is set on the first sync (full state). ``left`` means we are no longer joined.
+    ``sync_request`` numbers the /sync request that brought it (1, 2, …; 0 = not from a sync),
+    so a reader can tell whether it was asked for after some write of its own was answered.
     """
 
     room_id: str
@@ -89,6 +91,7 @@ class RoomUpdate:
     sticky: tuple[JsonDict, ...]
     initial: bool
     left: bool = False
+    sync_request: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,8 @@ Where this differs from js-sdk (deliberately; each has a test):
 * ``DelayedEventsUnsupported`` when leaving via the delayed event falls back to sending the
   leave; js-sdk returns and leaves the membership in the room.
 * "Own membership missing" right after our join is believed only once the join was seen in
-  sync or ``own_membership_grace_ms`` has passed (js-sdk re-joins on this race).
+  sync, the sync that showed it was requested after the join was acknowledged, or
+  ``own_membership_grace_ms`` has passed (js-sdk re-joins on this race).
 * ``leave`` after a failure still takes our membership back.
 * A restart due after the expected leave time is sent with the plain local timeout and sets
   ``probably_left`` at once, instead of a zero-length abort that does the same thing later.
@@ -322,7 +323,14 @@ class OwnMembershipSeen:
 
 @dataclass(frozen=True, slots=True)
 class OwnMembershipMissing:
-    """The session does not list our membership (left by the server, overwritten, expired)."""
+    """The session does not list our membership (left by the server, overwritten, expired).
+
+    ``after_join``: the sync response that showed it was requested after our latest join was
+    acknowledged, so it cannot predate that join (e.g. an old delayed leave the homeserver
+    fired after our re-join). Believed at once; otherwise only after the grace period.
+    """
+
+    after_join: bool = False
 
 
 Observation: TypeAlias = OwnMembershipSeen | OwnMembershipMissing
@@ -630,7 +638,8 @@ class OwnMembershipMachine:
         ):
             return
         if (
-            not self._seen_since_join
+            not observation.after_join
+            and not self._seen_since_join
             and self._join_sent_ms is not None
             and now_ms - self._join_sent_ms < self.config.own_membership_grace_ms
         ):

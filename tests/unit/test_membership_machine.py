@@ -572,6 +572,18 @@ def test_missing_before_our_join_is_seen_is_ignored_within_grace() -> None:
     assert "CancelDelayedLeave" in sim.kinds()
 
 
+def test_missing_reported_by_a_sync_asked_for_after_the_join_is_believed_at_once() -> None:
+    # The homeserver fired our old delayed leave after our re-join (it had been down): the
+    # sync that shows it began after the join was answered, so it cannot be stale.
+    sim = joined_sim()
+    sim.observe = False
+    sim.run_for(1000)
+    assert sim.machine.status is MembershipStatus.CONNECTED
+    sim.machine.observe(OwnMembershipMissing(after_join=True), sim.now)
+    sim.run_for(10)
+    assert "CancelDelayedLeave" in sim.kinds()
+
+
 def test_missing_while_not_joined_or_while_joining_is_ignored() -> None:
     m = machine()
     m.observe(OwnMembershipMissing(), T0)
