@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 audit = structlog.get_logger("sfu.audit")
 
 STATUS_KEY = "matrixrtc-sfu:controller:status"
+FAILURE_KEY = "matrixrtc-sfu:controller:homeserver-failed-at"
+_FAILURE_TTL = 3600
 _MIN_SPACING = 0.05  # seconds between two cycles, however much news arrives
 _DOUBT_S = 60.0  # a participant the source could not confirm memberless is left alone this long
 _STANDARD = lkmodels.ParticipantInfo.Kind.STANDARD
@@ -91,6 +93,7 @@ class Controller:
         self._status_redis: Any = None
         self._matrix_visible = source is not None
         self._doubts: dict[str, float] = {}  # sid → monotonic time until which we keep it
+        self._shared_failure = 0.0  # newest homeserver failure any replica saw (wall s)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -225,6 +228,8 @@ class Controller:
                             reason=repr(exc)[:200],
                         )
                 metrics.CONTROLLER_CYCLE.observe(time.monotonic() - started)
+            else:
+                await self._share_failure()
             wait = max(_MIN_SPACING, wait - (time.monotonic() - started))
             if self.source is not None:
                 if await self.source.wait_changed(wait):
@@ -253,6 +258,7 @@ class Controller:
         return self._api
 
     async def run_cycle(self) -> list[_RoomResult]:
+        await self._share_failure()
         now = self._clock()
         rooms = (await self.api.room.list_rooms(lkapi.ListRoomsRequest())).rooms
         since = await self.registry.since()
@@ -321,7 +327,23 @@ class Controller:
 
     def _patient_until(self) -> float:
         failed = self.source.last_failure if self.source is not None else 0.0
+        failed = max(failed, self._shared_failure)
         return failed + self.config.outage_grace if failed else 0.0
+
+    async def _share_failure(self) -> None:
+        """Keep the newest homeserver failure any replica saw in Redis, so a controller that
+        starts (or takes over) just after an outage is as patient as one that saw it."""
+        if self._status_redis is None:
+            return
+        mine = self.source.last_failure if self.source is not None else 0.0
+        try:
+            raw = await self._status_redis.get(FAILURE_KEY)
+            shared = float(raw) if raw is not None else 0.0
+            if mine > shared:
+                await self._status_redis.set(FAILURE_KEY, repr(mine), ex=_FAILURE_TTL)
+            self._shared_failure = max(shared, mine)
+        except Exception as exc:  # Redis trouble: keep what we knew, the cycle goes on
+            log.debug("homeserver failure time not shared", reason=str(exc)[:200])
 
     async def _remove(self, room: str, f: Finding, now: float) -> None:
         p = f.participant
