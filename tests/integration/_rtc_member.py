@@ -6,8 +6,8 @@ Usage: python _rtc_member.py LK_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE 
 Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it. Like
 matrix-js-sdk, it publishes its membership again when its delayed leave turns out to have
 fired (404 on restart, e.g. after a homeserver outage longer than the delay) and, with
-``watch``, when its membership is gone from the room state (seen after a Synapse restart:
-an overdue delayed leave was sent *after* the membership published once it was back).
+``watch``, when its membership is gone from the room (seen after a Synapse restart: an
+overdue delayed leave was persisted *after* the membership published once it was back).
 Without a membership (DELAY_MS = 0) it only holds the LiveKit connection.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from urllib.parse import quote
@@ -52,6 +53,21 @@ async def main() -> None:
                 r.raise_for_status()
             return new_id
 
+        async def own_left() -> bool:
+            """Whether the newest event at our state key, in stream order (what /sync shows
+            everyone else), is a leave. Not GET .../state/...: after a Synapse 1.163.2 restart
+            an overdue delayed leave persisted after our re-published membership is the
+            current state, while GET state kept answering with our membership (seen)."""
+            flt = json.dumps({"types": [CALL_MEMBER], "senders": [user]})
+            url = f"{hs}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages"
+            params = {"dir": "b", "limit": "20", "filter": flt}
+            async with http.get(url, params=params) as r:
+                body = await r.json()
+            for ev in body.get("chunk", []):
+                if ev.get("state_key") == key:
+                    return bool(ev.get("content") == {})
+            return False
+
         if delay:
             content = {
                 "application": "m.call",
@@ -78,8 +94,7 @@ async def main() -> None:
                         await r.read()
                         fired = r.status == 404  # e.g. a homeserver outage: join again
                     if not fired and watch_own:  # overwritten (e.g. by an overdue leave)?
-                        async with http.get(path) as r:
-                            fired = r.status == 404 or (r.status == 200 and await r.json() == {})
+                        fired = await own_left()
                     if fired:
                         delay_id = await publish()
                 except (aiohttp.ClientError, ValueError, KeyError):
