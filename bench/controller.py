@@ -16,10 +16,12 @@ or ``both``. Measured:
   of the call with the media connection kept, ban, and a token not minted by the service;
 - ``failover_s``: SIGKILL of the leading controller until the other reports itself leader;
 - ``false_kicks``: removals of honest members (heartbeating memberships, 10 s delayed leave,
-  publishing again when their membership is gone, as matrix-js-sdk does) during a soak of
-  ``--soak-seconds`` with a Synapse outage longer than the delayed leave (their leaves fire
-  when it is back), a service restart and a controller restart in it; plus whether each
-  honest member is still in LiveKit at the end.
+  publishing again when their membership is gone, as matrix-js-sdk does; plus ``--sticky``
+  ``python -m matrixrtc join --dialect sticky`` members holding only an MSC4354 sticky
+  membership, 8 s delayed sticky leave) during a soak of ``--soak-seconds`` with a Synapse
+  outage longer than the delayed leave (their leaves fire when it is back), a service restart
+  and a controller restart in it; plus whether each honest member is still in LiveKit at the
+  end.
 
 Targets (issue 16): every ghost removed ≤ 5 s after the controller can know, failover ≤ 10 s,
 0 false kicks. Figures are printed, never asserted.
@@ -47,6 +49,7 @@ from livekit import api as lkapi
 from matrixrtc.devstack import LiveKit, Redis, Synapse, new_run_dir
 from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
 from matrixrtc.logging import configure_logging
+from sfu.controller.registry import Grant, RedisRegistry
 from tests.integration.test_sfu_controller import (
     CALL_MEMBER,
     Member,
@@ -59,6 +62,7 @@ from tests.integration.test_sfu_controller import (
     present,
     register_admin,
     spawn_member,
+    spawn_sticky_member,
     time_until,
 )
 
@@ -96,7 +100,11 @@ def _removals(procs: Sequence[ManagedProcess]) -> list[dict[str, Any]]:
 
 
 async def run(
-    soak_seconds: float, honest_count: int, down_seconds: float, source: str = "sync"
+    soak_seconds: float,
+    honest_count: int,
+    down_seconds: float,
+    source: str = "sync",
+    sticky_count: int = 2,
 ) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-controller")
     report: dict[str, Any] = {"source": source}
@@ -162,7 +170,14 @@ async def run(
             # soak
             report.update(
                 await _soak(
-                    st, owner, members, controllers, soak_seconds, honest_count, down_seconds
+                    st,
+                    owner,
+                    members,
+                    controllers,
+                    soak_seconds,
+                    honest_count,
+                    down_seconds,
+                    sticky_count,
                 )
             )
         finally:
@@ -170,6 +185,25 @@ async def run(
             await asyncio.gather(*(p.stop() for p, _u in controllers), sfu_proc.stop())
     report["run_dir"] = str(run_dir)
     return report
+
+
+async def _all_participants(st: Stack) -> list[tuple[str, str]]:
+    async with lkapi.LiveKitAPI(st.lk.http_url, st.lk.api_key, st.lk.api_secret) as api:
+        rooms = (await api.room.list_rooms(lkapi.ListRoomsRequest())).rooms
+        out: list[tuple[str, str]] = []
+        for r in rooms:
+            res = await api.room.list_participants(lkapi.ListParticipantsRequest(room=r.name))
+            out.extend((r.name, p.identity) for p in res.participants)
+    return out
+
+
+async def _grant(st: Stack, lk_room: str, identity: str) -> Grant | None:
+    """The service's record of a LiveKit (room, identity) (sticky identities are hashes)."""
+    registry = RedisRegistry(st.redis.url)
+    try:
+        return (await registry.room_grants(lk_room)).get(identity)
+    finally:
+        await registry.close()
 
 
 async def _ghosts(st: Stack, owner: Any, members: list[Member]) -> dict[str, float | None]:
@@ -232,8 +266,10 @@ async def _soak(
     seconds: float,
     count: int,
     down_seconds: float,
+    sticky_count: int = 0,
 ) -> dict[str, Any]:
-    room = await call_room(st, owner)
+    sticky_users = [await st.hs.register(f"benchsticky{i}") for i in range(sticky_count)]
+    room = await call_room(st, owner, invite=sticky_users)
     honest = list(
         await asyncio.gather(
             *(
@@ -243,6 +279,26 @@ async def _soak(
         )
     )
     members.extend(honest)
+    logs = st.run_dir / "sticky-members"
+    logs.mkdir(parents=True, exist_ok=True)
+    for u in sticky_users:
+        m = Member(u, room, "", "")
+        m.proc = await spawn_sticky_member(st, u, room, logs, 8000)
+        members.append(m)
+    sticky_ids = {u.user_id for u in sticky_users}
+
+    async def sticky_present() -> set[str]:
+        return {
+            g.user_id
+            for lk_room, identity in await _all_participants(st)
+            if (g := await _grant(st, lk_room, identity)) is not None and g.user_id in sticky_ids
+        }
+
+    async def sticky_all_in() -> bool:
+        return await sticky_present() == sticky_ids
+
+    if sticky_users and await time_until(sticky_all_in, 90) is None:
+        raise RuntimeError(f"sticky members never all joined LiveKit: {await sticky_present()}")
     t0 = time.monotonic()
     events: list[str] = []
 
@@ -269,7 +325,11 @@ async def _soak(
     events.append(f"controllers restarted at {time.monotonic() - t0:.0f} s")
     await at(1.0)
     ids = {m.identity for m in honest}
-    false_kicks = [r for r in _removals([p for p, _u in controllers]) if r["identity"] in ids]
+    false_kicks = [
+        r
+        for r in _removals([p for p, _u in controllers])
+        if r["identity"] in ids or r.get("user_id") in sticky_ids
+    ]
     still = 0
     for m in honest:
         if m.identity in await present(st.lk, m.lk_room):
@@ -279,6 +339,8 @@ async def _soak(
         "soak_s": round(time.monotonic() - t0, 1),
         "honest_members": count,
         "honest_still_connected": still,
+        "sticky_members": sticky_count,
+        "sticky_still_connected": len(await sticky_present()),
         "soak_events": events,
     }
 
@@ -295,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how long Synapse stays down in the soak (12: longer than the 10 s delayed leave)",
     )
     parser.add_argument(
+        "--sticky", type=int, default=2, help="sticky-dialect members in the soak (2)"
+    )
+    parser.add_argument(
         "--source",
         choices=("sync", "admin", "both"),
         default="sync",
@@ -303,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(level="warning")  # stderr: stdout carries the figures
     report = asyncio.run(
-        run(args.soak_seconds, args.honest, args.synapse_down_seconds, args.source)
+        run(args.soak_seconds, args.honest, args.synapse_down_seconds, args.source, args.sticky)
     )
     if args.json:
         print(json.dumps(report))
@@ -314,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"soak {report['soak_s']} s, {report['honest_members']} honest members: "
             f"{report['false_kicks']} false kicks, {report['honest_still_connected']} still "
-            f"connected ({'; '.join(report['soak_events'])})"
+            f"connected, {report['sticky_still_connected']}/{report['sticky_members']} sticky "
+            f"members still connected ({'; '.join(report['soak_events'])})"
         )
     return 0
 

@@ -762,6 +762,27 @@ async def test_inside_serve_with_workers_one_worker_leads(synapse: Synapse, run_
             await proc.stop()
 
 
+async def spawn_sticky_member(
+    st: Stack, user: UserCreds, room_id: str, logs: Path, delayed_leave_ms: int
+) -> asyncio.subprocess.Process:
+    """``python -m matrixrtc join --dialect sticky`` in the SFU call of ``room_id`` (no
+    media published, unencrypted): an MSC4354 sticky membership only, as Element Call's
+    matrix_2_0 mode publishes, kept alive by a delayed sticky leave. ``logs`` must exist."""
+    with (logs / f"{user.user_id}.log").open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "matrixrtc", "--log-level", "info", "join"),
+            *("--homeserver", st.hs.base_url, "--user", user.user_id, "--room", room_id),
+            *("--state-dir", str(logs / user.user_id), "--output", "json"),
+            *("--dialect", "sticky", "--media", "sfu", "--e2ee", "off"),
+            *("--publish", "none", "--livekit-service-url", st.sfu.url),
+            *("--delayed-leave-ms", str(delayed_leave_ms)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "MATRIXRTC_PASSWORD": user.password},
+            start_new_session=True,
+        )
+
+
 async def sticky_events(st: Stack, room_id: str, sender: str) -> list[dict[str, Any]]:
     """The ``rtc.member`` events ``sender`` sent to the room, newest first (as the watcher)."""
     assert st.watcher is not None
@@ -809,19 +830,7 @@ async def test_a_sticky_member_is_kept_and_its_ended_membership_removed(
     logs.mkdir(parents=True, exist_ok=True)
     try:
         for u in (ann, bob):
-            with (logs / f"{u.user_id}.log").open("ab") as log:
-                procs[u.user_id] = await asyncio.create_subprocess_exec(
-                    *(sys.executable, "-m", "matrixrtc", "--log-level", "info", "join"),
-                    *("--homeserver", st.hs.base_url, "--user", u.user_id, "--room", room_id),
-                    *("--state-dir", str(logs / u.user_id), "--output", "json"),
-                    *("--dialect", "sticky", "--media", "sfu", "--e2ee", "off"),
-                    *("--publish", "none", "--livekit-service-url", st.sfu.url),
-                    *("--delayed-leave-ms", "3000"),
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=log,
-                    env={**os.environ, "MATRIXRTC_PASSWORD": u.password},
-                    start_new_session=True,
-                )
+            procs[u.user_id] = await spawn_sticky_member(st, u, room_id, logs, 3000)
 
         async def rows() -> dict[str, dict[str, Any]]:
             status, snap = await st.sfu.get("/status", STATUS_TOKEN)
