@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
@@ -101,6 +102,8 @@ class LegacyMeshCall:
         self.room_encrypted = False
         self.members: dict[DeviceRef, str] = {}
         self.dropped_signalling = 0
+        # (sender device, event type) -> count of accepted m.call.* events (observability)
+        self.received: Counter[tuple[str, str]] = Counter()
         self._wake = asyncio.Event()
         self._tasks = OwnedTasks("legacy-mesh", log, event_prefix="legacy_mesh")
         self._updates: Subscription[RoomUpdate] | None = None
@@ -262,6 +265,7 @@ class LegacyMeshCall:
                 self.dropped_signalling += 1
                 self._log.warning("legacy_mesh.signalling_dropped", reason=problem)
                 continue
+            self.received[(str(ev.content.get("device_id")), ev.type)] += 1
             self.engine.receive(ev.sender, ev.type, ev.content)
 
     async def send_to_device(

@@ -1,0 +1,179 @@
+"""matrix-js-sdk's legacy ``GroupCall`` (the 2022 MSC3401 full mesh Element Call used until
+mid-2023; js-sdk 43, pinned in package.json) in Chromium against :class:`LegacyMeshCall`, over
+a real Synapse in an unencrypted room: the peer has no crypto, so signalling is plaintext both
+ways (js-sdk's Olm path is gone since v37). Each direction of calling, media decoded on both
+sides, a call where we send video only, and the hangup delivered both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from matrixrtc.devstack import Chromium, Synapse
+from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.engine import MeshConfig, MeshEngine
+from matrixrtc.mesh.legacy_link import LegacyMeshCall
+from matrixrtc.session.mesh_signalling import DeviceRef
+from tests.browser.helpers import BROWSER_DIR, run_node, serve_dir
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+PAGE = BROWSER_DIR / "legacy_groupcall"
+CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def page_dist(run_dir: Path) -> AsyncIterator[Path]:
+    """The page bundled with the repository's matrix-js-sdk by web/'s pinned vite (~3 s)."""
+    out = run_dir / "legacy-groupcall-dist"
+    vite = REPO / "web" / "node_modules" / ".bin" / "vite"
+    if not vite.exists() or shutil.which("node") is None:
+        pytest.skip("web/node_modules missing: run make bootstrap")
+    proc = await asyncio.create_subprocess_exec(
+        str(vite), "build", str(PAGE), "--config", str(PAGE / "vite.config.mjs"),
+        "--outDir", str(out),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log, _ = await proc.communicate()
+    assert proc.returncode == 0, log.decode()[-2000:]
+    yield out
+
+
+def decoded(engine: MeshEngine | None, peer: DeviceRef, kind: str) -> int:
+    link = None if engine is None else engine.link_for(peer)
+    if link is None or kind not in link.stats:
+        return 0
+    return link.stats[kind].frames_decoded
+
+
+async def run_page(
+    chromium: Chromium, url: str, options: dict[str, Any], limit_s: float
+) -> dict[str, Any]:
+    out = await run_node(
+        "eval_page.mjs",
+        chromium.devtools_url,
+        url,
+        "runGroupCall",
+        json.dumps(options),
+        limit=limit_s,
+    )
+    line = json.loads(out.strip().splitlines()[-1])
+    # js-sdk's own call log lines, shown by pytest when a test fails.
+    for text in line["console"]:
+        if any(w in text for w in ("Call", "call", "error", "warn")) and "sync" not in text:
+            print("page:", text[:400])
+    result: dict[str, Any] = line["result"]
+    return result
+
+
+async def poll_until(
+    task: asyncio.Task[Any], predicate: Callable[[], bool], within: float, what: str
+) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if task.done():
+            task.result()  # the page failed: raise its error
+            raise AssertionError(f"the page finished before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def page_options(synapse: Synapse, creds: Any, room: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "baseUrl": synapse.base_url,
+        "userId": creds.user_id,
+        "accessToken": creds.access_token,
+        "deviceId": creds.device_id,
+        "roomId": room,
+        "limitMs": 40_000,
+        **extra,
+    }
+
+
+async def test_we_call_legacy_js_sdk_media_both_ways_and_its_hangup_arrives(
+    synapse: Synapse, chromium: Chromium, user_factory: Any, page_dist: Path
+) -> None:
+    py, js = await user_factory("lgca-py"), await user_factory("lgcz-js")  # we sort lower: we call
+    room = await synapse.create_call_room(py, invite=[js])
+    async with (
+        Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
+        LegacyMeshCall(
+            hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
+        ) as call,
+        serve_dir(page_dist) as base,
+    ):
+        peer = DeviceRef(js.user_id, js.device_id)
+        opts = page_options(synapse, js, room, stayMs=10_000)
+        page = asyncio.create_task(run_page(chromium, base + "/index.html", opts, 60))
+        await poll_until(
+            page,
+            lambda: (
+                decoded(call.engine, peer, "video") > 20
+                and decoded(call.engine, peer, "audio") > 20
+            ),
+            30,
+            "the browser's audio and video decoded here",
+        )
+        result = await page
+        assert result["groupCallId"] == call.conf_id
+        ours = result["stats"][f"{py.user_id}|{hs.device_id}"]
+        assert ours["video"] > 20, ours  # frames decoded in Chromium
+        assert ours["audio"] > 0, ours  # samples rendered in Chromium
+        # js-sdk's leave: its hangup reaches us (plaintext, in order after its other events).
+        await poll_until(
+            asyncio.ensure_future(asyncio.sleep(10)),
+            lambda: call.received[(js.device_id, "m.call.hangup")] >= 1,
+            10,
+            "the browser's hangup",
+        )
+        assert call.engine is not None
+        assert call.engine.link_for(peer) is None
+        assert call.dropped_signalling == 0
+
+
+async def test_legacy_js_sdk_calls_us_video_only_and_our_hangup_arrives(
+    synapse: Synapse, chromium: Chromium, user_factory: Any, page_dist: Path
+) -> None:
+    js, py = await user_factory("lgca-js"), await user_factory("lgcz-py")  # the browser calls
+    room = await synapse.create_call_room(py, invite=[js])
+    async with (
+        Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
+        serve_dir(page_dist) as base,
+    ):
+        peer = DeviceRef(js.user_id, js.device_id)
+        call = LegacyMeshCall(hs, room, sources=[SyntheticVideoTrack(320, 240, 15)], config=CONFIG)
+        async with call:
+            opts = page_options(synapse, js, room, untilHangupFrom=hs.device_id)
+            page = asyncio.create_task(run_page(chromium, base + "/index.html", opts, 60))
+            await poll_until(
+                page,
+                lambda: (
+                    decoded(call.engine, peer, "video") > 20
+                    and decoded(call.engine, peer, "audio") > 20
+                ),
+                30,
+                "the browser's audio and video decoded here",
+            )
+            await asyncio.sleep(2.0)  # the browser decodes our video meanwhile
+        # We left: our hangup ends the browser's call, which reports it.
+        result = await page
+        ours = result["stats"][f"{py.user_id}|{hs.device_id}"]
+        assert ours["video"] > 10, ours
+        assert ours["audioPackets"] == 0, ours  # we sent video only
+        assert any(
+            h["deviceId"] == hs.device_id and h["reason"] == "user_hangup"
+            for h in result["hangups"]
+        ), result["hangups"]
+        assert result["elapsedMs"] < 38_000
