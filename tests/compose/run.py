@@ -227,10 +227,11 @@ class Docker:
 class Compose:
     docker: Docker
     env_file: Path
+    program: str = "docker-compose"  # Debian's v1.29, or a Compose v2 binary (--compose)
 
     def argv(self, env_file: Path | None = None) -> list[str]:
         return [
-            "docker-compose", "-p", PROJECT, "--project-directory", str(ROOT),
+            self.program, "-p", PROJECT, "--project-directory", str(ROOT),
             "-f", str(COMPOSE), "-f", str(OVERLAY),
             "--env-file", str(env_file or self.env_file), "--profile", "demo",
             "--profile", "turn",
@@ -882,12 +883,15 @@ def inside(args: argparse.Namespace) -> int:
     env = test_env()
     env_file = run_dir / "test.env"
     write_env(env_file, env)
-    compose = Compose(docker, env_file)
+    compose = Compose(docker, env_file, args.compose)
     ok = False
     try:
         t0 = time.monotonic()
         docker.start()
         report.figures["dockerd_s"] = round(time.monotonic() - t0, 1)
+        version = run([args.compose, "version"], env=docker.env).stdout.strip()
+        report.figures["compose"] = version.splitlines()[0] if version else args.compose
+        log(f"compose: {report.figures['compose']}")
         # A run that died half-way leaves its project in the cached data root.
         compose("down", "-v", "--remove-orphans", check=False, timeout=180)
         build_images(docker, compose, Path(args.rootfs), report)
@@ -1018,6 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--rootfs", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compose",
+        default="docker-compose",
+        help="the compose program: Debian's docker-compose 1.29 (default) or a Compose v2 "
+        "binary (scripts/compose-v2 builds one)",
+    )
     args = parser.parse_args(argv)
     if args.inside:
         return inside(args)
@@ -1040,6 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--kill-child=SIGTERM",
             sys.executable, "-m", "tests.compose.run", "--inside",
             f"--run-dir={run_dir}", f"--rootfs={rootfs}", f"--call-seconds={args.call_seconds}",
+            f"--compose={args.compose}",
         ],
         cwd=ROOT,
     )  # fmt: skip

@@ -46,10 +46,19 @@ REQUIRED = {
 }
 
 V1 = shutil.which("docker-compose")
+# Compose v2 as scripts/compose-v2 builds it (not packaged in Debian bookworm); checked too
+# when present.
+V2 = (
+    Path(os.environ.get("MATRIXRTC_CACHE_DIR") or Path.home() / ".cache" / "matrixrtc")
+    / "compose-v2.40.3"
+    / "docker-compose"
+)
 
 
 def _compose_tools() -> list[list[str]]:
     tools = [[V1]] if V1 else []
+    if V2.is_file():
+        tools.append([str(V2)])
     docker = shutil.which("docker")
     if (
         docker
