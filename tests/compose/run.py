@@ -948,8 +948,8 @@ def inside(args: argparse.Namespace) -> int:
         compose("logs", "--no-color", check=False, timeout=60)  # kept below on failure
         check_down(compose)
         ok = True
-    except Exception as exc:  # Failed, a timeout, a bug: logs kept, the stack taken down
-        log(f"FAILED: {exc!r}" if not isinstance(exc, Failed) else f"FAILED: {exc}")
+    except (Exception, SystemExit) as exc:  # Failed, a bug, SIGTERM: logs kept, stack down
+        log(f"FAILED: {exc}" if isinstance(exc, Failed) else f"FAILED: {exc!r}")
         logs = compose("logs", "--no-color", "--tail", "60", check=False, timeout=60)
         (run_dir / "compose.log").write_text(logs.stdout + logs.stderr)
         log(f"logs in {run_dir}")
@@ -1057,6 +1057,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     netns = namespace_of(proc.pid)
     try:
         code = proc.wait()
+    except SystemExit as exc:  # our own SIGTERM (a timeout): clean up, then report
+        code = int(exc.code or 1)
+        log("interrupted: stopping the test inside the namespace")
     finally:
         if proc.poll() is None:  # interrupted (a timeout's SIGTERM): unshare ignores it, so
             for pid in processes_in(netns):  # the test inside gets it: down, dockerd stopped
