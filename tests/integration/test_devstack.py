@@ -354,7 +354,9 @@ async def test_every_command_has_help() -> None:
 
 
 async def test_demo_prints_its_summary(run_dir: Path) -> None:
-    proc = await _start_cli("demo", "--run-dir", str(run_dir / "demo"))
+    # A 6 s call instead of the demo's 20 s: the report's shape and non-zero frames with no
+    # decrypt failure are what is checked, not how many frames (saves ~14 s of CI).
+    proc = await _start_cli("demo", "--duration", "6", "--run-dir", str(run_dir / "demo"))
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
