@@ -144,6 +144,7 @@ class ParticipantStats:
     # 100 ms frames out of the SDK's audio stream. It plays concealment/silence when nothing
     # decrypts, so this counts time, not decrypted audio.
     audio_frames: int = 0
+    first_audio_at: float | None = None
     last_audio_at: float | None = None
     first_video_at: float | None = None
     last_video_at: float | None = None
@@ -646,6 +647,8 @@ class LiveKitConnection:
             async for event in stream:
                 stats.audio_frames += 1
                 stats.last_audio_at = self._clock()
+                if stats.first_audio_at is None:
+                    stats.first_audio_at = stats.last_audio_at
                 if self._frames is not None and self._frames.listening:
                     self._frames(stats.identity, audio_to_av(event.frame, samples))
                 samples += event.frame.samples_per_channel

@@ -67,8 +67,10 @@ class MediaTransport(Protocol):
         """Whether ``peer``'s media reaches us over this transport, judged by what the peer
         actually publishes on it: a frame that arrived at or after ``since`` of its video (if
         it publishes video and ``video``, i.e. the call carries video, or video is all it
-        publishes), else of its audio (decrypting); a peer that publishes nothing counts once
-        it is connected. So a switch settles as soon as an audio-only peer is heard."""
+        publishes), else of its audio (decrypting). So a switch settles as soon as an
+        audio-only peer is heard. A peer that publishes nothing counts once connected where
+        the transport can tell (the mesh: its description and muted kinds); the SFU cannot
+        tell it from a peer about to publish, so there it is waited for."""
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         """The decoded-video counters of ``peer`` on this transport (none: not connected)."""

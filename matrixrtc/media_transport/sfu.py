@@ -24,6 +24,10 @@ __all__ = ["LiveKitMedia", "probe_livekit"]
 
 log = structlog.get_logger(__name__)
 
+# How long a peer's audio must have been heard, with no video announced, before a switch
+# settles on its audio alone (see LiveKitMedia.carries).
+AUDIO_ONLY_GRACE_S = 0.5
+
 
 class LiveKitMedia:
     """See the module docstring. ``lk`` is the running :class:`LiveKitTransport`."""
@@ -84,14 +88,18 @@ class LiveKitMedia:
             if "video" in kinds and (video or "audio" not in kinds):
                 if stats is not None and (stats.last_video_at or 0.0) >= since:
                     return True
-            elif "audio" in kinds:
-                # Audio frames keep coming (concealment) when nothing decrypts: only while
-                # the peer's media decrypts do they show it reaches us.
-                at = stats.last_audio_at if stats is not None else None
-                if (at or 0.0) >= since and conn.decrypting(identity):
+            elif "audio" in kinds and stats is not None and stats.first_audio_at is not None:
+                # LiveKit announces each track once it is published, so a peer that also sends
+                # video may show only its audio for a moment: its audio alone counts once heard
+                # for AUDIO_ONLY_GRACE_S with still no video announced (at once when the call
+                # carries no video). Audio frames keep coming (concealment) when nothing
+                # decrypts: only while the peer's media decrypts do they show it reaches us.
+                heard = (stats.last_audio_at or 0.0) - max(stats.first_audio_at, since)
+                grace = AUDIO_ONLY_GRACE_S if video else 0.0
+                if heard >= grace and conn.decrypting(identity):
                     return True
-            else:
-                return True  # in the room and publishing nothing: nothing to wait for
+            # In the room with nothing announced: not yet published, or publishing nothing
+            # (the two look alike here); wait (settle_timeout_s bounds it).
         return False
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
