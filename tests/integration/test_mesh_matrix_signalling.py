@@ -54,7 +54,8 @@ async def _forged_hangup(synapse: Synapse, run_dir: Path, *, encrypted: bool) ->
 ]:  # fmt: skip
     """A two-party call; p2's *user* (another device, no Olm) sends p1 a plaintext hangup
     naming p2's call device, call id and sessions. Returns p1, the call id, p1's link to p2
-    three seconds later (None when closed)."""
+    in the report after p1 showed it handled the hangup (None when closed): dropped it (its
+    ``signalling_dropped`` count grew) or ended the call (the link is gone or is a new call)."""
     tag = secrets.token_hex(3)
     prov = await provision(synapse.base_url, [f"sig1-{tag}", f"sig2-{tag}"], encrypted=encrypted)
     configs = [
@@ -97,11 +98,19 @@ async def _forged_hangup(synapse: Synapse, run_dir: Path, *, encrypted: bool) ->
             "reason": "user_hangup",
         }
         token = await _login(prov.base_url, p2.device[0], prov.users[1][1])
+        dropped = p1.latest["signalling_dropped"]
         await _send_plaintext(
             prov.base_url, token, p1.device[0], p1.device[1], "m.call.hangup", hangup
         )
-        await asyncio.sleep(3)
-        count = len(p1.stats)
+
+        def handled(p: ParticipantProcess) -> bool:
+            assert p.latest is not None
+            link = _link(p, p2)
+            ended = link is None or link["call_id"] != call_id
+            return ended or p.latest["signalling_dropped"] > dropped
+
+        await p1.wait_until(handled, 10)
+        count = len(p1.stats)  # one more report: a dropped hangup must not end it later
         await p1.wait_until(lambda p: len(p.stats) > count, 5)
         return p1, call_id, _link(p1, p2)
 
