@@ -177,3 +177,65 @@ async def test_legacy_js_sdk_calls_us_video_only_and_our_hangup_arrives(
             for h in result["hangups"]
         ), result["hangups"]
         assert result["elapsedMs"] < 38_000
+
+
+@pytest.mark.media_matrix
+async def test_three_party_mesh_two_browsers_and_us_then_a_browser_rejoins(
+    synapse: Synapse, chromium: Chromium, user_factory: Any, page_dist: Path
+) -> None:
+    # We sort between the two browsers: we are called by one and call the other.
+    ja = await user_factory("lgc3a-js")
+    py = await user_factory("lgc3m-py")
+    jz = await user_factory("lgc3z-js")
+    room = await synapse.create_call_room(py, invite=[ja, jz])
+    async with (
+        Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
+        LegacyMeshCall(
+            hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
+        ) as call,
+        serve_dir(page_dist) as base,
+    ):
+        url = base + "/index.html"
+        pa, pz = DeviceRef(ja.user_id, ja.device_id), DeviceRef(jz.user_id, jz.device_id)
+        pages = [
+            asyncio.create_task(
+                run_page(chromium, url, page_options(synapse, c, room, stayMs=14_000), 60)
+            )
+            for c in (ja, jz)
+        ]
+        await poll_until(
+            pages[0],
+            lambda: all(
+                decoded(call.engine, p, k) > 20 for p in (pa, pz) for k in ("video", "audio")
+            ),
+            40,
+            "both browsers decoded here",
+        )
+        ra, rz = await asyncio.gather(*pages)
+        me = f"{py.user_id}|{hs.device_id}"
+        for result, other in ((ra, jz), (rz, ja)):
+            assert result["stats"][me]["video"] > 20, result["stats"]
+            assert result["stats"][f"{other.user_id}|{other.device_id}"]["video"] > 20, result[
+                "stats"
+            ]
+        # A browser comes back (a new page: a new js-sdk session id): we call it again.
+        assert call.engine is not None
+        assert call.engine.link_for(pa) is None
+        before = (
+            call.received[(ja.device_id, "m.call.answer")]
+            + call.received[(ja.device_id, "m.call.invite")]
+        )
+        again = asyncio.create_task(
+            run_page(chromium, url, page_options(synapse, ja, room, stayMs=8_000), 60)
+        )
+        await poll_until(
+            again, lambda: decoded(call.engine, pa, "video") > 20, 30, "the rejoined browser"
+        )
+        result = await again
+        assert result["sessionId"] != ra["sessionId"]
+        assert result["stats"][me]["video"] > 10
+        after = (
+            call.received[(ja.device_id, "m.call.answer")]
+            + call.received[(ja.device_id, "m.call.invite")]
+        )
+        assert after > before
