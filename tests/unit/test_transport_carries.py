@@ -1,0 +1,97 @@
+"""``MediaTransport.carries`` judges a peer by what it actually publishes (the switch settles on
+it): the SFU transport against fake LiveKit connections, the mesh against a fake engine link.
+No network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from matrixrtc.agent import Participant
+from matrixrtc.livekit.connection import ParticipantStats
+from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.media_transport.mesh import MeshMedia
+from matrixrtc.media_transport.sfu import AUDIO_ONLY_GRACE_S, LiveKitMedia
+
+PEER = cast(Participant, type("P", (), {"rtc_backend_identity": "bob", "user_id": "@b:x",
+                                        "device_id": "B"})())  # fmt: skip
+SINCE = 100.0
+
+
+@dataclass
+class FakeConn:
+    kinds: frozenset[str] | None = None
+    stats: dict[str, ParticipantStats] = field(default_factory=dict)
+    failing: bool = False
+
+    def published_kinds(self, identity: str) -> frozenset[str] | None:
+        return self.kinds
+
+    def decrypting(self, identity: str) -> bool:
+        return not self.failing
+
+
+def sfu(conn: FakeConn) -> LiveKitMedia:
+    media = LiveKitMedia(cast(Any, None))
+    media.lk = cast(Any, type("LK", (), {"connections": {"t": conn}})())
+    return media
+
+
+def test_sfu_video_peer_needs_video_since_the_switch() -> None:
+    conn = FakeConn(frozenset({"audio", "video"}), {"bob": ParticipantStats("bob")})
+    s = conn.stats["bob"]
+    s.first_audio_at, s.last_audio_at = SINCE, SINCE + 5  # audio alone is not enough
+    assert not sfu(conn).carries(PEER, SINCE, video=True)
+    s.last_video_at = SINCE - 1  # a frame from before the switch does not count
+    assert not sfu(conn).carries(PEER, SINCE, video=True)
+    s.last_video_at = SINCE + 0.1
+    assert sfu(conn).carries(PEER, SINCE, video=True)
+
+
+def test_sfu_audio_only_peer_counts_once_heard_for_the_grace() -> None:
+    conn = FakeConn(frozenset({"audio"}), {"bob": ParticipantStats("bob")})
+    s = conn.stats["bob"]
+    assert not sfu(conn).carries(PEER, SINCE, video=True)  # nothing heard yet
+    s.first_audio_at, s.last_audio_at = SINCE - 3, SINCE + AUDIO_ONLY_GRACE_S / 2
+    assert not sfu(conn).carries(PEER, SINCE, video=True)  # its video may still be announced
+    assert sfu(conn).carries(PEER, SINCE, video=False)  # an audio call needs no grace
+    s.last_audio_at = SINCE + AUDIO_ONLY_GRACE_S
+    assert sfu(conn).carries(PEER, SINCE, video=True)
+    conn.failing = True  # concealment while nothing decrypts is not media reaching us
+    assert not sfu(conn).carries(PEER, SINCE, video=True)
+
+
+def test_sfu_peer_with_nothing_announced_or_absent_is_waited_for() -> None:
+    assert not sfu(FakeConn(frozenset())).carries(PEER, SINCE, video=True)
+    assert not sfu(FakeConn(None)).carries(PEER, SINCE, video=True)
+
+
+@dataclass
+class FakeLink:
+    remote_kinds: set[str]
+    stats: dict[str, ReceiveStats]
+    connected_at: float | None = None
+    peer: object = None
+
+
+def mesh(link: FakeLink, muted: frozenset[str] = frozenset()) -> MeshMedia:
+    engine = type(
+        "E", (), {"link_for": lambda self, p: link, "remote_muted": lambda self, p: muted}
+    )()
+    media = MeshMedia(cast(Any, None))
+    media.link = cast(Any, type("L", (), {"engine": engine})())
+    return media
+
+
+def test_mesh_judges_by_the_tracks_the_peer_sends_minus_its_muted_kinds() -> None:
+    video, audio = ReceiveStats(kind="video"), ReceiveStats(kind="audio")
+    link = FakeLink({"audio", "video"}, {"video": video, "audio": audio}, connected_at=SINCE)
+    audio.last_frame_at = SINCE + 1
+    assert not mesh(link).carries(PEER, SINCE, video=True)  # sends video: wait for it
+    assert mesh(link, frozenset({"video"})).carries(PEER, SINCE, video=True)  # muted: audio
+    video.last_frame_at = SINCE + 1
+    assert mesh(link).carries(PEER, SINCE, video=True)
+    silent = FakeLink(set(), {}, connected_at=None)
+    assert not mesh(silent).carries(PEER, SINCE, video=True)
+    silent.connected_at = SINCE  # sends nothing at all: carried once connected
+    assert mesh(silent).carries(PEER, SINCE, video=True)
