@@ -9,6 +9,8 @@ import av
 import numpy as np
 from livekit import rtc
 
+from matrixrtc.media.frames import SAMPLE_CLOCK
+
 __all__ = ["AudioToRtc", "audio_to_av", "video_to_av", "video_to_rtc"]
 
 _LAYOUTS = {1: "mono", 2: "stereo"}
@@ -74,6 +76,7 @@ def audio_to_av(frame: rtc.AudioFrame, sample_index: int | None = None) -> av.Au
     if sample_index is not None:
         out.pts = sample_index
         out.time_base = fractions.Fraction(1, frame.sample_rate)
+        out.opaque = SAMPLE_CLOCK
     return out
 
 

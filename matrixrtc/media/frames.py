@@ -17,14 +17,25 @@ from __future__ import annotations
 import fractions
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar
+from typing import Final, Generic, TypeAlias, TypeVar
 
 import av
 
-__all__ = ["AvFrame", "EncodedFrame", "FrameTap", "TapFrame", "vp8_frame_size"]
+__all__ = ["SAMPLE_CLOCK", "AvFrame", "EncodedFrame", "FrameTap", "TapFrame", "vp8_frame_size"]
 
 AvFrame: TypeAlias = av.VideoFrame | av.AudioFrame
 K = TypeVar("K")
+
+
+class _SampleClock:
+    def __repr__(self) -> str:
+        return "SAMPLE_CLOCK"
+
+
+SAMPLE_CLOCK: Final = _SampleClock()
+"""``frame.opaque`` of an audio frame whose ``pts`` counts the samples its *receiver* handed out
+(LiveKit's audio has no timestamp), not its sender's clock: that count runs ahead when the
+receiver stretches audio and behind when it drops some; the recorder corrects for both."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -53,7 +53,7 @@ import numpy as np
 import structlog
 
 from matrixrtc.errors import LocalError
-from matrixrtc.media.frames import EncodedFrame, vp8_frame_size
+from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
 from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile
 
 __all__ = [
@@ -69,16 +69,18 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 GAP_S: Final = 0.1  # more than this without audio is a gap
-# Stamped audio (its sender's timing is known) further than this from where it belongs is moved
-# back into place: silence is inserted, or the overlap dropped. A receiver's jitter buffer
-# stretches audio when it runs dry (libwebrtc's NetEq on the SFU, under load): counting samples
-# alone would let every such stretch push all later audio behind its video.
+# Audio stamped by a receiver's sample count (SAMPLE_CLOCK: LiveKit's) further than this from
+# where it belongs is moved back into place: silence is inserted, or the overlap dropped. The
+# receiver's jitter buffer stretches audio when it runs dry and drops some when it falls behind
+# (libwebrtc's NetEq, under load): counting samples alone would carry every such change into
+# all later audio. Audio stamped by its sender (RTP time: the mesh) is its content's own
+# clock: it is written as it came, and only a gap longer than GAP_S is filled.
 DRIFT_S: Final = 0.04
-HOLD_S: Final = 0.5  # frames wait this long in the writer before they are placed in time
+HOLD_S: Final = 1.2  # frames wait this long in the writer before they are placed in time
 _JUMP_S: Final = 5.0  # a sender clock jumping this far is a new stream
 _REANCHOR_S: Final = 2.0  # frames this much later than the sender's clock says: re-anchor
 _FILL_S: Final = 10.0  # audio gaps up to this long are written as silence
-_LATE_WINDOW_S: Final = 0.4  # all frames this long late: the stream lost time (< HOLD_S)
+_LATE_WINDOW_S: Final = 1.0  # all frames this long late: the stream lost time (< HOLD_S)
 _WAIT_FOR_VIDEO_S: Final = 2.0  # audio-first segments wait this long to learn the video size
 _MS: Final = fractions.Fraction(1, 1000)
 _KEYFRAME_ASK_S: Final = 0.5  # copied video waiting for a key frame asks this often
@@ -185,7 +187,7 @@ class SegmentWriter:
                     # its first sample was there one frame earlier.
                     arrival -= frame.samples / frame.sample_rate
                 src = frame.time
-                timelines[kind].observe(arrival, src)
+                timelines[kind].observe(arrival, src, sample_clock=_sample_clock(frame))
                 held.append((kind, arrival, src, frame))
                 release(arrival - HOLD_S)
             release(float("inf"))
@@ -214,21 +216,24 @@ class _Timeline:
     placed at their arrival. A jump in the sender's clock (a new stream) or a lasting extra
     delay re-anchors the stream at the current frame.
 
-    A stream whose clock falls behind for good — every frame of the last ``_LATE_WINDOW_S``
-    (sender time) later than the offset says, by more than ``DRIFT_S`` — lost time, not
-    just arrived late (LiveKit audio stamped by its sample count, when the receiver drops
-    audio): from its first late frame on it is placed with the larger delay. A stall followed
-    by a burst never does this: the burst's last frames arrive on time again.
+    A sample-clock stream (``SAMPLE_CLOCK``: stamped by the receiver's sample count) that
+    falls behind for good — every frame of the last ``_LATE_WINDOW_S`` (stream time) later
+    than the offset says, by more than ``GAP_S`` — lost audio, not just arrived late: from
+    its first late frame on it is placed with the larger delay. A stall followed by a burst
+    never does this: the burst's last frames arrive on time again. Sender-stamped streams
+    never need it: lost media shows as a jump in their stamps. A sample-clock stream's offset
+    changes apply from the frame that showed them on, never to frames before it (their
+    count was right).
     """
 
     def __init__(self) -> None:
         self.offset: float | None = None
         self.last_src: float | None = None
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
-        self._raised_at: float | None = None  # frames before this src keep the old offset
-        self._before: float | None = None
+        # Sample clock: (from this src on, this offset); earlier frames keep earlier offsets.
+        self._steps: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
 
-    def observe(self, arrival: float, src: float | None) -> None:
+    def observe(self, arrival: float, src: float | None, *, sample_clock: bool = False) -> None:
         if src is None:
             return
         delay = arrival - src
@@ -241,7 +246,11 @@ class _Timeline:
         ):
             self.offset = delay
             self._recent.clear()
+            self._step(src, delay)
         self.last_src = src
+        if not sample_clock:
+            self._steps.clear()  # one offset for every frame: a burst's first frames too
+            return
         recent = self._recent
         recent.append((src, delay))
         while len(recent) > 1 and recent[1][0] <= src - _LATE_WINDOW_S:
@@ -249,16 +258,26 @@ class _Timeline:
         if recent[0][0] <= src - _LATE_WINDOW_S:  # the window is covered by frames
             window = [(s, d) for s, d in recent if s > src - _LATE_WINDOW_S]
             late = min(d for _, d in window)
-            if late > self.offset + DRIFT_S:
-                self._before, self._raised_at = self.offset, window[0][0]
+            if late > self.offset + GAP_S:
                 self.offset = late
+                self._step(window[0][0], late)
+
+    def _step(self, src: float, offset: float) -> None:
+        while self._steps and self._steps[-1][0] >= src:
+            self._steps.pop()
+        self._steps.append((src, offset))
 
     def place(self, arrival: float, src: float | None) -> float:
         if src is None or self.offset is None:
             return arrival
-        if self._raised_at is not None and self._before is not None and src < self._raised_at:
-            return src + self._before
+        for since, offset in reversed(self._steps):
+            if src >= since:
+                return src + offset
         return src + self.offset
+
+
+def _sample_clock(frame: _Item) -> bool:
+    return isinstance(frame, av.AudioFrame) and frame.opaque is SAMPLE_CLOCK
 
 
 def _silence_like(frame: av.AudioFrame, samples: int) -> av.AudioFrame:
@@ -398,8 +417,9 @@ class _Muxer:
                 format="s16", layout="stereo", rate=_AUDIO_RATE, frame_size=960
             )
         start = round(t * _AUDIO_RATE)  # where this frame's first sample belongs
-        # Unstamped frames are placed by arrival, which jitters: only a real gap moves them.
-        drift = DRIFT_S if frame.time is not None else GAP_S
+        # Only a sample clock's audio is kept within DRIFT_S (see there).
+        sample_clock = _sample_clock(frame)
+        drift = DRIFT_S if sample_clock else GAP_S
         if not stats.frames["audio"]:
             # Silence before the first frame is no gap.
             self.samples = self.fed = max(0, start)
@@ -416,7 +436,7 @@ class _Muxer:
             else:  # a long pause (muted): a jump in the timestamps costs no bytes
                 self.samples += gap
             self.fed += gap
-        elif self.fed - start > drift * _AUDIO_RATE and frame.time is not None:
+        elif self.fed - start > drift * _AUDIO_RATE and sample_clock:
             # Written audio runs ahead of this frame's time: drop what overlaps.
             cut = round((self.fed - start) * frame.sample_rate / _AUDIO_RATE)
             stats.trimmed_s += min(cut, frame.samples) / frame.sample_rate

@@ -12,6 +12,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from matrixrtc.livekit.frames import AudioToRtc, audio_to_av, video_to_av, video_to_rtc
+from matrixrtc.media.frames import SAMPLE_CLOCK
 from matrixrtc.media.published import PublishedTrack
 
 
@@ -196,4 +197,5 @@ def test_audio_to_av_stamps_the_streams_sample_count() -> None:
     frame.sample_rate = 48_000
     (lk,) = AudioToRtc().convert(frame)
     assert audio_to_av(lk, 96_000).time == pytest.approx(2.0)
+    assert audio_to_av(lk, 96_000).opaque is SAMPLE_CLOCK  # the receiver's count, not sender time
     assert audio_to_av(lk).time is None

@@ -21,7 +21,7 @@ from nacl.public import PrivateKey
 
 from matrixrtc.cli import build_parser
 from matrixrtc.e2ee.sealed_stream import TruncatedStream
-from matrixrtc.media.frames import EncodedFrame, vp8_frame_size
+from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
 from matrixrtc.media.recorder import Recorder, SegmentWriter
 from matrixrtc.media.sealed_file import decrypt_file
 from tests.media_samples import (
@@ -376,6 +376,7 @@ def test_stamped_audio_stays_in_step(tmp_path: Path, change: str) -> None:
         aframe.sample_rate = 48_000
         aframe.pts = count
         aframe.time_base = fractions.Fraction(1, 48_000)
+        aframe.opaque = SAMPLE_CLOCK
         count += len(chunk)
         events.append(((i + 1) * 0.1 + 0.05, "audio", aframe))
     for t, kind, frame in sorted(events, key=lambda e: e[0]):
@@ -479,3 +480,29 @@ def test_vp8_frame_size_reads_key_frames_only() -> None:
     assert vp8_frame_size(key) == (320, 240)
     assert vp8_frame_size(delta) is None
     assert vp8_frame_size(b"\x00" * 4) is None
+
+
+def test_sender_stamped_audio_is_written_as_it_came(tmp_path: Path) -> None:
+    """RTP-stamped audio (the mesh) that arrives 150 ms late for 1.5 s (a congested event
+    loop; nothing lost) and on time again: written contiguously, every beep one second after
+    the last — no silence inserted while it was late, nothing dropped when it caught up."""
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "late.webm", clock=clock)
+    start = clock.now
+    pcm = tone(7, beeps=True)
+    for i in range(300):  # 20 ms frames
+        late = 0.15 if 100 <= i < 175 else 0.0
+        clock.now = start + (i + 1) * 0.02 + 0.03 + late
+        aframe = av.AudioFrame.from_ndarray(
+            pcm[i * 960 : (i + 1) * 960].reshape(1, -1), format="s16", layout="mono"
+        )
+        aframe.sample_rate = 48_000
+        aframe.pts = 1_000_000 + i * 960
+        aframe.time_base = fractions.Fraction(1, 48_000)
+        writer.put("audio", aframe)
+    writer.close()
+    assert (writer.stats.gaps, writer.stats.trimmed_s) == (0, 0)
+    _, audio, _ = read_media(tmp_path / "late.webm")
+    onsets = beep_onsets(audio)
+    assert len(onsets) == 5, onsets  # 1 s … 5 s (the one at 0 has no quiet before it)
+    assert np.allclose(np.diff(onsets), 1.0, atol=0.006), onsets
