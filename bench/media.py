@@ -9,8 +9,8 @@ Run inside the private network namespace::
   process CPU time (all threads: encoding, muxing, writing) over the window, per stream, as %
   of one core; ``dropped_frames`` are frames the writers could not take. Receiving and
   decoding (the call's part) are not included.
-- ``record_passthrough``: the same, fed the streams' VP8 frames as the mesh hands them on
-  (encoded once beforehand, not counted): video written without re-encoding, audio encoded.
+- ``record_passthrough``: the same, fed the streams' VP8 frames and Opus packets as the mesh
+  hands them on (encoded once beforehand, not counted): written without re-encoding.
 - ``play``: ``python -m matrixrtc play`` sending a 320×240@15 VP8/Opus clip (looped) into a
   real mesh call (Synapse from the devstack, E2EE keys over Olm), its process CPU from
   ``/proc`` between joining and the end, as % of one core (decode, pacing, VP8/Opus encode,
@@ -95,6 +95,26 @@ def _encoded(frames: list[av.VideoFrame]) -> list[EncodedFrame]:
     return out
 
 
+def _opus(frame: av.AudioFrame) -> EncodedFrame:
+    """One 20 ms audio frame as a sender's Opus packet."""
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate, ctx.format, ctx.layout = 48_000, "s16", "mono"
+    ctx.bit_rate = 32_000
+    ctx.time_base = fractions.Fraction(1, 48_000)
+    packets: list[bytes] = []
+    for i in range(3):  # the encoder's look-ahead: the second packet is a steady one
+        frame.pts = i * 960
+        packets += [bytes(p) for p in ctx.encode(frame)]
+    return EncodedFrame(
+        kind="audio",
+        codec="opus",
+        data=packets[-1],
+        pts=0,
+        time_base=fractions.Fraction(1, 48_000),
+        keyframe=True,
+    )
+
+
 async def bench_record(streams: int, seconds: float, *, passthrough: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         rec = Recorder(Path(d) / "rec")
@@ -102,7 +122,10 @@ async def bench_record(streams: int, seconds: float, *, passthrough: bool) -> di
         videos = [_frames(i) for i in range(streams)]
         if passthrough:
             videos = [_encoded(v) for v in videos]
+        audios: list[av.AudioFrame] | list[EncodedFrame]
         audios = [_audio(i) for i in range(streams)]
+        if passthrough:
+            audios = [_opus(a) for a in audios]
         for i in range(streams):
             rec.joined(f"@p{i}:bench:DEV", {"user_id": f"@p{i}:bench"})
         loop = asyncio.get_running_loop()
@@ -110,7 +133,10 @@ async def bench_record(streams: int, seconds: float, *, passthrough: bool) -> di
         tick = 0
         while (now := loop.time()) - start < seconds:
             for i in range(streams):
-                rec.frame(f"@p{i}:bench:DEV", "audio", audios[i])
+                a = audios[i]
+                if isinstance(a, EncodedFrame):
+                    a = dataclasses.replace(a, pts=tick * 960)
+                rec.frame(f"@p{i}:bench:DEV", "audio", a)
                 if tick % 10 in (0, 3, 7):  # 15 of every 50 ticks of 20 ms: 15 fps
                     n = tick // 10 * 3 + (0, 0, 0, 1, 1, 1, 1, 2, 2, 2)[tick % 10]
                     v = videos[i][n % 30]

@@ -1,7 +1,8 @@
 """``python -m matrixrtc record DIR``: join a room's call and record every other participant.
 
-Each participant's decrypted audio and video go to their own WebM file in DIR (Opus + VP8),
-one file per presence (leaving and coming back starts the next one), with ``index.json``
+Each participant's decrypted audio and video go to their own WebM file in DIR (Opus + VP8;
+on the mesh written as received, without re-encoding), one file per presence (leaving and
+coming back starts the next one), with ``index.json``
 listing participants, join/leave times and files. Files are written in one-second clusters
 and stay playable while being written and after a crash.
 

@@ -38,6 +38,7 @@ state and ``e2ee_events`` keeps when they happened.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -53,7 +54,13 @@ from livekit import rtc
 from livekit.rtc.participant import PublishTrackError
 
 from matrixrtc.errors import RemoteError
-from matrixrtc.livekit.frames import AudioToRtc, audio_to_av, video_to_av, video_to_rtc
+from matrixrtc.livekit.frames import (
+    AudioToRtc,
+    JitterDelay,
+    audio_to_av,
+    video_to_av,
+    video_to_rtc,
+)
 from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
@@ -79,6 +86,7 @@ FAILURE_TOLERANCE: Final = 10  # livekit-client KEY_PROVIDER_DEFAULTS, kept by E
 ELEMENT_CALL_KEY_RING_SIZE: Final = 256  # indices run 0..255 (matrix-js-sdk)
 CONNECT_TIMEOUT_S: Final = 10.0
 AUDIO_FRAME_MS: Final = 100
+JITTER_POLL_S: Final = 0.5  # how often a recorded audio track's jitter-buffer delay is read
 
 # States that mean a participant's frames are not being decrypted.
 _FAILING: Final = frozenset(
@@ -643,6 +651,8 @@ class LiveKitConnection:
         # 100 ms frames instead of the default 10 ms keep that load a tenth.
         stream = rtc.AudioStream(track, frame_size_ms=AUDIO_FRAME_MS)
         samples = 0  # this stream's samples so far: its clock (see audio_to_av)
+        jitter = JitterDelay()
+        polling = False
         try:
             async for event in stream:
                 stats.audio_frames += 1
@@ -650,10 +660,29 @@ class LiveKitConnection:
                 if stats.first_audio_at is None:
                     stats.first_audio_at = stats.last_audio_at
                 if self._frames is not None and self._frames.listening:
-                    self._frames(stats.identity, audio_to_av(event.frame, samples))
+                    if not polling:
+                        polling = True
+                        self._spawn(self._poll_jitter(track, jitter), f"lk-jitter-{track.sid}")
+                    lag = round(jitter.delay_s * event.frame.sample_rate)
+                    frame = audio_to_av(event.frame, samples - lag, content=jitter.known)
+                    self._frames(stats.identity, frame)
                 samples += event.frame.samples_per_channel
         finally:
             await stream.aclose()
+
+    async def _poll_jitter(self, track: rtc.Track, jitter: JitterDelay) -> None:
+        """Keep ``jitter`` at the receiver's current jitter-buffer delay (its stats)."""
+        while True:
+            try:
+                reports = await track.get_stats()
+            except Exception as exc:  # no stats: the stamps stay a plain sample count
+                log.info("livekit.jitter_stats_failed", error=repr(exc))
+                return
+            for report in reports:
+                if report.WhichOneof("stats") == "inbound_rtp":
+                    inbound = report.inbound_rtp.inbound
+                    jitter.update(inbound.jitter_buffer_delay, inbound.jitter_buffer_emitted_count)
+            await asyncio.sleep(JITTER_POLL_S)
 
     def _on_e2ee_state(
         self, participant: rtc.Participant | None, state: rtc.EncryptionState.ValueType

@@ -11,7 +11,7 @@ from livekit import rtc
 
 from matrixrtc.media.frames import SAMPLE_CLOCK
 
-__all__ = ["AudioToRtc", "audio_to_av", "video_to_av", "video_to_rtc"]
+__all__ = ["AudioToRtc", "JitterDelay", "audio_to_av", "video_to_av", "video_to_rtc"]
 
 _LAYOUTS = {1: "mono", 2: "stereo"}
 
@@ -59,14 +59,21 @@ def video_to_av(frame: rtc.VideoFrame, timestamp_us: int | None = None) -> av.Vi
     return out
 
 
-def audio_to_av(frame: rtc.AudioFrame, sample_index: int | None = None) -> av.AudioFrame:
+def audio_to_av(
+    frame: rtc.AudioFrame, sample_index: int | None = None, *, content: bool = False
+) -> av.AudioFrame:
     """A LiveKit PCM frame as an ``s16`` ``av`` frame (mono or stereo, interleaved).
 
     LiveKit's received audio carries no timestamp, but it is continuous: libwebrtc's jitter
     buffer hands out exactly real time (concealment fills losses). ``sample_index`` (the
     samples of this stream before this frame) becomes ``pts`` in a 1/sample-rate time base, so
     the recorder places audio by that count instead of by its arrival, which a busy event
-    loop delays and bunches (a stall read as a gap shifted all later audio)."""
+    loop delays and bunches (a stall read as a gap shifted all later audio).
+
+    The count is the *receiver's* clock (``opaque`` = ``SAMPLE_CLOCK``) unless ``content``:
+    the caller took the jitter buffer's current delay off it (:class:`JitterDelay`), which
+    makes it the content's own time — it follows the jitter buffer stretching and squeezing
+    the audio — and the recorder treats it like a sender's timestamp."""
     layout = _LAYOUTS.get(frame.num_channels)
     if layout is None:
         raise ValueError(f"{frame.num_channels} audio channels")
@@ -76,8 +83,28 @@ def audio_to_av(frame: rtc.AudioFrame, sample_index: int | None = None) -> av.Au
     if sample_index is not None:
         out.pts = sample_index
         out.time_base = fractions.Fraction(1, frame.sample_rate)
-        out.opaque = SAMPLE_CLOCK
+        out.opaque = None if content else SAMPLE_CLOCK
     return out
+
+
+class JitterDelay:
+    """The receiver's jitter-buffer delay now, from its cumulative stats (WebRTC
+    ``jitterBufferDelay`` / ``jitterBufferEmittedCount``: their growth between two reads is the
+    mean delay of the samples emitted in between). Under load libwebrtc's NetEq builds up
+    hundreds of ms of delay and then plays the audio faster to shed it (or slower to build
+    it): the content's time is the output sample count minus this delay."""
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.known = False
+        self._last: tuple[float, int] | None = None
+
+    def update(self, total_delay_s: float, emitted: int) -> None:
+        if self._last is not None:
+            delay, count = total_delay_s - self._last[0], emitted - self._last[1]
+            if count > 0 and delay >= 0:
+                self.delay_s, self.known = delay / count, True
+        self._last = (total_delay_s, emitted)
 
 
 class AudioToRtc:

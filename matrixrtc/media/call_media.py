@@ -23,7 +23,7 @@ import av
 import structlog
 
 from matrixrtc.media.frames import EncodedFrame
-from matrixrtc.media.recorder import PASSTHROUGH_VIDEO, Recorder, SegmentWriter
+from matrixrtc.media.recorder import PASSTHROUGH_AUDIO, PASSTHROUGH_VIDEO, Recorder, SegmentWriter
 from matrixrtc.model.participant import ParticipantView
 from matrixrtc.tasks import OwnedTasks
 
@@ -115,12 +115,14 @@ class CallRecording:
             self.recorder.frame(key, kind, frame)
 
     def encoded_frame(self, participant: ParticipantView, frame: EncodedFrame) -> None:
-        """One received encoded frame (a ``RemoteEncodedFrame``): VP8 video is written as it
-        came (the recorder then ignores that participant's decoded video)."""
+        """One received encoded frame (a ``RemoteEncodedFrame``): VP8 video and Opus audio
+        are written as they came (the recorder then ignores that participant's decoded
+        frames of that kind)."""
         if self._closed or not self.passthrough:
             return
         key = participant_key(participant)
-        if key in self._present and frame.kind == "video" and frame.codec in PASSTHROUGH_VIDEO:
+        copied = PASSTHROUGH_VIDEO if frame.kind == "video" else PASSTHROUGH_AUDIO
+        if key in self._present and frame.codec in copied:
             self.recorder.frame(key, frame.kind, frame)
 
     async def aclose(self) -> None:

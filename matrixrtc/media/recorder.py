@@ -5,12 +5,13 @@ frames (``frame(pid, kind, av_frame)``); ``Call.record`` feeds it. Each presence
 participant is a *segment*: a WebM file (Opus audio, VP8 video) opened when it joins (or
 sends its first frame) and finished when it leaves; coming back opens the next segment.
 
-Video passthrough: where the transport hands on the received encoded frames (the mesh, after
-decryption; ``EncodedFrame``), VP8 is written as it came — no decoding into the file, no
-re-encoding, the sender's quality kept. Such a segment starts at a key frame (asked for with a
-PLI through ``EncodedFrame.request_keyframe``) and ignores that participant's decoded video;
-its ``index.json`` entry says ``"video_passthrough": true``. Video from the SFU (LiveKit's
-Python SDK exposes no received encoded frames) and all audio are re-encoded.
+Passthrough: where the transport hands on the received encoded frames (the mesh, after
+decryption; ``EncodedFrame``), VP8 and Opus are written as they came — no re-encoding, the
+sender's quality kept. Copied video starts at a key frame (asked for with a PLI through
+``EncodedFrame.request_keyframe``); copied audio is kept in place by whole packets (a gap gets
+20 ms silence packets). The segment then ignores that participant's decoded frames of the
+kind; its ``index.json`` entry says ``"video_passthrough"`` / ``"audio_passthrough"``. Media
+from the SFU is re-encoded: LiveKit's Python SDK exposes no received encoded frames.
 
 Files stay playable while they are written and after a crash: the muxer writes live Matroska
 (no seeking back) in clusters of at most one second, and every cluster goes to the disk as soon
@@ -60,6 +61,7 @@ __all__ = [
     "DRIFT_S",
     "GAP_S",
     "HOLD_S",
+    "PASSTHROUGH_AUDIO",
     "PASSTHROUGH_VIDEO",
     "Recorder",
     "SegmentStats",
@@ -73,8 +75,10 @@ GAP_S: Final = 0.1  # more than this without audio is a gap
 # where it belongs is moved back into place: silence is inserted, or the overlap dropped. The
 # receiver's jitter buffer stretches audio when it runs dry and drops some when it falls behind
 # (libwebrtc's NetEq, under load): counting samples alone would carry every such change into
-# all later audio. Audio stamped by its sender (RTP time: the mesh) is its content's own
-# clock: it is written as it came, and only a gap longer than GAP_S is filled.
+# all later audio. Audio stamped by its sender (RTP time: the mesh) or by its content's time
+# (LiveKit's count minus the jitter buffer's delay, livekit/frames.py) is its own clock: a
+# gap in it is real, and it runs ahead of its place only when an earlier arrival than any
+# before shows that its start was placed late.
 DRIFT_S: Final = 0.04
 HOLD_S: Final = 1.2  # frames wait this long in the writer before they are placed in time
 _JUMP_S: Final = 5.0  # a sender clock jumping this far is a new stream
@@ -83,8 +87,10 @@ _FILL_S: Final = 10.0  # audio gaps up to this long are written as silence
 _LATE_WINDOW_S: Final = 1.0  # all frames this long late: the stream lost time (< HOLD_S)
 _WAIT_FOR_VIDEO_S: Final = 2.0  # audio-first segments wait this long to learn the video size
 _MS: Final = fractions.Fraction(1, 1000)
+OPUS_SILENCE_20MS: Final = b"\xf8\xff\xfe"  # one CELT 20 ms frame that decodes to silence
 _KEYFRAME_ASK_S: Final = 0.5  # copied video waiting for a key frame asks this often
 PASSTHROUGH_VIDEO: Final = frozenset({"vp8"})  # received codecs written without re-encoding
+PASSTHROUGH_AUDIO: Final = frozenset({"opus"})
 _AUDIO_RATE: Final = 48_000
 _QUEUE_MAX: Final = 300  # frames waiting for the encoder before new ones are dropped
 _MUXER_OPTIONS: Final = {
@@ -111,6 +117,7 @@ class SegmentStats:
     gap_s: float = 0.0
     trimmed_s: float = 0.0  # audio dropped to keep stamped audio in place (see DRIFT_S)
     video_passthrough: bool = False  # video written as received (no re-encoding)
+    audio_passthrough: bool = False  # audio written as received (no re-encoding)
     error: str | None = None
 
 
@@ -182,10 +189,12 @@ class SegmentWriter:
                 if self.failed:
                     continue
                 kind, arrival, frame = item
+                # Audio arrives when it ends (LiveKit hands 100 ms frames, aiortc 20 ms): its
+                # first sample was there one frame earlier.
                 if isinstance(frame, av.AudioFrame) and frame.sample_rate:
-                    # It arrived when it ended (LiveKit hands 100 ms frames, aiortc 20 ms):
-                    # its first sample was there one frame earlier.
                     arrival -= frame.samples / frame.sample_rate
+                elif isinstance(frame, EncodedFrame) and frame.kind == "audio":
+                    arrival -= (opus_samples(frame.data) or 0) / _AUDIO_RATE
                 src = frame.time
                 timelines[kind].observe(arrival, src, sample_clock=_sample_clock(frame))
                 held.append((kind, arrival, src, frame))
@@ -276,6 +285,24 @@ class _Timeline:
         return src + self.offset
 
 
+def opus_samples(packet: bytes) -> int | None:
+    """Samples (at 48 kHz) in one Opus packet, from its TOC byte (RFC 6716 §3.1)."""
+    if not packet:
+        return None
+    config, code = packet[0] >> 3, packet[0] & 0x03
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        size = (480, 960, 1920, 2880)[config % 4]
+    elif config < 16:  # hybrid: 10, 20 ms
+        size = (480, 960)[config % 2]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        size = (120, 240, 480, 960)[config % 4]
+    if code == 0:
+        return size
+    if code in (1, 2):
+        return 2 * size
+    return size * (packet[1] & 0x3F) if len(packet) > 1 else None
+
+
 def _sample_clock(frame: _Item) -> bool:
     return isinstance(frame, av.AudioFrame) and frame.opaque is SAMPLE_CLOCK
 
@@ -315,6 +342,7 @@ class _Muxer:
         self.pending: list[tuple[str, float, _Item]] = []
         # Copied video: received VP8 frames written as they came (see the class doc).
         self.copy_video = False
+        self.copy_audio: bool | None = None  # received Opus packets written as they came
         self.need_key = True
         self.asked_key_at: float | None = None
         self.resampler: av.AudioResampler | None = None
@@ -323,7 +351,14 @@ class _Muxer:
         self.last_video_ms = -1
 
     def add(self, kind: str, t: float, frame: _Item) -> None:
-        if isinstance(frame, EncodedFrame):
+        if kind == "audio":
+            # The first audio frame decides: received Opus copied, or decoded audio encoded.
+            copy = isinstance(frame, EncodedFrame)
+            if self.copy_audio is None:
+                self.copy_audio = self.seg.stats.audio_passthrough = copy
+            elif copy != self.copy_audio:
+                return
+        elif isinstance(frame, EncodedFrame):
             if self.container is not None and not self.copy_video:
                 return  # the file was opened for re-encoded video
             self.copy_video = self.seg.stats.video_passthrough = True
@@ -385,6 +420,9 @@ class _Muxer:
         stats = self.seg.stats
         if isinstance(frame, av.VideoFrame) and self.copy_video:
             return  # queued before the first encoded frame came
+        if isinstance(frame, EncodedFrame) and frame.kind == "audio":
+            self._copy_audio(t, frame)
+            return
         if isinstance(frame, EncodedFrame):
             ms = max(self.last_video_ms + 1, round(t * 1000))
             self.last_video_ms = ms
@@ -417,13 +455,15 @@ class _Muxer:
                 format="s16", layout="stereo", rate=_AUDIO_RATE, frame_size=960
             )
         start = round(t * _AUDIO_RATE)  # where this frame's first sample belongs
-        # Only a sample clock's audio is kept within DRIFT_S (see there).
-        sample_clock = _sample_clock(frame)
-        drift = DRIFT_S if sample_clock else GAP_S
+        # Stamped audio is kept within DRIFT_S of its place: a gap is filled with silence,
+        # audio running ahead is cut back (see DRIFT_S). Unstamped audio is placed by its
+        # jittery arrival: only a real gap (GAP_S) moves it.
+        stamped = frame.time is not None
+        fill_at = DRIFT_S if stamped else GAP_S
         if not stats.frames["audio"]:
             # Silence before the first frame is no gap.
             self.samples = self.fed = max(0, start)
-        elif start - self.fed > drift * _AUDIO_RATE:
+        elif start - self.fed > fill_at * _AUDIO_RATE:
             gap = start - self.fed
             if gap > GAP_S * _AUDIO_RATE:
                 stats.gaps += 1
@@ -436,7 +476,7 @@ class _Muxer:
             else:  # a long pause (muted): a jump in the timestamps costs no bytes
                 self.samples += gap
             self.fed += gap
-        elif self.fed - start > drift * _AUDIO_RATE and sample_clock:
+        elif self.fed - start > DRIFT_S * _AUDIO_RATE and stamped:
             # Written audio runs ahead of this frame's time: drop what overlaps.
             cut = round((self.fed - start) * frame.sample_rate / _AUDIO_RATE)
             stats.trimmed_s += min(cut, frame.samples) / frame.sample_rate
@@ -446,6 +486,43 @@ class _Muxer:
         self.fed += round(frame.samples * _AUDIO_RATE / frame.sample_rate)
         stats.frames["audio"] += 1
         self._resample_and_encode(frame)
+
+    def _copy_audio(self, t: float, frame: EncodedFrame) -> None:
+        """One received Opus packet into the file as it is; kept within DRIFT_S of its place
+        by whole packets: a gap gets 20 ms silence packets, a packet running ahead is left
+        out."""
+        assert self.audio is not None
+        stats = self.seg.stats
+        n = opus_samples(frame.data)
+        if n is None:
+            return  # not an Opus packet: nothing a decoder could use
+        start = round(t * _AUDIO_RATE)
+        if not stats.frames["audio"]:
+            self.samples = self.fed = max(0, start)
+        elif start - self.fed > DRIFT_S * _AUDIO_RATE:
+            gap = start - self.fed
+            if gap > GAP_S * _AUDIO_RATE:
+                stats.gaps += 1
+                stats.gap_s += gap / _AUDIO_RATE
+            if gap <= _FILL_S * _AUDIO_RATE:
+                for _ in range(round(gap / 960)):
+                    self._mux_audio(OPUS_SILENCE_20MS, 960)
+            self.samples = self.fed = start
+        elif self.fed - start > DRIFT_S * _AUDIO_RATE:
+            stats.trimmed_s += n / _AUDIO_RATE
+            return
+        self._mux_audio(frame.data, n)
+        stats.frames["audio"] += 1
+
+    def _mux_audio(self, data: bytes, samples: int) -> None:
+        assert self.audio is not None
+        packet = av.Packet(data)
+        packet.pts = packet.dts = self.samples
+        packet.time_base = fractions.Fraction(1, _AUDIO_RATE)
+        packet.stream = self.audio
+        self._mux([packet])
+        self.samples += samples
+        self.fed += samples
 
     def _resample_and_encode(self, frame: av.AudioFrame) -> None:
         assert self.resampler is not None
@@ -472,12 +549,13 @@ class _Muxer:
         assert self.container is not None
         assert self.audio is not None
         assert self.video is not None
-        if self.resampler is not None:
+        if self.resampler is not None and not self.copy_audio:
             for out in self.resampler.resample(None):
                 out.pts = self.samples
                 self.samples += out.samples
                 self._mux(self.audio.encode(out))
-        self._mux(self.audio.encode(None))
+        if not self.copy_audio:
+            self._mux(self.audio.encode(None))
         if not self.copy_video:
             self._mux(self.video.encode(None))
         container, self.container = self.container, None
@@ -516,6 +594,7 @@ class _Segment:
             "dropped_frames": stats.dropped,
             "audio_gaps": stats.gaps,
             "video_passthrough": stats.video_passthrough,
+            "audio_passthrough": stats.audio_passthrough,
             "error": stats.error,
         }
 

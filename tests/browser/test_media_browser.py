@@ -191,8 +191,10 @@ async def _record_and_play(
         assert entry["user_id"] == web_user
         (seg,) = entry["segments"]
         assert seg["error"] is None
-        # The mesh hands on the received VP8: written as it came (LiveKit's SDK cannot).
+        # The mesh hands on the received VP8 and Opus: written as they came (LiveKit's SDK
+        # gives no encoded frames).
         assert seg["video_passthrough"] is (transport == "mesh"), seg
+        assert seg["audio_passthrough"] is (transport == "mesh"), seg
         files[name] = tmp_path / name / seg["file"]
     on_disk = files["sealed"].read_bytes()
     assert files["sealed"].name.endswith(".webm.sealed")
@@ -213,8 +215,8 @@ async def _record_and_play(
     a, b = again["numbers"], figures["numbers"]
     assert abs(len(a) - len(b)) <= 5, (len(a), len(b))
     assert again["psnr"] >= 30
-    if transport == "mesh":  # copied video: the very same VP8 frames in both files
-        pa, pb = _video_packets(restored), _video_packets(files["plain"])
+    if transport == "mesh":  # copied media: the very same VP8 frames in both files
+        pa, pb = _packets(restored, "video"), _packets(files["plain"], "video")
         n = min(len(pa), len(pb))
         assert n >= FPS * 3
         assert pa[:n] == pb[:n]
@@ -224,9 +226,10 @@ async def _record_and_play(
     return figures
 
 
-def _video_packets(path: Path) -> list[bytes]:
+def _packets(path: Path, kind: str) -> list[bytes]:
     with av.open(str(path)) as container:
-        return [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
+        stream = container.streams.video[0] if kind == "video" else container.streams.audio[0]
+        return [bytes(p) for p in container.demux(stream) if p.size]
 
 
 @pytest.mark.media_matrix

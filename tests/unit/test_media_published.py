@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from matrixrtc.livekit.frames import AudioToRtc, audio_to_av, video_to_av, video_to_rtc
+from matrixrtc.livekit.frames import (
+    AudioToRtc,
+    JitterDelay,
+    audio_to_av,
+    video_to_av,
+    video_to_rtc,
+)
 from matrixrtc.media.frames import SAMPLE_CLOCK
 from matrixrtc.media.published import PublishedTrack
 
@@ -199,3 +205,22 @@ def test_audio_to_av_stamps_the_streams_sample_count() -> None:
     assert audio_to_av(lk, 96_000).time == pytest.approx(2.0)
     assert audio_to_av(lk, 96_000).opaque is SAMPLE_CLOCK  # the receiver's count, not sender time
     assert audio_to_av(lk).time is None
+
+
+def test_jitter_delay_is_the_mean_delay_between_two_reads() -> None:
+    jitter = JitterDelay()
+    jitter.update(10.0, 48_000)  # cumulative: 10 s of delay over 48 000 samples
+    assert not jitter.known  # one read says nothing about now
+    jitter.update(10.0 + 0.3 * 24_000, 72_000)  # the next 24 000 samples waited 300 ms each
+    assert jitter.known
+    assert jitter.delay_s == pytest.approx(0.3)
+    jitter.update(10.0 + 0.3 * 24_000, 72_000)  # nothing emitted: unchanged
+    assert jitter.delay_s == pytest.approx(0.3)
+
+
+def test_audio_to_av_content_time_is_not_a_sample_clock() -> None:
+    pcm = np.zeros((1, 4800), np.int16)
+    frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+    frame.sample_rate = 48_000
+    (lk,) = AudioToRtc().convert(frame)
+    assert audio_to_av(lk, 96_000, content=True).opaque is None

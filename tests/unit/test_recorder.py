@@ -22,7 +22,7 @@ from nacl.public import PrivateKey
 from matrixrtc.cli import build_parser
 from matrixrtc.e2ee.sealed_stream import TruncatedStream
 from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
-from matrixrtc.media.recorder import Recorder, SegmentWriter
+from matrixrtc.media.recorder import OPUS_SILENCE_20MS, Recorder, SegmentWriter, opus_samples
 from matrixrtc.media.sealed_file import decrypt_file
 from tests.media_samples import (
     audio_span,
@@ -402,6 +402,12 @@ def test_stamped_audio_stays_in_step(tmp_path: Path, change: str) -> None:
     assert abs(skew) <= 0.05, skew
 
 
+def _drain(writer: SegmentWriter) -> None:
+    """Faster than real time, the writer's queue would overflow (and drop): let it catch up."""
+    while writer._queue.qsize() > 100:
+        time.sleep(0.002)
+
+
 def _vp8_frames(count: int, *, keyframe_at: int) -> list[tuple[bytes, bool]]:
     """Numbered frames encoded once as a sender would: key frames at 0 and ``keyframe_at``."""
     ctx = av.CodecContext.create("libvpx", "w")
@@ -458,6 +464,7 @@ def test_received_vp8_is_written_as_it_came(tmp_path: Path) -> None:
             ),
         )
         writer.put("video", video_frame(1000 + n))  # the decoded copy: not written
+        _drain(writer)
     writer.close()
     assert writer.stats.error is None
     assert writer.stats.video_passthrough
@@ -506,3 +513,75 @@ def test_sender_stamped_audio_is_written_as_it_came(tmp_path: Path) -> None:
     onsets = beep_onsets(audio)
     assert len(onsets) == 5, onsets  # 1 s … 5 s (the one at 0 has no quiet before it)
     assert np.allclose(np.diff(onsets), 1.0, atol=0.006), onsets
+
+
+def _opus_packets(seconds: float) -> list[bytes]:
+    """A beeping tone as a sender's 20 ms Opus packets (mono, as Chromium sends)."""
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate, ctx.format, ctx.layout = 48_000, "s16", "mono"
+    ctx.bit_rate = 64_000
+    ctx.time_base = fractions.Fraction(1, 48_000)
+    pcm = tone(seconds + 0.1, beeps=True)
+    out: list[bytes] = []
+    for i in range(round(seconds * 50)):
+        frame = av.AudioFrame.from_ndarray(
+            pcm[i * 960 : (i + 1) * 960].reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate, frame.pts = 48_000, i * 960
+        out += [bytes(p) for p in ctx.encode(frame)]
+    return out
+
+
+def test_opus_samples_reads_the_toc() -> None:
+    assert opus_samples(OPUS_SILENCE_20MS) == 960
+    assert all(opus_samples(p) == 960 for p in _opus_packets(0.2))
+    assert opus_samples(bytes([0x0B << 3 | 1, 0])) == 2 * 2880  # SILK 60 ms, two frames
+    assert opus_samples(bytes([0x1F << 3 | 3, 5])) == 5 * 960  # CELT 20 ms, five frames
+    assert opus_samples(b"") is None
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_received_opus_is_written_as_it_came(tmp_path: Path, lost: bool) -> None:
+    """Passthrough audio: the mesh's decrypted Opus packets go into the file unchanged (decoded
+    audio of the same participant is ignored); 200 ms of packets lost on the way (an RTP
+    timestamp jump) become 20 ms silence packets, so every later beep stays in place."""
+    packets = _opus_packets(5.0)
+    clock = FakeClock()
+    writer = SegmentWriter(tmp_path / "opus.webm", clock=clock)
+    start = clock.now
+    sent = []
+    for i, data in enumerate(packets):
+        clock.now = start + (i + 1) * 0.02 + 0.03  # arrives when it ends
+        if lost and 170 <= i < 180:  # 3.4-3.6 s: between two beeps
+            continue
+        sent.append(data)
+        writer.put(
+            "audio",
+            EncodedFrame(
+                kind="audio",
+                codec="opus",
+                data=data,
+                pts=7_000 + i * 960,
+                time_base=fractions.Fraction(1, 48_000),
+                keyframe=True,
+            ),
+        )
+        decoded = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.int16), layout="mono")
+        decoded.sample_rate = 48_000
+        writer.put("audio", decoded)  # the decoded copy: not written
+        _drain(writer)
+    writer.close()
+    assert writer.stats.dropped == 0
+    assert writer.stats.audio_passthrough
+    assert writer.stats.error is None
+
+    with av.open(str(tmp_path / "opus.webm")) as container:
+        written = [bytes(p) for p in container.demux(container.streams.audio[0]) if p.size]
+    # As sent; the 200 ms lost are ten 20 ms silence packets.
+    expected = sent[:170] + [OPUS_SILENCE_20MS] * 10 + sent[170:] if lost else sent
+    assert written == expected
+    _, audio, _ = read_media(tmp_path / "opus.webm")
+    onsets = beep_onsets(audio)
+    assert len(onsets) == 4, onsets  # 1 s … 4 s
+    assert np.allclose(np.diff(onsets), 1.0, atol=0.006), onsets
+    assert abs(dominant_frequency(audio) - 440) < 3
