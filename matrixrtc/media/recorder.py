@@ -52,6 +52,7 @@ from typing import Any, Final, TypeAlias, cast
 import av
 import numpy as np
 import structlog
+from av.video.reformatter import VideoReformatter
 
 from matrixrtc.errors import LocalError
 from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
@@ -346,6 +347,7 @@ class _Muxer:
         self.need_key = True
         self.asked_key_at: float | None = None
         self.resampler: av.AudioResampler | None = None
+        self.reformatter = VideoReformatter()
         self.samples = 0  # audio samples out of the resampler (48 kHz): the next pts
         self.fed = 0  # where the next audio sample into the resampler belongs (48 kHz)
         self.last_video_ms = -1
@@ -439,9 +441,12 @@ class _Muxer:
             self.last_video_ms = ms
             assert self.size is not None
             # Always a new frame: the caller's frame may be shared with other listeners, and
-            # its timestamps are set here.
+            # its timestamps are set here. Our own reformatter: frame.reformat() keeps one on
+            # the frame, and two writers reformatting a shared frame at once crash in FFmpeg.
             if (frame.width, frame.height) != self.size or frame.format.name != "yuv420p":
-                frame = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+                frame = self.reformatter.reformat(
+                    frame, width=self.size[0], height=self.size[1], format="yuv420p"
+                )
             else:
                 frame = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
             frame.pts = ms

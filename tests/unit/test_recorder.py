@@ -585,3 +585,23 @@ def test_received_opus_is_written_as_it_came(tmp_path: Path, lost: bool) -> None
     assert len(onsets) == 4, onsets  # 1 s … 4 s
     assert np.allclose(np.diff(onsets), 1.0, atol=0.006), onsets
     assert abs(dominant_frequency(audio) - 440) < 3
+
+
+def test_writers_sharing_frames_that_need_scaling(tmp_path: Path) -> None:
+    """Two recordings of one call get the very same frame objects; frames of another size are
+    scaled by each writer's own reformatter (frame.reformat() keeps one on the shared frame:
+    two writer threads using it at once crashed FFmpeg)."""
+    clock = FakeClock()
+    writers = [SegmentWriter(tmp_path / f"{i}.webm", clock=clock) for i in range(2)]
+    first = video_frame(0)
+    big = [video_frame(n, 640, 480) for n in range(1, 91)]
+    for w in writers:
+        w.put("video", first)  # the file's size: 320x240
+    for frame in big:
+        clock.now += 1 / 15
+        for w in writers:
+            w.put("video", frame)
+    for w in writers:
+        w.close()
+        assert w.stats.error is None
+        assert w.stats.frames["video"] == 91
