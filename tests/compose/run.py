@@ -374,7 +374,6 @@ def test_env() -> dict[str, str]:
         "LIVEKIT_USE_EXTERNAL_IP": "false",
         "LIVEKIT_CS_API_URL_OVERRIDES": f"{SERVER_NAME}=http://synapse:8008",
         "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{SERVER_NAME}=http://synapse:8008",
-        "MATRIXRTC_SFU_CONTROLLER": "1",
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
         "TURN_SECRET": secrets.token_hex(16),
         "TURN_REALM": "turn.example.test",
@@ -640,8 +639,9 @@ def controller_status() -> dict[str, Any]:
 
 
 def controller_sees(alias: str, identity: str) -> bool:
-    """The SFU controller leads and keeps the member (it has no homeserver access in this
-    stack, so it judges only what the service issued and the delegated leaves)."""
+    """The SFU controller (on by default in compose.yaml; the test's .env leaves it unset)
+    leads and keeps the member (it has no homeserver access in this stack, so it judges only
+    what the service issued and the delegated leaves)."""
     body = controller_status()
     for room in body.get("rooms") or []:
         if room.get("room") == alias:
