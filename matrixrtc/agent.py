@@ -236,6 +236,7 @@ class CallAgent:
         self._updates: Subscription[RoomUpdate] | None = None
         self._log = log.bind(room_id=room_id, user_id=hs.user_id, device_id=hs.device_id)
         self.heartbeats = 0
+        self._left_reason: str | None = None
         # Devices our sticky membership was re-sent for (see _resend_for_new_devices).
         self._resent_for: set[DeviceRef] = set()
 
@@ -378,8 +379,16 @@ class CallAgent:
         Also after the membership machine gave up (an outage): the leave still goes out, by
         sending the scheduled delayed leave now, else the leave content.
         """
-        if not self._in_call or self._machine is None:
+        if not self._start_leave():
             return
+        if not await _wait_event(self._stopped, timeout_s):
+            self._log.warning("agent.leave_timed_out")
+        self._stop_ringing()
+
+    def _start_leave(self) -> bool:
+        """The part of :meth:`leave` that needs no waiting; False if not in the call."""
+        if not self._in_call or self._machine is None:
+            return False
         self._in_call = False
         self._leaving.set()
         self._machine.leave(self._clock_ms())
@@ -388,9 +397,13 @@ class CallAgent:
             self._stopped.clear()
             self._spawn(self._drive(), "membership-leave")
         self._poke.set()
-        if not await _wait_event(self._stopped, timeout_s):
-            self._log.warning("agent.leave_timed_out")
-        self._stop_ringing()
+        return True
+
+    @property
+    def left_reason(self) -> str | None:
+        """Why the agent left the call by itself (e.g. its slot was closed); None while in the
+        call and after a leave that was asked for."""
+        return self._left_reason
 
     # -- room input -------------------------------------------------------------------------
 
@@ -412,6 +425,7 @@ class CallAgent:
 
     def _apply_update(self, update: RoomUpdate) -> None:
         self._update_sync_request = update.sync_request
+        slot_before = self._session.slot_status
         rest = self._session.receive_room_update(
             state=update.state,
             timeline=update.timeline,
@@ -419,6 +433,8 @@ class CallAgent:
             now_ms=self._clock_ms(),
             left=update.left,
         )
+        if slot_before is not SlotStatus.CLOSED and self._session.slot_status is SlotStatus.CLOSED:
+            self._slot_closed()
         for ev in rest:
             if ev.get("type") == EventType.RTC_DECLINE:
                 self._on_decline(ev)
@@ -426,6 +442,21 @@ class CallAgent:
                 self._on_notification(ev)
         self._recompute()
         self._resend_for_new_devices()
+
+    def _slot_closed(self) -> None:
+        """Our slot was closed mid-call: the call is over. js-sdk 43 hides every sticky
+        membership of a closed slot (ours too, so a js-sdk member would only re-join into
+        nothing); we leave, in either dialect, as we refuse to join a closed slot."""
+        if not self._in_call:
+            return
+        slot = self._session.slot_id
+        self._left_reason = f"the call slot {slot} was closed ({EventType.RTC_SLOT})"
+        self._log.info("agent.slot_closed", slot_id=slot, action="leave")
+        self._start_leave()
+        self._stop_ringing()
+        # Tell subscribers now (in_call is already False): with the slot closed, the session
+        # may show no further change for them to notice the leave by.
+        self._emit(ParticipantsChanged(self._participants, ring=self._ring.state))
 
     def _resend_for_new_devices(self) -> None:
         """Sticky form in an encrypted room: our membership is a Megolm-encrypted room event,

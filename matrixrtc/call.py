@@ -385,6 +385,12 @@ class Call:
         return self._require_agent().participants
 
     @property
+    def left_reason(self) -> str | None:
+        """Why we left the call by ourselves (e.g. its slot was closed), else None; the media
+        keeps running until the ``async with`` block ends."""
+        return self._agent.left_reason if self._agent is not None else None
+
+    @property
     def transport(self) -> MediaKind | None:
         """What carries the media now (None before the first transport is up)."""
         return self._switcher.kind if self._switcher is not None else None

@@ -334,10 +334,14 @@ async def _main(args: argparse.Namespace) -> int:
         transports = await _transports(hs, room_id, args.livekit_service_url, Dialect(args.dialect))
         config = _agent_config(args, transports)
         if args.media != "none":
-            await _with_media(args, hs, room_id, config, stop)
+            reason = await _with_media(args, hs, room_id, config, stop)
         else:
-            await _membership_only(args, hs, room_id, config, stop)
-        _print(args.output, None, event="left")
+            reason = await _membership_only(args, hs, room_id, config, stop)
+        if reason is not None:
+            log.warning("join.left_by_itself", reason=reason)
+            _print(args.output, None, event="left", reason=reason)
+        else:
+            _print(args.output, None, event="left")
     if getattr(args, "fast_exit", False):
         _exit_now(0)  # all closed: asyncio.run's own shutdown would only add latency
     return 0
@@ -349,8 +353,9 @@ async def _membership_only(
     room_id: str,
     config: AgentConfig,
     stop: asyncio.Event,
-) -> None:
-    """The membership (and with E2EE the media keys), no media."""
+) -> str | None:
+    """The membership (and with E2EE the media keys), no media. Returns why the agent left
+    by itself (its slot was closed), if it did."""
     async with contextlib.AsyncExitStack() as stack:
         agent = await stack.enter_async_context(CallAgent(hs, room_id, config))
         streams: list[Subscription[Any]] = [stack.enter_context(agent.changes())]
@@ -369,6 +374,7 @@ async def _membership_only(
         await _until_stopped(args, streams, stop, lambda: not agent.in_call)
         # The leave goes out first; closing the rest cannot delay it.
         await agent.leave()
+        return agent.left_reason
 
 
 async def _with_media(
@@ -377,8 +383,9 @@ async def _with_media(
     room_id: str,
     config: AgentConfig,
     stop: asyncio.Event,
-) -> None:
-    """A full participant: :class:`matrixrtc.Call` with synthetic audio and video."""
+) -> str | None:
+    """A full participant: :class:`matrixrtc.Call` with synthetic audio and video. Returns
+    why the call left by itself (its slot was closed), if it did."""
     from matrixrtc.call import Call, CallOptions  # media libraries only when asked for
     from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 
@@ -421,9 +428,10 @@ async def _with_media(
                 )
                 counter.spawn(_count_frames(args, frames), "frame-counter")
                 try:
-                    await _until_stopped(args, [events], stop, lambda: False)
+                    await _until_stopped(args, [events], stop, lambda: call.left_reason is not None)
                 finally:
                     await counter.aclose()
+                return call.left_reason
     finally:
         for track in tracks:
             track.stop()

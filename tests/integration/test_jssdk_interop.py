@@ -483,3 +483,59 @@ async def test_join_refuses_a_closed_slot_and_says_why(
     assert not [e for e in state if e["type"] == "org.matrix.msc3401.call.member" and e["content"]]
     slot = [e for e in state if e["type"] == "org.matrix.msc4143.rtc.slot"]
     assert slot[0]["content"]["status"] == "closed"  # left as it was
+
+
+async def test_a_slot_closed_mid_call_makes_us_leave(
+    synapse: Synapse, user_factory: Any, run_dir: Path
+) -> None:
+    """js-sdk's caller closes the slot mid-call (``ensureRtcSlotClosed``): js-sdk 43 then
+    hides every sticky membership of that slot, so the call is over. ``matrixrtc join``
+    leaves (its sticky leave goes out), says why, and exits 0."""
+    alice, bob = await user_factory("owner"), await user_factory("py")
+    room = await synapse.create_call_room(alice, invite=[bob])
+    js = JsMember(
+        {**js_config(alice, synapse, room, "sticky"), "openSlot": True},
+        run_dir / "js-slot-closed.log",
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(js.close)
+        await js.start()
+        proc = await asyncio.create_subprocess_exec(
+            *_join_cli(synapse, bob, room, "sticky"),
+            env={**os.environ, "MATRIXRTC_PASSWORD": bob.password},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(run_dir / "py-slot-closed.log").open("ab"),
+        )
+
+        async def _kill() -> None:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+        stack.push_async_callback(_kill)
+        await js.wait_members(lambda ms: any(m["user_id"] == bob.user_id for m in ms), 30)
+        await js.send({"cmd": "close_slot"})
+        await js.wait_for(lambda e: e["event"] == "slot_closed")
+        closed = time.monotonic()
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+        print(f"left and exited {time.monotonic() - closed:.2f} s after the slot closed")
+        assert proc.returncode == 0
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith(b"{")]
+        (left,) = [e for e in lines if e.get("event") == "left"]
+        assert "m.call#ROOM" in left["reason"]
+        assert "closed" in left["reason"]
+        # The sticky leave went out (js-sdk 43's leave content: the slot and our sticky key).
+        reply = await synapse.request(
+            "GET",
+            f"/_matrix/client/v3/rooms/{room}/messages",
+            user=alice,
+            params={"dir": "b", "limit": "50"},
+        )
+        ours = [
+            e["content"]
+            for e in reply["chunk"]
+            if e["type"] == "org.matrix.msc4143.rtc.member" and e["sender"] == bob.user_id
+        ]
+        assert ours
+        assert set(ours[0]) == {"slot_id", "msc4354_sticky_key"}

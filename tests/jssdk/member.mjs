@@ -15,7 +15,7 @@
 // With "join": false in the config it logs in and syncs, and joins on {"cmd": "join"}.
 // Commands: one JSON object per line on stdin: {"cmd": "join"}, {"cmd": "leave"}, {"cmd": "decline",
 //   "event_id"}, {"cmd": "has_declined", "user_id", "event_id"}, {"cmd": "track", "user_ids"},
-//   {"cmd": "quit"}.
+//   {"cmd": "close_slot"}, {"cmd": "quit"}.
 // Everything the SDK logs goes to stderr. The crypto is the SDK's Rust crypto (WASM), kept
 // in memory: a fresh device per run.
 // matrix-js-sdk 43 declares Node >= 22; this machine has Node 20, which lacks exactly one API
@@ -209,6 +209,10 @@ rl.on("line", async (line) => {
   } else if (msg.cmd === "decline") {
     const res = await client.sendRtcDecline(cfg.roomId, msg.event_id);
     out({ event: "declined", event_id: res.event_id });
+  } else if (msg.cmd === "close_slot") {
+    // What a js-sdk caller does to end the call for everyone (needs the power level).
+    await session.ensureRtcSlotClosed();
+    out({ event: "slot_closed" });
   } else if (msg.cmd === "quit") {
     await session.leaveRoomSession(5000).catch(() => {});
     client.stopClient();
