@@ -45,12 +45,15 @@ async def main() -> None:
     async with aiohttp.ClientSession(headers=headers) as http:
         delay_id = ""
 
+        async def put_join() -> None:
+            async with http.put(path, json={**content, "created_ts": int(time.time() * 1000)}) as r:
+                r.raise_for_status()
+
         async def publish() -> str:
             """Arm the delayed leave, then publish the membership (as js-sdk does)."""
             async with http.put(path, params={DELAY: str(delay)}, json={}) as r:
                 new_id = str((await r.json())["delay_id"])
-            async with http.put(path, json={**content, "created_ts": int(time.time() * 1000)}) as r:
-                r.raise_for_status()
+            await put_join()
             return new_id
 
         async def own_left() -> bool:
@@ -93,10 +96,10 @@ async def main() -> None:
                     async with http.post(f"{hs}{DELAYED}/{delay_id}/restart") as r:
                         await r.read()
                         fired = r.status == 404  # e.g. a homeserver outage: join again
-                    if not fired and watch_own:  # overwritten (e.g. by an overdue leave)?
-                        fired = await own_left()
                     if fired:
                         delay_id = await publish()
+                    elif watch_own and await own_left():  # overwritten by an overdue leave:
+                        await put_join()  # join again; our delayed leave is alive (restarted)
                 except (aiohttp.ClientError, ValueError, KeyError):
                     pass  # the homeserver may be restarting; the next beat retries
             with contextlib.suppress(TimeoutError):
