@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "recording-key",
     "decrypt-recording",
     "web",
+    "legacy-call",
 )
 
 

@@ -82,6 +82,7 @@ class LegacyMeshCall:
         call_type: GroupCallType = GroupCallType.VIDEO,
         frames: FrameTap[DeviceRef] | None = None,
         clock_ms: Callable[[], int] = _wall_ms,
+        join_timeout_s: float = 30.0,
     ) -> None:
         self.hs = hs
         self.room_id = room_id
@@ -90,6 +91,7 @@ class LegacyMeshCall:
         self._turn_from_homeserver = turn_from_homeserver
         self._frames = frames
         self._clock_ms = clock_ms
+        self._join_timeout_s = join_timeout_s
         self.session = LegacyCallSession(room_id)
         self.membership = LegacyMembership(
             self.session,
@@ -131,6 +133,9 @@ class LegacyMeshCall:
         return self
 
     async def _start(self) -> None:
+        # A room joined just now shows its state only with a later sync.
+        while ("m.room.create", "") not in self.hs.room_state(self.room_id):
+            await self.hs.wait_synced(timeout_s=self._join_timeout_s)
         self._feed_state(self.hs.room_state(self.room_id).values())
         self.room_encrypted = self.hs.is_encrypted(self.room_id) or (
             ("m.room.encryption", "") in self.hs.room_state(self.room_id)
