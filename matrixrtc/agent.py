@@ -435,6 +435,12 @@ class CallAgent:
         )
         if slot_before is not SlotStatus.CLOSED and self._session.slot_status is SlotStatus.CLOSED:
             self._slot_closed()
+        in_timeline = {ev.get("event_id") for ev in update.timeline}
+        for ev in update.sticky:
+            # A decline whose Megolm key came after the event (held by the adapter, decrypted
+            # in a later sync) arrives only as a sticky event: js-sdk files it once decrypted.
+            if ev.get("type") == EventType.RTC_DECLINE and ev.get("event_id") not in in_timeline:
+                self._on_decline(ev)
         for ev in rest:
             if ev.get("type") == EventType.RTC_DECLINE:
                 self._on_decline(ev)

@@ -539,3 +539,37 @@ async def test_a_slot_closed_mid_call_makes_us_leave(
         ]
         assert ours
         assert set(ours[0]) == {"slot_id", "msc4354_sticky_key"}
+
+
+async def test_js_sdk_encrypted_decline_ends_our_ring(
+    synapse: Synapse, user_factory: Any, run_dir: Path
+) -> None:
+    """In an encrypted room js-sdk's decline is a Megolm-encrypted sticky event: our caller
+    must hold the room key (js-sdk shares it with our device) and read the decline."""
+    alice, bob = await user_factory("js"), await user_factory("py")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    async with Homeserver(synapse.base_url, Login(bob.user_id, password=bob.password)) as hs:
+        js = JsMember(
+            {**js_config(alice, synapse, room, "sticky"), "join": False},
+            run_dir / "js-ring-e2ee.log",
+        )
+        try:
+            await js.start()
+            await _learn_device(hs, js.user_id, js.device_id)
+            config = AgentConfig(
+                dialect=Dialect.STICKY,
+                transports=(LivekitTransport(livekit_service_url=FOCUS),),
+                ring=True,
+                ring_lifetime_ms=60_000,
+            )
+            async with CallAgent(hs, room, config) as caller:
+                await until(lambda: caller.notification_event_id, 15, "our ring")
+                note_id = caller.notification_event_id
+                seen = await js.wait_for(
+                    lambda e: e["event"] == "notification" and e["event_id"] == note_id, 15
+                )
+                assert seen["valid"], seen["error"]
+                await js.send({"cmd": "decline", "event_id": note_id})
+                assert await caller.wait_ring_ended(15) is RingState.DECLINED
+        finally:
+            await js.close()

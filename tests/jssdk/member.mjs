@@ -143,9 +143,10 @@ session.on(MatrixRTCSessionEvent.DidSendCallNotification, (n) => {
 
 // Notifications addressed to us, judged by js-sdk's own receiving rules.
 async function judgeNotification(ev) {
-  if (ev.getType() !== "org.matrix.msc4075.rtc.notification" || ev.getRoomId() !== cfg.roomId) return;
-  if (ev.getSender() === client.getUserId()) return;
+  if (ev.getRoomId() !== cfg.roomId || ev.getSender() === client.getUserId()) return;
+  // In an encrypted room the timeline hands the event over still encrypted: type after decrypting.
   await client.decryptEventIfNeeded(ev);
+  if (ev.getType() !== "org.matrix.msc4075.rtc.notification") return;
   // The sync files sticky events after firing the timeline: judge once the store has it.
   await new Promise((r) => setTimeout(r, 300));
   try {
