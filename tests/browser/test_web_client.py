@@ -48,14 +48,19 @@ class WebStack:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def web_stack(run_dir: Path, livekit: LiveKit) -> AsyncIterator[WebStack]:
+async def web_stack(
+    run_dir: Path, livekit: LiveKit, request: pytest.FixtureRequest
+) -> AsyncIterator[WebStack]:
     """Synapse advertising our authorization service (both discovery paths), the service,
-    and the built client served on loopback."""
+    and the built client served on loopback. One stack per test module (other modules reuse
+    this fixture), each in its own directory: a second Synapse in the first one's directory
+    would keep that one's config, port included, and never answer on its own port."""
     if not (DIST / "index.html").is_file():
         pytest.fail("web/dist is missing: run `make bootstrap` (npm ci + vite build in web/)")
     extra: dict[str, Any] = {}
-    hs = Synapse(run_dir, extra_config=extra, name="web-synapse")
-    svc = AuthService(run_dir, livekit, hs, name="web-sfu")
+    tag = request.module.__name__.rsplit(".", 1)[-1]
+    hs = Synapse(run_dir, extra_config=extra, name=f"web-synapse-{tag}")
+    svc = AuthService(run_dir, livekit, hs, name=f"web-sfu-{tag}")
     focus = {"type": "livekit", "livekit_service_url": svc.url}
     # Filled in before Synapse writes its config (at start): the service's port is known now.
     extra["matrix_rtc"] = {"transports": [focus]}
