@@ -6,10 +6,11 @@ Every getter returns ``None`` (or raises nothing) on a type mismatch so that par
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import structlog
 
@@ -115,3 +116,20 @@ def is_mxid(value: str) -> bool:
 def canonical_json(value: Mapping[str, object]) -> str:
     """Deterministic compact JSON, used to keep opaque objects hashable and comparable."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class TolerantStrEnum(enum.StrEnum):
+    """A string enum that keeps values it does not know instead of failing."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        if not isinstance(value, str):
+            return None
+        member = str.__new__(cls, value)
+        member._name_ = f"UNKNOWN_{value}"
+        member._value_ = value
+        return member
+
+    @property
+    def known(self) -> bool:
+        return self._name_ in type(self).__members__

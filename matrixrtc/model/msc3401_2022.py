@@ -38,15 +38,15 @@ Public API::
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from matrixrtc.model._json import (
     JsonDict,
     JsonValue,
     Reject,
+    TolerantStrEnum,
     as_int,
     as_str,
     get_dict,
@@ -85,30 +85,13 @@ _MAX_DEVICES: Final = 256
 _MAX_ID: Final = 255
 
 
-class _Tolerant(enum.StrEnum):
-    """Keeps unknown wire values (``known`` says whether js-sdk would accept them)."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> Any:
-        if not isinstance(value, str):
-            return None
-        member = str.__new__(cls, value)
-        member._name_ = f"UNKNOWN_{value}"
-        member._value_ = value
-        return member
-
-    @property
-    def known(self) -> bool:
-        return self._name_ in type(self).__members__
-
-
-class GroupCallIntent(_Tolerant):
+class GroupCallIntent(TolerantStrEnum):
     RING = "m.ring"
     PROMPT = "m.prompt"
     ROOM = "m.room"
 
 
-class GroupCallType(_Tolerant):
+class GroupCallType(TolerantStrEnum):
     VIDEO = "m.video"
     VOICE = "m.voice"
 

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Final
 
 import structlog
 
+from matrixrtc.model._json import TolerantStrEnum
+
 __all__ = [
     "CALL_ID_RE",
     "DEFAULT_INVITE_LIFETIME_MS",
@@ -88,24 +90,7 @@ class CallEventType(enum.StrEnum):
     SDP_STREAM_METADATA_CHANGED_UNSTABLE = "org.matrix.call.sdp_stream_metadata_changed"
 
 
-class _TolerantStrEnum(enum.StrEnum):
-    """A string enum that keeps values it does not know instead of failing."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> Any:
-        if not isinstance(value, str):
-            return None
-        member = str.__new__(cls, value)
-        member._name_ = f"UNKNOWN_{value}"
-        member._value_ = value
-        return member
-
-    @property
-    def known(self) -> bool:
-        return self._name_ in type(self).__members__
-
-
-class HangupReason(_TolerantStrEnum):
+class HangupReason(TolerantStrEnum):
     """js-sdk ``CallErrorCode`` plus MSC2746's additions; unknown codes are kept as they are."""
 
     USER_HANGUP = "user_hangup"
@@ -131,7 +116,7 @@ class HangupReason(_TolerantStrEnum):
     UNKNOWN_ERROR = "unknown_error"
 
 
-class StreamPurpose(_TolerantStrEnum):
+class StreamPurpose(TolerantStrEnum):
     USERMEDIA = "m.usermedia"
     SCREENSHARE = "m.screenshare"
 
