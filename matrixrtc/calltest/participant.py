@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -59,6 +60,8 @@ class ParticipantConfig:
     height: int = 240
     fps: float = 15.0
     audio: bool = True
+    # Publishes nothing and receives (and decrypts) every remote stream: a viewer/recorder.
+    receive_only: bool = False
     e2ee: bool = True
     plaintext_keys: bool = False  # E2EE keys in an unencrypted room (test pages only)
     withhold_keys: bool = False  # test hook: discard every remote key (decrypt with none)
@@ -100,6 +103,16 @@ def _wall_ms(mono: float | None) -> int | None:
     if mono is None:
         return None
     return round((time.time() - (time.monotonic() - mono)) * 1000)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now, in MiB (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _selected_pair(pc: Any) -> list[str] | None:
@@ -212,6 +225,9 @@ class _Probe:
             "conf_id": engine.local.conf_id if engine is not None else None,
             "cpu_percent": self.cpu_percent,
             "cpu_percent_avg": round((cpu - self.cpu0) / max(1e-6, now - self.wall0) * 100, 1),
+            "cpu_s": round(cpu - self.cpu0, 3),  # process CPU (all threads) since the join
+            "rss_mb": _rss_mb(),
+            "receive_only": self.cfg.receive_only,
             "key_index": keys.current_index if keys is not None else None,
             "keys_used": list(self.keys_used),
             "key_rotation_ms": list(self.rotations_ms),
@@ -334,9 +350,11 @@ async def run_participant(cfg: ParticipantConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sources: list[Any] = [SyntheticVideoTrack(cfg.width, cfg.height, cfg.fps)]
-    if cfg.audio:
-        sources.append(ToneAudioTrack())
+    sources: list[Any] = []
+    if not cfg.receive_only:
+        sources.append(SyntheticVideoTrack(cfg.width, cfg.height, cfg.fps))
+        if cfg.audio:
+            sources.append(ToneAudioTrack())
     ice: tuple[IceServerConfig, ...] = ()
     if cfg.turn_uris:
         ice = (
@@ -392,7 +410,11 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                     switch_cfg = SwitchConfig(
                         mesh_max=cfg.mesh_max,
                         media=MediaOptions(
-                            width=cfg.width, height=cfg.height, fps=cfg.fps, audio=cfg.audio
+                            width=cfg.width,
+                            height=cfg.height,
+                            fps=cfg.fps,
+                            video=not cfg.receive_only,
+                            audio=cfg.audio and not cfg.receive_only,
                         ),
                         mesh=replace(
                             link_cfg,

@@ -64,6 +64,11 @@ class CallTestConfig:
     mesh_max: int = 4
     sfu_url: str | None = None
     join_interval_s: float = 0.0  # start each participant this long after the previous joined
+    receive_only: int = 0  # the last this many participants publish nothing (viewers/recorders)
+    settle_s: float = 2.0  # after every pair has a frame, before the measurement window opens
+    # Media over 127.0.0.1 only, no TURN. None: so for the embedded stack only (a benchmark
+    # passes its own loopback stack as homeserver/sfu_url and True).
+    loopback: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +307,11 @@ def _kbps(count: int | None, start_ms: int | None, end_ms: int | None) -> float 
     return None if count is None else round(_rate(count * 8 / 1000, start_ms, end_ms), 1)
 
 
-def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> dict[str, Any]:
-    """The ``--json`` object: per participant and per peer figures over the whole run."""
+def build_report(
+    procs: Sequence[ParticipantProcess], cfg: CallTestConfig, *, end_ms: int | None = None
+) -> dict[str, Any]:
+    """The ``--json`` object: per participant and per peer figures over the whole run, and
+    the steady-state ``window`` (:func:`measurement_window`, ending at ``end_ms``)."""
     names = {p.peer_id: p.name for p in procs if p.peer_id is not None}
     out: list[dict[str, Any]] = []
     for p in procs:
@@ -343,6 +351,12 @@ def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> di
                 "connect_ms": max(connected) - joined if connected else None,
                 "first_frame_ms": max(first) - joined if first else None,
                 "cpu_percent": last.get("cpu_percent_avg"),
+                "memory_mb": last.get("rss_mb"),
+                "memory_peak_mb": max(
+                    (float(x["rss_mb"]) for x in [*p.stats, last] if x.get("rss_mb") is not None),
+                    default=None,
+                ),
+                "receive_only": bool(last.get("receive_only", False)),
                 "key_index": last.get("key_index"),
                 "key_rotation_ms": last.get("key_rotation_ms", []),
                 "key_delivery_ms": last.get("key_delivery_ms", []),
@@ -355,11 +369,110 @@ def build_report(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> di
         )
     return {
         "participants": out,
+        "window": measurement_window(procs, cfg, end_ms),
         "duration_s": cfg.duration_s,
         "fps": cfg.fps,
         "resolution": f"{cfg.width}x{cfg.height}",
         "e2ee": cfg.e2ee,
         "transport": cfg.transport,
+    }
+
+
+def _senders(procs: Sequence[ParticipantProcess]) -> dict[str, str]:
+    """Peer id -> name of every participant that publishes."""
+    return {
+        p.peer_id: p.name
+        for p in procs
+        if p.peer_id is not None and not (p.latest or {}).get("receive_only", False)
+    }
+
+
+def _all_receiving_at(p: ParticipantProcess, senders: Mapping[str, str]) -> int | None:
+    """Wall ms of ``p``'s first report with a frame from every other publisher."""
+    expected = {pid for pid in senders if pid != p.peer_id}
+    for sample in p.stats:
+        got = {x["id"] for x in sample["peers"] if x.get("frames_decoded", 0) > 0}
+        if expected <= got:
+            return int(sample["t_ms"])
+    return None
+
+
+def measurement_window(
+    procs: Sequence[ParticipantProcess], cfg: CallTestConfig, end_ms: int | None = None
+) -> dict[str, Any]:
+    """Steady-state figures: from ``cfg.settle_s`` after every participant receives every
+    publisher (or, if some pair never does, from 5 s after the last join) to ``end_ms`` (the
+    last reports before the stop). Per pair: frames per second decoded in the window and its
+    ratio to the sent rate; per participant: CPU (% of one core, all threads) and memory.
+    ``min_fps_ratio`` is over every (receiver, publisher) pair; a pair with no frame is 0."""
+    senders = _senders(procs)
+    if not procs or not all(p.stats for p in procs):
+        return {"min_fps_ratio": 0.0, "pairs": [], "error": "a participant sent no report"}
+    starts = [_all_receiving_at(p, senders) for p in procs]
+    if all(s is not None for s in starts):
+        start = max(s for s in starts if s is not None) + round(cfg.settle_s * 1000)
+        complete = True
+    else:
+        start = max(int(p.stats[0]["joined_at_ms"]) for p in procs) + 5_000
+        complete = False
+    end = end_ms or min(int(p.stats[-1]["t_ms"]) for p in procs)
+    if end - start < 2_000:  # too short a run for a settle: take what there is
+        start = min(start, end - 2_000)
+    pairs: list[dict[str, Any]] = []
+    per: list[dict[str, Any]] = []
+    for p in procs:
+        inside = [s for s in p.stats if start <= int(s["t_ms"]) <= end]
+        if len(inside) < 2:
+            inside = p.stats[-2:] if len(p.stats) >= 2 else p.stats * 2
+        a, b = inside[0], inside[-1]
+        secs = max(1e-3, (int(b["t_ms"]) - int(a["t_ms"])) / 1000)
+        cpu = None
+        if a.get("cpu_s") is not None and b.get("cpu_s") is not None:
+            cpu = round((float(b["cpu_s"]) - float(a["cpu_s"])) / secs * 100, 1)
+        per.append(
+            {
+                "id": p.name,
+                "cpu_percent": cpu,
+                "memory_mb": b.get("rss_mb"),
+                "receive_only": bool(b.get("receive_only", False)),
+            }
+        )
+        frames_a = {x["id"]: int(x.get("frames_decoded", 0)) for x in a["peers"]}
+        fails_a = {x["id"]: int(x.get("decrypt_failures", 0)) for x in a["peers"]}
+        frames_b = {x["id"]: (int(x.get("frames_decoded", 0)), x) for x in b["peers"]}
+        for pid, sender in senders.items():
+            if pid == p.peer_id:
+                continue
+            n_b, peer = frames_b.get(pid, (0, {}))
+            fps = max(0, n_b - frames_a.get(pid, 0)) / secs
+            pairs.append(
+                {
+                    "receiver": p.name,
+                    "sender": sender,
+                    "fps": round(fps, 2),
+                    "fps_ratio": round(fps / cfg.fps, 3),
+                    # in the window (after the first key): not the start-up ones
+                    "decrypt_failures": max(
+                        0, int(peer.get("decrypt_failures", 0)) - fails_a.get(pid, 0)
+                    ),
+                    "transport": peer.get("transport", "mesh"),
+                    **({"layer": peer["layer"]} if "layer" in peer else {}),
+                }
+            )
+    cpus = [x["cpu_percent"] for x in per if x["cpu_percent"] is not None]
+    mems = [float(x["memory_mb"]) for x in per if x["memory_mb"] is not None]
+    return {
+        "start_ms": start,
+        "end_ms": end,
+        "seconds": round((end - start) / 1000, 1),
+        "all_pairs_received": complete,
+        "min_fps_ratio": round(min((x["fps_ratio"] for x in pairs), default=0.0), 3),
+        "cpu_percent_per_participant": round(sum(cpus) / len(cpus), 1) if cpus else None,
+        "cpu_percent_total": round(sum(cpus), 1) if cpus else None,
+        "memory_mb_per_participant": round(sum(mems) / len(mems), 1) if mems else None,
+        "decrypt_failures": sum(x["decrypt_failures"] for x in pairs),
+        "participants": per,
+        "pairs": pairs,
     }
 
 
@@ -381,6 +494,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             "connect ms",
             "1st frame ms",
             "cpu %",
+            "mem MiB",
             "key rot ms",
             "key dlv ms",
             "peer",
@@ -397,6 +511,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             _fmt(p.get("connect_ms")),
             _fmt(p.get("first_frame_ms")),
             _fmt(p.get("cpu_percent")),
+            _fmt(p.get("memory_mb")) + (" (recv-only)" if p.get("receive_only") else ""),
             _fmt(p.get("key_rotation_ms")),
             _fmt(max(p.get("key_delivery_ms") or [None], key=lambda v: v or 0)),
         )
@@ -436,7 +551,17 @@ def format_report(report: Mapping[str, Any]) -> str:
     )
     if switched:
         switched.insert(0, "transport starts and switches:")
-    return "\n".join([title, *lines, *switched])
+    summary: list[str] = []
+    w = report.get("window")
+    if w and "seconds" in w:
+        summary.append(
+            f"steady state ({w['seconds']:g} s window): min fps ratio {w['min_fps_ratio']:.2f}, "
+            f"cpu {_fmt(w.get('cpu_percent_per_participant'))} % per participant "
+            f"({_fmt(w.get('cpu_percent_total'))} % total), "
+            f"{_fmt(w.get('memory_mb_per_participant'))} MiB per participant, "
+            f"{w['decrypt_failures']} decrypt failures"
+        )
+    return "\n".join([title, *lines, *switched, *summary])
 
 
 def progress_line(procs: Sequence[ParticipantProcess], elapsed: float) -> str:
@@ -449,8 +574,28 @@ def progress_line(procs: Sequence[ParticipantProcess], elapsed: float) -> str:
         peers = last["peers"]
         up = sum(1 for x in peers if x.get("connected_at_ms") is not None)
         fps = "/".join(f"{x['fps_in']:.0f}" for x in peers) or "-"
-        parts.append(f"{p.name}: {up} peers, fps {fps}, cpu {last['cpu_percent']:.0f}%")
+        mem = last.get("rss_mb")
+        parts.append(
+            f"{p.name}: {up} peers, fps {fps}, cpu {last['cpu_percent']:.0f}%"
+            + (f", {mem:.0f} MiB" if mem is not None else "")
+        )
+    if len(procs) > 4:  # one line per call, not per participant, past a handful
+        return f"[{elapsed:5.1f} s] " + _progress_summary(procs)
     return f"[{elapsed:5.1f} s] " + " | ".join(parts)
+
+
+def _progress_summary(procs: Sequence[ParticipantProcess]) -> str:
+    lasts = [p.latest for p in procs]
+    live = [x for x in lasts if x is not None]
+    fps = [float(peer["fps_in"]) for x in live for peer in x["peers"]]
+    cpu = [float(x["cpu_percent"]) for x in live]
+    mem = [float(x["rss_mb"]) for x in live if x.get("rss_mb") is not None]
+    return (
+        f"{len(live)}/{len(procs)} reporting, {sum(len(x['peers']) for x in live)} pairs, "
+        f"fps min {min(fps, default=0):.0f} mean {sum(fps) / max(1, len(fps)):.1f}, "
+        f"cpu {sum(cpu):.0f}% total ({max(cpu, default=0):.0f}% max), "
+        f"mem {sum(mem):.0f} MiB total"
+    )
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -470,8 +615,11 @@ async def run_call_test(
     """Run the whole call test and return the report (see :func:`build_report`)."""
     if cfg.participants < 2:
         raise LocalError("a call needs at least two participants")
+    if not 0 <= cfg.receive_only < cfg.participants:
+        raise LocalError("at least one participant must publish (--receive-only < N)")
     run_dir = cfg.run_dir or new_run_dir(prefix="call-test")
     say = progress or (lambda _: None)
+    loopback = cfg.homeserver is None if cfg.loopback is None else cfg.loopback
     async with contextlib.AsyncExitStack() as stack:
         if cfg.homeserver is None:
             t = time.monotonic()
@@ -509,14 +657,15 @@ async def run_call_test(
             e2ee=cfg.e2ee,
             delayed_leave_ms=cfg.delayed_leave_ms,
             # Embedded stack: loopback only. A real homeserver: its TURN servers, any address.
-            host_addresses=("127.0.0.1",) if cfg.homeserver is None else None,
-            turn_from_homeserver=cfg.homeserver is not None,
+            host_addresses=("127.0.0.1",) if loopback else None,
+            turn_from_homeserver=not loopback,
             transport=cfg.transport if sfu_url is not None else "mesh",
             sfu_url=sfu_url,
             mesh_max=cfg.mesh_max,
         )
+        viewers = range(cfg.participants - cfg.receive_only, cfg.participants)
         configs = [
-            replace(base, name=f"p{i + 1}", user=user, password=pw)
+            replace(base, name=f"p{i + 1}", user=user, password=pw, receive_only=i in viewers)
             for i, (user, pw) in enumerate(prov.users)
         ]
         procs = await stack.enter_async_context(
@@ -530,6 +679,7 @@ async def run_call_test(
             if dead:
                 raise RemoteError(f"participant(s) exited early: {', '.join(dead)}")
             await asyncio.sleep(min(1.0, cfg.duration_s - elapsed))
+        end_ms = round(time.time() * 1000)
         await asyncio.gather(*(p.stop() for p in procs))
-        return build_report(procs, cfg)
+        return build_report(procs, cfg, end_ms=end_ms)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

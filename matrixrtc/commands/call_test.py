@@ -51,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="authorization service URL (lk-jwt-service API) for sfu/auto with --homeserver",
     )
+    parser.add_argument(
+        "--receive-only",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the last K participants publish nothing and receive (and decrypt) everything, "
+        "as a viewer or recorder does (default 0)",
+    )
     parser.add_argument("--resolution", type=_resolution, default=(320, 240))
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument(
@@ -104,6 +112,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         mesh_max=args.mesh_max,
         sfu_url=args.sfu_url,
         join_interval_s=args.join_interval,
+        receive_only=args.receive_only,
     )
 
 

@@ -1,5 +1,5 @@
-"""``python -m matrixrtc call-test --json`` end to end: embedded Synapse, two participant
-processes, one JSON object with the documented fields."""
+"""``python -m matrixrtc call-test --json`` end to end: embedded Synapse, three participant
+processes (the third ``--receive-only``), one JSON object with the documented fields."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ async def test_call_test_json_report() -> None:
         "matrixrtc",
         "call-test",
         "--participants",
-        "2",
+        "3",
+        "--receive-only",
+        "1",
         "--duration",
         "5",
         "--json",
@@ -41,15 +43,34 @@ async def test_call_test_json_report() -> None:
     assert report["fps"] == 15
     assert report["resolution"] == "320x240"
     ids = [p["id"] for p in report["participants"]]
-    assert ids == ["p1", "p2"]
-    for p, other in zip(report["participants"], reversed(ids), strict=True):
+    assert ids == ["p1", "p2", "p3"]
+    for p in report["participants"]:
+        assert p["receive_only"] is (p["id"] == "p3")
         assert 0 < p["connect_ms"] < 5000
         assert p["connect_ms"] <= p["first_frame_ms"] < 5000
         assert p["cpu_percent"] > 0
-        (peer,) = p["peers"]
-        assert peer["id"] == other
-        assert peer["fps_in"] > 10
-        assert peer["kbps_in"] > 50
-        assert peer["frames_decoded"] > 40
-        assert peer["decrypt_failures"] == 0
+        assert 50 < p["memory_mb"] <= p["memory_peak_mb"] < 1000
+        peers = {x["id"]: x for x in p["peers"]}
+        assert set(peers) == set(ids) - {p["id"]}
+        for other, peer in peers.items():
+            assert peer["decrypt_failures"] == 0
+            if other == "p3":  # publishes nothing
+                assert peer["frames_decoded"] == 0
+                assert peer["kbps_in"] < 10  # RTCP only
+                continue
+            assert peer["fps_in"] > 10
+            assert peer["kbps_in"] > 50
+            assert peer["frames_decoded"] > 40
+    receiver = report["participants"][2]
+    assert all(x["kbps_out"] < 10 for x in receiver["peers"])  # it sent no media
+    # the steady-state window: two publishers, four pairs (p3 is nobody's sender)
+    w = report["window"]
+    assert sorted((x["receiver"], x["sender"]) for x in w["pairs"]) == [
+        ("p1", "p2"), ("p2", "p1"), ("p3", "p1"), ("p3", "p2")]  # fmt: skip
+    assert w["min_fps_ratio"] > 0.6
+    assert [x["receive_only"] for x in w["participants"]] == [False, False, True]
+    # the receive-only process decodes two streams and encodes none: the cheapest one
+    cpu = {x["id"]: x["cpu_percent"] for x in w["participants"]}
+    assert cpu["p3"] < min(cpu["p1"], cpu["p2"])
     assert "[" in err.decode()  # the progress lines went to stderr
+    assert "MiB" in err.decode()  # with each participant's memory

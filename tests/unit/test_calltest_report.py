@@ -78,8 +78,74 @@ def test_report_figures_and_json_shape() -> None:
     assert pb["first_frame_ms"] == 1000
     assert pb["peers"][0]["fps_in"] == round(99 / 8.9, 1)
     row = format_report(report).splitlines()[2].split()
-    assert row == ["a", "400", "500", "12.5", "1040.0", "30", "b", "15.8", "1000.0", "500.0",
+    assert row == ["a", "400", "500", "12.5", "-", "1040.0", "30", "b", "15.8", "1000.0", "500.0",
                    "150", "0"]  # fmt: skip
+
+
+def _sample(t: int, cpu_s: float, frames: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {
+        "joined_at_ms": 0,
+        "t_ms": t,
+        "cpu_percent": 0.0,
+        "cpu_s": cpu_s,
+        "rss_mb": 100.0 + t / 1000,
+        "peers": [
+            {"id": pid, "frames_decoded": n, "decrypt_failures": 1 if t < 3_000 else 2,
+             "fps_in": 0.0}
+            for pid, n in frames.items()
+        ],
+        **extra,
+    }  # fmt: skip
+
+
+def test_window_starts_after_every_pair_receives_and_settles() -> None:
+    """Three participants, one receive-only: the window opens settle_s after the last one
+    has a frame from every publisher; per-pair fps and CPU are deltas inside it, the
+    receive-only participant is no sender, and a stalled pair sets min_fps_ratio."""
+    a = _Proc("a", "DA", {})
+    b = _Proc("b", "DB", {})
+    v = _Proc("v", "DV", {})
+    a.final = b.final = v.final = None
+    for t in range(1_000, 11_000, 1_000):
+        k = (t - 1_000) // 1_000  # seconds since the first report
+        # a hears b from the start at 15 fps; b hears a only from t=4000, at 15 fps
+        a.stats.append(_sample(t, 0.2 * k, {"@b:hs|DB": 15 * k, "@v:hs|DV": 0}))
+        b.stats.append(_sample(t, 0.1 * k, {"@a:hs|DA": max(0, 15 * (k - 3))}))
+        # v gets a at 15 fps but b stalls at 7.5 fps
+        v.stats.append(
+            _sample(t, 0.05 * k, {"@a:hs|DA": 15 * k, "@b:hs|DB": 7 * k + k // 2},
+                    receive_only=True)
+        )  # fmt: skip
+    cfg = CallTestConfig(participants=3, duration_s=10, settle_s=2.0)
+    w = build_report([a, b, v], cfg, end_ms=10_000)["window"]
+    assert w["all_pairs_received"] is True
+    assert w["start_ms"] == 5_000 + 2_000  # b first has a frame in its t=5000 report
+    assert w["end_ms"] == 10_000
+    pairs = {(x["receiver"], x["sender"]): x for x in w["pairs"]}
+    assert set(pairs) == {("a", "b"), ("b", "a"), ("v", "a"), ("v", "b")}  # v sends nothing
+    assert pairs[("a", "b")]["fps"] == 15.0
+    assert pairs[("b", "a")]["fps_ratio"] == 1.0
+    assert 0.45 < pairs[("v", "b")]["fps_ratio"] < 0.55
+    assert w["min_fps_ratio"] == pairs[("v", "b")]["fps_ratio"]
+    cpu = {x["id"]: x["cpu_percent"] for x in w["participants"]}
+    assert cpu == {"a": 20.0, "b": 10.0, "v": 5.0}
+    assert w["cpu_percent_per_participant"] == round(35 / 3, 1)
+    assert w["memory_mb_per_participant"] == 110.0
+    assert w["decrypt_failures"] == 0  # the start-up failures are before the window
+    assert [x["receive_only"] for x in w["participants"]] == [False, False, True]
+
+
+def test_window_when_a_pair_never_receives() -> None:
+    a = _Proc("a", "DA", {})
+    b = _Proc("b", "DB", {})
+    a.final = b.final = None
+    for t in range(1_000, 9_000, 1_000):
+        a.stats.append(_sample(t, 0.0, {"@b:hs|DB": 0}))
+        b.stats.append(_sample(t, 0.0, {"@a:hs|DA": 15 * t // 1000}))
+    w = build_report([a, b], CallTestConfig(participants=2, duration_s=8))["window"]
+    assert w["all_pairs_received"] is False
+    assert w["min_fps_ratio"] == 0.0
+    assert w["end_ms"] == 8_000
 
 
 def test_report_of_a_silent_participant_and_table() -> None:

@@ -1,0 +1,236 @@
+"""Scale benchmark: how many call-test participants one box holds, on the mesh and on the SFU.
+
+Run inside the private network namespace (everything binds 127.0.0.1)::
+
+    ./scripts/in-netns .venv/bin/python bench/scale.py [--json] [--mesh 2-8] [--sfu 4,8,12]
+
+One Synapse, one LiveKit and our authorization service are started once; then, one cell at a
+time, ``python -m matrixrtc call-test``'s runner puts N participant processes (each: homeserver
+login, call agent, Olm keys, frame E2EE, 320×240 @ 15 VP8 + Opus) into a fresh encrypted room
+on the mesh (``--mesh``) or on LiveKit (``--sfu``). Each cell's figures come from its
+steady-state window (see ``matrixrtc.calltest.runner.measurement_window``): the lowest
+per-pair received frame rate over the sent one (``min_fps_ratio``) and the mean process CPU of
+a participant in % of one core (``cpu_percent_per_participant``, all threads; LiveKit's own
+CPU is reported apart as ``server_cpu_percent``). ``sfu_max_n`` is the largest SFU N measured
+whose cell, and every smaller SFU cell, holds ``min_fps_ratio`` ≥ 0.9.
+
+``switch_gap_ms`` (``--switch``) is ``bench/join.py``'s switch measurement: three members on
+the mesh, a fourth joins (the call moves to the SFU) and leaves (back to the mesh); the largest
+video gap any member saw around each switch.
+
+``go_sdk_anchor`` is empty until the Go load client exists (issue 19). Prints figures only;
+never fails on a figure. Compare figures within one run: the box is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matrixrtc.calltest.runner import CallTestConfig, run_call_test
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
+from matrixrtc.logging import configure_logging
+
+TARGET_RATIO = 0.9
+_QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
+
+
+def _ns(text: str) -> list[int]:
+    """``2-8`` / ``3,6,12`` / ``4`` → sorted participant counts (each ≥ 2)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected N, A-B or a list") from None
+        out.update(range(a, b + 1))
+    if any(n < 2 for n in out):
+        raise argparse.ArgumentTypeError("a call needs at least two participants")
+    return sorted(out)
+
+
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (its threads included), from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str, Any]:
+    w = report["window"]
+    layers: dict[str, dict[str, str]] = {}
+    for pair in w["pairs"]:
+        if "layer" in pair:
+            layers.setdefault(pair["receiver"], {})[pair["sender"]] = pair["layer"]
+    cell: dict[str, Any] = {
+        "n": n,
+        "min_fps_ratio": w["min_fps_ratio"],
+        "cpu_percent_per_participant": w.get("cpu_percent_per_participant"),
+        "cpu_percent_total": w.get("cpu_percent_total"),
+        "memory_mb_per_participant": w.get("memory_mb_per_participant"),
+        "decrypt_failures": w.get("decrypt_failures"),
+        "window_s": w.get("seconds"),
+        "all_pairs_received": w.get("all_pairs_received"),
+    }
+    if server_cpu is not None:
+        cell["server_cpu_percent"] = server_cpu
+    if layers:
+        cell["layers"] = layers  # receiver → sender → the simulcast layer it took
+    return cell
+
+
+async def _measure(
+    transport: str,
+    n: int,
+    *,
+    base_url: str,
+    sfu_url: str | None,
+    livekit_pid: int | None,
+    args: argparse.Namespace,
+    run_dir: Path,
+) -> dict[str, Any]:
+    cfg = CallTestConfig(
+        participants=n,
+        duration_s=args.duration,
+        transport=transport,
+        homeserver=base_url,
+        sfu_url=sfu_url,
+        loopback=True,
+        user_prefix=f"{transport}{n}-",
+        run_dir=run_dir / f"{transport}-{n}",
+        settle_s=args.settle,
+    )
+
+    def progress(line: str) -> None:
+        if args.verbose:
+            print(f"  {transport} n={n}: {line}", file=sys.stderr, flush=True)
+
+    cpu0, wall0 = _proc_cpu_s(livekit_pid), time.monotonic()
+    try:
+        report = await run_call_test(cfg, progress=progress)
+    except Exception as exc:  # a cell that fails is a figure (0), not the end of the run
+        print(f"  {transport} n={n} failed: {exc!r}", file=sys.stderr, flush=True)
+        return {"n": n, "min_fps_ratio": 0.0, "cpu_percent_per_participant": None,
+                "error": repr(exc)}  # fmt: skip
+    cpu1, wall1 = _proc_cpu_s(livekit_pid), time.monotonic()
+    server = None
+    if transport == "sfu" and cpu0 is not None and cpu1 is not None:
+        server = round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1)  # whole cell, not window
+    cell = _cell(n, report, server)
+    print(
+        f"  {transport} n={n}: min fps ratio {cell['min_fps_ratio']:.2f}, "
+        f"cpu {cell['cpu_percent_per_participant']} %/participant, "
+        f"decrypt failures {cell['decrypt_failures']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return cell
+
+
+def sfu_max_n(cells: Sequence[dict[str, Any]]) -> int | None:
+    """The largest N whose cell and every smaller one hold ``TARGET_RATIO``."""
+    best = None
+    for cell in sorted(cells, key=lambda c: int(c["n"])):
+        if float(cell["min_fps_ratio"]) < TARGET_RATIO:
+            break
+        best = int(cell["n"])
+    return best
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = new_run_dir(prefix="bench-scale")
+    result: dict[str, Any] = {
+        "mesh": [],
+        "sfu": [],
+        "sfu_max_n": None,
+        "go_sdk_anchor": [],
+        "switch_gap_ms": None,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        hs = await stack.enter_async_context(Synapse(run_dir))
+        sfu_url = None
+        lk_pid = None
+        if args.sfu:
+            lk = await stack.enter_async_context(LiveKit(run_dir))
+            svc = await stack.enter_async_context(
+                AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET)
+            )
+            sfu_url, lk_pid = svc.url, lk.pid
+        for n in args.mesh:
+            result["mesh"].append(
+                await _measure("mesh", n, base_url=hs.base_url, sfu_url=None,
+                               livekit_pid=None, args=args, run_dir=run_dir)
+            )  # fmt: skip
+        for n in args.sfu:
+            result["sfu"].append(
+                await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
+                               livekit_pid=lk_pid, args=args, run_dir=run_dir)
+            )  # fmt: skip
+    result["sfu_max_n"] = sfu_max_n(result["sfu"])
+    if args.switch:
+        from bench.join import measure_switch
+        from matrixrtc.livekit import MediaOptions
+
+        sw = await measure_switch(MediaOptions(width=320, height=240, fps=15.0))
+        result["switch_gap_ms"] = {"mesh_to_sfu": sw["mesh_to_sfu"],
+                                   "sfu_to_mesh": sw["sfu_to_mesh"]}  # fmt: skip
+        result["switch_duration_ms"] = sw["switch_duration_ms"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--mesh", type=_ns, default=_ns("2-8"), help="mesh N (default 2-8)")
+    parser.add_argument("--sfu", type=_ns, default=_ns("4,8,12"), help="SFU N (default 4,8,12)")
+    parser.add_argument("--no-mesh", dest="mesh", action="store_const", const=[])
+    parser.add_argument("--no-sfu", dest="sfu", action="store_const", const=[])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per cell")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds after every pair has a frame"
+    )
+    parser.add_argument(
+        "--switch", action=argparse.BooleanOptionalAction, default=True,
+        help="measure the mesh/SFU switch gaps (bench/join.py's measurement)",
+    )  # fmt: skip
+    parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
+    args = parser.parse_args(argv)
+    configure_logging(level="error")
+    started = time.monotonic()
+    result = asyncio.run(run(args))
+    result["bench_duration_s"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for kind in ("mesh", "sfu"):
+        for c in result[kind]:
+            print(
+                f"{kind:<4} n={c['n']:>2}  min fps ratio {c['min_fps_ratio']:.2f}  "
+                f"cpu {c.get('cpu_percent_per_participant')} %/participant  "
+                f"mem {c.get('memory_mb_per_participant')} MiB  "
+                f"LiveKit {c.get('server_cpu_percent', '-')} %  "
+                f"decrypt failures {c.get('decrypt_failures')}"
+            )
+    print(f"sfu_max_n: {result['sfu_max_n']}")
+    print(f"switch gaps (ms): {result['switch_gap_ms']}")
+    print(f"took {result['bench_duration_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
