@@ -15,6 +15,7 @@ callbacks may fire during and after its close without starting work nobody will 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -45,24 +46,39 @@ class OwnedTasks:
         self._failures: list[tuple[str, BaseException]] = []
         self._closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
-        """Run ``coro`` as a task named ``"<owner> <name>"``, owned until it ends."""
+    def spawn(
+        self,
+        coro: Coroutine[Any, Any, T],
+        name: str,
+        *,
+        context: contextvars.Context | None = None,
+        awaited: bool = False,
+    ) -> asyncio.Task[T]:
+        """Run ``coro`` as a task named ``"<owner> <name>"``, owned until it ends. ``context``:
+        as for ``create_task`` (e.g. a fresh one for a job that outlives the request, and the
+        request's log context, that started it).
+
+        ``awaited``: the task's outcome belongs to whoever awaits it (a lookup several
+        requests share): its failure is theirs to handle, so it is neither logged nor kept
+        here; the owner still cancels and awaits it on close."""
         # The coroutine goes straight into the task: cancelled before it starts, it is still
         # closed properly (no "coroutine was never awaited").
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner} {name}")
+        task = asyncio.get_running_loop().create_task(
+            coro, name=f"{self._owner} {name}", context=context
+        )
         if self._closed:
             task.cancel()
             return task
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(name, t))
+        task.add_done_callback(lambda t: self._done(name, t, awaited))
         return task
 
-    def _done(self, name: str, task: asyncio.Task[Any]) -> None:
+    def _done(self, name: str, task: asyncio.Task[Any], awaited: bool) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()  # also marks it retrieved: asyncio's own warning stays quiet
-        if exc is None:
+        if exc is None or awaited:
             return
         self._failures.append((name, exc))
         self._log.error(self._event, owner=self._owner, task=name, exc_info=exc)

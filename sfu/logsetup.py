@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 
 import structlog
 
+from matrixrtc.tasks import OwnedTasks
+
 __all__ = ["FLUSH_INTERVAL", "configure_service_logging", "flusher"]
 
 FLUSH_INTERVAL = 0.2
@@ -107,10 +109,11 @@ async def flusher(_app: object) -> AsyncIterator[None]:
             if _sink is not None:
                 _sink.flush()
 
-    task = asyncio.create_task(loop())
+    tasks = OwnedTasks("log flusher", structlog.get_logger(__name__), event_prefix="logsetup")
+    tasks.spawn(loop(), "flush")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    if _sink is not None:
-        _sink.flush()
+    try:
+        await tasks.aclose()  # raises a failure of the loop (logged when it happened)
+    finally:
+        if _sink is not None:
+            _sink.flush()

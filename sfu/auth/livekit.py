@@ -23,6 +23,7 @@ import aiohttp
 import structlog
 from livekit import api as lkapi
 
+from matrixrtc.tasks import OwnedTasks
 from sfu.common import metrics
 
 __all__ = ["TOKEN_TTL_SECONDS", "JoinTokenSigner", "LiveKitRooms"]
@@ -104,6 +105,7 @@ class LiveKitRooms:
         self._api: lkapi.LiveKitAPI | None = None
         self._session: aiohttp.ClientSession | None = None
         self._creating: dict[str, asyncio.Task[None]] = {}
+        self._tasks = OwnedTasks("livekit rooms", log, event_prefix="livekit_rooms")
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
@@ -112,10 +114,7 @@ class LiveKitRooms:
         )
 
     async def close(self) -> None:
-        tasks = list(self._creating.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel()  # requests in flight: their requests see the outcome
         if self._api is not None:
             await self._api.aclose()
         if self._session is not None:
@@ -141,7 +140,9 @@ class LiveKitRooms:
             return
         task = self._creating.get(room)
         if task is None:
-            task = asyncio.create_task(self._create(room), context=contextvars.Context())
+            task = self._tasks.spawn(
+                self._create(room), f"create {room}", context=contextvars.Context(), awaited=True
+            )
             self._creating[room] = task
             task.add_done_callback(lambda _t: self._creating.pop(room, None))
         await asyncio.shield(task)

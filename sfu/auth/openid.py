@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import structlog
 
+from matrixrtc.tasks import OwnedTasks
 from sfu.common import metrics
 from sfu.common.netguard import BlockedAddressError, FetchError, GuardedHttp, HostResolver
 from sfu.common.servername import ServerName, parse_server_name
@@ -128,14 +129,14 @@ class OpenIDValidator:
         self._timeout = timeout
         self._clock = clock
         self._inflight: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        self._tasks = OwnedTasks("openid", log, event_prefix="openid")
         self._well_known: dict[str, _WellKnownEntry] = {}
 
     async def close(self) -> None:
-        tasks = list(self._inflight.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._inflight.clear()
+        try:
+            await self._tasks.cancel()  # lookups in flight: their requests see the outcome
+        finally:
+            self._inflight.clear()
 
     async def user_id(self, access_token: str, server_name: str, expires_in: int) -> str | None:
         """The token's ``sub`` if the homeserver vouches for it, else None."""
@@ -153,8 +154,11 @@ class OpenIDValidator:
         metrics.OPENID_CACHE.labels("miss").inc()
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(
-                self._lookup(access_token, server_name), context=contextvars.Context()
+            task = self._tasks.spawn(
+                self._lookup(access_token, server_name),
+                f"lookup {server_name}",
+                context=contextvars.Context(),
+                awaited=True,
             )
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))

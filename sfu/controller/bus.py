@@ -10,11 +10,12 @@ and the periodic presence check is what notices a departure elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable
 
 import structlog
+
+from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["CHANNEL", "WebhookBus"]
 
@@ -34,21 +35,22 @@ class WebhookBus:
 
         self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
         self._handler = handler
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("webhook bus", log, event_prefix="webhook_bus")
         self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen())
+        self._tasks.spawn(self._listen(), "listen")
         # Do not accept webhooks before we can hear our own publications.
         async with asyncio.timeout(10):
             await self._subscribed.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._redis.aclose()
+        """Stop listening and disconnect; a failure of the listener (logged when it
+        happened) is raised once Redis is closed."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            await self._redis.aclose()
 
     async def publish(self, kind: str, room: str, identity: str, signal: str) -> None:
         msg = json.dumps({"k": kind, "r": room, "i": identity, "s": signal})

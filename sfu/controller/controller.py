@@ -18,7 +18,6 @@ homeserver access, a refused token), then runs with what it has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import structlog
 from livekit import api as lkapi
 from livekit.protocol import models as lkmodels
 
+from matrixrtc.tasks import OwnedTasks
 from sfu.common import metrics
 from sfu.controller.config import ControllerConfig
 from sfu.controller.ghosts import Finding, GhostJudge, Participant, Reason, RoomView, Verdict
@@ -88,7 +88,7 @@ class Controller:
         self.limits: list[str] = []  # what this controller cannot see, in plain words
         self._session: aiohttp.ClientSession | None = None
         self._api: lkapi.LiveKitAPI | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("controller", log, event_prefix="controller")
         self._status: dict[str, Any] = {}
         self._status_redis: Any = None
         self._matrix_visible = source is not None
@@ -114,22 +114,23 @@ class Controller:
             )
         await self._report_capabilities()
         await self.leadership.start()
-        self._task = asyncio.create_task(self._loop(), name="controller")
+        self._tasks.spawn(self._loop(), "cycles")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.leadership.close()
-        if self.source is not None:
-            await self.source.close()
-        if self._api is not None:
-            await self._api.aclose()
-        if self._session is not None:
-            await self._session.close()
-        if self._status_redis is not None:
-            await self._status_redis.aclose()
+        """Stop the cycles and close what it opened; a failure of its loop (logged when it
+        happened) is raised once everything is closed."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            await self.leadership.close()
+            if self.source is not None:
+                await self.source.close()
+            if self._api is not None:
+                await self._api.aclose()
+            if self._session is not None:
+                await self._session.close()
+            if self._status_redis is not None:
+                await self._status_redis.aclose()
 
     async def _report_capabilities(self) -> None:
         cfg = self.config
@@ -263,9 +264,16 @@ class Controller:
         rooms = (await self.api.room.list_rooms(lkapi.ListRoomsRequest())).rooms
         since = await self.registry.since()
         views: dict[str, asyncio.Task[RoomView | None]] = {}
-        results = await asyncio.gather(
-            *(self._room(r, since, views, now) for r in rooms), return_exceptions=True
-        )
+        # The state reads this cycle shares between its rooms; none outlives the cycle. A
+        # failed read is the failure of each room that awaited it (counted below).
+        reads = OwnedTasks("controller cycle", log, event_prefix="controller.view")
+        try:
+            results = await asyncio.gather(
+                *(self._room(r, since, views, reads, now) for r in rooms),
+                return_exceptions=True,
+            )
+        finally:
+            await reads.cancel()
         out: list[_RoomResult] = []
         live: list[str] = []
         for room, res in zip(rooms, results, strict=True):
@@ -292,6 +300,7 @@ class Controller:
         room: lkmodels.Room,
         since: float,
         views: dict[str, asyncio.Task[RoomView | None]],
+        reads: OwnedTasks,
         now: float,
     ) -> _RoomResult:
         result = _RoomResult(room.name)
@@ -301,7 +310,7 @@ class Controller:
         matrix_rooms = {g.matrix_room for g in grants.values()}
         for mr in matrix_rooms:  # one state read per Matrix room per cycle
             if mr not in views:
-                views[mr] = asyncio.ensure_future(self._view(mr, now))
+                views[mr] = reads.spawn(self._view(mr, now), f"view {mr}")
         room_views = {mr: await views[mr] for mr in matrix_rooms}
         for mr, v in room_views.items():
             result.matrix_rooms[mr] = None if v is None else v.active_members()

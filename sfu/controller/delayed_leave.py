@@ -24,7 +24,6 @@ connected and is now absent is sent immediately (lk-jwt-service would wait for t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import hashlib
 import time
@@ -35,6 +34,7 @@ from typing import Protocol
 
 import structlog
 
+from matrixrtc.tasks import OwnedTasks
 from sfu.common import metrics
 from sfu.controller.csapi import ActionResult, CsApi, DelayAction
 from sfu.controller.store import JobParams, JobStore, StoredJob
@@ -114,6 +114,9 @@ class DelayedLeaveManager:
         self._wall = wall_clock
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._closing = False
+        # A failed job is logged when it fails (with its room and identity in the task name)
+        # and raised by close().
+        self._tasks = OwnedTasks("delayed leave", log, event_prefix="delayed_leave")
 
     @property
     def closing(self) -> bool:
@@ -140,13 +143,13 @@ class DelayedLeaveManager:
         log.info("delayed-leave jobs resumed", count=len(self._jobs))
 
     async def close(self) -> None:
-        """Stop every job (they stay in the store, to be resumed by the next process)."""
+        """Stop every job (they stay in the store, to be resumed by the next process); a job
+        that failed meanwhile (logged when it failed) is raised."""
         self._closing = True
-        tasks = [j.task for j in self._jobs.values() if j.task is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._jobs.clear()
+        try:
+            await self._tasks.aclose()
+        finally:
+            self._jobs.clear()
 
     async def resolve(self, server_name: str) -> str | None:
         return await self._csapi.base_url(server_name)
@@ -180,20 +183,16 @@ class DelayedLeaveManager:
         self._jobs[stored.params.key] = job
         metrics.DELAYED_LEAVE_JOBS.inc()
         # A fresh context: the job outlives the request that created it (and its request id).
-        job.task = asyncio.create_task(
-            self._run(job, resumed=resumed), context=contextvars.Context()
+        p = stored.params
+        job.task = self._tasks.spawn(
+            self._run(job, resumed=resumed),
+            f"job {p.room} {p.identity}",
+            context=contextvars.Context(),
         )
-        job.task.add_done_callback(lambda t: self._finished(job, t))
+        job.task.add_done_callback(lambda _t: self._finished(job))
 
-    def _finished(self, job: _Job, task: asyncio.Task[None]) -> None:
+    def _finished(self, job: _Job) -> None:
         metrics.DELAYED_LEAVE_JOBS.dec()
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error(
-                "delayed-leave job failed",
-                room=job.stored.params.room,
-                identity=job.stored.params.identity,
-                exc_info=exc,
-            )
         if self._jobs.get(job.stored.params.key) is job:
             del self._jobs[job.stored.params.key]
 
@@ -213,7 +212,9 @@ class DelayedLeaveManager:
         deadline = started + (job.stored.restarted_at + timeout - self._wall())
         next_restart = started  # restart as soon as connected
         backoff = 1.0
-        poller = asyncio.create_task(self._poll(job, immediate=resumed))
+        poller = self._tasks.spawn(
+            self._poll(job, immediate=resumed), f"poll {p.room} {p.identity}"
+        )
         replaced = False
         try:
             while job.state in (State.WAITING, State.CONNECTED):
@@ -249,9 +250,8 @@ class DelayedLeaveManager:
                 await self._send(job, lg, deadline)
                 job.state = State.DONE
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            poller.cancel()  # a failure of its own is the owner's (logged, raised by close)
+            await asyncio.wait([poller])
         if not replaced and not self._closing:
             current = self._jobs.get(p.key)
             if current is None or current is job:

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import structlog
 
+from matrixrtc.tasks import OwnedTasks
 from sfu.common import metrics
 
 __all__ = ["Leadership", "LocalLeadership", "RedisLeadership"]
@@ -109,7 +110,7 @@ class RedisLeadership:
         self._clock = clock
         self._valid_until = 0.0
         self._leading = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("leadership", log, event_prefix="controller.leadership")
         self._on_change = on_change
 
     def is_leader(self) -> bool:
@@ -118,18 +119,19 @@ class RedisLeadership:
     async def start(self) -> None:
         await self._redis.ping()
         await self._attempt()
-        self._task = asyncio.create_task(self._loop(), name="controller-leadership")
+        self._tasks.spawn(self._loop(), "renew")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._leading:
-            with contextlib.suppress(Exception):
-                await self._redis.eval(_RELEASE, 1, LEADER_KEY, self.id)
-            self._set_leading(False)
-        await self._redis.aclose()
+        """Stop renewing, release the lock, disconnect; a failure of the renewal loop (logged
+        when it happened) is raised once the lock is released."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            if self._leading:
+                with contextlib.suppress(Exception):
+                    await self._redis.eval(_RELEASE, 1, LEADER_KEY, self.id)
+                self._set_leading(False)
+            await self._redis.aclose()
 
     async def claim(self, action: str) -> bool:
         ok = await self._redis.set(DONE_PREFIX + action, self.id, nx=True, ex=3600)

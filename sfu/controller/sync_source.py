@@ -36,6 +36,7 @@ import structlog
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.membership import CallMembership, MembershipLeft, parse_membership_event
 from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, STICKY_FIELD, sticky_expires_at
+from matrixrtc.tasks import OwnedTasks
 from sfu.controller.matrix_source import (
     AdminStateSource,
     RoomSnapshot,
@@ -197,19 +198,20 @@ class SyncSource(_HttpSource):
         self._since: str | None = None
         self._last_ok = 0.0  # monotonic: last successful sync
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = OwnedTasks("sync source", log, event_prefix="controller.sync")
         self.syncs = 0
 
     async def start(self) -> None:
         await super().start()
-        self._task = asyncio.create_task(self._loop(), name="controller-sync")
+        self._tasks.spawn(self._loop(), "sync")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await super().close()
+        """Stop syncing and close the session; a failure of the sync loop (logged when it
+        happened) is raised once the session is closed."""
+        try:
+            await self._tasks.aclose()
+        finally:
+            await super().close()
 
     async def probe(self) -> SourceCheck:
         user, err = await self._whoami()

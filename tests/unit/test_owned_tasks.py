@@ -121,6 +121,21 @@ async def test_a_task_spawned_after_aclose_never_runs() -> None:
     assert len(tasks) == 0
 
 
+async def test_an_awaited_task_leaves_its_failure_to_its_awaiters() -> None:
+    """A shared lookup (spawn(..., awaited=True)): its requests see the failure; the owner
+    neither logs nor keeps it, but still cancels one in flight on close."""
+    tasks = OwnedTasks("owner", log, event_prefix="t")
+    with capture_logs() as logs:
+        lookup = tasks.spawn(fail_soon(), "lookup", awaited=True)
+        with pytest.raises(Boom):
+            await asyncio.shield(lookup)
+    assert failed_events(logs) == []
+    assert tasks.failures == []
+    slow = tasks.spawn(asyncio.sleep(3600), "slow", awaited=True)
+    await tasks.aclose()  # nothing to raise
+    assert slow.cancelled()
+
+
 async def test_first_of_returns_the_first_and_leaves_nothing_running() -> None:
     cancelled = asyncio.Event()
 
