@@ -125,7 +125,7 @@ async def test_leadership_logs_a_dead_renewal_loop_and_raises_it_on_close() -> N
     # the loop's own handler then trips over the broken clock: that must not pass unseen.
     lead = RedisLeadership("redis://127.0.0.1:1", ttl=0.03, clock=clock_failing_after(2))
     redis = FakeRedis()
-    lead._redis = redis
+    lead._redis = redis  # type: ignore[assignment]
     with capture_logs() as logs:
         await lead.start()
         assert await until_failed(logs) == ["renew"]
