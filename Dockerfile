@@ -23,8 +23,9 @@ RUN python3 -m venv /opt/venv \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin matrixrtc
 
-# Only the service and the pure protocol model it imports; no test or client code.
-COPY matrixrtc/__init__.py matrixrtc/errors.py matrixrtc/py.typed /app/matrixrtc/
+# Only the service and the modules it shares with matrixrtc (errors, owned tasks, the pure
+# protocol model); no test or client code.
+COPY matrixrtc/__init__.py matrixrtc/errors.py matrixrtc/tasks.py matrixrtc/py.typed /app/matrixrtc/
 COPY matrixrtc/model/ /app/matrixrtc/model/
 COPY sfu/ /app/sfu/
 RUN python3 -m compileall -q /app
