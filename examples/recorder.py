@@ -4,7 +4,8 @@
     python examples/recorder.py DIR [SECONDS]
 
 One WebM file per participant and presence, and DIR/index.json. With MATRIXRTC_RECORDING_KEY
-(an X25519 public key from `python -m matrixrtc recording-key`) every file is sealed to it.
+(an X25519 public key from `python -m matrixrtc recording-key`) every file is sealed to it,
+the index too (DIR/index.json.sealed).
 """
 
 import asyncio

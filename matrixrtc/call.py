@@ -458,7 +458,8 @@ class Call:
     ) -> CallRecording:
         """Record every remote participant into ``directory`` (one WebM file per participant
         and presence, and ``index.json``; see ``matrixrtc.media.recorder``), sealed to the
-        X25519 public key ``encrypt_to`` (32 bytes, or base64/hex text) when given. Recording
+        X25519 public key ``encrypt_to`` (32 bytes, or base64/hex text) when given (the index
+        too, as ``index.json.sealed``). Recording
         runs until ``await recording.aclose()`` or the end of the call.
 
         ``passthrough``: where the transport hands on the received encoded video (the mesh,

@@ -1,8 +1,9 @@
 """``python -m matrixrtc decrypt-recording --key KEYFILE SRC [--out DIR]``: playable files
 from an encrypted recording.
 
-SRC is a recording directory (every ``*.sealed`` file in it, and its ``index.json`` with the
-file names rewritten) or single ``.sealed`` files. Each ``NAME.sealed`` becomes ``DIR/NAME``
+SRC is a recording directory (every ``*.sealed`` file in it, and its index — sealed
+``index.json.sealed``, or a plain ``index.json`` of older recordings — as ``index.json`` with
+the file names rewritten) or single ``.sealed`` files. Each ``NAME.sealed`` becomes ``DIR/NAME``
 (DIR defaults to ``SRC-decrypted`` for a directory, the file's own directory otherwise);
 existing files are never overwritten.
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from matrixrtc.e2ee.sealed_stream import SealedStreamError, TruncatedStream
 from matrixrtc.errors import LocalError
+from matrixrtc.media.recorder import INDEX, index_path, read_index
 from matrixrtc.media.sealed_file import SEALED_SUFFIX, decrypt_file, read_private_key
 
 __all__ = ["register", "run"]
@@ -48,9 +50,12 @@ def _plan(srcs: list[Path], out: Path | None) -> tuple[list[tuple[Path, Path]], 
         if src.is_dir():
             dest = out or src.with_name(src.name + "-decrypted")
             for f in sorted(src.glob(f"*{SEALED_SUFFIX}")):
-                pairs.append((f, dest / f.name.removesuffix(SEALED_SUFFIX)))
-            if (src / "index.json").is_file():
-                indexes.append(src / "index.json")
+                if f.name != INDEX + SEALED_SUFFIX:
+                    pairs.append((f, dest / f.name.removesuffix(SEALED_SUFFIX)))
+            if index_path(src) is not None:
+                indexes.append(src)
+        elif src.name == INDEX + SEALED_SUFFIX:
+            indexes.append(src.parent)
         elif src.name.endswith(SEALED_SUFFIX):
             pairs.append((src, (out or src.parent) / src.name.removesuffix(SEALED_SUFFIX)))
         else:
@@ -58,14 +63,14 @@ def _plan(srcs: list[Path], out: Path | None) -> tuple[list[tuple[Path, Path]], 
     return pairs, indexes
 
 
-def _rewrite_index(index: Path, dest_dir: Path) -> None:
-    data = json.loads(index.read_text())
+def _rewrite_index(data: dict[str, Any], dest_dir: Path) -> None:
     data["encrypted"] = False
     for p in data.get("participants", []):
         for seg in p.get("segments", []):
             if isinstance(seg.get("file"), str):
                 seg["file"] = seg["file"].removesuffix(SEALED_SUFFIX)
-    (dest_dir / "index.json").write_text(json.dumps(data, indent=2) + "\n")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    (dest_dir / INDEX).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except (LocalError, SealedStreamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if not pairs:
+    if not pairs and not indexes:
         print("error: no .sealed files found", file=sys.stderr)
         return 1
     failed = truncated = False
@@ -96,8 +101,16 @@ def run(args: argparse.Namespace) -> int:
             failed = True
             continue
         print(f"{src.name}: {result.plaintext_bytes} bytes in {result.chunks} chunks -> {dst}")
-    for index in indexes:
-        dest_dir = args.out or index.parent.with_name(index.parent.name + "-decrypted")
-        if not (dest_dir / "index.json").exists():
-            _rewrite_index(index, dest_dir)
+    for rec_dir in indexes:
+        dest_dir = args.out or rec_dir.with_name(rec_dir.name + "-decrypted")
+        if (dest_dir / INDEX).exists():
+            continue
+        try:
+            data = read_index(rec_dir, key)
+        except (LocalError, SealedStreamError, ValueError) as exc:
+            print(f"error: {rec_dir} index: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        _rewrite_index(data, dest_dir)
+        print(f"index -> {dest_dir / INDEX}")
     return 1 if failed else 2 if truncated else 0

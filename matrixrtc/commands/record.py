@@ -8,7 +8,8 @@ and stay playable while being written and after a crash.
 
 ``--encrypt-to PUBLIC_KEY`` (from ``recording-key``) seals every file to that X25519 key as it
 is written (``NAME.webm.sealed``): nothing playable touches the disk, and only the private
-key's holder can ``decrypt-recording``. ``index.json`` (names, times, sizes) stays readable.
+key's holder can ``decrypt-recording``; ``index.json`` (who, when, which files) is sealed too
+(``index.json.sealed``).
 
 The call goes on when a file cannot be written (full disk): the error is reported, the files
 so far stay playable, and the exit status is 2. Stops on Ctrl-C/SIGTERM or ``--duration``.
@@ -26,6 +27,7 @@ from matrixrtc.commands._call_cli import Console, add_call_arguments, make_call,
 from matrixrtc.e2ee.sealed_stream import SealedStreamError
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.media.call_media import CallRecording
+from matrixrtc.media.recorder import index_path
 from matrixrtc.media.sealed_file import parse_key
 
 __all__ = ["register", "run"]
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         except SealedStreamError as exc:
             console.error(f"--encrypt-to: {exc}")
             return 1
-    if (args.dir / "index.json").exists():
+    if index_path(args.dir) is not None:
         console.error(f"{args.dir} already holds a recording; choose a new directory")
         return 1
     try:

@@ -29,7 +29,9 @@ A write error (full disk, I/O error) ends that segment's file — what was writt
 playable — is logged, counted and listed in ``index.json``; the recorder and the call go on.
 
 ``index.json`` (rewritten atomically on every change) lists each participant with its segments:
-file name, join and leave times (UTC, ISO 8601), frames, bytes, gaps and errors.
+file name, join and leave times (UTC, ISO 8601), frames, bytes, gaps and errors. Sealed to a
+recipient, it is ``index.json.sealed`` instead (the whole index, sealed anew on every rewrite):
+who was in the call and when is the call's business too; :func:`read_index` reads either.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from av.video.reformatter import VideoReformatter
 
 from matrixrtc.errors import LocalError
 from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
-from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile
+from matrixrtc.media.sealed_file import SEALED_SUFFIX, RecordingFile, open_sealed, seal_bytes
 
 __all__ = [
     "DRIFT_S",
@@ -67,6 +69,8 @@ __all__ = [
     "Recorder",
     "SegmentStats",
     "SegmentWriter",
+    "index_path",
+    "read_index",
 ]
 
 log = structlog.get_logger(__name__)
@@ -99,6 +103,32 @@ _MUXER_OPTIONS: Final = {
     "cluster_time_limit": "1000",  # ms
     "max_interleave_delta": "500000",  # µs: a silent or camera-less peer does not stall muxing
 }
+
+
+INDEX: Final = "index.json"
+
+
+def index_path(directory: Path) -> Path | None:
+    """The index file of the recording in ``directory`` (plain or sealed), None if none."""
+    for name in (INDEX, INDEX + SEALED_SUFFIX):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def read_index(directory: Path, private_key: bytes | None = None) -> dict[str, Any]:
+    """The index of the recording in ``directory``; a sealed one needs the recipient's
+    ``private_key`` (a wrong key raises ``SealedStreamError``)."""
+    path = index_path(directory)
+    if path is None:
+        raise LocalError(f"{directory} holds no recording index")
+    if path.name == INDEX:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    if private_key is None:
+        raise LocalError(f"{path} is sealed: the recipient's private key reads it")
+    data = json.loads(open_sealed(path.read_bytes(), private_key))
+    return data
 
 
 def _utc(ts: float) -> str:
@@ -660,8 +690,8 @@ class Recorder:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LocalError(f"cannot create the recording directory {directory}: {exc}") from exc
-        if (directory / "index.json").exists():
-            raise LocalError(f"{directory} already holds a recording (index.json)")
+        if index_path(directory) is not None:
+            raise LocalError(f"{directory} already holds a recording (its index)")
         self._write_index()
 
     @property
@@ -773,10 +803,14 @@ class Recorder:
         }
 
     def _write_index(self) -> None:  # with self._lock held
-        path = self.directory / "index.json"
-        tmp = path.with_suffix(".json.tmp")
+        data = (json.dumps(self.index(), indent=2) + "\n").encode()
+        path = self.directory / INDEX
+        if self.recipient is not None:
+            path = path.with_name(INDEX + SEALED_SUFFIX)
+            data = seal_bytes(data, self.recipient)
+        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.index(), indent=2) + "\n")
+            tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError as exc:
             msg = f"writing {path} failed: {exc.strerror or exc}"

@@ -37,8 +37,10 @@ __all__ = [
     "RecordingWriteError",
     "decrypt_file",
     "generate_key_file",
+    "open_sealed",
     "parse_key",
     "read_private_key",
+    "seal_bytes",
 ]
 
 SEALED_SUFFIX: Final = ".sealed"
@@ -149,6 +151,21 @@ class RecordingFile(io.RawIOBase):
             os.close(self._fd)
             self._fd = None
             raise RecordingWriteError(self.error) from exc
+
+
+def seal_bytes(data: bytes, recipient: bytes) -> bytes:
+    """``data`` as one whole sealed stream (a small file written at once: ``index.json``)."""
+    writer = SealedStreamWriter(recipient)
+    return writer.header() + writer.final(data)
+
+
+def open_sealed(sealed: bytes, private_key: bytes) -> bytes:
+    """What :func:`seal_bytes` sealed (``SealedStreamError`` on a wrong key, an altered or
+    a cut stream)."""
+    reader = SealedStreamReader(private_key)
+    data = reader.feed(sealed)
+    reader.close()
+    return data
 
 
 class DecryptResult:

@@ -19,6 +19,7 @@ import pytest
 
 from matrixrtc.calltest.runner import provision
 from matrixrtc.devstack import Synapse
+from matrixrtc.media.recorder import read_index
 from matrixrtc.media.sealed_file import decrypt_file, generate_key_file, read_private_key
 from tests.media_samples import read_barcode, read_media, write_media_file
 
@@ -100,7 +101,10 @@ async def test_recorder_echo_bot_and_announce(synapse: Synapse, tmp_path: Path) 
         echo_out = await _stop(echo)
         rec_out = await _stop(recorder)
     assert f"echoing {ann_env['MATRIXRTC_USER']}" in echo_out
-    index = json.loads((tmp_path / "rec" / "index.json").read_text())
+    assert not (tmp_path / "rec" / "index.json").exists()  # who was there is sealed too
+    sealed_index = (tmp_path / "rec" / "index.json.sealed").read_bytes()
+    assert ann_env["MATRIXRTC_USER"].encode() not in sealed_index
+    index = read_index(tmp_path / "rec", read_private_key(tmp_path / "key"))
     by_user = {p["user_id"]: p for p in index["participants"]}
     print(rec_out, json.dumps(index, indent=1)[:3000])
     assert index["encrypted"] is True

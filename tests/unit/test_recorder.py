@@ -21,9 +21,16 @@ from nacl.public import PrivateKey
 
 from matrixrtc.cli import build_parser
 from matrixrtc.e2ee.sealed_stream import TruncatedStream
+from matrixrtc.errors import LocalError
 from matrixrtc.media.frames import SAMPLE_CLOCK, EncodedFrame, vp8_frame_size
-from matrixrtc.media.recorder import OPUS_SILENCE_20MS, Recorder, SegmentWriter, opus_samples
-from matrixrtc.media.sealed_file import decrypt_file
+from matrixrtc.media.recorder import (
+    OPUS_SILENCE_20MS,
+    Recorder,
+    SegmentWriter,
+    opus_samples,
+    read_index,
+)
+from matrixrtc.media.sealed_file import decrypt_file, read_private_key
 from tests.media_samples import (
     audio_span,
     av_skew,
@@ -285,17 +292,27 @@ def test_decrypt_recording_command(tmp_path: Path, capsys: pytest.CaptureFixture
 
     clock = FakeClock()
     rec = Recorder(tmp_path / "rec", recipient=parse_key(public), clock=clock)
+    rec.joined("@a:hs:D", {"user_id": "@a:hs", "device_id": "D"})
     feed(lambda k, f: rec.frame("@a:hs:D", k, f), clock, 3.0)
     rec.close()
     assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
         "a_hs_D.1.webm.sealed",
-        "index.json",
+        "index.json.sealed",
     ]
+    # Who was in the call is sealed too; the key holder reads it.
+    assert b"@a:hs" not in (tmp_path / "rec" / "index.json.sealed").read_bytes()
+    with pytest.raises(LocalError):
+        read_index(tmp_path / "rec")  # no key
+    assert read_index(tmp_path / "rec", read_private_key(tmp_path / "key"))["encrypted"] is True
+    with pytest.raises(LocalError):
+        Recorder(tmp_path / "rec", recipient=parse_key(public))  # not twice in one directory
     assert (
         cli_main(["decrypt-recording", "--key", str(tmp_path / "key"), str(tmp_path / "rec")]) == 0
     )
     out = tmp_path / "rec-decrypted"
     index = json.loads((out / "index.json").read_text())
+    assert index["encrypted"] is False
+    assert index["participants"][0]["user_id"] == "@a:hs"
     assert index["participants"][0]["segments"][0]["file"] == "a_hs_D.1.webm"
     check_recording(out / "a_hs_D.1.webm", 3.0)
     capsys.readouterr()
