@@ -301,6 +301,8 @@ class LiveKitConnection:
         self.state_since = clock()
         self._on_state = on_state
         self.connected_at: float | None = None
+        # identity -> when this connection first saw it in the room (clock seconds)
+        self.seen_at: dict[str, float] = {}
         self.keys = keys if keys is not None else KeyTable()
         self._track_sources = sources
         self._frames = frames
@@ -311,6 +313,8 @@ class LiveKitConnection:
         self._closed = False
         self.room.on("track_subscribed", self._on_track_subscribed)
         self.room.on("track_published", self._on_track_published)
+        self.room.on("participant_connected", self._on_participant_connected)
+        self.room.on("participant_disconnected", self._on_participant_disconnected)
         self.room.on("e2ee_state_changed", self._on_e2ee_state)
         self.room.on("reconnecting", lambda: self._set_state(ConnectionState.RECONNECTING))
         self.room.on("reconnected", lambda: self._set_state(ConnectionState.CONNECTED))
@@ -337,6 +341,8 @@ class LiveKitConnection:
         # From here on the key provider exists, so keys set on the table go straight in; the
         # ones set before (while opening) are installed now, with no await in between.
         self.connected_at = self._clock()
+        for identity in self.room.remote_participants:
+            self.seen_at.setdefault(identity, self.connected_at)
         kp = self._key_provider()
         if kp is not None:
             for (identity, index), key in self.keys.remote_keys.items():
@@ -441,14 +447,22 @@ class LiveKitConnection:
     ) -> None:
         self._subscribe_if_keyed(participant.identity)
 
+    def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
+        self.seen_at.setdefault(participant.identity, self._clock())
+
+    def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
+        self.seen_at.pop(participant.identity, None)
+
     def published_kinds(self, identity: str) -> frozenset[str] | None:
-        """The kinds (``"audio"``, ``"video"``) ``identity`` publishes in this room, as the
-        SFU announced them; None while it is not in the room."""
+        """The kinds (``"audio"``, ``"video"``) ``identity`` publishes in this room and has not
+        muted, as the SFU announced them; None while it is not in the room."""
         participant = self.room.remote_participants.get(identity)
         if participant is None:
             return None
         return frozenset(
-            _KIND_NAMES.get(pub.kind, "other") for pub in participant.track_publications.values()
+            _KIND_NAMES.get(pub.kind, "other")
+            for pub in participant.track_publications.values()
+            if not pub.muted
         )
 
     def decrypting(self, identity: str) -> bool:

@@ -69,8 +69,9 @@ class MediaTransport(Protocol):
         it publishes video and ``video``, i.e. the call carries video, or video is all it
         publishes), else of its audio (decrypting). So a switch settles as soon as an
         audio-only peer is heard. A peer that publishes nothing counts once connected where
-        the transport can tell (the mesh: its description and muted kinds); the SFU cannot
-        tell it from a peer about to publish, so there it is waited for."""
+        the transport can tell (the mesh: its description and muted kinds); on the SFU, where
+        it looks like a peer about to publish, once it has been in the room a moment
+        (``NOTHING_ANNOUNCED_GRACE_S``) announcing nothing unmuted."""
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         """The decoded-video counters of ``peer`` on this transport (none: not connected)."""

@@ -27,6 +27,11 @@ log = structlog.get_logger(__name__)
 # How long a peer's audio must have been heard, with no video announced, before a switch
 # settles on its audio alone (see LiveKitMedia.carries).
 AUDIO_ONLY_GRACE_S = 0.5
+# How long a peer must have been in the room, seen by us and announcing nothing (unmuted),
+# before a switch counts it as publishing nothing. A peer announces its tracks right after
+# joining (ours once each has its first frame); one already in the room when we connect has
+# its tracks in the join response, so only a peer joining with us waits this long.
+NOTHING_ANNOUNCED_GRACE_S = 1.0
 
 
 class LiveKitMedia:
@@ -98,8 +103,16 @@ class LiveKitMedia:
                 grace = AUDIO_ONLY_GRACE_S if video else 0.0
                 if heard >= grace and conn.decrypting(identity):
                     return True
-            # In the room with nothing announced: not yet published, or publishing nothing
-            # (the two look alike here); wait (settle_timeout_s bounds it).
+            elif not kinds:
+                # In the room with nothing announced: not yet published, or publishing
+                # nothing. The two look alike for a moment: once the peer has been in the
+                # room for NOTHING_ANNOUNCED_GRACE_S (since the switch began) with still
+                # nothing, there is nothing of it to wait for.
+                seen = conn.seen_at.get(identity)
+                if seen is not None:
+                    quiet = self._ctx.clock() - max(seen, since)
+                    if quiet >= NOTHING_ANNOUNCED_GRACE_S:
+                        return True
         return False
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:

@@ -163,3 +163,30 @@ async def test_the_first_switch_settles_on_the_audio_of_a_peer_that_publishes_no
     finally:
         tone.stop()
         video.stop()
+
+
+async def test_the_first_sfu_switch_settles_on_a_peer_that_publishes_nothing(
+    synapse: Synapse, sfu: AuthService, user_factory: UserFactory
+) -> None:
+    """Bob publishes nothing (a listener): Alice's LiveKit start is complete (carried) a moment
+    after Bob is in the room announcing nothing, not after ``settle_timeout_s`` (10 s)."""
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    video = SyntheticVideoTrack(320, 240, 15)
+    try:
+        async with _call(synapse, bob, room, "sfu", sfu.url):
+            a = _call(synapse, alice, room, "sfu", sfu.url)
+            a.publish(video)
+            with a.events() as events:
+                async with a:
+                    async with asyncio.timeout(15):
+                        record = None
+                        while record is None:
+                            ev = await events.get()
+                            record = ev if isinstance(ev, SwitchRecord) else None
+        assert record.new is MediaKind.SFU
+        assert record.members == 2
+        assert record.carried_at is not None, "settled by timeout, not on what Bob publishes"
+        assert record.carried_at - record.started_at < 5.0
+    finally:
+        video.stop()

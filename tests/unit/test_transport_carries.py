@@ -11,7 +11,11 @@ from matrixrtc.agent import Participant
 from matrixrtc.livekit.connection import ParticipantStats
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media_transport.mesh import MeshMedia
-from matrixrtc.media_transport.sfu import AUDIO_ONLY_GRACE_S, LiveKitMedia
+from matrixrtc.media_transport.sfu import (
+    AUDIO_ONLY_GRACE_S,
+    NOTHING_ANNOUNCED_GRACE_S,
+    LiveKitMedia,
+)
 
 PEER = cast(Participant, type("P", (), {"rtc_backend_identity": "bob", "user_id": "@b:x",
                                         "device_id": "B"})())  # fmt: skip
@@ -23,6 +27,7 @@ class FakeConn:
     kinds: frozenset[str] | None = None
     stats: dict[str, ParticipantStats] = field(default_factory=dict)
     failing: bool = False
+    seen_at: dict[str, float] = field(default_factory=dict)
 
     def published_kinds(self, identity: str) -> frozenset[str] | None:
         return self.kinds
@@ -31,8 +36,8 @@ class FakeConn:
         return not self.failing
 
 
-def sfu(conn: FakeConn) -> LiveKitMedia:
-    media = LiveKitMedia(cast(Any, None))
+def sfu(conn: FakeConn, now: float = SINCE + 60) -> LiveKitMedia:
+    media = LiveKitMedia(cast(Any, type("Ctx", (), {"clock": staticmethod(lambda: now)})()))
     media.lk = cast(Any, type("LK", (), {"connections": {"t": conn}})())
     return media
 
@@ -61,9 +66,29 @@ def test_sfu_audio_only_peer_counts_once_heard_for_the_grace() -> None:
     assert not sfu(conn).carries(PEER, SINCE, video=True)
 
 
-def test_sfu_peer_with_nothing_announced_or_absent_is_waited_for() -> None:
-    assert not sfu(FakeConn(frozenset())).carries(PEER, SINCE, video=True)
+def test_sfu_peer_absent_is_waited_for() -> None:
     assert not sfu(FakeConn(None)).carries(PEER, SINCE, video=True)
+    assert not sfu(FakeConn(None, seen_at={"bob": SINCE})).carries(PEER, SINCE, video=True)
+
+
+def test_sfu_peer_announcing_nothing_counts_after_a_moment_in_the_room() -> None:
+    """Nothing announced looks like "about to publish" for a moment, then like "publishes
+    nothing": it no longer holds the switch up until settle_timeout_s."""
+    quiet = FakeConn(frozenset(), seen_at={"bob": SINCE + 2})
+    grace = NOTHING_ANNOUNCED_GRACE_S
+    assert not sfu(quiet, now=SINCE + 2).carries(PEER, SINCE, video=True)  # just seen
+    assert not sfu(quiet, now=SINCE + 2 + grace / 2).carries(PEER, SINCE, video=True)
+    assert sfu(quiet, now=SINCE + 2 + grace).carries(PEER, SINCE, video=True)
+    assert sfu(quiet, now=SINCE + 2 + grace).carries(PEER, SINCE, video=False)
+    # Seen long before the switch: the quiet moment counts from the switch.
+    old = FakeConn(frozenset(), seen_at={"bob": SINCE - 30})
+    assert not sfu(old, now=SINCE + grace / 2).carries(PEER, SINCE, video=True)
+    assert sfu(old, now=SINCE + grace).carries(PEER, SINCE, video=True)
+    # Never seen joining on this connection (no time to count from): waited for.
+    assert not sfu(FakeConn(frozenset())).carries(PEER, SINCE, video=True)
+    # Announcing anything, the peer is judged by it (here: video never arrived).
+    video = FakeConn(frozenset({"video"}), seen_at={"bob": SINCE - 30})
+    assert not sfu(video).carries(PEER, SINCE, video=True)
 
 
 @dataclass
