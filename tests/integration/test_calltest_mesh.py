@@ -141,7 +141,10 @@ async def test_three_participants_full_mesh_with_e2ee(synapse: Synapse, run_dir:
 
 async def test_participant_without_keys_decodes_nothing(synapse: Synapse, run_dir: Path) -> None:
     prov = await _room(synapse.base_url, 2)
-    keyed, keyless = _configs(prov)
+    # A long delayed leave: this test is about keys, and on a loaded machine a 3 s one can
+    # fire between two restarts, so that both re-join as new sessions on new links whose
+    # counters start again from zero (the figures below would then describe a fresh link).
+    keyed, keyless = _configs(prov, delayed_leave_ms=30_000)
     keyless = replace(keyless, withhold_keys=True)
     async with participants([keyed, keyless], run_dir / "mesh-keyless") as procs:
         p1, p2 = procs
