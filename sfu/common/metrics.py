@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "CONTROLLER_AVERTED",
     "CONTROLLER_CYCLE",
     "CONTROLLER_DOUBTS",
     "CONTROLLER_ERRORS",
@@ -95,6 +96,10 @@ CONTROLLER_CYCLE = Histogram(
 )
 CONTROLLER_ERRORS = Counter(
     _P + "controller_errors_total", "Failed controller steps, by step", ["step"]
+)
+CONTROLLER_AVERTED = Counter(
+    _P + "controller_removals_averted_total",
+    "removals withheld: the homeserver's current state, read just before, gave no reason",
 )
 CONTROLLER_DOUBTS = Counter(
     _P + "controller_membership_doubts_total",

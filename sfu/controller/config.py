@@ -42,6 +42,13 @@ CONTROLLER_VARIABLES: dict[str, str] = {
     _C + "_OUTAGE_GRACE": "seconds after the homeserver last failed to answer during which an "
     "ending call membership is not acted on (delayed leaves fire when heartbeats cannot reach "
     "the homeserver; clients publish again) (default 30)",
+    _C + "_BURST_COUNT": "this many or more LiveKit participants whose call memberships ended "
+    "within _BURST_WINDOW seconds of each other are taken for a stalled or restarted "
+    "homeserver firing every pending delayed leave at once, not for people hanging up: "
+    "each then waits _BURST_GRACE before removal (default 3; 0 = never)",
+    _C + "_BURST_WINDOW": "seconds between the endings that make a burst (default 10)",
+    _C + "_BURST_GRACE": "seconds a membership that ended in a burst is given to be "
+    "published again before its participant is removed (default 30)",
     _C + "_REQUIRE_MEMBERSHIP": "1 (default) = remove participants that never publish a call "
     "membership (only where the controller can read both forms: a room the access-token "
     "account has joined, and no unreadable encrypted sticky event of that user); 0 = never",
@@ -74,6 +81,9 @@ class ControllerConfig:
     join_grace: float = 30.0
     room_grace: float = 60.0
     outage_grace: float = 30.0
+    burst_count: int = 3
+    burst_window: float = 10.0
+    burst_grace: float = 30.0
     require_membership: bool = True
     kick_foreign: bool = True
     allow_identities: re.Pattern[str] | None = None
@@ -120,6 +130,9 @@ class ControllerConfig:
             join_grace=num(env, _C + "_JOIN_GRACE", 30.0, float),
             room_grace=num(env, _C + "_ROOM_GRACE", 60.0, float),
             outage_grace=num(env, _C + "_OUTAGE_GRACE", 30.0, float),
+            burst_count=num(env, _C + "_BURST_COUNT", 3, int),
+            burst_window=num(env, _C + "_BURST_WINDOW", 10.0, float),
+            burst_grace=num(env, _C + "_BURST_GRACE", 30.0, float),
             require_membership=_flag(env, _C + "_REQUIRE_MEMBERSHIP", True),
             kick_foreign=_flag(env, _C + "_KICK_FOREIGN", True),
             allow_identities=allow,

@@ -48,8 +48,20 @@ STATUS_KEY = "matrixrtc-sfu:controller:status"
 FAILURE_KEY = "matrixrtc-sfu:controller:homeserver-failed-at"
 _FAILURE_TTL = 3600
 _MIN_SPACING = 0.05  # seconds between two cycles, however much news arrives
+_AVERTED_S = 5.0  # a removal the current state contradicted is re-checked after this long
 _DOUBT_S = 60.0  # a participant the source could not confirm memberless is left alone this long
 _STANDARD = lkmodels.ParticipantInfo.Kind.STANDARD
+# Removals on Matrix evidence: re-checked against the resolved current state first.
+_MATRIX_REASONS = frozenset(
+    {
+        Reason.CALL_ENDED,
+        Reason.LEFT_ROOM,
+        Reason.KICKED,
+        Reason.BANNED,
+        Reason.NOT_IN_ROOM,
+        Reason.NO_MEMBERSHIP,
+    }
+)
 
 
 @dataclass
@@ -84,7 +96,11 @@ class Controller:
             join_grace=config.join_grace,
             require_membership=config.require_membership,
             allow_identities=config.allow_identities,
+            burst_count=config.burst_count,
+            burst_window=config.burst_window,
+            burst_grace=config.burst_grace,
         )
+        self._registry_since = 0.0
         self.limits: list[str] = []  # what this controller cannot see, in plain words
         self._session: aiohttp.ClientSession | None = None
         self._api: lkapi.LiveKitAPI | None = None
@@ -93,6 +109,7 @@ class Controller:
         self._status_redis: Any = None
         self._matrix_visible = source is not None
         self._doubts: dict[str, float] = {}  # sid → monotonic time until which we keep it
+        self._averted: dict[str, float] = {}  # sid → monotonic time of the next re-check
         self._shared_failure = 0.0  # newest homeserver failure any replica saw (wall s)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -263,6 +280,7 @@ class Controller:
         now = self._clock()
         rooms = (await self.api.room.list_rooms(lkapi.ListRoomsRequest())).rooms
         since = await self.registry.since()
+        self._registry_since = since if self.registry_complete else float("inf")
         views: dict[str, asyncio.Task[RoomView | None]] = {}
         # The state reads this cycle shares between its rooms; none outlives the cycle. A
         # failed read is the failure of each room that awaited it (counted below).
@@ -370,6 +388,8 @@ class Controller:
             return
         if f.reason is Reason.NO_MEMBERSHIP and not await self._confirmed_memberless(f):
             return
+        if f.reason in _MATRIX_REASONS and not await self._still_bad(room, f, now):
+            return
         if not await self.leadership.claim(f"kick:{room}:{p.sid}"):
             return
         g = f.grant
@@ -382,6 +402,7 @@ class Controller:
             "joined_at": p.joined_at,
             "bad_since": f.bad_since,
             "seconds_after_evidence": round(now - (f.bad_since or now), 3),
+            "burst": self.judge.in_burst(p.sid),
             "dry_run": self.config.dry_run,
             "instance": self.leadership.id,
         }
@@ -400,6 +421,54 @@ class Controller:
                 fields["result"] = "already_gone"
         metrics.GHOST_KICKS.labels(f.reason.value).inc()
         audit.warning("ghost removed", **fields)
+
+    async def _still_bad(self, room: str, f: Finding, now: float) -> bool:
+        """The last look before a removal on Matrix evidence: the room's resolved current
+        state read from the homeserver now (not the stream the view was built from) must
+        still give a reason to remove. Guards against a stream that disagrees with state
+        resolution (a re-join that won after a fork, a state reset). Unreadable: not now."""
+        g = f.grant
+        if g is None or self.source is None:
+            return True  # only a delayed-leave job's word, nothing to re-read
+        sid = f.participant.sid
+        if self._averted.get(sid, 0.0) > time.monotonic():
+            return False  # the homeserver disagreed a moment ago: ask again later
+        fresh = await self.source.current_state(g.matrix_room)
+        if fresh is None:
+            log.info(
+                "removal postponed: current state unreadable",
+                identity=f.participant.identity,
+                matrix_room=g.matrix_room,
+            )
+            return False
+        snap = await self.source.room(g.matrix_room)
+        view = make_room_view(
+            fresh, int(now * 1000), sticky=snap.sticky if snap is not None else None
+        )
+        ended = await self.registry.ended(room)
+        reason = self.judge.reason_now(
+            f.participant,
+            g,
+            view,
+            registry_since=self._registry_since,
+            ended_hint=ended.get(f.participant.identity),
+        )
+        if reason in _MATRIX_REASONS:
+            return True
+        self._averted[sid] = time.monotonic() + _AVERTED_S
+        if len(self._averted) > 10_000:
+            self._averted = {k: v for k, v in self._averted.items() if v > time.monotonic()}
+        metrics.CONTROLLER_AVERTED.inc()
+        log.warning(
+            "not removed: the homeserver's current state disagrees with the stream",
+            identity=f.participant.identity,
+            user_id=g.user_id,
+            device_id=g.device_id,
+            matrix_room=g.matrix_room,
+            stream_reason=f.reason.value,
+            current_state_reason=reason.value,
+        )
+        return False
 
     async def _confirmed_memberless(self, f: Finding) -> bool:
         """Before a ``no_membership`` removal, ask the source once more (a sticky membership

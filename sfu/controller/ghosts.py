@@ -30,6 +30,16 @@ Rules, in order (the first that applies decides):
    the user has no live sticky event we cannot read (Megolm-encrypted). Otherwise a member
    publishing only a sticky membership would look memberless: ``unknown``, never removed.)
 
+Burst patience: when ``burst_count`` or more LiveKit participants' call memberships ended
+within ``burst_window`` seconds of each other (by the evidence's own time: the leave's
+``origin_server_ts``, else when the judge first saw it), that is the signature of a stalled
+or restarted homeserver firing every pending delayed leave at once, not of people hanging up
+(they leave LiveKit too). Each of them then waits ``burst_grace`` from when the judge first
+saw its membership end, time for honest clients to notice and publish again (including a
+client whose re-join lost to its own leave in state resolution after the stall forked the
+room's DAG). The ledger of endings is kept by time, not by session, so members who recover
+fast do not shorten the patience of the others.
+
 Memberships of both forms count: state-form ``org.matrix.msc3401.call.member`` from room
 state, sticky ``org.matrix.msc4143.rtc.member`` from the sticky events the source holds
 (per sender and sticky key the newest event is current; a join is active until its
@@ -277,6 +287,7 @@ class Finding:
 class _Track:
     reason: Reason
     since: float
+    burst: bool = False  # once judged part of a burst of endings, it stays so
 
 
 @dataclass
@@ -287,8 +298,13 @@ class GhostJudge:
     join_grace: float = 30.0
     require_membership: bool = True
     allow_identities: re.Pattern[str] | None = None
+    burst_count: int = 3  # 0 = no burst patience
+    burst_window: float = 10.0
+    burst_grace: float = 30.0
     _bad: dict[str, _Track] = field(default_factory=dict)
     _seen_active: set[str] = field(default_factory=set)
+    # (sid, evidence time in wall s) of each call membership seen ending while in LiveKit
+    _endings: list[tuple[str, float]] = field(default_factory=list)
 
     def observe(
         self,
@@ -309,12 +325,66 @@ class GhostJudge:
         clients publish their membership again once they notice).
         """
         out = []
+        self._prune_endings(now)
         for p in participants:
             grant = grants.get(p.identity)
             view = views.get(grant.matrix_room) if grant is not None else None
-            reason = self._reason(p, grant, view, registry_since, ended_hints.get(p.identity))
+            hint = ended_hints.get(p.identity)
+            reason = self._reason(p, grant, view, registry_since, hint)
+            if reason is Reason.CALL_ENDED:
+                self._note_ending(p, grant, view, hint, now)
             out.append(self._verdict(p, reason, grant, now, patient_until))
         return out
+
+    def reason_now(
+        self,
+        p: Participant,
+        grant: Grant | None,
+        view: RoomView | None,
+        *,
+        registry_since: float,
+        ended_hint: float | None = None,
+    ) -> Reason:
+        """The reason ``p`` would get from ``view`` (a fresh look just before a removal),
+        without touching the grace bookkeeping."""
+        return self._reason(p, grant, view, registry_since, ended_hint)
+
+    def in_burst(self, sid: str) -> bool:
+        track = self._bad.get(sid)
+        return track is not None and track.burst
+
+    def _note_ending(
+        self,
+        p: Participant,
+        grant: Grant | None,
+        view: RoomView | None,
+        hint: float | None,
+        now: float,
+    ) -> None:
+        track = self._bad.get(p.sid)
+        if track is not None and track.reason is Reason.CALL_ENDED:
+            return  # this ending is noted already
+        evidence = now
+        if view is not None and grant is not None:
+            ended_ms = view.device(grant.user_id, grant.device_id).ended_at
+            if ended_ms:
+                evidence = min(now, ended_ms / 1000.0)
+        elif hint is not None:
+            evidence = min(now, hint)
+        self._endings.append((p.sid, evidence))
+
+    def _prune_endings(self, now: float) -> None:
+        horizon = now - (self.burst_window + self.burst_grace + 60.0)
+        self._endings = [(sid, t) for sid, t in self._endings if t >= horizon]
+
+    def _is_burst(self, sid: str) -> bool:
+        """Whether the newest ending of ``sid`` has ``burst_count`` - 1 endings of other
+        sessions within ``burst_window`` of it."""
+        mine = next((t for s, t in reversed(self._endings) if s == sid), None)
+        if self.burst_count <= 0 or mine is None:
+            return False
+        near = {s for s, t in self._endings if abs(t - mine) <= self.burst_window}
+        return len(near) >= self.burst_count
 
     def forget_except(self, live_sids: Iterable[str]) -> None:
         """Drop memory of sessions no longer in LiveKit."""
@@ -322,6 +392,7 @@ class GhostJudge:
         for sid in [s for s in self._bad if s not in live]:
             del self._bad[sid]
         self._seen_active &= live
+        # _endings is kept by time (_prune_endings): departed sessions still mark a burst
 
     def _reason(
         self,
@@ -382,5 +453,8 @@ class GhostJudge:
             due = track.since + self.grace
             if reason is Reason.CALL_ENDED and track.since <= patient_until:
                 due = max(due, patient_until)
+            if reason is Reason.CALL_ENDED and (track.burst or self._is_burst(p.sid)):
+                track.burst = True
+                due = max(due, track.since + self.burst_grace)
         verdict = Verdict.REMOVE if now >= due else Verdict.WATCH
         return Finding(p, reason, verdict, grant, track.since, due)

@@ -66,6 +66,10 @@ STATE_TYPES = (
 TIMELINE_TYPES = (*STATE_TYPES, EventType.RTC_MEMBER, "m.room.encrypted")
 ENDED_KEEP_MS = 10 * 60 * 1000
 STALE_MARGIN_S = 15.0
+# MSC4222: ask for the room's state *after* the timeline (the resolved current state, which a
+# state reset can make differ from "state before the timeline + the timeline's state events").
+USE_STATE_AFTER = "org.matrix.msc4222.use_state_after"
+STATE_AFTER_FIELDS = ("org.matrix.msc4222.state_after", "state_after")
 
 
 def sync_filter(timeline_limit: int = 50) -> str:
@@ -136,9 +140,14 @@ class SyncRooms:
 
     def _joined(self, room_id: str, section: dict[str, Any], now_ms: int) -> bool:
         timeline = _events(section.get("timeline"))
-        applied = _events(section.get("state")) + [
-            e for e in timeline if isinstance(e.get("state_key"), str)
-        ]
+        timeline_state = [e for e in timeline if isinstance(e.get("state_key"), str)]
+        after = next((section[f] for f in STATE_AFTER_FIELDS if f in section), None)
+        if after is not None:
+            # MSC4222: the resolved state at the end of the timeline comes last and wins,
+            # also over a newer-in-stream-order timeline event that lost state resolution.
+            applied = timeline_state + _events(after)
+        else:
+            applied = _events(section.get("state")) + timeline_state
         store = self._state.setdefault(room_id, {})
         changed = bool(applied)
         for ev in applied:
@@ -258,6 +267,15 @@ class SyncSource(_HttpSource):
             return True
         return live_sticky_join(chunk, user_id, device_id, int(self._clock() * 1000))
 
+    async def current_state(self, room_id: str) -> list[dict[str, Any]] | None:
+        """``GET /rooms/{room}/state`` as the joined account: the resolved current state."""
+        body = await self._state(
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state", room_id
+        )
+        if not isinstance(body, list):
+            return None
+        return [e for e in body if isinstance(e, dict)]
+
     async def wait_changed(self, within: float) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
@@ -307,6 +325,7 @@ class SyncSource(_HttpSource):
             "timeout": "0" if initial else str(int(self._poll_timeout * 1000)),
             "filter": sync_filter(),
             "set_presence": "offline",
+            USE_STATE_AFTER: "true",
         }
         if self._since is not None:
             params["since"] = self._since
@@ -376,3 +395,8 @@ class SyncAndAdminSource:
         if self._joined(room_id):
             return await self.sync.may_hold_membership(room_id, user_id, device_id)
         return True
+
+    async def current_state(self, room_id: str) -> list[dict[str, Any]] | None:
+        if self._joined(room_id):
+            return await self.sync.current_state(room_id)
+        return await self.admin.current_state(room_id)

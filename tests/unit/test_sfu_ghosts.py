@@ -408,3 +408,83 @@ def test_where_sticky_memberships_cannot_be_read_nobody_is_removed_for_having_no
     assert judge_once(GhostJudge(grace=0), left, T0 + 6)[0] is Reason.CALL_ENDED
     banned = view(member_ev(ALICE, "ban", "@mod:hs"), sticky_visible=False)
     assert judge_once(GhostJudge(grace=0), banned, T0 + 6)[0] is Reason.BANNED
+
+
+def _ended_burst(j: GhostJudge, n: int, now: float, spread: float = 0.5) -> list[Verdict]:
+    """``n`` participants, each in its own session, whose memberships all ended around
+    T0 + 5 (``spread`` s apart): the verdict of each at ``now``."""
+    out = []
+    for i in range(n):
+        user, sid = f"@u{i}:hs", f"PA_{i}"
+        v = view(
+            member_ev(user, "join"),
+            call_ev(user, "DEV", int((T0 + 5 + i * spread) * 1000), left=True),
+            now=now,
+        )
+        g = {f"id-{i}": grant(f"id-{i}", user)}
+        [f] = j.observe(
+            [Participant(f"id-{i}", sid, T0)],
+            g,
+            {ROOM: v},
+            registry_since=0.0,
+            ended_hints={},
+            now=now,
+        )
+        assert f.reason is Reason.CALL_ENDED
+        out.append(f.verdict)
+    return out
+
+
+def test_a_burst_of_delayed_leaves_firing_together_gets_the_burst_grace() -> None:
+    """A homeserver stall fires every pending delayed leave at once: three or more call
+    memberships ending within the window wait ``burst_grace``, not ``grace``."""
+    j = GhostJudge(grace=2, burst_count=3, burst_window=10, burst_grace=30)
+    assert _ended_burst(j, 3, T0 + 6) == [Verdict.WATCH] * 3
+    assert _ended_burst(j, 3, T0 + 9) == [Verdict.WATCH] * 3  # plain grace would remove
+    assert _ended_burst(j, 3, T0 + 35.9) == [Verdict.WATCH] * 3
+    assert _ended_burst(j, 3, T0 + 36) == [Verdict.REMOVE] * 3
+
+
+def test_two_endings_or_endings_far_apart_are_no_burst() -> None:
+    j = GhostJudge(grace=2, burst_count=3, burst_window=10, burst_grace=30)
+    assert _ended_burst(j, 2, T0 + 6) == [Verdict.WATCH] * 2
+    assert _ended_burst(j, 2, T0 + 8) == [Verdict.REMOVE] * 2
+    spread = GhostJudge(grace=2, burst_count=3, burst_window=10, burst_grace=30)
+    _ended_burst(spread, 3, T0 + 30, spread=11)  # 11 s apart by their leaves' timestamps
+    assert _ended_burst(spread, 3, T0 + 32, spread=11) == [Verdict.REMOVE] * 3
+    off = GhostJudge(grace=2, burst_count=0)
+    _ended_burst(off, 5, T0 + 6)
+    assert _ended_burst(off, 5, T0 + 8) == [Verdict.REMOVE] * 5
+
+
+def test_members_recovering_fast_do_not_shorten_the_burst_patience_of_the_rest() -> None:
+    j = GhostJudge(grace=2, burst_count=3, burst_window=10, burst_grace=30)
+    _ended_burst(j, 3, T0 + 6)
+    for i in (0, 1):  # two publish again at once: their sessions are fine and kept
+        user = f"@u{i}:hs"
+        back = view(member_ev(user, "join"), call_ev(user, "DEV", int((T0 + 7) * 1000)))
+        [f] = j.observe(
+            [Participant(f"id-{i}", f"PA_{i}", T0)],
+            {f"id-{i}": grant(f"id-{i}", user)},
+            {ROOM: back},
+            registry_since=0.0,
+            ended_hints={},
+            now=T0 + 7,
+        )
+        assert f.verdict is Verdict.KEEP
+    user = "@u2:hs"
+    still = view(member_ev(user, "join"), call_ev(user, "DEV", int((T0 + 6) * 1000), left=True))
+
+    def third(now: float) -> Verdict:
+        [f] = j.observe(
+            [Participant("id-2", "PA_2", T0)],
+            {"id-2": grant("id-2", user)},
+            {ROOM: still},
+            registry_since=0.0,
+            ended_hints={},
+            now=now,
+        )
+        return f.verdict
+
+    assert third(T0 + 20) is Verdict.WATCH
+    assert third(T0 + 36) is Verdict.REMOVE

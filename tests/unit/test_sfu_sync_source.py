@@ -108,3 +108,33 @@ def test_the_last_look_before_a_no_membership_removal() -> None:
     # another key of the same device (a second member id) still counts
     other_key = sticky_ev(ALICE, "DEV", NOW_MS + 2000, member_id="mem-2")
     assert live_sticky_join([leave, other_key, join], ALICE, "DEV", NOW_MS + 5000)
+
+
+def test_state_after_wins_over_a_newer_timeline_event_that_lost_state_resolution() -> None:
+    """After a stall forked the room's DAG, state resolution may keep a member's leave while
+    its re-join is newest in stream order: MSC4222's state_after (asked for on every sync)
+    tells the resolved state, and it must win over the timeline order."""
+    from tests.unit.test_sfu_ghosts import call_ev
+
+    rooms = SyncRooms()
+    join = call_ev(ALICE, "DEV", NOW_MS)
+    rooms.apply(sync(state=[member_ev(ALICE, "join"), join]), NOW_MS)
+    leave = call_ev(ALICE, "DEV", NOW_MS + 1000, left=True)
+    rejoin = call_ev(ALICE, "DEV", NOW_MS + 2000)
+    after = {
+        "timeline": {"events": [leave, rejoin]},
+        "org.matrix.msc4222.state_after": {"events": [leave]},
+    }
+    rooms.apply({"next_batch": "t", "rooms": {"join": {ROOM: after}}}, NOW_MS + 2000)
+    assert judge(rooms, NOW_MS + 2500) is Reason.CALL_ENDED
+    # without state_after (older servers) the timeline order decides, as before
+    legacy = SyncRooms()
+    legacy.apply(sync(state=[member_ev(ALICE, "join"), join]), NOW_MS)
+    legacy.apply(sync(timeline=[leave, rejoin]), NOW_MS + 2000)
+    assert judge(legacy, NOW_MS + 2500) is Reason.OK
+    # and a later state_after with the re-join (the client published again) brings it back
+    rooms.apply(
+        {"next_batch": "u", "rooms": {"join": {ROOM: {"state_after": {"events": [rejoin]}}}}},
+        NOW_MS + 3000,
+    )
+    assert judge(rooms, NOW_MS + 3500) is Reason.OK
