@@ -49,6 +49,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import quote
 
 import structlog
 
@@ -81,6 +82,7 @@ from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
 from matrixrtc.model.notification import DECLINE_STICKY_MS
 from matrixrtc.model.slot import SLOT_ENCRYPTION_PER_MEMBER, SlotStatus, open_slot_content
 from matrixrtc.session import membership_machine as mm
+from matrixrtc.session.own_state import CHECK_AFTER_MS, OwnStateWatch, resolved_differs
 from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.transports import publish_transport
@@ -213,6 +215,7 @@ class CallAgent:
         self._clock_ms = clock_ms
         self._session = RTCSession(room_id)
         self._machine: mm.OwnMembershipMachine | None = None
+        self._own_watch = OwnStateWatch()
         self._poke = asyncio.Event()  # new input for the machine (observation, leave)
         self._stopped = asyncio.Event()  # the drive loop ended (left, or it crashed)
         self._leaving = asyncio.Event()  # leave() was called: ends a recovery wait
@@ -255,6 +258,7 @@ class CallAgent:
         self._seed()
         await self._respect_slot()
         self._machine = self._new_machine()
+        self._own_watch = OwnStateWatch()
         self._machine.join(
             self._clock_ms(),
             transports=self.config.transports,
@@ -435,6 +439,7 @@ class CallAgent:
         )
         if slot_before is not SlotStatus.CLOSED and self._session.slot_status is SlotStatus.CLOSED:
             self._slot_closed()
+        self._watch_own_state(update)
         in_timeline = {ev.get("event_id") for ev in update.timeline}
         for ev in update.sticky:
             # A decline whose Megolm key came after the event (held by the adapter, decrypted
@@ -448,6 +453,45 @@ class CallAgent:
                 self._on_notification(ev)
         self._recompute()
         self._resend_for_new_devices()
+
+    def _watch_own_state(self, update: RoomUpdate) -> None:
+        """State form, homeserver without MSC4222 state_after: when the stream at our own
+        key looks like a fork (our delayed leave fired and we re-joined), read the resolved
+        current state at our key (matrixrtc.session.own_state)."""
+        machine = self._machine
+        key = machine.state_key if machine is not None else None
+        if key is None or not self._in_call:
+            return
+        at_key = [
+            ev
+            for ev in update.state
+            if ev.get("type") == EventType.CALL_MEMBER and ev.get("state_key") == key
+        ]
+        if at_key and self._own_watch.observe(at_key, resolved=update.resolved):
+            self._spawn(self._verify_own_state(key), "own-state-check")
+
+    async def _verify_own_state(self, key: str) -> None:
+        path = (
+            f"/_matrix/client/v3/rooms/{quote(self.room_id, safe='')}/state/"
+            f"{quote(EventType.CALL_MEMBER, safe='')}/{quote(key, safe='')}"
+        )
+        started = self._clock_ms()
+        for after in CHECK_AFTER_MS:
+            await asyncio.sleep(max(0.0, (started + after - self._clock_ms()) / 1000))
+            if not self._in_call:
+                return
+            try:
+                resolved = await self.hs.request("GET", path, query={"format": "event"})
+            except (HomeserverError, HomeserverUnreachable, HomeserverTimeout, RateLimited):
+                continue  # no state there, or no answer now: the next look, or the next beat
+            if resolved_differs(resolved, self._session.state_event(key)):
+                self._log.warning(
+                    "agent.own_state_reset",
+                    event_id=resolved.get("event_id"),
+                    detail="the room's current state at our key is not what sync showed",
+                )
+                self._session.receive_room_update(state=(resolved,), now_ms=self._clock_ms())
+                self._recompute()
 
     def _slot_closed(self) -> None:
         """Our slot was closed mid-call: the call is over. js-sdk 43 hides every sticky

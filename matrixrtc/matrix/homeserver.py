@@ -483,6 +483,8 @@ class Homeserver(ClientApi):
             "timeout": str(timeout_ms),
             "filter": json.dumps({"room": {"timeline": {"limit": self._timeline_limit}}}),
             "set_presence": "offline",
+            # MSC4222: the resolved state after the timeline (ignored where unsupported)
+            "org.matrix.msc4222.use_state_after": "true",
         }
         if self._since is not None:
             query["since"] = self._since

@@ -2,6 +2,12 @@
 :class:`~matrixrtc.matrix.types.RoomUpdate` s, and the state and live sticky events of every
 joined room kept up to date from them. No I/O: decryption and the clock are passed in.
 
+State: where the homeserver answers with MSC4222's ``state_after`` (the sync loop asks for
+it), that resolved state is applied after the timeline's state events, so a state reset
+(state resolution keeping an older event than the newest in stream order, seen after a
+homeserver stall forked a room's DAG) reaches the RTC session; otherwise the ``state``
+section and then the timeline, in stream order.
+
 Sticky events (MSC4354, as Synapse 1.163 delivers them) come in the joined room's timeline
 with the PDU field ``msc4354_sticky`` and, when still live but outside the timeline window, in
 the room's ``msc4354_sticky`` section; an update carries both, once each.
@@ -26,6 +32,9 @@ __all__ = ["Decrypt", "RoomCache"]
 Decrypt = Callable[[str, JsonDict], JsonDict]
 
 _ENCRYPTED = "m.room.encrypted"
+# MSC4222 (asked for with ``org.matrix.msc4222.use_state_after=true``): the state at the end
+# of the timeline, the resolved one, instead of the state before it.
+STATE_AFTER_FIELDS = ("org.matrix.msc4222.state_after", "state_after")
 
 
 class RoomCache:
@@ -89,13 +98,21 @@ class RoomCache:
             if kept is None or kept[0].get("type") == _ENCRYPTED:
                 held[event_id] = (ev, now if kept is None else kept[1])
         self._prune(room_id, now)
-        applied = state_events + [e for e in timeline if isinstance(e.get("state_key"), str)]
+        timeline_state = [e for e in timeline if isinstance(e.get("state_key"), str)]
+        after = next((section[f] for f in STATE_AFTER_FIELDS if f in section), None)
+        resolved = after is not None
+        # resolved: the state after the timeline comes last, it wins over stream order
+        applied = (
+            (timeline_state + wire.events(after)) if resolved else state_events + timeline_state
+        )
         store = self._state.setdefault(room_id, {})
         for ev in applied:
             etype, key = ev.get("type"), ev.get("state_key")
             if isinstance(etype, str) and isinstance(key, str):
                 store[(etype, key)] = ev
-        return RoomUpdate(room_id, tuple(applied), tuple(timeline), tuple(sticky), initial)
+        return RoomUpdate(
+            room_id, tuple(applied), tuple(timeline), tuple(sticky), initial, resolved=resolved
+        )
 
     def _decrypt_held(self, room_id: str, decrypt: Decrypt, skip: set[str]) -> list[JsonDict]:
         """Held sticky events still encrypted that decrypt now (replaced in the store)."""

@@ -78,8 +78,12 @@ class RoomUpdate:
     """One joined room's part of one sync response, raw events, decrypted where possible.
 
     ``state`` holds the ``state`` section followed by state events of the timeline, in
-    order; ``timeline`` every timeline event; ``sticky`` the events of the
-    ``msc4354_sticky`` section plus timeline events carrying the ``msc4354_sticky`` field.
+    order, or, where the homeserver answered with MSC4222's ``state_after`` (``resolved``),
+    the timeline's state events followed by ``state_after``: the room's resolved state at
+    the end of the timeline comes last and wins (after a state reset it may hold an older
+    event than the newest of the timeline); ``timeline`` every timeline event; ``sticky``
+    the events of the ``msc4354_sticky`` section plus timeline events carrying the
+    ``msc4354_sticky`` field.
     ``initial`` is set on the first sync (full state). ``left`` means we are no longer joined.
     ``sync_request`` numbers the /sync request that brought it (1, 2, …; 0 = not from a sync),
     so a reader can tell whether it was asked for after some write of its own was answered.
@@ -92,6 +96,7 @@ class RoomUpdate:
     initial: bool
     left: bool = False
     sync_request: int = 0
+    resolved: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,6 +246,10 @@ class RTCSession:
         """Our slot's state content (None: no slot event), e.g. to open it keeping the rest."""
         return self._slot_content
 
+    def state_event(self, state_key: str) -> JsonDict | None:
+        """The raw ``call.member`` event held at ``state_key`` (None: none)."""
+        return self._raw_state.get(state_key)
+
     def set_room_version(self, room_version: str | None) -> None:
         """Room version from ``m.room.create``; decides whether ``@…`` state keys are owned."""
         self.room_version = room_version

@@ -167,3 +167,60 @@ def test_an_undecryptable_sticky_event_is_delivered_once_its_key_arrives() -> No
     assert received == 1_000
     # Handed on once: the next sync has nothing new for the room.
     assert list(cache.updates({"rooms": {"join": {}}}, decrypt, False)) == []
+
+
+def test_state_after_is_applied_last_and_wins_over_stream_order() -> None:
+    """MSC4222: after a state reset the resolved state (``state_after``) holds our leave
+    although our re-join is newest in the timeline; the session must end up with the leave,
+    so the membership machine publishes again."""
+    from matrixrtc.session.rtc_session import RTCSession
+
+    key = "_@a:hs_DEV_m.call"
+    member = {
+        "type": "m.room.member",
+        "state_key": "@a:hs",
+        "sender": "@a:hs",
+        "event_id": "$m",
+        "content": {"membership": "join"},
+    }
+
+    def call(event_id: str, ts: int, *, join: bool) -> dict[str, Any]:
+        content: dict[str, Any] = (
+            {
+                "application": "m.call",
+                "call_id": "",
+                "scope": "m.room",
+                "device_id": "DEV",
+                "expires": 3_600_000,
+                "created_ts": ts,
+                "focus_active": {"type": "livekit", "focus_selection": "oldest_membership"},
+                "foci_preferred": [{"type": "livekit", "livekit_service_url": "https://x"}],
+            }
+            if join
+            else {}
+        )
+        return {
+            "type": "org.matrix.msc3401.call.member",
+            "state_key": key,
+            "sender": "@a:hs",
+            "event_id": event_id,
+            "origin_server_ts": ts,
+            "content": content,
+        }
+
+    leave, rejoin = call("$l", 2_000, join=False), call("$j2", 3_000, join=True)
+    for field, expect_in_call in (("org.matrix.msc4222.state_after", False), ("state", True)):
+        cache = RoomCache(now_ms=lambda: 4_000)
+        session = RTCSession("!r")
+        first = {"state": {"events": [member, call("$j1", 1_000, join=True)]}}
+        (u0,) = cache.updates({"rooms": {"join": {"!r": first}}}, lambda _, e: e, True)
+        session.receive_room_update(state=u0.state, timeline=u0.timeline, now_ms=4_000)
+        section = {"timeline": {"events": [leave, rejoin]}, field: {"events": [leave]}}
+        (u,) = cache.updates({"rooms": {"join": {"!r": section}}}, lambda _, e: e, False)
+        assert u.resolved is (field != "state")
+        session.receive_room_update(state=u.state, timeline=u.timeline, now_ms=4_000)
+        session.update(4_000)
+        assert (session.own_membership("@a:hs", "DEV") is not None) is expect_in_call, field
+        assert cache.state("!r")[("org.matrix.msc3401.call.member", key)]["event_id"] == (
+            "$j2" if expect_in_call else "$l"
+        )
