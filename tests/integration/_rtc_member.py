@@ -57,10 +57,13 @@ async def main() -> None:
             return new_id
 
         async def own_left() -> bool:
-            """Whether the newest event at our state key, in stream order (what /sync shows
-            everyone else), is a leave. Not GET .../state/...: after a Synapse 1.163.2 restart
-            an overdue delayed leave persisted after our re-published membership is the
-            current state, while GET state kept answering with our membership (seen)."""
+            """Whether our membership ended, by either of two views, each of which has been
+            seen wrong: the newest event at our state key in stream order (what /sync shows
+            everyone else; after a Synapse 1.163.2 restart an overdue delayed leave persisted
+            after our re-published membership was the current state, while GET state kept
+            answering with our membership), and the room's resolved current state (GET
+            state; after a stall forked the DAG, state resolution kept our leave although our
+            re-join was newest in stream order, and the controller removed us)."""
             flt = json.dumps({"types": [CALL_MEMBER], "senders": [user]})
             url = f"{hs}/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages"
             params = {"dir": "b", "limit": "20", "filter": flt}
@@ -68,8 +71,14 @@ async def main() -> None:
                 body = await r.json()
             for ev in body.get("chunk", []):
                 if ev.get("state_key") == key:
-                    return bool(ev.get("content") == {})
-            return False
+                    if ev.get("content") == {}:
+                        return True
+                    break
+            async with http.get(path) as r:
+                if r.status == 404:
+                    return True
+                resolved = await r.json() if r.status == 200 else None
+            return resolved == {}
 
         if delay:
             content = {
