@@ -1,13 +1,15 @@
 """A call member as a separate process (so a test can SIGSTOP it): one LiveKit connection
 plus a state-form call membership kept alive by an MSC4140 delayed leave it restarts.
 
-Usage: python _rtc_member.py LK_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS [watch]
+Usage: python _rtc_member.py LK_URL JWT HS_URL ACCESS_TOKEN ROOM_ID USER DEVICE DELAY_MS
+       [watch] [lag=MS]
 
 Prints ``ready`` once connected and joined, ``disconnected`` when LiveKit drops it. Like
 matrix-js-sdk, it publishes its membership again when its delayed leave turns out to have
 fired (404 on restart, e.g. after a homeserver outage longer than the delay) and, with
 ``watch``, when its membership is gone from the room (seen after a Synapse restart: an
 overdue delayed leave was persisted *after* the membership published once it was back).
+``lag=MS``: a slow client, which publishes again only MS after noticing its membership gone.
 Without a membership (DELAY_MS = 0) it only holds the LiveKit connection.
 """
 
@@ -30,7 +32,9 @@ DELAYED = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
 
 async def main() -> None:
     lk_url, jwt, hs, token, room_id, user, device, delay_ms = sys.argv[1:9]
-    watch_own = sys.argv[9:10] == ["watch"]  # re-publish when the membership vanished
+    options = sys.argv[9:]
+    watch_own = "watch" in options  # re-publish when the membership vanished
+    lag = next((int(o[4:]) / 1000 for o in options if o.startswith("lag=")), 0.0)
     delay = int(delay_ms)
     room = rtc.Room()
     gone = asyncio.Event()
@@ -106,8 +110,10 @@ async def main() -> None:
                         await r.read()
                         fired = r.status == 404  # e.g. a homeserver outage: join again
                     if fired:
+                        await asyncio.sleep(lag)
                         delay_id = await publish()
                     elif watch_own and await own_left():  # overwritten by an overdue leave:
+                        await asyncio.sleep(lag)
                         await put_join()  # join again; our delayed leave is alive (restarted)
                 except (aiohttp.ClientError, ValueError, KeyError):
                     pass  # the homeserver may be restarting; the next beat retries

@@ -208,6 +208,7 @@ async def spawn_member(
     delay_ms: int,
     *,
     watch: bool = False,
+    lag_ms: int = 0,
 ) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -221,6 +222,7 @@ async def spawn_member(
         user.device_id,
         str(delay_ms),
         *(["watch"] if watch else []),
+        *([f"lag={lag_ms}"] if lag_ms else []),
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
@@ -247,6 +249,7 @@ async def join_call(
     *,
     delay_ms: int = 3000,
     honest: bool = False,
+    lag_ms: int = 0,
 ) -> Member:
     """A fresh user joins (a fresh room, unless given) and the call: token, LiveKit, state."""
     user = await st.hs.register(f"m{secrets.token_hex(4)}")
@@ -269,7 +272,7 @@ async def join_call(
         user, room_id, legacy_identity(user.user_id, user.device_id), livekit_room_alias(room_id)
     )
     m.proc = await spawn_member(
-        resp["url"], resp["jwt"], st.hs, user, room_id, delay_ms, watch=honest
+        resp["url"], resp["jwt"], st.hs, user, room_id, delay_ms, watch=honest, lag_ms=lag_ms
     )
     return m
 
