@@ -19,9 +19,10 @@ or ``both``. Measured:
   publishing again when their membership is gone, as matrix-js-sdk does; plus ``--sticky``
   ``python -m matrixrtc join --dialect sticky`` members holding only an MSC4354 sticky
   membership, 8 s delayed sticky leave) during a soak of ``--soak-seconds`` with a Synapse
-  outage longer than the delayed leave (their leaves fire when it is back), a service restart
-  and a controller restart in it; plus whether each honest member is still in LiveKit at the
-  end.
+  outage longer than the delayed leave (their leaves fire when it is back), a Synapse stall
+  as long (SIGSTOP: not down, so no outage patience; every delayed leave fires on thawing),
+  a service restart and a controller restart in it; plus whether each honest member is
+  still in LiveKit at the end.
 
 Targets (issue 16): every ghost removed ≤ 5 s after the controller can know, failover ≤ 10 s,
 0 false kicks. Figures are printed, never asserted.
@@ -305,18 +306,28 @@ async def _soak(
     async def at(fraction: float) -> None:
         await asyncio.sleep(max(0.0, t0 + seconds * fraction - time.monotonic()))
 
-    await at(0.25)
+    await at(0.2)
     await st.hs.stop()
     # Down longer than the members' 10 s delayed leave: their leaves fire when it is back,
     # and each member must notice and publish again (the controller waits: outage grace).
     await asyncio.sleep(down_seconds)
     await st.hs.start()
     events.append(f"synapse down {down_seconds:.0f} s, back at {time.monotonic() - t0:.0f} s")
-    await at(0.5)
+    await at(0.4)
+    # Frozen, not down (SIGSTOP): the controller sees no failure; on thawing every delayed
+    # leave is overdue and fires at once (the burst patience), as in a loaded homeserver.
+    assert st.hs.pid is not None
+    os.kill(st.hs.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(down_seconds)
+    finally:
+        os.kill(st.hs.pid, signal.SIGCONT)
+    events.append(f"synapse stalled {down_seconds:.0f} s, thawed at {time.monotonic() - t0:.0f} s")
+    await at(0.6)
     await st.sfu.proc.stop()
     await st.sfu.start()
     events.append(f"service restarted at {time.monotonic() - t0:.0f} s")
-    await at(0.75)
+    await at(0.8)
     live = [(p, u) for p, u in controllers if p.running]
     for proc, _url in live:  # restart the acting controller; the old SIGKILLed one comes back
         await proc.stop()
@@ -354,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--synapse-down-seconds",
         type=float,
         default=12.0,
-        help="how long Synapse stays down in the soak (12: longer than the 10 s delayed leave)",
+        help="how long Synapse stays down, and later stalled, in the soak (12: longer than "
+        "the 10 s delayed leave)",
     )
     parser.add_argument(
         "--sticky", type=int, default=2, help="sticky-dialect members in the soak (2)"
