@@ -65,7 +65,7 @@ from matrixrtc.matrix.errors import (
     RateLimited,
 )
 from matrixrtc.matrix.login import log_in
-from matrixrtc.matrix.rooms import RoomCache
+from matrixrtc.matrix.rooms import RoomCache, with_legacy_state
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
 from matrixrtc.matrix.to_device import ToDevice
 from matrixrtc.matrix.types import (
@@ -502,7 +502,7 @@ class Homeserver(ClientApi):
         initial = self._since is None
         nio = self._require_nio()
         decrypted: dict[str, JsonDict] = {}
-        resp = SyncResponse.from_dict(raw)
+        resp = SyncResponse.from_dict(with_legacy_state(raw))
         if isinstance(resp, SyncResponse):
             try:
                 await nio.receive_response(resp)

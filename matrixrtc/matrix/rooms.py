@@ -26,7 +26,7 @@ from matrixrtc.matrix import wire
 from matrixrtc.matrix.types import JsonDict, RoomUpdate
 from matrixrtc.model import msc4354
 
-__all__ = ["Decrypt", "RoomCache"]
+__all__ = ["Decrypt", "RoomCache", "with_legacy_state"]
 
 # (room id, event) -> the event with its Megolm plaintext in place, or unchanged.
 Decrypt = Callable[[str, JsonDict], JsonDict]
@@ -35,6 +35,28 @@ _ENCRYPTED = "m.room.encrypted"
 # MSC4222 (asked for with ``org.matrix.msc4222.use_state_after=true``): the state at the end
 # of the timeline, the resolved one, instead of the state before it.
 STATE_AFTER_FIELDS = ("org.matrix.msc4222.state_after", "state_after")
+
+
+def with_legacy_state(raw_sync: JsonDict) -> JsonDict:
+    """``raw_sync`` for readers that only know the ``state`` section (nio: its room members
+    decide who gets our Megolm keys): a joined room answered with ``state_after`` gets it
+    as ``state`` too (shallow copies; the input is not changed). Those readers then apply
+    the timeline after it, which is how they treat every sync anyway."""
+    rooms = raw_sync.get("rooms")
+    if not isinstance(rooms, dict) or not isinstance(joined := rooms.get("join"), dict):
+        return raw_sync
+    patched: dict[str, object] = {}
+    for room_id, section in joined.items():
+        after = (
+            next((section[f] for f in STATE_AFTER_FIELDS if f in section), None)
+            if isinstance(section, dict)
+            else None
+        )
+        if isinstance(section, dict) and after is not None and "state" not in section:
+            patched[room_id] = {**section, "state": after}
+        else:
+            patched[room_id] = section
+    return {**raw_sync, "rooms": {**rooms, "join": patched}}
 
 
 class RoomCache:

@@ -224,3 +224,25 @@ def test_state_after_is_applied_last_and_wins_over_stream_order() -> None:
         assert cache.state("!r")[("org.matrix.msc3401.call.member", key)]["event_id"] == (
             "$j2" if expect_in_call else "$l"
         )
+
+
+def test_nio_gets_state_after_as_its_state_section() -> None:
+    from matrixrtc.matrix.rooms import with_legacy_state
+
+    member = {"type": "m.room.member", "state_key": "@b:hs", "content": {"membership": "join"}}
+    raw: dict[str, Any] = {
+        "next_batch": "s",
+        "rooms": {
+            "join": {
+                "!a": {"org.matrix.msc4222.state_after": {"events": [member]}},
+                "!b": {"state": {"events": []}},
+            },
+            "leave": {"!c": {}},
+        },
+    }
+    out = with_legacy_state(raw)
+    assert out["rooms"]["join"]["!a"]["state"] == {"events": [member]}
+    assert out["rooms"]["join"]["!b"] == {"state": {"events": []}}
+    assert out["rooms"]["leave"] == {"!c": {}}
+    assert "state" not in raw["rooms"]["join"]["!a"]  # the input is left alone
+    assert with_legacy_state({"next_batch": "s"}) == {"next_batch": "s"}
