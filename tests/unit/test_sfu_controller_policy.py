@@ -1,5 +1,6 @@
-"""The controller's own decisions around the judge (no LiveKit, no homeserver): the last look
-before a ``no_membership`` removal, and when the next cycle runs."""
+"""The controller's own decisions around the judge (no LiveKit, no homeserver): the last looks
+before a removal (``no_membership``: a sticky join; any Matrix reason: the room's resolved
+current state), and when the next cycle runs."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ class FakeSource:
     kind = "fake"
     last_failure = 0.0
 
-    def __init__(self, holds: bool) -> None:
+    def __init__(self, holds: bool, state: list[dict[str, Any]] | None = None) -> None:
         self.holds = holds
         self.asked: list[tuple[str, str, str]] = []
+        self.state = state
+        self.state_reads = 0
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -39,6 +42,10 @@ class FakeSource:
     async def may_hold_membership(self, room_id: str, user_id: str, device_id: str) -> bool:
         self.asked.append((room_id, user_id, device_id))
         return self.holds
+
+    async def current_state(self, room_id: str) -> list[dict[str, Any]] | None:
+        self.state_reads += 1
+        return self.state
 
 
 def controller(source: Any, **cfg: Any) -> Controller:
@@ -78,3 +85,28 @@ def test_the_next_cycle_comes_when_a_removal_falls_due() -> None:
     later = _RoomResult("lk", [finding(Reason.BANNED, Verdict.WATCH, due=NOW + 5)])
     assert c._next_wait([later]) == 1.0
     assert c._next_wait([]) == 1.0
+
+
+async def test_a_removal_on_matrix_evidence_needs_the_current_state_to_agree() -> None:
+    """The stream said the call ended; the room's resolved current state, read just before
+    the removal, decides (a re-join that won state resolution keeps the member)."""
+    from tests.unit.test_sfu_ghosts import ALICE, call_ev, member_ev
+
+    joined = member_ev(ALICE, "join")
+    active = FakeSource(holds=False, state=[joined, call_ev(ALICE, "DEV", int(NOW * 1000) - 1000)])
+    c = controller(active)
+    f = finding(Reason.CALL_ENDED)
+    assert not await c._still_bad("lk", f, NOW)
+    # the disagreement is remembered a few seconds: no state read per cycle meanwhile
+    assert not await c._still_bad("lk", f, NOW)
+    assert active.state_reads == 1
+    ended = [joined, call_ev(ALICE, "DEV", int(NOW * 1000) - 1000, left=True)]
+    assert await controller(FakeSource(holds=False, state=ended))._still_bad("lk", f, NOW)
+    banned = [member_ev(ALICE, "ban", "@mod:hs")]
+    assert await controller(FakeSource(holds=False, state=banned))._still_bad(
+        "lk", finding(Reason.BANNED), NOW
+    )
+    # unreadable now (homeserver down): not removed now, asked again next cycle
+    assert not await controller(FakeSource(holds=False, state=None))._still_bad("lk", f, NOW)
+    # no homeserver access at all: a delegated leave's word is all there is
+    assert await controller(None)._still_bad("lk", f, NOW)
