@@ -100,6 +100,26 @@ def beep_onsets(samples: np.ndarray, rate: int = 48_000) -> list[float]:
     return onsets
 
 
+def beep_lengths(samples: np.ndarray, rate: int = 48_000) -> list[float]:
+    """How long each beep (as :func:`beep_onsets` finds them) stays loud, in s (5 ms steps):
+    0.25 s each for our tone, unless something cut it short (an echo canceller, a lost
+    frame) or stretched it."""
+    win = rate // 200
+    n = len(samples) // win
+    env = np.abs(samples[: n * win].astype(np.float64)).reshape(n, win).max(axis=1)
+    loud = env > 0.1 * 32767 * 0.3
+    lengths = []
+    quiet = 0
+    for i, is_loud in enumerate(loud):
+        if is_loud and quiet >= 60:
+            end = i
+            while end < n and loud[end]:
+                end += 1
+            lengths.append((end - i) * win / rate)
+        quiet = 0 if is_loud else quiet + 1
+    return lengths
+
+
 def av_skew(video: list[tuple[float, int]], onsets: list[float], fps: int) -> tuple[float, float]:
     """(skew, spread) in seconds: how much later audio plays than the video it belongs to.
 
@@ -251,8 +271,11 @@ def unwrap(numbers: list[int], period: int | None) -> list[int]:
 def analyse(path: Path, fps: int, period: int | None = None) -> dict[str, Any]:
     """Figures of a recording of our numbered, beeping media (the caller asserts on them):
     numbers (frame numbers in file order), psnr (median dB over numbered frames, against the
-    source frame of that number), frequency, video_span and source_span (s), beeps_span (s
-    between the first and last beep onset), skew (s, audio later than its video), frames."""
+    source frame of that number), frequency, video_span (fitted) and video_span_ends (first to
+    last numbered frame) against source_span (s), beeps_span (s
+    between the first and last beep onset), beep_lengths (s), skew (s, audio later than its
+    video), frames, coverage (share of the source frames from the first numbered one to the
+    last that the recording holds)."""
     video, audio, _ = read_media(path)
     raw = [(t, n, y) for t, y in video if (n := read_barcode(y)) is not None]
     if not raw:
@@ -272,8 +295,18 @@ def analyse(path: Path, fps: int, period: int | None = None) -> dict[str, Any]:
         "psnr_p10": scores[len(scores) // 10],
         "frequency": dominant_frequency(audio) if len(audio) else None,
         "source_span": (numbers[-1] - numbers[0] + 1) / fps,
-        "video_span": numbered[-1][0] - numbered[0][0] + 1 / fps,
+        # The source's frames as the recording times them: a least-squares line through
+        # (frame number, time), so one frame misplaced at either end (a receiver's first
+        # frame, decoded late) does not count as the whole stream's pace; a recording that
+        # runs fast or slow, or jumps mid-stream, moves it all the same.
+        "video_span": float(
+            np.polyfit([n for _, n, _ in numbered], [t for t, _, _ in numbered], 1)[0]
+        )
+        * (numbers[-1] - numbers[0] + 1),
+        "video_span_ends": numbered[-1][0] - numbered[0][0] + 1 / fps,
+        "coverage": len(set(numbers)) / (numbers[-1] - numbers[0] + 1),
         "onsets": onsets,
+        "beep_lengths": beep_lengths(audio),
         "beeps_span": onsets[-1] - onsets[0] if len(onsets) > 1 else None,
         "skew": skew,
     }

@@ -10,7 +10,8 @@
 //   to in turn after the first decoded frames, e.g. ["sfu", "mesh"]), barrier ({dir, name,
 //   count}: before leaving, wait until `count` browsers have written their name into `dir`),
 //   keyless (the page drops every other member's media key; wait for `minPackets` video
-//   packets from each remote instead of decoded frames)
+//   packets from each remote instead of decoded frames), rawAudio (the microphone without
+//   voice processing), senderStats (return what this browser produced and sent over time)
 import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -27,6 +28,55 @@ const browser = await chromium.connectOverCDP(devtoolsUrl);
 // A fresh context per client: its own localStorage and IndexedDB (crypto store).
 const context = await browser.newContext();
 const page = await context.newPage();
+if (o.rawAudio) {
+  // The microphone as it is: no echo canceller, noise suppressor or gain control. A test
+  // that measures what arrives against a known source (a tone file on the fake microphone)
+  // needs the source unchanged: with the page playing the other side's tone, the echo
+  // canceller takes the microphone's tone for echo of it and cuts beeps short or away.
+  const off = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
+  await page.addInitScript((raw) => {
+    const md = navigator.mediaDevices;
+    const native = md.getUserMedia.bind(md);
+    md.getUserMedia = (c) => native(c && c.audio ? { ...c, audio: { ...(c.audio === true ? {} : c.audio), ...raw } } : c);
+  }, off);
+}
+if (o.senderStats) {
+  // What this browser sends, as its own getStats sees it, every 250 ms: how much its fake
+  // devices produced (media-source: seconds of audio, video frames) and what its encoder sent
+  // (outbound-rtp), against the wall clock. Tells a starved sender from a lossy path or a
+  // recorder that loses time.
+  await page.addInitScript(() => {
+    const pcs = [];
+    const Native = window.RTCPeerConnection;
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Native(...args);
+      pcs.push(pc);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Native.prototype;
+    Object.setPrototypeOf(window.RTCPeerConnection, Native);
+    const samples = [];
+    window.__senderStats = samples;
+    // Per connection: a mesh may hold two for a moment (glare), each with its own counters.
+    setInterval(async () => {
+      const row = { at: Date.now(), pcs: {} };
+      for (const [i, pc] of pcs.entries()) {
+        if (pc.connectionState === "closed") continue;
+        const report = await pc.getStats().catch(() => null);
+        const c = {};
+        for (const s of report?.values() ?? []) {
+          if (s.type === "media-source" && s.kind === "audio") c.audioSourceS = s.totalSamplesDuration;
+          if (s.type === "media-source" && s.kind === "video") c.videoSourceFrames = s.frames;
+          if (s.type === "outbound-rtp" && s.kind === "audio") c.audioPackets = s.packetsSent;
+          if (s.type === "outbound-rtp" && s.kind === "video") c.videoFramesSent = s.framesSent;
+        }
+        // (a counter is undefined until its first frame: such a row is left out)
+        if (typeof c.audioSourceS === "number" && typeof c.videoSourceFrames === "number") row.pcs[i] = c;
+      }
+      if (Object.keys(row.pcs).length) samples.push(row);
+    }, 250);
+  });
+}
 const consoleLines = [];
 page.on("console", (m) => {
   if (m.type() === "error" || m.type() === "warning") consoleLines.push(`${m.type()}: ${m.text()}`.slice(0, 300));
@@ -217,6 +267,7 @@ try {
   result = { ok: false, error: String(e), snap, body: text.slice(0, 1500), marks };
 } finally {
   result.console = consoleLines.slice(-40);
+  if (o.senderStats) result.senderStats = await page.evaluate(() => window.__senderStats ?? null).catch(() => null);
   console.log(JSON.stringify(result));
   await context.close().catch(() => {});
   await browser.close().catch(() => {});
