@@ -105,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_one(reuse_port: bool) -> int:
-    from aiohttp import web
+    import asyncio
 
     from sfu.auth.app import create_app
     from sfu.auth.config import Config
+    from sfu.common.httpserve import FD_RESERVE, ConnectionLimits, raise_nofile_limit, serve
     from sfu.logsetup import configure_service_logging, flusher
 
     try:
@@ -131,16 +132,35 @@ def _serve_one(reuse_port: bool) -> int:
     count = int(os.environ.get("MATRIXRTC_SFU_WORKER_COUNT", "1"))
     app = create_app(config, worker_index=index, worker_count=count)
     app.cleanup_ctx.append(flusher)
+    before, after = raise_nofile_limit()
+    max_total = config.max_conns or max(16, after - FD_RESERVE)
+    limits = ConnectionLimits(
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        idle_timeout=config.idle_timeout,
+        max_per_client=config.max_conns_per_client,
+        max_total=max_total,
+    )
+    structlog.get_logger("sfu").info(
+        "open-file limit" + (" raised" if after > before else ""),
+        soft_before=before,
+        soft=after,
+        max_connections=max_total,
+        max_connections_per_client=limits.max_per_client,
+        header_timeout=limits.header_timeout,
+        body_timeout=limits.body_timeout,
+        idle_timeout=limits.idle_timeout,
+    )
     try:
-        web.run_app(
-            app,
-            host=config.bind_host,
-            port=config.bind_port,
-            reuse_port=reuse_port or None,
-            access_log=None,
-            print=None,
-            shutdown_timeout=5.0,
-            handle_signals=True,
+        asyncio.run(
+            serve(
+                app,
+                host=config.bind_host,
+                port=config.bind_port,
+                limits=limits,
+                reuse_port=reuse_port,
+                shutdown_timeout=5.0,
+            )
         )
     except ConfigError as exc:  # e.g. Redis unreachable at start-up
         print(f"error: {exc}", file=sys.stderr)

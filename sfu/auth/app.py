@@ -8,6 +8,7 @@ body), ``/sfu_webhook`` (POST; a bad signature → 401, where lk-jwt-service ans
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -492,11 +493,30 @@ def _post_endpoint(
             resp = error_response(ApiError(429, "M_LIMIT_EXCEEDED", "Too many requests"))
             resp.headers["Retry-After"] = str(max(1, round(wait)))
             return resp
-        raw = await request.read()
+        raw = await _read_body(request, service.config.body_timeout)
+        if raw is None:
+            return _body_timeout_response(request)
         return await call(service, raw)
 
     handler.__name__ = name
     return handler
+
+
+async def _read_body(request: web.Request, limit_s: float) -> bytes | None:
+    """The whole body, or None when it did not arrive within ``limit_s`` seconds."""
+    try:
+        async with asyncio.timeout(limit_s):
+            return await request.read()
+    except TimeoutError:
+        return None
+
+
+def _body_timeout_response(request: web.Request) -> web.Response:
+    metrics.SLOW_BODIES.inc()
+    log.warning("request body not received in time", client=request.remote)
+    resp = error_response(ApiError(408, "M_UNKNOWN", "Request body not received in time"))
+    resp.force_close()
+    return resp
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:
@@ -521,7 +541,9 @@ async def _status(request: web.Request) -> web.StreamResponse:
 async def _webhook(request: web.Request) -> web.StreamResponse:
     if request.method != "POST":
         return web.Response(status=405)
-    raw = await request.read()
+    raw = await _read_body(request, request.app[SERVICE_KEY].config.body_timeout)
+    if raw is None:
+        return _body_timeout_response(request)
     return await request.app[SERVICE_KEY].webhook(
         raw.decode("utf-8", errors="replace"), request.headers.get("Authorization", "")
     )

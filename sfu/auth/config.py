@@ -64,6 +64,24 @@ OUR_VARIABLES: dict[str, str] = {
         "homeserver whose user first got a token for it); beyond it a token that would open a "
         "new room is refused with 403 M_RESOURCE_LIMIT_EXCEEDED (default 0 = no limit)"
     ),
+    "MATRIXRTC_SFU_HEADER_TIMEOUT": (
+        "seconds a client has to send a request's headers (from its first byte, or from "
+        "connecting); then 408 and the connection is closed (default 10)"
+    ),
+    "MATRIXRTC_SFU_BODY_TIMEOUT": (
+        "seconds a client has to send a request's body once its headers are in (default 10; "
+        "408 M_UNKNOWN)"
+    ),
+    "MATRIXRTC_SFU_IDLE_TIMEOUT": "seconds an idle keep-alive connection is kept (default 60)",
+    "MATRIXRTC_SFU_MAX_CONNS_PER_CLIENT": (
+        "open connections per client address; more are answered 503 and closed (default 64; "
+        "0 = no cap; default 0 when MATRIXRTC_SFU_CLIENT_IP_HEADER is set, since the peer is "
+        "then the proxy: let the proxy cap its clients)"
+    ),
+    "MATRIXRTC_SFU_MAX_CONNS": (
+        "open connections in all (default 0 = the open-file limit minus 64; the soft limit is "
+        "raised to the hard one at start-up)"
+    ),
     "MATRIXRTC_SFU_LOG_FORMAT": "json (default) or console",
     "MATRIXRTC_SFU_WORKERS": "worker processes (default 1; --workers overrides)",
 }
@@ -95,6 +113,11 @@ class Config:
     rate_burst: int = 30
     client_ip_header: str = ""
     max_body: int = 16 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_conns_per_client: int = 64
+    max_conns: int = 0
     room_ensured_ttl: float = 1.0
     log_format: str = "json"
     workers: int = 1
@@ -193,6 +216,16 @@ class Config:
             client_ip_header=env.get("MATRIXRTC_SFU_CLIENT_IP_HEADER", "").strip(),
             max_body=_num(env, "MATRIXRTC_SFU_MAX_BODY", 16 * 1024, int, positive=True),
             room_ensured_ttl=_num(env, "MATRIXRTC_SFU_ROOM_ENSURED_TTL", 1.0, float),
+            header_timeout=_num(env, "MATRIXRTC_SFU_HEADER_TIMEOUT", 10.0, float, positive=True),
+            body_timeout=_num(env, "MATRIXRTC_SFU_BODY_TIMEOUT", 10.0, float, positive=True),
+            idle_timeout=_num(env, "MATRIXRTC_SFU_IDLE_TIMEOUT", 60.0, float, positive=True),
+            max_conns_per_client=_num(
+                env,
+                "MATRIXRTC_SFU_MAX_CONNS_PER_CLIENT",
+                0 if env.get("MATRIXRTC_SFU_CLIENT_IP_HEADER", "").strip() else 64,
+                int,
+            ),
+            max_conns=_num(env, "MATRIXRTC_SFU_MAX_CONNS", 0, int),
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
             controller=ControllerConfig.from_env(env) if enabled_in_serve(env) else None,

@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "CONNECTIONS_REFUSED",
     "CONTROLLER_AVERTED",
     "CONTROLLER_CYCLE",
     "CONTROLLER_DOUBTS",
@@ -27,11 +28,13 @@ __all__ = [
     "DELAYED_LEAVE",
     "DELAYED_LEAVE_JOBS",
     "GHOST_KICKS",
+    "HEADER_TIMEOUTS",
     "OPENID_CACHE",
     "OPENID_LOOKUP",
     "REQUESTS",
     "ROOMS_CLOSED",
     "ROOMS_CREATED",
+    "SLOW_BODIES",
     "TOKENS_ISSUED",
     "TOKEN_LIMITS",
     "WEBHOOKS",
@@ -63,6 +66,17 @@ DELAYED_LEAVE_JOBS = Gauge(
     _P + "delayed_leave_jobs", "Active delegated delayed-leave jobs", multiprocess_mode="livesum"
 )
 WEBHOOKS = Counter(_P + "webhooks_total", "LiveKit webhooks received, by result", ["result"])
+CONNECTIONS_REFUSED = Counter(
+    _P + "connections_refused_total",
+    "Connections answered 503 and closed by a connection cap, by cap",
+    ["cap"],
+)
+HEADER_TIMEOUTS = Counter(
+    _P + "header_timeouts_total", "Connections closed: request headers not received in time"
+)
+SLOW_BODIES = Counter(
+    _P + "body_timeouts_total", "Requests answered 408: body not received in time"
+)
 
 
 def render() -> bytes:

@@ -136,3 +136,35 @@ def test_controller_uses_the_livekit_api_url() -> None:
     assert ControllerConfig.from_env(BASE).livekit_url == "wss://sfu.example.org"
     env = {**BASE, "MATRIXRTC_SFU_LIVEKIT_API_URL": "http://livekit:7880"}
     assert ControllerConfig.from_env(env).livekit_url == "http://livekit:7880"
+
+
+def test_connection_limits() -> None:
+    """Per-address cap on by default, off behind a proxy (every peer is then the proxy)."""
+    c = Config.from_env(BASE)
+    assert (c.header_timeout, c.body_timeout, c.idle_timeout) == (10.0, 10.0, 60.0)
+    assert (c.max_conns_per_client, c.max_conns) == (64, 0)
+    proxied = Config.from_env({**BASE, "MATRIXRTC_SFU_CLIENT_IP_HEADER": "X-Forwarded-For"})
+    assert proxied.max_conns_per_client == 0
+    both = {**BASE, "MATRIXRTC_SFU_CLIENT_IP_HEADER": "X-Real-IP"}
+    both["MATRIXRTC_SFU_MAX_CONNS_PER_CLIENT"] = "500"
+    assert Config.from_env(both).max_conns_per_client == 500
+    assert "MATRIXRTC_SFU_HEADER_TIMEOUT must be positive" in err(
+        {**BASE, "MATRIXRTC_SFU_HEADER_TIMEOUT": "0"}
+    )
+
+
+def test_log_throttle_once_per_key_per_interval() -> None:
+    from sfu.common.httpserve import LogThrottle
+
+    now = [0.0]
+    t = LogThrottle(60.0, max_keys=2, clock=lambda: now[0])
+    assert t.allow("a")
+    assert t.allow("b")
+    assert not t.allow("a")
+    now[0] = 59.9
+    assert not t.allow("b")
+    now[0] = 60.0
+    assert t.allow("a")
+    assert t.allow("c")  # forgets the least recently logged key ("b")
+    assert t.allow("b")
+    assert t.suppressed == 2
