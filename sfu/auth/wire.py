@@ -1,19 +1,23 @@
-"""Request bodies of the lk-jwt-service API, decoded the way Go's ``encoding/json`` does.
+"""Request bodies of the lk-jwt-service API, decoded as strictly as its Rust port does.
 
-lk-jwt-service decodes each body with ``json.NewDecoder(body).DisallowUnknownFields()`` into a
-Go struct. To be a drop-in we reproduce what clients can observe of that:
+lk-jwt-service's Go build decodes each body with ``json.NewDecoder(body).DisallowUnknownFields()``,
+which folds key case, keeps the last of duplicate keys, ignores anything after the first value
+and turns invalid UTF-8 and lone surrogates into U+FFFD. Its Rust port (branch
+``johannes/rust``: ``serde_json::from_slice`` into ``#[serde(deny_unknown_fields)]`` structs
+whose fields are ``#[serde(default)]``) rejects all of these, and a drop-in is never more lenient
+than the service it replaces. So a body is refused when it has
 
-- the first JSON value is decoded; anything after it is ignored (``Decoder.Decode`` reads one
-  value);
-- object keys match struct fields exactly, or else case-insensitively (Go's ``foldName``);
-  a key matching no field is an error (``DisallowUnknownFields``), also in nested objects;
-- ``null`` leaves a field at its zero value; the wrong JSON type is an error; an ``int`` field
-  rejects fractions, exponents and values outside int64; a top-level ``null`` is an empty
-  struct; the last of duplicate keys wins;
-- invalid UTF-8 and lone surrogates in strings become U+FFFD; ``NaN``/``Infinity`` are errors.
+- invalid UTF-8 anywhere, or a ``\\uD800``-``\\uDFFF`` escape not part of a surrogate pair;
+- anything but JSON whitespace after the first value (trailing data, a second object);
+- a key twice in one object, or a key that matches a field only in another case;
+- a key matching no field (also in nested objects), the wrong JSON type, ``null`` where a
+  string, integer or object is expected (``#[serde(default)]`` applies to absent fields only;
+  a top-level ``null`` too), an integer written with a fraction or exponent or outside int64,
+  ``NaN``/``Infinity``.
 
-Every decode error is answered with 400 ``M_NOT_JSON`` "Error reading request"; validation
-errors (missing fields) with 400 ``M_BAD_JSON`` and lk-jwt-service's messages.
+Absent fields keep their zero value. Every decode error is answered with 400 ``M_NOT_JSON``
+"Error reading request"; validation errors (missing fields) with 400 ``M_BAD_JSON`` and
+lk-jwt-service's messages.
 """
 
 from __future__ import annotations
@@ -157,56 +161,40 @@ def _reject_constant(name: str) -> Any:
     raise _DecodeError(f"invalid JSON constant {name}")
 
 
-_DECODER: Final = json.JSONDecoder(parse_float=_Float, parse_constant=_reject_constant)
 _WS: Final = " \t\n\r"
-
-
-def _fold(s: str) -> str:
-    # Go matches keys with simple Unicode case folding, rune by rune (no expansions like ß→ss).
-    out = []
-    for ch in s:
-        low = ch.lower()
-        if ch == "ſ":  # U+017F folds to "s" in Go
-            low = "s"
-        out.append(low if len(low) == 1 else ch)
-    return "".join(out)
 
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
-def _clean_str(s: str) -> str:
-    # Lone surrogates (from \ud800 escapes) become U+FFFD, as in Go.
-    return _SURROGATE.sub("\ufffd", s)
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DecodeError(f"duplicate key {key[:64]!r}")
+        obj[key] = value
+    return obj
 
 
-_FOLDED: dict[int, dict[str, str]] = {}
-
-
-def _folded(schema: _Schema) -> dict[str, str]:
-    table = _FOLDED.get(id(schema))
-    if table is None:
-        table = _FOLDED[id(schema)] = {_fold(k): k for k in schema}
-    return table
+_DECODER: Final = json.JSONDecoder(
+    parse_float=_Float, parse_constant=_reject_constant, object_pairs_hook=_pairs
+)
 
 
 def _build(cls: type[Any], schema: _Schema, value: object) -> Any:
-    if value is None:
-        return cls()
     if not isinstance(value, dict):
         raise _DecodeError(f"cannot decode {type(value).__name__} into {cls.__name__}")
     fields: dict[str, Any] = {}
-    for key, item in value.items():
-        name = key if key in schema else _folded(schema).get(_fold(key))
-        if name is None:
-            raise _DecodeError(f"unknown field {key!r}")
-        kind = schema[name]
-        if item is None:
-            continue  # null leaves the field unchanged
+    for name, item in value.items():
+        kind = schema.get(name)
+        if kind is None:
+            raise _DecodeError(f"unknown field {name[:64]!r}")
         if kind == "s":
             if not isinstance(item, str):
                 raise _DecodeError(f"field {name!r} is not a string")
-            fields[name] = _clean_str(item)
+            if _SURROGATE.search(item):
+                raise _DecodeError(f"field {name!r} holds a lone surrogate")
+            fields[name] = item
         elif kind == "i":
             if isinstance(item, bool) or not isinstance(item, int) or isinstance(item, _Float):
                 raise _DecodeError(f"field {name!r} is not an integer")
@@ -219,10 +207,12 @@ def _build(cls: type[Any], schema: _Schema, value: object) -> Any:
 
 
 def _decode(raw: bytes, cls: type[Any], schema: _Schema) -> Any | None:
-    text = raw.decode("utf-8", errors="replace")
-    start = len(text) - len(text.lstrip(_WS))
     try:
-        value, _end = _DECODER.raw_decode(text, start)
+        text = raw.decode("utf-8")
+        start = len(text) - len(text.lstrip(_WS))
+        value, end = _DECODER.raw_decode(text, start)
+        if text[end:].strip(_WS):
+            raise _DecodeError(f"trailing data at offset {end}")
         return _build(cls, schema, value)
     except (ValueError, _DecodeError, RecursionError) as exc:
         log.info("request body rejected", reason=str(exc)[:200])
@@ -230,7 +220,7 @@ def _decode(raw: bytes, cls: type[Any], schema: _Schema) -> Any | None:
 
 
 def decode_get_token(raw: bytes) -> SFURequest | None:
-    """Decode a ``/get_token`` body; None when Go would have failed to decode it."""
+    """Decode a ``/get_token`` body; None when it is not strictly the request's JSON."""
     result: SFURequest | None = _decode(raw, SFURequest, _SFU)
     return result
 

@@ -126,7 +126,20 @@ async def expect(
 
 async def test_error_table_before_openid(client: TestClient[Any, Any]) -> None:
     for path in ("/get_token", "/sfu/get", "/delegate_delayed_leave"):
-        for raw in (b"", b"{", b"[1]", b'{"nope": 1}', b'{"room_id": 1}'):
+        for raw in (
+            b"",
+            b"{",
+            b"[1]",
+            b'{"nope": 1}',
+            b'{"room_id": 1}',
+            # strict as lk-jwt-service's Rust port: each of these was a 200/401 before
+            b"null",
+            b'{"ROOM_ID": "!r:x"}',
+            b'{"room_id": "!a:x", "room_id": "!b:x"}',
+            b"{} {}",
+            b'{"room_id": "\\ud800"}',
+            b'{"room_id": "\xff"}',
+        ):
             obj = await expect(client, path, raw, 400, "M_NOT_JSON")
             assert obj["error"] == "Error reading request"
     good = body()
