@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_one(reuse_port: bool) -> int:
     import asyncio
 
-    from sfu.auth.app import create_app
+    from sfu.auth.app import create_app, create_metrics_app
     from sfu.auth.config import Config
     from sfu.common.httpserve import FD_RESERVE, ConnectionLimits, raise_nofile_limit, serve
     from sfu.logsetup import configure_service_logging, flusher
@@ -151,6 +151,9 @@ def _serve_one(reuse_port: bool) -> int:
         body_timeout=limits.body_timeout,
         idle_timeout=limits.idle_timeout,
     )
+    side = None
+    if config.metrics_bind is not None and index == 0:  # worker 0 renders every worker's
+        side = (create_metrics_app(), *config.metrics_bind)
     try:
         asyncio.run(
             serve(
@@ -160,6 +163,7 @@ def _serve_one(reuse_port: bool) -> int:
                 limits=limits,
                 reuse_port=reuse_port,
                 shutdown_timeout=5.0,
+                side=side,
             )
         )
     except ConfigError as exc:  # e.g. Redis unreachable at start-up

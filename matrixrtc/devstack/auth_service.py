@@ -63,6 +63,7 @@ class AuthService(Service):
             "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
             "LIVEKIT_CS_API_URL_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
             "MATRIXRTC_SFU_RATE_LIMIT": "0",
+            "MATRIXRTC_SFU_METRICS_BIND": "off",  # several stacks share loopback
             **(extra_env or {}),
         }
         self._proc = ManagedProcess(

@@ -3,7 +3,9 @@
 Routes (as lk-jwt-service main): ``/sfu/get``, ``/get_token``, ``/delegate_delayed_leave``
 (CORS headers on every answer, ``OPTIONS`` → 200, methods other than POST → 405 with an empty
 body), ``/sfu_webhook`` (POST; a bad signature → 401, where lk-jwt-service answers 200),
-``/healthz`` (GET/HEAD → 200, else 405) and ``/metrics`` (Prometheus, GET).
+``/healthz`` (GET/HEAD → 200, else 405) and ``/metrics`` (Prometheus, GET: on the public
+listener only with the ``MATRIXRTC_SFU_METRICS_TOKEN`` bearer token, else 404; without
+credentials on the metrics listener, :func:`create_metrics_app`, loopback by default).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import re
 import ssl
@@ -52,7 +55,7 @@ from sfu.controller.http import status_response
 from sfu.controller.registry import Grant, GrantRegistry, MemoryRegistry, RedisRegistry
 from sfu.controller.store import JobParams, JobStore, MemoryStore, RedisStore
 
-__all__ = ["SERVICE_KEY", "AuthService", "create_app"]
+__all__ = ["SERVICE_KEY", "AuthService", "create_app", "create_metrics_app"]
 
 log = structlog.get_logger(__name__)
 
@@ -525,10 +528,29 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(status=405)
 
 
-async def _metrics(request: web.Request) -> web.StreamResponse:
+async def _metrics_anyone(request: web.Request) -> web.StreamResponse:
+    """``/metrics`` on the metrics listener (loopback by default): no credentials."""
     if request.method not in ("GET", "HEAD"):
         return web.Response(status=405)
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def _metrics(request: web.Request) -> web.StreamResponse:
+    """``/metrics`` on the public listener: only with MATRIXRTC_SFU_METRICS_TOKEN as bearer."""
+    token = request.app[SERVICE_KEY].config.metrics_token
+    if not token:
+        return web.Response(status=404)
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+    return await _metrics_anyone(request)
+
+
+def create_metrics_app() -> web.Application:
+    """The metrics listener's application (``MATRIXRTC_SFU_METRICS_BIND``)."""
+    app = web.Application()
+    app.router.add_route("*", "/metrics", _metrics_anyone)
+    return app
 
 
 async def _status(request: web.Request) -> web.StreamResponse:

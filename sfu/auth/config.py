@@ -82,6 +82,14 @@ OUR_VARIABLES: dict[str, str] = {
         "open connections in all (default 0 = the open-file limit minus 64; the soft limit is "
         "raised to the hard one at start-up)"
     ),
+    "MATRIXRTC_SFU_METRICS_BIND": (
+        "host:port of the Prometheus /metrics listener (default 127.0.0.1:9464, loopback only; "
+        "'off' = none); with --workers, worker 0 serves every worker's figures"
+    ),
+    "MATRIXRTC_SFU_METRICS_TOKEN": (
+        "also serve /metrics on the main listener to requests with 'Authorization: Bearer "
+        "<token>' (default: the main listener has no /metrics)"
+    ),
     "MATRIXRTC_SFU_LOG_FORMAT": "json (default) or console",
     "MATRIXRTC_SFU_WORKERS": "worker processes (default 1; --workers overrides)",
 }
@@ -118,6 +126,8 @@ class Config:
     idle_timeout: float = 60.0
     max_conns_per_client: int = 64
     max_conns: int = 0
+    metrics_bind: tuple[str | None, int] | None = ("127.0.0.1", 9464)
+    metrics_token: str = ""
     room_ensured_ttl: float = 1.0
     log_format: str = "json"
     workers: int = 1
@@ -188,6 +198,9 @@ class Config:
                 f"MATRIXRTC_SFU_LIVEKIT_API_URL must be an http(s) URL, got {api_url!r}"
             )
 
+        raw_metrics = env.get("MATRIXRTC_SFU_METRICS_BIND", "").strip() or "127.0.0.1:9464"
+        metrics_bind = None if raw_metrics.lower() == "off" else parse_bind(raw_metrics)
+
         return cls(
             livekit_url=lk_url,
             key=key,
@@ -226,6 +239,8 @@ class Config:
                 int,
             ),
             max_conns=_num(env, "MATRIXRTC_SFU_MAX_CONNS", 0, int),
+            metrics_bind=metrics_bind,
+            metrics_token=env.get("MATRIXRTC_SFU_METRICS_TOKEN", "").strip(),
             log_format=log_format,
             workers=_num(env, "MATRIXRTC_SFU_WORKERS", 1, int, positive=True),
             controller=ControllerConfig.from_env(env) if enabled_in_serve(env) else None,

@@ -287,8 +287,13 @@ async def serve(
     reuse_port: bool = False,
     shutdown_timeout: float = 5.0,
     ready: Callable[[ConnectionGuard], None] | None = None,
+    side: tuple[web.Application, str | None, int] | None = None,
 ) -> None:
-    """Run ``app`` behind a :class:`ConnectionGuard` until SIGINT or SIGTERM."""
+    """Run ``app`` behind a :class:`ConnectionGuard` until SIGINT or SIGTERM.
+
+    ``side`` is a second application on its own address (the metrics listener): started after
+    ``app``; when its address cannot be bound this is logged and ``app`` is served anyway.
+    """
     loop = asyncio.get_running_loop()
     guard = ConnectionGuard(limits)
     app.middlewares.insert(0, guard.middleware)
@@ -313,6 +318,7 @@ async def serve(
             reuse_port=reuse_port or None,
             backlog=1024,
         )
+        side_runner = await _start_side(side, limits) if side is not None else None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -324,5 +330,23 @@ async def serve(
             server.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if side_runner is not None:
+                await side_runner.cleanup()
     finally:
         await runner.cleanup()
+
+
+async def _start_side(
+    side: tuple[web.Application, str | None, int], limits: ConnectionLimits
+) -> web.AppRunner | None:
+    app, host, port = side
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        log.error("metrics listener not started", address=f"{host or ''}:{port}", reason=str(exc))
+        await runner.cleanup()
+        return None
+    log.info("metrics listener", address=f"{host or ''}:{port}")
+    return runner

@@ -120,6 +120,7 @@ def controller_env(
         "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
         f"MATRIXRTC_SFU_CONTROLLER_{token}": watcher.access_token,
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
+        "MATRIXRTC_SFU_METRICS_TOKEN": STATUS_TOKEN,  # /metrics on the service's own port
         "MATRIXRTC_SFU_CONTROLLER_INTERVAL": "1",
         "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",  # bench/controller.py measures the default 2 s
         "MATRIXRTC_SFU_CONTROLLER_JOIN_GRACE": "3",
@@ -406,7 +407,7 @@ async def test_every_kind_of_ghost_is_removed_and_honest_members_stay(stack: Sta
         assert audit[members["silent"].identity]["reason"] == "no_membership"
         assert members["honest"].identity not in audit
         assert members["honest2"].identity not in audit
-        status, text = await st.sfu.get("/metrics")
+        status, text = await st.sfu.get("/metrics", STATUS_TOKEN)
         assert status == 200
         assert 'matrixrtc_sfu_controller_removals_total{reason="banned"} 1.0' in text
         # /status: bearer token required; lists the honest member with its Matrix state
@@ -437,7 +438,11 @@ async def leader_metric(url: str) -> float | None:
     try:
         async with (
             aiohttp.ClientSession() as s,
-            s.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r,
+            s.get(
+                url + "/metrics",
+                headers={"Authorization": f"Bearer {STATUS_TOKEN}"},
+                timeout=aiohttp.ClientTimeout(total=1),
+            ) as r,
         ):
             text = await r.text()
     except (aiohttp.ClientError, TimeoutError):
@@ -566,6 +571,7 @@ async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path
                 "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
                 "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
                 "MATRIXRTC_SFU_RATE_LIMIT": "0",
+                "MATRIXRTC_SFU_METRICS_TOKEN": STATUS_TOKEN,
                 "MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS": "1",
                 "MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS": "1",
             },
@@ -603,7 +609,7 @@ async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path
             status, resp = await token(bob, room2)  # a second open call from localhost
             assert (status, resp["errcode"]) == (403, "M_RESOURCE_LIMIT_EXCEEDED"), resp
             assert "Too many calls from localhost" in resp["error"]
-            status, text = await sfu.get("/metrics")
+            status, text = await sfu.get("/metrics", STATUS_TOKEN)
             assert 'matrixrtc_sfu_token_limits_total{limit="room_participants"} 1.0' in text
             assert 'matrixrtc_sfu_token_limits_total{limit="homeserver_rooms"} 1.0' in text
         finally:
@@ -720,6 +726,7 @@ async def test_inside_serve_with_workers_one_worker_leads(synapse: Synapse, run_
                 "LIVEKIT_REDIS_URL": redis.url,
                 "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
                 "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
+                "MATRIXRTC_SFU_METRICS_TOKEN": STATUS_TOKEN,
                 "MATRIXRTC_SFU_RATE_LIMIT": "0",
                 "MATRIXRTC_SFU_CONTROLLER": "1",
                 "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",

@@ -36,6 +36,7 @@ from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity, livekit_room_alias
 
 CALL_MEMBER = "org.matrix.msc3401.call.member"
+METRICS_TOKEN = "metrics-" + secrets.token_hex(8)
 
 PARTICIPANT = """
 import asyncio, sys
@@ -78,7 +79,9 @@ class Service:
             return r.status, (json.loads(text) if text.strip() else None)
 
     async def metric(self, name: str, **labels: str) -> float:
-        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+        auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics", headers=auth) as r:
+            assert r.status == 200, r.status
             text = await r.text()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         total = 0.0
@@ -116,6 +119,8 @@ def make_service(
         f"other.localhost={hs.base_url}",
         "LIVEKIT_CS_API_URL_OVERRIDES": f"{hs.server_name}={hs.base_url}",
         "MATRIXRTC_SFU_RATE_LIMIT": "0",
+        "MATRIXRTC_SFU_METRICS_TOKEN": METRICS_TOKEN,
+        "MATRIXRTC_SFU_METRICS_BIND": "off",
         "LIVEKIT_LOG_LEVEL": "debug",
         **extra,
     }

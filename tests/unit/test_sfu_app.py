@@ -23,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit import api as lkapi
 
-from sfu.auth.app import create_app
+from sfu.auth.app import create_app, create_metrics_app
 from sfu.auth.config import Config
+from sfu.common import metrics
 from sfu.common.netguard import AddressPolicy, StaticResolver
 
 KEY, SECRET = "testkey", "testsecret-testsecret-testsecret-0123"
@@ -106,9 +107,37 @@ async def test_healthz_metrics_and_webhook_methods(client: TestClient[Any, Any])
     assert (await client.head("/healthz")).status == 200
     assert (await client.post("/healthz")).status == 405
     assert (await client.get("/sfu_webhook")).status == 405
-    resp = await client.get("/metrics")
-    assert resp.status == 200
-    assert "matrixrtc_sfu_requests_total" in await resp.text()
+    # no MATRIXRTC_SFU_METRICS_TOKEN: the public listener has no /metrics
+    assert (await client.get("/metrics")).status == 404
+
+
+async def test_metrics_need_the_bearer_token_or_the_metrics_listener() -> None:
+    c = await client_for(make_config(MATRIXRTC_SFU_METRICS_TOKEN="s3cret"))
+    try:
+        assert (await c.get("/metrics")).status == 401
+        resp = await c.get("/metrics", headers={"Authorization": "Bearer wrong"})
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+        resp = await c.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert resp.status == 200
+        assert "matrixrtc_sfu_requests_total" in await resp.text()
+    finally:
+        await c.close()
+    side: TestClient[Any, Any] = TestClient(TestServer(create_metrics_app()))
+    await side.start_server()
+    try:
+        resp = await side.get("/metrics")
+        assert resp.status == 200
+        assert "matrixrtc_sfu_requests_total" in await resp.text()
+        assert (await side.get("/get_token")).status == 404  # nothing else there
+    finally:
+        await side.close()
+
+
+def test_metrics_bind_config() -> None:
+    assert make_config().metrics_bind == ("127.0.0.1", 9464)
+    assert make_config(MATRIXRTC_SFU_METRICS_BIND="off").metrics_bind is None
+    assert make_config(MATRIXRTC_SFU_METRICS_BIND=":9100").metrics_bind == (None, 9100)
 
 
 async def expect(
@@ -307,7 +336,7 @@ async def test_ssrf_refused_without_connecting(listener: ListeningSocket, tmp_pa
         # the well-knowns were fetched (over TLS verified with the CA bundle)...
         assert sorted(hits) == ["redir.test", "wk.test"]
         assert listener.connections() == 0  # ...but nothing ever connected to the target
-        text = await (await c.get("/metrics")).text()
+        text = metrics.render().decode()
         assert 'matrixrtc_sfu_openid_lookup_seconds_count{outcome="blocked"}' in text
     finally:
         await c.close()
