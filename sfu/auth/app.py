@@ -33,7 +33,7 @@ from matrixrtc.model import livekit_ids
 from sfu.auth.config import Config
 from sfu.auth.livekit import JoinTokenSigner, LiveKitRooms
 from sfu.auth.openid import OpenIDValidator
-from sfu.auth.ratelimit import RateLimiter
+from sfu.auth.ratelimit import ClientLimiter, RateLimiter, RedisRateLimiter
 from sfu.auth.wire import (
     NOT_JSON,
     ApiError,
@@ -186,7 +186,11 @@ class AuthService:
             on_gone=self._membership_gone,
         )
         self.webhooks = lkapi.WebhookReceiver(lkapi.TokenVerifier(config.key, config.secret))
-        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.limiter: ClientLimiter = (
+            RedisRateLimiter(config.redis_url, config.rate_limit, config.rate_burst)
+            if config.redis_url and config.rate_limit > 0
+            else RateLimiter(config.rate_limit, config.rate_burst)
+        )
         self.bus: WebhookBus | None = None
         if worker_count > 1 and config.redis_url:
             self.bus = WebhookBus(config.redis_url, self._route)
@@ -226,7 +230,7 @@ class AuthService:
         """Close every part, in this order, even when one fails: a failure (an owned task's,
         logged when it happened) is raised once all are closed."""
         closes = [self.jobs.close, self.registry.close, self.openid.close, self.rooms.close]
-        closes += [self.http.close, self.store.close]
+        closes += [self.http.close, self.store.close, self.limiter.close]
         if self.bus is not None:
             closes.insert(0, self.bus.close)
         if self.controller is not None:
@@ -491,7 +495,7 @@ def _post_endpoint(
         if request.method != "POST":
             return web.Response(status=405, headers=CORS_HEADERS)
         service = request.app[SERVICE_KEY]
-        wait = service.limiter.check(_client_key(request, service.config.client_ip_header))
+        wait = await service.limiter.acquire(_client_key(request, service.config.client_ip_header))
         if wait > 0:
             resp = error_response(ApiError(429, "M_LIMIT_EXCEEDED", "Too many requests"))
             resp.headers["Retry-After"] = str(max(1, round(wait)))

@@ -44,7 +44,10 @@ OUR_VARIABLES: dict[str, str] = {
     "MATRIXRTC_SFU_OPENID_CACHE_MAX_TTL": "upper bound of a cached token's life, s (default 3600)",
     "MATRIXRTC_SFU_OPENID_FAILURE_TTL": "how long a failed lookup is remembered, s (default 5)",
     "MATRIXRTC_SFU_OPENID_TIMEOUT": "time limit of one OpenID validation, s (default 10)",
-    "MATRIXRTC_SFU_RATE_LIMIT": "POST requests per second per client (default 10; 0 = off)",
+    "MATRIXRTC_SFU_RATE_LIMIT": (
+        "POST requests per second per client (default 10; 0 = off); shared by all workers "
+        "through LIVEKIT_REDIS_URL when it is set"
+    ),
     "MATRIXRTC_SFU_RATE_BURST": "burst size of the per-client rate limit (default 30)",
     "MATRIXRTC_SFU_CLIENT_IP_HEADER": (
         "header holding the client address when behind a proxy, e.g. X-Forwarded-For (default: "
