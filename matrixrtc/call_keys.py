@@ -63,6 +63,7 @@ from matrixrtc.e2ee.keys import (
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
 from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.matrix import Broadcaster, DeviceRef, Subscription, ToDeviceEvent
+from matrixrtc.model.rejections import RejectionLog
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
@@ -199,6 +200,7 @@ class CallKeys:
         self._changes: Subscription[ParticipantsChanged] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=self.room_id, user_id=self.hs.user_id)
+        self._drop_log = RejectionLog()  # dropped key messages: a line per sender+reason a minute
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -407,16 +409,20 @@ class CallKeys:
         if reason is DropReason.OTHER_ROOM:
             return  # another call on this device: its own CallKeys handles it
         self.stats.dropped[reason.value] = self.stats.dropped.get(reason.value, 0) + 1
-        emit = self._log.warning if reason.suspicious else self._log.debug
-        emit(
-            "call_keys.key_message_dropped",
-            reason=reason.value,
-            detail=verdict.detail,
-            type=ev.type,
-            sender=ev.sender,
-            sender_device=ev.sender_device,
-            encrypted=ev.encrypted,
-        )
+        # A flood of bad key messages (issue 18): one warning per sender and reason a minute.
+        suppressed = self._drop_log.admit(f"{ev.sender}|{reason.value}") if reason.suspicious else 0
+        if suppressed is not None:
+            emit = self._log.warning if reason.suspicious else self._log.debug
+            emit(
+                "call_keys.key_message_dropped",
+                reason=reason.value,
+                detail=verdict.detail,
+                type=ev.type,
+                sender=ev.sender,
+                sender_device=ev.sender_device,
+                encrypted=ev.encrypted,
+                **({"suppressed_before": suppressed} if suppressed else {}),
+            )
         self._emit(
             KeyEvent(
                 kind=KeyEventKind.DROPPED,

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
+from matrixrtc.model.rejections import RejectionLog
 
 __all__ = [
     "InstallRemoteKey",
@@ -76,6 +77,11 @@ USE_KEY_DELAY_MS = 1000  # matrix-js-sdk join(): useKeyDelay ?? 1000
 GRACE_MS = 10_000  # keyRotationGracePeriodMs
 PREPARE_RETRY_MS = 5_000  # a failed preparation of the next key is tried again after this
 MAX_EARLY_KEYS = 256  # bound on keys buffered for devices without a membership (js: unbounded)
+# Bounds against a to-device key flood (issue 18): the ring name carries the member id the
+# *sender* claims, so without them one device could grow the records without limit.
+MAX_RINGS = 1024  # remote key rings remembered (the oldest is forgotten first)
+MAX_LATEST = 16_384  # (ring, index) pairs of the outdated-key filter
+_NOISE = RejectionLog()  # per-sender throttle of the per-key info lines: one a minute
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -309,9 +315,13 @@ class KeyManager:
         ring = key_ring_id(user_id, device_id, mid)
         latest = self._latest.get((ring, index))
         if latest is not None and latest > now_ms:
-            log.info("e2ee.outdated_key_dropped", ring=ring, index=index)
+            if (suppressed := _NOISE.admit(user_id)) is not None:
+                log.info("e2ee.outdated_key_dropped", ring=ring, index=index, suppressed=suppressed)
             return []
+        self._latest.pop((ring, index), None)
         self._latest[(ring, index)] = now_ms
+        while len(self._latest) > MAX_LATEST:
+            del self._latest[next(iter(self._latest))]
         return self._add_remote(_EarlyKey(user_id, device_id, mid, index, bytes(key)))
 
     def leave(self) -> None:
@@ -415,10 +425,20 @@ class KeyManager:
             if len(self._early) >= MAX_EARLY_KEYS:
                 self._early.pop(0)
             self._early.append(k)
-            log.info("e2ee.key_buffered_until_membership", user=k.user_id, device=k.device_id)
+            if (suppressed := _NOISE.admit(k.user_id)) is not None:
+                log.info(
+                    "e2ee.key_buffered_until_membership",
+                    user=k.user_id,
+                    device=k.device_id,
+                    suppressed=suppressed,
+                )
             return []
         ring = key_ring_id(k.user_id, k.device_id, k.member_id)
-        self.rings.setdefault(ring, {})[k.index] = k.key
+        if ring not in self.rings:
+            while len(self.rings) >= MAX_RINGS:
+                del self.rings[next(iter(self.rings))]
+            self.rings[ring] = {}
+        self.rings[ring][k.index] = k.key
         return [InstallRemoteKey(member.identity, k.index, k.key, ring)]
 
     def _recheck_early_keys(self) -> list[KeyAction]:

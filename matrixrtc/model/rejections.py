@@ -3,13 +3,16 @@
 A membership that another client sends and we drop must never vanish silently: the operator
 needs to see *who* sent it, *which field* was wrong and *why* (issue 12: two clients each
 ignoring the other's schema without a word at info level). One noisy or hostile sender must
-not flood the log either, so each sender gets a small burst of lines and then one line per
-interval, which reports how many rejections were suppressed meanwhile.
+not flood the log either (issue 18: a hostile room), so each sender gets ``burst`` lines (one
+by default) per interval (a minute), and the next line it gets reports how many rejections
+were suppressed meanwhile.
 
 Public API::
 
-    log = RejectionLog(interval_s=60.0, burst=3, clock=time.monotonic)
+    log = RejectionLog(interval_s=60.0, burst=1, clock=time.monotonic)
     log.rejected(kind="rtc.member", sender=…, field=…, reason=…, event_id=…)
+    log.admit(sender)            # None: suppressed; else how many were suppressed before
+                                 # (for callers that write their own line)
     MEMBERSHIP_REJECTIONS        # the process-wide default used by parse_membership_event
 
 The clock is injected (tests pass a fake one); the default is ``time.monotonic``.
@@ -46,13 +49,32 @@ class RejectionLog:
         self,
         *,
         interval_s: float = 60.0,
-        burst: int = 3,
+        burst: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = interval_s
         self.burst = burst
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def admit(self, sender: str) -> int | None:
+        """Count one rejection from ``sender``: None when it must not be logged, else the
+        number of its rejections suppressed since its last logged one."""
+        now = self._clock()
+        bucket = self._buckets.get(sender)
+        suppressed = 0
+        if bucket is None or now - bucket.window_start >= self.interval_s:
+            suppressed = bucket.suppressed if bucket is not None else 0
+            bucket = _Bucket(window_start=now)
+            self._buckets[sender] = bucket
+        self._buckets.move_to_end(sender)
+        while len(self._buckets) > _MAX_SENDERS:
+            self._buckets.popitem(last=False)
+        if bucket.logged >= self.burst:
+            bucket.suppressed += 1
+            return None
+        bucket.logged += 1
+        return suppressed
 
     def rejected(
         self,
@@ -64,21 +86,11 @@ class RejectionLog:
         **context: object,
     ) -> bool:
         """Record one rejection; returns whether a line was logged."""
-        now = self._clock()
-        bucket = self._buckets.get(sender)
-        if bucket is None or now - bucket.window_start >= self.interval_s:
-            suppressed = bucket.suppressed if bucket is not None else 0
-            bucket = _Bucket(window_start=now)
-            self._buckets[sender] = bucket
-            if suppressed:
-                context = {"suppressed_before": suppressed, **context}
-        self._buckets.move_to_end(sender)
-        while len(self._buckets) > _MAX_SENDERS:
-            self._buckets.popitem(last=False)
-        if bucket.logged >= self.burst:
-            bucket.suppressed += 1
+        suppressed = self.admit(sender)
+        if suppressed is None:
             return False
-        bucket.logged += 1
+        if suppressed:
+            context = {"suppressed_before": suppressed, **context}
         _log.info(
             "membership_rejected",
             kind=kind,

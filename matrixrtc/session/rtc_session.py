@@ -38,6 +38,12 @@ Rules (each one a test in tests/unit/test_session_*.py):
    fixed rule makes every client agree on the oldest member).
 4. ``update`` returns a diff keyed by :class:`MembershipKey` only when something changed.
 
+A hostile room (issue 18) cannot make the store grow without bound or flood the log: a sender
+holds at most :data:`MAX_STICKY_KEYS_PER_SENDER` sticky keys (a new one beyond is dropped;
+js-sdk has no bound), each key keeps its :data:`MAX_STICKY_HISTORY` latest events, content
+larger than a Matrix event may be (:data:`MAX_CONTENT_BYTES`) is no membership, and each
+rejection is logged through the per-sender :class:`RejectionLog` (once a minute).
+
 Sticky events are kept like js-sdk's ``RoomStickyEventsStore``: per (sender, sticky key) the
 event with the latest ``origin_server_ts`` (then the greatest event id) is current,
 even when its content is invalid (then that member is simply not listed); a redaction reverts
@@ -46,8 +52,10 @@ to the previous event; expired events are dropped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 
@@ -61,10 +69,14 @@ from matrixrtc.model.membership import (
     parse_membership_event,
 )
 from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, sticky_duration_ms, sticky_expires_at
+from matrixrtc.model.rejections import MEMBERSHIP_REJECTIONS, RejectionLog
 from matrixrtc.model.slot import SlotStatus, slot_status
 
 __all__ = [
+    "MAX_CONTENT_BYTES",
     "MAX_STICKY_DURATION_MS",
+    "MAX_STICKY_HISTORY",
+    "MAX_STICKY_KEYS_PER_SENDER",
     "MembershipChanges",
     "RTCSession",
     "StickyEntry",
@@ -75,6 +87,22 @@ __all__ = [
 ]
 
 _log = structlog.get_logger(__name__)
+
+MAX_STICKY_KEYS_PER_SENDER: Final = 64  # devices (member ids) one user may be in a call with
+MAX_STICKY_HISTORY: Final = 8  # events kept per sticky key (a redaction reverts to the next)
+MAX_CONTENT_BYTES: Final = 65_536  # the Matrix limit of a whole event; content cannot be more
+_LOG_IDS: Final = 20  # identities listed in one memberships_changed line
+
+
+def _oversized(ev: Mapping[str, object]) -> bool:
+    content = ev.get("content")
+    if not isinstance(content, dict):
+        return False
+    try:
+        size = len(json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, ValueError, RecursionError):
+        return True
+    return size > MAX_CONTENT_BYTES
 
 
 def _slot_local_id(slot_id: str) -> str | None:
@@ -158,8 +186,11 @@ class RTCSession:
         slot_id: str = DEFAULT_SLOT_ID,
         room_version: str | None = None,
         default_sticky_duration_ms: int | None = None,
+        rejections: RejectionLog = MEMBERSHIP_REJECTIONS,
     ) -> None:
         self.room_id = room_id
+        self._rejections = rejections
+        self._keys_per_sender: dict[str, int] = {}
         self.slot_id = slot_id
         self.room_version = room_version
         # Used only when a sticky event carries neither duration nor TTL (js-sdk drops it).
@@ -268,7 +299,13 @@ class RTCSession:
             self._log.debug("state_event_ignored", reason="no string state_key")
             return
         self._raw_state[state_key] = ev
-        self._state[state_key] = parse_membership_event(ev, self.room_version)
+        if _oversized(ev):
+            self._reject(ev, "content larger than a Matrix event may be")
+            self._state[state_key] = None
+        else:
+            self._state[state_key] = parse_membership_event(
+                ev, self.room_version, rejections=self._rejections
+            )
         event_id = as_str(ev.get("event_id"))
         if event_id is not None:
             self._state_event_ids[state_key] = event_id
@@ -279,7 +316,14 @@ class RTCSession:
         if ev is None or ev.get("type") != EventType.RTC_MEMBER:
             self._log.debug("sticky_event_ignored", reason="not an rtc.member event")
             return
-        parsed = parse_membership_event(ev, self.room_version)
+        too_big = _oversized(ev)
+        if too_big:
+            self._reject(ev, "content larger than a Matrix event may be")
+        parsed = (
+            None
+            if too_big
+            else parse_membership_event(ev, self.room_version, rejections=self._rejections)
+        )
         sender: str | None
         sticky_key: str | None
         event_id: str | None
@@ -308,10 +352,35 @@ class RTCSession:
             return
         duration = sticky_duration_ms(ev, self.default_sticky_duration_ms) or 0
         key = (sender, sticky_key)
-        entries = [e for e in self._sticky.get(key, []) if e.event_id != event_id]
+        held = self._sticky.get(key)
+        if held is None:
+            if self._keys_per_sender.get(sender, 0) >= MAX_STICKY_KEYS_PER_SENDER:
+                self._reject(ev, f"more than {MAX_STICKY_KEYS_PER_SENDER} sticky keys")
+                return
+            self._keys_per_sender[sender] = self._keys_per_sender.get(sender, 0) + 1
+        entries = [e for e in held or [] if e.event_id != event_id]
         entries.append(StickyEntry(event_id, ots, duration, expires_at, sticky_key, parsed))
         entries.sort(key=lambda e: e.rank, reverse=True)
-        self._sticky[key] = entries
+        self._sticky[key] = entries[:MAX_STICKY_HISTORY]
+
+    def _reject(self, ev: Mapping[str, object], reason: str) -> None:
+        sender = as_str(ev.get("sender")) or "?"
+        self._rejections.rejected(
+            kind=as_str(ev.get("type")) or "?",
+            sender=sender,
+            field=None,
+            reason=reason,
+            event_id=as_str(ev.get("event_id")),
+            room_id=self.room_id,
+        )
+
+    def _forget_sticky(self, key: tuple[str, str]) -> None:
+        del self._sticky[key]
+        left = self._keys_per_sender.get(key[0], 0) - 1
+        if left > 0:
+            self._keys_per_sender[key[0]] = left
+        else:
+            self._keys_per_sender.pop(key[0], None)
 
     def receive_redaction(self, redacted_event_id: str) -> None:
         """A redaction: a sticky key reverts to its previous event; a state event's content
@@ -322,7 +391,7 @@ class RTCSession:
                 if kept:
                     self._sticky[key] = kept
                 else:
-                    del self._sticky[key]
+                    self._forget_sticky(key)
         for state_key, event_id in list(self._state_event_ids.items()):
             if event_id == redacted_event_id:
                 self._state[state_key] = None
@@ -394,11 +463,14 @@ class RTCSession:
         changes = MembershipChanges(
             joined=joined, left=left, updated=updated, memberships=current, previous=previous
         )
-        self._log.info(
+        self._log.info(  # at most _LOG_IDS identities each: a 10 000-member room is one line
             "memberships_changed",
-            joined=[m.rtc_backend_identity for m in joined],
-            left=[m.rtc_backend_identity for m in left],
-            updated=[n.rtc_backend_identity for _, n in updated],
+            joined=[m.rtc_backend_identity for m in joined[:_LOG_IDS]],
+            left=[m.rtc_backend_identity for m in left[:_LOG_IDS]],
+            updated=[n.rtc_backend_identity for _, n in updated[:_LOG_IDS]],
+            n_joined=len(joined),
+            n_left=len(left),
+            n_updated=len(updated),
             count=len(current),
         )
         return changes
@@ -409,7 +481,7 @@ class RTCSession:
         for key, entries in list(self._sticky.items()):
             kept = [e for e in entries if e.expires_at > now_ms]
             if not kept:
-                del self._sticky[key]
+                self._forget_sticky(key)
             elif len(kept) != len(entries):
                 self._sticky[key] = kept
 
