@@ -21,6 +21,8 @@ __all__ = [
     "HomeserverUnreachable",
     "LoginError",
     "RateLimited",
+    "SessionEnded",
+    "TokenRejected",
     "Unsupported",
 ]
 
@@ -93,3 +95,24 @@ class CryptoError(LocalError):
 
 class LoginError(LocalError):
     """No usable credentials: no password or token, or the homeserver rejected them."""
+
+
+class TokenRejected(HomeserverError):
+    """401 ``M_UNKNOWN_TOKEN``/``M_MISSING_TOKEN``: the access token is not (or no longer)
+    valid. ``soft_logout``: the server keeps the device (the token expired or was soft-logged
+    out); a refresh or a new login for the same device id continues where it was."""
+
+    @property
+    def soft_logout(self) -> bool:
+        return self.body.get("soft_logout") is True
+
+
+class SessionEnded(LoginError):
+    """The access token was rejected and could not be renewed (no refresh token, the refresh
+    was refused, no password): this device cannot act on the homeserver any more. The call's
+    delayed leave, if armed, removes its membership when it times out."""
+
+    def __init__(self, cause: TokenRejected, why: str) -> None:
+        kind = "soft logout" if cause.soft_logout else "logged out"
+        super().__init__(f"access token rejected ({kind}: {cause.errcode}) and {why}")
+        self.soft_logout = cause.soft_logout

@@ -53,6 +53,7 @@ import structlog
 from nio import AsyncClientConfig, SyncResponse
 
 from matrixrtc.errors import RemoteError
+from matrixrtc.matrix import login as login_mod
 from matrixrtc.matrix import wire
 from matrixrtc.matrix._nio import NioClient
 from matrixrtc.matrix.client_api import ClientApi, q
@@ -63,6 +64,8 @@ from matrixrtc.matrix.errors import (
     HomeserverUnreachable,
     LoginError,
     RateLimited,
+    SessionEnded,
+    TokenRejected,
 )
 from matrixrtc.matrix.login import log_in
 from matrixrtc.matrix.rooms import RoomCache, with_legacy_state
@@ -141,6 +144,8 @@ class Homeserver(ClientApi):
         self._tasks = OwnedTasks("homeserver", log, event_prefix="homeserver")
         self._since: str | None = None
         self._crypto_lock = asyncio.Lock()  # nio's Olm/Megolm state is not reentrant
+        self._renew_lock = asyncio.Lock()  # one token renewal at a time
+        self.tokens_renewed = 0
         self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
         self._to_device = ToDevice(self._require_nio, self.request, self._crypto_lock)
         self._rooms = RoomCache(now_ms=clock_ms)
@@ -276,11 +281,64 @@ class Homeserver(ClientApi):
 
         ``path`` must already be quoted (use the typed methods where they exist). Pass
         ``log_path`` when the path holds a secret (delay ids) so errors do not repeat it.
+        When the device's own access token is rejected (expired, soft logout), it is renewed
+        (refresh token, else a new password login as the same device) and the call made once
+        more; :class:`SessionEnded` when it cannot be.
         """
         if self._http is None:
             raise LoginError("homeserver adapter is not open")
+        used = token or (self._session.access_token if auth and self._session else None)
+        try:
+            return await self._request_once(method, path, query, body, used, timeout_s, log_path)
+        except TokenRejected as e:
+            if token is not None or not auth or self._session is None:
+                raise
+            await self._renew(used, e)
+            renewed = self._require_session().access_token
+            return await self._request_once(method, path, query, body, renewed, timeout_s, log_path)
+
+    async def _renew(self, used: str | None, cause: TokenRejected) -> None:
+        async with self._renew_lock:
+            session = self._require_session()
+            if session.access_token != used:
+                return  # renewed by a concurrent request meanwhile
+            renewed = await login_mod.refresh(self.request, session)
+            if renewed is None and cause.soft_logout:
+                renewed = await login_mod.relogin(self.request, session, self._login)
+            if renewed is None:
+                why = (
+                    "the refresh token was refused"
+                    if session.refresh_token
+                    else "there is no refresh token"
+                ) + (" and no password to log in again" if not self._login.password else "")
+                err = SessionEnded(cause, why)
+                log.error(
+                    "homeserver.session_ended",
+                    user_id=session.user_id,
+                    device_id=session.device_id,
+                    soft_logout=cause.soft_logout,
+                    error=str(err),
+                )
+                raise err from cause
+            self._session = renewed
+            self.tokens_renewed += 1
+            if self._state is not None:
+                self._state.save(renewed)
+            if self._nio is not None:
+                self._nio.access_token = renewed.access_token
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Any,
+        bearer: str | None,
+        timeout_s: float | None,
+        log_path: str | None,
+    ) -> JsonDict:
+        assert self._http is not None
         headers: dict[str, str] = {}
-        bearer = token or (self._session.access_token if auth and self._session else None)
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
         shown = log_path or path

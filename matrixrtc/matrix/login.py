@@ -5,6 +5,7 @@ its crypto store is still there)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -13,7 +14,7 @@ from matrixrtc.matrix.errors import HomeserverError, LoginError
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
 from matrixrtc.matrix.types import JsonDict, Login
 
-__all__ = ["Requester", "log_in", "mxid_matches"]
+__all__ = ["Requester", "log_in", "mxid_matches", "refresh", "relogin"]
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +22,33 @@ log = structlog.get_logger(__name__)
 Requester = Callable[..., Awaitable[JsonDict]]
 
 _WHOAMI = "/_matrix/client/v3/account/whoami"
+_REFRESH = "/_matrix/client/v3/refresh"
+
+
+async def refresh(request: Requester, session: SavedSession) -> SavedSession | None:
+    """A new access token for ``session`` through its refresh token (spec v1.3 ``/refresh``,
+    MSC2918); None when it has none or the server refuses it."""
+    if not session.refresh_token:
+        return None
+    try:
+        resp = await request(
+            "POST", _REFRESH, body={"refresh_token": session.refresh_token}, auth=False
+        )
+    except HomeserverError as e:
+        if e.status not in (400, 401, 403):
+            raise
+        log.warning("homeserver.refresh_refused", user_id=session.user_id, errcode=e.errcode)
+        return None
+    token, new_refresh = resp.get("access_token"), resp.get("refresh_token")
+    if not isinstance(token, str) or not token:
+        log.warning("homeserver.refresh_refused", user_id=session.user_id, errcode="no token")
+        return None
+    log.info("homeserver.token_refreshed", user_id=session.user_id, device_id=session.device_id)
+    return replace(
+        session,
+        access_token=token,
+        refresh_token=new_refresh if isinstance(new_refresh, str) else session.refresh_token,
+    )
 
 
 def mxid_matches(user: str, user_id: str) -> bool:
@@ -61,6 +89,11 @@ async def log_in(request: Requester, base_url: str, login: Login, state: StateDi
         saved = None
     if saved is not None:
         restored = await _restore(request, saved)
+        if restored is None:  # an expired token: its refresh token may still work
+            renewed = await refresh(request, saved)
+            restored = await _restore(request, renewed) if renewed is not None else None
+            if restored is not None:
+                state.save(restored)
         if restored is not None:
             return restored
     if login.access_token:
@@ -71,7 +104,7 @@ async def log_in(request: Requester, base_url: str, login: Login, state: StateDi
             raise LoginError("whoami did not return user_id and device_id for the access token")
         if not mxid_matches(login.user, user_id):
             raise LoginError(f"access token belongs to {user_id}, not {login.user}")
-        session = SavedSession(base_url, user_id, device_id, token)
+        session = SavedSession(base_url, user_id, device_id, token, login.refresh_token)
     elif login.password:
         body: dict[str, Any] = {
             "type": "m.login.password",
@@ -79,6 +112,8 @@ async def log_in(request: Requester, base_url: str, login: Login, state: StateDi
             "password": login.password,
             "initial_device_display_name": login.device_name,
         }
+        if login.refresh_tokens:
+            body["refresh_token"] = True
         old = state.load()
         if old is not None and mxid_matches(login.user, old.user_id) and _has_crypto_store(state):
             body["device_id"] = old.device_id  # same device, same crypto store
@@ -89,9 +124,45 @@ async def log_in(request: Requester, base_url: str, login: Login, state: StateDi
         uid, dev, tok = resp.get("user_id"), resp.get("device_id"), resp.get("access_token")
         if not (isinstance(uid, str) and isinstance(dev, str) and isinstance(tok, str)):
             raise LoginError("login response lacks user_id/device_id/access_token")
-        session = SavedSession(base_url, uid, dev, tok)
+        refresh_token = resp.get("refresh_token")
+        session = SavedSession(
+            base_url, uid, dev, tok, refresh_token if isinstance(refresh_token, str) else None
+        )
     else:
         raise LoginError(f"no saved session for {login.user} and no password or token")
     state.save(session)
     log.info("homeserver.logged_in", user_id=session.user_id, device_id=session.device_id)
     return session
+
+
+async def relogin(request: Requester, session: SavedSession, login: Login) -> SavedSession | None:
+    """After a soft logout: log in again with the password as the same device (its crypto
+    store and Olm sessions stay valid). None without a password or when refused."""
+    if not login.password:
+        return None
+    body: dict[str, Any] = {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": login.user},
+        "password": login.password,
+        "device_id": session.device_id,
+    }
+    if login.refresh_tokens:
+        body["refresh_token"] = True
+    try:
+        resp = await request("POST", "/_matrix/client/v3/login", body=body, auth=False)
+    except HomeserverError as e:
+        log.warning("homeserver.relogin_refused", user_id=session.user_id, errcode=e.errcode)
+        return None
+    tok, dev, refresh_token = (
+        resp.get("access_token"),
+        resp.get("device_id"),
+        resp.get("refresh_token"),
+    )
+    if not isinstance(tok, str) or dev != session.device_id:
+        return None
+    log.info("homeserver.logged_in_again", user_id=session.user_id, device_id=session.device_id)
+    return replace(
+        session,
+        access_token=tok,
+        refresh_token=refresh_token if isinstance(refresh_token, str) else None,
+    )

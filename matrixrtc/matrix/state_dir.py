@@ -2,7 +2,7 @@
 
 Layout (created with mode 0700; ``session.json`` 0600)::
 
-    DIR/session.json   {"homeserver", "user_id", "device_id", "access_token"}
+    DIR/session.json   {"homeserver", "user_id", "device_id", "access_token", "refresh_token"?}
     DIR/crypto/        nio's SQLite crypto store (Olm account, Olm/Megolm sessions)
     DIR/lock           held (flock) while a process uses the directory
 
@@ -34,6 +34,7 @@ class SavedSession:
     user_id: str
     device_id: str
     access_token: str
+    refresh_token: str | None = None  # MSC2918 (spec v1.3), when the server gave one
 
     def __repr__(self) -> str:  # the token is a secret: keep it out of logs and tracebacks
         return f"SavedSession({self.homeserver!r}, {self.user_id!r}, {self.device_id!r})"
@@ -93,7 +94,8 @@ class StateDir:
             log.warning("state_dir.unreadable", path=str(self.session_file), reason="missing field")
             return None
         hs, user, dev, tok = (str(v) for v in values)
-        return SavedSession(hs, user, dev, tok)
+        refresh = raw.get("refresh_token")
+        return SavedSession(hs, user, dev, tok, refresh if isinstance(refresh, str) else None)
 
     def save(self, session: SavedSession) -> None:
         """Write atomically with mode 0600 (the file holds an access token)."""
@@ -105,6 +107,8 @@ class StateDir:
             "device_id": session.device_id,
             "access_token": session.access_token,
         }
+        if session.refresh_token:
+            data["refresh_token"] = session.refresh_token
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)

@@ -36,12 +36,17 @@ class Login:
 
     Give a password or an access token (the CLI reads them from the environment). With a
     state directory that already holds a session for this user, neither is needed.
+    ``refresh_tokens``: ask for an MSC2918 refresh token at a password login, so an access
+    token that expires mid-call is renewed (spec v1.3 ``/refresh``); a ``refresh_token`` given
+    with an access token is used the same way.
     """
 
     user: str
     password: str | None = None
     access_token: str | None = None
     device_name: str = "matrixrtc"
+    refresh_tokens: bool = False
+    refresh_token: str | None = None
 
     def __repr__(self) -> str:
         return f"Login(user={self.user!r}, password={'***' if self.password else None})"

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from matrixrtc.errors import RemoteError
-from matrixrtc.matrix.errors import DelayTooLong, HomeserverError, RateLimited
+from matrixrtc.matrix.errors import DelayTooLong, HomeserverError, RateLimited, TokenRejected
 from matrixrtc.model import msc4354
 
 __all__ = [
@@ -108,6 +108,8 @@ def error_from(status: int, body: JsonDict, retry_after: str | None) -> Homeserv
             body,
             max_delay(body.get("org.matrix.msc4140.max_delay"), error),
         )
+    if status == 401 and errcode in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):
+        return TokenRejected(status, errcode, error, body)
     return HomeserverError(status, errcode, error, body)
 
 

@@ -1,0 +1,114 @@
+"""An agent whose access token expires mid-session (issue 18, MSC2918 refresh tokens).
+
+A Synapse whose refreshable access tokens live 2 s: the token expires under the agent again
+and again. With a refresh token the agent renews it and goes on (sync included); after a
+soft logout without a refresh token it logs in again with its password as the same device;
+with neither it stops with a clear :class:`SessionEnded` (soft logout) instead of retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from matrixrtc.devstack import Synapse
+from matrixrtc.errors import RemoteError
+from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.matrix.errors import SessionEnded
+
+TOKEN_LIFE_MS = 2_000
+WHOAMI = "/_matrix/client/v3/account/whoami"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def short_tokens(run_dir: Path) -> AsyncIterator[Synapse]:
+    extra = {"refreshable_access_token_lifetime": TOKEN_LIFE_MS}
+    async with Synapse(run_dir, extra_config=extra, name="synapse-short-tokens") as hs:
+        yield hs
+
+
+async def _refreshable_token(hs: Synapse, user: str, password: str) -> str:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            hs.base_url + "/_matrix/client/v3/login",
+            json={
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": user},
+                "password": password,
+                "refresh_token": True,
+            },
+        ) as r,
+    ):
+        body = await r.json()
+    assert "refresh_token" in body, body
+    return str(body["access_token"])
+
+
+async def test_refresh_token_keeps_the_agent_going(short_tokens: Synapse, tmp_path: Path) -> None:
+    user = await short_tokens.register("refresher")
+    login = Login(user.user_id, password=user.password, refresh_tokens=True)
+    async with Homeserver(
+        short_tokens.base_url, login, state_dir=tmp_path / "st", sync_timeout_ms=500
+    ) as hs:
+        first = hs.access_token
+        for _ in range(2):  # each round outlives the token
+            await asyncio.sleep(TOKEN_LIFE_MS / 1000 + 0.5)
+            who = await hs.request("GET", WHOAMI)
+            assert who["device_id"] == hs.device_id
+        synced = hs.sync_count
+        await hs.wait_synced(synced, timeout_s=10)  # the sync loop renews its token too
+        assert hs.tokens_renewed >= 2
+        assert hs.access_token != first
+        saved = json.loads((tmp_path / "st" / "session.json").read_text())
+        assert saved["access_token"] == hs.access_token
+        assert saved["refresh_token"]
+
+
+async def test_soft_logout_logs_in_again_as_the_same_device(
+    short_tokens: Synapse, tmp_path: Path
+) -> None:
+    user = await short_tokens.register("relogin")
+    token = await _refreshable_token(short_tokens, user.user_id, user.password)
+    login = Login(user.user_id, password=user.password, access_token=token)  # no refresh token
+    async with Homeserver(
+        short_tokens.base_url, login, state_dir=tmp_path / "st", sync_timeout_ms=500
+    ) as hs:
+        device = hs.device_id
+        await asyncio.sleep(TOKEN_LIFE_MS / 1000 + 0.5)
+        who = await hs.request("GET", WHOAMI)
+        assert who["device_id"] == device
+        assert hs.tokens_renewed == 1
+
+
+async def test_without_refresh_token_or_password_it_ends_with_a_clear_error(
+    short_tokens: Synapse, tmp_path: Path
+) -> None:
+    user = await short_tokens.register("stranded")
+    token = await _refreshable_token(short_tokens, user.user_id, user.password)
+    login = Login(user.user_id, access_token=token)
+    async with Homeserver(
+        short_tokens.base_url, login, state_dir=tmp_path / "st", sync_timeout_ms=500
+    ) as hs:
+        updates = hs.room_updates()
+        await asyncio.sleep(TOKEN_LIFE_MS / 1000 + 0.5)
+        with pytest.raises(SessionEnded) as info:
+            await hs.request("GET", WHOAMI)
+        assert info.value.soft_logout
+        assert "soft logout" in str(info.value)
+        assert "no refresh token" in str(info.value)
+        # The sync loop stops with the same error instead of retrying for ever.
+
+        async def drain() -> None:
+            async with asyncio.timeout(10):
+                async for _ in updates:
+                    pass
+
+        with pytest.raises((RemoteError, SessionEnded)):
+            await drain()
