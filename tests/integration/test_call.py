@@ -134,18 +134,23 @@ async def test_call_refuses_sfu_without_a_focus(
             pass
 
 
-@pytest.mark.parametrize("transport", ["mesh", "sfu"])
-async def test_the_first_switch_settles_on_the_audio_of_a_peer_that_publishes_no_video(
-    synapse: Synapse, sfu: AuthService, user_factory: UserFactory, transport: str
+@pytest.mark.parametrize(
+    ("transport", "bob_sends"), [("mesh", "audio"), ("sfu", "audio"), ("sfu", "nothing")]
+)
+async def test_the_first_switch_settles_on_what_the_peer_publishes(
+    synapse: Synapse, sfu: AuthService, user_factory: UserFactory, transport: str, bob_sends: str
 ) -> None:
-    """Bob publishes audio only; Alice's transport start is complete (carried) once Bob's audio
-    reaches her, not after ``settle_timeout_s`` (10 s) waiting for video he never sends."""
+    """Bob publishes audio only, or nothing (a listener); Alice's transport start is complete
+    (carried) once Bob's audio reaches her, or a moment after Bob is in the room announcing
+    nothing, not after ``settle_timeout_s`` (10 s) waiting for media he never sends. (The
+    mesh knows "nothing" from Bob's muted kinds: tests/unit/test_transport_carries.py.)"""
     alice, bob = await user_factory("alice"), await user_factory("bob")
     room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
     tone, video = ToneAudioTrack(), SyntheticVideoTrack(320, 240, 15)
     try:
         b = _call(synapse, bob, room, transport, sfu.url)
-        b.publish(tone)
+        if bob_sends == "audio":
+            b.publish(tone)
         async with b:
             a = _call(synapse, alice, room, transport, sfu.url)
             a.publish(video)
@@ -158,35 +163,8 @@ async def test_the_first_switch_settles_on_the_audio_of_a_peer_that_publishes_no
                             record = ev if isinstance(ev, SwitchRecord) else None
         assert record.new is MediaKind(transport)
         assert record.members == 2
-        assert record.carried_at is not None, "settled by timeout, not on Bob's audio"
+        assert record.carried_at is not None, f"settled by timeout, not on Bob's {bob_sends}"
         assert record.carried_at - record.started_at < 5.0
     finally:
         tone.stop()
-        video.stop()
-
-
-async def test_the_first_sfu_switch_settles_on_a_peer_that_publishes_nothing(
-    synapse: Synapse, sfu: AuthService, user_factory: UserFactory
-) -> None:
-    """Bob publishes nothing (a listener): Alice's LiveKit start is complete (carried) a moment
-    after Bob is in the room announcing nothing, not after ``settle_timeout_s`` (10 s)."""
-    alice, bob = await user_factory("alice"), await user_factory("bob")
-    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
-    video = SyntheticVideoTrack(320, 240, 15)
-    try:
-        async with _call(synapse, bob, room, "sfu", sfu.url):
-            a = _call(synapse, alice, room, "sfu", sfu.url)
-            a.publish(video)
-            with a.events() as events:
-                async with a:
-                    async with asyncio.timeout(15):
-                        record = None
-                        while record is None:
-                            ev = await events.get()
-                            record = ev if isinstance(ev, SwitchRecord) else None
-        assert record.new is MediaKind.SFU
-        assert record.members == 2
-        assert record.carried_at is not None, "settled by timeout, not on what Bob publishes"
-        assert record.carried_at - record.started_at < 5.0
-    finally:
         video.stop()

@@ -1,6 +1,7 @@
 """Real aiortc peers in one process forming a full mesh over 127.0.0.1.
 
-An in-process queue stands in for to-device delivery (the Matrix wiring is tested elsewhere).
+An in-process queue stands in for to-device delivery (the Matrix wiring is tested elsewhere;
+the rig is tests/integration/mesh_rig.py).
 Frame E2EE uses a small AES-GCM transform defined here (same clear-header rule as LiveKit's
 format, a key per sender) and, in the last test, the stateful LiveKit-format cryptor from
 ``matrixrtc.e2ee``.
@@ -12,18 +13,25 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from matrixrtc.e2ee import FrameCryptor, KeyRing
-from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.transform import CryptorTransform, FrameDecryptor
-from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
+from matrixrtc.session.mesh_signalling import DeviceRef
+from tests.integration.mesh_rig import (
+    CONF,
+    FPS,
+    Router,
+    decoded,
+    make_engine,
+    ref,
+    session,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,11 +40,6 @@ pytestmark = [
         reason="media tests run inside the private network namespace (scripts/in-netns)",
     ),
 ]
-
-CONF = mesh_conf_id("!mesh:localhost")
-FPS = 15
-CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
-
 
 # -- a test-only frame transform ------------------------------------------------------------
 
@@ -92,81 +95,6 @@ def key_for(device_id: str) -> bytes:
     return (device_id.encode() * 16)[:16]
 
 
-# -- in-process to-device link ---------------------------------------------------------------
-
-
-@dataclass
-class Router:
-    """Delivers to-device messages between engines on the next loop iteration."""
-
-    engines: dict[DeviceRef, MeshEngine] = field(default_factory=dict)
-    sent: list[tuple[DeviceRef, DeviceRef, str, dict[str, Any]]] = field(default_factory=list)
-
-    def sender_for(self, origin: DeviceRef) -> _Sender:
-        return _Sender(self, origin)
-
-    def deliver(self, origin: DeviceRef, target: DeviceRef, event_type: str, content: Any) -> None:
-        self.sent.append((origin, target, event_type, dict(content)))
-        engine = self.engines.get(target)
-        if engine is not None:
-            asyncio.get_running_loop().call_soon(
-                engine.receive, origin.user_id, event_type, dict(content)
-            )
-
-
-@dataclass
-class _Sender:
-    router: Router
-    origin: DeviceRef
-
-    async def send_to_device(
-        self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
-    ) -> None:
-        self.router.deliver(self.origin, DeviceRef(user_id, device_id), event_type, content)
-
-
-def ref(n: str) -> DeviceRef:
-    return DeviceRef(f"@{n.lower()}:localhost", n)
-
-
-def session(r: DeviceRef) -> str:
-    return f"sess-{r.device_id}"
-
-
-def make_engine(router: Router, r: DeviceRef, transform: Any | None) -> MeshEngine:
-    engine = MeshEngine(
-        LocalDevice(user_id=r.user_id, device_id=r.device_id, session_id=session(r), conf_id=CONF),
-        router.sender_for(r),
-        sources=[SyntheticVideoTrack(320, 240, FPS), ToneAudioTrack()],
-        config=CONFIG,
-        transform=transform,
-    )
-    router.engines[r] = engine
-    return engine
-
-
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def decoded(engine: MeshEngine, peer: DeviceRef, kind: str) -> int:
-    link = engine.link_for(peer)
-    if link is None or kind not in link.stats:
-        return 0
-    return link.stats[kind].frames_decoded
-
-
-@pytest.fixture
-async def router() -> AsyncIterator[Router]:
-    r = Router()
-    yield r
-    await asyncio.gather(*(e.aclose() for e in r.engines.values()))
-
-
 def transforms(*names: str) -> dict[str, AesGcmTransform]:
     keys = {n: key_for(n) for n in names}
     return {n: AesGcmTransform(keys[n], keys) for n in names}
@@ -175,11 +103,11 @@ def transforms(*names: str) -> dict[str, AesGcmTransform]:
 # -- tests -----------------------------------------------------------------------------------
 
 
-async def test_three_peer_mesh_encrypted_encode_once_and_leave(router: Router) -> None:
+async def test_three_peer_mesh_encrypted_encode_once_and_leave(mesh_router: Router) -> None:
     names = ("AAA", "BBB", "CCC")
     refs = [ref(n) for n in names]
     tf = transforms(*names)
-    engines = {r: make_engine(router, r, tf[r.device_id]) for r in refs}
+    engines = {r: make_engine(mesh_router, r, tf[r.device_id]) for r in refs}
     members = {r: session(r) for r in refs}
     for engine in engines.values():
         engine.start()
@@ -190,7 +118,7 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(router: Router) -
         "every peer to decode video from every other",
     )
     # js-sdk reads stream metadata by the SDP's msid stream id (and throws if it is missing).
-    for _o, _t, ty, content in router.sent:
+    for _o, _t, ty, content in mesh_router.sent:
         if ty in ("m.call.invite", "m.call.answer"):
             sdp = content["offer" if ty == "m.call.invite" else "answer"]["sdp"]
             streams = set(re.findall(r"a=msid:(\S+) ", sdp))
@@ -265,11 +193,13 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(router: Router) -
     assert decoded(engines[b], a, "video") - base[1] >= 0.8 * FPS * 1.5
 
 
-async def test_peer_without_the_key_receives_packets_but_decodes_nothing(router: Router) -> None:
+async def test_peer_without_the_key_receives_packets_but_decodes_nothing(
+    mesh_router: Router,
+) -> None:
     a, d = ref("AAA"), ref("DDD")
     tf_a = AesGcmTransform(key_for("AAA"), {"DDD": key_for("DDD")})
     tf_d = AesGcmTransform(key_for("DDD"), {})  # never got AAA's key
-    ea, ed = make_engine(router, a, tf_a), make_engine(router, d, tf_d)
+    ea, ed = make_engine(mesh_router, a, tf_a), make_engine(mesh_router, d, tf_d)
     for e in (ea, ed):
         e.start()
         e.set_members({a: session(a), d: session(d)})
@@ -294,12 +224,12 @@ async def test_peer_without_the_key_receives_packets_but_decodes_nothing(router:
     assert link.stats["audio"].frames_decoded > 0
 
 
-async def test_malformed_signalling_is_contained(router: Router) -> None:
+async def test_malformed_signalling_is_contained(mesh_router: Router) -> None:
     a, b = ref("AAA"), ref("BBB")
     # A member with no engine (we play its part by hand); it sorts below BBB, so BBB waits
     # for its invite instead of calling it.
     x = ref("AAX")
-    ea, eb = make_engine(router, a, None), make_engine(router, b, None)
+    ea, eb = make_engine(mesh_router, a, None), make_engine(mesh_router, b, None)
     members = {a: session(a), b: session(b), x: session(x)}
     for e in (ea, eb):
         e.start()
@@ -320,7 +250,7 @@ async def test_malformed_signalling_is_contained(router: Router) -> None:
         return {k: v for k, v in out.items() if v is not None}
 
     garbage_sdp = {"offer": {"type": "offer", "sdp": "v=0\r\nthis is not sdp\r\nm=video x\r\n"}}
-    n_sent = len(router.sent)
+    n_sent = len(mesh_router.sent)
     eb.receive(x.user_id, "m.call.invite", env("wrongdest", dest_session_id="other") | garbage_sdp)
     eb.receive(x.user_id, "m.call.invite", env("garbage1") | garbage_sdp)
     eb.receive(x.user_id, "m.call.hangup", env("nosuchcall"))
@@ -335,11 +265,11 @@ async def test_malformed_signalling_is_contained(router: Router) -> None:
 
     # The garbage-SDP invite is hung up cleanly with a reason; nothing else gets an answer.
     await wait_for(
-        lambda: any(t == x and ty == "m.call.hangup" for _, t, ty, _c in router.sent[n_sent:]),
+        lambda: any(t == x and ty == "m.call.hangup" for _, t, ty, _c in mesh_router.sent[n_sent:]),
         5,
         "hangup to AAX",
     )
-    replies = [(ty, c) for o, t, ty, c in router.sent[n_sent:] if o == b and t == x]
+    replies = [(ty, c) for o, t, ty, c in mesh_router.sent[n_sent:] if o == b and t == x]
     assert [(ty, c["call_id"], c["reason"]) for ty, c in replies] == [
         ("m.call.hangup", "garbage1", "set_remote_description")
     ]
@@ -353,7 +283,7 @@ async def test_malformed_signalling_is_contained(router: Router) -> None:
     assert link.stats["video"].decrypt_failures == 0
 
 
-async def test_livekit_format_cryptor_with_key_rotation(router: Router) -> None:
+async def test_livekit_format_cryptor_with_key_rotation(mesh_router: Router) -> None:
     """The stateful LiveKit-format cryptor from matrixrtc.e2ee, per-participant key rings."""
     a, b = ref("AAA"), ref("BBB")
     rings = {r: KeyRing() for r in (a, b)}  # each sender's ring, as every receiver knows it
@@ -375,8 +305,8 @@ async def test_livekit_format_cryptor_with_key_rotation(router: Router) -> None:
         return get
 
     local = {r: FrameCryptor(rings[r], identity=r.device_id) for r in (a, b)}
-    ea = make_engine(router, a, CryptorTransform(local[a], remote_for(a)))
-    eb = make_engine(router, b, CryptorTransform(local[b], remote_for(b)))
+    ea = make_engine(mesh_router, a, CryptorTransform(local[a], remote_for(a)))
+    eb = make_engine(mesh_router, b, CryptorTransform(local[b], remote_for(b)))
     for e in (ea, eb):
         e.start()
         e.set_members({a: session(a), b: session(b)})
@@ -403,10 +333,10 @@ async def test_livekit_format_cryptor_with_key_rotation(router: Router) -> None:
     assert cryptors[(b, a)].stats.decrypt_failures == 0
 
 
-async def test_ice_failure_replaces_the_call_and_media_resumes(router: Router) -> None:
+async def test_ice_failure_replaces_the_call_and_media_resumes(mesh_router: Router) -> None:
     a, b = ref("AAA"), ref("BBB")
     tf = transforms("AAA", "BBB")
-    ea, eb = make_engine(router, a, tf["AAA"]), make_engine(router, b, tf["BBB"])
+    ea, eb = make_engine(mesh_router, a, tf["AAA"]), make_engine(mesh_router, b, tf["BBB"])
     for e in (ea, eb):
         e.start()
         e.set_members({a: session(a), b: session(b)})
@@ -425,7 +355,7 @@ async def test_ice_failure_replaces_the_call_and_media_resumes(router: Router) -
         10,
         "a new call with media",
     )
-    hangups = [c for o, t, ty, c in router.sent if o == b and ty == "m.call.hangup"]
+    hangups = [c for o, t, ty, c in mesh_router.sent if o == b and ty == "m.call.hangup"]
     assert [(c["call_id"], c["reason"]) for c in hangups] == [(old.call_id, "ice_failed")]
     new = eb.link_for(a)
     assert new is not None

@@ -8,12 +8,8 @@ not in list" because an audio track was attached regardless) and media must flow
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -21,10 +17,18 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
-from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.mesh.engine import MeshConfig, MeshEngine
+from matrixrtc.media.sources import SyntheticVideoTrack
 from matrixrtc.mesh.ice import gather_on
-from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
+from tests.integration.mesh_rig import (
+    CONF,
+    FPS,
+    Router,
+    decoded,
+    make_engine,
+    ref,
+    session,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,87 +38,16 @@ pytestmark = [
     ),
 ]
 
-CONF = mesh_conf_id("!subsets:localhost")
-FPS = 15
-CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
-
-
-@dataclass
-class Outbox:
-    """To-device messages engines send, kept and optionally delivered to other engines."""
-
-    engines: dict[DeviceRef, MeshEngine] = field(default_factory=dict)
-    sent: list[tuple[DeviceRef, DeviceRef, str, dict[str, Any]]] = field(default_factory=list)
-
-    def sender_for(self, origin: DeviceRef) -> _Sender:
-        return _Sender(self, origin)
-
-
-@dataclass
-class _Sender:
-    outbox: Outbox
-    origin: DeviceRef
-
-    async def send_to_device(
-        self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
-    ) -> None:
-        target = DeviceRef(user_id, device_id)
-        self.outbox.sent.append((self.origin, target, event_type, dict(content)))
-        engine = self.outbox.engines.get(target)
-        if engine is not None:
-            asyncio.get_running_loop().call_soon(
-                engine.receive, self.origin.user_id, event_type, dict(content)
-            )
-
-
-def ref(n: str) -> DeviceRef:
-    return DeviceRef(f"@{n.lower()}:localhost", n)
-
-
-def session(r: DeviceRef) -> str:
-    return f"sess-{r.device_id}"
-
-
-def make_engine(outbox: Outbox, r: DeviceRef, sources: list[MediaStreamTrack]) -> MeshEngine:
-    engine = MeshEngine(
-        LocalDevice(user_id=r.user_id, device_id=r.device_id, session_id=session(r), conf_id=CONF),
-        outbox.sender_for(r),
-        sources=sources,
-        config=CONFIG,
-    )
-    outbox.engines[r] = engine
-    return engine
-
-
-async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def decoded(engine: MeshEngine, peer: DeviceRef, kind: str) -> int:
-    link = engine.link_for(peer)
-    if link is None or kind not in link.stats:
-        return 0
-    return link.stats[kind].frames_decoded
-
 
 def m_lines(sdp: str) -> list[str]:
     return re.findall(r"^m=(\w+) ", sdp, flags=re.M)
 
 
-@pytest.fixture
-async def outbox() -> AsyncIterator[Outbox]:
-    box = Outbox()
-    yield box
-    await asyncio.gather(*(e.aclose() for e in box.engines.values()))
-
-
-async def test_a_video_only_offer_gets_a_video_only_answer_and_media_flows(outbox: Outbox) -> None:
+async def test_a_video_only_offer_gets_a_video_only_answer_and_media_flows(
+    mesh_router: Router,
+) -> None:
     caller, callee = ref("AAA"), ref("BBB")  # AAA sorts lower: it calls
-    engine = make_engine(outbox, callee, [SyntheticVideoTrack(320, 240, FPS), ToneAudioTrack()])
+    engine = make_engine(mesh_router, callee)
     engine.start()
     engine.set_members({caller: session(caller), callee: session(callee)})
 
@@ -157,7 +90,7 @@ async def test_a_video_only_offer_gets_a_video_only_answer_and_media_flows(outbo
         )
 
         def answer() -> dict[str, Any] | None:
-            for _o, _t, ty, content in outbox.sent:
+            for _o, _t, ty, content in mesh_router.sent:
                 if ty == "m.call.answer":
                     return content
             return None
@@ -167,7 +100,7 @@ async def test_a_video_only_offer_gets_a_video_only_answer_and_media_flows(outbo
         content = answer()
         assert content is not None
         assert m_lines(content["answer"]["sdp"]) == ["video"]
-        assert not any(ty == "m.call.hangup" for _o, _t, ty, _c in outbox.sent)
+        assert not any(ty == "m.call.hangup" for _o, _t, ty, _c in mesh_router.sent)
         await pc.setRemoteDescription(RTCSessionDescription(**content["answer"]))
 
         await wait_for(
@@ -182,10 +115,10 @@ async def test_a_video_only_offer_gets_a_video_only_answer_and_media_flows(outbo
             await sink.aclose()
 
 
-async def test_a_caller_without_audio_still_receives_the_callees_audio(outbox: Outbox) -> None:
+async def test_a_caller_without_audio_still_receives_the_callees_audio(mesh_router: Router) -> None:
     caller, callee = ref("AAA"), ref("BBB")
-    video_only = make_engine(outbox, caller, [SyntheticVideoTrack(320, 240, FPS)])
-    both = make_engine(outbox, callee, [SyntheticVideoTrack(320, 240, FPS), ToneAudioTrack()])
+    video_only = make_engine(mesh_router, caller, sources=[SyntheticVideoTrack(320, 240, FPS)])
+    both = make_engine(mesh_router, callee)
     members = {caller: session(caller), callee: session(callee)}
     for e in (video_only, both):
         e.start()
@@ -199,7 +132,7 @@ async def test_a_caller_without_audio_still_receives_the_callees_audio(outbox: O
         15,
         "the callee's audio and video at the caller, the caller's video at the callee",
     )
-    invite = next(c for _o, _t, ty, c in outbox.sent if ty == "m.call.invite")
+    invite = next(c for _o, _t, ty, c in mesh_router.sent if ty == "m.call.invite")
     assert sorted(m_lines(invite["offer"]["sdp"])) == ["audio", "video"]
     assert "a=recvonly" in invite["offer"]["sdp"]
     assert decoded(both, caller, "audio") == 0
