@@ -43,7 +43,6 @@ keeping any other content (js-sdk ``ensureRtcSlotOpen``).
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -69,6 +68,7 @@ from matrixrtc.matrix import (
     Unsupported,
 )
 from matrixrtc.matrix.types import RoomUpdate
+from matrixrtc.matrix.wire import now_ms
 from matrixrtc.model import (
     CallMembership,
     Dialect,
@@ -179,10 +179,6 @@ class ParticipantsChanged:
         return self.participants[0] if self.participants else None
 
 
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
-
-
 async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
     """Whether ``event`` got set within ``timeout_s``.
 
@@ -207,7 +203,7 @@ class CallAgent:
         room_id: str,
         config: AgentConfig | None = None,
         *,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.hs = hs
         self.room_id = room_id

@@ -48,6 +48,7 @@ from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import ConfigError, LocalError
 from matrixrtc.logging import library_default
 from matrixrtc.matrix import Broadcaster, Homeserver, Login, Subscription
+from matrixrtc.matrix.wire import now_ms
 from matrixrtc.media.call_media import CallRecording
 from matrixrtc.media.file_source import MediaFile
 from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap, TapFrame
@@ -69,10 +70,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 TransportChoice: TypeAlias = Literal["auto", "mesh", "sfu"]
@@ -187,7 +184,7 @@ class Call:
         publish: Sequence[MediaStreamTrack] = (),
         options: CallOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock_ms: Callable[[], int] = _wall_ms,
+        wall_clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         """Join ``room`` (an id or alias; joined if needed) with ``client``, or log in at
         ``homeserver`` as ``user`` with ``password`` or ``access_token`` (a ``state_dir``

@@ -63,6 +63,7 @@ from matrixrtc.e2ee.keys import (
 from matrixrtc.e2ee.messages import ELEMENT_CALL_KEYS_TYPE, ElementCallKeys
 from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.matrix import Broadcaster, DeviceRef, Subscription, ToDeviceEvent
+from matrixrtc.matrix.wire import now_ms
 from matrixrtc.model.rejections import RejectionLog
 from matrixrtc.tasks import OwnedTasks
 
@@ -153,10 +154,6 @@ class _Resend:
     key: bytes = field(repr=False)
 
 
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class CallKeys:
     """See the module docstring."""
 
@@ -167,7 +164,7 @@ class CallKeys:
         *,
         rings: KeyRings | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = now_ms,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent = agent

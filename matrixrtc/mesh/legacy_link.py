@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -35,8 +34,8 @@ import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.errors import MatrixRTCError
-from matrixrtc.matrix import DeviceRef as HsDeviceRef
 from matrixrtc.matrix import Homeserver, RoomUpdate, Subscription, ToDeviceEvent
+from matrixrtc.matrix.wire import now_ms
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
@@ -63,10 +62,6 @@ _CALL_EVENT_PREFIXES = ("m.call.", "org.matrix.call.")
 _TURN_PATH = "/_matrix/client/v3/voip/turnServer"
 
 
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class LegacyMeshCall:
     """See the module docstring."""
 
@@ -81,7 +76,7 @@ class LegacyMeshCall:
         session_id: str | None = None,
         call_type: GroupCallType = GroupCallType.VIDEO,
         frames: FrameTap[DeviceRef] | None = None,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = now_ms,
         join_timeout_s: float = 30.0,
     ) -> None:
         self.hs = hs
@@ -276,7 +271,7 @@ class LegacyMeshCall:
     async def send_to_device(
         self, user_id: str, device_id: str, event_type: str, content: Mapping[str, Any]
     ) -> None:
-        message = {HsDeviceRef(user_id, device_id): content}
+        message = {DeviceRef(user_id, device_id): content}
         try:
             result = await self.hs.send_to_device(event_type, message, encrypted=True)
             protection = signalling_protection(

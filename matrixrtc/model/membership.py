@@ -62,6 +62,7 @@ from matrixrtc.model._json import (
 )
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity, livekit_identity
+from matrixrtc.model.msc4354 import STICKY_KEY_FIELD
 from matrixrtc.model.rejections import MEMBERSHIP_REJECTIONS, RejectionLog
 from matrixrtc.model.transports import (
     LIVEKIT_TYPE,
@@ -77,7 +78,6 @@ __all__ = [
     "CALL_APPLICATION",
     "DEFAULT_EXPIRES_MS",
     "DEFAULT_SLOT_ID",
-    "STICKY_KEY_FIELD",
     "CallMembership",
     "ContentKind",
     "Dialect",
@@ -101,7 +101,6 @@ __all__ = [
 CALL_APPLICATION: Final = "m.call"
 # js-sdk DEFAULT_EXPIRE_DURATION: used when a state-form membership carries no `expires`.
 DEFAULT_EXPIRES_MS: Final = 14_400_000
-STICKY_KEY_FIELD: Final = "msc4354_sticky_key"
 _STICKY_KEY_STABLE: Final = "sticky_key"
 _MSC3757_RE = re.compile(r"^org\.matrix\.msc(3757|3779)\b")
 

@@ -15,6 +15,7 @@ __all__ = [
     "MAX_STICKY_DURATION_MS",
     "STICKY_DURATION_PARAM",
     "STICKY_FIELD",
+    "STICKY_KEY_FIELD",
     "STICKY_TTL_FIELD",
     "UNSTABLE_FEATURE",
     "sticky_duration_ms",
@@ -28,6 +29,9 @@ STICKY_DURATION_PARAM: Final = f"{UNSTABLE_FEATURE}.sticky_duration_ms"
 # PDU field ``{"duration_ms": N}`` on a sticky event, and the name of the /sync room section
 # that carries live sticky events outside the timeline window.
 STICKY_FIELD: Final = "msc4354_sticky"
+# Content field naming the sticky key: sticky events of one sender with one key replace each
+# other (a membership's member id, a ring's slot id).
+STICKY_KEY_FIELD: Final = "msc4354_sticky_key"
 # ``unsigned`` field: how much of the stickiness is left when the server delivered the event.
 STICKY_TTL_FIELD: Final = "msc4354_sticky_duration_ttl_ms"
 # Stickiness is capped at one hour (js-sdk clamps larger values).

@@ -39,6 +39,7 @@ from matrixrtc.model._json import (
     parse_or_none,
 )
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
+from matrixrtc.model.msc4354 import STICKY_KEY_FIELD
 
 __all__ = [
     "DECLINE_STICKY_MS",
@@ -51,7 +52,6 @@ __all__ = [
     "notification_type",
 ]
 
-STICKY_KEY_FIELD: Final = "msc4354_sticky_key"
 # Element Call's ring lifetime; js-sdk's own default is 90 s.
 DEFAULT_LIFETIME_MS: Final = 30_000
 # js-sdk 43 RTC_NOTIFICATION_MAX_LIFETIME_MS: receivers cap any lifetime at 2 minutes.

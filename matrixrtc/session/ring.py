@@ -29,6 +29,7 @@ import structlog
 
 from matrixrtc.model._json import as_int, as_str, get_dict
 from matrixrtc.model.membership import CallMembership
+from matrixrtc.model.msc4354 import STICKY_FIELD
 from matrixrtc.model.notification import RtcDecline, RtcNotification
 from matrixrtc.model.slot import SlotStatus
 
@@ -169,7 +170,7 @@ def judge_notification(
         return no("event without sender, event_id or origin_server_ts")
     if sender == receiver:
         return no("sent by the receiving user")
-    if get_dict(event.get("msc4354_sticky")) is not None and current_sticky_event_id != event_id:
+    if get_dict(event.get(STICKY_FIELD)) is not None and current_sticky_event_id != event_id:
         return no("not the current sticky event for its sender and slot")
     if slot_status is not SlotStatus.OPEN:
         return no(f"slot {slot_id} does not exist or is closed")

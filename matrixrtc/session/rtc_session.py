@@ -63,12 +63,16 @@ from matrixrtc.model._json import JsonDict, as_int, as_str, get_dict, is_mxid
 from matrixrtc.model.event_types import EventType
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID
 from matrixrtc.model.membership import (
-    STICKY_KEY_FIELD,
     CallMembership,
     MembershipLeft,
     parse_membership_event,
 )
-from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS, sticky_duration_ms, sticky_expires_at
+from matrixrtc.model.msc4354 import (
+    MAX_STICKY_DURATION_MS,
+    STICKY_KEY_FIELD,
+    sticky_duration_ms,
+    sticky_expires_at,
+)
 from matrixrtc.model.rejections import MEMBERSHIP_REJECTIONS, RejectionLog
 from matrixrtc.model.slot import SlotStatus, slot_status
 
