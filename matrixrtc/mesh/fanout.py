@@ -20,10 +20,20 @@ Receive side: aiortc hands each complete depacketized frame to its decoder threa
 receiver's private ``queue.Queue``. :func:`install_receive_hook` swaps that queue, before the
 thread starts, for a :class:`_DecryptingQueue` bound to one remote participant's decryptor:
 frames are decrypted on the event loop when aiortc enqueues them, and a frame that fails (or
-whose decryptor raises) is dropped and counted — the decoder thread never sees it, so a bad
-frame cannot kill the thread (aiortc's worker only survives ``av.FFmpegError``). The clear
-encoded frame can also be handed on there (``on_encoded``, an :class:`EncodedFrame` whose
-``request_keyframe`` makes aiortc send a PLI): a recorder writes it without re-encoding.
+whose decryptor raises) is dropped and counted. The clear encoded frame can also be handed on
+there (``on_encoded``, an :class:`EncodedFrame` whose ``request_keyframe`` makes aiortc send a
+PLI): a recorder writes it without re-encoding.
+
+The clear frame is then **decoded on the event loop too**, and the decoded frames go straight
+into the receiver's track queue. aiortc's own path is a decoder thread per receiver that hands
+every decoded frame back with ``run_coroutine_threadsafe``: at 8 parties that is 14 threads,
+~450 cross-thread wake-ups a second and a GIL hand-off per frame, which py-spy showed as the
+largest single cost of a mesh participant (``Condition.notify``/``wait`` ≈ 45 % of its samples
+at n=7) — far more than the decoding itself (≈ 0.6 ms per 320×240 VP8 frame, ~0.05 ms per Opus
+frame). aiortc's thread still starts, idles on the emptied queue and ends on its stop sentinel.
+Decoding can be switched off per receiver (:meth:`_DecryptingQueue.set_decoding`): frames are
+still received, decrypted and counted (``ReceiveStats.encoded_frames``), and video resumes at a
+key frame asked for by PLI.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from typing import Any, Final
 import av
 import structlog
 from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import get_decoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
@@ -416,6 +427,17 @@ class _DecryptingQueue(queue.Queue[Any]):
         self._stats = stats
         self._failing = False
         self._on_encoded = on_encoded
+        self._decoding = True
+        self._need_keyframe = False
+        self._decoder: Any = None
+        self._decoder_codec: str | None = None
+
+    def set_decoding(self, on: bool) -> None:
+        """Decode (and deliver to the track) or only receive, decrypt and count."""
+        if on and not self._decoding and self._kind == "video":
+            self._need_keyframe = True  # a delta frame after a pause would not decode
+            self.request_keyframe()
+        self._decoding = on
 
     def request_keyframe(self) -> None:
         """Make aiortc send a PLI with the next packet (its decoder-error flag; any thread)."""
@@ -453,7 +475,33 @@ class _DecryptingQueue(queue.Queue[Any]):
         frame.data = clear
         if self._on_encoded is not None:
             self._hand_on(codec, clear, frame.timestamp)
-        super().put((codec, frame), block, timeout)
+        if self._decoding:
+            self._decode(codec, frame, clear)
+
+    def _decode(self, codec: Any, frame: Any, clear: bytes) -> None:
+        """Decode on the event loop and queue the result on the receiver's track (see the
+        module doc); what aiortc's ``decoder_worker`` does, without its thread."""
+        name = str(codec.name)
+        if self._need_keyframe:
+            if name.lower() == "vp8" and not vp8_is_keyframe(clear):
+                return
+            self._need_keyframe = False
+        if name != self._decoder_codec:
+            self._decoder = get_decoder(codec)
+            self._decoder_codec = name
+        try:
+            decoded = self._decoder.decode(frame)
+        except av.FFmpegError as exc:
+            # As aiortc: keep the decoder state and ask for a key frame.
+            log.warning("mesh.decode_error", kind=self._kind, codec=name, error=repr(exc))
+            self.request_keyframe()
+            return
+        track = self._receiver._track
+        if track is None:
+            return
+        out: asyncio.Queue[Any] = track._queue
+        for f in decoded:
+            out.put_nowait(f)
 
     def _hand_on(self, codec: Any, clear: bytes, timestamp: int) -> None:
         assert self._on_encoded is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 from typing import Any
 
 import av
@@ -15,6 +14,7 @@ from aiortc.codecs import get_decoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, pack_remb_fci
 
 from matrixrtc.e2ee import KeyRings
@@ -174,7 +174,8 @@ async def test_receive_hook_decrypts_counts_and_never_raises() -> None:
         decryptor = _Flaky()
         install_receive_hook(receiver, decryptor=decryptor, stats=stats)
         install_receive_hook(receiver, decryptor=decryptor, stats=stats)  # idempotent
-        q: queue.Queue[Any] = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        q: Any = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        q.set_decoding(False)  # these frames are not VP8: count them, do not decode them
         error_flag = receiver._RTCRtpReceiver__decoder_error  # type: ignore[attr-defined]
         q.put((VP8, JitterFrame(data=b"\x00abc", timestamp=1)))
         q.put((VP8, JitterFrame(data=b"bad", timestamp=2)))
@@ -183,11 +184,52 @@ async def test_receive_hook_decrypts_counts_and_never_raises() -> None:
         q.put((VP8, JitterFrame(data=b"\x01xyz", timestamp=4)))
         assert error_flag.is_set()  # recovered after drops: ask the sender for a key frame
         q.put(None)
-        items = [q.get_nowait() for _ in range(q.qsize())]
-        assert [i[1].data if i else i for i in items] == [b"cba\x00", b"zyx\x01", None]
+        # nothing reaches aiortc's decoder thread but its stop sentinel
+        assert [q.get_nowait() for _ in range(q.qsize())] == [None]
         assert stats.decrypt_failures == 2
         assert stats.encoded_frames == 2
         assert decryptor.calls == 4
+    finally:
+        await pc.close()
+
+
+async def test_receive_hook_decodes_on_the_loop_into_the_track() -> None:
+    """Clear VP8 frames are decoded inline and land on the receiver's track queue; with
+    decoding off they are only counted, and decoding resumes at a key frame (PLI asked)."""
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.options = {"deadline": "realtime", "kf-max-dist": "1000"}
+    encoded: list[bytes] = []
+    for i in range(6):
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        frame.pts = i
+        encoded += [bytes(p) for p in encoder.encode(frame)]
+    assert vp8_is_keyframe(encoded[0])
+    assert not vp8_is_keyframe(encoded[1])
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        transceiver = pc.addTransceiver("video")
+        receiver = transceiver.receiver
+        stats = ReceiveStats(kind="video")
+        install_receive_hook(receiver, decryptor=None, stats=stats)
+        q: Any = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        receiver._track = RemoteStreamTrack(kind="video")  # as setRemoteDescription does
+        out: asyncio.Queue[Any] = receiver._track._queue
+        error_flag = receiver._RTCRtpReceiver__decoder_error  # type: ignore[attr-defined]
+        for i, data in enumerate(encoded[:2]):
+            q.put((VP8, JitterFrame(data=data, timestamp=i)))
+        assert out.qsize() == 2
+        assert isinstance(out.get_nowait(), av.VideoFrame)
+        out.get_nowait()
+        q.set_decoding(False)
+        q.put((VP8, JitterFrame(data=encoded[2], timestamp=2)))
+        assert out.qsize() == 0
+        q.set_decoding(True)
+        assert error_flag.is_set()  # a PLI: the decoder needs a key frame to resume
+        q.put((VP8, JitterFrame(data=encoded[3], timestamp=3)))  # a delta: skipped
+        assert out.qsize() == 0
+        assert stats.encoded_frames == 4
+        assert q.qsize() == 0  # aiortc's thread got nothing
     finally:
         await pc.close()
 
