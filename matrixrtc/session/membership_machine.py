@@ -451,6 +451,9 @@ class OwnMembershipMachine:
         self._content_dirty = False  # transports/intent changed since the last join was built
         self._join_sent_ms: int | None = None
         self._seen_since_join = False
+        # Our membership was seen missing while the delayed leave was being (re)scheduled:
+        # once that is done, re-join (no later sync need say it again).
+        self._missing_while_busy = False
         # Outbox.
         self._events: list[MachineEvent] = []
         self._status = MembershipStatus.DISCONNECTED
@@ -557,6 +560,7 @@ class OwnMembershipMachine:
         self._own_event_id = None
         self._join_sent_ms = None
         self._seen_since_join = False
+        self._missing_while_busy = False
         self._set_probably_left(False)
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._log.info("join")
@@ -628,15 +632,11 @@ class OwnMembershipMachine:
             self._created_ts = observation.created_ts
             self._own_event_id = observation.event_id or None
             self._seen_since_join = True
+            self._missing_while_busy = False
             return
         # Missing.
         if not self._has_member_event:
             return  # still joining: the queued SEND_DELAYED_LEAVE/SEND_JOIN will add it
-        busy = {Step.SEND_DELAYED_LEAVE, Step.SEND_JOIN}
-        if any(s.step in busy for s in self._queue) or (
-            self._in_flight is not None and self._in_flight.step in busy
-        ):
-            return
         if (
             not observation.after_join
             and not self._seen_since_join
@@ -645,12 +645,28 @@ class OwnMembershipMachine:
         ):
             self._log.debug("own_membership_missing_ignored", reason="join not yet seen in sync")
             return
+        if self._in_step(Step.SEND_JOIN):
+            return  # the join on its way puts it back
+        if self._in_step(Step.SEND_DELAYED_LEAVE):
+            # Typically a restart found the delayed leave fired (we were frozen or cut off)
+            # and a new one is being scheduled: join right after it, not at the next sync.
+            self._missing_while_busy = True
+            return
         self._log.warning("own_membership_missing", action="re-join")
+        self._forget_membership()
+        self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
+        self._update_status()
+
+    def _in_step(self, step: Step) -> bool:
+        """Whether ``step`` is queued or on the wire."""
+        return any(s.step is step for s in self._queue) or (
+            self._in_flight is not None and self._in_flight.step is step
+        )
+
+    def _forget_membership(self) -> None:
         self._has_member_event = False
         self._created_ts = None  # the re-join is a new membership to others
         self._own_event_id = None
-        self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
-        self._update_status()
 
     def next_action(self, now_ms: int) -> MembershipAction:
         """The next request to perform, ``Wait`` until something is due, or ``Stopped``."""
@@ -794,6 +810,11 @@ class OwnMembershipMachine:
                 self._expected_leave_ms = now_ms + self.delay_ms
                 self._set_probably_left(False)
                 self._reset_retries(step)
+                if self._has_member_event and self._missing_while_busy:
+                    self._missing_while_busy = False
+                    self._log.warning("own_membership_missing", action="re-join")
+                    self._forget_membership()
+                    return ("replace", [(now_ms, Step.SEND_JOIN)])
                 if self._has_member_event:
                     # Re-scheduled after the server lost it: back to the heartbeat.
                     return (
@@ -852,6 +873,7 @@ class OwnMembershipMachine:
                 self._last_join_event_id = event_id
                 self._join_sent_ms = now_ms
                 self._seen_since_join = False
+                self._missing_while_busy = False
                 self._reset_retries(step)
                 # Drop what this success re-plans, so no step ever runs twice in parallel.
                 replanned = (Step.UPDATE_EXPIRY, Step.SEND_JOIN, Step.RESTART_DELAYED_LEAVE)

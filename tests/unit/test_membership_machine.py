@@ -557,6 +557,32 @@ def test_overwritten_membership_is_reasserted() -> None:
     assert "created_ts" not in sim.server.content
 
 
+def test_missing_seen_while_rescheduling_a_fired_leave_rejoins_without_another_sync() -> None:
+    # The process was frozen (SIGSTOP) past its delayed leave, which fired. On resuming, the
+    # restart finds it gone (a new one is scheduled) and, meanwhile, sync shows our membership
+    # missing. Nothing else changes in the room: the machine must re-join by itself (it used to
+    # wait for the next room update, up to a 30 s long-poll later; seen in bench/chaos.py).
+    sim = joined_sim()
+    sim.run_for(10_000)
+    sim.observe = False  # from here on only the syncs this test feeds
+    frozen_until = sim.now + 20_000
+    sim.server.tick(frozen_until)
+    assert sim.server.fired
+    sim.now = frozen_until
+    action = sim.machine.next_action(sim.now)
+    assert isinstance(action, RestartDelayedLeave)
+    sim.machine.receive_result(sim.server.answer(action, sim.now), sim.now)  # NotFound
+    sim.machine.observe(OwnMembershipMissing(after_join=True), sim.now)
+    before = len(sim.log)
+    sim.run_for(3000)
+    names = [type(a).__name__ for _, a in sim.log[before:]]
+    assert names[:3] == ["ScheduleDelayedLeave", "SendJoin", "RestartDelayedLeave"]
+    assert sim.server.content is not None
+    assert sim.server.content.get("device_id") == DEV
+    assert "created_ts" not in sim.server.content  # a new membership to the others
+    assert len(sim.server.delayed) == 1  # exactly one delayed leave armed
+
+
 def test_missing_before_our_join_is_seen_is_ignored_within_grace() -> None:
     sim = joined_sim()
     sim.observe = False  # sync has not delivered our join yet
