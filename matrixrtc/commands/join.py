@@ -14,7 +14,11 @@ state-form focus selection, and every other ``AgentConfig`` field has its switch
 ``{"event": "ready", ...}``, ``{"event": "participants", "participants": [...], "ring": ...}``,
 ``{"event": "key", "kind": "used"|"sent"|"installed"|"dropped", "index": ..., ...}`` (never key
 material), ``{"event": "transport", "from": ..., "to": ..., ...}``, then ``{"event": "left"}``;
-each with ``"monotonic"``.
+each with ``"monotonic"``. With ``--media``, every ``--report-s``: ``{"event": "media", "video":
+{member: frames}, "audio": {...}, "tone": {...}}`` (decoded frames so far per remote device;
+``tone``: audio frames in which the sender's 440 Hz tone was found) and ``{"event": "status",
+"tasks": ..., "fds": ..., "in_call": ..., "participants": [...]}`` (this process's asyncio tasks
+and open file descriptors: what a fault harness compares with a baseline).
 
 On SIGTERM or Ctrl-C the leave is sent first, then everything else is closed and the process
 ends at once without the interpreter's slow teardown (js-sdk leaves in 42-62 ms).
@@ -35,7 +39,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +275,7 @@ def _key_json(ev: KeyEvent) -> dict[str, Any]:
         "device_id": ev.device_id,
         "devices": len(ev.devices),
         "reason": ev.reason,
+        "to": [f"{d.user_id}|{d.device_id}" for d in ev.devices],
     }
 
 
@@ -386,7 +391,8 @@ async def _with_media(
 ) -> str | None:
     """A full participant: :class:`matrixrtc.Call` with synthetic audio and video. Returns
     why the call left by itself (its slot was closed), if it did."""
-    from matrixrtc.call import Call, CallOptions  # media libraries only when asked for
+    # media libraries only when asked for
+    from matrixrtc.call import Call, CallOptions, RemoteFrame
     from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 
     tracks = []
@@ -413,7 +419,7 @@ async def _with_media(
     )
     try:
         # Subscribed before the call opens: the first key and transport events count too.
-        with call.events() as events, call.frames("video") as frames:
+        with call.events() as events:
             async with call:
                 _print(
                     args.output,
@@ -423,10 +429,12 @@ async def _with_media(
                     device_id=hs.device_id,
                     room_id=room_id,
                 )
+                tally = _FrameTally()
+                call.on(RemoteFrame, tally.add)
                 counter = OwnedTasks(
                     "join", log, event_prefix="join", on_failure=lambda _n, _e: stop.set()
                 )
-                counter.spawn(_count_frames(args, frames), "frame-counter")
+                counter.spawn(_report_media(args, call, tally), "media-report")
                 try:
                     await _until_stopped(args, [events], stop, lambda: call.left_reason is not None)
                 finally:
@@ -437,16 +445,81 @@ async def _with_media(
             track.stop()
 
 
-async def _count_frames(args: argparse.Namespace, frames: AsyncIterator[Any]) -> None:
-    """Every ``--report-s``: decoded video frames so far per remote device and transport."""
-    counts: dict[str, int] = {}
-    next_report = time.monotonic() + args.report_s
-    async for f in frames:
+TONE_HZ = 440.0  # what ToneAudioTrack sends
+
+
+def tone_present(pcm: Any, sample_rate: int, hz: float = TONE_HZ) -> bool:
+    """Whether ``hz`` carries most of this audio's energy (Goertzel-style single-bin DFT).
+    Silence, concealment noise and frames encrypted with a key the receiver lacks fail."""
+    import numpy as np
+
+    x = np.asarray(pcm, dtype=np.float64).reshape(-1)
+    n = x.size
+    energy = float(np.dot(x, x))
+    if n < 64 or energy < n * 100.0:  # below ~-50 dBFS: silence
+        return False
+    t = np.arange(n) * (2 * np.pi * hz / sample_rate)
+    re_, im = float(np.dot(x, np.cos(t))), float(np.dot(x, np.sin(t)))
+    # A pure tone over the frame puts (re^2 + im^2) * 2 / n of the energy in its bin.
+    return (re_ * re_ + im * im) * 2.0 / n > 0.5 * energy
+
+
+class _FrameTally:
+    """Decoded frames per remote device and kind, and audio frames carrying the tone."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {"video": {}, "audio": {}, "tone": {}}
+        self.transport: str | None = None
+
+    def add(self, f: Any) -> None:
         who = f"{f.participant.user_id}:{f.participant.device_id}"
+        self.transport = f.transport.value
+        counts = self.counts[f.kind]
         counts[who] = counts.get(who, 0) + 1
-        if time.monotonic() >= next_report:
-            next_report += args.report_s
-            _print(args.output, None, event="media", transport=f.transport.value, video=counts)
+        if f.kind == "audio":
+            frame = f.frame
+            channels = len(frame.layout.channels) or 1
+            pcm = frame.to_ndarray().reshape(-1)
+            if frame.format.is_planar or channels == 1:
+                pcm = pcm[: frame.samples]
+            else:
+                pcm = pcm[::channels]
+            if tone_present(pcm, frame.sample_rate):
+                tones = self.counts["tone"]
+                tones[who] = tones.get(who, 0) + 1
+
+
+def _fd_count() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+async def _report_media(args: argparse.Namespace, call: Any, tally: _FrameTally) -> None:
+    """Every ``--report-s``: decoded frames so far per remote device (and, with JSON output,
+    this process's status)."""
+    while True:
+        await asyncio.sleep(args.report_s)
+        if tally.counts["video"] or tally.counts["audio"]:
+            _print(
+                args.output,
+                None,
+                event="media",
+                transport=tally.transport,
+                **{k: dict(v) for k, v in tally.counts.items()},
+            )
+        if args.output == "json":
+            _print(
+                args.output,
+                None,
+                event="status",
+                tasks=len(asyncio.all_tasks()),
+                fds=_fd_count(),
+                in_call=call.left_reason is None,
+                transport=call.transport.value if call.transport is not None else None,
+                participants=[f"{p.user_id}|{p.device_id}" for p in call.participants],
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
