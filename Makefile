@@ -65,6 +65,13 @@ image:
 interop: bootstrap
 	./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider tests/integration/test_jssdk_interop.py $(PYTEST_ARGS)
 
+# The chaos suite (issue 18): every fault scenario on mesh and on SFU, each participant in its
+# own network namespace; prints the table, fails if any invariant is false (bench/chaos.py).
+# make test runs its fast subset (tests/integration/test_chaos.py).
+.PHONY: chaos
+chaos: bootstrap
+	timeout --signal=INT --kill-after=60 3600 ./scripts/in-netns $(VENV)/python bench/chaos.py $(CHAOS_ARGS)
+
 # The SFU controller's figures (ghost removal per cause, failover) and the 10-minute soak of
 # honest members through Synapse, service and controller restarts (0 false kicks expected).
 .PHONY: soak-controller

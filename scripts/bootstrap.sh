@@ -15,9 +15,16 @@ APT_PACKAGES=(chromium iproute2 util-linux redis-server coturn docker-compose ca
 log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 # --- Debian packages --------------------------------------------------------------
+# Pinned (Debian 12 versions): the chaos suite's fault tools (make chaos, bench/chaos.py):
+# libfaketime for one participant's clock, ethtool to turn off offloads on relayed links.
+APT_PINNED=(faketime=0.9.10-2.1 libfaketime=0.9.10-2.1 ethtool=1:6.1-1)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+for p in "${APT_PINNED[@]}"; do
+  [[ "$(dpkg-query -W -f='${Status} ${Version}' "${p%%=*}" 2>/dev/null)" == "install ok installed ${p#*=}" ]] \
+    || missing+=("$p")
 done
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
