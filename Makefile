@@ -90,7 +90,7 @@ compose-test: bootstrap
 
 # The token service under hostile load for 60 s (issue 18): 1 000 connections of forged and
 # expired OpenID tokens, SSRF names, oversized, malformed and slow requests next to valid ones;
-# fails when an invariant does (make test runs an 8 s version).
+# fails when an invariant does (make test runs a 6 s version).
 .PHONY: hostile
 hostile: bootstrap
 	./scripts/in-netns $(VENV)/python bench/hostile.py $(HOSTILE_ARGS)
