@@ -35,6 +35,19 @@ then leaves the call after a decline or an expiry, as Element Call's caller does
 addressed to us that pass js-sdk 43's receiving rules land in :attr:`CallAgent.incoming_rings`;
 :meth:`CallAgent.decline` declines one.
 
+Dialects: every agent reads all three membership forms: the state form, the sticky form, and
+the 2022 MSC3401 form of Hydrogen and legacy js-sdk ``GroupCall`` (one
+``org.matrix.msc3401.call`` per call, ``m.calls`` entries per user; pure in
+:mod:`matrixrtc.session.legacy_call`). A device listed only there is a participant with
+``dialect`` MSC3401_2022, its own session id, the mesh as its only transport. What we write:
+``dialect`` STATE or STICKY (the membership machine above), MSC3401_2022 (only our entry in
+the room's 2022 call, created if the room has none: read-modify-write, renewed before its
+1 h expiry, put back when lost, removed on leave; no delayed leave exists in that form), or
+``auto_dialect`` (:func:`~matrixrtc.session.legacy_call.plan_write`: 2022 only when every
+other member is 2022-only, else the current dialect most others use, plus an entry in the
+2022 call, under the same session id, once a 2022-only member is there, because legacy
+js-sdk sends media only to members it finds in ``m.calls``).
+
 Slots (``org.matrix.msc4143.rtc.slot``): the agent refuses to join a closed slot (LocalError
 naming it; the join CLI prints it), and in the sticky dialect opens an absent one first,
 keeping any other content (js-sdk ``ensureRtcSlotOpen``).
@@ -79,9 +92,22 @@ from matrixrtc.model import (
     msc4354,
 )
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
+from matrixrtc.model.msc3401_2022 import GROUP_CALL_EVENT, MEMBER_EVENT, GroupCallType
 from matrixrtc.model.notification import DECLINE_STICKY_MS
 from matrixrtc.model.slot import SLOT_ENCRYPTION_PER_MEMBER, SlotStatus, open_slot_content
+from matrixrtc.model.transports import FullMeshTransport
 from matrixrtc.session import membership_machine as mm
+from matrixrtc.session.legacy_call import (
+    LegacyCallSession,
+    LegacyMember,
+    LegacyMembership,
+    PutState,
+    WriteDialect,
+    needs_legacy_entry,
+    new_session_id,
+    plan_write,
+)
+from matrixrtc.session.mesh_signalling import member_session_id
 from matrixrtc.session.own_state import CHECK_AFTER_MS, OwnStateWatch, resolved_differs
 from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
@@ -91,11 +117,13 @@ from matrixrtc.tasks import OwnedTasks
 _MAX_MENTIONS = 100  # rung users named in a ring's m.mentions (bigger rooms: the room only)
 
 __all__ = [
+    "DIALECT_CHOICES",
     "AgentConfig",
     "CallAgent",
     "Participant",
     "ParticipantsChanged",
     "RingState",
+    "dialect_choice",
     "participants_table",
 ]
 
@@ -111,7 +139,11 @@ class AgentConfig:
 
     intent: str | None = None  # "m.call.intent": "audio" | "video"
     transports: tuple[Transport, ...] = ()  # advertised; [0] is where we publish
-    dialect: Dialect = Dialect.STATE  # STICKY if the homeserver has MSC4354, else STATE
+    # STATE, STICKY (falls back to STATE without MSC4354) or MSC3401_2022 (m.calls only).
+    dialect: Dialect = Dialect.STATE
+    # Choose the form(s) from the call's other members when joining
+    # (:func:`~matrixrtc.session.legacy_call.plan_write`); ``dialect`` is then ignored.
+    auto_dialect: bool = False
     multi_sfu: bool = True  # state form focus_selection (EC compatibility mode)
     ring: bool = False  # send a ring notification if we start the call
     ring_lifetime_ms: int = 30_000
@@ -147,6 +179,46 @@ class Participant:
     rtc_backend_identity: str
     is_self: bool
     advertised: tuple[Transport, ...] = ()  # every transport it lists, in its order
+    # 2022 dialect: the member's MSC2746 session id as its ``m.calls`` entry lists it (None:
+    # derived from the membership, see ``session.mesh_signalling.member_session_id``).
+    session_id: str | None = None
+    # The conf_id of the room's 2022 call when this device is listed in it (also for a
+    # member that writes a current dialect too): signalling with it uses that conf_id.
+    legacy_conf_id: str | None = None
+
+    @property
+    def frame_e2ee(self) -> bool:
+        """Whether this member takes part in MatrixRTC frame E2EE: every current-dialect
+        member; not a 2022-only one (Hydrogen and legacy js-sdk send and expect plain
+        DTLS-SRTP media)."""
+        return self.dialect is not Dialect.MSC3401_2022
+
+    @property
+    def mesh_session_id(self) -> str:
+        """The MSC2746 session id every member addresses this one with."""
+        if self.session_id is not None:
+            return self.session_id
+        return member_session_id(self.member_id, self.created_ts)
+
+    @staticmethod
+    def of_legacy(m: LegacyMember, conf_id: str, me: tuple[str, str]) -> Participant:
+        """A device listed only in the room's 2022 call (Hydrogen, legacy js-sdk): mesh only."""
+        mesh = FullMeshTransport()
+        return Participant(
+            user_id=m.user_id,
+            device_id=m.device_id,
+            member_id=f"{m.user_id}:{m.device_id}",
+            dialect=Dialect.MSC3401_2022,
+            created_ts=m.origin_server_ts,
+            event_id=m.event_id,
+            intent=None,
+            transport=mesh,
+            rtc_backend_identity=legacy_identity(m.user_id, m.device_id),
+            is_self=(m.user_id, m.device_id) == me,
+            advertised=(mesh,),
+            session_id=m.session_id,
+            legacy_conf_id=conf_id,
+        )
 
     @staticmethod
     def of(m: CallMembership, oldest: CallMembership | None, me: tuple[str, str]) -> Participant:
@@ -177,6 +249,18 @@ class ParticipantsChanged:
     @property
     def oldest(self) -> Participant | None:
         return self.participants[0] if self.participants else None
+
+
+DIALECT_CHOICES: tuple[str, ...] = tuple(d.value for d in WriteDialect)
+
+
+def dialect_choice(value: Dialect | WriteDialect | str) -> tuple[Dialect, bool]:
+    """``state | sticky | msc3401_2022 | auto`` as (``AgentConfig.dialect``,
+    ``AgentConfig.auto_dialect``)."""
+    choice = WriteDialect(str(value))
+    if choice is WriteDialect.AUTO:
+        return Dialect.STATE, True
+    return Dialect(choice.value), False
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
@@ -238,20 +322,57 @@ class CallAgent:
         self._left_reason: str | None = None
         # Devices our sticky membership was re-sent for (see _resend_for_new_devices).
         self._resent_for: set[DeviceRef] = set()
+        # The room's 2022 call (read in every dialect) and our entry in it, if we write one.
+        self._legacy = LegacyCallSession(room_id)
+        self._legacy_seen: tuple[LegacyMember, ...] = ()
+        self._legacy_write: LegacyMembership | None = None
+        self._legacy_when_needed = False  # AUTO with a current dialect: add an entry later
+        self._legacy_puts: list[PutState] = []
+        self._legacy_poke = asyncio.Event()
+        self._legacy_lock = asyncio.Lock()
 
     # -- lifetime ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self.config.auto_dialect or self.config.dialect is Dialect.MSC3401_2022:
+            # A room joined just now shows its state only with a later sync: without it we
+            # would miss the room's 2022 call and start a second one.
+            while (EventType.ROOM_CREATE, "") not in self.hs.room_state(self.room_id):
+                await self.hs.wait_synced(timeout_s=30.0)
+        self._updates = self.hs.room_updates()
+        # Seed from what the adapter already holds; later updates come from the subscription
+        # (taken first, with no await in between, so nothing is missed).
+        self._seed()
+        if self.config.auto_dialect:
+            others = [p.dialect.value for p in self._participants if not p.is_self]
+            plan = plan_write(WriteDialect.AUTO, others)
+            dialect = Dialect.MSC3401_2022 if plan.current is None else Dialect(plan.current.value)
+            self._legacy_when_needed = plan.current is not None
+            self._log.info("agent.dialect_chosen", dialect=dialect.value, others=others)
+            self.config = replace(self.config, dialect=dialect)
         if self.config.dialect is Dialect.STICKY and not await self.hs.supports(
             msc4354.UNSTABLE_FEATURE
         ):
             # Sticky only where it can work; the state form is what every client reads.
             self._log.warning("agent.sticky_unsupported", fallback=Dialect.STATE.value)
             self.config = replace(self.config, dialect=Dialect.STATE)
-        self._updates = self.hs.room_updates()
-        # Seed from what the adapter already holds; later updates come from the subscription
-        # (taken first, with no await in between, so nothing is missed).
-        self._seed()
+        self._spawn(self._legacy_loop(), "legacy-membership")
+        if self.config.dialect is Dialect.MSC3401_2022:
+            self._legacy_write = LegacyMembership(
+                self._legacy,
+                user_id=self.hs.user_id,
+                device_id=self.hs.device_id,
+                session_id=new_session_id(),
+                call_type=GroupCallType.VOICE
+                if self.config.intent == "audio"
+                else GroupCallType.VIDEO,
+            )
+            self._queue_legacy(self._legacy_write.join(self._clock_ms()))
+            self._in_call = True
+            self._spawn(self._room_loop(), "room")
+            self._spawn(self._timer_loop(), "timers")
+            self._recompute()
+            return self
         await self._respect_slot()
         self._machine = self._new_machine()
         self._own_watch = OwnStateWatch()
@@ -276,6 +397,8 @@ class CallAgent:
         try:
             if self._in_call:
                 await self.leave()
+            elif self._legacy_puts:
+                await self._flush_legacy()
             elif self._machine is not None and self._machine.running:
                 # A leave already under way (e.g. the ring went unanswered): let it finish.
                 await _wait_event(self._stopped, 10.0)
@@ -315,7 +438,22 @@ class CallAgent:
 
     @property
     def membership_state_key(self) -> str | None:
+        if self._machine is None and self._legacy_write is not None:
+            return self.hs.user_id  # the 2022 form: one event per user
         return self._machine.state_key if self._machine is not None else None
+
+    @property
+    def legacy_conf_id(self) -> str | None:
+        """The conf_id of the room's 2022 call while we are listed in it, else None."""
+        lw = self._legacy_write
+        return None if lw is None else lw.conf_id
+
+    @property
+    def mesh_session_id(self) -> str | None:
+        """Our MSC2746 session id (what our participant entry shows), once the room shows
+        our membership."""
+        me = next((p for p in self._participants if p.is_self), None)
+        return None if me is None else me.mesh_session_id
 
     @property
     def in_call(self) -> bool:
@@ -327,13 +465,19 @@ class CallAgent:
     def membership_status(self) -> mm.MembershipStatus:
         """Our own membership's state (connecting, connected, reconnecting, failed, ...)."""
         if self._machine is None:
+            if self._legacy_write is not None and self._in_call:
+                if self._own_present.is_set():
+                    return mm.MembershipStatus.CONNECTED
+                return mm.MembershipStatus.CONNECTING
             return mm.MembershipStatus.DISCONNECTED
         return self._machine.status
 
     @property
     def member_id(self) -> str:
         """Our membership's member id (sticky form: a UUID per agent; state form:
-        ``user:device``)."""
+        ``user:device``; 2022 form: ``user:device``)."""
+        if self._machine is None and self.config.dialect is Dialect.MSC3401_2022:
+            return f"{self.hs.user_id}:{self.hs.device_id}"
         return self.machine.member_id
 
     @property
@@ -381,16 +525,25 @@ class CallAgent:
         """
         if not self._start_leave():
             return
-        if not await _wait_event(self._stopped, timeout_s):
+        if self._machine is not None and not await _wait_event(self._stopped, timeout_s):
             self._log.warning("agent.leave_timed_out")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._flush_legacy()
+        except TimeoutError:
+            self._log.warning("agent.legacy_leave_timed_out")
         self._stop_ringing()
 
     def _start_leave(self) -> bool:
         """The part of :meth:`leave` that needs no waiting; False if not in the call."""
-        if not self._in_call or self._machine is None:
+        if not self._in_call or (self._machine is None and self._legacy_write is None):
             return False
         self._in_call = False
         self._leaving.set()
+        if self._legacy_write is not None:
+            self._queue_legacy(self._legacy_write.leave(self._clock_ms()))
+        if self._machine is None:
+            return True
         self._machine.leave(self._clock_ms())
         if self._machine.running and self._stopped.is_set():
             # Nothing drives the machine any more (its loop ended): drive it for the leave.
@@ -410,6 +563,7 @@ class CallAgent:
     def _seed(self) -> None:
         state = self.hs.room_state(self.room_id)
         self._session.receive_room_update(state=state.values(), now_ms=self._clock_ms())
+        self._feed_legacy(state.values())
         for ev, received_ms in self.hs.room_sticky(self.room_id):
             self._session.receive_room_update(sticky=(ev,), now_ms=received_ms)
         self._recompute()
@@ -433,6 +587,7 @@ class CallAgent:
             now_ms=self._clock_ms(),
             left=update.left,
         )
+        self._feed_legacy(update.state)
         if slot_before is not SlotStatus.CLOSED and self._session.slot_status is SlotStatus.CLOSED:
             self._slot_closed()
         self._watch_own_state(update)
@@ -527,23 +682,52 @@ class CallAgent:
         machine.resend(self._clock_ms())
         self._poke.set()
 
+    def _feed_legacy(self, events: Iterable[Mapping[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("type") in (GROUP_CALL_EVENT, MEMBER_EVENT):
+                self._legacy.receive_state_event(ev)
+        self._legacy.set_joined_members(self._session.joined_members)
+
     def _recompute(self) -> None:
-        changes = self._session.update(self._clock_ms())
+        now = self._clock_ms()
+        changes = self._session.update(now)
+        legacy = self._legacy.devices(now)
         self._check_own()
-        if changes is not None:
-            self._publish(changes)
+        if changes is not None or legacy != self._legacy_seen:
+            self._legacy_seen = legacy
+            self._publish(self._session.memberships, changes)
+        self._legacy_after_change()
         self._wake.set()
 
-    def _publish(self, changes: MembershipChanges) -> None:
+    def _publish(
+        self, memberships: tuple[CallMembership, ...], changes: MembershipChanges | None
+    ) -> None:
         me = (self.hs.user_id, self.hs.device_id)
-        oldest = changes.memberships[0] if changes.memberships else None
-        parts = tuple(Participant.of(m, oldest, me) for m in changes.memberships)
+        oldest = memberships[0] if memberships else None
+        conf = self._legacy.conf_id
+        listed = {(d.user_id, d.device_id): d for d in self._legacy_seen}
+        current = [Participant.of(m, oldest, me) for m in memberships]
+        # A device in both forms (an AUTO member) shows once: its current membership, marked
+        # as listed in the 2022 call.
+        current = [
+            replace(p, legacy_conf_id=conf) if (p.user_id, p.device_id) in listed else p
+            for p in current
+        ]
+        have = {(p.user_id, p.device_id) for p in current}
+        assert conf is not None or not listed
+        extra = [
+            Participant.of_legacy(d, conf, me)
+            for key, d in sorted(listed.items(), key=lambda kv: (kv[1].origin_server_ts, kv[0]))
+            if key not in have and conf is not None
+        ]
+        parts = (*current, *extra)
         prev = {(p.user_id, p.device_id, p.member_id): p for p in self._participants}
         now = {(p.user_id, p.device_id, p.member_id): p for p in parts}
         joined = tuple(p for k, p in now.items() if k not in prev)
         left = tuple(p for k, p in prev.items() if k not in now)
         self._participants = parts
-        self._ring_after_change(changes)
+        if changes is not None:
+            self._ring_after_change(changes)
         if joined or left or [p.event_id for p in parts] != [p.event_id for p in prev.values()]:
             self._emit(ParticipantsChanged(parts, joined, left, self._ring.state))
 
@@ -563,6 +747,16 @@ class CallAgent:
 
     def _check_own(self) -> None:
         machine = self._machine
+        if machine is None and self._legacy_write is not None and self._in_call:
+            lw = self._legacy_write
+            now = self._clock_ms()
+            if self._legacy.has_device(self.hs.user_id, self.hs.device_id, lw.session_id, now):
+                if not self._own_present.is_set():
+                    self._log.info("agent.joined", dialect=Dialect.MSC3401_2022.value)
+                self._own_present.set()
+            else:
+                self._own_present.clear()
+            return
         if machine is None or not self._in_call:
             return
         own = self._own_membership()
@@ -582,6 +776,66 @@ class CallAgent:
             after_join = acked is not None and self._update_sync_request > acked
             machine.observe(mm.OwnMembershipMissing(after_join=after_join), now)
         self._poke.set()
+
+    # -- own entry in the room's 2022 call -------------------------------------------------
+
+    def _legacy_after_change(self) -> None:
+        """Keep our 2022 entry: put it back when lost; an AUTO member writing a current
+        dialect adds one (under its mesh session id) once a 2022-only member is there."""
+        if not self._in_call:
+            return
+        now = self._clock_ms()
+        lw = self._legacy_write
+        if self._machine is not None and self._legacy_when_needed:
+            own = self._own_membership()
+            if own is None:
+                return
+            session_id = member_session_id(own.member_id, own.created_ts)
+            if lw is None:
+                others = [p.dialect.value for p in self._participants if not p.is_self]
+                if not needs_legacy_entry(others):
+                    return
+                lw = self._legacy_write = LegacyMembership(
+                    self._legacy,
+                    user_id=self.hs.user_id,
+                    device_id=self.hs.device_id,
+                    session_id=session_id,
+                )
+                self._log.info("agent.legacy_entry_added", session_id=session_id)
+                self._queue_legacy(lw.join(now))
+                return
+            self._queue_legacy(lw.set_session_id(session_id, now))
+        if lw is not None:
+            self._queue_legacy(lw.observe(now))
+
+    def _queue_legacy(self, actions: list[PutState]) -> None:
+        if actions:
+            self._legacy_puts.extend(actions)
+            self._legacy_poke.set()
+
+    async def _flush_legacy(self) -> None:
+        async with self._legacy_lock:
+            while self._legacy_puts:
+                a = self._legacy_puts.pop(0)
+                try:
+                    await self.hs.put_state(self.room_id, a.event_type, a.state_key, a.content)
+                except MatrixRTCError as e:
+                    # A lost entry is put back on the next observation or renewal. Creating
+                    # the call needs the power level for org.matrix.msc3401.call (50 unless
+                    # the room lowers it): then nobody else sees our entry's call.
+                    self._log.warning("agent.legacy_put_failed", type=a.event_type, error=str(e))
+
+    async def _legacy_loop(self) -> None:
+        """Perform our 2022 entry's puts; renew it (expires_ts) when due."""
+        while True:
+            lw = self._legacy_write
+            due = lw.next_wakeup_ms() if lw is not None else None
+            timeout = None if due is None else max(0.0, (due - self._clock_ms()) / 1000)
+            await _wait_event(self._legacy_poke, timeout)
+            self._legacy_poke.clear()
+            if lw is not None and self._in_call:
+                self._queue_legacy(lw.tick(self._clock_ms()))
+            await self._flush_legacy()
 
     # -- own membership: perform the machine's requests ------------------------------------
 
@@ -758,7 +1012,11 @@ class CallAgent:
         fired_ms = 0  # deadlines at or before this have been handled: never spin on them
         while True:
             self._wake.clear()
-            candidates = (self._session.next_wakeup_ms(), self._ring.deadline_ms)
+            candidates = (
+                self._session.next_wakeup_ms(),
+                self._ring.deadline_ms,
+                self._legacy.next_wakeup_ms(self._clock_ms()),
+            )
             deadlines = [t for t in candidates if t is not None and t > fired_ms]
             timeout = None
             if deadlines:

@@ -42,7 +42,13 @@ import av
 import structlog
 from aiortc.mediastreams import MediaStreamTrack
 
-from matrixrtc.agent import AgentConfig, CallAgent, Participant, ParticipantsChanged
+from matrixrtc.agent import (
+    AgentConfig,
+    CallAgent,
+    Participant,
+    ParticipantsChanged,
+    dialect_choice,
+)
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent
 from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import ConfigError, LocalError
@@ -178,7 +184,7 @@ class Call:
         access_token: str | None = None,
         state_dir: Path | None = None,
         transport: TransportChoice = "auto",
-        dialect: Dialect | str = Dialect.STATE,
+        dialect: Dialect | str = Dialect.STATE,  # or "msc3401_2022", "auto"
         e2ee: bool | None = None,
         sfu_url: str | None = None,
         publish: Sequence[MediaStreamTrack] = (),
@@ -199,7 +205,7 @@ class Call:
             raise ConfigError(f"transport must be auto, mesh or sfu, not {transport!r}")
         self.room = room
         self.transport_choice: TransportChoice = transport
-        self.dialect = Dialect(dialect)
+        self.dialect, self.auto_dialect = dialect_choice(dialect)
         self.e2ee = e2ee
         self.options = options or CallOptions()
         self._clock = clock
@@ -262,6 +268,7 @@ class Call:
             opts.agent,
             transports=await self._advertised(hs, room_id),
             dialect=self.dialect,
+            auto_dialect=self.auto_dialect,
             intent=opts.intent if opts.intent is not None else opts.agent.intent,
             delayed_leave_ms=opts.delayed_leave_ms,
         )
@@ -311,7 +318,7 @@ class Call:
 
     async def _advertised(self, hs: Homeserver, room_id: str) -> tuple[Transport, ...]:
         mesh: tuple[Transport, ...] = (FullMeshTransport(),)
-        if self.transport_choice == "mesh":
+        if self.transport_choice == "mesh" or self.dialect is Dialect.MSC3401_2022:
             return mesh
         sfu = await discover_livekit(hs, room_id, self._sfu_url, self.dialect)
         if sfu is None:

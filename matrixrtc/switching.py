@@ -71,7 +71,7 @@ from matrixrtc.session.media_policy import (
     DEFAULT_MESH_MAX,
     MediaDecision,
     MediaKind,
-    choose_media_for,
+    choose_media,
 )
 from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.tasks import OwnedTasks
@@ -320,8 +320,10 @@ class MediaSwitcher:
         return [p for p in self.agent.participants if not p.is_self]
 
     def _decide(self) -> MediaDecision:
-        return choose_media_for(
-            self.agent.memberships,
+        # Participants, not memberships: a 2022-dialect member (Hydrogen, legacy js-sdk)
+        # has no CallMembership and can only mesh.
+        return choose_media(
+            (p.advertised for p in self.agent.participants),
             self.config.mesh_max,
             sfu_reachable=MediaKind.SFU not in self.unreachable,
         )

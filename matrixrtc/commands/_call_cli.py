@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from matrixrtc.agent import DIALECT_CHOICES
 from matrixrtc.call import Call, CallOptions
 from matrixrtc.commands.join import _login, default_state_dir
 from matrixrtc.model import Dialect
@@ -43,7 +44,7 @@ def add_call_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: mesh for small calls, the room's LiveKit SFU otherwise (default)",
     )
-    p.add_argument("--dialect", choices=[d.value for d in Dialect], default=Dialect.STATE.value)
+    p.add_argument("--dialect", choices=DIALECT_CHOICES, default=Dialect.STATE.value)
     p.add_argument(
         "--sfu-url", default=None, help="LiveKit authorization service when the room names none"
     )

@@ -45,13 +45,20 @@ from typing import Any
 
 import structlog
 
-from matrixrtc.agent import AgentConfig, CallAgent, Participant, ParticipantsChanged
+from matrixrtc.agent import (
+    DIALECT_CHOICES,
+    AgentConfig,
+    CallAgent,
+    Participant,
+    ParticipantsChanged,
+    dialect_choice,
+)
 from matrixrtc.agent import participants_table as _table
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
 from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.matrix import Homeserver, Login, Subscription
-from matrixrtc.model import Dialect, Transport
+from matrixrtc.model import Dialect, FullMeshTransport, Transport
 from matrixrtc.session.media_policy import DEFAULT_MESH_MAX
 from matrixrtc.switching import SwitchRecord
 from matrixrtc.tasks import OwnedTasks, first_of
@@ -95,9 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dialect",
-        choices=[d.value for d in Dialect],
+        choices=DIALECT_CHOICES,
         default=Dialect.STATE.value,
-        help="membership form: state (Element Call default) or sticky (MSC4143+MSC4354)",
+        help="membership form: state (Element Call default), sticky (MSC4143+MSC4354), "
+        "msc3401_2022 (m.calls: Hydrogen, legacy js-sdk GroupCall; mesh only) or auto "
+        "(what the call's other members use)",
     )
     p.add_argument(
         "--livekit-service-url",
@@ -203,6 +212,8 @@ def _exit_now(code: int) -> None:
 async def _transports(
     hs: Homeserver, room_id: str, configured: str | None, dialect: Dialect
 ) -> tuple[Transport, ...]:
+    if dialect is Dialect.MSC3401_2022:
+        return (FullMeshTransport(),)  # the 2022 call is a full mesh, nothing else
     found = await discover_livekit(hs, room_id, configured, dialect)
     if found is None:
         log.warning("join.no_transport", hint="pass --livekit-service-url")
@@ -248,7 +259,8 @@ def _agent_config(args: argparse.Namespace, transports: tuple[Transport, ...]) -
     return AgentConfig(
         intent=args.intent,
         transports=transports,
-        dialect=Dialect(args.dialect),
+        dialect=dialect_choice(args.dialect)[0],
+        auto_dialect=dialect_choice(args.dialect)[1],
         multi_sfu=args.transport_selection == "multi_sfu",
         ring=args.ring,
         ring_lifetime_ms=args.ring_lifetime_ms,
@@ -336,7 +348,9 @@ async def _main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with Homeserver(args.homeserver, login, state_dir=state_dir) as hs:
         room_id = await hs.join_room(args.room)
-        transports = await _transports(hs, room_id, args.livekit_service_url, Dialect(args.dialect))
+        transports = await _transports(
+            hs, room_id, args.livekit_service_url, dialect_choice(args.dialect)[0]
+        )
         config = _agent_config(args, transports)
         if args.media != "none":
             reason = await _with_media(args, hs, room_id, config, stop)
@@ -411,7 +425,7 @@ async def _with_media(
         room_id,
         client=hs,
         transport=args.media,
-        dialect=Dialect(args.dialect),
+        dialect=args.dialect,
         e2ee=e2ee,
         sfu_url=args.livekit_service_url,
         publish=tracks,

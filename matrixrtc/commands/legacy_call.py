@@ -18,14 +18,15 @@ from pathlib import Path
 
 from aiortc.mediastreams import MediaStreamTrack
 
+from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.commands._call_cli import Console, run_until
 from matrixrtc.commands.join import _login, default_state_dir
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.matrix import Homeserver
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig
-from matrixrtc.mesh.legacy_link import LegacyMeshCall
-from matrixrtc.model.msc3401_2022 import GroupCallType
+from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
+from matrixrtc.model import Dialect, FullMeshTransport
 
 __all__ = ["register"]
 
@@ -70,15 +71,16 @@ async def _main(args: argparse.Namespace) -> int:
     config = MeshConfig(host_addresses=tuple(args.mesh_host) if args.mesh_host else None)
     async with Homeserver(args.homeserver, _login(args.user, state_dir), state_dir=state_dir) as hs:
         room_id = await hs.join_room(args.room)
-        call_type = GroupCallType.VOICE if args.no_video else GroupCallType.VIDEO
-        async with LegacyMeshCall(
-            hs,
-            room_id,
-            sources=sources,
-            config=config,
-            turn_from_homeserver=True,
-            call_type=call_type,
-        ) as call:
+        agent_cfg = AgentConfig(
+            dialect=Dialect.MSC3401_2022,
+            transports=(FullMeshTransport(),),
+            intent="audio" if args.no_video else "video",
+        )
+        link_cfg = MeshLinkConfig(mesh=config, turn_from_homeserver=True)
+        async with (
+            CallAgent(hs, room_id, agent_cfg) as agent,
+            MatrixMesh(agent, sources=sources, config=link_cfg) as call,
+        ):
             console.event(
                 "joined",
                 f"in call {call.conf_id} of {room_id} as {hs.device_id} "

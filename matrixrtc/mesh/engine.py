@@ -91,6 +91,7 @@ class PeerLink:
     stream_id: str | None = None
     tracks: list[FanOutTrack] = field(default_factory=list)
     stats: dict[str, ReceiveStats] = field(default_factory=dict)  # by kind
+    frame_e2ee: bool = False  # frames to and from this peer carry frame E2EE
     # The kinds the peer sends us (its remote description's sending m-lines), known once the
     # remote description is set and before any frame arrives.
     remote_kinds: set[str] = field(default_factory=set)
@@ -112,14 +113,19 @@ class MeshEngine:
         clock: Callable[[], float] = time.monotonic,
         frames: FrameTap[DeviceRef] | None = None,
         key_sent: Callable[[DeviceRef, int], bool] | None = None,
+        frame_e2ee: Callable[[DeviceRef], bool] | None = None,
     ) -> None:
         """``frames``: where every decoded remote frame goes, with the device it came from.
         ``key_sent(peer, index)``: whether ``peer`` has been sent our key at ``index``; with
         it, a protected frame goes to a peer only if so (it could not decrypt it otherwise:
-        frames are held back, not sent undecryptable, and video resumes at a key frame)."""
+        frames are held back, not sent undecryptable, and video resumes at a key frame).
+        ``frame_e2ee(peer)``: whether frames to and from ``peer`` carry frame E2EE (with a
+        ``transform``; default: every peer). A peer without gets our frames unencrypted
+        (still DTLS-SRTP) and its frames are decoded without decryption."""
         self.local = local
         self._frames = frames
         self._key_sent = key_sent
+        self._frame_e2ee = frame_e2ee
         self.config = config or MeshConfig()
         self._sender = sender
         self._transform = transform
@@ -201,9 +207,11 @@ class MeshEngine:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def set_members(self, members: Mapping[DeviceRef, str]) -> None:
+    def set_members(
+        self, members: Mapping[DeviceRef, str], conf_ids: Mapping[DeviceRef, str] | None = None
+    ) -> None:
         """The active members that advertise the mesh transport (device → session id)."""
-        self._feed(self.signalling.set_members(members))
+        self._feed(self.signalling.set_members(members, conf_ids))
 
     def receive(
         self, sender_user_id: str, event_type: str, content: object, *, local_age_ms: int = 0
@@ -366,6 +374,10 @@ class MeshEngine:
         it. Answering, only kinds the offer has are attached: an answer cannot add m-lines
         (a video-only offer gets a video-only answer; aiortc fails on an extra track)."""
         sending = {s.track.kind for s in link.pc.getSenders() if s.track is not None}
+        e2ee = self._transform is not None and (
+            self._frame_e2ee is None or self._frame_e2ee(link.peer)
+        )
+        link.frame_e2ee = e2ee
         offered = {t.kind for t in link.pc.getTransceivers()}
         if not answering:
             for kind in ("audio", "video"):
@@ -377,14 +389,14 @@ class MeshEngine:
             if self._relay is not None:
                 sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
             else:
-                track = self.encoders[kind].subscribe()
-                if self._key_sent is not None and self._transform is not None:
+                track = self.encoders[kind].subscribe(plain=not e2ee)
+                if self._key_sent is not None and e2ee:
                     track.admit = functools.partial(self._key_sent, link.peer)
                 sender = link.pc.addTrack(track)
                 adopt_sender(sender)
                 link.tracks.append(track)
             link.stream_id = sender._stream_id
-        decryptor = None if self._transform is None else self._transform.decryptor(link.peer)
+        decryptor = self._transform.decryptor(link.peer) if e2ee and self._transform else None
         for transceiver in link.pc.getTransceivers():
             receiver = transceiver.receiver
             if id(receiver) in link.hooked:

@@ -77,6 +77,13 @@ OPUS_BITRATE: Final = 32_000
 OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 
 
+def _packet(data: bytes, pts: int, time_base: fractions.Fraction) -> av.Packet[Any]:
+    packet = av.Packet(data)
+    packet.pts = pts
+    packet.time_base = time_base
+    return packet
+
+
 class FanOutTrack(MediaStreamTrack):
     """One peer's view of a :class:`SharedEncoder`: ``recv()`` yields encoded ``av.Packet`` s.
 
@@ -100,6 +107,9 @@ class FanOutTrack(MediaStreamTrack):
         self._queue: asyncio.Queue[av.Packet[Any] | None] = asyncio.Queue(maxsize)
         self._need_keyframe = encoder.kind == "video"
         self.admit: Callable[[int], bool] | None = None
+        # True: this peer gets the frames without frame E2EE (it cannot decrypt them: Hydrogen,
+        # legacy js-sdk), still DTLS-SRTP protected hop by hop.
+        self.plain = False
         self.held = 0  # frames not sent: the peer lacked their key
         self._holding = False
 
@@ -182,6 +192,8 @@ class SharedEncoder:
         self.keyframes = 0
         self.keyframe_requests_from_peers = 0
         self.encrypt_drops = 0
+        self.frames_protected = 0  # encoded frames sent with frame E2EE
+        self.frames_plain = 0  # encoded frames sent without (to peers that cannot decrypt)
         self.errors = 0
         self._transform = transform
         self._queue_frames = queue_frames
@@ -203,8 +215,10 @@ class SharedEncoder:
     def subscribers(self) -> tuple[FanOutTrack, ...]:
         return tuple(self._subscribers)
 
-    def subscribe(self) -> FanOutTrack:
+    def subscribe(self, *, plain: bool = False) -> FanOutTrack:
+        """A new peer's track; ``plain``: without frame E2EE (see :attr:`FanOutTrack.plain`)."""
         track = FanOutTrack(self, self._queue_frames)
+        track.plain = plain or self._transform is None
         self._subscribers.append(track)
         return track
 
@@ -268,35 +282,44 @@ class SharedEncoder:
             log.info("mesh.encoder.source_ended", kind=self.kind)
 
     def _fan_out(self, data: bytes, pts: int, time_base: fractions.Fraction, key: bool) -> None:
-        if self._transform is not None:
-            try:
-                protected = self._transform.encrypt(
-                    data,
-                    kind=self.kind,
-                    codec=self.codec,
-                    keyframe=key,
-                    ssrc=self.ssrc,
-                    timestamp=pts,
-                )
-            except Exception as exc:  # a transform bug drops the frame, not the track
-                log.warning("mesh.encrypt_error", kind=self.kind, error=repr(exc))
-                protected = None
-            if protected is None:
-                self.encrypt_drops += 1
-                self._resync = self.kind == "video"
-                return
-            if self._resync and not key:
-                # Peers missed frames (e.g. no key yet): a delta frame would not decode.
-                self.encrypt_drops += 1
-                self._force_keyframe = True
-                return
-            self._resync = False
-            data = protected
-        packet = av.Packet(data)
-        packet.pts = pts
-        packet.time_base = time_base
-        key_index = frame_key_index(data) if self._transform is not None else None
-        for track in list(self._subscribers):
+        """One encoded frame to every subscriber: encrypted once for the peers with frame
+        E2EE, as it is for the others."""
+        subscribers = list(self._subscribers)
+        plain = [t for t in subscribers if t.plain]
+        protected_for = [t for t in subscribers if not t.plain]
+        if plain:
+            self.frames_plain += 1
+            packet = _packet(data, pts, time_base)
+            for track in plain:
+                track._push(packet, key, None)
+        if not protected_for or self._transform is None:
+            return
+        try:
+            protected = self._transform.encrypt(
+                data,
+                kind=self.kind,
+                codec=self.codec,
+                keyframe=key,
+                ssrc=self.ssrc,
+                timestamp=pts,
+            )
+        except Exception as exc:  # a transform bug drops the frame, not the track
+            log.warning("mesh.encrypt_error", kind=self.kind, error=repr(exc))
+            protected = None
+        if protected is None:
+            self.encrypt_drops += 1
+            self._resync = self.kind == "video"
+            return
+        if self._resync and not key:
+            # Peers missed frames (e.g. no key yet): a delta frame would not decode.
+            self.encrypt_drops += 1
+            self._force_keyframe = True
+            return
+        self._resync = False
+        self.frames_protected += 1
+        packet = _packet(protected, pts, time_base)
+        key_index = frame_key_index(protected)
+        for track in protected_for:
             track._push(packet, key, key_index)
 
     # -- codecs (PyAV) -----------------------------------------------------------------------

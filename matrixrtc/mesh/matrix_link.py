@@ -6,13 +6,21 @@ only what :class:`MeshCall` and :class:`FrameKeys` describe (a
 :class:`~matrixrtc.agent.CallAgent` and :class:`~matrixrtc.call_keys.CallKeys` fit), so the
 mesh sits below the agent and the key distribution instead of importing them:
 
-* **members**: the agent's active memberships. The mesh forms only when *every* active member
-  advertises the mesh transport (``org.matrix.msc3401.full_mesh``, after any LiveKit one); a
-  member joining or leaving then adds or removes exactly its peer connection. A member's MSC2746
-  session id is derived from its membership (``member_id`` and ``created_ts``), so a rejoin is
-  a new session and its old call is hung up with ``new_session``. When *our* membership is
-  replaced by a fresh one (the delayed leave fired while we were cut off and the agent joined
-  again), the link continues on a new engine under the new session id.
+* **members**: the agent's participants, in whichever membership dialect each one writes
+  (state, sticky, or the 2022 ``m.calls`` form of Hydrogen and legacy js-sdk ``GroupCall``,
+  which always meshes). The mesh forms only when *every* active member advertises the mesh
+  transport (``org.matrix.msc3401.full_mesh``, after any LiveKit one); a member joining or
+  leaving then adds or removes exactly its peer connection. A member's MSC2746 session id is
+  derived from its membership (``member_id`` and ``created_ts``; a 2022 member lists its own),
+  so a rejoin is a new session and its old call is hung up with ``new_session``.
+* **conf_id, per peer**: the session's mesh conf_id (:func:`mesh_conf_id`), except toward a
+  peer listed in the room's 2022 call while we are listed there too: that call's id, the only
+  one Hydrogen and legacy js-sdk take (:func:`peer_conf_id`). Both ids are accepted; an
+  incoming call keeps the id its invite names. So one mesh mixes dialects: the 2022 dialect
+  is an ``AgentConfig`` choice (``dialect`` / ``auto_dialect``), not a second link.
+* **our session**: when *our* membership is replaced by a fresh one (the delayed leave fired
+  while we were cut off and the agent joined again), the link continues on a new engine under
+  the new session id.
 * **signalling**: ``m.call.*`` to-device events through the homeserver adapter, chosen per
   peer (:mod:`matrixrtc.session.peer_policy`): Olm whenever the peer device has keys (Hydrogen
   accepts nothing else, in unencrypted rooms too), plaintext only toward a device without keys
@@ -24,7 +32,10 @@ mesh sits below the agent and the key distribution instead of importing them:
 * **frame E2EE**: with ``keys`` (e.g. :class:`~matrixrtc.call_keys.CallKeys`), our frames are
   encrypted with our ring and each remote device's frames are decrypted with the ring of its
   LiveKit identity (``ParticipantView.rtc_backend_identity``), the same rings the LiveKit
-  transport uses. A peer is sent only frames under a key it has been sent
+  transport uses. Per peer (:func:`~matrixrtc.session.peer_policy.frame_e2ee_with`): only
+  where the peer takes part in frame E2EE too (``ParticipantView.frame_e2ee``); a 2022-only
+  peer (Hydrogen, legacy js-sdk) gets the same encoded frames unencrypted, and its frames are
+  decoded without decryption. A peer is sent only frames under a key it has been sent
   (``FrameKeys.key_sent_to``): a joiner never receives frames it cannot decrypt.
 
 Every task is owned and cancelled on exit; leaving the block hangs up every call.
@@ -32,6 +43,7 @@ Every task is owned and cancelled on exit; leaving the block hangs up every call
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -54,11 +66,19 @@ from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_
 from matrixrtc.session.peer_policy import (
     SignallingProtection,
     accept_signalling,
+    frame_e2ee_with,
     signalling_protection,
 )
 from matrixrtc.tasks import OwnedTasks
 
-__all__ = ["FrameKeys", "MatrixMesh", "MeshCall", "MeshLinkConfig", "mesh_session_id"]
+__all__ = [
+    "FrameKeys",
+    "MatrixMesh",
+    "MeshCall",
+    "MeshLinkConfig",
+    "mesh_session_id",
+    "peer_conf_id",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -103,8 +123,18 @@ class FrameKeys(Protocol):
 
 
 def mesh_session_id(p: ParticipantView) -> str:
-    """The MSC2746 session id of a membership: the same for every observer, new on rejoin."""
-    return f"{p.member_id}.{p.created_ts}"
+    """The MSC2746 session id of a membership: the same for every observer, new on rejoin
+    (a 2022-dialect member's is the one its ``m.calls`` entry lists)."""
+    return p.mesh_session_id
+
+
+def peer_conf_id(me: ParticipantView, peer: ParticipantView) -> str | None:
+    """The conf_id to call ``peer`` under, when it is not the session's mesh conf_id: the
+    room's 2022 call when both of us are listed in it (Hydrogen and legacy js-sdk take only
+    their call's id; every member that reads the 2022 dialect makes the same choice)."""
+    if peer.legacy_conf_id is not None and me.legacy_conf_id is not None:
+        return peer.legacy_conf_id
+    return None
 
 
 def _advertises_mesh(p: ParticipantView) -> bool:
@@ -137,14 +167,36 @@ class MatrixMesh:
         self._decrypt_rings = decrypt_rings
         self._mesh_cfg = self.config.mesh  # with the TURN servers once started
         self._identities: dict[DeviceRef, str] = {}
+        self._conf_ids: dict[DeviceRef, str] = {}
+        self._plain_peers: set[DeviceRef] = set()  # no frame E2EE with these
         self.engine: MeshEngine | None = None
         self.encrypted_signalling = False
         self.members: dict[DeviceRef, str] = {}
         self.dropped_signalling = 0
+        # (sender device, event type) -> accepted m.call.* events (observability, tests)
+        self.received: Counter[tuple[str, str]] = Counter()
         self._tasks = OwnedTasks("mesh-link", log, event_prefix="mesh_link")
         self._changes: Subscription[Any] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
+
+    @property
+    def room_encrypted(self) -> bool:
+        return self.encrypted_signalling
+
+    @property
+    def session_id(self) -> str | None:
+        """Our MSC2746 session id (None before the engine runs)."""
+        return None if self.engine is None else self.engine.local.session_id
+
+    @property
+    def conf_id(self) -> str:
+        """The conf_id peers know our call by: the room's 2022 call while we are listed in
+        it, else the session's mesh conf_id."""
+        me = next((p for p in self.agent.participants if p.is_self), None)
+        if me is not None and me.legacy_conf_id is not None:
+            return me.legacy_conf_id
+        return mesh_conf_id(self.agent.room_id, self.config.slot_id)
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -211,6 +263,7 @@ class MatrixMesh:
             transform=transform,
             frames=self._frames,
             key_sent=key_sent,
+            frame_e2ee=self._frame_e2ee,
         )
         engine.start()
         return engine
@@ -276,26 +329,41 @@ class MatrixMesh:
         # Swap first, with no await in between, so no to-device event reaches the old engine.
         self.engine = self._new_engine(session_id)
         self.members = {}
+        self._conf_ids = {}
         if old is not None:
             await old.aclose()
 
     def _update_members(self) -> None:
         assert self.engine is not None
         participants = self.agent.participants
+        me = next((p for p in participants if p.is_self), None)
+        if me is not None and me.legacy_conf_id is not None:
+            self.engine.signalling.accept_conf_id(me.legacy_conf_id)
         everyone = all(_advertises_mesh(p) for p in participants)
         members: dict[DeviceRef, str] = {}
+        conf_ids: dict[DeviceRef, str] = {}
         if everyone or not self.config.require_all_mesh:
             for p in participants:
                 if _advertises_mesh(p):
                     ref = DeviceRef(p.user_id, p.device_id)
                     members[ref] = mesh_session_id(p)
                     self._identities[ref] = p.rtc_backend_identity
+                    if frame_e2ee_with(
+                        we_encrypt=self.keys is not None, peer_advertises=p.frame_e2ee
+                    ):
+                        self._plain_peers.discard(ref)
+                    else:
+                        self._plain_peers.add(ref)
+                    conf = None if me is None else peer_conf_id(me, p)
+                    if conf is not None:
+                        conf_ids[ref] = conf
         elif self.members:
             self._log.info("mesh_link.not_all_mesh_capable")
-        if members != self.members:
-            self._log.info("mesh_link.members", count=len(members))
+        if members != self.members or conf_ids != self._conf_ids:
+            self._log.info("mesh_link.members", count=len(members), legacy=len(conf_ids))
             self.members = members
-            self.engine.set_members(members)
+            self._conf_ids = conf_ids
+            self.engine.set_members(members, conf_ids)
 
     async def _to_device_loop(self, events: Subscription[ToDeviceEvent]) -> None:
         async for ev in events:
@@ -314,9 +382,13 @@ class MatrixMesh:
             self.dropped_signalling += 1
             self._log.warning("mesh_link.signalling_dropped", reason=problem, sender=ev.sender)
             return
+        self.received[(str(ev.content.get("device_id")), ev.type)] += 1
         self.engine.receive(ev.sender, ev.type, ev.content)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _frame_e2ee(self, peer: DeviceRef) -> bool:
+        return self.keys is not None and peer not in self._plain_peers
 
     def _key_sent(self, peer: DeviceRef, index: int) -> bool:
         # Frames under a key the peer was never sent would only fail there: hold them back.

@@ -108,6 +108,9 @@ _MSC3757_RE = re.compile(r"^org\.matrix\.msc(3757|3779)\b")
 class Dialect(StrEnum):
     STATE = "state"  # org.matrix.msc3401.call.member state event
     STICKY = "sticky"  # org.matrix.msc4143.rtc.member sticky room event
+    # org.matrix.msc3401.call.member keyed by user, ``m.calls`` (Hydrogen, legacy js-sdk
+    # GroupCall): read by session/legacy_call.py, never a CallMembership.
+    MSC3401_2022 = "msc3401_2022"
 
 
 class ContentKind(StrEnum):

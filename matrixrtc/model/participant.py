@@ -33,3 +33,18 @@ class ParticipantView(Protocol):
     def is_self(self) -> bool: ...
     @property
     def advertised(self) -> Sequence[Transport]: ...
+    @property
+    def mesh_session_id(self) -> str:
+        """The MSC2746 session id every member addresses this one with."""
+        ...
+
+    @property
+    def frame_e2ee(self) -> bool:
+        """Whether this member takes part in MatrixRTC frame E2EE (its dialect has the key
+        distribution; Hydrogen and legacy js-sdk do not)."""
+        ...
+
+    @property
+    def legacy_conf_id(self) -> str | None:
+        """The conf_id of the room's 2022 call if this device is listed in it."""
+        ...

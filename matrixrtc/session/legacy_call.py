@@ -72,9 +72,12 @@ __all__ = [
     "LegacyMembershipState",
     "PutState",
     "WriteDialect",
+    "WritePlan",
     "choose_write_dialect",
+    "needs_legacy_entry",
     "new_conf_id",
     "new_session_id",
+    "plan_write",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -103,6 +106,43 @@ def choose_write_dialect(configured: WriteDialect, others: Iterable[str]) -> Wri
     return WriteDialect(best)
 
 
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """What our device writes: a current-dialect membership (``current``: STATE or STICKY,
+    None for none) and/or an entry in the room's 2022 call (``legacy``)."""
+
+    current: WriteDialect | None
+    legacy: bool
+
+
+def plan_write(configured: WriteDialect, others: Iterable[str]) -> WritePlan:
+    """The forms to write when joining. ``others``: the dialect of each other active member.
+
+    A fixed choice writes that one form. ``AUTO``: when there are others and every one of
+    them is in the 2022 dialect, only the 2022 entry (as they do); otherwise the current
+    dialect most others use (ties and nobody: state), *plus* a 2022 entry as soon as any
+    other member is 2022-only (:func:`needs_legacy_entry`): Hydrogen and legacy js-sdk see
+    (and send media to) only members listed in ``m.calls``.
+    """
+    if configured is WriteDialect.MSC3401_2022:
+        return WritePlan(None, True)
+    if configured is not WriteDialect.AUTO:
+        return WritePlan(configured, False)
+    seen = [d for d in others if d in _TIE_ORDER]
+    if seen and all(d == WriteDialect.MSC3401_2022 for d in seen):
+        return WritePlan(None, True)
+    current = choose_write_dialect(
+        WriteDialect.AUTO, [d for d in seen if d != WriteDialect.MSC3401_2022]
+    )
+    return WritePlan(current, needs_legacy_entry(seen))
+
+
+def needs_legacy_entry(others: Iterable[str]) -> bool:
+    """Whether an ``AUTO`` member writing a current dialect must also list itself in the
+    room's 2022 call: some other member is 2022-only."""
+    return any(d == WriteDialect.MSC3401_2022 for d in others)
+
+
 def new_session_id() -> str:
     """A session id as js-sdk makes one per client load (10 random characters)."""
     return secrets.token_urlsafe(8)[:10]
@@ -122,6 +162,8 @@ class LegacyMember:
     session_id: str
     expires_ts: int
     feeds: tuple[str, ...]
+    event_id: str = ""  # of the user's member event that lists the device
+    origin_server_ts: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +248,8 @@ class LegacyCallSession:
                         session_id=d.session_id,
                         expires_ts=d.expires_ts,
                         feeds=d.feeds,
+                        event_id=event.event_id,
+                        origin_server_ts=event.origin_server_ts,
                     )
                 )
         return tuple(sorted(out, key=lambda m: (m.user_id, m.device_id)))
@@ -297,9 +341,21 @@ class LegacyMembership:
             return []
         if self.session.own_content(self.user_id) is None:
             return []  # our own write has not come back yet
+        if self.session.conf_id != self.conf_id:
+            return []  # the call we joined is not (or no longer) the room's: nothing to mend
         if self.session.has_device(self.user_id, self.device_id, self.session_id, now_ms):
             return []
         self._log.info("legacy_call.entry_lost", conf_id=self.conf_id)
+        return [self._put(now_ms, with_us=True)]
+
+    def set_session_id(self, session_id: str, now_ms: int) -> list[PutState]:
+        """Our mesh session changed (a dual writer re-joined in its current dialect): list the
+        new session id, so 2022 readers address it."""
+        if session_id == self.session_id:
+            return []
+        self.session_id = session_id
+        if self.state is not LegacyMembershipState.JOINED:
+            return []
         return [self._put(now_ms, with_us=True)]
 
     def tick(self, now_ms: int) -> list[PutState]:

@@ -116,6 +116,7 @@ __all__ = [
     "SetRemoteDescription",
     "SignallingAction",
     "SignallingConfig",
+    "member_session_id",
     "mesh_conf_id",
     "wants_outgoing_call",
     "with_mesh_transport",
@@ -134,6 +135,12 @@ _MAX_ORDERED_CALLS: Final = 256
 def mesh_conf_id(room_id: str, slot_id: str = DEFAULT_SLOT_ID) -> str:
     """The MSC2746 ``conf_id`` of the mesh call of a MatrixRTC session (room, slot)."""
     return livekit_room_alias(room_id, slot_id)
+
+
+def member_session_id(member_id: str, created_ts: int) -> str:
+    """The MSC2746 session id of a current-dialect membership: the same for every observer,
+    new on rejoin (a 2022-dialect member lists its own in ``m.calls``)."""
+    return f"{member_id}.{created_ts}"
 
 
 def with_mesh_transport(transports: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -294,6 +301,7 @@ class PeerCall:
     invite_sent_at: float | None = None
     renegotiating: bool = False
     remote_metadata: Mapping[str, StreamMetadata] = field(default_factory=dict)
+    conf_id: str = ""  # of this call; "" means the local device's
     _send_seq: int = 0
 
     def next_seq(self) -> int:
@@ -368,6 +376,8 @@ class MeshSignalling:
         self._new_call_id = new_call_id
         self._local_metadata = local_metadata
         self._members: dict[DeviceRef, str] = {}
+        self._conf_ids: dict[DeviceRef, str] = {}  # peers called under another conf_id
+        self._accepted_conf_ids: set[str] = {local.conf_id}
         self._calls: dict[str, PeerCall] = {}
         self._by_peer: dict[DeviceRef, str] = {}
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -407,11 +417,22 @@ class MeshSignalling:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def set_members(self, members: Mapping[DeviceRef, str]) -> list[SignallingAction]:
+    def accept_conf_id(self, conf_id: str) -> None:
+        """Also take events naming ``conf_id`` (the room's 2022 call, once we are listed in
+        it: Hydrogen and legacy js-sdk use that call's id)."""
+        self._accepted_conf_ids.add(conf_id)
+
+    def set_members(
+        self, members: Mapping[DeviceRef, str], conf_ids: Mapping[DeviceRef, str] | None = None
+    ) -> list[SignallingAction]:
         """The active mesh members (device → session id) of the session, ourselves included or
-        not. Calls to devices that left or changed session end; new devices are called."""
+        not. Calls to devices that left or changed session end; new devices are called.
+        ``conf_ids``: the peers we call under a conf_id other than ours (the room's 2022 call);
+        an incoming call keeps the conf_id its invite names."""
         if self._closed:
             return []
+        self._conf_ids = dict(conf_ids or {})
+        self._accepted_conf_ids.update(self._conf_ids.values())
         me = self.local.ref
         new = {ref: sess for ref, sess in members.items() if ref != me}
         actions: list[SignallingAction] = []
@@ -581,7 +602,7 @@ class MeshSignalling:
     def _envelope_problem(self, env: CallEnvelope) -> str | None:
         if env.device_id is None:
             return "no device_id"  # js-sdk drops these too
-        if env.conf_id != self.local.conf_id:
+        if env.conf_id not in self._accepted_conf_ids:
             return "conf_id is not our call"
         if env.dest_session_id != self.local.session_id:
             return "dest_session_id is not our session"
@@ -696,6 +717,7 @@ class MeshSignalling:
                 loser = self._new_call(
                     invite.call_id, r.sender, session, CallDirection.INCOMING, CallState.ENDED
                 )
+                loser.conf_id = invite.envelope.conf_id or ""
                 self._tombstone(loser.call_id)
                 hangup = CallHangup(envelope=self._envelope(loser), reason=HangupReason.REPLACED)
                 return [self._send(loser, hangup)]
@@ -705,6 +727,7 @@ class MeshSignalling:
         call = self._new_call(
             invite.call_id, r.sender, session, CallDirection.INCOMING, CallState.ANSWERING
         )
+        call.conf_id = invite.envelope.conf_id or ""
         call.remote_metadata = invite.stream_metadata
         self._register(call)
         actions.append(
@@ -771,6 +794,7 @@ class MeshSignalling:
         call = self._new_call(
             self._new_call_id(), peer, session, CallDirection.OUTGOING, CallState.CREATING_OFFER
         )
+        call.conf_id = self._conf_ids.get(peer, "")
         self._register(call)
         log.info("mesh.place_call", call_id=call.call_id, peer=peer.device_id)
         return [CreateOffer(call_id=call.call_id, peer=peer)]
@@ -832,7 +856,7 @@ class MeshSignalling:
             call_id=call.call_id,
             party_id=self.local.device_id,
             version="1",
-            conf_id=self.local.conf_id,
+            conf_id=call.conf_id or self.local.conf_id,
             device_id=self.local.device_id,
             sender_session_id=self.local.session_id,
             dest_session_id=call.peer_session_id,

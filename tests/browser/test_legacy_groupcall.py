@@ -13,18 +13,19 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
 
+from matrixrtc.agent import CallAgent
 from matrixrtc.devstack import Chromium, Synapse
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
-from matrixrtc.mesh.legacy_link import LegacyMeshCall
 from matrixrtc.session.mesh_signalling import DeviceRef
 from tests.browser.helpers import BROWSER_DIR, run_node, serve_dir
+from tests.mesh_members import mesh_member
 
 pytestmark = pytest.mark.browser
 
@@ -48,6 +49,10 @@ async def page_dist(run_dir: Path) -> AsyncIterator[Path]:
     log, _ = await proc.communicate()
     assert proc.returncode == 0, log.decode()[-2000:]
     yield out
+
+
+def media() -> list[Any]:
+    return [SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()]
 
 
 def decoded(engine: MeshEngine | None, peer: DeviceRef, kind: str) -> int:
@@ -109,7 +114,7 @@ async def test_we_call_legacy_js_sdk_media_both_ways_and_its_hangup_arrives(
     room = await synapse.create_call_room(py, invite=[js])
     async with (
         Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
-        LegacyMeshCall(
+        mesh_member(
             hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
         ) as call,
         serve_dir(page_dist) as base,
@@ -153,8 +158,9 @@ async def test_legacy_js_sdk_calls_us_video_only_and_our_hangup_arrives(
         serve_dir(page_dist) as base,
     ):
         peer = DeviceRef(js.user_id, js.device_id)
-        call = LegacyMeshCall(hs, room, sources=[SyntheticVideoTrack(320, 240, 15)], config=CONFIG)
-        async with call:
+        async with mesh_member(
+            hs, room, sources=[SyntheticVideoTrack(320, 240, 15)], config=CONFIG
+        ) as call:
             opts = page_options(synapse, js, room, untilHangupFrom=hs.device_id)
             page = asyncio.create_task(run_page(chromium, base + "/index.html", opts, 60))
             await poll_until(
@@ -190,7 +196,7 @@ async def test_three_party_mesh_two_browsers_and_us_then_a_browser_rejoins(
     room = await synapse.create_call_room(py, invite=[ja, jz])
     async with (
         Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
-        LegacyMeshCall(
+        mesh_member(
             hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
         ) as call,
         serve_dir(page_dist) as base,
@@ -239,3 +245,69 @@ async def test_three_party_mesh_two_browsers_and_us_then_a_browser_rejoins(
             + call.received[(ja.device_id, "m.call.invite")]
         )
         assert after > before
+
+
+async def test_one_mesh_of_three_dialects_current_python_2022_python_and_legacy_js_sdk(
+    synapse: Synapse, chromium: Chromium, user_factory: Any, page_dist: Path
+) -> None:
+    """One call, three membership dialects: a Python member on ``auto`` (it writes today's
+    state form, and lists itself in the room's 2022 call once a 2022-only member is there:
+    legacy js-sdk sends media only to members it finds in ``m.calls``), a Python member on
+    ``msc3401_2022``, and matrix-js-sdk's legacy GroupCall in Chromium. Every pair decodes
+    the other's video; the 2022 member reads the current one's state membership."""
+    a = await user_factory("lgmx-a-py")
+    js = await user_factory("lgmx-m-js")
+    z = await user_factory("lgmx-z-py")
+    # The 2022 member creates the room: starting a 2022 call (org.matrix.msc3401.call) takes
+    # power level 50 there.
+    room = await synapse.create_call_room(z, invite=[js, a])
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(z.user_id, password=z.password)) as hz,
+        mesh_member(ha, room, dialect="auto", sources=media(), config=CONFIG) as ma,
+        mesh_member(hz, room, dialect="msc3401_2022", sources=media(), config=CONFIG) as mz,
+        serve_dir(page_dist) as base,
+    ):
+        agent_a = cast(CallAgent, ma.agent)
+        pa, pj, pz = (
+            DeviceRef(a.user_id, ha.device_id),
+            DeviceRef(js.user_id, js.device_id),
+            DeviceRef(z.user_id, hz.device_id),
+        )
+        # The current-dialect member joined first (state form) and then added a 2022 entry.
+        await poll_until(
+            asyncio.ensure_future(asyncio.sleep(20)),
+            lambda: ma.conf_id == mz.conf_id,  # our 2022 entry is back from the room
+            15,
+            "the auto member listed in the 2022 call",
+        )
+        own_a = next(p for p in agent_a.participants if p.is_self)
+        assert own_a.dialect.value == "state"
+        assert agent_a.legacy_conf_id == mz.conf_id
+        seen_by_z = {(p.user_id, p.dialect.value) for p in cast(CallAgent, mz.agent).participants}
+        assert (a.user_id, "state") in seen_by_z  # read in its own dialect
+        page = asyncio.create_task(
+            run_page(
+                chromium, base + "/index.html", page_options(synapse, js, room, stayMs=8_000), 60
+            )
+        )
+        await poll_until(
+            page,
+            lambda: all(
+                decoded(engine, peer, "video") > 20
+                for engine, peer in (
+                    (ma.engine, pj),
+                    (ma.engine, pz),
+                    (mz.engine, pj),
+                    (mz.engine, pa),
+                )
+            ),
+            40,
+            "video decoded between every pair of Python and browser members",
+        )
+        result = await page
+        assert result["groupCallId"] == mz.conf_id
+        for peer in (pa, pz):
+            stats = result["stats"][f"{peer.user_id}|{peer.device_id}"]
+            assert stats["video"] > 20, result["stats"]
+        assert ma.dropped_signalling == mz.dropped_signalling == 0

@@ -17,8 +17,8 @@ from matrixrtc.devstack import Synapse
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig
-from matrixrtc.mesh.legacy_link import LegacyMeshCall
 from matrixrtc.session.mesh_signalling import DeviceRef
+from tests.mesh_members import mesh_member
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,7 +39,7 @@ async def test_legacy_call_cli_joins_decodes_and_leaves(
     room = await synapse.create_call_room(a, invite=[b])
     async with (
         Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
-        LegacyMeshCall(
+        mesh_member(
             ha, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
         ) as call,
     ):

@@ -17,8 +17,8 @@ from matrixrtc.devstack import Synapse
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
-from matrixrtc.mesh.legacy_link import LegacyMeshCall
 from matrixrtc.session.mesh_signalling import DeviceRef
+from tests.mesh_members import mesh_member
 
 pytestmark = [
     pytest.mark.integration,
@@ -67,7 +67,7 @@ async def test_two_devices_call_in_the_2022_dialect_and_leave(
     async with (
         Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
         Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
-        LegacyMeshCall(ha, room, sources=sources(), config=CONFIG) as ca,
+        mesh_member(ha, room, sources=sources(), config=CONFIG) as ca,
     ):
         conf_id = ca.conf_id
         assert conf_id is not None
@@ -78,7 +78,7 @@ async def test_two_devices_call_in_the_2022_dialect_and_leave(
             {"m.calls": [{"m.call_id": conf_id, "m.devices": [other_entry]}]},
         )
         await hb.wait_synced()
-        async with LegacyMeshCall(hb, room, sources=sources(), config=CONFIG) as cb:
+        async with mesh_member(hb, room, sources=sources(), config=CONFIG) as cb:
             assert cb.conf_id == conf_id  # joined the room's call, did not make another
             pa, pb = DeviceRef(a.user_id, ha.device_id), DeviceRef(b.user_id, hb.device_id)
             await wait_for(
@@ -108,3 +108,51 @@ async def test_two_devices_call_in_the_2022_dialect_and_leave(
         state = await ha.get_state_event(room, MEMBER, b.user_id)
         assert state is not None
         assert [d["device_id"] for d in state["m.calls"][0]["m.devices"]] == ["BPHONE"]
+
+
+async def test_frame_e2ee_per_peer_encrypted_between_current_members_plain_to_a_2022_one(
+    synapse: Synapse, user_factory: Any
+) -> None:
+    """An encrypted room: two state-dialect members with frame E2EE (CallKeys) and one
+    2022-dialect member without (as Hydrogen and legacy js-sdk). The current members encrypt
+    to each other (each decodes the other only through its decryptor) and send the same
+    encoded frames unencrypted to the 2022 member; its frames are decoded without
+    decryption. Without the per-peer rule the 2022 member would get ciphertext and the
+    current members would try to decrypt its plain frames: nothing would decode."""
+    c = await user_factory("e2p-c")  # creates the room: starting a 2022 call takes PL 50
+    a, b = await user_factory("e2p-a"), await user_factory("e2p-b")
+    room = await synapse.create_call_room(c, invite=[a, b], encrypted=True)
+    async with (
+        Homeserver(synapse.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(synapse.base_url, Login(b.user_id, password=b.password)) as hb,
+        Homeserver(synapse.base_url, Login(c.user_id, password=c.password)) as hc,
+        mesh_member(hc, room, sources=sources(), config=CONFIG) as mc,
+        mesh_member(ha, room, dialect="state", e2ee=True, sources=sources(), config=CONFIG) as ma,
+        mesh_member(hb, room, dialect="state", e2ee=True, sources=sources(), config=CONFIG) as mb,
+    ):
+        pa, pb, pc = (
+            DeviceRef(a.user_id, ha.device_id),
+            DeviceRef(b.user_id, hb.device_id),
+            DeviceRef(c.user_id, hc.device_id),
+        )
+        pairs = [
+            (ma, pb), (mb, pa),  # frame E2EE
+            (ma, pc), (mb, pc), (mc, pa), (mc, pb),  # plain DTLS-SRTP
+        ]  # fmt: skip
+        await wait_for(
+            lambda: all(decoded(m.engine, p, k) > 10 for m, p in pairs for k in ("video", "audio")),
+            40,
+            "media decoded between every pair",
+        )
+        for m, peer, e2ee in ((ma, pb, True), (mb, pa, True), (ma, pc, False), (mc, pa, False)):
+            assert m.engine is not None
+            link = m.engine.link_for(peer)
+            assert link is not None
+            assert link.frame_e2ee is e2ee, (peer, e2ee)
+        # The 2022 member has no frame E2EE at all; A's one encoder both encrypted and not.
+        assert mc.keys is None
+        assert ma.engine is not None
+        video = ma.engine.encoders["video"]
+        assert video.frames_protected > 10
+        assert video.frames_plain > 10
+        assert ma.dropped_signalling == mb.dropped_signalling == mc.dropped_signalling == 0

@@ -766,3 +766,34 @@ def test_the_signalling_core_imports_no_io_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- heterogeneous mesh: a peer called under the room's 2022 call id -----------------------
+
+
+def test_a_2022_peer_is_called_under_its_conf_id_and_answers_are_taken() -> None:
+    clock = Clock()
+    mesh = Mesh(clock, ALICE, BOB)
+    legacy = "roomcall2022"
+    # Alice calls Bob under the 2022 call's id; Bob (listed in that call) accepts it.
+    mesh.nodes[BOB].accept_conf_id(legacy)
+    mesh.pump(BOB, mesh.nodes[BOB].set_members(mesh.sessions(ALICE, BOB)))
+    mesh.pump(ALICE, mesh.nodes[ALICE].set_members(mesh.sessions(ALICE, BOB), {BOB: legacy}))
+    invites = mesh.sent(ALICE, "m.call.invite")
+    assert [i.content["conf_id"] for i in invites] == [legacy]
+    # Bob answers under the id the invite named, not its own default.
+    answers = mesh.sent(BOB, "m.call.answer")
+    assert [a.content["conf_id"] for a in answers] == [legacy]
+    assert mesh.sent(ALICE, "m.call.select_answer")[0].content["conf_id"] == legacy
+    # Another conf_id is still nobody's call.
+    drop = mesh.nodes[BOB].receive(
+        ALICE.user_id, "m.call.invite", {**envelope("x1", conf_id="other"), **INVITE_BODY}
+    )
+    assert drop == []
+
+
+def test_without_conf_ids_every_peer_gets_the_session_conf_id() -> None:
+    clock = Clock()
+    mesh = Mesh(clock, ALICE, BOB)
+    mesh.join(mesh.sessions(ALICE, BOB))
+    assert {s.content["conf_id"] for s in mesh.sent()} == {CONF}

@@ -27,7 +27,10 @@ from matrixrtc.session.legacy_call import (
     LegacyMembership,
     LegacyMembershipState,
     WriteDialect,
+    WritePlan,
     choose_write_dialect,
+    needs_legacy_entry,
+    plan_write,
 )
 
 NOW = 1_700_000_000_000
@@ -372,3 +375,43 @@ def test_dialect_choice() -> None:
         choose_write_dialect(WriteDialect.AUTO, ["sticky", "msc3401_2022"]) is WriteDialect.STICKY
     )
     assert choose_write_dialect(WriteDialect.AUTO, ["state", "sticky"]) is WriteDialect.STATE
+
+
+def test_write_plan_per_dialect_choice() -> None:
+    assert plan_write(WriteDialect.STATE, ["msc3401_2022"]) == WritePlan(WriteDialect.STATE, False)
+    assert plan_write(WriteDialect.MSC3401_2022, []) == WritePlan(None, True)
+    # AUTO: alone -> state; only 2022 members -> 2022 only; mixed -> current plus 2022 entry.
+    assert plan_write(WriteDialect.AUTO, []) == WritePlan(WriteDialect.STATE, False)
+    assert plan_write(WriteDialect.AUTO, ["msc3401_2022"]) == WritePlan(None, True)
+    assert plan_write(WriteDialect.AUTO, ["sticky", "msc3401_2022", "msc3401_2022"]) == WritePlan(
+        WriteDialect.STICKY, True
+    )
+    assert plan_write(WriteDialect.AUTO, ["state", "sticky"]) == WritePlan(
+        WriteDialect.STATE, False
+    )
+    assert needs_legacy_entry(["state", "msc3401_2022"])
+    assert not needs_legacy_entry(["state", "sticky"])
+
+
+def test_no_repair_storm_when_our_call_is_not_the_rooms() -> None:
+    """Creating the call can fail (power level): our entry names a conf_id the room does not
+    have, so re-putting it would only loop. observe() then does nothing."""
+    alice = "@alice:hs"
+    s = LegacyCallSession(ROOM)
+    me = LegacyMembership(s, user_id=alice, device_id="AAA", session_id="sa", new_conf_id="gone")
+    puts = me.join(NOW)
+    member_put = puts[-1]
+    s.receive_state_event(
+        {
+            "type": MEMBER_EVENT,
+            "state_key": alice,
+            "sender": alice,
+            "event_id": "$m",
+            "origin_server_ts": NOW,
+            "content": member_put.content,
+        }
+    )  # the member event came back, the call event (403) never did
+    assert me.observe(NOW + 5) == []
+    # A new session id for a dual writer is written at once.
+    again = me.set_session_id("sb", NOW + 6)
+    assert calls_of(again[0].content, "gone")[0]["session_id"] == "sb"
