@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 
 from matrixrtc.calltest.participant import ParticipantConfig
-from matrixrtc.calltest.runner import ParticipantProcess, participants, provision
+from matrixrtc.calltest.runner import ParticipantProcess, Provisioned, participants, provision
 from matrixrtc.devstack import AuthService, Chromium, LiveKit, Synapse
 from tests.browser.helpers import BROWSER_DIR, run_node, serve_dir
 
@@ -150,6 +150,21 @@ def _check_browser_side(result: dict[str, Any], kind: str, peers: int) -> list[d
     return remotes
 
 
+def _py(
+    prov: Provisioned, name: str, user: str, password: str, **options: Any
+) -> ParticipantConfig:
+    """A Python participant in ``prov``'s room, in the call until stopped."""
+    return ParticipantConfig(
+        name=name,
+        homeserver=prov.base_url,
+        user=user,
+        password=password,
+        room_id=prov.room_id,
+        duration_s=0,
+        **options,
+    )
+
+
 async def _run_call(
     chromium: Chromium,
     stack: WebStack,
@@ -168,13 +183,10 @@ async def _run_call(
     creds = dict(zip([n for n, _ in pythons + browsers], prov.users, strict=True))
     ids = {n: c[0] for n, c in creds.items()}
     cfgs = [
-        ParticipantConfig(
-            name=n,
-            homeserver=prov.base_url,
-            user=creds[n][0],
-            password=creds[n][1],
-            room_id=prov.room_id,
-            duration_s=0,
+        _py(
+            prov,
+            n,
+            *creds[n],
             **{"sfu_url": stack.sfu_url, **o} if o.get("transport", "mesh") != "mesh" else o,
         )
         for n, o in pythons
@@ -349,17 +361,7 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     (py_user, py_pw), (pz_user, pz_pw), (web_user, web_pw) = prov.users
 
     def cfg(name: str, user: str, pw: str) -> ParticipantConfig:
-        return ParticipantConfig(
-            name=name,
-            homeserver=prov.base_url,
-            user=user,
-            password=pw,
-            room_id=prov.room_id,
-            duration_s=0,
-            transport="auto",
-            sfu_url=web_stack.sfu_url,
-            mesh_max=2,
-        )
+        return _py(prov, name, user, pw, transport="auto", sfu_url=web_stack.sfu_url, mesh_max=2)
 
     logs = web_stack.synapse.dir / f"switch-{tag}"
     async with participants([cfg("py", py_user, py_pw)], logs) as (py,):
@@ -445,17 +447,7 @@ async def test_sfu_lost_mid_call_the_call_goes_on_as_a_mesh_and_returns(
     svc = AuthService(run_dir, lk, web_stack.synapse, name=f"sfu-lost-{tag}")
     # The Python participant joins first: its membership is the oldest, so the browser uses
     # its SFU (oldest_membership) rather than the one the homeserver advertises.
-    cfg = ParticipantConfig(
-        name="py",
-        homeserver=prov.base_url,
-        user=py_user,
-        password=py_pw,
-        room_id=prov.room_id,
-        duration_s=0,
-        transport="auto",
-        sfu_url=svc.url,
-        mesh_max=1,
-    )
+    cfg = _py(prov, "py", py_user, py_pw, transport="auto", sfu_url=svc.url, mesh_max=1)
 
     def frames_on(p: ParticipantProcess, kind: str) -> int:
         return int(_peer(p, web_user).get("frames_by_transport", {}).get(kind, 0))

@@ -364,6 +364,30 @@ async def test_sigkill_of_the_project_member_is_a_leave_for_js_sdk(
         await js.close()
 
 
+RING = AgentConfig(
+    dialect=Dialect.STICKY,
+    transports=(LivekitTransport(livekit_service_url=FOCUS),),
+    ring=True,
+    ring_lifetime_ms=60_000,
+)
+
+
+async def _ring_until_js_declines(hs: Homeserver, room: str, js: JsMember) -> dict[str, Any]:
+    """Our agent rings (sticky dialect: it opens the slot first); js-sdk must accept the
+    notification (js-sdk 43's parseCallNotificationContent) and decline it, which ends our
+    ring. Returns what js-sdk saw."""
+    async with CallAgent(hs, room, RING) as caller:
+        await until(lambda: caller.notification_event_id, 15, "our ring")
+        note_id = caller.notification_event_id
+        seen = await js.wait_for(
+            lambda e: e["event"] == "notification" and e["event_id"] == note_id, 15
+        )
+        assert seen["valid"], seen["error"]
+        await js.send({"cmd": "decline", "event_id": note_id})
+        assert await caller.wait_ring_ended(15) is RingState.DECLINED
+    return seen
+
+
 async def test_rings_and_declines_both_ways(
     synapse: Synapse, user_factory: Any, run_dir: Path
 ) -> None:
@@ -379,22 +403,8 @@ async def test_rings_and_declines_both_ways(
         )
         try:
             await js.start()
-            config = AgentConfig(
-                dialect=Dialect.STICKY,
-                transports=(LivekitTransport(livekit_service_url=FOCUS),),
-                ring=True,
-                ring_lifetime_ms=60_000,
-            )
-            async with CallAgent(hs, room, config) as caller:
-                await until(lambda: caller.notification_event_id, 15, "our ring")
-                note_id = caller.notification_event_id
-                seen = await js.wait_for(
-                    lambda e: e["event"] == "notification" and e["event_id"] == note_id, 15
-                )
-                assert seen["valid"], seen["error"]  # js-sdk 43's parseCallNotificationContent
-                assert seen["content"]["slot_id"] == "m.call#ROOM"
-                await js.send({"cmd": "decline", "event_id": note_id})
-                assert await caller.wait_ring_ended(15) is RingState.DECLINED
+            seen = await _ring_until_js_declines(hs, room, js)
+            assert seen["content"]["slot_id"] == "m.call#ROOM"
         finally:
             await js.close()
 
@@ -556,20 +566,6 @@ async def test_js_sdk_encrypted_decline_ends_our_ring(
         try:
             await js.start()
             await _learn_device(hs, js.user_id, js.device_id)
-            config = AgentConfig(
-                dialect=Dialect.STICKY,
-                transports=(LivekitTransport(livekit_service_url=FOCUS),),
-                ring=True,
-                ring_lifetime_ms=60_000,
-            )
-            async with CallAgent(hs, room, config) as caller:
-                await until(lambda: caller.notification_event_id, 15, "our ring")
-                note_id = caller.notification_event_id
-                seen = await js.wait_for(
-                    lambda e: e["event"] == "notification" and e["event_id"] == note_id, 15
-                )
-                assert seen["valid"], seen["error"]
-                await js.send({"cmd": "decline", "event_id": note_id})
-                assert await caller.wait_ring_ended(15) is RingState.DECLINED
+            await _ring_until_js_declines(hs, room, js)
         finally:
             await js.close()
