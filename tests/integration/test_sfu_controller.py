@@ -72,6 +72,24 @@ class Sfu:
     url: str
     log_path: Path
 
+    @classmethod
+    async def serve(
+        cls, run_dir: Path, name: str, port: int, env: dict[str, str], *args: str
+    ) -> Sfu:
+        """``python -m sfu serve ARGS`` on 127.0.0.1:``port``, started; its log is
+        ``run_dir/name/service.log``."""
+        log_path = run_dir / name / "service.log"
+        proc = ManagedProcess(
+            name=name,
+            argv=[sys.executable, "-m", "sfu", "serve", *args],
+            log_path=log_path,
+            cwd=run_dir,
+            env=env,
+        )
+        sfu = cls(proc, f"http://127.0.0.1:{port}", log_path)
+        await sfu.start()
+        return sfu
+
     async def start(self) -> None:
         async def ready() -> bool:
             async with (
@@ -105,6 +123,18 @@ class Sfu:
         return out
 
 
+def service_env(lk: LiveKit, redis: Redis, **extra: str) -> dict[str, str]:
+    """The service's environment for this LiveKit and Redis, plus ``extra``."""
+    return {
+        **os.environ,
+        "LIVEKIT_URL": lk.url,
+        "LIVEKIT_KEY": lk.api_key,
+        "LIVEKIT_SECRET": lk.api_secret,
+        "LIVEKIT_REDIS_URL": redis.url,
+        **extra,
+    }
+
+
 def controller_env(
     lk: LiveKit, hs: Synapse, redis: Redis, watcher: UserCreds, *, admin: bool = False, **extra: str
 ) -> dict[str, str]:
@@ -112,11 +142,7 @@ def controller_env(
     account joined to the call rooms (its /sync)."""
     token = "ADMIN_TOKEN" if admin else "ACCESS_TOKEN"
     return {
-        **os.environ,
-        "LIVEKIT_URL": lk.url,
-        "LIVEKIT_KEY": lk.api_key,
-        "LIVEKIT_SECRET": lk.api_secret,
-        "LIVEKIT_REDIS_URL": redis.url,
+        **service_env(lk, redis),
         "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
         f"MATRIXRTC_SFU_CONTROLLER_{token}": watcher.access_token,
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
@@ -166,20 +192,11 @@ async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
             MATRIXRTC_SFU_CONTROLLER="1",
             MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN="1",
         )
-        log_path = run_dir / "sfu-controller" / "service.log"
-        proc = ManagedProcess(
-            name="sfu-controller",
-            argv=[sys.executable, "-m", "sfu", "serve"],
-            log_path=log_path,
-            cwd=run_dir,
-            env=env,
-        )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
-        await sfu.start()
+        sfu = await Sfu.serve(run_dir, "sfu-controller", port, env)
         try:
             yield Stack(synapse, lk, redis, sfu, admin, run_dir, watcher=admin)
         finally:
-            await proc.stop()
+            await sfu.proc.stop()
 
 
 @dataclass
@@ -556,28 +573,19 @@ async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path
         LiveKit(run_dir, name="livekit-limits") as lk,
         Redis(run_dir, name="redis-limits") as redis,
     ):
-        proc = ManagedProcess(
-            name="sfu-limits",
-            argv=[sys.executable, "-m", "sfu", "serve"],
-            log_path=run_dir / "sfu-limits" / "service.log",
-            cwd=run_dir,
-            env={
-                **os.environ,
-                "LIVEKIT_URL": lk.url,
-                "LIVEKIT_KEY": lk.api_key,
-                "LIVEKIT_SECRET": lk.api_secret,
-                "LIVEKIT_REDIS_URL": redis.url,
-                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
-                "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
-                "MATRIXRTC_SFU_RATE_LIMIT": "0",
-                "MATRIXRTC_SFU_METRICS_TOKEN": STATUS_TOKEN,
-                "MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS": "1",
-                "MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS": "1",
-            },
+        env = service_env(
+            lk,
+            redis,
+            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
+            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
+            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
+            MATRIXRTC_SFU_RATE_LIMIT="0",
+            MATRIXRTC_SFU_METRICS_TOKEN=STATUS_TOKEN,
+            MATRIXRTC_SFU_MAX_ROOM_PARTICIPANTS="1",
+            MATRIXRTC_SFU_MAX_HOMESERVER_ROOMS="1",
         )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
-        await sfu.start()
+        sfu = await Sfu.serve(run_dir, "sfu-limits", port, env)
+        proc = sfu.proc
         member: Member | None = None
         try:
             alice, bob = await asyncio.gather(
@@ -629,28 +637,19 @@ async def test_without_homeserver_access_it_says_so_and_acts_on_delegated_leaves
         LiveKit(run_dir, name="livekit-nohs") as lk,
         Redis(run_dir, name="redis-nohs") as redis,
     ):
-        proc = ManagedProcess(
-            name="sfu-nohs",
-            argv=[sys.executable, "-m", "sfu", "serve"],
-            log_path=run_dir / "sfu-nohs" / "service.log",
-            cwd=run_dir,
-            env={
-                **os.environ,
-                "LIVEKIT_URL": lk.url,
-                "LIVEKIT_KEY": lk.api_key,
-                "LIVEKIT_SECRET": lk.api_secret,
-                "LIVEKIT_REDIS_URL": redis.url,
-                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
-                "LIVEKIT_CS_API_URL_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
-                "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{synapse.server_name}={synapse.base_url}",
-                "MATRIXRTC_SFU_RATE_LIMIT": "0",
-                "MATRIXRTC_SFU_CONTROLLER": "1",
-                "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",
-            },
+        env = service_env(
+            lk,
+            redis,
+            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
+            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
+            LIVEKIT_CS_API_URL_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
+            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
+            MATRIXRTC_SFU_RATE_LIMIT="0",
+            MATRIXRTC_SFU_CONTROLLER="1",
+            MATRIXRTC_SFU_CONTROLLER_GRACE="1",
         )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
-        await sfu.start()
+        sfu = await Sfu.serve(run_dir, "sfu-nohs", port, env)
+        proc = sfu.proc
         member: Member | None = None
         try:
             limits = [
@@ -713,28 +712,19 @@ async def test_inside_serve_with_workers_one_worker_leads(synapse: Synapse, run_
         LiveKit(run_dir, name="livekit-workers") as lk,
         Redis(run_dir, name="redis-workers") as redis,
     ):
-        proc = ManagedProcess(
-            name="sfu-workers",
-            argv=[sys.executable, "-m", "sfu", "serve", "--workers", "2"],
-            log_path=run_dir / "sfu-workers" / "service.log",
-            cwd=run_dir,
-            env={
-                **os.environ,
-                "LIVEKIT_URL": lk.url,
-                "LIVEKIT_KEY": lk.api_key,
-                "LIVEKIT_SECRET": lk.api_secret,
-                "LIVEKIT_REDIS_URL": redis.url,
-                "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
-                "LIVEKIT_FULL_ACCESS_HOMESERVERS": synapse.server_name,
-                "MATRIXRTC_SFU_METRICS_TOKEN": STATUS_TOKEN,
-                "MATRIXRTC_SFU_RATE_LIMIT": "0",
-                "MATRIXRTC_SFU_CONTROLLER": "1",
-                "MATRIXRTC_SFU_CONTROLLER_GRACE": "1",
-                "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
-            },
+        env = service_env(
+            lk,
+            redis,
+            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
+            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
+            MATRIXRTC_SFU_METRICS_TOKEN=STATUS_TOKEN,
+            MATRIXRTC_SFU_RATE_LIMIT="0",
+            MATRIXRTC_SFU_CONTROLLER="1",
+            MATRIXRTC_SFU_CONTROLLER_GRACE="1",
+            MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN=STATUS_TOKEN,
         )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", proc.log_path)
-        await sfu.start()
+        sfu = await Sfu.serve(run_dir, "sfu-workers", port, env, "--workers", "2")
+        proc = sfu.proc
         intruder: Member | None = None
         try:
 
@@ -920,16 +910,8 @@ async def test_with_the_admin_api_only_nobody_is_removed_for_lacking_a_membershi
             MATRIXRTC_SFU_RATE_LIMIT="0",
             MATRIXRTC_SFU_CONTROLLER="1",
         )
-        log_path = run_dir / "sfu-adminonly" / "service.log"
-        proc = ManagedProcess(
-            name="sfu-adminonly",
-            argv=[sys.executable, "-m", "sfu", "serve"],
-            log_path=log_path,
-            cwd=run_dir,
-            env=env,
-        )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
-        await sfu.start()
+        sfu = await Sfu.serve(run_dir, "sfu-adminonly", port, env)
+        proc, log_path = sfu.proc, sfu.log_path
         st = Stack(synapse, lk, redis, sfu, admin, run_dir)
         members: list[Member] = []
         try:

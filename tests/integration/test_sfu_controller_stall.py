@@ -26,12 +26,11 @@ import contextlib
 import os
 import secrets
 import signal
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
 from matrixrtc.devstack import LiveKit, Redis, Synapse
-from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack._process import free_tcp_port
 from tests.integration.test_sfu_controller import (
     CALL_MEMBER,
     STATUS_TOKEN,
@@ -68,17 +67,9 @@ async def test_honest_members_are_kept_through_a_synapse_stall_and_restart(run_d
             MATRIXRTC_SFU_CONTROLLER="1",
             MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN="1",
         )
-        log_path = base / "sfu" / "service.log"
-        proc = ManagedProcess(
-            name="sfu-stall",
-            argv=[sys.executable, "-m", "sfu", "serve"],
-            log_path=log_path,
-            cwd=base,
-            env=env,
-        )
-        sfu = Sfu(proc, f"http://127.0.0.1:{port}", log_path)
+        sfu = await Sfu.serve(base, "sfu-stall", port, env)
+        proc = sfu.proc
         members: list[Member] = []
-        await sfu.start()
         try:
             st = Stack(hs, lk, redis, sfu, watcher, base, watcher=watcher)
             owner = await hs.register("stallowner")
