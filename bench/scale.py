@@ -76,7 +76,8 @@ def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str,
     layers: dict[str, dict[str, str]] = {}
     for pair in w["pairs"]:
         if "layer" in pair:
-            layers.setdefault(pair["receiver"], {})[pair["sender"]] = pair["layer"]
+            got = pair["layer"] + (f" {pair['video_size']}" if "video_size" in pair else "")
+            layers.setdefault(pair["receiver"], {})[pair["sender"]] = got
     cell: dict[str, Any] = {
         "n": n,
         "min_fps_ratio": w["min_fps_ratio"],
@@ -114,6 +115,8 @@ async def _measure(
         user_prefix=f"{transport}{n}-",
         run_dir=run_dir / f"{transport}-{n}",
         settle_s=args.settle,
+        simulcast=transport == "sfu" and args.simulcast,
+        low_layer_above=args.low_layer_above if transport == "sfu" and args.simulcast else None,
     )
 
     def progress(line: str) -> None:
@@ -207,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--switch", action=argparse.BooleanOptionalAction, default=True,
         help="measure the mesh/SFU switch gaps (bench/join.py's measurement)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--simulcast", action=argparse.BooleanOptionalAction, default=True,
+        help="SFU cells publish simulcast layers (default on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--low-layer-above", type=int, default=4,
+        help="SFU receivers take the low layer past this many remote videos (default 4)",
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = parser.parse_args(argv)

@@ -79,6 +79,8 @@ class ParticipantConfig:
     transport: str = "mesh"
     sfu_url: str | None = None
     mesh_max: int = 4
+    simulcast: bool = False  # on the SFU: publish layers
+    low_layer_above: int | None = None  # on the SFU: the low layer past this many videos
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -276,6 +278,10 @@ def _switcher_view(
                     "kbps_in": None,  # the livekit SDK exposes no byte counts here
                     "kbps_out": None,
                     "audio_frames_decoded": lk_stats.audio_frames,
+                    "layer": lk_stats.layer,
+                    "video_size": (
+                        "x".join(map(str, lk_stats.video_size)) if lk_stats.video_size else None
+                    ),
                     "decrypt_failures": lk_stats.decrypt_failures,
                     "packets_in": None,
                     "bytes_in": None,
@@ -415,6 +421,8 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                             fps=cfg.fps,
                             video=not cfg.receive_only,
                             audio=cfg.audio and not cfg.receive_only,
+                            simulcast=cfg.simulcast,
+                            low_layer_above=cfg.low_layer_above,
                         ),
                         mesh=replace(
                             link_cfg,

@@ -69,6 +69,9 @@ class CallTestConfig:
     # Media over 127.0.0.1 only, no TURN. None: so for the embedded stack only (a benchmark
     # passes its own loopback stack as homeserver/sfu_url and True).
     loopback: bool | None = None
+    simulcast: bool = False  # SFU: publish simulcast layers
+    html: Path | None = None  # write the timeline page (matrixrtc.calltest.html) here
+    low_layer_above: int | None = None  # SFU: receivers take the low layer past this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,7 +459,8 @@ def measurement_window(
                         0, int(peer.get("decrypt_failures", 0)) - fails_a.get(pid, 0)
                     ),
                     "transport": peer.get("transport", "mesh"),
-                    **({"layer": peer["layer"]} if "layer" in peer else {}),
+                    **({"layer": peer["layer"]} if peer.get("layer") else {}),
+                    **({"video_size": peer["video_size"]} if peer.get("video_size") else {}),
                 }
             )
     cpus = [x["cpu_percent"] for x in per if x["cpu_percent"] is not None]
@@ -474,6 +478,15 @@ def measurement_window(
         "participants": per,
         "pairs": pairs,
     }
+
+
+def write_html(path: Path, report: Mapping[str, Any], procs: Sequence[ParticipantProcess]) -> None:
+    """The self-contained timeline page (:mod:`matrixrtc.calltest.html`) at ``path``."""
+    from matrixrtc.calltest.html import render_html
+
+    names = {p.peer_id: p.name for p in procs if p.peer_id is not None}
+    runs = [(p.name, p.stats, p.final) for p in procs]
+    path.write_text(render_html(report, runs, names), encoding="utf-8")
 
 
 def _fmt(value: Any) -> str:
@@ -662,6 +675,8 @@ async def run_call_test(
             transport=cfg.transport if sfu_url is not None else "mesh",
             sfu_url=sfu_url,
             mesh_max=cfg.mesh_max,
+            simulcast=cfg.simulcast,
+            low_layer_above=cfg.low_layer_above,
         )
         viewers = range(cfg.participants - cfg.receive_only, cfg.participants)
         configs = [
@@ -681,5 +696,9 @@ async def run_call_test(
             await asyncio.sleep(min(1.0, cfg.duration_s - elapsed))
         end_ms = round(time.time() * 1000)
         await asyncio.gather(*(p.stop() for p in procs))
-        return build_report(procs, cfg, end_ms=end_ms)
+        report = build_report(procs, cfg, end_ms=end_ms)
+        if cfg.html is not None:
+            write_html(cfg.html, report, procs)
+            say(f"timelines written to {cfg.html}")
+        return report
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

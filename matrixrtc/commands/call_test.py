@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from matrixrtc.calltest.runner import CallTestConfig, format_report, run_call_test
 from matrixrtc.errors import MatrixRTCError
@@ -59,6 +60,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the last K participants publish nothing and receive (and decrypt) everything, "
         "as a viewer or recorder does (default 0)",
     )
+    parser.add_argument(
+        "--simulcast",
+        action="store_true",
+        help="on the SFU, publish simulcast layers (as Element Call does)",
+    )
+    parser.add_argument(
+        "--low-layer-above",
+        type=int,
+        default=None,
+        metavar="K",
+        help="on the SFU, a receiver of more than K remote videos takes the low simulcast "
+        "layer (small tiles); the report says which layer each pair took",
+    )
     parser.add_argument("--resolution", type=_resolution, default=(320, 240))
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument(
@@ -78,6 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--delayed-leave-ms", type=int, default=8_000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write a self-contained page with per-pair fps, bitrate and decrypt-failure "
+        "timelines, joins, leaves, key rotations and transport switches marked",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,6 +135,9 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         sfu_url=args.sfu_url,
         join_interval_s=args.join_interval,
         receive_only=args.receive_only,
+        simulcast=args.simulcast,
+        low_layer_above=args.low_layer_above,
+        html=args.html,
     )
 
 

@@ -139,6 +139,12 @@ class MediaOptions:
     height: int = 240
     fps: float = 15.0
     tone_hz: float = 440.0
+    # Publish simulcast layers (as Element Call does for large calls): the SDK sends the full
+    # size and smaller layers, and each receiver's SFU forwards the one it asked for.
+    simulcast: bool = False
+    # Receivers ask for the low layer once they subscribe to more than this many remote video
+    # tracks (a grid of small tiles); None: always the full size.
+    low_layer_above: int | None = None
 
 
 @dataclass(slots=True)
@@ -158,6 +164,8 @@ class ParticipantStats:
     last_video_at: float | None = None
     e2ee_state: str | None = None  # last EncryptionState name
     decrypt_failures: int = 0  # entries into DECRYPTION_FAILED / MISSING_KEY / INTERNAL_ERROR
+    layer: str | None = None  # the simulcast layer asked for: "high" / "low"
+    video_size: tuple[int, int] | None = None  # of the last decoded frame (the layer received)
     e2ee_events: collections.deque[tuple[float, str]] = field(
         default_factory=lambda: collections.deque(maxlen=_MAX_EVENTS)
     )
@@ -532,7 +540,7 @@ class LiveKitConnection:
                     rtc.TrackPublishOptions(
                         source=rtc.TrackSource.SOURCE_CAMERA,
                         video_codec=rtc.VideoCodec.VP8,
-                        simulcast=False,
+                        simulcast=m.simulcast,
                     ),
                 )
                 self._spawn(self._pump_video(vsource), "livekit-video-source")
@@ -637,12 +645,42 @@ class LiveKitConnection:
     ) -> None:
         stats = self._stats_for(participant.identity)
         if track.kind == rtc.TrackKind.KIND_VIDEO:
+            self._choose_layers()
             stats.video_tracks += 1
             if stats.video_subscribed_at is None:
                 stats.video_subscribed_at = self._clock()
             self._spawn(self._count_video(track, stats), f"livekit-sink-video-{track.sid}")
         elif track.kind == rtc.TrackKind.KIND_AUDIO:
             self._spawn(self._count_audio(track, stats), f"livekit-sink-audio-{track.sid}")
+
+    def _choose_layers(self) -> None:
+        """Every remote video at the layer that fits: the low one past ``low_layer_above``
+        remote video tracks (small tiles), else the full size. A publication without layers
+        (livekit 1.2.1 publishes a 320×240 track with ``simulcast=True`` as a single layer)
+        is marked ``"single"``: there is nothing to choose."""
+        limit = self.media.low_layer_above
+        if limit is None:
+            return  # the SFU's default (the full size); no layer asked for
+        pubs = [
+            (p.identity, pub)
+            for p in self.room.remote_participants.values()
+            for pub in p.track_publications.values()
+            if pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed
+        ]
+        low = len(pubs) > limit
+        for identity, pub in pubs:
+            stats = self._stats_for(identity)
+            if not pub.simulcasted:
+                stats.layer = "single"
+                continue
+            layer = "low" if low else "high"
+            if stats.layer != layer:
+                pub.set_video_quality(
+                    rtc.VideoQuality.VIDEO_QUALITY_LOW
+                    if low
+                    else rtc.VideoQuality.VIDEO_QUALITY_HIGH
+                )
+                stats.layer = layer
 
     async def _count_video(self, track: rtc.Track, stats: ParticipantStats) -> None:
         stream = rtc.VideoStream(track)
@@ -652,6 +690,7 @@ class LiveKitConnection:
                 if self._frames is not None and self._frames.listening:
                     self._frames(stats.identity, video_to_av(event.frame, event.timestamp_us))
                 stats.video_frames += 1
+                stats.video_size = (event.frame.width, event.frame.height)
                 if stats.first_video_at is None:
                     stats.first_video_at = now
                     log.info("livekit.first_remote_frame", identity=stats.identity)

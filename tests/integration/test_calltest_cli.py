@@ -8,13 +8,15 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-async def test_call_test_json_report() -> None:
+async def test_call_test_json_report(tmp_path: Path) -> None:
+    page = tmp_path / "call.html"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -27,6 +29,8 @@ async def test_call_test_json_report() -> None:
         "--duration",
         "5",
         "--json",
+        "--html",
+        str(page),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
@@ -74,3 +78,8 @@ async def test_call_test_json_report() -> None:
     assert cpu["p3"] < min(cpu["p1"], cpu["p2"])
     assert "[" in err.decode()  # the progress lines went to stderr
     assert "MiB" in err.decode()  # with each participant's memory
+    html = page.read_text()
+    assert "<script" not in html
+    assert html.count("<svg") >= 4 * 2  # fps and decrypt failures (and kbit/s) per pair
+    assert "p3 joined" in html
+    assert "p1 left" in html
