@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import os
 import queue
 import secrets
 from collections.abc import Callable
@@ -75,6 +76,9 @@ MIN_VIDEO_BITRATE: Final = 150_000
 MAX_VIDEO_BITRATE: Final = 1_500_000
 OPUS_BITRATE: Final = 32_000
 OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
+# Benchmarks only (bench/scale.py compares both in one run): aiortc's decoder thread per
+# receiver instead of decoding on the event loop.
+_DECODER_THREADS: Final = os.environ.get("MATRIXRTC_MESH_DECODER_THREADS") == "1"
 
 
 def _packet(data: bytes, pts: int, time_base: fractions.Fraction) -> av.Packet[Any]:
@@ -498,7 +502,11 @@ class _DecryptingQueue(queue.Queue[Any]):
         frame.data = clear
         if self._on_encoded is not None:
             self._hand_on(codec, clear, frame.timestamp)
-        if self._decoding:
+        if not self._decoding:
+            return
+        if _DECODER_THREADS:
+            super().put((codec, frame), block, timeout)
+        else:
             self._decode(codec, frame, clear)
 
     def _decode(self, codec: Any, frame: Any, clear: bytes) -> None:
