@@ -652,6 +652,7 @@ async def _scenario_body(
     baseline = {m.id: tuple(max(c) for c in zip(*m.counts(base_t), strict=True))
                 for m in ctx.members}  # fmt: skip
     armed_before = [await ctx.armed(m) for m in ctx.members]
+    base_kinds = {m.id: dict((m.last("status") or {}).get("task_kinds", {})) for m in ctx.members}
 
     fault = await sc.fault(ctx)
     healed = fault.healed_at
@@ -744,11 +745,23 @@ async def _scenario_body(
     inv["baseline"] = len(back) == len(survivors)
     if not inv["baseline"]:
         result["counts"] = {
-            m.id: {"baseline": baseline[m.id], "now": m.counts(since)[-1:]} for m in survivors
+            m.id: {
+                "baseline": baseline[m.id],
+                "now": m.counts(since)[-1:],
+                "tasks_grown": _grown(base_kinds[m.id], (m.last("status") or {}).get("task_kinds")),
+            }
+            for m in survivors
         }
     inv["keys"], key_notes = _check_keys(survivors, ctx.members, healed)
     if key_notes:
         result["keys"] = key_notes
+
+
+def _grown(before: dict[str, int], after: dict[str, int] | None) -> dict[str, int]:
+    """Task kinds whose count changed: name -> difference."""
+    after = after or {}
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted({*before, *after})
+            if after.get(k, 0) != before.get(k, 0)}  # fmt: skip
 
 
 def _check_keys(
@@ -844,8 +857,9 @@ def fault_restart(which: str) -> FaultFn:
 
 
 async def fault_skew(ctx: Ctx) -> Fault:
-    await asyncio.sleep(30.0)  # member 0 runs 30 s ahead from its start; watch it for 30 s
-    return Fault(healed_at=time.monotonic() - 30.0, note="member 0's clock 30 s ahead")
+    # Member 0 runs 30 s ahead from its start: 30 s more of the call, then the same checks.
+    await asyncio.sleep(30.0)
+    return Fault(healed_at=time.monotonic(), note="member 0's clock 30 s ahead")
 
 
 def fault_lossy(seconds: float, delay_s: float = 0.3, loss: float = 0.2) -> FaultFn:
@@ -879,7 +893,10 @@ async def fault_burst(ctx: Ctx) -> Fault:
             break
     assert template is not None
     extra = [await syn.register(f"burst{i}-{secrets.token_hex(3)}") for i in range(50)]
-    for u in extra:
+    room = quote(ctx.room_id, safe="")
+    for u in extra:  # the call room is private: invited first
+        await syn.request("POST", f"/_matrix/client/v3/rooms/{room}/invite", user=ctx.observer,
+                          json_body={"user_id": u.user_id})  # fmt: skip
         await syn.join_room(u, ctx.room_id)
     plan = sorted((ctx.rng.uniform(0, 7.0), ctx.rng.uniform(0.5, 3.0), u) for u in extra)
     t0 = time.monotonic()

@@ -17,8 +17,9 @@ material), ``{"event": "transport", "from": ..., "to": ..., ...}``, then ``{"eve
 each with ``"monotonic"``. With ``--media``, every ``--report-s``: ``{"event": "media", "video":
 {member: frames}, "audio": {...}, "tone": {...}}`` (decoded frames so far per remote device;
 ``tone``: audio frames in which the sender's 440 Hz tone was found) and ``{"event": "status",
-"tasks": ..., "fds": ..., "in_call": ..., "participants": [...]}`` (this process's asyncio tasks
-and open file descriptors: what a fault harness compares with a baseline).
+"tasks": ..., "task_kinds": {coroutine: n}, "fds": ..., "in_call": ..., "participants": [...]}``
+(this process's asyncio tasks and open file descriptors: what a fault harness compares with a
+baseline).
 
 On SIGTERM or Ctrl-C the leave is sent first, then everything else is closed and the process
 ends at once without the interpreter's slow teardown (js-sdk leaves in 42-62 ms).
@@ -503,6 +504,16 @@ class _FrameTally:
                 tones[who] = tones.get(who, 0) + 1
 
 
+def _task_kinds() -> dict[str, int]:
+    """Live asyncio tasks per coroutine name (a leak shows which kind grows)."""
+    kinds: dict[str, int] = {}
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", None) or type(coro).__name__
+        kinds[name] = kinds.get(name, 0) + 1
+    return kinds
+
+
 def _fd_count() -> int | None:
     try:
         return len(os.listdir("/proc/self/fd"))
@@ -529,6 +540,7 @@ async def _report_media(args: argparse.Namespace, call: Any, tally: _FrameTally)
                 None,
                 event="status",
                 tasks=len(asyncio.all_tasks()),
+                task_kinds=_task_kinds(),
                 fds=_fd_count(),
                 in_call=call.left_reason is None,
                 transport=call.transport.value if call.transport is not None else None,
