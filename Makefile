@@ -25,7 +25,7 @@ test: bootstrap
 	./scripts/in-netns $(VENV)/python -m coverage run -m pytest -q -p no:cacheprovider tests/unit -m "not media_matrix" $(PYTEST_ARGS)
 	@echo "branch coverage of the pure core (model, session, e2ee), at least 90 %:"
 	$(VENV)/coverage report
-	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=25 --ignore=tests/unit -m "not media_matrix" $(PYTEST_ARGS)
+	timeout --signal=INT --kill-after=60 1500 ./scripts/in-netns $(VENV)/python -m pytest -q -p no:cacheprovider --durations=25 --ignore=tests/unit -m "not media_matrix and not scaleout" $(PYTEST_ARGS)
 
 # Real media between Chromium and Python call clients, mesh and SFU (a few minutes).
 test-media: bootstrap
@@ -71,6 +71,13 @@ interop: bootstrap
 .PHONY: chaos
 chaos: bootstrap
 	timeout --signal=INT --kill-after=60 3600 ./scripts/in-netns $(VENV)/python bench/chaos.py $(CHAOS_ARGS)
+
+# Scale-out, proven (issue 18): two LiveKit nodes over one Redis, two token-service replicas
+# (each with a controller) behind one proxy; one node and one replica SIGKILLed mid-call
+# (tests/integration/test_scaleout.py; docs/operators.md "Scaling out"). About a minute.
+.PHONY: scaleout
+scaleout: bootstrap
+	timeout --signal=INT --kill-after=30 240 ./scripts/in-netns $(VENV)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_scaleout.py $(PYTEST_ARGS)
 
 # The SFU controller's figures (ghost removal per cause, failover) and the 10-minute soak of
 # honest members through Synapse, service and controller restarts (0 false kicks expected).
