@@ -8,11 +8,13 @@ folder's conftest.py), :func:`make_engine`, device names and the polling helpers
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
@@ -20,6 +22,11 @@ from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.transform import FrameTransform
 from matrixrtc.session.mesh_signalling import DeviceRef, LocalDevice, mesh_conf_id
 
+# Real peer connections: only inside the private network namespace (scripts/in-netns).
+IN_NETNS = pytest.mark.skipif(
+    os.environ.get("MATRIXRTC_IN_NETNS") != "1" and os.environ.get("MATRIXRTC_NO_NETNS") != "1",
+    reason="media tests run inside the private network namespace (scripts/in-netns)",
+)
 CONF = mesh_conf_id("!mesh:localhost")
 FPS = 15
 CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))

@@ -10,7 +10,6 @@ format, a key per sender) and, in the last test, the stateful LiveKit-format cry
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from matrixrtc.session.mesh_signalling import DeviceRef
 from tests.integration.mesh_rig import (
     CONF,
     FPS,
+    IN_NETNS,
     Router,
     decoded,
     make_engine,
@@ -34,13 +34,7 @@ from tests.integration.mesh_rig import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("MATRIXRTC_IN_NETNS") != "1" and os.environ.get("MATRIXRTC_NO_NETNS") != "1",
-        reason="media tests run inside the private network namespace (scripts/in-netns)",
-    ),
-]
+pytestmark = [pytest.mark.integration, IN_NETNS]
 
 # -- a test-only frame transform ------------------------------------------------------------
 

@@ -8,7 +8,6 @@ not in list" because an audio track was attached regardless) and media must flow
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -22,6 +21,7 @@ from matrixrtc.mesh.ice import gather_on
 from tests.integration.mesh_rig import (
     CONF,
     FPS,
+    IN_NETNS,
     Router,
     decoded,
     make_engine,
@@ -30,13 +30,7 @@ from tests.integration.mesh_rig import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("MATRIXRTC_IN_NETNS") != "1" and os.environ.get("MATRIXRTC_NO_NETNS") != "1",
-        reason="media tests run inside the private network namespace (scripts/in-netns)",
-    ),
-]
+pytestmark = [pytest.mark.integration, IN_NETNS]
 
 
 def m_lines(sdp: str) -> list[str]:
