@@ -22,7 +22,9 @@ thread starts, for a :class:`_DecryptingQueue` bound to one remote participant's
 frames are decrypted on the event loop when aiortc enqueues them, and a frame that fails (or
 whose decryptor raises) is dropped and counted. The clear encoded frame can also be handed on
 there (``on_encoded``, an :class:`EncodedFrame` whose ``request_keyframe`` makes aiortc send a
-PLI): a recorder writes it without re-encoding.
+PLI): a recorder writes it without re-encoding. Handed-on video restarts at a key frame after each
+gap (a sequence gap aiortc's jitter buffer gave up on, a decrypt failure, a decoder error;
+``matrixrtc.media.key_gate``), asked for by PLI: a copy never holds frames that cannot decode.
 
 The clear frame is then **decoded on the event loop too**, and the decoded frames go straight
 into the receiver's track queue. aiortc's own path is a decoder thread per receiver that hands
@@ -43,6 +45,7 @@ import fractions
 import os
 import queue
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -56,6 +59,7 @@ from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 from matrixrtc.e2ee.frame import frame_key_index
 from matrixrtc.errors import LocalError
 from matrixrtc.media.frames import EncodedFrame
+from matrixrtc.media.key_gate import KeyFrameGate
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
 from matrixrtc.mesh.transform import FrameDecryptor, FrameTransform, vp8_is_keyframe
@@ -446,6 +450,7 @@ class _DecryptingQueue(queue.Queue[Any]):
         decryptor: FrameDecryptor | None,
         stats: ReceiveStats,
         on_encoded: Callable[[EncodedFrame], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self._receiver = receiver
@@ -458,6 +463,14 @@ class _DecryptingQueue(queue.Queue[Any]):
         self._need_keyframe = False
         self._decoder: Any = None
         self._decoder_codec: str | None = None
+        # Encoded video handed on (a copy) restarts at a key frame after each gap.
+        self._clock = clock
+        self.copy_gate = KeyFrameGate()
+
+    def gap(self) -> None:
+        """Frames were lost before they reached us (aiortc's jitter buffer gave up on missing
+        packets): the encoded copy waits for a key frame."""
+        self.copy_gate.gap()
 
     def set_decoding(self, on: bool) -> None:
         """Decode (and deliver to the track) or only receive, decrypt and count."""
@@ -491,6 +504,7 @@ class _DecryptingQueue(queue.Queue[Any]):
         if clear is None:
             self._stats.decrypt_failures += 1
             self._failing = True
+            self.copy_gate.gap()
             return
         if self._failing:
             # Frames were dropped: the decoder needs a key frame. aiortc sends a PLI for the
@@ -526,6 +540,7 @@ class _DecryptingQueue(queue.Queue[Any]):
             # As aiortc: keep the decoder state and ask for a key frame.
             log.warning("mesh.decode_error", kind=self._kind, codec=name, error=repr(exc))
             self.request_keyframe()
+            self.copy_gate.gap()
             return
         track = self._receiver._track
         if track is None:
@@ -537,6 +552,13 @@ class _DecryptingQueue(queue.Queue[Any]):
     def _hand_on(self, codec: Any, clear: bytes, timestamp: int) -> None:
         assert self._on_encoded is not None
         name = str(codec.name).lower()
+        keyframe = vp8_is_keyframe(clear) if name == "vp8" else self._kind == "audio"
+        if self._kind == "video":
+            admit = self.copy_gate.admit(keyframe=keyframe, now=self._clock())
+            if admit.ask_key:
+                self.request_keyframe()
+            if not admit.pass_on:
+                return
         try:
             self._on_encoded(
                 EncodedFrame(
@@ -545,7 +567,7 @@ class _DecryptingQueue(queue.Queue[Any]):
                     data=clear,
                     pts=timestamp,  # aiortc's mapped RTP time, as its decoded frames carry
                     time_base=fractions.Fraction(1, int(codec.clockRate)),
-                    keyframe=vp8_is_keyframe(clear) if name == "vp8" else self._kind == "audio",
+                    keyframe=keyframe,
                     request_keyframe=self.request_keyframe,
                 )
             )
@@ -573,8 +595,17 @@ def install_receive_hook(
     if not isinstance(current, queue.Queue):
         raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
     kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
-    setattr(  # noqa: B010
-        receiver,
-        "_RTCRtpReceiver__decoder_queue",
-        _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded),
-    )
+    hook = _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded)
+    setattr(receiver, "_RTCRtpReceiver__decoder_queue", hook)  # noqa: B010
+    jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    add = getattr(jitter, "add", None)
+    if kind == "video" and add is not None:
+        # aiortc's jitter buffer reports a sequence gap it gave up on (lost packets, no
+        # retransmission in time) as its PLI flag: frames went missing before our queue.
+        def add_noting_gaps(packet: Any) -> Any:
+            result = add(packet)
+            if result[0]:
+                hook.gap()
+            return result
+
+        setattr(jitter, "add", add_noting_gaps)  # noqa: B010

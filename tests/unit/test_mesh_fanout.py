@@ -15,7 +15,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
-from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, pack_remb_fci
+from aiortc.rtp import RTCP_PSFB_APP, RTCP_PSFB_PLI, RtcpPsfbPacket, RtpPacket, pack_remb_fci
 
 from matrixrtc.e2ee import KeyRings
 from matrixrtc.errors import LocalError
@@ -334,3 +334,62 @@ async def test_frames_under_a_key_the_peer_was_not_sent_are_held_back() -> None:
     assert all(
         rx.decrypt(bytes(p), kind="video", codec="vp8", keyframe=None) is not None for p in got_late
     )
+
+
+async def test_the_encoded_copy_restarts_at_a_key_frame_after_a_gap() -> None:
+    """Handed-on VP8 starts at a key frame and, after a gap (a decrypt failure, a sequence
+    gap aiortc's jitter buffer gave up on), resumes only at the next one, asking for it by
+    PLI; decoded frames are unaffected."""
+    encoder = av.CodecContext.create("libvpx", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.options = {"deadline": "realtime", "kf-max-dist": "1000"}
+    encoded: list[bytes] = []
+    for i in range(8):
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        frame.pts = i
+        if i == 5:
+            frame.pict_type = av.video.frame.PictureType.I  # a key frame
+        encoded += [bytes(p) for p in encoder.encode(frame)]
+    keys = [vp8_is_keyframe(d) for d in encoded]
+    assert keys[0]
+    assert keys[5]
+    assert not any(keys[1:5])
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        receiver = pc.addTransceiver("video").receiver
+        stats = ReceiveStats(kind="video")
+        copied: list[bytes] = []
+        install_receive_hook(
+            receiver, decryptor=_Flaky(), stats=stats, on_encoded=lambda f: copied.append(f.data)
+        )
+        q: Any = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        q.set_decoding(False)
+        error_flag = receiver._RTCRtpReceiver__decoder_error  # type: ignore[attr-defined]
+
+        def put(data: bytes, ts: int) -> None:  # _Flaky decrypts by reversing
+            q.put((VP8, JitterFrame(data=data[::-1], timestamp=ts)))
+
+        put(encoded[0], 0)
+        put(encoded[1], 1)
+        assert copied == encoded[:2]
+        q.put((VP8, JitterFrame(data=b"bad", timestamp=2)))  # fails to decrypt: a gap
+        error_flag.clear()
+        put(encoded[3], 3)  # a delta after the gap: not copied, a key frame asked for
+        assert error_flag.is_set()
+        put(encoded[4], 4)
+        put(encoded[5], 5)  # the key frame: the copy resumes
+        put(encoded[6], 6)
+        assert copied == encoded[:2] + encoded[5:7]
+        # aiortc's jitter buffer gives up on lost packets (its PLI flag): a gap too.
+        jitter = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        assert jitter.add(RtpPacket(payload_type=97, sequence_number=1, timestamp=1)) == (
+            False,
+            None,
+        )
+        pli, _ = jitter.add(RtpPacket(payload_type=97, sequence_number=2000, timestamp=9))
+        assert pli
+        put(encoded[7], 7)
+        assert copied == encoded[:2] + encoded[5:7]
+        assert q.copy_gate.gaps == 2  # the decrypt failure, the jitter buffer's give-up
+    finally:
+        await pc.close()
