@@ -175,6 +175,8 @@ class MatrixMesh:
         self.dropped_signalling = 0
         # (sender device, event type) -> accepted m.call.* events (observability, tests)
         self.received: Counter[tuple[str, str]] = Counter()
+        # (peer device, "olm" | "plaintext" | "withheld") -> m.call.* events sent that way
+        self.sent: Counter[tuple[str, str]] = Counter()
         self._tasks = OwnedTasks("mesh-link", log, event_prefix="mesh_link")
         self._changes: Subscription[Any] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
@@ -307,6 +309,7 @@ class MatrixMesh:
             # connect, so one lost message is not fatal.
             self._log.warning("mesh_link.send_failed", type=event_type, error=str(e))
             return
+        self.sent[(device_id, protection.value)] += 1
         if protection is SignallingProtection.WITHHELD:
             self._log.warning("mesh_link.undeliverable", type=event_type, device=device_id)
 
