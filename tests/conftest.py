@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 from matrixrtc.devstack import (
     Chromium,
@@ -29,6 +30,11 @@ from matrixrtc.devstack import (
     leftover_processes,
     new_run_dir,
 )
+
+# Property tests check what a parser does with an input, not how fast: hypothesis's 200 ms
+# per-example deadline and its too-slow health check only turn a loaded machine into a red run.
+settings.register_profile("matrixrtc", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("matrixrtc")
 
 UserFactory = Callable[..., Awaitable[UserCreds]]
 
