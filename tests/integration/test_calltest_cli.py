@@ -50,8 +50,10 @@ async def test_call_test_json_report(tmp_path: Path) -> None:
     assert ids == ["p1", "p2", "p3"]
     for p in report["participants"]:
         assert p["receive_only"] is (p["id"] == "p3")
+        # Both are the latest over the participant's links: the link to p3, which publishes
+        # nothing, can connect after the first frames from p1 and p2 arrived, so no ordering.
         assert 0 < p["connect_ms"] < 5000
-        assert p["connect_ms"] <= p["first_frame_ms"] < 5000
+        assert 0 < p["first_frame_ms"] < 5000
         assert p["cpu_percent"] > 0
         assert 50 < p["memory_mb"] <= p["memory_peak_mb"] < 1000
         peers = {x["id"]: x for x in p["peers"]}
