@@ -31,6 +31,19 @@ takes that frame's size) and re-captured into a LiveKit source. Every subscribed
 drained and counted in an owned task; with a ``frames`` tap that listens, each decoded frame is
 also handed on as an ``av`` frame with the sender's identity.
 
+The SDK makes a received track's frame cryptor only once the track is subscribed (its
+``on_track_subscribed``), i.e. after RTP already flows, and enables it in a second step; until
+then frames reach the VP8 decoder still encrypted. LiveKit's frame format leaves the VP8 header
+in clear, so such a key frame *decodes* — to noise — and every later (correctly decrypted)
+delta frame builds on it: the track shows noise until the next key frame, which a publisher
+sends only when asked (the likely cause of a 1-in-5 noise recording under load, from the SDK's
+code; not reproduced on demand). So once a ``frames`` tap
+listens (with E2EE), a video track's frames are held back from it until a key frame has been
+decoded after the track's cryptor is enabled: the connection waits for the cryptor,
+asks for a key frame (the subscription disabled and re-enabled at the SFU, which resumes it at
+a key frame) and watches the receiver's ``key_frames_decoded``; counters still count every
+frame.
+
 The SDK reports decryption problems only as state changes per participant
 (``e2ee_state_changed``), not per frame, so ``decrypt_failures`` counts entries into a failing
 state and ``e2ee_events`` keeps when they happened.
@@ -51,6 +64,8 @@ import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from livekit import rtc
+from livekit.rtc._ffi_client import FfiClient
+from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from livekit.rtc.participant import PublishTrackError
 
 from matrixrtc.errors import RemoteError
@@ -86,6 +101,10 @@ FAILURE_TOLERANCE: Final = 10  # livekit-client KEY_PROVIDER_DEFAULTS, kept by E
 ELEMENT_CALL_KEY_RING_SIZE: Final = 256  # indices run 0..255 (matrix-js-sdk)
 CONNECT_TIMEOUT_S: Final = 10.0
 AUDIO_FRAME_MS: Final = 100
+# A received video track's frames wait for a key frame decoded through its frame cryptor.
+FRESH_KEY_TIMEOUT_S: Final = 5.0  # then they pass anyway (logged)
+FRESH_KEY_POLL_S: Final = 0.05
+FRESH_KEY_TOGGLE_S: Final = 0.2  # disabled this long to make the SFU resume at a key frame
 JITTER_POLL_S: Final = 0.5  # how often a recorded audio track's jitter-buffer delay is read
 
 # States that mean a participant's frames are not being decrypted.
@@ -255,6 +274,37 @@ class KeyTable:
         self._own = (index, key)
         for conn in list(self._attached.values()):
             conn.install_own_key()
+
+
+@dataclass
+class _FreshKey:
+    """Whether a received video track's frames may be handed on (see ``_await_fresh_key``)."""
+
+    started: bool = False  # the wait for the key frame began
+    open: bool = False
+    held: int = 0  # decoded frames not handed on before it opened
+
+
+async def _key_frames_decoded(track: rtc.Track) -> int | None:
+    """The receiver's decoded key frame count (its ``inbound-rtp`` stats); None: no stats."""
+    try:
+        reports = await track.get_stats()
+    except Exception as exc:
+        log.info("livekit.stats_failed", error=repr(exc))
+        return None
+    for report in reports:
+        if report.WhichOneof("stats") == "inbound_rtp":
+            return int(report.inbound_rtp.inbound.key_frames_decoded)
+    return 0  # nothing decoded yet
+
+
+def _enable_publication(publication: rtc.RemoteTrackPublication, enabled: bool) -> None:
+    """Enable or disable a subscribed track at the SFU (LiveKit's track settings). The SDK
+    (1.2.1, pinned) has the FFI request but no Python method for it."""
+    req = proto_ffi.FfiRequest()
+    req.enable_remote_track_publication.track_publication_handle = publication._ffi_handle.handle
+    req.enable_remote_track_publication.enabled = enabled
+    FfiClient.instance.request(req)
 
 
 class LiveKitConnection:
@@ -649,7 +699,9 @@ class LiveKitConnection:
             stats.video_tracks += 1
             if stats.video_subscribed_at is None:
                 stats.video_subscribed_at = self._clock()
-            self._spawn(self._count_video(track, stats), f"livekit-sink-video-{track.sid}")
+            self._spawn(
+                self._count_video(track, publication, stats), f"livekit-sink-video-{track.sid}"
+            )
         elif track.kind == rtc.TrackKind.KIND_AUDIO:
             self._spawn(self._count_audio(track, stats), f"livekit-sink-audio-{track.sid}")
 
@@ -682,13 +734,37 @@ class LiveKitConnection:
                 )
                 stats.layer = layer
 
-    async def _count_video(self, track: rtc.Track, stats: ParticipantStats) -> None:
+    async def _count_video(
+        self, track: rtc.Track, publication: rtc.RemoteTrackPublication, stats: ParticipantStats
+    ) -> None:
         stream = rtc.VideoStream(track)
+        fresh = _FreshKey()
+        first = True
         try:
             async for event in stream:
                 now = self._clock()
+                if first:
+                    first = False
+                    log.info(
+                        "livekit.first_video_frame",
+                        identity=stats.identity,
+                        track=track.sid,
+                        cryptor_enabled=self._cryptor_enabled(track.sid),
+                        e2ee_state=stats.e2ee_state,
+                    )
                 if self._frames is not None and self._frames.listening:
-                    self._frames(stats.identity, video_to_av(event.frame, event.timestamp_us))
+                    if self.e2ee and not fresh.started:
+                        # Someone takes the frames: first make sure they are not noise (the
+                        # module doc). Only then: the key frame asked for costs a short gap.
+                        fresh.started = True
+                        self._spawn(
+                            self._await_fresh_key(track, publication, stats.identity, fresh),
+                            f"livekit-fresh-key-{track.sid}",
+                        )
+                    if self.e2ee and not fresh.open:
+                        fresh.held += 1  # maybe built on an undecrypted key frame
+                    else:
+                        self._frames(stats.identity, video_to_av(event.frame, event.timestamp_us))
                 stats.video_frames += 1
                 stats.video_size = (event.frame.width, event.frame.height)
                 if stats.first_video_at is None:
@@ -698,6 +774,65 @@ class LiveKitConnection:
                 stats.video_times.append(now)
         finally:
             await stream.aclose()
+
+    async def _await_fresh_key(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        identity: str,
+        fresh: _FreshKey,
+    ) -> None:
+        """Open ``fresh`` once a key frame has been decoded through the track's enabled frame
+        cryptor (the module doc: the SDK attaches it only after the track is receiving, and a
+        key frame decoded before that leaves every later frame noise)."""
+        start = self._clock()
+        deadline = start + FRESH_KEY_TIMEOUT_S
+        try:
+            # What had happened by the time frames were first taken (evidence for the race).
+            cryptor_at_start = self._cryptor_enabled(track.sid)
+            keys_at_start = await _key_frames_decoded(track)
+            while self._cryptor_enabled(track.sid) is not True:
+                if self._clock() >= deadline:
+                    log.warning("livekit.no_frame_cryptor", identity=identity, track=track.sid)
+                    return
+                await asyncio.sleep(FRESH_KEY_POLL_S)
+            before = await _key_frames_decoded(track)
+            if before is None:
+                return  # no stats: nothing to wait on
+            # Ask for a key frame: LiveKit resumes a re-enabled subscription at one (a PLI to
+            # the publisher). Two updates apart, so that the SFU sees the track disabled at all.
+            _enable_publication(publication, False)
+            await asyncio.sleep(FRESH_KEY_TOGGLE_S)
+            _enable_publication(publication, True)
+            while self._clock() < deadline:
+                now = await _key_frames_decoded(track)
+                if now is not None and now > before:
+                    log.info(
+                        "livekit.fresh_key_frame",
+                        identity=identity,
+                        track=track.sid,
+                        cryptor_at_start=cryptor_at_start,
+                        key_frames_at_start=keys_at_start,
+                        key_frames_before=before,
+                        held_frames=fresh.held,
+                        wait_ms=round((self._clock() - start) * 1000),
+                    )
+                    return
+                await asyncio.sleep(FRESH_KEY_POLL_S)
+            log.warning("livekit.no_fresh_key_frame", identity=identity, track=track.sid)
+        except Exception as exc:  # the SDK's requests fail once the track or room is gone
+            log.info("livekit.fresh_key_failed", identity=identity, error=repr(exc))
+        finally:
+            fresh.open = True
+
+    def _cryptor_enabled(self, track_sid: str) -> bool | None:
+        """Whether the frame cryptor of a received track is enabled (None: it has none yet)."""
+        if not self.e2ee or self.connected_at is None:
+            return None
+        for c in self.room.e2ee_manager.frame_cryptors():
+            if c.track_sid == track_sid:
+                return c.enabled
+        return None
 
     async def _count_audio(self, track: rtc.Track, stats: ParticipantStats) -> None:
         # Every SDK event passes through this process's event loop (and every stream's filter):
