@@ -1,5 +1,7 @@
 """``bench/media.py --json`` at its smallest (2 streams, 2 s): the issue-14 JSON shape, and
-figures that say the recorder kept up (0 dropped frames) and the played clip was recorded."""
+figures that say the recorder kept up (0 dropped frames) and the played clip was recorded.
+
+It takes ~28 s under load, more than `make test` can spare: it runs with `make test-media`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.media_matrix]
 
 ROOT = Path(__file__).resolve().parents[2]
 
