@@ -92,26 +92,21 @@ from matrixrtc.model import (
     msc4354,
 )
 from matrixrtc.model.livekit_ids import legacy_identity, livekit_identity
-from matrixrtc.model.msc3401_2022 import GROUP_CALL_EVENT, MEMBER_EVENT, GroupCallType
 from matrixrtc.model.notification import DECLINE_STICKY_MS
 from matrixrtc.model.slot import SLOT_ENCRYPTION_PER_MEMBER, SlotStatus, open_slot_content
-from matrixrtc.model.transports import FullMeshTransport
 from matrixrtc.session import membership_machine as mm
-from matrixrtc.session.legacy_call import (
-    LegacyCallSession,
-    LegacyMember,
-    LegacyMembership,
-    PutState,
-    WriteDialect,
-    needs_legacy_entry,
-    new_session_id,
-    plan_write,
-)
-from matrixrtc.session.mesh_signalling import member_session_id
+from matrixrtc.session.legacy_call import PutState
+from matrixrtc.session.legacy_entry import DIALECT_CHOICES, OwnLegacyEntry, dialect_choice
 from matrixrtc.session.own_state import CHECK_AFTER_MS, OwnStateWatch, resolved_differs
+from matrixrtc.session.participants import (
+    Participant,
+    ParticipantsChanged,
+    participant_changes,
+    participants_of,
+    participants_table,
+)
 from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
-from matrixrtc.session.transports import publish_transport
 from matrixrtc.tasks import OwnedTasks
 
 _MAX_MENTIONS = 100  # rung users named in a ring's m.mentions (bigger rooms: the room only)
@@ -162,105 +157,6 @@ class AgentConfig:
     # does not answer.
     rejoin_backoff_ms: int = 1_000
     rejoin_max_backoff_ms: int = 30_000
-
-
-@dataclass(frozen=True, slots=True)
-class Participant:
-    """One active membership as the agent shows it."""
-
-    user_id: str
-    device_id: str
-    member_id: str
-    dialect: Dialect
-    created_ts: int
-    event_id: str
-    intent: str | None
-    transport: Transport | None  # where it publishes (§3.2, given the oldest member)
-    rtc_backend_identity: str
-    is_self: bool
-    advertised: tuple[Transport, ...] = ()  # every transport it lists, in its order
-    # 2022 dialect: the member's MSC2746 session id as its ``m.calls`` entry lists it (None:
-    # derived from the membership, see ``session.mesh_signalling.member_session_id``).
-    session_id: str | None = None
-    # The conf_id of the room's 2022 call when this device is listed in it (also for a
-    # member that writes a current dialect too): signalling with it uses that conf_id.
-    legacy_conf_id: str | None = None
-
-    @property
-    def frame_e2ee(self) -> bool:
-        """Whether this member takes part in MatrixRTC frame E2EE: every current-dialect
-        member; not a 2022-only one (Hydrogen and legacy js-sdk send and expect plain
-        DTLS-SRTP media)."""
-        return self.dialect is not Dialect.MSC3401_2022
-
-    @property
-    def mesh_session_id(self) -> str:
-        """The MSC2746 session id every member addresses this one with."""
-        if self.session_id is not None:
-            return self.session_id
-        return member_session_id(self.member_id, self.created_ts)
-
-    @staticmethod
-    def of_legacy(m: LegacyMember, conf_id: str, me: tuple[str, str]) -> Participant:
-        """A device listed only in the room's 2022 call (Hydrogen, legacy js-sdk): mesh only."""
-        mesh = FullMeshTransport()
-        return Participant(
-            user_id=m.user_id,
-            device_id=m.device_id,
-            member_id=f"{m.user_id}:{m.device_id}",
-            dialect=Dialect.MSC3401_2022,
-            created_ts=m.origin_server_ts,
-            event_id=m.event_id,
-            intent=None,
-            transport=mesh,
-            rtc_backend_identity=legacy_identity(m.user_id, m.device_id),
-            is_self=(m.user_id, m.device_id) == me,
-            advertised=(mesh,),
-            session_id=m.session_id,
-            legacy_conf_id=conf_id,
-        )
-
-    @staticmethod
-    def of(m: CallMembership, oldest: CallMembership | None, me: tuple[str, str]) -> Participant:
-        return Participant(
-            user_id=m.sender,
-            device_id=m.device_id,
-            member_id=m.member_id,
-            dialect=m.dialect,
-            created_ts=m.created_ts,
-            event_id=m.event_id,
-            intent=m.intent,
-            transport=publish_transport(m, oldest),
-            rtc_backend_identity=m.rtc_backend_identity,
-            is_self=(m.sender, m.device_id) == me,
-            advertised=m.transports,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ParticipantsChanged:
-    """The participant list after a change, oldest first, with what changed."""
-
-    participants: tuple[Participant, ...]
-    joined: tuple[Participant, ...] = ()
-    left: tuple[Participant, ...] = ()
-    ring: RingState = RingState.IDLE
-
-    @property
-    def oldest(self) -> Participant | None:
-        return self.participants[0] if self.participants else None
-
-
-DIALECT_CHOICES: tuple[str, ...] = tuple(d.value for d in WriteDialect)
-
-
-def dialect_choice(value: Dialect | WriteDialect | str) -> tuple[Dialect, bool]:
-    """``state | sticky | msc3401_2022 | auto`` as (``AgentConfig.dialect``,
-    ``AgentConfig.auto_dialect``)."""
-    choice = WriteDialect(str(value))
-    if choice is WriteDialect.AUTO:
-        return Dialect.STATE, True
-    return Dialect(choice.value), False
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
@@ -323,10 +219,7 @@ class CallAgent:
         # Devices our sticky membership was re-sent for (see _resend_for_new_devices).
         self._resent_for: set[DeviceRef] = set()
         # The room's 2022 call (read in every dialect) and our entry in it, if we write one.
-        self._legacy = LegacyCallSession(room_id)
-        self._legacy_seen: tuple[LegacyMember, ...] = ()
-        self._legacy_write: LegacyMembership | None = None
-        self._legacy_when_needed = False  # AUTO with a current dialect: add an entry later
+        self._legacy = OwnLegacyEntry(room_id, hs.user_id, hs.device_id)
         self._legacy_puts: list[PutState] = []
         self._legacy_poke = asyncio.Event()
         self._legacy_lock = asyncio.Lock()
@@ -344,11 +237,7 @@ class CallAgent:
         # (taken first, with no await in between, so nothing is missed).
         self._seed()
         if self.config.auto_dialect:
-            others = [p.dialect.value for p in self._participants if not p.is_self]
-            plan = plan_write(WriteDialect.AUTO, others)
-            dialect = Dialect.MSC3401_2022 if plan.current is None else Dialect(plan.current.value)
-            self._legacy_when_needed = plan.current is not None
-            self._log.info("agent.dialect_chosen", dialect=dialect.value, others=others)
+            dialect = self._legacy.plan(self._others_dialects())
             self.config = replace(self.config, dialect=dialect)
         if self.config.dialect is Dialect.STICKY and not await self.hs.supports(
             msc4354.UNSTABLE_FEATURE
@@ -358,16 +247,7 @@ class CallAgent:
             self.config = replace(self.config, dialect=Dialect.STATE)
         self._spawn(self._legacy_loop(), "legacy-membership")
         if self.config.dialect is Dialect.MSC3401_2022:
-            self._legacy_write = LegacyMembership(
-                self._legacy,
-                user_id=self.hs.user_id,
-                device_id=self.hs.device_id,
-                session_id=new_session_id(),
-                call_type=GroupCallType.VOICE
-                if self.config.intent == "audio"
-                else GroupCallType.VIDEO,
-            )
-            self._queue_legacy(self._legacy_write.join(self._clock_ms()))
+            self._queue_legacy(self._legacy.join_2022(self._clock_ms(), intent=self.config.intent))
             self._in_call = True
             self._spawn(self._room_loop(), "room")
             self._spawn(self._timer_loop(), "timers")
@@ -438,15 +318,14 @@ class CallAgent:
 
     @property
     def membership_state_key(self) -> str | None:
-        if self._machine is None and self._legacy_write is not None:
+        if self._machine is None and self._legacy.write is not None:
             return self.hs.user_id  # the 2022 form: one event per user
         return self._machine.state_key if self._machine is not None else None
 
     @property
     def legacy_conf_id(self) -> str | None:
         """The conf_id of the room's 2022 call while we are listed in it, else None."""
-        lw = self._legacy_write
-        return None if lw is None else lw.conf_id
+        return self._legacy.written_conf_id
 
     @property
     def mesh_session_id(self) -> str | None:
@@ -465,7 +344,7 @@ class CallAgent:
     def membership_status(self) -> mm.MembershipStatus:
         """Our own membership's state (connecting, connected, reconnecting, failed, ...)."""
         if self._machine is None:
-            if self._legacy_write is not None and self._in_call:
+            if self._legacy.write is not None and self._in_call:
                 if self._own_present.is_set():
                     return mm.MembershipStatus.CONNECTED
                 return mm.MembershipStatus.CONNECTING
@@ -536,12 +415,11 @@ class CallAgent:
 
     def _start_leave(self) -> bool:
         """The part of :meth:`leave` that needs no waiting; False if not in the call."""
-        if not self._in_call or (self._machine is None and self._legacy_write is None):
+        if not self._in_call or (self._machine is None and self._legacy.write is None):
             return False
         self._in_call = False
         self._leaving.set()
-        if self._legacy_write is not None:
-            self._queue_legacy(self._legacy_write.leave(self._clock_ms()))
+        self._queue_legacy(self._legacy.leave(self._clock_ms()))
         if self._machine is None:
             return True
         self._machine.leave(self._clock_ms())
@@ -683,18 +561,14 @@ class CallAgent:
         self._poke.set()
 
     def _feed_legacy(self, events: Iterable[Mapping[str, Any]]) -> None:
-        for ev in events:
-            if ev.get("type") in (GROUP_CALL_EVENT, MEMBER_EVENT):
-                self._legacy.receive_state_event(ev)
-        self._legacy.set_joined_members(self._session.joined_members)
+        self._legacy.receive_state(events, self._session.joined_members)
 
     def _recompute(self) -> None:
         now = self._clock_ms()
         changes = self._session.update(now)
-        legacy = self._legacy.devices(now)
+        legacy_changed = self._legacy.refresh_devices(now)
         self._check_own()
-        if changes is not None or legacy != self._legacy_seen:
-            self._legacy_seen = legacy
+        if changes is not None or legacy_changed:
             self._publish(self._session.memberships, changes)
         self._legacy_after_change()
         self._wake.set()
@@ -703,33 +577,13 @@ class CallAgent:
         self, memberships: tuple[CallMembership, ...], changes: MembershipChanges | None
     ) -> None:
         me = (self.hs.user_id, self.hs.device_id)
-        oldest = memberships[0] if memberships else None
-        conf = self._legacy.conf_id
-        listed = {(d.user_id, d.device_id): d for d in self._legacy_seen}
-        current = [Participant.of(m, oldest, me) for m in memberships]
-        # A device in both forms (an AUTO member) shows once: its current membership, marked
-        # as listed in the 2022 call.
-        current = [
-            replace(p, legacy_conf_id=conf) if (p.user_id, p.device_id) in listed else p
-            for p in current
-        ]
-        have = {(p.user_id, p.device_id) for p in current}
-        assert conf is not None or not listed
-        extra = [
-            Participant.of_legacy(d, conf, me)
-            for key, d in sorted(listed.items(), key=lambda kv: (kv[1].origin_server_ts, kv[0]))
-            if key not in have and conf is not None
-        ]
-        parts = (*current, *extra)
-        prev = {(p.user_id, p.device_id, p.member_id): p for p in self._participants}
-        now = {(p.user_id, p.device_id, p.member_id): p for p in parts}
-        joined = tuple(p for k, p in now.items() if k not in prev)
-        left = tuple(p for k, p in prev.items() if k not in now)
+        parts = participants_of(memberships, self._legacy.devices, self._legacy.conf_id, me)
+        diff = participant_changes(self._participants, parts)
         self._participants = parts
         if changes is not None:
             self._ring_after_change(changes)
-        if joined or left or [p.event_id for p in parts] != [p.event_id for p in prev.values()]:
-            self._emit(ParticipantsChanged(parts, joined, left, self._ring.state))
+        if diff.changed:
+            self._emit(ParticipantsChanged(parts, diff.joined, diff.left, self._ring.state))
 
     def _emit(self, event: ParticipantsChanged) -> None:
         self._changes.publish(event)
@@ -747,10 +601,8 @@ class CallAgent:
 
     def _check_own(self) -> None:
         machine = self._machine
-        if machine is None and self._legacy_write is not None and self._in_call:
-            lw = self._legacy_write
-            now = self._clock_ms()
-            if self._legacy.has_device(self.hs.user_id, self.hs.device_id, lw.session_id, now):
+        if machine is None and self._legacy.write is not None and self._in_call:
+            if self._legacy.present(self._clock_ms()):
                 if not self._own_present.is_set():
                     self._log.info("agent.joined", dialect=Dialect.MSC3401_2022.value)
                 self._own_present.set()
@@ -780,33 +632,21 @@ class CallAgent:
     # -- own entry in the room's 2022 call -------------------------------------------------
 
     def _legacy_after_change(self) -> None:
-        """Keep our 2022 entry: put it back when lost; an AUTO member writing a current
-        dialect adds one (under its mesh session id) once a 2022-only member is there."""
+        """Keep our 2022 entry (:meth:`OwnLegacyEntry.after_change`)."""
         if not self._in_call:
             return
-        now = self._clock_ms()
-        lw = self._legacy_write
-        if self._machine is not None and self._legacy_when_needed:
-            own = self._own_membership()
-            if own is None:
-                return
-            session_id = member_session_id(own.member_id, own.created_ts)
-            if lw is None:
-                others = [p.dialect.value for p in self._participants if not p.is_self]
-                if not needs_legacy_entry(others):
-                    return
-                lw = self._legacy_write = LegacyMembership(
-                    self._legacy,
-                    user_id=self.hs.user_id,
-                    device_id=self.hs.device_id,
-                    session_id=session_id,
-                )
-                self._log.info("agent.legacy_entry_added", session_id=session_id)
-                self._queue_legacy(lw.join(now))
-                return
-            self._queue_legacy(lw.set_session_id(session_id, now))
-        if lw is not None:
-            self._queue_legacy(lw.observe(now))
+        writes_current = self._machine is not None
+        self._queue_legacy(
+            self._legacy.after_change(
+                self._clock_ms(),
+                writes_current=writes_current,
+                own=self._own_membership() if writes_current else None,
+                others=self._others_dialects(),
+            )
+        )
+
+    def _others_dialects(self) -> list[str]:
+        return [p.dialect.value for p in self._participants if not p.is_self]
 
     def _queue_legacy(self, actions: list[PutState]) -> None:
         if actions:
@@ -828,13 +668,12 @@ class CallAgent:
     async def _legacy_loop(self) -> None:
         """Perform our 2022 entry's puts; renew it (expires_ts) when due."""
         while True:
-            lw = self._legacy_write
-            due = lw.next_wakeup_ms() if lw is not None else None
+            due = self._legacy.next_renewal_ms()
             timeout = None if due is None else max(0.0, (due - self._clock_ms()) / 1000)
             await _wait_event(self._legacy_poke, timeout)
             self._legacy_poke.clear()
-            if lw is not None and self._in_call:
-                self._queue_legacy(lw.tick(self._clock_ms()))
+            if self._in_call:
+                self._queue_legacy(self._legacy.tick(self._clock_ms()))
             await self._flush_legacy()
 
     # -- own membership: perform the machine's requests ------------------------------------
@@ -1015,7 +854,7 @@ class CallAgent:
             candidates = (
                 self._session.next_wakeup_ms(),
                 self._ring.deadline_ms,
-                self._legacy.next_wakeup_ms(self._clock_ms()),
+                self._legacy.next_expiry_ms(self._clock_ms()),
             )
             deadlines = [t for t in candidates if t is not None and t > fired_ms]
             timeout = None
@@ -1165,28 +1004,3 @@ class CallAgent:
         if unanswered and self.config.leave_when_ring_unanswered and self._in_call:
             self._log.info("agent.leaving_unanswered_call", ring=state.value)
             self._spawn(self.leave(), "ring-leave")
-
-
-def participants_table(participants: Iterable[Participant]) -> str:
-    """A fixed-width table of the participants, oldest first."""
-    rows = [("#", "user", "device", "form", "created_ts", "transport", "")]
-    for i, p in enumerate(participants):
-        t = p.transport.to_json() if p.transport is not None else None
-        where = "-"
-        if t is not None:
-            where = str(t.get("livekit_service_url") or t.get("type"))
-        rows.append(
-            (
-                str(i),
-                p.user_id,
-                p.device_id,
-                p.dialect.value,
-                str(p.created_ts),
-                where,
-                "(you)" if p.is_self else "",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
