@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -50,13 +49,13 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
+from bench._run import run_bench
 from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.calltest.exit_timing import sigterm_exit
 from matrixrtc.calltest.late_join import late_join
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.livekit import LiveKitTransport, MediaOptions, OwnDevice
-from matrixrtc.logging import configure_logging
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.matrix.homeserver import OpenIdToken
 from matrixrtc.media.sources import SyntheticVideoTrack
@@ -382,12 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--late-joins", type=int, default=3, help="late joins per transport")
     parser.add_argument("--exits", type=int, default=10, help="SIGTERMed join processes")
     args = parser.parse_args(argv)
-    configure_logging(level="error")
-    started = time.monotonic()
-    result = asyncio.run(run(args))
-    result["bench_duration_s"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
+    result = run_bench(run, args)
+    if result is None:
         return 0
     sfu = result["sfu"]
     print(f"SFU join → first decrypted remote frame, {sfu['joins']} joins (320x240@15, E2EE)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from matrixrtc.logging import configure_logging
+from bench._run import run_bench
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.transform import FrameDecryptor
@@ -270,12 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=4.0, help="seconds measured per case")
     parser.add_argument("--joins", type=int, default=5)
     args = parser.parse_args(argv)
-    configure_logging(level="error")
-    started = time.monotonic()
-    result = asyncio.run(run(args))
-    result["bench_duration_s"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
+    result = run_bench(run, args)
+    if result is None:
         return 0
     for prof in result["profiles"]:
         print(f"mesh at {prof['resolution']}@{prof['fps']:g}, {prof['window_s']:g} s windows")

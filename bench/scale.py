@@ -25,9 +25,7 @@ never fails on a figure. Compare figures within one run: the box is shared.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
@@ -35,9 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench._run import run_bench
 from matrixrtc.calltest.runner import CallTestConfig, run_call_test
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
-from matrixrtc.logging import configure_logging
 
 TARGET_RATIO = 0.9
 _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
@@ -221,12 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = parser.parse_args(argv)
-    configure_logging(level="error")
-    started = time.monotonic()
-    result = asyncio.run(run(args))
-    result["bench_duration_s"] = round(time.monotonic() - started, 1)
-    if args.json:
-        print(json.dumps(result))
+    result = run_bench(run, args)
+    if result is None:
         return 0
     for kind in ("mesh", "sfu"):
         for c in result[kind]:
