@@ -48,7 +48,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 
@@ -215,20 +214,6 @@ def _attack_process(
     return asyncio.run(_attack(port, plan, seconds, connections))
 
 
-async def _openid(base_url: str, user: Any) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{base_url}/_matrix/client/v3/user/{quote(user.user_id, safe='')}"
-            "/openid/request_token",
-            json={},
-            headers={"Authorization": f"Bearer {user.access_token}"},
-        ) as r,
-    ):
-        r.raise_for_status()
-        return dict(await r.json())
-
-
 def _body(room_id: str, user_id: str, device: str, token: dict[str, Any], **over: Any) -> bytes:
     return json.dumps(
         {
@@ -279,8 +264,8 @@ async def scenario(
     valid = []
     for i in range(VALID_CLIENTS):
         user = users[i % len(users)]
-        valid.append(_body(room_id, user.user_id, user.device_id, await _openid(hs.base_url, user)))
-    expired_tokens = [await _openid(hs.base_url, users[1]) for _ in range(5)]
+        valid.append(_body(room_id, user.user_id, user.device_id, await hs.openid_token(user)))
+    expired_tokens = [await hs.openid_token(users[1]) for _ in range(5)]
     db = sqlite3.connect(Path(hs.data_dir) / "homeserver.db", timeout=10)
     with db:
         for t in expired_tokens:
@@ -290,7 +275,7 @@ async def scenario(
             )
     db.close()
     u0, u1 = users[0], users[1]
-    real = await _openid(hs.base_url, u0)
+    real = await hs.openid_token(u0)
     plan: dict[str, list[bytes]] = {
         "forged": [
             _body(room_id, u0.user_id, "D", real, access_token=secrets.token_urlsafe(24))

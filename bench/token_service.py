@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 
@@ -102,20 +101,6 @@ def _load_process(host: str, port: int, bodies: Sequence[bytes], duration: float
     return asyncio.run(_load(host, port, bodies, duration))
 
 
-async def _openid(base_url: str, user: Any) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            f"{base_url}/_matrix/client/v3/user/{quote(user.user_id, safe='')}"
-            "/openid/request_token",
-            json={},
-            headers={"Authorization": f"Bearer {user.access_token}"},
-        ) as r,
-    ):
-        r.raise_for_status()
-        return dict(await r.json())
-
-
 async def run(duration: float) -> dict[str, Any]:
     from matrixrtc.devstack import LiveKit, Synapse, new_run_dir
     from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
@@ -126,7 +111,7 @@ async def run(duration: float) -> dict[str, Any]:
     async with Synapse(run_dir) as hs, LiveKit(run_dir) as lk:
         user = await hs.register("bench")
         room_id = await hs.create_call_room(user)
-        tokens = [await _openid(hs.base_url, user) for _ in range(max(CONCURRENCY))]
+        tokens = [await hs.openid_token(user) for _ in range(max(CONCURRENCY))]
 
         def body(token: dict[str, Any]) -> bytes:
             return json.dumps(

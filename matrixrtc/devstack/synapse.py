@@ -267,6 +267,12 @@ class Synapse(Service):
                 raise HomeserverRequestError(method, path, resp.status, body)
             return body
 
+    async def openid_token(self, user: UserCreds) -> dict[str, Any]:
+        """A fresh OpenID token for ``user`` (``/openid/request_token``), as the token service
+        takes it: ``access_token``, ``matrix_server_name``, ``expires_in``, ``token_type``."""
+        path = f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token"
+        return await self.request("POST", path, user=user, json_body={})
+
     async def register(self, username: str, password: str | None = None) -> UserCreds:
         """Register ``username`` (random password unless given) and return its login."""
         password = password or secrets.token_urlsafe(18)

@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import pytest_asyncio
 
-from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
+from matrixrtc.devstack import AuthService, LiveKit, Synapse
 from matrixrtc.livekit import LiveKitConnection, MediaOptions, SfuCredentials
 from matrixrtc.livekit.token import Endpoint
 from matrixrtc.model.livekit_ids import livekit_identity, livekit_room_alias
@@ -45,11 +44,6 @@ async def post(svc: AuthService, path: str, body: dict[str, Any]) -> tuple[int, 
         return r.status, await r.json(content_type=None)
 
 
-async def openid(hs: Synapse, user: UserCreds) -> dict[str, Any]:
-    path = f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token"
-    return await hs.request("POST", path, user=user, json_body={})
-
-
 async def test_delegate_delayed_leave_works_out_of_the_box(
     synapse: Synapse, service: tuple[LiveKit, AuthService]
 ) -> None:
@@ -67,7 +61,7 @@ async def test_delegate_delayed_leave_works_out_of_the_box(
     body = {
         "room_id": room_id,
         "slot_id": "m.call#ROOM",
-        "openid_token": await openid(synapse, user),
+        "openid_token": await synapse.openid_token(user),
         "member": {
             "id": "m1",
             "claimed_user_id": user.user_id,

@@ -222,14 +222,6 @@ async def post(url: str, body: dict[str, object]) -> tuple[int, dict[str, object
         return r.status, await r.json(content_type=None)
 
 
-async def openid(hs: Synapse, user: UserCreds) -> dict[str, object]:
-    from urllib.parse import quote
-
-    path = f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token"
-    r = await hs.request("POST", path, user=user, json_body={})
-    return dict(r)
-
-
 # ------------------------------------------------------------------------------- the test
 async def _call(c: Cluster, users: list[UserCreds], room_id: str) -> list[Participant]:
     t0 = now_ms()
@@ -350,7 +342,7 @@ async def test_scaleout_node_and_replica_killed(
         body: dict[str, object] = {
             "room_id": room_id,
             "slot_id": "m.call#ROOM",
-            "openid_token": await openid(c.hs, leaver),
+            "openid_token": await c.hs.openid_token(leaver),
             "member": {
                 "id": "m1",
                 "claimed_user_id": leaver.user_id,
@@ -387,7 +379,7 @@ async def test_scaleout_node_and_replica_killed(
                 b = {
                     **body,
                     "room_id": join_room,
-                    "openid_token": await openid(c.hs, joiner),
+                    "openid_token": await c.hs.openid_token(joiner),
                     "member": {
                         "id": f"j{n}",
                         "claimed_user_id": joiner.user_id,

@@ -251,15 +251,6 @@ async def spawn_member(
     return proc
 
 
-async def openid(hs: Synapse, user: UserCreds) -> dict[str, Any]:
-    return await hs.request(
-        "POST",
-        f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token",
-        user=user,
-        json_body={},
-    )
-
-
 async def join_call(
     st: Stack,
     owner: UserCreds,
@@ -281,9 +272,9 @@ async def join_call(
             json_body={"user_id": user.user_id},
         )
         await st.hs.join_room(user, room_id)
+    token = await st.hs.openid_token(user)
     status, resp = await st.sfu.post(
-        "/sfu/get",
-        {"room": room_id, "openid_token": await openid(st.hs, user), "device_id": user.device_id},
+        "/sfu/get", {"room": room_id, "openid_token": token, "device_id": user.device_id}
     )
     assert status == 200, resp
     m = Member(
@@ -596,7 +587,7 @@ async def test_limits_are_answered_at_token_time(synapse: Synapse, run_dir: Path
             room2 = await synapse.create_call_room(bob)
 
             async def token(user: UserCreds, room_id: str) -> tuple[int, Any]:
-                oid = await openid(synapse, user)
+                oid = await synapse.openid_token(user)
                 body = {"room": room_id, "openid_token": oid, "device_id": user.device_id}
                 return await sfu.post("/sfu/get", body)
 
@@ -668,7 +659,7 @@ async def test_without_homeserver_access_it_says_so_and_acts_on_delegated_leaves
                 "/sfu/get",
                 {
                     "room": room_id,
-                    "openid_token": await openid(synapse, user),
+                    "openid_token": await synapse.openid_token(user),
                     "device_id": user.device_id,
                     "delay_id": delayed["delay_id"],
                     "delay_timeout": 4000,

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import jwt
@@ -175,15 +174,6 @@ async def stack(synapse: Synapse, redis: Redis, run_dir: Path) -> AsyncIterator[
             await asyncio.gather(full.stop(), restricted.stop())
 
 
-async def openid(hs: Synapse, user: UserCreds) -> dict[str, Any]:
-    return await hs.request(
-        "POST",
-        f"/_matrix/client/v3/user/{quote(user.user_id, safe='')}/openid/request_token",
-        user=user,
-        json_body={},
-    )
-
-
 def get_token_body(
     room_id: str, user: UserCreds, token: Mapping[str, Any], member_id: str = "m1", **extra: object
 ) -> dict[str, Any]:
@@ -215,7 +205,7 @@ async def identities(lk: LiveKit, room: str) -> set[str]:
 async def test_token_connects_under_the_expected_identity(stack: Stack) -> None:
     alice = await stack.hs.register(f"alice-{secrets.token_hex(3)}")
     room_id = await stack.hs.create_call_room(alice)
-    token = await openid(stack.hs, alice)
+    token = await stack.hs.openid_token(alice)
     status, resp = await stack.full.post("/get_token", get_token_body(room_id, alice, token))
     assert status == 200, resp
     assert resp["url"] == stack.lk.url
@@ -249,7 +239,7 @@ async def test_restricted_user_gets_no_room(stack: Stack) -> None:
     bob = await stack.hs.register(f"bob-{secrets.token_hex(3)}")
     room_id = await stack.hs.create_call_room(bob)
     alias = livekit_room_alias(room_id, "m.call#ROOM")
-    body = get_token_body(room_id, bob, await openid(stack.hs, bob))
+    body = get_token_body(room_id, bob, await stack.hs.openid_token(bob))
     status, resp = await stack.restricted.post("/get_token", body)
     assert status == 200, resp
     assert alias not in await room_names(stack.lk)
@@ -267,7 +257,7 @@ async def test_restricted_user_gets_no_room(stack: Stack) -> None:
     assert (status, err["errcode"]) == (403, "M_FORBIDDEN")
     # once a full-access user has asked, the room exists and the restricted token works
     alice = await stack.hs.register(f"alice-{secrets.token_hex(3)}")
-    full_body = get_token_body(room_id, alice, await openid(stack.hs, alice))
+    full_body = get_token_body(room_id, alice, await stack.hs.openid_token(alice))
     status, _ = await stack.full.post("/get_token", full_body)
     assert status == 200
     assert alias in await room_names(stack.lk)
@@ -294,7 +284,7 @@ async def test_error_rows(stack: Stack) -> None:
         if errcode is not None:
             assert resp["errcode"] == errcode, resp
 
-    token = await openid(stack.hs, carol)
+    token = await stack.hs.openid_token(carol)
     good = get_token_body(room_id, carol, token)
     await expect("/get_token", b"{not json", 400, "M_NOT_JSON")
     await expect("/get_token", {**good, "unknown": 1}, 400, "M_NOT_JSON")
@@ -317,7 +307,7 @@ async def test_error_rows(stack: Stack) -> None:
     wrong_server = {**token, "matrix_server_name": "other.localhost"}
     await expect("/get_token", {**good, "openid_token": wrong_server}, 401, "M_UNAUTHORIZED")
     # an expired token (Synapse keeps its expiry in open_id_tokens)
-    expired = await openid(stack.hs, carol)
+    expired = await stack.hs.openid_token(carol)
     await asyncio.to_thread(expire_openid_token, stack.hs, expired["access_token"])
     await expect("/get_token", get_token_body(room_id, carol, expired), 401, "M_UNAUTHORIZED")
     for method in ("GET", "PUT", "DELETE"):
@@ -346,7 +336,7 @@ async def test_sfu_and_homeserver_failure_rows(stack: Stack, run_dir: Path) -> N
     )
     await svc.start()
     try:
-        body = get_token_body(room_id, eve, await openid(stack.hs, eve))
+        body = get_token_body(room_id, eve, await stack.hs.openid_token(eve))
         status, err = await svc.post("/get_token", body)
         assert (status, err) == (
             500,
@@ -451,7 +441,7 @@ async def test_delegated_leave_restarts_then_sends_on_kill(stack: Stack, run_dir
     # A 10 s delayed leave would fire by itself after 10 s: the service must keep restarting
     # it (at 8 s) while the participant is connected, and send it once the process dies.
     m = await join_with_delayed_leave(stack.hs, 10_000)
-    token = await openid(stack.hs, m.user)
+    token = await stack.hs.openid_token(m.user)
     body = get_token_body(m.room_id, m.user, token, delay_id=m.delay_id, delay_timeout=10_000)
     status, resp = await stack.full.post("/get_token", body)
     assert status == 200, resp
@@ -508,7 +498,7 @@ def forged_webhook(room: str, identity: str) -> tuple[str, dict[str, str]]:
 async def test_delegated_leave_survives_a_service_restart(stack: Stack, run_dir: Path) -> None:
     # 60 s: if the leave shows up within departure timeout + 2 s, the service sent it.
     m = await join_with_delayed_leave(stack.hs, 60_000)
-    token = await openid(stack.hs, m.user)
+    token = await stack.hs.openid_token(m.user)
     body = get_token_body(m.room_id, m.user, token)
     status, resp = await stack.full.post("/get_token", body)
     assert status == 200, resp

@@ -22,7 +22,6 @@ from tests.integration.test_sfu_service import (
     join_with_delayed_leave,
     left,
     make_service,
-    openid,
 )
 
 
@@ -73,7 +72,7 @@ async def test_two_workers_share_jobs_and_metrics(
             body = get_token_body(
                 m.room_id,
                 m.user,
-                await openid(synapse, m.user),
+                await synapse.openid_token(m.user),
                 delay_id=m.delay_id,
                 delay_timeout=60_000,
             )
