@@ -15,7 +15,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO
 
 import structlog
@@ -29,22 +29,27 @@ _URGENT = frozenset({"warning", "warn", "error", "critical", "exception", "fatal
 
 
 class _Sink:
-    def __init__(self, stream: BinaryIO) -> None:
+    """Buffered lines for ``stream``; ``monotonic`` times the flush interval."""
+
+    def __init__(
+        self, stream: BinaryIO, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._stream = stream
+        self._monotonic = monotonic
         self._parts: list[bytes] = []
         self._size = 0
-        self._last = time.monotonic()
+        self._last = monotonic()
 
     def write(self, line: str, urgent: bool) -> None:
         data = line.encode("utf-8", "replace") + b"\n"
         self._parts.append(data)
         self._size += len(data)
-        now = time.monotonic()
+        now = self._monotonic()
         if urgent or self._size > 32 * 1024 or now - self._last > FLUSH_INTERVAL:
             self.flush()
 
     def flush(self) -> None:
-        self._last = time.monotonic()
+        self._last = self._monotonic()
         if not self._parts:
             return
         data = b"".join(self._parts)

@@ -93,10 +93,19 @@ KEY_PREFIX: Final = "matrixrtc:sfu:ratelimit:"
 class RedisRateLimiter:
     """The same buckets as :class:`RateLimiter`, kept in Redis for every worker."""
 
-    def __init__(self, url: str, rate: float, burst: int, *, redis: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        rate: float,
+        burst: int,
+        *,
+        redis: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._rate = rate
         self._burst = burst
-        self._local = RateLimiter(rate, burst)
+        self._clock = clock
+        self._local = RateLimiter(rate, burst, clock=clock)
         if redis is None:
             import redis.asyncio as aioredis
 
@@ -114,7 +123,7 @@ class RedisRateLimiter:
             return float(raw)
         except Exception as exc:  # Redis down: each worker limits on its own meanwhile
             self.fallbacks += 1
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last_error_log >= 60:
                 self._last_error_log = now
                 log.warning(

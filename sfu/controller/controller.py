@@ -84,13 +84,17 @@ class Controller:
         source: MatrixSource | None,
         leadership: Leadership,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (wall seconds) dates grants and memberships; ``monotonic`` times the
+        cycles and how long a contradicted removal or a doubt is held."""
         self.config = config
         self.registry = registry
         self.registry_complete = registry_complete
         self.source = source
         self.leadership = leadership
         self._clock = clock
+        self._monotonic = monotonic
         self.judge = GhostJudge(
             grace=config.grace,
             join_grace=config.join_grace,
@@ -225,7 +229,7 @@ class Controller:
     async def _loop(self) -> None:
         failures = 0
         while True:
-            started = time.monotonic()
+            started = self._monotonic()
             wait = self.config.interval
             if self.leadership.is_leader():
                 try:
@@ -245,10 +249,10 @@ class Controller:
                             count=failures,
                             reason=repr(exc)[:200],
                         )
-                metrics.CONTROLLER_CYCLE.observe(time.monotonic() - started)
+                metrics.CONTROLLER_CYCLE.observe(self._monotonic() - started)
             else:
                 await self._share_failure()
-            wait = max(_MIN_SPACING, wait - (time.monotonic() - started))
+            wait = max(_MIN_SPACING, wait - (self._monotonic() - started))
             if self.source is not None:
                 if await self.source.wait_changed(wait):
                     await asyncio.sleep(_MIN_SPACING)  # let a burst of events land together
@@ -431,7 +435,7 @@ class Controller:
         if g is None or self.source is None:
             return True  # only a delayed-leave job's word, nothing to re-read
         sid = f.participant.sid
-        if self._averted.get(sid, 0.0) > time.monotonic():
+        if self._averted.get(sid, 0.0) > self._monotonic():
             return False  # the homeserver disagreed a moment ago: ask again later
         fresh = await self.source.current_state(g.matrix_room)
         if fresh is None:
@@ -455,9 +459,9 @@ class Controller:
         )
         if reason in _MATRIX_REASONS:
             return True
-        self._averted[sid] = time.monotonic() + _AVERTED_S
+        self._averted[sid] = self._monotonic() + _AVERTED_S
         if len(self._averted) > 10_000:
-            self._averted = {k: v for k, v in self._averted.items() if v > time.monotonic()}
+            self._averted = {k: v for k, v in self._averted.items() if v > self._monotonic()}
         metrics.CONTROLLER_AVERTED.inc()
         log.warning(
             "not removed: the homeserver's current state disagrees with the stream",
@@ -477,7 +481,7 @@ class Controller:
         g, sid = f.grant, f.participant.sid
         if g is None or self.source is None:
             return False
-        now = time.monotonic()
+        now = self._monotonic()
         if self._doubts.get(sid, 0.0) > now:
             return False
         if not await self.source.may_hold_membership(g.matrix_room, g.user_id, g.device_id):

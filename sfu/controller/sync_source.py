@@ -197,12 +197,16 @@ class SyncSource(_HttpSource):
         poll_timeout: float = 20.0,
         auto_join: bool = False,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (wall seconds) dates sticky events; ``monotonic`` tells whether the last
+        successful /sync is recent enough (:meth:`fresh`)."""
         super().__init__(base_url, token, timeout=poll_timeout + 15.0)
         self._poll_timeout = poll_timeout
         self._auto_join = auto_join
         self._joining: set[str] = set()
         self._clock = clock
+        self._monotonic = monotonic
         self._rooms = SyncRooms()
         self._since: str | None = None
         self._last_ok = 0.0  # monotonic: last successful sync
@@ -239,7 +243,7 @@ class SyncSource(_HttpSource):
     def fresh(self) -> bool:
         return (
             self._last_ok > 0
-            and time.monotonic() - self._last_ok <= self._poll_timeout + STALE_MARGIN_S
+            and self._monotonic() - self._last_ok <= self._poll_timeout + STALE_MARGIN_S
         )
 
     async def room(self, room_id: str) -> RoomSnapshot | None:
@@ -343,7 +347,7 @@ class SyncSource(_HttpSource):
         if self._auto_join:
             await self._accept_invites(body)
         self._since = next_batch
-        self._last_ok = time.monotonic()
+        self._last_ok = self._monotonic()
         if self._failures:
             log.info("controller sync resumed", after_failures=self._failures)
         self._failures = 0
