@@ -299,7 +299,8 @@ async def test_scaleout_node_and_replica_killed(
 
         # Kill the node that hosts the first placed call.
         victim_id = next(iter(placed))
-        victim = ids.get(victim_id, c.nodes[0])
+        assert victim_id in ids, f"room on an unknown node: {victim_id} not in {ids}"
+        victim = ids[victim_id]
         before = {id(p): conn(p) for p in everyone}
         await sigkill(victim)
         killed = time.monotonic()
@@ -395,7 +396,9 @@ async def test_scaleout_node_and_replica_killed(
 
         stream = asyncio.ensure_future(joins(time.monotonic() + 6.0))
         await asyncio.sleep(2.0)
-        dead = c.replicas[0]
+        # the leader's replica: the other controller must take over
+        metrics = [await leader_metric(r.url) for r in c.replicas]
+        dead = c.replicas[metrics.index(1.0)]
         await sigkill(dead)
         await stream
         failed = [s for s in results if s != 200]
@@ -404,6 +407,8 @@ async def test_scaleout_node_and_replica_killed(
         assert failed == []
 
         # The delegated leave fires through the surviving replica once the member leaves.
+        # 4 s delay, connected for ~8 s: only the survivor's restarts kept the leave pending
+        assert await c.hs.get_state(leaver, room_id, CALL_MEMBER, key) != {}, "leave fired early"
         await leave_conn.aclose()
         left = time.monotonic()
         while await c.hs.get_state(leaver, room_id, CALL_MEMBER, key) != {}:
