@@ -344,11 +344,18 @@ class Member:
         env = {**os.environ, "MATRIXRTC_PASSWORD": self.user.password}
         if self.clock_offset_s:
             # The wall clock only: asyncio's monotonic clock is not what a skewed device has.
+            # FORCE_MONOTONIC_FIX=0: libfaketime 0.9.10 turns its "monotonic fix" on by itself
+            # on this glibc, and then every pthread_cond_timedwait on a CLOCK_MONOTONIC condvar
+            # returns at once. libwebrtc's SyntheticAudioDevice and AudioSourceCapture threads
+            # (SCHED_FIFO, priority 49) wait that way every 10 ms, so they spun at ~90 % of a
+            # core each and starved Synapse and the other members (chaos bug 4: a real device
+            # with a skewed clock has working timed waits; this rig did not).
             env |= {
                 "LD_PRELOAD": LIBFAKETIME,
                 "FAKETIME": f"{self.clock_offset_s:+.0f}s",
                 "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                 "FAKETIME_DONT_RESET": "1",
+                "FAKETIME_FORCE_MONOTONIC_FIX": "0",
             }
         self._stderr = (self.dir / "stderr.log").open("wb")
         self.proc = await asyncio.create_subprocess_exec(
