@@ -243,7 +243,12 @@ async def measure_mesh(joins: int, media: MediaOptions, gap_s: float) -> dict[st
     }
 
 
-async def measure_switch(media: MediaOptions) -> dict[str, Any]:
+async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str, Any]:
+    """Three members on the mesh, a fourth joins (the call moves to the SFU) and leaves (back
+    to the mesh): the largest video gap any member saw from any other around each switch, over
+    the transport it took that member from (decoded, so decrypted, frames). ``acks`` False:
+    each member tears down its old path once it receives everyone on the new one, without
+    waiting for the others to receive it (the switcher before acknowledgements)."""
     run_dir = new_run_dir(prefix="bench-switch")
     async with (
         Synapse(run_dir) as hs,
@@ -254,7 +259,7 @@ async def measure_switch(media: MediaOptions) -> dict[str, Any]:
         users = [await hs.register(f"sw{i}") for i in range(4)]
         room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
         transports = (LivekitTransport(livekit_service_url=service_url), FullMeshTransport())
-        config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK)
+        config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK, acks=acks)
         members: list[tuple[contextlib.AsyncExitStack, MediaSwitcher]] = []
 
         async def join(user: UserCreds) -> tuple[contextlib.AsyncExitStack, MediaSwitcher]:

@@ -16,7 +16,11 @@ whose cell, and every smaller SFU cell, holds ``min_fps_ratio`` ≥ 0.9.
 
 ``switch_gap_ms`` (``--switch``) is ``bench/join.py``'s switch measurement: three members on
 the mesh, a fourth joins (the call moves to the SFU) and leaves (back to the mesh); the largest
-video gap any member saw around each switch.
+video gap any member saw from any other around each switch (decoded frames, over the transport
+the receiver takes that member from). ``switch_gap_ms_without_acks`` is the same, measured
+right before in the same run, with each member tearing down its old path without waiting for
+the others to receive it on the new one (the switcher before make-before-break
+acknowledgements; ``--no-switch-compare`` skips it).
 
 ``go_sdk_anchor`` is empty until the Go load client exists (issue 19). Prints figures only;
 never fails on a figure. Compare figures within one run: the box is shared.
@@ -187,7 +191,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         from bench.join import measure_switch
         from matrixrtc.livekit import MediaOptions
 
-        sw = await measure_switch(MediaOptions(width=320, height=240, fps=15.0))
+        media = MediaOptions(width=320, height=240, fps=15.0)
+        if args.switch_compare:
+            before = await measure_switch(media, acks=False)
+            result["switch_gap_ms_without_acks"] = {
+                "mesh_to_sfu": before["mesh_to_sfu"], "sfu_to_mesh": before["sfu_to_mesh"]
+            }  # fmt: skip
+        sw = await measure_switch(media)
         result["switch_gap_ms"] = {"mesh_to_sfu": sw["mesh_to_sfu"],
                                    "sfu_to_mesh": sw["sfu_to_mesh"]}  # fmt: skip
         result["switch_duration_ms"] = sw["switch_duration_ms"]
@@ -208,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--switch", action=argparse.BooleanOptionalAction, default=True,
         help="measure the mesh/SFU switch gaps (bench/join.py's measurement)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--switch-compare", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure the switch without acknowledgements, in the same run",
     )  # fmt: skip
     parser.add_argument(
         "--simulcast", action=argparse.BooleanOptionalAction, default=True,
@@ -233,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"sfu_max_n: {result['sfu_max_n']}")
     print(f"switch gaps (ms): {result['switch_gap_ms']}")
+    if "switch_gap_ms_without_acks" in result:
+        print(f"switch gaps without acks (ms): {result['switch_gap_ms_without_acks']}")
     print(f"took {result['bench_duration_s']} s")
     return 0
 

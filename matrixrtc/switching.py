@@ -10,21 +10,32 @@ name: ``SwitchConfig.transports`` maps each decision to a factory). Our SFU is t
 transport the agent advertises (``AgentConfig.transports[0]``); the mesh transport must be
 advertised after it for the policy to pick mesh.
 
-Switching is make-before-break: when the decision changes, the new transport is brought up
-while the old one keeps carrying media; once the new one has delivered a video frame from
-every remote member (or ``settle_timeout_s`` has passed) the old one is torn down. Every
-member computes the same decision from the same membership list, so all switch together and
-nobody leads. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both transports (each
-transport takes them from the context it is built with), so media keeps flowing under the
-current keys across a switch.
+Switching is make-before-break (the rules are the pure machine
+:class:`matrixrtc.session.handover.Handover`): when the decision changes, the new transport is
+brought up (connected, publishing, subscribed, keyed) while the old one keeps carrying media.
+Each remote member is **cut over** on its own the moment the new transport has delivered a
+decoded (so decrypted: a key frame through the frame cryptor) frame from it: from then on its
+frames are taken from the new transport (:meth:`MediaSwitcher.via`, the ``frames`` tap, the gap
+figures), before that from the old one. Whenever a transport first delivers a member's media,
+we tell that member so (an Olm-encrypted to-device :data:`SWITCH_ACK_TYPE`: "I receive you over
+sfu/mesh"). The old transport is torn down only once every remote member is cut over **and**
+has told us it receives us over the new one (or ``ack_timeout_s`` after its cutover, for a
+member that sends no such message; ``settle_timeout_s`` bounds the whole overlap): tearing
+ours down stops our media to them on it. Every member computes the same decision from the same
+membership list, so all switch at about the same time and nobody leads; the acknowledgements
+make each wait for the slowest. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both
+transports (one key path: the key manager pushes every key to each transport's sink as the
+transport is built), so the new path decrypts from its first frame.
 
 Reports: :attr:`MediaSwitcher.history` (one :class:`SwitchRecord` per start or switch, with
 reason and duration), :attr:`MediaSwitcher.peers` (per remote device: frames seen over each
-transport and the largest gap between two consecutive video frames over either) and
-:attr:`MediaSwitcher.gaps` (the latest inter-frame gaps, for figures around a switch). Frames are
-observed by polling the transports' counters every ``poll_s``; a gap is measured from the
-previous frame's arrival time to the newest frame's arrival time at the poll that sees frames
-again, so it can only be overstated (by at most the frames that arrived within one poll).
+transport and the largest gap between two consecutive video frames of the transport it is
+taken from, i.e. what a receiver shows) and :attr:`MediaSwitcher.gaps` (the latest inter-frame
+gaps, for figures around a switch). Frames are observed by polling the transports' decoded
+frame counters every ``poll_s``; a gap is measured from the previous frame's arrival time to
+the newest frame's arrival time at the poll that sees frames again, so it can only be
+overstated (by at most the frames that arrived within one poll). Frames over the transport a
+member is not taken from are counted but make no gap and close none.
 
 SFU failure: when the transport carrying our media reports it has lost its server
 (:meth:`MediaTransport.failing`) for ``fail_after_s``, that kind counts as unreachable and
@@ -55,8 +66,8 @@ from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.errors import LocalError, MatrixRTCError
 from matrixrtc.livekit.connection import MediaOptions
-from matrixrtc.matrix import Broadcaster, Subscription
-from matrixrtc.media.frames import FrameTap
+from matrixrtc.matrix import Broadcaster, Subscription, ToDeviceEvent
+from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media_transport import (
     DEFAULT_PROBES,
     DEFAULT_TRANSPORTS,
@@ -67,6 +78,14 @@ from matrixrtc.media_transport import (
 )
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
+from matrixrtc.session.handover import (
+    Abandon,
+    Cutover,
+    Finish,
+    Handover,
+    HandoverAction,
+    HandoverConfig,
+)
 from matrixrtc.session.media_policy import (
     DEFAULT_MESH_MAX,
     MediaDecision,
@@ -77,6 +96,7 @@ from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = [
+    "SWITCH_ACK_TYPE",
     "SWITCH_MESH",
     "GapRecord",
     "MediaSwitcher",
@@ -88,6 +108,10 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _MAX_GAP_RECORDS: Final = 8192  # every inter-frame gap is kept; at 15 fps × 3 peers, ~3 min
+
+# To-device, Olm-encrypted: "I receive your media over ``kind``" (content: ``room_id``,
+# ``kind`` "mesh" / "sfu"). Project-private (no MSC defines a switch); others ignore it.
+SWITCH_ACK_TYPE: Final = "org.matrixrtc.media_received"
 
 
 # Members start their mesh when each sees the membership change, so a caller's invite can reach
@@ -107,6 +131,11 @@ class SwitchConfig:
     # transport stops them when it closes. None: synthetic video (and a tone) from ``media``.
     sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
     settle_timeout_s: float = 10.0  # longest make-before-break overlap
+    # After a member's cutover, longest wait for it to say it receives us over the new path.
+    ack_timeout_s: float = 3.0
+    # False: send no acknowledgements and wait for none (tear the old path down once every
+    # member is cut over: the behaviour before them, for A/B figures in bench/join.py).
+    acks: bool = True
     join_timeout_s: float = 30.0  # until the room shows our own membership
     poll_s: float = 0.02
     retry_s: float = 2.0  # pause after a transport failed to start
@@ -131,6 +160,7 @@ class SwitchRecord:
     started_at: float
     finished_at: float  # the old transport was detached (closing goes on in the background)
     carried_at: float | None  # the new transport had media from every peer; None: timed out
+    handover: str = ""  # how the overlap ended (matrixrtc.session.handover.Finish.reason)
 
     @property
     def duration_s(self) -> float:
@@ -144,6 +174,7 @@ class SwitchRecord:
             "members": self.members,
             "duration_ms": round(self.duration_s * 1000),
             "complete": self.carried_at is not None,
+            "handover": self.handover,
         }
 
 
@@ -170,6 +201,8 @@ class PeerMedia:
     first_frame_at: float | None = None
     last_frame_at: float | None = None
     max_gap_s: float = 0.0  # largest gap between two frames seen (an open gap is not counted)
+    via: MediaKind | None = None  # the transport its frames are taken from (at the last poll)
+    cut_at: dict[MediaKind, float] = field(default_factory=dict)  # latest cutover to each kind
 
     def open_gap_s(self, now: float) -> float:
         return 0.0 if self.last_frame_at is None else max(0.0, now - self.last_frame_at)
@@ -196,11 +229,19 @@ class MediaSwitcher:
         frames: FrameTap[tuple[Participant, MediaKind]] | None = None,
     ) -> None:
         """``frames``: every decoded remote frame, with its sender and the transport that
-        carried it."""
+        carried it; during a switch, a member's frames come from the transport it is taken
+        from (:meth:`via`), so the tap sees one stream per member, never both."""
         self.agent = agent
         self.keys = keys
         self.config = config or SwitchConfig()
-        self._frames = frames
+        self._frames: FrameTap[tuple[Participant, MediaKind]] | None = None
+        if frames is not None:
+            outer = frames
+            self._frames = FrameTap(
+                lambda key, frame: self._tap(outer, key, frame),
+                lambda: outer.listening,
+                lambda: outer.listening_encoded,
+            )
         self._records: Broadcaster[SwitchRecord] = Broadcaster()
         self._clock = clock
         self.current: MediaTransport | None = None  # carries our media now
@@ -216,8 +257,15 @@ class MediaSwitcher:
         # Old transports being closed: awaited (never cancelled) when the switcher closes.
         self._teardowns = OwnedTasks("switch-teardown", log, event_prefix="switch.teardown")
         self._changes: Subscription[ParticipantsChanged] | None = None
+        self._to_device: Subscription[ToDeviceEvent] | None = None
         self.unreachable: set[MediaKind] = set()  # kinds whose transport failed, not yet back
         self._failing_since: float | None = None
+        self._handover: Handover | None = None  # the switch in progress
+        # Acknowledgements received: (device, kind) → when (our clock).
+        self._acks: dict[tuple[DeviceRef, MediaKind], float] = {}
+        # Per running transport (by id; it is kept alive by _running): when it started and
+        # which members we told that it delivers their media.
+        self._acked: dict[int, tuple[MediaTransport, float, set[DeviceRef]]] = {}
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -225,6 +273,9 @@ class MediaSwitcher:
     async def __aenter__(self) -> Self:
         self._changes = self.agent.changes()
         self._spawn(self._changes_loop(self._changes), "changes")
+        if self.config.acks:
+            self._to_device = self.agent.hs.to_device_events()
+            self._spawn(self._ack_loop(self._to_device), "acks")
         self._spawn(self._drive(), "drive")
         self._spawn(self._monitor(), "monitor")
         self._spawn(self._probe_loop(), "probe")
@@ -237,8 +288,9 @@ class MediaSwitcher:
         tb: TracebackType | None,
     ) -> None:
         failure: MatrixRTCError | None = await self._tasks.cancel()
-        if self._changes is not None:
-            self._changes.close()
+        for sub in (self._changes, self._to_device):
+            if sub is not None:
+                sub.close()
         teardown_failure = await self._teardowns.join()  # each bounded by close_timeout_s
         failure = failure or teardown_failure
         for t in self._running():
@@ -266,6 +318,14 @@ class MediaSwitcher:
         """The running transport of ``kind`` (carrying media, or being switched to)."""
         return next((t for t in self._running() if t.kind is kind), None)
 
+    def via(self, peer: DeviceRef) -> MediaKind | None:
+        """The transport ``peer``'s media is taken from now: during a switch the old one
+        until the new one has delivered it, then the new one; else the current one."""
+        h = self._handover
+        if h is not None:
+            return h.via(peer) or h.new  # a start: whatever delivers it
+        return self.kind
+
     def switches(self) -> Subscription[SwitchRecord]:
         """Subscribe to transport starts and switches as they complete."""
         return self._records.subscribe()
@@ -280,10 +340,18 @@ class MediaSwitcher:
                 await self._settled.wait()
 
     def max_gap_s(self, since: float | None = None, until: float | None = None) -> float:
-        """Largest video gap from any peer; with bounds, among gaps overlapping them."""
+        """Largest video gap from any peer; with bounds, among gaps overlapping them. Without
+        ``until``, a gap still open now counts too, for each member still in the call that has
+        sent video before (media that stopped for good is the largest gap of all)."""
         lo = float("-inf") if since is None else since
         hi = float("inf") if until is None else until
         best = 0.0
+        if until is None:
+            now = self._clock()
+            for ref in self._remote_refs():
+                seen = self.peers.get(ref)
+                if seen is not None and seen.last_frame_at is not None:
+                    best = max(best, seen.open_gap_s(now))
         if since is None and until is None:
             best = max((p.max_gap_s for p in self.peers.values()), default=0.0)
         for g in self.gaps:
@@ -310,6 +378,33 @@ class MediaSwitcher:
     async def _changes_loop(self, changes: Subscription[ParticipantsChanged]) -> None:
         async for _ in changes:
             self._dirty.set()
+
+    async def _ack_loop(self, events: Subscription[ToDeviceEvent]) -> None:
+        """Record each member's "I receive you over <kind>" (Olm-verified senders only)."""
+        async for ev in events:
+            if ev.type != SWITCH_ACK_TYPE or not ev.encrypted or ev.sender_device is None:
+                continue
+            content = ev.content
+            if content.get("room_id") != self.agent.room_id:
+                continue
+            try:
+                kind = MediaKind(str(content.get("kind")))
+            except ValueError:
+                self._log.info("switch.ack_ignored", sender=ev.sender, kind=content.get("kind"))
+                continue
+            ref = DeviceRef(ev.sender, ev.sender_device)
+            self._acks[(ref, kind)] = self._clock()
+            self._log.debug("switch.ack_received", peer=ref.user_id, kind=kind.value)
+
+    def _tap(
+        self,
+        outer: FrameTap[tuple[Participant, MediaKind]],
+        key: tuple[Participant, MediaKind],
+        frame: TapFrame,
+    ) -> None:
+        p, kind = key
+        if self.via(DeviceRef(p.user_id, p.device_id)) in (kind, None):
+            outer(key, frame)
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -387,11 +482,31 @@ class MediaSwitcher:
         if old is None:
             # Nothing to hand over from: it carries our media from now on.
             self.current, self._starting = transport, None
-        carried_at = await self._wait_carried(transport, started)
+        handover = Handover(
+            old.kind if old is not None else None,
+            new,
+            self._remote_refs(),
+            started,
+            HandoverConfig(
+                settle_timeout_s=self.config.settle_timeout_s,
+                ack_timeout_s=self.config.ack_timeout_s if self.config.acks else 0.0,
+            ),
+        )
+        self._handover = handover
+        try:
+            end = await self._run_handover(handover, transport)
+        finally:
+            self._handover = None
+        if isinstance(end, Abandon):
+            # The decision moved back while both ran: the old transport never stopped.
+            self._starting = None
+            self._teardown(transport.aclose(), transport.kind.value)
+            self._log.info("switch.abandoned", old=transport.kind.value, kept=self.kind)
+            return
         self.current, self._starting = transport, None
         # Detach the old transport now and close it in the background: hanging up and closing
-        # peer connections can take seconds on a loaded machine, and the call is already on
-        # the new transport (its frames no longer count).
+        # peer connections can take seconds on a loaded machine, and every member takes our
+        # media from the new transport already.
         if old is not None:
             self._teardown(old.aclose(), old.kind.value)
         record = SwitchRecord(
@@ -401,7 +516,8 @@ class MediaSwitcher:
             members=decision.members,
             started_at=started,
             finished_at=self._clock(),
-            carried_at=carried_at,
+            carried_at=end.at if end.complete else None,
+            handover=end.reason,
         )
         self.history.append(record)
         self._records.publish(record)
@@ -412,28 +528,91 @@ class MediaSwitcher:
             new=new.value,
             reason=decision.reason,
             duration_ms=round(record.duration_s * 1000),
-            carried_ms=None if carried_at is None else round((carried_at - started) * 1000),
-            complete=carried_at is not None,
+            complete=end.complete,
+            handover=end.reason,
         )
 
-    async def _wait_carried(self, transport: MediaTransport, since: float) -> float | None:
-        """Until ``transport`` has carried media from every remote member since ``since`` (of
-        what each publishes: ``MediaTransport.carries``); None after ``settle_timeout_s``, or
-        when the decision moved away."""
-        deadline = since + self.config.settle_timeout_s
+    def _remote_refs(self) -> list[DeviceRef]:
+        return [DeviceRef(p.user_id, p.device_id) for p in self._remote()]
+
+    async def _run_handover(self, h: Handover, transport: MediaTransport) -> Finish | Abandon:
+        """Feed the machine until it finishes: each member's first decoded media over
+        ``transport`` since the switch began (of what it publishes: ``MediaTransport.carries``),
+        its acknowledgements, membership changes and the time. A decision that moves back to
+        the old kind abandons the switch; one that moves elsewhere ends it at once."""
         video = self.config.media.video
-        while self._clock() < deadline:
+        refs = self._remote_refs()
+        while True:
+            now = self._clock()
+            actions: list[HandoverAction] = []
             if self._dirty.is_set():
                 decided = self._decide().kind
                 if decided is not transport.kind:
-                    self._log.info("switch.overtaken", kind=transport.kind.value)
-                    return None
-                await transport.update()
-            if all(transport.carries(p, since, video=video) for p in self._remote()):
-                return self._clock()
-            await asyncio.sleep(self.config.poll_s * 2)
-        self._log.warning("switch.settle_timeout", kind=transport.kind.value)
-        return None
+                    self._log.info("switch.overtaken", kind=transport.kind.value, now=decided)
+                    if decided is h.old:
+                        actions += h.abandon(now)
+                    else:
+                        return Finish(False, f"overtaken by {decided.value}", now)
+                current = self._remote_refs()
+                if current != refs:
+                    refs = current
+                    await transport.update()
+                    actions += h.set_peers(refs, now)
+            for p in self._remote():
+                ref = DeviceRef(p.user_id, p.device_id)
+                if not h.cut_over(ref) and transport.carries(p, h.started_at, video=video):
+                    actions += h.delivered(ref, now)
+                acked = self._acks.get((ref, h.new))
+                if acked is not None and acked >= h.started_at:
+                    actions += h.acked(ref, now)
+            actions += h.tick(now)
+            for a in actions:
+                if isinstance(a, Cutover):
+                    seen = self.peers.get(a.peer)
+                    if seen is None:
+                        seen = self.peers[a.peer] = PeerMedia(a.peer)
+                    seen.cut_at[a.kind] = a.at
+                    self._log.info(
+                        "switch.cutover",
+                        peer=a.peer.user_id,
+                        kind=a.kind.value,
+                        ms=round((a.at - h.started_at) * 1000),
+                    )
+                elif isinstance(a, Finish | Abandon):
+                    if isinstance(a, Finish) and not a.complete:
+                        self._log.warning(
+                            "switch.settle_timeout",
+                            kind=h.new.value,
+                            waiting=len(h.waiting_for(now)),
+                        )
+                    return a
+            await asyncio.sleep(self.config.poll_s)
+
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def _send_acks(self) -> None:
+        """Tell each member the first time a running transport delivers its media."""
+        running = {id(t): t for t in self._running()}
+        for key in [k for k in self._acked if k not in running]:
+            del self._acked[key]
+        video = self.config.media.video
+        for key, t in running.items():
+            entry = self._acked.get(key)
+            if entry is None:
+                entry = self._acked[key] = (t, self._clock(), set())
+            _, since, told = entry
+            for p in self._remote():
+                ref = DeviceRef(p.user_id, p.device_id)
+                if ref not in told and t.carries(p, since, video=video):
+                    told.add(ref)
+                    self._tasks.spawn(self._send_ack(ref, t.kind), f"ack {ref.user_id}")
+
+    async def _send_ack(self, to: DeviceRef, kind: MediaKind) -> None:
+        content = {"room_id": self.agent.room_id, "kind": kind.value}
+        try:
+            await self.agent.hs.send_to_device(SWITCH_ACK_TYPE, {to: content}, encrypted=True)
+        except Exception as exc:  # the peer falls back to its ack timeout
+            self._log.warning("switch.ack_send_failed", peer=to.user_id, error=repr(exc))
 
     # -- transports -------------------------------------------------------------------------
 
@@ -493,6 +672,8 @@ class MediaSwitcher:
             try:
                 self._watch_failure()
                 self._poll()
+                if self.config.acks:
+                    self._send_acks()
             except Exception as exc:  # e.g. a transport closing under our feet: poll again
                 failures += 1
                 if failures == 1 or failures % 1000 == 0:
@@ -506,6 +687,7 @@ class MediaSwitcher:
             peer = self.peers.get(ref)
             if peer is None:
                 peer = self.peers[ref] = PeerMedia(ref)
+            peer.via = via = self.via(ref)
             for kind, obj, count, last in self._frame_sources(p):
                 seen = self._sources.get(id(obj))
                 new = count - (seen.count if seen is not None and seen.obj is obj else 0)
@@ -513,6 +695,8 @@ class MediaSwitcher:
                 if new <= 0 or last is None:
                     continue
                 peer.frames[kind] = peer.frames.get(kind, 0) + new
+                if via is not None and kind is not via:
+                    continue  # not what this member is shown: no gap, and it closes none
                 if peer.first_frame_at is None:
                     peer.first_frame_at = last
                 elif peer.last_frame_at is not None and last > peer.last_frame_at:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
 
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.errors import RemoteError
-from matrixrtc.matrix import Broadcaster, Subscription
+from matrixrtc.matrix import Broadcaster, Subscription, ToDeviceEvent, ToDeviceSendResult
 from matrixrtc.media_transport import FrameCounter, MediaTransport, TransportContext
 from matrixrtc.model import (
     CallMembership,
@@ -24,7 +25,7 @@ from matrixrtc.model import (
 )
 from matrixrtc.model.devices import DeviceRef
 from matrixrtc.session.media_policy import MediaKind
-from matrixrtc.switching import MediaSwitcher, SwitchConfig
+from matrixrtc.switching import SWITCH_ACK_TYPE, MediaSwitcher, SwitchConfig
 
 ME = "@me:example.org"
 SFU = LivekitTransport(livekit_service_url="https://sfu.example.org")
@@ -50,8 +51,32 @@ def membership(user: str) -> CallMembership:
 
 
 class FakeHs:
+    """The switcher's acknowledgements go out and come in as to-device events."""
+
     user_id = ME
     device_id = "D"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, DeviceRef, Mapping[str, Any]]] = []
+        self._to_device: Broadcaster[ToDeviceEvent] = Broadcaster()
+
+    def to_device_events(self) -> Subscription[ToDeviceEvent]:
+        return self._to_device.subscribe()
+
+    async def send_to_device(
+        self,
+        event_type: str,
+        messages: Mapping[DeviceRef, Mapping[str, Any]],
+        *,
+        encrypted: bool = True,
+    ) -> ToDeviceSendResult:
+        assert encrypted
+        self.sent += [(event_type, to, content) for to, content in messages.items()]
+        return ToDeviceSendResult(tuple(messages), ())
+
+    def receive_ack(self, user: str, kind: MediaKind, room_id: str = "!room:example.org") -> None:
+        content = {"room_id": room_id, "kind": kind.value}
+        self._to_device.publish(ToDeviceEvent(SWITCH_ACK_TYPE, content, user, "D", "curve", True))
 
 
 class FakeAgent:
@@ -133,6 +158,7 @@ class Registry:
             mesh_max=2,
             poll_s=0.001,
             settle_timeout_s=5.0,
+            ack_timeout_s=0.05,
             retry_s=0.01,
             transports={k: self.factory(k) for k in (MediaKind.MESH, MediaKind.SFU)},
         )
@@ -257,6 +283,7 @@ async def test_a_lost_sfu_moves_the_call_to_the_mesh_and_back_once_a_probe_gets_
         transports=cfg.transports,
         fail_after_s=0.05,
         probe_s=0.02,
+        ack_timeout_s=0.05,
         probes={MediaKind.SFU: probe},
     )
     async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
@@ -276,3 +303,61 @@ async def test_a_lost_sfu_moves_the_call_to_the_mesh_and_back_once_a_probe_gets_
         assert back.reason == "3 members > mesh_max 2"
         assert reg.made[MediaKind.SFU] is not first_sfu  # a new connection
         assert switcher.unreachable == set()
+
+
+async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on_the_new() -> None:
+    """Make-before-break with the remote side switching too: our old transport carries our
+    media to the others until each of them acknowledges receiving us over the new one; each
+    member is taken from the new transport once it delivered that member's media."""
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
+    a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
+    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        # The mesh delivered a's media: a is told so, once.
+        await until(lambda: [(t, to) for t, to, _ in agent.hs.sent] == [(SWITCH_ACK_TYPE, a)])
+        assert agent.hs.sent[0][2] == {"room_id": agent.room_id, "kind": "mesh"}
+        agent.hs.receive_ack("@b:example.org", MediaKind.SFU)  # stale: before the switch
+
+        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        assert switcher.via(a) is MediaKind.MESH
+        reg.made[MediaKind.SFU].carrying = True
+        await until(lambda: switcher.via(a) is MediaKind.SFU)  # cut over: SFU delivered a
+        assert switcher.via(b) is MediaKind.SFU
+        # Both are told we receive them over the SFU.
+        await until(
+            lambda: {(to, c["kind"]) for _, to, c in agent.hs.sent} >= {(a, "sfu"), (b, "sfu")}
+        )
+
+        agent.hs.receive_ack("@a:example.org", MediaKind.SFU)
+        agent.hs.receive_ack("@b:example.org", MediaKind.MESH)  # the wrong kind: no use
+        agent.hs.receive_ack("@b:example.org", MediaKind.SFU, room_id="!other:example.org")
+        await asyncio.sleep(0.1)
+        assert switcher.kind is MediaKind.MESH  # b has not said it receives us on the SFU
+        assert "close mesh" not in reg.log
+
+        agent.hs.receive_ack("@b:example.org", MediaKind.SFU)
+        done = await switcher.wait_settled(MediaKind.SFU, 5)
+        assert done.carried_at is not None
+        assert done.handover == "2 peers cut over, 2 acknowledged"
+        await until(lambda: "close mesh" in reg.log)
+
+
+async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    reg.carrying = {MediaKind.MESH}  # the SFU never delivers
+    async with MediaSwitcher(cast(CallAgent, agent), None, reg.config()) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        mesh = reg.made[MediaKind.MESH]
+        agent.members(ME, "@a:example.org", "@b:example.org")
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        agent.members(ME, "@a:example.org")  # b left again: back to the mesh
+        await until(lambda: "close sfu" in reg.log)
+        assert switcher.running(MediaKind.MESH) is mesh
+        assert "close mesh" not in reg.log
+        assert [(r.old, r.new) for r in switcher.history] == [(None, MediaKind.MESH)]
