@@ -290,12 +290,14 @@ async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str,
             to_sfu_done = await settled(MediaKind.SFU, [*first, fourth[1]])
             await asyncio.sleep(3)
             mesh_to_sfu = max(s.max_gap_s(since=t_join) for _, s in members)
+            detail = {"mesh_to_sfu": _switch_detail([s for _, s in members], t_join)}
             members.remove(fourth)
             t_leave = time.monotonic()
             await fourth[0].aclose()
             to_mesh_done = await settled(MediaKind.MESH, first)
             await asyncio.sleep(3)
             sfu_to_mesh = max(s.max_gap_s(since=t_leave) for s in first)
+            detail["sfu_to_mesh"] = _switch_detail(first, t_leave)
         finally:
             await asyncio.gather(*(st.aclose() for st, _ in members), return_exceptions=True)
     return {
@@ -305,7 +307,41 @@ async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str,
             "mesh_to_sfu": round((to_sfu_done - t_join) * 1000),
             "sfu_to_mesh": round((to_mesh_done - t_leave) * 1000),
         },
+        "detail": detail,
     }
+
+
+def _switch_detail(switchers: Sequence[MediaSwitcher], t0: float) -> dict[str, Any]:
+    """Where the largest gap after ``t0`` was (receiver, sender, ms after ``t0``, the transport
+    whose frame ended it), and when each member's last switch started, cut each peer over and
+    finished, in ms after ``t0``: enough to see who tore down before whom."""
+
+    def name(user_id: str) -> str:
+        return user_id.split(":")[0].lstrip("@")
+
+    def ms(t: float) -> int:
+        return round((t - t0) * 1000)
+
+    worst: dict[str, Any] = {"ms": 0}
+    members = []
+    for s in switchers:
+        me = name(s.agent.hs.user_id)
+        for g in s.gaps:
+            if g.end >= t0 and g.seconds * 1000 > worst["ms"]:
+                worst = {"ms": round(g.seconds * 1000), "receiver": me,
+                         "sender": name(g.peer.user_id), "from_ms": ms(g.start),
+                         "ended_by": g.transport.value}  # fmt: skip
+        last = s.history[-1] if s.history else None
+        members.append({
+            "member": me,
+            "switch": None if last is None else f"{last.old} -> {last.new}",
+            "started_ms": None if last is None else ms(last.started_at),
+            "finished_ms": None if last is None else ms(last.finished_at),
+            "handover": None if last is None else last.handover,
+            "cutover_ms": {name(p.peer.user_id): ms(max(p.cut_at.values()))
+                           for p in s.peers.values() if p.cut_at},
+        })  # fmt: skip
+    return {"largest": worst, "members": members}
 
 
 async def measure_late_join(runs: int) -> dict[str, Any]:
@@ -368,11 +404,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         late = await measure_late_join(args.late_joins)
         exits = await measure_sigterm(args.exits)
     durations = switch.pop("switch_duration_ms")
+    switch_detail = switch.pop("detail")
     return {
         "mesh": mesh,
         "sfu": sfu,
         "switch_gap_ms": switch,
         "switch_duration_ms": durations,
+        "switch_detail": switch_detail,
         "late_join_decrypt_failures": late,
         **exits,
     }

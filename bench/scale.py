@@ -197,10 +197,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["switch_gap_ms_without_acks"] = {
                 "mesh_to_sfu": before["mesh_to_sfu"], "sfu_to_mesh": before["sfu_to_mesh"]
             }  # fmt: skip
+            result["switch_detail_without_acks"] = before["detail"]
         sw = await measure_switch(media)
         result["switch_gap_ms"] = {"mesh_to_sfu": sw["mesh_to_sfu"],
                                    "sfu_to_mesh": sw["sfu_to_mesh"]}  # fmt: skip
         result["switch_duration_ms"] = sw["switch_duration_ms"]
+        result["switch_detail"] = sw["detail"]
     return result
 
 

@@ -261,6 +261,7 @@ class MediaSwitcher:
         self.unreachable: set[MediaKind] = set()  # kinds whose transport failed, not yet back
         self._failing_since: float | None = None
         self._handover: Handover | None = None  # the switch in progress
+        self._handing_to: MediaTransport | None = None  # the transport it brings up
         # Acknowledgements received: (device, kind) → when (our clock).
         self._acks: dict[tuple[DeviceRef, MediaKind], float] = {}
         # Per running transport (by id; it is kept alive by _running): when it started and
@@ -492,11 +493,11 @@ class MediaSwitcher:
                 ack_timeout_s=self.config.ack_timeout_s if self.config.acks else 0.0,
             ),
         )
-        self._handover = handover
+        self._handover, self._handing_to = handover, transport
         try:
             end = await self._run_handover(handover, transport)
         finally:
-            self._handover = None
+            self._handover = self._handing_to = None
         if isinstance(end, Abandon):
             # The decision moved back while both ran: the old transport never stopped.
             self._starting = None
@@ -572,6 +573,7 @@ class MediaSwitcher:
                     if seen is None:
                         seen = self.peers[a.peer] = PeerMedia(a.peer)
                     seen.cut_at[a.kind] = a.at
+                    self._ack(transport, a.peer)
                     self._log.info(
                         "switch.cutover",
                         peer=a.peer.user_id,
@@ -591,7 +593,8 @@ class MediaSwitcher:
     # -- acknowledgements -------------------------------------------------------------------
 
     def _send_acks(self) -> None:
-        """Tell each member the first time a running transport delivers its media."""
+        """Tell each member the first time a running transport delivers its media (on the
+        transport a switch brings up: when the switch cuts the member over, not before)."""
         running = {id(t): t for t in self._running()}
         for key in [k for k in self._acked if k not in running]:
             del self._acked[key]
@@ -600,12 +603,23 @@ class MediaSwitcher:
             entry = self._acked.get(key)
             if entry is None:
                 entry = self._acked[key] = (t, self._clock(), set())
+            if t is self._handing_to:
+                continue  # the handover acknowledges at each cutover
             _, since, told = entry
             for p in self._remote():
                 ref = DeviceRef(p.user_id, p.device_id)
                 if ref not in told and t.carries(p, since, video=video):
-                    told.add(ref)
-                    self._tasks.spawn(self._send_ack(ref, t.kind), f"ack {ref.user_id}")
+                    self._ack(t, ref)
+
+    def _ack(self, t: MediaTransport, ref: DeviceRef) -> None:
+        if not self.config.acks:
+            return
+        entry = self._acked.get(id(t))
+        if entry is None:
+            entry = self._acked[id(t)] = (t, self._clock(), set())
+        if ref not in entry[2]:
+            entry[2].add(ref)
+            self._tasks.spawn(self._send_ack(ref, t.kind), f"ack {ref.user_id}")
 
     async def _send_ack(self, to: DeviceRef, kind: MediaKind) -> None:
         content = {"room_id": self.agent.room_id, "kind": kind.value}

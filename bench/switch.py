@@ -1,0 +1,382 @@
+"""Switch benchmark: the largest media gap any member sees when a call moves mesh → SFU → mesh.
+
+Run inside the private network namespace (everything binds 127.0.0.1)::
+
+    ./scripts/in-netns .venv/bin/python bench/switch.py [--json] [--no-acks]
+
+A fresh local stack (Synapse, LiveKit, our authorization service). Every member is **its own
+process** (``python -m bench.switch --member``: Homeserver + CallAgent + CallKeys +
+MediaSwitcher, 320×240 @ 15 VP8 with frame E2EE, ``mesh_max`` 3), as in a real call: a member
+receives frames on its own event loop, so a stall in one member's process is that member's
+gap, not everyone's. Three members start on the mesh; a fourth joins (the call moves to the
+SFU) and, once everyone is on the SFU, leaves (the call moves back to the mesh).
+
+Each member measures what it shows: the gaps between consecutive decoded (so decrypted) video
+frames of each other member, over the transport it takes that member from at the time
+(``MediaSwitcher.via``: the old one until the new one delivered that member, then the new
+one). A gap still open at the end counts. ``mesh_to_sfu`` is the largest gap any member saw
+from any other between the join and the leave, ``sfu_to_mesh`` from the leave to the end.
+Process clocks are comparable: ``time.monotonic`` is the machine's CLOCK_MONOTONIC.
+
+``acks`` False (``--no-acks``): members tear down their old transport once they receive
+everyone on the new one, without waiting to be received there (the switcher before
+make-before-break acknowledgements), for before/after figures in one run.
+
+Prints figures only; never fails on a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
+from matrixrtc.livekit import MediaOptions
+from matrixrtc.logging import configure_logging
+
+_QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
+_ROOT = Path(__file__).resolve().parent.parent  # members run as ``python -m bench.switch``
+_MARK = "@@switch "  # our lines on a member's stdout
+SETTLE_TIMEOUT_S = 60.0
+STEADY_S = 3.0  # media before each switch, and after it before the next step
+LIMIT_S = 240.0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberArgs:
+    base_url: str
+    user_id: str
+    password: str
+    room_id: str
+    service_url: str
+    width: int
+    height: int
+    fps: float
+    audio: bool
+    acks: bool
+    mesh_max: int = 3
+
+
+# -- the member process ---------------------------------------------------------------------
+
+
+def _emit(out: TextIO, **fields: Any) -> None:
+    out.write(_MARK + json.dumps(fields) + "\n")
+    out.flush()
+
+
+async def _member(args: MemberArgs) -> None:
+    from matrixrtc.agent import AgentConfig, CallAgent
+    from matrixrtc.call_keys import CallKeys
+    from matrixrtc.matrix import Homeserver, Login
+    from matrixrtc.mesh.engine import MeshConfig
+    from matrixrtc.mesh.matrix_link import MeshLinkConfig
+    from matrixrtc.model.transports import FullMeshTransport, LivekitTransport
+    from matrixrtc.session.mesh_signalling import SignallingConfig
+    from matrixrtc.switching import MediaSwitcher, SwitchConfig
+
+    media = MediaOptions(width=args.width, height=args.height, fps=args.fps, audio=args.audio)
+    mesh = MeshLinkConfig(
+        mesh=MeshConfig(
+            host_addresses=("127.0.0.1",),
+            signalling=SignallingConfig(invite_timeout_ms=4000, retry_interval_ms=1000),
+        )
+    )
+    config = SwitchConfig(mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks)
+    transports = (LivekitTransport(livekit_service_url=args.service_url), FullMeshTransport())
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with contextlib.AsyncExitStack() as stack:
+        hs = await stack.enter_async_context(
+            Homeserver(args.base_url, Login(args.user_id, password=args.password))
+        )
+        agent = await stack.enter_async_context(
+            CallAgent(hs, args.room_id, AgentConfig(transports=transports))
+        )
+        keys = await stack.enter_async_context(CallKeys(agent))
+        switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
+
+        async def report_switches() -> None:
+            with switcher.switches() as records:
+                async for r in records:
+                    _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
+                          finished_at=r.finished_at, handover=r.handover)  # fmt: skip
+
+        stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was late
+
+        async def watch_loop() -> None:
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                late = time.monotonic() - before - 0.01
+                if late > 0.05:
+                    stalls.append((before, late))
+
+        helpers = [asyncio.create_task(report_switches()), asyncio.create_task(watch_loop())]
+        try:
+            await stdin.readline()  # "leave", or EOF: the parent is done with us
+        finally:
+            for task in helpers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        now = time.monotonic()
+        gaps = [
+            (g.peer.user_id, g.start, g.end, g.transport.value, False)
+            for g in switcher.gaps
+            if g.seconds > 0.05
+        ]
+        for ref, seen in switcher.peers.items():  # a gap still open now counts
+            present = any(
+                (p.user_id, p.device_id) == (ref.user_id, ref.device_id) for p in agent.participants
+            )
+            if present and seen.last_frame_at is not None and seen.open_gap_s(now) > 0.05:
+                gaps.append((ref.user_id, seen.last_frame_at, now, "open", True))
+        _emit(
+            sys.stdout,
+            event="report",
+            user=args.user_id,
+            gaps=gaps,
+            history=[
+                {
+                    "old": r.old,
+                    "new": r.new.value,
+                    "started_at": r.started_at,
+                    "finished_at": r.finished_at,
+                    "handover": r.handover,
+                }
+                for r in switcher.history
+            ],
+            cut_at={
+                ref.user_id: {k.value: t for k, t in seen.cut_at.items()}
+                for ref, seen in switcher.peers.items()
+            },
+            frames={
+                ref.user_id: {k.value: n for k, n in seen.frames.items()}
+                for ref, seen in switcher.peers.items()
+            },
+            stalls=stalls,
+        )
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+class _Proc:
+    """One member process and the lines it printed."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.switched: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, name: str, args: MemberArgs, log: Path) -> _Proc:
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.switch", "--member", json.dumps(asdict(args)),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+                cwd=_ROOT,
+            )  # fmt: skip
+        return cls(name, proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            if not line.startswith(_MARK):
+                continue
+            msg = json.loads(line[len(_MARK) :])
+            if msg["event"] == "switched":
+                self.switched.append(msg)
+            elif msg["event"] == "report":
+                self.report = msg
+            self._changed.set()
+
+    async def on(self, kind: str) -> dict[str, Any]:
+        """Until this member's latest start or switch is to ``kind``."""
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            while not (self.switched and self.switched[-1]["new"] == kind):
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._changed.wait()
+        return self.switched[-1]
+
+    async def leave(self) -> dict[str, Any]:
+        """Ask for the report and let the member leave the call."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"leave\n")
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(30):
+            while self.report is None:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._changed.wait()
+            await self.proc.wait()
+            await self._reader
+        return self.report
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+def _name(user_id: str) -> str:
+    return user_id.split(":")[0].lstrip("@")
+
+
+def _largest(
+    reports: Sequence[dict[str, Any]], since: float, until: float, exclude: str | None = None
+) -> dict[str, Any]:
+    """The largest gap any member saw from any other that overlaps ``[since, until)``."""
+    best: dict[str, Any] = {"ms": 0}
+    stalls = {r["user"]: r["stalls"] for r in reports}
+    for r in reports:
+        for peer, start, end, ended_by, still_open in r["gaps"]:
+            if peer == exclude or end < since or start >= until:
+                continue
+            ms = round((end - start) * 1000)
+            if ms > best["ms"]:
+                best = {"ms": ms, "receiver": _name(r["user"]), "sender": _name(peer),
+                        "from_ms": round((start - since) * 1000), "ended_by": ended_by,
+                        "open": still_open,
+                        # Where the event loops of the two were late during the gap.
+                        "loop_stalls_ms": {
+                            who: [[round((t - since) * 1000), round(late * 1000)]
+                                  for t, late in stalls.get(uid, []) if start <= t < end]
+                            for who, uid in (("receiver", r["user"]), ("sender", peer))
+                        }}  # fmt: skip
+    return best
+
+
+def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict[str, Any]]:
+    """Per member: when its ``step``-th switch started and finished and when each other member
+    cut it over (ms after ``t0``): who tore down before whom."""
+    out = []
+    for r in reports:
+        if len(r["history"]) <= step:
+            continue
+        h = r["history"][step]
+        new = h["new"]
+        out.append({
+            "member": _name(r["user"]),
+            "switch": f"{h['old']} -> {new}",
+            "started_ms": round((h["started_at"] - t0) * 1000),
+            "finished_ms": round((h["finished_at"] - t0) * 1000),
+            "handover": h["handover"],
+            "taken_from_new_by_others_ms": {
+                _name(o["user"]): round((o["cut_at"][r["user"]][new] - t0) * 1000)
+                for o in reports
+                if o is not r and new in o["cut_at"].get(r["user"], {})
+            },
+        })  # fmt: skip
+    return out
+
+
+async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str, Any]:
+    """The figures of one run (see the module docstring)."""
+    run_dir = new_run_dir(prefix="bench-switch")
+    procs: list[_Proc] = []
+    async with (
+        Synapse(run_dir) as hs,
+        LiveKit(run_dir) as lk,
+        AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET) as svc,
+    ):
+        users = [await hs.register(f"sw{i}") for i in range(4)]
+        room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
+
+        def args(u: UserCreds) -> MemberArgs:
+            return MemberArgs(
+                base_url=hs.base_url, user_id=u.user_id, password=u.password, room_id=room_id,
+                service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
+                audio=media.audio, acks=acks,
+            )  # fmt: skip
+
+        try:
+            for i, u in enumerate(users[:3]):
+                procs.append(await _Proc.start(f"sw{i}", args(u), run_dir / f"sw{i}.log"))
+            first = list(procs)
+            await asyncio.gather(*(p.on("mesh") for p in first))
+            await asyncio.sleep(STEADY_S)
+            t_join = time.monotonic()
+            fourth = await _Proc.start("sw3", args(users[3]), run_dir / "sw3.log")
+            procs.append(fourth)
+            to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
+            await asyncio.sleep(STEADY_S)
+            t_leave = time.monotonic()
+            fourth_report = await fourth.leave()
+            back = await asyncio.gather(*(p.on("mesh") for p in first))
+            await asyncio.sleep(STEADY_S)
+            reports = [await p.leave() for p in first]
+        finally:
+            await asyncio.gather(*(p.kill() for p in procs), return_exceptions=True)
+    everyone = [*reports, fourth_report]
+    to_sfu_gap = _largest(everyone, t_join, t_leave)
+    # After the leave the fourth member's media ends for good: not a gap of the switch.
+    to_mesh_gap = _largest(reports, t_leave, float("inf"), exclude=users[3].user_id)
+    return {
+        "mesh_to_sfu": to_sfu_gap["ms"],
+        "sfu_to_mesh": to_mesh_gap["ms"],
+        "switch_duration_ms": {
+            "mesh_to_sfu": round((max(s["finished_at"] for s in to_sfu) - t_join) * 1000),
+            "sfu_to_mesh": round((max(s["finished_at"] for s in back) - t_leave) * 1000),
+        },
+        "detail": {
+            "mesh_to_sfu": {"largest": to_sfu_gap, "order": _order(everyone, t_join, 1)},
+            "sfu_to_mesh": {"largest": to_mesh_gap, "order": _order(reports, t_leave, 2)},
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-acks", dest="acks", action="store_false")
+    parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
+    args = parser.parse_args(argv)
+    configure_logging(level="error")
+    if args.member:
+        asyncio.run(_member(MemberArgs(**json.loads(args.member))))
+        return 0
+    media = MediaOptions(width=320, height=240, fps=15.0)
+
+    async def run() -> dict[str, Any]:
+        async with asyncio.timeout(LIMIT_S):
+            return await measure_switch(media, acks=args.acks)
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"switch gaps (ms): mesh->sfu {result['mesh_to_sfu']}, "
+              f"sfu->mesh {result['sfu_to_mesh']}")  # fmt: skip
+        print(json.dumps(result["detail"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
