@@ -19,9 +19,9 @@ that the guest decrypted and decoded. This one includes the whole Matrix path: m
 event, sync, Olm key exchange (and the use-key delay when the host rotates on a join after its
 10 s grace period), MSC2746 signalling over to-device, ICE/DTLS.
 
-Switch gaps: three members under ``MediaSwitcher`` with ``mesh_max`` 3 on mesh; a fourth joins
-(the call moves to the SFU), then leaves (back to mesh). Each direction's figure is the largest
-gap between two video frames from one peer that any member saw around that switch.
+Switch gaps: ``bench/switch.py`` (a process per member; three on the mesh with ``mesh_max`` 3,
+a fourth joins and leaves). Each direction's figure is the largest gap between two decoded video
+frames from one peer that any member showed around that switch.
 
 Late joiners (``late_join_decrypt_failures``): two members on one transport (mesh, then SFU)
 until their keys are past the grace period (2 s here), then a third joins; the figure is the
@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bench._run import run_bench
+from bench.switch import measure_switch
 from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.calltest.exit_timing import sigterm_exit
@@ -65,7 +66,6 @@ from matrixrtc.model.membership import CallMembership, Dialect, RtcMemberData
 from matrixrtc.model.transports import FullMeshTransport, LivekitTransport
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef, SignallingConfig
-from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
 LIMIT_S = 360.0
 FIRST_FRAME_TIMEOUT_S = 10.0
@@ -241,107 +241,6 @@ async def measure_mesh(joins: int, media: MediaOptions, gap_s: float) -> dict[st
         "failed": failures,
         "first_frame_ms_all": [round(1000 * d) for d in firsts],
     }
-
-
-async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str, Any]:
-    """Three members on the mesh, a fourth joins (the call moves to the SFU) and leaves (back
-    to the mesh): the largest video gap any member saw from any other around each switch, over
-    the transport it took that member from (decoded, so decrypted, frames). ``acks`` False:
-    each member tears down its old path once it receives everyone on the new one, without
-    waiting for the others to receive it (the switcher before acknowledgements)."""
-    run_dir = new_run_dir(prefix="bench-switch")
-    async with (
-        Synapse(run_dir) as hs,
-        LiveKit(run_dir) as lk,
-        AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET) as svc,
-    ):
-        service_url = svc.url
-        users = [await hs.register(f"sw{i}") for i in range(4)]
-        room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
-        transports = (LivekitTransport(livekit_service_url=service_url), FullMeshTransport())
-        config = SwitchConfig(mesh_max=3, media=media, mesh=_MESH_LINK, acks=acks)
-        members: list[tuple[contextlib.AsyncExitStack, MediaSwitcher]] = []
-
-        async def join(user: UserCreds) -> tuple[contextlib.AsyncExitStack, MediaSwitcher]:
-            stack = contextlib.AsyncExitStack()
-            h = await stack.enter_async_context(
-                Homeserver(hs.base_url, Login(user.user_id, password=user.password))
-            )
-            agent = await stack.enter_async_context(
-                CallAgent(h, room_id, AgentConfig(transports=transports))
-            )
-            keys = await stack.enter_async_context(CallKeys(agent))
-            switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
-            return stack, switcher
-
-        async def settled(kind: MediaKind, who: list[MediaSwitcher]) -> float:
-            records = await asyncio.gather(*(s.wait_settled(kind, 30) for s in who))
-            return max(r.finished_at for r in records)
-
-        try:
-            for u in users[:3]:
-                members.append(await join(u))
-            first = [s for _, s in members]
-            await settled(MediaKind.MESH, first)
-            await asyncio.sleep(3)  # steady mesh media before the switch
-            t_join = time.monotonic()
-            fourth = await join(users[3])
-            members.append(fourth)
-            to_sfu_done = await settled(MediaKind.SFU, [*first, fourth[1]])
-            await asyncio.sleep(3)
-            mesh_to_sfu = max(s.max_gap_s(since=t_join) for _, s in members)
-            detail = {"mesh_to_sfu": _switch_detail([s for _, s in members], t_join)}
-            members.remove(fourth)
-            t_leave = time.monotonic()
-            await fourth[0].aclose()
-            to_mesh_done = await settled(MediaKind.MESH, first)
-            await asyncio.sleep(3)
-            sfu_to_mesh = max(s.max_gap_s(since=t_leave) for s in first)
-            detail["sfu_to_mesh"] = _switch_detail(first, t_leave)
-        finally:
-            await asyncio.gather(*(st.aclose() for st, _ in members), return_exceptions=True)
-    return {
-        "mesh_to_sfu": round(mesh_to_sfu * 1000),
-        "sfu_to_mesh": round(sfu_to_mesh * 1000),
-        "switch_duration_ms": {
-            "mesh_to_sfu": round((to_sfu_done - t_join) * 1000),
-            "sfu_to_mesh": round((to_mesh_done - t_leave) * 1000),
-        },
-        "detail": detail,
-    }
-
-
-def _switch_detail(switchers: Sequence[MediaSwitcher], t0: float) -> dict[str, Any]:
-    """Where the largest gap after ``t0`` was (receiver, sender, ms after ``t0``, the transport
-    whose frame ended it), and when each member's last switch started, cut each peer over and
-    finished, in ms after ``t0``: enough to see who tore down before whom."""
-
-    def name(user_id: str) -> str:
-        return user_id.split(":")[0].lstrip("@")
-
-    def ms(t: float) -> int:
-        return round((t - t0) * 1000)
-
-    worst: dict[str, Any] = {"ms": 0}
-    members = []
-    for s in switchers:
-        me = name(s.agent.hs.user_id)
-        for g in s.gaps:
-            if g.end >= t0 and g.seconds * 1000 > worst["ms"]:
-                worst = {"ms": round(g.seconds * 1000), "receiver": me,
-                         "sender": name(g.peer.user_id), "from_ms": ms(g.start),
-                         "ended_by": g.transport.value}  # fmt: skip
-        last = s.history[-1] if s.history else None
-        members.append({
-            "member": me,
-            "switch": None if last is None else f"{last.old} -> {last.new}",
-            "started_ms": None if last is None else ms(last.started_at),
-            "finished_ms": None if last is None else ms(last.finished_at),
-            "handover": None if last is None else last.handover,
-            "cutover_ms": {name(p.peer.user_id): ms(max(p.cut_at.values()))
-                           for p in s.peers.values() if p.cut_at},
-        })  # fmt: skip
-    return {"largest": worst, "members": members}
 
 
 async def measure_late_join(runs: int) -> dict[str, Any]:

@@ -14,10 +14,10 @@ a participant in % of one core (``cpu_percent_per_participant``, all threads; Li
 CPU is reported apart as ``server_cpu_percent``). ``sfu_max_n`` is the largest SFU N measured
 whose cell, and every smaller SFU cell, holds ``min_fps_ratio`` ≥ 0.9.
 
-``switch_gap_ms`` (``--switch``) is ``bench/join.py``'s switch measurement: three members on
-the mesh, a fourth joins (the call moves to the SFU) and leaves (back to the mesh); the largest
-video gap any member saw from any other around each switch (decoded frames, over the transport
-the receiver takes that member from). ``switch_gap_ms_without_acks`` is the same, measured
+``switch_gap_ms`` (``--switch``) is ``bench/switch.py``'s measurement (a process per member):
+three members on the mesh, a fourth joins (the call moves to the SFU) and leaves (back to the
+mesh); the largest video gap any member saw from any other around each switch (decoded frames,
+over the transport the receiver takes that member from). ``switch_gap_ms_without_acks`` is the same, measured
 right before in the same run, with each member tearing down its old path without waiting for
 the others to receive it on the new one (the switcher before make-before-break
 acknowledgements; ``--no-switch-compare`` skips it).
@@ -188,7 +188,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
     result["sfu_max_n"] = sfu_max_n(result["sfu"])
     if args.switch:
-        from bench.join import measure_switch
+        from bench.switch import measure_switch
         from matrixrtc.livekit import MediaOptions
 
         media = MediaOptions(width=320, height=240, fps=15.0)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--switch", action=argparse.BooleanOptionalAction, default=True,
-        help="measure the mesh/SFU switch gaps (bench/join.py's measurement)",
+        help="measure the mesh/SFU switch gaps (bench/switch.py's measurement)",
     )  # fmt: skip
     parser.add_argument(
         "--switch-compare", action=argparse.BooleanOptionalAction, default=True,
