@@ -359,7 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(level="error")
     if args.member:
-        asyncio.run(_member(MemberArgs(**json.loads(args.member))))
+        debug = bool(os.environ.get("BENCH_SWITCH_DEBUG"))  # log callbacks blocking > 40 ms
+        if debug:
+            import logging
+
+            slow = logging.getLogger("asyncio")
+            slow.setLevel(logging.WARNING)
+            slow.addHandler(logging.StreamHandler(sys.stderr))
+            slow.propagate = False
+
+            async def debugged() -> None:
+                asyncio.get_running_loop().slow_callback_duration = 0.04
+                await _member(MemberArgs(**json.loads(args.member)))
+
+            asyncio.run(debugged(), debug=True)
+        else:
+            asyncio.run(_member(MemberArgs(**json.loads(args.member))))
         return 0
     media = MediaOptions(width=320, height=240, fps=15.0)
 
