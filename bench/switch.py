@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench._run import run_bench
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.livekit import MediaOptions
 from matrixrtc.logging import configure_logging
@@ -378,14 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     media = MediaOptions(width=320, height=240, fps=15.0)
 
-    async def run() -> dict[str, Any]:
+    async def run(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S):
-            return await measure_switch(media, acks=args.acks)
+            return await measure_switch(media, acks=a.acks)
 
-    result = asyncio.run(run())
-    if args.json:
-        print(json.dumps(result))
-    else:
+    result = run_bench(run, args)
+    if result is not None:
         print(f"switch gaps (ms): mesh->sfu {result['mesh_to_sfu']}, "
               f"sfu->mesh {result['sfu_to_mesh']}")  # fmt: skip
         print(json.dumps(result["detail"], indent=1))
