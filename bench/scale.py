@@ -17,10 +17,10 @@ whose cell, and every smaller SFU cell, holds ``min_fps_ratio`` ≥ 0.9.
 ``switch_gap_ms`` (``--switch``) is ``bench/switch.py``'s measurement (a process per member):
 three members on the mesh, a fourth joins (the call moves to the SFU) and leaves (back to the
 mesh); the largest video gap any member saw from any other around each switch (decoded frames,
-over the transport the receiver takes that member from). ``switch_gap_ms_without_acks`` is the same, measured
-right before in the same run, with each member tearing down its old path without waiting for
-the others to receive it on the new one (the switcher before make-before-break
-acknowledgements; ``--no-switch-compare`` skips it).
+over the transport the receiver takes that member from). ``switch_gap_ms_without_acks`` is the
+same, measured right before in the same run, with each member tearing down its old path
+without waiting for the others to receive it on the new one (the switcher before
+make-before-break acknowledgements; ``--no-switch-compare`` skips it).
 
 ``go_sdk_anchor`` is empty until the Go load client exists (issue 19). Prints figures only;
 never fails on a figure. Compare figures within one run: the box is shared.
