@@ -123,7 +123,19 @@ async def _member(args: MemberArgs) -> None:
                 if late > 0.05:
                     stalls.append((before, late))
 
-        helpers = [asyncio.create_task(report_switches()), asyncio.create_task(watch_loop())]
+        key_events: list[tuple[float, str, int | None, str | None]] = []
+
+        async def watch_keys() -> None:
+            with keys.events() as events:
+                async for ev in events:
+                    if ev.kind.value in ("used", "installed"):
+                        key_events.append((ev.monotonic, ev.kind.value, ev.index, ev.user_id))
+
+        helpers = [
+            asyncio.create_task(report_switches()),
+            asyncio.create_task(watch_loop()),
+            asyncio.create_task(watch_keys()),
+        ]
         try:
             await stdin.readline()  # "leave", or EOF: the parent is done with us
         finally:
@@ -167,6 +179,7 @@ async def _member(args: MemberArgs) -> None:
                 for ref, seen in switcher.peers.items()
             },
             stalls=stalls,
+            keys=key_events,
         )
 
 
@@ -255,6 +268,7 @@ def _largest(
     """The largest gap any member saw from any other that overlaps ``[since, until)``."""
     best: dict[str, Any] = {"ms": 0}
     stalls = {r["user"]: r["stalls"] for r in reports}
+    keys = {r["user"]: r["keys"] for r in reports}
     for r in reports:
         for peer, start, end, ended_by, still_open in r["gaps"]:
             if peer == exclude or end < since or start >= until:
@@ -269,7 +283,17 @@ def _largest(
                             who: [[round((t - since) * 1000), round(late * 1000)]
                                   for t, late in stalls.get(uid, []) if start <= t < end]
                             for who, uid in (("receiver", r["user"]), ("sender", peer))
-                        }}  # fmt: skip
+                        },
+                        # The sender's switches to a new key, and the receiver's installs of
+                        # the sender's keys, from 1.5 s before the gap to its end.
+                        "keys": sorted(
+                            [round((t - since) * 1000), f"{who} {kind}", index]
+                            for who, uid in (("sender", peer), ("receiver", r["user"]))
+                            for t, kind, index, user in keys.get(uid, [])
+                            if start - 1.5 <= t <= end
+                            and ((who, kind) == ("sender", "used")
+                                 or ((who, kind) == ("receiver", "installed") and user == peer))
+                        )}  # fmt: skip
     return best
 
 
