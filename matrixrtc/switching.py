@@ -16,12 +16,14 @@ brought up (connected, publishing, subscribed, keyed) while the old one keeps ca
 Each remote member is **cut over** on its own the moment the new transport has delivered a
 decoded (so decrypted: a key frame through the frame cryptor) frame from it: from then on its
 frames are taken from the new transport (:meth:`MediaSwitcher.via`, the ``frames`` tap, the gap
-figures), before that from the old one. Whenever a transport first delivers a member's media,
-we tell that member so (an Olm-encrypted to-device :data:`SWITCH_ACK_TYPE`: "I receive you over
-sfu/mesh"). The old transport is torn down only once every remote member is cut over **and**
-has told us it receives us over the new one (or ``ack_timeout_s`` after its cutover, for a
-member that sends no such message; ``settle_timeout_s`` bounds the whole overlap): tearing
-ours down stops our media to them on it. Every member computes the same decision from the same
+figures), before that from the old one. At each cutover we tell that member so (an
+Olm-encrypted to-device :data:`SWITCH_ACK_TYPE`: "I receive you over sfu/mesh"; also later,
+while the switch is recent, for a member the handover had not cut over yet). The old transport
+is torn down only once every remote member is cut over **and** each one the old transport
+carried has told us it receives us over the new one (or ``ack_timeout_s`` after its cutover,
+for a member that sends no such message; ``settle_timeout_s`` bounds the whole overlap):
+tearing ours down stops our media to them on it. A start (or a member joining a steady call)
+sends none: nobody is waiting for it. Every member computes the same decision from the same
 membership list, so all switch at about the same time and nobody leads; the acknowledgements
 make each wait for the slowest. Keys come from :class:`~matrixrtc.call_keys.CallKeys` on both
 transports (one key path: the key manager pushes every key to each transport's sink as the
@@ -492,7 +494,10 @@ class MediaSwitcher:
                 settle_timeout_s=self.config.settle_timeout_s,
                 ack_timeout_s=self.config.ack_timeout_s if self.config.acks else 0.0,
             ),
+            on_old=self._carried_by(old, self._remote()),
         )
+        if old is not None and self.config.acks:
+            self._acked[id(transport)] = (transport, started, set())
         self._handover, self._handing_to = handover, transport
         try:
             end = await self._run_handover(handover, transport)
@@ -533,6 +538,17 @@ class MediaSwitcher:
             handover=end.reason,
         )
 
+    def _carried_by(
+        self, old: MediaTransport | None, peers: Sequence[Participant]
+    ) -> list[DeviceRef]:
+        """The members whose media ``old`` has delivered: the old path connects us."""
+        if old is None or old is self._handing_to:
+            return []
+        video = self.config.media.video
+        return [
+            DeviceRef(p.user_id, p.device_id) for p in peers if old.carries(p, 0.0, video=video)
+        ]
+
     def _remote_refs(self) -> list[DeviceRef]:
         return [DeviceRef(p.user_id, p.device_id) for p in self._remote()]
 
@@ -556,9 +572,12 @@ class MediaSwitcher:
                         return Finish(False, f"overtaken by {decided.value}", now)
                 current = self._remote_refs()
                 if current != refs:
+                    joined = [
+                        p for p in self._remote() if DeviceRef(p.user_id, p.device_id) not in refs
+                    ]
                     refs = current
                     await transport.update()
-                    actions += h.set_peers(refs, now)
+                    actions += h.set_peers(refs, now, on_old=self._carried_by(self.current, joined))
             for p in self._remote():
                 ref = DeviceRef(p.user_id, p.device_id)
                 if not h.cut_over(ref) and transport.carries(p, h.started_at, video=video):
@@ -593,31 +612,29 @@ class MediaSwitcher:
     # -- acknowledgements -------------------------------------------------------------------
 
     def _send_acks(self) -> None:
-        """Tell each member the first time a running transport delivers its media (on the
-        transport a switch brings up: when the switch cuts the member over, not before)."""
-        running = {id(t): t for t in self._running()}
-        for key in [k for k in self._acked if k not in running]:
-            del self._acked[key]
-        video = self.config.media.video
-        for key, t in running.items():
-            entry = self._acked.get(key)
-            if entry is None:
-                entry = self._acked[key] = (t, self._clock(), set())
+        """After a switch's handover ended, tell each member the first time the transport it
+        brought up delivers its media (within ``settle_timeout_s + ack_timeout_s`` of its
+        start): a member still switching waits for that. During the handover this happens at
+        each cutover."""
+        running = {id(t) for t in self._running()}
+        window = self.config.settle_timeout_s + self.config.ack_timeout_s
+        now = self._clock()
+        for key, (t, since, told) in list(self._acked.items()):
+            if key not in running or now - since > window:
+                del self._acked[key]
+                continue
             if t is self._handing_to:
-                continue  # the handover acknowledges at each cutover
-            _, since, told = entry
+                continue
             for p in self._remote():
                 ref = DeviceRef(p.user_id, p.device_id)
-                if ref not in told and t.carries(p, since, video=video):
+                if ref not in told and t.carries(p, since, video=self.config.media.video):
                     self._ack(t, ref)
 
     def _ack(self, t: MediaTransport, ref: DeviceRef) -> None:
-        if not self.config.acks:
-            return
+        """Tell ``ref`` we receive it over ``t``, once (only for a transport a switch brought
+        up: a start or a steady call has nobody waiting for it)."""
         entry = self._acked.get(id(t))
-        if entry is None:
-            entry = self._acked[id(t)] = (t, self._clock(), set())
-        if ref not in entry[2]:
+        if entry is not None and ref not in entry[2]:
             entry[2].add(ref)
             self._tasks.spawn(self._send_ack(ref, t.kind), f"ack {ref.user_id}")
 

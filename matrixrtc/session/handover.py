@@ -2,10 +2,10 @@
 
 Public API::
 
-    h = Handover(old, new, peers, now, HandoverConfig())
+    h = Handover(old, new, peers, now, HandoverConfig(), on_old=peers_the_old_path_carries)
     h.delivered(peer, now)   # the new path delivered a decodable frame from peer
     h.acked(peer, now)       # peer says it receives *our* media over the new path
-    h.set_peers(peers, now)  # the call's remote devices changed
+    h.set_peers(peers, now, on_old=...)  # the call's remote devices changed
     h.tick(now)              # timeouts
     h.via(peer)              # which path to take peer's media from now
     h.abandon(now)           # the decision moved back: drop the new path, keep the old
@@ -16,9 +16,11 @@ Each input returns the actions it causes, in order:
   peer, the first time the new path has delivered a decoded (so decrypted) frame from it. Until
   then the peer's media is taken from the old path, which keeps flowing.
 * :class:`Finish` — the old path may be torn down: every remote peer is *done*, i.e. we have
-  cut it over **and** it has told us it receives our media over the new path (or
-  ``ack_timeout_s`` passed since we cut it over: a peer that sends no acknowledgements, such as
-  a client of another project, costs that much double sending and no more). ``complete`` is
+  cut it over **and**, if the old path carries it (``on_old``), it has told us it receives our
+  media over the new path (or ``ack_timeout_s`` passed since we cut it over: a peer that sends
+  no acknowledgements, such as a client of another project, costs that much double sending and
+  no more). A peer the old path does not carry loses nothing when it goes: no
+  acknowledgement is waited for. ``complete`` is
   False when ``settle_timeout_s`` ran out first (the old path goes anyway: the overlap, with
   its double encoding, is bounded).
 * :class:`Abandon` — tear down the new path instead; the old one carries on.
@@ -28,10 +30,11 @@ membership list, seen at slightly different times); nobody leads. Tearing down o
 stops our media to the others on it, so it must wait until each of them takes our media from
 the new path: their acknowledgement says so. Their own old path is theirs to tear down by the
 same rule. A peer that joined during the switch is on the new path only; it still counts (we
-must receive it), and its acknowledgement is there to be waited for like any other.
+must receive it), but nothing of ours reaches it over the old path, so its acknowledgement is
+not waited for.
 
 A start (``old`` None) uses the same machine: it cuts peers over as they arrive and finishes
-when all have; there is nothing to tear down.
+when all have; there is nothing to tear down (no peer is on the old path).
 
 After :class:`Finish` or :class:`Abandon` the machine takes no more input (``phase``).
 """
@@ -106,13 +109,20 @@ class Handover:
         peers: Iterable[DeviceRef],
         started_at: float,
         config: HandoverConfig | None = None,
+        *,
+        on_old: Iterable[DeviceRef] | None = None,
     ) -> None:
+        """``on_old``: the peers the old path carries (None: all of ``peers`` when there is an
+        old path)."""
         self.old = old
         self.new = new
         self.started_at = started_at
         self.config = config or HandoverConfig()
         self.phase = Phase.OVERLAP
         self._peers: dict[DeviceRef, _Peer] = {p: _Peer() for p in peers}
+        self._on_old: set[DeviceRef] = (
+            set() if old is None else set(self._peers if on_old is None else on_old)
+        )
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -136,7 +146,7 @@ class Handover:
         return {
             ref: "media" if p.cut_at is None else "ack"
             for ref, p in self._peers.items()
-            if not self._done(p, now)
+            if not self._done(ref, p, now)
         }
 
     # -- inputs -----------------------------------------------------------------------------
@@ -159,11 +169,20 @@ class Handover:
             p.acked_at = now
         return self._evaluate(now)
 
-    def set_peers(self, peers: Iterable[DeviceRef], now: float) -> list[HandoverAction]:
-        """A peer that left is no longer waited for; one that joined is."""
+    def set_peers(
+        self,
+        peers: Iterable[DeviceRef],
+        now: float,
+        *,
+        on_old: Iterable[DeviceRef] = (),
+    ) -> list[HandoverAction]:
+        """A peer that left is no longer waited for; one that joined is (for its media, and
+        for its acknowledgement only if the old path carries it too: ``on_old``)."""
         if self.phase is not Phase.OVERLAP:
             return []
         wanted = set(peers)
+        if self.old is not None:
+            self._on_old |= set(on_old)
         self._peers = {ref: self._peers.get(ref) or _Peer() for ref in wanted}
         return self._evaluate(now)
 
@@ -180,15 +199,15 @@ class Handover:
 
     # -- rules ------------------------------------------------------------------------------
 
-    def _done(self, p: _Peer, now: float) -> bool:
+    def _done(self, ref: DeviceRef, p: _Peer, now: float) -> bool:
         if p.cut_at is None:
             return False
-        if self.old is None or p.acked_at is not None:
-            return True  # a start has nothing to tear down: no acknowledgement to wait for
+        if ref not in self._on_old or p.acked_at is not None:
+            return True  # the old path does not carry it: no acknowledgement to wait for
         return now - p.cut_at >= self.config.ack_timeout_s
 
     def _evaluate(self, now: float) -> list[HandoverAction]:
-        waiting = [p for p in self._peers.values() if not self._done(p, now)]
+        waiting = [p for ref, p in self._peers.items() if not self._done(ref, p, now)]
         if not waiting:
             self.phase = Phase.FINISHED
             acks = sum(1 for p in self._peers.values() if p.acked_at is not None)

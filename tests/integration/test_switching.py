@@ -131,16 +131,18 @@ def _pairs(members: list[Member]) -> list[tuple[Member, Member]]:
 
 
 def assert_make_before_break(switched: list[Member], everyone: list[Member]) -> None:
-    """Each of ``switched`` detached its old transport only after every other member had cut
-    it over to the new one (decoded its media there) and acknowledged it."""
+    """Each of ``switched`` (all on the old transport together) detached its old transport only
+    after every other one of them had cut it over to the new one (decoded its media there) and
+    acknowledged it; a member only on the new transport (a joiner) is received there too."""
     for m in switched:
         last = m.switcher.history[-1]
         others = [o for o in everyone if o is not m]
-        assert last.handover == f"{len(others)} peers cut over, {len(others)} acknowledged", (
+        on_old = [o for o in switched if o is not m]
+        assert last.handover == f"{len(others)} peers cut over, {len(on_old)} acknowledged", (
             m.name,
             last,
         )
-        for o in others:
+        for o in on_old:
             cut = o.switcher.peers[m.ref].cut_at.get(last.new)
             assert cut is not None, (o.name, "never took", m.name, "from", last.new)
             assert cut <= last.finished_at, (m.name, "tore down before", o.name, "cut over")

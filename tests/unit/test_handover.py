@@ -79,8 +79,7 @@ def test_peers_leaving_and_joining_during_the_overlap() -> None:
     h.acked(A, 100.1)
     assert h.set_peers([A, C], 100.2) == []  # B left: not waited for; C joined: waited for
     assert h.waiting_for(100.2) == {C: "media"}
-    h.delivered(C, 100.3)
-    [finish] = h.acked(C, 100.4)
+    [_, finish] = h.delivered(C, 100.3)  # C is not on the old path: no ack to wait for
     assert isinstance(finish, Finish)
     assert finish.complete
     # Everyone left: nothing to wait for.
@@ -108,3 +107,18 @@ def test_abandon_keeps_the_old_path() -> None:
     assert h.via(A) is MESH  # back on the old path
     assert h.acked(A, 100.6) == []
     assert h.tick(200.0) == []
+
+
+def test_only_peers_on_the_old_path_must_acknowledge() -> None:
+    h = Handover(MESH, SFU, [A, B], 100.0, CFG, on_old=[A])  # B joined as we switched
+    h.delivered(B, 100.1)
+    assert h.waiting_for(100.1) == {A: "media"}
+    h.delivered(A, 100.2)
+    assert h.waiting_for(100.2) == {A: "ack"}
+    h.set_peers([A, B, C], 100.3, on_old=[C])  # C appeared on the old path too
+    h.delivered(C, 100.4)
+    assert h.waiting_for(100.4) == {A: "ack", C: "ack"}
+    h.acked(A, 100.5)
+    [finish] = h.acked(C, 100.6)
+    assert isinstance(finish, Finish)
+    assert finish.reason == "3 peers cut over, 2 acknowledged"

@@ -316,9 +316,10 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
     a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
     async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
         await switcher.wait_settled(MediaKind.MESH, 5)
-        # The mesh delivered a's media: a is told so, once.
-        await until(lambda: [(t, to) for t, to, _ in agent.hs.sent] == [(SWITCH_ACK_TYPE, a)])
-        assert agent.hs.sent[0][2] == {"room_id": agent.room_id, "kind": "mesh"}
+        # A start has nobody waiting for it: no acknowledgement goes out.
+        await until(lambda: switcher.peers.get(a) is not None)
+        await asyncio.sleep(0.05)
+        assert agent.hs.sent == []
         agent.hs.receive_ack("@b:example.org", MediaKind.SFU)  # stale: before the switch
 
         agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
@@ -327,7 +328,7 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
         reg.made[MediaKind.SFU].carrying = True
         await until(lambda: switcher.via(a) is MediaKind.SFU)  # cut over: SFU delivered a
         assert switcher.via(b) is MediaKind.SFU
-        # Both are told we receive them over the SFU.
+        # Both are told we receive them over the SFU (once each).
         await until(
             lambda: {(to, c["kind"]) for _, to, c in agent.hs.sent} >= {(a, "sfu"), (b, "sfu")}
         )
@@ -344,6 +345,12 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
         assert done.carried_at is not None
         assert done.handover == "2 peers cut over, 2 acknowledged"
         await until(lambda: "close mesh" in reg.log)
+        assert sorted((to.user_id, c["kind"]) for _, to, c in agent.hs.sent) == [
+            ("@a:example.org", "sfu"),
+            ("@b:example.org", "sfu"),
+        ]
+        assert {t for t, _, _ in agent.hs.sent} == {SWITCH_ACK_TYPE}
+        assert agent.hs.sent[0][2] == {"room_id": agent.room_id, "kind": "sfu"}
 
 
 async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport() -> None:
