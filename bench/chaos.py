@@ -36,7 +36,8 @@ Invariants, from each participant's JSON lines (``status``, ``media``, ``key``) 
   an exception: a dead task logs one), each stopped with status 0 (the SIGKILLed one aside),
   and the harness itself raised nothing (other error-level log events are listed in
   ``error_logs``);
-- ``all_gone``: at the end no process of the scenario is alive and no veth is left.
+- ``all_gone``: at the end no process of the scenario is alive and no veth is left;
+- ``no_rejoin`` (skewed-clock scenarios): no member ever logged its own membership missing.
 
 ``recovery_s``: seconds from the fault healing until memberships converged and media resumed.
 """
@@ -295,6 +296,7 @@ class Member:
         slot: int,
         *,
         clock_offset_s: float = 0.0,
+        expires_ms: int | None = None,
     ) -> None:
         self.stack, self.user, self.room_id, self.transport = stack, user, room_id, transport
         self.tag = next(_TAGS)
@@ -302,6 +304,7 @@ class Member:
         self.ip = f"10.77.0.{10 + slot}"
         self.dir = run_dir / f"member-{slot}-{self.tag}"
         self.clock_offset_s = clock_offset_s
+        self.expires_ms = expires_ms
         self.proc: asyncio.subprocess.Process | None = None
         self.device_id: str | None = None
         self.samples: list[Sample] = []
@@ -337,6 +340,8 @@ class Member:
             "--delayed-leave-ms", str(DELAYED_LEAVE_MS), "--fps", "10", "--width", "160",
             "--height", "120",
         ]  # fmt: skip
+        if self.expires_ms is not None:
+            argv += ["--expires-ms", str(self.expires_ms)]
         if self.transport == "mesh":
             argv += ["--mesh-host-address", self.ip]
         else:
@@ -491,6 +496,14 @@ class Member:
                 logged.append(str(obj.get("event")))
         return escaped, logged
 
+    def logged(self, event: str) -> int:
+        """How many log lines (any level) carry ``event``."""
+        path = self.dir / "stderr.log"
+        if not path.exists():
+            return 0
+        needle = f'"event": "{event}"'
+        return sum(needle in line for line in path.read_text(errors="replace").splitlines())
+
     def group_alive(self) -> bool:
         if self.proc is None:
             return False
@@ -572,6 +585,9 @@ class Scenario:
     fault_s: float  # how long the fault lasts (the time bound adds setup and checks)
     members: int = 3
     skew_s: float = 0.0  # member 0's wall clock ahead by this much (libfaketime)
+    # membership expiry for every member (--expires-ms); short, so that refresh boundaries
+    # fall inside the scenario
+    expires_ms: int | None = None
 
     @property
     def bound_s(self) -> float:
@@ -607,7 +623,16 @@ async def run_scenario(stack: Stack, sc: Scenario, transport: str) -> dict[str, 
     users = [await stack.synapse.register(f"m{i}-{tag}") for i in range(sc.members)]
     room_id = await stack.synapse.create_call_room(observer, users, encrypted=True)
     members = [
-        Member(stack, run_dir, u, room_id, transport, i, clock_offset_s=sc.skew_s if i == 0 else 0)
+        Member(
+            stack,
+            run_dir,
+            u,
+            room_id,
+            transport,
+            i,
+            clock_offset_s=sc.skew_s if i == 0 else 0,
+            expires_ms=sc.expires_ms,
+        )
         for i, u in enumerate(users)
     ]
     ctx = Ctx(stack, run_dir, rng, transport, room_id, observer, members)
@@ -633,6 +658,13 @@ async def run_scenario(stack: Stack, sc: Scenario, transport: str) -> dict[str, 
             result["errors"] = {"escaped": escaped, "bad_exit": bad_exit}
         if logged:
             result["error_logs"] = logged
+        if sc.skew_s:
+            # A skewed clock is no fault of the network: nobody's membership should look
+            # missing to itself (before the fix the skewed member re-joined each period).
+            rejoins = {m.id: n for m in members if (n := m.logged("own_membership_missing"))}
+            inv["no_rejoin"] = not rejoins
+            if rejoins:
+                result["rejoins"] = rejoins
         await asyncio.sleep(0.3)  # the namespaces go with their last process
         left = [m.id for m in members if m.group_alive()]
         links = [ln for ln in leftover_links() if ln != BRIDGE]
@@ -932,7 +964,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("synapse-restart", fault_restart("synapse"), seed=1805, fault_s=10),
     Scenario("livekit-restart", fault_restart("livekit"), seed=1806, fault_s=10),
     Scenario("token-restart", fault_restart("token"), seed=1807, fault_s=10),
-    Scenario("clock-ahead-30s", fault_skew, seed=1808, fault_s=30, skew_s=30),
+    Scenario("clock-ahead-30s", fault_skew, seed=1808, fault_s=30, skew_s=30, expires_ms=40_000),
     Scenario("loss20-delay300-60s", fault_lossy(60), seed=1809, fault_s=60),
     Scenario("burst-50", fault_burst, seed=1810, fault_s=15),
 )

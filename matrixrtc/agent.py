@@ -599,6 +599,23 @@ class CallAgent:
             ok = m.dialect is Dialect.STATE and m.state_key == machine.state_key
         return m if ok else None
 
+    def _own_expired_locally(self, now_ms: int) -> CallMembership | None:
+        """State form: our membership is what the room holds at our key, and only its
+        expiry, judged on our clock, keeps it out of the session's list."""
+        machine = self._machine
+        if machine is None or machine.dialect is not Dialect.STATE or machine.state_key is None:
+            return None
+        held = self._session.held_state_membership(machine.state_key)
+        if (
+            held is None
+            or held.dialect is not Dialect.STATE
+            or held.sender != self.hs.user_id
+            or held.device_id != self.hs.device_id
+            or not held.is_expired(now_ms)
+        ):
+            return None
+        return held
+
     def _check_own(self) -> None:
         machine = self._machine
         if machine is None and self._legacy.write is not None and self._in_call:
@@ -619,6 +636,15 @@ class CallAgent:
             self._own_present.set()
             machine.observe(
                 mm.OwnMembershipSeen(created_ts=own.created_ts, event_id=own.event_id), now
+            )
+        elif (expired := self._own_expired_locally(now)) is not None:
+            # Still the room's state and alive for members whose clocks agree with the
+            # homeserver's; only ours says it expired: refresh it, do not re-join.
+            machine.observe(
+                mm.OwnMembershipExpiredLocally(
+                    created_ts=expired.created_ts, event_id=expired.event_id
+                ),
+                now,
             )
         else:
             if self._own_present.is_set():

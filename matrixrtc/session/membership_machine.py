@@ -333,7 +333,19 @@ class OwnMembershipMissing:
     after_join: bool = False
 
 
-Observation: TypeAlias = OwnMembershipSeen | OwnMembershipMissing
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnMembershipExpiredLocally:
+    """The room's state at our key is still our membership, but our own clock judges it
+    expired (state form: ``created_ts + expires <= now``). ``created_ts`` is the homeserver's
+    clock; when ours runs ahead of it by more than the refresh headroom, our view expires
+    before the refresh that keeps it alive for everyone else. Not a reason to re-join (a new
+    membership to others, new keys): the machine refreshes the expiry at once."""
+
+    created_ts: int
+    event_id: str = ""
+
+
+Observation: TypeAlias = OwnMembershipSeen | OwnMembershipMissing | OwnMembershipExpiredLocally
 
 
 class MembershipStatus(StrEnum):
@@ -628,11 +640,18 @@ class OwnMembershipMachine:
         """What the RTC session says about our own membership (call on every change)."""
         if not self._activated:
             return
-        if isinstance(observation, OwnMembershipSeen):
+        if isinstance(observation, OwnMembershipSeen | OwnMembershipExpiredLocally):
             self._created_ts = observation.created_ts
             self._own_event_id = observation.event_id or None
             self._seen_since_join = True
             self._missing_while_busy = False
+            # Expired on our clock: refresh at once, unless the session has not yet shown
+            # our latest send (that send already extends it).
+            at_once = isinstance(observation, OwnMembershipExpiredLocally) and (
+                self._last_join_event_id is None
+                or observation.event_id in ("", self._last_join_event_id)
+            )
+            self._refresh_before_own_expiry(now_ms, at_once=at_once)
             return
         # Missing.
         if not self._has_member_event:
@@ -656,6 +675,28 @@ class OwnMembershipMachine:
         self._forget_membership()
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._update_status()
+
+    def _refresh_before_own_expiry(self, now_ms: int, *, at_once: bool) -> None:
+        """Bring the queued expiry refresh forward to ``_next_refresh_ms`` (which now knows
+        ``created_ts``), or to now when our view of our membership has already expired."""
+        if self._in_flight is not None and self._in_flight.step in (
+            Step.UPDATE_EXPIRY,
+            Step.SEND_JOIN,
+        ):
+            return  # the send on the wire extends it
+        queued = [s for s in self._queue if s.step is Step.UPDATE_EXPIRY]
+        if not queued:
+            return  # not joined yet (the join's success schedules it) or leaving
+        due = now_ms if at_once else max(now_ms, self._next_refresh_ms(self._expiry_iterations))
+        if queued[0].due_ms <= due:
+            return
+        self._queue.remove(queued[0])
+        self._insert(due, Step.UPDATE_EXPIRY)
+        self._log.info(
+            "expiry_refresh_advanced",
+            reason="our clock is ahead of the homeserver's" if not at_once else "expired locally",
+            in_ms=due - now_ms,
+        )
 
     def _in_step(self, step: Step) -> bool:
         """Whether ``step`` is queued or on the wire."""
@@ -984,8 +1025,20 @@ class OwnMembershipMachine:
         self._net_retries[step] = 0
 
     def _next_refresh_ms(self, iteration: int) -> int:
+        """When to send refresh ``iteration`` (our clock): one period after the join was
+        acknowledged, and never after our own clock would judge the membership expired.
+
+        The state form expires at ``created_ts + expires`` where ``created_ts`` is the
+        homeserver's clock and every member compares it with its own (js-sdk, spec
+        matrixrtc.md "Clock"). Members with a sound clock see it expire one period after
+        the join; a device whose clock runs ahead by more than the headroom would see its
+        own membership expire first, and re-join (a new membership to everyone) each period.
+        """
         period = min(self.config.expiry_ms, self.config.sticky_duration_ms)
-        return self._start_ms + period * iteration - self.config.expiry_headroom_ms
+        due = self._start_ms + period * iteration
+        if self.dialect is Dialect.STATE and self._created_ts is not None:
+            due = min(due, self._created_ts + self.config.expiry_ms * iteration)
+        return due - self.config.expiry_headroom_ms
 
     def _sticky_ms(self) -> int | None:
         return self.config.sticky_duration_ms if self.dialect is Dialect.STICKY else None

@@ -440,6 +440,12 @@ class RTCSession:
                 return m
         return None
 
+    def held_state_membership(self, state_key: str) -> CallMembership | None:
+        """The state-form membership held at ``state_key`` whether or not it has expired
+        (None: nothing there, a leave, or not a membership)."""
+        parsed = self._state.get(state_key)
+        return parsed if isinstance(parsed, CallMembership) else None
+
     def next_wakeup_ms(self) -> int | None:
         """Earliest time at which ``update`` may give a different answer without new input:
         the soonest state-form expiry or sticky expiry among held events."""

@@ -8,6 +8,7 @@ and scripted answers. The adapter's integration tests cover the real path agains
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from matrixrtc.session.membership_machine import (
     NetworkError,
     NotFound,
     Ok,
+    OwnMembershipExpiredLocally,
     OwnMembershipMachine,
     OwnMembershipMissing,
     OwnMembershipSeen,
@@ -153,6 +155,7 @@ class Sim:
     now: int = T0
     latency_ms: int = 0
     observe: bool = True  # feed OwnMembershipSeen/Missing as the RTC session would
+    skew_ms: int = 0  # the device's clock runs this far ahead of the homeserver's
     log: list[tuple[int, Request]] = field(default_factory=list)
     results: list[tuple[int, Result]] = field(default_factory=list)
     _seen_seq: int = 0
@@ -166,7 +169,7 @@ class Sim:
         self._seen_seq = self.server.event_seq
         content = self.server.content or {}
         if "application" in content:
-            created = content.get("created_ts", self.server.content_ts)
+            created = content.get("created_ts", self.server.content_ts - self.skew_ms)
             event_id = f"$ev{self.server.event_seq}"
             self.machine.observe(OwnMembershipSeen(created_ts=created, event_id=event_id), self.now)
         else:
@@ -935,3 +938,93 @@ def test_resend_sends_the_same_membership_again() -> None:
     m.resend(T0)
     assert isinstance(m.next_action(T0), Stopped)
     assert m.membership_event_id is None
+
+
+# ----------------------------------------------------------------------------- clock skew
+
+
+def _own_view_gaps(sim: Sim, created: int) -> list[int]:
+    """Device times at which our own clock judged our membership expired before the next send
+    (``created_ts`` + the ``expires`` last sent <= the time of the following send)."""
+    joins = sim.of(SendJoin)
+    gaps = []
+    for (_, a), (t_next, _) in itertools.pairwise(joins):
+        if created + a.content["expires"] <= T0 + t_next:
+            gaps.append(t_next)
+    last = joins[-1][1]
+    if created + last.content["expires"] <= sim.now:
+        gaps.append(sim.now - T0)
+    return gaps
+
+
+@pytest.mark.parametrize("skew_ms", [30_000, 59_000])
+def test_clock_ahead_refreshes_before_our_own_view_expires(skew_ms: int) -> None:
+    # created_ts is the homeserver's clock and every member compares it with its own (spec
+    # "Clock"). A device 30 s ahead with the 5 s headroom saw its own membership expire 25 s
+    # before each refresh, and re-joined (a new membership, new keys for everyone).
+    cfg = MembershipConfig(expiry_ms=60_000)
+    sim = joined_sim(config=cfg)
+    sim.skew_ms = skew_ms
+    sim.run_for(10 * 60_000)
+    joins = sim.of(SendJoin)
+    assert [j.refresh for _, j in joins] == [False] + [True] * (len(joins) - 1)
+    assert "ScheduleDelayedLeave" not in sim.kinds()[1:]  # never a re-join
+    created = T0 - skew_ms  # the first join's origin_server_ts, on the device's clock
+    assert all(j.content.get("created_ts", created) == created for _, j in joins[1:])
+    assert _own_view_gaps(sim, created) == []
+    # First refresh: headroom before the device's own view of the expiry, not a period in.
+    assert joins[1][0] == max(0, 60_000 - skew_ms - 5_000)
+
+
+def test_clock_ahead_refresh_schedule_without_the_fix_would_leave_gaps() -> None:
+    # The same run with the device's clock right: refreshes one period in (the old schedule),
+    # which a device 30 s ahead would judge 25 s too late. Shows the check above can fail.
+    cfg = MembershipConfig(expiry_ms=60_000)
+    sim = joined_sim(config=cfg)
+    sim.run_for(5 * 60_000)
+    joins = sim.of(SendJoin)
+    assert joins[1][0] == 55_000
+    assert _own_view_gaps(sim, T0 - 30_000) != []
+    assert _own_view_gaps(sim, T0) == []
+
+
+def test_clock_behind_keeps_the_period_schedule() -> None:
+    # Behind the homeserver: our own view expires later than everyone else's; the period
+    # schedule (which keeps it alive for members with a sound clock) stays.
+    cfg = MembershipConfig(expiry_ms=60_000)
+    sim = joined_sim(config=cfg)
+    sim.skew_ms = -30_000
+    sim.run_for(5 * 60_000)
+    joins = sim.of(SendJoin)
+    assert [t for t, _ in joins[:3]] == [0, 55_000, 115_000]
+
+
+def test_expired_only_on_our_clock_refreshes_at_once_and_never_rejoins() -> None:
+    # A clock far ahead (2.5 periods): our membership looks expired as soon as it is seen.
+    cfg = MembershipConfig(expiry_ms=60_000)
+    sim = joined_sim(config=cfg)
+    sim.observe = False
+    sim.run_for(1_000)
+    assert sim.kinds() == ["ScheduleDelayedLeave", "SendJoin", "RestartDelayedLeave"]
+    created = T0 - 150_000
+    sim.machine.observe(OwnMembershipExpiredLocally(created_ts=created, event_id="$ev1"), sim.now)
+    sim.run_for(100)
+    # Refreshed at once, period by period, until our own view is alive again (3 periods =
+    # 180 s > 150 s ahead), with the first join's created_ts: no re-join.
+    refreshes = sim.of(SendJoin)[1:]
+    assert [(t, a.refresh, a.content["expires"]) for t, a in refreshes] == [
+        (1_000, True, 120_000),
+        (1_000, True, 180_000),
+    ]
+    assert all(a.content["created_ts"] == created for _, a in refreshes)
+    # The session still shows an old event until sync catches up: nothing more for it.
+    sim.machine.observe(OwnMembershipExpiredLocally(created_ts=created, event_id="$ev2"), sim.now)
+    sim.run_for(100)
+    assert len(sim.of(SendJoin)) == 3
+    sim.machine.observe(OwnMembershipSeen(created_ts=created, event_id="$ev3"), sim.now)
+    sim.run_for(20_000)
+    assert len(sim.of(SendJoin)) == 3  # next one at created + 180 s - 5 s = T0 + 25 s
+    sim.run_for(5_000)
+    assert [t for t, _ in sim.of(SendJoin)][3:] == [25_000]
+    assert "ScheduleDelayedLeave" not in sim.kinds()[1:]
+    assert status(sim.machine) is MembershipStatus.CONNECTED
