@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ FRESH_KEY_TIMEOUT_S: Final = 5.0  # then they pass anyway (logged)
 FRESH_KEY_POLL_S: Final = 0.05
 FRESH_KEY_TOGGLE_S: Final = 0.2  # disabled this long to make the SFU resume at a key frame
 JITTER_POLL_S: Final = 0.5  # how often a recorded audio track's jitter-buffer delay is read
+STREAM_CLOSE_S: Final = 2.0  # a received stream's close waits this long for the SDK's end
 
 # States that mean a participant's frames are not being decrypted.
 _FAILING: Final = frozenset(
@@ -367,9 +369,15 @@ class LiveKitConnection:
         self.subscribe_when_keyed = subscribe_when_keyed and e2ee
         self._subscribe_requested: set[str] = set()  # publication sids
         self._tasks = OwnedTasks(f"livekit {credentials.identity}", log, event_prefix="livekit")
+        # A received track's tasks (sink, fresh key, jitter), by track sid, and whose it is:
+        # ended when the track is unsubscribed or its participant goes (the SDK's streams do
+        # not end by themselves when a participant vanishes: chaos bug 5).
+        self._track_tasks: dict[str, set[asyncio.Task[None]]] = {}
+        self._track_owner: dict[str, str] = {}
         self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
         self._closed = False
         self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.on("track_unsubscribed", self._on_track_unsubscribed)
         self.room.on("track_published", self._on_track_published)
         self.room.on("participant_connected", self._on_participant_connected)
         self.room.on("participant_disconnected", self._on_participant_disconnected)
@@ -510,6 +518,48 @@ class LiveKitConnection:
 
     def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
         self.seen_at.pop(participant.identity, None)
+        for sid in [s for s, who in self._track_owner.items() if who == participant.identity]:
+            self._end_track(sid)
+
+    def _on_track_unsubscribed(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        participant: rtc.RemoteParticipant,
+    ) -> None:
+        self._end_track(track.sid)
+
+    def _spawn_for_track(
+        self, sid: str, identity: str, coro: Coroutine[Any, Any, None], name: str
+    ) -> None:
+        task = self._tasks.spawn(coro, name)
+        if task.done():
+            return  # spawned while closing: cancelled already
+        self._track_owner[sid] = identity
+        tasks = self._track_tasks.setdefault(sid, set())
+        tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            if not tasks and self._track_tasks.get(sid) is tasks:
+                del self._track_tasks[sid]
+                self._track_owner.pop(sid, None)
+
+        task.add_done_callback(done)
+
+    def _end_track(self, sid: str) -> None:
+        """Cancel a received track's tasks (each closes its stream on the way out)."""
+        tasks = self._track_tasks.get(sid)
+        if not tasks:
+            return
+        log.info("livekit.track_ended", track=sid, identity=self._track_owner.get(sid))
+        for task in list(tasks):
+            task.cancel()
+
+    @property
+    def track_task_count(self) -> int:
+        """Tasks running for received tracks (sinks, key-frame waits, jitter polls)."""
+        return sum(len(t) for t in self._track_tasks.values())
 
     def published_kinds(self, identity: str) -> frozenset[str] | None:
         """The kinds (``"audio"``, ``"video"``) ``identity`` publishes in this room and has not
@@ -699,11 +749,19 @@ class LiveKitConnection:
             stats.video_tracks += 1
             if stats.video_subscribed_at is None:
                 stats.video_subscribed_at = self._clock()
-            self._spawn(
-                self._count_video(track, publication, stats), f"livekit-sink-video-{track.sid}"
+            self._spawn_for_track(
+                track.sid,
+                participant.identity,
+                self._count_video(track, publication, stats),
+                f"livekit-sink-video-{track.sid}",
             )
         elif track.kind == rtc.TrackKind.KIND_AUDIO:
-            self._spawn(self._count_audio(track, stats), f"livekit-sink-audio-{track.sid}")
+            self._spawn_for_track(
+                track.sid,
+                participant.identity,
+                self._count_audio(track, stats),
+                f"livekit-sink-audio-{track.sid}",
+            )
 
     def _choose_layers(self) -> None:
         """Every remote video at the layer that fits: the low one past ``low_layer_above``
@@ -757,7 +815,9 @@ class LiveKitConnection:
                         # Someone takes the frames: first make sure they are not noise (the
                         # module doc). Only then: the key frame asked for costs a short gap.
                         fresh.started = True
-                        self._spawn(
+                        self._spawn_for_track(
+                            track.sid,
+                            stats.identity,
                             self._await_fresh_key(track, publication, stats.identity, fresh),
                             f"livekit-fresh-key-{track.sid}",
                         )
@@ -773,7 +833,7 @@ class LiveKitConnection:
                 stats.last_video_at = now
                 stats.video_times.append(now)
         finally:
-            await stream.aclose()
+            await _close_stream(stream)
 
     async def _await_fresh_key(
         self,
@@ -850,13 +910,18 @@ class LiveKitConnection:
                 if self._frames is not None and self._frames.listening:
                     if not polling:
                         polling = True
-                        self._spawn(self._poll_jitter(track, jitter), f"lk-jitter-{track.sid}")
+                        self._spawn_for_track(
+                            track.sid,
+                            stats.identity,
+                            self._poll_jitter(track, jitter),
+                            f"lk-jitter-{track.sid}",
+                        )
                     lag = round(jitter.delay_s * event.frame.sample_rate)
                     frame = audio_to_av(event.frame, samples - lag, content=jitter.known)
                     self._frames(stats.identity, frame)
                 samples += event.frame.samples_per_channel
         finally:
-            await stream.aclose()
+            await _close_stream(stream)
 
     async def _poll_jitter(self, track: rtc.Track, jitter: JitterDelay) -> None:
         """Keep ``jitter`` at the receiver's current jitter-buffer delay (its stats)."""
@@ -884,3 +949,11 @@ class LiveKitConnection:
         if state in _FAILING:
             stats.decrypt_failures += 1
             log.info("livekit.decrypt_failing", identity=participant.identity, state=name)
+
+
+async def _close_stream(stream: rtc.VideoStream | rtc.AudioStream) -> None:
+    """Close a received stream: its handle goes, and the SDK's reader ends at the stream's
+    end-of-stream event. Bounded: should that never come, the reader is cancelled with the
+    wait (``aclose`` awaits it)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stream.aclose(), STREAM_CLOSE_S)
