@@ -212,7 +212,10 @@ class Call:
         self._wall_clock_ms = wall_clock_ms
         self._client = client
         self._login = (
-            Login(user, password=password, access_token=access_token) if user is not None else None
+            # refresh tokens (MSC2918): an access token expiring mid-call is renewed
+            Login(user, password=password, access_token=access_token, refresh_tokens=True)
+            if user is not None
+            else None
         )
         self._homeserver = homeserver
         self._state_dir = state_dir

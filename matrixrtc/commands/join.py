@@ -186,7 +186,9 @@ def _login(user: str, state_dir: Path) -> Login:
     saved = (state_dir / "session.json").exists()
     if password is None and token is None and not saved and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user}: ")
-    return Login(user, password=password, access_token=token)
+    # A refresh token (MSC2918) with a password login: an access token that expires mid-call
+    # is renewed ahead of time instead of ending the call.
+    return Login(user, password=password, access_token=token, refresh_tokens=True)
 
 
 def run(args: argparse.Namespace) -> int:

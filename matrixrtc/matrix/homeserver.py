@@ -67,7 +67,7 @@ from matrixrtc.matrix.errors import (
     SessionEnded,
     TokenRejected,
 )
-from matrixrtc.matrix.login import log_in
+from matrixrtc.matrix.login import log_in, refresh_ahead_s
 from matrixrtc.matrix.rooms import RoomCache, with_legacy_state
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
 from matrixrtc.matrix.to_device import ToDevice
@@ -146,6 +146,10 @@ class Homeserver(ClientApi):
         self._crypto_lock = asyncio.Lock()  # nio's Olm/Megolm state is not reentrant
         self._renew_lock = asyncio.Lock()  # one token renewal at a time
         self.tokens_renewed = 0
+        # Renews an expiring access token ahead of time (MSC2918): nio's own requests (keys,
+        # group sessions) cannot renew it when it is refused.
+        self._token_task: asyncio.Task[None] | None = None
+        self.tokens_refreshed_ahead = 0
         self._room_updates: Broadcaster[RoomUpdate] = Broadcaster()
         self._to_device = ToDevice(self._require_nio, self.request, self._crypto_lock)
         self._rooms = RoomCache(now_ms=clock_ms)
@@ -189,6 +193,7 @@ class Homeserver(ClientApi):
         self._state = state
         session = await log_in(self.request, self.base_url, self._login, state)
         self._session = session
+        self._refresh_ahead(session)
         config = AsyncClientConfig(
             store_sync_tokens=False,
             encryption_enabled=True,
@@ -320,12 +325,50 @@ class Homeserver(ClientApi):
                     error=str(err),
                 )
                 raise err from cause
-            self._session = renewed
-            self.tokens_renewed += 1
-            if self._state is not None:
-                self._state.save(renewed)
-            if self._nio is not None:
-                self._nio.access_token = renewed.access_token
+            self._adopt(renewed)
+
+    def _adopt(self, renewed: SavedSession) -> None:
+        """Use a renewed session from now on (saved; nio's token too)."""
+        self._session = renewed
+        self.tokens_renewed += 1
+        if self._state is not None:
+            self._state.save(renewed)
+        if self._nio is not None:
+            self._nio.access_token = renewed.access_token
+        self._refresh_ahead(renewed)
+
+    def _refresh_ahead(self, session: SavedSession) -> None:
+        """Renew ``session``'s access token before it expires, when the server said when
+        (``expires_in_ms``) and gave a refresh token."""
+        old = self._token_task
+        if old is not None and old is not asyncio.current_task():
+            old.cancel()
+        self._token_task = None
+        life = session.expires_in_ms
+        if life is None or not session.refresh_token:
+            return
+        self._token_task = self._tasks.spawn(
+            self._refresh_when_due(session.access_token, refresh_ahead_s(life)), "token-refresh"
+        )
+
+    async def _refresh_when_due(self, token: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        async with self._renew_lock:
+            session = self._require_session()
+            if session.access_token != token:
+                return  # renewed meanwhile (that renewal armed its own refresh)
+            try:
+                renewed = await login_mod.refresh(self.request, session)
+            except (HomeserverError, HomeserverUnreachable, HomeserverTimeout, RateLimited) as e:
+                renewed = None
+                log.warning("homeserver.refresh_ahead_failed", error=str(e))
+            if renewed is None:
+                # The token will be refused when it expires; that path renews it (or ends
+                # the session with a clear error).
+                log.warning("homeserver.refresh_ahead_refused", user_id=session.user_id)
+                return
+            self.tokens_refreshed_ahead += 1
+            self._adopt(renewed)
 
     async def _request_once(
         self,

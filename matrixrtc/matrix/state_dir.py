@@ -35,6 +35,10 @@ class SavedSession:
     device_id: str
     access_token: str
     refresh_token: str | None = None  # MSC2918 (spec v1.3), when the server gave one
+    # How long ``access_token`` lives, as the server said when it issued it (``expires_in_ms``
+    # of /login or /refresh); None: no expiry, or not known (a session read from disk).
+    # Not saved: it counts from the moment of issue.
+    expires_in_ms: int | None = None
 
     def __repr__(self) -> str:  # the token is a secret: keep it out of logs and tracebacks
         return f"SavedSession({self.homeserver!r}, {self.user_id!r}, {self.device_id!r})"

@@ -17,10 +17,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged
 from matrixrtc.devstack import Synapse
 from matrixrtc.errors import RemoteError
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.matrix.errors import SessionEnded
+from matrixrtc.model import LivekitTransport
 
 TOKEN_LIFE_MS = 2_000
 WHOAMI = "/_matrix/client/v3/account/whoami"
@@ -112,3 +114,72 @@ async def test_without_refresh_token_or_password_it_ends_with_a_clear_error(
 
         with pytest.raises((RemoteError, SessionEnded)):
             await drain()
+
+
+async def test_token_is_renewed_before_it_expires(short_tokens: Synapse, tmp_path: Path) -> None:
+    # The server says how long a refreshable token lives (expires_in_ms); the adapter renews
+    # it a fifth of its life ahead, so the token it hands out (nio's own requests use it as
+    # is, and cannot renew it) is never one the server refuses.
+    user = await short_tokens.register("ahead")
+    login = Login(user.user_id, password=user.password, refresh_tokens=True)
+    async with (
+        Homeserver(
+            short_tokens.base_url, login, state_dir=tmp_path / "st", sync_timeout_ms=500
+        ) as hs,
+        aiohttp.ClientSession() as raw,
+    ):
+        refused = 0
+        for _ in range(20):  # 5 s: two and a half token lives, checked every 0.25 s
+            async with raw.get(
+                short_tokens.base_url + WHOAMI,
+                headers={"Authorization": f"Bearer {hs.access_token}"},
+            ) as r:
+                refused += r.status == 401
+            await asyncio.sleep(0.25)
+        assert refused == 0
+        assert hs.tokens_refreshed_ahead >= 2
+        assert hs.tokens_renewed == hs.tokens_refreshed_ahead  # none after a refusal
+
+
+async def test_agents_stay_in_the_call_across_token_lives(
+    short_tokens: Synapse, tmp_path: Path
+) -> None:
+    # Two agents in a call on a homeserver whose tokens live 2 s, for three lives: their
+    # memberships, heartbeats (delayed-leave restarts, 3 s delay) and sync go on with tokens
+    # renewed ahead of time; nobody is ever reported gone, nobody re-joins.
+    a, b = await short_tokens.register("tok-a"), await short_tokens.register("tok-b")
+    room = await short_tokens.create_call_room(a, invite=[b])
+    cfg = AgentConfig(
+        transports=(LivekitTransport(livekit_service_url="http://127.0.0.1:9/livekit/jwt"),),
+        delayed_leave_ms=3_000,
+    )
+
+    def login(u: object) -> Login:
+        return Login(u.user_id, password=u.password, refresh_tokens=True)  # type: ignore[attr-defined]
+
+    async with (
+        Homeserver(short_tokens.base_url, login(a), state_dir=tmp_path / "a") as ha,
+        Homeserver(short_tokens.base_url, login(b), state_dir=tmp_path / "b") as hb,
+        CallAgent(ha, room, cfg) as agent_a,
+        CallAgent(hb, room, cfg) as agent_b,
+    ):
+        async with asyncio.timeout(15):
+            while True:
+                if len(agent_a.participants) == len(agent_b.participants) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        seen: list[ParticipantsChanged] = []
+        with agent_a.changes() as ca, agent_b.changes() as cb:
+            beats = (agent_a.heartbeats, agent_b.heartbeats)
+            await asyncio.sleep(3 * TOKEN_LIFE_MS / 1000)
+            for sub in (ca, cb):
+                while (item := sub.get_nowait()) is not None:
+                    seen.append(item)
+        assert all(len(c.participants) == 2 for c in seen), "someone was reported as left"
+        assert len(agent_a.participants) == len(agent_b.participants) == 2
+        assert agent_a.rejoins == agent_b.rejoins == 0
+        assert agent_a.heartbeats >= beats[0] + 2
+        assert agent_b.heartbeats >= beats[1] + 2
+        for hs in (ha, hb):
+            assert hs.tokens_refreshed_ahead >= 2
+            assert hs.tokens_renewed == hs.tokens_refreshed_ahead  # none after a refusal
