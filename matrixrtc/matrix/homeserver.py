@@ -218,7 +218,8 @@ class Homeserver(ClientApi):
         log.info("homeserver.ready", user_id=session.user_id, device_id=session.device_id)
 
     async def _close(self) -> None:
-        if self._sync_task is not None:
+        # Also when start-up failed before the sync loop: the token refresh may be armed.
+        if self._sync_task is not None or len(self._tasks):
             # A sync loop that ended with an error was logged then, and its error was handed
             # to every subscription (_end_subscriptions): closing does not raise it again.
             failure = await self._tasks.cancel()
