@@ -136,13 +136,27 @@ def service_env(lk: LiveKit, redis: Redis, **extra: str) -> dict[str, str]:
 
 
 def controller_env(
-    lk: LiveKit, hs: Synapse, redis: Redis, watcher: UserCreds, *, admin: bool = False, **extra: str
+    lk: LiveKit,
+    hs: Synapse,
+    redis: Redis,
+    watcher: UserCreds,
+    port: int,
+    *,
+    admin: bool = False,
+    **extra: str,
 ) -> dict[str, str]:
-    """``watcher``: a server admin (``admin=True``: Synapse admin API) or the controller
-    account joined to the call rooms (its /sync)."""
+    """The service on 127.0.0.1:``port``, full access for ``hs`` (no rate limit), with the
+    controller inside. ``watcher``: a server admin (``admin=True``: Synapse admin API), else
+    the controller account, which joins the call rooms it is invited to (its /sync)."""
     token = "ADMIN_TOKEN" if admin else "ACCESS_TOKEN"
     return {
         **service_env(lk, redis),
+        "LIVEKIT_JWT_BIND": f"127.0.0.1:{port}",
+        "LIVEKIT_FULL_ACCESS_HOMESERVERS": hs.server_name,
+        "MATRIXRTC_SFU_HOMESERVER_OVERRIDES": f"{hs.server_name}={hs.base_url}",
+        "MATRIXRTC_SFU_RATE_LIMIT": "0",
+        "MATRIXRTC_SFU_CONTROLLER": "1",
+        **({} if admin else {"MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN": "1"}),
         "MATRIXRTC_SFU_CONTROLLER_HOMESERVER_URL": hs.base_url,
         f"MATRIXRTC_SFU_CONTROLLER_{token}": watcher.access_token,
         "MATRIXRTC_SFU_CONTROLLER_STATUS_TOKEN": STATUS_TOKEN,
@@ -180,18 +194,7 @@ async def stack(synapse: Synapse, run_dir: Path) -> AsyncIterator[Stack]:
         LiveKit(run_dir, name="livekit-controller") as lk,
         Redis(run_dir, name="redis-controller") as redis,
     ):
-        env = controller_env(
-            lk,
-            synapse,
-            redis,
-            admin,
-            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
-            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
-            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
-            MATRIXRTC_SFU_RATE_LIMIT="0",
-            MATRIXRTC_SFU_CONTROLLER="1",
-            MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN="1",
-        )
+        env = controller_env(lk, synapse, redis, admin, port)
         sfu = await Sfu.serve(run_dir, "sfu-controller", port, env)
         try:
             yield Stack(synapse, lk, redis, sfu, admin, run_dir, watcher=admin)
@@ -889,18 +892,7 @@ async def test_with_the_admin_api_only_nobody_is_removed_for_lacking_a_membershi
         LiveKit(run_dir, name="livekit-adminonly") as lk,
         Redis(run_dir, name="redis-adminonly") as redis,
     ):
-        env = controller_env(
-            lk,
-            synapse,
-            redis,
-            admin,
-            admin=True,
-            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
-            LIVEKIT_FULL_ACCESS_HOMESERVERS=synapse.server_name,
-            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{synapse.server_name}={synapse.base_url}",
-            MATRIXRTC_SFU_RATE_LIMIT="0",
-            MATRIXRTC_SFU_CONTROLLER="1",
-        )
+        env = controller_env(lk, synapse, redis, admin, port, admin=True)
         sfu = await Sfu.serve(run_dir, "sfu-adminonly", port, env)
         proc, log_path = sfu.proc, sfu.log_path
         st = Stack(synapse, lk, redis, sfu, admin, run_dir)

@@ -55,18 +55,7 @@ async def test_honest_members_are_kept_through_a_synapse_stall_and_restart(run_d
     ):
         watcher = await hs.register("stallwatcher")
         port = free_tcp_port()
-        env = controller_env(
-            lk,
-            hs,
-            redis,
-            watcher,
-            LIVEKIT_JWT_BIND=f"127.0.0.1:{port}",
-            LIVEKIT_FULL_ACCESS_HOMESERVERS=hs.server_name,
-            MATRIXRTC_SFU_HOMESERVER_OVERRIDES=f"{hs.server_name}={hs.base_url}",
-            MATRIXRTC_SFU_RATE_LIMIT="0",
-            MATRIXRTC_SFU_CONTROLLER="1",
-            MATRIXRTC_SFU_CONTROLLER_AUTO_JOIN="1",
-        )
+        env = controller_env(lk, hs, redis, watcher, port)
         sfu = await Sfu.serve(base, "sfu-stall", port, env)
         proc = sfu.proc
         members: list[Member] = []

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 import aiohttp
 
 from matrixrtc.devstack import Redis
-from matrixrtc.devstack._process import ManagedProcess, free_tcp_port
+from matrixrtc.devstack._process import free_tcp_port
+from tests.integration.test_sfu_service import Service
 
 BURST = 6
 RATE = 0.5  # per second: the burst of 40 requests (< 2 s) earns at most one more token
 REQUESTS = 40
 
 
-def service(run_dir: Path, name: str, **extra: str) -> tuple[ManagedProcess, str]:
+def service(run_dir: Path, name: str, **extra: str) -> Service:
     port = free_tcp_port()
     env = {
         **os.environ,
@@ -38,14 +38,7 @@ def service(run_dir: Path, name: str, **extra: str) -> tuple[ManagedProcess, str
         "MATRIXRTC_SFU_WORKERS": "2",
         **extra,
     }
-    proc = ManagedProcess(
-        name=name,
-        argv=[sys.executable, "-m", "sfu", "serve"],
-        log_path=run_dir / name / "service.log",
-        cwd=run_dir,
-        env=env,
-    )
-    return proc, f"http://127.0.0.1:{port}"
+    return Service.on_port(run_dir, name, port, env)
 
 
 async def burst(url: str) -> dict[int, int]:
@@ -61,25 +54,18 @@ async def burst(url: str) -> dict[int, int]:
     return statuses
 
 
-async def start(proc: ManagedProcess, url: str) -> None:
-    async def ready() -> bool:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r,
-        ):
-            return r.status == 200
-
-    await proc.start(ready, 30)
+async def start(service: Service) -> None:
+    await service.start()
     await asyncio.sleep(1.0)  # the second worker binds a moment after the first answers
 
 
 async def test_two_workers_share_one_bucket_through_redis(redis: Redis, run_dir: Path) -> None:
-    alone, alone_url = service(run_dir, "sfu-rl-local")
-    shared, shared_url = service(run_dir, "sfu-rl-redis", LIVEKIT_REDIS_URL=redis.url)
-    await asyncio.gather(start(alone, alone_url), start(shared, shared_url))
+    alone = service(run_dir, "sfu-rl-local")
+    shared = service(run_dir, "sfu-rl-redis", LIVEKIT_REDIS_URL=redis.url)
+    await asyncio.gather(start(alone), start(shared))
     try:
-        local = await burst(alone_url)
-        together = await burst(shared_url)
+        local = await burst(alone.url)
+        together = await burst(shared.url)
     finally:
         await asyncio.gather(alone.stop(), shared.stop())
     print(f"\nper-worker buckets: {local}; shared through Redis: {together}")

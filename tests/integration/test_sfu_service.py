@@ -58,6 +58,19 @@ class Service:
     proc: ManagedProcess
     url: str
 
+    @classmethod
+    def on_port(cls, run_dir: Path, name: str, port: int, env: dict[str, str]) -> Service:
+        """``python -m sfu serve`` with ``env`` (its bind on 127.0.0.1:``port``), not started;
+        its log is ``run_dir/name/service.log``."""
+        proc = ManagedProcess(
+            name=name,
+            argv=[sys.executable, "-m", "sfu", "serve"],
+            log_path=run_dir / name / "service.log",
+            cwd=run_dir,
+            env=env,
+        )
+        return cls(proc, f"http://127.0.0.1:{port}")
+
     async def start(self) -> None:
         async def ready() -> bool:
             async with (
@@ -123,14 +136,7 @@ def make_service(
         "LIVEKIT_LOG_LEVEL": "debug",
         **extra,
     }
-    proc = ManagedProcess(
-        name=name,
-        argv=[sys.executable, "-m", "sfu", "serve"],
-        log_path=run_dir / name / "service.log",
-        cwd=run_dir,
-        env=env,
-    )
-    return Service(proc, f"http://127.0.0.1:{port}")
+    return Service.on_port(run_dir, name, port, env)
 
 
 @dataclass
