@@ -497,7 +497,9 @@ class MediaSwitcher:
             on_old=self._carried_by(old, self._remote()),
         )
         if old is not None and self.config.acks:
-            self._acked[id(transport)] = (transport, started, set())
+            # Members off the old path (joiners) count as told: nobody there waits for it.
+            off_old = {r for r in self._remote_refs() if not handover.on_old(r)}
+            self._acked[id(transport)] = (transport, started, off_old)
         self._handover, self._handing_to = handover, transport
         try:
             end = await self._run_handover(handover, transport)
@@ -578,6 +580,9 @@ class MediaSwitcher:
                     refs = current
                     await transport.update()
                     actions += h.set_peers(refs, now, on_old=self._carried_by(self.current, joined))
+                    entry = self._acked.get(id(transport))
+                    if entry is not None:  # a joiner off the old path waits for nothing
+                        entry[2].update(r for r in refs if not h.on_old(r))
             for p in self._remote():
                 ref = DeviceRef(p.user_id, p.device_id)
                 if not h.cut_over(ref) and transport.carries(p, h.started_at, video=video):
@@ -592,7 +597,8 @@ class MediaSwitcher:
                     if seen is None:
                         seen = self.peers[a.peer] = PeerMedia(a.peer)
                     seen.cut_at[a.kind] = a.at
-                    self._ack(transport, a.peer)
+                    if h.on_old(a.peer):  # only a member on the old path waits for it
+                        self._ack(transport, a.peer)
                     self._log.info(
                         "switch.cutover",
                         peer=a.peer.user_id,

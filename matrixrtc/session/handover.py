@@ -141,6 +141,10 @@ class Handover:
         p = self._peers.get(peer)
         return p is not None and p.cut_at is not None
 
+    def on_old(self, peer: DeviceRef) -> bool:
+        """Whether the old path carries ``peer`` (so it waits for our acknowledgement)."""
+        return peer in self._on_old
+
     def waiting_for(self, now: float) -> dict[DeviceRef, str]:
         """Peers not done yet and what each is waiting for ("media" or "ack")."""
         return {

@@ -111,6 +111,8 @@ def test_abandon_keeps_the_old_path() -> None:
 
 def test_only_peers_on_the_old_path_must_acknowledge() -> None:
     h = Handover(MESH, SFU, [A, B], 100.0, CFG, on_old=[A])  # B joined as we switched
+    assert h.on_old(A)
+    assert not h.on_old(B)
     h.delivered(B, 100.1)
     assert h.waiting_for(100.1) == {A: "media"}
     h.delivered(A, 100.2)
