@@ -107,6 +107,7 @@ from matrixrtc.session.participants import (
 )
 from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
+from matrixrtc.session.server_clock import ServerClock
 from matrixrtc.tasks import OwnedTasks
 
 _MAX_MENTIONS = 100  # rung users named in a ring's m.mentions (bigger rooms: the room only)
@@ -190,6 +191,7 @@ class CallAgent:
         self.config = config or AgentConfig()
         self._clock_ms = clock_ms
         self._session = RTCSession(room_id)
+        self._server_clock = ServerClock()
         self._machine: mm.OwnMembershipMachine | None = None
         self._own_watch = OwnStateWatch()
         self._poke = asyncio.Event()  # new input for the machine (observation, leave)
@@ -457,6 +459,10 @@ class CallAgent:
 
     def _apply_update(self, update: RoomUpdate) -> None:
         self._update_sync_request = update.sync_request
+        received = self._clock_ms()
+        for ev in (*update.state, *update.timeline):
+            self._server_clock.observe(ev, received)
+        self._session.clock_offset_ms = self._server_clock.offset_ms
         slot_before = self._session.slot_status
         rest = self._session.receive_room_update(
             state=update.state,
@@ -611,7 +617,7 @@ class CallAgent:
             or held.dialect is not Dialect.STATE
             or held.sender != self.hs.user_id
             or held.device_id != self.hs.device_id
-            or not held.is_expired(now_ms)
+            or not held.is_expired(now_ms - self._session.clock_offset_ms)
         ):
             return None
         return held

@@ -206,6 +206,9 @@ class RTCSession:
         self._sticky: dict[tuple[str, str], list[StickyEntry]] = {}
         self._joined: set[str] = set()
         self._memberships: tuple[CallMembership, ...] = ()
+        # Local clock minus the homeserver's (matrixrtc.session.server_clock): state-form
+        # expiry is judged on the homeserver's clock.
+        self.clock_offset_ms = 0
         self._log = _log.bind(room_id=room_id, slot_id=slot_id)
 
     # ----------------------------------------------------------------------- inputs
@@ -452,7 +455,7 @@ class RTCSession:
         times: list[int] = []
         for parsed in self._state.values():
             if isinstance(parsed, CallMembership) and parsed.expires_at is not None:
-                times.append(parsed.expires_at)
+                times.append(parsed.expires_at + self.clock_offset_ms)
         for entries in self._sticky.values():
             times.extend(e.expires_at for e in entries)
         return min(times) if times else None
@@ -515,7 +518,7 @@ class RTCSession:
         for m in self._candidates():
             if _slot_local_id(m.slot_id) != ours:
                 continue
-            if m.is_expired(now_ms):
+            if m.is_expired(now_ms - self.clock_offset_ms):
                 continue
             if m.sender not in self._joined:
                 continue
