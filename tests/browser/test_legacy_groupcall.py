@@ -7,11 +7,9 @@ sides, a call where we send video only, and the hangup delivered both ways."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,13 +22,15 @@ from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.session.mesh_signalling import DeviceRef
-from tests.browser.helpers import BROWSER_DIR, run_node, serve_dir
+from tests.browser.helpers import BROWSER_DIR
+from tests.browser.peer_pages import peer_server, poll_until
 from tests.mesh_members import mesh_member
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = BROWSER_DIR / "legacy_groupcall"
+FN = "runGroupCall"
 CONFIG = MeshConfig(host_addresses=("127.0.0.1",), remote_networks=("127.0.0.0/8",))
 
 
@@ -62,39 +62,6 @@ def decoded(engine: MeshEngine | None, peer: DeviceRef, kind: str) -> int:
     return link.stats[kind].frames_decoded
 
 
-async def run_page(
-    chromium: Chromium, url: str, options: dict[str, Any], limit_s: float
-) -> dict[str, Any]:
-    out = await run_node(
-        "eval_page.mjs",
-        chromium.devtools_url,
-        url,
-        "runGroupCall",
-        json.dumps(options),
-        limit=limit_s,
-    )
-    line = json.loads(out.strip().splitlines()[-1])
-    # js-sdk's own call log lines, shown by pytest when a test fails.
-    for text in line["console"]:
-        if any(w in text for w in ("Call", "call", "error", "warn")) and "sync" not in text:
-            print("page:", text[:400])
-    result: dict[str, Any] = line["result"]
-    return result
-
-
-async def poll_until(
-    task: asyncio.Task[Any], predicate: Callable[[], bool], within: float, what: str
-) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if task.done():
-            task.result()  # the page failed: raise its error
-            raise AssertionError(f"the page finished before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 def page_options(synapse: Synapse, creds: Any, room: str, **extra: Any) -> dict[str, Any]:
     return {
         "baseUrl": synapse.base_url,
@@ -114,31 +81,28 @@ async def test_we_call_legacy_js_sdk_media_both_ways_and_its_hangup_arrives(
     room = await synapse.create_call_room(py, invite=[js])
     async with (
         Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
-        mesh_member(
-            hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
-        ) as call,
-        serve_dir(page_dist) as base,
+        mesh_member(hs, room, sources=media(), config=CONFIG) as call,
+        peer_server(page_dist, chromium, FN) as server,
     ):
         peer = DeviceRef(js.user_id, js.device_id)
-        opts = page_options(synapse, js, room, stayMs=10_000)
-        page = asyncio.create_task(run_page(chromium, base + "/index.html", opts, 60))
-        await poll_until(
-            page,
+        me = f"{py.user_id}|{hs.device_id}"
+        page = server.start(page_options(synapse, js, room))
+        await page.until(
             lambda: (
                 decoded(call.engine, peer, "video") > 20
                 and decoded(call.engine, peer, "audio") > 20
-            ),
+                and page.decoded(me, "video") > 20  # frames decoded in Chromium
+                and page.decoded(me, "audio") > 0
+            ),  # samples rendered in Chromium
             30,
-            "the browser's audio and video decoded here",
+            "audio and video decoded both ways",
         )
-        result = await page
+        page.leave()
+        result = await page.result()
         assert result["groupCallId"] == call.conf_id
-        ours = result["stats"][f"{py.user_id}|{hs.device_id}"]
-        assert ours["video"] > 20, ours  # frames decoded in Chromium
-        assert ours["audio"] > 0, ours  # samples rendered in Chromium
         # js-sdk's leave: its hangup reaches us (plaintext, in order after its other events).
         await poll_until(
-            asyncio.ensure_future(asyncio.sleep(10)),
+            None,
             lambda: call.received[(js.device_id, "m.call.hangup")] >= 1,
             10,
             "the browser's hangup",
@@ -155,27 +119,26 @@ async def test_legacy_js_sdk_calls_us_video_only_and_our_hangup_arrives(
     room = await synapse.create_call_room(py, invite=[js])
     async with (
         Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
-        serve_dir(page_dist) as base,
+        peer_server(page_dist, chromium, FN) as server,
     ):
         peer = DeviceRef(js.user_id, js.device_id)
+        me = f"{py.user_id}|{hs.device_id}"
         async with mesh_member(
             hs, room, sources=[SyntheticVideoTrack(320, 240, 15)], config=CONFIG
         ) as call:
-            opts = page_options(synapse, js, room, untilHangupFrom=hs.device_id)
-            page = asyncio.create_task(run_page(chromium, base + "/index.html", opts, 60))
-            await poll_until(
-                page,
+            page = server.start(page_options(synapse, js, room, untilHangupFrom=hs.device_id))
+            await page.until(
                 lambda: (
                     decoded(call.engine, peer, "video") > 20
                     and decoded(call.engine, peer, "audio") > 20
+                    and page.decoded(me, "video") > 10
                 ),
                 30,
-                "the browser's audio and video decoded here",
+                "the browser's audio and video decoded here, our video there",
             )
-            await asyncio.sleep(2.0)  # the browser decodes our video meanwhile
         # We left: our hangup ends the browser's call, which reports it.
-        result = await page
-        ours = result["stats"][f"{py.user_id}|{hs.device_id}"]
+        result = await page.result()
+        ours = result["stats"][me]
         assert ours["video"] > 10, ours
         assert ours["audioPackets"] == 0, ours  # we sent video only
         assert any(
@@ -185,7 +148,6 @@ async def test_legacy_js_sdk_calls_us_video_only_and_our_hangup_arrives(
         assert result["elapsedMs"] < 38_000
 
 
-@pytest.mark.media_matrix
 async def test_three_party_mesh_two_browsers_and_us_then_a_browser_rejoins(
     synapse: Synapse, chromium: Chromium, user_factory: Any, page_dist: Path
 ) -> None:
@@ -196,50 +158,52 @@ async def test_three_party_mesh_two_browsers_and_us_then_a_browser_rejoins(
     room = await synapse.create_call_room(py, invite=[ja, jz])
     async with (
         Homeserver(synapse.base_url, Login(py.user_id, password=py.password)) as hs,
-        mesh_member(
-            hs, room, sources=[SyntheticVideoTrack(320, 240, 15), ToneAudioTrack()], config=CONFIG
-        ) as call,
-        serve_dir(page_dist) as base,
+        mesh_member(hs, room, sources=media(), config=CONFIG) as call,
+        peer_server(page_dist, chromium, FN) as server,
     ):
-        url = base + "/index.html"
+        me = f"{py.user_id}|{hs.device_id}"
+        ka, kz = f"{ja.user_id}|{ja.device_id}", f"{jz.user_id}|{jz.device_id}"
         pa, pz = DeviceRef(ja.user_id, ja.device_id), DeviceRef(jz.user_id, jz.device_id)
-        pages = [
-            asyncio.create_task(
-                run_page(chromium, url, page_options(synapse, c, room, stayMs=14_000), 60)
-            )
-            for c in (ja, jz)
-        ]
-        await poll_until(
-            pages[0],
-            lambda: all(
-                decoded(call.engine, p, k) > 20 for p in (pa, pz) for k in ("video", "audio")
+        page_a = server.start(page_options(synapse, ja, room))
+        page_z = server.start(page_options(synapse, jz, room))
+        await page_a.until(
+            lambda: (
+                all(decoded(call.engine, p, k) > 20 for p in (pa, pz) for k in ("video", "audio"))
+                and all(page.decoded(me) > 20 for page in (page_a, page_z))
+                and page_a.decoded(kz) > 20
+                and page_z.decoded(ka) > 20
             ),
             40,
-            "both browsers decoded here",
+            "video decoded between every pair of the three",
         )
-        ra, rz = await asyncio.gather(*pages)
-        me = f"{py.user_id}|{hs.device_id}"
-        for result, other in ((ra, jz), (rz, ja)):
-            assert result["stats"][me]["video"] > 20, result["stats"]
-            assert result["stats"][f"{other.user_id}|{other.device_id}"]["video"] > 20, result[
-                "stats"
-            ]
-        # A browser comes back (a new page: a new js-sdk session id): we call it again.
-        assert call.engine is not None
-        assert call.engine.link_for(pa) is None
+        page_a.leave()
+        first = await page_a.result()
+        await poll_until(
+            page_z.task,
+            lambda: call.engine is not None and call.engine.link_for(pa) is None,
+            10,
+            "the leaving browser's hangup",
+        )
+        # It comes back (a new page: a new js-sdk session id): the mesh re-forms with it.
         before = (
             call.received[(ja.device_id, "m.call.answer")]
             + call.received[(ja.device_id, "m.call.invite")]
         )
-        again = asyncio.create_task(
-            run_page(chromium, url, page_options(synapse, ja, room, stayMs=8_000), 60)
+        again = server.start(page_options(synapse, ja, room))
+        await again.until(
+            lambda: (
+                decoded(call.engine, pa, "video") > 20
+                and again.decoded(me) > 20
+                and again.decoded(kz) > 20
+            ),
+            30,
+            "the rejoined browser in the mesh again",
         )
-        await poll_until(
-            again, lambda: decoded(call.engine, pa, "video") > 20, 30, "the rejoined browser"
-        )
-        result = await again
-        assert result["sessionId"] != ra["sessionId"]
-        assert result["stats"][me]["video"] > 10
+        again.leave()
+        page_z.leave()
+        result = await again.result()
+        await page_z.result()
+        assert result["sessionId"] != first["sessionId"]
         after = (
             call.received[(ja.device_id, "m.call.answer")]
             + call.received[(ja.device_id, "m.call.invite")]
@@ -266,7 +230,7 @@ async def test_one_mesh_of_three_dialects_current_python_2022_python_and_legacy_
         Homeserver(synapse.base_url, Login(z.user_id, password=z.password)) as hz,
         mesh_member(ha, room, dialect="auto", sources=media(), config=CONFIG) as ma,
         mesh_member(hz, room, dialect="msc3401_2022", sources=media(), config=CONFIG) as mz,
-        serve_dir(page_dist) as base,
+        peer_server(page_dist, chromium, FN) as server,
     ):
         agent_a = cast(CallAgent, ma.agent)
         pa, pj, pz = (
@@ -276,7 +240,7 @@ async def test_one_mesh_of_three_dialects_current_python_2022_python_and_legacy_
         )
         # The current-dialect member joined first (state form) and then added a 2022 entry.
         await poll_until(
-            asyncio.ensure_future(asyncio.sleep(20)),
+            None,
             lambda: ma.conf_id == mz.conf_id,  # our 2022 entry is back from the room
             15,
             "the auto member listed in the 2022 call",
@@ -286,26 +250,25 @@ async def test_one_mesh_of_three_dialects_current_python_2022_python_and_legacy_
         assert agent_a.legacy_conf_id == mz.conf_id
         seen_by_z = {(p.user_id, p.dialect.value) for p in cast(CallAgent, mz.agent).participants}
         assert (a.user_id, "state") in seen_by_z  # read in its own dialect
-        page = asyncio.create_task(
-            run_page(
-                chromium, base + "/index.html", page_options(synapse, js, room, stayMs=8_000), 60
-            )
-        )
-        await poll_until(
-            page,
-            lambda: all(
-                decoded(engine, peer, "video") > 20
-                for engine, peer in (
-                    (ma.engine, pj),
-                    (ma.engine, pz),
-                    (mz.engine, pj),
-                    (mz.engine, pa),
+        page = server.start(page_options(synapse, js, room))
+        await page.until(
+            lambda: (
+                all(
+                    decoded(engine, peer, "video") > 20
+                    for engine, peer in (
+                        (ma.engine, pj),
+                        (ma.engine, pz),
+                        (mz.engine, pj),
+                        (mz.engine, pa),
+                    )
                 )
+                and all(page.decoded(f"{p.user_id}|{p.device_id}") > 20 for p in (pa, pz))
             ),
             40,
             "video decoded between every pair of Python and browser members",
         )
-        result = await page
+        page.leave()
+        result = await page.result()
         assert result["groupCallId"] == mz.conf_id
         for peer in (pa, pz):
             stats = result["stats"][f"{peer.user_id}|{peer.device_id}"]

@@ -1,15 +1,16 @@
 // A Hydrogen (hydrogen-view-sdk, npm) group-call member in Chromium: logs in with a password
 // (a new device with Olm keys), joins the room's 2022 MSC3401 call (or creates one), sends the
 // fake camera/microphone, and returns per-remote-device WebRTC stats after `stayMs` (then
-// leaves: its hangups go out) or once the remote device `untilHangupFrom` is gone.
+// leaves: its hangups go out), when the test says leave, or once the remote device
+// `untilHangupFrom` is gone. Reports its stats to the test meanwhile (../peer_loop.js).
 import { Platform, Client, LoadStatus, FeatureSet, FeatureFlag, LocalMedia, createNavigation } from "hydrogen-view-sdk";
 import downloadSandboxPath from "hydrogen-view-sdk/download-sandbox.html?url";
 import workerPath from "hydrogen-view-sdk/main.js?url";
 import olmWasmPath from "@matrix-org/olm/olm.wasm?url";
 import olmJsPath from "@matrix-org/olm/olm.js?url";
 import olmLegacyJsPath from "@matrix-org/olm/olm_legacy.js?url";
+import { inboundStats, play, sleep, stay } from "../peer_loop.js";
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const assetPaths = {
   downloadSandbox: downloadSandboxPath,
   worker: workerPath,
@@ -19,35 +20,18 @@ const assetPaths = {
   serviceWorker: "sw.js",
 };
 
-async function stats(member) {
-  const out = { video: 0, audio: 0, audioPackets: 0, connected: member.isConnected };
-  const pc = member.connection?.peerCall?.peerConnection;
-  if (!pc) return out;
-  (await pc.getStats()).forEach((s) => {
-    if (s.type !== "inbound-rtp") return;
-    if (s.kind === "video") out.video += s.framesDecoded ?? 0;
-    if (s.kind === "audio") {
-      out.audio += s.totalSamplesReceived ?? 0;
-      out.audioPackets += s.packetsReceived ?? 0;
-    }
-  });
-  return out;
+function render(call) {
+  for (const member of call.members.values()) play(member.remoteMedia?.userMedia);
 }
 
-function render(call) {
-  // Remote media must play for Chromium to decode its audio (samples are pulled by playout).
-  const box = document.getElementById("media");
+async function snapshot(call) {
+  const now = {};
   for (const member of call.members.values()) {
-    const stream = member.remoteMedia?.userMedia;
-    if (!stream || document.getElementById(`m-${stream.id}`)) continue;
-    const el = document.createElement("video");
-    el.id = `m-${stream.id}`;
-    el.autoplay = true;
-    el.muted = false;
-    el.srcObject = stream;
-    box.appendChild(el);
-    el.play().catch(() => {});
+    now[`${member.userId}|${member.deviceId}`] = await inboundStats(member.connection?.peerCall?.peerConnection, {
+      connected: member.isConnected,
+    });
   }
+  return now;
 }
 
 window.runHydrogen = async (o) => {
@@ -83,28 +67,12 @@ window.runHydrogen = async (o) => {
   const stream = await platform.mediaDevices.getMediaTracks(o.audio !== false, o.video !== false);
   await call.join(new LocalMedia().withUserMedia(stream));
   log.push(`joined ${call.id} device ${session.deviceId} session ${handler.sessionId ?? ""}`);
-  const started = Date.now();
-  let last = {};
-  const seen = new Set();
-  while (Date.now() - started < o.limitMs) {
-    render(call);
-    const now = {};
-    for (const member of call.members.values()) {
-      now[`${member.userId}|${member.deviceId}`] = await stats(member);
-      seen.add(`${member.userId}|${member.deviceId}`);
-    }
-    if (Object.keys(now).length) last = now;
-    if (o.untilHangupFrom && seen.has(o.untilHangupFrom) && !now[o.untilHangupFrom]) break;
-    if (o.stayMs && Date.now() - started >= o.stayMs) break;
-    await sleep(250);
-  }
-  const result = {
-    callId: call.id,
-    deviceId: session.deviceId,
-    stats: last,
-    elapsedMs: Date.now() - started,
-    log,
-  };
+  const { stats, elapsedMs } = await stay(o, {
+    render: () => render(call),
+    snapshot: () => snapshot(call),
+    done: (now, seen) => o.untilHangupFrom && seen.has(o.untilHangupFrom) && !now[o.untilHangupFrom],
+  });
+  const result = { callId: call.id, deviceId: session.deviceId, stats, elapsedMs, log };
   await call.leave();
   await sleep(1000);
   return result;

@@ -2,39 +2,13 @@
 // full-mesh era used it) in Chromium: no crypto, plaintext to-device signalling, real WebRTC.
 // window.runGroupCall(options) joins the room's call, renders every remote feed, and returns
 // per-remote-device WebRTC stats either after `stayMs` (then leaves: our hangup goes out) or
-// as soon as the remote device `untilHangupFrom` hung up on us.
+// as soon as the remote device `untilHangupFrom` hung up on us, or when the test says leave.
+// Reports its stats to the test meanwhile (../peer_loop.js).
 import { createClient, ClientEvent, GroupCallIntent, GroupCallType, CallEvent } from "matrix-js-sdk";
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function callStats(call) {
-  const out = { state: call.state, hangupReason: call.hangupReason ?? null, video: 0, audio: 0, audioPackets: 0 };
-  const pc = call.peerConn;
-  if (!pc) return out;
-  const report = await pc.getStats();
-  report.forEach((s) => {
-    if (s.type !== "inbound-rtp") return;
-    if (s.kind === "video") out.video += s.framesDecoded ?? 0;
-    if (s.kind === "audio") {
-      out.audio += s.totalSamplesReceived ?? 0;
-      out.audioPackets += s.packetsReceived ?? 0;
-    }
-  });
-  return out;
-}
+import { inboundStats, play, sleep, stay } from "../peer_loop.js";
 
 function render(groupCall) {
-  const box = document.getElementById("media");
-  for (const feed of groupCall.userMediaFeeds) {
-    if (feed.isLocal() || document.getElementById(feed.stream.id)) continue;
-    const el = document.createElement("video");
-    el.id = feed.stream.id;
-    el.autoplay = true;
-    el.muted = false;
-    el.srcObject = feed.stream;
-    box.appendChild(el);
-    el.play().catch(() => {});
-  }
+  for (const feed of groupCall.userMediaFeeds) if (!feed.isLocal()) play(feed.stream);
 }
 
 window.runGroupCall = async (o) => {
@@ -76,27 +50,22 @@ window.runGroupCall = async (o) => {
   };
   await groupCall.enter();
   log.push(`entered ${groupCall.groupCallId} session ${client.getSessionId()}`);
-  const started = Date.now();
-  let last = {};
-  while (Date.now() - started < o.limitMs) {
-    render(groupCall);
+  const snapshot = async () => {
     const now = {};
     for (const { userId, deviceId, call } of calls()) {
-      now[`${userId}|${deviceId}`] = await callStats(call);
+      now[`${userId}|${deviceId}`] = await inboundStats(call.peerConn, {
+        state: call.state,
+        hangupReason: call.hangupReason ?? null,
+      });
     }
-    if (Object.keys(now).length) last = now;
-    if (o.untilHangupFrom && hangups.some((h) => h.deviceId === o.untilHangupFrom)) break;
-    if (o.stayMs && Date.now() - started >= o.stayMs) break;
-    await sleep(250);
-  }
-  const result = {
-    groupCallId: groupCall.groupCallId,
-    sessionId: client.getSessionId(),
-    stats: last,
-    hangups,
-    elapsedMs: Date.now() - started,
-    log,
+    return now;
   };
+  const { stats, elapsedMs } = await stay(o, {
+    render: () => render(groupCall),
+    snapshot,
+    done: () => o.untilHangupFrom && hangups.some((h) => h.deviceId === o.untilHangupFrom),
+  });
+  const result = { groupCallId: groupCall.groupCallId, sessionId: client.getSessionId(), stats, hangups, elapsedMs, log };
   groupCall.leave();
   await sleep(1000); // the hangups and the member-state update go out
   client.stopClient();
