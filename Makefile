@@ -101,3 +101,13 @@ compose-test: bootstrap
 .PHONY: hostile
 hostile: bootstrap
 	./scripts/in-netns $(VENV)/python bench/hostile.py $(HOSTILE_ARGS)
+
+# Issue 19's Go SDK anchor for bench/scale.py (server-sdk-go v2.19.0, pinned in
+# bench/goanchor/go.mod/go.sum), built from the Go module proxy into the shared cache; the
+# bench finds it through .cache/goanchor.
+.PHONY: goanchor
+GOANCHOR_BIN := $(HOME)/.cache/matrixrtc/goanchor-$(shell cat bench/goanchor/go.sum bench/goanchor/main.go 2>/dev/null | sha256sum | cut -c1-12)/goanchor
+goanchor: $(GOANCHOR_BIN)
+	mkdir -p .cache && ln -sfn $(GOANCHOR_BIN) .cache/goanchor
+$(GOANCHOR_BIN): bench/goanchor/go.mod bench/goanchor/go.sum bench/goanchor/main.go
+	cd bench/goanchor && PATH="$$PATH:/usr/local/go/bin" GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -o $@.tmp . && mv $@.tmp $@

@@ -22,7 +22,11 @@ same, measured right before in the same run, with each member tearing down its o
 without waiting for the others to receive it on the new one (the switcher before
 make-before-break acknowledgements; ``--no-switch-compare`` skips it).
 
-``go_sdk_anchor`` is empty until the Go load client exists (issue 19). Prints figures only;
+``go_sdk_anchor`` (``--go-anchor``, on when ``make goanchor`` has built ``.cache/goanchor``):
+after each SFU cell, at the same N and on the same LiveKit, bench/goanchor's N participants in
+one Go process (LiveKit's server-sdk-go, neither Matrix nor E2EE) publish a looped pre-encoded
+320×240 @ 15 VP8 stream plus Opus and subscribe to every other; they count frames and decode
+none. Its CPU per participant is that process's CPU over N. Prints figures only;
 never fails on a figure. Compare figures within one run: the box is shared.
 """
 
@@ -147,6 +151,56 @@ async def _measure(
     return cell
 
 
+GOANCHOR = Path(__file__).resolve().parents[1] / ".cache" / "goanchor"
+
+
+def _write_ivf(path: Path, *, seconds: float = 4.0, fps: int = 15) -> None:
+    """A looped VP8 clip for the Go anchor: 320×240 moving test pattern, encoded by PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="ivf") as out:
+        stream = out.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.bit_rate = 360_000
+        stream.options = {"deadline": "realtime", "g": str(fps * 2)}
+        y, x = np.mgrid[0:240, 0:320]
+        for i in range(int(seconds * fps)):
+            img = np.stack([(x + 4 * i) % 256, (y + 2 * i) % 256, (x + y) % 256], -1)
+            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+async def _measure_go_anchor(
+    n: int, *, url: str, key: str, secret: str, ivf: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    import asyncio
+    import json
+
+    proc = await asyncio.create_subprocess_exec(
+        str(GOANCHOR), "-url", url, "-key", key, "-secret", secret, "-room", f"goanchor-{n}",
+        "-n", str(n), "-ivf", str(ivf), "-fps", "15", "-warmup", "5s",
+        "-window", f"{max(args.duration - 5.0, 5.0)}s",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), args.duration + 60 + n)
+    if proc.returncode != 0:
+        raise RuntimeError(f"goanchor n={n}: exit {proc.returncode}: {err.decode()[-2000:]}")
+    res = json.loads(out)
+    if res["joined"] < n:
+        print(f"  go anchor n={n}: {err.decode()[-6000:]}", file=sys.stderr, flush=True)
+    cell = {
+        "n": n,
+        "min_fps_ratio": round(float(res["min_fps_ratio"]), 3),
+        "cpu_percent_per_participant": round(float(res["cpu_percent_per_participant"]), 1),
+        "joined": res["joined"],
+        "layer": "single 320x240 (not decoded)",
+    }
+    print(f"  go anchor n={n}: {cell}", file=sys.stderr, flush=True)
+    return cell
+
+
 def sfu_max_n(cells: Sequence[dict[str, Any]]) -> int | None:
     """The largest N whose cell and every smaller one hold ``TARGET_RATIO``."""
     best = None
@@ -176,6 +230,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET)
             )
             sfu_url, lk_pid = svc.url, lk.pid
+        ivf = None
+        if args.sfu and args.go_anchor:
+            ivf = run_dir / "goanchor.ivf"
+            _write_ivf(ivf)
         for n in args.mesh:
             result["mesh"].append(
                 await _measure("mesh", n, base_url=hs.base_url, sfu_url=None,
@@ -186,6 +244,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
                                livekit_pid=lk_pid, args=args, run_dir=run_dir)
             )  # fmt: skip
+            if ivf is not None:
+                result["go_sdk_anchor"].append(
+                    await _measure_go_anchor(n, url=lk.url, key=lk.api_key,
+                                             secret=lk.api_secret, ivf=ivf, args=args)
+                )  # fmt: skip
     result["sfu_max_n"] = sfu_max_n(result["sfu"])
     if args.switch:
         from bench.switch import measure_switch
@@ -233,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "--low-layer-above", type=int, default=4,
         help="SFU receivers take the low layer past this many remote videos (default 4)",
     )  # fmt: skip
+    parser.add_argument(
+        "--go-anchor", action=argparse.BooleanOptionalAction, default=GOANCHOR.exists(),
+        help="after each SFU cell, the Go SDK anchor at the same N (make goanchor builds it)",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = parser.parse_args(argv)
     result = run_bench(run, args)
@@ -247,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"LiveKit {c.get('server_cpu_percent', '-')} %  "
                 f"decrypt failures {c.get('decrypt_failures')}"
             )
+    for c in result["go_sdk_anchor"]:
+        print(
+            f"go   n={c['n']:>2}  min fps ratio {c['min_fps_ratio']:.2f}  "
+            f"cpu {c['cpu_percent_per_participant']} %/participant  (Go SDK anchor)"
+        )
     print(f"sfu_max_n: {result['sfu_max_n']}")
     print(f"switch gaps (ms): {result['switch_gap_ms']}")
     if "switch_gap_ms_without_acks" in result:
