@@ -84,6 +84,8 @@ BASELINE_SLACK = 4  # tasks / fds above the pre-fault maximum still count as bac
 SETUP_S = 60.0  # the call up, everyone decoding everyone
 MIN_FRAMES = 10  # fresh frames that count as "media resumed"
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+# Each participant's log level (its stderr.log in the run directory); info for a diagnosis.
+MEMBER_LOG_LEVEL = os.environ.get("CHAOS_MEMBER_LOG_LEVEL", "warning")
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -333,7 +335,8 @@ class Member:
         argv = [
             "unshare", "-n", "--", "sh", "-c",
             'while [ ! -e "$0" ]; do sleep 0.02; done; ip link set lo up; exec "$@"', str(go),
-            sys.executable, "-m", "matrixrtc", "--log-format", "json", "--log-level", "warning",
+            sys.executable, "-m", "matrixrtc", "--log-format", "json",
+            "--log-level", MEMBER_LOG_LEVEL,
             "join", "--homeserver", self.stack.homeserver, "--user", self.user.user_id,
             "--room", self.room_id, "--media", self.transport, "--e2ee", "on",
             "--output", "json", "--report-s", "1", "--state-dir", str(self.dir / "state"),
