@@ -472,6 +472,9 @@ class Member:
                 await asyncio.wait_for(self._reader, 5)
         if self._stderr is not None:
             self._stderr.close()
+        # The kernel takes the veth away with the namespace, but asynchronously: remove our
+        # end ourselves so nothing is left even after a SIGKILL or a failed scenario.
+        _run("ip", "link", "del", self.host_if, check=False)
         return code
 
     def errors(self) -> tuple[list[str], list[str]]:
@@ -668,9 +671,13 @@ async def run_scenario(stack: Stack, sc: Scenario, transport: str) -> dict[str, 
             inv["no_rejoin"] = not rejoins
             if rejoins:
                 result["rejoins"] = rejoins
-        await asyncio.sleep(0.3)  # the namespaces go with their last process
-        left = [m.id for m in members if m.group_alive()]
-        links = [ln for ln in leftover_links() if ln != BRIDGE]
+        # The namespaces go with their last process (the kernel cleans up asynchronously).
+        for _ in range(50):
+            left = [m.id for m in members if m.group_alive()]
+            links = [ln for ln in leftover_links() if ln != BRIDGE]
+            if not left and not links:
+                break
+            await asyncio.sleep(0.1)
         inv["all_gone"] = not left and not links
         if left or links:
             result["leftovers"] = {"processes": left, "links": links}
@@ -1012,6 +1019,8 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
                 else:
                     print(format_table([r]).splitlines()[1], file=sys.stderr, flush=True)
     finally:
+        for link in leftover_links():  # whatever a failed scenario left behind
+            _run("ip", "link", "del", link, check=False)
         net_down()
     return results
 
