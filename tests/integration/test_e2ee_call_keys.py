@@ -154,6 +154,10 @@ async def _until(pred: Callable[[], bool], within: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def _has(p: Peer, kind: KeyEventKind, index: int) -> bool:
+    return any(e.kind is kind and e.index == index for e in p.events)
+
+
 def _used_at(p: Peer, index: int) -> float:
     return next(e.monotonic for e in p.events if e.kind is KeyEventKind.USED and e.index == index)
 
@@ -200,7 +204,15 @@ async def test_three_agents_share_rotate_on_leave_and_rotate_only_after_grace(
         left_at = time.monotonic()
         await c.leave()
         await _until(
-            lambda: a.k.current_index == 1 and b.k.current_index == 1 and _all_hold([a, b]),
+            # The event stream is read by its own task: wait until it has the key's SENT and USED.
+            lambda: (
+                a.k.current_index == 1
+                and b.k.current_index == 1
+                and _all_hold([a, b])
+                and all(
+                    _has(p, k, 1) for p in (a, b) for k in (KeyEventKind.SENT, KeyEventKind.USED)
+                )
+            ),
             6.0,
             "a new key index at both remaining agents",
         )
