@@ -18,10 +18,11 @@ membership. A restart period at or above the delay would let the leave fire betw
 restarts, so the period is capped at 5/8 of the delay (js-sdk's 5 s for 8 s).
 
 The machine gives up after ``network_retries`` failures of one step (a homeserver away for
-longer than that). The agent does not: while it is still meant to be in the call
-(:attr:`CallAgent.in_call`) it waits with backoff until the homeserver answers ``/versions``
-and joins again from the first step (the old delayed leave is cancelled first), logging
-``agent.rejoin_scheduled`` and ``agent.rejoining``. :meth:`CallAgent.leave` during that wait,
+longer than that; a request that only timed out, a slow homeserver, never counts). The agent
+does not: while it is still meant to be in the call (:attr:`CallAgent.in_call`) it waits
+with backoff until the homeserver answers ``/versions`` and joins again from the first step
+(the old delayed leave is cancelled first), logging ``agent.rejoin_scheduled`` and
+``agent.rejoining``. :meth:`CallAgent.leave` during that wait,
 or after any failure, still sends the leave.
 
 Ring (§5, js-sdk 43): with ``ring=True``, when our join starts the call (we are its only

@@ -47,13 +47,15 @@ Step graph (js-sdk's, same names in snake case)::
 
 Rules: rate limits wait ``retry_after_ms`` (else 5 s), network errors wait 3 s, local timeouts
 retry at once; each step has its own budget (10 + 10) and exhausting one stops the machine
-with ``error`` set. The restart request is aborted after ``min(2000, expected_leave_ts − now)``
-so that reaching the server's leave time is noticed (``probably_left``). A successful join
-restarts the delayed leave at once (old Synapse cancels delayed state on overwrite) and plans
-refreshes at ``start + k·min(expiry, 1 h) − 5 s`` with ``expires = expiry·(k+1)`` and the
-original ``created_ts``. A ``join``/``leave``/re-join replaces the queue; a result that
-arrives for a request started before that still updates the facts (delay id, "our membership
-exists") but not the queue, as js-sdk's scheduler wake-up does.
+with ``error`` set. Local timeouts count towards no budget (js-sdk 43): a slow homeserver
+never makes the machine give up and re-join. The restart request is aborted after
+``min(2000, expected_leave_ts − now)`` so that reaching the server's leave time is noticed
+(``probably_left``). A successful join restarts the delayed leave at once (old Synapse
+cancels delayed state on overwrite) and plans refreshes at ``start + k·min(expiry, 1 h) − 5 s``
+with ``expires = expiry·(k+1)`` and the original ``created_ts``. A ``join``/``leave``/re-join
+replaces the queue; a result that arrives for a request started before that still updates
+the facts (delay id, "our membership exists") but not the queue, as js-sdk's scheduler
+wake-up does.
 
 Where this differs from js-sdk (deliberately; each has a test):
 * ``MaxDelayExceeded`` without a limit below our delay is a failure of the delayed leave, not
@@ -68,6 +70,9 @@ Where this differs from js-sdk (deliberately; each has a test):
 * ``leave`` after a failure still takes our membership back.
 * A restart due after the expected leave time is sent with the plain local timeout and sets
   ``probably_left`` at once, instead of a zero-length abort that does the same thing later.
+* A join that keeps an old ``created_ts`` (a re-send with new transports or intent, a join
+  again after giving up while the room still holds ours) carries as many expiry periods as
+  the call has lived, so it is not already expired when sent; js-sdk sends one period.
 """
 
 from __future__ import annotations
@@ -453,6 +458,7 @@ class OwnMembershipMachine:
         self._has_member_event = False
         self._start_ms = 0
         self._expiry_iterations = 1
+        self._join_iterations = 1  # the periods the join on the wire covers (see _periods_lived)
         self._expected_leave_ms: int | None = None
         self._probably_left = False
         self._rate_retries: dict[Step, int] = {}
@@ -776,7 +782,9 @@ class OwnMembershipMachine:
                     sticky_duration_ms=self._sticky_ms(),
                 )
             case Step.SEND_JOIN:
-                return self._join_request(self.config.expiry_ms, refresh=False)
+                self._join_iterations = self._periods_lived(now_ms)
+                expires = self.config.expiry_ms * self._join_iterations
+                return self._join_request(expires, refresh=False)
             case Step.UPDATE_EXPIRY:
                 expires = self.config.expiry_ms * (self._expiry_iterations + 1)
                 return self._join_request(expires, refresh=True)
@@ -910,7 +918,7 @@ class OwnMembershipMachine:
                 self._set_probably_left(False)
                 self._has_member_event = True
                 self._start_ms = now_ms
-                self._expiry_iterations = 1
+                self._expiry_iterations = self._join_iterations
                 self._last_join_event_id = event_id
                 self._join_sent_ms = now_ms
                 self._seen_since_join = False
@@ -923,7 +931,7 @@ class OwnMembershipMachine:
                     *kept,
                     # Old Synapse cancels delayed state when the state is overwritten.
                     (now_ms, Step.RESTART_DELAYED_LEAVE),
-                    (self._next_refresh_ms(1), Step.UPDATE_EXPIRY),
+                    (self._next_refresh_ms(self._expiry_iterations), Step.UPDATE_EXPIRY),
                 ]
                 if self._content_dirty:  # update_membership while this was on the wire
                     steps.append((now_ms, Step.SEND_JOIN))
@@ -1010,13 +1018,18 @@ class OwnMembershipMachine:
             self._rate_retries[step] = n + 1
             wait = result.retry_after_ms
             delay = wait if wait is not None and wait >= 0 else cfg.rate_limit_default_ms
+        elif isinstance(result, LocalTimeout):
+            # The server took the request and is slow to answer: retry at once, and do not
+            # count it towards the budget (released js-sdk 43 does both). Giving up would
+            # re-join, a new membership to everyone, only because the homeserver was slow;
+            # the delayed leave bounds how long a stalled restart goes unnoticed.
+            delay = 0
         else:
             n = self._net_retries.get(step, 0)
             if n >= cfg.max_network_retries:
                 raise _Fatal(f"{step.value}: {n} network errors in a row ({_describe(result)})")
             self._net_retries[step] = n + 1
-            # A local timeout already waited; retry at once (js-sdk does the same).
-            delay = 0 if isinstance(result, LocalTimeout) else cfg.network_error_retry_ms
+            delay = cfg.network_error_retry_ms
         self._log.info("retry", step=step.value, after_ms=delay, result=_describe(result))
         return ("insert", [(now_ms + delay, step)])
 
@@ -1039,6 +1052,16 @@ class OwnMembershipMachine:
         if self.dialect is Dialect.STATE and self._created_ts is not None:
             due = min(due, self._created_ts + self.config.expiry_ms * iteration)
         return due - self.config.expiry_headroom_ms
+
+    def _periods_lived(self, now_ms: int) -> int:
+        """How many expiry periods a join sent now must cover: 1 for a new membership; for
+        one that keeps an old ``created_ts`` (state form: a re-send with new transports, a
+        join again after giving up while the room still holds ours), enough that
+        ``created_ts + expires`` lies ahead. One period would send a membership already
+        expired to everyone once the call is older than the period."""
+        if self.dialect is not Dialect.STATE or self._created_ts is None:
+            return 1
+        return max(1, (now_ms - self._created_ts) // self.config.expiry_ms + 1)
 
     def _sticky_ms(self) -> int | None:
         return self.config.sticky_duration_ms if self.dialect is Dialect.STICKY else None

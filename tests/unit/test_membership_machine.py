@@ -79,6 +79,9 @@ class FakeDelayedEventsServer:
     overwrite_cancels_delayed: bool = False  # Synapse before #17810
     # Requests in [start, end) fail: restarts time out locally, the rest get NetworkError.
     outages: list[tuple[int, int]] = field(default_factory=list)
+    # A stopped homeserver (connection refused) instead of an unreachable or hung one: every
+    # request of an outage gets NetworkError at once, restarts too.
+    refuses: bool = False
     # Scripted answers, consumed in order per request class name.
     script: dict[str, deque[Result]] = field(default_factory=dict)
     delayed: dict[str, _Delayed] = field(default_factory=dict)
@@ -198,7 +201,8 @@ class Sim:
                 self._advance(action.until_ms)
                 continue
             self.log.append((self.now, action))
-            if isinstance(action, RestartDelayedLeave) and self.server.down(self.now):
+            hung = self.server.down(self.now) and not self.server.refuses
+            if isinstance(action, RestartDelayedLeave) and hung:
                 self._advance(self.now + action.timeout_ms)
                 result: Result = LocalTimeout()
             else:
@@ -891,7 +895,7 @@ def test_join_again_after_giving_up_cancels_the_old_delay_then_joins_anew() -> N
     homeserver answers. The old delay id is cancelled first (it may still be pending), then
     the join runs from the first step and the heartbeat resumes."""
     cfg = MembershipConfig(max_network_retries=1, network_error_retry_ms=200)
-    sim = joined_sim(config=cfg)
+    sim = joined_sim(FakeDelayedEventsServer(refuses=True), config=cfg)
     sim.run_for(6000)
     old_delay = sim.machine.delay_id
     assert old_delay is not None
@@ -901,9 +905,9 @@ def test_join_again_after_giving_up_cancels_the_old_delay_then_joins_anew() -> N
     assert stopped is not None
     assert stopped.error is not None
     assert status(sim.machine) is MembershipStatus.FAILED
-    assert sim.server.content == {}  # the delayed leave fired meanwhile
     assert sim.run_for(1000) == stopped  # stopped: nothing is sent until the adapter joins
     sim._advance(outage[1])
+    assert sim.server.content == {}  # the delayed leave fired meanwhile
     sim.machine.join(sim.now, transports=[LK])
     assert sim.machine.next_action(sim.now) == CancelDelayedLeave(delay_id=old_delay)
     sim.machine.receive_result(NotFound(), sim.now)
@@ -1027,4 +1031,111 @@ def test_expired_only_on_our_clock_refreshes_at_once_and_never_rejoins() -> None
     sim.run_for(5_000)
     assert [t for t, _ in sim.of(SendJoin)][3:] == [25_000]
     assert "ScheduleDelayedLeave" not in sim.kinds()[1:]
+    assert status(sim.machine) is MembershipStatus.CONNECTED
+
+
+# ----------------------------------------------------------- a slow homeserver (chaos)
+
+
+def test_slow_homeserver_never_gives_up_nor_rejoins() -> None:
+    """Chaos finding: a slow Synapse answered every 2 s restart too late, the local timeouts
+    used up the 10-retry budget and every member re-joined as a new membership (new
+    created_ts, key rotation) while the room still held the old one. js-sdk 43 retries a
+    local timeout at once without counting it; so do we."""
+    sim = joined_sim()
+    sim.run_for(20_000)
+    assert sim.machine.created_ts == T0
+    slow_from, slow_to = sim.now, sim.now + 60_000
+    # The homeserver takes each restart (the delayed leave is reset) but answers after our
+    # 2 s local timeout: about 30 timeouts in a row, three times the network budget.
+    while sim.now < slow_to:
+        action = sim.machine.next_action(sim.now)
+        if isinstance(action, Wait):
+            sim._advance(action.until_ms)
+            continue
+        assert isinstance(action, RestartDelayedLeave), action
+        sim.log.append((sim.now, action))
+        sim.server.answer(action, sim.now)
+        sim._advance(sim.now + action.timeout_ms)
+        sim.machine.receive_result(LocalTimeout(), sim.now)
+    timeouts = [t for t, a in sim.log if slow_from <= t < slow_to]
+    assert len(timeouts) > 2 * MembershipConfig().max_network_retries
+    assert sim.server.fired == []  # the slow restarts still reached the server
+    sim.run_for(30_000)
+    assert sim.machine.error is None
+    assert status(sim.machine) is MembershipStatus.CONNECTED
+    # One join in all, no re-join: the membership (and its created_ts) is the first one.
+    assert [a.refresh for _, a in sim.of(SendJoin)] == [False]
+    assert sim.machine.created_ts == T0
+    assert "CancelDelayedLeave" not in sim.kinds()
+
+
+def test_refresh_that_times_out_is_retried_and_keeps_created_ts() -> None:
+    """A refresh (PUT state) that gets no answer in time, many times in a row: retried at
+    once, never counted, never a re-join."""
+    sim = joined_sim(config=MembershipConfig(expiry_ms=60_000))
+    sim.run_for(1_000)
+    sim.server.script["SendJoin"] = deque([LocalTimeout()] * 15)
+    sim.run_for(70_000)
+    joins = sim.of(SendJoin)
+    assert [a.refresh for _, a in joins] == [False] + [True] * 16
+    assert all(a.content["created_ts"] == T0 for _, a in joins[1:])
+    assert sim.machine.error is None
+    assert status(sim.machine) is MembershipStatus.CONNECTED
+    assert "ScheduleDelayedLeave" not in sim.kinds()[1:]
+
+
+def test_connection_refused_still_uses_the_network_budget() -> None:
+    """A stopped homeserver (refused connections, not timeouts) still makes the machine give
+    up after its budget, as before: the agent then recovers with a join."""
+    cfg = MembershipConfig(max_network_retries=2, network_error_retry_ms=200)
+    sim = joined_sim(FakeDelayedEventsServer(refuses=True), config=cfg)
+    sim.run_for(6_000)
+    sim.server.outages.append((sim.now, sim.now + 60_000))
+    stopped = sim.run_for(60_000)
+    assert stopped is not None
+    assert stopped.error is not None
+    assert "network errors in a row" in stopped.error
+
+
+def test_resend_late_in_a_call_keeps_created_ts_and_covers_the_call_so_far() -> None:
+    """A join re-sent with the first created_ts (new transports, or a join again after giving
+    up while the room still holds ours) carries enough periods that it is not already
+    expired, and the refreshes go on from there."""
+    sim = joined_sim(config=MembershipConfig(expiry_ms=60_000))
+    sim.run_for(200_000)  # refreshes at 55, 115 and 175 s
+    assert [a.content["expires"] for _, a in sim.of(SendJoin)] == [
+        60_000,
+        120_000,
+        180_000,
+        240_000,
+    ]
+    sim.machine.update_membership(sim.now, transports=[LK, FullMeshTransport()])
+    sim.run_for(40_000)
+    joins = sim.of(SendJoin)[4:]
+    assert [(t, a.refresh, a.content["expires"]) for t, a in joins] == [
+        (200_000, False, 240_000),  # created_ts + 240 s is still ahead at 200 s
+        (235_000, True, 300_000),
+    ]
+    assert all(a.content["created_ts"] == T0 for _, a in joins)
+
+
+def test_join_again_after_giving_up_keeps_a_membership_the_room_still_holds() -> None:
+    """The machine gave up (refused connections) before the delayed leave fired: the room
+    still shows our membership when the agent joins again, so the join keeps its created_ts
+    (no new membership for the others) and covers the call's age."""
+    cfg = MembershipConfig(max_network_retries=1, network_error_retry_ms=200, expiry_ms=60_000)
+    sim = joined_sim(FakeDelayedEventsServer(refuses=True), config=cfg)
+    sim.run_for(130_000)
+    sim.server.outages.append((sim.now, sim.now + 6_000))
+    assert sim.run_for(6_000) is not None  # gave up at the restart due at 135 s
+    sim._advance(T0 + 136_500)
+    assert sim.server.fired == []
+    sim.machine.join(sim.now, transports=[LK])
+    sim.machine.observe(OwnMembershipSeen(created_ts=T0, event_id="$ev3"), sim.now)
+    sim.run_for(5_000)
+    rejoin = sim.of(SendJoin)[-1][1]
+    assert not rejoin.refresh
+    assert rejoin.content["created_ts"] == T0
+    assert rejoin.content["expires"] == 180_000  # 136.5 s into the call: three periods
     assert status(sim.machine) is MembershipStatus.CONNECTED
