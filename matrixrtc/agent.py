@@ -14,8 +14,8 @@ OwnMembershipMachine` (js-sdk ``MembershipManager``: delayed leave, join, restar
 ``restart_interval_ms``, hourly expiry refresh, re-join when our membership goes missing,
 leave via ``send`` of the delayed leave) decides; this module performs its requests on the
 homeserver, maps the answers to its result types and feeds it what the room shows of our
-membership. A restart period at or above the delay would let the leave fire between
-restarts, so the period is capped at 5/8 of the delay (js-sdk's 5 s for 8 s).
+membership (:meth:`~matrixrtc.session.membership_machine.MembershipConfig.for_timings` maps
+the timings: the restart period is capped at 5/8 of the delay).
 
 The machine gives up after ``network_retries`` failures of one step (a homeserver away for
 longer than that; a request that only timed out, a slow homeserver, never counts). The agent
@@ -98,7 +98,7 @@ from matrixrtc.model.slot import SLOT_ENCRYPTION_PER_MEMBER, SlotStatus, open_sl
 from matrixrtc.session import membership_machine as mm
 from matrixrtc.session.legacy_call import PutState
 from matrixrtc.session.legacy_entry import DIALECT_CHOICES, OwnLegacyEntry, dialect_choice
-from matrixrtc.session.own_state import CHECK_AFTER_MS, OwnStateWatch, resolved_differs
+from matrixrtc.session.own_state import CHECK_AFTER_MS, OwnStateWatch, at_own_key, resolved_differs
 from matrixrtc.session.participants import (
     Participant,
     ParticipantsChanged,
@@ -498,11 +498,7 @@ class CallAgent:
         key = machine.state_key if machine is not None else None
         if key is None or not self._in_call:
             return
-        at_key = [
-            ev
-            for ev in update.state
-            if ev.get("type") == EventType.CALL_MEMBER and ev.get("state_key") == key
-        ]
+        at_key = at_own_key(update.state, key)
         if at_key and self._own_watch.observe(at_key, resolved=update.resolved):
             self._spawn(self._verify_own_state(key), "own-state-check")
 
@@ -600,11 +596,7 @@ class CallAgent:
         machine = self._machine
         if m is None or machine is None:
             return None
-        if self.config.dialect is Dialect.STICKY:
-            ok = m.dialect is Dialect.STICKY and m.member_id == machine.member_id
-        else:
-            ok = m.dialect is Dialect.STATE and m.state_key == machine.state_key
-        return m if ok else None
+        return m if machine.owns(m) else None
 
     def _own_expired_locally(self, now_ms: int) -> CallMembership | None:
         """State form: our membership is what the room holds at our key, and only its
@@ -723,16 +715,14 @@ class CallAgent:
             room_version=version if isinstance(version, str) else "1",
             member_id=str(uuid.uuid4()) if cfg.dialect is Dialect.STICKY else None,
             room_id=self.room_id,
-            config=mm.MembershipConfig(
-                delayed_leave_delay_ms=cfg.delayed_leave_ms,
-                delayed_leave_restart_ms=min(
-                    cfg.restart_interval_ms, cfg.delayed_leave_ms * 5 // 8
-                ),
-                restart_local_timeout_ms=cfg.restart_timeout_ms,
-                expiry_ms=cfg.expires_ms,
-                sticky_duration_ms=min(cfg.sticky_duration_ms, msc4354.MAX_STICKY_DURATION_MS),
-                network_error_retry_ms=cfg.network_retry_ms,
-                max_network_retries=cfg.network_retries,
+            config=mm.MembershipConfig.for_timings(
+                delay_ms=cfg.delayed_leave_ms,
+                restart_interval_ms=cfg.restart_interval_ms,
+                restart_timeout_ms=cfg.restart_timeout_ms,
+                expires_ms=cfg.expires_ms,
+                sticky_duration_ms=cfg.sticky_duration_ms,
+                network_retry_ms=cfg.network_retry_ms,
+                network_retries=cfg.network_retries,
             ),
         )
 

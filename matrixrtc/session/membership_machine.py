@@ -89,6 +89,7 @@ from matrixrtc.model.event_types import EventType
 from matrixrtc.model.membership import (
     DEFAULT_EXPIRES_MS,
     DEFAULT_SLOT_ID,
+    CallMembership,
     Dialect,
     RtcMemberData,
     SessionMembershipData,
@@ -96,6 +97,7 @@ from matrixrtc.model.membership import (
     state_leave_content,
     sticky_leave_content,
 )
+from matrixrtc.model.msc4354 import MAX_STICKY_DURATION_MS
 from matrixrtc.model.transports import Transport
 
 __all__ = [
@@ -178,6 +180,31 @@ class MembershipConfig:
             raise ConfigError(
                 "MembershipConfig.expiry_headroom_ms must be below the refresh period"
             )
+
+    @classmethod
+    def for_timings(
+        cls,
+        *,
+        delay_ms: int,
+        restart_interval_ms: int,
+        restart_timeout_ms: int,
+        expires_ms: int,
+        sticky_duration_ms: int,
+        network_retry_ms: int,
+        network_retries: int,
+    ) -> MembershipConfig:
+        """The machine's timings from a caller's (the agent's) settings. A restart period at
+        or above the delay would let the leave fire between restarts, so the period is capped
+        at 5/8 of the delay (js-sdk's 5 s for 8 s); stickiness at MSC4354's hour."""
+        return cls(
+            delayed_leave_delay_ms=delay_ms,
+            delayed_leave_restart_ms=min(restart_interval_ms, delay_ms * 5 // 8),
+            restart_local_timeout_ms=restart_timeout_ms,
+            expiry_ms=expires_ms,
+            sticky_duration_ms=min(sticky_duration_ms, MAX_STICKY_DURATION_MS),
+            network_error_retry_ms=network_retry_ms,
+            max_network_retries=network_retries,
+        )
 
 
 # ----------------------------------------------------------------------------- actions
@@ -542,6 +569,14 @@ class OwnMembershipMachine:
     @property
     def in_flight(self) -> Request | None:
         return self._in_flight.request if self._in_flight else None
+
+    def owns(self, membership: CallMembership) -> bool:
+        """Whether ``membership`` (one the session lists for our user and device) is the one
+        this machine writes: same dialect, and our state key (state form) or our member id
+        (sticky form; another of our joins has another)."""
+        if self.dialect is Dialect.STICKY:
+            return membership.dialect is Dialect.STICKY and membership.member_id == self.member_id
+        return membership.dialect is Dialect.STATE and membership.state_key == self.state_key
 
     def drain_events(self) -> list[MachineEvent]:
         events, self._events = self._events, []

@@ -31,13 +31,14 @@ suspicious update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from matrixrtc.model._json import as_int, get_dict
+from matrixrtc.model.event_types import EventType
 
-__all__ = ["CHECK_AFTER_MS", "OwnStateWatch", "resolved_differs"]
+__all__ = ["CHECK_AFTER_MS", "OwnStateWatch", "at_own_key", "resolved_differs"]
 
 # Delays (after the suspicious update) of the two reads of the resolved state.
 CHECK_AFTER_MS: Final = (1_000, 5_000)
@@ -78,6 +79,16 @@ class OwnStateWatch:
             else:  # a leave shown last needs no check: the session already re-joins
                 self._last_leave_ts = ts
         return due and not resolved
+
+
+def at_own_key(state: Iterable[Mapping[str, Any]], key: str | None) -> list[Mapping[str, Any]]:
+    """The call membership events of an update's ``state`` at our state ``key``, in order
+    (what :meth:`OwnStateWatch.observe` takes); none without a key (the sticky form)."""
+    if key is None:
+        return []
+    return [
+        ev for ev in state if ev.get("type") == EventType.CALL_MEMBER and ev.get("state_key") == key
+    ]
 
 
 def resolved_differs(resolved: object, held: object) -> bool:

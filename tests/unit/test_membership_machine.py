@@ -17,6 +17,7 @@ import pytest
 
 from matrixrtc.errors import ConfigError, LocalError
 from matrixrtc.model import (
+    CallMembership,
     Dialect,
     FullMeshTransport,
     LivekitTransport,
@@ -1139,3 +1140,62 @@ def test_join_again_after_giving_up_keeps_a_membership_the_room_still_holds() ->
     assert rejoin.content["created_ts"] == T0
     assert rejoin.content["expires"] == 180_000  # 136.5 s into the call: three periods
     assert status(sim.machine) is MembershipStatus.CONNECTED
+
+
+# ------------------------------------------------- rules the agent takes from the machine
+
+
+def test_for_timings_caps_the_restart_period_at_five_eighths_of_the_delay() -> None:
+    def cfg(delay: int, restart: int, sticky: int = HOUR) -> MembershipConfig:
+        return MembershipConfig.for_timings(
+            delay_ms=delay,
+            restart_interval_ms=restart,
+            restart_timeout_ms=2_000,
+            expires_ms=4 * HOUR,
+            sticky_duration_ms=sticky,
+            network_retry_ms=1_000,
+            network_retries=7,
+        )
+
+    assert cfg(8_000, 5_000).delayed_leave_restart_ms == 5_000  # js-sdk's pair
+    assert cfg(3_000, 5_000).delayed_leave_restart_ms == 1_875  # capped: 5/8 of 3 s
+    assert cfg(30_000, 1_000).delayed_leave_restart_ms == 1_000  # below the cap: kept
+    assert cfg(8_000, 5_000, sticky=5 * HOUR).sticky_duration_ms == HOUR  # MSC4354's limit
+    c = cfg(8_000, 5_000)
+    assert (c.delayed_leave_delay_ms, c.restart_local_timeout_ms, c.expiry_ms) == (
+        8_000,
+        2_000,
+        4 * HOUR,
+    )
+    assert (c.network_error_retry_ms, c.max_network_retries) == (1_000, 7)
+
+
+def _membership(dialect: Dialect, *, state_key: str | None, member_id: str) -> CallMembership:
+    data: SessionMembershipData | RtcMemberData
+    if dialect is Dialect.STATE:
+        data = SessionMembershipData.for_join(user_id=ALICE, device_id=DEV, transports=[LK])
+    else:
+        data = RtcMemberData.for_join(
+            user_id=ALICE, device_id=DEV, member_id=member_id, transports=[LK]
+        )
+    return CallMembership(
+        dialect=dialect,
+        event_id="$m",
+        sender=ALICE,
+        origin_server_ts=T0,
+        data=data,
+        state_key=state_key,
+    )
+
+
+def test_owns_matches_our_dialect_and_key_or_member_id() -> None:
+    state = machine()
+    ours = _membership(Dialect.STATE, state_key=KEY, member_id="")
+    assert state.owns(ours)
+    assert not state.owns(_membership(Dialect.STATE, state_key=KEY + "x", member_id=""))
+    assert not state.owns(_membership(Dialect.STICKY, state_key=None, member_id="m1"))
+    sticky = machine(dialect=Dialect.STICKY, member_id="m1")
+    assert sticky.owns(_membership(Dialect.STICKY, state_key=None, member_id="m1"))
+    # Another join of ours (another member id), or our state-form membership: not this one.
+    assert not sticky.owns(_membership(Dialect.STICKY, state_key=None, member_id="m2"))
+    assert not sticky.owns(ours)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from matrixrtc.session.own_state import OwnStateWatch, resolved_differs
+from matrixrtc.session.own_state import OwnStateWatch, at_own_key, resolved_differs
 
 KEY = "_@a:hs_DEV_m.call"
 
@@ -69,3 +69,13 @@ def test_resolved_differs() -> None:
     assert not resolved_differs(ev("$j2", 61_000), held)
     assert resolved_differs(ev("$l", 60_000, join=False), None)
     assert not resolved_differs({"content": {}}, held)  # not an event (format=content)
+
+
+def test_at_own_key_keeps_only_call_memberships_at_our_key_in_order() -> None:
+    other_key = {**ev("$o", 1), "state_key": "_@b:hs_B_m.call"}
+    other_type = {**ev("$t", 2), "type": "m.room.member"}
+    mine = [ev("$1", 3), ev("$2", 4, join=False)]
+    state = [other_key, mine[0], other_type, mine[1]]
+    assert at_own_key(state, KEY) == mine
+    assert at_own_key(state, None) == []  # the sticky form has no key
+    assert at_own_key([], KEY) == []
