@@ -42,6 +42,22 @@ class ReceiveStats:
     first_frame_at: float | None = None
     last_frame_at: float | None = None
     _recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
+    # False: this video is received, decrypted and counted but not decoded (not rendered).
+    decoding: bool = True
+    _recent_received: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=256)
+    )
+
+    def frame_received(self, now: float, size: int) -> None:
+        """A frame reached the decoder queue, decrypted (decoded next, or not)."""
+        self.encoded_frames += 1
+        self.encoded_bytes += size
+        self._recent_received.append(now)
+
+    def received_fps(self, now: float | None = None) -> float:
+        """Frames received (and decrypted) per second over the last two seconds."""
+        now = time.monotonic() if now is None else now
+        return sum(1 for t in self._recent_received if t > now - _FPS_WINDOW_S) / _FPS_WINDOW_S
 
     def frame_decoded(self, now: float) -> None:
         self.frames_decoded += 1

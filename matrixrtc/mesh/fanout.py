@@ -23,19 +23,32 @@ frames are decrypted on the event loop when aiortc enqueues them, and a frame th
 whose decryptor raises) is dropped and counted. The clear encoded frame can also be handed on
 there (``on_encoded``, an :class:`EncodedFrame` whose ``request_keyframe`` makes aiortc send a
 PLI): a recorder writes it without re-encoding. Handed-on video restarts at a key frame after each
-gap (a sequence gap aiortc's jitter buffer gave up on, a decrypt failure, a decoder error;
+gap (a sequence gap the frame assembler gave up on, a decrypt failure, a decoder error;
 ``matrixrtc.media.key_gate``), asked for by PLI: a copy never holds frames that cannot decode.
 
 The clear frame is then **decoded on the event loop too**, and the decoded frames go straight
 into the receiver's track queue. aiortc's own path is a decoder thread per receiver that hands
-every decoded frame back with ``run_coroutine_threadsafe``: at 8 parties that is 14 threads,
-~450 cross-thread wake-ups a second and a GIL hand-off per frame, which py-spy showed as the
-largest single cost of a mesh participant (``Condition.notify``/``wait`` ≈ 45 % of its samples
-at n=7) — far more than the decoding itself (≈ 0.6 ms per 320×240 VP8 frame, ~0.05 ms per Opus
-frame). aiortc's thread still starts, idles on the emptied queue and ends on its stop sentinel.
-Decoding can be switched off per receiver (:meth:`_DecryptingQueue.set_decoding`): frames are
-still received, decrypted and counted (``ReceiveStats.encoded_frames``), and video resumes at a
-key frame asked for by PLI.
+every decoded frame back with ``run_coroutine_threadsafe``: at 8 parties that is 14 threads and
+~450 cross-thread wake-ups a second. Decoding inline measured ≈ 10 % less CPU per participant
+at n=6 (alternated in one run; py-spy had suggested far more, but it counts threads blocked in
+``Condition.wait`` as busy). aiortc's thread still starts, idles on the emptied queue and ends
+on its stop sentinel.
+Decoding can be switched off per receiver (:meth:`_DecryptingQueue.set_decoding`,
+``MeshConfig.decode_video``): frames are still received, decrypted and counted
+(``ReceiveStats.encoded_frames``), and video resumes at a key frame asked for by PLI.
+
+Video packets are reassembled by :class:`matrixrtc.mesh.jitter.FrameAssembler` in place of
+aiortc's jitter buffer, which stalled a pair for 10–25 s behind one lost packet (the cliff of
+the 8-party mesh; see that module).
+
+aiortc private internals used here (aiortc 1.16.0 pinned; exercised by
+``tests/unit/test_mesh_fanout.py`` and the mesh integration tests), ten in all:
+``RTCRtpReceiver.__decoder_queue`` (replaced), ``__decoder_thread`` (checked not started),
+``__decoder_error`` (set to send a PLI), ``__jitter_buffer`` (replaced for video),
+``__codecs`` (read: payload type to codec; new with the frame assembler, which replaced a
+wrapper around the jitter buffer's ``add``), ``__kind`` (read), ``_track._queue`` (decoded
+frames put), and in the ``RTCRtpSender`` subclass ``_send_keyframe``, ``_handle_rtcp_packet``
+and ``_ssrc``.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ import structlog
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import get_decoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpreceiver import TimestampMapper
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
 from matrixrtc.e2ee.frame import frame_key_index
@@ -62,6 +76,7 @@ from matrixrtc.media.frames import EncodedFrame
 from matrixrtc.media.key_gate import KeyFrameGate
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import AUDIO_RATE, AUDIO_TIME_BASE, VIDEO_TIME_BASE
+from matrixrtc.mesh.jitter import AssembledFrame, FrameAssembler
 from matrixrtc.mesh.transform import FrameDecryptor, FrameTransform, vp8_is_keyframe
 from matrixrtc.tasks import OwnedTasks
 
@@ -78,11 +93,16 @@ log = structlog.get_logger(__name__)
 DEFAULT_VIDEO_BITRATE: Final = 500_000
 MIN_VIDEO_BITRATE: Final = 150_000
 MAX_VIDEO_BITRATE: Final = 1_500_000
+# libvpx cannot change its bitrate in place through PyAV: a new target reopens the encoder,
+# and its first frame is a key frame for every peer. Not more often than this.
+REOPEN_MIN_INTERVAL_S: Final = 5.0
 OPUS_BITRATE: Final = 32_000
 OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 # Benchmarks only (bench/scale.py compares both in one run): aiortc's decoder thread per
 # receiver instead of decoding on the event loop.
 _DECODER_THREADS: Final = os.environ.get("MATRIXRTC_MESH_DECODER_THREADS") == "1"
+# Benchmarks only: aiortc's own video jitter buffer instead of :mod:`matrixrtc.mesh.jitter`.
+_AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
 
 
 def _packet(data: bytes, pts: int, time_base: fractions.Fraction) -> av.Packet[Any]:
@@ -203,6 +223,7 @@ class SharedEncoder:
         self.frames_protected = 0  # encoded frames sent with frame E2EE
         self.frames_plain = 0  # encoded frames sent without (to peers that cannot decrypt)
         self.errors = 0
+        self.reopens = 0  # VP8 encoder (re)opened: first frame, size or bitrate change
         self._transform = transform
         self._queue_frames = queue_frames
         self._default_bitrate = default_bitrate
@@ -213,6 +234,7 @@ class SharedEncoder:
         self._started = False
         self._video: Any = None  # PyAV VideoCodecContext, owned by the encode thread
         self._video_bitrate = 0
+        self._opened_at = 0.0
         self._audio: Any = None
         self._resampler: Any = None
         self._audio_pts = 0
@@ -342,8 +364,13 @@ class SharedEncoder:
             ctx is None
             or ctx.width != frame.width
             or ctx.height != frame.height
-            # libvpx cannot retarget in place through PyAV; reopen on a >10% change.
-            or abs(bitrate - self._video_bitrate) > self._video_bitrate // 10
+            # libvpx cannot retarget in place through PyAV; reopen on a >10% change, at most
+            # every REOPEN_MIN_INTERVAL_S: under load, delay-based REMB from a peer swings, and
+            # reopening on every swing made a key frame for all peers several times a second.
+            or (
+                abs(bitrate - self._video_bitrate) > self._video_bitrate // 10
+                and time.monotonic() - self._opened_at >= REOPEN_MIN_INTERVAL_S
+            )
         ):
             ctx = self._video = self._open_vp8(frame.width, frame.height, bitrate)
             force_keyframe = True
@@ -383,6 +410,8 @@ class SharedEncoder:
             "static-thresh": "1",
         }
         self._video_bitrate = bitrate
+        self._opened_at = time.monotonic()
+        self.reopens += 1
         log.info("mesh.encoder.vp8_open", width=width, height=height, bitrate=bitrate)
         return ctx
 
@@ -466,6 +495,7 @@ class _DecryptingQueue(queue.Queue[Any]):
         # Encoded video handed on (a copy) restarts at a key frame after each gap.
         self._clock = clock
         self.copy_gate = KeyFrameGate()
+        self.assembler: FrameAssembler | None = None  # video: our jitter buffer, when installed
 
     def gap(self) -> None:
         """Frames were lost before they reached us (aiortc's jitter buffer gave up on missing
@@ -478,6 +508,7 @@ class _DecryptingQueue(queue.Queue[Any]):
             self._need_keyframe = True  # a delta frame after a pause would not decode
             self.request_keyframe()
         self._decoding = on
+        self._stats.decoding = on
 
     def request_keyframe(self) -> None:
         """Make aiortc send a PLI with the next packet (its decoder-error flag; any thread)."""
@@ -511,8 +542,7 @@ class _DecryptingQueue(queue.Queue[Any]):
             # next packet when this flag (normally set by its decoder thread) is up.
             self._failing = False
             self.request_keyframe()
-        self._stats.encoded_frames += 1
-        self._stats.encoded_bytes += len(data)
+        self._stats.frame_received(self._clock(), len(data))
         frame.data = clear
         if self._on_encoded is not None:
             self._hand_on(codec, clear, frame.timestamp)
@@ -581,9 +611,11 @@ def install_receive_hook(
     decryptor: FrameDecryptor | None,
     stats: ReceiveStats,
     on_encoded: Callable[[EncodedFrame], None] | None = None,
+    decode: bool = True,
 ) -> None:
     """Bind ``receiver``'s decode path to one participant's decryptor and counters;
-    ``on_encoded`` gets every clear encoded frame before it is decoded.
+    ``on_encoded`` gets every clear encoded frame before it is decoded; ``decode=False``:
+    frames are received, decrypted and counted, not decoded (:meth:`_DecryptingQueue.set_decoding`).
 
     Must run before aiortc starts the receiver (i.e. before the transport connects).
     """
@@ -596,10 +628,28 @@ def install_receive_hook(
         raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
     kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
     hook = _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded)
+    if not decode:
+        hook.set_decoding(False)
     setattr(receiver, "_RTCRtpReceiver__decoder_queue", hook)  # noqa: B010
     jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    if kind != "video" or jitter is None:
+        return
+    if not _AIORTC_JITTER:
+        codecs: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__codecs")  # noqa: B009
+        mapper = TimestampMapper()
+
+        def deliver(frame: AssembledFrame, packet: Any) -> None:
+            codec = codecs.get(packet.payload_type)
+            if codec is not None:
+                frame.timestamp = mapper.map(frame.timestamp)
+                hook.put((codec, frame))
+
+        assembler = FrameAssembler(deliver, on_skip=hook.gap)
+        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", assembler)  # noqa: B010
+        hook.assembler = assembler
+        return
     add = getattr(jitter, "add", None)
-    if kind == "video" and add is not None:
+    if add is not None:
         # aiortc's jitter buffer reports a sequence gap it gave up on (lost packets, no
         # retransmission in time) as its PLI flag: frames went missing before our queue.
         def add_noting_gaps(packet: Any) -> Any:

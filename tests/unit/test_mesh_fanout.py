@@ -24,12 +24,14 @@ from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.fanout import (
     MAX_VIDEO_BITRATE,
     MIN_VIDEO_BITRATE,
+    REOPEN_MIN_INTERVAL_S,
     FanOutTrack,
     SharedEncoder,
     adopt_sender,
     install_receive_hook,
 )
 from matrixrtc.mesh.ice import IceServerConfig, rtc_configuration
+from matrixrtc.mesh.jitter import FrameAssembler
 from matrixrtc.mesh.transform import CryptorTransform, vp8_is_keyframe
 
 VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
@@ -338,7 +340,7 @@ async def test_frames_under_a_key_the_peer_was_not_sent_are_held_back() -> None:
 
 async def test_the_encoded_copy_restarts_at_a_key_frame_after_a_gap() -> None:
     """Handed-on VP8 starts at a key frame and, after a gap (a decrypt failure, a sequence
-    gap aiortc's jitter buffer gave up on), resumes only at the next one, asking for it by
+    gap the frame assembler gave up on), resumes only at the next one, asking for it by
     PLI; decoded frames are unaffected."""
     encoder = av.CodecContext.create("libvpx", "w")
     encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
@@ -380,16 +382,46 @@ async def test_the_encoded_copy_restarts_at_a_key_frame_after_a_gap() -> None:
         put(encoded[5], 5)  # the key frame: the copy resumes
         put(encoded[6], 6)
         assert copied == encoded[:2] + encoded[5:7]
-        # aiortc's jitter buffer gives up on lost packets (its PLI flag): a gap too.
+        # Our frame assembler (in place of aiortc's jitter buffer) gives up on a lost
+        # packet: a gap too.
         jitter = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
-        assert jitter.add(RtpPacket(payload_type=97, sequence_number=1, timestamp=1)) == (
-            False,
-            None,
-        )
-        pli, _ = jitter.add(RtpPacket(payload_type=97, sequence_number=2000, timestamp=9))
-        assert pli
+        assert isinstance(jitter, FrameAssembler)
+        assert jitter is q.assembler
+        jitter.capacity = 3  # give up at once
+
+        def rtp(seq: int, ts: int, marker: int) -> RtpPacket:
+            p = RtpPacket(payload_type=97, sequence_number=seq, timestamp=ts, marker=marker)
+            p.payload = b"\x10" + encoded[7][::-1]
+            p._data = encoded[7][::-1]  # type: ignore[attr-defined]
+            return p
+
+        assert jitter.add(rtp(1, 1, 0)) == (False, None)  # a frame still arriving
+        jitter.add(rtp(3, 9, 0))  # seq 2 lost
+        jitter.add(rtp(5, 12, 0))  # 3 held: the assembler skips the gap
+        assert jitter.skips == 1
         put(encoded[7], 7)
         assert copied == encoded[:2] + encoded[5:7]
-        assert q.copy_gate.gaps == 2  # the decrypt failure, the jitter buffer's give-up
+        assert q.copy_gate.gaps == 2  # the decrypt failure, the assembler's give-up
     finally:
         await pc.close()
+
+
+def test_a_new_bitrate_reopens_the_encoder_at_most_every_few_seconds() -> None:
+    """Each reopen makes a key frame for every peer: swinging REMB reports under load must
+    not turn into a key frame storm."""
+    encoder = SharedEncoder(SyntheticVideoTrack(64, 48, 15))
+
+    def frame() -> av.VideoFrame:
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts = 0
+        return f
+
+    keys = []
+    for bitrate in (500_000, 300_000, 800_000, 200_000):
+        keys += [k for *_, k in encoder._encode_video(frame(), False, bitrate)]
+    assert encoder.reopens == 1
+    assert keys == [True, False, False, False]
+    encoder._opened_at -= REOPEN_MIN_INTERVAL_S  # time passes
+    keys = [k for *_, k in encoder._encode_video(frame(), False, 200_000)]
+    assert encoder.reopens == 2
+    assert keys == [True]
