@@ -93,6 +93,8 @@ def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str,
         "decrypt_failures": w.get("decrypt_failures"),
         "window_s": w.get("seconds"),
         "all_pairs_received": w.get("all_pairs_received"),
+        # pairs whose video the receiver decoded; the others were received, decrypted, counted
+        "decoded_pairs": sum(1 for p in w["pairs"] if p.get("decoded", True)),
     }
     if server_cpu is not None:
         cell["server_cpu_percent"] = server_cpu
@@ -123,6 +125,7 @@ async def _measure(
         settle_s=args.settle,
         simulcast=transport == "sfu" and args.simulcast,
         low_layer_above=args.low_layer_above if transport == "sfu" and args.simulcast else None,
+        decode_video=args.mesh_decode_video if transport == "mesh" else None,
     )
 
     def progress(line: str) -> None:
@@ -141,6 +144,8 @@ async def _measure(
     if transport == "sfu" and cpu0 is not None and cpu1 is not None:
         server = round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1)  # whole cell, not window
     cell = _cell(n, report, server)
+    if transport == "mesh":
+        cell["decode_video"] = args.mesh_decode_video  # videos each participant decoded
     print(
         f"  {transport} n={n}: min fps ratio {cell['min_fps_ratio']:.2f}, "
         f"cpu {cell['cpu_percent_per_participant']} %/participant, "
@@ -300,8 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         "--go-anchor", action=argparse.BooleanOptionalAction, default=GOANCHOR.exists(),
         help="after each SFU cell, the Go SDK anchor at the same N (make goanchor builds it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mesh-decode-video", type=int, default=1, metavar="K",
+        help="mesh cells: each participant decodes K peers' video (a spotlight tile) and "
+        "receives, decrypts and counts the others' (default 1; -1: all)",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     args = parser.parse_args(argv)
+    if args.mesh_decode_video < 0:
+        args.mesh_decode_video = None
     result = run_bench(run, args)
     if result is None:
         return 0

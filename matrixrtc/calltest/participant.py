@@ -81,6 +81,7 @@ class ParticipantConfig:
     mesh_max: int = 4
     simulcast: bool = False  # on the SFU: publish layers
     low_layer_above: int | None = None  # on the SFU: the low layer past this many videos
+    decode_video: int | None = None  # mesh: decode the video of this many peers (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -144,6 +145,15 @@ class _Probe:
         self.keys_used: list[int] = []
         self._left_at: float | None = None
         self._prev_bytes: dict[str, tuple[float, int, int]] = {}
+        self.loop_lag_ms = 0.0  # the worst event-loop lag since the last report
+
+    async def watch_loop(self) -> None:
+        """Measures how late a 50 ms sleep wakes up: the event loop's backlog."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.05)
+            self.loop_lag_ms = max(self.loop_lag_ms, (loop.time() - t - 0.05) * 1000)
 
     def on_change(self, change: ParticipantsChanged) -> None:
         if change.left and self._left_at is None:
@@ -164,6 +174,7 @@ class _Probe:
         mesh = media if isinstance(media, MatrixMesh) else _mesh_of(media)
         now = time.monotonic()
         cpu = time.process_time()
+        lag, self.loop_lag_ms = self.loop_lag_ms, 0.0
         c0, w0 = self.last_cpu
         if now > w0:
             self.cpu_percent = round((cpu - c0) / (now - w0) * 100, 1)
@@ -201,10 +212,19 @@ class _Probe:
                         "call_id": link.call_id,
                         "connected_at_ms": _wall_ms(link.connected_at),
                         "created_at_ms": _wall_ms(link.created_at),
-                        "fps_in": video.fps(now) if video is not None else 0.0,
+                        "fps_in": (
+                            0.0
+                            if video is None
+                            else video.fps(now)
+                            if video.decoding
+                            else video.received_fps(now)
+                        ),
+                        "video_decoded": video.decoding if video is not None else True,
                         "kbps_in": round(kbps_in, 1),
                         "kbps_out": round(kbps_out, 1),
                         "frames_decoded": video.frames_decoded if video is not None else 0,
+                        # received and decrypted (decoded or not)
+                        "frames_received": video.encoded_frames if video is not None else 0,
                         "audio_frames_decoded": audio.frames_decoded if audio is not None else 0,
                         "first_frame_at_ms": _wall_ms(video.first_frame_at) if video else None,
                         "decrypt_failures": sum(s.decrypt_failures for s in link.stats.values()),
@@ -235,8 +255,27 @@ class _Probe:
             "key_rotation_ms": list(self.rotations_ms),
             "key_delivery_ms": list(self.key_delivery_ms[-20:]),
             "signalling_dropped": mesh.dropped_signalling if mesh is not None else 0,
+            "loop_lag_ms": round(lag, 1),
+            "encoders": _encoder_counters(engine),
             "peers": peers,
         }
+
+
+def _encoder_counters(engine: Any) -> dict[str, dict[str, int]]:
+    """Send-side counters of the mesh's shared encoders (what a feedback storm shows in)."""
+    out: dict[str, dict[str, int]] = {}
+    for kind, enc in engine.encoders.items() if engine is not None else ():
+        out[kind] = {
+            "frames_in": enc.frames_in,
+            "frames_encoded": enc.frames_encoded,
+            "keyframes": enc.keyframes,
+            "keyframe_requests": enc.keyframe_requests_from_peers,
+            "reopens": enc.reopens,
+            "target_bitrate": enc.target_bitrate,
+            "overflows": sum(t.overflows for t in enc.subscribers),
+            "held": sum(t.held for t in enc.subscribers),
+        }
+    return out
 
 
 def _mesh_of(switcher: MediaSwitcher) -> MatrixMesh | None:
@@ -374,6 +413,7 @@ async def run_participant(cfg: ParticipantConfig) -> int:
             host_addresses=cfg.host_addresses,
             remote_networks=cfg.remote_networks,
             relay_only=cfg.relay_only,
+            decode_video=cfg.decode_video,
         ),
         turn_from_homeserver=cfg.turn_from_homeserver,
     )
@@ -436,6 +476,7 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                 # participant with that error instead of a final report (never swallowed).
                 pumps = OwnedTasks(f"calltest {cfg.name}", log, event_prefix="calltest")
                 pumps.spawn(_pump_changes(stack.enter_context(agent.changes()), probe), "changes")
+                pumps.spawn(probe.watch_loop(), "loop-lag")
                 if keys is not None:
                     pumps.spawn(_pump_keys(stack.enter_context(keys.events()), probe), "keys")
                     if cfg.plaintext_keys:

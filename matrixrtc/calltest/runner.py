@@ -72,6 +72,7 @@ class CallTestConfig:
     simulcast: bool = False  # SFU: publish simulcast layers
     html: Path | None = None  # write the timeline page (matrixrtc.calltest.html) here
     low_layer_above: int | None = None  # SFU: receivers take the low layer past this many
+    decode_video: int | None = None  # mesh: decode the video of this many peers (None: all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +337,13 @@ def build_report(
             peers.append(
                 {
                     "id": names.get(peer["id"], peer["id"]),
-                    "fps_in": round(_rate(peer["frames_decoded"], f_at, end), 1),
+                    "fps_in": round(
+                        _rate(
+                            _frames(peer), f_at if peer.get("video_decoded", True) else c_at, end
+                        ),
+                        1,
+                    ),
+                    "video_decoded": bool(peer.get("video_decoded", True)),
                     # None: the transport does not say (LiveKit's SDK counts no bytes).
                     "kbps_in": _kbps(peer.get("bytes_in", 0), c_at, end),
                     "kbps_out": _kbps(peer.get("bytes_out", 0), c_at, end),
@@ -390,11 +397,19 @@ def _senders(procs: Sequence[ParticipantProcess]) -> dict[str, str]:
     }
 
 
+def _frames(peer: Mapping[str, Any]) -> int:
+    """A pair's video frames: decoded ones, or received and decrypted ones where the receiver
+    does not decode that peer's video (``--decode-video``)."""
+    if peer.get("video_decoded", True):
+        return int(peer.get("frames_decoded", 0))
+    return int(peer.get("frames_received", 0))
+
+
 def _all_receiving_at(p: ParticipantProcess, senders: Mapping[str, str]) -> int | None:
     """Wall ms of ``p``'s first report with a frame from every other publisher."""
     expected = {pid for pid in senders if pid != p.peer_id}
     for sample in p.stats:
-        got = {x["id"] for x in sample["peers"] if x.get("frames_decoded", 0) > 0}
+        got = {x["id"] for x in sample["peers"] if _frames(x) > 0}
         if expected <= got:
             return int(sample["t_ms"])
     return None
@@ -440,9 +455,9 @@ def measurement_window(
                 "receive_only": bool(b.get("receive_only", False)),
             }
         )
-        frames_a = {x["id"]: int(x.get("frames_decoded", 0)) for x in a["peers"]}
+        frames_a = {x["id"]: _frames(x) for x in a["peers"]}
         fails_a = {x["id"]: int(x.get("decrypt_failures", 0)) for x in a["peers"]}
-        frames_b = {x["id"]: (int(x.get("frames_decoded", 0)), x) for x in b["peers"]}
+        frames_b = {x["id"]: (_frames(x), x) for x in b["peers"]}
         for pid, sender in senders.items():
             if pid == p.peer_id:
                 continue
@@ -459,6 +474,7 @@ def measurement_window(
                         0, int(peer.get("decrypt_failures", 0)) - fails_a.get(pid, 0)
                     ),
                     "transport": peer.get("transport", "mesh"),
+                    "decoded": bool(peer.get("video_decoded", True)),
                     **({"layer": peer["layer"]} if peer.get("layer") else {}),
                     **({"video_size": peer["video_size"]} if peer.get("video_size") else {}),
                 }
@@ -677,6 +693,7 @@ async def run_call_test(
             mesh_max=cfg.mesh_max,
             simulcast=cfg.simulcast,
             low_layer_above=cfg.low_layer_above,
+            decode_video=cfg.decode_video,
         )
         viewers = range(cfg.participants - cfg.receive_only, cfg.participants)
         configs = [

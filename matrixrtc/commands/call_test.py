@@ -61,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "as a viewer or recorder does (default 0)",
     )
     parser.add_argument(
+        "--decode-video",
+        type=int,
+        default=None,
+        metavar="K",
+        help="mesh: each participant decodes the video of K peers (the first to connect), as a "
+        "client rendering K tiles; the others are received, decrypted and counted, not decoded "
+        "(default: all)",
+    )
+    parser.add_argument(
         "--simulcast",
         action="store_true",
         help="on the SFU, publish simulcast layers (as Element Call does)",
@@ -135,6 +144,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         sfu_url=args.sfu_url,
         join_interval_s=args.join_interval,
         receive_only=args.receive_only,
+        decode_video=args.decode_video,
         simulcast=args.simulcast,
         low_layer_above=args.low_layer_above,
         html=args.html,

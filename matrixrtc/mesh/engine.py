@@ -74,6 +74,10 @@ class MeshConfig:
     remote_networks: tuple[str, ...] | None = None
     signalling: SignallingConfig = field(default_factory=SignallingConfig)
     send_queue_frames: int = 8
+    # Decode the video of at most this many peers (the first to connect), as a client that
+    # renders only that many tiles or a recorder of one; every other peer's video is still
+    # received, decrypted and counted (ReceiveStats.encoded_frames), not decoded. None: all.
+    decode_video: int | None = None
     # False: aiortc's own path, one encoder per peer fed through MediaRelay (no frame E2EE).
     # Only for comparison (bench/mesh.py).
     encode_once: bool = True
@@ -407,8 +411,21 @@ class MeshEngine:
                 decryptor=decryptor,
                 stats=stats,
                 on_encoded=self._encoded_hook(link.peer),
+                decode=transceiver.kind != "video" or self._may_decode_video(link),
             )
             link.hooked.add(id(receiver))
+
+    def _may_decode_video(self, link: PeerLink) -> bool:
+        """Whether ``link``'s video is decoded, under ``MeshConfig.decode_video``."""
+        limit = self.config.decode_video
+        if limit is None:
+            return True
+        decoding = sum(
+            1
+            for other in self.links.values()
+            if other is not link and "video" in other.stats and other.stats["video"].decoding
+        )
+        return decoding < limit
 
     async def _set_local(self, link: PeerLink, description: RTCSessionDescription) -> str:
         if self.config.host_addresses is not None:

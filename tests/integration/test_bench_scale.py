@@ -47,5 +47,9 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
         assert 50 < cell["memory_mb_per_participant"] < 1000
     assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
     assert "server_cpu_percent" not in mesh
+    # --mesh-decode-video 1 (the default): each of the 3 receivers decoded one peer's video;
+    # the other pair still counted (received and decrypted) at the ratio above.
+    assert mesh["decode_video"] == 1
+    assert mesh["decoded_pairs"] == 3
     assert result["sfu_max_n"] == (3 if sfu["min_fps_ratio"] >= 0.9 else None)
     assert result["switch_gap_ms"] is None  # --no-switch

@@ -194,3 +194,32 @@ def test_mesh_session_id_changes_with_a_rejoin_only() -> None:
     assert mesh_session_id(_member("@u:hs:D", 1000)) == first  # a refresh keeps created_ts
     assert mesh_session_id(_member("@u:hs:D", 2000)) != first  # a rejoin is a new session
     assert mesh_session_id(_member("other", 1000)) != first
+
+
+def test_a_pair_not_decoded_counts_its_received_frames() -> None:
+    """--decode-video: a receiver that does not decode a peer's video is judged on the frames
+    it received and decrypted from that peer; a decoded pair still on decoded frames."""
+    a = _Proc("a", "DA", {})
+    b = _Proc("b", "DB", {})
+    c = _Proc("c", "DC", {})
+    a.final = b.final = c.final = None
+    for t in range(1_000, 9_000, 1_000):
+        k = (t - 1_000) // 1_000
+        for p, others in ((a, "bc"), (b, "ac"), (c, "ab")):
+            s = _sample(t, 0.1 * k, {f"@{o}:hs|D{o.upper()}": 15 * k for o in others})
+            # the second peer is received (15 fps) but not decoded (no decoded frame)
+            second = s["peers"][1]
+            second.update(frames_decoded=0, frames_received=15 * k, video_decoded=False)
+            if p is c:
+                second["frames_received"] = 5 * k  # c gets b's frames at 5 fps only
+            p.stats.append(s)
+    w = build_report([a, b, c], CallTestConfig(participants=3, settle_s=1.0), end_ms=8_000)[
+        "window"
+    ]
+    assert w["all_pairs_received"] is True
+    pairs = {(x["receiver"], x["sender"]): x for x in w["pairs"]}
+    assert pairs[("a", "b")]["decoded"] is True
+    assert pairs[("a", "c")]["decoded"] is False
+    assert pairs[("a", "c")]["fps_ratio"] == 1.0
+    assert pairs[("c", "b")]["decoded"] is False
+    assert w["min_fps_ratio"] == pairs[("c", "b")]["fps_ratio"] < 0.4
