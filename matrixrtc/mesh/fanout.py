@@ -605,6 +605,29 @@ class _DecryptingQueue(queue.Queue[Any]):
             log.warning("mesh.encoded_tap_error", kind=self._kind, error=repr(exc))
 
 
+class _VideoReassembly:
+    """What a mesh video receiver's ``__jitter_buffer`` becomes: VP8 packets go through the
+    :class:`FrameAssembler` (which knows VP8's payload descriptor), any other codec a peer
+    negotiated through aiortc's own buffer as before (its gaps still reported)."""
+
+    def __init__(
+        self, assembler: FrameAssembler, fallback: Any, codecs: dict[int, Any], on_gap: Any
+    ) -> None:
+        self._assembler = assembler
+        self._fallback = fallback
+        self._codecs = codecs
+        self._on_gap = on_gap
+
+    def add(self, packet: Any) -> tuple[bool, Any]:
+        codec = self._codecs.get(packet.payload_type)
+        if codec is not None and str(codec.name).lower() == "vp8":
+            return self._assembler.add(packet)
+        pli, frame = self._fallback.add(packet)
+        if pli:
+            self._on_gap()
+        return pli, frame
+
+
 def install_receive_hook(
     receiver: RTCRtpReceiver,
     *,
@@ -645,7 +668,8 @@ def install_receive_hook(
                 hook.put((codec, frame))
 
         assembler = FrameAssembler(deliver, on_skip=hook.gap)
-        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", assembler)  # noqa: B010
+        route = _VideoReassembly(assembler, jitter, codecs, hook.gap)
+        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", route)  # noqa: B010
         hook.assembler = assembler
         return
     add = getattr(jitter, "add", None)

@@ -18,7 +18,13 @@ counted 114 key frames in 40 s), which cost CPU everywhere and pushed other pair
   then, or when ``capacity`` packets are held, the assembler skips to the next key frame it
   holds, or drops what it holds and waits for one, asking for it with one PLI (repeated every
   ``pli_interval_s`` while none arrives, never once per packet);
-- after any skip, delta frames are dropped until a key frame (they would not decode).
+- after any skip, delta frames are dropped until a key frame (they would not decode);
+- what a sender may put between frames is passed over: a packet without payload (padding on
+  the media SSRC, which a sender without RTX uses for bandwidth probes) costs nothing, and a
+  malformed frame boundary (a new timestamp on a packet that does not start a frame) drops that
+  frame and waits for a key frame instead of blocking until ``capacity``;
+- a packet far behind what was handed on (more than ``capacity``: a sender whose sequence
+  numbers restarted, not a late retransmission) starts the assembler over at the next key frame.
 
 Frame starts come from the VP8 payload descriptor (RFC 7741: S bit set, partition index 0);
 key frames from the frame tag, which LiveKit's frame-E2EE format keeps in clear.
@@ -37,6 +43,7 @@ __all__ = ["AssembledFrame", "FrameAssembler", "vp8_starts_frame"]
 GIVE_UP_S: Final = 0.3
 PLI_INTERVAL_S: Final = 0.5
 CAPACITY: Final = 512
+_MALFORMED: Final = -1  # _frame_end: no frame ends here, and none will
 
 
 def vp8_starts_frame(payload: bytes) -> bool:
@@ -103,7 +110,17 @@ class FrameAssembler:
         else:
             delta = (seq - self._next) & 0xFFFF
             if delta >= 0x8000:
-                return False, None  # older than what was handed on: late or duplicate
+                if 0x10000 - delta <= self.capacity:
+                    return False, None  # older than what was handed on: late or duplicate
+                # Far behind: the sender's sequence numbers restarted. Start over.
+                self._packets.clear()
+                self._next = None
+                self._gap_since = None
+                self._need_key = self._lost = True
+                self.skips += 1
+                if self._on_skip is not None:
+                    self._on_skip()
+                return self.add(packet)
             ext = self._next + delta
         self._packets.setdefault(ext, packet)
         self._drain(now)
@@ -130,6 +147,10 @@ class FrameAssembler:
         assert self._next is not None
         while self._packets:
             first = self._packets.get(self._next)
+            if first is not None and not first.payload:
+                del self._packets[self._next]  # padding between frames: nothing lost
+                self._next += 1
+                continue
             if first is not None and not vp8_starts_frame(first.payload):
                 # The middle of a frame whose start was skipped or lost: unusable.
                 del self._packets[self._next]
@@ -137,6 +158,16 @@ class FrameAssembler:
                 self._need_key = self._lost = True
                 continue
             end = None if first is None else self._frame_end(self._next, first.timestamp)
+            if first is not None and end == _MALFORMED:
+                # A new timestamp on a packet that does not start a frame: this frame's end
+                # is unknowable. Drop it (the next packet is dropped as a frame's middle).
+                s = self._next
+                while s in self._packets and self._packets[s].timestamp == first.timestamp:
+                    del self._packets[s]
+                    s += 1
+                self._next = s
+                self._need_key = self._lost = True
+                continue
             if first is None or end is None:
                 # Blocked: a missing packet (a gap, if anything later is held) or a frame
                 # still arriving.
@@ -165,7 +196,8 @@ class FrameAssembler:
         return max(self._packets) > s
 
     def _frame_end(self, start: int, timestamp: int) -> int | None:
-        """The last sequence number of the frame starting at ``start``, if it is complete."""
+        """The last sequence number of the frame starting at ``start``, if it is complete
+        (``_MALFORMED``: the next timestamp began without a frame start)."""
         s = start
         while True:
             p = self._packets.get(s)
@@ -174,7 +206,7 @@ class FrameAssembler:
             if p.timestamp != timestamp:
                 # The next frame began (a lost marker packet cannot hide here: the sequence
                 # is contiguous) and it begins properly: this one is whole.
-                return s - 1 if vp8_starts_frame(p.payload) else None
+                return s - 1 if vp8_starts_frame(p.payload) else _MALFORMED
             if p.marker:
                 return s
             s += 1

@@ -384,10 +384,13 @@ async def test_the_encoded_copy_restarts_at_a_key_frame_after_a_gap() -> None:
         assert copied == encoded[:2] + encoded[5:7]
         # Our frame assembler (in place of aiortc's jitter buffer) gives up on a lost
         # packet: a gap too.
-        jitter = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        jitter = q.assembler
         assert isinstance(jitter, FrameAssembler)
-        assert jitter is q.assembler
         jitter.capacity = 3  # give up at once
+        # aiortc calls it through its jitter-buffer slot, which routes VP8 to it.
+        route = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        codecs = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codecs[97] = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=97)
 
         def rtp(seq: int, ts: int, marker: int) -> RtpPacket:
             p = RtpPacket(payload_type=97, sequence_number=seq, timestamp=ts, marker=marker)
@@ -395,13 +398,36 @@ async def test_the_encoded_copy_restarts_at_a_key_frame_after_a_gap() -> None:
             p._data = encoded[7][::-1]  # type: ignore[attr-defined]
             return p
 
-        assert jitter.add(rtp(1, 1, 0)) == (False, None)  # a frame still arriving
-        jitter.add(rtp(3, 9, 0))  # seq 2 lost
-        jitter.add(rtp(5, 12, 0))  # 3 held: the assembler skips the gap
+        assert route.add(rtp(1, 1, 0)) == (False, None)  # a frame still arriving
+        route.add(rtp(3, 9, 0))  # seq 2 lost
+        route.add(rtp(5, 12, 0))  # 3 held: the assembler skips the gap
         assert jitter.skips == 1
         put(encoded[7], 7)
         assert copied == encoded[:2] + encoded[5:7]
         assert q.copy_gate.gaps == 2  # the decrypt failure, the assembler's give-up
+    finally:
+        await pc.close()
+
+
+async def test_a_peer_sending_another_codec_than_vp8_keeps_aiortcs_jitter_buffer() -> None:
+    """The frame assembler reads VP8's payload descriptor: a peer that negotiated H264 is
+    reassembled by aiortc's own buffer (frames by timestamp), not dropped as malformed VP8."""
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        receiver = pc.addTransceiver("video").receiver
+        install_receive_hook(receiver, decryptor=None, stats=ReceiveStats(kind="video"))
+        q: Any = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        route = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        codecs = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codecs[102] = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102)
+        frames = []
+        for seq, ts in enumerate((10, 10, 20, 30)):
+            p = RtpPacket(payload_type=102, sequence_number=seq, timestamp=ts)
+            p.payload = p._data = b"\x05nal"  # type: ignore[attr-defined]
+            frames.append(route.add(p)[1])
+        # aiortc's buffer: a frame is out when the next timestamp begins.
+        assert [f.timestamp if f else None for f in frames] == [None, None, 10, 20]
+        assert q.assembler.frames == 0
     finally:
         await pc.close()
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
+from hypothesis import given
+from hypothesis import strategies as st
 
 from matrixrtc.mesh.jitter import AssembledFrame, FrameAssembler, vp8_starts_frame
 
@@ -195,3 +197,179 @@ def test_frame_starts_come_from_the_vp8_payload_descriptor() -> None:
     assert not vp8_starts_frame(b"\x00\x00")  # a continuation
     assert not vp8_starts_frame(b"\x11\x00")  # the start of partition 1, not of the frame
     assert not vp8_starts_frame(b"")
+
+
+# --- properties (hypothesis): any reordering, loss and malformed input ----------------------
+
+_GIVE_UP = 0.3
+_PLI_EVERY = 0.5
+
+
+def _sent(start_seq: int, kinds: str, parts: list[int]) -> list[list[RtpPacket]]:
+    """Frames of ``kinds`` with the given packet counts from ``start_seq`` (wrapping)."""
+    frames, seq = [], start_seq
+    for i, k in enumerate(kinds):
+        body = (KEY if k == "K" else DELTA) + i.to_bytes(2, "big") + b"x" * parts[i]
+        frames.append(_packets(seq, 1000 + 3000 * i, body, parts[i]))
+        seq += parts[i]
+    return frames
+
+
+@st.composite
+def _streams(draw: st.DrawFn, max_frames: int = 30) -> tuple[str, list[list[RtpPacket]]]:
+    n = draw(st.integers(1, max_frames))
+    kinds = "K" + "".join(draw(st.lists(st.sampled_from("KDDDD"), min_size=n - 1, max_size=n - 1)))
+    parts = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    start = draw(st.integers(0, 0xFFFF))  # sequence numbers wrap anywhere
+    return kinds, _sent(start, kinds, parts)
+
+
+def _displaced(data: st.DataObject, packets: list[RtpPacket], most: int) -> list[RtpPacket]:
+    """``packets`` reordered: each moved by up to ``most`` places (network reordering)."""
+    draw = data.draw
+    keys = [i + draw(st.integers(0, most)) + 0.5 * draw(st.booleans()) for i in range(len(packets))]
+    return [p for _, p in sorted(zip(keys, packets, strict=True), key=lambda kp: kp[0])]
+
+
+def _frame_of(frames: list[list[RtpPacket]]) -> dict[int, int]:
+    return {int(f[0].timestamp): i for i, f in enumerate(frames)}
+
+
+@given(stream=_streams(), data=st.data())
+def test_property_reordering_without_loss_hands_on_every_frame_once_in_order(
+    stream: tuple[str, list[list[RtpPacket]]], data: st.DataObject
+) -> None:
+    _, frames = stream
+    most = data.draw(st.integers(0, 6))
+    packets = _displaced(data, [p for f in frames for p in f], most=most)
+    # The stream's first packet leads (the assembler starts at the first frame start it sees).
+    packets.remove(frames[0][0])
+    packets.insert(0, frames[0][0])
+    asm, got, _ = _rig()
+    for p in packets:
+        assert asm.add(p) == (False, None)
+    assert [f.data for f in got] == [b"".join(p._data for p in f) for f in frames]  # type: ignore[attr-defined]
+    assert asm.skips == asm.plis == asm.dropped_frames == 0
+
+
+@given(stream=_streams(), data=st.data())
+def test_property_loss_never_hands_on_a_broken_or_undecodable_frame_and_recovers(
+    stream: tuple[str, list[list[RtpPacket]]], data: st.DataObject
+) -> None:
+    """Whatever is lost and however late packets come: every frame handed on is whole, in
+    order, and decodable (a key frame, or the frame right after the previous one handed on);
+    PLIs come at most once per interval; and a clean stream afterwards is handed on again."""
+    kinds, frames = stream
+    tail_kinds = "K" + "D" * 10 + "K" + "D" * 10
+    last = frames[-1][-1]
+    tail = _sent(0, tail_kinds, [2] * len(tail_kinds))
+    offset = len(kinds)
+    for i, tf in enumerate(tail):  # continue the sequence numbers and timestamps
+        for j, p in enumerate(tf):
+            p.sequence_number = (last.sequence_number + 1 + 2 * i + j) & 0xFFFF
+            p.timestamp = 1000 + 3000 * (offset + i)
+    packets = [p for f in frames for p in f]
+    lost = data.draw(st.sets(st.integers(0, len(packets) - 1), max_size=len(packets)))
+    kept = [p for i, p in enumerate(packets) if i not in lost]
+    arriving = _displaced(data, kept, most=data.draw(st.integers(0, 4)))
+    asm, got, clock = _rig(give_up_s=_GIVE_UP, pli_interval_s=_PLI_EVERY)
+    start = clock.now
+    plis = 0
+    for p in arriving:
+        plis += asm.add(p)[0]
+        clock.now += data.draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
+    for tf in tail:  # 15 frames a second, no loss
+        for p in tf:
+            plis += asm.add(p)[0]
+        clock.now += 1 / 15
+    sent = frames + tail
+    whole = {int(sf[0].timestamp): b"".join(p._data for p in sf) for sf in sent}  # type: ignore[attr-defined]
+    index = _frame_of(sent)
+    order = [index[f.timestamp] for f in got]
+    assert order == sorted(set(order))  # in order, none twice
+    for k, f in enumerate(got):
+        assert f.data == whole[f.timestamp]  # whole
+        i = index[f.timestamp]
+        assert f.keyframe == ((kinds + tail_kinds)[i] == "K")
+        assert f.keyframe or (k > 0 and order[k - 1] == i - 1)  # decodable
+    assert plis == asm.plis <= 1 + (clock.now - start) / _PLI_EVERY
+    # Recovered: the tail's second half (after its second key frame) is all handed on.
+    assert order[-11:] == list(range(len(sent) - 11, len(sent)))
+
+
+_descriptor = st.one_of(
+    st.binary(max_size=6),  # anything, including empty (padding) and truncated descriptors
+    st.sampled_from([b"\x10", b"\x00", b"\x90\x80", b"\x90\x80\x80\x01", b"\x11", b"\x1f"]).flatmap(
+        lambda d: st.binary(max_size=4).map(lambda rest: d + rest)
+    ),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 0xFFFF),  # sequence number
+            st.integers(0, 8),  # timestamp (few values: collisions on purpose)
+            st.booleans(),  # marker
+            _descriptor,
+            st.sampled_from([0.0, 0.01, 0.4]),
+        ),
+        max_size=120,
+    )
+)
+def test_property_malformed_packets_never_raise_stall_or_flood(
+    rows: list[tuple[int, int, bool, bytes, float]],
+) -> None:
+    """Random sequence numbers, timestamps, markers and VP8 payload descriptors (truncated,
+    empty, wrong partition): no exception, nothing held past capacity, a PLI at most per
+    interval, and only frames that begin with a frame start are handed on."""
+    asm, got, clock = _rig(capacity=32, give_up_s=_GIVE_UP, pli_interval_s=_PLI_EVERY)
+    start = clock.now
+    starts: set[int] = set()
+    plis = 0
+    for seq, ts, marker, payload, dt in rows:
+        p = RtpPacket(payload_type=97, sequence_number=seq, timestamp=ts, marker=int(marker))
+        p.payload = payload
+        p._data = payload[1:]  # type: ignore[attr-defined]
+        if vp8_starts_frame(payload):
+            starts.add(ts)
+        plis += asm.add(p)[0]
+        assert len(asm._packets) <= asm.capacity
+        clock.now += dt
+    assert all(f.timestamp in starts for f in got)
+    assert plis <= 1 + (clock.now - start) / _PLI_EVERY
+
+
+def test_padding_between_frames_costs_nothing() -> None:
+    """A sender without RTX probes bandwidth with payload-less packets on the media SSRC
+    (Chromium does): they are passed over, not taken for the middle of a lost frame."""
+    asm, got, _ = _rig()
+    seq = 1
+    for i, k in enumerate("KDDD"):
+        for p in _packets(seq, 1000 + 3000 * i, (KEY if k == "K" else DELTA) + bytes([i])):
+            asm.add(p)
+        seq += 2
+        pad = RtpPacket(payload_type=97, sequence_number=seq, timestamp=1000 + 3000 * i)
+        pad._data = b""  # type: ignore[attr-defined]
+        assert asm.add(pad) == (False, None)
+        seq += 1
+    assert [f.timestamp for f in got] == [1000, 4000, 7000, 10000]
+    assert asm.skips == asm.plis == asm.dropped_frames == 0
+
+
+def test_a_sender_whose_sequence_numbers_restart_is_followed_after_its_next_key_frame() -> None:
+    """Far behind what was handed on is not a late packet: the assembler starts over at once
+    (a restart ahead is a gap, given up after the wait)."""
+    asm, got, clock = _rig()
+    for f in _stream(40000, "KD"):
+        for p in f:
+            asm.add(p)
+    for restart, ts in ((30000, 90000), (50000, 180000)):  # behind, then ahead
+        for f in _sent(restart, "DKD", [2, 2, 2]):  # a delta first, then a key frame
+            clock.now += 0.2
+            for p in f:
+                p.timestamp += ts
+                asm.add(p)
+    # behind: at once, from the key frame; ahead: after the 0.3 s wait, from the key frame.
+    assert [f.timestamp for f in got] == [1000, 4000, 94000, 97000, 184000, 187000]
+    assert asm.skips == 2
