@@ -73,6 +73,11 @@ class CallTestConfig:
     html: Path | None = None  # write the timeline page (matrixrtc.calltest.html) here
     low_layer_above: int | None = None  # SFU: receivers take the low layer past this many
     decode_video: int | None = None  # mesh: decode the video of this many peers (None: all)
+    # Run until the measurement window (settle_s after every pair has a frame) has lasted this
+    # long, however long the call took to form; duration_s then only bounds the wait for every
+    # pair (a call that never forms ends duration_s after the last join). None: duration_s
+    # after the last join, whatever part of it the start-up took.
+    window_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +420,16 @@ def _all_receiving_at(p: ParticipantProcess, senders: Mapping[str, str]) -> int 
     return None
 
 
+def window_opens_ms(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> int | None:
+    """Wall ms at which :func:`measurement_window`'s window opens: ``cfg.settle_s`` after every
+    participant has a frame from every publisher (None: some pair has none yet)."""
+    senders = _senders(procs)
+    starts = [_all_receiving_at(p, senders) for p in procs]
+    if not procs or any(s is None for s in starts):
+        return None
+    return max(s for s in starts if s is not None) + round(cfg.settle_s * 1000)
+
+
 def measurement_window(
     procs: Sequence[ParticipantProcess], cfg: CallTestConfig, end_ms: int | None = None
 ) -> dict[str, Any]:
@@ -426,9 +441,9 @@ def measurement_window(
     senders = _senders(procs)
     if not procs or not all(p.stats for p in procs):
         return {"min_fps_ratio": 0.0, "pairs": [], "error": "a participant sent no report"}
-    starts = [_all_receiving_at(p, senders) for p in procs]
-    if all(s is not None for s in starts):
-        start = max(s for s in starts if s is not None) + round(cfg.settle_s * 1000)
+    opens = window_opens_ms(procs, cfg)
+    if opens is not None:
+        start = opens
         complete = True
     else:
         start = max(int(p.stats[0]["joined_at_ms"]) for p in procs) + 5_000
@@ -705,12 +720,20 @@ async def run_call_test(
         )
         await asyncio.gather(*(p.wait_ready() for p in procs))
         t0 = time.monotonic()
-        while (elapsed := time.monotonic() - t0) < cfg.duration_s:
+        deadline = cfg.duration_s
+        opened = False
+        while (elapsed := time.monotonic() - t0) < deadline:
             say(progress_line(procs, elapsed))
             dead = [p.name for p in procs if p.proc.returncode is not None]
             if dead:
                 raise RemoteError(f"participant(s) exited early: {', '.join(dead)}")
-            await asyncio.sleep(min(1.0, cfg.duration_s - elapsed))
+            if cfg.window_s is not None and not opened:
+                opens_ms = window_opens_ms(procs, cfg)
+                if opens_ms is not None:
+                    opened = True
+                    deadline = elapsed + max(0.0, opens_ms / 1000 - time.time()) + cfg.window_s
+                    say(f"every pair receives: measuring {cfg.window_s:.0f} s from here")
+            await asyncio.sleep(max(0.0, min(1.0, deadline - elapsed)))
         end_ms = round(time.time() * 1000)
         await asyncio.gather(*(p.stop() for p in procs))
         report = build_report(procs, cfg, end_ms=end_ms)

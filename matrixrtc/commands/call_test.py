@@ -41,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mesh-max", type=int, default=4, help="largest call kept on mesh by auto (default 4)"
     )
     parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        metavar="S",
+        help="measure S seconds of the formed call: run until S seconds after every pair "
+        "receives (plus the settle); --duration then bounds the wait for that "
+        "(default: --duration seconds after the last join, start-up included)",
+    )
+    parser.add_argument(
         "--join-interval",
         type=float,
         default=0.0,
@@ -143,6 +152,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         mesh_max=args.mesh_max,
         sfu_url=args.sfu_url,
         join_interval_s=args.join_interval,
+        window_s=args.window,
         receive_only=args.receive_only,
         decode_video=args.decode_video,
         simulcast=args.simulcast,

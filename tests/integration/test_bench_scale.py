@@ -51,5 +51,11 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     # the other pair still counted (received and decrypted) at the ratio above.
     assert mesh["decode_video"] == 1
     assert mesh["decoded_pairs"] == 3
+    assert {r: len(senders) for r, senders in mesh["decoded"].items()} == {
+        "p1": 1, "p2": 1, "p3": 1
+    }  # fmt: skip
+    assert "decodes 1 of its 2 peers" in mesh["policy"]
+    # The window opened once every pair received (joins staggered) and lasted --duration.
+    assert 7.5 <= mesh["window_s"] <= 10, mesh
     assert result["sfu_max_n"] == (3 if sfu["min_fps_ratio"] >= 0.9 else None)
     assert result["switch_gap_ms"] is None  # --no-switch

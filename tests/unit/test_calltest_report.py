@@ -13,6 +13,7 @@ from matrixrtc.calltest.runner import (
     ParticipantProcess,
     build_report,
     format_report,
+    window_opens_ms,
 )
 from matrixrtc.mesh.matrix_link import mesh_session_id
 from matrixrtc.model import Dialect
@@ -117,6 +118,13 @@ def test_window_starts_after_every_pair_receives_and_settles() -> None:
                     receive_only=True)
         )  # fmt: skip
     cfg = CallTestConfig(participants=3, duration_s=10, settle_s=2.0)
+    # What a --window run waits for, live: nothing while b has no frame from a yet.
+    full = [p.stats for p in (a, b, v)]
+    for p in (a, b, v):
+        p.stats = p.stats[:4]
+    assert window_opens_ms([a, b, v], cfg) is None
+    a.stats, b.stats, v.stats = full
+    assert window_opens_ms([a, b, v], cfg) == 7_000
     w = build_report([a, b, v], cfg, end_ms=10_000)["window"]
     assert w["all_pairs_received"] is True
     assert w["start_ms"] == 5_000 + 2_000  # b first has a frame in its t=5000 report
