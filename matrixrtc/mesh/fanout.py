@@ -44,7 +44,8 @@ the 8-party mesh; see that module).
 aiortc private internals used here (aiortc 1.16.0 pinned; exercised by
 ``tests/unit/test_mesh_fanout.py`` and the mesh integration tests), ten in all:
 ``RTCRtpReceiver.__decoder_queue`` (replaced), ``__decoder_thread`` (checked not started),
-``__decoder_error`` (set to send a PLI), ``__jitter_buffer`` (replaced for video),
+``__decoder_error`` (set to send a PLI), ``__jitter_buffer`` (replaced for video by a router:
+VP8 to the assembler, another codec to the original),
 ``__codecs`` (read: payload type to codec; new with the frame assembler, which replaced a
 wrapper around the jitter buffer's ``add``), ``__kind`` (read), ``_track._queue`` (decoded
 frames put), and in the ``RTCRtpSender`` subclass ``_send_keyframe``, ``_handle_rtcp_packet``
