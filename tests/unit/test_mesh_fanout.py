@@ -57,7 +57,9 @@ async def test_one_encode_per_frame_whatever_the_number_of_peers(subscribers: in
     await encoder.aclose()
     await asyncio.gather(*readers)
     assert encoder.frames_in >= 12
-    assert encoder.frames_encoded == encoder.frames_in
+    # One encode per frame read; the frame read last may still be in the encode thread when
+    # aclose cancels the loop (a loaded box: 17 of 18).
+    assert encoder.frames_in - 1 <= encoder.frames_encoded <= encoder.frames_in
     # Every peer got the very same packets (objects), starting at a key frame.
     for packets in received:
         assert len(packets) >= encoder.frames_encoded - 1
