@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from matrixrtc.matrix.errors import HomeserverError, LoginError
+from matrixrtc.matrix.errors import HomeserverError, HomeserverUnreachable, LoginError
 from matrixrtc.matrix.state_dir import SavedSession, StateDir
 from matrixrtc.matrix.types import JsonDict, Login
 
@@ -101,6 +101,21 @@ async def _restore(request: Requester, saved: SavedSession) -> SavedSession | No
     return None
 
 
+async def _learn_expiry(request: Requester, restored: SavedSession) -> SavedSession | None:
+    """A restored session that has a refresh token but no known expiry (a file written before
+    the expiry was saved, or one whose time passed on our clock): the token expires, and
+    only a renewal says when. Renew it now, so that it is renewed ahead from the start
+    instead of first being refused. None when the server refuses or does not answer (the
+    token still works; its first refusal renews it)."""
+    if not restored.refresh_token or restored.expires_in_ms is not None:
+        return None
+    try:
+        return await refresh(request, restored)
+    except (HomeserverError, HomeserverUnreachable) as e:
+        log.warning("homeserver.refresh_at_restore_failed", user_id=restored.user_id, error=str(e))
+        return None
+
+
 async def log_in(request: Requester, base_url: str, login: Login, state: StateDir) -> SavedSession:
     """The session to use, saved in ``state`` (see the module docstring)."""
     saved = state.load()
@@ -119,6 +134,9 @@ async def log_in(request: Requester, base_url: str, login: Login, state: StateDi
             restored = await _restore(request, renewed) if renewed is not None else None
             if restored is not None:
                 state.save(restored)
+        elif (renewed := await _learn_expiry(request, restored)) is not None:
+            restored = renewed
+            state.save(restored)
         if restored is not None:
             return restored
     if login.access_token:

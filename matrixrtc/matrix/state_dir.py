@@ -2,7 +2,8 @@
 
 Layout (created with mode 0700; ``session.json`` 0600)::
 
-    DIR/session.json   {"homeserver", "user_id", "device_id", "access_token", "refresh_token"?}
+    DIR/session.json   {"homeserver", "user_id", "device_id", "access_token", "refresh_token"?,
+                        "expires_at_ms"?}
     DIR/crypto/        nio's SQLite crypto store (Olm account, Olm/Megolm sessions)
     DIR/lock           held (flock) while a process uses the directory
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -35,9 +37,10 @@ class SavedSession:
     device_id: str
     access_token: str
     refresh_token: str | None = None  # MSC2918 (spec v1.3), when the server gave one
-    # How long ``access_token`` lives, as the server said when it issued it (``expires_in_ms``
-    # of /login or /refresh); None: no expiry, or not known (a session read from disk).
-    # Not saved: it counts from the moment of issue.
+    # How long ``access_token`` lives from now: as the server said when it issued it
+    # (``expires_in_ms`` of /login or /refresh), or what is left of that for a session read
+    # from disk (saved as the wall-clock time ``expires_at_ms``). None: no expiry, or not
+    # known (a file written before that was saved, or one whose time has passed).
     expires_in_ms: int | None = None
 
     def __repr__(self) -> str:  # the token is a secret: keep it out of logs and tracebacks
@@ -80,8 +83,9 @@ class StateDir:
             self._lock.close()  # closing the file drops the flock
             self._lock = None
 
-    def load(self) -> SavedSession | None:
-        """The saved session, or None when there is none or it is unreadable (logged)."""
+    def load(self, now_ms: int | None = None) -> SavedSession | None:
+        """The saved session, or None when there is none or it is unreadable (logged).
+        ``now_ms``: the wall clock (ms), to tell what is left of the token's life."""
         try:
             raw = json.loads(self.session_file.read_text())
         except FileNotFoundError:
@@ -99,13 +103,20 @@ class StateDir:
             return None
         hs, user, dev, tok = (str(v) for v in values)
         refresh = raw.get("refresh_token")
-        return SavedSession(hs, user, dev, tok, refresh if isinstance(refresh, str) else None)
+        saved = SavedSession(hs, user, dev, tok, refresh if isinstance(refresh, str) else None)
+        expires_at = raw.get("expires_at_ms")
+        if isinstance(expires_at, int) and not isinstance(expires_at, bool):
+            left = expires_at - (_wall_ms() if now_ms is None else now_ms)
+            if left > 0:
+                saved = replace(saved, expires_in_ms=left)
+        return saved
 
-    def save(self, session: SavedSession) -> None:
-        """Write atomically with mode 0600 (the file holds an access token)."""
+    def save(self, session: SavedSession, now_ms: int | None = None) -> None:
+        """Write atomically with mode 0600 (the file holds an access token). ``now_ms``: the
+        wall clock (ms) at which ``session.expires_in_ms`` counts from."""
         self.ensure()
         tmp = self.session_file.with_suffix(".tmp")
-        data = {
+        data: dict[str, str | int] = {
             "homeserver": session.homeserver,
             "user_id": session.user_id,
             "device_id": session.device_id,
@@ -113,7 +124,14 @@ class StateDir:
         }
         if session.refresh_token:
             data["refresh_token"] = session.refresh_token
+        if session.expires_in_ms is not None:
+            start = _wall_ms() if now_ms is None else now_ms
+            data["expires_at_ms"] = start + session.expires_in_ms
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
         os.replace(tmp, self.session_file)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
