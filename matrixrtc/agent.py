@@ -109,7 +109,7 @@ from matrixrtc.session.participants import (
 from matrixrtc.session.ring import OutgoingRing, RingState, judge_notification
 from matrixrtc.session.rtc_session import MembershipChanges, RTCSession
 from matrixrtc.session.server_clock import ServerClock
-from matrixrtc.tasks import OwnedTasks
+from matrixrtc.tasks import OwnedTasks, first_of
 
 _MAX_MENTIONS = 100  # rung users named in a ring's m.mentions (bigger rooms: the room only)
 
@@ -403,7 +403,8 @@ class CallAgent:
         """Leave the call now (idempotent); the context exit does this too.
 
         Also after the membership machine gave up (an outage): the leave still goes out, by
-        sending the scheduled delayed leave now, else the leave content.
+        sending the scheduled delayed leave now, else the leave content. A request on the
+        wire when this is called (a hung homeserver) is abandoned, not waited for.
         """
         if not self._start_leave():
             return
@@ -755,7 +756,9 @@ class CallAgent:
                     delay = max(0.0, (action.until_ms - self._clock_ms()) / 1000)
                     await _wait_event(self._poke, delay)
                     continue
-                result = await self._perform(action)
+                result = await self._perform_unless_leaving(machine, action)
+                if result is None:
+                    continue  # abandoned for the leave, which goes out now
                 if isinstance(action, mm.SendJoin) and isinstance(result, mm.Ok):
                     # A sync asked for after this point shows the room after our join.
                     self._join_acked_sync_request = self.hs.sync_requests_started
@@ -792,6 +795,24 @@ class CallAgent:
             )
             self._check_own()
             return
+
+    async def _perform_unless_leaving(
+        self, machine: mm.OwnMembershipMachine, action: mm.Request
+    ) -> mm.Result | None:
+        """Perform ``action``; if :meth:`leave` comes first, cancel it and tell the machine it
+        was abandoned (None), so the leave goes out now. On a hung homeserver the request
+        would otherwise hold the leave back until its timeout (20 s): longer than
+        :meth:`leave` waits, so the leave was never sent (chaos)."""
+        if self._leaving.is_set():
+            return await self._perform(action)  # a request of the leave itself
+        first, done = await first_of(request=self._perform(action), leaving=self._leaving.wait())
+        if first == "request":
+            result: mm.Result = done.result()
+            return result
+        if machine.abandon(self._clock_ms()):
+            self._log.warning("agent.request_abandoned", request=type(action).__name__)
+            return None
+        return mm.LocalTimeout()  # still the machine's plan: as if it had timed out
 
     async def _perform(self, action: mm.Request) -> mm.Result:
         hs, room = self.hs, self.room_id

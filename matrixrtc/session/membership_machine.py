@@ -773,6 +773,27 @@ class OwnMembershipMachine:
                 return request
         raise LocalError("membership machine did not settle (internal transition loop)")
 
+    def abandon(self, now_ms: int) -> bool:
+        """Stop waiting for the request in flight when ``leave`` (or ``join``) has replaced the
+        plan it belonged to: its answer would only update the facts, and on a hung homeserver
+        it comes after the request timeout (20 s), holding the leave back all that while. The
+        adapter cancels the request and calls this instead of ``receive_result``.
+
+        Its outcome is unknown, so the facts assume what the leave must cover: a join on the
+        wire may still land, so the leave takes our membership back (the delayed leave is
+        sent now; it fires anyway if the homeserver never answers). Returns whether a request
+        was abandoned; one of the current plan never is (its answer is still needed).
+        """
+        flight = self._in_flight
+        if flight is None or flight.generation == self._generation:
+            return False
+        self._in_flight = None
+        if isinstance(flight.request, SendJoin):
+            self._has_member_event = True
+        self._log.info("request_abandoned", step=flight.step.value, at_ms=now_ms)
+        self._update_status()
+        return True
+
     def receive_result(self, result: Result, now_ms: int) -> None:
         """The outcome of the request last returned by ``next_action``."""
         flight = self._in_flight

@@ -23,7 +23,7 @@ from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged, RingSta
 from matrixrtc.devstack import Synapse, UserCreds
 from matrixrtc.matrix import Homeserver, Login, RoomUpdate
 from matrixrtc.model import Dialect, LivekitTransport
-from matrixrtc.session.membership_machine import MembershipStatus
+from matrixrtc.session.membership_machine import MembershipStatus, SendDelayedLeaveNow, SendJoin
 
 pytestmark = pytest.mark.integration
 
@@ -732,4 +732,56 @@ async def test_leave_after_the_membership_gave_up_still_takes_it_back(
         assert _status(agent_a) is MembershipStatus.DISCONNECTED
         await _wait_members(agent_b, 1, within=5.0)
         assert time.monotonic() - t0 < 5.0
+        assert await hb.get_state_event(room, CALL_MEMBER, key) == {}
+
+
+async def test_leave_on_a_hung_homeserver_does_not_wait_for_the_request_in_flight(
+    own_synapse: Synapse,
+) -> None:
+    """Chaos finding: with Synapse stopped (SIGSTOP), a leave waited for the state PUT in
+    flight until its 20 s timeout, longer than the leave waits, so the leave never went out.
+    Now the PUT is abandoned and the leave is on the wire at once; answered as soon as the
+    homeserver runs again, and the abandoned PUT does not bring the membership back."""
+    hs_ = own_synapse
+    a, b = await hs_.register("tia"), await hs_.register("uma")
+    room = await hs_.create_call_room(a, invite=[b])
+    # a's delayed leave is long: within this test only a's leave can remove it.
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, _config(delayed_leave_ms=30_000)) as agent_a,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        key = agent_a.membership_state_key
+        assert key is not None
+        assert hs_.pid is not None
+        pid = hs_.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # A state PUT on the wire (our membership re-sent) that gets no answer.
+            agent_a.machine.resend(int(time.time() * 1000))
+            await _until(
+                lambda: isinstance(agent_a.machine.in_flight, SendJoin), 10.0, "a PUT in flight"
+            )
+            t0 = time.monotonic()
+            leaving = asyncio.create_task(agent_a.leave(timeout_s=15.0))
+            await _until(
+                lambda: isinstance(agent_a.machine.in_flight, SendDelayedLeaveNow),
+                2.0,
+                "the leave to go out while the PUT hangs",
+            )
+            on_the_wire_s = time.monotonic() - t0
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(leaving, 15.0)
+        left_s = time.monotonic() - t0
+        assert on_the_wire_s < 1.0
+        assert left_s < 8.0, left_s
+        assert _status(agent_a) is MembershipStatus.DISCONNECTED
+        await _wait_members(agent_b, 1, within=10.0)
+        await asyncio.sleep(2.0)  # the abandoned PUT, if Synapse ran it, came before the leave
+        assert len(agent_b.participants) == 1
         assert await hb.get_state_event(room, CALL_MEMBER, key) == {}

@@ -141,6 +141,35 @@ async def test_token_is_renewed_before_it_expires(short_tokens: Synapse, tmp_pat
         assert hs.tokens_renewed == hs.tokens_refreshed_ahead  # none after a refusal
 
 
+async def test_a_restored_session_renews_its_token_ahead_from_the_start(
+    short_tokens: Synapse, tmp_path: Path
+) -> None:
+    # An agent restarted with its state directory while its token still works: it knows the
+    # token's expiry at once (saved with the session) and renews it ahead; before, it learnt
+    # the expiry only from its first refusal.
+    user = await short_tokens.register("restored")
+    login = Login(user.user_id, password=user.password, refresh_tokens=True)
+    state = tmp_path / "st"
+    async with Homeserver(short_tokens.base_url, login, state_dir=state) as first:
+        device = first.device_id
+    async with (
+        Homeserver(short_tokens.base_url, login, state_dir=state, sync_timeout_ms=500) as hs,
+        aiohttp.ClientSession() as raw,
+    ):
+        assert hs.device_id == device
+        refused = 0
+        for _ in range(16):  # 4 s: two token lives, checked every 0.25 s
+            async with raw.get(
+                short_tokens.base_url + WHOAMI,
+                headers={"Authorization": f"Bearer {hs.access_token}"},
+            ) as r:
+                refused += r.status == 401
+            await asyncio.sleep(0.25)
+        assert refused == 0
+        assert hs.tokens_refreshed_ahead >= 1
+        assert hs.tokens_renewed == hs.tokens_refreshed_ahead  # none after a refusal
+
+
 async def test_agents_stay_in_the_call_across_token_lives(
     short_tokens: Synapse, tmp_path: Path
 ) -> None:

@@ -1199,3 +1199,59 @@ def test_owns_matches_our_dialect_and_key_or_member_id() -> None:
     # Another join of ours (another member id), or our state-form membership: not this one.
     assert not sticky.owns(_membership(Dialect.STICKY, state_key=None, member_id="m2"))
     assert not sticky.owns(ours)
+
+
+# ------------------------------------------------- leave does not wait for a hung request
+
+
+def test_leave_abandons_a_hung_join_and_still_takes_it_back() -> None:
+    """Chaos finding: a leave waited up to 20 s for a state PUT on a stopped homeserver. The
+    adapter abandons the request instead; the join may still land, so the delayed leave is
+    sent at once, and the machine stops when that is answered."""
+    m = machine()
+    m.join(T0, transports=[LK])
+    assert isinstance(m.next_action(T0), ScheduleDelayedLeave)
+    m.receive_result(Ok(delay_id="d1"), T0 + 10)
+    assert isinstance(m.next_action(T0 + 10), SendJoin)
+    m.leave(T0 + 20)  # the join is on the wire, and will not be answered
+    assert m.abandon(T0 + 20)
+    assert m.in_flight is None
+    assert m.next_action(T0 + 20) == SendDelayedLeaveNow(delay_id="d1")
+    m.receive_result(Ok(), T0 + 30)
+    assert m.next_action(T0 + 30) == Stopped(None)
+
+
+def test_leave_abandons_a_hung_restart_or_refresh() -> None:
+    for hung in (RestartDelayedLeave, SendJoin):
+        sim = joined_sim(config=MembershipConfig(expiry_ms=60_000))
+        sim.run_for(50_000)
+        while True:  # answer restarts until the request of the kind under test is sent
+            now = sim.now
+            action = sim.machine.next_action(now)
+            if isinstance(action, Wait):
+                sim._advance(action.until_ms)
+                continue
+            if isinstance(action, hung):
+                break
+            assert not isinstance(action, Stopped)
+            sim.machine.receive_result(sim.server.answer(action, now), now)
+        sim.machine.leave(now + 1_000)
+        assert sim.machine.abandon(now + 1_000)
+        assert sim.machine.next_action(now + 1_000) == SendDelayedLeaveNow(delay_id="d1")
+        assert status(sim.machine) is MembershipStatus.DISCONNECTING
+
+
+def test_a_request_of_the_current_plan_is_never_abandoned() -> None:
+    m = machine()
+    m.join(T0, transports=[LK])
+    assert not m.abandon(T0)  # nothing in flight
+    sched = m.next_action(T0)
+    assert not m.abandon(T0)  # still needed: its answer drives the join
+    assert m.in_flight == sched
+    m.receive_result(Ok(delay_id="d1"), T0)
+    assert isinstance(m.next_action(T0), SendJoin)
+    m.leave(T0)
+    assert m.abandon(T0)
+    leave_now = m.next_action(T0)
+    assert not m.abandon(T0)  # the leave's own request
+    assert m.in_flight == leave_now
