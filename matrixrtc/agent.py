@@ -603,18 +603,11 @@ class CallAgent:
         """State form: our membership is what the room holds at our key, and only its
         expiry, judged on our clock, keeps it out of the session's list."""
         machine = self._machine
-        if machine is None or machine.dialect is not Dialect.STATE or machine.state_key is None:
+        if machine is None or machine.state_key is None:
             return None
         held = self._session.held_state_membership(machine.state_key)
-        if (
-            held is None
-            or held.dialect is not Dialect.STATE
-            or held.sender != self.hs.user_id
-            or held.device_id != self.hs.device_id
-            or not held.is_expired(now_ms - self._session.clock_offset_ms)
-        ):
-            return None
-        return held
+        on_server_clock = now_ms - self._session.clock_offset_ms
+        return held if machine.expired_only(held, on_server_clock) else None
 
     def _check_own(self) -> None:
         machine = self._machine

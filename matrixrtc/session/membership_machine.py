@@ -578,6 +578,19 @@ class OwnMembershipMachine:
             return membership.dialect is Dialect.STICKY and membership.member_id == self.member_id
         return membership.dialect is Dialect.STATE and membership.state_key == self.state_key
 
+    def expired_only(self, held: CallMembership | None, now_ms: int) -> bool:
+        """State form: whether ``held``, what the room holds at our state key, is our own
+        membership and only its expiry at ``now_ms`` (the homeserver's clock) keeps it out of
+        the session's list (then :class:`OwnMembershipExpiredLocally` is what to observe)."""
+        return (
+            self.dialect is Dialect.STATE
+            and held is not None
+            and held.dialect is Dialect.STATE
+            and held.sender == self.user_id
+            and held.device_id == self.device_id
+            and held.is_expired(now_ms)
+        )
+
     def drain_events(self) -> list[MachineEvent]:
         events, self._events = self._events, []
         return events

@@ -1255,3 +1255,24 @@ def test_a_request_of_the_current_plan_is_never_abandoned() -> None:
     leave_now = m.next_action(T0)
     assert not m.abandon(T0)  # the leave's own request
     assert m.in_flight == leave_now
+
+
+def test_expired_only_when_the_held_membership_is_ours_and_past_its_expiry() -> None:
+    m = machine()
+    ours = _membership(Dialect.STATE, state_key=KEY, member_id="")
+    expiry = T0 + 14_400_000  # origin_server_ts + the default 4 h
+    assert not m.expired_only(ours, expiry - 1)
+    assert m.expired_only(ours, expiry)
+    assert not m.expired_only(None, expiry)
+    other_device = CallMembership(
+        dialect=Dialect.STATE,
+        event_id="$o",
+        sender=ALICE,
+        origin_server_ts=T0,
+        data=SessionMembershipData.for_join(user_id=ALICE, device_id="OTHER", transports=[LK]),
+        state_key=KEY,
+    )
+    assert not m.expired_only(other_device, expiry)
+    assert not m.expired_only(_membership(Dialect.STICKY, state_key=None, member_id="m"), expiry)
+    sticky = machine(dialect=Dialect.STICKY, member_id="m1")
+    assert not sticky.expired_only(ours, expiry)  # the sticky form has no state to hold
