@@ -17,7 +17,8 @@ Each remote member is **cut over** on its own the moment the new transport has d
 decoded (so decrypted: a key frame through the frame cryptor) frame from it: from then on its
 frames are taken from the new transport (:meth:`MediaSwitcher.via`, the ``frames`` tap, the gap
 figures), before that from the old one. At each cutover we tell that member so (an
-Olm-encrypted to-device :data:`SWITCH_ACK_TYPE`: "I receive you over sfu/mesh"; also later,
+Olm-encrypted to-device :data:`SWITCH_ACK_TYPE`: "I receive you over sfu/mesh", counted only
+from the verified device of a current member of the call; also later,
 while the switch is recent, for a member the handover had not cut over yet). The old transport
 is torn down only once every remote member is cut over **and** each one the old transport
 carried has told us it receives us over the new one (or ``ack_timeout_s`` after its cutover,
@@ -80,6 +81,7 @@ from matrixrtc.media_transport import (
 )
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
+from matrixrtc.model.rejections import RejectionLog
 from matrixrtc.session.handover import (
     Abandon,
     Cutover,
@@ -269,6 +271,7 @@ class MediaSwitcher:
         # Per running transport (by id; it is kept alive by _running): when it started and
         # which members we told that it delivers their media.
         self._acked: dict[int, tuple[MediaTransport, float, set[DeviceRef]]] = {}
+        self._ack_rejections = RejectionLog(clock=clock)  # a line per sender a minute
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -383,21 +386,40 @@ class MediaSwitcher:
             self._dirty.set()
 
     async def _ack_loop(self, events: Subscription[ToDeviceEvent]) -> None:
-        """Record each member's "I receive you over <kind>" (Olm-verified senders only)."""
+        """Record each member's "I receive you over <kind>": only from the Olm-verified
+        device of a current member of this call (any other device could otherwise make us
+        tear the old path down early). Others are logged once per sender per minute."""
         async for ev in events:
             if ev.type != SWITCH_ACK_TYPE or not ev.encrypted or ev.sender_device is None:
                 continue
             content = ev.content
             if content.get("room_id") != self.agent.room_id:
                 continue
+            ref = DeviceRef(ev.sender, ev.sender_device)
             try:
                 kind = MediaKind(str(content.get("kind")))
             except ValueError:
-                self._log.info("switch.ack_ignored", sender=ev.sender, kind=content.get("kind"))
+                self._ack_ignored(ref, "unknown kind", kind=str(content.get("kind"))[:32])
                 continue
-            ref = DeviceRef(ev.sender, ev.sender_device)
+            if ref not in self._remote_refs():
+                self._ack_ignored(ref, "not a member of the call")
+                continue
             self._acks[(ref, kind)] = self._clock()
             self._log.debug("switch.ack_received", peer=ref.user_id, kind=kind.value)
+
+    def _ack_ignored(self, ref: DeviceRef, reason: str, **context: object) -> None:
+        suppressed = self._ack_rejections.admit(ref.user_id)
+        if suppressed is None:
+            return
+        if suppressed:
+            context["suppressed_before"] = suppressed
+        self._log.info(
+            "switch.ack_ignored",
+            sender=ref.user_id,
+            device=ref.device_id,
+            reason=reason,
+            **context,
+        )
 
     def _tap(
         self,

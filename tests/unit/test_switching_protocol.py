@@ -11,6 +11,8 @@ from dataclasses import replace
 from typing import Any, cast
 
 import pytest
+import structlog
+import structlog.testing
 
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.errors import RemoteError
@@ -74,9 +76,17 @@ class FakeHs:
         self.sent += [(event_type, to, content) for to, content in messages.items()]
         return ToDeviceSendResult(tuple(messages), ())
 
-    def receive_ack(self, user: str, kind: MediaKind, room_id: str = "!room:example.org") -> None:
-        content = {"room_id": room_id, "kind": kind.value}
-        self._to_device.publish(ToDeviceEvent(SWITCH_ACK_TYPE, content, user, "D", "curve", True))
+    def receive_ack(
+        self,
+        user: str,
+        kind: MediaKind | str,
+        room_id: str = "!room:example.org",
+        device: str = "D",
+    ) -> None:
+        content = {"room_id": room_id, "kind": kind.value if isinstance(kind, MediaKind) else kind}
+        self._to_device.publish(
+            ToDeviceEvent(SWITCH_ACK_TYPE, content, user, device, "curve", True)
+        )
 
 
 class FakeAgent:
@@ -368,3 +378,51 @@ async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport()
         assert switcher.running(MediaKind.MESH) is mesh
         assert "close mesh" not in reg.log
         assert [(r.old, r.new) for r in switcher.history] == [(None, MediaKind.MESH)]
+
+
+async def test_acks_count_only_from_members_devices_and_the_rest_are_logged_rarely() -> None:
+    """An Olm-verified device that is not in the call (another user, or another device of a
+    member) cannot make us tear the old path down; each such sender is logged once a minute."""
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    now = [0.0]
+    config = replace(reg.config(), ack_timeout_s=300.0, settle_timeout_s=300.0)
+    a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
+    with structlog.testing.capture_logs() as logs:
+        async with MediaSwitcher(
+            cast(CallAgent, agent), None, config, clock=lambda: now[0]
+        ) as switcher:
+            await switcher.wait_settled(MediaKind.MESH, 5)
+            agent.members(ME, "@a:example.org", "@b:example.org")  # SFU
+            await until(lambda: switcher.running(MediaKind.SFU) is not None)
+            now[0] = 1.0
+            reg.made[MediaKind.SFU].carrying = True
+            await until(
+                lambda: switcher.via(a) is MediaKind.SFU and switcher.via(b) is MediaKind.SFU
+            )
+            for _ in range(3):
+                agent.hs.receive_ack("@mallory:example.org", MediaKind.SFU)
+                agent.hs.receive_ack("@a:example.org", MediaKind.SFU, device="OTHER")
+                agent.hs.receive_ack("@b:example.org", MediaKind.SFU, device="OTHER")
+            agent.hs.receive_ack("@b:example.org", "carrier-pigeon")
+            agent.hs.receive_ack("@a:example.org", MediaKind.SFU)  # a member's own device
+            await until(lambda: (a, MediaKind.SFU) in switcher._acks)
+            await asyncio.sleep(0.05)
+            assert switcher.kind is MediaKind.MESH  # b's own device has not acknowledged
+            assert "close mesh" not in reg.log
+            assert set(switcher._acks) == {(a, MediaKind.SFU)}
+            ignored = [e for e in logs if e["event"] == "switch.ack_ignored"]
+            assert sorted((e["sender"], e["device"], e["reason"]) for e in ignored) == [
+                ("@a:example.org", "OTHER", "not a member of the call"),
+                ("@b:example.org", "OTHER", "not a member of the call"),
+                ("@mallory:example.org", "D", "not a member of the call"),
+            ]  # once per sender: b's unknown kind and the repeats are suppressed
+            now[0] = 62.0  # a minute on: one line again, saying how many were suppressed
+            agent.hs.receive_ack("@mallory:example.org", MediaKind.SFU)
+            await until(lambda: len([e for e in logs if e["event"] == "switch.ack_ignored"]) == 4)
+            again = [e for e in logs if e["event"] == "switch.ack_ignored"][-1]
+            assert (again["sender"], again["suppressed_before"]) == ("@mallory:example.org", 2)
+            agent.hs.receive_ack("@b:example.org", MediaKind.SFU)
+            done = await switcher.wait_settled(MediaKind.SFU, 5)
+            assert done.handover == "2 peers cut over, 2 acknowledged"
