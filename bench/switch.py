@@ -32,9 +32,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -220,16 +221,20 @@ class _Proc:
                 self.report = msg
             self._changed.set()
 
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Until ``done()`` holds after one of our lines; fails if the member exits first."""
+        while not done():
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._changed.wait()
+
     async def on(self, kind: str) -> dict[str, Any]:
         """Until this member's latest start or switch is to ``kind``."""
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
-            while not (self.switched and self.switched[-1]["new"] == kind):
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._changed.wait()
+            await self._until(lambda: bool(self.switched and self.switched[-1]["new"] == kind))
         return self.switched[-1]
 
     async def leave(self) -> dict[str, Any]:
@@ -238,15 +243,10 @@ class _Proc:
         self.proc.stdin.write(b"leave\n")
         await self.proc.stdin.drain()
         async with asyncio.timeout(30):
-            while self.report is None:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._changed.wait()
+            await self._until(lambda: self.report is not None)
             await self.proc.wait()
             await self._reader
+        assert self.report is not None
         return self.report
 
     async def kill(self) -> None:
@@ -256,6 +256,88 @@ class _Proc:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
+
+
+class _Profile:
+    """py-spy sampling a set of member processes while one switch runs (``--profile DIR``):
+    each writes collapsed stacks (``--format raw``, CPU samples only, every thread), read back
+    into the share of samples each function was on the stack for."""
+
+    def __init__(self, out: Path | None, window: str) -> None:
+        self._out = out
+        self._window = window
+        self._spies: list[tuple[asyncio.subprocess.Process, Path]] = []
+
+    async def add(self, member: _Proc) -> None:
+        if self._out is None:
+            return
+        path = self._out / f"{self._window}-{member.name}.txt"
+        spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking",
+            "--rate", "200", "--format", "raw", "--output", str(path),
+            "--pid", str(member.proc.pid),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        self._spies.append((spy, path))
+
+    async def stop(self) -> dict[str, Any] | None:
+        """Stop sampling (py-spy writes its file on SIGINT); the summary over every member."""
+        if self._out is None:
+            return None
+        for spy, _ in self._spies:
+            if spy.returncode is None:
+                spy.send_signal(signal.SIGINT)
+        for spy, _ in self._spies:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await spy.wait()
+            if spy.returncode is None:
+                spy.kill()
+                await spy.wait()
+        return _summarize([p for _, p in self._spies if p.exists()])
+
+
+# Where a sample's stack passes (py-spy prints frames as ``Class.func (pkg/file.py:line)``),
+# under one heading; a sample counts for every heading its stack matches.
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "matrix_adapter": ("matrixrtc/matrix/",),  # sync, to-device, crypto (nio below it)
+    "olm_and_store": ("nio/crypto/", "nio/store/", "peewee.py"),
+    "sqlite": ("peewee.py",),
+    "rtp_receive": ("aiortc/rtcrtpreceiver.py", "aiortc/rtcdtlstransport.py"),
+    "vp8_decode": ("Vp8Decoder.decode (",),
+    "vp8_encode": ("Vp8Encoder.encode (",),
+    "ice": ("aioice/",),
+    "frame_crypto": ("matrixrtc/e2ee/",),
+    "livekit_adapter": ("matrixrtc/livekit/",),
+    "mesh_adapter": ("matrixrtc/mesh/",),
+}
+
+
+def _summarize(paths: Sequence[Path]) -> dict[str, Any]:
+    """Share of CPU samples (over all the files) each function, and each :data:`_GROUPS`
+    heading, was on the stack for."""
+    total = 0
+    inclusive: dict[str, int] = {}
+    groups = dict.fromkeys(_GROUPS, 0)
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            for name in {f.rsplit(":", 1)[0] + ")" for f in stack.split(";")}:
+                inclusive[name] = inclusive.get(name, 0) + n
+            for group, needles in _GROUPS.items():
+                if any(needle in stack for needle in needles):
+                    groups[group] += n
+    pct = 100 / total if total else 0.0
+    top = sorted(inclusive.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "samples": total,
+        "groups_pct": {g: round(n * pct, 1) for g, n in groups.items()},
+        "top_pct": [[name, round(n * pct, 1)] for name, n in top],
+    }
 
 
 def _name(user_id: str) -> str:
@@ -321,8 +403,11 @@ def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict
     return out
 
 
-async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str, Any]:
-    """The figures of one run (see the module docstring)."""
+async def measure_switch(
+    media: MediaOptions, *, acks: bool = True, profile: Path | None = None
+) -> dict[str, Any]:
+    """The figures of one run (see the module docstring); with ``profile`` (a directory),
+    py-spy samples every member from each switch's start until everyone finished it."""
     run_dir = new_run_dir(prefix="bench-switch")
     procs: list[_Proc] = []
     async with (
@@ -346,14 +431,23 @@ async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str,
             first = list(procs)
             await asyncio.gather(*(p.on("mesh") for p in first))
             await asyncio.sleep(STEADY_S)
+            spies = _Profile(profile, "mesh_to_sfu")
+            for p in first:
+                await spies.add(p)
             t_join = time.monotonic()
             fourth = await _Proc.start("sw3", args(users[3]), run_dir / "sw3.log")
             procs.append(fourth)
+            await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
+            profiles = {"mesh_to_sfu": await spies.stop()}
             await asyncio.sleep(STEADY_S)
+            spies = _Profile(profile, "sfu_to_mesh")
+            for p in first:
+                await spies.add(p)
             t_leave = time.monotonic()
             fourth_report = await fourth.leave()
             back = await asyncio.gather(*(p.on("mesh") for p in first))
+            profiles["sfu_to_mesh"] = await spies.stop()
             await asyncio.sleep(STEADY_S)
             reports = [await p.leave() for p in first]
         finally:
@@ -362,7 +456,7 @@ async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str,
     to_sfu_gap = _largest(everyone, t_join, t_leave)
     # After the leave the fourth member's media ends for good: not a gap of the switch.
     to_mesh_gap = _largest(reports, t_leave, float("inf"), exclude=users[3].user_id)
-    return {
+    result: dict[str, Any] = {
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
         "switch_duration_ms": {
@@ -374,12 +468,22 @@ async def measure_switch(media: MediaOptions, *, acks: bool = True) -> dict[str,
             "sfu_to_mesh": {"largest": to_mesh_gap, "order": _order(reports, t_leave, 2)},
         },
     }
+    if profile is not None:
+        result["profile"] = profiles
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-acks", dest="acks", action="store_false")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy every member during each switch (raw stacks in DIR; a summary in the "
+        "result: costs CPU, so not for the gap figures)",
+    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -405,13 +509,17 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S):
-            return await measure_switch(media, acks=a.acks)
+            if a.profile is not None:
+                a.profile.mkdir(parents=True, exist_ok=True)
+            return await measure_switch(media, acks=a.acks, profile=a.profile)
 
     result = run_bench(run, args)
     if result is not None:
         print(f"switch gaps (ms): mesh->sfu {result['mesh_to_sfu']}, "
               f"sfu->mesh {result['sfu_to_mesh']}")  # fmt: skip
         print(json.dumps(result["detail"], indent=1))
+        if "profile" in result:
+            print(json.dumps(result["profile"], indent=1))
     return 0
 
 
