@@ -396,6 +396,7 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
             await py.wait_until(lambda p: _peer(p, web_user).get("transport") == "mesh", 90)
             await asyncio.sleep(2)
             py_view = _peer(py, web_user)
+            py_switches = (py.latest or {}).get("switches", [])
         finally:
             result = await browser
     print(json.dumps({k: result.get(k) for k in ("marks", "badges")}))
@@ -429,6 +430,14 @@ async def test_live_switch_mesh_to_sfu_and_back(chromium: Chromium, web_stack: W
     # The Python participant saw the browser's video on both transports.
     assert py_view["frames_by_transport"]["mesh"] >= 10
     assert py_view["frames_by_transport"]["sfu"] >= 10
+    # The browser told it, over Olm, that it received it on each new transport
+    # (org.matrixrtc.media_received): its old path went on that, not on its ack timeout.
+    print("python switches:", py_switches)
+    live = [s for s in py_switches if s["from"] is not None]
+    assert [(s["from"], s["to"]) for s in live] == [("mesh", "sfu"), ("sfu", "mesh")], live
+    for switch in live:
+        assert switch["complete"], live
+        assert not switch["handover"].endswith(" 0 acknowledged"), live
 
 
 async def test_sfu_lost_mid_call_the_call_goes_on_as_a_mesh_and_returns(

@@ -50,6 +50,9 @@ export interface SwitchRecord {
 }
 
 const SETTLE_LIMIT_MS = 6000;
+// To-device, Olm-encrypted: "I receive your media over <kind>" (matrixrtc/switching.py
+// SWITCH_ACK_TYPE; project-private, no MSC defines a switch).
+const MEDIA_RECEIVED = "org.matrixrtc.media_received";
 // SFU failure, as the Python switcher (matrixrtc/switching.py): an SFU connection down this long
 // makes the SFU unreachable for the policy; a token request is tried this often until one
 // succeeds (the authorization service hands out tokens only once LiveKit has the room again).
@@ -355,13 +358,21 @@ export class Call {
       // Make before break: the old transport carries media until the new one has video from
       // every participant (or the settle limit passes).
       const until = performance.now() + SETTLE_LIMIT_MS;
+      const told = new Set<string>();
       while (performance.now() < until && !this.left) {
+        const members = [...this.participants];
         const stats = await Promise.all(
-          this.participants.map(async (p) => {
+          members.map(async (p) => {
             const m = next.remotes().get(p.identity);
             return m ? (await receiverStats(m.receivers())).framesDecoded : 0;
           }),
         );
+        members.forEach((p, i) => {
+          if (stats[i] > 0 && !told.has(p.identity)) {
+            told.add(p.identity);
+            void this.sendMediaReceived(p, kind);
+          }
+        });
         if (stats.every((n) => n > 0)) break;
         await new Promise((r) => setTimeout(r, 100));
       }
@@ -373,6 +384,23 @@ export class Call {
     record.doneAt = performance.now();
     this.attachMedia();
     this.changed();
+  }
+
+  /** Tell `p` that we receive its media over `kind` (MEDIA_RECEIVED, as the Python switcher
+   *  does at each cutover): a Python member keeps its old transport, and so its media to us
+   *  on it, until every member has said so or its acknowledgement timeout (3 s) passed. Sent
+   *  Olm-encrypted only: the Python side counts it only from a member's verified device. */
+  private async sendMediaReceived(p: Participant, kind: MediaKind): Promise<void> {
+    if (!this.encrypted) return;
+    try {
+      await this.client.encryptAndSendToDevice(
+        MEDIA_RECEIVED,
+        [{ userId: p.userId, deviceId: p.deviceId }],
+        { room_id: this.room.roomId, kind },
+      );
+    } catch {
+      // The member falls back to its acknowledgement timeout.
+    }
   }
 
   private onTransportChange(): void {
