@@ -178,6 +178,9 @@ class MatrixMesh:
         # (peer device, "olm" | "plaintext" | "withheld") -> m.call.* events sent that way
         self.sent: Counter[tuple[str, str]] = Counter()
         self._tasks = OwnedTasks("mesh-link", log, event_prefix="mesh_link")
+        # Closes of engines of our earlier sessions: awaited on exit, never cancelled (a
+        # cancelled close would leave its peer connections open).
+        self._retiring = OwnedTasks("mesh-link-retire", log, event_prefix="mesh_link")
         self._changes: Subscription[Any] | None = None
         self._to_device: Subscription[ToDeviceEvent] | None = None
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
@@ -283,8 +286,13 @@ class MatrixMesh:
             for sub in (self._changes, self._to_device):
                 if sub is not None:
                     sub.close()
-            if self.engine is not None:
-                await self.engine.aclose()
+            try:
+                if self.engine is not None:
+                    await self.engine.aclose()
+            finally:
+                # Each engine's close is bounded (its hangups and peer connection closes).
+                retired = await self._retiring.join()
+                failure = failure or retired
         if failure is not None:
             raise failure
 
@@ -321,12 +329,17 @@ class MatrixMesh:
             if self.engine is not None and me is not None:
                 session_id = mesh_session_id(me)
                 if session_id != self.engine.local.session_id:
-                    await self._new_session(session_id)
+                    self._new_session(session_id)
             self._update_members()
 
-    async def _new_session(self, session_id: str) -> None:
+    def _new_session(self, session_id: str) -> None:
         """Our membership was replaced by a fresh one (e.g. the delayed leave fired while we
-        were cut off, and the agent joined again): peers now address the new session id."""
+        were cut off, and the agent joined again): peers now address the new session id.
+
+        The old engine is closed in a task of its own. Its close takes seconds when the peers
+        are unreachable (a final hangup waits up to 5 s per peer, a peer connection's close up
+        to 10 s); awaited here, it held up the changes loop, so the new engine got its members
+        only that much later and every change meanwhile waited (chaos bug 2)."""
         self._log.info("mesh_link.new_session", session_id=session_id)
         old = self.engine
         # Swap first, with no await in between, so no to-device event reaches the old engine.
@@ -334,7 +347,7 @@ class MatrixMesh:
         self.members = {}
         self._conf_ids = {}
         if old is not None:
-            await old.aclose()
+            self._retiring.spawn(old.aclose(), f"close {old.local.session_id}")
 
     def _update_members(self) -> None:
         assert self.engine is not None
