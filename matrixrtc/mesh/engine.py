@@ -33,6 +33,7 @@ from matrixrtc.mesh.ice import (
     candidate_allowed,
     filter_sdp_candidates,
     gather_on,
+    keep_consent_on,
     parse_networks,
     rtc_configuration,
 )
@@ -336,7 +337,9 @@ class MeshEngine:
                 link.connected_at = self._clock()
                 log.info("mesh.connected", peer=peer.device_id, call_id=call_id)
                 self._feed(self.signalling.media_connected(call_id))
-            elif state == "failed":
+            elif state in ("failed", "closed"):
+                # "closed" by itself: aiortc shuts a peer connection down once its transports
+                # close, e.g. when ICE consent expired. A link we close has left self.links.
                 self._feed(self.signalling.media_failed(call_id))
 
         @pc.on("track")
@@ -430,6 +433,7 @@ class MeshEngine:
     async def _set_local(self, link: PeerLink, description: RTCSessionDescription) -> str:
         if self.config.host_addresses is not None:
             await gather_on(link.pc, self.config.host_addresses)
+        keep_consent_on(link.pc)
         await link.pc.setLocalDescription(description)
         return str(link.pc.localDescription.sdp)
 

@@ -10,17 +10,28 @@
   candidates. This is per peer connection, so nothing global changes. Tests pass
   ``("127.0.0.1",)``: inside the test network namespace only loopback exists, and aioice would
   otherwise find no address at all.
+* Consent freshness (RFC 7675): aioice 0.13 sends each consent check once, with no
+  retransmission, and counts it failed when no answer came within its first STUN timeout
+  (0.5 s); six failures in a row close the connection. On a path whose round trip is above
+  0.5 s every check fails, so media stops after ~30 s on a link that works (aiortc/aioice#58,
+  open). :func:`keep_consent_on` gives each ICE connection of a peer connection the RFC's rule
+  instead: a check every 4-6 s, retransmitted while it waits (0.5 + 1 + 2 s), and consent
+  lost only when no answer at all came for 30 s. Per connection, nothing global changes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
-from collections.abc import Mapping, Sequence
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aioice import TransportPolicy
+from aioice import TransportPolicy, stun
 from aiortc import (
     RTCBundlePolicy,
     RTCConfiguration,
@@ -37,6 +48,8 @@ __all__ = [
     "filter_sdp_candidates",
     "gather_on",
     "ice_servers_from_turn_response",
+    "keep_consent",
+    "keep_consent_on",
     "parse_networks",
     "rtc_configuration",
 ]
@@ -95,6 +108,57 @@ async def gather_on(pc: RTCPeerConnection, addresses: Sequence[str]) -> None:
                 component=component, addresses=host
             )
         connection._local_candidates_end = True
+
+
+# RFC 7675 §5.1: consent expires when no check was answered for 30 s; checks every 4-6 s.
+CONSENT_INTERVAL_S = 5.0
+CONSENT_EXPIRY_S = 30.0
+# Each check waits 0.5 + 1 + 2 s (aioice's RTO doubling) for its answer: a late answer to an
+# earlier transmission still counts, so a round trip of up to 3.5 s keeps consent.
+CONSENT_RETRANSMISSIONS = 2
+
+
+async def keep_consent(
+    connection: Any,
+    *,
+    interval_s: float = CONSENT_INTERVAL_S,
+    expiry_s: float = CONSENT_EXPIRY_S,
+    retransmissions: int = CONSENT_RETRANSMISSIONS,
+    clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[], float] = random.random,
+) -> None:
+    """Consent freshness for one aioice ``Connection`` (in place of its ``query_consent``):
+    close it once no check has been answered for ``expiry_s``."""
+    answered_at = clock()
+    while True:
+        await asyncio.sleep(interval_s * (0.8 + 0.4 * jitter()))
+        for pair in list(connection._nominated.values()):
+            request = connection.build_request(pair, nominate=False)
+            try:
+                await pair.protocol.request(
+                    request,
+                    pair.remote_addr,
+                    integrity_key=connection.remote_password.encode("utf8"),
+                    retransmissions=retransmissions,
+                )
+                answered_at = clock()
+            except stun.TransactionError:
+                pass
+        if clock() - answered_at >= expiry_s:
+            log.info("mesh.ice_consent_expired", unanswered_s=round(clock() - answered_at, 1))
+            connection._query_consent_task = None  # what close() would cancel: this task
+            await connection.close()
+            return
+
+
+def keep_consent_on(pc: RTCPeerConnection) -> None:
+    """Give every ICE connection of ``pc`` :func:`keep_consent` (before it connects: aioice
+    starts ``query_consent`` at the end of ``connect``)."""
+    for connection in _ice_connections(pc):
+        for name in ("query_consent", "_nominated", "build_request"):
+            if not hasattr(connection, name):
+                raise LocalError(f"unexpected aioice version: no Connection.{name}")
+        connection.query_consent = functools.partial(keep_consent, connection)
 
 
 def ice_servers_from_turn_response(response: object) -> tuple[IceServerConfig, ...]:

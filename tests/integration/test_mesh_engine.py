@@ -360,3 +360,32 @@ async def test_ice_failure_replaces_the_call_and_media_resumes(mesh_router: Rout
     assert old.call_id not in eb.links
     assert len(ea.encoders["video"].subscribers) == 1
     assert new.stats["video"].decrypt_failures == 0
+
+
+async def test_a_peer_connection_closed_underneath_is_replaced(mesh_router: Router) -> None:
+    """aioice closes an ICE connection by itself when consent expires (a link that lost every
+    check for 30 s); aiortc then closes the whole peer connection: "closed", never "failed".
+    The engine must treat it as a failure: hang up, call again, media back."""
+    a, b = ref("AAA"), ref("BBB")
+    tf = transforms("AAA", "BBB")
+    ea, eb = make_engine(mesh_router, a, tf["AAA"]), make_engine(mesh_router, b, tf["BBB"])
+    for e in (ea, eb):
+        e.start()
+        e.set_members({a: session(a), b: session(b)})
+    await wait_for(lambda: decoded(eb, a, "video") > 5, 10, "BBB decoding AAA")
+    old = eb.link_for(a)
+    assert old is not None
+    for transceiver in old.pc.getTransceivers()[:1]:  # bundled: one ICE connection
+        await transceiver.receiver.transport.transport.iceGatherer._connection.close()
+    await wait_for(
+        lambda: (
+            (link := eb.link_for(a)) is not None
+            and link.call_id != old.call_id
+            and link.stats.get("video") is not None
+            and link.stats["video"].frames_decoded > 5
+        ),
+        15,
+        "a new call with media after the peer connection closed underneath",
+    )
+    hangups = [c for o, t, ty, c in mesh_router.sent if o == b and ty == "m.call.hangup"]
+    assert [(c["call_id"], c["reason"]) for c in hangups] == [(old.call_id, "ice_failed")]
