@@ -52,8 +52,11 @@ seq: how the two deployed peers count (read in their sources)
   yet is held until the membership arrives (or the invite expires).
 * **ICE failure**: aiortc cannot restart ICE, so a failed call is hung up with ``ice_failed``
   and, on the calling side, a new call (new call_id, new peer connection) is placed at once.
-* **Retries**: every ``retry_interval_ms`` a device we should call but have no call with is
-  called again, at most ``max_retries`` times per device session (reset once media connects).
+* **Retries**: a device we should call but have no call with is called again
+  ``retry_interval_ms`` after its last call ended, ``max_retries`` times per device session
+  (reset once media connects); after that every ``slow_retry_interval_ms`` for as long as it
+  is a member (0: never). Giving up for good left a pair without media for the rest of the
+  call once a fault (a lossy link, a long partition) outlasted the fast retries.
 
 Identifying a mesh call inside a MatrixRTC session
 --------------------------------------------------
@@ -178,6 +181,7 @@ class SignallingConfig:
     gap_timeout_ms: int = 2000
     retry_interval_ms: int = 5000
     max_retries: int = 3
+    slow_retry_interval_ms: int = 10_000
     max_buffered_per_call: int = 64
 
 
@@ -384,7 +388,7 @@ class MeshSignalling:
         self._order: OrderedDict[str, _Reorder] = OrderedDict()
         self._held: dict[DeviceRef, _HeldInvite] = {}
         self._retries: dict[DeviceRef, int] = {}
-        self._next_retry_at: float | None = None
+        self._retry_at: dict[DeviceRef, float] = {}  # when each device is called again
         self._closed = False
 
     # -- read-only views -------------------------------------------------------------------
@@ -411,8 +415,7 @@ class MeshSignalling:
             if order.gap_since is not None:
                 times.append(order.gap_since + cfg.gap_timeout_ms / 1000)
         times.extend(h.expires_at for h in self._held.values())
-        if self._next_retry_at is not None and self._retry_candidates():
-            times.append(self._next_retry_at)
+        times.extend(self._retry_at.values())
         return min(times) if times else None
 
     # -- inputs ----------------------------------------------------------------------------
@@ -576,9 +579,9 @@ class MeshSignalling:
             if now >= held.expires_at:
                 del self._held[ref]
                 log.info("mesh.held_invite_expired", call_id=held.received.event.call_id)
-        if self._next_retry_at is not None and now >= self._next_retry_at:
-            self._next_retry_at = None
-            for ref in self._retry_candidates():
+        for ref, due in list(self._retry_at.items()):
+            if now >= due:
+                del self._retry_at[ref]
                 self._retries[ref] = self._retries.get(ref, 0) + 1
                 log.info("mesh.retry", peer=ref.device_id, attempt=self._retries[ref])
                 actions += self._place_call(ref)
@@ -594,7 +597,7 @@ class MeshSignalling:
             actions += self._end(call, HangupReason.USER_HANGUP, notify=True)
         self._closed = True
         self._held.clear()
-        self._next_retry_at = None
+        self._retry_at.clear()
         return actions
 
     # -- receive path ----------------------------------------------------------------------
@@ -786,6 +789,7 @@ class MeshSignalling:
     def _register(self, call: PeerCall) -> None:
         self._calls[call.call_id] = call
         self._by_peer[call.peer] = call.call_id
+        self._retry_at.pop(call.peer, None)  # a call is under way: no retry is due
 
     def _place_call(self, peer: DeviceRef) -> list[SignallingAction]:
         session = self._members.get(peer)
@@ -835,6 +839,13 @@ class MeshSignalling:
         while len(self._ended) > _MAX_TOMBSTONES:
             self._ended.popitem(last=False)
 
+    def _retry_delay_s(self, ref: DeviceRef) -> float | None:
+        """How long after a call to ``ref`` ended it is called again (None: not again)."""
+        cfg = self.config
+        if self._retries.get(ref, 0) < cfg.max_retries:
+            return cfg.retry_interval_ms / 1000
+        return cfg.slow_retry_interval_ms / 1000 if cfg.slow_retry_interval_ms > 0 else None
+
     def _retry_candidates(self) -> list[DeviceRef]:
         me = self.local.ref
         return [
@@ -842,14 +853,20 @@ class MeshSignalling:
             for ref in self._members
             if wants_outgoing_call(me, ref)
             and self.call_for(ref) is None
-            and self._retries.get(ref, 0) < self.config.max_retries
+            and self._retry_delay_s(ref) is not None
         ]
 
     def _arm_retry(self) -> None:
-        if self._closed or not self._retry_candidates():
-            self._next_retry_at = None
-        elif self._next_retry_at is None:
-            self._next_retry_at = self._clock() + self.config.retry_interval_ms / 1000
+        """A due time for every device to call again, none for the others."""
+        wanted = set() if self._closed else set(self._retry_candidates())
+        for ref in list(self._retry_at):
+            if ref not in wanted:
+                del self._retry_at[ref]
+        for ref in wanted:
+            if ref not in self._retry_at:
+                delay = self._retry_delay_s(ref)
+                assert delay is not None  # a candidate has one
+                self._retry_at[ref] = self._clock() + delay
 
     def _envelope(self, call: PeerCall, *, numbered: bool = True) -> CallEnvelope:
         return CallEnvelope(

@@ -457,7 +457,7 @@ def test_callee_ice_failure_makes_the_caller_place_a_new_call() -> None:
     assert mesh.nodes[BOB].call_for(ALICE).call_id == new.call_id  # type: ignore[union-attr]
 
 
-def test_retries_every_5s_at_most_3_times() -> None:
+def test_retries_every_5s_3_times_then_every_10s() -> None:
     clock = Clock()
     mesh = Mesh(clock, ALICE, BOB, config=SignallingConfig(invite_timeout_ms=1000))
     mesh.blocked.add(BOB)
@@ -471,10 +471,42 @@ def test_retries_every_5s_at_most_3_times() -> None:
         if n > seen:
             offer_times.append(clock.now)
             seen = n
-    # the first call plus exactly 3 retries, each 5 s after the previous call ended (1 s timeout)
-    assert len(mesh.of(CreateOffer, ALICE)) == 4
+    # the first call, 3 retries each 5 s after the previous call ended (1 s timeout), then
+    # one every 10 s after the previous one ended for as long as Bob is a member
     gaps = [b - a for a, b in itertools.pairwise(offer_times)]
-    assert gaps == [pytest.approx(6.0, abs=0.3)] * 3
+    assert gaps == [pytest.approx(6.0, abs=0.3)] * 3 + [pytest.approx(11.0, abs=0.3)] * 2
+
+
+def test_no_slow_retries_when_switched_off() -> None:
+    clock = Clock()
+    config = SignallingConfig(invite_timeout_ms=1000, slow_retry_interval_ms=0)
+    mesh = Mesh(clock, ALICE, BOB, config=config)
+    mesh.blocked.add(BOB)
+    mesh.join(mesh.sessions(ALICE, BOB))
+    mesh.advance(60.0)
+    assert len(mesh.of(CreateOffer, ALICE)) == 4
+    assert mesh.nodes[ALICE].next_deadline() is None
+
+
+def test_a_peer_unreachable_longer_than_the_fast_retries_is_called_again() -> None:
+    """The chaos suite's lossy mesh member: its link failed for 60 s, longer than the fast
+    retries last. Once it is reachable again, the caller calls again and they connect."""
+    clock = Clock()
+    mesh = Mesh(clock, ALICE, BOB, config=SignallingConfig(invite_timeout_ms=4000))
+    mesh.join(mesh.sessions(ALICE, BOB))
+    call = mesh.nodes[ALICE].call_for(BOB)
+    assert call is not None
+    mesh.nodes[ALICE].media_connected(call.call_id)
+    mesh.blocked.add(BOB)
+    mesh.pump(ALICE, mesh.nodes[ALICE].media_failed(call.call_id))
+    mesh.advance(60.0)  # every call in this minute is lost
+    assert mesh.nodes[ALICE]._retries[BOB] > 3
+    mesh.blocked.clear()
+    mesh.advance(15.0)
+    new = mesh.nodes[ALICE].call_for(BOB)
+    assert new is not None
+    assert new.state is CallState.CONNECTING
+    assert mesh.nodes[BOB].call_for(ALICE).call_id == new.call_id  # type: ignore[union-attr]
 
 
 def test_retry_counter_resets_once_media_connects() -> None:
