@@ -29,6 +29,8 @@ from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
 from matrixrtc.mesh.ice import (
+    CONSENT_EXPIRY_S,
+    CONSENT_INTERVAL_S,
     IceServerConfig,
     candidate_allowed,
     filter_sdp_candidates,
@@ -82,6 +84,11 @@ class MeshConfig:
     # False: aiortc's own path, one encoder per peer fed through MediaRelay (no frame E2EE).
     # Only for comparison (bench/mesh.py).
     encode_once: bool = True
+    # ICE consent (RFC 7675, mesh/ice.py keep_consent): a check every consent_interval_s; a link
+    # with no answer for consent_expiry_s has failed (hang up, the caller calls again). A peer
+    # connection the peer closed itself is given up after the same time unless its hangup came.
+    consent_interval_s: float = CONSENT_INTERVAL_S
+    consent_expiry_s: float = CONSENT_EXPIRY_S
 
 
 @dataclass(slots=True, kw_only=True)
@@ -102,6 +109,7 @@ class PeerLink:
     remote_kinds: set[str] = field(default_factory=set)
     sinks: list[CountingSink] = field(default_factory=list)
     hooked: set[int] = field(default_factory=set)  # id() of receivers with our hook
+    consent_expired: bool = False  # our consent checks went unanswered: the link has failed
 
 
 class MeshEngine:
@@ -337,10 +345,18 @@ class MeshEngine:
                 link.connected_at = self._clock()
                 log.info("mesh.connected", peer=peer.device_id, call_id=call_id)
                 self._feed(self.signalling.media_connected(call_id))
-            elif state in ("failed", "closed"):
-                # "closed" by itself: aiortc shuts a peer connection down once its transports
-                # close, e.g. when ICE consent expired. A link we close has left self.links.
+            elif state == "failed":
                 self._feed(self.signalling.media_failed(call_id))
+            elif state == "closed" and not link.consent_expired and not self._closed:
+                # aiortc closes a peer connection by itself once its DTLS transport closes. Our
+                # consent expiry is handled by _consent_expired and a link we close has left
+                # self.links, so this is the peer's close_notify: it closed its end on purpose
+                # and its hangup, or its leave, follows over signalling. Calling again now would
+                # ring a device that is going (and replace the call it is hanging up). A browser
+                # sees a peer's close only as consent failing later; so do we: the link is given
+                # up after consent_expiry_s if nothing has ended it by then.
+                log.info("mesh.closed_by_peer", peer=peer.device_id, call_id=call_id)
+                self._tasks.spawn(self._give_up_closed(link), f"mesh-closed-{call_id}")
 
         @pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
@@ -351,6 +367,17 @@ class MeshEngine:
             sink.start()
 
         return link
+
+    def _consent_expired(self, link: PeerLink) -> None:
+        link.consent_expired = True
+        if self.links.get(link.call_id) is link:
+            self._feed(self.signalling.media_failed(link.call_id))
+
+    async def _give_up_closed(self, link: PeerLink) -> None:
+        await asyncio.sleep(self.config.consent_expiry_s)
+        if self.links.get(link.call_id) is link:
+            log.info("mesh.closed_link_given_up", peer=link.peer.device_id, call_id=link.call_id)
+            self._feed(self.signalling.media_failed(link.call_id))
 
     def _frame_hook(self, peer: DeviceRef) -> Callable[[AvFrame], None] | None:
         tap = self._frames
@@ -433,7 +460,12 @@ class MeshEngine:
     async def _set_local(self, link: PeerLink, description: RTCSessionDescription) -> str:
         if self.config.host_addresses is not None:
             await gather_on(link.pc, self.config.host_addresses)
-        keep_consent_on(link.pc)
+        keep_consent_on(
+            link.pc,
+            interval_s=self.config.consent_interval_s,
+            expiry_s=self.config.consent_expiry_s,
+            on_expired=functools.partial(self._consent_expired, link),
+        )
         await link.pc.setLocalDescription(description)
         return str(link.pc.localDescription.sdp)
 

@@ -126,9 +126,14 @@ async def keep_consent(
     retransmissions: int = CONSENT_RETRANSMISSIONS,
     clock: Callable[[], float] = time.monotonic,
     jitter: Callable[[], float] = random.random,
+    on_expired: Callable[[], None] | None = None,
 ) -> None:
     """Consent freshness for one aioice ``Connection`` (in place of its ``query_consent``):
-    close it once no check has been answered for ``expiry_s``."""
+    close it once no check has been answered for ``expiry_s``, after calling ``on_expired``.
+
+    The close is silent (no DTLS close_notify reaches the peer) and aiortc then closes the
+    whole peer connection: "closed", the same state a peer's deliberate close gives.
+    ``on_expired`` is how the owner tells the two apart."""
     answered_at = clock()
     while True:
         await asyncio.sleep(interval_s * (0.8 + 0.4 * jitter()))
@@ -146,19 +151,33 @@ async def keep_consent(
                 pass
         if clock() - answered_at >= expiry_s:
             log.info("mesh.ice_consent_expired", unanswered_s=round(clock() - answered_at, 1))
+            if on_expired is not None:
+                on_expired()
             connection._query_consent_task = None  # what close() would cancel: this task
             await connection.close()
             return
 
 
-def keep_consent_on(pc: RTCPeerConnection) -> None:
+def keep_consent_on(
+    pc: RTCPeerConnection,
+    *,
+    interval_s: float = CONSENT_INTERVAL_S,
+    expiry_s: float = CONSENT_EXPIRY_S,
+    on_expired: Callable[[], None] | None = None,
+) -> None:
     """Give every ICE connection of ``pc`` :func:`keep_consent` (before it connects: aioice
     starts ``query_consent`` at the end of ``connect``)."""
     for connection in _ice_connections(pc):
         for name in ("query_consent", "_nominated", "build_request"):
             if not hasattr(connection, name):
                 raise LocalError(f"unexpected aioice version: no Connection.{name}")
-        connection.query_consent = functools.partial(keep_consent, connection)
+        connection.query_consent = functools.partial(
+            keep_consent,
+            connection,
+            interval_s=interval_s,
+            expiry_s=expiry_s,
+            on_expired=on_expired,
+        )
 
 
 def ice_servers_from_turn_response(response: object) -> tuple[IceServerConfig, ...]:

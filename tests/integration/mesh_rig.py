@@ -80,6 +80,7 @@ def make_engine(
     transform: FrameTransform | None = None,
     *,
     sources: Sequence[MediaStreamTrack] | None = None,
+    config: MeshConfig = CONFIG,
 ) -> MeshEngine:
     """An engine for ``r`` on ``router``; ``sources`` default to synthetic video and audio."""
     if sources is None:
@@ -88,7 +89,7 @@ def make_engine(
         LocalDevice(user_id=r.user_id, device_id=r.device_id, session_id=session(r), conf_id=CONF),
         router.sender_for(r),
         sources=list(sources),
-        config=CONFIG,
+        config=config,
         transform=transform,
     )
     router.engines[r] = engine

@@ -10,6 +10,7 @@ format, a key per sender) and, in the last test, the stateful LiveKit-format cry
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -20,10 +21,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from matrixrtc.e2ee import FrameCryptor, KeyRing
+from matrixrtc.mesh.engine import MeshEngine
 from matrixrtc.mesh.transform import CryptorTransform, FrameDecryptor
 from matrixrtc.session.mesh_signalling import DeviceRef
 from tests.integration.mesh_rig import (
     CONF,
+    CONFIG,
     FPS,
     IN_NETNS,
     Router,
@@ -362,30 +365,76 @@ async def test_ice_failure_replaces_the_call_and_media_resumes(mesh_router: Rout
     assert new.stats["video"].decrypt_failures == 0
 
 
-async def test_a_peer_connection_closed_underneath_is_replaced(mesh_router: Router) -> None:
-    """aioice closes an ICE connection by itself when consent expires (a link that lost every
-    check for 30 s); aiortc then closes the whole peer connection: "closed", never "failed".
-    The engine must treat it as a failure: hang up, call again, media back."""
-    a, b = ref("AAA"), ref("BBB")
+# Consent checks every 0.3 s, expiry after 1.5 s without an answer (30 s in production).
+QUICK_CONSENT = dataclasses.replace(CONFIG, consent_interval_s=0.3, consent_expiry_s=1.5)
+
+
+async def _connected_pair(router: Router) -> tuple[DeviceRef, DeviceRef, MeshEngine, MeshEngine]:
+    a, b = ref("AAA"), ref("BBB")  # AAA calls BBB
     tf = transforms("AAA", "BBB")
-    ea, eb = make_engine(mesh_router, a, tf["AAA"]), make_engine(mesh_router, b, tf["BBB"])
+    ea = make_engine(router, a, tf["AAA"], config=QUICK_CONSENT)
+    eb = make_engine(router, b, tf["BBB"], config=QUICK_CONSENT)
     for e in (ea, eb):
         e.start()
         e.set_members({a: session(a), b: session(b)})
     await wait_for(lambda: decoded(eb, a, "video") > 5, 10, "BBB decoding AAA")
-    old = eb.link_for(a)
-    assert old is not None
-    for transceiver in old.pc.getTransceivers()[:1]:  # bundled: one ICE connection
-        await transceiver.receiver.transport.transport.iceGatherer._connection.close()
+    return a, b, ea, eb
+
+
+def _hangups(router: Router, sender: DeviceRef) -> list[tuple[str, str]]:
+    return [
+        (c["call_id"], c["reason"])
+        for o, _t, ty, c in router.sent
+        if o == sender and ty == "m.call.hangup"
+    ]
+
+
+async def _media_on_a_new_call(eb: MeshEngine, a: DeviceRef, old_call_id: str) -> None:
     await wait_for(
         lambda: (
             (link := eb.link_for(a)) is not None
-            and link.call_id != old.call_id
+            and link.call_id != old_call_id
             and link.stats.get("video") is not None
             and link.stats["video"].frames_decoded > 5
         ),
         15,
-        "a new call with media after the peer connection closed underneath",
+        "a new call with media",
     )
-    hangups = [c for o, t, ty, c in mesh_router.sent if o == b and ty == "m.call.hangup"]
-    assert [(c["call_id"], c["reason"]) for c in hangups] == [(old.call_id, "ice_failed")]
+
+
+async def test_expired_ice_consent_replaces_the_call(mesh_router: Router) -> None:
+    """Chaos bug 3: when consent expires, aioice closes the ICE connection silently and aiortc
+    closes the peer connection ("closed", never "failed"). The engine hangs up and the caller
+    calls again. The fault: AAA's answers to BBB's consent checks are lost (the STUN requests
+    AAA receives are dropped); media still flows both ways until BBB's consent expires."""
+    a, b, ea, eb = await _connected_pair(mesh_router)
+    old = eb.link_for(a)
+    assert old is not None
+    ea_link = ea.link_for(b)
+    assert ea_link is not None
+    for transceiver in ea_link.pc.getTransceivers()[:1]:  # bundled: one ICE connection
+        connection = transceiver.receiver.transport.transport.iceGatherer._connection
+        connection.request_received = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    await _media_on_a_new_call(eb, a, old.call_id)
+    assert old.consent_expired
+    assert _hangups(mesh_router, b) == [(old.call_id, "ice_failed")]
+
+
+async def test_a_peer_connection_the_peer_closed_is_given_up_after_the_consent_expiry(
+    mesh_router: Router,
+) -> None:
+    """AAA closes its peer connection (DTLS close_notify) and its hangup is lost: BBB does not
+    hang up at once (a closing peer's hangup normally follows, and calling again would ring a
+    device that is going), but after the consent expiry; then AAA calls again."""
+    a, b, ea, eb = await _connected_pair(mesh_router)
+    old = eb.link_for(a)
+    assert old is not None
+    closed_at = time.monotonic()
+    await ea._close_link(ea.links[old.call_id])  # as AAA ends a call, minus the hangup it sends
+    await wait_for(lambda: old.pc.connectionState == "closed", 5, "BBB's end closed")
+    await asyncio.sleep(0.5)
+    assert _hangups(mesh_router, b) == []
+    await wait_for(lambda: bool(_hangups(mesh_router, b)), 5, "BBB giving the link up")
+    assert time.monotonic() - closed_at >= QUICK_CONSENT.consent_expiry_s
+    assert _hangups(mesh_router, b) == [(old.call_id, "ice_failed")]
+    await _media_on_a_new_call(eb, a, old.call_id)

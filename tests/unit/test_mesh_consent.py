@@ -100,11 +100,20 @@ async def test_consent_is_kept_on_a_600ms_round_trip() -> None:
 
 async def test_consent_expires_when_nothing_answers() -> None:
     conn = FakeConnection(SlowPath(None))
+    told: list[bool] = []  # whether the connection was still open when the owner was told
     await asyncio.wait_for(
-        keep_consent(conn, interval_s=0.01, expiry_s=0.8, retransmissions=0, jitter=lambda: 0.5),
+        keep_consent(
+            conn,
+            interval_s=0.01,
+            expiry_s=0.8,
+            retransmissions=0,
+            jitter=lambda: 0.5,
+            on_expired=lambda: told.append(not conn.closed.is_set()),
+        ),
         5.0,
     )
     assert conn.closed.is_set()
+    assert told == [True]  # told once, before the close (its "closed" must not look deliberate)
 
 
 async def test_every_ice_connection_of_a_peer_connection_gets_it() -> None:
@@ -119,5 +128,6 @@ async def test_every_ice_connection_of_a_peer_connection_gets_it() -> None:
             assert isinstance(consent, functools.partial)
             assert consent.func is keep_consent
             assert consent.args == (connection,)
+            assert consent.keywords["expiry_s"] == 30.0
     finally:
         await pc.close()
