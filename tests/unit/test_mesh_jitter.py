@@ -8,7 +8,7 @@ from typing import Any
 
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matrixrtc.mesh.jitter import AssembledFrame, FrameAssembler, vp8_starts_frame
@@ -235,6 +235,7 @@ def _frame_of(frames: list[list[RtpPacket]]) -> dict[int, int]:
     return {int(f[0].timestamp): i for i, f in enumerate(frames)}
 
 
+@settings(max_examples=50)  # make test's budget: ~1 s under coverage
 @given(stream=_streams(), data=st.data())
 def test_property_reordering_without_loss_hands_on_every_frame_once_in_order(
     stream: tuple[str, list[list[RtpPacket]]], data: st.DataObject
@@ -252,6 +253,7 @@ def test_property_reordering_without_loss_hands_on_every_frame_once_in_order(
     assert asm.skips == asm.plis == asm.dropped_frames == 0
 
 
+@settings(max_examples=40)  # ~2 s under coverage
 @given(stream=_streams(), data=st.data())
 def test_property_loss_never_hands_on_a_broken_or_undecodable_frame_and_recovers(
     stream: tuple[str, list[list[RtpPacket]]], data: st.DataObject
