@@ -4,6 +4,8 @@ Modules (each documents its API in its docstring):
 
 * ``token``       credentials from an authorization service (``/get_token``, ``/sfu/get``).
 * ``connection``  ``LiveKitConnection``: one SFU, E2EE key provider, synthetic media, counters.
+* ``receive``     ``ReceivedTracks``: layers asked for, remote frames rendered or counted.
+* ``preencoded``  the synthetic video as a looped VP8 clip encoded once.
 * ``transport``   ``LiveKitTransport``: one connection per SFU the call needs (oldest member
                   or multi-SFU), keys from the sender-key manager installed everywhere,
                   dropped connections replaced with fresh credentials.

@@ -27,9 +27,12 @@ still opening; a connection made alone gets a private table.
 Media is synthetic (``matrixrtc.media.sources``: a moving pattern, default 320×240 at 15 fps,
 and a 440 Hz tone) unless ``sources`` gives the tracks to publish (any ``av``-frame tracks, e.g.
 a call's published tracks): each is published once its first frame arrives (LiveKit's source
-takes that frame's size) and re-captured into a LiveKit source. Every subscribed remote track is
-drained and counted in an owned task; with a ``frames`` tap that listens, each decoded frame is
-also handed on as an ``av`` frame with the sender's identity.
+takes that frame's size) and re-captured into a LiveKit source; ``MediaOptions.preencoded``
+publishes the synthetic video as a looped clip encoded once (``preencoded``). Every subscribed
+remote track is drained and counted in an owned task (``receive.ReceivedTracks``); with a
+``frames`` tap that listens, each decoded frame of a rendered track is also handed on as an
+``av`` frame with the sender's identity; ``MediaOptions.render_max`` limits how many remote
+videos are rendered, the others being counted from their receivers' statistics.
 
 The SDK makes a received track's frame cryptor only once the track is subscribed (its
 ``on_track_subscribed``), i.e. after RTP already flows, and enables it in a second step; until
@@ -53,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,18 +67,12 @@ import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from livekit import rtc
-from livekit.rtc._ffi_client import FfiClient
-from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from livekit.rtc.participant import PublishTrackError
 
 from matrixrtc.errors import RemoteError
-from matrixrtc.livekit.frames import (
-    AudioToRtc,
-    JitterDelay,
-    audio_to_av,
-    video_to_av,
-    video_to_rtc,
-)
+from matrixrtc.livekit.frames import AudioToRtc, video_to_rtc
+from matrixrtc.livekit.preencoded import ClipPlayer, EncodedClip, encode_pattern_clip
+from matrixrtc.livekit.receive import ReceivedTracks
 from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
@@ -101,13 +97,6 @@ RATCHET_WINDOW_SIZE: Final = 10  # Element Call MatrixKeyProvider
 FAILURE_TOLERANCE: Final = 10  # livekit-client KEY_PROVIDER_DEFAULTS, kept by Element Call
 ELEMENT_CALL_KEY_RING_SIZE: Final = 256  # indices run 0..255 (matrix-js-sdk)
 CONNECT_TIMEOUT_S: Final = 10.0
-AUDIO_FRAME_MS: Final = 100
-# A received video track's frames wait for a key frame decoded through its frame cryptor.
-FRESH_KEY_TIMEOUT_S: Final = 5.0  # then they pass anyway (logged)
-FRESH_KEY_POLL_S: Final = 0.05
-FRESH_KEY_TOGGLE_S: Final = 0.2  # disabled this long to make the SFU resume at a key frame
-JITTER_POLL_S: Final = 0.5  # how often a recorded audio track's jitter-buffer delay is read
-STREAM_CLOSE_S: Final = 2.0  # a received stream's close waits this long for the SDK's end
 
 # States that mean a participant's frames are not being decrypted.
 _FAILING: Final = frozenset(
@@ -166,6 +155,13 @@ class MediaOptions:
     # Receivers ask for the low layer once they subscribe to more than this many remote video
     # tracks (a grid of small tiles); None: always the full size.
     low_layer_above: int | None = None
+    # Receivers take decoded frames into this process for at most this many remote video
+    # tracks (the first subscribed); the others are received, decrypted and counted from the
+    # receiver's statistics (matrixrtc.livekit.receive). None: every track.
+    render_max: int | None = None
+    # Synthetic video: publish a looped VP8 clip of the pattern, encoded once when publishing
+    # (matrixrtc.livekit.preencoded), instead of encoding every frame in the SDK.
+    preencoded: bool = False
 
 
 @dataclass(slots=True)
@@ -185,7 +181,8 @@ class ParticipantStats:
     last_video_at: float | None = None
     e2ee_state: str | None = None  # last EncryptionState name
     decrypt_failures: int = 0  # entries into DECRYPTION_FAILED / MISSING_KEY / INTERNAL_ERROR
-    layer: str | None = None  # the simulcast layer asked for: "high" / "low"
+    layer: str | None = None  # the simulcast layer asked for: "high" / "low" / "single"
+    rendered: bool | None = None  # frames taken into this process (False: counted from stats)
     video_size: tuple[int, int] | None = None  # of the last decoded frame (the layer received)
     e2ee_events: collections.deque[tuple[float, str]] = field(
         default_factory=lambda: collections.deque(maxlen=_MAX_EVENTS)
@@ -278,37 +275,6 @@ class KeyTable:
             conn.install_own_key()
 
 
-@dataclass
-class _FreshKey:
-    """Whether a received video track's frames may be handed on (see ``_await_fresh_key``)."""
-
-    started: bool = False  # the wait for the key frame began
-    open: bool = False
-    held: int = 0  # decoded frames not handed on before it opened
-
-
-async def _key_frames_decoded(track: rtc.Track) -> int | None:
-    """The receiver's decoded key frame count (its ``inbound-rtp`` stats); None: no stats."""
-    try:
-        reports = await track.get_stats()
-    except Exception as exc:
-        log.info("livekit.stats_failed", error=repr(exc))
-        return None
-    for report in reports:
-        if report.WhichOneof("stats") == "inbound_rtp":
-            return int(report.inbound_rtp.inbound.key_frames_decoded)
-    return 0  # nothing decoded yet
-
-
-def _enable_publication(publication: rtc.RemoteTrackPublication, enabled: bool) -> None:
-    """Enable or disable a subscribed track at the SFU (LiveKit's track settings). The SDK
-    (1.2.1, pinned) has the FFI request but no Python method for it."""
-    req = proto_ffi.FfiRequest()
-    req.enable_remote_track_publication.track_publication_handle = publication._ffi_handle.handle
-    req.enable_remote_track_publication.enabled = enabled
-    FfiClient.instance.request(req)
-
-
 class LiveKitConnection:
     """A LiveKit room connection: E2EE, optional synthetic publishing, per-remote counters."""
 
@@ -374,8 +340,18 @@ class LiveKitConnection:
         # not end by themselves when a participant vanishes: chaos bug 5).
         self._track_tasks: dict[str, set[asyncio.Task[None]]] = {}
         self._track_owner: dict[str, str] = {}
-        self._sources: list[rtc.VideoSource | rtc.AudioSource] = []
+        self._sources: list[rtc.VideoSource | rtc.AudioSource | rtc.EncodedVideoSource] = []
         self._closed = False
+        self.received = ReceivedTracks(
+            self.room,
+            self.media,
+            e2ee=e2ee,
+            clock=clock,
+            stats_for=self._stats_for,
+            spawn=self._spawn_for_track,
+            cryptor_enabled=self._cryptor_enabled,
+            frames=frames,
+        )
         self.room.on("track_subscribed", self._on_track_subscribed)
         self.room.on("track_unsubscribed", self._on_track_unsubscribed)
         self.room.on("track_published", self._on_track_published)
@@ -553,6 +529,7 @@ class LiveKitConnection:
         if not tasks:
             return
         log.info("livekit.track_ended", track=sid, identity=self._track_owner.get(sid))
+        self.received.on_ended(sid)
         for task in list(tasks):
             task.cancel()
 
@@ -631,7 +608,22 @@ class LiveKitConnection:
         m = self.media
         lp = self.room.local_participant
         try:
-            if m.video:
+            if m.video and m.preencoded:
+                clip = await asyncio.to_thread(encode_pattern_clip, m.width, m.height, m.fps)
+                esource = rtc.EncodedVideoSource(m.width, m.height)
+                self._sources.append(esource)
+                etrack = rtc.LocalVideoTrack.create_video_track("synthetic-video", esource)
+                await lp.publish_track(
+                    etrack,
+                    rtc.TrackPublishOptions(
+                        source=rtc.TrackSource.SOURCE_CAMERA,
+                        video_codec=rtc.VideoCodec.VP8,
+                        video_encoder=rtc.VideoEncoderBackend.ENCODER_BACKEND_PRE_ENCODED,
+                        simulcast=False,
+                    ),
+                )
+                self._spawn(self._pump_encoded(esource, clip), "livekit-video-source")
+            elif m.video:
                 vsource = rtc.VideoSource(m.width, m.height)
                 self._sources.append(vsource)
                 vtrack = rtc.LocalVideoTrack.create_video_track("synthetic-video", vsource)
@@ -717,6 +709,36 @@ class LiveKitConnection:
         finally:
             track.stop()
 
+    async def _pump_encoded(self, source: rtc.EncodedVideoSource, clip: EncodedClip) -> None:
+        """The clip at its frame rate, a key frame whenever WebRTC asks for one."""
+        player = ClipPlayer(clip)
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / clip.fps
+        start = loop.time()
+        n = 0
+        while True:
+            delay = start + n * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            data, key = player.next(source.take_feedback().keyframe_requested)
+            source.capture_frame(
+                rtc.EncodedVideoFrame(
+                    data=data,
+                    width=clip.width,
+                    height=clip.height,
+                    codec=rtc.VideoCodec.VP8,
+                    frame_type=(
+                        rtc.EncodedFrameType.ENCODED_FRAME_KEY
+                        if key
+                        else rtc.EncodedFrameType.ENCODED_FRAME_DELTA
+                    ),
+                    timestamp_us=round(n * interval * 1_000_000),
+                )
+            )
+            n += 1
+            self.sent.video_frames += 1
+            self.sent.video_times.append(self._clock())
+
     async def _pump_audio(self, source: rtc.AudioSource) -> None:
         track = ToneAudioTrack(self.media.tone_hz)
         try:
@@ -743,147 +765,7 @@ class LiveKitConnection:
         publication: rtc.RemoteTrackPublication,
         participant: rtc.RemoteParticipant,
     ) -> None:
-        stats = self._stats_for(participant.identity)
-        if track.kind == rtc.TrackKind.KIND_VIDEO:
-            self._choose_layers()
-            stats.video_tracks += 1
-            if stats.video_subscribed_at is None:
-                stats.video_subscribed_at = self._clock()
-            self._spawn_for_track(
-                track.sid,
-                participant.identity,
-                self._count_video(track, publication, stats),
-                f"livekit-sink-video-{track.sid}",
-            )
-        elif track.kind == rtc.TrackKind.KIND_AUDIO:
-            self._spawn_for_track(
-                track.sid,
-                participant.identity,
-                self._count_audio(track, stats),
-                f"livekit-sink-audio-{track.sid}",
-            )
-
-    def _choose_layers(self) -> None:
-        """Every remote video at the layer that fits: the low one past ``low_layer_above``
-        remote video tracks (small tiles), else the full size. A publication without layers
-        (livekit 1.2.1 publishes a 320×240 track with ``simulcast=True`` as a single layer)
-        is marked ``"single"``: there is nothing to choose."""
-        limit = self.media.low_layer_above
-        if limit is None:
-            return  # the SFU's default (the full size); no layer asked for
-        pubs = [
-            (p.identity, pub)
-            for p in self.room.remote_participants.values()
-            for pub in p.track_publications.values()
-            if pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed
-        ]
-        low = len(pubs) > limit
-        for identity, pub in pubs:
-            stats = self._stats_for(identity)
-            if not pub.simulcasted:
-                stats.layer = "single"
-                continue
-            layer = "low" if low else "high"
-            if stats.layer != layer:
-                pub.set_video_quality(
-                    rtc.VideoQuality.VIDEO_QUALITY_LOW
-                    if low
-                    else rtc.VideoQuality.VIDEO_QUALITY_HIGH
-                )
-                stats.layer = layer
-
-    async def _count_video(
-        self, track: rtc.Track, publication: rtc.RemoteTrackPublication, stats: ParticipantStats
-    ) -> None:
-        stream = rtc.VideoStream(track)
-        fresh = _FreshKey()
-        first = True
-        try:
-            async for event in stream:
-                now = self._clock()
-                if first:
-                    first = False
-                    log.info(
-                        "livekit.first_video_frame",
-                        identity=stats.identity,
-                        track=track.sid,
-                        cryptor_enabled=self._cryptor_enabled(track.sid),
-                        e2ee_state=stats.e2ee_state,
-                    )
-                if self._frames is not None and self._frames.listening:
-                    if self.e2ee and not fresh.started:
-                        # Someone takes the frames: first make sure they are not noise (the
-                        # module doc). Only then: the key frame asked for costs a short gap.
-                        fresh.started = True
-                        self._spawn_for_track(
-                            track.sid,
-                            stats.identity,
-                            self._await_fresh_key(track, publication, stats.identity, fresh),
-                            f"livekit-fresh-key-{track.sid}",
-                        )
-                    if self.e2ee and not fresh.open:
-                        fresh.held += 1  # maybe built on an undecrypted key frame
-                    else:
-                        self._frames(stats.identity, video_to_av(event.frame, event.timestamp_us))
-                stats.video_frames += 1
-                stats.video_size = (event.frame.width, event.frame.height)
-                if stats.first_video_at is None:
-                    stats.first_video_at = now
-                    log.info("livekit.first_remote_frame", identity=stats.identity)
-                stats.last_video_at = now
-                stats.video_times.append(now)
-        finally:
-            await _close_stream(stream)
-
-    async def _await_fresh_key(
-        self,
-        track: rtc.Track,
-        publication: rtc.RemoteTrackPublication,
-        identity: str,
-        fresh: _FreshKey,
-    ) -> None:
-        """Open ``fresh`` once a key frame has been decoded through the track's enabled frame
-        cryptor (the module doc: the SDK attaches it only after the track is receiving, and a
-        key frame decoded before that leaves every later frame noise)."""
-        start = self._clock()
-        deadline = start + FRESH_KEY_TIMEOUT_S
-        try:
-            # What had happened by the time frames were first taken (evidence for the race).
-            cryptor_at_start = self._cryptor_enabled(track.sid)
-            keys_at_start = await _key_frames_decoded(track)
-            while self._cryptor_enabled(track.sid) is not True:
-                if self._clock() >= deadline:
-                    log.warning("livekit.no_frame_cryptor", identity=identity, track=track.sid)
-                    return
-                await asyncio.sleep(FRESH_KEY_POLL_S)
-            before = await _key_frames_decoded(track)
-            if before is None:
-                return  # no stats: nothing to wait on
-            # Ask for a key frame: LiveKit resumes a re-enabled subscription at one (a PLI to
-            # the publisher). Two updates apart, so that the SFU sees the track disabled at all.
-            _enable_publication(publication, False)
-            await asyncio.sleep(FRESH_KEY_TOGGLE_S)
-            _enable_publication(publication, True)
-            while self._clock() < deadline:
-                now = await _key_frames_decoded(track)
-                if now is not None and now > before:
-                    log.info(
-                        "livekit.fresh_key_frame",
-                        identity=identity,
-                        track=track.sid,
-                        cryptor_at_start=cryptor_at_start,
-                        key_frames_at_start=keys_at_start,
-                        key_frames_before=before,
-                        held_frames=fresh.held,
-                        wait_ms=round((self._clock() - start) * 1000),
-                    )
-                    return
-                await asyncio.sleep(FRESH_KEY_POLL_S)
-            log.warning("livekit.no_fresh_key_frame", identity=identity, track=track.sid)
-        except Exception as exc:  # the SDK's requests fail once the track or room is gone
-            log.info("livekit.fresh_key_failed", identity=identity, error=repr(exc))
-        finally:
-            fresh.open = True
+        self.received.on_subscribed(track, publication, participant)
 
     def _cryptor_enabled(self, track_sid: str) -> bool | None:
         """Whether the frame cryptor of a received track is enabled (None: it has none yet)."""
@@ -893,49 +775,6 @@ class LiveKitConnection:
             if c.track_sid == track_sid:
                 return c.enabled
         return None
-
-    async def _count_audio(self, track: rtc.Track, stats: ParticipantStats) -> None:
-        # Every SDK event passes through this process's event loop (and every stream's filter):
-        # 100 ms frames instead of the default 10 ms keep that load a tenth.
-        stream = rtc.AudioStream(track, frame_size_ms=AUDIO_FRAME_MS)
-        samples = 0  # this stream's samples so far: its clock (see audio_to_av)
-        jitter = JitterDelay()
-        polling = False
-        try:
-            async for event in stream:
-                stats.audio_frames += 1
-                stats.last_audio_at = self._clock()
-                if stats.first_audio_at is None:
-                    stats.first_audio_at = stats.last_audio_at
-                if self._frames is not None and self._frames.listening:
-                    if not polling:
-                        polling = True
-                        self._spawn_for_track(
-                            track.sid,
-                            stats.identity,
-                            self._poll_jitter(track, jitter),
-                            f"lk-jitter-{track.sid}",
-                        )
-                    lag = round(jitter.delay_s * event.frame.sample_rate)
-                    frame = audio_to_av(event.frame, samples - lag, content=jitter.known)
-                    self._frames(stats.identity, frame)
-                samples += event.frame.samples_per_channel
-        finally:
-            await _close_stream(stream)
-
-    async def _poll_jitter(self, track: rtc.Track, jitter: JitterDelay) -> None:
-        """Keep ``jitter`` at the receiver's current jitter-buffer delay (its stats)."""
-        while True:
-            try:
-                reports = await track.get_stats()
-            except Exception as exc:  # no stats: the stamps stay a plain sample count
-                log.info("livekit.jitter_stats_failed", error=repr(exc))
-                return
-            for report in reports:
-                if report.WhichOneof("stats") == "inbound_rtp":
-                    inbound = report.inbound_rtp.inbound
-                    jitter.update(inbound.jitter_buffer_delay, inbound.jitter_buffer_emitted_count)
-            await asyncio.sleep(JITTER_POLL_S)
 
     def _on_e2ee_state(
         self, participant: rtc.Participant | None, state: rtc.EncryptionState.ValueType
@@ -949,11 +788,3 @@ class LiveKitConnection:
         if state in _FAILING:
             stats.decrypt_failures += 1
             log.info("livekit.decrypt_failing", identity=participant.identity, state=name)
-
-
-async def _close_stream(stream: rtc.VideoStream | rtc.AudioStream) -> None:
-    """Close a received stream: its handle goes, and the SDK's reader ends at the stream's
-    end-of-stream event. Bounded: should that never come, the reader is cancelled with the
-    wait (``aclose`` awaits it)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stream.aclose(), STREAM_CLOSE_S)

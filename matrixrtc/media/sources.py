@@ -83,7 +83,15 @@ class SyntheticVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        n = await self._pacer.next()
+        return self.frame_at(await self._pacer.next())
+
+    @property
+    def period(self) -> int:
+        """The pattern repeats every this many frames (it moves 4 pixels a frame)."""
+        return self.width // math.gcd(self.width, 4)
+
+    def frame_at(self, n: int) -> av.VideoFrame:
+        """Frame ``n`` of the pattern (no pacing; ``recv`` paces these)."""
         y, u, v = self._planes
         shift = (n * 4) % self.width
         # yuv420p as one (h * 3 / 2, w) array: Y, then U and V each folded to h / 4 rows.

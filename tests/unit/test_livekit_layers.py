@@ -8,7 +8,8 @@ from typing import Any
 
 from livekit import rtc
 
-from matrixrtc.livekit.connection import LiveKitConnection, MediaOptions, ParticipantStats
+from matrixrtc.livekit.connection import MediaOptions, ParticipantStats
+from matrixrtc.livekit.receive import ReceivedTracks
 
 
 class _Pub:
@@ -29,8 +30,17 @@ def _conn(n: int, limit: int | None) -> tuple[Any, dict[str, _Pub]]:
             k: SimpleNamespace(identity=k, track_publications={"v": p}) for k, p in pubs.items()
         }
     )
-    conn: Any = SimpleNamespace(room=room, media=MediaOptions(low_layer_above=limit), stats={})
-    conn._stats_for = lambda ident: conn.stats.setdefault(ident, ParticipantStats(ident))
+    stats: dict[str, ParticipantStats] = {}
+    conn: Any = ReceivedTracks(
+        room,  # type: ignore[arg-type]
+        MediaOptions(low_layer_above=limit),
+        e2ee=True,
+        clock=lambda: 0.0,
+        stats_for=lambda ident: stats.setdefault(ident, ParticipantStats(ident)),
+        spawn=lambda *_: None,
+        cryptor_enabled=lambda _: None,
+    )
+    conn.stats = stats
     return conn, pubs
 
 
@@ -39,17 +49,17 @@ LOW, HIGH = rtc.VideoQuality.VIDEO_QUALITY_LOW, rtc.VideoQuality.VIDEO_QUALITY_H
 
 def test_full_size_up_to_the_limit_then_low_for_all() -> None:
     conn, pubs = _conn(4, limit=4)
-    LiveKitConnection._choose_layers(conn)
+    conn.choose_layers()
     assert all(p.asked == [HIGH] for p in pubs.values())
     assert {s.layer for s in conn.stats.values()} == {"high"}
     extra = _Pub()
     conn.room.remote_participants["p4"] = SimpleNamespace(
         identity="p4", track_publications={"v": extra}
     )
-    LiveKitConnection._choose_layers(conn)
+    conn.choose_layers()
     assert all(p.asked == [HIGH, LOW] for p in pubs.values())
     assert extra.asked == [LOW]
-    LiveKitConnection._choose_layers(conn)  # no change: nothing asked again
+    conn.choose_layers()  # no change: nothing asked again
     assert extra.asked == [LOW]
     assert conn.stats["p4"].layer == "low"
 
@@ -58,7 +68,7 @@ def test_a_single_layer_publication_is_never_asked() -> None:
     """set_video_quality raises on it (livekit 1.2.1), in the SDK's event callback."""
     conn, pubs = _conn(6, limit=4)
     pubs["p0"].simulcasted = False
-    LiveKitConnection._choose_layers(conn)
+    conn.choose_layers()
     assert pubs["p0"].asked == []
     assert conn.stats["p0"].layer == "single"
     assert pubs["p1"].asked == [LOW]
@@ -66,6 +76,6 @@ def test_a_single_layer_publication_is_never_asked() -> None:
 
 def test_no_limit_asks_nothing() -> None:
     conn, pubs = _conn(12, limit=None)
-    LiveKitConnection._choose_layers(conn)
+    conn.choose_layers()
     assert all(p.asked == [] for p in pubs.values())
     assert conn.stats == {}
