@@ -89,10 +89,15 @@ def _proc_cpu_s(pid: int | None) -> float | None:
 def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str, Any]:
     w = report["window"]
     layers: dict[str, dict[str, str]] = {}
+    rendered: dict[str, list[str]] = {}
+    counted: dict[str, list[str]] = {}
     for pair in w["pairs"]:
         if "layer" in pair:
             got = pair["layer"] + (f" {pair['video_size']}" if "video_size" in pair else "")
             layers.setdefault(pair["receiver"], {})[pair["sender"]] = got
+        if "rendered" in pair:
+            into = rendered if pair["rendered"] else counted
+            into.setdefault(pair["receiver"], []).append(pair["sender"])
     cell: dict[str, Any] = {
         "n": n,
         "min_fps_ratio": w["min_fps_ratio"],
@@ -109,6 +114,11 @@ def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str,
         cell["server_cpu_percent"] = server_cpu
     if layers:
         cell["layers"] = layers  # receiver → sender → the simulcast layer it took
+    if rendered or counted:
+        # receiver → senders whose decoded frames it took into the process (rendered) / only
+        # counted from its WebRTC receiver's statistics (received, decrypted, not rendered)
+        cell["rendered"] = rendered
+        cell["counted"] = counted
     return cell
 
 
@@ -135,14 +145,20 @@ async def _measure(
         simulcast=transport == "sfu" and args.simulcast,
         low_layer_above=args.low_layer_above if transport == "sfu" and args.simulcast else None,
         decode_video=args.mesh_decode_video if transport == "mesh" else None,
+        render_max=args.render_max if transport == "sfu" else None,
+        preencoded=transport == "sfu" and args.preencoded,
         # Mesh: participants join one after another and the window is measured once every
         # pair receives, so the start-up (logins, Olm, N(N-1)/2 handshakes at once) neither
-        # overloads the box nor shortens the window.
-        join_interval_s=args.mesh_join_interval if transport == "mesh" else 0.0,
-        window_s=args.duration if transport == "mesh" else None,
+        # overloads the box nor shortens the window. SFU: the same with --join-interval and
+        # --window.
+        join_interval_s=args.mesh_join_interval if transport == "mesh" else args.join_interval,
+        window_s=args.duration if transport == "mesh" else args.window,
+        delayed_leave_ms=args.delayed_leave_ms,
     )
     if transport == "mesh":
         cfg = replace(cfg, duration_s=args.duration + args.mesh_form_timeout)
+    elif args.window is not None:
+        cfg = replace(cfg, duration_s=args.window + args.sfu_form_timeout)
 
     def progress(line: str) -> None:
         if args.verbose:
@@ -315,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--mesh", type=_ns, default=_ns("2-8"), help="mesh N (default 2-8)")
-    parser.add_argument("--sfu", type=_ns, default=_ns("4,8,12"), help="SFU N (default 4,8,12)")
+    parser.add_argument("--sfu", type=_ns, default=_ns("3,6,9,12"), help="SFU N (default 3,6,9,12)")
     parser.add_argument("--no-mesh", dest="mesh", action="store_const", const=[])
     parser.add_argument("--no-sfu", dest="sfu", action="store_const", const=[])
     parser.add_argument(
@@ -340,6 +356,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--low-layer-above", type=int, default=4,
         help="SFU receivers take the low layer past this many remote videos (default 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--render-max", type=int, default=None,
+        help="SFU receivers take decoded frames of at most this many remote videos; the "
+        "others are received, decrypted and counted from WebRTC statistics (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preencoded", action=argparse.BooleanOptionalAction, default=False,
+        help="SFU publishers send a looped VP8 clip of the pattern encoded once, instead of "
+        "the SDK encoding every frame (default off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window", type=float, default=15.0,
+        help="SFU cells: seconds measured from --settle after every pair had a frame, "
+        "however long the start-up took (default 15)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--join-interval", type=float, default=0.5,
+        help="SFU cells: start each participant this long after the previous one is ready "
+        "(default 0.5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sfu-form-timeout", type=float, default=90.0, metavar="S",
+        help="SFU cells: a call not formed (some pair without a frame) S s after the last "
+        "join is measured as it is (default 90)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--delayed-leave-ms", type=int, default=8_000,
+        help="each member's delayed leave (default 8000, as Element Call)",
     )  # fmt: skip
     parser.add_argument(
         "--go-anchor", action=argparse.BooleanOptionalAction, default=GOANCHOR.exists(),

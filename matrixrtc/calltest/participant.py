@@ -82,6 +82,8 @@ class ParticipantConfig:
     simulcast: bool = False  # on the SFU: publish layers
     low_layer_above: int | None = None  # on the SFU: the low layer past this many videos
     decode_video: int | None = None  # mesh: decode the video of this many peers (None: all)
+    render_max: int | None = None  # on the SFU: frames of at most this many videos taken
+    preencoded: bool = False  # on the SFU: a looped clip encoded once, not every frame
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -318,6 +320,7 @@ def _switcher_view(
                     "kbps_out": None,
                     "audio_frames_decoded": lk_stats.audio_frames,
                     "layer": lk_stats.layer,
+                    "rendered": lk_stats.rendered,
                     "video_size": (
                         "x".join(map(str, lk_stats.video_size)) if lk_stats.video_size else None
                     ),
@@ -463,6 +466,8 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                             audio=cfg.audio and not cfg.receive_only,
                             simulcast=cfg.simulcast,
                             low_layer_above=cfg.low_layer_above,
+                            render_max=cfg.render_max,
+                            preencoded=cfg.preencoded,
                         ),
                         mesh=replace(
                             link_cfg,

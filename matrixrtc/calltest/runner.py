@@ -78,6 +78,8 @@ class CallTestConfig:
     # pair (a call that never forms ends duration_s after the last join). None: duration_s
     # after the last join, whatever part of it the start-up took.
     window_s: float | None = None
+    render_max: int | None = None  # SFU: receivers take frames of at most this many videos
+    preencoded: bool = False  # SFU: publish a looped clip encoded once (livekit.preencoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +494,7 @@ def measurement_window(
                     "decoded": bool(peer.get("video_decoded", True)),
                     **({"layer": peer["layer"]} if peer.get("layer") else {}),
                     **({"video_size": peer["video_size"]} if peer.get("video_size") else {}),
+                    **({"rendered": peer["rendered"]} if peer.get("rendered") is not None else {}),
                 }
             )
     cpus = [x["cpu_percent"] for x in per if x["cpu_percent"] is not None]
@@ -709,6 +712,8 @@ async def run_call_test(
             simulcast=cfg.simulcast,
             low_layer_above=cfg.low_layer_above,
             decode_video=cfg.decode_video,
+            render_max=cfg.render_max,
+            preencoded=cfg.preencoded,
         )
         viewers = range(cfg.participants - cfg.receive_only, cfg.participants)
         configs = [

@@ -91,6 +91,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on the SFU, a receiver of more than K remote videos takes the low simulcast "
         "layer (small tiles); the report says which layer each pair took",
     )
+    parser.add_argument(
+        "--render-max",
+        type=int,
+        default=None,
+        metavar="K",
+        help="on the SFU, a receiver takes decoded frames of at most K remote videos (the "
+        "first K); the others are received, decrypted and counted from WebRTC statistics",
+    )
+    parser.add_argument(
+        "--preencoded",
+        action="store_true",
+        help="on the SFU, publish a looped VP8 clip of the pattern encoded once instead of "
+        "encoding every frame",
+    )
     parser.add_argument("--resolution", type=_resolution, default=(320, 240))
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument(
@@ -157,6 +171,8 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         decode_video=args.decode_video,
         simulcast=args.simulcast,
         low_layer_above=args.low_layer_above,
+        render_max=args.render_max,
+        preencoded=args.preencoded,
         html=args.html,
     )
 

@@ -1,5 +1,7 @@
 """``bench/scale.py --json`` at its smallest (mesh n=3, SFU n=3, E2EE, separate participant
-processes): the issue-19 JSON shape, with figures that say the calls carried media."""
+processes): the issue-19 JSON shape, with figures that say the calls carried media. The SFU
+cell runs the capacity configuration: publishers send the pre-encoded clip, and each receiver
+renders one remote video and counts the other from its WebRTC receiver's statistics."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ MIN_RATIO = 0.7
 async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.scale", "--mesh", "3", "--sfu", "3", "--duration", "8",
-        "--no-switch", "--json",
+        "--window", "6", "--render-max", "1", "--preencoded", "--no-switch", "--no-go-anchor",
+        "--json",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
@@ -46,6 +49,13 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
         assert 2 < cell["cpu_percent_per_participant"] < 67
         assert 50 < cell["memory_mb_per_participant"] < 1000
     assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
+    # every receiver rendered one sender and counted the other, and both pairs held the rate
+    names = {f"p{i}" for i in (1, 2, 3)}
+    assert set(sfu["rendered"]) == set(sfu["counted"]) == names
+    for r in names:
+        (shown,), (counted,) = sfu["rendered"][r], sfu["counted"][r]
+        assert {shown, counted} == names - {r}
+    assert {layer for per in sfu["layers"].values() for layer in per.values()} == {"single 320x240"}
     assert "server_cpu_percent" not in mesh
     # --mesh-decode-video 1 (the default): each of the 3 receivers decoded one peer's video;
     # the other pair still counted (received and decrypted) at the ratio above.
