@@ -16,8 +16,10 @@ events here):
   process as a copied I420 buffer, is counted and goes to the ``frames`` tap when one
   listens. With ``MediaOptions.render_max`` = K, only the first K remote video tracks are
   rendered; the others are still subscribed, received and decrypted, and are *counted* from
-  their receiver's ``inbound-rtp`` statistics (``frames_decoded``, polled every
-  ``COUNT_POLL_S``): no frame of theirs crosses into Python. The SDK (1.2.1) has no way to
+  their receiver's ``inbound-rtp`` statistics (``frames_decoded``, every ``COUNT_POLL_S``
+  from one read of the subscriber connection's statistics shared by every counted track: a
+  receiver's own ``get_stats`` builds the whole report anyway): no frame of theirs crosses
+  into Python. The SDK (1.2.1) has no way to
   receive a track without its WebRTC decoder running (its receivers decode whether or not a
   stream reads them, and ``frames_decoded`` counts exactly the frames that decrypted), so a
   counted track saves the per-frame FFI event, copy and conversion, not the VP8 decode.
@@ -65,7 +67,7 @@ FRESH_KEY_POLL_S: Final = 0.05
 FRESH_KEY_TOGGLE_S: Final = 0.2  # disabled this long to make the SFU resume at a key frame
 JITTER_POLL_S: Final = 0.5  # how often a recorded audio track's jitter-buffer delay is read
 STREAM_CLOSE_S: Final = 2.0  # a received stream's close waits this long for the SDK's end
-COUNT_POLL_S: Final = 0.25  # how often a counted (not rendered) track's statistics are read
+COUNT_POLL_S: Final = 0.5  # how often counted (not rendered) tracks' statistics are read
 
 
 @dataclass
@@ -138,6 +140,11 @@ class ReceivedTracks:
         self._cryptor_enabled = cryptor_enabled
         self._frames = frames
         self.rendered: set[str] = set()  # sids of the video tracks rendered now
+        # The subscriber connection's video inbound-rtp by track sid, read at most once per
+        # COUNT_POLL_S for every counted track (see _inbound_by_sid).
+        self._session_inbound: dict[str, Any] = {}
+        self._session_read_at = float("-inf")
+        self._session_lock = asyncio.Lock()
 
     # -- routing ----------------------------------------------------------------------------
     def on_subscribed(
@@ -253,7 +260,9 @@ class ReceivedTracks:
         seen = 0
         while True:
             try:
-                inbound = await _inbound(track)
+                inbound = (await self._inbound_by_sid()).get(track.sid)
+                if inbound is None:  # not (yet) in the connection's report: ask the receiver
+                    inbound = await _inbound(track)
             except Exception as exc:  # the track or room is going: its task ends with it
                 log.info("livekit.count_stats_failed", identity=stats.identity, error=repr(exc))
                 inbound = None
@@ -265,6 +274,24 @@ class ReceivedTracks:
                     self._frame_in(stats, decoded - seen, self._clock())
                     seen = decoded
             await asyncio.sleep(COUNT_POLL_S)
+
+    async def _inbound_by_sid(self) -> dict[str, Any]:
+        """Video ``inbound-rtp`` statistics of the subscriber connection by track sid, read
+        again when the last read is ``COUNT_POLL_S`` old (one read serves every counted
+        track)."""
+        async with self._session_lock:
+            if self._clock() - self._session_read_at >= COUNT_POLL_S * 0.9:
+                report = await self.room.get_rtc_stats()
+                by_sid = {}
+                for s in report.subscriber_stats:
+                    if (
+                        s.WhichOneof("stats") == "inbound_rtp"
+                        and s.inbound_rtp.stream.kind == "video"
+                    ):
+                        by_sid[s.inbound_rtp.inbound.track_identifier] = s.inbound_rtp.inbound
+                self._session_inbound = by_sid
+                self._session_read_at = self._clock()
+            return self._session_inbound
 
     async def _await_fresh_key(
         self,

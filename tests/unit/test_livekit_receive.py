@@ -27,11 +27,12 @@ def _tracks(
         coro.close()
 
     room: Any = SimpleNamespace(remote_participants={})
+    ticks = iter(range(1, 1_000_000))
     rx = ReceivedTracks(
         room,
         MediaOptions(render_max=render_max),
         e2ee=True,
-        clock=lambda: 1.0,
+        clock=lambda: float(next(ticks)),
         stats_for=lambda ident: stats.setdefault(ident, ParticipantStats(ident)),
         spawn=spawn,
         cryptor_enabled=lambda _: None,
@@ -67,17 +68,26 @@ def test_no_limit_renders_every_video() -> None:
 
 
 class _StatsTrack:
-    def __init__(self) -> None:
+    """A received video track and its subscriber connection's statistics."""
+
+    def __init__(self, sid: str = "TR_a") -> None:
+        self.sid = sid
         self.decoded = 0
 
+    def _report(self, sid: str, kind: str = "video") -> Any:
+        inbound = SimpleNamespace(
+            frames_decoded=self.decoded, frame_width=320, frame_height=240, track_identifier=sid
+        )
+        rtp = SimpleNamespace(inbound=inbound, stream=SimpleNamespace(kind=kind))
+        return SimpleNamespace(WhichOneof=lambda _: "inbound_rtp", inbound_rtp=rtp)
+
+    async def get_rtc_stats(self) -> Any:
+        other = SimpleNamespace(WhichOneof=lambda _: "candidate_pair")
+        audio = self._report(self.sid, "audio")
+        return SimpleNamespace(subscriber_stats=[other, audio, self._report(self.sid)])
+
     async def get_stats(self) -> list[Any]:
-        inbound = SimpleNamespace(frames_decoded=self.decoded, frame_width=320, frame_height=240)
-        return [
-            SimpleNamespace(WhichOneof=lambda _: "outbound_rtp"),
-            SimpleNamespace(
-                WhichOneof=lambda _: "inbound_rtp", inbound_rtp=SimpleNamespace(inbound=inbound)
-            ),
-        ]
+        return [self._report(self.sid)]
 
 
 async def test_a_counted_track_counts_what_its_receiver_decoded(monkeypatch: Any) -> None:
@@ -85,6 +95,7 @@ async def test_a_counted_track_counts_what_its_receiver_decoded(monkeypatch: Any
     rx, _, _ = _tracks(render_max=0)
     stats = ParticipantStats("a")
     track = _StatsTrack()
+    rx.room = track  # type: ignore[assignment]
     task = asyncio.create_task(rx._count_video(track, stats))  # type: ignore[arg-type]
     await asyncio.sleep(0.01)
     assert stats.video_frames == 0
@@ -97,5 +108,22 @@ async def test_a_counted_track_counts_what_its_receiver_decoded(monkeypatch: Any
     assert stats.video_frames == 20
     assert len(stats.video_times) == 20
     assert stats.video_size == (320, 240)
-    assert stats.first_video_at == 1.0
-    assert stats.last_video_at == 1.0
+    assert stats.first_video_at is not None
+    assert stats.last_video_at is not None
+    assert stats.last_video_at > stats.first_video_at
+
+
+async def test_a_track_missing_from_the_connection_report_asks_its_receiver(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(receive, "COUNT_POLL_S", 0.001)
+    rx, _, _ = _tracks(render_max=0)
+    stats = ParticipantStats("a")
+    track = _StatsTrack("TR_x")
+    room = _StatsTrack("TR_other")  # the connection's report names another track
+    rx.room = room  # type: ignore[assignment]
+    task = asyncio.create_task(rx._count_video(track, stats))  # type: ignore[arg-type]
+    track.decoded = 9
+    await asyncio.sleep(0.01)
+    task.cancel()
+    assert stats.video_frames == 9
