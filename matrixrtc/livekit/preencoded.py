@@ -25,7 +25,9 @@ from matrixrtc.media.sources import SyntheticVideoTrack
 
 __all__ = ["BITRATE_BPS", "KEY_INTERVAL", "ClipPlayer", "EncodedClip", "encode_pattern_clip"]
 
-BITRATE_BPS: Final = 360_000  # what LiveKit's encoder settles at for 320×240 @ 15 here
+# The SDK's own cap for a 320×240 camera track (its 4:3 presets give that size the 480×360
+# preset's 225 kbit/s): the pre-encoded stream is no richer than the one the SDK would send.
+BITRATE_BPS: Final = 225_000
 KEY_INTERVAL: Final = 20  # frames between key frames in the clip
 
 
