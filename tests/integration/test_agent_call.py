@@ -785,3 +785,47 @@ async def test_leave_on_a_hung_homeserver_does_not_wait_for_the_request_in_fligh
         await asyncio.sleep(1.0)  # the abandoned PUT, if Synapse ran it, came before the leave
         assert len(agent_b.participants) == 1
         assert await hb.get_state_event(room, CALL_MEMBER, key) == {}
+
+
+async def test_a_slow_homeserver_does_not_make_the_agent_give_up_or_rejoin(
+    own_synapse: Synapse,
+) -> None:
+    """Chaos finding: a slow Synapse made every member's restart abort locally until the retry
+    budget was spent; each gave up and re-joined (a new membership to everyone, new keys)
+    while the room still held its membership. Timeouts no longer count (js-sdk 43): frozen
+    (SIGSTOP) for many local timeouts, a keeps its membership and its heartbeat resumes."""
+    hs_ = own_synapse
+    a, b = await hs_.register("vic"), await hs_.register("wes")
+    room = await hs_.create_call_room(a, invite=[b])
+    # 0.3 s local timeouts, a budget of 3: 4 s frozen is over ten timeouts in a row. The
+    # delayed leave (30 s) outlasts the freeze: the membership stays in the room.
+    fragile = _config(
+        delayed_leave_ms=30_000,
+        restart_interval_ms=1_000,
+        restart_timeout_ms=300,
+        network_retries=3,
+        rejoin_backoff_ms=250,
+    )
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, fragile) as agent_a,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        created = {p.user_id: p.created_ts for p in agent_b.participants}
+        assert hs_.pid is not None
+        pid = hs_.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(4.0)
+            assert _status(agent_a) is not MembershipStatus.FAILED
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        beats = agent_a.heartbeats
+        await _until(_beating(agent_a, beats), 10.0, "a's heartbeat to resume")
+        assert _status(agent_a) is MembershipStatus.CONNECTED
+        assert agent_a.recoveries == 0
+        assert agent_a.rejoins == 0
+        assert {p.user_id: p.created_ts for p in agent_b.participants} == created
