@@ -340,6 +340,21 @@ def _summarize(paths: Sequence[Path]) -> dict[str, Any]:
     }
 
 
+def _cpu_times() -> tuple[float, float]:
+    """This machine's (busy, total) CPU seconds since boot, all cores (``/proc/stat``)."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def _busy_cores(since: tuple[float, float], until: tuple[float, float]) -> float:
+    """How many cores were busy on average between two :func:`_cpu_times` (of all that ran:
+    every member, Synapse, LiveKit, and anything else on the machine)."""
+    total = until[1] - since[1]
+    return round((until[0] - since[0]) / total * (os.cpu_count() or 1), 2) if total else 0.0
+
+
 def _name(user_id: str) -> str:
     return user_id.split(":")[0].lstrip("@")
 
@@ -430,7 +445,9 @@ async def measure_switch(
                 procs.append(await _Proc.start(f"sw{i}", args(u), run_dir / f"sw{i}.log"))
             first = list(procs)
             await asyncio.gather(*(p.on("mesh") for p in first))
+            cpu_mesh = _cpu_times()
             await asyncio.sleep(STEADY_S)
+            cpu_join = _cpu_times()
             spies = _Profile(profile, "mesh_to_sfu")
             for p in first:
                 await spies.add(p)
@@ -439,14 +456,17 @@ async def measure_switch(
             procs.append(fourth)
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
+            cpu_on_sfu = _cpu_times()
             profiles = {"mesh_to_sfu": await spies.stop()}
             await asyncio.sleep(STEADY_S)
+            cpu_leave = _cpu_times()
             spies = _Profile(profile, "sfu_to_mesh")
             for p in first:
                 await spies.add(p)
             t_leave = time.monotonic()
             fourth_report = await fourth.leave()
             back = await asyncio.gather(*(p.on("mesh") for p in first))
+            cpu_back = _cpu_times()
             profiles["sfu_to_mesh"] = await spies.stop()
             await asyncio.sleep(STEADY_S)
             reports = [await p.leave() for p in first]
@@ -462,6 +482,14 @@ async def measure_switch(
         "switch_duration_ms": {
             "mesh_to_sfu": round((max(s["finished_at"] for s in to_sfu) - t_join) * 1000),
             "sfu_to_mesh": round((max(s["finished_at"] for s in back) - t_leave) * 1000),
+        },
+        # The machine's load (cores busy, of os.cpu_count()): steady on the mesh and on the
+        # SFU, and during each switch (from its start until every member finished it).
+        "busy_cores": {
+            "mesh": _busy_cores(cpu_mesh, cpu_join),
+            "mesh_to_sfu": _busy_cores(cpu_join, cpu_on_sfu),
+            "sfu": _busy_cores(cpu_on_sfu, cpu_leave),
+            "sfu_to_mesh": _busy_cores(cpu_leave, cpu_back),
         },
         "detail": {
             "mesh_to_sfu": {"largest": to_sfu_gap, "order": _order(everyone, t_join, 1)},
