@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
 import math
 from typing import Final
 
@@ -54,6 +55,21 @@ class _Pacer:
         return n
 
 
+@functools.lru_cache(maxsize=8)
+def _pattern(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Y, U and V planes of the synthetic picture: made once per size (a few ms of numpy
+    each time, on the event loop, when a transport starts during a switch), never written."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 24, size=(height, width))
+    y = (((xs + ys) * 2 + noise) % 256).astype(np.uint8)
+    u = ((xs * 255) // max(1, width - 1)).astype(np.uint8)[::2, ::2]
+    v = ((ys * 255) // max(1, height - 1)).astype(np.uint8)[::2, ::2]
+    for plane in (y, u, v):
+        plane.flags.writeable = False  # shared by every track of this size
+    return y, u, v
+
+
 class SyntheticVideoTrack(MediaStreamTrack):
     """A moving colour pattern at ``width``×``height`` and ``fps`` (default 320×240 @ 15).
 
@@ -72,13 +88,7 @@ class SyntheticVideoTrack(MediaStreamTrack):
         self.fps = fps
         self.frames_produced = 0
         self._pacer = _Pacer(1.0 / fps)
-        ys, xs = np.mgrid[0:height, 0:width]
-        rng = np.random.default_rng(1)
-        noise = rng.integers(0, 24, size=(height, width))
-        y = (((xs + ys) * 2 + noise) % 256).astype(np.uint8)
-        u = ((xs * 255) // max(1, width - 1)).astype(np.uint8)[::2, ::2]
-        v = ((ys * 255) // max(1, height - 1)).astype(np.uint8)[::2, ::2]
-        self._planes = (y, u, v)
+        self._planes = _pattern(width, height)
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
