@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -630,6 +630,34 @@ _FRAGILE = {"network_retries": 1, "network_retry_ms": 200}
 _STURDY = {"delayed_leave_ms": 30_000, "network_retries": 60}
 
 
+@contextlib.asynccontextmanager
+async def _watched_pair(
+    hs_: Synapse, a: UserCreds, b: UserCreds, room: str, config_a: AgentConfig
+) -> AsyncIterator[tuple[Homeserver, Homeserver, CallAgent, CallAgent]]:
+    """a (the agent under test, ``config_a``) and b, a sturdy watcher, both in the call."""
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, config_a) as agent_a,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(agent_a, 2)
+        await _wait_members(agent_b, 2)
+        yield ha, hb, agent_a, agent_b
+
+
+@contextlib.contextmanager
+def _frozen(hs_: Synapse) -> Iterator[None]:
+    """Synapse stopped (SIGSTOP) for the block: requests hang rather than fail."""
+    assert hs_.pid is not None
+    pid = hs_.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _status(agent: CallAgent) -> MembershipStatus:
     return agent.membership_status  # read through a call: mypy keeps no stale narrowing
 
@@ -652,14 +680,7 @@ async def test_agent_rejoins_after_an_outage_longer_than_its_retry_budget(
     a, b = await hs_.register("pia"), await hs_.register("quin")
     room = await hs_.create_call_room(a, invite=[b])
     fragile = _config(**_FRAGILE, rejoin_backoff_ms=250, rejoin_max_backoff_ms=1_000)
-    async with (
-        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
-        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
-        CallAgent(ha, room, fragile) as agent_a,
-        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
-    ):
-        await _wait_members(agent_a, 2)
-        await _wait_members(agent_b, 2)
+    async with _watched_pair(hs_, a, b, room, fragile) as (ha, hb, agent_a, agent_b):
         key = agent_a.membership_state_key
         assert key is not None
         before = await _state_of(ha, room, key)
@@ -708,14 +729,7 @@ async def test_leave_after_the_membership_gave_up_still_takes_it_back(
     fragile = _config(
         **_FRAGILE, delayed_leave_ms=30_000, restart_interval_ms=1_000, rejoin_backoff_ms=60_000
     )
-    async with (
-        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
-        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
-        CallAgent(ha, room, fragile) as agent_a,
-        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
-    ):
-        await _wait_members(agent_a, 2)
-        await _wait_members(agent_b, 2)
+    async with _watched_pair(hs_, a, b, room, fragile) as (ha, hb, agent_a, agent_b):
         key = agent_a.membership_state_key
         assert key is not None
         await hs_.stop()
@@ -746,20 +760,11 @@ async def test_leave_on_a_hung_homeserver_does_not_wait_for_the_request_in_fligh
     a, b = await hs_.register("tia"), await hs_.register("uma")
     room = await hs_.create_call_room(a, invite=[b])
     # a's delayed leave is long: within this test only a's leave can remove it.
-    async with (
-        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
-        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
-        CallAgent(ha, room, _config(delayed_leave_ms=30_000, restart_interval_ms=1_000)) as agent_a,
-        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
-    ):
-        await _wait_members(agent_a, 2)
-        await _wait_members(agent_b, 2)
+    long_leave = _config(delayed_leave_ms=30_000, restart_interval_ms=1_000)
+    async with _watched_pair(hs_, a, b, room, long_leave) as (_ha, hb, agent_a, agent_b):
         key = agent_a.membership_state_key
         assert key is not None
-        assert hs_.pid is not None
-        pid = hs_.pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with _frozen(hs_):
             # A state PUT on the wire (our membership re-sent) that gets no answer.
             agent_a.machine.resend(int(time.time() * 1000))
             await _until(
@@ -774,8 +779,6 @@ async def test_leave_on_a_hung_homeserver_does_not_wait_for_the_request_in_fligh
             )
             on_the_wire_s = time.monotonic() - t0
             await asyncio.sleep(1.0)
-        finally:
-            os.kill(pid, signal.SIGCONT)
         await asyncio.wait_for(leaving, 15.0)
         left_s = time.monotonic() - t0
         assert on_the_wire_s < 1.0
@@ -806,23 +809,11 @@ async def test_a_slow_homeserver_does_not_make_the_agent_give_up_or_rejoin(
         network_retries=3,
         rejoin_backoff_ms=250,
     )
-    async with (
-        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
-        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
-        CallAgent(ha, room, fragile) as agent_a,
-        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
-    ):
-        await _wait_members(agent_a, 2)
-        await _wait_members(agent_b, 2)
+    async with _watched_pair(hs_, a, b, room, fragile) as (_ha, _hb, agent_a, agent_b):
         created = {p.user_id: p.created_ts for p in agent_b.participants}
-        assert hs_.pid is not None
-        pid = hs_.pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with _frozen(hs_):
             await asyncio.sleep(4.0)
             assert _status(agent_a) is not MembershipStatus.FAILED
-        finally:
-            os.kill(pid, signal.SIGCONT)
         beats = agent_a.heartbeats
         await _until(_beating(agent_a, beats), 10.0, "a's heartbeat to resume")
         assert _status(agent_a) is MembershipStatus.CONNECTED
