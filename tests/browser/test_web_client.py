@@ -173,6 +173,8 @@ async def _run_call(
     pythons: list[tuple[str, dict[str, Any]]],
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
     """One encrypted room; ``browsers`` and ``pythons`` are (name prefix, options) in the call.
+    A browser's option ``after`` (another browser's prefix) opens its page only once that
+    browser's own membership is back from the homeserver.
 
     Returns each browser's result, what each Python participant reported about each browser
     (by prefixes) while the browsers were still in the call, and user ids by prefix.
@@ -197,6 +199,18 @@ async def _run_call(
             await p.wait_ready()
         barrier = stack.synapse.dir / f"barrier-{tag}"
         barrier.mkdir()
+        joined = stack.synapse.dir / f"joined-{tag}"
+        joined.mkdir()
+        awaited = {o["after"] for _, o in browsers if "after" in o}
+
+        def order(n: str, o: dict[str, Any]) -> dict[str, Any]:
+            out = {k: v for k, v in o.items() if k != "after"}
+            if n in awaited:
+                out["signalJoined"] = str(joined / n)
+            if "after" in o:
+                out["startAfter"] = str(joined / o["after"])
+            return out
+
         tasks = [
             asyncio.create_task(
                 _browser(
@@ -206,19 +220,36 @@ async def _run_call(
                     prov.room_id,
                     peers=peers,
                     barrier={"dir": str(barrier), "name": n, "count": len(browsers)},
-                    **o,
+                    **order(n, o),
                 )
             )
             for n, o in browsers
         ]
-        try:
-            # While the browsers are in the call: every keyed Python participant decodes them.
+
+        async def pythons_decode_browsers() -> None:
             for (_, o), proc in zip(pythons, procs, strict=True):
                 if o.get("withhold_keys"):
                     continue
                 await proc.wait_until(
                     lambda p: all(_frames_from(p, ids[b])[0] >= 30 for b, _ in browsers), 90
                 )
+
+        try:
+            # While the browsers are in the call: every keyed Python participant decodes them
+            # (unless a browser gives up first: then there is nothing left to wait for).
+            waiting = asyncio.create_task(pythons_decode_browsers())
+            pending: set[asyncio.Task[Any]] = {waiting, *tasks}
+            while not waiting.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                why = [
+                    t.exception() or t.result().get("error")
+                    for t in done
+                    if t is not waiting and (t.exception() or not t.result()["ok"])
+                ]
+                if why:
+                    waiting.cancel()
+                    raise AssertionError(f"a browser gave up before Python decoded it: {why}")
+            waiting.result()
             await asyncio.sleep(1.5)  # a fresh report from every Python participant
             seen = {
                 n: {b: _peer(proc, ids[b]) for b, _ in browsers}
@@ -239,14 +270,25 @@ async def test_sfu_call_browsers_and_python_both_dialects(
     chromium: Chromium, web_stack: WebStack
 ) -> None:
     """Two browsers (one state-form member through /sfu/get, one sticky m.rtc.member through
-    /get_token) and a Python participant on LiveKit: everyone decodes everyone."""
+    /get_token) and a Python participant on LiveKit: everyone decodes everyone.
+
+    The state-form browser logs in (a new device) only once the sticky one's membership is on
+    the homeserver: that Megolm-encrypted event's room key never went to the new device, which
+    sees the sticky member only because it sends its membership again for it (the order a
+    loaded CI machine produced by chance, and the sticky member was never seen)."""
     results, py, ids = await _run_call(
         chromium,
         web_stack,
         browsers=[
             (
                 "web",
-                {"transport": "sfu", "dialect": "state", "toggleMute": True, "shareScreen": True},
+                {
+                    "transport": "sfu",
+                    "dialect": "state",
+                    "toggleMute": True,
+                    "shareScreen": True,
+                    "after": "webs",
+                },
             ),
             ("webs", {"transport": "sfu", "dialect": "sticky", "expectScreen": True}),
         ],
@@ -269,6 +311,9 @@ async def test_sfu_call_browsers_and_python_both_dialects(
     assert sticky_br["screen"]["hasScreen"] is True
     # Mute and unmute from the call controls.
     assert state_br["muteCheck"] == {"mutedLabel": "Unmute microphone", "pressedAfter": "false"}
+    # The sticky member sent its membership again for the state-form browser's new device.
+    resent = [d for r in sticky_br["last"]["membershipResends"] for d in r["devices"]]
+    assert any(d.startswith(ids["web"] + "|") for d in resent), sticky_br["last"]
 
 
 async def test_mesh_call_browsers_python_and_a_keyless_participant(

@@ -11,8 +11,10 @@
 //   count}: before leaving, wait until `count` browsers have written their name into `dir`),
 //   keyless (the page drops every other member's media key; wait for `minPackets` video
 //   packets from each remote instead of decoded frames), rawAudio (the microphone without
-//   voice processing), senderStats (return what this browser produced and sent over time)
-import { readdirSync, writeFileSync } from "node:fs";
+//   voice processing), senderStats (return what this browser produced and sent over time),
+//   startAfter (a file path: open the page only once it exists), signalJoined (a file path:
+//   written once our own membership is back from the homeserver)
+import { existsSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 import { chromium } from "playwright-core";
@@ -117,6 +119,13 @@ let result = { ok: false };
 try {
   const url = `${o.base}/index.html?hs=${encodeURIComponent(o.homeserver)}&transport=${o.transport}&dialect=${o.dialect}` +
     (o.meshMax ? `&mesh_max=${o.meshMax}` : "") + (o.keyless ? "&keyless=1" : "") + (o.query ?? "");
+  if (o.startAfter) {
+    const until = Date.now() + 60000;
+    while (!existsSync(o.startAfter)) {
+      if (Date.now() > until) throw new Error(`${o.startAfter} did not appear within 60 s`);
+      await sleep(100);
+    }
+  }
   await page.goto(url);
   await page.waitForSelector("#user");
   mark("page");
@@ -160,8 +169,20 @@ try {
   );
   let snap = null;
   const deadline = Date.now() + o.timeoutMs;
+  let unreadableSince = null;
   while (Date.now() < deadline) {
     snap = await page.evaluate(() => window.mrtc.snapshot());
+    if (o.signalJoined && snap?.ownMembershipMs != null && !existsSync(o.signalJoined)) writeFileSync(o.signalJoined, "");
+    // A member whose sticky membership this device cannot decrypt is one it never sees (and
+    // never sends its key to): say so after a while instead of waiting out the timeout.
+    if (snap?.unreadableMemberships?.length) {
+      unreadableSince ??= Date.now();
+      if (Date.now() - unreadableSince > 20000) {
+        throw new Error(`memberships this device cannot decrypt for 20 s: ${JSON.stringify(snap.unreadableMemberships)}`);
+      }
+    } else {
+      unreadableSince = null;
+    }
     const ps = snap?.participants ?? [];
     // keyless (a page without the others' keys): wait for their video packets instead.
     const decoded = o.keyless

@@ -1,6 +1,7 @@
 // One call in one room: matrix-js-sdk's MatrixRTCSession for memberships and media keys, and
 // the media transport the policy picks (mesh or SFU), switched live make-before-break.
 import { ClientEvent, EventType, type MatrixClient, type Room } from "matrix-js-sdk";
+import { CryptoEvent } from "matrix-js-sdk/lib/crypto-api/index.js";
 import type { ReceivedToDeviceMessage } from "matrix-js-sdk/lib/sync-accumulator.js";
 import {
   type CallMembership,
@@ -96,6 +97,14 @@ export class Call {
   private left = false;
   readonly listeners = new Set<() => void>();
   readonly encrypted: boolean;
+  /** Sticky form in an encrypted room: the devices (`user|device`) our crypto knew just before
+   *  our current membership event was sent, so the only ones its Megolm session can have gone
+   *  to (null until it is sent). See resendForNewDevices. */
+  private membershipReaders: Set<string> | null = null;
+  /** Devices our membership was sent again for, and when (snapshot: membershipResends). */
+  private readonly resentFor = new Set<string>();
+  private readonly resends: Array<{ at: number; devices: string[] }> = [];
+  private resending = false;
 
   constructor(
     readonly client: MatrixClient,
@@ -155,6 +164,12 @@ export class Call {
       }
       this.session.joinRTCSession(identity, [], { ...this.options.focus }, config);
       if (this.options.prefer !== "sfu") advertiseMeshWhenSticky(this.session);
+      if (this.encrypted) {
+        noteReadersOnSend(this.session, () => this.knownDevices(), (readers) => {
+          this.membershipReaders = readers;
+        });
+        this.client.on(CryptoEvent.DevicesUpdated, this.onDevicesUpdated);
+      }
     } else {
       this.session.joinRTCSession(identity, advertised, undefined, config);
     }
@@ -246,7 +261,65 @@ export class Call {
     }
     this.attachMedia();
     this.changed();
+    void this.resendForNewDevices();
   };
+
+  private readonly onDevicesUpdated = (): void => {
+    void this.resendForNewDevices();
+  };
+
+  /** The devices our crypto knows (Rust crypto's store; downloaded for users it does not track
+   *  yet) of `userIds`, by default the room's joined members and every call member. Rust crypto
+   *  waits up to 1 s per user whose device list is stale until it is queried: the query is
+   *  started first (prepareToEncrypt), and the users are asked in parallel. */
+  private async knownDevices(userIds?: string[]): Promise<Set<string>> {
+    const crypto = this.client.getCrypto();
+    if (!crypto) return new Set();
+    const users = userIds ?? [
+      ...new Set([...this.room.getJoinedMembers().map((m) => m.userId), ...this.session.memberships.map((m) => m.sender)]),
+    ];
+    crypto.prepareToEncrypt(this.room);
+    const out = new Set<string>();
+    const maps = await Promise.all(users.filter((u): u is string => !!u).map((u) => crypto.getUserDeviceInfo([u], true)));
+    for (const devices of maps) for (const [user, byId] of devices) for (const id of byId.keys()) out.add(`${user}|${id}`);
+    return out;
+  }
+
+  /** Sticky form in an encrypted room: our m.rtc.member is a Megolm-encrypted room event. Its
+   *  room key went only to the devices our crypto knew when it was sent, so a member whose
+   *  device appeared later (logged in just before joining) can never decrypt it and never sees
+   *  us: no membership, so no media key from it to us and none from us to it (js-sdk sends it
+   *  again only hourly). Send it again, once per such member device, as soon as our crypto
+   *  knows the device (the new event's session then goes to it); the Python agent does the same
+   *  (matrixrtc/agent.py _resend_for_new_devices). */
+  private async resendForNewDevices(): Promise<void> {
+    const readers = this.membershipReaders;
+    if (!readers || this.resending || this.left || !this.own) return;
+    const key = (p: Participant): string => `${p.userId}|${p.deviceId}`;
+    const unread = this.participants.filter((p) => !readers.has(key(p)) && !this.resentFor.has(key(p)));
+    if (unread.length === 0) return;
+    this.resending = true;
+    let sent = false;
+    try {
+      // Only devices our crypto knows now: the others are tried again on DevicesUpdated.
+      const known = await this.knownDevices([...new Set(unread.map((p) => p.userId))]);
+      const ready = unread.filter((p) => known.has(key(p))).map(key);
+      if (ready.length === 0 || this.left) return;
+      for (const k of ready) this.resentFor.add(k);
+      this.resends.push({ at: Math.round(performance.now() - this.joinedAt), devices: ready });
+      const manager = (this.session as unknown as { membershipManager?: { sendJoinEvent?: () => Promise<unknown> } })
+        .membershipManager;
+      if (!manager?.sendJoinEvent) throw new Error("js-sdk's membership manager has no sendJoinEvent");
+      await manager.sendJoinEvent.call(manager);
+      sent = true;
+    } catch (e) {
+      console.warn("could not send our call membership again for new devices", e);
+    } finally {
+      this.resending = false;
+    }
+    // Someone may have joined while we were sending.
+    if (sent) void this.resendForNewDevices();
+  }
 
   private forced(lists: Array<Array<{ type: string }>>): MediaKind {
     if (this.options.prefer === "sfu") return this.options.focus ? "sfu" : "none";
@@ -533,12 +606,25 @@ export class Call {
     this.session.off(MatrixRTCSessionEvent.MembershipsChanged, this.onMemberships);
     this.session.off(MatrixRTCSessionEvent.EncryptionKeyChanged, this.onKey);
     this.client.off(ClientEvent.ReceivedToDeviceMessage, this.onToDevice);
+    this.client.off(CryptoEvent.DevicesUpdated, this.onDevicesUpdated);
     await Promise.all([this.transport?.close(), this.old?.close()].map((p) => p?.catch(() => {})));
     this.transport = null;
     await this.session.leaveRoomSession(5000).catch(() => false);
     for (const t of this.media.stream.getTracks()) t.stop();
     for (const t of this.media.screen?.getTracks() ?? []) t.stop();
     this.changed();
+  }
+
+  /** Sticky memberships in this room we hold but cannot decrypt (their room key never came:
+   *  sent before this device existed, and not sent again), from senders of whom we have no
+   *  readable membership: members we do not see. */
+  unreadableMemberships(): Array<{ sender: string; eventId: string; reason: string | null }> {
+    const readable = new Set(this.session.memberships.map((m) => m.sender));
+    return this.room
+      .getLiveTimeline()
+      .getEvents()
+      .filter((e) => e.unstableStickyInfo !== undefined && e.isDecryptionFailure() && !readable.has(e.getSender() ?? ""))
+      .map((e) => ({ sender: e.getSender() ?? "", eventId: e.getId() ?? "", reason: e.decryptionFailureReason ?? null }));
   }
 
   /** For people debugging a call, and for the tests. */
@@ -572,6 +658,9 @@ export class Call {
       ownIdentity: this.own?.rtcBackendIdentity ?? null,
       ownKeyIndex: this.own ? this.keys.latestIndex(this.own.rtcBackendIdentity) ?? null : null,
       memberships: this.session.memberships.length,
+      // Sticky form, encrypted room: our membership sent again for devices that appeared later.
+      membershipResends: this.resends,
+      unreadableMemberships: this.unreadableMemberships(),
       participants: parts,
       // Per switch: how long it took, and the longest time anyone's video stood still from its
       // start until 3 s after it was done.
@@ -613,6 +702,29 @@ function advertiseMeshWhenSticky(session: MatrixRTCSession): void {
       t.can_subscribe = [...t.can_subscribe, MESH_TRANSPORT_TYPE];
     }
     return content;
+  };
+}
+
+/** js-sdk's sticky membership manager sends our m.rtc.member through its `clientSendMembership`
+ *  (a field): wrap it so that, just before each join/update (not a leave: empty content), the
+ *  devices our crypto knows are noted, and handed to `onSent` once the event is sent. Taken
+ *  before the send, the set can only miss devices the event's room key went to, never hold one
+ *  it did not go to: a device it misses costs one extra send, never a member who cannot read us. */
+function noteReadersOnSend(
+  session: MatrixRTCSession,
+  known: () => Promise<Set<string>>,
+  onSent: (readers: Set<string>) => void,
+): void {
+  type Send = (content: Record<string, unknown>) => Promise<unknown>;
+  const manager = (session as unknown as { membershipManager?: { clientSendMembership?: Send } }).membershipManager;
+  const send = manager?.clientSendMembership;
+  if (!manager || !send) return;
+  manager.clientSendMembership = async (content) => {
+    const join = Object.keys(content).length > 0;
+    const readers = join ? await known().catch(() => new Set<string>()) : null;
+    const response = await send(content);
+    if (readers) onSent(readers);
+    return response;
   };
 }
 
