@@ -1,0 +1,260 @@
+"""Our own LiveKit client over aiortc (I/O adapter of :mod:`matrixrtc.livekit.signal`).
+
+Why: the pinned livekit Python SDK (1.2.1) decodes every subscribed video track whether or not
+it is rendered (issue 19). This client receives media on an aiortc peer connection, so what is
+decoded is up to us.
+
+Stage 1 (this module): the signalling session and the subscriber peer connection.
+
+* ``RtcClient.connect()`` opens ``/rtc`` with the access token, waits for ``JoinResponse``,
+  then keeps the link alive (``ping_req`` every ``ping_interval``; no pong within
+  ``ping_timeout`` closes the client with :class:`SignalLost`).
+* The server offers on the subscriber peer connection; we answer. Host candidates are gathered
+  only on ``addresses`` (``matrixrtc.media.ice.gather_on``: 127.0.0.1 in tests) and travel in
+  the answer SDP *and* as trickles; the server's trickled candidates are added to aiortc (kept
+  until the remote description exists).
+* ``tracks``: every received aiortc track by LiveKit track id (``mid_to_track_id`` of the offer,
+  else the SDP msid), for the receive stage to consume.
+* ``aclose()`` sends ``leave`` and closes the peer connection and the WebSocket.
+
+Not yet here: the publisher peer connection, per-frame E2EE on receive and send (stages 2, 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from aiortc import MediaStreamTrack, RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+
+from matrixrtc.errors import RemoteError
+from matrixrtc.livekit import signal
+from matrixrtc.media.ice import IceServerConfig, gather_on, rtc_configuration
+from matrixrtc.tasks import OwnedTasks
+
+__all__ = ["ReceivedTrack", "RtcClient", "SignalLost"]
+
+log = structlog.get_logger(__name__)
+
+JOIN_TIMEOUT_S = 10.0
+
+
+class SignalLost(RemoteError):
+    """The signalling WebSocket closed, or stopped answering pings."""
+
+
+@dataclass
+class ReceivedTrack:
+    track_id: str  # LiveKit's track sid (TR_…)
+    kind: str
+    track: MediaStreamTrack
+
+
+@dataclass
+class _Subscriber:
+    pc: RTCPeerConnection
+    mid_to_track: dict[str, str] = field(default_factory=dict)
+    pending: list[signal.Candidate] = field(default_factory=list)
+    described: bool = False
+
+
+class RtcClient:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        addresses: Sequence[str] = ("127.0.0.1",),
+        ice_servers: Sequence[IceServerConfig] = (),
+        on_track: Callable[[ReceivedTrack], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = signal.rtc_url(url, token)
+        self._addresses = tuple(addresses)
+        self._ice_servers = tuple(ice_servers)
+        self._on_track = on_track
+        self._clock = clock
+        self._tasks = OwnedTasks("rtc_client", log, event_prefix="livekit.rtc")
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._sub: _Subscriber | None = None
+        self._last_pong = 0.0
+        self._send_lock = asyncio.Lock()
+        self.joined: signal.Joined | None = None
+        self.tracks: dict[str, ReceivedTrack] = {}
+        self.pongs = 0
+        self.rtt_ms = 0
+        self.closed = asyncio.Event()
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------------- lifecycle
+    async def connect(self) -> signal.Joined:
+        self._session = aiohttp.ClientSession()
+        try:
+            self._ws = await self._session.ws_connect(self._url, heartbeat=None)
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                message = await self._ws.receive()
+            if message.type != aiohttp.WSMsgType.BINARY:
+                raise SignalLost(
+                    f"expected JoinResponse, got {message.type.name}: {message.data!r}"
+                )
+            event = signal.decode(message.data)
+            if not isinstance(event, signal.Joined):
+                raise SignalLost(f"expected JoinResponse, got {type(event).__name__}")
+        except BaseException:
+            await self._close_io()
+            raise
+        self.joined = event
+        self._sub = _Subscriber(pc=self._new_pc())
+        self._last_pong = self._clock()
+        self._tasks.spawn(self._read_loop(), "read")
+        self._tasks.spawn(self._ping_loop(event), "ping")
+        log.info(
+            "livekit.rtc_joined",
+            identity=event.identity,
+            room=event.room_name,
+            server=event.server_version,
+            subscriber_primary=event.subscriber_primary,
+            others=len(event.others),
+        )
+        return event
+
+    async def aclose(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            with contextlib.suppress(Exception):
+                await self._send(signal.encode_leave())
+        await self._tasks.cancel()
+        if self._sub is not None:
+            await self._sub.pc.close()
+        await self._close_io()
+        self.closed.set()
+
+    async def _close_io(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def _new_pc(self) -> RTCPeerConnection:
+        pc = RTCPeerConnection(rtc_configuration(self._ice_servers))
+
+        @pc.on("track")
+        def _track(track: MediaStreamTrack) -> None:
+            self._track_arrived(pc, track)
+
+        return pc
+
+    def _track_arrived(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+        assert self._sub is not None
+        mid = next((t.mid for t in pc.getTransceivers() if t.receiver.track is track), None)
+        track_id = self._sub.mid_to_track.get(mid or "", "") or track.id
+        received = ReceivedTrack(track_id=track_id, kind=track.kind, track=track)
+        self.tracks[track_id] = received
+        log.debug("livekit.rtc_track", track=track_id, kind=track.kind, mid=mid)
+        if self._on_track is not None:
+            self._on_track(received)
+
+    # ------------------------------------------------------------------------- signalling
+    async def _send(self, data: bytes) -> None:
+        assert self._ws is not None
+        async with self._send_lock:
+            await self._ws.send_bytes(data)
+
+    async def _read_loop(self) -> None:
+        assert self._ws is not None
+        try:
+            async for message in self._ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                await self._handle(signal.decode(message.data))
+            raise SignalLost("the signalling WebSocket closed")
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                self.error = e
+                self.closed.set()
+            raise
+
+    async def _handle(self, event: signal.SignalEvent) -> None:
+        if isinstance(event, signal.Offer):
+            await self._answer(event)
+        elif isinstance(event, signal.Trickle):
+            await self._remote_candidate(event)
+        elif isinstance(event, signal.Pong):
+            self.pongs += 1
+            self._last_pong = self._clock()
+            if event.last_ping_ms:
+                self.rtt_ms = max(0, int(time.time() * 1000) - event.last_ping_ms)
+        elif isinstance(event, signal.Left):
+            raise SignalLost(f"the server asked us to leave (reason {event.reason})")
+
+    async def _answer(self, offer: signal.Offer) -> None:
+        sub = self._sub
+        assert sub is not None
+        sub.mid_to_track.update(dict(offer.mid_to_track_id))
+        await sub.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+        sub.described = True
+        for candidate in sub.pending:
+            await sub.pc.addIceCandidate(_to_aiortc(candidate))
+        sub.pending.clear()
+        answer = await sub.pc.createAnswer()
+        await gather_on(sub.pc, self._addresses)
+        await sub.pc.setLocalDescription(answer)
+        local = sub.pc.localDescription
+        await self._send(signal.encode_answer(local.sdp, offer_id=offer.id))
+        for candidate in _sdp_candidates(local.sdp):
+            await self._send(signal.encode_trickle(candidate, "subscriber"))
+
+    async def _remote_candidate(self, trickle: signal.Trickle) -> None:
+        if trickle.target != "subscriber" or trickle.candidate is None:
+            return  # publisher side comes with stage 3
+        sub = self._sub
+        assert sub is not None
+        if not sub.described:
+            sub.pending.append(trickle.candidate)
+            return
+        await sub.pc.addIceCandidate(_to_aiortc(trickle.candidate))
+
+    async def _ping_loop(self, joined: signal.Joined) -> None:
+        interval = joined.ping_interval_s or 5
+        timeout = joined.ping_timeout_s or 15
+        while True:
+            await self._send(signal.encode_ping(int(time.time() * 1000), rtt_ms=self.rtt_ms))
+            await asyncio.sleep(interval)
+            if self._clock() - self._last_pong > timeout + interval:
+                self.error = SignalLost(f"no pong for {timeout} s")
+                self.closed.set()
+                raise self.error
+
+
+def _to_aiortc(candidate: signal.Candidate) -> RTCIceCandidate:
+    c = candidate_from_sdp(candidate.candidate)
+    c.sdpMid = candidate.sdp_mid
+    c.sdpMLineIndex = candidate.sdp_mline_index
+    return c
+
+
+def _sdp_candidates(sdp: str) -> list[signal.Candidate]:
+    """Our candidates from our SDP, per media section (mid, index), for trickling."""
+    out: list[signal.Candidate] = []
+    sections = sdp.split("\nm=")[1:]
+    for index, section in enumerate(sections):
+        lines = section.splitlines()
+        mid = next(
+            (x.removeprefix("a=mid:").strip() for x in lines if x.startswith("a=mid:")), None
+        )
+        out.extend(
+            signal.Candidate(
+                candidate=x.removeprefix("a=candidate:").strip(),
+                sdp_mid=mid,
+                sdp_mline_index=index,
+            )
+            for x in lines
+            if x.startswith("a=candidate:")
+        )
+    return out
