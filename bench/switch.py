@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,8 +50,11 @@ _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
 _ROOT = Path(__file__).resolve().parent.parent  # members run as ``python -m bench.switch``
 _MARK = "@@switch "  # our lines on a member's stdout
 SETTLE_TIMEOUT_S = 60.0
-STEADY_S = 3.0  # media before each switch, and after it before the next step
+# Media before each switch, and after it before the next step (BENCH_SWITCH_STEADY_S: longer
+# steady windows for the no-switch controls).
+STEADY_S = float(os.environ.get("BENCH_SWITCH_STEADY_S", "3.0"))
 LIMIT_S = 240.0
+TEARDOWN_S = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +378,7 @@ def _largest(
             if ms > best["ms"]:
                 best = {"ms": ms, "receiver": _name(r["user"]), "sender": _name(peer),
                         "from_ms": round((start - since) * 1000), "ended_by": ended_by,
+                        "start": start, "end": end,
                         "open": still_open,
                         # Where the event loops of the two were late during the gap.
                         "loop_stalls_ms": {
@@ -392,6 +397,20 @@ def _largest(
                                  or ((who, kind) == ("receiver", "installed") and user == peer))
                         )}  # fmt: skip
     return best
+
+
+def _phase(reports: Sequence[dict[str, Any]], gap: dict[str, Any], kind: str) -> str:
+    """Where ``gap`` lies against its receiver's cutover of its sender to ``kind``: on the old
+    path (it ended before the cutover), across the cutover (the switch itself), or on the new
+    path (it began after it)."""
+    if "receiver" not in gap:
+        return "none"
+    r = next(r for r in reports if _name(r["user"]) == gap["receiver"])
+    cut = next((c.get(kind) for uid, c in r["cut_at"].items() if _name(uid) == gap["sender"]), None)
+    if cut is None:
+        return "no cutover"
+    start, end = gap["start"], gap["end"]
+    return "old path" if end < cut else "new path" if start >= cut else "across cutover"
 
 
 def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict[str, Any]]:
@@ -446,6 +465,7 @@ async def measure_switch(
             first = list(procs)
             await asyncio.gather(*(p.on("mesh") for p in first))
             cpu_mesh = _cpu_times()
+            t_on_mesh = time.monotonic()
             await asyncio.sleep(STEADY_S)
             cpu_join = _cpu_times()
             spies = _Profile(profile, "mesh_to_sfu")
@@ -457,6 +477,7 @@ async def measure_switch(
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
             cpu_on_sfu = _cpu_times()
+            t_on_sfu = time.monotonic()
             profiles = {"mesh_to_sfu": await spies.stop()}
             await asyncio.sleep(STEADY_S)
             cpu_leave = _cpu_times()
@@ -467,6 +488,7 @@ async def measure_switch(
             fourth_report = await fourth.leave()
             back = await asyncio.gather(*(p.on("mesh") for p in first))
             cpu_back = _cpu_times()
+            t_back = time.monotonic()
             profiles["sfu_to_mesh"] = await spies.stop()
             await asyncio.sleep(STEADY_S)
             reports = [await p.leave() for p in first]
@@ -476,9 +498,27 @@ async def measure_switch(
     to_sfu_gap = _largest(everyone, t_join, t_leave)
     # After the leave the fourth member's media ends for good: not a gap of the switch.
     to_mesh_gap = _largest(reports, t_leave, float("inf"), exclude=users[3].user_id)
+    to_sfu_gap["phase"] = _phase(everyone, to_sfu_gap, "sfu")
+    to_mesh_gap["phase"] = _phase(reports, to_mesh_gap, "mesh")
+    # Controls: the largest gap in steady calls with no switch (3 members on the mesh before
+    # the join; 4 on the SFU once all had switched, until the leave).
+    steady = {
+        "mesh": _largest(reports, t_on_mesh, t_join)["ms"],
+        "sfu": _largest(everyone, t_on_sfu, t_leave)["ms"],
+        # The SFU once the old mesh has had TEARDOWN_S to close (its teardown runs in the
+        # background after the switch finished).
+        "sfu_after_teardown": _largest(everyone, t_on_sfu + TEARDOWN_S, t_leave)["ms"],
+    }
+    # The largest gap that overlaps the switch itself (its start until every member finished).
+    in_switch = {
+        "mesh_to_sfu": _largest(everyone, t_join, t_on_sfu)["ms"],
+        "sfu_to_mesh": _largest(reports, t_leave, t_back, exclude=users[3].user_id)["ms"],
+    }
     result: dict[str, Any] = {
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
+        "steady_gap_ms": steady,
+        "in_switch_gap_ms": in_switch,
         "switch_duration_ms": {
             "mesh_to_sfu": round((max(s["finished_at"] for s in to_sfu) - t_join) * 1000),
             "sfu_to_mesh": round((max(s["finished_at"] for s in back) - t_leave) * 1000),
@@ -512,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy every member during each switch (raw stacks in DIR; a summary in the "
         "result: costs CPU, so not for the gap figures)",
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure this many times (a fresh stack each: one switch each way per run); "
+        "the figures are the max over the runs, with the median and every run's value",
+    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -541,14 +588,51 @@ def main(argv: list[str] | None = None) -> int:
                 a.profile.mkdir(parents=True, exist_ok=True)
             return await measure_switch(media, acks=a.acks, profile=a.profile)
 
-    result = run_bench(run, args)
+    if args.runs <= 1:
+        result = run_bench(run, args)
+        if result is not None:
+            print(f"switch gaps (ms): mesh->sfu {result['mesh_to_sfu']}, "
+                  f"sfu->mesh {result['sfu_to_mesh']}")  # fmt: skip
+            print(json.dumps(result["detail"], indent=1))
+            if "profile" in result:
+                print(json.dumps(result["profile"], indent=1))
+        return 0
+
+    async def runs(a: argparse.Namespace) -> dict[str, Any]:
+        async with asyncio.timeout(LIMIT_S * a.runs):
+            return aggregate([await run(a) for _ in range(a.runs)])
+
+    result = run_bench(runs, args)
     if result is not None:
-        print(f"switch gaps (ms): mesh->sfu {result['mesh_to_sfu']}, "
-              f"sfu->mesh {result['sfu_to_mesh']}")  # fmt: skip
-        print(json.dumps(result["detail"], indent=1))
-        if "profile" in result:
-            print(json.dumps(result["profile"], indent=1))
+        for d in ("mesh_to_sfu", "sfu_to_mesh"):
+            print(f"{d}: max {result[d]} ms, median {result['median'][d]} ms over "
+                  f"{result['switches']} switches: {result['each'][d]} "
+                  f"(phase of each: {result['phase'][d]}; overlapping the switch: "
+                  f"{result['in_switch'][d]}; steady control: {result['steady'][d]})")  # fmt: skip
     return 0
+
+
+_STEADY_OF = {"mesh_to_sfu": "sfu", "sfu_to_mesh": "mesh"}
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' figures: ``mesh_to_sfu`` / ``sfu_to_mesh`` are the **largest** gap over all
+    of them (the target), with the median, each run's value, where each largest gap lay
+    (:func:`_phase`), the largest gap overlapping each switch, and the steady control of the
+    transport switched to (no switch; ``steady_gap_ms``)."""
+    dirs = ("mesh_to_sfu", "sfu_to_mesh")
+    each = {d: [r[d] for r in results] for d in dirs}
+    return {
+        **{d: max(each[d]) for d in dirs},
+        "switches": len(results),
+        "median": {d: statistics.median(each[d]) for d in dirs},
+        "each": each,
+        "phase": {d: [r["detail"][d]["largest"].get("phase") for r in results] for d in dirs},
+        "in_switch": {d: [r["in_switch_gap_ms"][d] for r in results] for d in dirs},
+        "steady": {d: [r["steady_gap_ms"][_STEADY_OF[d]] for r in results] for d in dirs},
+        "busy_cores": [r["busy_cores"] for r in results],
+        "runs": list(results),
+    }
 
 
 if __name__ == "__main__":
