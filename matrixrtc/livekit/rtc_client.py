@@ -14,10 +14,17 @@ Stage 1 (this module): the signalling session and the subscriber peer connection
   the answer SDP *and* as trickles; the server's trickled candidates are added to aiortc (kept
   until the remote description exists).
 * ``tracks``: every received aiortc track by LiveKit track id (``mid_to_track_id`` of the offer,
-  else the SDP msid), for the receive stage to consume.
+  else the SDP msid), with its publisher's identity (from ``JoinResponse`` and participant
+  updates) and its ``RTCRtpReceiver``. ``on_track`` sees each one before its receiver starts,
+  which is when a decode path can still be replaced: the tested binding is the mesh's
+  ``install_receive_hook`` (VP8 frame assembler, LiveKit-format frame decryptor with the
+  server's ``sif_trailer``, per-track ``ReceiveStats``, ``decode=`` only for rendered video),
+  see ``tests/integration/test_livekit_rtc_client.py``. The caller wires it (this package may
+  not import ``matrixrtc.mesh``: sibling layers).
 * ``aclose()`` sends ``leave`` and closes the peer connection and the WebSocket.
 
-Not yet here: the publisher peer connection, per-frame E2EE on receive and send (stages 2, 3).
+Not yet here: the publisher peer connection (AddTrackRequest, our offer), and the wiring as an
+engine of ``LiveKitTransport`` (stages 3, 4).
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
-from aiortc import MediaStreamTrack, RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCIceCandidate,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
 from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import RemoteError
@@ -51,9 +64,15 @@ class SignalLost(RemoteError):
 
 @dataclass
 class ReceivedTrack:
+    """A subscribed track as it arrives (aiortc's ``track`` event), before its receiver starts:
+    an ``on_track`` callback may still replace the receiver's decode path (e.g. the mesh's
+    receive hook: assemble, decrypt, count, decode only when rendered)."""
+
     track_id: str  # LiveKit's track sid (TR_…)
+    identity: str  # the publishing participant ("" when the server has not said yet)
     kind: str
     track: MediaStreamTrack
+    receiver: RTCRtpReceiver
 
 
 @dataclass
@@ -88,6 +107,7 @@ class RtcClient:
         self._send_lock = asyncio.Lock()
         self.joined: signal.Joined | None = None
         self.tracks: dict[str, ReceivedTrack] = {}
+        self.owners: dict[str, str] = {}  # track sid -> publishing identity
         self.pongs = 0
         self.rtt_ms = 0
         self.closed = asyncio.Event()
@@ -111,6 +131,7 @@ class RtcClient:
             await self._close_io()
             raise
         self.joined = event
+        self._learn(event.tracks)
         self._sub = _Subscriber(pc=self._new_pc())
         self._last_pong = self._clock()
         self._tasks.spawn(self._read_loop(), "read")
@@ -152,9 +173,16 @@ class RtcClient:
 
     def _track_arrived(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
         assert self._sub is not None
-        mid = next((t.mid for t in pc.getTransceivers() if t.receiver.track is track), None)
+        transceiver = next(t for t in pc.getTransceivers() if t.receiver.track is track)
+        mid = transceiver.mid
         track_id = self._sub.mid_to_track.get(mid or "", "") or track.id
-        received = ReceivedTrack(track_id=track_id, kind=track.kind, track=track)
+        received = ReceivedTrack(
+            track_id=track_id,
+            identity=self.owners.get(track_id, ""),
+            kind=track.kind,
+            track=track,
+            receiver=transceiver.receiver,
+        )
         self.tracks[track_id] = received
         log.debug("livekit.rtc_track", track=track_id, kind=track.kind, mid=mid)
         if self._on_track is not None:
@@ -180,8 +208,14 @@ class RtcClient:
                 self.closed.set()
             raise
 
+    def _learn(self, tracks: Sequence[signal.RemoteTrack]) -> None:
+        for t in tracks:
+            self.owners[t.track_sid] = t.identity
+
     async def _handle(self, event: signal.SignalEvent) -> None:
-        if isinstance(event, signal.Offer):
+        if isinstance(event, signal.ParticipantsUpdated):
+            self._learn(event.tracks)
+        elif isinstance(event, signal.Offer):
             await self._answer(event)
         elif isinstance(event, signal.Trickle):
             await self._remote_candidate(event)

@@ -117,6 +117,7 @@ class Joined:
     ping_timeout_s: int
     others: tuple[str, ...]  # identities of the participants already in the room
     tracks: tuple[RemoteTrack, ...]
+    sif_trailer: bytes  # marks frames the server injects (not encrypted by a sender)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,6 +259,7 @@ def decode(data: bytes) -> SignalEvent:
             ping_timeout_s=j.ping_timeout,
             others=tuple(p.identity for p in j.other_participants),
             tracks=tuple(tracks),
+            sif_trailer=j.sif_trailer,
         )
     if field == "offer":
         return Offer(

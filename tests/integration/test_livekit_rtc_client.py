@@ -1,18 +1,31 @@
 """Our own LiveKit client (``matrixrtc.livekit.rtc_client``) against a real LiveKit v1.13.5:
 join, the keepalive, the subscriber peer connection (server offer, our answer, trickled ICE
-on 127.0.0.1) carrying the media an SDK participant publishes, and leave."""
+on 127.0.0.1) carrying the media an SDK participant publishes, and leave.
+
+Receiving (issue 19's decode-only-what-is-rendered): the SDK participant publishes with the
+livekit SDK's own E2EE (Element Call's key provider settings); each of our clients binds every
+received track to the mesh's receive path (``mesh.fanout.install_receive_hook``: our VP8 frame
+assembler, then the LiveKit-format frame decryptor, then counters), and decodes video only for
+the track it renders."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import pytest
 from livekit import api, rtc
 
 from matrixrtc.devstack import LiveKit
-from matrixrtc.livekit.rtc_client import RtcClient
+from matrixrtc.e2ee import KeyRings
+from matrixrtc.livekit import element_call_e2ee_options
+from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
+from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.mesh.fanout import install_receive_hook
+
+SDK_KEY = bytes(range(16))
 
 
 def _token(lk: LiveKit, room: str, identity: str) -> str:
@@ -45,13 +58,21 @@ async def _publish(room: rtc.Room, stop: asyncio.Event) -> None:
         await asyncio.sleep(1 / 15)
 
 
-@pytest.fixture
-async def sdk_publisher(livekit: LiveKit) -> AsyncIterator[tuple[str, rtc.Room]]:
+@pytest.fixture(params=[False, True], ids=["clear", "e2ee"])
+async def sdk_publisher(
+    livekit: LiveKit, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[str, rtc.Room]]:
+    e2ee: bool = request.param
     name = f"rtc-client-{uuid.uuid4().hex[:8]}"
     async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
         await lkapi.room.create_room(api.CreateRoomRequest(name=name))
     room = rtc.Room()
-    await room.connect(livekit.url, _token(livekit, name, "sdk"), rtc.RoomOptions())
+    options = rtc.RoomOptions(encryption=element_call_e2ee_options() if e2ee else None)
+    await room.connect(livekit.url, _token(livekit, name, "sdk"), options)
+    if e2ee:
+        provider = room.e2ee_manager.key_provider
+        assert provider is not None
+        provider.set_key("sdk", SDK_KEY, 0)
     stop = asyncio.Event()
     task = asyncio.create_task(_publish(room, stop))
     try:
@@ -77,6 +98,7 @@ async def _packets(client: RtcClient) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize("sdk_publisher", [False], indirect=True, ids=["clear"])
 async def test_joins_answers_the_subscriber_offer_and_receives_media(
     livekit: LiveKit, sdk_publisher: tuple[str, rtc.Room]
 ) -> None:
@@ -109,3 +131,69 @@ async def test_joins_answers_the_subscriber_offer_and_receives_media(
     async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
         listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=name))
     assert [p.identity for p in listed.participants] == ["sdk"]
+
+
+@dataclass
+class _Receiving:
+    """One of our clients' receive side: every track through the mesh's receive hook."""
+
+    render: bool
+    keys: KeyRings = field(default_factory=KeyRings)
+    stats: dict[str, ReceiveStats] = field(default_factory=dict)
+    tracks: dict[str, ReceivedTrack] = field(default_factory=dict)
+    sif_trailer: bytes = b""
+
+    def on_track(self, received: ReceivedTrack) -> None:
+        stats = self.stats[received.track_id] = ReceiveStats(kind=received.kind)
+        self.tracks[received.track_id] = received
+        install_receive_hook(
+            received.receiver,
+            decryptor=self.keys.cryptor(received.identity, sif_trailer=self.sif_trailer),
+            stats=stats,
+            decode=self.render and received.kind == "video",
+        )
+
+
+@pytest.mark.parametrize("sdk_publisher", [True], indirect=True, ids=["e2ee"])
+async def test_receives_decrypts_and_counts_every_track_and_decodes_only_the_rendered(
+    livekit: LiveKit, sdk_publisher: tuple[str, rtc.Room]
+) -> None:
+    name, _ = sdk_publisher
+    sides = {"renders": _Receiving(render=True), "counts": _Receiving(render=False)}
+    clients: dict[str, RtcClient] = {}
+    for who, side in sides.items():
+        side.keys.install("sdk", 0, SDK_KEY)
+        clients[who] = RtcClient(livekit.url, _token(livekit, name, who), on_track=side.on_track)
+    try:
+        for who, client in clients.items():
+            joined = await client.connect()
+            sides[who].sif_trailer = joined.sif_trailer
+        async with asyncio.timeout(15):
+            while not all(
+                len(s.stats) == 2
+                and all(st.encoded_frames >= 15 for st in s.stats.values() if st.kind == "video")
+                for s in sides.values()
+            ):
+                assert all(c.error is None for c in clients.values())
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        for who, side in sides.items():
+            assert {t.identity for t in side.tracks.values()} == {"sdk"}, who
+            video = next(st for st in side.stats.values() if st.kind == "video")
+            audio = next(st for st in side.stats.values() if st.kind == "audio")
+            # Decrypted (a frame counts only once our LiveKit-format decryptor opened it).
+            assert video.decrypt_failures == 0, (who, video)
+            assert audio.decrypt_failures == 0, (who, audio)
+            assert video.encoded_frames >= 25, (who, video)
+            assert audio.encoded_frames >= 1, (who, audio)
+            track = next(t.track for t in side.tracks.values() if t.kind == "video")
+            queued: asyncio.Queue[object] = getattr(track, "_queue")  # noqa: B009
+            if side.render:
+                frame = await asyncio.wait_for(track.recv(), 5)
+                assert (getattr(frame, "width", 0), getattr(frame, "height", 0)) == (320, 240)
+            else:
+                assert queued.qsize() == 0, "a track nobody renders was decoded"
+                assert video.decoding is False
+    finally:
+        for client in clients.values():
+            await client.aclose()
