@@ -7,8 +7,8 @@ Modules (each documents its API in its docstring):
 * ``receive``     ``ReceivedTracks``: layers asked for, remote frames rendered or counted.
 * ``preencoded``  the synthetic video as a looped VP8 clip encoded once.
 * ``signal``      LiveKit's ``/rtc`` signalling protocol, sans I/O (protobuf messages as events).
-* ``rtc_client``  ``RtcClient``: our own LiveKit client over aiortc (signalling, subscriber peer
-                  connection); the receive/publish stages that replace the SDK come next.
+* ``rtc_client``  ``RtcClient``: our own LiveKit client over aiortc (signalling, subscriber and
+                  publisher peer connections); not yet an engine of ``LiveKitTransport``.
 * ``transport``   ``LiveKitTransport``: one connection per SFU the call needs (oldest member
                   or multi-SFU), keys from the sender-key manager installed everywhere,
                   dropped connections replaced with fresh credentials.

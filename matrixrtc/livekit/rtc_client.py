@@ -4,7 +4,7 @@ Why: the pinned livekit Python SDK (1.2.1) decodes every subscribed video track 
 it is rendered (issue 19). This client receives media on an aiortc peer connection, so what is
 decoded is up to us.
 
-Stage 1 (this module): the signalling session and the subscriber peer connection.
+This module: the signalling session, the subscriber and the publisher peer connections.
 
 * ``RtcClient.connect()`` opens ``/rtc`` with the access token, waits for ``JoinResponse``,
   then keeps the link alive (``ping_req`` every ``ping_interval``; no pong within
@@ -23,8 +23,14 @@ Stage 1 (this module): the signalling session and the subscriber peer connection
   not import ``matrixrtc.mesh``: sibling layers).
 * ``aclose()`` sends ``leave`` and closes the peer connection and the WebSocket.
 
-Not yet here: the publisher peer connection (AddTrackRequest, our offer), and the wiring as an
-engine of ``LiveKitTransport`` (stages 3, 4).
+Publishing (``publish()``): ``AddTrackRequest`` per track (cid = the aiortc track id, marked
+GCM-encrypted), every ``TrackPublishedResponse`` awaited, then our offer on the publisher peer
+connection and the server's answer; trickles both ways. Tracks may yield already encoded and
+encrypted ``av.Packet`` s (the mesh's encode-once ``SharedEncoder`` with its LiveKit-format
+``CryptorTransform``; ``on_sender=adopt_sender`` routes PLI/REMB to it): the tested path.
+
+Not yet here: the wiring as an engine of ``LiveKitTransport`` (keys from the call's
+sender-key machinery, ``render_max``, stats in the transport's shape) and bench/scale.py cells.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 import structlog
@@ -42,11 +49,12 @@ from aiortc import (
     RTCIceCandidate,
     RTCPeerConnection,
     RTCRtpReceiver,
+    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.sdp import candidate_from_sdp
 
-from matrixrtc.errors import RemoteError
+from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.livekit import signal
 from matrixrtc.media.ice import IceServerConfig, gather_on, rtc_configuration
 from matrixrtc.tasks import OwnedTasks
@@ -103,6 +111,9 @@ class RtcClient:
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._sub: _Subscriber | None = None
+        self._pub: _Subscriber | None = None  # same bookkeeping: candidates before the answer
+        self._published: dict[str, asyncio.Future[str]] = {}  # cid -> track sid
+        self._answered: asyncio.Future[signal.Answer] | None = None
         self._last_pong = 0.0
         self._send_lock = asyncio.Lock()
         self.joined: signal.Joined | None = None
@@ -151,8 +162,9 @@ class RtcClient:
             with contextlib.suppress(Exception):
                 await self._send(signal.encode_leave())
         await self._tasks.cancel()
-        if self._sub is not None:
-            await self._sub.pc.close()
+        for side in (self._sub, self._pub):
+            if side is not None:
+                await side.pc.close()
         await self._close_io()
         self.closed.set()
 
@@ -219,6 +231,13 @@ class RtcClient:
             await self._answer(event)
         elif isinstance(event, signal.Trickle):
             await self._remote_candidate(event)
+        elif isinstance(event, signal.TrackPublished):
+            waiter = self._published.get(event.cid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event.track_sid)
+        elif isinstance(event, signal.Answer):
+            if self._answered is not None and not self._answered.done():
+                self._answered.set_result(event)
         elif isinstance(event, signal.Pong):
             self.pongs += 1
             self._last_pong = self._clock()
@@ -245,14 +264,70 @@ class RtcClient:
             await self._send(signal.encode_trickle(candidate, "subscriber"))
 
     async def _remote_candidate(self, trickle: signal.Trickle) -> None:
-        if trickle.target != "subscriber" or trickle.candidate is None:
-            return  # publisher side comes with stage 3
-        sub = self._sub
-        assert sub is not None
+        sub = self._sub if trickle.target == "subscriber" else self._pub
+        if sub is None or trickle.candidate is None:
+            return
         if not sub.described:
             sub.pending.append(trickle.candidate)
             return
         await sub.pc.addIceCandidate(_to_aiortc(trickle.candidate))
+
+    # ------------------------------------------------------------------------- publishing
+    async def publish(
+        self,
+        tracks: Sequence[MediaStreamTrack],
+        *,
+        width: int = 320,
+        height: int = 240,
+        encrypted: bool = True,
+        on_sender: Callable[[RTCRtpSender], None] | None = None,
+        timeout_s: float = 10.0,
+    ) -> dict[str, str]:
+        """Publish ``tracks`` (once): ``AddTrackRequest`` for each (cid = the aiortc track id,
+        which is the msid track id in our SDP), wait for every ``TrackPublishedResponse``, then
+        offer on the publisher peer connection and apply the server's answer. ``on_sender``
+        sees each sender before the offer (e.g. the mesh's ``adopt_sender`` for an
+        encode-once track). Returns {cid: LiveKit track sid}."""
+        if self._pub is not None:
+            raise LocalError("publish() runs once per client")
+        pub = self._pub = _Subscriber(pc=RTCPeerConnection(rtc_configuration(self._ice_servers)))
+        loop = asyncio.get_running_loop()
+        for track in tracks:
+            self._published[track.id] = loop.create_future()
+            kind: Literal["audio", "video"] = "video" if track.kind == "video" else "audio"
+            await self._send(
+                signal.encode_add_track(
+                    cid=track.id,
+                    name=kind,
+                    kind=kind,
+                    width=width if kind == "video" else 0,
+                    height=height if kind == "video" else 0,
+                    encrypted=encrypted,
+                )
+            )
+        async with asyncio.timeout(timeout_s):
+            sids = {cid: await f for cid, f in self._published.items()}
+        for track in tracks:
+            sender = pub.pc.addTrack(track)
+            if on_sender is not None:
+                on_sender(sender)
+        offer = await pub.pc.createOffer()
+        await gather_on(pub.pc, self._addresses)
+        await pub.pc.setLocalDescription(offer)
+        self._answered = loop.create_future()
+        local = pub.pc.localDescription
+        await self._send(signal.encode_offer(local.sdp))
+        async with asyncio.timeout(timeout_s):
+            answer = await self._answered
+        await pub.pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+        pub.described = True
+        for candidate in pub.pending:
+            await pub.pc.addIceCandidate(_to_aiortc(candidate))
+        pub.pending.clear()
+        for candidate in _sdp_candidates(local.sdp):
+            await self._send(signal.encode_trickle(candidate, "publisher"))
+        log.info("livekit.rtc_published", tracks=sids)
+        return sids
 
     async def _ping_loop(self, joined: signal.Joined) -> None:
         interval = joined.ping_interval_s or 5

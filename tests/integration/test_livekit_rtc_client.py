@@ -23,7 +23,9 @@ from matrixrtc.e2ee import KeyRings
 from matrixrtc.livekit import element_call_e2ee_options
 from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
 from matrixrtc.media.sinks import ReceiveStats
-from matrixrtc.mesh.fanout import install_receive_hook
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.fanout import SharedEncoder, adopt_sender, install_receive_hook
+from matrixrtc.mesh.transform import CryptorTransform
 
 SDK_KEY = bytes(range(16))
 
@@ -197,3 +199,85 @@ async def test_receives_decrypts_and_counts_every_track_and_decodes_only_the_ren
     finally:
         for client in clients.values():
             await client.aclose()
+
+
+PUB_KEY = bytes(range(16, 32))
+
+
+async def _count_sdk_video(room: rtc.Room, identity: str, counts: dict[str, int]) -> None:
+    """The SDK participant decodes (and so decrypts) the video ``identity`` publishes."""
+    while True:
+        participant = room.remote_participants.get(identity)
+        tracks = [] if participant is None else list(participant.track_publications.values())
+        video = next(
+            (t.track for t in tracks if t.kind == rtc.TrackKind.KIND_VIDEO and t.track), None
+        )
+        if video is not None:
+            break
+        await asyncio.sleep(0.1)
+    async for _ in rtc.VideoStream(video):
+        counts[identity] = counts.get(identity, 0) + 1
+
+
+@pytest.mark.parametrize("sdk_publisher", [True], indirect=True, ids=["e2ee"])
+async def test_two_of_ours_and_an_sdk_participant_exchange_e2ee_media(
+    livekit: LiveKit, sdk_publisher: tuple[str, rtc.Room]
+) -> None:
+    name, sdk_room = sdk_publisher
+    provider = sdk_room.e2ee_manager.key_provider
+    assert provider is not None
+    provider.set_key("pub", PUB_KEY, 0)
+    sides = {"pub": _Receiving(render=False), "counts": _Receiving(render=False)}
+    for side in sides.values():
+        side.keys.install("sdk", 0, SDK_KEY)
+        side.keys.install("pub", 0, PUB_KEY)
+    clients = {
+        who: RtcClient(livekit.url, _token(livekit, name, who), on_track=side.on_track)
+        for who, side in sides.items()
+    }
+    own = KeyRings()
+    own.install("pub", 0, PUB_KEY)
+    transform = CryptorTransform(own.cryptor("pub"), lambda _: own.cryptor("pub"))
+    encoders = [
+        SharedEncoder(SyntheticVideoTrack(320, 240, 15.0), transform=transform),
+        SharedEncoder(ToneAudioTrack(), transform=transform),
+    ]
+    sdk_counts: dict[str, int] = {}
+    watch = asyncio.create_task(_count_sdk_video(sdk_room, "pub", sdk_counts))
+    try:
+        for who, client in clients.items():
+            joined = await client.connect()
+            sides[who].sif_trailer = joined.sif_trailer
+        sids = await clients["pub"].publish(
+            [e.subscribe() for e in encoders], on_sender=adopt_sender
+        )
+        assert len(sids) == 2
+        for e in encoders:
+            e.start()
+        async with asyncio.timeout(20):
+            while (
+                sdk_counts.get("pub", 0) < 15
+                or not any(
+                    st.kind == "video" and st.encoded_frames >= 15
+                    for t, st in sides["counts"].stats.items()
+                    if sides["counts"].tracks[t].identity == "pub"
+                )
+                # silent SDK audio is Opus DTX: a few frames a second
+                or any(st.encoded_frames < 1 for s in sides.values() for st in s.stats.values())
+            ):
+                assert all(c.error is None for c in clients.values())
+                await asyncio.sleep(0.1)
+        # Each of ours decrypted the SDK participant's media, and "counts" also ours.
+        for who, side in sides.items():
+            senders = {t.identity for t in side.tracks.values()}
+            assert senders == ({"sdk"} if who == "pub" else {"sdk", "pub"}), who
+            for track_id, stats in side.stats.items():
+                assert stats.decrypt_failures == 0, (who, track_id, stats)
+                assert stats.encoded_frames >= 1, (who, track_id, stats)
+        assert sdk_counts["pub"] >= 15  # the SDK decrypted and decoded our video
+    finally:
+        watch.cancel()
+        for client in clients.values():
+            await client.aclose()
+        for e in encoders:
+            await e.aclose()
