@@ -41,7 +41,8 @@ async def run_node(script: str, *args: str, limit: float = 30) -> str:
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError):
+        # (cancelled: a test that gave up on this run; the script must not outlive it)
         proc.kill()
         await proc.wait()
         raise

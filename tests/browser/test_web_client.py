@@ -247,7 +247,9 @@ async def _run_call(
                     if t is not waiting and (t.exception() or not t.result()["ok"])
                 ]
                 if why:
-                    waiting.cancel()
+                    # Nothing left to wait for: the others would only run into their timeouts.
+                    for t in (waiting, *tasks):
+                        t.cancel()
                     raise AssertionError(f"a browser gave up before Python decoded it: {why}")
             waiting.result()
             await asyncio.sleep(1.5)  # a fresh report from every Python participant
@@ -258,7 +260,10 @@ async def _run_call(
             results = list(await asyncio.gather(*tasks))
         except BaseException:
             for t in tasks:
-                print(json.dumps(await t, indent=1)[:6000])
+                try:
+                    print(json.dumps(await t, indent=1)[:6000])
+                except (Exception, asyncio.CancelledError) as e:  # cancelled above, or failed
+                    print(f"browser: {e!r}")
             raise
     for r in results:
         print(json.dumps({k: r.get(k) for k in ("marks", "badges", "muteCheck")}))
