@@ -399,6 +399,21 @@ def _largest(
     return best
 
 
+def _over(
+    reports: Sequence[dict[str, Any]], since: float, until: float, ms: int
+) -> list[list[Any]]:
+    """Every gap over ``ms`` within ``[since, until)``: [from_ms, ms, receiver, sender], in
+    time order (one sender seen late by every receiver at once: the sender or the server;
+    one receiver late from every sender: the receiver)."""
+    out = []
+    for r in reports:
+        for peer, start, end, _ended_by, _open in r["gaps"]:
+            if start >= since and end < until and (end - start) * 1000 > ms:
+                out.append([round((start - since) * 1000), round((end - start) * 1000),
+                            _name(r["user"]), _name(peer)])  # fmt: skip
+    return sorted(out)
+
+
 def _phase(reports: Sequence[dict[str, Any]], gap: dict[str, Any], kind: str) -> str:
     """Where ``gap`` lies against its receiver's cutover of its sender to ``kind``: on the old
     path (it ended before the cutover), across the cutover (the switch itself), or on the new
@@ -508,6 +523,7 @@ async def measure_switch(
         # The SFU once the old mesh has had TEARDOWN_S to close (its teardown runs in the
         # background after the switch finished).
         "sfu_after_teardown": _largest(everyone, t_on_sfu + TEARDOWN_S, t_leave)["ms"],
+        "sfu_gaps_over_100_ms": _over(everyone, t_on_sfu + TEARDOWN_S, t_leave, 100),
     }
     # The largest gap that overlaps the switch itself (its start until every member finished).
     in_switch = {
@@ -600,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def runs(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S * a.runs):
-            return aggregate([await run(a) for _ in range(a.runs)])
+            return await measure_switches(media, a.runs, acks=a.acks)
 
     result = run_bench(runs, args)
     if result is not None:
@@ -610,6 +626,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"(phase of each: {result['phase'][d]}; overlapping the switch: "
                   f"{result['in_switch'][d]}; steady control: {result['steady'][d]})")  # fmt: skip
     return 0
+
+
+async def measure_switches(media: MediaOptions, runs: int, *, acks: bool = True) -> dict[str, Any]:
+    """:func:`measure_switch` ``runs`` times (a fresh stack each), through :func:`aggregate`."""
+    return aggregate([await measure_switch(media, acks=acks) for _ in range(runs)])
 
 
 _STEADY_OF = {"mesh_to_sfu": "sfu", "sfu_to_mesh": "mesh"}
