@@ -309,10 +309,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
     result["sfu_max_n"] = sfu_max_n(result["sfu"])
     if args.switch:
-        from bench.switch import measure_switches
-        from matrixrtc.livekit import MediaOptions
+        from bench.switch import SWITCH_MEDIA, measure_switches
 
-        media = MediaOptions(width=320, height=240, fps=15.0)
+        media = SWITCH_MEDIA
         dirs = ("mesh_to_sfu", "sfu_to_mesh")
         if args.switch_compare:
             before = await measure_switches(media, args.switch_runs, acks=False)

@@ -47,6 +47,14 @@ from matrixrtc.livekit import MediaOptions
 from matrixrtc.logging import configure_logging
 
 _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
+# What every member sends. On the SFU the SDK's VP8 encoder gets a 600 kbit/s cap (its default
+# for 320×240 is ≈225, under which it dropped whole frames of the synthetic picture: 100–140 ms
+# holes every receiver of one sender saw at once, in a steady SFU call with no switch) and
+# keeps the frame rate under load; ``--sdk-encoder-defaults`` measures without.
+SWITCH_MEDIA = MediaOptions(
+    width=320, height=240, fps=15.0, max_video_kbps=600, keep_framerate=True
+)
+SDK_DEFAULT_MEDIA = MediaOptions(width=320, height=240, fps=15.0)
 _ROOT = Path(__file__).resolve().parent.parent  # members run as ``python -m bench.switch``
 _MARK = "@@switch "  # our lines on a member's stdout
 SETTLE_TIMEOUT_S = 60.0
@@ -70,6 +78,8 @@ class MemberArgs:
     audio: bool
     acks: bool
     mesh_max: int = 3
+    max_video_kbps: int | None = None
+    keep_framerate: bool = False
 
 
 # -- the member process ---------------------------------------------------------------------
@@ -90,7 +100,10 @@ async def _member(args: MemberArgs) -> None:
     from matrixrtc.session.mesh_signalling import SignallingConfig
     from matrixrtc.switching import MediaSwitcher, SwitchConfig
 
-    media = MediaOptions(width=args.width, height=args.height, fps=args.fps, audio=args.audio)
+    media = MediaOptions(
+        width=args.width, height=args.height, fps=args.fps, audio=args.audio,
+        max_video_kbps=args.max_video_kbps, keep_framerate=args.keep_framerate,
+    )  # fmt: skip
     mesh = MeshLinkConfig(
         mesh=MeshConfig(
             host_addresses=("127.0.0.1",),
@@ -471,7 +484,8 @@ async def measure_switch(
             return MemberArgs(
                 base_url=hs.base_url, user_id=u.user_id, password=u.password, room_id=room_id,
                 service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
-                audio=media.audio, acks=acks,
+                audio=media.audio, acks=acks, max_video_kbps=media.max_video_kbps,
+                keep_framerate=media.keep_framerate,
             )  # fmt: skip
 
         try:
@@ -533,6 +547,7 @@ async def measure_switch(
     result: dict[str, Any] = {
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
+        "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
         "switch_duration_ms": {
@@ -575,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         help="measure this many times (a fresh stack each: one switch each way per run); "
         "the figures are the max over the runs, with the median and every run's value",
     )
+    parser.add_argument(
+        "--sdk-encoder-defaults",
+        action="store_true",
+        help="publish to the SFU with the SDK's encoder defaults (≈225 kbit/s at 320×240, "
+        "balanced degradation): the figures before SWITCH_MEDIA",
+    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -596,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             asyncio.run(_member(MemberArgs(**json.loads(args.member))))
         return 0
-    media = MediaOptions(width=320, height=240, fps=15.0)
+    media = SDK_DEFAULT_MEDIA if args.sdk_encoder_defaults else SWITCH_MEDIA
 
     async def run(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S):
@@ -646,6 +667,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         **{d: max(each[d]) for d in dirs},
         "switches": len(results),
+        "encoder": results[0].get("encoder"),
         "median": {d: statistics.median(each[d]) for d in dirs},
         "each": each,
         "phase": {d: [r["detail"][d]["largest"].get("phase") for r in results] for d in dirs},

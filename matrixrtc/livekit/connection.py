@@ -162,6 +162,13 @@ class MediaOptions:
     # Synthetic video: publish a looped VP8 clip of the pattern, encoded once when publishing
     # (matrixrtc.livekit.preencoded), instead of encoding every frame in the SDK.
     preencoded: bool = False
+    # The SDK's VP8 encoder (not the pre-encoded clip): its bitrate cap in kbit/s (None: the
+    # SDK's default for the size, ≈225 at 320×240, under which WebRTC's rate control drops
+    # whole frames of a busy picture: a 133 ms hole at 15 fps that every receiver of this
+    # sender sees at once), and whether a loaded encoder keeps the frame rate (and lowers the
+    # resolution) instead of WebRTC's balanced preference, which also drops frames.
+    max_video_kbps: int | None = None
+    keep_framerate: bool = False
 
 
 @dataclass(slots=True)
@@ -629,11 +636,7 @@ class LiveKitConnection:
                 vtrack = rtc.LocalVideoTrack.create_video_track("synthetic-video", vsource)
                 await lp.publish_track(
                     vtrack,
-                    rtc.TrackPublishOptions(
-                        source=rtc.TrackSource.SOURCE_CAMERA,
-                        video_codec=rtc.VideoCodec.VP8,
-                        simulcast=m.simulcast,
-                    ),
+                    _encoded_by_sdk(m, simulcast=m.simulcast),
                 )
                 self._spawn(self._pump_video(vsource), "livekit-video-source")
             if m.audio:
@@ -659,11 +662,7 @@ class LiveKitConnection:
                 self._sources.append(vsource)
                 await lp.publish_track(
                     rtc.LocalVideoTrack.create_video_track("video", vsource),
-                    rtc.TrackPublishOptions(
-                        source=rtc.TrackSource.SOURCE_CAMERA,
-                        video_codec=rtc.VideoCodec.VP8,
-                        simulcast=False,
-                    ),
+                    _encoded_by_sdk(self.media, simulcast=False),
                 )
                 self._sync_own_key_index()  # a new sender cryptor starts at index 0
                 while True:
@@ -788,3 +787,19 @@ class LiveKitConnection:
         if state in _FAILING:
             stats.decrypt_failures += 1
             log.info("livekit.decrypt_failing", identity=participant.identity, state=name)
+
+
+def _encoded_by_sdk(m: MediaOptions, *, simulcast: bool) -> rtc.TrackPublishOptions:
+    """Publish options of a camera track the SDK encodes (VP8), under ``m``'s encoder
+    settings (``max_video_kbps``, ``keep_framerate``)."""
+    options = rtc.TrackPublishOptions(
+        source=rtc.TrackSource.SOURCE_CAMERA,
+        video_codec=rtc.VideoCodec.VP8,
+        simulcast=simulcast,
+    )
+    if m.max_video_kbps is not None:
+        options.video_encoding.max_bitrate = m.max_video_kbps * 1000
+        options.video_encoding.max_framerate = m.fps
+    if m.keep_framerate:
+        options.degradation_preference = rtc.DegradationPreference.MAINTAIN_FRAMERATE.value
+    return options
