@@ -544,12 +544,19 @@ async def measure_switch(
         "mesh_to_sfu": _largest(everyone, t_join, t_on_sfu)["ms"],
         "sfu_to_mesh": _largest(reports, t_leave, t_back, exclude=users[3].user_id)["ms"],
     }
+    # Every gap over 100 ms during each switch: one sender late at every receiver at once (the
+    # sender's capture or encoder, or the server), or one receiver late from every sender.
+    in_switch_over = {
+        "mesh_to_sfu": _over(everyone, t_join, t_on_sfu, 100),
+        "sfu_to_mesh": _over(reports, t_leave, t_back, 100),
+    }
     result: dict[str, Any] = {
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
         "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
+        "in_switch_gaps_over_100_ms": in_switch_over,
         "switch_duration_ms": {
             "mesh_to_sfu": round((max(s["finished_at"] for s in to_sfu) - t_join) * 1000),
             "sfu_to_mesh": round((max(s["finished_at"] for s in back) - t_leave) * 1000),
