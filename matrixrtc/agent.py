@@ -736,11 +736,18 @@ class CallAgent:
                     if isinstance(ev, mm.StatusChanged) and ev.new is mm.MembershipStatus.CONNECTED:
                         self._rejoin_delay_ms = self.config.rejoin_backoff_ms
                 if isinstance(action, mm.Stopped):
-                    if action.error is not None:
-                        self._log.error("agent.membership_failed", error=action.error)
-                    if self._in_call and action.error is not None:
-                        await self._recover(machine, action.error)
+                    outcome = mm.stop_outcome(action, in_call=self._in_call)
+                    if outcome is mm.StopOutcome.REJOIN:
+                        # Recovered from by re-joining: error is kept for giving up (chaos).
+                        self._log.warning(
+                            "agent.membership_failed", error=action.error, will_rejoin=True
+                        )
+                        await self._recover(machine, action.error or "")
                         continue
+                    if outcome is mm.StopOutcome.GAVE_UP:
+                        self._log.error(
+                            "agent.membership_failed", error=action.error, will_rejoin=False
+                        )
                     if machine.running:  # leave() during the recovery wait: take it back
                         continue
                     return

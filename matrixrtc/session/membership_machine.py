@@ -272,6 +272,24 @@ class Stopped:
     error: str | None = None
 
 
+class StopOutcome(StrEnum):
+    """What follows a :class:`Stopped`: the caller's decision, kept here so its log level
+    follows from the same rule as what it does."""
+
+    LEFT = "left"  # stopped cleanly
+    REJOIN = "rejoin"  # gave up while the caller is still in the call: it joins again (warning)
+    GAVE_UP = "gave_up"  # gave up with nothing to take it back: final (error)
+
+
+def stop_outcome(stopped: Stopped, *, in_call: bool) -> StopOutcome:
+    """A machine that gives up while its caller still wants the call is joined again after a
+    backoff (a partition longer than the retry budget), so that failure is recovered from;
+    one that gives up once the caller left (the leave itself failed) is not."""
+    if stopped.error is None:
+        return StopOutcome.LEFT
+    return StopOutcome.REJOIN if in_call else StopOutcome.GAVE_UP
+
+
 Request: TypeAlias = (
     ScheduleDelayedLeave
     | CancelDelayedLeave

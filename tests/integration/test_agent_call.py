@@ -686,16 +686,23 @@ async def test_agent_rejoins_after_an_outage_longer_than_its_retry_budget(
         before = await _state_of(ha, room, key)
         assert before is not None
         t0 = time.monotonic()
-        await hs_.stop()
-        try:
-            await _until(lambda: _status(agent_a) is MembershipStatus.FAILED, 15.0, "a to give up")
-            assert agent_a.in_call  # gave up on the membership, not on the call
-            # Stay down past a's delayed leave: Synapse sends it when it starts again.
-            await asyncio.sleep(max(0.0, DELAY_MS / 1000 + 0.5 - (time.monotonic() - t0)))
-        finally:
-            await hs_.start()
-        # a joins again by itself once the homeserver answers, and keeps its heartbeat going.
-        await _until(lambda: agent_a.recoveries >= 1, 20.0, "a to join again")
+        with capture_logs() as logs:
+            await hs_.stop()
+            try:
+                await _until(
+                    lambda: _status(agent_a) is MembershipStatus.FAILED, 15.0, "a to give up"
+                )
+                assert agent_a.in_call  # gave up on the membership, not on the call
+                # Stay down past a's delayed leave: Synapse sends it when it starts again.
+                await asyncio.sleep(max(0.0, DELAY_MS / 1000 + 0.5 - (time.monotonic() - t0)))
+            finally:
+                await hs_.start()
+            # a joins again by itself once the homeserver answers, and keeps its heartbeat going.
+            await _until(lambda: agent_a.recoveries >= 1, 20.0, "a to join again")
+        # A failure a re-join recovers from is a warning; error is for giving up.
+        failed = [e for e in logs if e["event"] == "agent.membership_failed"]
+        assert failed
+        assert {(e["log_level"], e["will_rejoin"]) for e in failed} == {("warning", True)}
         await _until(
             lambda: _status(agent_a) is MembershipStatus.CONNECTED, 15.0, "a to be connected"
         )

@@ -50,8 +50,10 @@ from matrixrtc.session.membership_machine import (
     SendJoin,
     SendLeave,
     StatusChanged,
+    StopOutcome,
     Stopped,
     Wait,
+    stop_outcome,
 )
 
 ALICE = "@alice:example.org"
@@ -1276,3 +1278,22 @@ def test_expired_only_when_the_held_membership_is_ours_and_past_its_expiry() -> 
     assert not m.expired_only(_membership(Dialect.STICKY, state_key=None, member_id="m"), expiry)
     sticky = machine(dialect=Dialect.STICKY, member_id="m1")
     assert not sticky.expired_only(ours, expiry)  # the sticky form has no state to hold
+
+
+def test_a_failure_is_final_only_once_the_caller_left() -> None:
+    """The agent logs a give-up it re-joins after (partition-30s) as a warning, not an error."""
+    server = FakeDelayedEventsServer(script={"SendJoin": deque([Rejected("M_FORBIDDEN")])})
+    sim = joined_sim(server)
+    stopped = sim.run_for(HOUR)
+    assert stopped is not None
+    assert stopped.error is not None
+    assert stop_outcome(stopped, in_call=True) is StopOutcome.REJOIN
+    assert stop_outcome(stopped, in_call=False) is StopOutcome.GAVE_UP
+    # leave() after the failure: the machine still says why it stopped, and nothing re-joins.
+    sim.machine.leave(sim.now)
+    after_leave = sim.machine.next_action(sim.now)
+    assert isinstance(after_leave, Stopped)
+    assert stop_outcome(after_leave, in_call=False) is StopOutcome.GAVE_UP
+    # A clean stop is never a failure, whether or not the caller still counts itself in.
+    assert stop_outcome(Stopped(None), in_call=False) is StopOutcome.LEFT
+    assert stop_outcome(Stopped(None), in_call=True) is StopOutcome.LEFT
