@@ -159,6 +159,9 @@ class AgentConfig:
     # does not answer.
     rejoin_backoff_ms: int = 1_000
     rejoin_max_backoff_ms: int = 30_000
+    # After a leave that abandoned a join on the wire: a delayed leave this long overwrites
+    # the join should it land late (MembershipConfig.late_join_sweep_ms).
+    late_join_sweep_ms: int = 30_000
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
@@ -717,6 +720,7 @@ class CallAgent:
                 sticky_duration_ms=cfg.sticky_duration_ms,
                 network_retry_ms=cfg.network_retry_ms,
                 network_retries=cfg.network_retries,
+                late_join_sweep_ms=cfg.late_join_sweep_ms,
             ),
         )
 

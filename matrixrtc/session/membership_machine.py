@@ -128,8 +128,10 @@ __all__ = [
     "SendLeave",
     "StatusChanged",
     "Step",
+    "StopOutcome",
     "Stopped",
     "Wait",
+    "stop_outcome",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -155,6 +157,11 @@ class MembershipConfig:
     # After our join is sent, "own membership missing" is believed only once we have seen the
     # join in sync or after this long (sync lags the PUT response; js-sdk has this race).
     own_membership_grace_ms: int = 10_000
+    # A join abandoned for a leave (its PUT cancelled on a hung homeserver) may still land
+    # after the leave: a ghost membership with no delayed leave left to remove it. Once the
+    # leave is out, a delayed leave this long is scheduled too, to overwrite such a late join;
+    # longer than the client's request timeout (20 s), within which the PUT can still land.
+    late_join_sweep_ms: int = 30_000
 
     def __post_init__(self) -> None:
         for name in (
@@ -163,6 +170,7 @@ class MembershipConfig:
             "restart_local_timeout_ms",
             "expiry_ms",
             "sticky_duration_ms",
+            "late_join_sweep_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MembershipConfig.{name} must be positive")
@@ -192,6 +200,7 @@ class MembershipConfig:
         sticky_duration_ms: int,
         network_retry_ms: int,
         network_retries: int,
+        late_join_sweep_ms: int = 30_000,
     ) -> MembershipConfig:
         """The machine's timings from a caller's (the agent's) settings. A restart period at
         or above the delay would let the leave fire between restarts, so the period is capped
@@ -204,6 +213,7 @@ class MembershipConfig:
             sticky_duration_ms=min(sticky_duration_ms, MAX_STICKY_DURATION_MS),
             network_error_retry_ms=network_retry_ms,
             max_network_retries=network_retries,
+            late_join_sweep_ms=late_join_sweep_ms,
         )
 
 
@@ -433,6 +443,7 @@ class Step(StrEnum):
     UPDATE_EXPIRY = "update_expiry"
     SEND_DELAYED_LEAVE_NOW = "send_delayed_leave_now"
     SEND_LEAVE = "send_leave"
+    SWEEP_LATE_JOIN = "sweep_late_join"
 
 
 @dataclass(order=True, frozen=True, slots=True)
@@ -517,6 +528,8 @@ class OwnMembershipMachine:
         # Our membership was seen missing while the delayed leave was being (re)scheduled:
         # once that is done, re-join (no later sync need say it again).
         self._missing_while_busy = False
+        # A join of ours was abandoned (may still land): the leave ends with a sweep.
+        self._join_abandoned = False
         # Outbox.
         self._events: list[MachineEvent] = []
         self._status = MembershipStatus.DISCONNECTED
@@ -645,6 +658,7 @@ class OwnMembershipMachine:
         self._join_sent_ms = None
         self._seen_since_join = False
         self._missing_while_busy = False
+        self._join_abandoned = False
         self._set_probably_left(False)
         self._replace([(now_ms, Step.SEND_DELAYED_LEAVE)])
         self._log.info("join")
@@ -812,8 +826,12 @@ class OwnMembershipMachine:
 
         Its outcome is unknown, so the facts assume what the leave must cover: a join on the
         wire may still land, so the leave takes our membership back (the delayed leave is
-        sent now; it fires anyway if the homeserver never answers). Returns whether a request
-        was abandoned; one of the current plan never is (its answer is still needed).
+        sent now; it fires anyway if the homeserver never answers). It may also land after the
+        leave, and then nothing would take it back until it expires (hours): so once the leave
+        is out, a delayed leave of ``late_join_sweep_ms`` is scheduled as well, which
+        overwrites such a late join (a join of ours within that time is removed by it and
+        joins again on seeing itself missing). Returns whether a request was abandoned; one
+        of the current plan never is (its answer is still needed).
         """
         flight = self._in_flight
         if flight is None or flight.generation == self._generation:
@@ -821,6 +839,7 @@ class OwnMembershipMachine:
         self._in_flight = None
         if isinstance(flight.request, SendJoin):
             self._has_member_event = True
+            self._join_abandoned = True
         self._log.info("request_abandoned", step=flight.step.value, at_ms=now_ms)
         self._update_status()
         return True
@@ -902,6 +921,14 @@ class OwnMembershipMachine:
                     content=self._leave_content(),
                     sticky_duration_ms=self._sticky_ms(),
                 )
+            case Step.SWEEP_LATE_JOIN:
+                return ScheduleDelayedLeave(
+                    event_type=self.event_type,
+                    state_key=self.state_key,
+                    content=self._leave_content(),
+                    delay_ms=self.config.late_join_sweep_ms,
+                    sticky_duration_ms=self._sticky_ms(),
+                )
         raise LocalError(f"unknown step {step!r}")  # pragma: no cover
 
     def _restart_timeout(self, now_ms: int) -> int:
@@ -936,6 +963,8 @@ class OwnMembershipMachine:
                 return self._finish_leave_now(result, now_ms)
             case Step.SEND_LEAVE:
                 return self._finish_leave(result, now_ms)
+            case Step.SWEEP_LATE_JOIN:
+                return self._finish_sweep(result, now_ms)
         raise LocalError(f"unknown step {step!r}")  # pragma: no cover
 
     def _finish_schedule(self, result: Result, now_ms: int) -> _Update:
@@ -1072,7 +1101,7 @@ class OwnMembershipMachine:
                 self._has_member_event = False
                 self._delay_id = None
                 self._reset_retries(Step.SEND_DELAYED_LEAVE_NOW)
-                return ("replace", [])
+                return ("replace", self._sweep_steps(now_ms))
             case NotFound():
                 self._delay_id = None
                 return ("insert", [(now_ms, Step.SEND_LEAVE)])
@@ -1088,11 +1117,30 @@ class OwnMembershipMachine:
             case Ok():
                 self._has_member_event = False
                 self._reset_retries(step)
-                return ("replace", [])
+                return ("replace", self._sweep_steps(now_ms))
             case RetryAfter() | NetworkError() | LocalTimeout():
                 return self._retry(step, result, now_ms)
             case _:
                 raise _Fatal(f"could not send the leave: {_describe(result)}")
+
+    def _sweep_steps(self, now_ms: int) -> list[tuple[int, Step]]:
+        """After the leave: the sweep for a join that was abandoned (see :meth:`abandon`);
+        without delayed events there is nothing that could run after we are gone."""
+        if not self._join_abandoned or not self._delayed_ok:
+            return []
+        self._join_abandoned = False
+        return [(now_ms, Step.SWEEP_LATE_JOIN)]
+
+    def _finish_sweep(self, result: Result, now_ms: int) -> _Update:
+        if isinstance(result, Ok):
+            # Kept, so a join on this machine within the sweep cancels it first.
+            self._delay_id = result.delay_id
+            self._log.info("late_join_sweep_scheduled", delay_ms=self.config.late_join_sweep_ms)
+        else:
+            # One attempt, not retried: the leave itself is done and must not wait on this;
+            # a late join, if any, then expires on its own.
+            self._log.warning("late_join_sweep_failed", result=_describe(result), at_ms=now_ms)
+        return ("replace", [])
 
     # ------------------------------------------------------------------ helpers
 

@@ -1220,7 +1220,9 @@ def test_leave_abandons_a_hung_join_and_still_takes_it_back() -> None:
     assert m.in_flight is None
     assert m.next_action(T0 + 20) == SendDelayedLeaveNow(delay_id="d1")
     m.receive_result(Ok(), T0 + 30)
-    assert m.next_action(T0 + 30) == Stopped(None)
+    assert isinstance(m.next_action(T0 + 30), ScheduleDelayedLeave)  # the late-join sweep
+    m.receive_result(Ok(delay_id="d2"), T0 + 40)
+    assert m.next_action(T0 + 40) == Stopped(None)
 
 
 def test_leave_abandons_a_hung_restart_or_refresh() -> None:
@@ -1297,3 +1299,80 @@ def test_a_failure_is_final_only_once_the_caller_left() -> None:
     # A clean stop is never a failure, whether or not the caller still counts itself in.
     assert stop_outcome(Stopped(None), in_call=False) is StopOutcome.LEFT
     assert stop_outcome(Stopped(None), in_call=True) is StopOutcome.LEFT
+
+
+# ----------------------------------------- a join abandoned for a leave may land after it
+
+
+def _leave_with_a_join_on_the_wire(**kw: Any) -> OwnMembershipMachine:
+    m = machine(**kw)
+    m.join(T0, transports=[LK])
+    assert isinstance(m.next_action(T0), ScheduleDelayedLeave)
+    m.receive_result(Ok(delay_id="d1"), T0 + 10)
+    assert isinstance(m.next_action(T0 + 10), SendJoin)
+    m.leave(T0 + 20)
+    assert m.abandon(T0 + 20)
+    return m
+
+
+def test_a_leave_that_abandoned_a_join_schedules_a_sweep_for_it() -> None:
+    """The abandoned PUT may land after the leave (the sent delayed leave is gone by then):
+    a ghost until it expires, hours later. The leave ends by scheduling a delayed leave
+    that overwrites it, and the sweep is never the leave itself: that is sent first."""
+    m = _leave_with_a_join_on_the_wire(config=MembershipConfig(late_join_sweep_ms=25_000))
+    assert m.next_action(T0 + 20) == SendDelayedLeaveNow(delay_id="d1")
+    m.receive_result(Ok(), T0 + 30)
+    assert m.status is MembershipStatus.DISCONNECTING  # leave() waits for the sweep too
+    sweep = m.next_action(T0 + 30)
+    assert sweep == ScheduleDelayedLeave(
+        event_type=m.event_type,
+        state_key=m.state_key,
+        content={},
+        delay_ms=25_000,
+        sticky_duration_ms=None,
+    )
+    m.receive_result(Ok(delay_id="sweep"), T0 + 40)
+    assert m.next_action(T0 + 40) == Stopped(None)
+    assert m.status is MembershipStatus.DISCONNECTED
+    # A join on this machine within the sweep cancels it first, so it cannot remove it.
+    m.join(T0 + 50, transports=[LK])
+    assert m.next_action(T0 + 50) == CancelDelayedLeave(delay_id="sweep")
+
+
+def test_the_sweep_follows_a_plain_leave_too_and_never_fails_the_leave() -> None:
+    m = _leave_with_a_join_on_the_wire()
+    assert isinstance(m.next_action(T0 + 20), SendDelayedLeaveNow)
+    m.receive_result(NotFound(), T0 + 30)  # the delayed leave was gone: the leave content
+    assert isinstance(m.next_action(T0 + 30), SendLeave)
+    m.receive_result(Ok(event_id="$leave"), T0 + 40)
+    assert isinstance(m.next_action(T0 + 40), ScheduleDelayedLeave)
+    m.receive_result(NetworkError("unreachable"), T0 + 50)  # one attempt, no retry, no error
+    assert m.next_action(T0 + 50) == Stopped(None)
+
+
+def test_no_sweep_without_an_abandoned_join() -> None:
+    # A plain leave.
+    m = machine()
+    m.join(T0, transports=[LK])
+    m.next_action(T0)
+    m.receive_result(Ok(delay_id="d1"), T0)
+    m.next_action(T0)
+    m.receive_result(Ok(event_id="$j"), T0)
+    m.leave(T0 + 10)
+    assert isinstance(m.next_action(T0 + 10), SendDelayedLeaveNow)
+    m.receive_result(Ok(), T0 + 20)
+    assert m.next_action(T0 + 20) == Stopped(None)
+    # An abandoned restart (no join on the wire) needs none either.
+    sim = joined_sim(config=MembershipConfig(expiry_ms=60_000))
+    sim.run_for(50_000)
+    while not isinstance(action := sim.machine.next_action(sim.now), RestartDelayedLeave):
+        if isinstance(action, Wait):
+            sim._advance(action.until_ms)
+        else:
+            assert not isinstance(action, Stopped)
+            sim.machine.receive_result(sim.server.answer(action, sim.now), sim.now)
+    sim.machine.leave(sim.now)
+    assert sim.machine.abandon(sim.now)
+    assert isinstance(sim.machine.next_action(sim.now), SendDelayedLeaveNow)
+    sim.machine.receive_result(Ok(), sim.now)
+    assert sim.machine.next_action(sim.now) == Stopped(None)
