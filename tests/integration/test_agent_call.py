@@ -827,3 +827,54 @@ async def test_a_slow_homeserver_does_not_make_the_agent_give_up_or_rejoin(
         assert agent_a.recoveries == 0
         assert agent_a.rejoins == 0
         assert {p.user_id: p.created_ts for p in agent_b.participants} == created
+
+
+async def test_a_join_abandoned_for_a_leave_that_lands_late_is_swept(
+    own_synapse: Synapse,
+) -> None:
+    """The join PUT abandoned for the leave can land after it (a cancelled request Synapse
+    had already taken, or TCP retransmitting it after a partition): the delayed leave was
+    sent, so nothing would remove it until it expires. The leave's late-join sweep does.
+    Which of the two Synapse runs first after SIGCONT is not up to the test, so the late
+    landing is played by re-sending the abandoned PUT's own content after the leave."""
+    hs_ = own_synapse
+    a, b = await hs_.register("vea"), await hs_.register("wyn")
+    room = await hs_.create_call_room(a, invite=[b])
+    sweep_ms = 5_000
+    async with (
+        Homeserver(hs_.base_url, Login(a.user_id, password=a.password)) as ha,
+        Homeserver(hs_.base_url, Login(b.user_id, password=b.password)) as hb,
+        CallAgent(ha, room, _config(delayed_leave_ms=30_000, late_join_sweep_ms=sweep_ms)) as a_,
+        CallAgent(hb, room, _config(**_STURDY)) as agent_b,
+    ):
+        await _wait_members(a_, 2)
+        await _wait_members(agent_b, 2)
+        key = a_.membership_state_key
+        assert key is not None
+        assert hs_.pid is not None
+        pid = hs_.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            a_.machine.resend(int(time.time() * 1000))
+            await _until(lambda: isinstance(a_.machine.in_flight, SendJoin), 10.0, "a PUT")
+            hung = a_.machine.in_flight
+            assert isinstance(hung, SendJoin)
+            leaving = asyncio.create_task(a_.leave(timeout_s=15.0))
+            await _until(
+                lambda: isinstance(a_.machine.in_flight, SendDelayedLeaveNow), 2.0, "the leave"
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(leaving, 15.0)
+        t_left = time.monotonic()
+        assert _status(a_) is MembershipStatus.DISCONNECTED
+        # The abandoned PUT lands now, after the leave (the sweep is due in sweep_ms).
+        await ha.put_state(room, CALL_MEMBER, key, hung.content)
+        assert time.monotonic() - t_left < sweep_ms / 1000 / 2
+        assert await hb.get_state_event(room, CALL_MEMBER, key) == hung.content
+        # The sweep (scheduled when the leave was answered) takes it back.
+        deadline = t_left + sweep_ms / 1000 + 10.0
+        while await hb.get_state_event(room, CALL_MEMBER, key) != {}:
+            assert time.monotonic() < deadline, "a's late join is still in the room"
+            await asyncio.sleep(0.5)
+        await _wait_members(agent_b, 1, within=10.0)
