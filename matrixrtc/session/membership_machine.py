@@ -1255,7 +1255,9 @@ class OwnMembershipMachine:
         self._queue.clear()
         self._error = error
         if error is not None:
-            self._log.error("membership_machine_failed", error=error)
+            # Whether this is final is the caller's to say (the agent joins again while still
+            # in the call: agent.membership_failed is an error only when it gives up).
+            self._log.warning("membership_machine_failed", error=error)
         else:
             self._log.info("membership_machine_stopped")
         self._update_status()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from matrixrtc.errors import ConfigError, LocalError
 from matrixrtc.model import (
@@ -1286,7 +1287,11 @@ def test_a_failure_is_final_only_once_the_caller_left() -> None:
     """The agent logs a give-up it re-joins after (partition-30s) as a warning, not an error."""
     server = FakeDelayedEventsServer(script={"SendJoin": deque([Rejected("M_FORBIDDEN")])})
     sim = joined_sim(server)
-    stopped = sim.run_for(HOUR)
+    with capture_logs() as logs:
+        stopped = sim.run_for(HOUR)
+    # The machine cannot know whether its caller joins again: never an error of its own.
+    failed = [e for e in logs if e["event"] == "membership_machine_failed"]
+    assert [e["log_level"] for e in failed] == ["warning"]
     assert stopped is not None
     assert stopped.error is not None
     assert stop_outcome(stopped, in_call=True) is StopOutcome.REJOIN
