@@ -366,7 +366,7 @@ class LiveKitConnection:
         self.room.on("participant_disconnected", self._on_participant_disconnected)
         self.room.on("e2ee_state_changed", self._on_e2ee_state)
         self.room.on("reconnecting", lambda: self._set_state(ConnectionState.RECONNECTING))
-        self.room.on("reconnected", lambda: self._set_state(ConnectionState.CONNECTED))
+        self.room.on("reconnected", self._on_reconnected)
         self.room.on("disconnected", self._on_disconnected)
         self.keys.attach(self)
 
@@ -456,6 +456,19 @@ class LiveKitConnection:
         self.state, self.state_since = state, self._clock()
         if self._on_state is not None:
             self._on_state(self)
+
+    def _on_reconnected(self) -> None:
+        """The SDK got back in by itself. After a full reconnect (the SFU restarted) the room
+        is a new session: a participant already back in it with its republished tracks is
+        announced by no ``track_published`` (the same as at ``connect()``), and a track the
+        SFU kept has lost our subscription. Without auto-subscribe nothing would subscribe
+        to them (chaos livekit-restart: one member never got another's media back, when
+        both had reconnected by themselves, the sender first). Subscribing again what is
+        already subscribed (a resume) is a no-op."""
+        self._subscribe_requested.clear()
+        for identity in list(self.room.remote_participants):
+            self._subscribe_if_keyed(identity)
+        self._set_state(ConnectionState.CONNECTED)
 
     def _on_disconnected(self, reason: int = 0) -> None:
         # Also emitted for our own disconnect(); by then the state is CLOSED and stays so.
