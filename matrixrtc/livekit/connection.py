@@ -468,6 +468,12 @@ class LiveKitConnection:
         self._subscribe_requested.clear()
         for identity in list(self.room.remote_participants):
             self._subscribe_if_keyed(identity)
+        log.info(
+            "livekit.reconnected",
+            room=self.credentials.room,
+            subscribed=len(self._subscribe_requested),
+            participants=len(self.room.remote_participants),
+        )
         self._set_state(ConnectionState.CONNECTED)
 
     def _on_disconnected(self, reason: int = 0) -> None:
