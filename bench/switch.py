@@ -80,8 +80,6 @@ class MemberArgs:
     mesh_max: int = 3
     max_video_kbps: int | None = None
     keep_framerate: bool = False
-    # Logged in and waiting for a "join" line before joining the call (see _Proc.join).
-    wait_for_join: bool = False
 
 
 # -- the member process ---------------------------------------------------------------------
@@ -121,10 +119,6 @@ async def _member(args: MemberArgs) -> None:
         hs = await stack.enter_async_context(
             Homeserver(args.base_url, Login(args.user_id, password=args.password))
         )
-        if args.wait_for_join:
-            _emit(sys.stdout, event="ready")
-            if (await stdin.readline()).strip() != b"join":
-                return  # the parent is done with us before we joined
         agent = await stack.enter_async_context(
             CallAgent(hs, args.room_id, AgentConfig(transports=transports))
         )
@@ -218,7 +212,6 @@ class _Proc:
         self.proc = proc
         self.switched: list[dict[str, Any]] = []
         self.report: dict[str, Any] | None = None
-        self.ready = False  # logged in, waiting to join (MemberArgs.wait_for_join)
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
@@ -239,9 +232,7 @@ class _Proc:
             if not line.startswith(_MARK):
                 continue
             msg = json.loads(line[len(_MARK) :])
-            if msg["event"] == "ready":
-                self.ready = True
-            elif msg["event"] == "switched":
+            if msg["event"] == "switched":
                 self.switched.append(msg)
             elif msg["event"] == "report":
                 self.report = msg
@@ -262,18 +253,6 @@ class _Proc:
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             await self._until(lambda: bool(self.switched and self.switched[-1]["new"] == kind))
         return self.switched[-1]
-
-    async def logged_in(self) -> None:
-        """Until a member started with ``wait_for_join`` is logged in."""
-        async with asyncio.timeout(SETTLE_TIMEOUT_S):
-            await self._until(lambda: self.ready)
-
-    async def join(self) -> None:
-        """Let a member started with ``wait_for_join`` join the call (once logged in)."""
-        await self.logged_in()
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"join\n")
-        await self.proc.stdin.drain()
 
     async def leave(self) -> dict[str, Any]:
         """Ask for the report and let the member leave the call."""
@@ -487,16 +466,10 @@ def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict
 
 
 async def measure_switch(
-    media: MediaOptions,
-    *,
-    acks: bool = True,
-    profile: Path | None = None,
-    warm_joiner: bool = True,
+    media: MediaOptions, *, acks: bool = True, profile: Path | None = None
 ) -> dict[str, Any]:
     """The figures of one run (see the module docstring); with ``profile`` (a directory),
-    py-spy samples every member from each switch's start until everyone finished it.
-    ``warm_joiner`` False: the fourth member's process starts at the join (its interpreter
-    start and login inside the switch: the figures before ``wait_for_join``)."""
+    py-spy samples every member from each switch's start until everyone finished it."""
     run_dir = new_run_dir(prefix="bench-switch")
     procs: list[_Proc] = []
     async with (
@@ -507,28 +480,19 @@ async def measure_switch(
         users = [await hs.register(f"sw{i}") for i in range(4)]
         room_id = await hs.create_call_room(users[0], invite=users[1:], encrypted=True)
 
-        def args(u: UserCreds, *, wait: bool = False) -> MemberArgs:
+        def args(u: UserCreds) -> MemberArgs:
             return MemberArgs(
                 base_url=hs.base_url, user_id=u.user_id, password=u.password, room_id=room_id,
                 service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
                 audio=media.audio, acks=acks, max_video_kbps=media.max_video_kbps,
-                keep_framerate=media.keep_framerate, wait_for_join=wait,
+                keep_framerate=media.keep_framerate,
             )  # fmt: skip
 
-        fourth: _Proc | None = None
         try:
             for i, u in enumerate(users[:3]):
                 procs.append(await _Proc.start(f"sw{i}", args(u), run_dir / f"sw{i}.log"))
             first = list(procs)
-            if warm_joiner:
-                # The joiner's interpreter start and login (~1 s of a core) happen before the
-                # call moves, as on a joiner's own machine: on this shared box they would
-                # otherwise take CPU from the others' switch.
-                fourth = await _Proc.start("sw3", args(users[3], wait=True), run_dir / "sw3.log")
-                procs.append(fourth)
             await asyncio.gather(*(p.on("mesh") for p in first))
-            if fourth is not None:
-                await fourth.logged_in()
             cpu_mesh = _cpu_times()
             t_on_mesh = time.monotonic()
             await asyncio.sleep(STEADY_S)
@@ -537,11 +501,8 @@ async def measure_switch(
             for p in first:
                 await spies.add(p)
             t_join = time.monotonic()
-            if fourth is None:
-                fourth = await _Proc.start("sw3", args(users[3]), run_dir / "sw3.log")
-                procs.append(fourth)
-            else:
-                await fourth.join()
+            fourth = await _Proc.start("sw3", args(users[3]), run_dir / "sw3.log")
+            procs.append(fourth)
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
             cpu_on_sfu = _cpu_times()
@@ -590,7 +551,6 @@ async def measure_switch(
         "sfu_to_mesh": _over(reports, t_leave, t_back, 100),
     }
     result: dict[str, Any] = {
-        "warm_joiner": warm_joiner,
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
         "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
@@ -643,13 +603,6 @@ def main(argv: list[str] | None = None) -> int:
         help="publish to the SFU with the SDK's encoder defaults (≈225 kbit/s at 320×240, "
         "balanced degradation): the figures before SWITCH_MEDIA",
     )
-    parser.add_argument(
-        "--cold-joiner",
-        dest="warm_joiner",
-        action="store_false",
-        help="start the fourth member's process at the join (its interpreter start and login "
-        "inside the switch, on this shared box): the figures before the warm joiner",
-    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -677,9 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         async with asyncio.timeout(LIMIT_S):
             if a.profile is not None:
                 a.profile.mkdir(parents=True, exist_ok=True)
-            return await measure_switch(
-                media, acks=a.acks, profile=a.profile, warm_joiner=a.warm_joiner
-            )
+            return await measure_switch(media, acks=a.acks, profile=a.profile)
 
     if args.runs <= 1:
         result = run_bench(run, args)
@@ -693,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def runs(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S * a.runs):
-            return await measure_switches(media, a.runs, acks=a.acks, warm_joiner=a.warm_joiner)
+            return await measure_switches(media, a.runs, acks=a.acks)
 
     result = run_bench(runs, args)
     if result is not None:
@@ -705,13 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def measure_switches(
-    media: MediaOptions, runs: int, *, acks: bool = True, warm_joiner: bool = True
-) -> dict[str, Any]:
+async def measure_switches(media: MediaOptions, runs: int, *, acks: bool = True) -> dict[str, Any]:
     """:func:`measure_switch` ``runs`` times (a fresh stack each), through :func:`aggregate`."""
-    return aggregate(
-        [await measure_switch(media, acks=acks, warm_joiner=warm_joiner) for _ in range(runs)]
-    )
+    return aggregate([await measure_switch(media, acks=acks) for _ in range(runs)])
 
 
 _STEADY_OF = {"mesh_to_sfu": "sfu", "sfu_to_mesh": "mesh"}
@@ -728,7 +675,6 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **{d: max(each[d]) for d in dirs},
         "switches": len(results),
         "encoder": results[0].get("encoder"),
-        "warm_joiner": results[0].get("warm_joiner"),
         "median": {d: statistics.median(each[d]) for d in dirs},
         "each": each,
         "phase": {d: [r["detail"][d]["largest"].get("phase") for r in results] for d in dirs},
