@@ -36,7 +36,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -372,6 +372,42 @@ def _busy_cores(since: tuple[float, float], until: tuple[float, float]) -> float
     return round((until[0] - since[0]) / total * (os.cpu_count() or 1), 2) if total else 0.0
 
 
+def _process_cpu(pids: Mapping[str, int | None]) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) each named process has used so far; a
+    process that is not running (yet, or any more) is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        if pid is None:
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def _cores_by_process(
+    since: tuple[tuple[float, float], dict[str, float]],
+    until: tuple[tuple[float, float], dict[str, float]],
+) -> dict[str, float]:
+    """How many cores each process kept busy on average between two snapshots
+    (``(_cpu_times(), _process_cpu())``); a process started in between counts from its start,
+    one that ended in between is left out. ``other``: the rest of the machine."""
+    wall = (until[0][1] - since[0][1]) / (os.cpu_count() or 1)
+    if wall <= 0:
+        return {}
+    out = {
+        name: round((used - since[1].get(name, 0.0)) / wall, 2)
+        for name, used in until[1].items()
+        if name in since[1] or name.startswith("sw")
+    }
+    out["other"] = round(_busy_cores(since[0], until[0]) - sum(out.values()), 2)
+    return out
+
+
 def _name(user_id: str) -> str:
     return user_id.split(":")[0].lstrip("@")
 
@@ -488,15 +524,21 @@ async def measure_switch(
                 keep_framerate=media.keep_framerate,
             )  # fmt: skip
 
+        def pids() -> dict[str, int | None]:
+            servers = {"synapse": hs.pid, "livekit": lk.pid, "auth": svc.pid}
+            return {**{p.name: p.proc.pid for p in procs}, **servers}
+
         try:
             for i, u in enumerate(users[:3]):
                 procs.append(await _Proc.start(f"sw{i}", args(u), run_dir / f"sw{i}.log"))
             first = list(procs)
             await asyncio.gather(*(p.on("mesh") for p in first))
             cpu_mesh = _cpu_times()
+            cpu_mesh_by = _process_cpu(pids())
             t_on_mesh = time.monotonic()
             await asyncio.sleep(STEADY_S)
             cpu_join = _cpu_times()
+            cpu_join_by = _process_cpu(pids())
             spies = _Profile(profile, "mesh_to_sfu")
             for p in first:
                 await spies.add(p)
@@ -506,10 +548,12 @@ async def measure_switch(
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
             cpu_on_sfu = _cpu_times()
+            cpu_on_sfu_by = _process_cpu(pids())
             t_on_sfu = time.monotonic()
             profiles = {"mesh_to_sfu": await spies.stop()}
             await asyncio.sleep(STEADY_S)
             cpu_leave = _cpu_times()
+            cpu_leave_by = _process_cpu(pids())
             spies = _Profile(profile, "sfu_to_mesh")
             for p in first:
                 await spies.add(p)
@@ -517,6 +561,7 @@ async def measure_switch(
             fourth_report = await fourth.leave()
             back = await asyncio.gather(*(p.on("mesh") for p in first))
             cpu_back = _cpu_times()
+            cpu_back_by = _process_cpu(pids())
             t_back = time.monotonic()
             profiles["sfu_to_mesh"] = await spies.stop()
             await asyncio.sleep(STEADY_S)
@@ -568,6 +613,17 @@ async def measure_switch(
             "mesh_to_sfu": _busy_cores(cpu_join, cpu_on_sfu),
             "sfu": _busy_cores(cpu_on_sfu, cpu_leave),
             "sfu_to_mesh": _busy_cores(cpu_leave, cpu_back),
+        },
+        # The same per process (members, Synapse, LiveKit, the authorization service): what
+        # kept the machine busy. The leaver is left out of sfu_to_mesh (it has exited).
+        "busy_cores_by_process": {
+            w: _cores_by_process((a, a_by), (b, b_by))
+            for w, a, a_by, b, b_by in (
+                ("mesh", cpu_mesh, cpu_mesh_by, cpu_join, cpu_join_by),
+                ("mesh_to_sfu", cpu_join, cpu_join_by, cpu_on_sfu, cpu_on_sfu_by),
+                ("sfu", cpu_on_sfu, cpu_on_sfu_by, cpu_leave, cpu_leave_by),
+                ("sfu_to_mesh", cpu_leave, cpu_leave_by, cpu_back, cpu_back_by),
+            )
         },
         "detail": {
             "mesh_to_sfu": {"largest": to_sfu_gap, "order": _order(everyone, t_join, 1)},
@@ -681,6 +737,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "in_switch": {d: [r["in_switch_gap_ms"][d] for r in results] for d in dirs},
         "steady": {d: [r["steady_gap_ms"][_STEADY_OF[d]] for r in results] for d in dirs},
         "busy_cores": [r["busy_cores"] for r in results],
+        "busy_cores_by_process": [r["busy_cores_by_process"] for r in results],
         "runs": list(results),
     }
 
