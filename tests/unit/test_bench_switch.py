@@ -3,9 +3,10 @@ largest gap is placed against its receiver's cutover (old path, across it, new p
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from bench.switch import _phase, aggregate
+from bench.switch import _cores_by_process, _phase, _process_cpu, aggregate
 
 
 def _run(to_sfu: int, to_mesh: int) -> dict[str, Any]:
@@ -19,6 +20,7 @@ def _run(to_sfu: int, to_mesh: int) -> dict[str, Any]:
         "in_switch_gap_ms": {"mesh_to_sfu": to_sfu, "sfu_to_mesh": to_mesh},
         "steady_gap_ms": {"mesh": 70, "sfu": 80},
         "busy_cores": {},
+        "busy_cores_by_process": {},
     }
 
 
@@ -42,3 +44,21 @@ def test_phase_places_a_gap_against_the_receivers_cutover_of_that_sender() -> No
     assert _phase(reports, gap(10.5, 10.7), "sfu") == "new path"
     assert _phase(reports, gap(9.0, 9.5), "mesh") == "no cutover"
     assert _phase(reports, {"ms": 0}, "sfu") == "none"
+
+
+def test_cores_by_process_over_a_window_with_a_process_that_started_in_it() -> None:
+    cores = os.cpu_count() or 1
+    # 2 s of wall time: 2 * cores CPU seconds in total, 1.5 of them busy.
+    since = ((10.0, 100.0), {"sw0": 5.0, "synapse": 1.0})
+    until = ((11.5, 100.0 + 2.0 * cores), {"sw0": 5.5, "synapse": 1.2, "sw3": 0.4, "new": 9.0})
+    out = _cores_by_process(since, until)
+    # sw3 started in the window (counts from 0); "new" is no member and was not running at
+    # the start: left out, its CPU falls in "other".
+    assert out["sw0"] == 0.25 and out["synapse"] == 0.1 and out["sw3"] == 0.2
+    assert "new" not in out
+    assert out["other"] == round(1.5 / 2.0 * 1 - (0.25 + 0.1 + 0.2), 2)
+
+
+def test_process_cpu_reads_a_running_process_and_skips_others() -> None:
+    used = _process_cpu({"me": os.getpid(), "gone": 2**22 + 7, "never": None})
+    assert set(used) == {"me"} and used["me"] > 0
