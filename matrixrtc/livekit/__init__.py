@@ -21,6 +21,7 @@ from matrixrtc.livekit.connection import (
     LiveKitConnection,
     MediaOptions,
     ParticipantStats,
+    RoomConnection,
     SentStats,
     element_call_e2ee_options,
 )
@@ -36,6 +37,7 @@ from matrixrtc.livekit.token import (
     request_credentials,
 )
 from matrixrtc.livekit.transport import (
+    ConnectionFactory,
     LiveKitTransport,
     OwnDevice,
     Plan,
@@ -44,6 +46,7 @@ from matrixrtc.livekit.transport import (
 )
 
 __all__ = [
+    "ConnectionFactory",
     "ConnectionState",
     "Endpoint",
     "JwtClaims",
@@ -56,6 +59,7 @@ __all__ = [
     "ParticipantStats",
     "Plan",
     "Repair",
+    "RoomConnection",
     "SentStats",
     "SfuCredentials",
     "TokenResponseError",

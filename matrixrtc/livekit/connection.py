@@ -61,7 +61,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 import av
 import structlog
@@ -86,6 +86,7 @@ __all__ = [
     "LiveKitConnection",
     "MediaOptions",
     "ParticipantStats",
+    "RoomConnection",
     "SentStats",
     "element_call_e2ee_options",
 ]
@@ -240,6 +241,38 @@ class SentStats:
         return sum(1 for t in self.video_times if start <= t < end)
 
 
+class RoomConnection(Protocol):
+    """What :class:`~matrixrtc.livekit.transport.LiveKitTransport`, :class:`KeyTable` and the
+    call's media layer use of a room connection. :class:`LiveKitConnection` (the SDK) is one;
+    a second engine (our own client over aiortc, issue 19) is wired from a layer above, which
+    may import the mesh's receive hook and encoder, through ``LiveKitTransport``'s
+    ``connection_factory``."""
+
+    credentials: SfuCredentials
+    publish: bool
+    state: ConnectionState
+    state_since: float
+    connected_at: float | None
+    stats: dict[str, ParticipantStats]
+    sent: SentStats
+    seen_at: dict[str, float]
+
+    @property
+    def identity(self) -> str: ...
+
+    async def connect(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def install_remote_key(self, identity: str, index: int, key: bytes) -> None: ...
+
+    def install_own_key(self) -> None: ...
+
+    def published_kinds(self, identity: str) -> frozenset[str] | None: ...
+
+    def decrypting(self, identity: str) -> bool: ...
+
+
 class KeyTable:
     """Remote senders' keys per (LiveKit identity, index) and our own current key, pushed to
     every attached :class:`LiveKitConnection` (module docstring). No I/O."""
@@ -248,7 +281,7 @@ class KeyTable:
         self._remote: dict[tuple[str, int], bytes] = {}
         self._own: tuple[int, bytes] | None = None
         # A dict keeps attach order (deterministic installs) and makes detach O(1).
-        self._attached: dict[int, LiveKitConnection] = {}
+        self._attached: dict[int, RoomConnection] = {}
 
     @property
     def remote_keys(self) -> Mapping[tuple[str, int], bytes]:
@@ -259,13 +292,13 @@ class KeyTable:
         return self._own
 
     @property
-    def attached(self) -> list[LiveKitConnection]:
+    def attached(self) -> list[RoomConnection]:
         return list(self._attached.values())
 
-    def attach(self, conn: LiveKitConnection) -> None:
+    def attach(self, conn: RoomConnection) -> None:
         self._attached[id(conn)] = conn
 
-    def detach(self, conn: LiveKitConnection) -> None:
+    def detach(self, conn: RoomConnection) -> None:
         self._attached.pop(id(conn), None)
 
     def has_remote_key(self, identity: str) -> bool:

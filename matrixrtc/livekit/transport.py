@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import aiohttp
 import structlog
@@ -52,9 +52,10 @@ from matrixrtc.livekit.connection import (
     LiveKitConnection,
     MediaOptions,
     ParticipantStats,
+    RoomConnection,
     SentStats,
 )
-from matrixrtc.livekit.token import Endpoint, request_credentials
+from matrixrtc.livekit.token import Endpoint, SfuCredentials, request_credentials
 from matrixrtc.matrix.homeserver import OpenIdToken
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.model.livekit_ids import (
@@ -68,7 +69,7 @@ from matrixrtc.model.transports import LivekitTransport
 from matrixrtc.session.transports import publish_transport
 from matrixrtc.tasks import OwnedTasks
 
-__all__ = ["LiveKitTransport", "OwnDevice", "Plan", "plan_connections"]
+__all__ = ["ConnectionFactory", "LiveKitTransport", "OwnDevice", "Plan", "plan_connections"]
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +132,27 @@ def plan_connections(memberships: Sequence[CallMembership], own: CallMembership 
     return Plan(wanted)
 
 
+class ConnectionFactory(Protocol):
+    """Makes one room connection; :class:`LiveKitConnection` (the SDK) by default."""
+
+    def __call__(
+        self,
+        credentials: SfuCredentials,
+        *,
+        publish: bool,
+        media: MediaOptions,
+        e2ee: bool,
+        clock: Callable[[], float],
+        on_state: Callable[[RoomConnection], None],
+        stats: dict[str, ParticipantStats] | None,
+        sent: SentStats | None,
+        keys: KeyTable,
+        sources: Callable[[], Sequence[MediaStreamTrack]] | None,
+        frames: FrameTap[str] | None,
+        subscribe_when_keyed: bool,
+    ) -> RoomConnection: ...
+
+
 class LiveKitTransport:
     """Opens and closes LiveKit connections as the call's memberships change, and replaces
     connections LiveKit drops (module docstring, "Repair")."""
@@ -150,10 +172,13 @@ class LiveKitTransport:
         sources: Callable[[], Sequence[MediaStreamTrack]] | None = None,
         frames: FrameTap[str] | None = None,
         subscribe_when_keyed: bool = False,
+        connection_factory: ConnectionFactory = LiveKitConnection,
     ) -> None:
         """``sources``: the tracks each publishing connection publishes (None: synthetic media
         from ``media``); ``frames``: where decoded remote frames go, by LiveKit identity;
-        ``subscribe_when_keyed``: see :class:`LiveKitConnection`."""
+        ``subscribe_when_keyed``: see :class:`LiveKitConnection`; ``connection_factory``: the
+        engine of each connection (see :class:`~matrixrtc.livekit.connection.RoomConnection`)."""
+        self._connection_factory = connection_factory
         self.subscribe_when_keyed = subscribe_when_keyed
         self._sources = sources
         self._frames = frames
@@ -167,7 +192,7 @@ class LiveKitTransport:
         self.slot_id = slot_id
         self.resume_grace_s = resume_grace_s
         self._clock = clock
-        self.connections: dict[LivekitTransport, LiveKitConnection] = {}
+        self.connections: dict[LivekitTransport, RoomConnection] = {}
         self.failures: dict[LivekitTransport, MatrixRTCError] = {}
         self.repairs: list[Repair] = []
         self._plan = Plan({})
@@ -299,7 +324,7 @@ class LiveKitTransport:
         if unexpected is not None:
             raise unexpected
 
-    async def _open(self, transport: LivekitTransport, publish: bool) -> LiveKitConnection:
+    async def _open(self, transport: LivekitTransport, publish: bool) -> RoomConnection:
         if publish:
             endpoint = Endpoint.GET_TOKEN if self.own.sticky else Endpoint.SFU_GET
         else:
@@ -333,7 +358,7 @@ class LiveKitTransport:
                 room=creds.room,
             )
         stats, sent = self._carry.get(transport, (None, None))
-        conn = LiveKitConnection(
+        conn = self._connection_factory(
             creds,
             publish=publish,
             media=self.media,

@@ -33,6 +33,7 @@ from matrixrtc.livekit import (
     LiveKitTransport,
     MediaOptions,
     OwnDevice,
+    RoomConnection,
     SfuCredentials,
     TokenResponseError,
     TokenServiceError,
@@ -255,14 +256,17 @@ async def wait_until(cond: Callable[[], bool], limit_s: float, what: str) -> Non
 
 def conn(p: Participant) -> LiveKitConnection:
     (c,) = p.transport.connections.values()
+    assert isinstance(c, LiveKitConnection)  # the default engine: the SDK
     return c
 
 
 def publisher(p: Participant) -> LiveKitConnection:
-    return next(c for c in p.transport.connections.values() if c.publish)
+    c = next(c for c in p.transport.connections.values() if c.publish)
+    assert isinstance(c, LiveKitConnection)
+    return c
 
 
-def assert_receives(rx: LiveKitConnection, tx: LiveKitConnection, start: float, end: float) -> None:
+def assert_receives(rx: RoomConnection, tx: RoomConnection, start: float, end: float) -> None:
     """``rx`` decoded at least 80 % of the frames ``tx`` sent in [start, end), and saw no
     decrypt failure from ``tx`` in that window."""
     sent = tx.sent.video_frames_between(start, end)
@@ -655,6 +659,7 @@ async def test_keys_set_while_a_connection_opens_reach_it(
         }
         assert a.transport.failures == {}
         ca = a.transport.connections[ta]
+        assert isinstance(ca, LiveKitConnection)
         assert ca.own_key_indices == [3, 3]  # video + audio sender cryptors
 
         await b.transport.update([a.membership, b.membership], b.membership)
