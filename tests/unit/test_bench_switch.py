@@ -54,11 +54,14 @@ def test_cores_by_process_over_a_window_with_a_process_that_started_in_it() -> N
     out = _cores_by_process(since, until)
     # sw3 started in the window (counts from 0); "new" is no member and was not running at
     # the start: left out, its CPU falls in "other".
-    assert out["sw0"] == 0.25 and out["synapse"] == 0.1 and out["sw3"] == 0.2
+    assert out["sw0"] == 0.25
+    assert out["synapse"] == 0.1
+    assert out["sw3"] == 0.2
     assert "new" not in out
     assert out["other"] == round(1.5 / 2.0 * 1 - (0.25 + 0.1 + 0.2), 2)
 
 
 def test_process_cpu_reads_a_running_process_and_skips_others() -> None:
     used = _process_cpu({"me": os.getpid(), "gone": 2**22 + 7, "never": None})
-    assert set(used) == {"me"} and used["me"] > 0
+    assert set(used) == {"me"}
+    assert used["me"] > 0
