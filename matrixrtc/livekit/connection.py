@@ -61,7 +61,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self
 
 import av
 import structlog
@@ -170,6 +170,10 @@ class MediaOptions:
     # resolution) instead of WebRTC's balanced preference, which also drops frames.
     max_video_kbps: int | None = None
     keep_framerate: bool = False
+    # Which client carries the media: "sdk" (the livekit Python SDK, which decodes every
+    # subscribed video) or "aiortc" (our RtcClient, matrixrtc.media_transport.aiortc_engine,
+    # which decodes only the first render_max; issue 19).
+    engine: Literal["sdk", "aiortc"] = "sdk"
 
 
 @dataclass(slots=True)

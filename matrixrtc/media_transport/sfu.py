@@ -13,9 +13,11 @@ import structlog
 
 from matrixrtc.agent import Participant
 from matrixrtc.errors import MatrixRTCError
+from matrixrtc.livekit.connection import LiveKitConnection
 from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, plan_connections
 from matrixrtc.media.frames import FrameTap, TapFrame
+from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
@@ -71,6 +73,9 @@ class LiveKitMedia:
             # A joiner connects to LiveKit before the others' keys reach it: frames before
             # that could only fail. Our senders encrypt with the first key they send it.
             subscribe_when_keyed=True,
+            connection_factory=(
+                AiortcConnection if ctx.media.engine == "aiortc" else LiveKitConnection
+            ),
         )
         self.lk = lk
         if ctx.keys is not None:

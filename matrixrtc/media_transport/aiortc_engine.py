@@ -1,0 +1,283 @@
+"""Our own LiveKit client (:class:`~matrixrtc.livekit.rtc_client.RtcClient`, aiortc) as a
+:class:`~matrixrtc.livekit.connection.RoomConnection` of
+:class:`~matrixrtc.livekit.transport.LiveKitTransport` (issue 19, ``MediaOptions.engine``).
+
+Why here: the receive path (``install_receive_hook``) and the encode-once publisher
+(``SharedEncoder`` with the LiveKit-format ``CryptorTransform``) live in :mod:`matrixrtc.mesh`,
+which :mod:`matrixrtc.livekit` may not import; this layer may import both.
+
+* Keys: the transport's :class:`~matrixrtc.livekit.connection.KeyTable` pushes every remote key
+  and our own current key into :class:`~matrixrtc.e2ee.cryptor.KeyRings` (the same rings the
+  decryptors and our encryptor read), so the call's sender-key machinery feeds this engine as it
+  feeds the SDK's key provider.
+* Decoding: only the first ``media.render_max`` remote video tracks are decoded (None: all);
+  the others are received, decrypted and counted (``decode=False``).
+* Stats: every ``SYNC_S`` the per-track :class:`~matrixrtc.media.sinks.ReceiveStats` are folded
+  into the transport's :class:`~matrixrtc.livekit.connection.ParticipantStats` (a video frame
+  counts once decrypted, rendered or not, as the SDK path counts an unrendered track from its
+  receiver's statistics); ``decrypt_failures`` is the decryptor's count, ``e2ee_state`` "OK"
+  while a participant's frames decrypt.
+
+Not yet: decoded frames into the ``frames`` tap (rendered tracks are drained), reconnect (a
+lost signalling link is ``LOST``; the transport replaces the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from matrixrtc.e2ee.cryptor import KeyRings
+from matrixrtc.livekit.connection import (
+    ConnectionState,
+    KeyTable,
+    MediaOptions,
+    ParticipantStats,
+    RoomConnection,
+    SentStats,
+)
+from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
+from matrixrtc.livekit.token import SfuCredentials
+from matrixrtc.media.frames import FrameTap
+from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.mesh.fanout import SharedEncoder, adopt_sender, install_receive_hook
+from matrixrtc.mesh.transform import CryptorTransform
+from matrixrtc.tasks import OwnedTasks
+
+__all__ = ["AiortcConnection"]
+
+log = structlog.get_logger(__name__)
+
+SYNC_S = 0.05  # how often per-track counters are folded into the participant's
+
+
+@dataclass(slots=True)
+class _Track:
+    received: ReceivedTrack
+    stats: ReceiveStats
+    counted: int = 0  # encoded_frames already folded into the participant's counters
+
+
+class AiortcConnection:
+    """A room connection on :class:`RtcClient` (module docstring); made by
+    :class:`~matrixrtc.livekit.transport.LiveKitTransport` through its ``connection_factory``."""
+
+    def __init__(
+        self,
+        credentials: SfuCredentials,
+        *,
+        publish: bool,
+        media: MediaOptions,
+        e2ee: bool,
+        clock: Callable[[], float],
+        on_state: Callable[[RoomConnection], None],
+        stats: dict[str, ParticipantStats] | None,
+        sent: SentStats | None,
+        keys: KeyTable,
+        sources: Callable[[], Sequence[MediaStreamTrack]] | None,
+        frames: FrameTap[str] | None,
+        subscribe_when_keyed: bool,
+    ) -> None:
+        del frames, subscribe_when_keyed  # not yet (module docstring)
+        self.credentials = credentials
+        self.publish = publish
+        self.media = media
+        self.e2ee = e2ee
+        self._clock = clock
+        self._on_state = on_state
+        self.stats: dict[str, ParticipantStats] = stats if stats is not None else {}
+        self.sent = sent if sent is not None else SentStats()
+        self.seen_at: dict[str, float] = {}
+        self.state = ConnectionState.NEW
+        self.state_since = clock()
+        self.connected_at: float | None = None
+        self.keys = keys
+        self._sources = sources
+        self.rings = KeyRings()
+        self._tracks: dict[str, _Track] = {}
+        self._rendered = 0
+        self._sif_trailer = b""
+        self._encoders: list[SharedEncoder] = []
+        self._sent_counted: dict[int, int] = {}
+        self._tasks = OwnedTasks(
+            f"livekit-aiortc {credentials.identity}", log, event_prefix="livekit.aiortc"
+        )
+        self.client = RtcClient(credentials.url, credentials.jwt, on_track=self._on_track)
+        for (identity, index), key in keys.remote_keys.items():
+            self.rings.install(identity, index, key)
+        keys.attach(self)
+        self.install_own_key()
+
+    @property
+    def identity(self) -> str:
+        return self.credentials.identity
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state is not self.state:
+            self.state, self.state_since = state, self._clock()
+            self._on_state(self)
+
+    # ----------------------------------------------------------------------- lifecycle
+    async def connect(self) -> None:
+        joined = await self.client.connect()
+        self._sif_trailer = joined.sif_trailer
+        now = self._clock()
+        for identity in joined.others:
+            self.seen_at.setdefault(identity, now)
+        if self.publish:
+            await self._publish()
+        self.connected_at = self._clock()
+        self._set_state(ConnectionState.CONNECTED)
+        self._tasks.spawn(self._sync_loop(), "sync")
+        self._tasks.spawn(self._watch(), "watch")
+
+    async def _publish(self) -> None:
+        own = self.identity
+        transform = (
+            CryptorTransform(self.rings.cryptor(own), lambda _: self.rings.cryptor(own))
+            if self.e2ee
+            else None
+        )
+        if self._sources is not None:
+            tracks = list(self._sources())
+        else:
+            m = self.media
+            tracks = []
+            if m.video:
+                tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
+            if m.audio:
+                tracks.append(ToneAudioTrack(m.tone_hz))
+        self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
+        await self.client.publish([e.subscribe() for e in self._encoders], on_sender=adopt_sender)
+        for e in self._encoders:
+            e.start()
+
+    async def _watch(self) -> None:
+        await self.client.closed.wait()
+        if self.client.error is not None:
+            log.warning(
+                "livekit.aiortc_lost", identity=self.identity, error=repr(self.client.error)
+            )
+            self._set_state(ConnectionState.LOST)
+
+    async def aclose(self) -> None:
+        self.keys.detach(self)
+        await self._tasks.cancel()
+        for e in self._encoders:
+            await e.aclose()
+        await self.client.aclose()
+        if self.state is not ConnectionState.NEW:
+            self._set_state(ConnectionState.CLOSED)
+
+    # ----------------------------------------------------------------------- keys
+    def install_remote_key(self, identity: str, index: int, key: bytes) -> None:
+        self.rings.install(identity, index, key)
+
+    def install_own_key(self) -> None:
+        own = self.keys.own_key
+        if own is not None:
+            self.rings.install(self.identity, own[0], own[1])
+
+    # ----------------------------------------------------------------------- receive
+    def _on_track(self, received: ReceivedTrack) -> None:
+        identity = received.identity or self.client.owners.get(received.track_id, "")
+        if not identity:
+            log.warning("livekit.aiortc_track_without_owner", track=received.track_id)
+        cap = self.media.render_max
+        render = received.kind == "video" and (cap is None or self._rendered < cap)
+        if render:
+            self._rendered += 1
+            self._tasks.spawn(self._drain(received.track), f"drain {received.track_id}")
+        stats = ReceiveStats(kind=received.kind)
+        self._tracks[received.track_id] = _Track(received, stats)
+        install_receive_hook(
+            received.receiver,
+            decryptor=(
+                self.rings.cryptor(identity, sif_trailer=self._sif_trailer) if self.e2ee else None
+            ),
+            stats=stats,
+            decode=render,
+        )
+        p = self._stats_for(identity)
+        self.seen_at.setdefault(identity, self._clock())
+        if received.kind == "video":
+            p.video_tracks += 1
+            p.rendered = render
+            if p.video_subscribed_at is None:
+                p.video_subscribed_at = self._clock()
+
+    async def _drain(self, track: MediaStreamTrack) -> None:
+        # A decoded track nobody reads would queue frames without bound.
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+
+    def _stats_for(self, identity: str) -> ParticipantStats:
+        p = self.stats.get(identity)
+        if p is None:
+            p = self.stats[identity] = ParticipantStats(identity=identity)
+        return p
+
+    def _sync(self) -> None:
+        now = self._clock()
+        failures: dict[str, int] = {}
+        for t in self._tracks.values():
+            identity = t.received.identity or self.client.owners.get(t.received.track_id, "")
+            p = self._stats_for(identity)
+            failures[identity] = failures.get(identity, 0) + t.stats.decrypt_failures
+            new = t.stats.encoded_frames - t.counted
+            if new <= 0:
+                continue
+            t.counted = t.stats.encoded_frames
+            if t.received.kind == "video":
+                p.video_frames += new
+                p.video_times.extend([now] * new)
+                p.first_video_at = p.first_video_at or now
+                p.last_video_at = now
+            else:
+                p.audio_frames += new
+                p.first_audio_at = p.first_audio_at or now
+                p.last_audio_at = now
+            if self.e2ee:
+                p.e2ee_state = "OK"
+        for identity, n in failures.items():
+            self._stats_for(identity).decrypt_failures = n
+        for e in self._encoders:
+            done = e.frames_protected + e.frames_plain
+            new = done - self._sent_counted.get(id(e), 0)
+            self._sent_counted[id(e)] = done
+            if new > 0 and e.kind == "video":
+                self.sent.video_frames += new
+                self.sent.video_times.extend([now] * new)
+            elif new > 0:
+                self.sent.audio_frames += new
+
+    async def _sync_loop(self) -> None:
+        while True:
+            self._sync()
+            await asyncio.sleep(SYNC_S)
+
+    # ----------------------------------------------------------------------- queries
+    def published_kinds(self, identity: str) -> frozenset[str] | None:
+        owned = [sid for sid, who in self.client.owners.items() if who == identity]
+        if not owned and identity not in self.seen_at:
+            return None
+        return frozenset(t.received.kind for sid, t in self._tracks.items() if sid in owned)
+
+    def decrypting(self, identity: str) -> bool:
+        now = self._clock()
+        p = self.stats.get(identity)
+        if p is None:
+            return False
+        last = max(p.last_video_at or 0.0, p.last_audio_at or 0.0)
+        return now - last < 1.0 if self.e2ee else True
+
+
+def _check(c: AiortcConnection) -> RoomConnection:
+    return c  # mypy: the engine satisfies the protocol
