@@ -1,0 +1,122 @@
+"""``MediaOptions.engine="aiortc"`` in a real Matrix call on the SFU (issue 19): two call
+members on our own LiveKit client (``AiortcConnection``) and one on the livekit SDK, in an
+encrypted room, keys from the call's sender-key machinery (Olm to-device). Every member
+receives every other's video and, once media flows, no frame fails to decrypt; the SDK member
+decrypts what ours publish (encode-once + LiveKit-format E2EE) and ours decrypt the SDK's.
+Real Synapse, our authorization service, LiveKit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from matrixrtc.agent import AgentConfig, CallAgent
+from matrixrtc.call_keys import CallKeys, CallKeysConfig
+from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
+from matrixrtc.livekit.connection import (
+    ConnectionState,
+    LiveKitConnection,
+    MediaOptions,
+    RoomConnection,
+)
+from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.media_transport.aiortc_engine import AiortcConnection
+from matrixrtc.media_transport.sfu import LiveKitMedia
+from matrixrtc.model import LivekitTransport
+from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.switching import MediaSwitcher, SwitchConfig
+
+pytestmark = pytest.mark.integration
+
+SDK = MediaOptions(width=160, height=120, fps=15.0)
+OURS = MediaOptions(width=160, height=120, fps=15.0, engine="aiortc", render_max=1)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def sfu(synapse: Synapse, livekit: LiveKit, run_dir: Path) -> AsyncIterator[AuthService]:
+    async with AuthService(run_dir, livekit, synapse, name="lk-sfu-aiortc-engine") as svc:
+        yield svc
+
+
+async def _join(
+    stack: contextlib.AsyncExitStack,
+    synapse: Synapse,
+    user: UserCreds,
+    room_id: str,
+    sfu_url: str,
+    media: MediaOptions,
+) -> tuple[CallAgent, MediaSwitcher]:
+    hs = await stack.enter_async_context(
+        Homeserver(synapse.base_url, Login(user.user_id, password=user.password))
+    )
+    transports = (LivekitTransport(livekit_service_url=sfu_url),)
+    agent = await stack.enter_async_context(
+        CallAgent(hs, room_id, AgentConfig(transports=transports))
+    )
+    keys = await stack.enter_async_context(CallKeys(agent, CallKeysConfig()))
+    switcher = await stack.enter_async_context(
+        MediaSwitcher(agent, keys, SwitchConfig(media=media))
+    )
+    return agent, switcher
+
+
+def _connection(switcher: MediaSwitcher) -> RoomConnection:
+    running = switcher.running(MediaKind.SFU)
+    assert isinstance(running, LiveKitMedia)
+    assert running.lk is not None
+    (conn,) = running.lk.connections.values()
+    return conn
+
+
+async def test_two_aiortc_members_and_an_sdk_member_exchange_e2ee_media(
+    synapse: Synapse, sfu: AuthService
+) -> None:
+    tag = secrets.token_hex(2)
+    users = [await synapse.register(f"ae{n}-{tag}") for n in "abc"]
+    room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)
+    async with contextlib.AsyncExitStack() as stack:
+        members = [
+            await _join(stack, synapse, u, room_id, sfu.url, m)
+            for u, m in zip(users, (OURS, OURS, SDK), strict=True)
+        ]
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(s.wait_settled(MediaKind.SFU, 20) for _, s in members))
+            conns = [_connection(s) for _, s in members]
+            idents = [c.identity for c in conns]  # each member's LiveKit identity
+            # every member decrypted >= 15 video frames of every other
+            while any(
+                (st := c.stats.get(idents[j])) is None or st.video_frames < 15
+                for i, c in enumerate(conns)
+                for j in range(3)
+                if i != j
+            ):
+                assert all(c.state is ConnectionState.CONNECTED for c in conns)
+                await asyncio.sleep(0.1)
+        assert isinstance(conns[0], AiortcConnection)
+        assert isinstance(conns[1], AiortcConnection)
+        assert isinstance(conns[2], LiveKitConnection)
+        # From here on every key is in: no frame may fail to decrypt.
+        start = time.monotonic()
+        before = {
+            (i, j): (c.stats[idents[j]].decrypt_failures, c.stats[idents[j]].video_frames)
+            for i, c in enumerate(conns)
+            for j in range(3)
+            if i != j
+        }
+        await asyncio.sleep(2.0)
+        for (i, j), (failures, frames) in before.items():
+            st = conns[i].stats[idents[j]]
+            print(f"{i} <- {j}: {st.video_frames - frames} frames, failures {st.decrypt_failures}")
+            assert st.video_frames - frames >= 15, (i, j, st)
+            if isinstance(conns[i], AiortcConnection):
+                assert st.decrypt_failures == failures, (i, j, st)
+            else:
+                assert st.failures_after(start) == [], (i, j, st)
