@@ -102,7 +102,6 @@ class AiortcConnection:
         self.rings = KeyRings()
         self._tracks: dict[str, _Track] = {}
         self._rendered = 0
-        self._sif_trailer = b""
         self._encoders: list[SharedEncoder] = []
         self._sent_counted: dict[int, int] = {}
         self._tasks = OwnedTasks(
@@ -126,7 +125,6 @@ class AiortcConnection:
     # ----------------------------------------------------------------------- lifecycle
     async def connect(self) -> None:
         joined = await self.client.connect()
-        self._sif_trailer = joined.sif_trailer
         now = self._clock()
         for identity in joined.others:
             self.seen_at.setdefault(identity, now)
@@ -194,12 +192,14 @@ class AiortcConnection:
         if render:
             self._rendered += 1
             self._tasks.spawn(self._drain(received.track), f"drain {received.track_id}")
+        # The subscriber offer, so every track, comes after the JoinResponse.
+        sif_trailer = self.client.joined.sif_trailer if self.client.joined is not None else b""
         stats = ReceiveStats(kind=received.kind)
         self._tracks[received.track_id] = _Track(received, stats)
         install_receive_hook(
             received.receiver,
             decryptor=(
-                self.rings.cryptor(identity, sif_trailer=self._sif_trailer) if self.e2ee else None
+                self.rings.cryptor(identity, sif_trailer=sif_trailer) if self.e2ee else None
             ),
             stats=stats,
             decode=render,
