@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ def _key(identity: str) -> bytes:
 
 
 async def _child(url: str, token: str, identity: str, n: int, render: int, window: float) -> None:
+    from aiortc.mediastreams import MediaStreamError
+
     from matrixrtc.e2ee import KeyRings
     from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
     from matrixrtc.media.sinks import ReceiveStats
@@ -55,6 +58,8 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
     def on_track(received: ReceivedTrack) -> None:
         st = ReceiveStats(kind=received.kind)
         if received.kind == "video":
+            if not received.identity or received.identity in stats:
+                print(f"track {received.track_id} of {received.identity!r}", file=sys.stderr)
             stats[received.identity] = st
         install_receive_hook(
             received.receiver,
@@ -66,9 +71,10 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
             track = received.track
 
             async def drain() -> None:
-                while True:
-                    await track.recv()
-                    st.frames_decoded += 1
+                with contextlib.suppress(MediaStreamError):  # the track ends with the client
+                    while True:
+                        await track.recv()
+                        st.frames_decoded += 1
 
             asyncio.get_running_loop().create_task(drain())
 
@@ -84,7 +90,8 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
     for e in encoders:
         e.start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (
+    # Counters bumped per packet, no event to await:
+    while time.monotonic() < deadline and (  # noqa: ASYNC110
         len(stats) < n - 1 or any(s.encoded_frames < 15 for s in stats.values())
     ):
         await asyncio.sleep(0.2)
@@ -119,9 +126,12 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _cell(n: int, render: int, window: float, stagger: float) -> dict[str, object]:
+async def _cell(
+    n: int, render: int, window: float, stagger: float, anchor: bool
+) -> tuple[dict[str, object], dict[str, object] | None]:
     from livekit import api
 
+    from bench.scale import GOANCHOR, _measure_go_anchor, _write_ivf
     from matrixrtc.devstack import LiveKit
 
     run_dir = Path(tempfile.mkdtemp(prefix="sfu-engine-"))
@@ -140,9 +150,17 @@ async def _cell(n: int, render: int, window: float, stagger: float) -> dict[str,
             )
             procs.append(
                 await asyncio.create_subprocess_exec(
-                    sys.executable, __file__, "--child", lk.url, token, identity, str(n),
-                    str(render), str(window),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    lk.url,
+                    token,
+                    identity,
+                    str(n),
+                    str(render),
+                    str(window),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
                 )
             )
             await asyncio.sleep(stagger)
@@ -170,7 +188,19 @@ async def _cell(n: int, render: int, window: float, stagger: float) -> dict[str,
         lk_cpu = (_proc_cpu_s(lk_pid) - lk0) / (time.monotonic() - t0) * 100
         for p in procs:
             await p.wait()
-    ratios = [v / FPS for r in reports for v in r["fps"].values()]
+        go = None
+        if anchor and GOANCHOR.exists():
+            # Same N, same LiveKit, after our processes left: the Go SDK's figure on this box now.
+            ivf = run_dir / "goanchor.ivf"
+            _write_ivf(ivf)
+            go = await _measure_go_anchor(
+                n, url=lk.url, key=lk.api_key, secret=lk.api_secret, ivf=ivf,
+                args=argparse.Namespace(duration=window + 5.0),
+            )  # fmt: skip
+    pairs = sorted(
+        (v / FPS, f"{sender}->{r['identity']}") for r in reports for sender, v in r["fps"].items()
+    )
+    ratios = [ratio for ratio, _ in pairs]
     missing = sum(len(r["missing"]) for r in reports)
     return {
         "n": n,
@@ -178,6 +208,9 @@ async def _cell(n: int, render: int, window: float, stagger: float) -> dict[str,
         "cpu_percent_per_participant": round(sum(r["cpu_percent"] for r in reports) / n, 1),
         "livekit_cpu_percent": round(lk_cpu, 1),
         "decrypt_failures": sum(r["decrypt_failures"] for r in reports),
+        "worst_pairs": [[p, round(ratio, 3)] for ratio, p in pairs[:3]],
+        "missing": {r["identity"]: r["missing"] for r in reports if r["missing"]},
+        "cpu_percent_max": max(r["cpu_percent"] for r in reports),
         "policy": {
             "layer": "single 320x240 (no simulcast on this path)",
             "rendered_video_per_receiver": min(render, n - 1),
@@ -185,7 +218,7 @@ async def _cell(n: int, render: int, window: float, stagger: float) -> dict[str,
             "audio": "received, decrypted, counted, not decoded",
             "decoded_by": {r["identity"]: r["decoded"] for r in reports},
         },
-    }
+    }, go
 
 
 def main() -> None:
@@ -199,11 +232,17 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--stagger", type=float, default=0.5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--go-anchor", action=argparse.BooleanOptionalAction, default=True,
+        help="after each cell, bench/goanchor at the same N on the same LiveKit (make goanchor)",
+    )  # fmt: skip
     args = parser.parse_args()
-    cells = []
+    cells, anchors = [], []
     for n in args.n:
-        cell = asyncio.run(_cell(n, args.render, args.window, args.stagger))
+        cell, go = asyncio.run(_cell(n, args.render, args.window, args.stagger, args.go_anchor))
         cells.append(cell)
+        if go is not None:
+            anchors.append(go)
         if not args.json:
             print(
                 f"n={n:2d} min_fps_ratio={cell['min_fps_ratio']:.3f} "
@@ -212,8 +251,8 @@ def main() -> None:
                 f"decrypt_failures={cell['decrypt_failures']}",
                 flush=True,
             )
-    ok = [c["n"] for c in cells if float(str(c["min_fps_ratio"])) >= 0.9]
-    out = {"sfu_aiortc": cells, "sfu_max_n": max(ok) if ok else 0}
+    ok = [int(str(c["n"])) for c in cells if float(str(c["min_fps_ratio"])) >= 0.9]
+    out = {"sfu_aiortc": cells, "sfu_max_n": max(ok) if ok else 0, "go_sdk_anchor": anchors}
     print(json.dumps(out, indent=None if not args.json else 2))
 
 
