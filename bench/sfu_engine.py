@@ -95,6 +95,16 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
         len(stats) < n - 1 or any(s.encoded_frames < 15 for s in stats.values())
     ):
         await asyncio.sleep(0.2)
+    stuck = sorted(k for k, s in stats.items() if s.encoded_frames < 15)
+    if stuck or len(stats) < n - 1:
+        sub = client._sub
+        print(
+            f"{identity}: not receiving from {stuck} (of {sorted(stats)}); subscriber "
+            f"{sub.pc.connectionState if sub else None}/{sub.pc.iceConnectionState if sub else None}"
+            f" tracks={len(client.tracks)} decrypted="
+            f"{ {k: (s.encoded_frames, s.decrypt_failures) for k, s in stats.items()} }",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     before = {k: s.encoded_frames for k, s in stats.items()}
