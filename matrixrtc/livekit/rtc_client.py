@@ -21,6 +21,12 @@ This module: the signalling session, the subscriber and the publisher peer conne
   server's ``sif_trailer``, per-track ``ReceiveStats``, ``decode=`` only for rendered video),
   see ``tests/integration/test_livekit_rtc_client.py``. The caller wires it (this package may
   not import ``matrixrtc.mesh``: sibling layers).
+* ICE consent on both peer connections by ``media.ice.keep_consent_on`` (RFC 7675's 30 s rule):
+  aioice's own check gives up after six unanswered 0.5 s checks, which a loaded box (n=12 in
+  bench/sfu_engine) reached: LiveKit saw the subscriber go and closed the participant. An
+  expiry sets ``error`` and ``closed``.
+* No REMB from the subscriber (``remb=False``): aiortc's per-stream estimate would read as the
+  whole downlink's capacity to LiveKit, which then pauses streams (``_track_arrived``).
 * ``aclose()`` sends ``leave`` and closes the peer connection and the WebSocket.
 
 Publishing (``publish()``): ``AddTrackRequest`` per track (cid = the aiortc track id, marked
@@ -56,7 +62,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.livekit import signal
-from matrixrtc.media.ice import IceServerConfig, gather_on, rtc_configuration
+from matrixrtc.media.ice import IceServerConfig, gather_on, keep_consent_on, rtc_configuration
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["ReceivedTrack", "RtcClient", "SignalLost"]
@@ -101,7 +107,10 @@ class RtcClient:
         ice_servers: Sequence[IceServerConfig] = (),
         on_track: Callable[[ReceivedTrack], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        remb: bool = False,
     ) -> None:
+        """``remb``: let aiortc's video receivers send REMB (off: see ``_track_arrived``)."""
+        self._remb = remb
         self._url = signal.rtc_url(url, token)
         self._addresses = tuple(addresses)
         self._ice_servers = tuple(ice_servers)
@@ -196,6 +205,13 @@ class RtcClient:
             receiver=transceiver.receiver,
         )
         self.tracks[track_id] = received
+        if not self._remb:
+            # aiortc estimates each video receiver on its own and sends that one stream's rate
+            # (~0.3 Mbit/s) as REMB; LiveKit takes a subscriber's REMB as its whole downlink's
+            # capacity and pauses every stream beyond it (bench/sfu_engine: n=12, 11 videos on
+            # a 0.3 Mbit/s "channel", whole receivers at 0 fps). Without it LiveKit has no
+            # estimate for this subscriber and forwards every subscribed stream.
+            setattr(transceiver.receiver, "_RTCRtpReceiver__remote_bitrate_estimator", None)  # noqa: B010
         log.debug("livekit.rtc_track", track=track_id, kind=track.kind, mid=mid)
         if self._on_track is not None:
             self._on_track(received)
@@ -257,11 +273,17 @@ class RtcClient:
         sub.pending.clear()
         answer = await sub.pc.createAnswer()
         await gather_on(sub.pc, self._addresses)
+        keep_consent_on(sub.pc, on_expired=lambda: self._consent_expired("subscriber"))
         await sub.pc.setLocalDescription(answer)
         local = sub.pc.localDescription
         await self._send(signal.encode_answer(local.sdp, offer_id=offer.id))
         for candidate in _sdp_candidates(local.sdp):
             await self._send(signal.encode_trickle(candidate, "subscriber"))
+
+    def _consent_expired(self, side: str) -> None:
+        log.warning("livekit.rtc_consent_expired", side=side)
+        self.error = SignalLost(f"ICE consent of the {side} connection expired")
+        self.closed.set()
 
     async def _remote_candidate(self, trickle: signal.Trickle) -> None:
         sub = self._sub if trickle.target == "subscriber" else self._pub
@@ -313,6 +335,7 @@ class RtcClient:
                 on_sender(sender)
         offer = await pub.pc.createOffer()
         await gather_on(pub.pc, self._addresses)
+        keep_consent_on(pub.pc, on_expired=lambda: self._consent_expired("publisher"))
         await pub.pc.setLocalDescription(offer)
         self._answered = loop.create_future()
         local = pub.pc.localDescription

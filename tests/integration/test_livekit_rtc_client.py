@@ -11,17 +11,21 @@ the track it renders."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 from livekit import api, rtc
 
 from matrixrtc.devstack import LiveKit
 from matrixrtc.e2ee import KeyRings
 from matrixrtc.livekit import element_call_e2ee_options
 from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
+from matrixrtc.media.ice import keep_consent
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.fanout import SharedEncoder, adopt_sender, install_receive_hook
@@ -105,7 +109,20 @@ async def test_joins_answers_the_subscriber_offer_and_receives_media(
     livekit: LiveKit, sdk_publisher: tuple[str, rtc.Room]
 ) -> None:
     name, sdk_room = sdk_publisher
-    client = RtcClient(livekit.url, _token(livekit, name, "ours"))
+    rtcp: list[object] = []
+
+    def spy_rtcp(received: ReceivedTrack) -> None:
+        # Every RTCP packet a receiver sends (reports, NACK, PLI, and REMB unless disabled).
+        receiver: Any = received.receiver
+        send = receiver._send_rtcp
+
+        async def sending(packet: object) -> None:
+            rtcp.append(packet)
+            await send(packet)
+
+        receiver._send_rtcp = sending
+
+    client = RtcClient(livekit.url, _token(livekit, name, "ours"), on_track=spy_rtcp)
     joined = await client.connect()
     try:
         assert joined.identity == "ours"
@@ -126,6 +143,16 @@ async def test_joins_answers_the_subscriber_offer_and_receives_media(
             # Silent audio goes out as Opus DTX (a few packets a second); video is ~15 fps.
             least = 10 if kinds[track_id] == "video" else 1
             assert second[track_id] >= first[track_id] + least, (first, second)
+        # No REMB: aiortc's per-stream estimate would be LiveKit's whole-downlink capacity.
+        remb = [p for p in rtcp if isinstance(p, RtcpPsfbPacket) and p.fmt == RTCP_PSFB_APP]
+        assert rtcp
+        assert not remb, remb
+        # ICE consent by the RFC's rule (media.ice), not aioice's six 0.5 s checks.
+        assert client._sub is not None
+        for transceiver in client._sub.pc.getTransceivers():
+            connection: Any = transceiver.receiver.transport.transport._connection
+            assert isinstance(connection.query_consent, functools.partial)
+            assert connection.query_consent.func is keep_consent
     finally:
         await client.aclose()
     assert client.error is None
