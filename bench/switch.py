@@ -242,6 +242,11 @@ class _Proc:
         """Until ``done()`` holds after one of our lines; fails if the member exits first."""
         while not done():
             if self.proc.returncode is not None:
+                # Its last lines (the report) may still be in the pipe: read them first.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+                if done():
+                    return
                 raise RuntimeError(f"{self.name} exited ({self.proc.returncode})")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):

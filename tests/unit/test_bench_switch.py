@@ -3,10 +3,12 @@ largest gap is placed against its receiver's cutover (old path, across it, new p
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-from typing import Any
+from typing import Any, cast
 
-from bench.switch import _cores_by_process, _phase, _process_cpu, aggregate
+from bench.switch import _MARK, _cores_by_process, _phase, _Proc, _process_cpu, aggregate
 
 
 def _run(to_sfu: int, to_mesh: int) -> dict[str, Any]:
@@ -65,3 +67,26 @@ def test_process_cpu_reads_a_running_process_and_skips_others() -> None:
     used = _process_cpu({"me": os.getpid(), "gone": 2**22 + 7, "never": None})
     assert set(used) == {"me"}
     assert used["me"] > 0
+
+
+class _ExitedProcess:
+    """A member process that has exited while its last line is still unread."""
+
+    def __init__(self) -> None:
+        self.returncode = 0
+        self.stdout = asyncio.StreamReader()
+
+
+async def test_a_report_printed_just_before_the_member_exited_is_read() -> None:
+    fake = _ExitedProcess()
+    member = _Proc("sw0", cast(asyncio.subprocess.Process, fake))
+    line = _MARK + json.dumps({"event": "report", "user": "@sw0:hs"}) + "\n"
+
+    def arrive() -> None:
+        fake.stdout.feed_data(line.encode())
+        fake.stdout.feed_eof()
+
+    asyncio.get_running_loop().call_later(0.05, arrive)
+    await member._until(lambda: member.report is not None)
+    assert member.report is not None
+    assert member.report["user"] == "@sw0:hs"
