@@ -98,9 +98,9 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
     stuck = sorted(k for k, s in stats.items() if s.encoded_frames < 15)
     if stuck or len(stats) < n - 1:
         sub = client._sub
+        pc_state = f"{sub.pc.connectionState}/{sub.pc.iceConnectionState}" if sub else None
         print(
-            f"{identity}: not receiving from {stuck} (of {sorted(stats)}); subscriber "
-            f"{sub.pc.connectionState if sub else None}/{sub.pc.iceConnectionState if sub else None}"
+            f"{identity}: not receiving from {stuck} (of {sorted(stats)}); subscriber {pc_state}"
             f" tracks={len(client.tracks)} decrypted="
             f"{ {k: (s.encoded_frames, s.decrypt_failures) for k, s in stats.items()} }",
             file=sys.stderr, flush=True,
