@@ -57,6 +57,9 @@ SWITCH_MEDIA = MediaOptions(
 SDK_DEFAULT_MEDIA = MediaOptions(width=320, height=240, fps=15.0)
 _ROOT = Path(__file__).resolve().parent.parent  # members run as ``python -m bench.switch``
 _MARK = "@@switch "  # our lines on a member's stdout
+# A member's report is one line: every gap over 50 ms, stall and key event (asyncio's default
+# 64 KiB line limit was overrun by a run with 10 s steady windows: the report was lost).
+_LINE_LIMIT = 64 * 1024 * 1024
 SETTLE_TIMEOUT_S = 60.0
 # Media before each switch, and after it before the next step (BENCH_SWITCH_STEADY_S: longer
 # steady windows for the no-switch controls).
@@ -217,11 +220,15 @@ class _Proc:
 
     @classmethod
     async def start(cls, name: str, args: MemberArgs, log: Path) -> _Proc:
+        member = [sys.executable, "-m", "bench.switch", "--member", json.dumps(asdict(args))]
+        return await cls.spawn(name, member, log)
+
+    @classmethod
+    async def spawn(cls, name: str, argv: Sequence[str], log: Path) -> _Proc:
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.switch", "--member", json.dumps(asdict(args)),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                cwd=_ROOT,
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=err, cwd=_ROOT, limit=_LINE_LIMIT,
             )  # fmt: skip
         return cls(name, proc)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any, cast
 
 from bench.switch import _MARK, _cores_by_process, _phase, _Proc, _process_cpu, aggregate
@@ -90,3 +92,14 @@ async def test_a_report_printed_just_before_the_member_exited_is_read() -> None:
     await member._until(lambda: member.report is not None)
     assert member.report is not None
     assert member.report["user"] == "@sw0:hs"
+
+
+async def test_a_report_line_longer_than_asyncios_default_limit_is_read(tmp_path: Path) -> None:
+    report = '{"event": "report", "user": "@sw0:hs", "gaps": ["x" * 1000] * 300}'  # ~300 KB
+    code = f"import json; print({_MARK!r} + json.dumps({report}))"
+    member = await _Proc.spawn("sw0", [sys.executable, "-c", code], tmp_path / "sw0.log")
+    await member._until(lambda: member.report is not None)
+    assert member.report is not None
+    assert len(member.report["gaps"]) == 300
+    await member.proc.wait()
+    await member.kill()
