@@ -8,7 +8,9 @@ Modules (each documents its API in its docstring):
 * ``preencoded``  the synthetic video as a looped VP8 clip encoded once.
 * ``signal``      LiveKit's ``/rtc`` signalling protocol, sans I/O (protobuf messages as events).
 * ``rtc_client``  ``RtcClient``: our own LiveKit client over aiortc (signalling, subscriber and
-                  publisher peer connections); not yet an engine of ``LiveKitTransport``.
+                  publisher peer connections); ``MediaOptions.engine="aiortc"`` makes it the
+                  engine of ``LiveKitTransport`` (``matrixrtc.media_transport.aiortc_engine``,
+                  through ``connection_factory`` and the ``RoomConnection`` protocol).
 * ``transport``   ``LiveKitTransport``: one connection per SFU the call needs (oldest member
                   or multi-SFU), keys from the sender-key manager installed everywhere,
                   dropped connections replaced with fresh credentials.
