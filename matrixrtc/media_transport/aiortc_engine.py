@@ -19,7 +19,9 @@ which :mod:`matrixrtc.livekit` may not import; this layer may import both.
   while a participant's frames decrypt.
 
 Not yet: decoded frames into the ``frames`` tap (rendered tracks are drained), reconnect (a
-lost signalling link is ``LOST``; the transport replaces the connection).
+lost signalling link is ``LOST``; the transport replaces the connection), ICE addresses and
+servers from the call's configuration (``RtcClient``'s defaults: host candidates on 127.0.0.1
+only, no TURN — fine inside ``scripts/in-netns``, not for a deployment).
 """
 
 from __future__ import annotations
