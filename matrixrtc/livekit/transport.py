@@ -294,7 +294,8 @@ class LiveKitTransport:
         )
         unexpected: BaseException | None = None
         for (t, _), result in zip(wanted, results, strict=True):
-            if isinstance(result, LiveKitConnection):
+            # Whatever the factory made (any engine): not an exception means a connection.
+            if not isinstance(result, BaseException):
                 self.connections[t] = result
                 self.failures.pop(t, None)
                 self._retry.pop(t, None)
