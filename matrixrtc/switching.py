@@ -266,6 +266,8 @@ class MediaSwitcher:
         self._failing_since: float | None = None
         self._handover: Handover | None = None  # the switch in progress
         self._handing_to: MediaTransport | None = None  # the transport it brings up
+        # Members cut over in the switch in progress: the old transport decodes them no more.
+        self._hidden: set[DeviceRef] = set()
         # Acknowledgements received: (device, kind) → when (our clock).
         self._acks: dict[tuple[DeviceRef, MediaKind], float] = {}
         # Per running transport (by id; it is kept alive by _running): when it started and
@@ -527,8 +529,13 @@ class MediaSwitcher:
             end = await self._run_handover(handover, transport)
         finally:
             self._handover = self._handing_to = None
+            hidden, self._hidden = self._hidden, set()
         if isinstance(end, Abandon):
-            # The decision moved back while both ran: the old transport never stopped.
+            # The decision moved back while both ran: the old transport never stopped, and
+            # shows again whom it stopped decoding (from their next key frame).
+            if old is not None:
+                for ref in hidden:
+                    old.show(ref, True)
             self._starting = None
             self._teardown(transport.aclose(), transport.kind.value)
             self._log.info("switch.abandoned", old=transport.kind.value, kept=self.kind)
@@ -621,6 +628,13 @@ class MediaSwitcher:
                     seen.cut_at[a.kind] = a.at
                     if h.on_old(a.peer):  # only a member on the old path waits for it
                         self._ack(transport, a.peer)
+                    old = self.current
+                    if old is not None and old is not transport:
+                        # Its frames there are shown no more: decoding them only took CPU
+                        # from the paths still shown until the old one is torn down (the
+                        # 2-core bench box ran saturated during the overlap).
+                        old.show(a.peer, False)
+                        self._hidden.add(a.peer)
                     self._log.info(
                         "switch.cutover",
                         peer=a.peer.user_id,

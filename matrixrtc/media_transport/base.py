@@ -15,6 +15,7 @@ from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.session.mesh_signalling import DeviceRef
 
 __all__ = [
     "FrameCounter",
@@ -75,6 +76,13 @@ class MediaTransport(Protocol):
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         """The decoded-video counters of ``peer`` on this transport (none: not connected)."""
+
+    def show(self, peer: DeviceRef, on: bool) -> None:
+        """Whether ``peer``'s video over this transport is decoded for showing. The switcher
+        turns it off once ``peer`` is cut over to a new transport (its frames here are shown
+        no more) and back on if the switch is abandoned. Off, the transport keeps receiving
+        and decrypting where it can (so :meth:`carries` still holds); a transport that cannot
+        stop its decoder ignores it."""
 
     def failing(self) -> bool:
         """Whether the transport has lost its server now (it may be repairing itself); the

@@ -81,6 +81,13 @@ class MeshMedia:
             return ()
         return (FrameCounter(stats, stats.frames_decoded, stats.last_frame_at),)
 
+    def show(self, peer: DeviceRef, on: bool) -> None:
+        """Decode ``peer``'s video or only receive, decrypt and count it (``carries`` holds
+        either way: it is judged at decryption); back on from the next key frame."""
+        engine = self.link.engine if self.link is not None else None
+        if engine is not None:
+            engine.set_video_decoding(peer, on)
+
     def failing(self) -> bool:
         """Never as a whole: each peer link repairs itself (a lost peer is that peer's gap)."""
         return False

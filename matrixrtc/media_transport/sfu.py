@@ -21,6 +21,7 @@ from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.media_transport.base import FrameCounter, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
+from matrixrtc.session.mesh_signalling import DeviceRef
 
 __all__ = ["LiveKitMedia", "probe_livekit"]
 
@@ -129,6 +130,10 @@ class LiveKitMedia:
             if stats is not None:
                 out.append(FrameCounter(stats, stats.video_frames, stats.last_video_at))
         return out
+
+    def show(self, peer: DeviceRef, on: bool) -> None:
+        """Nothing: the SDK's receivers decode whether or not anyone reads them (see
+        matrixrtc.livekit.receive)."""
 
     def failing(self) -> bool:
         return self.lk is not None and self.lk.lost()

@@ -27,7 +27,13 @@ from aiortc.sdp import candidate_from_sdp
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
-from matrixrtc.mesh.fanout import FanOutTrack, SharedEncoder, adopt_sender, install_receive_hook
+from matrixrtc.mesh.fanout import (
+    FanOutTrack,
+    SharedEncoder,
+    adopt_sender,
+    install_receive_hook,
+    set_receive_decoding,
+)
 from matrixrtc.mesh.ice import (
     CONSENT_EXPIRY_S,
     CONSENT_INTERVAL_S,
@@ -239,6 +245,18 @@ class MeshEngine:
     def link_for(self, peer: DeviceRef) -> PeerLink | None:
         call = self.signalling.call_for(peer)
         return None if call is None else self.links.get(call.call_id)
+
+    def set_video_decoding(self, peer: DeviceRef, on: bool) -> bool:
+        """Decode ``peer``'s video or only receive, decrypt and count it (back on: from the
+        next key frame, asked for by PLI); False: no link to ``peer`` yet."""
+        link = self.link_for(peer)
+        if link is None:
+            return False
+        done = False
+        for transceiver in link.pc.getTransceivers():
+            if transceiver.kind == "video":
+                done = set_receive_decoding(transceiver.receiver, on) or done
+        return done
 
     def connected_peers(self) -> set[DeviceRef]:
         return {link.peer for link in self.links.values() if link.connected_at is not None}

@@ -87,6 +87,7 @@ __all__ = [
     "SharedEncoder",
     "adopt_sender",
     "install_receive_hook",
+    "set_receive_decoding",
 ]
 
 log = structlog.get_logger(__name__)
@@ -627,6 +628,16 @@ class _VideoReassembly:
         if pli:
             self._on_gap()
         return pli, frame
+
+
+def set_receive_decoding(receiver: RTCRtpReceiver, on: bool) -> bool:
+    """Switch decoding of a hooked receiver (:func:`install_receive_hook`) off or back on
+    (:meth:`_DecryptingQueue.set_decoding`); False: ``receiver`` has no hook."""
+    hook = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
+    if not isinstance(hook, _DecryptingQueue):
+        return False
+    hook.set_decoding(on)
+    return True
 
 
 def install_receive_hook(

@@ -124,6 +124,7 @@ class FakeTransport:
         self.frames = 0
         self.fail_start = False
         self.lost = False
+        self.hidden: set[DeviceRef] = set()  # members whose video it decodes no more
 
     async def start(self) -> None:
         self.log.append(f"start {self.kind.value}")
@@ -138,6 +139,13 @@ class FakeTransport:
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
         return (FrameCounter(self, self.frames, 1.0 if self.frames else None),)
+
+    def show(self, peer: DeviceRef, on: bool) -> None:
+        self.log.append(f"{'show' if on else 'hide'} {peer.user_id} {self.kind.value}")
+        if on:
+            self.hidden.discard(peer)
+        else:
+            self.hidden.add(peer)
 
     def failing(self) -> bool:
         return self.lost
@@ -426,3 +434,46 @@ async def test_acks_count_only_from_members_devices_and_the_rest_are_logged_rare
             agent.hs.receive_ack("@b:example.org", MediaKind.SFU)
             done = await switcher.wait_settled(MediaKind.SFU, 5)
             assert done.handover == "2 peers cut over, 2 acknowledged"
+
+
+async def test_the_old_transport_stops_decoding_each_member_once_it_is_cut_over() -> None:
+    """A member taken from the new transport is not shown from the old one any more: the old
+    one stops decoding it at its cutover (not before: it is shown from there until then), and
+    nobody is hidden on the new one."""
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
+    a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
+    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        mesh = reg.made[MediaKind.MESH]
+        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        await asyncio.sleep(0.05)
+        assert mesh.hidden == set()  # the SFU delivers nobody yet: the mesh shows them
+        reg.made[MediaKind.SFU].carrying = True
+        await until(lambda: switcher.via(a) is MediaKind.SFU)
+        assert mesh.hidden == {a, b}
+        assert switcher.kind is MediaKind.MESH  # still up (no acknowledgement yet)
+        assert reg.made[MediaKind.SFU].hidden == set()
+
+
+async def test_a_switch_abandoned_after_a_cutover_shows_the_member_again_on_the_old() -> None:
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
+    a = DeviceRef("@a:example.org", "D")
+    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        mesh = reg.made[MediaKind.MESH]
+        agent.members(ME, "@a:example.org", "@b:example.org")
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        reg.made[MediaKind.SFU].carrying = True
+        await until(lambda: a in mesh.hidden)
+        agent.members(ME, "@a:example.org")  # b left before the handover ended: back
+        await until(lambda: "close sfu" in reg.log)
+        assert switcher.running(MediaKind.MESH) is mesh
+        assert mesh.hidden == set()
+        assert reg.log.index("show @a:example.org mesh") > reg.log.index("hide @a:example.org mesh")
