@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 from typing import Any
 
 import av
@@ -29,6 +30,7 @@ from matrixrtc.mesh.fanout import (
     SharedEncoder,
     adopt_sender,
     install_receive_hook,
+    set_receive_decoding,
 )
 from matrixrtc.mesh.ice import IceServerConfig, rtc_configuration
 from matrixrtc.mesh.jitter import FrameAssembler
@@ -234,6 +236,36 @@ async def test_receive_hook_decodes_on_the_loop_into_the_track() -> None:
         assert out.qsize() == 0
         assert stats.encoded_frames == 4
         assert q.qsize() == 0  # aiortc's thread got nothing
+    finally:
+        await pc.close()
+
+
+async def test_decoding_is_switched_through_the_receiver_hook() -> None:
+    """What the switcher uses to stop decoding a member cut over to another transport: the
+    hooked receiver counts frames but decodes none until switched back on."""
+    pc = RTCPeerConnection(rtc_configuration([]))
+    try:
+        receiver = pc.addTransceiver("video").receiver
+        assert not set_receive_decoding(receiver, False)  # no hook: nothing to switch
+        stats = ReceiveStats(kind="video")
+        install_receive_hook(receiver, decryptor=None, stats=stats)
+        receiver._track = RemoteStreamTrack(kind="video")  # as setRemoteDescription does
+        q: Any = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        out: asyncio.Queue[Any] = receiver._track._queue
+        encoder = av.CodecContext.create("libvpx", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+        encoder.time_base = fractions.Fraction(1, 15)
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        frame.pts = 0
+        key = b"".join(bytes(p) for p in encoder.encode(frame))
+        assert set_receive_decoding(receiver, False)
+        assert not stats.decoding
+        q.put((VP8, JitterFrame(data=key, timestamp=0)))
+        assert out.qsize() == 0
+        assert stats.encoded_frames == 1
+        assert set_receive_decoding(receiver, True)
+        q.put((VP8, JitterFrame(data=key, timestamp=1)))
+        assert out.qsize() == 1
     finally:
         await pc.close()
 
