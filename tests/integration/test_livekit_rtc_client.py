@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 from livekit import api, rtc
 
@@ -160,6 +161,40 @@ async def test_joins_answers_the_subscriber_offer_and_receives_media(
     async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
         listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=name))
     assert [p.identity for p in listed.participants] == ["sdk"]
+
+
+@pytest.mark.parametrize("sdk_publisher", [False], indirect=True, ids=["clear"])
+async def test_a_joiner_whose_handshake_is_slow_still_receives_every_track(
+    livekit: LiveKit, sdk_publisher: tuple[str, rtc.Room], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last joiner of a busy room (bench/sfu_engine n=12): LiveKit offers the tracks
+    already published once the subscriber connection is up on its side, which on a busy
+    client can be before the client's own DTLS handshake has finished. aiortc starts no
+    receiver from an offer applied then, so the client must answer it only after the
+    handshake. Played here by a handshake that ends 2 s late on the client's side."""
+    name, sdk_room = sdk_publisher
+    handshake = RTCDtlsTransport._do_handshake
+
+    async def slow_handshake(self: RTCDtlsTransport) -> None:
+        await handshake(self)
+        await asyncio.sleep(2.0)  # done for the server, which offers the tracks; not yet here
+
+    monkeypatch.setattr(RTCDtlsTransport, "_do_handshake", slow_handshake)
+    client = RtcClient(livekit.url, _token(livekit, name, "late"))
+    await client.connect()
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                assert client.error is None, client.error
+                publications = sdk_room.local_participant.track_publications.values()
+                published = {p.sid for p in publications}
+                ready = len(published) == 2 and set(client.tracks) == published
+                counts = await _packets(client) if ready else {}
+                if counts and all(c >= 5 for c in counts.values()):
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
 
 
 @dataclass
