@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 FPS = 15.0
 
@@ -99,6 +100,8 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
     if stuck or len(stats) < n - 1:
         sub = client._sub
         pc_state = f"{sub.pc.connectionState}/{sub.pc.iceConnectionState}" if sub else None
+        if sub is not None:
+            await _explain_stuck(client, sub.pc)
         print(
             f"{identity}: not receiving from {stuck} (of {sorted(stats)}); subscriber {pc_state}"
             f" tracks={len(client.tracks)} decrypted="
@@ -129,6 +132,33 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
     await client.aclose()
     for e in encoders:
         await e.aclose()
+
+
+async def _explain_stuck(client: Any, pc: Any) -> None:
+    """Where a stuck receiver's packets go: per track its m-line's SSRCs in the offer, the
+    packets aiortc counted, and the SSRCs aiortc's RTP router routes (unknown SSRCs of a
+    payload type that several receivers share are dropped there)."""
+    sdp = pc.remoteDescription.sdp if pc.remoteDescription else ""
+    ssrc_by_mid: dict[str, list[str]] = {}
+    mid = ""
+    for line in sdp.splitlines():
+        if line.startswith("a=mid:"):
+            mid = line[6:]
+        elif line.startswith("a=ssrc:") and "cname" in line:
+            ssrc_by_mid.setdefault(mid, []).append(line[7:].split()[0])
+    for t in pc.getTransceivers():
+        stats = await t.receiver.getStats()
+        packets = [s.packetsReceived for s in stats.values() if s.type == "inbound-rtp"]
+        router = getattr(t.receiver.transport, "_rtp_router", None)
+        routed = sorted(
+            k for k, v in (router.ssrc_table.items() if router else ()) if v is t.receiver
+        )
+        m = t.mid or ""
+        print(
+            f"  mid={m} {t.kind} dir={t.currentDirection} offer_ssrcs={ssrc_by_mid.get(m)}"
+            f" routed_ssrcs={routed} packets={packets} track={client._sub.mid_to_track.get(m)}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
 
 
 def _proc_cpu_s(pid: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +52,8 @@ def livekit_config(
         "keys": {api_key: api_secret},
         # Without this any token holder could create rooms (lk-jwt-service's model relies on it).
         "room": {"auto_create": False},
-        "logging": {"level": "info", "json": False},
+        # MATRIXRTC_LIVEKIT_LOG_LEVEL=debug: subscriptions, down tracks and key frames in the log.
+        "logging": {"level": os.environ.get("MATRIXRTC_LIVEKIT_LOG_LEVEL", "info"), "json": False},
     }
     if webhook_urls:
         cfg["webhook"] = {"api_key": api_key, "urls": list(webhook_urls)}
