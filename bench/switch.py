@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -83,6 +84,7 @@ class MemberArgs:
     mesh_max: int = 3
     max_video_kbps: int | None = None
     keep_framerate: bool = False
+    engine: str = "sdk"  # MediaOptions.engine: the SFU client (--sfu-engine)
 
 
 # -- the member process ---------------------------------------------------------------------
@@ -106,6 +108,7 @@ async def _member(args: MemberArgs) -> None:
     media = MediaOptions(
         width=args.width, height=args.height, fps=args.fps, audio=args.audio,
         max_video_kbps=args.max_video_kbps, keep_framerate=args.keep_framerate,
+        engine="aiortc" if args.engine == "aiortc" else "sdk",
     )  # fmt: skip
     mesh = MeshLinkConfig(
         mesh=MeshConfig(
@@ -533,7 +536,7 @@ async def measure_switch(
                 base_url=hs.base_url, user_id=u.user_id, password=u.password, room_id=room_id,
                 service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
                 audio=media.audio, acks=acks, max_video_kbps=media.max_video_kbps,
-                keep_framerate=media.keep_framerate,
+                keep_framerate=media.keep_framerate, engine=media.engine,
             )  # fmt: skip
 
         def pids() -> dict[str, int | None]:
@@ -611,6 +614,7 @@ async def measure_switch(
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
         "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
+        "sfu_engine": media.engine,
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
         "in_switch_gaps_over_100_ms": in_switch_over,
@@ -671,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         help="publish to the SFU with the SDK's encoder defaults (≈225 kbit/s at 320×240, "
         "balanced degradation): the figures before SWITCH_MEDIA",
     )
+    parser.add_argument(
+        "--sfu-engine",
+        choices=("sdk", "aiortc"),
+        default="sdk",
+        help="the SFU client (MediaOptions.engine): the LiveKit SDK, or our RtcClient on aiortc "
+        "(cheaper; its encoder has no bitrate cap or frame-rate preference)",
+    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -693,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_member(MemberArgs(**json.loads(args.member))))
         return 0
     media = SDK_DEFAULT_MEDIA if args.sdk_encoder_defaults else SWITCH_MEDIA
+    media = dataclasses.replace(media, engine=args.sfu_engine)
 
     async def run(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S):
@@ -743,6 +755,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **{d: max(each[d]) for d in dirs},
         "switches": len(results),
         "encoder": results[0].get("encoder"),
+        "sfu_engine": results[0].get("sfu_engine"),
         "median": {d: statistics.median(each[d]) for d in dirs},
         "each": each,
         "phase": {d: [r["detail"][d]["largest"].get("phase") for r in results] for d in dirs},

@@ -54,6 +54,12 @@ class ReceiveStats:
         self.encoded_bytes += size
         self._recent_received.append(now)
 
+    def received_times(self, n: int) -> list[float]:
+        """When the newest ``n`` frames were received (at most the last 256)."""
+        if n <= 0:
+            return []
+        return list(self._recent_received)[-n:]
+
     def received_fps(self, now: float | None = None) -> float:
         """Frames received (and decrypted) per second over the last two seconds."""
         now = time.monotonic() if now is None else now
