@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -191,12 +192,12 @@ class AiortcConnection:
             log.warning("livekit.aiortc_track_without_owner", track=received.track_id)
         cap = self.media.render_max
         render = received.kind == "video" and (cap is None or self._rendered < cap)
+        stats = ReceiveStats(kind=received.kind)
         if render:
             self._rendered += 1
-            self._tasks.spawn(self._drain(received.track), f"drain {received.track_id}")
+            self._tasks.spawn(self._drain(received.track, stats), f"drain {received.track_id}")
         # The subscriber offer, so every track, comes after the JoinResponse.
         sif_trailer = self.client.joined.sif_trailer if self.client.joined is not None else b""
-        stats = ReceiveStats(kind=received.kind)
         self._tracks[received.track_id] = _Track(received, stats)
         install_receive_hook(
             received.receiver,
@@ -214,11 +215,12 @@ class AiortcConnection:
             if p.video_subscribed_at is None:
                 p.video_subscribed_at = self._clock()
 
-    async def _drain(self, track: MediaStreamTrack) -> None:
+    async def _drain(self, track: MediaStreamTrack, stats: ReceiveStats) -> None:
         # A decoded track nobody reads would queue frames without bound.
         with contextlib.suppress(MediaStreamError):
             while True:
                 await track.recv()
+                stats.frame_decoded(time.monotonic())
 
     def _stats_for(self, identity: str) -> ParticipantStats:
         p = self.stats.get(identity)

@@ -120,3 +120,29 @@ async def test_two_aiortc_members_and_an_sdk_member_exchange_e2ee_media(
                 assert st.decrypt_failures == failures, (i, j, st)
             else:
                 assert st.failures_after(start) == [], (i, j, st)
+
+
+async def test_aiortc_member_counts_each_frame_at_its_arrival_and_its_decoded_frames(
+    synapse: Synapse, sfu: AuthService
+) -> None:
+    """A participant's video frames are stamped with their arrival (what the switcher's and
+    bench/switch's gaps are measured from), not with the 50 ms fold into its counters; the
+    rendered track counts its decoded frames."""
+    tag = secrets.token_hex(2)
+    users = [await synapse.register(f"ad{n}-{tag}") for n in "ab"]
+    room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)
+    async with contextlib.AsyncExitStack() as stack:
+        members = [await _join(stack, synapse, u, room_id, sfu.url, OURS) for u in users]
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(s.wait_settled(MediaKind.SFU, 20) for _, s in members))
+            conn = _connection(members[0][1])
+            assert isinstance(conn, AiortcConnection)
+            ident = _connection(members[1][1]).identity
+            while (st := conn.stats.get(ident)) is None or st.video_frames < 15:
+                assert conn.state is ConnectionState.CONNECTED
+                await asyncio.sleep(0.1)
+        (track,) = [t for t in conn._tracks.values() if t.received.kind == "video"]
+        arrivals = set(track.stats.received_times(256))
+        assert set(list(st.video_times)[-10:]) <= arrivals
+        assert st.last_video_at in arrivals
+        assert track.stats.frames_decoded >= 10
