@@ -309,15 +309,20 @@ def update_member_content(
     calls: list[JsonValue] = list(raw_calls) if isinstance(raw_calls, list) else []
     others: list[JsonValue] = []
     entry: dict[str, JsonValue] = {}
+    # Several entries of conf_id (a client's bug) are read as one call with all their devices
+    # (parse_member_event): merge them, or the devices of all but the last would be dropped.
+    raw_devices: list[JsonValue] = []
     for raw in calls:
         call = get_dict(raw)
         if call is not None and call.get("m.call_id") == conf_id:
-            entry = dict(call)
+            entry = {**entry, **call}
+            devices = call.get("m.devices")
+            if isinstance(devices, list):
+                raw_devices.extend(devices)
         else:
             others.append(raw)
-    raw_devices = entry.get("m.devices")
     kept: list[JsonValue] = []
-    for raw in raw_devices if isinstance(raw_devices, list) else []:
+    for raw in raw_devices:
         d = _device(raw)
         if d is None or d.is_expired(now_ms) or d.device_id == device_id:
             continue
