@@ -11,17 +11,26 @@ which :mod:`matrixrtc.livekit` may not import; this layer may import both.
   decryptors and our encryptor read), so the call's sender-key machinery feeds this engine as it
   feeds the SDK's key provider.
 * Decoding: only the first ``media.render_max`` remote video tracks are decoded (None: all);
-  the others are received, decrypted and counted (``decode=False``).
+  the others are received, decrypted and counted (``decode=False``). Audio is decoded only
+  while a ``frames`` tap listens (nothing else reads it; the SDK engine decodes it always).
+* Frames tap: each decoded frame of a rendered video track, and each decoded audio frame,
+  goes to ``frames`` with the sender's identity while it listens, as the SDK engine hands
+  them on (our decryptor runs before the decoder, so the SDK path's wait for a fresh key
+  frame has no equivalent here). Frames are aiortc's own, stamped on the sender's RTP clock
+  as the mesh's are.
+* Layers: nothing is asked of the SFU (``ParticipantStats.layer`` = "default": LiveKit
+  forwards the publisher's layer; ours publish one); ``video_size`` is that of the last
+  decoded frame of a rendered track (None for a counted one: nothing decodes it).
 * Stats: every ``SYNC_S`` the per-track :class:`~matrixrtc.media.sinks.ReceiveStats` are folded
   into the transport's :class:`~matrixrtc.livekit.connection.ParticipantStats` (a video frame
   counts once decrypted, rendered or not, as the SDK path counts an unrendered track from its
   receiver's statistics); ``decrypt_failures`` is the decryptor's count, ``e2ee_state`` "OK"
   while a participant's frames decrypt.
 
-Not yet: decoded frames into the ``frames`` tap (rendered tracks are drained), reconnect (a
-lost signalling link is ``LOST``; the transport replaces the connection), ICE addresses and
-servers from the call's configuration (``RtcClient``'s defaults: host candidates on 127.0.0.1
-only, no TURN — fine inside ``scripts/in-netns``, not for a deployment).
+Not yet: reconnect (a lost signalling link is ``LOST``; the transport replaces the
+connection), ICE addresses and servers from the call's configuration (``RtcClient``'s
+defaults: host candidates on 127.0.0.1 only, no TURN — fine inside
+``scripts/in-netns``, not for a deployment).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import av
 import structlog
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -64,6 +74,7 @@ SYNC_S = 0.05  # how often per-track counters are folded into the participant's
 class _Track:
     received: ReceivedTrack
     stats: ReceiveStats
+    set_decoding: Callable[[bool], None]
     counted: int = 0  # encoded_frames already folded into the participant's counters
 
 
@@ -87,7 +98,8 @@ class AiortcConnection:
         frames: FrameTap[str] | None,
         subscribe_when_keyed: bool,
     ) -> None:
-        del frames, subscribe_when_keyed  # not yet (module docstring)
+        del subscribe_when_keyed  # not yet (module docstring)
+        self._frames = frames
         self.credentials = credentials
         self.publish = publish
         self.media = media
@@ -190,37 +202,57 @@ class AiortcConnection:
         identity = received.identity or self.client.owners.get(received.track_id, "")
         if not identity:
             log.warning("livekit.aiortc_track_without_owner", track=received.track_id)
+        p = self._stats_for(identity)
         cap = self.media.render_max
         render = received.kind == "video" and (cap is None or self._rendered < cap)
         stats = ReceiveStats(kind=received.kind)
         if render:
             self._rendered += 1
-            self._tasks.spawn(self._drain(received.track, stats), f"drain {received.track_id}")
+        # Decoded frames queue on the track until read: every track is read (undecoded ones
+        # yield nothing), and what a track yields goes to the tap while it listens.
+        self._tasks.spawn(
+            self._read(received.track, identity, p, stats),
+            f"read {received.kind} {received.track_id}",
+        )
         # The subscriber offer, so every track, comes after the JoinResponse.
         sif_trailer = self.client.joined.sif_trailer if self.client.joined is not None else b""
-        self._tracks[received.track_id] = _Track(received, stats)
-        install_receive_hook(
+        set_decoding = install_receive_hook(
             received.receiver,
             decryptor=(
                 self.rings.cryptor(identity, sif_trailer=sif_trailer) if self.e2ee else None
             ),
             stats=stats,
-            decode=render,
+            decode=render or (received.kind == "audio" and self._tap_listening()),
         )
-        p = self._stats_for(identity)
+        self._tracks[received.track_id] = _Track(received, stats, set_decoding)
         self.seen_at.setdefault(identity, self._clock())
         if received.kind == "video":
             p.video_tracks += 1
             p.rendered = render
+            p.layer = "default"
             if p.video_subscribed_at is None:
                 p.video_subscribed_at = self._clock()
 
-    async def _drain(self, track: MediaStreamTrack, stats: ReceiveStats) -> None:
-        # A decoded track nobody reads would queue frames without bound.
+    def _tap_listening(self) -> bool:
+        return self._frames is not None and self._frames.listening
+
+    async def _read(
+        self, track: MediaStreamTrack, identity: str, p: ParticipantStats, stats: ReceiveStats
+    ) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
-                await track.recv()
+                frame = await track.recv()
                 stats.frame_decoded(time.monotonic())
+                if isinstance(frame, av.VideoFrame):
+                    p.video_size = (frame.width, frame.height)
+                tap = self._frames
+                if tap is None or not tap.listening:
+                    continue
+                if isinstance(frame, av.VideoFrame | av.AudioFrame):
+                    try:
+                        tap(identity, frame)
+                    except Exception as exc:  # the listener's fault: keep reading
+                        log.warning("livekit.aiortc_tap_failed", error=repr(exc))
 
     def _stats_for(self, identity: str) -> ParticipantStats:
         p = self.stats.get(identity)
@@ -231,7 +263,10 @@ class AiortcConnection:
     def _sync(self) -> None:
         now = self._clock()
         failures: dict[str, int] = {}
+        listening = self._tap_listening()
         for t in self._tracks.values():
+            if t.received.kind == "audio" and t.stats.decoding is not listening:
+                t.set_decoding(listening)  # audio is decoded for the tap alone
             identity = t.received.identity or self.client.owners.get(t.received.track_id, "")
             p = self._stats_for(identity)
             failures[identity] = failures.get(identity, 0) + t.stats.decrypt_failures

@@ -647,10 +647,11 @@ def install_receive_hook(
     stats: ReceiveStats,
     on_encoded: Callable[[EncodedFrame], None] | None = None,
     decode: bool = True,
-) -> None:
+) -> Callable[[bool], None]:
     """Bind ``receiver``'s decode path to one participant's decryptor and counters;
     ``on_encoded`` gets every clear encoded frame before it is decoded; ``decode=False``:
     frames are received, decrypted and counted, not decoded (:meth:`_DecryptingQueue.set_decoding`).
+    Returns the switch that turns decoding on or off later.
 
     Must run before aiortc starts the receiver (i.e. before the transport connects).
     """
@@ -658,7 +659,7 @@ def install_receive_hook(
         raise LocalError("receive hook must be installed before the receiver starts")
     current = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
     if isinstance(current, _DecryptingQueue):
-        return
+        return current.set_decoding
     if not isinstance(current, queue.Queue):
         raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
     kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
@@ -668,7 +669,7 @@ def install_receive_hook(
     setattr(receiver, "_RTCRtpReceiver__decoder_queue", hook)  # noqa: B010
     jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
     if kind != "video" or jitter is None:
-        return
+        return hook.set_decoding
     if not _AIORTC_JITTER:
         codecs: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__codecs")  # noqa: B009
         mapper = TimestampMapper()
@@ -683,7 +684,7 @@ def install_receive_hook(
         route = _VideoReassembly(assembler, jitter, codecs, hook.gap)
         setattr(receiver, "_RTCRtpReceiver__jitter_buffer", route)  # noqa: B010
         hook.assembler = assembler
-        return
+        return hook.set_decoding
     add = getattr(jitter, "add", None)
     if add is not None:
         # aiortc's jitter buffer reports a sequence gap it gave up on (lost packets, no
@@ -695,3 +696,4 @@ def install_receive_hook(
             return result
 
         setattr(jitter, "add", add_noting_gaps)  # noqa: B010
+    return hook.set_decoding

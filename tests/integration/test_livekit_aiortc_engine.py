@@ -3,6 +3,9 @@ members on our own LiveKit client (``AiortcConnection``) and one on the livekit 
 encrypted room, keys from the call's sender-key machinery (Olm to-device). Every member
 receives every other's video and, once media flows, no frame fails to decrypt; the SDK member
 decrypts what ours publish (encode-once + LiveKit-format E2EE) and ours decrypt the SDK's.
+Member 0 also listens on the switcher's frames tap (what ``Call.frames()`` reads): decoded
+audio of both others and decoded video of the one it renders (``render_max=1``) reach it, with
+the sender and the SFU as carrier, as on the SDK engine.
 Real Synapse, our authorization service, LiveKit.
 """
 
@@ -12,13 +15,15 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import av
 import pytest
 import pytest_asyncio
 
-from matrixrtc.agent import AgentConfig, CallAgent
+from matrixrtc.agent import AgentConfig, CallAgent, Participant
 from matrixrtc.call_keys import CallKeys, CallKeysConfig
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
 from matrixrtc.livekit.connection import (
@@ -28,6 +33,7 @@ from matrixrtc.livekit.connection import (
     RoomConnection,
 )
 from matrixrtc.matrix import Homeserver, Login
+from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.media_transport.sfu import LiveKitMedia
 from matrixrtc.model import LivekitTransport
@@ -53,6 +59,7 @@ async def _join(
     room_id: str,
     sfu_url: str,
     media: MediaOptions,
+    frames: FrameTap[tuple[Participant, MediaKind]] | None = None,
 ) -> tuple[CallAgent, MediaSwitcher]:
     hs = await stack.enter_async_context(
         Homeserver(synapse.base_url, Login(user.user_id, password=user.password))
@@ -63,7 +70,7 @@ async def _join(
     )
     keys = await stack.enter_async_context(CallKeys(agent, CallKeysConfig()))
     switcher = await stack.enter_async_context(
-        MediaSwitcher(agent, keys, SwitchConfig(media=media))
+        MediaSwitcher(agent, keys, SwitchConfig(media=media), frames=frames)
     )
     return agent, switcher
 
@@ -82,10 +89,24 @@ async def test_two_aiortc_members_and_an_sdk_member_exchange_e2ee_media(
     tag = secrets.token_hex(2)
     users = [await synapse.register(f"ae{n}-{tag}") for n in "abc"]
     room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)
+    tapped: Counter[tuple[str, str]] = Counter()  # (sender user, kind) -> frames
+    sizes: set[tuple[int, int]] = set()
+
+    def on_frame(key: tuple[Participant, MediaKind], frame: TapFrame) -> None:
+        sender, carrier = key
+        assert carrier is MediaKind.SFU
+        if isinstance(frame, av.VideoFrame):
+            tapped[sender.user_id, "video"] += 1
+            sizes.add((frame.width, frame.height))
+        elif isinstance(frame, av.AudioFrame):
+            tapped[sender.user_id, "audio"] += 1
+
     async with contextlib.AsyncExitStack() as stack:
         members = [
-            await _join(stack, synapse, u, room_id, sfu.url, m)
-            for u, m in zip(users, (OURS, OURS, SDK), strict=True)
+            await _join(
+                stack, synapse, u, room_id, sfu.url, m, FrameTap(on_frame) if i == 0 else None
+            )
+            for i, (u, m) in enumerate(zip(users, (OURS, OURS, SDK), strict=True))
         ]
         async with asyncio.timeout(20):
             await asyncio.gather(*(s.wait_settled(MediaKind.SFU, 20) for _, s in members))
@@ -120,6 +141,18 @@ async def test_two_aiortc_members_and_an_sdk_member_exchange_e2ee_media(
                 assert st.decrypt_failures == failures, (i, j, st)
             else:
                 assert st.failures_after(start) == [], (i, j, st)
+        # The tap (member 0, an aiortc member rendering one video): decoded audio of both
+        # others, decoded video of exactly one, at the published size.
+        others = [u.user_id for u in users[1:]]
+        print("tapped:", dict(tapped))
+        assert all(tapped[u, "audio"] >= 50 for u in others), tapped
+        shown = [u for u in others if tapped[u, "video"] > 0]
+        assert len(shown) == 1 and tapped[shown[0], "video"] >= 15, tapped
+        assert sizes == {(160, 120)}
+        ours = conns[0].stats
+        assert ours[idents[1]].layer == ours[idents[2]].layer == "default"
+        assert {ours[idents[j]].rendered for j in (1, 2)} == {True, False}
+        assert ours[idents[1 + others.index(shown[0])]].video_size == (160, 120)
 
 
 async def test_aiortc_member_counts_each_frame_at_its_arrival_and_its_decoded_frames(
