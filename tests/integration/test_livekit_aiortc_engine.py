@@ -147,7 +147,8 @@ async def test_two_aiortc_members_and_an_sdk_member_exchange_e2ee_media(
         print("tapped:", dict(tapped))
         assert all(tapped[u, "audio"] >= 50 for u in others), tapped
         shown = [u for u in others if tapped[u, "video"] > 0]
-        assert len(shown) == 1 and tapped[shown[0], "video"] >= 15, tapped
+        assert len(shown) == 1, tapped
+        assert tapped[shown[0], "video"] >= 15, tapped
         assert sizes == {(160, 120)}
         ours = conns[0].stats
         assert ours[idents[1]].layer == ours[idents[2]].layer == "default"
