@@ -30,6 +30,13 @@ same, measured right before in the same run, with each member tearing down its o
 without waiting for the others to receive it on the new one (the switcher before
 make-before-break acknowledgements; ``--no-switch-compare`` skips it).
 
+SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
+``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
+which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (the
+livekit Python SDK, which decodes every subscribed video); ``aiortc,sdk`` measures a cell of
+each at every N, one after the other. Every SFU cell states its ``engine``; ``sfu_max_n`` is
+the first engine's, ``sfu_max_n_by_engine`` each one's.
+
 ``go_sdk_anchor`` (``--go-anchor``, on when ``make goanchor`` has built ``.cache/goanchor``):
 after each SFU cell, at the same N and on the same LiveKit, bench/goanchor's N participants in
 one Go process (LiveKit's server-sdk-go, neither Matrix nor E2EE) publish a looped pre-encoded
@@ -55,6 +62,7 @@ from matrixrtc.calltest.runner import CallTestConfig, run_call_test
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
 
 TARGET_RATIO = 0.9
+ENGINES = ("aiortc", "sdk")
 _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
 
 
@@ -84,6 +92,14 @@ def _proc_cpu_s(pid: int | None) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _engines(text: str) -> list[str]:
+    """``aiortc`` / ``sdk`` / ``aiortc,sdk`` → the SFU engines to measure, in that order."""
+    out = [e for e in text.split(",") if e]
+    if not out or any(e not in ENGINES for e in out) or len(set(out)) < len(out):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected engines from {', '.join(ENGINES)}")
+    return out
 
 
 def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str, Any]:
@@ -131,7 +147,10 @@ async def _measure(
     livekit_pid: int | None,
     args: argparse.Namespace,
     run_dir: Path,
+    engine: str = "sdk",
 ) -> dict[str, Any]:
+    sfu = transport == "sfu"
+    label = f"{transport} n={n}" + (f" {engine}" if sfu else "")
     cfg = CallTestConfig(
         participants=n,
         duration_s=args.duration,
@@ -139,8 +158,8 @@ async def _measure(
         homeserver=base_url,
         sfu_url=sfu_url,
         loopback=True,
-        user_prefix=f"{transport}{n}-",
-        run_dir=run_dir / f"{transport}-{n}",
+        user_prefix=f"{transport}{n}-" + (f"{engine}-" if sfu else ""),
+        run_dir=run_dir / (f"{transport}-{n}" + (f"-{engine}" if sfu else "")),
         settle_s=args.settle,
         simulcast=transport == "sfu" and args.simulcast,
         low_layer_above=args.low_layer_above if transport == "sfu" and args.simulcast else None,
@@ -154,6 +173,7 @@ async def _measure(
         join_interval_s=args.mesh_join_interval if transport == "mesh" else args.join_interval,
         window_s=args.duration if transport == "mesh" else args.window,
         delayed_leave_ms=args.delayed_leave_ms,
+        sfu_engine=engine,
     )
     if transport == "mesh":
         cfg = replace(cfg, duration_s=args.duration + args.mesh_form_timeout)
@@ -162,24 +182,27 @@ async def _measure(
 
     def progress(line: str) -> None:
         if args.verbose:
-            print(f"  {transport} n={n}: {line}", file=sys.stderr, flush=True)
+            print(f"  {label}: {line}", file=sys.stderr, flush=True)
 
     cpu0, wall0 = _proc_cpu_s(livekit_pid), time.monotonic()
     try:
         report = await run_call_test(cfg, progress=progress)
     except Exception as exc:  # a cell that fails is a figure (0), not the end of the run
-        print(f"  {transport} n={n} failed: {exc!r}", file=sys.stderr, flush=True)
+        print(f"  {label} failed: {exc!r}", file=sys.stderr, flush=True)
         return {"n": n, "min_fps_ratio": 0.0, "cpu_percent_per_participant": None,
-                "error": repr(exc)}  # fmt: skip
+                "error": repr(exc), **({"engine": engine} if sfu else {})}  # fmt: skip
     cpu1, wall1 = _proc_cpu_s(livekit_pid), time.monotonic()
     server = None
     if transport == "sfu" and cpu0 is not None and cpu1 is not None:
         server = round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1)  # whole cell, not window
     cell = _cell(n, report, server)
+    if sfu:
+        # which LiveKit client every participant of the cell ran (MediaOptions.engine)
+        cell = {"n": n, "engine": engine, **cell}
     if transport == "mesh":
         cell.update(_mesh_policy(report, n, args))
     print(
-        f"  {transport} n={n}: min fps ratio {cell['min_fps_ratio']:.2f}, "
+        f"  {label}: min fps ratio {cell['min_fps_ratio']:.2f}, "
         f"cpu {cell['cpu_percent_per_participant']} %/participant, "
         f"decrypt failures {cell['decrypt_failures']}",
         file=sys.stderr,
@@ -298,16 +321,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                livekit_pid=None, args=args, run_dir=run_dir)
             )  # fmt: skip
         for n in args.sfu:
-            result["sfu"].append(
-                await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
-                               livekit_pid=lk_pid, args=args, run_dir=run_dir)
-            )  # fmt: skip
+            for engine in args.sfu_engine:
+                result["sfu"].append(
+                    await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
+                                   livekit_pid=lk_pid, args=args, run_dir=run_dir,
+                                   engine=engine)
+                )  # fmt: skip
             if ivf is not None:
                 result["go_sdk_anchor"].append(
                     await _measure_go_anchor(n, url=lk.url, key=lk.api_key,
                                              secret=lk.api_secret, ivf=ivf, args=args)
                 )  # fmt: skip
-    result["sfu_max_n"] = sfu_max_n(result["sfu"])
+    by_engine = {
+        e: sfu_max_n([c for c in result["sfu"] if c.get("engine") == e]) for e in args.sfu_engine
+    }
+    result["sfu_max_n"] = by_engine[args.sfu_engine[0]] if args.sfu_engine else None
+    result["sfu_max_n_by_engine"] = by_engine
     if args.switch:
         from bench.switch import SWITCH_MEDIA, measure_switches
 
@@ -376,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         "the SDK encoding every frame (default off)",
     )  # fmt: skip
     parser.add_argument(
+        "--sfu-engine", type=_engines, default=_engines("aiortc"), metavar="ENGINES",
+        help="SFU cells: each participant's LiveKit client, aiortc (ours) or sdk (the livekit "
+        "SDK); aiortc,sdk measures both at every N (default aiortc)",
+    )  # fmt: skip
+    parser.add_argument(
         "--window", type=float, default=15.0,
         help="SFU cells: seconds measured from --settle after every pair had a frame, "
         "however long the start-up took (default 15)",
@@ -424,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("mesh", "sfu"):
         for c in result[kind]:
             print(
-                f"{kind:<4} n={c['n']:>2}  min fps ratio {c['min_fps_ratio']:.2f}  "
+                f"{kind:<4} n={c['n']:>2}  "
+                + (f"{c['engine']:<6}  " if "engine" in c else "")
+                + f"min fps ratio {c['min_fps_ratio']:.2f}  "
                 f"cpu {c.get('cpu_percent_per_participant')} %/participant  "
                 f"mem {c.get('memory_mb_per_participant')} MiB  "
                 f"LiveKit {c.get('server_cpu_percent', '-')} %  "
@@ -436,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             f"go   n={c['n']:>2}  min fps ratio {c['min_fps_ratio']:.2f}  "
             f"cpu {c['cpu_percent_per_participant']} %/participant  (Go SDK anchor)"
         )
-    print(f"sfu_max_n: {result['sfu_max_n']}")
+    print(f"sfu_max_n: {result['sfu_max_n']} (by engine: {result['sfu_max_n_by_engine']})")
     print(f"switch gaps (ms): {result['switch_gap_ms']}")
     if "switch_gap_ms_without_acks" in result:
         print(f"switch gaps without acks (ms): {result['switch_gap_ms_without_acks']}")

@@ -84,6 +84,7 @@ class ParticipantConfig:
     decode_video: int | None = None  # mesh: decode the video of this many peers (None: all)
     render_max: int | None = None  # on the SFU: frames of at most this many videos taken
     preencoded: bool = False  # on the SFU: a looped clip encoded once, not every frame
+    sfu_engine: str = "sdk"  # on the SFU: MediaOptions.engine ("sdk" or "aiortc")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -468,6 +469,7 @@ async def run_participant(cfg: ParticipantConfig) -> int:
                             low_layer_above=cfg.low_layer_above,
                             render_max=cfg.render_max,
                             preencoded=cfg.preencoded,
+                            engine="aiortc" if cfg.sfu_engine == "aiortc" else "sdk",
                         ),
                         mesh=replace(
                             link_cfg,

@@ -80,6 +80,8 @@ class CallTestConfig:
     window_s: float | None = None
     render_max: int | None = None  # SFU: receivers take frames of at most this many videos
     preencoded: bool = False  # SFU: publish a looped clip encoded once (livekit.preencoded)
+    # SFU: the LiveKit client (MediaOptions.engine): "sdk" (the livekit SDK) or "aiortc" (ours)
+    sfu_engine: str = "sdk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +394,7 @@ def build_report(
         "resolution": f"{cfg.width}x{cfg.height}",
         "e2ee": cfg.e2ee,
         "transport": cfg.transport,
+        **({"sfu_engine": cfg.sfu_engine} if cfg.transport != "mesh" else {}),
     }
 
 
@@ -714,6 +717,7 @@ async def run_call_test(
             decode_video=cfg.decode_video,
             render_max=cfg.render_max,
             preencoded=cfg.preencoded,
+            sfu_engine=cfg.sfu_engine,
         )
         viewers = range(cfg.participants - cfg.receive_only, cfg.participants)
         configs = [

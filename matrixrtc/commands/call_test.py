@@ -105,6 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on the SFU, publish a looped VP8 clip of the pattern encoded once instead of "
         "encoding every frame",
     )
+    parser.add_argument(
+        "--sfu-engine",
+        choices=("sdk", "aiortc"),
+        default="sdk",
+        help="on the SFU, the LiveKit client each participant runs: sdk (the livekit Python "
+        "SDK, which decodes every subscribed video) or aiortc (ours, which decodes only the "
+        "rendered ones; publishes one layer encoded once; asks for no layer) (default sdk)",
+    )
     parser.add_argument("--resolution", type=_resolution, default=(320, 240))
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument(
@@ -173,6 +181,7 @@ def config_from(args: argparse.Namespace) -> CallTestConfig:
         low_layer_above=args.low_layer_above,
         render_max=args.render_max,
         preencoded=args.preencoded,
+        sfu_engine=args.sfu_engine,
         html=args.html,
     )
 
