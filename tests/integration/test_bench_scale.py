@@ -1,7 +1,9 @@
-"""``bench/scale.py --json`` at its smallest (mesh n=3, SFU n=3, E2EE, separate participant
-processes): the issue-19 JSON shape, with figures that say the calls carried media. The SFU
-cell runs the capacity configuration: publishers send the pre-encoded clip, and each receiver
-renders one remote video and counts the other from its WebRTC receiver's statistics."""
+"""``bench/scale.py --json`` at its smallest (mesh n=3, SFU n=3 on each LiveKit client engine,
+E2EE, separate participant processes): the issue-19 JSON shape, with figures that say the calls
+carried media. The SFU cells run the capacity configuration: each receiver renders one remote
+video and counts the other (the SDK engine: from its WebRTC receiver's statistics, publishers
+sending the pre-encoded clip; the aiortc engine: received and decrypted, not decoded,
+publishers encoding once)."""
 
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.scale", "--mesh", "3", "--sfu", "3", "--duration", "8",
         "--window", "6", "--render-max", "1", "--preencoded", "--no-switch", "--no-go-anchor",
-        "--json",
+        "--sfu-engine", "aiortc,sdk", "--json",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        out, err = await asyncio.wait_for(proc.communicate(), 150)
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -39,8 +41,9 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     result = json.loads(out)
     assert set(result) >= {"mesh", "sfu", "sfu_max_n", "go_sdk_anchor", "switch_gap_ms"}
     (mesh,) = result["mesh"]
-    (sfu,) = result["sfu"]
-    for cell in (mesh, sfu):
+    ours, sdk = result["sfu"]
+    assert (ours["engine"], sdk["engine"]) == ("aiortc", "sdk")
+    for cell in (mesh, ours, sdk):
         assert cell["n"] == 3
         assert cell["all_pairs_received"] is True, err.decode()[-3000:]
         assert cell["min_fps_ratio"] >= MIN_RATIO, cell
@@ -48,14 +51,22 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
         # three processes each encoding, encrypting and decoding: real work, and under 2 cores
         assert 2 < cell["cpu_percent_per_participant"] < 67
         assert 50 < cell["memory_mb_per_participant"] < 1000
-    assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
-    # every receiver rendered one sender and counted the other, and both pairs held the rate
     names = {f"p{i}" for i in (1, 2, 3)}
-    assert set(sfu["rendered"]) == set(sfu["counted"]) == names
+    for sfu in (ours, sdk):
+        assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
+        # every receiver rendered one sender and counted the other, both pairs at the rate
+        assert set(sfu["rendered"]) == set(sfu["counted"]) == names
+        for r in names:
+            (shown,), (counted,) = sfu["rendered"][r], sfu["counted"][r]
+            assert {shown, counted} == names - {r}
+    assert {layer for per in sdk["layers"].values() for layer in per.values()} == {"single 320x240"}
+    # ours asks for no layer; the size is known where a frame was decoded (the rendered pair)
     for r in names:
-        (shown,), (counted,) = sfu["rendered"][r], sfu["counted"][r]
-        assert {shown, counted} == names - {r}
-    assert {layer for per in sfu["layers"].values() for layer in per.values()} == {"single 320x240"}
+        (shown,), (counted,) = ours["rendered"][r], ours["counted"][r]
+        assert ours["layers"][r] == {shown: "default 320x240", counted: "default"}
+    assert result["sfu_max_n_by_engine"] == {
+        e["engine"]: (3 if e["min_fps_ratio"] >= 0.9 else None) for e in (ours, sdk)
+    }
     assert "server_cpu_percent" not in mesh
     # --mesh-decode-video 1 (the default): each of the 3 receivers decoded one peer's video;
     # the other pair still counted (received and decrypted) at the ratio above.
@@ -67,5 +78,5 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     assert "decodes 1 of its 2 peers" in mesh["policy"]
     # The window opened once every pair received (joins staggered) and lasted --duration.
     assert 7.5 <= mesh["window_s"] <= 10, mesh
-    assert result["sfu_max_n"] == (3 if sfu["min_fps_ratio"] >= 0.9 else None)
+    assert result["sfu_max_n"] == result["sfu_max_n_by_engine"]["aiortc"]
     assert result["switch_gap_ms"] is None  # --no-switch
