@@ -59,7 +59,12 @@ from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.mesh.fanout import SharedEncoder, adopt_sender, install_receive_hook
+from matrixrtc.mesh.fanout import (
+    SharedEncoder,
+    adopt_sender,
+    install_receive_hook,
+    set_receive_decoding,
+)
 from matrixrtc.mesh.transform import CryptorTransform
 from matrixrtc.tasks import OwnedTasks
 
@@ -74,7 +79,6 @@ SYNC_S = 0.05  # how often per-track counters are folded into the participant's
 class _Track:
     received: ReceivedTrack
     stats: ReceiveStats
-    set_decoding: Callable[[bool], None]
     counted: int = 0  # encoded_frames already folded into the participant's counters
 
 
@@ -216,7 +220,7 @@ class AiortcConnection:
         )
         # The subscriber offer, so every track, comes after the JoinResponse.
         sif_trailer = self.client.joined.sif_trailer if self.client.joined is not None else b""
-        set_decoding = install_receive_hook(
+        install_receive_hook(
             received.receiver,
             decryptor=(
                 self.rings.cryptor(identity, sif_trailer=sif_trailer) if self.e2ee else None
@@ -224,7 +228,7 @@ class AiortcConnection:
             stats=stats,
             decode=render or (received.kind == "audio" and self._tap_listening()),
         )
-        self._tracks[received.track_id] = _Track(received, stats, set_decoding)
+        self._tracks[received.track_id] = _Track(received, stats)
         self.seen_at.setdefault(identity, self._clock())
         if received.kind == "video":
             p.video_tracks += 1
@@ -266,7 +270,8 @@ class AiortcConnection:
         listening = self._tap_listening()
         for t in self._tracks.values():
             if t.received.kind == "audio" and t.stats.decoding is not listening:
-                t.set_decoding(listening)  # audio is decoded for the tap alone
+                # audio is decoded for the tap alone
+                set_receive_decoding(t.received.receiver, listening)
             identity = t.received.identity or self.client.owners.get(t.received.track_id, "")
             p = self._stats_for(identity)
             failures[identity] = failures.get(identity, 0) + t.stats.decrypt_failures

@@ -647,11 +647,10 @@ def install_receive_hook(
     stats: ReceiveStats,
     on_encoded: Callable[[EncodedFrame], None] | None = None,
     decode: bool = True,
-) -> Callable[[bool], None]:
+) -> None:
     """Bind ``receiver``'s decode path to one participant's decryptor and counters;
     ``on_encoded`` gets every clear encoded frame before it is decoded; ``decode=False``:
     frames are received, decrypted and counted, not decoded (:meth:`_DecryptingQueue.set_decoding`).
-    Returns the switch that turns decoding on or off later.
 
     Must run before aiortc starts the receiver (i.e. before the transport connects).
     """
@@ -659,7 +658,7 @@ def install_receive_hook(
         raise LocalError("receive hook must be installed before the receiver starts")
     current = getattr(receiver, "_RTCRtpReceiver__decoder_queue", None)
     if isinstance(current, _DecryptingQueue):
-        return current.set_decoding
+        return
     if not isinstance(current, queue.Queue):
         raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
     kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
@@ -669,7 +668,7 @@ def install_receive_hook(
     setattr(receiver, "_RTCRtpReceiver__decoder_queue", hook)  # noqa: B010
     jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
     if kind != "video" or jitter is None:
-        return hook.set_decoding
+        return
     if not _AIORTC_JITTER:
         codecs: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__codecs")  # noqa: B009
         mapper = TimestampMapper()
@@ -684,7 +683,7 @@ def install_receive_hook(
         route = _VideoReassembly(assembler, jitter, codecs, hook.gap)
         setattr(receiver, "_RTCRtpReceiver__jitter_buffer", route)  # noqa: B010
         hook.assembler = assembler
-        return hook.set_decoding
+        return
     add = getattr(jitter, "add", None)
     if add is not None:
         # aiortc's jitter buffer reports a sequence gap it gave up on (lost packets, no
@@ -696,4 +695,3 @@ def install_receive_hook(
             return result
 
         setattr(jitter, "add", add_noting_gaps)  # noqa: B010
-    return hook.set_decoding
