@@ -31,9 +31,10 @@ without waiting for the others to receive it on the new one (the switcher before
 make-before-break acknowledgements; ``--no-switch-compare`` skips it).
 
 SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
-``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
-which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (the
-livekit Python SDK, which decodes every subscribed video); ``aiortc,sdk`` measures a cell of
+``aiortc`` (our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
+which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (default: the
+livekit Python SDK, which decodes every subscribed video; aiortc's last joiner still receives
+nothing, so it is not the default yet); ``aiortc,sdk`` measures a cell of
 each at every N, one after the other. Every SFU cell states its ``engine``; ``sfu_max_n`` is
 the first engine's, ``sfu_max_n_by_engine`` each one's.
 
@@ -405,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         "the SDK encoding every frame (default off)",
     )  # fmt: skip
     parser.add_argument(
-        "--sfu-engine", type=_engines, default=_engines("aiortc"), metavar="ENGINES",
+        "--sfu-engine", type=_engines, default=_engines("sdk"), metavar="ENGINES",
         help="SFU cells: each participant's LiveKit client, aiortc (ours) or sdk (the livekit "
-        "SDK); aiortc,sdk measures both at every N (default aiortc)",
+        "SDK); aiortc,sdk measures both at every N (default sdk)",
     )  # fmt: skip
     parser.add_argument(
         "--window", type=float, default=15.0,
