@@ -31,11 +31,12 @@ without waiting for the others to receive it on the new one (the switcher before
 make-before-break acknowledgements; ``--no-switch-compare`` skips it).
 
 SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
-``aiortc`` (our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
-which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (default: the
-livekit Python SDK, which decodes every subscribed video; aiortc's last joiner still receives
-nothing, so it is not the default yet); ``aiortc,sdk`` measures a cell of
-each at every N, one after the other. Every SFU cell states its ``engine``; ``sfu_max_n`` is
+``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
+which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (the
+livekit Python SDK, which decodes every subscribed video: it holds 6 on this box);
+``aiortc,sdk`` measures a cell of each at every N, one after the other. SFU receivers render
+(decode) ``--render-max`` (3) remote videos, a speaker view, and receive, decrypt and count
+every other stream. Every SFU cell states its ``engine``; ``sfu_max_n`` is
 the first engine's, ``sfu_max_n_by_engine`` each one's.
 
 ``go_sdk_anchor`` (``--go-anchor``, on when ``make goanchor`` has built ``.cache/goanchor``):
@@ -165,7 +166,7 @@ async def _measure(
         simulcast=transport == "sfu" and args.simulcast,
         low_layer_above=args.low_layer_above if transport == "sfu" and args.simulcast else None,
         decode_video=args.mesh_decode_video if transport == "mesh" else None,
-        render_max=args.render_max if transport == "sfu" else None,
+        render_max=(args.render_max or None) if transport == "sfu" else None,
         preencoded=transport == "sfu" and args.preencoded,
         # Mesh: participants join one after another and the window is measured once every
         # pair receives, so the start-up (logins, Olm, N(N-1)/2 handshakes at once) neither
@@ -396,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         help="SFU receivers take the low layer past this many remote videos (default 4)",
     )  # fmt: skip
     parser.add_argument(
-        "--render-max", type=int, default=None,
+        "--render-max", type=int, default=3,
         help="SFU receivers take decoded frames of at most this many remote videos; the "
-        "others are received, decrypted and counted from WebRTC statistics (default: all)",
+        "others are received, decrypted and counted (default 3; 0: all)",
     )  # fmt: skip
     parser.add_argument(
         "--preencoded", action=argparse.BooleanOptionalAction, default=False,
@@ -406,9 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         "the SDK encoding every frame (default off)",
     )  # fmt: skip
     parser.add_argument(
-        "--sfu-engine", type=_engines, default=_engines("sdk"), metavar="ENGINES",
+        "--sfu-engine", type=_engines, default=_engines("aiortc"), metavar="ENGINES",
         help="SFU cells: each participant's LiveKit client, aiortc (ours) or sdk (the livekit "
-        "SDK); aiortc,sdk measures both at every N (default sdk)",
+        "SDK); aiortc,sdk measures both at every N (default aiortc)",
     )  # fmt: skip
     parser.add_argument(
         "--window", type=float, default=15.0,
