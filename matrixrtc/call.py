@@ -52,6 +52,7 @@ from matrixrtc.agent import (
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent
 from matrixrtc.discovery import discover_livekit
 from matrixrtc.errors import ConfigError, LocalError
+from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.logging import library_default
 from matrixrtc.matrix import Broadcaster, Homeserver, Login, Subscription
 from matrixrtc.matrix.wire import now_ms
@@ -123,6 +124,11 @@ class CallOptions:
     join_timeout_s: float = 30.0  # until the room shows our membership
     frame_queue: int = 64  # frames a slow frames() reader may fall behind before losing some
     delayed_leave_ms: int = 8_000
+    # The SFU client: "sdk" (the livekit Python SDK: decodes every subscribed video) or
+    # "aiortc" (ours over aiortc: decodes only the first render_max remote videos and
+    # receives, decrypts and counts the others; what holds 12 members on a 2-core box).
+    sfu_engine: Literal["sdk", "aiortc"] = "sdk"
+    render_max: int | None = None  # SFU: remote videos decoded into frames(); None: all
     agent: AgentConfig = field(default_factory=AgentConfig)  # transports/dialect/intent set here
 
 
@@ -203,11 +209,16 @@ class Call:
             raise ConfigError("give client=, or homeserver= and user=")
         if transport not in ("auto", "mesh", "sfu"):
             raise ConfigError(f"transport must be auto, mesh or sfu, not {transport!r}")
+        opts = options or CallOptions()
+        if opts.sfu_engine not in ("sdk", "aiortc"):
+            raise ConfigError(f"sfu_engine must be sdk or aiortc, not {opts.sfu_engine!r}")
+        if opts.render_max is not None and opts.render_max < 0:
+            raise ConfigError(f"render_max must be None or >= 0, not {opts.render_max}")
         self.room = room
         self.transport_choice: TransportChoice = transport
         self.dialect, self.auto_dialect = dialect_choice(dialect)
         self.e2ee = e2ee
-        self.options = options or CallOptions()
+        self.options = opts
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._client = client
@@ -305,7 +316,12 @@ class Call:
             mesh=replace(SWITCH_MESH.mesh, host_addresses=opts.mesh_host_addresses),
             turn_from_homeserver=opts.turn_from_homeserver,
         )
-        switch_cfg = SwitchConfig(mesh_max=opts.mesh_max, mesh=mesh, sources=self._sources)
+        switch_cfg = SwitchConfig(
+            mesh_max=opts.mesh_max,
+            mesh=mesh,
+            sources=self._sources,
+            media=MediaOptions(engine=opts.sfu_engine, render_max=opts.render_max),
+        )
         switcher = await stack.enter_async_context(
             MediaSwitcher(
                 agent,

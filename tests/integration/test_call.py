@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -30,6 +31,8 @@ from matrixrtc import (
 )
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media_transport.aiortc_engine import AiortcConnection
+from matrixrtc.media_transport.sfu import LiveKitMedia
 from tests.conftest import UserFactory
 
 pytestmark = pytest.mark.integration
@@ -48,6 +51,7 @@ async def sfu(synapse: Synapse, livekit: LiveKit, run_dir: Path) -> AsyncIterato
 
 
 def _call(synapse: Synapse, user: UserCreds, room: str, transport: str, sfu_url: str) -> Call:
+    """``transport``: mesh, sfu (the SDK engine) or sfu-aiortc (our engine)."""
     return Call(
         room,
         homeserver=synapse.base_url,
@@ -55,8 +59,21 @@ def _call(synapse: Synapse, user: UserCreds, room: str, transport: str, sfu_url:
         password=user.password,
         transport="mesh" if transport == "mesh" else "sfu",
         sfu_url=sfu_url,
-        options=OPTIONS,
+        options=replace(OPTIONS, sfu_engine="aiortc") if transport == "sfu-aiortc" else OPTIONS,
     )
+
+
+def _sfu_engine(call: Call) -> str:
+    assert call._switcher is not None
+    running = call._switcher.running(MediaKind.SFU)
+    assert isinstance(running, LiveKitMedia)
+    assert running.lk is not None
+    (conn,) = running.lk.connections.values()
+    return "aiortc" if isinstance(conn, AiortcConnection) else "sdk"
+
+
+def _kind(transport: str) -> MediaKind:
+    return MediaKind.MESH if transport == "mesh" else MediaKind.SFU
 
 
 async def _video_from(
@@ -71,7 +88,7 @@ async def _video_from(
     raise AssertionError("the call ended before the frame arrived")
 
 
-@pytest.mark.parametrize("transport", ["mesh", "sfu"])
+@pytest.mark.parametrize("transport", ["mesh", "sfu", "sfu-aiortc"])
 async def test_call_publishes_and_receives_decoded_frames_and_reports_events(
     synapse: Synapse, sfu: AuthService, user_factory: UserFactory, transport: str
 ) -> None:
@@ -87,12 +104,14 @@ async def test_call_publishes_and_receives_decoded_frames_and_reports_events(
                         first = await _video_from(frames, alice.user_id, (320, 240))
                     assert isinstance(first.frame, av.VideoFrame)
                     assert first.kind == "video"
-                    assert first.transport is MediaKind(transport)
+                    assert first.transport is _kind(transport)
+                    if transport != "mesh":  # the engine asked for carries the media
+                        assert _sfu_engine(b) == ("aiortc" if transport == "sfu-aiortc" else "sdk")
                     assert not first.participant.is_self
                     a.publish(small)  # replaces the big one, nothing renegotiated
                     async with asyncio.timeout(20):
                         await _video_from(frames, alice.user_id, (160, 120))
-                    assert a.transport is MediaKind(transport)
+                    assert a.transport is _kind(transport)
                     assert [p.user_id for p in a.participants] == [bob.user_id, alice.user_id]
                 seen: list[object] = []
                 async with asyncio.timeout(20):
@@ -108,9 +127,7 @@ async def test_call_publishes_and_receives_decoded_frames_and_reports_events(
             e for e in seen if isinstance(e, KeyEvent) and e.kind is KeyEventKind.INSTALLED
         ]
         assert any(e.user_id == alice.user_id for e in installed), seen
-        assert any(isinstance(e, SwitchRecord) and e.new is MediaKind(transport) for e in seen), (
-            seen
-        )
+        assert any(isinstance(e, SwitchRecord) and e.new is _kind(transport) for e in seen), seen
     finally:
         big.stop()
         small.stop()

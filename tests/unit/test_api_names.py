@@ -7,6 +7,8 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 import matrixrtc
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
@@ -28,3 +30,21 @@ def test_the_documented_call_signature_names_every_keyword() -> None:
     params = list(inspect.signature(matrixrtc.Call).parameters)
     assert documented == params[1:]  # after the positional room
     assert params[0] == "room"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sfu_engine": "go"}, "sfu_engine must be sdk or aiortc"),
+        ({"render_max": -1}, "render_max must be None or >= 0"),
+    ],
+)
+def test_call_refuses_unknown_sfu_engine_and_negative_render_max(
+    options: dict[str, object], message: str
+) -> None:
+    """Bad call options are refused when the call is made, before any login."""
+    from matrixrtc import Call, CallOptions, ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Call("!r:localhost", homeserver="http://127.0.0.1:9", user="@u:localhost",
+             options=CallOptions(**options))  # type: ignore[arg-type]  # fmt: skip
