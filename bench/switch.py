@@ -204,7 +204,15 @@ async def _member(args: MemberArgs) -> None:
             },
             stalls=stalls,
             keys=key_events,
+            frame_trace=_frame_trace(),
         )
+
+
+def _frame_trace() -> list[Any]:
+    """This member's encoders' per-frame rows (``MATRIXRTC_FRAME_TRACE=1``; else empty)."""
+    from matrixrtc.mesh.fanout import FRAME_TRACE
+
+    return list(FRAME_TRACE) if FRAME_TRACE is not None else []
 
 
 # -- the parent -----------------------------------------------------------------------------
@@ -478,6 +486,48 @@ def _over(
     return sorted(out)
 
 
+def _causes(
+    reports: Sequence[dict[str, Any]], since: float, until: float, ms: int
+) -> list[list[Any]]:
+    """Every gap over ``ms`` within ``[since, until)`` against the sender's own encoder rows
+    (``MATRIXRTC_FRAME_TRACE=1``): [from_ms, ms, receiver, sender, via, cause, detail].
+    ``not produced``: the sender's encoder for that transport fanned out no frame inside the
+    gap (``detail``: ms from the gap's start at which the frames before and after it were read
+    from the source, encoded and fanned out: a late read is the source or the event loop, a
+    late encode the encoder thread); ``held``: frames were made but not queued for every peer
+    (a key the peer lacks, a queue overflow, waiting for a key frame); ``sent``: frames were
+    queued for every peer inside the gap and arrived late or never (transit, the SFU, or the
+    receiver)."""
+    trace = {r["user"]: r.get("frame_trace") or [] for r in reports}
+    out = []
+    for r in reports:
+        for peer, start, end, via, _open in r["gaps"]:
+            if not (start >= since and end < until and (end - start) * 1000 > ms):
+                continue
+            rows = [t for t in trace.get(peer, []) if t[0] == via]
+            if not rows:
+                cause, detail = "no trace", {}
+            else:
+                inside = [t for t in rows if start + 0.003 < t[3] < end - 0.003]
+                before = [t for t in rows if t[3] <= start + 0.003][-1:]
+                after = [t for t in rows if t[3] >= end - 0.003][:1]
+
+                def rel(t: Sequence[Any], start: float = start) -> list[int]:
+                    return [round((x - start) * 1000) for x in t[1:4]] + [int(t[6]), t[7], t[8]]
+
+                detail = {"before": [rel(t) for t in before], "inside": [rel(t) for t in inside],
+                          "after": [rel(t) for t in after]}  # fmt: skip
+                if not inside:
+                    cause = "not produced"
+                elif any(t[7] < t[8] for t in inside):
+                    cause = "held"
+                else:
+                    cause = "sent"
+            out.append([round((start - since) * 1000), round((end - start) * 1000),
+                        _name(r["user"]), _name(peer), via, cause, detail])  # fmt: skip
+    return sorted(out, key=lambda row: row[0])
+
+
 def _phase(reports: Sequence[dict[str, Any]], gap: dict[str, Any], kind: str) -> str:
     """Where ``gap`` lies against its receiver's cutover of its sender to ``kind``: on the old
     path (it ended before the cutover), across the cutover (the switch itself), or on the new
@@ -618,6 +668,14 @@ async def measure_switch(
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
         "in_switch_gaps_over_100_ms": in_switch_over,
+        # With MATRIXRTC_FRAME_TRACE=1: each of those gaps against the sender's encoder rows.
+        "gap_causes": {
+            "mesh_to_sfu": _causes(everyone, t_join, t_on_sfu, 100),
+            "sfu_to_mesh": _causes(reports, t_leave, t_back, 100),
+            "steady_sfu": _causes(everyone, t_on_sfu + TEARDOWN_S, t_leave, 100),
+        }
+        if any(r.get("frame_trace") for r in everyone)
+        else None,
         "switch_duration_ms": {
             "mesh_to_sfu": round((max(s["finished_at"] for s in to_sfu) - t_join) * 1000),
             "sfu_to_mesh": round((max(s["finished_at"] for s in back) - t_leave) * 1000),

@@ -171,6 +171,8 @@ class AiortcConnection:
             if m.audio:
                 tracks.append(ToneAudioTrack(m.tone_hz))
         self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
+        for e in self._encoders:
+            e.trace_label = "sfu"
         await self.client.publish([e.subscribe() for e in self._encoders], on_sender=adopt_sender)
         for e in self._encoders:
             e.start()

@@ -165,6 +165,7 @@ class MeshEngine:
                 self.encoders[source.kind] = SharedEncoder(
                     source, transform=transform, queue_frames=self.config.send_queue_frames
                 )
+                self.encoders[source.kind].trace_label = "mesh"
         self._networks = (
             None
             if self.config.remote_networks is None

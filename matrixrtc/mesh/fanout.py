@@ -105,6 +105,12 @@ OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 _DECODER_THREADS: Final = os.environ.get("MATRIXRTC_MESH_DECODER_THREADS") == "1"
 # Benchmarks only: aiortc's own video jitter buffer instead of :mod:`matrixrtc.mesh.jitter`.
 _AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
+# Diagnostics (bench/switch.py --trace-frames): every SharedEncoder of the process appends one
+# row per video frame: (label, read from the source, encoded, fanned out, pts, bytes, key,
+# queued for how many peers, of how many). Off unless MATRIXRTC_FRAME_TRACE=1.
+FRAME_TRACE: Final[list[tuple[str, float, float, float, int, int, bool, int, int]] | None] = (
+    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+)
 
 
 def _packet(data: bytes, pts: int, time_base: fractions.Fraction) -> av.Packet[Any]:
@@ -169,21 +175,22 @@ class FanOutTrack(MediaStreamTrack):
                 self._queue.get_nowait()
             self._queue.put_nowait(None)
 
-    def _push(self, packet: av.Packet[Any], keyframe: bool, key_index: int | None = None) -> None:
+    def _push(self, packet: av.Packet[Any], keyframe: bool, key_index: int | None = None) -> bool:
+        """Queue one frame for this peer; False: held back or dropped."""
         if self.admit is not None and key_index is not None:
             if not self.admit(key_index):
                 self.held += 1
                 self._holding = True
                 if self.kind == "video":
                     self._need_keyframe = True
-                return
+                return False
             if self._holding:
                 self._holding = False
                 if self._need_keyframe and not keyframe:
                     self.encoder.request_keyframe()  # the next frame: nothing else asks
         if self._need_keyframe:
             if not keyframe:
-                return
+                return False
             self._need_keyframe = False
         if self._queue.full():
             self.overflows += 1
@@ -193,10 +200,11 @@ class FanOutTrack(MediaStreamTrack):
                     self._queue.get_nowait()
                 if not keyframe:
                     self._need_keyframe = True
-                    return
+                    return False
             else:
                 self._queue.get_nowait()
         self._queue.put_nowait(packet)
+        return True
 
 
 class SharedEncoder:
@@ -240,6 +248,7 @@ class SharedEncoder:
         self._audio: Any = None
         self._resampler: Any = None
         self._audio_pts = 0
+        self.trace_label = ""  # which transport this encoder feeds, for FRAME_TRACE
 
     # -- subscribers and feedback ------------------------------------------------------------
 
@@ -294,6 +303,7 @@ class SharedEncoder:
                 if not self._subscribers:
                     continue  # nobody listens: read (so the source never backs up), skip work
                 force, self._force_keyframe = self._force_keyframe, False
+                read_at = time.monotonic()
                 try:
                     if isinstance(frame, av.VideoFrame):
                         bitrate = self.target_bitrate
@@ -302,8 +312,13 @@ class SharedEncoder:
                         )
                     else:
                         encoded = self._encode_audio(frame)
+                    encoded_at = time.monotonic()
                     for data, pts, time_base, keyframe in encoded:
-                        self._fan_out(data, pts, time_base, keyframe)
+                        sent = self._fan_out(data, pts, time_base, keyframe)
+                        if FRAME_TRACE is not None and self.kind == "video":
+                            FRAME_TRACE.append((self.trace_label, read_at, encoded_at,
+                                                time.monotonic(), pts, len(data), keyframe,
+                                                sent, len(self._subscribers)))  # fmt: skip
                 except (av.FFmpegError, ValueError) as exc:
                     # One bad frame must not end the track for every peer; the next frame
                     # is made a key frame so decoders resynchronise.
@@ -313,19 +328,19 @@ class SharedEncoder:
         except MediaStreamError:
             log.info("mesh.encoder.source_ended", kind=self.kind)
 
-    def _fan_out(self, data: bytes, pts: int, time_base: fractions.Fraction, key: bool) -> None:
+    def _fan_out(self, data: bytes, pts: int, time_base: fractions.Fraction, key: bool) -> int:
         """One encoded frame to every subscriber: encrypted once for the peers with frame
-        E2EE, as it is for the others."""
+        E2EE, as it is for the others. Returns how many subscribers got it."""
         subscribers = list(self._subscribers)
+        queued = 0
         plain = [t for t in subscribers if t.plain]
         protected_for = [t for t in subscribers if not t.plain]
         if plain:
             self.frames_plain += 1
             packet = _packet(data, pts, time_base)
-            for track in plain:
-                track._push(packet, key, None)
+            queued = sum(track._push(packet, key, None) for track in plain)
         if not protected_for or self._transform is None:
-            return
+            return queued
         try:
             protected = self._transform.encrypt(
                 data,
@@ -341,18 +356,17 @@ class SharedEncoder:
         if protected is None:
             self.encrypt_drops += 1
             self._resync = self.kind == "video"
-            return
+            return queued
         if self._resync and not key:
             # Peers missed frames (e.g. no key yet): a delta frame would not decode.
             self.encrypt_drops += 1
             self._force_keyframe = True
-            return
+            return queued
         self._resync = False
         self.frames_protected += 1
         packet = _packet(protected, pts, time_base)
         key_index = frame_key_index(protected)
-        for track in protected_for:
-            track._push(packet, key, key_index)
+        return queued + sum(track._push(packet, key, key_index) for track in protected_for)
 
     # -- codecs (PyAV) -----------------------------------------------------------------------
 
