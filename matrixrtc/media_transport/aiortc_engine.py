@@ -229,6 +229,7 @@ class AiortcConnection:
             ),
             stats=stats,
             decode=render or (received.kind == "audio" and self._tap_listening()),
+            trace_label=f"sfu {identity}",
         )
         self._tracks[received.track_id] = _Track(received, stats)
         self.seen_at.setdefault(identity, self._clock())

@@ -461,6 +461,7 @@ class MeshEngine:
                 stats=stats,
                 on_encoded=self._encoded_hook(link.peer),
                 decode=transceiver.kind != "video" or self._may_decode_video(link),
+                trace_label=f"mesh {link.peer.user_id}",
             )
             link.hooked.add(id(receiver))
 

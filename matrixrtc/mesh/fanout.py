@@ -111,6 +111,11 @@ _AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
 FRAME_TRACE: Final[list[tuple[str, float, float, float, int, int, bool, int, int]] | None] = (
     [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
 )
+# ... and every receive hook one row per video frame received and decrypted: (label: transport
+# and sender, arrival, RTP timestamp as mapped from the first frame, bytes).
+RX_TRACE: Final[list[tuple[str, float, int, int]] | None] = (
+    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+)
 
 
 def _packet(data: bytes, pts: int, time_base: fractions.Fraction) -> av.Packet[Any]:
@@ -496,8 +501,10 @@ class _DecryptingQueue(queue.Queue[Any]):
         stats: ReceiveStats,
         on_encoded: Callable[[EncodedFrame], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        trace_label: str = "",
     ) -> None:
         super().__init__()
+        self._trace_label = trace_label
         self._receiver = receiver
         self._kind = kind
         self._decryptor = decryptor
@@ -558,7 +565,10 @@ class _DecryptingQueue(queue.Queue[Any]):
             # next packet when this flag (normally set by its decoder thread) is up.
             self._failing = False
             self.request_keyframe()
-        self._stats.frame_received(self._clock(), len(data))
+        now = self._clock()
+        self._stats.frame_received(now, len(data))
+        if RX_TRACE is not None and self._kind == "video":
+            RX_TRACE.append((self._trace_label, now, int(frame.timestamp), len(data)))
         frame.data = clear
         if self._on_encoded is not None:
             self._hand_on(codec, clear, frame.timestamp)
@@ -661,6 +671,7 @@ def install_receive_hook(
     stats: ReceiveStats,
     on_encoded: Callable[[EncodedFrame], None] | None = None,
     decode: bool = True,
+    trace_label: str = "",
 ) -> None:
     """Bind ``receiver``'s decode path to one participant's decryptor and counters;
     ``on_encoded`` gets every clear encoded frame before it is decoded; ``decode=False``:
@@ -676,7 +687,7 @@ def install_receive_hook(
     if not isinstance(current, queue.Queue):
         raise LocalError("unexpected aiortc receiver layout (no decoder queue)")
     kind = str(getattr(receiver, "_RTCRtpReceiver__kind", stats.kind))
-    hook = _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded)
+    hook = _DecryptingQueue(receiver, kind, decryptor, stats, on_encoded, trace_label=trace_label)
     if not decode:
         hook.set_decoding(False)
     setattr(receiver, "_RTCRtpReceiver__decoder_queue", hook)  # noqa: B010
