@@ -9,7 +9,11 @@ process** (``python -m bench.switch --member``: Homeserver + CallAgent + CallKey
 MediaSwitcher, 320×240 @ 15 VP8 with frame E2EE, ``mesh_max`` 3), as in a real call: a member
 receives frames on its own event loop, so a stall in one member's process is that member's
 gap, not everyone's. Three members start on the mesh; a fourth joins (the call moves to the
-SFU) and, once everyone is on the SFU, leaves (the call moves back to the mesh).
+SFU) and, once everyone is on the SFU, leaves (the call moves back to the mesh). The fourth's
+process is started and logged in before anything is measured and stays up (out of the call)
+until the end, as a user's client is open before they join and exits on their own machine: its
+interpreter start (≈ 1 s of CPU: imports, login, Olm account) and exit are not the join and
+the leave, and on this 2-core box they took 0.3–0.5 of a core from the members measured.
 
 Each member measures what it shows: the gaps between consecutive decoded (so decrypted) video
 frames of each other member, over the transport it takes that member from at the time
@@ -86,6 +90,9 @@ class MemberArgs:
     max_video_kbps: int | None = None
     keep_framerate: bool = False
     engine: str = "sdk"  # MediaOptions.engine: the SFU client (--sfu-engine)
+    # The fourth member: started and logged in before the measurement, joins on "join", and
+    # after leaving the call stays up until "exit" (see _member).
+    visitor: bool = False
 
 
 # -- the member process ---------------------------------------------------------------------
@@ -122,92 +129,101 @@ async def _member(args: MemberArgs) -> None:
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    async with contextlib.AsyncExitStack() as stack:
-        hs = await stack.enter_async_context(
-            Homeserver(args.base_url, Login(args.user_id, password=args.password))
-        )
-        agent = await stack.enter_async_context(
-            CallAgent(hs, args.room_id, AgentConfig(transports=transports))
-        )
-        keys = await stack.enter_async_context(CallKeys(agent))
-        switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
-
-        async def report_switches() -> None:
-            with switcher.switches() as records:
-                async for r in records:
-                    _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
-                          finished_at=r.finished_at, handover=r.handover)  # fmt: skip
-
-        stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was late
-
-        async def watch_loop() -> None:
-            while True:
-                before = time.monotonic()
-                await asyncio.sleep(0.01)
-                late = time.monotonic() - before - 0.01
-                if late > 0.05:
-                    stalls.append((before, late))
-
-        key_events: list[tuple[float, str, int | None, str | None]] = []
-
-        async def watch_keys() -> None:
-            with keys.events() as events:
-                async for ev in events:
-                    if ev.kind.value in ("used", "installed"):
-                        key_events.append((ev.monotonic, ev.kind.value, ev.index, ev.user_id))
-
-        helpers = [
-            asyncio.create_task(report_switches()),
-            asyncio.create_task(watch_loop()),
-            asyncio.create_task(watch_keys()),
-        ]
-        try:
-            await stdin.readline()  # "leave", or EOF: the parent is done with us
-        finally:
-            for task in helpers:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        now = time.monotonic()
-        gaps = [
-            (g.peer.user_id, g.start, g.end, g.transport.value, False)
-            for g in switcher.gaps
-            if g.seconds > 0.05
-        ]
-        for ref, seen in switcher.peers.items():  # a gap still open now counts
-            present = any(
-                (p.user_id, p.device_id) == (ref.user_id, ref.device_id) for p in agent.participants
+    async with Homeserver(args.base_url, Login(args.user_id, password=args.password)) as hs:
+        if args.visitor:
+            # Logged in before the measurement, as a user's client is open before they join:
+            # the process start is not part of the join (it is on their machine, not here).
+            _emit(sys.stdout, event="ready")
+            await stdin.readline()  # "join"
+        async with contextlib.AsyncExitStack() as stack:
+            agent = await stack.enter_async_context(
+                CallAgent(hs, args.room_id, AgentConfig(transports=transports))
             )
-            if present and seen.last_frame_at is not None and seen.open_gap_s(now) > 0.05:
-                gaps.append((ref.user_id, seen.last_frame_at, now, "open", True))
-        _emit(
-            sys.stdout,
-            event="report",
-            user=args.user_id,
-            gaps=gaps,
-            history=[
-                {
-                    "old": r.old,
-                    "new": r.new.value,
-                    "started_at": r.started_at,
-                    "finished_at": r.finished_at,
-                    "handover": r.handover,
-                }
-                for r in switcher.history
-            ],
-            cut_at={
-                ref.user_id: {k.value: t for k, t in seen.cut_at.items()}
-                for ref, seen in switcher.peers.items()
-            },
-            frames={
-                ref.user_id: {k.value: n for k, n in seen.frames.items()}
-                for ref, seen in switcher.peers.items()
-            },
-            stalls=stalls,
-            keys=key_events,
-            frame_trace=_frame_trace(),
-            rx_trace=_rx_trace(),
-        )
+            keys = await stack.enter_async_context(CallKeys(agent))
+            switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, config))
+
+            async def report_switches() -> None:
+                with switcher.switches() as records:
+                    async for r in records:
+                        _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
+                              finished_at=r.finished_at, handover=r.handover)  # fmt: skip
+
+            stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was late
+
+            async def watch_loop() -> None:
+                while True:
+                    before = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    late = time.monotonic() - before - 0.01
+                    if late > 0.05:
+                        stalls.append((before, late))
+
+            key_events: list[tuple[float, str, int | None, str | None]] = []
+
+            async def watch_keys() -> None:
+                with keys.events() as events:
+                    async for ev in events:
+                        if ev.kind.value in ("used", "installed"):
+                            key_events.append((ev.monotonic, ev.kind.value, ev.index, ev.user_id))
+
+            helpers = [
+                asyncio.create_task(report_switches()),
+                asyncio.create_task(watch_loop()),
+                asyncio.create_task(watch_keys()),
+            ]
+            try:
+                await stdin.readline()  # "leave", or EOF: the parent is done with us
+            finally:
+                for task in helpers:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            now = time.monotonic()
+            gaps = [
+                (g.peer.user_id, g.start, g.end, g.transport.value, False)
+                for g in switcher.gaps
+                if g.seconds > 0.05
+            ]
+            for ref, seen in switcher.peers.items():  # a gap still open now counts
+                present = any(
+                    (p.user_id, p.device_id) == (ref.user_id, ref.device_id)
+                    for p in agent.participants
+                )
+                if present and seen.last_frame_at is not None and seen.open_gap_s(now) > 0.05:
+                    gaps.append((ref.user_id, seen.last_frame_at, now, "open", True))
+            _emit(
+                sys.stdout,
+                event="report",
+                user=args.user_id,
+                gaps=gaps,
+                history=[
+                    {
+                        "old": r.old,
+                        "new": r.new.value,
+                        "started_at": r.started_at,
+                        "finished_at": r.finished_at,
+                        "handover": r.handover,
+                    }
+                    for r in switcher.history
+                ],
+                cut_at={
+                    ref.user_id: {k.value: t for k, t in seen.cut_at.items()}
+                    for ref, seen in switcher.peers.items()
+                },
+                frames={
+                    ref.user_id: {k.value: n for k, n in seen.frames.items()}
+                    for ref, seen in switcher.peers.items()
+                },
+                stalls=stalls,
+                keys=key_events,
+                frame_trace=_frame_trace(),
+                rx_trace=_rx_trace(),
+            )
+        if args.visitor:
+            # Out of the call; the process ends after the measurement (its exit is not part
+            # of the leave: on a real call it runs on the leaver's own machine).
+            _emit(sys.stdout, event="left")
+            await stdin.readline()  # "exit", or EOF
 
 
 def _frame_trace() -> list[Any]:
@@ -235,6 +251,7 @@ class _Proc:
         self.proc = proc
         self.switched: list[dict[str, Any]] = []
         self.report: dict[str, Any] | None = None
+        self.events: set[str] = set()  # "ready", "left" (the visitor's)
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
@@ -263,6 +280,8 @@ class _Proc:
                 self.switched.append(msg)
             elif msg["event"] == "report":
                 self.report = msg
+            else:
+                self.events.add(msg["event"])
             self._changed.set()
 
     async def _until(self, done: Callable[[], bool]) -> None:
@@ -297,6 +316,18 @@ class _Proc:
             await self._reader
         assert self.report is not None
         return self.report
+
+    async def command(self, line: str, until: str | None = None) -> None:
+        """Write ``line`` to the member; then wait for its ``until`` event."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+        if until is not None:
+            await self.until_event(until)
+
+    async def until_event(self, event: str) -> None:
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            await self._until(lambda: event in self.events)
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
@@ -621,7 +652,11 @@ async def measure_switch(
             for i, u in enumerate(users[:3]):
                 procs.append(await _Proc.start(f"sw{i}", args(u), run_dir / f"sw{i}.log"))
             first = list(procs)
-            await asyncio.gather(*(p.on("mesh") for p in first))
+            # The fourth is up and logged in before anything is measured; it joins at t_join.
+            visitor = dataclasses.replace(args(users[3]), visitor=True)
+            fourth = await _Proc.start("sw3", visitor, run_dir / "sw3.log")
+            procs.append(fourth)
+            await asyncio.gather(*(p.on("mesh") for p in first), fourth.until_event("ready"))
             cpu_mesh = _cpu_times()
             cpu_mesh_by = _process_cpu(pids())
             t_on_mesh = time.monotonic()
@@ -632,8 +667,7 @@ async def measure_switch(
             for p in first:
                 await spies.add(p)
             t_join = time.monotonic()
-            fourth = await _Proc.start("sw3", args(users[3]), run_dir / "sw3.log")
-            procs.append(fourth)
+            await fourth.command("join")
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
             cpu_on_sfu = _cpu_times()
@@ -647,7 +681,9 @@ async def measure_switch(
             for p in first:
                 await spies.add(p)
             t_leave = time.monotonic()
-            fourth_report = await fourth.leave()
+            await fourth.command("leave", until="left")
+            assert fourth.report is not None
+            fourth_report = fourth.report
             back = await asyncio.gather(*(p.on("mesh") for p in first))
             cpu_back = _cpu_times()
             cpu_back_by = _process_cpu(pids())
