@@ -483,6 +483,7 @@ class MediaSwitcher:
             sources=cfg.sources,
             frames=self._frames,
             clock=self._clock,
+            wants_mesh=lambda: self._decide().kind is MediaKind.MESH,
         )
 
     async def _switch(self, decision: MediaDecision) -> None:

@@ -49,6 +49,9 @@ class TransportContext:
     # Every decoded remote frame with its sender and the transport kind that carried it.
     frames: FrameTap[tuple[Participant, MediaKind]] | None = None
     clock: Callable[[], float] = time.monotonic
+    # Whether the call's media belongs on the mesh now (the switcher's policy); a mesh links
+    # no newcomer while it says no. None: always.
+    wants_mesh: Callable[[], bool] | None = None
 
 
 class MediaTransport(Protocol):

@@ -50,13 +50,21 @@ class MeshMedia:
             frames = ctx.frames
             tap = FrameTap(self._frame, lambda: frames.listening, lambda: frames.listening_encoded)
         link = MatrixMesh(
-            ctx.agent, keys=ctx.keys, sources=self._tracks, config=ctx.mesh, frames=tap
+            ctx.agent,
+            keys=ctx.keys,
+            sources=self._tracks,
+            config=ctx.mesh,
+            frames=tap,
+            admit_new=ctx.wants_mesh,
         )
         await link.__aenter__()
         self.link = link
 
     async def update(self) -> None:
-        """Nothing to do: the mesh follows the agent's participant changes itself."""
+        """The mesh follows the agent's participant changes itself; this is for a change of
+        the policy alone (the SFU became unreachable: newcomers are linked after all)."""
+        if self.link is not None:
+            self.link.refresh_members()
 
     def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
         engine = self.link.engine if self.link is not None else None

@@ -44,7 +44,7 @@ Every task is owned and cancelled on exit; leaving the block hangs up every call
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -154,10 +154,16 @@ class MatrixMesh:
         config: MeshLinkConfig | None = None,
         decrypt_rings: KeyRings | None = None,
         frames: FrameTap[DeviceRef] | None = None,
+        admit_new: Callable[[], bool] | None = None,
     ) -> None:
         """``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
         participant that is left out of key distribution. ``frames`` gets every decoded remote
-        frame."""
+        frame. ``admit_new``: asked at each membership change whether the call's media is on
+        the mesh; while it says no (the call is moving to the SFU), members already linked
+        stay and newcomers get no link: each link costs a peer connection, its handshake and
+        signalling on every member's event loop, the moment the old path must carry the
+        media."""
+        self._admit_new = admit_new
         self._frames = frames
         self.agent = agent
         self.hs = agent.hs
@@ -349,6 +355,11 @@ class MatrixMesh:
         if old is not None:
             self._retiring.spawn(old.aclose(), f"close {old.local.session_id}")
 
+    def refresh_members(self) -> None:
+        """Follow the participants again (``admit_new`` may say otherwise now)."""
+        if self.engine is not None:
+            self._update_members()
+
     def _update_members(self) -> None:
         assert self.engine is not None
         participants = self.agent.participants
@@ -375,6 +386,10 @@ class MatrixMesh:
                         conf_ids[ref] = conf
         elif self.members:
             self._log.info("mesh_link.not_all_mesh_capable")
+        if self._admit_new is not None and not self._admit_new():
+            mine = None if me is None else DeviceRef(me.user_id, me.device_id)
+            members = {r: sid for r, sid in members.items() if r in self.members or r == mine}
+            conf_ids = {ref: c for ref, c in conf_ids.items() if ref in members}
         if members != self.members or conf_ids != self._conf_ids:
             self._log.info("mesh_link.members", count=len(members), legacy=len(conf_ids))
             self.members = members

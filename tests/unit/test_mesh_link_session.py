@@ -167,3 +167,43 @@ async def test_new_session_gets_members_while_the_old_engine_still_closes(
             e.release.set()
         if exiting is None:
             await link.__aexit__(None, None, None)
+
+
+async def test_a_mesh_the_call_is_leaving_links_no_newcomer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While ``admit_new`` says the call's media is not on the mesh (a fourth member moves a
+    3-member mesh to the SFU), the mesh keeps its links, drops leavers and links no newcomer;
+    once it says yes again (the SFU failed), a refresh links the newcomer."""
+    engines: list[FakeEngine] = []
+    progress = asyncio.Event()
+
+    def new_engine(self: MatrixMesh, session_id: str) -> FakeEngine:
+        engines.append(FakeEngine(session_id, progress))
+        return engines[-1]
+
+    monkeypatch.setattr(MatrixMesh, "_new_engine", new_engine)
+    on_mesh = True
+    me = Member("@me:hs", "ME", "me-1", is_self=True)
+    a, b, c = (Member(f"@{n}:hs", n.upper(), f"{n}-1") for n in ("a", "b", "c"))
+    agent = FakeAgent(participants=[me, a, b])
+    link = MatrixMesh(agent, admit_new=lambda: on_mesh)  # type: ignore[arg-type]
+    await link.__aenter__()
+    try:
+        (engine,) = engines
+        refs = {m: DeviceRef(m.user_id, m.device_id) for m in (me, a, b, c)}
+        assert set(engine.members[-1]) == {refs[me], refs[a], refs[b]}
+        on_mesh = False  # c joins: the call moves to the SFU
+        agent.set([me, a, b, c])
+        await asyncio.sleep(0.05)
+        assert set(engine.members[-1]) == {refs[me], refs[a], refs[b]}
+        agent.set([me, a, c])  # b leaves meanwhile: dropped
+        await _until(progress, lambda: refs[b] not in engine.members[-1])
+        assert set(engine.members[-1]) == {refs[me], refs[a]}
+        on_mesh = True  # the SFU is unreachable: everyone on the mesh after all
+        link.refresh_members()
+        assert set(engine.members[-1]) == {refs[me], refs[a], refs[c]}
+    finally:
+        for e in engines:
+            e.release.set()
+        await link.__aexit__(None, None, None)
