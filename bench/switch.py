@@ -578,6 +578,16 @@ def _causes(
                 for prev, t in itertools.pairwise(rx)
                 if start - 0.01 <= t[1] <= end + 0.15
             ]
+            # The other transport meanwhile (a gap across a cutover: was the old path still
+            # delivering?): the sender's fan-outs and the receiver's arrivals inside the gap.
+            other = "sfu" if via == "mesh" else "mesh"
+            detail["other"] = {
+                "via": other,
+                "sent": [round((t[3] - start) * 1000) for t in trace.get(peer, [])
+                         if t[0] == other and start < t[3] < end],
+                "received": [round((t[1] - start) * 1000) for t in rx_trace.get(r["user"], [])
+                             if t[0].startswith(f"{other} {peer}") and start < t[1] < end],
+            }  # fmt: skip
             out.append([round((start - since) * 1000), round((end - start) * 1000),
                         _name(r["user"]), _name(peer), via, cause, detail])  # fmt: skip
     return sorted(out, key=lambda row: row[0])
