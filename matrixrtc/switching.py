@@ -35,9 +35,9 @@ reason and duration), :attr:`MediaSwitcher.peers` (per remote device: frames see
 transport and the largest gap between two consecutive video frames of the transport it is
 taken from, i.e. what a receiver shows) and :attr:`MediaSwitcher.gaps` (the latest inter-frame
 gaps, for figures around a switch). Frames are observed by polling the transports' decoded
-frame counters every ``poll_s``; a gap is measured from the previous frame's arrival time to
-the newest frame's arrival time at the poll that sees frames again, so it can only be
-overstated (by at most the frames that arrived within one poll). Frames over the transport a
+frame counters every ``poll_s``; each counter keeps its frames' times, so every gap between
+two consecutive frames is measured, however many a poll sees at once (a counter without times:
+from the previous frame to the newest, which can only overstate). Frames over the transport a
 member is not taken from are counted but make no gap and close none.
 
 SFU failure: when the transport carrying our media reports it has lost its server
@@ -74,6 +74,7 @@ from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media_transport import (
     DEFAULT_PROBES,
     DEFAULT_TRANSPORTS,
+    FrameCounter,
     MediaTransport,
     TransportContext,
     TransportFactory,
@@ -762,7 +763,8 @@ class MediaSwitcher:
             if peer is None:
                 peer = self.peers[ref] = PeerMedia(ref)
             peer.via = via = self.via(ref)
-            for kind, obj, count, last in self._frame_sources(p):
+            for kind, c in self._frame_sources(p):
+                obj, count, last = c.source, c.frames, c.last_frame_at
                 seen = self._sources.get(id(obj))
                 new = count - (seen.count if seen is not None and seen.obj is obj else 0)
                 live[id(obj)] = _Source(obj, count)
@@ -771,20 +773,23 @@ class MediaSwitcher:
                 peer.frames[kind] = peer.frames.get(kind, 0) + new
                 if via is not None and kind is not via:
                     continue  # not what this member is shown: no gap, and it closes none
-                if peer.first_frame_at is None:
-                    peer.first_frame_at = last
-                elif peer.last_frame_at is not None and last > peer.last_frame_at:
-                    gap = last - peer.last_frame_at
-                    if gap > peer.max_gap_s:
-                        peer.max_gap_s = gap
-                    self.gaps.append(GapRecord(ref, peer.last_frame_at, last, kind))
-                if peer.last_frame_at is None or last > peer.last_frame_at:
-                    peer.last_frame_at = last
+                # Every frame since the last poll, where the counter keeps their times: a poll
+                # that sees several frames would otherwise count one gap up to the newest.
+                times = sorted(c.times(new)) if c.times is not None else []
+                for at in times if times and times[-1] == last else [last]:
+                    self._frame_seen(peer, kind, at)
         self._sources = live
 
-    def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, object, int, float | None]]:
-        return [
-            (t.kind, c.source, c.frames, c.last_frame_at)
-            for t in self._running()
-            for c in t.video_counters(p)
-        ]
+    def _frame_seen(self, peer: PeerMedia, kind: MediaKind, at: float) -> None:
+        if peer.first_frame_at is None:
+            peer.first_frame_at = at
+        elif peer.last_frame_at is not None and at > peer.last_frame_at:
+            gap = at - peer.last_frame_at
+            if gap > peer.max_gap_s:
+                peer.max_gap_s = gap
+            self.gaps.append(GapRecord(peer.peer, peer.last_frame_at, at, kind))
+        if peer.last_frame_at is None or at > peer.last_frame_at:
+            peer.last_frame_at = at
+
+    def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, FrameCounter]]:
+        return [(t.kind, c) for t in self._running() for c in t.video_counters(p)]

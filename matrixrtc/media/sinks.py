@@ -72,6 +72,12 @@ class ReceiveStats:
         self.last_frame_at = now
         self._recent.append(now)
 
+    def decoded_times(self, n: int) -> list[float]:
+        """When the newest ``n`` frames were decoded (at most the last 256)."""
+        if n <= 0:
+            return []
+        return list(self._recent)[-n:]
+
     def fps(self, now: float | None = None) -> float:
         """Decoded frames per second over the last two seconds."""
         now = time.monotonic() if now is None else now

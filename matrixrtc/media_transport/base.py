@@ -34,6 +34,9 @@ class FrameCounter:
     source: object
     frames: int
     last_frame_at: float | None
+    # When the newest ``n`` frames came (oldest first; fewer if not kept): the switcher
+    # measures every inter-frame gap, not one per poll. None: only ``last_frame_at`` is known.
+    times: Callable[[int], Sequence[float]] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -87,7 +87,11 @@ class MeshMedia:
         stats = link.stats.get("video") if link is not None else None
         if stats is None:
             return ()
-        return (FrameCounter(stats, stats.frames_decoded, stats.last_frame_at),)
+        return (
+            FrameCounter(
+                stats, stats.frames_decoded, stats.last_frame_at, times=stats.decoded_times
+            ),
+        )
 
     def show(self, peer: DeviceRef, on: bool) -> None:
         """Decode ``peer``'s video or only receive, decrypt and count it (``carries`` holds

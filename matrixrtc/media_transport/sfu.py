@@ -6,6 +6,8 @@ still opening)."""
 
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Sequence
 
 import aiohttp
@@ -35,6 +37,10 @@ AUDIO_ONLY_GRACE_S = 0.5
 # joining (ours once each has its first frame); one already in the room when we connect has
 # its tracks in the join response, so only a peer joining with us waits this long.
 NOTHING_ANNOUNCED_GRACE_S = 1.0
+
+
+def _newest(times: collections.deque[float], n: int) -> list[float]:
+    return list(times)[-n:] if n > 0 else []
 
 
 class LiveKitMedia:
@@ -128,7 +134,14 @@ class LiveKitMedia:
         for conn in self.lk.connections.values():
             stats = conn.stats.get(peer.rtc_backend_identity)
             if stats is not None:
-                out.append(FrameCounter(stats, stats.video_frames, stats.last_video_at))
+                out.append(
+                    FrameCounter(
+                        stats,
+                        stats.video_frames,
+                        stats.last_video_at,
+                        times=functools.partial(_newest, stats.video_times),
+                    )
+                )
         return out
 
     def show(self, peer: DeviceRef, on: bool) -> None:

@@ -125,6 +125,7 @@ class FakeTransport:
         self.fail_start = False
         self.lost = False
         self.hidden: set[DeviceRef] = set()  # members whose video it decodes no more
+        self.frame_times: list[float] | None = None  # each frame's time, when the test gives them
 
     async def start(self) -> None:
         self.log.append(f"start {self.kind.value}")
@@ -138,6 +139,10 @@ class FakeTransport:
         return self.carrying
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
+        if self.frame_times is not None:
+            times = self.frame_times
+            last = times[-1] if times else None
+            return (FrameCounter(self, len(times), last, times=lambda n: times[-n:] if n else []),)
         return (FrameCounter(self, self.frames, 1.0 if self.frames else None),)
 
     def show(self, peer: DeviceRef, on: bool) -> None:
@@ -477,3 +482,24 @@ async def test_a_switch_abandoned_after_a_cutover_shows_the_member_again_on_the_
         assert switcher.running(MediaKind.MESH) is mesh
         assert mesh.hidden == set()
         assert reg.log.index("show @a:example.org mesh") > reg.log.index("hide @a:example.org mesh")
+
+
+async def test_every_frame_a_poll_sees_is_a_gap_of_its_own() -> None:
+    """Frames that came between two polls are gaps one by one (the counter keeps their times):
+    three frames 50-70 ms apart seen by one poll are no 190 ms gap."""
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = Registry()
+    cfg = replace(reg.config(), poll_s=0.05)
+    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        mesh = reg.made[MediaKind.MESH]
+        peer = DeviceRef("@a:example.org", "D")
+        mesh.frame_times = [1.0]
+        await until(lambda: switcher.peers.get(peer) is not None
+                    and switcher.peers[peer].last_frame_at == 1.0)  # fmt: skip
+        mesh.frame_times = [1.0, 1.05, 1.12, 1.19]  # three at once, before the next poll
+        await until(lambda: switcher.peers[peer].last_frame_at == 1.19)
+        gaps = [round(g.end - g.start, 3) for g in switcher.gaps if g.peer == peer]
+        assert gaps == [0.05, 0.07, 0.07]
+        assert switcher.peers[peer].max_gap_s == pytest.approx(0.07)
