@@ -218,6 +218,7 @@ async def _member(args: MemberArgs) -> None:
                 keys=key_events,
                 frame_trace=_frame_trace(),
                 rx_trace=_rx_trace(),
+                pickup_trace=_pickup_trace(),
             )
         if args.visitor:
             # Out of the call; the process ends after the measurement (its exit is not part
@@ -231,6 +232,13 @@ def _frame_trace() -> list[Any]:
     from matrixrtc.mesh.fanout import FRAME_TRACE
 
     return list(FRAME_TRACE) if FRAME_TRACE is not None else []
+
+
+def _pickup_trace() -> list[Any]:
+    """This member's RTP senders' per-frame rows (``MATRIXRTC_FRAME_TRACE=1``)."""
+    from matrixrtc.mesh.fanout import PICKUP_TRACE
+
+    return list(PICKUP_TRACE) if PICKUP_TRACE is not None else []
 
 
 def _rx_trace() -> list[Any]:
@@ -540,6 +548,7 @@ def _causes(
     receiver)."""
     trace = {r["user"]: r.get("frame_trace") or [] for r in reports}
     rx_trace = {r["user"]: r.get("rx_trace") or [] for r in reports}
+    pickups = {r["user"]: r.get("pickup_trace") or [] for r in reports}
     out = []
     for r in reports:
         for peer, start, end, via, _open in r["gaps"]:
@@ -554,14 +563,22 @@ def _causes(
                 before = [t for t in rows if t[3] <= start + 0.003][-1:]
                 after = [t for t in rows if t[3] >= end - 0.003][:1]
 
-                def rel(t: Sequence[Any], start: float = start) -> list[int]:
-                    return [round((x - start) * 1000) for x in t[1:4]] + [int(t[6]), t[7], t[8]]
+                taken = {(lab, pts): at for lab, at, pts in pickups.get(peer, [])}
+
+                def rel(
+                    t: Sequence[Any], start: float = start, taken: dict[Any, float] = taken
+                ) -> list[int | None]:
+                    # read, encoded, fanned out, taken by the (first) RTP sender: ms from start
+                    at = taken.get((t[0], t[4]))
+                    return [round((x - start) * 1000) for x in t[1:4]] + [
+                        None if at is None else round((at - start) * 1000),
+                        int(t[6]), t[7], t[8]]  # fmt: skip
 
                 detail = {"before": [rel(t) for t in before], "inside": [rel(t) for t in inside],
                           "after": [rel(t) for t in after]}  # fmt: skip
                 if not inside:
                     cause = "not produced"
-                elif any(t[7] < t[8] for t in inside):
+                elif any(t[7] < t[8] for t in inside):  # queued for fewer than subscribed
                     cause = "held"
                 else:
                     cause = "sent"

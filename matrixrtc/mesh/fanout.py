@@ -111,6 +111,10 @@ _AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
 FRAME_TRACE: Final[list[tuple[str, float, float, float, int, int, bool, int, int]] | None] = (
     [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
 )
+# ... every peer's RTP sender one row per video frame it takes to send: (label, taken, pts) ...
+PICKUP_TRACE: Final[list[tuple[str, float, int]] | None] = (
+    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+)
 # ... and every receive hook one row per video frame received and decrypted: (label: transport
 # and sender, arrival, RTP timestamp as mapped from the first frame, bytes).
 RX_TRACE: Final[list[tuple[str, float, int, int]] | None] = (
@@ -163,6 +167,8 @@ class FanOutTrack(MediaStreamTrack):
         if packet is None:
             raise MediaStreamError
         self.packets_sent += 1
+        if PICKUP_TRACE is not None and self.kind == "video":
+            PICKUP_TRACE.append((self.encoder.trace_label, time.monotonic(), int(packet.pts or 0)))
         return packet
 
     def request_keyframe(self) -> None:
