@@ -148,14 +148,14 @@ async def _member(args: MemberArgs) -> None:
                         _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
                               finished_at=r.finished_at, handover=r.handover)  # fmt: skip
 
-            stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was late
+            stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was > 20 ms late
 
             async def watch_loop() -> None:
                 while True:
                     before = time.monotonic()
                     await asyncio.sleep(0.01)
                     late = time.monotonic() - before - 0.01
-                    if late > 0.05:
+                    if late > 0.02:
                         stalls.append((before, late))
 
             key_events: list[tuple[float, str, int | None, str | None]] = []
@@ -549,6 +549,7 @@ def _causes(
     trace = {r["user"]: r.get("frame_trace") or [] for r in reports}
     rx_trace = {r["user"]: r.get("rx_trace") or [] for r in reports}
     pickups = {r["user"]: r.get("pickup_trace") or [] for r in reports}
+    stalls = {r["user"]: r["stalls"] for r in reports}
     out = []
     for r in reports:
         for peer, start, end, via, _open in r["gaps"]:
@@ -595,6 +596,12 @@ def _causes(
                 for prev, t in itertools.pairwise(rx)
                 if start - 0.01 <= t[1] <= end + 0.15
             ]
+            # Where the receiver's and the sender's event loops ran late (> 20 ms) meanwhile.
+            detail["late_loops"] = {
+                who: [[round((t - start) * 1000), round(late * 1000)]
+                      for t, late in stalls.get(uid, []) if start - 0.1 <= t < end]
+                for who, uid in (("receiver", r["user"]), ("sender", peer))
+            }  # fmt: skip
             # The other transport meanwhile (a gap across a cutover: was the old path still
             # delivering?): the sender's fan-outs and the receiver's arrivals inside the gap.
             other = "sfu" if via == "mesh" else "mesh"
