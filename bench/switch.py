@@ -148,7 +148,7 @@ async def _member(args: MemberArgs) -> None:
                         _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
                               finished_at=r.finished_at, handover=r.handover)  # fmt: skip
 
-            stalls: list[tuple[float, float]] = []  # (when, seconds) the event loop was > 20 ms late
+            stalls: list[tuple[float, float]] = []  # (when, seconds) the loop was > 20 ms late
 
             async def watch_loop() -> None:
                 while True:
