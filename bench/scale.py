@@ -28,7 +28,8 @@ mesh); the largest video gap any member saw from any other around each switch (d
 over the transport the receiver takes that member from). ``switch_gap_ms_without_acks`` is the
 same, measured right before in the same run, with each member tearing down its old path
 without waiting for the others to receive it on the new one (the switcher before
-make-before-break acknowledgements; ``--no-switch-compare`` skips it).
+make-before-break acknowledgements; ``--no-switch-compare`` skips it). Its SFU side runs on the
+first ``--sfu-engine`` (``switch_sfu_engine``).
 
 SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
 ``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
@@ -342,7 +343,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.switch:
         from bench.switch import SWITCH_MEDIA, measure_switches
 
-        media = SWITCH_MEDIA
+        # The SFU side on the cells' engine (the first of --sfu-engine).
+        engine = "aiortc" if args.sfu_engine and args.sfu_engine[0] == "aiortc" else "sdk"
+        media = replace(SWITCH_MEDIA, engine=engine)
         dirs = ("mesh_to_sfu", "sfu_to_mesh")
         if args.switch_compare:
             before = await measure_switches(media, args.switch_runs, acks=False)
@@ -351,6 +354,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sw = await measure_switches(media, args.switch_runs)
         # The largest gap over every run (the target), with the median and each run's figure.
         result["switch_gap_ms"] = {d: sw[d] for d in dirs}
+        result["switch_sfu_engine"] = engine
         result["switch_gap_ms_median"] = sw["median"]
         result["switch_runs"] = sw["switches"]
         result["switch_gap_ms_each"] = sw["each"]
