@@ -344,8 +344,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         from bench.switch import SWITCH_MEDIA, measure_switches
 
         # The SFU side on the cells' engine (the first of --sfu-engine).
-        engine = "aiortc" if args.sfu_engine and args.sfu_engine[0] == "aiortc" else "sdk"
-        media = replace(SWITCH_MEDIA, engine=engine)
+        aiortc = bool(args.sfu_engine) and args.sfu_engine[0] == "aiortc"
+        media = replace(SWITCH_MEDIA, engine="aiortc" if aiortc else "sdk")
         dirs = ("mesh_to_sfu", "sfu_to_mesh")
         if args.switch_compare:
             before = await measure_switches(media, args.switch_runs, acks=False)
@@ -354,7 +354,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sw = await measure_switches(media, args.switch_runs)
         # The largest gap over every run (the target), with the median and each run's figure.
         result["switch_gap_ms"] = {d: sw[d] for d in dirs}
-        result["switch_sfu_engine"] = engine
+        result["switch_sfu_engine"] = media.engine
         result["switch_gap_ms_median"] = sw["median"]
         result["switch_runs"] = sw["switches"]
         result["switch_gap_ms_each"] = sw["each"]
