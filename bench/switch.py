@@ -125,9 +125,6 @@ async def _member(args: MemberArgs) -> None:
         )
     )
     config = SwitchConfig(mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks)
-    if "BENCH_SWITCH_CUTOVER_FRAMES" in os.environ:  # A/B runs of SwitchConfig.cutover_frames
-        cutover = int(os.environ["BENCH_SWITCH_CUTOVER_FRAMES"])
-        config = dataclasses.replace(config, cutover_frames=cutover)
     transports = (LivekitTransport(livekit_service_url=args.service_url), FullMeshTransport())
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
