@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
@@ -137,8 +136,6 @@ class FakeTransport:
         self.log.append(f"update {self.kind.value}")
 
     def carries(self, peer: Participant, since: float, *, video: bool) -> bool:
-        if self.frame_times is not None:  # what real transports do: a frame since ``since``
-            return self.carrying and any(t >= since for t in self.frame_times)
         return self.carrying
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
@@ -168,15 +165,12 @@ class Registry:
         self.made: dict[MediaKind, FakeTransport] = {}
         self.fail: set[MediaKind] = set()
         self.carrying: set[MediaKind] = {MediaKind.MESH}  # carries as soon as it starts
-        self.timed: set[MediaKind] = set()  # made with frame times (none yet)
 
     def factory(self, kind: MediaKind) -> Any:
         def make(ctx: TransportContext) -> MediaTransport:
             t = FakeTransport(kind, ctx, self.log)
             t.fail_start = kind in self.fail
             t.carrying = kind in self.carrying
-            if kind in self.timed:
-                t.frame_times = []
             self.made[kind] = t
             return t
 
@@ -509,25 +503,3 @@ async def test_every_frame_a_poll_sees_is_a_gap_of_its_own() -> None:
         gaps = [round(g.end - g.start, 3) for g in switcher.gaps if g.peer == peer]
         assert gaps == [0.05, 0.07, 0.07]
         assert switcher.peers[peer].max_gap_s == pytest.approx(0.07)
-
-
-async def test_a_member_is_cut_over_once_the_new_path_delivered_two_of_its_frames() -> None:
-    """One video frame over the new transport does not cut the member over (a new path's first
-    frames come unevenly); the second does."""
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
-    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
-    reg.timed = {MediaKind.SFU}
-    async with MediaSwitcher(cast(CallAgent, agent), None, reg.config()) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
-        reg.made[MediaKind.MESH].frame_times = [time.monotonic()]
-        peer = DeviceRef("@a:example.org", "D")
-        agent.members(ME, "@a:example.org", "@b:example.org")  # to the SFU
-        await until(lambda: switcher.running(MediaKind.SFU) is not None)
-        sfu = reg.made[MediaKind.SFU]
-        sfu.frame_times = [time.monotonic()]
-        await asyncio.sleep(0.05)  # many polls
-        assert MediaKind.SFU not in switcher.peers[peer].cut_at
-        sfu.frame_times = [*sfu.frame_times, time.monotonic()]
-        await until(lambda: MediaKind.SFU in switcher.peers[peer].cut_at)
