@@ -143,9 +143,6 @@ class SwitchConfig:
     acks: bool = True
     join_timeout_s: float = 30.0  # until the room shows our own membership
     poll_s: float = 0.02
-    # A member is cut over once the new path has delivered this many of its video frames (a
-    # path's first frames come unevenly while it settles; the old one is shown meanwhile).
-    cutover_frames: int = 2
     retry_s: float = 2.0  # pause after a transport failed to start
     close_timeout_s: float = 15.0  # longest wait for an old transport to close
     # What runs for each decision of the policy (matrixrtc.media_transport).
@@ -619,11 +616,7 @@ class MediaSwitcher:
                         entry[2].update(r for r in refs if not h.on_old(r))
             for p in self._remote():
                 ref = DeviceRef(p.user_id, p.device_id)
-                if (
-                    not h.cut_over(ref)
-                    and transport.carries(p, h.started_at, video=video)
-                    and self._settled_on(transport, p, h.started_at, video=video)
-                ):
+                if not h.cut_over(ref) and transport.carries(p, h.started_at, video=video):
                     actions += h.delivered(ref, now)
                 acked = self._acks.get((ref, h.new))
                 if acked is not None and acked >= h.started_at:
@@ -797,25 +790,6 @@ class MediaSwitcher:
             self.gaps.append(GapRecord(peer.peer, peer.last_frame_at, at, kind))
         if peer.last_frame_at is None or at > peer.last_frame_at:
             peer.last_frame_at = at
-
-    def _settled_on(
-        self, transport: MediaTransport, p: Participant, since: float, *, video: bool
-    ) -> bool:
-        """Whether ``p``'s video has come ``cutover_frames`` times over ``transport`` since
-        ``since`` (true where the transport keeps no frame times, or the call has no video or
-        ``p`` sends none: ``carries`` alone decides then)."""
-        want = self.config.cutover_frames
-        if not video or want <= 1:
-            return True
-        counters = transport.video_counters(p)
-        if not counters or all(c.times is None for c in counters):
-            return True
-        if not any(c.frames for c in counters):
-            return True  # no video from p on this path (an audio-only member): carries decides
-        seen = sum(
-            sum(1 for t in c.times(want) if t >= since) for c in counters if c.times is not None
-        )
-        return seen >= want
 
     def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, FrameCounter]]:
         return [(t.kind, c) for t in self._running() for c in t.video_counters(p)]
