@@ -137,7 +137,12 @@ async def _child(url: str, token: str, identity: str, n: int, render: int, windo
 async def _explain_stuck(client: Any, pc: Any) -> None:
     """Where a stuck receiver's packets go: per track its m-line's SSRCs in the offer, the
     packets aiortc counted, and the SSRCs aiortc's RTP router routes (unknown SSRCs of a
-    payload type that several receivers share are dropped there)."""
+    payload type that several receivers share are dropped there).
+
+    Diagnostic only, printed for a receiver that got nothing: it reads aiortc's private
+    ``RTCDtlsTransport._rtp_router`` (its ``ssrc_table``; aiortc is pinned, and a layout
+    change only loses this line: ``getattr`` with a default) and our RtcClient's subscriber
+    map."""
     sdp = pc.remoteDescription.sdp if pc.remoteDescription else ""
     ssrc_by_mid: dict[str, list[str]] = {}
     mid = ""
