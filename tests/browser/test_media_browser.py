@@ -151,7 +151,9 @@ def _check_timing(figures: dict[str, Any], transport: str, short: dict[str, floa
     whole = round(beeps)
     assert -0.02 * whole <= beeps - whole <= 0.02 * whole + short["audio_s"], info
     assert figures["skew"] is not None
-    assert abs(figures["skew"]) <= SKEW_LIMIT_S[transport], info
+    # Rounded to the microsecond: a skew of exactly the limit is within it (it came out as
+    # 0.08000000000000007 once, from medians of float times).
+    assert round(abs(figures["skew"]), 6) <= SKEW_LIMIT_S[transport], info
 
 
 def _check_canvas(result: dict[str, Any], transport: str, period: int) -> None:
