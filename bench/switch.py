@@ -728,6 +728,12 @@ async def measure_switch(
         finally:
             await asyncio.gather(*(p.kill() for p in procs), return_exceptions=True)
     everyone = [*reports, fourth_report]
+    if dump := os.environ.get("BENCH_SWITCH_DUMP"):
+        # Diagnostics: the raw per-member reports and the switch times (CLOCK_MONOTONIC), one
+        # JSON line per run, to set beside bench/rtp_sniff.py's packet times.
+        with open(dump, "a") as f:
+            f.write(json.dumps({"t_join": t_join, "t_on_sfu": t_on_sfu, "t_leave": t_leave,
+                                "t_back": t_back, "reports": everyone}) + "\n")  # fmt: skip
     to_sfu_gap = _largest(everyone, t_join, t_leave)
     # After the leave the fourth member's media ends for good: not a gap of the switch.
     to_mesh_gap = _largest(reports, t_leave, float("inf"), exclude=users[3].user_id)
