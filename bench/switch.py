@@ -731,7 +731,7 @@ async def measure_switch(
     if dump := os.environ.get("BENCH_SWITCH_DUMP"):
         # Diagnostics: the raw per-member reports and the switch times (CLOCK_MONOTONIC), one
         # JSON line per run, to set beside bench/rtp_sniff.py's packet times.
-        with open(dump, "a") as f:
+        with Path(dump).open("a") as f:  # noqa: ASYNC230 (after the measurement)
             f.write(json.dumps({"t_join": t_join, "t_on_sfu": t_on_sfu, "t_leave": t_leave,
                                 "t_back": t_back, "reports": everyone}) + "\n")  # fmt: skip
     to_sfu_gap = _largest(everyone, t_join, t_leave)
