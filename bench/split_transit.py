@@ -15,6 +15,7 @@ import argparse
 import bisect
 import collections
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ M32 = 0xFFFFFFFF
 
 def _offset(
     pkts: list[tuple[float, int]], events: list[tuple[float, int]], lo: float, hi: float
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """The most common (RTP ts - event value) among packets [ev + lo, ev + hi] after an event,
-    and how many events agree on it."""
+    how many events agree on it, and the median |packet time - event time| of those: every
+    member sends the same clip, so only the delay tells senders apart."""
     times = [p[0] for p in pkts]
     votes: collections.Counter[int] = collections.Counter()
     for t, v in events:
@@ -34,8 +36,30 @@ def _offset(
         for _, ts in pkts[i:j]:
             votes[(ts - v) & M32] += 1
     if not votes:
-        return 0, 0
-    return votes.most_common(1)[0]
+        return 0, 0, 1.0
+    # Every frame in the window votes for one offset per frame near it (they are 6000
+    # apart): of the offsets with about the most votes, the one with the shortest delay.
+    top = votes.most_common(1)[0][1]
+    best = (0, 0, 1.0)
+    for off, n in votes.items():
+        if n < 0.8 * top:
+            continue
+        delays = []
+        for t, v in events:
+            i = bisect.bisect_left(times, t + lo)
+            j = bisect.bisect_right(times, t + hi)
+            delays += [abs(pt - t) for pt, ts in pkts[i:j] if (ts - v) & M32 == off]
+        d = statistics.median(delays) if delays else 1.0
+        if d < best[2]:
+            best = (off, n, d)
+    return best
+
+
+def _pick(cands: list[tuple[int, int, float, str]]) -> tuple[int, int, float, str]:
+    """Of (offset, votes, delay, who): the shortest delay among those with most votes."""
+    top = max((c[1] for c in cands), default=0)
+    good = [c for c in cands if c[1] >= 0.6 * top and top > 0]
+    return min(good, key=lambda c: c[2]) if good else (0, 0, 1.0, "")
 
 
 def analyse(run: dict[str, Any], packets: list[list[Any]], ms: int) -> None:
@@ -75,28 +99,27 @@ def analyse(run: dict[str, Any], packets: list[list[Any]], ms: int) -> None:
         upstream = key[1] == sfu_port
         downstream = key[0] == sfu_port
         lab = "sfu" if upstream or downstream else "mesh"
-        best = (0, 0, "")
+        cands = []
         for (user, lab2), ev in pickups.items():
             if lab2 != lab or not ev:
                 continue
-            off, n = _offset(marks, ev, 0.0, 0.4 if downstream else 0.15)
-            if n > best[1]:
-                best = (off, n, user)
+            cands.append((*_offset(marks, ev, 0.0, 0.4 if downstream else 0.15), user))
+        c = _pick(cands)
+        best = (c[0], c[1], c[3])
         info[key] = {"sender": best[2], "pts_off": best[0], "votes": best[1],
                      "n": len(marks), "kind": "up" if upstream else "down" if downstream
                      else "mesh", "rows": sorted(rows)}  # fmt: skip
         if upstream:
             continue
         # Who receives it: its RTP ts minus the receiver's mapped ts (rx trace).
-        bestr = (0, 0, "")
+        cands = []
         for r in reports:
             ev = [(t, ts) for lab2, t, ts, _b in r["rx_trace"]
                   if lab2.startswith(f"{lab} {best[2]}")]  # fmt: skip
-            if not ev:
-                continue
-            off, n = _offset(marks, ev, -0.4, 0.0)
-            if n > bestr[1]:
-                bestr = (off, n, r["user"])
+            if ev:
+                cands.append((*_offset(marks, ev, -0.4, 0.0), r["user"]))
+        c = _pick(cands)
+        bestr = (c[0], c[1], c[3])
         info[key].update(receiver=bestr[2], rx_off=bestr[0], rx_votes=bestr[1])
     print(f"  sfu port {sfu_port}; video flows:")
     for key, i in sorted(info.items(), key=lambda kv: (kv[1]["kind"], kv[1]["sender"])):
@@ -121,7 +144,7 @@ def analyse(run: dict[str, Any], packets: list[list[Any]], ms: int) -> None:
         rel = lambda t: "-" if t is None else f"{(t - start) * 1000:.0f}"  # noqa: E731
         fan = next((t[3] for t in next(r for r in reports if r["user"] == snd)["frame_trace"]
                     if t[0] == via and t[4] == pts), None)  # fmt: skip
-        pick = next((t for lab, t, p in pickups[(snd, via)] if p == pts), None)
+        pick = next((t for t, p in pickups[(snd, via)] if p == pts), None)
         fl_down = first_last(down[0], ts_down)
         up_s = ""
         if via == "sfu":
