@@ -62,7 +62,13 @@ from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.livekit import signal
-from matrixrtc.media.ice import IceServerConfig, gather_on, keep_consent_on, rtc_configuration
+from matrixrtc.media.ice import (
+    IceServerConfig,
+    batch_udp_reads,
+    gather_on,
+    keep_consent_on,
+    rtc_configuration,
+)
 from matrixrtc.tasks import OwnedTasks
 
 __all__ = ["ReceivedTrack", "RtcClient", "SignalLost"]
@@ -192,6 +198,7 @@ class RtcClient:
             await self._session.close()
 
     def _new_pc(self) -> RTCPeerConnection:
+        batch_udp_reads()  # one socket carries every publisher's packets
         pc = RTCPeerConnection(rtc_configuration(self._ice_servers))
 
         @pc.on("track")
@@ -360,6 +367,7 @@ class RtcClient:
         encode-once track). Returns {cid: LiveKit track sid}."""
         if self._pub is not None:
             raise LocalError("publish() runs once per client")
+        batch_udp_reads()
         pub = self._pub = _Subscriber(pc=RTCPeerConnection(rtc_configuration(self._ice_servers)))
         loop = asyncio.get_running_loop()
         for track in tracks:

@@ -70,6 +70,43 @@ class IceServerConfig:
     credential: str | None = None
 
 
+# Datagrams read per readiness event of a UDP socket (see batch_udp_reads).
+UDP_READ_BATCH = 64
+
+
+def batch_udp_reads(batch: int = UDP_READ_BATCH) -> None:
+    """Make every asyncio UDP transport created from now on read up to ``batch`` queued
+    datagrams per readiness event instead of one. asyncio reads one datagram per socket per
+    loop iteration: an SFU subscriber connection carries every publisher's audio and video
+    (~360 packets/s for three) on one socket, so on a busy loop (a mesh being built beside
+    it) packets waited 20-110 ms in the socket with no loop iteration over 20 ms: the
+    largest SFU->mesh switch gaps (bench/split_transit.py). Idempotent."""
+    from asyncio import selector_events
+
+    cls: Any = selector_events._SelectorDatagramTransport
+    if getattr(cls, "_matrixrtc_batch", None) == batch:
+        return
+
+    def read_ready(self: Any) -> None:
+        for _ in range(batch):
+            if self._conn_lost:
+                return
+            try:
+                data, addr = self._sock.recvfrom(self.max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+            except Exception as exc:
+                self._fatal_error(exc, "Fatal read error on datagram transport")
+                return
+            self._protocol.datagram_received(data, addr)
+
+    cls._read_ready = read_ready
+    cls._matrixrtc_batch = batch
+
+
 def rtc_configuration(
     servers: Sequence[IceServerConfig], *, relay_only: bool = False
 ) -> RTCConfiguration:

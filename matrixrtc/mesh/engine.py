@@ -34,6 +34,7 @@ from matrixrtc.mesh.fanout import (
     install_receive_hook,
     set_receive_decoding,
 )
+from matrixrtc.media.ice import batch_udp_reads
 from matrixrtc.mesh.ice import (
     CONSENT_EXPIRY_S,
     CONSENT_INTERVAL_S,
@@ -351,6 +352,7 @@ class MeshEngine:
 
     def _new_link(self, call_id: str, peer: DeviceRef) -> PeerLink:
         cfg = self.config
+        batch_udp_reads()  # before aioice makes this connection's sockets
         pc = RTCPeerConnection(rtc_configuration(cfg.ice_servers, relay_only=cfg.relay_only))
         link = PeerLink(call_id=call_id, peer=peer, pc=pc, created_at=self._clock())
         self.links[call_id] = link
