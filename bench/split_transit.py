@@ -68,11 +68,11 @@ def analyse(run: dict[str, Any], packets: list[list[Any]], ms: int) -> None:
     t_lo = run["t_join"] - 2
     t_hi = run["t_back"] + 3
     pk = [p for p in packets if t_lo <= p[0] <= t_hi]
-    ports = collections.Counter()
+    ports: collections.Counter[int] = collections.Counter()
     for p in pk:
         ports[p[1]] += 1
         ports[p[2]] += 1
-    pair_ports = collections.Counter()
+    pair_ports: collections.Counter[int] = collections.Counter()
     for sp, dp in {(p[1], p[2]) for p in pk}:
         pair_ports[sp] += 1
         pair_ports[dp] += 1
@@ -141,7 +141,10 @@ def analyse(run: dict[str, Any], packets: list[list[Any]], ms: int) -> None:
         d = info[down[0]]
         ts_down = (row[2] + d["rx_off"]) & M32
         pts = (ts_down - d["pts_off"]) & M32
-        rel = lambda t: "-" if t is None else f"{(t - start) * 1000:.0f}"  # noqa: E731
+
+        def rel(t: float | None) -> str:
+            return "-" if t is None else f"{(t - start) * 1000:.0f}"
+
         fan = next((t[3] for t in next(r for r in reports if r["user"] == snd)["frame_trace"]
                     if t[0] == via and t[4] == pts), None)  # fmt: skip
         pick = next((t for t, p in pickups[(snd, via)] if p == pts), None)
