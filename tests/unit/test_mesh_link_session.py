@@ -121,17 +121,32 @@ async def _until(progress: asyncio.Event, cond: Any, timeout_s: float = 2.0) -> 
             await progress.wait()
 
 
-async def test_new_session_gets_members_while_the_old_engine_still_closes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    engines: list[FakeEngine] = []
-    progress = asyncio.Event()
+@dataclass
+class Engines:
+    """The fake engines MatrixMesh made, oldest first; ``progress`` is set by each one's
+    ``set_members``."""
+
+    made: list[FakeEngine]
+    progress: asyncio.Event
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> Engines:
+    """MatrixMesh builds FakeEngines instead of MeshEngines."""
+    engines = Engines([], asyncio.Event())
 
     def new_engine(self: MatrixMesh, session_id: str) -> FakeEngine:
-        engines.append(FakeEngine(session_id, progress))
-        return engines[-1]
+        engines.made.append(FakeEngine(session_id, engines.progress))
+        return engines.made[-1]
 
     monkeypatch.setattr(MatrixMesh, "_new_engine", new_engine)
+    return engines
+
+
+async def test_new_session_gets_members_while_the_old_engine_still_closes(
+    fakes: Engines,
+) -> None:
+    engines, progress = fakes.made, fakes.progress
     peer = Member("@peer:hs", "PEER", "peer-1")
     agent = FakeAgent(participants=[Member("@me:hs", "ME", "me-1", is_self=True), peer])
     link = MatrixMesh(agent)  # type: ignore[arg-type]
@@ -169,20 +184,11 @@ async def test_new_session_gets_members_while_the_old_engine_still_closes(
             await link.__aexit__(None, None, None)
 
 
-async def test_a_mesh_the_call_is_leaving_links_no_newcomer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_mesh_the_call_is_leaving_links_no_newcomer(fakes: Engines) -> None:
     """While ``admit_new`` says the call's media is not on the mesh (a fourth member moves a
     3-member mesh to the SFU), the mesh keeps its links, drops leavers and links no newcomer;
     once it says yes again (the SFU failed), a refresh links the newcomer."""
-    engines: list[FakeEngine] = []
-    progress = asyncio.Event()
-
-    def new_engine(self: MatrixMesh, session_id: str) -> FakeEngine:
-        engines.append(FakeEngine(session_id, progress))
-        return engines[-1]
-
-    monkeypatch.setattr(MatrixMesh, "_new_engine", new_engine)
+    engines, progress = fakes.made, fakes.progress
     on_mesh = True
     me = Member("@me:hs", "ME", "me-1", is_self=True)
     a, b, c = (Member(f"@{n}:hs", n.upper(), f"{n}-1") for n in ("a", "b", "c"))
