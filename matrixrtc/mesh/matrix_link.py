@@ -179,6 +179,9 @@ class MatrixMesh:
         self.encrypted_signalling = False
         self.members: dict[DeviceRef, str] = {}
         self.dropped_signalling = 0
+        # Times the members were worked out (start, each membership change, each refresh),
+        # whether or not they changed: a test waits on it to know a change was judged.
+        self.member_updates = 0
         # (sender device, event type) -> accepted m.call.* events (observability, tests)
         self.received: Counter[tuple[str, str]] = Counter()
         # (peer device, "olm" | "plaintext" | "withheld") -> m.call.* events sent that way
@@ -395,6 +398,7 @@ class MatrixMesh:
             self.members = members
             self._conf_ids = conf_ids
             self.engine.set_members(members, conf_ids)
+        self.member_updates += 1
 
     async def _to_device_loop(self, events: Subscription[ToDeviceEvent]) -> None:
         async for ev in events:

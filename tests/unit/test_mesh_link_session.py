@@ -114,6 +114,13 @@ class FakeEngine:
         self.closed = True
 
 
+async def _polled(cond: Any, timeout_s: float = 2.0) -> None:
+    """Until ``cond()`` holds, for state with no event to wait on."""
+    async with asyncio.timeout(timeout_s):
+        while not cond():  # noqa: ASYNC110 (a counter: no event to wait on)
+            await asyncio.sleep(0.001)
+
+
 async def _until(progress: asyncio.Event, cond: Any, timeout_s: float = 2.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not cond():
@@ -200,8 +207,10 @@ async def test_a_mesh_the_call_is_leaving_links_no_newcomer(fakes: Engines) -> N
         refs = {m: DeviceRef(m.user_id, m.device_id) for m in (me, a, b, c)}
         assert set(engine.members[-1]) == {refs[me], refs[a], refs[b]}
         on_mesh = False  # c joins: the call moves to the SFU
+        seen = link.member_updates
         agent.set([me, a, b, c])
-        await asyncio.sleep(0.05)
+        # The change has been worked out (no set_members: nothing changed), then judged.
+        await _polled(lambda: link.member_updates > seen)
         assert set(engine.members[-1]) == {refs[me], refs[a], refs[b]}
         agent.set([me, a, c])  # b leaves meanwhile: dropped
         await _until(progress, lambda: refs[b] not in engine.members[-1])
