@@ -228,7 +228,8 @@ async def _member(args: MemberArgs) -> None:
 
 
 def _frame_trace() -> list[Any]:
-    """This member's encoders' per-frame rows (``MATRIXRTC_FRAME_TRACE=1``; else empty)."""
+    """This member's encoders' per-frame rows (``MATRIXRTC_FRAME_TRACE=1``; else empty), the
+    newest ``fanout.TRACE_ROWS`` of each trace, as are the two below."""
     from matrixrtc.mesh.fanout import FRAME_TRACE
 
     return list(FRAME_TRACE) if FRAME_TRACE is not None else []

@@ -60,6 +60,7 @@ import os
 import queue
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -105,20 +106,25 @@ OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 _DECODER_THREADS: Final = os.environ.get("MATRIXRTC_MESH_DECODER_THREADS") == "1"
 # Benchmarks only: aiortc's own video jitter buffer instead of :mod:`matrixrtc.mesh.jitter`.
 _AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
-# Diagnostics (bench/switch.py --trace-frames): every SharedEncoder of the process appends one
-# row per video frame: (label, read from the source, encoded, fanned out, pts, bytes, key,
-# queued for how many peers, of how many). Off unless MATRIXRTC_FRAME_TRACE=1.
-FRAME_TRACE: Final[list[tuple[str, float, float, float, int, int, bool, int, int]] | None] = (
-    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+# Diagnostics (bench/switch.py --trace-frames), off unless MATRIXRTC_FRAME_TRACE=1. Each
+# trace keeps its newest TRACE_ROWS rows: a process left running with the variable set holds
+# a few MB, not a row per frame since it started. 50 000 rows is over 7 minutes of 7 peers'
+# video at 15 fps, longer than a bench/switch.py member runs (LIMIT_S, 240 s).
+TRACE_ROWS: Final = 50_000
+_TRACING: Final = os.environ.get("MATRIXRTC_FRAME_TRACE") == "1"
+# Every SharedEncoder of the process appends one row per video frame: (label, read from the
+# source, encoded, fanned out, pts, bytes, key, queued for how many peers, of how many) ...
+FRAME_TRACE: Final[deque[tuple[str, float, float, float, int, int, bool, int, int]] | None] = (
+    deque(maxlen=TRACE_ROWS) if _TRACING else None
 )
 # ... every peer's RTP sender one row per video frame it takes to send: (label, taken, pts) ...
-PICKUP_TRACE: Final[list[tuple[str, float, int]] | None] = (
-    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+PICKUP_TRACE: Final[deque[tuple[str, float, int]] | None] = (
+    deque(maxlen=TRACE_ROWS) if _TRACING else None
 )
 # ... and every receive hook one row per video frame received and decrypted: (label: transport
 # and sender, arrival, RTP timestamp as mapped from the first frame, bytes).
-RX_TRACE: Final[list[tuple[str, float, int, int]] | None] = (
-    [] if os.environ.get("MATRIXRTC_FRAME_TRACE") == "1" else None
+RX_TRACE: Final[deque[tuple[str, float, int, int]] | None] = (
+    deque(maxlen=TRACE_ROWS) if _TRACING else None
 )
 
 
