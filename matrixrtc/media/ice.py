@@ -18,6 +18,12 @@ servers and host address restriction.
   open). :func:`keep_consent_on` gives each ICE connection of a peer connection the RFC's rule
   instead: a check every 4-6 s, retransmitted while it waits (0.5 + 1 + 2 s), and consent
   lost only when no answer at all came for 30 s. Per connection, nothing global changes.
+* UDP reads: :func:`batch_udp_reads` is the one global change, and it relies on an asyncio
+  private: it replaces ``_SelectorDatagramTransport._read_ready`` for the whole process with
+  CPython 3.11's method (the same in 3.12.1 and 3.13.0) run up to 64 times per readiness event.
+  A Python upgrade must compare it with that version's method again
+  (``tests/unit/test_udp_reads.py``; the pinned private uses are listed in
+  :mod:`matrixrtc.mesh.fanout`).
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ def batch_udp_reads(batch: int = UDP_READ_BATCH) -> None:
     loop iteration: an SFU subscriber connection carries every publisher's audio and video
     (~360 packets/s for three) on one socket, so on a busy loop (a mesh being built beside
     it) packets waited 20-110 ms in the socket with no loop iteration over 20 ms: the
-    largest SFU->mesh switch gaps (bench/split_transit.py). Idempotent."""
+    largest SFU->mesh switch gaps (bench/split_transit.py). Idempotent. Replaces an asyncio
+    private with a copy of CPython 3.11's logic: re-check on a Python upgrade (module doc)."""
     from asyncio import selector_events
 
     cls: Any = getattr(selector_events, "_SelectorDatagramTransport")  # noqa: B009 (private)

@@ -50,6 +50,12 @@ VP8 to the assembler, another codec to the original),
 wrapper around the jitter buffer's ``add``), ``__kind`` (read), ``_track._queue`` (decoded
 frames put), and in the ``RTCRtpSender`` subclass ``_send_keyframe``, ``_handle_rtcp_packet``
 and ``_ssrc``.
+
+One asyncio private is replaced process-wide, outside this module: ``batch_udp_reads``
+(:mod:`matrixrtc.media.ice`, called by the mesh engine and the aiortc SFU client) sets
+``asyncio.selector_events._SelectorDatagramTransport._read_ready`` to a loop of CPython 3.11's
+method (the same in 3.12.1 and 3.13.0), up to 64 reads per readiness event. A Python upgrade
+must compare it with that version's method again; ``tests/unit/test_udp_reads.py`` covers it.
 """
 
 from __future__ import annotations
