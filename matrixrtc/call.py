@@ -418,6 +418,13 @@ class Call:
         """What carries the media now (None before the first transport is up)."""
         return self._switcher.kind if self._switcher is not None else None
 
+    @property
+    def media_engine(self) -> Literal["mesh", "sdk", "aiortc"] | None:
+        """What runs the transport carrying the media now: ``"mesh"``, or on the SFU the
+        client its connections run on (``"sdk"``, ``"aiortc"``: ``CallOptions.sfu_engine``);
+        None before the first transport is up."""
+        return self._switcher.engine if self._switcher is not None else None
+
     def events(self) -> Subscription[CallEvent]:
         """Every :data:`CallEvent` from now on; ends when the call ends."""
         return self._events.subscribe()

@@ -75,6 +75,7 @@ from matrixrtc.media_transport import (
     DEFAULT_PROBES,
     DEFAULT_TRANSPORTS,
     FrameCounter,
+    MediaEngine,
     MediaTransport,
     TransportContext,
     TransportFactory,
@@ -322,6 +323,11 @@ class MediaSwitcher:
     def kind(self) -> MediaKind | None:
         """The kind of transport carrying our media now (None before the first one)."""
         return self.current.kind if self.current is not None else None
+
+    @property
+    def engine(self) -> MediaEngine | None:
+        """What runs the transport carrying our media now (None before the first one)."""
+        return self.current.engine if self.current is not None else None
 
     def running(self, kind: MediaKind) -> MediaTransport | None:
         """The running transport of ``kind`` (carrying media, or being switched to)."""

@@ -61,7 +61,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self, TypeAlias
 
 import av
 import structlog
@@ -88,6 +88,7 @@ __all__ = [
     "ParticipantStats",
     "RoomConnection",
     "SentStats",
+    "SfuEngine",
     "element_call_e2ee_options",
 ]
 
@@ -140,6 +141,10 @@ class LiveKitConnectError(RemoteError):
     """LiveKit refused or dropped the connection, or a publish failed."""
 
 
+SfuEngine: TypeAlias = Literal["sdk", "aiortc"]
+"""The client a LiveKit connection runs on: the livekit Python SDK, or ours over aiortc."""
+
+
 @dataclass(frozen=True, slots=True)
 class MediaOptions:
     """What we publish when a connection publishes."""
@@ -173,7 +178,7 @@ class MediaOptions:
     # Which client carries the media: "sdk" (the livekit Python SDK, which decodes every
     # subscribed video) or "aiortc" (our RtcClient, matrixrtc.media_transport.aiortc_engine,
     # which decodes only the first render_max; issue 19).
-    engine: Literal["sdk", "aiortc"] = "sdk"
+    engine: SfuEngine = "sdk"
 
 
 @dataclass(slots=True)
@@ -262,6 +267,11 @@ class RoomConnection(Protocol):
     seen_at: dict[str, float]
 
     @property
+    def engine(self) -> SfuEngine:
+        """The client this connection runs on."""
+        ...
+
+    @property
     def identity(self) -> str: ...
 
     async def connect(self) -> None: ...
@@ -321,6 +331,8 @@ class KeyTable:
 
 class LiveKitConnection:
     """A LiveKit room connection: E2EE, optional synthetic publishing, per-remote counters."""
+
+    engine: Final[SfuEngine] = "sdk"
 
     def __init__(
         self,

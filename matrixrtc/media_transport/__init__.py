@@ -18,6 +18,7 @@ from typing import Final
 
 from matrixrtc.media_transport.base import (
     FrameCounter,
+    MediaEngine,
     MediaTransport,
     TransportContext,
     TransportFactory,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_TRANSPORTS",
     "FrameCounter",
     "LiveKitMedia",
+    "MediaEngine",
     "MediaTransport",
     "MeshMedia",
     "TransportContext",

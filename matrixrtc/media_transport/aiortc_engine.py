@@ -40,6 +40,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import av
 import structlog
@@ -53,6 +54,7 @@ from matrixrtc.livekit.connection import (
     ParticipantStats,
     RoomConnection,
     SentStats,
+    SfuEngine,
 )
 from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
 from matrixrtc.livekit.token import SfuCredentials
@@ -85,6 +87,8 @@ class _Track:
 class AiortcConnection:
     """A room connection on :class:`RtcClient` (module docstring); made by
     :class:`~matrixrtc.livekit.transport.LiveKitTransport` through its ``connection_factory``."""
+
+    engine: Final[SfuEngine] = "aiortc"
 
     def __init__(
         self,

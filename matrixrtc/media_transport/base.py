@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, TypeAlias
 
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -19,11 +19,17 @@ from matrixrtc.session.mesh_signalling import DeviceRef
 
 __all__ = [
     "FrameCounter",
+    "MediaEngine",
     "MediaTransport",
     "TransportContext",
     "TransportFactory",
     "TransportProbe",
 ]
+
+
+MediaEngine: TypeAlias = Literal["mesh", "sdk", "aiortc"]
+"""What runs a transport's media: the mesh, or the SFU client (the livekit Python SDK, or ours
+over aiortc; ``MediaOptions.engine``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,11 @@ class MediaTransport(Protocol):
 
     @property
     def kind(self) -> MediaKind: ...
+
+    @property
+    def engine(self) -> MediaEngine:
+        """What runs this transport's media."""
+        ...
 
     async def start(self) -> None:
         """Bring the transport up; raises a ``MatrixRTCError`` if it cannot (the caller then

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import structlog
 from aiortc.mediastreams import MediaStreamTrack
@@ -11,7 +12,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from matrixrtc.agent import Participant
 from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.media_transport.base import FrameCounter, TransportContext
+from matrixrtc.media_transport.base import FrameCounter, MediaEngine, TransportContext
 from matrixrtc.mesh.matrix_link import MatrixMesh
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef
@@ -25,6 +26,7 @@ class MeshMedia:
     """See the module docstring. ``link`` is the running :class:`MatrixMesh` (after start)."""
 
     kind = MediaKind.MESH
+    engine: Final[MediaEngine] = "mesh"
 
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx

@@ -20,7 +20,7 @@ from matrixrtc.livekit.token import Endpoint, request_credentials
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice, plan_connections
 from matrixrtc.media.frames import FrameTap, TapFrame
 from matrixrtc.media_transport.aiortc_engine import AiortcConnection
-from matrixrtc.media_transport.base import FrameCounter, TransportContext
+from matrixrtc.media_transport.base import FrameCounter, MediaEngine, TransportContext
 from matrixrtc.model import CallMembership, Dialect
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef
@@ -51,6 +51,14 @@ class LiveKitMedia:
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx
         self.lk: LiveKitTransport | None = None
+
+    @property
+    def engine(self) -> MediaEngine:
+        """The client the connections run on (all made by one factory); before the first
+        one, the configured client."""
+        for conn in self.lk.connections.values() if self.lk is not None else ():
+            return conn.engine
+        return self._ctx.media.engine
 
     def _own_membership(self) -> CallMembership | None:
         hs = self._ctx.agent.hs

@@ -31,8 +31,6 @@ from matrixrtc import (
 )
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.media_transport.aiortc_engine import AiortcConnection
-from matrixrtc.media_transport.sfu import LiveKitMedia
 from tests.conftest import UserFactory
 
 pytestmark = pytest.mark.integration
@@ -61,15 +59,6 @@ def _call(synapse: Synapse, user: UserCreds, room: str, transport: str, sfu_url:
         sfu_url=sfu_url,
         options=replace(OPTIONS, sfu_engine="aiortc") if transport == "sfu-aiortc" else OPTIONS,
     )
-
-
-def _sfu_engine(call: Call) -> str:
-    assert call._switcher is not None
-    running = call._switcher.running(MediaKind.SFU)
-    assert isinstance(running, LiveKitMedia)
-    assert running.lk is not None
-    (conn,) = running.lk.connections.values()
-    return "aiortc" if isinstance(conn, AiortcConnection) else "sdk"
 
 
 def _kind(transport: str) -> MediaKind:
@@ -105,8 +94,10 @@ async def test_call_publishes_and_receives_decoded_frames_and_reports_events(
                     assert isinstance(first.frame, av.VideoFrame)
                     assert first.kind == "video"
                     assert first.transport is _kind(transport)
-                    if transport != "mesh":  # the engine asked for carries the media
-                        assert _sfu_engine(b) == ("aiortc" if transport == "sfu-aiortc" else "sdk")
+                    # The engine asked for carries the media (on the SFU: its connections').
+                    engine = {"mesh": "mesh", "sfu": "sdk", "sfu-aiortc": "aiortc"}[transport]
+                    assert b.media_engine == engine
+                    assert a.media_engine == engine
                     assert not first.participant.is_self
                     a.publish(small)  # replaces the big one, nothing renegotiated
                     async with asyncio.timeout(20):

@@ -48,3 +48,11 @@ def test_call_refuses_unknown_sfu_engine_and_negative_render_max(
     with pytest.raises(ConfigError, match=message):
         Call("!r:localhost", homeserver="http://127.0.0.1:9", user="@u:localhost",
              options=CallOptions(**options))  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_what_carries_the_media_is_none_before_the_call_opens() -> None:
+    from matrixrtc import Call
+
+    call = Call("!r:localhost", homeserver="http://127.0.0.1:9", user="@u:localhost")
+    assert call.transport is None
+    assert call.media_engine is None

@@ -17,7 +17,7 @@ import structlog.testing
 from matrixrtc.agent import CallAgent, Participant, ParticipantsChanged
 from matrixrtc.errors import RemoteError
 from matrixrtc.matrix import Broadcaster, Subscription, ToDeviceEvent, ToDeviceSendResult
-from matrixrtc.media_transport import FrameCounter, MediaTransport, TransportContext
+from matrixrtc.media_transport import FrameCounter, MediaEngine, MediaTransport, TransportContext
 from matrixrtc.model import (
     CallMembership,
     FullMeshTransport,
@@ -118,6 +118,7 @@ class FakeTransport:
 
     def __init__(self, kind: MediaKind, ctx: TransportContext, log: list[str]) -> None:
         self.kind = kind
+        self.engine: MediaEngine = "mesh" if kind is MediaKind.MESH else "aiortc"
         self.ctx = ctx
         self.log = log
         self.carrying = False
@@ -201,10 +202,12 @@ async def test_the_switcher_starts_switches_and_closes_transports_through_the_pr
     agent.members(ME, "@a:example.org")
     reg = Registry()
     switcher = MediaSwitcher(cast(CallAgent, agent), None, reg.config())
+    assert switcher.engine is None
     async with switcher:
         with switcher.switches() as records:
             first = await switcher.wait_settled(MediaKind.MESH, 5)
             assert (first.old, first.new) == (None, MediaKind.MESH)
+            assert switcher.engine == "mesh"
             assert await records.get() == first
             mesh = reg.made[MediaKind.MESH]
             assert mesh.ctx.agent is cast(CallAgent, agent)
@@ -218,16 +221,19 @@ async def test_the_switcher_starts_switches_and_closes_transports_through_the_pr
             agent.members(ME, "@a:example.org", "@b:example.org")
             await until(lambda: switcher.running(MediaKind.SFU) is not None)
             assert switcher.kind is MediaKind.MESH
+            assert switcher.engine == "mesh"  # the SFU does not carry the media yet
             assert switcher.running(MediaKind.MESH) is mesh
             reg.made[MediaKind.SFU].carrying = True
             second = await switcher.wait_settled(MediaKind.SFU, 5)
             assert (second.old, second.new) == (MediaKind.MESH, MediaKind.SFU)
+            assert switcher.engine == "aiortc"  # the SFU transport's own answer
             assert second.reason == "3 members > mesh_max 2"
             assert second.carried_at is not None
             assert await records.get() == second
             await until(lambda: "close mesh" in reg.log)
             assert switcher.running(MediaKind.MESH) is None
     assert reg.log[-1] == "close sfu"  # leaving the block closes the running transport
+    assert switcher.engine is None
 
 
 async def test_a_transport_that_fails_to_start_is_closed_and_the_old_one_keeps_running() -> None:

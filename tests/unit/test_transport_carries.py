@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from matrixrtc.agent import Participant
-from matrixrtc.livekit.connection import ParticipantStats
+from matrixrtc.livekit.connection import LiveKitConnection, MediaOptions, ParticipantStats
 from matrixrtc.media.sinks import ReceiveStats
+from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.media_transport.mesh import MeshMedia
 from matrixrtc.media_transport.sfu import (
     AUDIO_ONLY_GRACE_S,
@@ -28,6 +29,7 @@ class FakeConn:
     stats: dict[str, ParticipantStats] = field(default_factory=dict)
     failing: bool = False
     seen_at: dict[str, float] = field(default_factory=dict)
+    engine: str = "sdk"
 
     def published_kinds(self, identity: str) -> frozenset[str] | None:
         return self.kinds
@@ -120,3 +122,15 @@ def test_mesh_judges_by_the_tracks_the_peer_sends_minus_its_muted_kinds() -> Non
     assert not mesh(silent).carries(PEER, SINCE, video=True)
     silent.connected_at = SINCE  # sends nothing at all: carried once connected
     assert mesh(silent).carries(PEER, SINCE, video=True)
+
+
+def test_each_transport_names_the_engine_that_runs_it() -> None:
+    """``engine`` (what ``Call.media_engine`` reports): the SFU's is its connections' client,
+    the configured one before any connection; the mesh's is the mesh."""
+    assert sfu(FakeConn(engine="aiortc")).engine == "aiortc"
+    assert sfu(FakeConn(engine="sdk")).engine == "sdk"
+    ctx = cast(Any, type("Ctx", (), {"media": MediaOptions(engine="aiortc")})())
+    assert LiveKitMedia(ctx).engine == "aiortc"  # not started: no connection yet
+    assert LiveKitConnection.engine == "sdk"
+    assert AiortcConnection.engine == "aiortc"
+    assert MeshMedia(cast(Any, None)).engine == "mesh"
