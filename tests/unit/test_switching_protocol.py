@@ -5,9 +5,11 @@ fake agent whose memberships the test sets. No network, no media."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import pytest
@@ -188,6 +190,28 @@ class Registry:
         )
 
 
+@dataclass
+class OnTheMesh:
+    agent: FakeAgent
+    reg: Registry
+    switcher: MediaSwitcher
+
+
+@contextlib.asynccontextmanager
+async def on_the_mesh(
+    reg: Registry | None = None, *, clock: Callable[[], float] = time.monotonic, **config: Any
+) -> AsyncIterator[OnTheMesh]:
+    """Us and @a:example.org, the switcher running and settled on the mesh; ``config``
+    overrides fields of the registry's SwitchConfig."""
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org")
+    reg = reg if reg is not None else Registry()
+    cfg = replace(reg.config(), **config)
+    async with MediaSwitcher(cast(CallAgent, agent), None, cfg, clock=clock) as switcher:
+        await switcher.wait_settled(MediaKind.MESH, 5)
+        yield OnTheMesh(agent, reg, switcher)
+
+
 async def until(pred: Any) -> None:
     """Until ``pred()`` holds (state another task changes), or fail after 5 s."""
     async with asyncio.timeout(5):
@@ -237,12 +261,10 @@ async def test_the_switcher_starts_switches_and_closes_transports_through_the_pr
 
 
 async def test_a_transport_that_fails_to_start_is_closed_and_the_old_one_keeps_running() -> None:
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
     reg = Registry()
     reg.fail.add(MediaKind.SFU)
-    async with MediaSwitcher(cast(CallAgent, agent), None, reg.config()) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
+    async with on_the_mesh(reg) as m:
+        agent, switcher = m.agent, m.switcher
         agent.members(ME, "@a:example.org", "@b:example.org")
         await until(lambda: reg.log.count("start sfu") >= 2)  # retried after a pause
         assert "close sfu" in reg.log
@@ -338,13 +360,9 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
     """Make-before-break with the remote side switching too: our old transport carries our
     media to the others until each of them acknowledges receiving us over the new one; each
     member is taken from the new transport once it delivered that member's media."""
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
-    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
     a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
-    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
+    async with on_the_mesh(ack_timeout_s=30.0, settle_timeout_s=30.0) as m:
+        agent, reg, switcher = m.agent, m.reg, m.switcher
         # A start has nobody waiting for it: no acknowledgement goes out.
         await until(lambda: switcher.peers.get(a) is not None)
         await asyncio.sleep(0.05)
@@ -383,12 +401,10 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
 
 
 async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport() -> None:
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
     reg = Registry()
     reg.carrying = {MediaKind.MESH}  # the SFU never delivers
-    async with MediaSwitcher(cast(CallAgent, agent), None, reg.config()) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
+    async with on_the_mesh(reg) as m:
+        agent, switcher = m.agent, m.switcher
         mesh = reg.made[MediaKind.MESH]
         agent.members(ME, "@a:example.org", "@b:example.org")
         await until(lambda: switcher.running(MediaKind.SFU) is not None)
@@ -402,17 +418,13 @@ async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport()
 async def test_acks_count_only_from_members_devices_and_the_rest_are_logged_rarely() -> None:
     """An Olm-verified device that is not in the call (another user, or another device of a
     member) cannot make us tear the old path down; each such sender is logged once a minute."""
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
     now = [0.0]
-    config = replace(reg.config(), ack_timeout_s=300.0, settle_timeout_s=300.0)
     a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
     with structlog.testing.capture_logs() as logs:
-        async with MediaSwitcher(
-            cast(CallAgent, agent), None, config, clock=lambda: now[0]
-        ) as switcher:
-            await switcher.wait_settled(MediaKind.MESH, 5)
+        async with on_the_mesh(
+            clock=lambda: now[0], ack_timeout_s=300.0, settle_timeout_s=300.0
+        ) as m:
+            agent, reg, switcher = m.agent, m.reg, m.switcher
             agent.members(ME, "@a:example.org", "@b:example.org")  # SFU
             await until(lambda: switcher.running(MediaKind.SFU) is not None)
             now[0] = 1.0
@@ -451,13 +463,9 @@ async def test_the_old_transport_stops_decoding_each_member_once_it_is_cut_over(
     """A member taken from the new transport is not shown from the old one any more: the old
     one stops decoding it at its cutover (not before: it is shown from there until then), and
     nobody is hidden on the new one."""
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
-    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
     a, b = DeviceRef("@a:example.org", "D"), DeviceRef("@b:example.org", "D")
-    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
+    async with on_the_mesh(ack_timeout_s=30.0, settle_timeout_s=30.0) as m:
+        agent, reg, switcher = m.agent, m.reg, m.switcher
         mesh = reg.made[MediaKind.MESH]
         agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
         await until(lambda: switcher.running(MediaKind.SFU) is not None)
@@ -471,13 +479,9 @@ async def test_the_old_transport_stops_decoding_each_member_once_it_is_cut_over(
 
 
 async def test_a_switch_abandoned_after_a_cutover_shows_the_member_again_on_the_old() -> None:
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
-    config = replace(reg.config(), ack_timeout_s=30.0, settle_timeout_s=30.0)
     a = DeviceRef("@a:example.org", "D")
-    async with MediaSwitcher(cast(CallAgent, agent), None, config) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
+    async with on_the_mesh(ack_timeout_s=30.0, settle_timeout_s=30.0) as m:
+        agent, reg, switcher = m.agent, m.reg, m.switcher
         mesh = reg.made[MediaKind.MESH]
         agent.members(ME, "@a:example.org", "@b:example.org")
         await until(lambda: switcher.running(MediaKind.SFU) is not None)
@@ -493,13 +497,9 @@ async def test_a_switch_abandoned_after_a_cutover_shows_the_member_again_on_the_
 async def test_every_frame_a_poll_sees_is_a_gap_of_its_own() -> None:
     """Frames that came between two polls are gaps one by one (the counter keeps their times):
     three frames 50-70 ms apart seen by one poll are no 190 ms gap."""
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org")
-    reg = Registry()
-    cfg = replace(reg.config(), poll_s=0.05)
-    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
-        await switcher.wait_settled(MediaKind.MESH, 5)
-        mesh = reg.made[MediaKind.MESH]
+    async with on_the_mesh(poll_s=0.05) as m:
+        switcher = m.switcher
+        mesh = m.reg.made[MediaKind.MESH]
         peer = DeviceRef("@a:example.org", "D")
         mesh.frame_times = [1.0]
         await until(lambda: switcher.peers.get(peer) is not None
