@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import os
 
-from matrixrtc.livekit import KeyTable, LiveKitConnection, SfuCredentials
-from matrixrtc.livekit.token import Endpoint
-
-CREDS = SfuCredentials(
-    url="ws://127.0.0.1:1",
-    jwt="unused",
-    identity="@alice:hs:DEV",
-    room="room-alias",
-    endpoint=Endpoint.SFU_GET,
-)
+from matrixrtc.livekit import KeyTable, LiveKitConnection
+from tests.unit.livekit_credentials import CREDS
 
 
 async def test_connection_created_before_a_key_holds_it_until_closed() -> None:

@@ -10,17 +10,10 @@ from typing import Any
 
 from livekit import rtc
 
-from matrixrtc.livekit import LiveKitConnection, SfuCredentials
+from matrixrtc.livekit import LiveKitConnection
 from matrixrtc.livekit.connection import ConnectionState
-from matrixrtc.livekit.token import Endpoint
+from tests.unit.livekit_credentials import CREDS
 
-CREDS = SfuCredentials(
-    url="ws://127.0.0.1:1",
-    jwt="unused",
-    identity="@alice:hs:DEV",
-    room="room-alias",
-    endpoint=Endpoint.SFU_GET,
-)
 BOB, CAROL = "@bob:hs:DEV", "@carol:hs:DEV"
 
 

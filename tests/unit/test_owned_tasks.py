@@ -18,13 +18,13 @@ from matrixrtc.commands._call_cli import run_until
 from matrixrtc.commands.join import _until_stopped
 from matrixrtc.errors import RemoteError
 from matrixrtc.livekit.connection import LiveKitConnection
-from matrixrtc.livekit.token import Endpoint, SfuCredentials
 from matrixrtc.livekit.transport import LiveKitTransport, OwnDevice
 from matrixrtc.matrix import Broadcaster
 from matrixrtc.media.published import PublishedTrack
 from matrixrtc.media.sinks import CountingSink
 from matrixrtc.mesh.fanout import SharedEncoder
 from matrixrtc.tasks import OwnedTasks, first_of
+from tests.unit.livekit_credentials import CREDS
 
 log = structlog.get_logger("test")
 
@@ -191,14 +191,8 @@ async def test_published_track_raises_its_pump_failure_on_close() -> None:
     assert sub.readyState == "ended"  # the subscribers still end
 
 
-def _credentials() -> SfuCredentials:
-    return SfuCredentials(
-        url="ws://127.0.0.1:1", jwt="x", identity="@a:b:D", room="r", endpoint=Endpoint.GET_TOKEN
-    )
-
-
 async def test_livekit_connection_raises_a_task_failure_on_close() -> None:
-    conn = LiveKitConnection(_credentials(), publish=False)
+    conn = LiveKitConnection(CREDS, publish=False)
     conn._spawn(fail_soon(), "pump")
     await asyncio.sleep(0.01)
     with pytest.raises(RemoteError, match="'pump' failed"):
