@@ -54,6 +54,7 @@ Every task is owned and cancelled on exit; leaving the block tears down the runn
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import time
@@ -114,6 +115,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _MAX_GAP_RECORDS: Final = 8192  # every inter-frame gap is kept; at 15 fps × 3 peers, ~3 min
+_SHOWN_KEPT: Final = 64  # per peer: a frame reported late is placed among these
 
 # To-device, Olm-encrypted: "I receive your media over ``kind``" (content: ``room_id``,
 # ``kind`` "mesh" / "sfu"). Project-private (no MSC defines a switch); others ignore it.
@@ -209,9 +211,20 @@ class PeerMedia:
     max_gap_s: float = 0.0  # largest gap between two frames seen (an open gap is not counted)
     via: MediaKind | None = None  # the transport its frames are taken from (at the last poll)
     cut_at: dict[MediaKind, float] = field(default_factory=dict)  # latest cutover to each kind
+    shown: list[float] = field(default_factory=list)  # the latest frames shown, oldest first
 
     def open_gap_s(self, now: float) -> float:
         return 0.0 if self.last_frame_at is None else max(0.0, now - self.last_frame_at)
+
+
+def _shown_via(peer: PeerMedia, at: float, now: MediaKind | None) -> MediaKind | None:
+    """The transport ``peer`` was taken from at time ``at``: the one of its latest cutover
+    at or before ``at``; ``now`` (the current one) before any."""
+    shown, since = now, float("-inf")
+    for kind, cut in peer.cut_at.items():
+        if since < cut <= at:
+            shown, since = kind, cut
+    return shown
 
 
 @dataclass(slots=True)
@@ -542,8 +555,11 @@ class MediaSwitcher:
             # The decision moved back while both ran: the old transport never stopped, and
             # shows again whom it stopped decoding (from their next key frame).
             if old is not None:
+                back = self._clock()
                 for ref in hidden:
                     old.show(ref, True)
+                    if (seen := self.peers.get(ref)) is not None:
+                        seen.cut_at[old.kind] = back  # shown from the old one again
             self._starting = None
             self._teardown(transport.aclose(), transport.kind.value)
             self._log.info("switch.abandoned", old=transport.kind.value, kept=self.kind)
@@ -769,6 +785,7 @@ class MediaSwitcher:
             if peer is None:
                 peer = self.peers[ref] = PeerMedia(ref)
             peer.via = via = self.via(ref)
+            shown: list[tuple[float, MediaKind]] = []
             for kind, c in self._frame_sources(p):
                 obj, count, last = c.source, c.frames, c.last_frame_at
                 seen = self._sources.get(id(obj))
@@ -777,25 +794,54 @@ class MediaSwitcher:
                 if new <= 0 or last is None:
                     continue
                 peer.frames[kind] = peer.frames.get(kind, 0) + new
-                if via is not None and kind is not via:
-                    continue  # not what this member is shown: no gap, and it closes none
                 # Every frame since the last poll, where the counter keeps their times: a poll
                 # that sees several frames would otherwise count one gap up to the newest.
                 times = sorted(c.times(new)) if c.times is not None else []
                 for at in times if times and times[-1] == last else [last]:
-                    self._frame_seen(peer, kind, at)
+                    # Only what this member was shown at the frame's time makes or closes a
+                    # gap: counters report frames a little after they were decoded (the
+                    # LiveKit engines fold theirs every 50 ms), so a frame of the old path
+                    # decoded just before the cutover may be seen only after it.
+                    if _shown_via(peer, at, via) is kind:
+                        shown.append((at, kind))
+            for at, kind in sorted(shown, key=lambda s: s[0]):
+                self._frame_seen(peer, kind, at)
         self._sources = live
 
     def _frame_seen(self, peer: PeerMedia, kind: MediaKind, at: float) -> None:
-        if peer.first_frame_at is None:
-            peer.first_frame_at = at
-        elif peer.last_frame_at is not None and at > peer.last_frame_at:
-            gap = at - peer.last_frame_at
-            if gap > peer.max_gap_s:
-                peer.max_gap_s = gap
-            self.gaps.append(GapRecord(peer.peer, peer.last_frame_at, at, kind))
-        if peer.last_frame_at is None or at > peer.last_frame_at:
+        last = peer.last_frame_at
+        if last is None or at > last:
+            if last is not None:
+                self._add_gap(peer, GapRecord(peer.peer, last, at, kind))
+            else:
+                peer.first_frame_at = at
             peer.last_frame_at = at
+            peer.shown.append(at)
+            if len(peer.shown) > 2 * _SHOWN_KEPT:
+                del peer.shown[:-_SHOWN_KEPT]
+            return
+        # Reported after a later frame (another counter's, seen in an earlier poll): it splits
+        # the gap it fell into, if that gap is still among the recent ones.
+        i = bisect.bisect_left(peer.shown, at)
+        if i == 0 or i >= len(peer.shown) or peer.shown[i] == at:
+            return
+        before, after = peer.shown[i - 1], peer.shown[i]
+        split = next(
+            (g for g in reversed(self.gaps) if g.peer == peer.peer and g.start == before),
+            None,
+        )
+        if split is None or split.end != after:
+            return
+        self.gaps.remove(split)
+        self._add_gap(peer, GapRecord(peer.peer, before, at, kind))
+        self._add_gap(peer, GapRecord(peer.peer, at, after, split.transport))
+        peer.shown.insert(i, at)
+        if split.seconds >= peer.max_gap_s:
+            peer.max_gap_s = max((g.seconds for g in self.gaps if g.peer == peer.peer), default=0.0)
+
+    def _add_gap(self, peer: PeerMedia, gap: GapRecord) -> None:
+        peer.max_gap_s = max(peer.max_gap_s, gap.seconds)
+        self.gaps.append(gap)
 
     def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, FrameCounter]]:
         return [(t.kind, c) for t in self._running() for c in t.video_counters(p)]

@@ -509,3 +509,42 @@ async def test_every_frame_a_poll_sees_is_a_gap_of_its_own() -> None:
         gaps = [round(g.end - g.start, 3) for g in switcher.gaps if g.peer == peer]
         assert gaps == [0.05, 0.07, 0.07]
         assert switcher.peers[peer].max_gap_s == pytest.approx(0.07)
+
+
+@pytest.mark.parametrize("late_poll", [False, True], ids=["same poll", "later poll"])
+async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap(
+    late_poll: bool,
+) -> None:
+    """Counters report frames a little after they were decoded (the LiveKit engines fold
+    theirs every 50 ms). A frame of the old path decoded before the cutover was shown, even
+    when the poll that sees it comes after the cutover and after a new-path frame: it splits
+    the gap (it used to be dropped, and the gap ran from the frame before it to the new
+    path's first: 144 ms here instead of 77)."""
+    now = [10.0]
+    a = DeviceRef("@a:example.org", "D")
+    async with on_the_mesh(clock=lambda: now[0], ack_timeout_s=30.0, settle_timeout_s=30.0) as m:
+        agent, reg, switcher = m.agent, m.reg, m.switcher
+        mesh = reg.made[MediaKind.MESH]
+        mesh.frame_times = [10.0, 10.066]
+        await until(lambda: a in switcher.peers and switcher.peers[a].last_frame_at == 10.066)
+        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        sfu = reg.made[MediaKind.SFU]
+        sfu.frame_times = [10.19]  # decoded before the cutover: not shown
+        now[0] = 10.2
+        sfu.carrying = True
+        await until(lambda: switcher.via(a) is MediaKind.SFU)
+        assert switcher.peers[a].cut_at[MediaKind.SFU] == 10.2
+        if late_poll:
+            sfu.frame_times = [10.19, 10.21]
+            await until(lambda: switcher.peers[a].last_frame_at == 10.21)
+            mesh.frame_times = [10.0, 10.066, 10.133]  # the old path's, decoded at 10.133
+        else:
+            mesh.frame_times = [10.0, 10.066, 10.133]
+            sfu.frame_times = [10.19, 10.21]
+        await until(lambda: any(g.end == 10.21 and g.start == 10.133 for g in switcher.gaps))
+        sfu.frame_times = [10.19, 10.21, 10.27]
+        await until(lambda: switcher.peers[a].last_frame_at == 10.27)
+        gaps = [(round(g.start, 3), round(g.end, 3)) for g in switcher.gaps if g.peer == a]
+        assert gaps == [(10.0, 10.066), (10.066, 10.133), (10.133, 10.21), (10.21, 10.27)]
+        assert switcher.peers[a].max_gap_s == pytest.approx(0.077)
