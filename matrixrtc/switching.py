@@ -650,6 +650,9 @@ class MediaSwitcher:
                     if seen is None:
                         seen = self.peers[a.peer] = PeerMedia(a.peer)
                     seen.cut_at[a.kind] = a.at
+                    if self._video_since(transport, a.peer, h.started_at):
+                        # From now on the new path's latest frame is what this member shows.
+                        self._frame_seen(seen, a.kind, a.at)
                     if h.on_old(a.peer):  # only a member on the old path waits for it
                         self._ack(transport, a.peer)
                     old = self.current
@@ -842,6 +845,12 @@ class MediaSwitcher:
     def _add_gap(self, peer: PeerMedia, gap: GapRecord) -> None:
         peer.max_gap_s = max(peer.max_gap_s, gap.seconds)
         self.gaps.append(gap)
+
+    def _video_since(self, t: MediaTransport, ref: DeviceRef, since: float) -> bool:
+        p = next((p for p in self._remote() if DeviceRef(p.user_id, p.device_id) == ref), None)
+        return p is not None and any(
+            c.last_frame_at is not None and c.last_frame_at >= since for c in t.video_counters(p)
+        )
 
     def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, FrameCounter]]:
         return [(t.kind, c) for t in self._running() for c in t.video_counters(p)]
