@@ -16,6 +16,15 @@ change the class of our own sender instances (:func:`adopt_sender`) instead of r
 ``RTCPeerConnection`` method, and rebinding a module name would affect every peer connection
 in the process, not only the mesh's.
 
+Video is encoded **on the event loop** (≈ 0.5–4 ms a frame at 320×240, a key frame the most),
+not on a worker thread: PyAV hands the GIL back and forth around libvpx, so with the event
+loop busy each encode on a thread waited for the GIL at every hand-over (a 0.5 ms encode took
+6.8 ms beside one busy Python thread, at the default 5 ms switch interval), and during a
+transport switch encodes on the executor took 15–78 ms where on the loop they took 1–13
+(bench/switch.py frame traces). Alternated in one session, encoding on the loop lowered the
+median switch gap by ≈ 10 ms each way. ``MATRIXRTC_ENCODE_THREAD=1`` restores the executor
+(benchmarks only).
+
 Receive side: aiortc hands each complete depacketized frame to its decoder thread through the
 receiver's private ``queue.Queue``. :func:`install_receive_hook` swaps that queue, before the
 thread starts, for a :class:`_DecryptingQueue` bound to one remote participant's decryptor:
@@ -111,6 +120,8 @@ OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 # receiver instead of decoding on the event loop.
 _DECODER_THREADS: Final = os.environ.get("MATRIXRTC_MESH_DECODER_THREADS") == "1"
 # Benchmarks only: aiortc's own video jitter buffer instead of :mod:`matrixrtc.mesh.jitter`.
+# Benchmarks only: encode video on the default executor's threads instead of the event loop.
+_ENCODE_THREAD: Final = os.environ.get("MATRIXRTC_ENCODE_THREAD") == "1"
 _AIORTC_JITTER: Final = os.environ.get("MATRIXRTC_MESH_AIORTC_JITTER") == "1"
 # Diagnostics (bench/switch.py --trace-frames), off unless MATRIXRTC_FRAME_TRACE=1. Each
 # trace keeps its newest TRACE_ROWS rows: a process left running with the variable set holds
@@ -265,7 +276,7 @@ class SharedEncoder:
         self._resync = False  # frames were dropped: send nothing until the next key frame
         self._tasks = OwnedTasks(f"shared-encoder {self.kind}", log, event_prefix="mesh.encoder")
         self._started = False
-        self._video: Any = None  # PyAV VideoCodecContext, owned by the encode thread
+        self._video: Any = None  # PyAV VideoCodecContext
         self._video_bitrate = 0
         self._opened_at = 0.0
         self._audio: Any = None
@@ -330,9 +341,12 @@ class SharedEncoder:
                 try:
                     if isinstance(frame, av.VideoFrame):
                         bitrate = self.target_bitrate
-                        encoded = await loop.run_in_executor(
-                            None, self._encode_video, frame, force, bitrate
-                        )
+                        if _ENCODE_THREAD:
+                            encoded = await loop.run_in_executor(
+                                None, self._encode_video, frame, force, bitrate
+                            )
+                        else:  # on the loop: see the module docstring
+                            encoded = self._encode_video(frame, force, bitrate)
                     else:
                         encoded = self._encode_audio(frame)
                     encoded_at = time.monotonic()
