@@ -173,6 +173,9 @@ async def _member(args: MemberArgs) -> None:
             ]
             try:
                 await stdin.readline()  # "leave", or EOF: the parent is done with us
+                # As Call.leave(): the leave event first, so the others start switching while
+                # we build this report and tear down.
+                await agent.leave()
             finally:
                 for task in helpers:
                     task.cancel()
