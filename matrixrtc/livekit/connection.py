@@ -286,6 +286,9 @@ class RoomConnection(Protocol):
 
     def decrypting(self, identity: str) -> bool: ...
 
+    def hush(self) -> None:
+        """Publish no more frames (the tracks stay published): we left the call."""
+
 
 class KeyTable:
     """Remote senders' keys per (LiveKit identity, index) and our own current key, pushed to
@@ -397,6 +400,7 @@ class LiveKitConnection:
         self._track_tasks: dict[str, set[asyncio.Task[None]]] = {}
         self._track_owner: dict[str, str] = {}
         self._sources: list[rtc.VideoSource | rtc.AudioSource | rtc.EncodedVideoSource] = []
+        self._hushed = False  # we left the call: the sources get no more frames
         self._closed = False
         self.received = ReceivedTracks(
             self.room,
@@ -630,6 +634,9 @@ class LiveKitConnection:
         stats = self.stats.get(identity)
         return stats is None or stats.e2ee_state not in _FAILING_NAMES
 
+    def hush(self) -> None:
+        self._hushed = True
+
     def _subscribe_if_keyed(self, identity: str) -> None:
         """With ``subscribe_when_keyed``: subscribe to ``identity``'s tracks once we hold a key
         of it (the constructor's docstring)."""
@@ -734,7 +741,7 @@ class LiveKitConnection:
                 )
                 self._sync_own_key_index()  # a new sender cryptor starts at index 0
                 while True:
-                    if isinstance(frame, av.VideoFrame):
+                    if isinstance(frame, av.VideoFrame) and not self._hushed:
                         vsource.capture_frame(video_to_rtc(frame))
                         self.sent.video_frames += 1
                         self.sent.video_times.append(self._clock())
@@ -749,7 +756,7 @@ class LiveKitConnection:
                 )
                 self._sync_own_key_index()
                 while True:
-                    if isinstance(frame, av.AudioFrame):
+                    if isinstance(frame, av.AudioFrame) and not self._hushed:
                         for pcm in audio.convert(frame):
                             await asource.capture_frame(pcm)
                         self.sent.audio_frames += 1
@@ -767,6 +774,8 @@ class LiveKitConnection:
         try:
             while True:
                 frame = await track.recv()
+                if self._hushed:
+                    continue
                 data = frame.to_ndarray().tobytes()  # yuv420p planes, i.e. I420
                 source.capture_frame(
                     rtc.VideoFrame(m.width, m.height, rtc.VideoBufferType.I420, data)
@@ -788,6 +797,9 @@ class LiveKitConnection:
             if delay > 0:
                 await asyncio.sleep(delay)
             data, key = player.next(source.take_feedback().keyframe_requested)
+            if self._hushed:
+                n += 1
+                continue
             source.capture_frame(
                 rtc.EncodedVideoFrame(
                     data=data,
@@ -811,6 +823,8 @@ class LiveKitConnection:
         try:
             while True:
                 frame = await track.recv()
+                if self._hushed:
+                    continue
                 pcm = frame.to_ndarray()
                 await source.capture_frame(
                     rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, pcm.shape[-1])

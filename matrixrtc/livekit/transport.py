@@ -273,6 +273,11 @@ class LiveKitTransport:
         self._ensure_supervisor()
         return plan
 
+    def hush(self) -> None:
+        """Publish no more frames on any connection (see ``RoomConnection.hush``)."""
+        for conn in self.connections.values():
+            conn.hush()
+
     def lost(self) -> bool:
         """Whether a connection the plan calls for is not up now: being resumed by the SDK,
         being replaced, or failing to open (the transport keeps trying)."""

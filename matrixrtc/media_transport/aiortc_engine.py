@@ -325,6 +325,10 @@ class AiortcConnection:
             return None
         return frozenset(t.received.kind for sid, t in self._tracks.items() if sid in owned)
 
+    def hush(self) -> None:
+        for encoder in self._encoders:
+            encoder.paused = True
+
     def decrypting(self, identity: str) -> bool:
         now = self._clock()
         p = self.stats.get(identity)

@@ -101,6 +101,10 @@ class MediaTransport(Protocol):
         and decrypting where it can (so :meth:`carries` still holds); a transport that cannot
         stop its decoder ignores it."""
 
+    def hush(self) -> None:
+        """Send none of our media any more, staying connected: we left the call and linger
+        while the others move off this transport (see ``SwitchConfig.leave_linger_s``)."""
+
     def failing(self) -> bool:
         """Whether the transport has lost its server now (it may be repairing itself); the
         switcher falls back to another transport when this holds for a while."""

@@ -102,6 +102,12 @@ class MeshMedia:
         if engine is not None:
             engine.set_video_decoding(peer, on)
 
+    def hush(self) -> None:
+        engine = self.link.engine if self.link is not None else None
+        if engine is not None:
+            for encoder in engine.encoders.values():
+                encoder.paused = True
+
     def failing(self) -> bool:
         """Never as a whole: each peer link repairs itself (a lost peer is that peer's gap)."""
         return False

@@ -156,6 +156,10 @@ class LiveKitMedia:
         """Nothing: the SDK's receivers decode whether or not anyone reads them (see
         matrixrtc.livekit.receive)."""
 
+    def hush(self) -> None:
+        if self.lk is not None:
+            self.lk.hush()
+
     def failing(self) -> bool:
         return self.lk is not None and self.lk.lost()
 

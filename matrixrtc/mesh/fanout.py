@@ -283,6 +283,7 @@ class SharedEncoder:
         self._resampler: Any = None
         self._audio_pts = 0
         self.trace_label = ""  # which transport this encoder feeds, for FRAME_TRACE
+        self.paused = False  # read and drop every frame (we left the call; see hush())
 
     # -- subscribers and feedback ------------------------------------------------------------
 
@@ -334,7 +335,7 @@ class SharedEncoder:
                 self.frames_in += 1
                 if not isinstance(frame, av.VideoFrame | av.AudioFrame):
                     continue  # a pre-encoded source is not what a SharedEncoder is for
-                if not self._subscribers:
+                if not self._subscribers or self.paused:
                     continue  # nobody listens: read (so the source never backs up), skip work
                 force, self._force_keyframe = self._force_keyframe, False
                 read_at = time.monotonic()

@@ -100,6 +100,7 @@ class FakeAgent:
         self.hs = FakeHs()
         self.memberships: tuple[CallMembership, ...] = ()
         self.participants: tuple[Participant, ...] = ()
+        self.in_call = True  # False: we left (the agent sent our leave)
         self._changes: Broadcaster[ParticipantsChanged] = Broadcaster()
 
     def changes(self) -> Subscription[ParticipantsChanged]:
@@ -154,6 +155,9 @@ class FakeTransport:
             self.hidden.discard(peer)
         else:
             self.hidden.add(peer)
+
+    def hush(self) -> None:
+        self.log.append(f"hush {self.kind.value}")
 
     def failing(self) -> bool:
         return self.lost
@@ -554,3 +558,48 @@ async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap
             (10.21, 10.27),
         ]
         assert switcher.peers[a].max_gap_s == pytest.approx(0.067)
+
+
+@pytest.mark.parametrize(
+    ("stay", "lingers"),
+    [(("@a:example.org", "@b:example.org"), True), (("@a:example.org",), False)],
+    ids=["others move to the mesh", "one member left"],
+)
+async def test_leaving_an_sfu_call_the_others_leave_for_the_mesh_lingers_hushed(
+    stay: tuple[str, ...], lingers: bool
+) -> None:
+    """Our leave takes a 4-member SFU call to 3 (mesh_max 3: mesh): we stop sending on the
+    SFU and close it only leave_linger_s later, after the others moved. Otherwise (nobody
+    to switch) we close at once; and never while we are still in the call."""
+    reg = Registry()
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org", "@b:example.org", "@c:example.org")
+    cfg = replace(reg.config(), mesh_max=3, leave_linger_s=0.2)
+    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
+    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
+        await switcher.wait_settled(MediaKind.SFU, 5)
+        agent.in_call = False
+        agent.members(ME, *stay)  # our leave went out; the others' memberships remain
+        started = time.monotonic()
+    closed_after = time.monotonic() - started
+    sfu_log = [e for e in reg.log if e.endswith(" sfu") and e.split()[0] in ("hush", "close")]
+    if lingers:
+        assert sfu_log == ["hush sfu", "close sfu"]
+        assert closed_after >= 0.2
+    else:
+        assert sfu_log == ["close sfu"]
+        assert closed_after < 0.2
+
+
+async def test_a_switcher_closed_while_still_in_the_call_does_not_linger() -> None:
+    reg = Registry()
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org", "@b:example.org", "@c:example.org")
+    cfg = replace(reg.config(), mesh_max=3, leave_linger_s=5.0)
+    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
+    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
+        await switcher.wait_settled(MediaKind.SFU, 5)
+        agent.members(ME, "@a:example.org", "@b:example.org")  # others would mesh
+        started = time.monotonic()
+    assert time.monotonic() - started < 1.0
+    assert "hush sfu" not in reg.log
