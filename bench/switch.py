@@ -173,9 +173,6 @@ async def _member(args: MemberArgs) -> None:
             ]
             try:
                 await stdin.readline()  # "leave", or EOF: the parent is done with us
-                # As Call.leave(): the leave event first, so the others start switching while
-                # we build this report and tear down.
-                await agent.leave()
             finally:
                 for task in helpers:
                     task.cancel()
@@ -194,6 +191,9 @@ async def _member(args: MemberArgs) -> None:
                 )
                 if present and seen.last_frame_at is not None and seen.open_gap_s(now) > 0.05:
                     gaps.append((ref.user_id, seen.last_frame_at, now, "open", True))
+            # As Call.leave(): the leave event before the rest (this report, the teardown),
+            # so the others start switching at once; the gaps were taken just before.
+            await agent.leave()
             _emit(
                 sys.stdout,
                 event="report",
