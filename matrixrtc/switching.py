@@ -37,8 +37,12 @@ taken from, i.e. what a receiver shows) and :attr:`MediaSwitcher.gaps` (the late
 gaps, for figures around a switch). Frames are observed by polling the transports' decoded
 frame counters every ``poll_s``; each counter keeps its frames' times, so every gap between
 two consecutive frames is measured, however many a poll sees at once (a counter without times:
-from the previous frame to the newest, which can only overstate). Frames over the transport a
-member is not taken from are counted but make no gap and close none.
+from the previous frame to the newest, which can only overstate). A frame makes or closes a
+gap only if it came over the transport the member was taken from *at the frame's time* (its
+latest cutover at or before it): counters report frames after they were decoded, so an
+old-path frame decoded just before a cutover may be seen after it, and then splits the gap it
+fell into. At a cutover the new path's latest frame is what the member shows (a frame at the
+cutover's time). Frames over another transport are counted but make no gap and close none.
 
 SFU failure: when the transport carrying our media reports it has lost its server
 (:meth:`MediaTransport.failing`) for ``fail_after_s``, that kind counts as unreachable and
@@ -47,6 +51,12 @@ to the mesh, make-before-break as ever). Every ``probe_s`` the kind's probe
 (``SwitchConfig.probes``) asks whether it could work again; once it says so the policy decides
 as before, and the call moves back. The web client (web/src/call.ts) does the same with the
 same delays, so a browser and a Python member fall back and return together.
+
+Leaving: after the agent sent our leave, when that leave moves the others from the SFU we are
+on to the mesh, the block's exit stays connected to the SFU, sending nothing
+(:meth:`MediaTransport.hush`), for ``leave_linger_s`` before closing: LiveKit reshuffles its
+forwarding when a participant disconnects, and the others' old path should not go through
+that while their mesh comes up.
 
 Every task is owned and cancelled on exit; leaving the block tears down the running transport.
 """
