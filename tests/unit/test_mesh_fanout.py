@@ -118,6 +118,29 @@ def test_target_bitrate_is_the_minimum_over_peers() -> None:
     assert encoder.target_bitrate == MAX_VIDEO_BITRATE
 
 
+async def test_a_paused_encoder_keeps_reading_its_source_and_sends_nothing() -> None:
+    """What MediaTransport.hush() relies on (we left the call and linger on the SFU): the
+    source is still read, so it never backs up, but no frame reaches a peer."""
+    encoder = SharedEncoder(SyntheticVideoTrack(fps=50.0))
+    track = encoder.subscribe()
+    encoder.start()
+    try:
+        await asyncio.wait_for(track.recv(), 5)  # sending
+        encoder.paused = True
+        while not track._queue.empty():  # what was queued before the pause
+            track._queue.get_nowait()
+        read = encoder.frames_in
+        for _ in range(1000):  # until five frames were read while paused (5 s at most)
+            if encoder.frames_in >= read + 5:
+                break
+            await asyncio.sleep(0.005)
+        assert encoder.frames_in >= read + 5
+        assert track._queue.empty()
+        assert encoder.frames_encoded <= read + 1  # at most the one in hand at the pause
+    finally:
+        await encoder.aclose()
+
+
 async def test_overflow_restarts_a_slow_video_peer_at_a_keyframe() -> None:
     encoder = SharedEncoder(SyntheticVideoTrack(), queue_frames=2)
     track = encoder.subscribe()

@@ -560,6 +560,24 @@ async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap
         assert switcher.peers[a].max_gap_s == pytest.approx(0.067)
 
 
+@contextlib.asynccontextmanager
+async def on_the_sfu(linger_s: float) -> AsyncIterator[OnTheMesh]:
+    """Us and three others (mesh_max 3: the SFU), the switcher settled on the SFU; on exit
+    the switcher's own exit, timed by the caller."""
+    reg = Registry()
+    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
+    agent = FakeAgent()
+    agent.members(ME, "@a:example.org", "@b:example.org", "@c:example.org")
+    cfg = replace(reg.config(), mesh_max=3, leave_linger_s=linger_s)
+    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
+        await switcher.wait_settled(MediaKind.SFU, 5)
+        yield OnTheMesh(agent, reg, switcher)
+
+
+def sfu_ends(reg: Registry) -> list[str]:
+    return [e for e in reg.log if e.endswith(" sfu") and e.split()[0] in ("hush", "close")]
+
+
 @pytest.mark.parametrize(
     ("stay", "lingers"),
     [(("@a:example.org", "@b:example.org"), True), (("@a:example.org",), False)],
@@ -569,37 +587,24 @@ async def test_leaving_an_sfu_call_the_others_leave_for_the_mesh_lingers_hushed(
     stay: tuple[str, ...], lingers: bool
 ) -> None:
     """Our leave takes a 4-member SFU call to 3 (mesh_max 3: mesh): we stop sending on the
-    SFU and close it only leave_linger_s later, after the others moved. Otherwise (nobody
-    to switch) we close at once; and never while we are still in the call."""
-    reg = Registry()
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org", "@b:example.org", "@c:example.org")
-    cfg = replace(reg.config(), mesh_max=3, leave_linger_s=0.2)
-    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
-    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
-        await switcher.wait_settled(MediaKind.SFU, 5)
-        agent.in_call = False
-        agent.members(ME, *stay)  # our leave went out; the others' memberships remain
+    SFU and close it only leave_linger_s later, after the others moved. With nobody left to
+    switch we close at once."""
+    async with on_the_sfu(0.2) as m:
+        m.agent.in_call = False
+        m.agent.members(ME, *stay)  # our leave went out; the others' memberships remain
         started = time.monotonic()
     closed_after = time.monotonic() - started
-    sfu_log = [e for e in reg.log if e.endswith(" sfu") and e.split()[0] in ("hush", "close")]
     if lingers:
-        assert sfu_log == ["hush sfu", "close sfu"]
+        assert sfu_ends(m.reg) == ["hush sfu", "close sfu"]
         assert closed_after >= 0.2
     else:
-        assert sfu_log == ["close sfu"]
+        assert sfu_ends(m.reg) == ["close sfu"]
         assert closed_after < 0.2
 
 
 async def test_a_switcher_closed_while_still_in_the_call_does_not_linger() -> None:
-    reg = Registry()
-    agent = FakeAgent()
-    agent.members(ME, "@a:example.org", "@b:example.org", "@c:example.org")
-    cfg = replace(reg.config(), mesh_max=3, leave_linger_s=5.0)
-    reg.carrying = {MediaKind.MESH, MediaKind.SFU}
-    async with MediaSwitcher(cast(CallAgent, agent), None, cfg) as switcher:
-        await switcher.wait_settled(MediaKind.SFU, 5)
-        agent.members(ME, "@a:example.org", "@b:example.org")  # others would mesh
+    async with on_the_sfu(5.0) as m:
+        m.agent.members(ME, "@a:example.org", "@b:example.org")  # others would mesh
         started = time.monotonic()
     assert time.monotonic() - started < 1.0
-    assert "hush sfu" not in reg.log
+    assert sfu_ends(m.reg) == ["close sfu"]
