@@ -178,7 +178,8 @@ async def test_new_session_gets_members_while_the_old_engine_still_closes(
         assert not first.closed
         exiting = asyncio.ensure_future(link.__aexit__(None, None, None))
         second.release.set()
-        await asyncio.sleep(0.05)
+        # The exit has closed the new engine: nothing but the old engine's close is left.
+        await _polled(lambda: second.closed)
         assert not exiting.done()  # the exit waits for the old engine's close
         first.release.set()
         await asyncio.wait_for(exiting, 2.0)
