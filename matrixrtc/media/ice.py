@@ -105,7 +105,11 @@ def batch_udp_reads(batch: int = UDP_READ_BATCH) -> None:
             except OSError as exc:
                 self._protocol.error_received(exc)
                 return
-            except Exception as exc:
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                # As CPython's method: anything else fails this transport (its protocol is
+                # told why) instead of escaping to the loop with the socket left open.
                 self._fatal_error(exc, "Fatal read error on datagram transport")
                 return
             self._protocol.datagram_received(data, addr)

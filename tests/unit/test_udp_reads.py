@@ -1,10 +1,14 @@
 """A UDP socket with datagrams queued is read in one go, not one datagram per loop iteration
-(an SFU subscriber socket carries every publisher's packets; see ``batch_udp_reads``)."""
+(an SFU subscriber socket carries every publisher's packets; see ``batch_udp_reads``), and a
+failing read is handled as CPython 3.11's own ``_read_ready`` handles it."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
+
+import pytest
 
 from matrixrtc.media.ice import batch_udp_reads
 
@@ -44,4 +48,64 @@ async def test_queued_datagrams_are_read_in_one_iteration() -> None:
         assert proto.seen_next_iteration == 10
     finally:
         sender.close()
+        transport.close()
+
+
+class _Boom(BaseException):
+    """Neither an Exception nor SystemExit/KeyboardInterrupt."""
+
+
+class _FailingSocket:
+    """Stands in for the transport's socket: every read raises ``exc``."""
+
+    def __init__(self, sock: socket.socket, exc: BaseException) -> None:
+        self.sock = sock
+        self.exc = exc
+
+    def recvfrom(self, bufsize: int) -> tuple[bytes, object]:
+        raise self.exc
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Lost(asyncio.DatagramProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def _failing_transport(exc: BaseException) -> tuple[Any, _Lost]:
+    batch_udp_reads()
+    loop = asyncio.get_running_loop()
+    transport: Any
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: _Lost(loop), local_addr=("127.0.0.1", 0)
+    )
+    transport._sock = _FailingSocket(transport._sock, exc)
+    return transport, proto
+
+
+@pytest.mark.parametrize("exc", [SystemExit(), KeyboardInterrupt()])
+async def test_a_read_raising_exit_or_interrupt_propagates(exc: BaseException) -> None:
+    transport, _ = await _failing_transport(exc)
+    try:
+        with pytest.raises(type(exc)):
+            transport._read_ready()
+        assert not transport.is_closing()
+    finally:
+        transport.close()
+
+
+async def test_a_read_raising_another_base_exception_closes_the_transport() -> None:
+    """As CPython's own method does: the transport fails and the protocol is told why."""
+    boom = _Boom()
+    transport, proto = await _failing_transport(boom)
+    try:
+        transport._read_ready()  # does not raise
+        assert transport.is_closing()
+        assert await asyncio.wait_for(proto.lost, 5) is boom
+    finally:
         transport.close()
