@@ -228,7 +228,9 @@ class _Probe:
                         "frames_decoded": video.frames_decoded if video is not None else 0,
                         # received and decrypted (decoded or not)
                         "frames_received": video.encoded_frames if video is not None else 0,
-                        "audio_frames_decoded": audio.frames_decoded if audio is not None else 0,
+                        # received and decrypted: decoded only for a frames tap (as on
+                        # the SFU's aiortc engine)
+                        "audio_frames_decoded": audio.encoded_frames if audio is not None else 0,
                         "first_frame_at_ms": _wall_ms(video.first_frame_at) if video else None,
                         "decrypt_failures": sum(s.decrypt_failures for s in link.stats.values()),
                         "packets_in": packets_in,

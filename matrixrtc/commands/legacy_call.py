@@ -97,7 +97,11 @@ async def _main(args: argparse.Namespace) -> int:
                     return
                 peers = {}
                 for link in engine.links.values():
-                    frames = {k: s.frames_decoded for k, s in link.stats.items()}
+                    # video decoded; audio received and decrypted (decoded only for a tap)
+                    frames = {
+                        k: s.frames_decoded if k == "video" else s.encoded_frames
+                        for k, s in link.stats.items()
+                    }
                     peers[f"{link.peer.user_id}/{link.peer.device_id}"] = frames
                 text = ", ".join(f"{p}: {f}" for p, f in peers.items()) or "no peer yet"
                 console.event("peers", text, peers=peers)

@@ -60,6 +60,11 @@ class ReceiveStats:
             return []
         return list(self._recent_received)[-n:]
 
+    @property
+    def last_received_at(self) -> float | None:
+        """When the newest frame was received and decrypted (decoded or not)."""
+        return self._recent_received[-1] if self._recent_received else None
+
     def received_fps(self, now: float | None = None) -> float:
         """Frames received (and decrypted) per second over the last two seconds."""
         now = time.monotonic() if now is None else now

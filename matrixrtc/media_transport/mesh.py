@@ -80,7 +80,11 @@ class MeshMedia:
         for kind in order:
             if kind in link.remote_kinds and kind not in muted:
                 stats = link.stats.get(kind)
-                return stats is not None and (stats.last_frame_at or 0.0) >= since
+                if stats is None:
+                    return False
+                # Audio is decoded only for a frames tap: judged at decryption.
+                last = stats.last_frame_at if kind == "video" else stats.last_received_at
+                return (last or 0.0) >= since
         return link.connected_at is not None
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:

@@ -16,7 +16,7 @@ import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -66,6 +66,8 @@ from matrixrtc.tasks import OwnedTasks
 __all__ = ["MeshConfig", "MeshEngine", "PeerLink", "ToDeviceSender"]
 
 log = structlog.get_logger(__name__)
+
+TAP_POLL_S: Final = 0.05  # how soon remote audio decoding follows the frames tap (as SYNC_S)
 
 
 class ToDeviceSender(Protocol):
@@ -178,6 +180,9 @@ class MeshEngine:
         self._tasks = OwnedTasks(f"mesh {self.local.device_id}", log, event_prefix="mesh")
         self._started = False
         self._closed = False
+        # Remote audio is decoded only while the frames tap listens: nothing else reads it
+        # (as the aiortc SFU engine). Received, decrypted and counted either way.
+        self._decoding_audio = self._tap_listening()
         for source in self._sources.values():
             listen = getattr(source, "on_publishing_changed", None)
             if callable(listen):  # a Call's published track: announce mutes (MSC3291)
@@ -200,6 +205,8 @@ class MeshEngine:
             encoder.start()
         self._tasks.spawn(self._run_actions(), "actions")
         self._tasks.spawn(self._run_timer(), "timer")
+        if self._frames is not None:
+            self._tasks.spawn(self._follow_tap(), "tap")
 
     async def aclose(self) -> None:
         """Hang up every call, close every peer connection, stop every task; then raise the
@@ -259,6 +266,22 @@ class MeshEngine:
             if transceiver.kind == "video":
                 done = set_receive_decoding(transceiver.receiver, on) or done
         return done
+
+    def _tap_listening(self) -> bool:
+        return self._frames is not None and self._frames.listening
+
+    async def _follow_tap(self) -> None:
+        """Decode remote audio from when the frames tap starts listening, stop when it stops."""
+        while True:
+            await asyncio.sleep(TAP_POLL_S)
+            listening = self._tap_listening()
+            if listening is self._decoding_audio:
+                continue
+            self._decoding_audio = listening
+            for link in self.links.values():
+                for transceiver in link.pc.getTransceivers():
+                    if transceiver.kind == "audio":
+                        set_receive_decoding(transceiver.receiver, listening)
 
     def connected_peers(self) -> set[DeviceRef]:
         return {link.peer for link in self.links.values() if link.connected_at is not None}
@@ -462,7 +485,11 @@ class MeshEngine:
                 decryptor=decryptor,
                 stats=stats,
                 on_encoded=self._encoded_hook(link.peer),
-                decode=transceiver.kind != "video" or self._may_decode_video(link),
+                decode=(
+                    self._may_decode_video(link)
+                    if transceiver.kind == "video"
+                    else self._decoding_audio
+                ),
                 trace_label=f"mesh {link.peer.user_id}",
             )
             link.hooked.add(id(receiver))

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiortc.mediastreams import MediaStreamTrack
 
+from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.transform import FrameTransform
@@ -81,6 +82,7 @@ def make_engine(
     *,
     sources: Sequence[MediaStreamTrack] | None = None,
     config: MeshConfig = CONFIG,
+    frames: FrameTap[DeviceRef] | None = None,
 ) -> MeshEngine:
     """An engine for ``r`` on ``router``; ``sources`` default to synthetic video and audio."""
     if sources is None:
@@ -91,6 +93,7 @@ def make_engine(
         sources=list(sources),
         config=config,
         transform=transform,
+        frames=frames,
     )
     router.engines[r] = engine
     return engine
@@ -109,3 +112,11 @@ def decoded(engine: MeshEngine, peer: DeviceRef, kind: str) -> int:
     if link is None or kind not in link.stats:
         return 0
     return link.stats[kind].frames_decoded
+
+
+def received(engine: MeshEngine, peer: DeviceRef, kind: str) -> int:
+    """Frames of ``kind`` from ``peer`` received and decrypted (decoded or not)."""
+    link = engine.link_for(peer)
+    if link is None or kind not in link.stats:
+        return 0
+    return link.stats[kind].encoded_frames

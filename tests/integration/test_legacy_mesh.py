@@ -42,10 +42,13 @@ async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> N
 
 
 def decoded(engine: MeshEngine | None, peer: DeviceRef, kind: str) -> int:
+    """Video frames decoded; audio frames received and decrypted (remote audio is decoded
+    only for a frames tap, and these engines have none)."""
     link = None if engine is None else engine.link_for(peer)
     if link is None or kind not in link.stats:
         return 0
-    return link.stats[kind].frames_decoded
+    stats = link.stats[kind]
+    return stats.frames_decoded if kind == "video" else stats.encoded_frames
 
 
 def sources() -> list[Any]:

@@ -21,7 +21,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from matrixrtc.e2ee import FrameCryptor, KeyRing
-from matrixrtc.mesh.engine import MeshEngine
+from matrixrtc.media.frames import FrameTap
+from matrixrtc.mesh.engine import TAP_POLL_S, MeshEngine
 from matrixrtc.mesh.transform import CryptorTransform, FrameDecryptor
 from matrixrtc.session.mesh_signalling import DeviceRef
 from tests.integration.mesh_rig import (
@@ -32,6 +33,7 @@ from tests.integration.mesh_rig import (
     Router,
     decoded,
     make_engine,
+    received,
     ref,
     session,
     wait_for,
@@ -133,8 +135,9 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(mesh_router: Rout
             assert set(hosts) == {"127.0.0.1"}
 
     def snapshot() -> dict[tuple[DeviceRef, DeviceRef, str], int]:
+        # Video decoded; audio received and decrypted (nobody listens: it is not decoded).
         return {
-            (r, p, k): decoded(e, p, k)
+            (r, p, k): decoded(e, p, k) if k == "video" else received(e, p, k)
             for r, e in engines.items()
             for p in refs
             if p != r
@@ -163,7 +166,7 @@ async def test_three_peer_mesh_encrypted_encode_once_and_leave(mesh_router: Rout
         assert len(engines[r].encoders[kind].subscribers) == 2
         for p in refs:
             if p != r:
-                # ... and every peer decodes >= 90 % of the frames that one encoder made.
+                # ... and every peer gets >= 90 % of the frames that one encoder made.
                 got = after[(p, r, kind)] - before[(p, r, kind)]
                 assert got >= 0.9 * encodes, (kind, "from", r, "at", p, got, encodes)
     for r, e in engines.items():
@@ -212,14 +215,52 @@ async def test_peer_without_the_key_receives_packets_but_decodes_nothing(
         "DDD receiving AAA's frames",
     )
     assert link.stats["video"].frames_decoded == 0
-    assert link.stats["audio"].frames_decoded == 0
     assert link.stats["video"].encoded_frames == 0
+    assert link.stats["audio"].encoded_frames == 0
     # The key arrives late: decoding starts, helped by a key frame request to AAA's encoder.
     requests = ea.encoders["video"].keyframe_requests_from_peers
     tf_d.decryptors["AAA"].aead = AESGCM(key_for("AAA"))
     await wait_for(lambda: link.stats["video"].frames_decoded > 5, 5, "DDD decoding after key")
     assert ea.encoders["video"].keyframe_requests_from_peers > requests
-    assert link.stats["audio"].frames_decoded > 0
+    await wait_for(lambda: link.stats["audio"].encoded_frames > 0, 5, "DDD decrypting audio")
+
+
+async def test_remote_audio_is_decoded_only_while_the_frames_tap_listens(
+    mesh_router: Router,
+) -> None:
+    """Nothing but the frames tap reads remote audio: without a listener it is received,
+    decrypted and counted, not decoded (CPU: an Opus decode and a track hand-off per frame
+    per peer); decoding follows the tap's ``listening``."""
+    a, b = ref("AAA"), ref("BBB")
+    tf = transforms("AAA", "BBB")
+    listening = False
+    tapped: list[str] = []
+    tap: FrameTap[DeviceRef] = FrameTap(
+        lambda peer, frame: tapped.append(type(frame).__name__), lambda: listening
+    )
+    ea = make_engine(mesh_router, a, tf["AAA"], frames=tap)
+    eb = make_engine(mesh_router, b, tf["BBB"])  # no tap at all
+    for e in (ea, eb):
+        e.start()
+        e.set_members({a: session(a), b: session(b)})
+    await wait_for(
+        lambda: received(ea, b, "audio") > 50 and received(eb, a, "audio") > 50,
+        10,
+        "audio both ways",
+    )
+    assert decoded(ea, b, "audio") == decoded(eb, a, "audio") == 0
+    assert decoded(ea, b, "video") > 0  # video is decoded as ever
+    assert "AudioFrame" not in tapped
+    listening = True
+    await wait_for(lambda: decoded(ea, b, "audio") > 25, 5, "AAA decoding audio for its tap")
+    assert "AudioFrame" in tapped
+    assert decoded(eb, a, "audio") == 0
+    # The tap stops listening: decoding stops, receiving goes on.
+    listening = False
+    await asyncio.sleep(TAP_POLL_S * 3)
+    stopped = decoded(ea, b, "audio")
+    await wait_for(lambda: received(ea, b, "audio") > stopped + 50, 5, "audio still received")
+    assert decoded(ea, b, "audio") <= stopped + 1
 
 
 async def test_malformed_signalling_is_contained(mesh_router: Router) -> None:

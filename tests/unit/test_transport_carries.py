@@ -113,7 +113,7 @@ def mesh(link: FakeLink, muted: frozenset[str] = frozenset()) -> MeshMedia:
 def test_mesh_judges_by_the_tracks_the_peer_sends_minus_its_muted_kinds() -> None:
     video, audio = ReceiveStats(kind="video"), ReceiveStats(kind="audio")
     link = FakeLink({"audio", "video"}, {"video": video, "audio": audio}, connected_at=SINCE)
-    audio.last_frame_at = SINCE + 1
+    audio.frame_received(SINCE + 1, 100)  # received and decrypted: audio is not decoded
     assert not mesh(link).carries(PEER, SINCE, video=True)  # sends video: wait for it
     assert mesh(link, frozenset({"video"})).carries(PEER, SINCE, video=True)  # muted: audio
     video.last_frame_at = SINCE + 1
@@ -134,3 +134,22 @@ def test_each_transport_names_the_engine_that_runs_it() -> None:
     assert LiveKitConnection.engine == "sdk"
     assert AiortcConnection.engine == "aiortc"
     assert MeshMedia(cast(Any, None)).engine == "mesh"
+
+
+def test_mesh_judges_audio_at_decryption_and_video_at_decoding() -> None:
+    """Remote audio is decoded only for a frames tap, so a peer that sends only audio (or
+    whose video is muted) is carried once its audio decrypts; video still waits for a
+    decoded frame."""
+    video, audio = ReceiveStats(kind="video"), ReceiveStats(kind="audio")
+    link = FakeLink({"audio"}, {"audio": audio}, connected_at=SINCE)
+    assert not mesh(link).carries(PEER, SINCE, video=False)
+    audio.frame_received(SINCE - 1, 100)  # before the switch began: not yet
+    assert not mesh(link).carries(PEER, SINCE, video=False)
+    audio.frame_received(SINCE + 1, 100)
+    assert audio.frames_decoded == 0
+    assert mesh(link).carries(PEER, SINCE, video=False)
+    both = FakeLink({"audio", "video"}, {"video": video, "audio": audio}, connected_at=SINCE)
+    video.frame_received(SINCE + 1, 1000)  # decrypted but not yet decoded
+    assert not mesh(both).carries(PEER, SINCE, video=True)
+    video.frame_decoded(SINCE + 2)
+    assert mesh(both).carries(PEER, SINCE, video=True)
