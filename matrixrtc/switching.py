@@ -301,6 +301,8 @@ class MediaSwitcher:
         # Per running transport (by id; it is kept alive by _running): when it started and
         # which members we told that it delivers their media.
         self._acked: dict[int, tuple[MediaTransport, float, set[DeviceRef]]] = {}
+        # Acknowledgements due, sent together at the end of each poll (one request each kind).
+        self._ack_outbox: dict[MediaKind, list[DeviceRef]] = {}
         self._ack_rejections = RejectionLog(clock=clock)  # a line per sender a minute
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
@@ -707,6 +709,7 @@ class MediaSwitcher:
                         ms=round((a.at - h.started_at) * 1000),
                     )
                 elif isinstance(a, Finish | Abandon):
+                    self._flush_acks()
                     if isinstance(a, Finish) and not a.complete:
                         self._log.warning(
                             "switch.settle_timeout",
@@ -714,6 +717,7 @@ class MediaSwitcher:
                             waiting=len(h.waiting_for(now)),
                         )
                     return a
+            self._flush_acks()
             await asyncio.sleep(self.config.poll_s)
 
     # -- acknowledgements -------------------------------------------------------------------
@@ -736,21 +740,39 @@ class MediaSwitcher:
                 ref = DeviceRef(p.user_id, p.device_id)
                 if ref not in told and t.carries(p, since, video=self.config.media.video):
                     self._ack(t, ref)
+        self._flush_acks()
 
     def _ack(self, t: MediaTransport, ref: DeviceRef) -> None:
         """Tell ``ref`` we receive it over ``t``, once (only for a transport a switch brought
-        up: a start or a steady call has nobody waiting for it)."""
+        up: a start or a steady call has nobody waiting for it), with the next flush."""
         entry = self._acked.get(id(t))
         if entry is not None and ref not in entry[2]:
             entry[2].add(ref)
-            self._tasks.spawn(self._send_ack(ref, t.kind), f"ack {ref.user_id}")
+            self._ack_outbox.setdefault(t.kind, []).append(ref)
 
-    async def _send_ack(self, to: DeviceRef, kind: MediaKind) -> None:
+    def _flush_acks(self) -> None:
+        """Send the acknowledgements due: one to-device request for all the members cut over
+        in the same poll (members switch together: a request each would cost the homeserver
+        a request, and every member a response, per pair)."""
+        outbox, self._ack_outbox = self._ack_outbox, {}
+        for kind, refs in outbox.items():
+            self._tasks.spawn(self._send_acks_to(refs, kind), f"acks {kind.value} x{len(refs)}")
+
+    async def _send_acks_to(self, to: Sequence[DeviceRef], kind: MediaKind) -> None:
         content = {"room_id": self.agent.room_id, "kind": kind.value}
         try:
-            await self.agent.hs.send_to_device(SWITCH_ACK_TYPE, {to: content}, encrypted=True)
-        except Exception as exc:  # the peer falls back to its ack timeout
-            self._log.warning("switch.ack_send_failed", peer=to.user_id, error=repr(exc))
+            result = await self.agent.hs.send_to_device(
+                SWITCH_ACK_TYPE, dict.fromkeys(to, content), encrypted=True
+            )
+        except Exception as exc:  # the peers fall back to their ack timeout
+            self._log.warning(
+                "switch.ack_send_failed", peers=[r.user_id for r in to], error=repr(exc)
+            )
+            return
+        if result.failed:
+            self._log.warning(
+                "switch.ack_send_failed", peers=[r.user_id for r in result.failed], error="olm"
+            )
 
     # -- transports -------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class FakeHs:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, DeviceRef, Mapping[str, Any]]] = []
+        self.requests: list[list[DeviceRef]] = []  # the recipients of each send
         self._to_device: Broadcaster[ToDeviceEvent] = Broadcaster()
 
     def to_device_events(self) -> Subscription[ToDeviceEvent]:
@@ -75,6 +76,7 @@ class FakeHs:
         encrypted: bool = True,
     ) -> ToDeviceSendResult:
         assert encrypted
+        self.requests.append(list(messages))
         self.sent += [(event_type, to, content) for to, content in messages.items()]
         return ToDeviceSendResult(tuple(messages), ())
 
@@ -402,6 +404,10 @@ async def test_the_old_transport_stays_until_every_member_says_it_receives_us_on
         ]
         assert {t for t, _, _ in agent.hs.sent} == {SWITCH_ACK_TYPE}
         assert agent.hs.sent[0][2] == {"room_id": agent.room_id, "kind": "sfu"}
+        # Both were cut over in the same poll: one request tells both.
+        assert [sorted(r.user_id for r in to) for to in agent.hs.requests] == [
+            ["@a:example.org", "@b:example.org"]
+        ]
 
 
 async def test_a_switch_overtaken_back_to_the_old_kind_keeps_the_old_transport() -> None:
