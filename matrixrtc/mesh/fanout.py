@@ -114,6 +114,7 @@ MAX_VIDEO_BITRATE: Final = 1_500_000
 # libvpx cannot change its bitrate in place through PyAV: a new target reopens the encoder,
 # and its first frame is a key frame for every peer. Not more often than this.
 REOPEN_MIN_INTERVAL_S: Final = 5.0
+MAX_INTRA_PCT: Final = 450  # libvpx rc_max_intra_bitrate_pct (see _open_vp8)
 OPUS_BITRATE: Final = 32_000
 OPUS_FRAME_SAMPLES: Final = 960  # 20 ms at 48 kHz
 # Benchmarks only (bench/scale.py compares both in one run): aiortc's decoder thread per
@@ -462,6 +463,10 @@ class SharedEncoder:
             "undershoot-pct": "100",
             "overshoot-pct": "15",
             "static-thresh": "1",
+            # Key frames at most this % of a frame's share of the bitrate, as libwebrtc caps
+            # them (its formula at 15 fps). Without it libvpx spends ~27 KB (23 packets, ~4 ms)
+            # on an encoder's first frame, each time a transport starts publishing.
+            "max-intra-rate": str(MAX_INTRA_PCT),
         }
         self._video_bitrate = bitrate
         self._opened_at = time.monotonic()
