@@ -178,6 +178,7 @@ async def _member(args: MemberArgs) -> None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            switcher.refresh()  # every frame counted so far: an open gap is not a stale view
             now = time.monotonic()
             gaps = [
                 (g.peer.user_id, g.start, g.end, g.transport.value, False)

@@ -289,6 +289,10 @@ class RoomConnection(Protocol):
     def hush(self) -> None:
         """Publish no more frames (the tracks stay published): we left the call."""
 
+    def refresh(self) -> None:
+        """Bring ``stats`` up to date now, where they are folded in periodically (an open gap
+        read from them is otherwise overstated by up to one fold interval)."""
+
 
 class KeyTable:
     """Remote senders' keys per (LiveKit identity, index) and our own current key, pushed to
@@ -636,6 +640,10 @@ class LiveKitConnection:
 
     def hush(self) -> None:
         self._hushed = True
+
+    def refresh(self) -> None:
+        """Nothing to fold: rendered tracks count each frame as it is read; counted ones are
+        read from the SDK's statistics every ``COUNT_POLL_S`` (asynchronous)."""
 
     def _subscribe_if_keyed(self, identity: str) -> None:
         """With ``subscribe_when_keyed``: subscribe to ``identity``'s tracks once we hold a key

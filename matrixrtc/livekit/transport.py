@@ -278,6 +278,11 @@ class LiveKitTransport:
         for conn in self.connections.values():
             conn.hush()
 
+    def refresh(self) -> None:
+        """Every connection's statistics up to date now (see ``RoomConnection.refresh``)."""
+        for conn in self.connections.values():
+            conn.refresh()
+
     def lost(self) -> bool:
         """Whether a connection the plan calls for is not up now: being resumed by the SDK,
         being replaced, or failing to open (the transport keeps trying)."""

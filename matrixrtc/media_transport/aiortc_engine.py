@@ -329,6 +329,9 @@ class AiortcConnection:
         for encoder in self._encoders:
             encoder.paused = True
 
+    def refresh(self) -> None:
+        self._sync()
+
     def decrypting(self, identity: str) -> bool:
         now = self._clock()
         p = self.stats.get(identity)

@@ -105,6 +105,10 @@ class MediaTransport(Protocol):
         """Send none of our media any more, staying connected: we left the call and linger
         while the others move off this transport (see ``SwitchConfig.leave_linger_s``)."""
 
+    def refresh(self) -> None:
+        """Bring :meth:`video_counters` up to date now, where the transport folds its counts
+        in periodically (the switcher reads them before judging a gap still open)."""
+
     def failing(self) -> bool:
         """Whether the transport has lost its server now (it may be repairing itself); the
         switcher falls back to another transport when this holds for a while."""

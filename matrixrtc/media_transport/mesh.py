@@ -106,6 +106,9 @@ class MeshMedia:
         if engine is not None:
             engine.set_video_decoding(peer, on)
 
+    def refresh(self) -> None:
+        """Nothing: the mesh's counters are its receivers' own, counted as frames decode."""
+
     def hush(self) -> None:
         engine = self.link.engine if self.link is not None else None
         if engine is not None:

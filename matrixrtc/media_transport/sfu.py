@@ -160,6 +160,10 @@ class LiveKitMedia:
         if self.lk is not None:
             self.lk.hush()
 
+    def refresh(self) -> None:
+        if self.lk is not None:
+            self.lk.refresh()
+
     def failing(self) -> bool:
         return self.lk is not None and self.lk.lost()
 

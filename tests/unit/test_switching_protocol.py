@@ -128,10 +128,12 @@ class FakeTransport:
         self.log = log
         self.carrying = False
         self.frames = 0
+        self.refreshes = 0
         self.fail_start = False
         self.lost = False
         self.hidden: set[DeviceRef] = set()  # members whose video it decodes no more
         self.frame_times: list[float] | None = None  # each frame's time, when the test gives them
+        self.folded: list[float] = []  # frames that came, counted only at the next refresh()
 
     async def start(self) -> None:
         self.log.append(f"start {self.kind.value}")
@@ -160,6 +162,12 @@ class FakeTransport:
 
     def hush(self) -> None:
         self.log.append(f"hush {self.kind.value}")
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+        if self.folded and self.frame_times is not None:  # fold what came since
+            self.frame_times += self.folded
+            self.folded = []
 
     def failing(self) -> bool:
         return self.lost
@@ -521,6 +529,27 @@ async def test_every_frame_a_poll_sees_is_a_gap_of_its_own() -> None:
         assert switcher.peers[peer].max_gap_s == pytest.approx(0.07)
 
 
+async def test_a_gap_still_open_is_judged_after_the_transports_fold_their_counts() -> None:
+    """A transport that folds its counts periodically (the aiortc SFU engine, every 50 ms)
+    has frames the switcher's view lacks: ``max_gap_s()`` takes them in first, so a frame
+    that came 66 ms after the last one is no open gap of 100 ms."""
+    now = [10.0]
+    async with on_the_mesh(clock=lambda: now[0]) as m:
+        switcher = m.switcher
+        mesh = m.reg.made[MediaKind.MESH]
+        peer = DeviceRef("@a:example.org", "D")
+        mesh.frame_times = [10.0]
+        await until(lambda: switcher.peers.get(peer) is not None
+                    and switcher.peers[peer].last_frame_at == 10.0)  # fmt: skip
+        mesh.folded = [10.066]  # came, not yet folded into the counter
+        now[0] = 10.1
+        await asyncio.sleep(0.05)  # polls run: they do not fold
+        assert switcher.peers[peer].last_frame_at == 10.0
+        assert switcher.max_gap_s() == pytest.approx(0.066)  # not the stale 0.1 open gap
+        assert mesh.refreshes >= 1
+        assert switcher.peers[peer].last_frame_at == 10.066
+
+
 @pytest.mark.parametrize("late_poll", [False, True], ids=["same poll", "later poll"])
 async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap(
     late_poll: bool,
@@ -564,6 +593,30 @@ async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap
             (10.21, 10.27),
         ]
         assert switcher.peers[a].max_gap_s == pytest.approx(0.067)
+
+
+async def test_frames_the_old_path_counts_at_its_teardown_are_taken_in_before_it_goes() -> None:
+    """An old-path frame shown before the cutover but folded into its transport's counter
+    only later (the aiortc SFU engine folds every 50 ms) is taken in when the switch ends,
+    before the old transport is detached and its counters are read no more."""
+    now = [10.0]
+    a = DeviceRef("@a:example.org", "D")
+    async with on_the_mesh(clock=lambda: now[0], ack_timeout_s=0.0, acks=False) as m:
+        agent, reg, switcher = m.agent, m.reg, m.switcher
+        mesh = reg.made[MediaKind.MESH]
+        mesh.frame_times = [10.0, 10.066]
+        await until(lambda: a in switcher.peers and switcher.peers[a].last_frame_at == 10.066)
+        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
+        await until(lambda: switcher.running(MediaKind.SFU) is not None)
+        sfu = reg.made[MediaKind.SFU]
+        mesh.folded = [10.133]  # came before the cutover; counted at the next refresh()
+        sfu.frame_times = [10.19]
+        now[0] = 10.2
+        sfu.carrying = True  # every member cut over at once: the switch ends
+        await switcher.wait_settled(MediaKind.SFU, 5)
+        await until(lambda: "close mesh" in reg.log)
+        gaps = sorted((round(g.start, 3), round(g.end, 3)) for g in switcher.gaps if g.peer == a)
+        assert gaps == [(10.0, 10.066), (10.066, 10.133), (10.133, 10.2)]
 
 
 @contextlib.asynccontextmanager
