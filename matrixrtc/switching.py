@@ -411,8 +411,8 @@ class MediaSwitcher:
         """Take in every frame the running transports have counted up to now. Frames are
         otherwise seen at the next poll (``poll_s``), after the transport's own fold of its
         counts (the aiortc SFU engine's every 50 ms): a gap judged still open from that view
-        is overstated by up to both (by 99-114 ms gaps at a leave in bench/switch.py, none
-        of them a gap)."""
+        is overstated by up to both (bench/switch.py: before, 6 of 18 runs' largest mesh->SFU
+        gap was such an open gap at the leave, 96-116 ms; after, none of 24)."""
         try:
             for t in self._running():
                 t.refresh()
@@ -605,7 +605,7 @@ class MediaSwitcher:
             end = await self._run_handover(handover, transport)
             # What the old path counted but had not folded in yet: once it is detached its
             # counters are read no more (frames shown before the cutover would be lost, and
-            # the gap across it overstated: 94 ms in bench/switch.py where 69 + 25 it was).
+            # the gap across it overstated: a traced 94 ms gap held an old-path frame at 69).
             self.refresh()
         finally:
             self._handover = self._handing_to = None
