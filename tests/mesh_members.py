@@ -12,6 +12,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from matrixrtc.agent import AgentConfig, CallAgent, dialect_choice
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.matrix import Homeserver
+from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import FrameKeys, MatrixMesh, MeshLinkConfig
 from matrixrtc.model import FullMeshTransport
@@ -30,7 +31,9 @@ async def mesh_member(
     e2ee: bool = False,
 ) -> AsyncIterator[MatrixMesh]:
     """``e2ee``: distribute frame keys (:class:`~matrixrtc.call_keys.CallKeys`) and encrypt
-    frames to every peer that takes part in frame E2EE."""
+    frames to every peer that takes part in frame E2EE. The member listens to every decoded
+    frame, as a client that plays them does: remote audio is decoded only for a listener,
+    and the interop tests check that a browser's audio decodes here."""
     chosen, auto = dialect_choice(dialect)
     agent_cfg = AgentConfig(
         dialect=chosen, auto_dialect=auto, transports=(FullMeshTransport(),), intent=intent
@@ -41,6 +44,12 @@ async def mesh_member(
         if e2ee:
             keys = await stack.enter_async_context(CallKeys(agent))
         mesh = await stack.enter_async_context(
-            MatrixMesh(agent, keys=keys, sources=sources, config=link_cfg)
+            MatrixMesh(
+                agent,
+                keys=keys,
+                sources=sources,
+                config=link_cfg,
+                frames=FrameTap(lambda _peer, _frame: None),
+            )
         )
         yield mesh
