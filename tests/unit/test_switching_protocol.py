@@ -550,6 +550,19 @@ async def test_a_gap_still_open_is_judged_after_the_transports_fold_their_counts
         assert switcher.peers[peer].last_frame_at == 10.066
 
 
+async def _mesh_frames_then_sfu_starts(
+    m: OnTheMesh, a: DeviceRef
+) -> tuple[FakeTransport, FakeTransport]:
+    """On the mesh, ``a``'s frames at 10.0 and 10.066 s are seen; then a third member joins
+    (3 > mesh_max 2) and the SFU transport starts. Returns (mesh, sfu)."""
+    mesh = m.reg.made[MediaKind.MESH]
+    mesh.frame_times = [10.0, 10.066]
+    await until(lambda: a in m.switcher.peers and m.switcher.peers[a].last_frame_at == 10.066)
+    m.agent.members(ME, "@a:example.org", "@b:example.org")
+    await until(lambda: m.switcher.running(MediaKind.SFU) is not None)
+    return mesh, m.reg.made[MediaKind.SFU]
+
+
 @pytest.mark.parametrize("late_poll", [False, True], ids=["same poll", "later poll"])
 async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap(
     late_poll: bool,
@@ -562,13 +575,8 @@ async def test_an_old_path_frame_reported_after_the_cutover_still_closes_its_gap
     now = [10.0]
     a = DeviceRef("@a:example.org", "D")
     async with on_the_mesh(clock=lambda: now[0], ack_timeout_s=30.0, settle_timeout_s=30.0) as m:
-        agent, reg, switcher = m.agent, m.reg, m.switcher
-        mesh = reg.made[MediaKind.MESH]
-        mesh.frame_times = [10.0, 10.066]
-        await until(lambda: a in switcher.peers and switcher.peers[a].last_frame_at == 10.066)
-        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
-        await until(lambda: switcher.running(MediaKind.SFU) is not None)
-        sfu = reg.made[MediaKind.SFU]
+        switcher = m.switcher
+        mesh, sfu = await _mesh_frames_then_sfu_starts(m, a)
         sfu.frame_times = [10.19]  # decoded before the cutover: not shown
         now[0] = 10.2
         sfu.carrying = True
@@ -602,19 +610,14 @@ async def test_frames_the_old_path_counts_at_its_teardown_are_taken_in_before_it
     now = [10.0]
     a = DeviceRef("@a:example.org", "D")
     async with on_the_mesh(clock=lambda: now[0], ack_timeout_s=0.0, acks=False) as m:
-        agent, reg, switcher = m.agent, m.reg, m.switcher
-        mesh = reg.made[MediaKind.MESH]
-        mesh.frame_times = [10.0, 10.066]
-        await until(lambda: a in switcher.peers and switcher.peers[a].last_frame_at == 10.066)
-        agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: SFU
-        await until(lambda: switcher.running(MediaKind.SFU) is not None)
-        sfu = reg.made[MediaKind.SFU]
+        switcher = m.switcher
+        mesh, sfu = await _mesh_frames_then_sfu_starts(m, a)
         mesh.folded = [10.133]  # came before the cutover; counted at the next refresh()
         sfu.frame_times = [10.19]
         now[0] = 10.2
         sfu.carrying = True  # every member cut over at once: the switch ends
         await switcher.wait_settled(MediaKind.SFU, 5)
-        await until(lambda: "close mesh" in reg.log)
+        await until(lambda: "close mesh" in m.reg.log)
         gaps = sorted((round(g.start, 3), round(g.end, 3)) for g in switcher.gaps if g.peer == a)
         assert gaps == [(10.0, 10.066), (10.066, 10.133), (10.133, 10.2)]
 
