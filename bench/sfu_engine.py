@@ -268,8 +268,10 @@ async def _cell(
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        from matrixrtc import event_loop
+
         url, token, identity, n, render, window = sys.argv[2:8]
-        asyncio.run(_child(url, token, identity, int(n), int(render), float(window)))
+        event_loop.run(_child(url, token, identity, int(n), int(render), float(window)))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, nargs="+", default=[3, 6, 9, 12])

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench._run import run_bench
+from matrixrtc import event_loop
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
 from matrixrtc.livekit import MediaOptions
 from matrixrtc.logging import configure_logging
@@ -862,9 +863,9 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.get_running_loop().slow_callback_duration = 0.04
                 await _member(MemberArgs(**json.loads(args.member)))
 
-            asyncio.run(debugged(), debug=True)
+            event_loop.run(debugged(), debug=True)
         else:
-            asyncio.run(_member(MemberArgs(**json.loads(args.member))))
+            event_loop.run(_member(MemberArgs(**json.loads(args.member))))
         return 0
     media = SDK_DEFAULT_MEDIA if args.sdk_encoder_defaults else SWITCH_MEDIA
     media = dataclasses.replace(media, engine=args.sfu_engine)

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from matrixrtc import event_loop
 from matrixrtc.agent import AgentConfig, CallAgent, ParticipantsChanged
 from matrixrtc.call_keys import CallKeys, CallKeysConfig, KeyEvent, KeyEventKind
 from matrixrtc.e2ee.cryptor import KeyRings
@@ -254,6 +255,8 @@ class _Probe:
             "cpu_percent_avg": round((cpu - self.cpu0) / max(1e-6, now - self.wall0) * 100, 1),
             "cpu_s": round(cpu - self.cpu0, 3),  # process CPU (all threads) since the join
             "rss_mb": _rss_mb(),
+            # The loop this process runs on (matrixrtc.event_loop): "uvloop" or "asyncio".
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             "receive_only": self.cfg.receive_only,
             "key_index": keys.current_index if keys is not None else None,
             "keys_used": list(self.keys_used),
@@ -518,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = ParticipantConfig.from_json(json.loads(sys.stdin.readline()))
     configure_logging("console", str(cfg.extra.get("log_level", "warning")))
-    return asyncio.run(run_participant(cfg))
+    return event_loop.run(run_participant(cfg))
 
 
 if __name__ == "__main__":

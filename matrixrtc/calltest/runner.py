@@ -376,6 +376,7 @@ def build_report(
                     default=None,
                 ),
                 "receive_only": bool(last.get("receive_only", False)),
+                "event_loop": last.get("event_loop"),
                 "key_index": last.get("key_index"),
                 "key_rotation_ms": last.get("key_rotation_ms", []),
                 "key_delivery_ms": last.get("key_delivery_ms", []),

@@ -46,6 +46,7 @@ from typing import Any
 
 import structlog
 
+from matrixrtc import event_loop
 from matrixrtc.agent import (
     DIALECT_CHOICES,
     AgentConfig,
@@ -193,7 +194,7 @@ def _login(user: str, state_dir: Path) -> Login:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        code = asyncio.run(_main(args))
+        code = event_loop.run(_main(args))
     except MatrixRTCError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1

@@ -12,12 +12,12 @@ address aioice finds) and the homeserver's TURN servers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from aiortc.mediastreams import MediaStreamTrack
 
+from matrixrtc import event_loop
 from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.commands._call_cli import Console, run_until
 from matrixrtc.commands.join import _login, default_state_dir
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_main(args))
+        return event_loop.run(_main(args))
     except MatrixRTCError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

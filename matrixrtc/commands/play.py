@@ -20,6 +20,7 @@ from typing import Any
 
 from aiortc.mediastreams import MediaStreamTrack
 
+from matrixrtc import event_loop
 from matrixrtc.commands._call_cli import Console, add_call_arguments, make_call, run_until
 from matrixrtc.errors import MatrixRTCError
 from matrixrtc.media.file_source import MediaFile, MediaFileError
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             console.error(str(exc))
             return 1
     try:
-        return asyncio.run(_main(args, console, media))
+        return event_loop.run(_main(args, console, media))
     except MatrixRTCError as exc:
         console.error(str(exc))
         return 1

@@ -18,11 +18,11 @@ so far stay playable, and the exit status is 2. Stops on Ctrl-C/SIGTERM or ``--d
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
+from matrixrtc import event_loop
 from matrixrtc.commands._call_cli import Console, add_call_arguments, make_call, run_until
 from matrixrtc.e2ee.sealed_stream import SealedStreamError
 from matrixrtc.errors import MatrixRTCError
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         console.error(f"{args.dir} already holds a recording; choose a new directory")
         return 1
     try:
-        return asyncio.run(_main(args, console, recipient))
+        return event_loop.run(_main(args, console, recipient))
     except MatrixRTCError as exc:
         console.error(str(exc))
         return 1

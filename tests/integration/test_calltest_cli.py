@@ -56,6 +56,7 @@ async def test_call_test_json_report(tmp_path: Path) -> None:
         assert 0 < p["first_frame_ms"] < 5000
         assert p["cpu_percent"] > 0
         assert 50 < p["memory_mb"] <= p["memory_peak_mb"] < 1000
+        assert p["event_loop"] == "uvloop"  # matrixrtc.event_loop's default
         peers = {x["id"]: x for x in p["peers"]}
         assert set(peers) == set(ids) - {p["id"]}
         for other, peer in peers.items():

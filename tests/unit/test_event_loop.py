@@ -1,0 +1,60 @@
+"""matrixrtc.event_loop: which loop our media processes run on, and the switch back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from matrixrtc import event_loop
+
+
+async def _loop_module() -> str:
+    await asyncio.sleep(0)
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
+def test_runs_on_uvloop_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(event_loop.ENV, raising=False)
+    assert event_loop.loop_name() == "uvloop"
+    assert event_loop.run(_loop_module()) == "uvloop"
+
+
+@pytest.mark.parametrize("value", ["asyncio", " ASYNCIO "])
+def test_environment_selects_asyncio(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(event_loop.ENV, value)
+    assert event_loop.loop_name() == "asyncio"
+    assert event_loop.run(_loop_module()) == "asyncio"
+
+
+def test_empty_setting_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(event_loop.ENV, "")
+    assert event_loop.run(_loop_module()) == "uvloop"
+
+
+def test_unknown_loop_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(event_loop.ENV, "trio")
+    coro = _loop_module()
+    with pytest.raises(ValueError, match="MATRIXRTC_EVENT_LOOP must be"):
+        event_loop.run(coro)
+    coro.close()
+
+
+def test_without_uvloop_installed_asyncio_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.delenv(event_loop.ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails as if not installed
+    assert event_loop.loop_name() == "asyncio"
+    assert event_loop.run(_loop_module()) == "asyncio"
+
+
+def test_result_and_exceptions_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(event_loop.ENV, raising=False)
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        event_loop.run(fails())
