@@ -20,6 +20,8 @@ import os
 from collections.abc import Coroutine
 from typing import Any, Final, TypeVar
 
+from matrixrtc.errors import ConfigError
+
 __all__ = ["ENV", "loop_name", "run"]
 
 T = TypeVar("T")
@@ -31,7 +33,7 @@ def loop_name() -> str:
     """ "uvloop" or "asyncio": what :func:`run` will use (the environment, then availability)."""
     wanted = os.environ.get(ENV, "uvloop").strip().lower() or "uvloop"
     if wanted not in ("uvloop", "asyncio"):
-        raise ValueError(f"{ENV} must be 'uvloop' or 'asyncio', not {wanted!r}")
+        raise ConfigError(f"{ENV} must be 'uvloop' or 'asyncio', not {wanted!r}")
     if wanted == "uvloop":
         try:
             import uvloop  # noqa: F401
@@ -42,7 +44,12 @@ def loop_name() -> str:
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     """:func:`asyncio.run` on the loop :func:`loop_name` names."""
-    if loop_name() == "uvloop":
+    try:
+        name = loop_name()
+    except ConfigError:
+        main.close()  # never run: no "coroutine was never awaited" warning on top
+        raise
+    if name == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop, debug=debug) as runner:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
 
 from matrixrtc import event_loop
+from matrixrtc.errors import ConfigError
 
 
 async def _loop_module() -> str:
@@ -35,9 +37,11 @@ def test_empty_setting_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_loop_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(event_loop.ENV, "trio")
     coro = _loop_module()
-    with pytest.raises(ValueError, match="MATRIXRTC_EVENT_LOOP must be"):
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
+    with pytest.raises(ConfigError, match="MATRIXRTC_EVENT_LOOP must be"):
         event_loop.run(coro)
-    coro.close()
+    # closed, not left to warn as never awaited
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
 
 
 def test_without_uvloop_installed_asyncio_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
