@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
+from matrixrtc import event_loop
 from matrixrtc.calltest.participant import ParticipantConfig
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
 from matrixrtc.errors import LocalError, RemoteError
@@ -668,6 +669,8 @@ async def run_call_test(
         raise LocalError("a call needs at least two participants")
     if not 0 <= cfg.receive_only < cfg.participants:
         raise LocalError("at least one participant must publish (--receive-only < N)")
+    # The participants inherit MATRIXRTC_EVENT_LOOP: a bad value fails here, before any start.
+    event_loop.loop_name()
     run_dir = cfg.run_dir or new_run_dir(prefix="call-test")
     say = progress or (lambda _: None)
     loopback = cfg.homeserver is None if cfg.loopback is None else cfg.loopback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,15 @@ def test_result_and_exceptions_pass_through(monkeypatch: pytest.MonkeyPatch) -> 
 
     with pytest.raises(KeyError):
         event_loop.run(fails())
+
+
+async def test_a_call_test_with_a_bad_setting_fails_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from matrixrtc.calltest.runner import CallTestConfig, run_call_test
+
+    monkeypatch.setenv(event_loop.ENV, "trio")
+    said: list[str] = []
+    with pytest.raises(ConfigError, match="MATRIXRTC_EVENT_LOOP must be"):
+        await run_call_test(CallTestConfig(participants=2, run_dir=tmp_path), progress=said.append)
+    assert said == []  # no homeserver was started (the first thing it reports)
