@@ -50,14 +50,14 @@ async def test_store_binds_its_tables_once_and_keeps_stores_apart(tmp_path: Path
             walks += 1
             return real(self, *args, **kwargs)
 
-        Metadata.model_graph = counting  # type: ignore[method-assign]
+        Metadata.model_graph = counting
         try:
             keys = {}
             for _ in range(20):  # interleaved: each call must find its own database
                 for nio in clients:
                     keys[nio.device_id] = nio.store.load_account().identity_keys["curve25519"]
         finally:
-            Metadata.model_graph = real  # type: ignore[method-assign]
+            Metadata.model_graph = real
         assert walks == 0  # both model lists' graphs were walked when the stores loaded
         assert keys["A"] == a.olm.account.identity_keys["curve25519"]
         assert keys["B"] == b.olm.account.identity_keys["curve25519"]
