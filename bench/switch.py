@@ -438,15 +438,25 @@ def _summarize(paths: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def _cpu_times() -> tuple[float, float]:
-    """This machine's (busy, total) CPU seconds since boot, all cores (``/proc/stat``)."""
+def _cpu_times() -> tuple[float, float, float]:
+    """This machine's (busy, total, stolen) CPU seconds since boot, all cores
+    (``/proc/stat``). Stolen: time the hypervisor ran someone else while we had work (it is
+    part of busy)."""
     fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return (sum(fields) - idle) / tick, sum(fields) / tick
+    steal = fields[7] if len(fields) > 7 else 0.0
+    return (sum(fields) - idle) / tick, sum(fields) / tick, steal / tick
 
 
-def _busy_cores(since: tuple[float, float], until: tuple[float, float]) -> float:
+def _steal_cores(since: tuple[float, ...], until: tuple[float, ...]) -> float:
+    """Of :func:`_busy_cores`, how many cores the hypervisor took for others: on a shared host
+    the members then wait for a core they would have had (gaps grow with it)."""
+    total = until[1] - since[1]
+    return round((until[2] - since[2]) / total * (os.cpu_count() or 1), 2) if total else 0.0
+
+
+def _busy_cores(since: tuple[float, ...], until: tuple[float, ...]) -> float:
     """How many cores were busy on average between two :func:`_cpu_times` (of all that ran:
     every member, Synapse, LiveKit, and anything else on the machine)."""
     total = until[1] - since[1]
@@ -471,8 +481,8 @@ def _process_cpu(pids: Mapping[str, int | None]) -> dict[str, float]:
 
 
 def _cores_by_process(
-    since: tuple[tuple[float, float], dict[str, float]],
-    until: tuple[tuple[float, float], dict[str, float]],
+    since: tuple[tuple[float, ...], dict[str, float]],
+    until: tuple[tuple[float, ...], dict[str, float]],
 ) -> dict[str, float]:
     """How many cores each process kept busy on average between two snapshots
     (``(_cpu_times(), _process_cpu())``); a process started in between counts from its start,
@@ -807,6 +817,8 @@ async def measure_switch(
             "mesh_to_sfu": _busy_cores(cpu_join, cpu_on_sfu),
             "sfu": _busy_cores(cpu_on_sfu, cpu_leave),
             "sfu_to_mesh": _busy_cores(cpu_leave, cpu_back),
+            # Of which stolen by the host, over the whole run (see _steal_cores).
+            "stolen": _steal_cores(cpu_mesh, cpu_back),
         },
         # The same per process (members, Synapse, LiveKit, the authorization service): what
         # kept the machine busy. The leaver is left out of sfu_to_mesh (it has exited).
