@@ -295,8 +295,61 @@ def sfu_max_n(cells: Sequence[dict[str, Any]]) -> int | None:
     return best
 
 
+def host_calibration() -> dict[str, float]:
+    """How fast this host is today, for comparing runs across machines and days: the best of
+    5 timings of a pure-Python loop (``sum(range(1000))``, µs; our media stack is mostly
+    Python) and the VP8 encode and decode of one 320×240 synthetic frame (ms, libvpx
+    realtime, one thread, as the issue's physics figures: ≈ 3.6 and 0.57 ms)."""
+    import fractions
+    import timeit
+
+    import av
+
+    from matrixrtc.media.sources import SyntheticVideoTrack
+
+    loops = 2000
+    python_us = min(timeit.repeat("sum(range(1000))", number=loops, repeat=5)) / loops * 1e6
+    track = SyntheticVideoTrack(320, 240, 15)
+    frames = [track.frame_at(i) for i in range(45)]
+    enc: Any = av.CodecContext.create("libvpx", "w")
+    enc.width, enc.height, enc.pix_fmt = 320, 240, "yuv420p"
+    enc.time_base, enc.bit_rate, enc.thread_count = fractions.Fraction(1, 90_000), 500_000, 1
+    enc.options = {"deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0"}
+    packets = []
+    started = time.perf_counter()
+    for frame in frames:
+        packets += enc.encode(frame)
+    encode_ms = (time.perf_counter() - started) / len(frames) * 1000
+    dec: Any = av.CodecContext.create("libvpx", "r")
+    started = time.perf_counter()
+    for packet in packets:
+        dec.decode(packet)
+    decode_ms = (time.perf_counter() - started) / max(len(packets), 1) * 1000
+    return {
+        "python_sum_range_1000_us": round(python_us, 1),
+        "vp8_encode_320x240_ms": round(encode_ms, 2),
+        "vp8_decode_320x240_ms": round(decode_ms, 2),
+    }
+
+
+def _stolen() -> tuple[float, float]:
+    """(CPU seconds the hypervisor gave others while we had work since boot, all cores;
+    now), from ``/proc/stat``: on a shared host it is CPU our processes did not get."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    steal = float(fields[7]) if len(fields) > 7 else 0.0
+    return steal / os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+
+def _steal_cores(since: tuple[float, float]) -> float:
+    """Cores stolen on average since ``since`` (a :func:`_stolen`)."""
+    now = _stolen()
+    return round((now[0] - since[0]) / max(now[1] - since[1], 1e-9), 2)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-scale")
+    began = _stolen()
+    calibration = host_calibration()
     result: dict[str, Any] = {
         "mesh": [],
         "sfu": [],
@@ -319,17 +372,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ivf = run_dir / "goanchor.ivf"
             _write_ivf(ivf)
         for n in args.mesh:
+            t0 = _stolen()
             result["mesh"].append(
                 await _measure("mesh", n, base_url=hs.base_url, sfu_url=None,
                                livekit_pid=None, args=args, run_dir=run_dir)
             )  # fmt: skip
+            result["mesh"][-1]["host_steal_cores"] = _steal_cores(t0)
         for n in args.sfu:
             for engine in args.sfu_engine:
+                t0 = _stolen()
                 result["sfu"].append(
                     await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
                                    livekit_pid=lk_pid, args=args, run_dir=run_dir,
                                    engine=engine)
                 )  # fmt: skip
+                result["sfu"][-1]["host_steal_cores"] = _steal_cores(t0)
             if ivf is not None:
                 result["go_sdk_anchor"].append(
                     await _measure_go_anchor(n, url=lk.url, key=lk.api_key,
@@ -362,6 +419,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["switch_steady_gap_ms"] = sw["steady"]  # the same path with no switch
         result["switch_duration_ms"] = [r["switch_duration_ms"] for r in sw["runs"]]
         result["switch_detail"] = [r["detail"] for r in sw["runs"]]
+    # Of the 2 cores, how many the host took for others on average over the whole run (each
+    # cell has its own host_steal_cores): figures from a run with a large share are the
+    # host's, not ours.
+    result["host_steal_cores"] = _steal_cores(began)
+    result["host_calibration"] = calibration
     return result
 
 
@@ -470,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"cpu {c.get('cpu_percent_per_participant')} %/participant  "
                 f"mem {c.get('memory_mb_per_participant')} MiB  "
                 f"LiveKit {c.get('server_cpu_percent', '-')} %  "
-                f"decrypt failures {c.get('decrypt_failures')}"
+                f"decrypt failures {c.get('decrypt_failures')}  "
+                f"host stole {c.get('host_steal_cores')} cores"
                 + (f"  decoded {c['decoded_pairs']} pairs" if "decoded_pairs" in c else "")
             )
     for c in result["go_sdk_anchor"]:
@@ -482,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"switch gaps (ms): {result['switch_gap_ms']}")
     if "switch_gap_ms_without_acks" in result:
         print(f"switch gaps without acks (ms): {result['switch_gap_ms_without_acks']}")
-    print(f"took {result['bench_duration_s']} s")
+    print(f"took {result['bench_duration_s']} s; the host took {result['host_steal_cores']} cores")
+    print(f"host calibration: {result['host_calibration']}")
     return 0
 
 

@@ -40,6 +40,10 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     assert proc.returncode == 0, err.decode()[-3000:]
     result = json.loads(out)
     assert set(result) >= {"mesh", "sfu", "sfu_max_n", "go_sdk_anchor", "switch_gap_ms"}
+    assert 0 <= result["host_steal_cores"] <= 2
+    cal = result["host_calibration"]
+    assert cal["python_sum_range_1000_us"] > 0
+    assert 0 < cal["vp8_decode_320x240_ms"] < cal["vp8_encode_320x240_ms"] < 100
     (mesh,) = result["mesh"]
     ours, sdk = result["sfu"]
     assert (ours["engine"], sdk["engine"]) == ("aiortc", "sdk")
@@ -51,6 +55,7 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
         # three processes each encoding, encrypting and decoding: real work, and under 2 cores
         assert 2 < cell["cpu_percent_per_participant"] < 67
         assert 50 < cell["memory_mb_per_participant"] < 1000
+        assert 0 <= cell["host_steal_cores"] <= 2  # of 2 cores: what the host took meanwhile
     names = {f"p{i}" for i in (1, 2, 3)}
     for sfu in (ours, sdk):
         assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
