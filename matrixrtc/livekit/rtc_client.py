@@ -65,6 +65,7 @@ from matrixrtc.livekit import signal
 from matrixrtc.media.ice import (
     IceServerConfig,
     batch_udp_reads,
+    close_peer_connection,
     gather_on,
     keep_consent_on,
     rtc_configuration,
@@ -187,7 +188,7 @@ class RtcClient:
         await self._tasks.cancel()
         for side in (self._sub, self._pub):
             if side is not None:
-                await side.pc.close()
+                await close_peer_connection(side.pc)
         await self._close_io()
         self.closed.set()
 

@@ -24,6 +24,11 @@ servers and host address restriction.
   A Python upgrade must compare it with that version's method again
   (``tests/unit/test_udp_reads.py``; the pinned private uses are listed in
   :mod:`matrixrtc.mesh.fanout`).
+* Closing: :func:`close_peer_connection` shields aiortc's ``close()``. aiortc starts a close of
+  its own once every DTLS transport has closed, and a second ``close()`` awaits the first
+  one's private future directly: cancelling the second caller (a switch's teardown, a
+  timeout) cancels that future, the first close then fails setting it (``InvalidStateError``,
+  logged as "Task exception was never retrieved" on most transport switches).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from matrixrtc.errors import LocalError
 __all__ = [
     "IceServerConfig",
     "candidate_allowed",
+    "close_peer_connection",
     "filter_sdp_candidates",
     "gather_on",
     "ice_servers_from_turn_response",
@@ -65,6 +71,13 @@ log = structlog.get_logger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ICE_SCHEMES = ("stun:", "turn:", "turns:")
+
+
+async def close_peer_connection(pc: Any) -> None:
+    """``await pc.close()`` that a cancellation of the caller cannot turn into a failure of a
+    close already under way (module docstring, "Closing"). Cancelled, it returns at once;
+    the close goes on."""
+    await asyncio.shield(pc.close())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

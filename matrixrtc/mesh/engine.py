@@ -26,7 +26,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
-from matrixrtc.media.ice import batch_udp_reads
+from matrixrtc.media.ice import batch_udp_reads, close_peer_connection
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
 from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.fanout import (
@@ -591,7 +591,7 @@ class MeshEngine:
         for track in link.tracks:
             track.stop()
         try:
-            await asyncio.wait_for(link.pc.close(), 10.0)
+            await asyncio.wait_for(close_peer_connection(link.pc), 10.0)
         except Exception as exc:
             log.warning("mesh.close_failed", peer=link.peer.device_id, error=repr(exc))
         for sink in link.sinks:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from aiortc import RTCPeerConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from matrixrtc.media.ice import close_peer_connection
 from matrixrtc.mesh.ice import (
     IceServerConfig,
     candidate_allowed,
@@ -76,3 +81,25 @@ def test_candidate_filter() -> None:
 def test_candidate_filter_never_raises(text: str) -> None:
     candidate_allowed(text, LOOPBACK)
     filter_sdp_candidates(text, LOOPBACK)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+async def test_a_cancelled_second_close_leaves_the_first_one_whole(ours: bool) -> None:
+    """aiortc closes a peer connection on its own once DTLS has closed; our close meanwhile,
+    cancelled (a switch's teardown), must not make that close fail. Plain ``pc.close()``
+    does (the second case: the test shows the failure close_peer_connection prevents)."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video")
+    await pc.setLocalDescription(await pc.createOffer())
+    first = asyncio.ensure_future(pc.close())  # as aiortc's own __closeTask
+    await asyncio.sleep(0)
+    assert not first.done()
+    second = asyncio.ensure_future(close_peer_connection(pc) if ours else pc.close())
+    await asyncio.sleep(0)
+    second.cancel()
+    (outcome,) = await asyncio.gather(first, return_exceptions=True)
+    if ours:
+        assert outcome is None
+        assert pc.connectionState == "closed"
+    else:
+        assert isinstance(outcome, asyncio.InvalidStateError)
