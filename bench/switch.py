@@ -153,15 +153,18 @@ async def _member(args: MemberArgs) -> None:
                         _emit(sys.stdout, event="switched", old=r.old, new=r.new.value,
                               finished_at=r.finished_at, handover=r.handover)  # fmt: skip
 
-            stalls: list[tuple[float, float]] = []  # (when, seconds) the loop was > 20 ms late
+            # (when, seconds late, seconds of this thread's CPU meanwhile) where the loop was
+            # > 20 ms late: CPU near the lateness is our own long callbacks; far under it, the
+            # process waited for a core (or the GIL).
+            stalls: list[tuple[float, float, float]] = []
 
             async def watch_loop() -> None:
                 while True:
-                    before = time.monotonic()
+                    before, cpu = time.monotonic(), time.thread_time()
                     await asyncio.sleep(0.01)
                     late = time.monotonic() - before - 0.01
                     if late > 0.02:
-                        stalls.append((before, late))
+                        stalls.append((before, late, time.thread_time() - cpu))
 
             key_events: list[tuple[float, str, int | None, str | None]] = []
 
@@ -522,8 +525,8 @@ def _largest(
                         "open": still_open,
                         # Where the event loops of the two were late during the gap.
                         "loop_stalls_ms": {
-                            who: [[round((t - since) * 1000), round(late * 1000)]
-                                  for t, late in stalls.get(uid, []) if start <= t < end]
+                            who: [[round((t - since) * 1000), round(late * 1000), round(cpu * 1000)]
+                                  for t, late, cpu in stalls.get(uid, []) if start <= t < end]
                             for who, uid in (("receiver", r["user"]), ("sender", peer))
                         },
                         # The sender's switches to a new key, and the receiver's installs of
@@ -619,8 +622,8 @@ def _causes(
             ]
             # Where the receiver's and the sender's event loops ran late (> 20 ms) meanwhile.
             detail["late_loops"] = {
-                who: [[round((t - start) * 1000), round(late * 1000)]
-                      for t, late in stalls.get(uid, []) if start - 0.1 <= t < end]
+                who: [[round((t - start) * 1000), round(late * 1000), round(cpu * 1000)]
+                      for t, late, cpu in stalls.get(uid, []) if start - 0.1 <= t < end]
                 for who, uid in (("receiver", r["user"]), ("sender", peer))
             }  # fmt: skip
             # The other transport meanwhile (a gap across a cutover: was the old path still
@@ -893,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
             slow.propagate = False
 
             async def debugged() -> None:
-                asyncio.get_running_loop().slow_callback_duration = 0.04
+                # BENCH_SWITCH_SLOW_S: the threshold (default 40 ms)
+                slow_s = float(os.environ.get("BENCH_SWITCH_SLOW_S", "0.04"))
+                asyncio.get_running_loop().slow_callback_duration = slow_s
                 await _member(MemberArgs(**json.loads(args.member)))
 
             event_loop.run(debugged(), debug=True)
