@@ -91,7 +91,7 @@ class MemberArgs:
     max_video_kbps: int | None = None
     keep_framerate: bool = False
     engine: str = "sdk"  # MediaOptions.engine: the SFU client (--sfu-engine)
-    shared_encoders: str = "audio"  # SwitchConfig.shared_encoders, comma-separated ("": none)
+    share_encoders: bool = True  # SwitchConfig.share_encoders (--separate-encoders: False)
     # The fourth member: started and logged in before the measurement, joins on "join", and
     # after leaving the call stays up until "exit" (see _member).
     visitor: bool = False
@@ -128,7 +128,7 @@ async def _member(args: MemberArgs) -> None:
     )
     config = SwitchConfig(
         mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks,
-        shared_encoders=frozenset(k for k in args.shared_encoders.split(",") if k),
+        share_encoders=args.share_encoders,
     )  # fmt: skip
     transports = (LivekitTransport(livekit_service_url=args.service_url), FullMeshTransport())
     loop = asyncio.get_running_loop()
@@ -684,7 +684,7 @@ async def measure_switch(
     *,
     acks: bool = True,
     profile: Path | None = None,
-    shared_encoders: str = "audio",
+    share_encoders: bool = True,
 ) -> dict[str, Any]:
     """The figures of one run (see the module docstring); with ``profile`` (a directory),
     py-spy samples every member from each switch's start until everyone finished it."""
@@ -704,7 +704,7 @@ async def measure_switch(
                 service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
                 audio=media.audio, acks=acks, max_video_kbps=media.max_video_kbps,
                 keep_framerate=media.keep_framerate, engine=media.engine,
-                shared_encoders=shared_encoders,
+                share_encoders=share_encoders,
             )  # fmt: skip
 
         def pids() -> dict[str, int | None]:
@@ -795,7 +795,7 @@ async def measure_switch(
         "encoder": {
             "max_video_kbps": media.max_video_kbps,
             "keep_framerate": media.keep_framerate,
-            "shared_by_transports": shared_encoders,
+            "shared_by_transports": share_encoders,
         },
         "sfu_engine": media.engine,
         "steady_gap_ms": steady,
@@ -849,11 +849,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-acks", dest="acks", action="store_false")
     parser.add_argument(
-        "--shared-encoders",
-        default="audio",
-        type=lambda v: "" if v == "none" else v,
-        help="the kinds whose encoder a switch's two transports share (SwitchConfig."
-        "shared_encoders): audio (default), audio,video, or none",
+        "--separate-encoders",
+        dest="share_encoders",
+        action="store_false",
+        help="each transport encodes on its own during a switch (SwitchConfig.share_encoders "
+        "False): the figures before the call's encoder pool",
     )
     parser.add_argument(
         "--profile",
@@ -913,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.profile is not None:
                 a.profile.mkdir(parents=True, exist_ok=True)
             return await measure_switch(
-                media, acks=a.acks, profile=a.profile, shared_encoders=a.shared_encoders
+                media, acks=a.acks, profile=a.profile, share_encoders=a.share_encoders
             )
 
     if args.runs <= 1:
@@ -929,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     async def runs(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S * a.runs):
             return await measure_switches(
-                media, a.runs, acks=a.acks, shared_encoders=a.shared_encoders
+                media, a.runs, acks=a.acks, share_encoders=a.share_encoders
             )
 
     result = run_bench(runs, args)
@@ -943,14 +943,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def measure_switches(
-    media: MediaOptions, runs: int, *, acks: bool = True, shared_encoders: str = "audio"
+    media: MediaOptions, runs: int, *, acks: bool = True, share_encoders: bool = True
 ) -> dict[str, Any]:
     """:func:`measure_switch` ``runs`` times (a fresh stack each), through :func:`aggregate`."""
     return aggregate(
-        [
-            await measure_switch(media, acks=acks, shared_encoders=shared_encoders)
-            for _ in range(runs)
-        ]
+        [await measure_switch(media, acks=acks, share_encoders=share_encoders) for _ in range(runs)]
     )
 
 

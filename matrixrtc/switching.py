@@ -163,10 +163,9 @@ class SwitchConfig:
     # After we left the call, when our leave moves the others off the SFU we are on: stay
     # connected to it this long, sending nothing (see MediaSwitcher.__aexit__).
     leave_linger_s: float = 1.0
-    # The kinds whose encoder the two transports of a switch share (one per local track for
-    # the call, matrixrtc.mesh.encoder_pool): audio; video too costs the old path every key
-    # frame the new one asks for. Empty: each transport encodes on its own.
-    shared_encoders: frozenset[str] = frozenset({"audio"})
+    # One encoder per local track for the call, shared by the two transports of a switch
+    # (matrixrtc.mesh.encoder_pool); False: each transport encodes on its own (A/B figures).
+    share_encoders: bool = True
     # What runs for each decision of the policy (matrixrtc.media_transport).
     transports: Mapping[MediaKind, TransportFactory] = field(
         default_factory=lambda: dict(DEFAULT_TRANSPORTS)
@@ -311,11 +310,8 @@ class MediaSwitcher:
         self._ack_outbox: dict[MediaKind, list[DeviceRef]] = {}
         self._ack_rejections = RejectionLog(clock=clock)  # a line per sender a minute
         self._encoders: EncoderPool | None = None
-        if self.config.shared_encoders:
-            self._encoders = EncoderPool(
-                _own_transform(keys) if keys is not None else None,
-                kinds=self.config.shared_encoders,
-            )
+        if self.config.share_encoders:
+            self._encoders = EncoderPool(_own_transform(keys) if keys is not None else None)
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------

@@ -15,23 +15,13 @@ that opened it. It owns the source tracks of the encoders it opened and stops th
 encoder, when the last transport lets go; a transport whose track was not taken (the pool
 already encoded that kind) keeps it and stops it itself.
 
-Which kinds are shared is the pool's ``kinds``; the switcher shares audio only by default
-(``SwitchConfig.shared_encoders``). A video encoder shared across a switch sends every key
-frame the new path asks for (LiveKit asks one per subscriber batch: three ≈ 17 KB key frames
-in a mesh→SFU switch) to the old path's peers too, exactly while the old path carries the
-call; an encoder of the new transport's own starts small (≈ 3.4 KB) and burdens only the new
-path. Alternated on a noisy host (6 Dec, 18 switches each way), sharing video took the
-members' CPU during a switch down ≈ 8 % but the mesh→SFU gap median up ≈ 8 ms; Opus has no
-key frames, so audio is shared for nothing. For a kind not shared, :meth:`acquire` opens an
-encoder for that caller alone (released and closed as the others).
-
 Without a pool (``TransportContext.encoders`` None: a transport used on its own) each
 transport opens and closes its own encoders as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -52,60 +42,52 @@ class _Entry:
 
 
 class EncoderPool:
-    """The call's local encoders: one per kind in ``kinds``, shared; any other kind, one per
-    caller. See the module docstring."""
+    """The call's local encoders, one per kind; see the module docstring."""
 
-    def __init__(
-        self, transform: FrameTransform | None, *, kinds: Iterable[str] = ("audio", "video")
-    ) -> None:
+    def __init__(self, transform: FrameTransform | None) -> None:
         self._transform = transform
-        self.kinds = frozenset(kinds)
-        self._entries: list[_Entry] = []
+        self._entries: dict[str, _Entry] = {}
 
     def acquire(
         self, source: MediaStreamTrack, *, user: str, queue_frames: int = 8
     ) -> SharedEncoder:
-        """For a shared kind, the running encoder of ``source.kind`` or a new one; for another
-        kind, a new one. A new encoder reads ``source``, which the pool then owns (see
-        :meth:`owns`). ``user`` names the transport (the encoder's trace label lists its
-        users). Release it with :meth:`release`."""
-        entry = None
-        if source.kind in self.kinds:
-            entry = next((e for e in self._entries if e.encoder.kind == source.kind), None)
+        """The running encoder for ``source.kind``, or a new one reading ``source`` (which
+        the pool then owns: see :meth:`owns`). ``user`` names the transport (the encoder's
+        trace label lists its users). Release it with :meth:`release`."""
+        entry = self._entries.get(source.kind)
         if entry is None:
             encoder = SharedEncoder(source, transform=self._transform, queue_frames=queue_frames)
-            entry = _Entry(encoder, [])
-            self._entries.append(entry)
+            entry = self._entries[source.kind] = _Entry(encoder, [])
         entry.users.append(user)
         entry.encoder.trace_label = "+".join(sorted(set(entry.users)))
         return entry.encoder
 
     def owns(self, track: MediaStreamTrack) -> bool:
         """Whether ``track`` feeds one of the pool's encoders (the pool stops it)."""
-        return any(e.encoder.source is track for e in self._entries)
+        return any(e.encoder.source is track for e in self._entries.values())
 
     async def release(self, encoder: SharedEncoder, *, user: str) -> None:
         """One user is done with ``encoder``; the last one closes it and stops its source.
         The caller stops its own subscriber tracks first (the others keep theirs)."""
-        entry = next((e for e in self._entries if e.encoder is encoder), None)
-        if entry is None or user not in entry.users:
+        entry = self._entries.get(encoder.kind)
+        if entry is None or entry.encoder is not encoder or user not in entry.users:
             return
         entry.users.remove(user)
         if entry.users:
             encoder.trace_label = "+".join(sorted(set(entry.users)))
             return
-        self._entries.remove(entry)
+        del self._entries[encoder.kind]
         try:
             await encoder.aclose()
         finally:
             encoder.source.stop()
 
     def __iter__(self) -> Iterator[SharedEncoder]:
-        return iter([e.encoder for e in self._entries])
+        return iter([e.encoder for e in self._entries.values()])
 
     async def aclose(self) -> None:
         """Close every encoder still held (the call is over)."""
-        entries, self._entries = list(self._entries), []
+        entries, self._entries = list(self._entries.values()), {}
         for entry in entries:
             try:
                 await entry.encoder.aclose()

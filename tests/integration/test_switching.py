@@ -88,8 +88,6 @@ async def join(
         keys = await stack.enter_async_context(CallKeys(agent))
         config = SwitchConfig(
             mesh_max=mesh_max,
-            # Video too (audio alone by default): what the aiortc variant checks is shared.
-            shared_encoders=frozenset({"audio", "video"}),
             media=media,
             # Under load an acknowledgement may take a while; waiting for it is what is tested.
             ack_timeout_s=15.0,
@@ -176,9 +174,8 @@ async def test_fourth_member_moves_the_call_to_sfu_and_back_without_a_two_second
     engine: str,
 ) -> None:
     """With the aiortc SFU client, the two transports of each switch also send what one
-    encoder makes (SwitchConfig.shared_encoders: video too here, audio alone by default): the
-    frames every member decodes on the new path during the overlap are the old path's,
-    encrypted once under the call's key."""
+    encoder makes (SwitchConfig.share_encoders): the frames every member decodes on the new
+    path during the overlap are the old path's, encrypted once under the call's key."""
     media = dataclasses.replace(MEDIA, engine="aiortc" if engine == "aiortc" else "sdk")
     users = [await user_factory(n) for n in ("swa", "swb", "swc", "swd")]
     room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)

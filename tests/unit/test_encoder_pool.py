@@ -112,27 +112,3 @@ async def test_an_engine_restart_in_the_same_transport_counts_twice() -> None:
     assert source.readyState == "live"
     await pool.release(b, user="mesh")
     assert list(pool) == []
-
-
-async def test_a_kind_not_shared_gets_an_encoder_per_caller() -> None:
-    """The switcher shares audio only (SwitchConfig.shared_encoders): each transport opens
-    its own video encoder, released and closed with it."""
-    pool = EncoderPool(None, kinds={"audio"})
-    mesh_video, sfu_video = SyntheticVideoTrack(160, 120, 30), SyntheticVideoTrack(160, 120, 30)
-    mesh_audio, sfu_audio = ToneAudioTrack(), ToneAudioTrack()
-    mv, ma = pool.acquire(mesh_video, user="mesh"), pool.acquire(mesh_audio, user="mesh")
-    sv, sa = pool.acquire(sfu_video, user="sfu"), pool.acquire(sfu_audio, user="sfu")
-    assert sa is ma
-    assert sv is not mv
-    assert (mv.trace_label, sv.trace_label, sa.trace_label) == ("mesh", "sfu", "mesh+sfu")
-    assert pool.owns(sfu_video)
-    assert not pool.owns(sfu_audio)
-    await pool.release(mv, user="mesh")
-    await pool.release(ma, user="mesh")
-    assert mesh_video.readyState == "ended"
-    assert mesh_audio.readyState == "live"  # the SFU's audio encoder reads it
-    assert sorted(e.kind for e in pool) == ["audio", "video"]
-    await pool.release(sv, user="sfu")
-    await pool.release(sa, user="sfu")
-    assert list(pool) == []
-    assert mesh_audio.readyState == sfu_video.readyState == "ended"
