@@ -91,7 +91,6 @@ class MemberArgs:
     max_video_kbps: int | None = None
     keep_framerate: bool = False
     engine: str = "sdk"  # MediaOptions.engine: the SFU client (--sfu-engine)
-    share_encoders: bool = True  # SwitchConfig.share_encoders (--separate-encoders: False)
     # The fourth member: started and logged in before the measurement, joins on "join", and
     # after leaving the call stays up until "exit" (see _member).
     visitor: bool = False
@@ -126,10 +125,7 @@ async def _member(args: MemberArgs) -> None:
             signalling=SignallingConfig(invite_timeout_ms=4000, retry_interval_ms=1000),
         )
     )
-    config = SwitchConfig(
-        mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks,
-        share_encoders=args.share_encoders,
-    )  # fmt: skip
+    config = SwitchConfig(mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks)
     transports = (LivekitTransport(livekit_service_url=args.service_url), FullMeshTransport())
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
@@ -578,8 +574,7 @@ def _causes(
         for peer, start, end, via, _open in r["gaps"]:
             if not (start >= since and end < until and (end - start) * 1000 > ms):
                 continue
-            # A shared encoder's label names every transport it feeds ("mesh+sfu").
-            rows = [t for t in trace.get(peer, []) if via in t[0].split("+")]
+            rows = [t for t in trace.get(peer, []) if t[0] == via]
             detail: dict[str, Any] = {}
             if not rows:
                 cause = "no trace"
@@ -680,11 +675,7 @@ def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict
 
 
 async def measure_switch(
-    media: MediaOptions,
-    *,
-    acks: bool = True,
-    profile: Path | None = None,
-    share_encoders: bool = True,
+    media: MediaOptions, *, acks: bool = True, profile: Path | None = None
 ) -> dict[str, Any]:
     """The figures of one run (see the module docstring); with ``profile`` (a directory),
     py-spy samples every member from each switch's start until everyone finished it."""
@@ -704,7 +695,6 @@ async def measure_switch(
                 service_url=svc.url, width=media.width, height=media.height, fps=media.fps,
                 audio=media.audio, acks=acks, max_video_kbps=media.max_video_kbps,
                 keep_framerate=media.keep_framerate, engine=media.engine,
-                share_encoders=share_encoders,
             )  # fmt: skip
 
         def pids() -> dict[str, int | None]:
@@ -792,11 +782,7 @@ async def measure_switch(
     result: dict[str, Any] = {
         "mesh_to_sfu": to_sfu_gap["ms"],
         "sfu_to_mesh": to_mesh_gap["ms"],
-        "encoder": {
-            "max_video_kbps": media.max_video_kbps,
-            "keep_framerate": media.keep_framerate,
-            "shared_by_transports": share_encoders,
-        },
+        "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
         "sfu_engine": media.engine,
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
@@ -848,13 +834,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-acks", dest="acks", action="store_false")
-    parser.add_argument(
-        "--separate-encoders",
-        dest="share_encoders",
-        action="store_false",
-        help="each transport encodes on its own during a switch (SwitchConfig.share_encoders "
-        "False): the figures before the call's encoder pool",
-    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -912,9 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         async with asyncio.timeout(LIMIT_S):
             if a.profile is not None:
                 a.profile.mkdir(parents=True, exist_ok=True)
-            return await measure_switch(
-                media, acks=a.acks, profile=a.profile, share_encoders=a.share_encoders
-            )
+            return await measure_switch(media, acks=a.acks, profile=a.profile)
 
     if args.runs <= 1:
         result = run_bench(run, args)
@@ -928,9 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def runs(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S * a.runs):
-            return await measure_switches(
-                media, a.runs, acks=a.acks, share_encoders=a.share_encoders
-            )
+            return await measure_switches(media, a.runs, acks=a.acks)
 
     result = run_bench(runs, args)
     if result is not None:
@@ -942,13 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def measure_switches(
-    media: MediaOptions, runs: int, *, acks: bool = True, share_encoders: bool = True
-) -> dict[str, Any]:
+async def measure_switches(media: MediaOptions, runs: int, *, acks: bool = True) -> dict[str, Any]:
     """:func:`measure_switch` ``runs`` times (a fresh stack each), through :func:`aggregate`."""
-    return aggregate(
-        [await measure_switch(media, acks=acks, share_encoders=share_encoders) for _ in range(runs)]
-    )
+    return aggregate([await measure_switch(media, acks=acks) for _ in range(runs)])
 
 
 _STEADY_OF = {"mesh_to_sfu": "sfu", "sfu_to_mesh": "mesh"}

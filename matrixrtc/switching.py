@@ -92,10 +92,8 @@ from matrixrtc.media_transport import (
     TransportFactory,
     TransportProbe,
 )
-from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
-from matrixrtc.mesh.transform import CryptorTransform
 from matrixrtc.model.rejections import RejectionLog
 from matrixrtc.session.handover import (
     Abandon,
@@ -163,9 +161,6 @@ class SwitchConfig:
     # After we left the call, when our leave moves the others off the SFU we are on: stay
     # connected to it this long, sending nothing (see MediaSwitcher.__aexit__).
     leave_linger_s: float = 1.0
-    # One encoder per local track for the call, shared by the two transports of a switch
-    # (matrixrtc.mesh.encoder_pool); False: each transport encodes on its own (A/B figures).
-    share_encoders: bool = True
     # What runs for each decision of the policy (matrixrtc.media_transport).
     transports: Mapping[MediaKind, TransportFactory] = field(
         default_factory=lambda: dict(DEFAULT_TRANSPORTS)
@@ -309,9 +304,6 @@ class MediaSwitcher:
         # Acknowledgements due, sent together at the end of each poll (one request each kind).
         self._ack_outbox: dict[MediaKind, list[DeviceRef]] = {}
         self._ack_rejections = RejectionLog(clock=clock)  # a line per sender a minute
-        self._encoders: EncoderPool | None = None
-        if self.config.share_encoders:
-            self._encoders = EncoderPool(_own_transform(keys) if keys is not None else None)
         self._log = log.bind(room_id=agent.room_id, user_id=agent.hs.user_id)
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -348,8 +340,6 @@ class MediaSwitcher:
                 self._log.error("switch.close_failed", transport=t.kind.value, error=repr(exc))
                 failure = failure or exc
         self.current = self._starting = None
-        if self._encoders is not None:
-            await self._encoders.aclose()  # what the transports left (nothing, normally)
         self._records.end()
         if failure is not None:
             raise failure
@@ -569,7 +559,6 @@ class MediaSwitcher:
             frames=self._frames,
             clock=self._clock,
             wants_mesh=lambda: self._decide().kind is MediaKind.MESH,
-            encoders=self._encoders,
         )
 
     async def _switch(self, decision: MediaDecision) -> None:
@@ -944,14 +933,3 @@ class MediaSwitcher:
 
     def _frame_sources(self, p: Participant) -> list[tuple[MediaKind, FrameCounter]]:
         return [(t.kind, c) for t in self._running() for c in t.video_counters(p)]
-
-
-def _own_transform(keys: CallKeys) -> CryptorTransform:
-    """Encryption with our key as both transports use it (the call's ring at our identity:
-    LiveKit's frame format, the same bytes on the mesh and on the SFU). Encoders only
-    encrypt."""
-
-    def no_decryption(peer: DeviceRef) -> Any:
-        raise LocalError(f"the call's encoders decrypt nothing (asked for {peer.user_id})")
-
-    return CryptorTransform(keys.rings.cryptor(keys.identity), no_decryption)

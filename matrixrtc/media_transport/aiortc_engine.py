@@ -61,9 +61,7 @@ from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
-from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.fanout import (
-    FanOutTrack,
     SharedEncoder,
     adopt_sender,
     install_receive_hook,
@@ -107,14 +105,8 @@ class AiortcConnection:
         sources: Callable[[], Sequence[MediaStreamTrack]] | None,
         frames: FrameTap[str] | None,
         subscribe_when_keyed: bool,
-        encoders: EncoderPool | None = None,
     ) -> None:
-        """``encoders``: the call's encoder pool (a switch's other transport may already
-        encode our sources: we then publish what it encodes); None: our own encoders."""
         del subscribe_when_keyed  # not yet (module docstring)
-        self._pool = encoders
-        self._own_tracks: list[MediaStreamTrack] = []  # the sources we made (or were given)
-        self._published: list[FanOutTrack] = []
         self._frames = frames
         self.credentials = credentials
         self.publish = publish
@@ -182,15 +174,10 @@ class AiortcConnection:
                 tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
             if m.audio:
                 tracks.append(ToneAudioTrack(m.tone_hz))
-        self._own_tracks = tracks
-        if self._pool is not None:
-            self._encoders = [self._pool.acquire(t, user="sfu") for t in tracks]
-        else:
-            self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
-            for e in self._encoders:
-                e.trace_label = "sfu"
-        self._published = [e.subscribe() for e in self._encoders]
-        await self.client.publish(self._published, on_sender=adopt_sender)
+        self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
+        for e in self._encoders:
+            e.trace_label = "sfu"
+        await self.client.publish([e.subscribe() for e in self._encoders], on_sender=adopt_sender)
         for e in self._encoders:
             e.start()
 
@@ -205,16 +192,8 @@ class AiortcConnection:
     async def aclose(self) -> None:
         self.keys.detach(self)
         await self._tasks.cancel()
-        for track in self._published:
-            track.stop()  # a shared encoder goes on for the other transport's peers
         for e in self._encoders:
-            if self._pool is not None:
-                await self._pool.release(e, user="sfu")
-            else:
-                await e.aclose()
-        for t in self._own_tracks:  # ours to stop (TransportContext.sources), unless pooled
-            if self._pool is None or not self._pool.owns(t):
-                t.stop()
+            await e.aclose()
         await self.client.aclose()
         if self.state is not ConnectionState.NEW:
             self._set_state(ConnectionState.CLOSED)

@@ -13,7 +13,6 @@ from matrixrtc.agent import CallAgent, Participant
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.media.frames import FrameTap
-from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef
@@ -62,9 +61,6 @@ class TransportContext:
     # Whether the call's media belongs on the mesh now (the switcher's policy); a mesh links
     # no newcomer while it says no. None: always.
     wants_mesh: Callable[[], bool] | None = None
-    # The call's local encoders, shared by the transports running at once (a switch); None:
-    # each transport encodes on its own.
-    encoders: EncoderPool | None = None
 
 
 class MediaTransport(Protocol):

@@ -58,7 +58,6 @@ class MeshMedia:
             config=ctx.mesh,
             frames=tap,
             admit_new=ctx.wants_mesh,
-            encoders=ctx.encoders,
         )
         await link.__aenter__()
         self.link = link
@@ -136,7 +135,5 @@ class MeshMedia:
                 await link.__aexit__(None, None, None)
             except Exception as exc:  # the old mesh is gone either way
                 log.warning("mesh_media.close_failed", error=repr(exc))
-        pool = self._ctx.encoders
         for t in tracks:
-            if pool is None or not pool.owns(t):  # the pool stops its own with their encoder
-                t.stop()
+            t.stop()

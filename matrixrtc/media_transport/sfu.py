@@ -89,9 +89,7 @@ class LiveKitMedia:
             # that could only fail. Our senders encrypt with the first key they send it.
             subscribe_when_keyed=True,
             connection_factory=(
-                functools.partial(AiortcConnection, encoders=ctx.encoders)
-                if ctx.media.engine == "aiortc"
-                else LiveKitConnection
+                AiortcConnection if ctx.media.engine == "aiortc" else LiveKitConnection
             ),
         )
         self.lk = lk

@@ -28,7 +28,6 @@ from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.media.frames import AvFrame, EncodedFrame, FrameTap
 from matrixrtc.media.ice import batch_udp_reads, close_peer_connection
 from matrixrtc.media.sinks import CountingSink, ReceiveStats
-from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.fanout import (
     FanOutTrack,
     SharedEncoder,
@@ -137,7 +136,6 @@ class MeshEngine:
         frames: FrameTap[DeviceRef] | None = None,
         key_sent: Callable[[DeviceRef, int], bool] | None = None,
         frame_e2ee: Callable[[DeviceRef], bool] | None = None,
-        encoders: EncoderPool | None = None,
     ) -> None:
         """``frames``: where every decoded remote frame goes, with the device it came from.
         ``key_sent(peer, index)``: whether ``peer`` has been sent our key at ``index``; with
@@ -145,10 +143,7 @@ class MeshEngine:
         frames are held back, not sent undecryptable, and video resumes at a key frame).
         ``frame_e2ee(peer)``: whether frames to and from ``peer`` carry frame E2EE (with a
         ``transform``; default: every peer). A peer without gets our frames unencrypted
-        (still DTLS-SRTP) and its frames are decoded without decryption. ``encoders``: the
-        call's :class:`~matrixrtc.mesh.encoder_pool.EncoderPool` (another transport may
-        already encode our sources; with ``transform``, which must then encrypt with the
-        call's own keys as the pool does); None: encoders of our own."""
+        (still DTLS-SRTP) and its frames are decoded without decryption."""
         self.local = local
         self._frames = frames
         self._key_sent = key_sent
@@ -169,16 +164,11 @@ class MeshEngine:
             if source.kind in self._sources:
                 raise LocalError(f"one local {source.kind} track only")
             self._sources[source.kind] = source
-            if self.config.encode_once and encoders is not None:
-                self.encoders[source.kind] = encoders.acquire(
-                    source, user="mesh", queue_frames=self.config.send_queue_frames
-                )
-            elif self.config.encode_once:
+            if self.config.encode_once:
                 self.encoders[source.kind] = SharedEncoder(
                     source, transform=transform, queue_frames=self.config.send_queue_frames
                 )
                 self.encoders[source.kind].trace_label = "mesh"
-        self._pool = encoders if self.config.encode_once else None
         self._networks = (
             None
             if self.config.remote_networks is None
@@ -237,10 +227,7 @@ class MeshEngine:
             await self._close_link(link)
         for encoder in self.encoders.values():
             try:
-                if self._pool is not None:
-                    await self._pool.release(encoder, user="mesh")
-                else:
-                    await encoder.aclose()
+                await encoder.aclose()
             except RemoteError as exc:  # every encoder is closed; the first failure is raised
                 failure = failure or exc
         if failure is not None:
@@ -480,9 +467,7 @@ class MeshEngine:
             if self._relay is not None:
                 sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
             else:
-                track = self.encoders[kind].subscribe(
-                    plain=not e2ee, queue_frames=self.config.send_queue_frames
-                )
+                track = self.encoders[kind].subscribe(plain=not e2ee)
                 if self._key_sent is not None and e2ee:
                     track.admit = functools.partial(self._key_sent, link.peer)
                 sender = link.pc.addTrack(track)

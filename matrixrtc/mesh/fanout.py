@@ -292,10 +292,9 @@ class SharedEncoder:
     def subscribers(self) -> tuple[FanOutTrack, ...]:
         return tuple(self._subscribers)
 
-    def subscribe(self, *, plain: bool = False, queue_frames: int | None = None) -> FanOutTrack:
-        """A new peer's track; ``plain``: without frame E2EE (see :attr:`FanOutTrack.plain`);
-        ``queue_frames``: its queue (default: the encoder's)."""
-        track = FanOutTrack(self, queue_frames or self._queue_frames)
+    def subscribe(self, *, plain: bool = False) -> FanOutTrack:
+        """A new peer's track; ``plain``: without frame E2EE (see :attr:`FanOutTrack.plain`)."""
+        track = FanOutTrack(self, self._queue_frames)
         track.plain = plain or self._transform is None
         self._subscribers.append(track)
         return track

@@ -56,7 +56,6 @@ from matrixrtc.e2ee.cryptor import FrameCryptor, KeyRings
 from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
-from matrixrtc.mesh.encoder_pool import EncoderPool
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.transform import CryptorTransform
@@ -156,7 +155,6 @@ class MatrixMesh:
         decrypt_rings: KeyRings | None = None,
         frames: FrameTap[DeviceRef] | None = None,
         admit_new: Callable[[], bool] | None = None,
-        encoders: EncoderPool | None = None,
     ) -> None:
         """``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
         participant that is left out of key distribution. ``frames`` gets every decoded remote
@@ -164,10 +162,8 @@ class MatrixMesh:
         the mesh; while it says no (the call is moving to the SFU), members already linked
         stay and newcomers get no link: each link costs a peer connection, its handshake and
         signalling on every member's event loop, the moment the old path must carry the
-        media. ``encoders``: the call's encoder pool (shared with the other transport
-        during a switch); None: the mesh encodes on its own."""
+        media."""
         self._admit_new = admit_new
-        self._encoders = encoders
         self._frames = frames
         self.agent = agent
         self.hs = agent.hs
@@ -282,7 +278,6 @@ class MatrixMesh:
             frames=self._frames,
             key_sent=key_sent,
             frame_e2ee=self._frame_e2ee,
-            encoders=self._encoders,
         )
         engine.start()
         return engine
