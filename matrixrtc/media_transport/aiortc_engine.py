@@ -126,6 +126,7 @@ class AiortcConnection:
         self._tracks: dict[str, _Track] = {}
         self._rendered = 0
         self._encoders: list[SharedEncoder] = []
+        self._given: list[MediaStreamTrack] = []  # what the encoders read: ours to stop on close
         self._sent_counted: dict[int, int] = {}
         self._tasks = OwnedTasks(
             f"livekit-aiortc {credentials.identity}", log, event_prefix="livekit.aiortc"
@@ -174,6 +175,7 @@ class AiortcConnection:
                 tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
             if m.audio:
                 tracks.append(ToneAudioTrack(m.tone_hz))
+        self._given = tracks
         self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
         for e in self._encoders:
             e.trace_label = "sfu"
@@ -192,8 +194,15 @@ class AiortcConnection:
     async def aclose(self) -> None:
         self.keys.detach(self)
         await self._tasks.cancel()
-        for e in self._encoders:
-            await e.aclose()
+        try:
+            for e in self._encoders:
+                await e.aclose()
+        finally:
+            # The tracks ``sources`` gave are ours to stop (TransportContext.sources):
+            # left running, each stays subscribed to the call's published track.
+            for track in self._given:
+                track.stop()
+            self._given = []
         await self.client.aclose()
         if self.state is not ConnectionState.NEW:
             self._set_state(ConnectionState.CLOSED)

@@ -34,6 +34,8 @@ from matrixrtc.livekit.connection import (
 )
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.media.frames import FrameTap, TapFrame
+from matrixrtc.media.published import PublishedTrack
+from matrixrtc.media.sources import SyntheticVideoTrack
 from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.media_transport.sfu import LiveKitMedia
 from matrixrtc.model import LivekitTransport
@@ -180,3 +182,47 @@ async def test_aiortc_member_counts_each_frame_at_its_arrival_and_its_decoded_fr
         assert set(list(st.video_times)[-10:]) <= arrivals
         assert st.last_video_at in arrivals
         assert track.stats.frames_decoded >= 10
+
+
+async def test_aiortc_member_stops_the_tracks_it_was_given_when_it_closes(
+    synapse: Synapse, sfu: AuthService
+) -> None:
+    """``TransportContext.sources`` hands each transport its own tracks, and the transport
+    stops them on close: an aiortc connection that did not stayed subscribed to the call's
+    published track after its call ended (a subscriber per switch, each queueing frames)."""
+    tag = secrets.token_hex(2)
+    users = [await synapse.register(f"ag{n}-{tag}") for n in "ab"]
+    room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)
+    published = PublishedTrack("video")
+    published.set_source(SyntheticVideoTrack(160, 120, 15.0))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            hs = await stack.enter_async_context(
+                Homeserver(synapse.base_url, Login(users[0].user_id, password=users[0].password))
+            )
+            agent = await stack.enter_async_context(
+                CallAgent(
+                    hs,
+                    room_id,
+                    AgentConfig(transports=(LivekitTransport(livekit_service_url=sfu.url),)),
+                )
+            )
+            keys = await stack.enter_async_context(CallKeys(agent, CallKeysConfig()))
+            cfg = SwitchConfig(media=OURS, sources=lambda: [published.subscribe()])
+            switcher = await stack.enter_async_context(MediaSwitcher(agent, keys, cfg))
+            other = await _join(stack, synapse, users[1], room_id, sfu.url, OURS)
+            async with asyncio.timeout(20):
+                await asyncio.gather(
+                    switcher.wait_settled(MediaKind.SFU, 20),
+                    other[1].wait_settled(MediaKind.SFU, 20),
+                )
+                conn = _connection(other[1])
+                ident = _connection(switcher).identity
+                # what the peer sees is the published track
+                while (st := conn.stats.get(ident)) is None or st.video_frames < 15:
+                    assert conn.state is ConnectionState.CONNECTED
+                    await asyncio.sleep(0.1)
+            assert published.subscribers == 1
+        assert published.subscribers == 0
+    finally:
+        await published.aclose()
