@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -60,6 +59,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench._host import cpu_sample, process_cpu_s, steal_cores
 from bench._run import run_bench
 from matrixrtc.calltest.runner import CallTestConfig, run_call_test
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
@@ -84,17 +84,6 @@ def _ns(text: str) -> list[int]:
     if any(n < 2 for n in out):
         raise argparse.ArgumentTypeError("a call needs at least two participants")
     return sorted(out)
-
-
-def _proc_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` (its threads included), from /proc."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _engines(text: str) -> list[str]:
@@ -187,14 +176,14 @@ async def _measure(
         if args.verbose:
             print(f"  {label}: {line}", file=sys.stderr, flush=True)
 
-    cpu0, wall0 = _proc_cpu_s(livekit_pid), time.monotonic()
+    cpu0, wall0 = process_cpu_s(livekit_pid), time.monotonic()
     try:
         report = await run_call_test(cfg, progress=progress)
     except Exception as exc:  # a cell that fails is a figure (0), not the end of the run
         print(f"  {label} failed: {exc!r}", file=sys.stderr, flush=True)
         return {"n": n, "min_fps_ratio": 0.0, "cpu_percent_per_participant": None,
                 "error": repr(exc), **({"engine": engine} if sfu else {})}  # fmt: skip
-    cpu1, wall1 = _proc_cpu_s(livekit_pid), time.monotonic()
+    cpu1, wall1 = process_cpu_s(livekit_pid), time.monotonic()
     server = None
     if transport == "sfu" and cpu0 is not None and cpu1 is not None:
         server = round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1)  # whole cell, not window
@@ -332,23 +321,9 @@ def host_calibration() -> dict[str, float]:
     }
 
 
-def _stolen() -> tuple[float, float]:
-    """(CPU seconds the hypervisor gave others while we had work since boot, all cores;
-    now), from ``/proc/stat``: on a shared host it is CPU our processes did not get."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    steal = float(fields[7]) if len(fields) > 7 else 0.0
-    return steal / os.sysconf("SC_CLK_TCK"), time.monotonic()
-
-
-def _steal_cores(since: tuple[float, float]) -> float:
-    """Cores stolen on average since ``since`` (a :func:`_stolen`)."""
-    now = _stolen()
-    return round((now[0] - since[0]) / max(now[1] - since[1], 1e-9), 2)
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = new_run_dir(prefix="bench-scale")
-    began = _stolen()
+    began = cpu_sample()
     calibration = host_calibration()
     result: dict[str, Any] = {
         "mesh": [],
@@ -372,21 +347,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ivf = run_dir / "goanchor.ivf"
             _write_ivf(ivf)
         for n in args.mesh:
-            t0 = _stolen()
+            t0 = cpu_sample()
             result["mesh"].append(
                 await _measure("mesh", n, base_url=hs.base_url, sfu_url=None,
                                livekit_pid=None, args=args, run_dir=run_dir)
             )  # fmt: skip
-            result["mesh"][-1]["host_steal_cores"] = _steal_cores(t0)
+            result["mesh"][-1]["host_steal_cores"] = steal_cores(t0, cpu_sample())
         for n in args.sfu:
             for engine in args.sfu_engine:
-                t0 = _stolen()
+                t0 = cpu_sample()
                 result["sfu"].append(
                     await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
                                    livekit_pid=lk_pid, args=args, run_dir=run_dir,
                                    engine=engine)
                 )  # fmt: skip
-                result["sfu"][-1]["host_steal_cores"] = _steal_cores(t0)
+                result["sfu"][-1]["host_steal_cores"] = steal_cores(t0, cpu_sample())
             if ivf is not None:
                 result["go_sdk_anchor"].append(
                     await _measure_go_anchor(n, url=lk.url, key=lk.api_key,
@@ -422,7 +397,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # Of the 2 cores, how many the host took for others on average over the whole run (each
     # cell has its own host_steal_cores): figures from a run with a large share are the
     # host's, not ours.
-    result["host_steal_cores"] = _steal_cores(began)
+    result["host_steal_cores"] = steal_cores(began, cpu_sample())
     result["host_calibration"] = calibration
     return result
 

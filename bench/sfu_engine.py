@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from bench._host import process_cpu_s
 
 FPS = 15.0
 
@@ -166,11 +167,6 @@ async def _explain_stuck(client: Any, pc: Any) -> None:
         )  # fmt: skip
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _cell(
     n: int, render: int, window: float, stagger: float, anchor: bool
 ) -> tuple[dict[str, object], dict[str, object] | None]:
@@ -218,7 +214,7 @@ async def _cell(
                 raise RuntimeError("a participant ended before it was ready")
         lk_pid = lk._proc.pid
         assert lk_pid is not None
-        lk0, t0 = _proc_cpu_s(lk_pid), time.monotonic()
+        lk0, t0 = process_cpu_s(lk_pid) or 0.0, time.monotonic()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
@@ -230,7 +226,7 @@ async def _cell(
             while line and not line.startswith(b"{"):
                 line = await asyncio.wait_for(p.stdout.readline(), window + 30)
             reports.append(json.loads(line))
-        lk_cpu = (_proc_cpu_s(lk_pid) - lk0) / (time.monotonic() - t0) * 100
+        lk_cpu = ((process_cpu_s(lk_pid) or 0.0) - lk0) / (time.monotonic() - t0) * 100
         for p in procs:
             await p.wait()
         go = None

@@ -42,11 +42,12 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench._host import CpuSample, busy_cores, cpu_sample, process_cpu, steal_cores
 from bench._run import run_bench
 from matrixrtc import event_loop
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
@@ -437,56 +438,14 @@ def _summarize(paths: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def _cpu_times() -> tuple[float, float, float]:
-    """This machine's (busy, total, stolen) CPU seconds since boot, all cores
-    (``/proc/stat``). Stolen: time the hypervisor ran someone else while we had work (it is
-    part of busy)."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    steal = fields[7] if len(fields) > 7 else 0.0
-    return (sum(fields) - idle) / tick, sum(fields) / tick, steal / tick
-
-
-def _steal_cores(since: tuple[float, ...], until: tuple[float, ...]) -> float:
-    """Of :func:`_busy_cores`, how many cores the hypervisor took for others: on a shared host
-    the members then wait for a core they would have had (gaps grow with it)."""
-    total = until[1] - since[1]
-    return round((until[2] - since[2]) / total * (os.cpu_count() or 1), 2) if total else 0.0
-
-
-def _busy_cores(since: tuple[float, ...], until: tuple[float, ...]) -> float:
-    """How many cores were busy on average between two :func:`_cpu_times` (of all that ran:
-    every member, Synapse, LiveKit, and anything else on the machine)."""
-    total = until[1] - since[1]
-    return round((until[0] - since[0]) / total * (os.cpu_count() or 1), 2) if total else 0.0
-
-
-def _process_cpu(pids: Mapping[str, int | None]) -> dict[str, float]:
-    """CPU seconds (user + system, every thread) each named process has used so far; a
-    process that is not running (yet, or any more) is left out."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for name, pid in pids.items():
-        if pid is None:
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
-        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return out
-
-
 def _cores_by_process(
-    since: tuple[tuple[float, ...], dict[str, float]],
-    until: tuple[tuple[float, ...], dict[str, float]],
+    since: tuple[CpuSample, dict[str, float]],
+    until: tuple[CpuSample, dict[str, float]],
 ) -> dict[str, float]:
     """How many cores each process kept busy on average between two snapshots
-    (``(_cpu_times(), _process_cpu())``); a process started in between counts from its start,
+    (``(cpu_sample(), process_cpu())``); a process started in between counts from its start,
     one that ended in between is left out. ``other``: the rest of the machine."""
-    wall = (until[0][1] - since[0][1]) / (os.cpu_count() or 1)
+    wall = (until[0].total - since[0].total) / (os.cpu_count() or 1)
     if wall <= 0:
         return {}
     out = {
@@ -494,7 +453,7 @@ def _cores_by_process(
         for name, used in until[1].items()
         if name in since[1] or name.startswith("sw")
     }
-    out["other"] = round(_busy_cores(since[0], until[0]) - sum(out.values()), 2)
+    out["other"] = round(busy_cores(since[0], until[0]) - sum(out.values()), 2)
     return out
 
 
@@ -710,12 +669,12 @@ async def measure_switch(
             fourth = await _Proc.start("sw3", visitor, run_dir / "sw3.log")
             procs.append(fourth)
             await asyncio.gather(*(p.on("mesh") for p in first), fourth.until_event("ready"))
-            cpu_mesh = _cpu_times()
-            cpu_mesh_by = _process_cpu(pids())
+            cpu_mesh = cpu_sample()
+            cpu_mesh_by = process_cpu(pids())
             t_on_mesh = time.monotonic()
             await asyncio.sleep(STEADY_S)
-            cpu_join = _cpu_times()
-            cpu_join_by = _process_cpu(pids())
+            cpu_join = cpu_sample()
+            cpu_join_by = process_cpu(pids())
             spies = _Profile(profile, "mesh_to_sfu")
             for p in first:
                 await spies.add(p)
@@ -723,13 +682,13 @@ async def measure_switch(
             await fourth.command("join")
             await spies.add(fourth)
             to_sfu = await asyncio.gather(*(p.on("sfu") for p in procs))
-            cpu_on_sfu = _cpu_times()
-            cpu_on_sfu_by = _process_cpu(pids())
+            cpu_on_sfu = cpu_sample()
+            cpu_on_sfu_by = process_cpu(pids())
             t_on_sfu = time.monotonic()
             profiles = {"mesh_to_sfu": await spies.stop()}
             await asyncio.sleep(STEADY_S)
-            cpu_leave = _cpu_times()
-            cpu_leave_by = _process_cpu(pids())
+            cpu_leave = cpu_sample()
+            cpu_leave_by = process_cpu(pids())
             spies = _Profile(profile, "sfu_to_mesh")
             for p in first:
                 await spies.add(p)
@@ -738,8 +697,8 @@ async def measure_switch(
             assert fourth.report is not None
             fourth_report = fourth.report
             back = await asyncio.gather(*(p.on("mesh") for p in first))
-            cpu_back = _cpu_times()
-            cpu_back_by = _process_cpu(pids())
+            cpu_back = cpu_sample()
+            cpu_back_by = process_cpu(pids())
             t_back = time.monotonic()
             profiles["sfu_to_mesh"] = await spies.stop()
             await asyncio.sleep(STEADY_S)
@@ -802,12 +761,12 @@ async def measure_switch(
         # The machine's load (cores busy, of os.cpu_count()): steady on the mesh and on the
         # SFU, and during each switch (from its start until every member finished it).
         "busy_cores": {
-            "mesh": _busy_cores(cpu_mesh, cpu_join),
-            "mesh_to_sfu": _busy_cores(cpu_join, cpu_on_sfu),
-            "sfu": _busy_cores(cpu_on_sfu, cpu_leave),
-            "sfu_to_mesh": _busy_cores(cpu_leave, cpu_back),
-            # Of which stolen by the host, over the whole run (see _steal_cores).
-            "stolen": _steal_cores(cpu_mesh, cpu_back),
+            "mesh": busy_cores(cpu_mesh, cpu_join),
+            "mesh_to_sfu": busy_cores(cpu_join, cpu_on_sfu),
+            "sfu": busy_cores(cpu_on_sfu, cpu_leave),
+            "sfu_to_mesh": busy_cores(cpu_leave, cpu_back),
+            # Of which stolen by the host, over the whole run (see bench._host.steal_cores).
+            "stolen": steal_cores(cpu_mesh, cpu_back),
         },
         # The same per process (members, Synapse, LiveKit, the authorization service): what
         # kept the machine busy. The leaver is left out of sfu_to_mesh (it has exited).

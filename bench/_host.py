@@ -1,0 +1,86 @@
+"""What the machine's CPU did while a benchmark ran, from ``/proc``: how many cores were busy,
+how many the hypervisor took for other guests (steal), and each benchmark process's own share.
+On a shared host, figures from a run where the host took a large share are the host's, not
+ours; benchmarks report these beside their figures so a reader can tell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CpuSample",
+    "busy_cores",
+    "cpu_sample",
+    "parse_cpu_line",
+    "process_cpu",
+    "process_cpu_s",
+    "steal_cores",
+]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU seconds since boot, summed over every core."""
+
+    busy: float  # everything but idle and iowait (includes ``stolen``)
+    total: float
+    stolen: float  # the hypervisor ran someone else while this guest had work
+
+
+def parse_cpu_line(line: str, tick: float = _TICK) -> CpuSample:
+    """The aggregate ``cpu`` line of ``/proc/stat`` (``cpu user nice system idle iowait irq
+    softirq steal guest guest_nice``, in ticks). Older kernels give fewer fields; guest time is
+    already inside user and nice, so it is not added again."""
+    name, *rest = line.split() or [""]
+    if name != "cpu" or len(rest) < 4:
+        raise ValueError(f"not the aggregate cpu line of /proc/stat: {line!r}")
+    ticks = [float(x) for x in rest[:8]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0.0)
+    total = sum(ticks)
+    stolen = ticks[7] if len(ticks) > 7 else 0.0
+    return CpuSample(busy=(total - idle) / tick, total=total / tick, stolen=stolen / tick)
+
+
+def cpu_sample() -> CpuSample:
+    return parse_cpu_line(Path("/proc/stat").read_text().split("\n", 1)[0])
+
+
+def _cores(used: float, since: CpuSample, until: CpuSample, cores: int | None) -> float:
+    span = until.total - since.total
+    return round(used / span * (cores or os.cpu_count() or 1), 2) if span > 0 else 0.0
+
+
+def busy_cores(since: CpuSample, until: CpuSample, cores: int | None = None) -> float:
+    """How many cores were busy on average between two samples (everything that ran)."""
+    return _cores(until.busy - since.busy, since, until, cores)
+
+
+def steal_cores(since: CpuSample, until: CpuSample, cores: int | None = None) -> float:
+    """Of :func:`busy_cores`, how many the hypervisor took for others: our processes waited
+    for a core they would otherwise have had."""
+    return _cores(until.stolen - since.stolen, since, until, cores)
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds (every thread) process ``pid`` has used so far; None if it
+    is not running."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def process_cpu(pids: Mapping[str, int | None]) -> dict[str, float]:
+    """:func:`process_cpu_s` of each named process; one not running (yet, or any more) is
+    left out."""
+    out = {name: process_cpu_s(pid) for name, pid in pids.items()}
+    return {name: s for name, s in out.items() if s is not None}

@@ -1,0 +1,51 @@
+"""bench/_host.py: the machine's CPU figures that benchmarks print beside their own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench._host import CpuSample, busy_cores, cpu_sample, parse_cpu_line, process_cpu, steal_cores
+
+# user nice system idle iowait irq softirq steal guest guest_nice, in ticks of 1/100 s
+LINE = "cpu  1000 20 300 5000 80 0 40 160 500 0"
+
+
+def test_each_field_lands_where_the_kernel_puts_it() -> None:
+    s = parse_cpu_line(LINE, tick=100)
+    assert s.total == pytest.approx(66.0)  # guest is inside user already: not added again
+    assert s.busy == pytest.approx(66.0 - 50.0 - 0.8)  # idle and iowait are not busy
+    assert s.stolen == pytest.approx(1.6)
+
+
+def test_an_old_kernel_line_without_steal_reads_as_none_stolen() -> None:
+    s = parse_cpu_line("cpu 100 0 100 800", tick=100)
+    assert (s.busy, s.total, s.stolen) == (2.0, 10.0, 0.0)
+
+
+@pytest.mark.parametrize("line", ["", "cpu0 1 2 3 4 5", "cpu 1 2", "intr 1 2 3 4 5"])
+def test_anything_but_the_aggregate_line_is_refused(line: str) -> None:
+    with pytest.raises(ValueError, match="aggregate cpu line"):
+        parse_cpu_line(line)
+
+
+def test_cores_are_shares_of_the_span_times_the_cores() -> None:
+    since = CpuSample(busy=10.0, total=100.0, stolen=1.0)
+    # 20 CPU-seconds passed on 2 cores (10 s of wall time): 15 busy, 4 of them stolen
+    until = CpuSample(busy=25.0, total=120.0, stolen=5.0)
+    assert busy_cores(since, until, cores=2) == 1.5
+    assert steal_cores(since, until, cores=2) == 0.4
+    assert busy_cores(since, since, cores=2) == 0.0  # no time passed: nothing, not a crash
+
+
+def test_this_machine_reads() -> None:
+    s = cpu_sample()
+    assert 0 <= s.stolen <= s.busy <= s.total
+    assert s.total > 0
+
+
+def test_process_cpu_reads_a_running_process_and_skips_others() -> None:
+    used = process_cpu({"me": os.getpid(), "gone": 2**22 + 7, "never": None})
+    assert set(used) == {"me"}
+    assert used["me"] > 0
