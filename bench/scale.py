@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -187,6 +188,12 @@ async def _measure(
     server = None
     if transport == "sfu" and cpu0 is not None and cpu1 is not None:
         server = round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1)  # whole cell, not window
+    if args.reports is not None:
+        # The whole call-test report (every pair, every participant), for when a cell's
+        # summary is not enough to say why it fell short.
+        args.reports.mkdir(parents=True, exist_ok=True)
+        name = f"{transport}-{n}" + (f"-{engine}" if sfu else "") + ".json"
+        (args.reports / name).write_text(json.dumps(report, indent=1, default=str))
     cell = _cell(n, report, server)
     if sfu:
         # which LiveKit client every participant of the cell ran (MediaOptions.engine)
@@ -428,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--switch-compare", action=argparse.BooleanOptionalAction, default=True,
         help="also measure the switch without acknowledgements, in the same run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reports", type=Path, default=None, metavar="DIR",
+        help="write each cell's whole call-test report (every pair) into DIR",
     )  # fmt: skip
     parser.add_argument(
         "--simulcast", action=argparse.BooleanOptionalAction, default=True,
