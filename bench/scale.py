@@ -95,6 +95,15 @@ def _engines(text: str) -> list[str]:
     return out
 
 
+def _decoded(pair: dict[str, Any], engine: str | None) -> bool:
+    """Whether the receiver decoded this pair's video. On the SFU's aiortc engine only the
+    rendered videos are (the others are received, decrypted and counted), while the pair's
+    own ``decoded`` flag says which frame counter its rate comes from, not that."""
+    if pair.get("transport") == "sfu" and engine == "aiortc" and "rendered" in pair:
+        return bool(pair["rendered"])
+    return bool(pair.get("decoded", True))
+
+
 def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str, Any]:
     w = report["window"]
     layers: dict[str, dict[str, str]] = {}
@@ -117,7 +126,7 @@ def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str,
         "window_s": w.get("seconds"),
         "all_pairs_received": w.get("all_pairs_received"),
         # pairs whose video the receiver decoded; the others were received, decrypted, counted
-        "decoded_pairs": sum(1 for p in w["pairs"] if p.get("decoded", True)),
+        "decoded_pairs": sum(1 for p in w["pairs"] if _decoded(p, report.get("sfu_engine"))),
     }
     if server_cpu is not None:
         cell["server_cpu_percent"] = server_cpu

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from bench.scale import _engines, sfu_max_n
+from bench.scale import _cell, _engines, sfu_max_n
 from matrixrtc.calltest.runner import CallTestConfig
 from matrixrtc.commands.call_test import add_arguments, config_from
 
@@ -40,3 +40,15 @@ def test_call_test_sfu_engine_option_reaches_the_config() -> None:
     assert cfg.sfu_engine == "aiortc"
     with pytest.raises(SystemExit):
         parser.parse_args(["--sfu-engine", "go"])
+
+
+def test_decoded_pairs_are_the_rendered_ones_on_the_aiortc_engine() -> None:
+    """The aiortc engine decodes only the videos it renders; the SDK decodes every one."""
+    pairs = [
+        {"receiver": "p1", "sender": s, "fps_ratio": 1.0, "transport": "sfu", "decoded": True,
+         "rendered": s == "p2", "layer": "default"}
+        for s in ("p2", "p3", "p4")
+    ]  # fmt: skip
+    report = {"window": {"pairs": pairs, "min_fps_ratio": 1.0}, "sfu_engine": "aiortc"}
+    assert _cell(4, report, None)["decoded_pairs"] == 1
+    assert _cell(4, {**report, "sfu_engine": "sdk"}, None)["decoded_pairs"] == 3
