@@ -12,12 +12,17 @@ from pathlib import Path
 
 __all__ = [
     "CpuSample",
+    "UdpSample",
     "busy_cores",
     "cpu_sample",
     "parse_cpu_line",
+    "parse_snmp_udp",
+    "parse_udp_socket_drops",
     "process_cpu",
     "process_cpu_s",
     "steal_cores",
+    "udp_drops",
+    "udp_sample",
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -84,3 +89,55 @@ def process_cpu(pids: Mapping[str, int | None]) -> dict[str, float]:
     left out."""
     out = {name: process_cpu_s(pid) for name, pid in pids.items()}
     return {name: s for name, s in out.items() if s is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSample:
+    """This network namespace's UDP counters (``/proc/net/snmp``) and the drops of one socket
+    (``/proc/net/udp``), all since they began."""
+
+    received: int  # datagrams delivered to a socket
+    rcvbuf_dropped: int  # datagrams dropped because the receiving socket's buffer was full
+    port_dropped: int | None  # of those, the socket on ``port``'s (None: no such socket)
+
+
+def parse_snmp_udp(text: str) -> tuple[int, int]:
+    """(InDatagrams, RcvbufErrors) from ``/proc/net/snmp``: its two ``Udp:`` lines are the
+    field names, then the values."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2:
+        raise ValueError("no Udp: lines in /proc/net/snmp")
+    values = dict(zip(rows[0], rows[1], strict=False))
+    return int(values["InDatagrams"]), int(values["RcvbufErrors"])
+
+
+def parse_udp_socket_drops(text: str, port: int) -> int | None:
+    """The ``drops`` column (the last) of the socket bound to local ``port`` in
+    ``/proc/net/udp``; None if none is."""
+    want = f":{port:04X}"
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 1 and fields[1].endswith(want):
+            return int(fields[-1])
+    return None
+
+
+def udp_sample(port: int | None = None) -> UdpSample:
+    received, dropped = parse_snmp_udp(Path("/proc/net/snmp").read_text())
+    on_port = None
+    if port is not None:
+        on_port = parse_udp_socket_drops(Path("/proc/net/udp").read_text(), port)
+    return UdpSample(received=received, rcvbuf_dropped=dropped, port_dropped=on_port)
+
+
+def udp_drops(since: UdpSample, until: UdpSample) -> dict[str, int | None]:
+    """What UDP lost between two samples: ``dropped`` datagrams of ``received + dropped``, and
+    how many of them the socket on the samples' port (``at_port``) dropped."""
+    at_port = None
+    if since.port_dropped is not None and until.port_dropped is not None:
+        at_port = until.port_dropped - since.port_dropped
+    return {
+        "received": until.received - since.received,
+        "dropped": until.rcvbuf_dropped - since.rcvbuf_dropped,
+        "at_port": at_port,
+    }

@@ -60,7 +60,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench._host import cpu_sample, process_cpu_s, steal_cores
+from bench._host import cpu_sample, process_cpu_s, steal_cores, udp_drops, udp_sample
 from bench._run import run_bench
 from matrixrtc.calltest.runner import CallTestConfig, run_call_test
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
@@ -352,32 +352,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         hs = await stack.enter_async_context(Synapse(run_dir))
         sfu_url = None
         lk_pid = None
+        lk_port = None
         if args.sfu:
             lk = await stack.enter_async_context(LiveKit(run_dir))
             svc = await stack.enter_async_context(
                 AuthService(run_dir, lk, hs, name="bench-sfu", extra_env=_QUIET)
             )
-            sfu_url, lk_pid = svc.url, lk.pid
+            sfu_url, lk_pid, lk_port = svc.url, lk.pid, lk.udp_port
         ivf = None
         if args.sfu and args.go_anchor:
             ivf = run_dir / "goanchor.ivf"
             _write_ivf(ivf)
         for n in args.mesh:
-            t0 = cpu_sample()
+            t0, u0 = cpu_sample(), udp_sample()
             result["mesh"].append(
                 await _measure("mesh", n, base_url=hs.base_url, sfu_url=None,
                                livekit_pid=None, args=args, run_dir=run_dir)
             )  # fmt: skip
             result["mesh"][-1]["host_steal_cores"] = steal_cores(t0, cpu_sample())
+            result["mesh"][-1]["udp"] = udp_drops(u0, udp_sample())
         for n in args.sfu:
             for engine in args.sfu_engine:
-                t0 = cpu_sample()
+                t0, u0 = cpu_sample(), udp_sample(lk_port)
                 result["sfu"].append(
                     await _measure("sfu", n, base_url=hs.base_url, sfu_url=sfu_url,
                                    livekit_pid=lk_pid, args=args, run_dir=run_dir,
                                    engine=engine)
                 )  # fmt: skip
                 result["sfu"][-1]["host_steal_cores"] = steal_cores(t0, cpu_sample())
+                # at_port: LiveKit's (every publisher sends to it); the rest: participants'
+                result["sfu"][-1]["udp"] = udp_drops(u0, udp_sample(lk_port))
             if ivf is not None:
                 result["go_sdk_anchor"].append(
                     await _measure_go_anchor(n, url=lk.url, key=lk.api_key,
@@ -528,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"mem {c.get('memory_mb_per_participant')} MiB  "
                 f"LiveKit {c.get('server_cpu_percent', '-')} %  "
                 f"decrypt failures {c.get('decrypt_failures')}  "
-                f"host stole {c.get('host_steal_cores')} cores"
+                f"host stole {c.get('host_steal_cores')} cores  "
+                f"udp {c.get('udp')}"
                 + (f"  decoded {c['decoded_pairs']} pairs" if "decoded_pairs" in c else "")
             )
     for c in result["go_sdk_anchor"]:

@@ -6,7 +6,18 @@ import os
 
 import pytest
 
-from bench._host import CpuSample, busy_cores, cpu_sample, parse_cpu_line, process_cpu, steal_cores
+from bench._host import (
+    CpuSample,
+    UdpSample,
+    busy_cores,
+    cpu_sample,
+    parse_cpu_line,
+    parse_snmp_udp,
+    parse_udp_socket_drops,
+    process_cpu,
+    steal_cores,
+    udp_drops,
+)
 
 # user nice system idle iowait irq softirq steal guest guest_nice, in ticks of 1/100 s
 LINE = "cpu  1000 20 300 5000 80 0 40 160 500 0"
@@ -49,3 +60,34 @@ def test_process_cpu_reads_a_running_process_and_skips_others() -> None:
     used = process_cpu({"me": os.getpid(), "gone": 2**22 + 7, "never": None})
     assert set(used) == {"me"}
     assert used["me"] > 0
+
+
+SNMP = """Ip: Forwarding DefaultTTL
+Ip: 1 64
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors
+Udp: 1991010 5075 543686 2540444 543600 0 0
+UdpLite: InDatagrams NoPorts
+UdpLite: 0 0
+"""
+
+# /proc/net/udp, its columns shortened: local address (port in hex) ... drops last
+UDP = """   sl  local_address rem_address   st ... inode ref pointer drops
+  12: 0100007F:4E52 00000000:0000 07 ... 1 2 0000000000000000 17
+  13: 0100007F:0035 00000000:0000 07 ... 3 2 0000000000000000 0
+"""
+
+
+def test_udp_counters_come_from_their_own_columns() -> None:
+    assert parse_snmp_udp(SNMP) == (1991010, 543600)  # RcvbufErrors, not InErrors
+    assert parse_udp_socket_drops(UDP, 0x4E52) == 17
+    assert parse_udp_socket_drops(UDP, 53) == 0
+    assert parse_udp_socket_drops(UDP, 0x35 + 1) is None
+    with pytest.raises(ValueError, match="Udp"):
+        parse_snmp_udp("Ip: 1\nIp: 2\n")
+
+
+def test_udp_drops_between_two_samples() -> None:
+    since = UdpSample(received=100, rcvbuf_dropped=5, port_dropped=2)
+    until = UdpSample(received=1100, rcvbuf_dropped=45, port_dropped=2)
+    assert udp_drops(since, until) == {"received": 1000, "dropped": 40, "at_port": 0}
+    assert udp_drops(since, UdpSample(1100, 45, None))["at_port"] is None
