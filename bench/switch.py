@@ -47,7 +47,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench._host import CpuSample, busy_cores, cpu_sample, process_cpu, steal_cores
+from bench._host import (
+    CpuSample,
+    busy_cores,
+    cpu_sample,
+    process_cpu,
+    steal_cores,
+    udp_drops,
+    udp_sample,
+)
 from bench._run import run_bench
 from matrixrtc import event_loop
 from matrixrtc.devstack import AuthService, LiveKit, Synapse, UserCreds, new_run_dir
@@ -669,7 +677,7 @@ async def measure_switch(
             fourth = await _Proc.start("sw3", visitor, run_dir / "sw3.log")
             procs.append(fourth)
             await asyncio.gather(*(p.on("mesh") for p in first), fourth.until_event("ready"))
-            cpu_mesh = cpu_sample()
+            cpu_mesh, udp_mesh = cpu_sample(), udp_sample()
             cpu_mesh_by = process_cpu(pids())
             t_on_mesh = time.monotonic()
             await asyncio.sleep(STEADY_S)
@@ -697,7 +705,7 @@ async def measure_switch(
             assert fourth.report is not None
             fourth_report = fourth.report
             back = await asyncio.gather(*(p.on("mesh") for p in first))
-            cpu_back = cpu_sample()
+            cpu_back, udp_back = cpu_sample(), udp_sample()
             cpu_back_by = process_cpu(pids())
             t_back = time.monotonic()
             profiles["sfu_to_mesh"] = await spies.stop()
@@ -760,6 +768,9 @@ async def measure_switch(
         },
         # The machine's load (cores busy, of os.cpu_count()): steady on the mesh and on the
         # SFU, and during each switch (from its start until every member finished it).
+        # Datagrams dropped at full socket buffers from the first steady phase to the end of
+        # the switch back (every member, Synapse, LiveKit): lost packets become gaps.
+        "udp": udp_drops(udp_mesh, udp_back),
         "busy_cores": {
             "mesh": busy_cores(cpu_mesh, cpu_join),
             "mesh_to_sfu": busy_cores(cpu_join, cpu_on_sfu),
@@ -902,6 +913,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "in_switch": {d: [r["in_switch_gap_ms"][d] for r in results] for d in dirs},
         "steady": {d: [r["steady_gap_ms"][_STEADY_OF[d]] for r in results] for d in dirs},
         "busy_cores": [r["busy_cores"] for r in results],
+        "udp": [r["udp"] for r in results],
         "busy_cores_by_process": [r["busy_cores_by_process"] for r in results],
         "runs": list(results),
     }
