@@ -24,6 +24,9 @@ servers and host address restriction.
   A Python upgrade must compare it with that version's method again
   (``tests/unit/test_udp_reads.py``; the pinned private uses are listed in
   :mod:`matrixrtc.mesh.fanout`).
+* Receive buffers: :func:`gather_on` also gives each socket it made a receive buffer of
+  :data:`UDP_RECEIVE_BUFFER` (aioice's held ~0.2 s of an SFU subscription; see there). Per
+  socket, nothing global changes.
 * Closing: :func:`close_peer_connection` shields aiortc's ``close()``. aiortc starts a close of
   its own once every DTLS transport has closed, and a second ``close()`` awaits the first
   one's private future directly: cancelling the second caller (a switch's teardown, a
@@ -37,10 +40,11 @@ import asyncio
 import functools
 import ipaddress
 import random
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from aioice import TransportPolicy, stun
@@ -55,9 +59,11 @@ from aiortc import (
 from matrixrtc.errors import LocalError
 
 __all__ = [
+    "UDP_RECEIVE_BUFFER",
     "IceServerConfig",
     "candidate_allowed",
     "close_peer_connection",
+    "enlarge_receive_buffer",
     "filter_sdp_candidates",
     "gather_on",
     "ice_servers_from_turn_response",
@@ -170,6 +176,50 @@ async def gather_on(pc: RTCPeerConnection, addresses: Sequence[str]) -> None:
                 component=component, addresses=host
             )
         connection._local_candidates_end = True
+        for protocol in connection._protocols:
+            # uvloop's transports are no asyncio.BaseTransport; a TURN relay has no socket
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                enlarge_receive_buffer(transport)
+
+
+# Bytes of received datagrams each ICE socket may hold until the loop reads them. aioice asks
+# for 256 KiB (the kernel doubles it for its bookkeeping: ~200 full-size packets on loopback),
+# about 0.2 s of an SFU subscription carrying 11 publishers (~1 000 packets/s): a loop that
+# late (a switch building its new path, a busy box) lost datagrams, then asked for them again
+# (NACK) or for a key frame (PLI), which is more load at the worst moment. The kernel caps the
+# request at net.core.rmem_max (a process without CAP_NET_ADMIN cannot exceed it).
+UDP_RECEIVE_BUFFER: Final = 2 << 20
+
+
+def enlarge_receive_buffer(transport: Any, size: int = UDP_RECEIVE_BUFFER) -> int | None:
+    """Ask for a ``size``-byte receive buffer on ``transport``'s socket (an asyncio or uvloop
+    datagram transport: anything with ``get_extra_info``); the size the kernel
+    gave (it doubles the request for its bookkeeping and caps it at net.core.rmem_max), or
+    None if the transport has no socket or refused."""
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if sock is None:
+        return None
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except OSError as exc:
+        log.info("ice.receive_buffer_refused", error=repr(exc))
+        return None
+    if got < size and not _capped_logged:
+        _capped_logged.append(got)  # once per process: every socket gets the same cap
+        log.warning(
+            "ice.receive_buffer_capped",
+            asked=size,
+            got=got,
+            hint="raise the net.core.rmem_max sysctl: a busy SFU subscription can overflow it",
+        )
+    return got
+
+
+_capped_logged: list[int] = []
 
 
 # RFC 7675 §5.1: consent expires when no check was answered for 30 s; checks every 4-6 s.

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import pytest
+import uvloop
 from aiortc import RTCPeerConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matrixrtc.media.ice import close_peer_connection
+from matrixrtc.media.ice import (
+    UDP_RECEIVE_BUFFER,
+    _ice_connections,
+    close_peer_connection,
+    enlarge_receive_buffer,
+    gather_on,
+)
 from matrixrtc.mesh.ice import (
     IceServerConfig,
     candidate_allowed,
@@ -19,6 +28,7 @@ from matrixrtc.mesh.ice import (
 )
 
 LOOPBACK = parse_networks(["127.0.0.0/8"])
+RMEM_MAX = int(Path("/proc/sys/net/core/rmem_max").read_text())  # the most a socket may ask
 HOST = "candidate:1 1 udp 2130706431 {} 50000 typ host"
 
 
@@ -103,3 +113,64 @@ async def test_a_cancelled_second_close_leaves_the_first_one_whole(ours: bool) -
         assert pc.connectionState == "closed"
     else:
         assert isinstance(outcome, asyncio.InvalidStateError)
+
+
+class _Count(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received = 0
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.received += 1
+
+
+async def _burst_delivered(enlarge: bool, count: int = 600) -> int:
+    """Datagrams of ``count`` sent (1 200 bytes each, ~0.7 MB) while the receiving loop is
+    busy that the receiver still reads once it runs."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(_Count, local_addr=("127.0.0.1", 0))
+    try:
+        if enlarge:
+            assert enlarge_receive_buffer(transport) is not None
+        addr = transport.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            for _ in range(count):  # the loop cannot read meanwhile: a ~100 ms late loop
+                out.sendto(b"\x80" * 1200, addr)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        return protocol.received
+    finally:
+        transport.close()
+
+
+async def test_an_enlarged_socket_holds_a_burst_the_default_one_drops() -> None:
+    if RMEM_MAX < 1 << 20:
+        pytest.skip(f"net.core.rmem_max is {RMEM_MAX}: no larger buffer can be had here")
+    assert await _burst_delivered(enlarge=True) == 600
+    assert await _burst_delivered(enlarge=False) < 600  # the kernel's default overflows
+
+
+def test_gather_on_enlarges_every_socket_it_made_under_uvloop_too() -> None:
+    """Our media processes run on uvloop, whose transports are no asyncio.BaseTransport."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_gather_enlarges())
+
+
+async def test_gather_on_enlarges_every_socket_it_made() -> None:
+    await _gather_enlarges()
+
+
+async def _gather_enlarges() -> None:
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("video")
+        pc.addTransceiver("audio")
+        await gather_on(pc, ("127.0.0.1",))
+        sizes = [
+            p.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            for c in _ice_connections(pc)
+            for p in c._protocols
+        ]
+        assert sizes
+        assert all(s >= 2 * min(UDP_RECEIVE_BUFFER, RMEM_MAX) for s in sizes), sizes
+    finally:
+        await pc.close()
