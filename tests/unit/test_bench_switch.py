@@ -25,6 +25,7 @@ def _run(to_sfu: int, to_mesh: int) -> dict[str, Any]:
         "in_switch_gap_ms": {"mesh_to_sfu": to_sfu, "sfu_to_mesh": to_mesh},
         "steady_gap_ms": {"mesh": 70, "sfu": 80},
         "busy_cores": {},
+        "udp": {"received": 1000, "dropped": to_mesh, "at_port": None},
         "busy_cores_by_process": {},
     }
 
@@ -33,6 +34,7 @@ def test_aggregate_reports_the_largest_gap_of_all_runs_with_the_median() -> None
     out = aggregate([_run(90, 40), _run(300, 60), _run(80, 50)])
     assert (out["mesh_to_sfu"], out["sfu_to_mesh"]) == (300, 60)
     assert out["median"] == {"mesh_to_sfu": 90, "sfu_to_mesh": 50}
+    assert [u["dropped"] for u in out["udp"]] == [40, 60, 50]  # each run's, in order
     assert out["switches"] == 3
     assert out["each"]["mesh_to_sfu"] == [90, 300, 80]
     assert out["steady"] == {"mesh_to_sfu": [80] * 3, "sfu_to_mesh": [70] * 3}
