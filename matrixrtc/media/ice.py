@@ -187,7 +187,7 @@ async def gather_on(pc: RTCPeerConnection, addresses: Sequence[str]) -> None:
 # for 256 KiB (the kernel doubles it for its bookkeeping: ~200 full-size packets on loopback),
 # about 0.2 s of an SFU subscription carrying 11 publishers (~1 000 packets/s). A loop that
 # late lost datagrams, then asked for them again (NACK) or for a key frame (PLI): more load
-# at the worst moment. bench/scale.py's SFU n=12 cell dropped 17-65 % of its datagrams there
+# at the worst moment. bench/scale.py's SFU n=12 cell dropped 17-40 % of its datagrams there
 # and collapsed; with this buffer it held in most runs (the switch benchmark dropped none
 # either way). The kernel caps the request at net.core.rmem_max (a process without
 # CAP_NET_ADMIN cannot exceed it).
