@@ -226,17 +226,20 @@ async def _run_call(
             for n, o in browsers
         ]
 
+        def receiving(p: ParticipantProcess) -> bool:
+            # One without the keys cannot decode: it has its share once packets flow from each.
+            return all(int(_peer(p, ids[b]).get("packets_in") or 0) > 100 for b, _ in browsers)
+
+        def decoding(p: ParticipantProcess) -> bool:
+            return all(_frames_from(p, ids[b])[0] >= 30 for b, _ in browsers)
+
         async def pythons_decode_browsers() -> None:
             for (_, o), proc in zip(pythons, procs, strict=True):
-                if o.get("withhold_keys"):
-                    continue
-                await proc.wait_until(
-                    lambda p: all(_frames_from(p, ids[b])[0] >= 30 for b, _ in browsers), 90
-                )
+                await proc.wait_until(receiving if o.get("withhold_keys") else decoding, 90)
 
         try:
-            # While the browsers are in the call: every keyed Python participant decodes them
-            # (unless a browser gives up first: then there is nothing left to wait for).
+            # While the browsers are in the call: every keyed Python participant decodes them and
+            # every keyless one receives their packets (unless a browser gives up first: then there is nothing left to wait for).
             waiting = asyncio.create_task(pythons_decode_browsers())
             pending: set[asyncio.Task[Any]] = {waiting, *tasks}
             while not waiting.done():
