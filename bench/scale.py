@@ -58,7 +58,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from bench._host import cpu_sample, process_cpu_s, steal_cores, udp_drops, udp_sample
 from bench._run import run_bench
@@ -68,6 +68,13 @@ from matrixrtc.devstack import AuthService, LiveKit, Synapse, new_run_dir
 TARGET_RATIO = 0.9
 ENGINES = ("aiortc", "sdk")
 _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
+# SFU cells measure how many participants the box holds once they are in the call, so each
+# join (a new process: interpreter start, login, Olm keys; then every member's key share,
+# LiveKit subscription and key frame for it) ends before the next begins. 0.5 s apart the
+# joins of a dozen overlapped on the two cores and, on 6 Dec, twelve collapsed in 4 of 7
+# runs and never recovered; 4 s apart they held in 5 of 6 (the sixth: one sender's video at
+# a third of its rate, every other pair at 0.94 or more). Each SFU cell states it.
+SFU_JOIN_INTERVAL_S: Final = 4.0
 
 
 def _ns(text: str) -> list[int]:
@@ -206,7 +213,7 @@ async def _measure(
     cell = _cell(n, report, server)
     if sfu:
         # which LiveKit client every participant of the cell ran (MediaOptions.engine)
-        cell = {"n": n, "engine": engine, **cell}
+        cell = {"n": n, "engine": engine, "join_interval_s": args.join_interval, **cell}
     if transport == "mesh":
         cell.update(_mesh_policy(report, n, args))
     print(
@@ -482,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         "however long the start-up took (default 15)",
     )  # fmt: skip
     parser.add_argument(
-        "--join-interval", type=float, default=0.5,
+        "--join-interval", type=float, default=SFU_JOIN_INTERVAL_S,
         help="SFU cells: start each participant this long after the previous one is ready "
-        "(default 0.5)",
+        f"(default {SFU_JOIN_INTERVAL_S:g}; see SFU_JOIN_INTERVAL_S)",
     )  # fmt: skip
     parser.add_argument(
         "--sfu-form-timeout", type=float, default=90.0, metavar="S",

@@ -26,8 +26,8 @@ MIN_RATIO = 0.7
 async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.scale", "--mesh", "3", "--sfu", "3", "--duration", "8",
-        "--window", "6", "--render-max", "1", "--preencoded", "--no-switch", "--no-go-anchor",
-        "--sfu-engine", "aiortc,sdk", "--json",
+        "--window", "6", "--join-interval", "1", "--render-max", "1", "--preencoded",
+        "--no-switch", "--no-go-anchor", "--sfu-engine", "aiortc,sdk", "--json",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
@@ -59,6 +59,7 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     names = {f"p{i}" for i in (1, 2, 3)}
     for sfu in (ours, sdk):
         assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media
+        assert sfu["join_interval_s"] == 1.0  # --join-interval, stated by every SFU cell
         # every receiver rendered one sender and counted the other, both pairs at the rate
         assert set(sfu["rendered"]) == set(sfu["counted"]) == names
         for r in names:
