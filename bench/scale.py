@@ -14,6 +14,14 @@ a participant in % of one core (``cpu_percent_per_participant``, all threads; Li
 CPU is reported apart as ``server_cpu_percent``). ``sfu_max_n`` is the largest SFU N measured
 whose cell, and every smaller SFU cell, holds ``min_fps_ratio`` ≥ 0.9.
 
+Every cell also carries ``udp``: the datagrams the namespace's sockets took in (``received``)
+and dropped at a full receive buffer (``dropped``) while the cell ran, from ``/proc/net/snmp``
+(``bench/_host.py``); SFU cells add ``at_port``, the drops at LiveKit's own socket, so drops
+at the participants are ``dropped - at_port``. The counters are the namespace's: run inside
+``scripts/in-netns`` or they count the host's traffic too. ``--reports DIR`` writes each
+cell's whole call-test report (every participant, every pair) to ``DIR/mesh-N.json`` or
+``DIR/sfu-N-ENGINE.json``.
+
 Mesh cells (issue 19's 8-party target): participants join ``--mesh-join-interval`` apart and
 the window is ``--duration`` seconds from the moment every pair receives (start-up does not
 eat it); each participant decodes ``--mesh-decode-video`` peers' video (default 1, a spotlight
