@@ -80,8 +80,9 @@ _QUIET = {"LIVEKIT_LOG_LEVEL": "error"}
 # join (a new process: interpreter start, login, Olm keys; then every member's key share,
 # LiveKit subscription and key frame for it) ends before the next begins. 0.5 s apart the
 # joins of a dozen overlapped on the two cores and, on 6 Dec, twelve collapsed in 5 of 8
-# runs and never recovered; 4 s apart they held in 5 of 6 (the sixth: one sender's video at
-# a third of its rate, every other pair at 0.94 or more). Each SFU cell states it.
+# runs and never recovered; 4 s apart they held in 8 of 9 and none dropped a datagram (the
+# ninth: one sender's video at a third of its rate, every other pair at 0.94 or more; the
+# full benchmark's n=12 cell still failed in both of the day's runs). Each SFU cell states it.
 SFU_JOIN_INTERVAL_S: Final = 4.0
 
 
