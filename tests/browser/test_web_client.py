@@ -239,7 +239,8 @@ async def _run_call(
 
         try:
             # While the browsers are in the call: every keyed Python participant decodes them and
-            # every keyless one receives their packets (unless a browser gives up first: then there is nothing left to wait for).
+            # every keyless one receives their packets (unless a browser gives up first: then
+            # there is nothing left to wait for).
             waiting = asyncio.create_task(pythons_decode_browsers())
             pending: set[asyncio.Task[Any]] = {waiting, *tasks}
             while not waiting.done():
