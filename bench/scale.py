@@ -20,7 +20,10 @@ and dropped at a full receive buffer (``dropped``) while the cell ran, from ``/p
 at the participants are ``dropped - at_port``. The counters are the namespace's: run inside
 ``scripts/in-netns`` or they count the host's traffic too. ``--reports DIR`` writes each
 cell's whole call-test report (every participant, every pair) to ``DIR/mesh-N.json`` or
-``DIR/sfu-N-ENGINE.json``.
+``DIR/sfu-N-ENGINE.json``. ``min_sent_video_fps`` is the slowest publisher's encoded video
+rate in the window and ``overflows`` the frames dropped at publishers' full per-receiver
+queues, by kind (both from the encoders' counters; None on the ``sdk`` engine): a pair below
+the rate because its sender encoded less shows there, apart from the receivers.
 
 Mesh cells (issue 19's 8-party target): participants join ``--mesh-join-interval`` apart and
 the window is ``--duration`` seconds from the moment every pair receives (start-up does not
@@ -120,6 +123,14 @@ def _decoded(pair: dict[str, Any], engine: str | None) -> bool:
     return bool(pair.get("decoded", True))
 
 
+def _overflows(w: dict[str, Any]) -> dict[str, int] | None:
+    """Frames dropped at publishers' full per-receiver queues in the window, by kind."""
+    sent = [x["sent"] for x in w["participants"] if "sent" in x]
+    if not sent:
+        return None
+    return {k: sum(x[f"{k}_overflows"] for x in sent) for k in ("video", "audio")}
+
+
 def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str, Any]:
     w = report["window"]
     layers: dict[str, dict[str, str]] = {}
@@ -139,6 +150,10 @@ def _cell(n: int, report: dict[str, Any], server_cpu: float | None) -> dict[str,
         "cpu_percent_total": w.get("cpu_percent_total"),
         "memory_mb_per_participant": w.get("memory_mb_per_participant"),
         "decrypt_failures": w.get("decrypt_failures"),
+        # what the publishers sent: a pair below the rate because its sender encoded less
+        # shows here (None on the SDK engine, which exposes no encoder counters)
+        "min_sent_video_fps": w.get("min_sent_video_fps"),
+        "overflows": _overflows(w),
         "window_s": w.get("seconds"),
         "all_pairs_received": w.get("all_pairs_received"),
         # pairs whose video the receiver decoded; the others were received, decrypted, counted

@@ -34,7 +34,9 @@ from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.matrix import DeviceRef, Homeserver, Login, Subscription
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.media_transport import LiveKitMedia, MeshMedia
+from matrixrtc.media_transport.aiortc_engine import AiortcConnection
 from matrixrtc.mesh.engine import MeshConfig
+from matrixrtc.mesh.fanout import SharedEncoder
 from matrixrtc.mesh.ice import IceServerConfig
 from matrixrtc.mesh.matrix_link import MatrixMesh, MeshLinkConfig
 from matrixrtc.model import FullMeshTransport, LivekitTransport, Transport
@@ -264,16 +266,25 @@ class _Probe:
             "key_delivery_ms": list(self.key_delivery_ms[-20:]),
             "signalling_dropped": mesh.dropped_signalling if mesh is not None else 0,
             "loop_lag_ms": round(lag, 1),
-            "encoders": _encoder_counters(engine),
+            # transport -> kind -> counters, for each transport we publish on
+            "encoders": {
+                transport: counters
+                for transport, counters in (
+                    ("mesh", _encoder_counters(engine.encoders if engine is not None else {})),
+                    ("sfu", _encoder_counters(_sfu_encoders(media))),
+                )
+                if counters
+            },
             "peers": peers,
         }
 
 
-def _encoder_counters(engine: Any) -> dict[str, dict[str, int]]:
-    """Send-side counters of the mesh's shared encoders (what a feedback storm shows in)."""
-    out: dict[str, dict[str, int]] = {}
-    for kind, enc in engine.encoders.items() if engine is not None else ():
-        out[kind] = {
+def _encoder_counters(encoders: Mapping[str, SharedEncoder]) -> dict[str, dict[str, int]]:
+    """Send-side counters of shared encoders by kind: what a starved or flooded publisher
+    shows in (its source delivering fewer frames, key-frame storms, a peer's queue overflowing
+    while its RTP sender is late)."""
+    return {
+        kind: {
             "frames_in": enc.frames_in,
             "frames_encoded": enc.frames_encoded,
             "keyframes": enc.keyframes,
@@ -283,7 +294,18 @@ def _encoder_counters(engine: Any) -> dict[str, dict[str, int]]:
             "overflows": sum(t.overflows for t in enc.subscribers),
             "held": sum(t.held for t in enc.subscribers),
         }
-    return out
+        for kind, enc in encoders.items()
+    }
+
+
+def _sfu_encoders(media: MatrixMesh | MediaSwitcher) -> Mapping[str, SharedEncoder]:
+    """The encoders our aiortc LiveKit client publishes from (none on the SDK engine)."""
+    running = media.running(MediaKind.SFU) if isinstance(media, MediaSwitcher) else None
+    if isinstance(running, LiveKitMedia) and running.lk is not None:
+        for conn in running.lk.connections.values():
+            if isinstance(conn, AiortcConnection) and conn.publish:
+                return conn.encoders
+    return {}
 
 
 def _mesh_of(switcher: MediaSwitcher) -> MatrixMesh | None:

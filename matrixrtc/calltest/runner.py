@@ -427,6 +427,34 @@ def _all_receiving_at(p: ParticipantProcess, senders: Mapping[str, str]) -> int 
     return None
 
 
+def _sent(a: Mapping[str, Any], b: Mapping[str, Any], secs: float) -> dict[str, Any] | None:
+    """What a publisher's encoders did between two of its reports, over every transport it
+    published on (both during a switch): frames its sources gave and it encoded per second,
+    key frames, key-frame requests from receivers, and frames dropped at a receiver's full
+    queue (its RTP sender late). None: no encoder counters (a receive-only participant, the
+    SDK engine)."""
+    before, after = a.get("encoders") or {}, b.get("encoders") or {}
+    if not after:
+        return None
+
+    def delta(kind: str, counter: str) -> int:
+        total = 0
+        for transport, kinds in after.items():
+            now = int(kinds.get(kind, {}).get(counter, 0))
+            then = int(before.get(transport, {}).get(kind, {}).get(counter, 0))
+            total += now - then if now >= then else now  # a new encoder counts from 0
+        return total
+
+    return {
+        "video_fps_source": round(delta("video", "frames_in") / secs, 2),
+        "video_fps_encoded": round(delta("video", "frames_encoded") / secs, 2),
+        "keyframes": delta("video", "keyframes"),
+        "keyframe_requests": delta("video", "keyframe_requests"),
+        "video_overflows": delta("video", "overflows"),
+        "audio_overflows": delta("audio", "overflows"),
+    }
+
+
 def window_opens_ms(procs: Sequence[ParticipantProcess], cfg: CallTestConfig) -> int | None:
     """Wall ms at which :func:`measurement_window`'s window opens: ``cfg.settle_s`` after every
     participant has a frame from every publisher (None: some pair has none yet)."""
@@ -475,6 +503,7 @@ def measurement_window(
                 "cpu_percent": cpu,
                 "memory_mb": b.get("rss_mb"),
                 "receive_only": bool(b.get("receive_only", False)),
+                **({"sent": sent} if (sent := _sent(a, b, secs)) is not None else {}),
             }
         )
         frames_a = {x["id"]: _frames(x) for x in a["peers"]}
@@ -503,6 +532,7 @@ def measurement_window(
                 }
             )
     cpus = [x["cpu_percent"] for x in per if x["cpu_percent"] is not None]
+    sent_fps = [x["sent"]["video_fps_encoded"] for x in per if "sent" in x]
     mems = [float(x["memory_mb"]) for x in per if x["memory_mb"] is not None]
     return {
         "start_ms": start,
@@ -514,6 +544,8 @@ def measurement_window(
         "cpu_percent_total": round(sum(cpus), 1) if cpus else None,
         "memory_mb_per_participant": round(sum(mems) / len(mems), 1) if mems else None,
         "decrypt_failures": sum(x["decrypt_failures"] for x in pairs),
+        # the slowest publisher's encoded video rate (None: no encoder counters, e.g. the SDK)
+        "min_sent_video_fps": round(min(sent_fps), 2) if sent_fps else None,
         "participants": per,
         "pairs": pairs,
     }

@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -140,6 +140,11 @@ class AiortcConnection:
     @property
     def identity(self) -> str:
         return self.credentials.identity
+
+    @property
+    def encoders(self) -> Mapping[str, SharedEncoder]:
+        """What we publish, by kind (empty until published): their send-side counters."""
+        return {e.kind: e for e in self._encoders}
 
     def _set_state(self, state: ConnectionState) -> None:
         if state is not self.state:

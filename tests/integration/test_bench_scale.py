@@ -56,6 +56,12 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
         assert 2 < cell["cpu_percent_per_participant"] < 67
         assert 50 < cell["memory_mb_per_participant"] < 1000
         assert 0 <= cell["host_steal_cores"] <= 2  # of 2 cores: what the host took meanwhile
+    # what the publishers sent, from their encoders (the SDK engine has no counters)
+    for cell in (mesh, ours):
+        assert cell["min_sent_video_fps"] > 10, cell
+        assert set(cell["overflows"]) == {"video", "audio"}
+    assert sdk["min_sent_video_fps"] is None
+    assert sdk["overflows"] is None
     names = {f"p{i}" for i in (1, 2, 3)}
     for sfu in (ours, sdk):
         assert sfu["server_cpu_percent"] > 0  # LiveKit forwarded the media

@@ -231,3 +231,58 @@ def test_a_pair_not_decoded_counts_its_received_frames() -> None:
     assert pairs[("a", "c")]["fps_ratio"] == 1.0
     assert pairs[("c", "b")]["decoded"] is False
     assert w["min_fps_ratio"] == pairs[("c", "b")]["fps_ratio"] < 0.4
+
+
+def _counters(frames: int, **more: int) -> dict[str, int]:
+    return {"frames_in": frames, "frames_encoded": frames, "keyframes": 0,
+            "keyframe_requests": 0, "overflows": 0, **more}  # fmt: skip
+
+
+def test_window_states_what_each_publisher_sent() -> None:
+    """Per publisher, from its encoder counters: the video it encoded per second in the
+    window over every transport it published on (an encoder that appears mid-window, as in a
+    switch, counts from zero), key frames, requests and queue overflows. A sender that
+    encodes a third of the frames shows as that, apart from the receivers."""
+    a = _Proc("a", "DA", {})
+    b = _Proc("b", "DB", {})
+    v = _Proc("v", "DV", {})
+    a.final = b.final = v.final = None
+    for t in range(1_000, 11_000, 1_000):
+        k = (t - 1_000) // 1_000
+        a.stats.append(_sample(t, 0.1 * k, {"@b:hs|DB": 5 * k}, encoders={
+            "mesh": {"video": _counters(15 * k, keyframes=k, keyframe_requests=2 * k),
+                     "audio": _counters(50 * k, overflows=k // 3)},
+        }))  # fmt: skip
+        # b encodes only 5 fps; from t=6000 also on the SFU (a second encoder from 0)
+        enc = {"mesh": {"video": _counters(5 * k, overflows=k)}}
+        if t >= 6_000:
+            enc["sfu"] = {"video": _counters(5 * (k - 5))}
+        b.stats.append(_sample(t, 0.1 * k, {"@a:hs|DA": 15 * k}, encoders=enc))
+        v.stats.append(_sample(t, 0.0, {"@a:hs|DA": 15 * k, "@b:hs|DB": 5 * k},
+                               receive_only=True, encoders={}))  # fmt: skip
+    cfg = CallTestConfig(participants=3, settle_s=1.0)
+    w = build_report([a, b, v], cfg, end_ms=10_000)["window"]
+    sent = {x["id"]: x.get("sent") for x in w["participants"]}
+    assert w["start_ms"] == 3_000  # every pair has a frame at t=2000, plus the settle
+    assert sent["v"] is None  # sends nothing
+    assert sent["a"] == {
+        "video_fps_source": 15.0, "video_fps_encoded": 15.0, "keyframes": 7,
+        "keyframe_requests": 14, "video_overflows": 0, "audio_overflows": 3,
+    }  # fmt: skip
+    # 7 s: mesh 35 frames, SFU 20 (5 fps from t=6000) → 55 / 7
+    assert sent["b"]["video_fps_encoded"] == round(55 / 7, 2)
+    assert sent["b"]["video_overflows"] == 7
+    assert w["min_sent_video_fps"] == sent["b"]["video_fps_encoded"]
+    assert w["min_fps_ratio"] < 0.4  # the receivers' ratio: against 15 fps, as before
+
+
+def test_window_without_encoder_counters() -> None:
+    a = _Proc("a", "DA", {})
+    b = _Proc("b", "DB", {})
+    a.final = b.final = None
+    for t in range(1_000, 6_000, 1_000):
+        a.stats.append(_sample(t, 0.0, {"@b:hs|DB": 15 * t // 1000}))
+        b.stats.append(_sample(t, 0.0, {"@a:hs|DA": 15 * t // 1000}))
+    w = build_report([a, b], CallTestConfig(participants=2, settle_s=1.0))["window"]
+    assert w["min_sent_video_fps"] is None
+    assert all("sent" not in x for x in w["participants"])
