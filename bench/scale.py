@@ -125,7 +125,7 @@ def _decoded(pair: dict[str, Any], engine: str | None) -> bool:
 
 def _overflows(w: dict[str, Any]) -> dict[str, int] | None:
     """Frames dropped at publishers' full per-receiver queues in the window, by kind."""
-    sent = [x["sent"] for x in w["participants"] if "sent" in x]
+    sent = [x["sent"] for x in w.get("participants", ()) if "sent" in x]
     if not sent:
         return None
     return {k: sum(x[f"{k}_overflows"] for x in sent) for k in ("video", "audio")}
