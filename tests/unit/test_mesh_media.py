@@ -49,6 +49,22 @@ async def test_tone_is_20ms_48k_mono_s16() -> None:
     assert np.abs(f1.to_ndarray()).max() > 1000  # not silence
 
 
+@pytest.mark.parametrize("hz", [440.0, 441.5])
+def test_tone_frames_are_the_sine_from_a_cache_or_not(hz: float) -> None:
+    """Each frame holds the sine at its own samples; a whole number of hertz repeats every
+    second, so those frames come from a cache (the same array), others are computed."""
+    tone = ToneAudioTrack(hz)
+
+    def expected(n: int) -> np.ndarray:
+        s = np.arange(n * 960, (n + 1) * 960)
+        return (np.sin(s / 48000 * 2 * np.pi * hz) * 0.25 * 32767).astype(np.int16)
+
+    for n in (0, 1, 7, 49, 50, 51, 107):
+        got = tone._pcm(n).reshape(-1)
+        assert np.abs(got.astype(int) - expected(n)).max() <= 1, n
+    assert (tone._pcm(1) is tone._pcm(51)) is hz.is_integer()
+
+
 def test_receive_stats_fps_and_first_frame() -> None:
     stats = ReceiveStats(kind="video", started_at=100.0)
     assert stats.first_frame_delay is None

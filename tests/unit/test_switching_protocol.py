@@ -129,6 +129,7 @@ class FakeTransport:
         self.carrying = False
         self.frames = 0
         self.refreshes = 0
+        self.polls = 0  # video_counters() calls: the switcher's polls of this transport
         self.fail_start = False
         self.lost = False
         self.hidden: set[DeviceRef] = set()  # members whose video it decodes no more
@@ -147,6 +148,7 @@ class FakeTransport:
         return self.carrying
 
     def video_counters(self, peer: Participant) -> Sequence[FrameCounter]:
+        self.polls += 1
         if self.frame_times is not None:
             times = self.frame_times
             last = times[-1] if times else None
@@ -197,6 +199,7 @@ class Registry:
         return SwitchConfig(
             mesh_max=2,
             poll_s=0.001,
+            idle_poll_s=0.001,
             settle_timeout_s=5.0,
             ack_timeout_s=0.05,
             retry_s=0.01,
@@ -670,3 +673,21 @@ async def test_a_switcher_closed_while_still_in_the_call_does_not_linger() -> No
         started = time.monotonic()
     assert time.monotonic() - started < 1.0
     assert sfu_ends(m.reg) == ["close sfu"]
+
+
+async def test_between_switches_the_counters_are_polled_at_the_idle_rate() -> None:
+    """Settled on one transport the switcher polls every ``idle_poll_s`` (its counters keep
+    their frames' times, so no gap is missed); while a switch is under way, every
+    ``poll_s``."""
+    async with on_the_mesh(poll_s=0.002, idle_poll_s=0.1) as m:
+        mesh = m.reg.made[MediaKind.MESH]
+        await asyncio.sleep(0.05)  # the start's last fast polls are over
+        before = mesh.polls
+        await asyncio.sleep(0.35)
+        assert mesh.polls - before <= 5  # about 3 at 0.1 s; 175 at poll_s
+        m.agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: to the SFU
+        await until(lambda: m.switcher.running(MediaKind.SFU) is not None)
+        before = mesh.polls
+        await asyncio.sleep(0.1)  # the SFU carries nothing yet: the handover waits
+        assert m.switcher.kind is MediaKind.MESH
+        assert mesh.polls - before >= 10  # polled at poll_s while switching
