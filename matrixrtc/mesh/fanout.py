@@ -571,6 +571,12 @@ class _DecryptingQueue(queue.Queue[Any]):
         self._decoding = on
         self._stats.decoding = on
 
+    def needs_keyframes(self) -> bool:
+        """Whether frames after a loss must wait for a key frame: something decodes them or
+        takes a copy. Otherwise they are only decrypted and counted, each frame on its own
+        (when decoding starts, :meth:`set_decoding` asks for a key frame)."""
+        return self._decoding or self._on_encoded is not None
+
     def request_keyframe(self) -> None:
         """Make aiortc send a PLI with the next packet (its decoder-error flag; any thread)."""
         if self._kind == "video":
@@ -602,7 +608,8 @@ class _DecryptingQueue(queue.Queue[Any]):
             # Frames were dropped: the decoder needs a key frame. aiortc sends a PLI for the
             # next packet when this flag (normally set by its decoder thread) is up.
             self._failing = False
-            self.request_keyframe()
+            if self.needs_keyframes():
+                self.request_keyframe()
         now = self._clock()
         self._stats.frame_received(now, len(data))
         if RX_TRACE is not None and self._kind == "video":
@@ -742,7 +749,7 @@ def install_receive_hook(
                 frame.timestamp = mapper.map(frame.timestamp)
                 hook.put((codec, frame))
 
-        assembler = FrameAssembler(deliver, on_skip=hook.gap)
+        assembler = FrameAssembler(deliver, on_skip=hook.gap, needs_key=hook.needs_keyframes)
         route = _VideoReassembly(assembler, jitter, codecs, hook.gap)
         setattr(receiver, "_RTCRtpReceiver__jitter_buffer", route)  # noqa: B010
         hook.assembler = assembler

@@ -23,6 +23,12 @@ counted 114 key frames in 40 s), which cost CPU everywhere and pushed other pair
   the media SSRC, which a sender without RTX uses for bandwidth probes) costs nothing, and a
   malformed frame boundary (a new timestamp on a packet that does not start a frame) drops that
   frame and waits for a key frame instead of blocking until ``capacity``;
+- a receiver that only decrypts and counts a stream (``needs_key`` false: nothing decodes it
+  or copies it) needs no key frame after a loss: every later frame that arrives whole is handed
+  on (frame E2EE decrypts each frame alone) and no PLI is sent. At twelve SFU participants,
+  each receiver decoding three of eleven videos, the PLIs of the eight that only count made
+  every publisher encode ~1.4 key frames a second once the box fell behind, which kept it
+  behind;
 - a packet far behind what was handed on (more than ``capacity``: a sender whose sequence
   numbers restarted, not a late retransmission) starts the assembler over at the next key frame.
 
@@ -80,8 +86,10 @@ class FrameAssembler:
         capacity: int = CAPACITY,
         clock: Callable[[], float] = time.monotonic,
         on_skip: Callable[[], None] | None = None,
+        needs_key: Callable[[], bool] | None = None,
     ) -> None:
         self._deliver = deliver
+        self._needs_key = needs_key
         self._give_up_s = give_up_s
         self._pli_interval_s = pli_interval_s
         self.capacity = capacity
@@ -135,7 +143,12 @@ class FrameAssembler:
             pli = self._ask_key(now)  # at most every pli_interval_s until a key frame
         return pli, None
 
+    def _keys_needed(self) -> bool:
+        return self._needs_key is None or self._needs_key()
+
     def _ask_key(self, now: float) -> bool:
+        if not self._keys_needed():
+            return False
         if self._last_pli is not None and now - self._last_pli < self._pli_interval_s:
             return False
         self._last_pli = now
@@ -178,7 +191,7 @@ class FrameAssembler:
             self._next = end + 1
             self._gap_since = None
             key = vp8_is_keyframe(first._data)
-            if self._need_key and not key:
+            if self._need_key and not key and self._keys_needed():
                 self.dropped_frames += 1
                 self._lost = True
                 continue
@@ -228,11 +241,16 @@ class FrameAssembler:
             ),
             None,
         )
-        if target is None:
-            # No key frame held: resume at the newest frame start and drop deltas until a key.
+        if target is None or not self._keys_needed():
             starts = [s for s in held if vp8_starts_frame(self._packets[s].payload)]
-            target = starts[-1] if starts else held[-1] + 1
-            self._need_key = True
+            if not self._keys_needed():
+                # Only counted: resume at the first frame start past the gap.
+                target = next((s for s in starts if s > self._next), held[-1] + 1)
+            else:
+                # No key frame held: resume at the newest frame start, deltas dropped until a
+                # key frame.
+                target = starts[-1] if starts else held[-1] + 1
+                self._need_key = True
         for s in held:
             if s < target:
                 del self._packets[s]

@@ -211,13 +211,20 @@ async def test_receive_hook_decrypts_counts_and_never_raises() -> None:
         q.put((VP8, JitterFrame(data=b"boom", timestamp=3)))
         assert not error_flag.is_set()
         q.put((VP8, JitterFrame(data=b"\x01xyz", timestamp=4)))
-        assert error_flag.is_set()  # recovered after drops: ask the sender for a key frame
+        # Only counted: each frame decrypts on its own, no key frame is needed after drops.
+        assert not error_flag.is_set()
+        q.set_decoding(True)
+        assert error_flag.is_set()  # a decoder now: it starts at a key frame, asked for
+        error_flag.clear()
+        q.put((VP8, JitterFrame(data=b"bad", timestamp=5)))
+        q.put((VP8, JitterFrame(data=b"abc\x01", timestamp=6)))  # clear: a delta frame
+        assert error_flag.is_set()  # recovered after drops while decoding: ask again
         q.put(None)
         # nothing reaches aiortc's decoder thread but its stop sentinel
         assert [q.get_nowait() for _ in range(q.qsize())] == [None]
-        assert stats.decrypt_failures == 2
-        assert stats.encoded_frames == 2
-        assert decryptor.calls == 4
+        assert stats.decrypt_failures == 3
+        assert stats.encoded_frames == 3
+        assert decryptor.calls == 6
     finally:
         await pc.close()
 

@@ -375,3 +375,36 @@ def test_a_sender_whose_sequence_numbers_restart_is_followed_after_its_next_key_
     # behind: at once, from the key frame; ahead: after the 0.3 s wait, from the key frame.
     assert [f.timestamp for f in got] == [1000, 4000, 94000, 97000, 184000, 187000]
     assert asm.skips == 2
+
+
+def test_a_stream_only_counted_resumes_at_the_next_whole_frame_and_asks_for_no_key() -> None:
+    """``needs_key`` false (nothing decodes or copies the stream: frames are decrypted and
+    counted one by one): after a loss the next whole frame is handed on, delta or not, and no
+    PLI is sent; once a decoder needs keys again, deltas after a loss wait for one."""
+    wants = [False]
+    asm, got, clock = _rig(give_up_s=0.3, pli_interval_s=0.5, needs_key=lambda: wants[0])
+    frames = _stream(1, "KDDDDDDD")
+    lost = frames[1][0]
+    plis = []
+    for frame in frames[:4]:
+        for p in frame:
+            if p is not lost:
+                plis.append(asm.add(p)[0])
+    clock.now += 0.31
+    for frame in frames[4:6]:
+        for p in frame:
+            plis.append(asm.add(p)[0])
+    # Only the frame that lost a packet is missing: 2 and 3 were held behind the gap.
+    assert [f.timestamp for f in got] == [1000, 7000, 10000, 13000, 16000]
+    assert not any(plis)
+    assert asm.skips == 1
+    wants[0] = True  # a decoder now: a loss means waiting for a key frame, asked by PLI
+    lost = frames[6][1]
+    for p in frames[6]:
+        if p is not lost:
+            asm.add(p)
+    first, second = frames[7]
+    assert asm.add(first)[0] is False  # the gap is there from now
+    clock.now += 0.31
+    assert asm.add(second)[0] is True  # given up, no key frame held: asked for
+    assert [f.timestamp for f in got][-1] == 16000  # the delta after the loss is held back
