@@ -161,6 +161,12 @@ class SwitchConfig:
     # this often: they keep their frames' times, so every gap is still measured, and a
     # 12-member call spent ~2.5 % of a participant's CPU polling every ``poll_s``.
     idle_poll_s: float = 0.1
+    # A switch (not a start) begins rank × step after the decision, our rank being our
+    # device's place among the call's, the step ``stagger_s`` or less so that the last member
+    # waits at most ``stagger_max_s``: every member decides at once (the same membership
+    # change), and bringing up every new path together stalled the old ones' media.
+    stagger_s: float = 0.2
+    stagger_max_s: float = 0.6
     retry_s: float = 2.0  # pause after a transport failed to start
     close_timeout_s: float = 15.0  # longest wait for an old transport to close
     # After we left the call, when our leave moves the others off the SFU we are on: stay
@@ -554,6 +560,14 @@ class MediaSwitcher:
                 await self.current.update()
             await self._dirty.wait()
 
+    def _stagger(self) -> float:
+        """How long our switch waits for those of members before us (``stagger_s``)."""
+        ranked = sorted(self.agent.participants, key=lambda p: (p.user_id, p.device_id))
+        rank = next((i for i, p in enumerate(ranked) if p.is_self), 0)
+        if len(ranked) < 2:
+            return 0.0
+        return rank * min(self.config.stagger_s, self.config.stagger_max_s / (len(ranked) - 1))
+
     def _context(self) -> TransportContext:
         cfg = self.config
         return TransportContext(
@@ -573,6 +587,14 @@ class MediaSwitcher:
         if factory is None:
             raise LocalError(f"no transport registered for {new.value}")
         started = self._clock()
+        if old is not None and (delay := self._stagger()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    while True:  # until the delay is over, unless the decision moves
+                        await self._dirty.wait()
+                        self._dirty.clear()
+                        if self._decide().kind is not new:
+                            return
         self._log.info(
             "switch.started",
             old=old.kind.value if old is not None else None,
