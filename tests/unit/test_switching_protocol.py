@@ -200,6 +200,7 @@ class Registry:
             mesh_max=2,
             poll_s=0.001,
             idle_poll_s=0.001,
+            stagger_s=0.0,
             settle_timeout_s=5.0,
             ack_timeout_s=0.05,
             retry_s=0.01,
@@ -691,3 +692,23 @@ async def test_between_switches_the_counters_are_polled_at_the_idle_rate() -> No
         await asyncio.sleep(0.1)  # the SFU carries nothing yet: the handover waits
         assert m.switcher.kind is MediaKind.MESH
         assert mesh.polls - before >= 10  # polled at poll_s while switching
+
+
+async def test_a_switch_starts_after_the_members_ranked_before_us_and_not_if_undecided() -> None:
+    """Every member decides on the same membership change: each starts its new path its
+    rank × ``stagger_s`` later (ours: third of three, 2 × 0.1 s), and a decision that moves
+    back meanwhile starts nothing."""
+    async with on_the_mesh(stagger_s=0.1, stagger_max_s=1.0) as m:
+        assert sorted([ME, "@a:example.org", "@b:example.org"])[-1] == ME  # rank 2
+        t0 = time.monotonic()
+        m.agent.members(ME, "@a:example.org", "@b:example.org")  # 3 > mesh_max 2: the SFU
+        await until(lambda: "start sfu" in m.reg.log)
+        assert time.monotonic() - t0 >= 0.19
+        m.reg.made[MediaKind.SFU].carrying = True
+        await m.switcher.wait_settled(MediaKind.SFU, 5)
+        m.agent.members(ME, "@a:example.org")  # back to the mesh: rank 1 of 2, 0.1 s ...
+        await asyncio.sleep(0.03)
+        m.agent.members(ME, "@a:example.org", "@b:example.org")  # ... and the SFU again
+        await asyncio.sleep(0.2)
+        assert m.reg.log.count("start mesh") == 1  # the first start only
+        assert m.switcher.kind is MediaKind.SFU
