@@ -162,9 +162,10 @@ class SwitchConfig:
     # 12-member call spent ~2.5 % of a participant's CPU polling every ``poll_s``.
     idle_poll_s: float = 0.1
     # A switch (not a start) begins rank × step after the decision, our rank being our
-    # device's place among the call's, the step ``stagger_s`` or less so that the last member
-    # waits at most ``stagger_max_s``: every member decides at once (the same membership
-    # change), and bringing up every new path together stalled the old ones' media.
+    # device's place among the call's (from the highest on a switch to the mesh), the step
+    # ``stagger_s`` or less so that the last member waits at most ``stagger_max_s``: every
+    # member decides at once (the same membership change), and bringing up every new path
+    # together stalled the old ones' media.
     stagger_s: float = 0.2
     stagger_max_s: float = 0.6
     retry_s: float = 2.0  # pause after a transport failed to start
@@ -560,9 +561,14 @@ class MediaSwitcher:
                 await self.current.update()
             await self._dirty.wait()
 
-    def _stagger(self) -> float:
-        """How long our switch waits for those of members before us (``stagger_s``)."""
+    def _stagger(self, new: MediaKind) -> float:
+        """How long our switch to ``new`` waits for those of members before us
+        (``stagger_s``). To the mesh the highest device goes first: the lower device places
+        each mesh call, and an invite that comes before the callee's mesh runs is lost to the
+        caller's retry (5 s later)."""
         ranked = sorted(self.agent.participants, key=lambda p: (p.user_id, p.device_id))
+        if new is MediaKind.MESH:
+            ranked.reverse()
         rank = next((i for i, p in enumerate(ranked) if p.is_self), 0)
         if len(ranked) < 2:
             return 0.0
@@ -587,7 +593,7 @@ class MediaSwitcher:
         if factory is None:
             raise LocalError(f"no transport registered for {new.value}")
         started = self._clock()
-        if old is not None and (delay := self._stagger()) > 0:
+        if old is not None and (delay := self._stagger(new)) > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     while True:  # until the delay is over, unless the decision moves
