@@ -26,9 +26,8 @@ counted 114 key frames in 40 s), which cost CPU everywhere and pushed other pair
 - a receiver that only decrypts and counts a stream (``needs_key`` false: nothing decodes it
   or copies it) needs no key frame after a loss: every later frame that arrives whole is handed
   on (frame E2EE decrypts each frame alone) and no PLI is sent. At twelve SFU participants,
-  each receiver decoding three of eleven videos, the PLIs of the eight that only count made
-  every publisher encode ~1.4 key frames a second once the box fell behind, which kept it
-  behind;
+  each receiver decoding three of eleven videos, PLIs made every publisher encode ~1.4 key
+  frames a second once the box fell behind (which receivers asked was not recorded);
 - a packet far behind what was handed on (more than ``capacity``: a sender whose sequence
   numbers restarted, not a late retransmission) starts the assembler over at the next key frame.
 
