@@ -44,7 +44,9 @@ first ``--sfu-engine`` (``switch_sfu_engine``).
 
 SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
 ``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
-which decodes only the rendered videos, encodes once and asks for no layer) or ``sdk`` (the
+which decodes only the rendered videos and encodes each layer once; with ``--simulcast``, the
+default, it publishes layers ``q`` 160×120 and ``h`` 320×240, skips a layer nobody takes, and
+its receivers take the low layer past ``--low-layer-above`` remote videos) or ``sdk`` (the
 livekit Python SDK, which decodes every subscribed video: it holds 6 on this box);
 ``aiortc,sdk`` measures a cell of each at every N, one after the other. SFU receivers render
 (decode) ``--render-max`` (3) remote videos, a speaker view, and receive, decrypt and count

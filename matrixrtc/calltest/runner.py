@@ -445,7 +445,13 @@ def _sent(a: Mapping[str, Any], b: Mapping[str, Any], secs: float) -> dict[str, 
             total += now - then if now >= then else now  # a new encoder counts from 0
         return total
 
+    larger = sorted({k for kinds in after.values() for k in kinds if k.startswith("video/")})
     return {
+        # With simulcast "video" is the smallest layer; each larger one's encoded rate (0
+        # while no receiver takes it: the SFU's dynacast) is here by its RID.
+        "larger_layers_fps": {
+            k.partition("/")[2]: round(delta(k, "frames_encoded") / secs, 2) for k in larger
+        },
         "video_fps_source": round(delta("video", "frames_in") / secs, 2),
         "video_fps_encoded": round(delta("video", "frames_encoded") / secs, 2),
         "keyframes": delta("video", "keyframes"),

@@ -35,6 +35,21 @@ connection and the server's answer; trickles both ways. Tracks may yield already
 encrypted ``av.Packet`` s (the mesh's encode-once ``SharedEncoder`` with its LiveKit-format
 ``CryptorTransform``; ``on_sender=adopt_sender`` routes PLI/REMB to it): the tested path.
 
+Simulcast (``publish(layers=...)``, :mod:`matrixrtc.livekit.simulcast`): the video track's
+``AddTrackRequest`` lists the layers; the offer sent to the server is rewritten to send them
+as RID layers of one m-section (aiortc's own local description stays as aiortc made it). The
+top layer is the video track's own sender; each lower layer gets a sender of its own on the
+same DTLS transport and mid, started with the top sender's negotiated parameters once aiortc
+starts that one (the transport is up), on its own SSRC, so LiveKit's PLIs and NACKs for a
+layer reach that layer's sender (and so its encoder), and each layer sends its own RTCP
+sender reports (LiveKit maps timestamps between layers with them). Every packet of a layer
+carries its RID. aiortc private internal used: ``RTCRtpSender.__rtp_header_extensions_map``
+(replaced before the sender starts by a map that adds the RID extension and the RID). A
+subscriber asks for a layer with ``set_quality``; dynacast's ``SubscribedQualityUpdate``
+(which layers some subscriber takes) goes to ``on_qualities``. ``remote_videos`` is the
+others' video tracks as the server lists them, subscribed or not yet (``on_learned`` runs on
+each change): a joiner can ask for its layers before its subscriptions start.
+
 Not yet here: the wiring as an engine of ``LiveKitTransport`` (keys from the call's
 sender-key machinery, ``render_max``, stats in the transport's shape) and bench/scale.py cells.
 """
@@ -43,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,10 +74,17 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.rtcrtpparameters import (
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtp import HeaderExtensions, HeaderExtensionsMap
 from aiortc.sdp import candidate_from_sdp
 
 from matrixrtc.errors import LocalError, RemoteError
 from matrixrtc.livekit import signal
+from matrixrtc.livekit.simulcast import RID_EXTENSION_URI, Quality, SimulcastLayer, simulcast_offer
 from matrixrtc.media.ice import (
     IceServerConfig,
     batch_udp_reads,
@@ -120,10 +143,13 @@ class RtcClient:
         on_track: Callable[[ReceivedTrack], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         remb: bool = False,
+        adaptive_stream: bool = False,
     ) -> None:
-        """``remb``: let aiortc's video receivers send REMB (off: see ``_track_arrived``)."""
+        """``remb``: let aiortc's video receivers send REMB (off: see ``_track_arrived``).
+        ``adaptive_stream``: new video subscriptions start at the low layer
+        (``signal.rtc_url``)."""
         self._remb = remb
-        self._url = signal.rtc_url(url, token)
+        self._url = signal.rtc_url(url, token, adaptive_stream=adaptive_stream)
         self._addresses = tuple(addresses)
         self._ice_servers = tuple(ice_servers)
         self._on_track = on_track
@@ -134,6 +160,8 @@ class RtcClient:
         self._sub: _Subscriber | None = None
         self._pub: _Subscriber | None = None  # same bookkeeping: candidates before the answer
         self._published: dict[str, asyncio.Future[str]] = {}  # cid -> track sid
+        self._layer_senders: list[RTCRtpSender] = []  # simulcast layers below the top one
+        self.on_qualities: Callable[[signal.QualitiesWanted], None] | None = None
         self._answered: asyncio.Future[signal.Answer] | None = None
         self._offers: asyncio.Queue[signal.Offer] = asyncio.Queue()
         self._last_pong = 0.0
@@ -141,6 +169,10 @@ class RtcClient:
         self.joined: signal.Joined | None = None
         self.tracks: dict[str, ReceivedTrack] = {}
         self.owners: dict[str, str] = {}  # track sid -> publishing identity
+        # The other participants' video tracks as the server lists them (subscribed or not
+        # yet): track sid -> identity; ``on_learned`` runs after each change of the list.
+        self.remote_videos: dict[str, str] = {}
+        self.on_learned: Callable[[], None] | None = None
         self.pongs = 0
         self.rtt_ms = 0
         self.closed = asyncio.Event()
@@ -186,6 +218,9 @@ class RtcClient:
             with contextlib.suppress(Exception):
                 await self._send(signal.encode_leave())
         await self._tasks.cancel()
+        for sender in self._layer_senders:
+            with contextlib.suppress(Exception):
+                await sender.stop()
         for side in (self._sub, self._pub):
             if side is not None:
                 await close_peer_connection(side.pc)
@@ -231,6 +266,10 @@ class RtcClient:
         log.debug("livekit.rtc_track", track=track_id, kind=track.kind, mid=mid)
         if self._on_track is not None:
             self._on_track(received)
+
+    async def set_quality(self, track_sids: Sequence[str], quality: Quality) -> None:
+        """Ask the server for the ``quality`` layer of these subscribed video tracks."""
+        await self._send(signal.encode_track_settings(track_sids, quality))
 
     # ------------------------------------------------------------------------- signalling
     async def _send(self, data: bytes) -> None:
@@ -292,13 +331,21 @@ class RtcClient:
             self._failed(e)
             raise
 
-    def _learn(self, tracks: Sequence[signal.RemoteTrack]) -> None:
+    def _learn(self, tracks: Sequence[signal.RemoteTrack], gone: Sequence[str] = ()) -> None:
         for t in tracks:
             self.owners[t.track_sid] = t.identity
+        # A participant listed again lists all its tracks: replace what we knew of it.
+        listed = {t.identity for t in tracks} | set(gone)
+        own = self.joined.identity if self.joined is not None else None
+        self.remote_videos = {
+            sid: who for sid, who in self.remote_videos.items() if who not in listed
+        } | {t.track_sid: t.identity for t in tracks if t.kind == "video" and t.identity != own}
+        if self.on_learned is not None:
+            self.on_learned()
 
     async def _handle(self, event: signal.SignalEvent) -> None:
         if isinstance(event, signal.ParticipantsUpdated):
-            self._learn(event.tracks)
+            self._learn(event.tracks, event.gone)
         elif isinstance(event, signal.Offer):
             self._offers.put_nowait(event)
         elif isinstance(event, signal.Trickle):
@@ -315,6 +362,9 @@ class RtcClient:
             self._last_pong = self._clock()
             if event.last_ping_ms:
                 self.rtt_ms = max(0, int(time.time() * 1000) - event.last_ping_ms)
+        elif isinstance(event, signal.QualitiesWanted):
+            if self.on_qualities is not None:
+                self.on_qualities(event)
         elif isinstance(event, signal.Left):
             raise SignalLost(f"the server asked us to leave (reason {event.reason})")
 
@@ -359,15 +409,23 @@ class RtcClient:
         height: int = 240,
         encrypted: bool = True,
         on_sender: Callable[[RTCRtpSender], None] | None = None,
+        layers: Sequence[tuple[SimulcastLayer, MediaStreamTrack]] = (),
         timeout_s: float = 10.0,
     ) -> dict[str, str]:
         """Publish ``tracks`` (once): ``AddTrackRequest`` for each (cid = the aiortc track id,
         which is the msid track id in our SDP), wait for every ``TrackPublishedResponse``, then
         offer on the publisher peer connection and apply the server's answer. ``on_sender``
         sees each sender before the offer (e.g. the mesh's ``adopt_sender`` for an
-        encode-once track). Returns {cid: LiveKit track sid}."""
+        encode-once track).
+
+        ``layers`` (two or more, smallest first): the video track is sent as simulcast; each
+        entry is a layer and the track that yields it, the last one's track being the video
+        track of ``tracks`` (module docstring, Simulcast). Returns {cid: LiveKit track sid}."""
         if self._pub is not None:
             raise LocalError("publish() runs once per client")
+        top = layers[-1][1] if len(layers) > 1 else None
+        if top is not None and top not in tracks:
+            raise LocalError("the largest simulcast layer's track must be one of the tracks")
         batch_udp_reads()
         pub = self._pub = _Subscriber(pc=RTCPeerConnection(rtc_configuration(self._ice_servers)))
         loop = asyncio.get_running_loop()
@@ -382,21 +440,28 @@ class RtcClient:
                     width=width if kind == "video" else 0,
                     height=height if kind == "video" else 0,
                     encrypted=encrypted,
+                    layers=[layer for layer, _ in layers] if track is top else (),
                 )
             )
         async with asyncio.timeout(timeout_s):
             sids = {cid: await f for cid, f in self._published.items()}
+        top_sender: RTCRtpSender | None = None
         for track in tracks:
             sender = pub.pc.addTrack(track)
             if on_sender is not None:
                 on_sender(sender)
+            if track is top:
+                top_sender = sender
         offer = await pub.pc.createOffer()
         await gather_on(pub.pc, self._addresses)
         keep_consent_on(pub.pc, on_expired=lambda: self._consent_expired("publisher"))
         await pub.pc.setLocalDescription(offer)
         self._answered = loop.create_future()
         local = pub.pc.localDescription
-        await self._send(signal.encode_offer(local.sdp))
+        sdp = local.sdp
+        if top_sender is not None:
+            sdp = self._offer_layers(pub.pc, top_sender, sdp, layers, on_sender)
+        await self._send(signal.encode_offer(sdp))
         async with asyncio.timeout(timeout_s):
             answer = await self._answered
         await pub.pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
@@ -406,8 +471,38 @@ class RtcClient:
         pub.pending.clear()
         for candidate in _sdp_candidates(local.sdp):
             await self._send(signal.encode_trickle(candidate, "publisher"))
-        log.info("livekit.rtc_published", tracks=sids)
+        log.info("livekit.rtc_published", tracks=sids, layers=[la.rid for la, _ in layers])
         return sids
+
+    def _offer_layers(
+        self,
+        pc: RTCPeerConnection,
+        top_sender: RTCRtpSender,
+        sdp: str,
+        layers: Sequence[tuple[SimulcastLayer, MediaStreamTrack]],
+        on_sender: Callable[[RTCRtpSender], None] | None,
+    ) -> str:
+        """The offer rewritten for simulcast; the top layer's sender tags its packets with its
+        RID, and once aiortc starts it (the transport is up) a sender per lower layer starts
+        with the same parameters on its own SSRC."""
+        mid = next(t.mid for t in pc.getTransceivers() if t.sender is top_sender)
+        assert mid is not None  # set by setLocalDescription
+        sdp, ext_id = simulcast_offer(sdp, mid, tuple(layer.rid for layer, _ in layers))
+
+        def start_lower(parameters: RTCRtpSendParameters) -> None:
+            for layer, track in layers[:-1]:
+                sender = RTCRtpSender(track, top_sender.transport)
+                if on_sender is not None:
+                    on_sender(sender)
+                _tag_with_rid(sender, layer.rid, ext_id)
+                own = dataclasses.replace(
+                    parameters, rtcp=dataclasses.replace(parameters.rtcp, ssrc=sender._ssrc)
+                )
+                self._layer_senders.append(sender)
+                self._tasks.spawn(sender.send(own), f"layer {layer.rid}")
+
+        _tag_with_rid(top_sender, layers[-1][0].rid, ext_id, on_configured=start_lower)
+        return sdp
 
     async def _ping_loop(self, joined: signal.Joined) -> None:
         interval = joined.ping_interval_s or 5
@@ -419,6 +514,48 @@ class RtcClient:
                 self.error = SignalLost(f"no pong for {timeout} s")
                 self.closed.set()
                 raise self.error
+
+
+class _RidExtensions(HeaderExtensionsMap):
+    """A sender's header extensions plus the RID (RFC 8852) of its simulcast layer on every
+    packet; ``on_configured`` sees the sender's parameters when aiortc starts it."""
+
+    def __init__(
+        self,
+        rid: str,
+        ext_id: int,
+        on_configured: Callable[[RTCRtpSendParameters], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._rid = rid
+        self._ext = RTCRtpHeaderExtensionParameters(id=ext_id, uri=RID_EXTENSION_URI)
+        self._on_configured = on_configured
+
+    def configure(self, parameters: RTCRtpParameters) -> None:
+        with_rid = dataclasses.replace(
+            parameters, headerExtensions=[*parameters.headerExtensions, self._ext]
+        )
+        super().configure(with_rid)
+        if self._on_configured is not None and isinstance(parameters, RTCRtpSendParameters):
+            self._on_configured(parameters)
+
+    def set(self, values: HeaderExtensions) -> tuple[int, bytes]:
+        values.rtp_stream_id = self._rid
+        return super().set(values)
+
+
+def _tag_with_rid(
+    sender: RTCRtpSender,
+    rid: str,
+    ext_id: int,
+    on_configured: Callable[[RTCRtpSendParameters], None] | None = None,
+) -> None:
+    # aiortc private: the sender's header extension map, replaced before the sender starts
+    # (send() configures it from the negotiated parameters, which lack the RID extension:
+    # aiortc does not offer it).
+    sender._RTCRtpSender__rtp_header_extensions_map = _RidExtensions(  # type: ignore[attr-defined]
+        rid, ext_id, on_configured
+    )
 
 
 def _to_aiortc(candidate: signal.Candidate) -> RTCIceCandidate:

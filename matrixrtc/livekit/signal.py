@@ -26,6 +26,7 @@ the ``encode_*`` functions turn intents into bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -35,6 +36,7 @@ from livekit.protocol import models as lk_models
 from livekit.protocol import rtc as lk_rtc
 
 from matrixrtc.errors import RemoteError
+from matrixrtc.livekit.simulcast import Quality, SimulcastLayer
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -46,6 +48,7 @@ __all__ = [
     "Other",
     "ParticipantsUpdated",
     "Pong",
+    "QualitiesWanted",
     "RemoteTrack",
     "SignalDecodeError",
     "SignalEvent",
@@ -58,6 +61,7 @@ __all__ = [
     "encode_leave",
     "encode_offer",
     "encode_ping",
+    "encode_track_settings",
     "encode_trickle",
     "parse_candidate_init",
     "rtc_url",
@@ -73,8 +77,17 @@ class SignalDecodeError(RemoteError):
     """The server sent a message that is not a ``SignalResponse``."""
 
 
-def rtc_url(base_url: str, token: str, *, auto_subscribe: bool = True, sdk: str = "python") -> str:
-    """The ``/rtc`` WebSocket URL for ``base_url`` (``ws``/``wss``/``http``/``https``)."""
+def rtc_url(
+    base_url: str,
+    token: str,
+    *,
+    auto_subscribe: bool = True,
+    sdk: str = "python",
+    adaptive_stream: bool = False,
+) -> str:
+    """The ``/rtc`` WebSocket URL for ``base_url`` (``ws``/``wss``/``http``/``https``).
+    ``adaptive_stream``: the server forwards the low simulcast layer of a new video
+    subscription until the client asks for another (else the full one)."""
     parts = urlsplit(base_url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss"):
@@ -84,6 +97,7 @@ def rtc_url(base_url: str, token: str, *, auto_subscribe: bool = True, sdk: str 
         {
             "access_token": token,
             "auto_subscribe": "1" if auto_subscribe else "0",
+            **({"adaptive_stream": "1"} if adaptive_stream else {}),
             "protocol": str(PROTOCOL_VERSION),
             "sdk": sdk,
             "version": "0.1.0",
@@ -185,9 +199,34 @@ class Other:
     field: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QualitiesWanted:
+    """Dynacast (``SubscribedQualityUpdate``): which layers of our track ``track_sid`` some
+    subscriber takes now; a layer nobody takes need not be sent."""
+
+    track_sid: str
+    enabled: frozenset[str]  # "low", "medium", "high"
+
+
 SignalEvent = (
-    Joined | Offer | Answer | Trickle | Pong | Left | TrackPublished | ParticipantsUpdated | Other
+    Joined
+    | Offer
+    | Answer
+    | Trickle
+    | Pong
+    | Left
+    | TrackPublished
+    | ParticipantsUpdated
+    | QualitiesWanted
+    | Other
 )
+
+_QUALITY_NAMES: dict[int, str] = {
+    lk_models.VideoQuality.LOW: "low",
+    lk_models.VideoQuality.MEDIUM: "medium",
+    lk_models.VideoQuality.HIGH: "high",
+}
+_QUALITIES: dict[str, int] = {name: value for value, name in _QUALITY_NAMES.items()}
 
 _KINDS: dict[int, Literal["audio", "video", "data"]] = {
     lk_models.TrackType.AUDIO: "audio",
@@ -305,6 +344,17 @@ def decode(data: bytes) -> SignalEvent:
             for t in _tracks(p)
         )
         return ParticipantsUpdated(tracks=present, gone=gone)
+    if field == "subscribed_quality_update":
+        u = message.subscribed_quality_update
+        # Newer servers list qualities per codec; older ones (and VP8-only tracks) also fill
+        # the flat list. A quality counts as wanted if any codec's entry enables it.
+        entries = list(u.subscribed_qualities) + [
+            q for codec in u.subscribed_codecs for q in codec.qualities
+        ]
+        enabled = frozenset(
+            _QUALITY_NAMES[q.quality] for q in entries if q.enabled and q.quality in _QUALITY_NAMES
+        )
+        return QualitiesWanted(track_sid=u.track_sid, enabled=enabled)
     return Other(field=field or "")
 
 
@@ -355,11 +405,23 @@ def encode_add_track(
     width: int = 0,
     height: int = 0,
     encrypted: bool = True,
+    layers: Sequence[SimulcastLayer] = (),
 ) -> bytes:
     """``AddTrackRequest``: announce a track before offering it on the publisher connection.
-    ``encrypted`` marks it GCM (LiveKit's per-frame E2EE, the shape Element Call publishes)."""
+    ``encrypted`` marks it GCM (LiveKit's per-frame E2EE, the shape Element Call publishes);
+    ``layers``: the simulcast layers a video track will send (smallest first)."""
     return _request(
         add_track=lk_rtc.AddTrackRequest(
+            layers=[
+                lk_models.VideoLayer(
+                    quality=_QUALITIES[layer.quality],  # type: ignore[arg-type]
+                    width=layer.width,
+                    height=layer.height,
+                    bitrate=layer.bitrate,
+                    rid=layer.rid,
+                )
+                for layer in layers
+            ],
             cid=cid,
             name=name,
             type=lk_models.TrackType.VIDEO if kind == "video" else lk_models.TrackType.AUDIO,
@@ -371,5 +433,16 @@ def encode_add_track(
                 else lk_models.TrackSource.MICROPHONE
             ),
             encryption=lk_models.Encryption.GCM if encrypted else lk_models.Encryption.NONE,
+        )
+    )
+
+
+def encode_track_settings(track_sids: Sequence[str], quality: Quality) -> bytes:
+    """``UpdateTrackSettings``: forward the ``quality`` layer of these remote video tracks
+    (the nearest the publisher sends)."""
+    return _request(
+        track_setting=lk_rtc.UpdateTrackSettings(
+            track_sids=list(track_sids),
+            quality=_QUALITIES[quality],  # type: ignore[arg-type]
         )
     )

@@ -23,6 +23,7 @@ __all__ = [
     "AUDIO_TIME_BASE",
     "VIDEO_CLOCK",
     "VIDEO_TIME_BASE",
+    "ScaledFeed",
     "SyntheticVideoTrack",
     "ToneAudioTrack",
 ]
@@ -160,3 +161,46 @@ class ToneAudioTrack(MediaStreamTrack):
         frame.time_base = AUDIO_TIME_BASE
         self.frames_produced += 1
         return frame
+
+
+class ScaledFeed(MediaStreamTrack):
+    """Video frames handed in by another reader of a source (:meth:`feed`), scaled to
+    ``width`` × ``height`` as they are read: the source of a lower simulcast layer, fed by
+    the full layer's encoder (``SharedEncoder.tee``) so the camera is read once.
+
+    Holds at most ``maxsize`` frames: a reader that falls behind loses the oldest (a live
+    layer wants the newest frame, not a backlog)."""
+
+    kind = "video"
+
+    def __init__(self, width: int, height: int, maxsize: int = 2) -> None:
+        super().__init__()
+        self.width = width
+        self.height = height
+        self.dropped = 0
+        self._queue: asyncio.Queue[av.VideoFrame | None] = asyncio.Queue(maxsize)
+
+    def feed(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        if not isinstance(frame, av.VideoFrame) or self.readyState != "live":
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(frame)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self._queue.get()
+        if frame is None:
+            raise MediaStreamError
+        if frame.width == self.width and frame.height == self.height:
+            return frame
+        return frame.reformat(width=self.width, height=self.height, format="yuv420p")
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            super().stop()
+            if self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)

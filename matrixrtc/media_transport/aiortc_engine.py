@@ -18,9 +18,17 @@ which :mod:`matrixrtc.livekit` may not import; this layer may import both.
   them on (our decryptor runs before the decoder, so the SDK path's wait for a fresh key
   frame has no equivalent here). Frames are aiortc's own, stamped on the sender's RTP clock
   as the mesh's are.
-* Layers: nothing is asked of the SFU (``ParticipantStats.layer`` = "default": LiveKit
-  forwards the publisher's layer; ours publish one); ``video_size`` is that of the last
-  decoded frame of a rendered track (None for a counted one: nothing decodes it).
+* Layers: with ``media.simulcast`` the video is published as two layers
+  (:func:`~matrixrtc.livekit.simulcast.layers_for`: ``q`` at half each side, ``h`` full),
+  each encoded once by its own ``SharedEncoder``; the full layer's encoder hands every frame
+  it reads to the lower layer's :class:`~matrixrtc.media.sources.ScaledFeed`. Dynacast: a
+  larger layer that no subscriber takes is not encoded (LiveKit's
+  ``SubscribedQualityUpdate``), the smallest always is. With ``media.low_layer_above`` = K a
+  receiver asks for the low layer of every remote video once others publish more than K
+  (counted from the server's track list, so a joiner asks before its subscriptions start),
+  else the full one (``ParticipantStats.layer`` "low" / "high"; "default" without K: LiveKit
+  forwards what it chooses). ``video_size`` is that of the last decoded frame of a rendered
+  track (None for a counted one: nothing decodes it).
 * Stats: every ``SYNC_S`` the per-track :class:`~matrixrtc.media.sinks.ReceiveStats` are folded
   into the transport's :class:`~matrixrtc.livekit.connection.ParticipantStats` (a video frame
   counts once decrypted, rendered or not, as the SDK path counts an unrendered track from its
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,11 +66,14 @@ from matrixrtc.livekit.connection import (
     SfuEngine,
 )
 from matrixrtc.livekit.rtc_client import ReceivedTrack, RtcClient
+from matrixrtc.livekit.signal import QualitiesWanted
+from matrixrtc.livekit.simulcast import Quality, SimulcastLayer, layers_for
 from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sinks import ReceiveStats
-from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media.sources import ScaledFeed, SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.fanout import (
+    DEFAULT_VIDEO_BITRATE,
     SharedEncoder,
     adopt_sender,
     install_receive_hook,
@@ -75,6 +87,9 @@ __all__ = ["AiortcConnection"]
 log = structlog.get_logger(__name__)
 
 SYNC_S = 0.05  # how often per-track counters are folded into the participant's
+# Larger simulcast layers start unwanted; LiveKit's first dynacast update comes 10 s after a
+# track starts at the latest. Without one by this time, every layer is sent.
+DYNACAST_FALLBACK_S = 15.0
 
 
 @dataclass(slots=True)
@@ -125,13 +140,26 @@ class AiortcConnection:
         self.rings = KeyRings()
         self._tracks: dict[str, _Track] = {}
         self._rendered = 0
+        self._asked: dict[str, Quality] = {}  # video track sid -> the layer asked of the server
         self._encoders: list[SharedEncoder] = []
+        # Simulcast: each layer's encoder, smallest first (the full layer is also in _encoders).
+        self._layers: dict[SimulcastLayer, SharedEncoder] = {}
+        self._dynacast_seen = False
         self._given: list[MediaStreamTrack] = []  # what the encoders read: ours to stop on close
         self._sent_counted: dict[int, int] = {}
         self._tasks = OwnedTasks(
             f"livekit-aiortc {credentials.identity}", log, event_prefix="livekit.aiortc"
         )
-        self.client = RtcClient(credentials.url, credentials.jwt, on_track=self._on_track)
+        # Receivers that choose their layers (low_layer_above) start each subscription at the
+        # low layer: LiveKit's default, the full one, made every publisher encode it (dynacast)
+        # for the 5 s it holds a downgrade, each time someone joined.
+        self.client = RtcClient(
+            credentials.url,
+            credentials.jwt,
+            on_track=self._on_track,
+            adaptive_stream=media.low_layer_above is not None,
+        )
+        self.client.on_learned = self._choose_layers
         for (identity, index), key in keys.remote_keys.items():
             self.rings.install(identity, index, key)
         keys.attach(self)
@@ -143,8 +171,14 @@ class AiortcConnection:
 
     @property
     def encoders(self) -> Mapping[str, SharedEncoder]:
-        """What we publish, by kind (empty until published): their send-side counters."""
-        return {e.kind: e for e in self._encoders}
+        """What we publish, by kind (empty until published): their send-side counters. With
+        simulcast, "video" is the smallest layer (always sent) and each larger one is
+        "video/<rid>"."""
+        found = {e.kind: e for e in self._encoders}
+        if self._layers:
+            for i, (layer, e) in enumerate(self._layers.items()):
+                found["video" if i == 0 else f"video/{layer.rid}"] = e
+        return found
 
     def _set_state(self, state: ConnectionState) -> None:
         if state is not self.state:
@@ -184,9 +218,62 @@ class AiortcConnection:
         self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
         for e in self._encoders:
             e.trace_label = "sfu"
-        await self.client.publish([e.subscribe() for e in self._encoders], on_sender=adopt_sender)
+        video = next((e for e in self._encoders if e.kind == "video"), None)
+        plan = (
+            layers_for(self.media.width, self.media.height, DEFAULT_VIDEO_BITRATE)
+            if video is not None and self.media.simulcast
+            else ()
+        )
+        published = {e: e.subscribe() for e in self._encoders}
+        layers: list[tuple[SimulcastLayer, MediaStreamTrack]] = []
+        if video is not None and len(plan) > 1:
+            # The lower layers read what the full layer's encoder reads (its tee), scaled.
+            feeds = [ScaledFeed(layer.width, layer.height) for layer in plan[:-1]]
+            video.tee = functools.partial(_feed_all, feeds)
+            for layer, feed in zip(plan[:-1], feeds, strict=True):
+                e = SharedEncoder(
+                    feed,
+                    transform=transform,
+                    default_bitrate=layer.bitrate,
+                    max_bitrate=layer.bitrate,
+                )
+                e.trace_label = f"sfu {layer.rid}"
+                self._layers[layer] = e
+                self._given.append(feed)
+                layers.append((layer, e.subscribe()))
+            self._layers[plan[-1]] = video
+            layers.append((plan[-1], published[video]))
+            self.client.on_qualities = self._qualities_wanted
+            # Larger layers wait for a subscriber that takes them (dynacast says so at once
+            # for an upgrade): each joiner's full layer otherwise ran until LiveKit's first
+            # update, 10 s after the track started, at twelve members for nobody.
+            for e in self._layers.values():
+                if e is not self._layers[plan[0]]:
+                    e.set_wanted(False)
+            self._tasks.spawn(self._dynacast_fallback(), "dynacast fallback")
+        await self.client.publish(list(published.values()), on_sender=adopt_sender, layers=layers)
         for e in self._encoders:
             e.start()
+        for e in self._layers.values():
+            e.start()
+
+    async def _dynacast_fallback(self) -> None:
+        """A server that never says which layers are wanted gets all of them."""
+        await asyncio.sleep(DYNACAST_FALLBACK_S)
+        if not self._dynacast_seen:
+            log.warning("livekit.aiortc_no_dynacast", waited_s=DYNACAST_FALLBACK_S)
+            for e in self._layers.values():
+                e.set_wanted(True)
+
+    def _qualities_wanted(self, event: QualitiesWanted) -> None:
+        """Dynacast: encode only the layers some subscriber takes (a layer nobody takes is
+        skipped until one does; it resumes at a key frame). The smallest layer always runs:
+        it is what the call-test reports count as sent."""
+        self._dynacast_seen = True
+        smallest = min(self._layers, key=lambda layer: layer.width, default=None)
+        for layer, encoder in self._layers.items():
+            encoder.set_wanted(layer is smallest or layer.quality in event.enabled)
+        log.info("livekit.aiortc_layers_wanted", enabled=sorted(event.enabled))
 
     async def _watch(self) -> None:
         await self.client.closed.wait()
@@ -200,7 +287,7 @@ class AiortcConnection:
         self.keys.detach(self)
         await self._tasks.cancel()
         try:
-            for e in self._encoders:
+            for e in {*self._encoders, *self._layers.values()}:
                 await e.aclose()
         finally:
             # The tracks ``sources`` gave are ours to stop (TransportContext.sources):
@@ -257,6 +344,31 @@ class AiortcConnection:
             p.layer = "default"
             if p.video_subscribed_at is None:
                 p.video_subscribed_at = self._clock()
+            self._choose_layers(arrived=received.track_id)
+
+    def _choose_layers(self, arrived: str | None = None) -> None:
+        """Every remote video at the layer that fits: the low one once more than
+        ``media.low_layer_above`` are published by others (a grid of small tiles), else the
+        full size. Counted from the server's list of tracks, so a joiner asks before its
+        subscriptions start (LiveKit forwards the full layer to a subscription nobody asked
+        otherwise, and dynacast makes every publisher encode it); asked again when a track
+        ``arrived``. A publisher without layers is forwarded as it is."""
+        limit = self.media.low_layer_above
+        if limit is None:
+            return  # the server's default: the full size
+        subscribed = {sid for sid, t in self._tracks.items() if t.received.kind == "video"}
+        videos = subscribed | set(self.client.remote_videos)
+        quality: Quality = "low" if len(videos) > limit else "high"
+        change = sorted(sid for sid in videos if self._asked.get(sid) != quality or sid == arrived)
+        if not change:
+            return
+        for sid in change:
+            self._asked[sid] = quality
+            track = self._tracks.get(sid)
+            if track is not None:  # a participant's stats start with its first subscription
+                identity = track.received.identity or self.client.owners.get(sid, "")
+                self._stats_for(identity).layer = quality
+        self._tasks.spawn(self.client.set_quality(change, quality), f"layers {quality}")
 
     def _tap_listening(self) -> bool:
         return self._frames is not None and self._frames.listening
@@ -317,14 +429,14 @@ class AiortcConnection:
                 p.e2ee_state = "OK"
         for identity, n in failures.items():
             self._stats_for(identity).decrypt_failures = n
-        for e in self._encoders:
+        for e in self.encoders.values():  # with simulcast: the smallest layer's frames
             done = e.frames_protected + e.frames_plain
             new = done - self._sent_counted.get(id(e), 0)
             self._sent_counted[id(e)] = done
-            if new > 0 and e.kind == "video":
+            if new > 0 and e is self.encoders.get("video"):
                 self.sent.video_frames += new
                 self.sent.video_times.extend([now] * new)
-            elif new > 0:
+            elif new > 0 and e.kind == "audio":
                 self.sent.audio_frames += new
 
     async def _sync_loop(self) -> None:
@@ -340,7 +452,7 @@ class AiortcConnection:
         return frozenset(t.received.kind for sid, t in self._tracks.items() if sid in owned)
 
     def hush(self) -> None:
-        for encoder in self._encoders:
+        for encoder in {*self._encoders, *self._layers.values()}:
             encoder.paused = True
 
     def refresh(self) -> None:
@@ -353,6 +465,11 @@ class AiortcConnection:
             return False
         last = max(p.last_video_at or 0.0, p.last_audio_at or 0.0)
         return now - last < 1.0 if self.e2ee else True
+
+
+def _feed_all(feeds: Sequence[ScaledFeed], frame: av.VideoFrame | av.AudioFrame) -> None:
+    for feed in feeds:
+        feed.feed(frame)
 
 
 def _check(c: AiortcConnection) -> RoomConnection:

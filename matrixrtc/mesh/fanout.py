@@ -252,6 +252,7 @@ class SharedEncoder:
         transform: FrameTransform | None = None,
         queue_frames: int = 8,
         default_bitrate: int = DEFAULT_VIDEO_BITRATE,
+        max_bitrate: int = MAX_VIDEO_BITRATE,
     ) -> None:
         if source.kind not in ("audio", "video"):
             raise LocalError(f"unsupported track kind {source.kind!r}")
@@ -272,6 +273,7 @@ class SharedEncoder:
         self._transform = transform
         self._queue_frames = queue_frames
         self._default_bitrate = default_bitrate
+        self._max_bitrate = max_bitrate
         self._subscribers: list[FanOutTrack] = []
         self._force_keyframe = False
         self._resync = False  # frames were dropped: send nothing until the next key frame
@@ -285,6 +287,10 @@ class SharedEncoder:
         self._audio_pts = 0
         self.trace_label = ""  # which transport this encoder feeds, for FRAME_TRACE
         self.paused = False  # read and drop every frame (we left the call; see hush())
+        # Nobody takes this simulcast layer now (the SFU's dynacast): read and drop every frame.
+        self._unwanted = False
+        # Every raw frame read, even while paused: a lower simulcast layer's source.
+        self.tee: Callable[[av.VideoFrame | av.AudioFrame], None] | None = None
 
     # -- subscribers and feedback ------------------------------------------------------------
 
@@ -307,11 +313,22 @@ class SharedEncoder:
         self._force_keyframe = True
 
     @property
+    def wanted(self) -> bool:
+        return not self._unwanted
+
+    def set_wanted(self, wanted: bool) -> None:
+        """Encode (the default) or skip every frame: a simulcast layer no subscriber takes
+        (LiveKit's dynacast). Encoding resumes at a key frame."""
+        if wanted and self._unwanted:
+            self._force_keyframe = True
+        self._unwanted = not wanted
+
+    @property
     def target_bitrate(self) -> int:
         """The most constrained peer's estimate, clamped; the default before any report."""
         reports = [t.bitrate_report for t in self._subscribers if t.bitrate_report is not None]
         target = min(reports) if reports else self._default_bitrate
-        return max(MIN_VIDEO_BITRATE, min(MAX_VIDEO_BITRATE, target))
+        return max(MIN_VIDEO_BITRATE, min(self._max_bitrate, target))
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -336,7 +353,9 @@ class SharedEncoder:
                 self.frames_in += 1
                 if not isinstance(frame, av.VideoFrame | av.AudioFrame):
                     continue  # a pre-encoded source is not what a SharedEncoder is for
-                if not self._subscribers or self.paused:
+                if self.tee is not None:
+                    self.tee(frame)
+                if not self._subscribers or self.paused or self._unwanted:
                     continue  # nobody listens: read (so the source never backs up), skip work
                 force, self._force_keyframe = self._force_keyframe, False
                 read_at = time.monotonic()

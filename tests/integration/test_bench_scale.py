@@ -27,6 +27,7 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.scale", "--mesh", "3", "--sfu", "3", "--duration", "8",
         "--window", "6", "--join-interval", "1", "--render-max", "1", "--preencoded",
+        "--low-layer-above", "1",
         "--no-switch", "--no-go-anchor", "--sfu-engine", "aiortc,sdk", "--json",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
@@ -72,10 +73,11 @@ async def test_scale_bench_json_shape_and_figures_at_n3() -> None:
             (shown,), (counted,) = sfu["rendered"][r], sfu["counted"][r]
             assert {shown, counted} == names - {r}
     assert {layer for per in sdk["layers"].values() for layer in per.values()} == {"single 320x240"}
-    # ours asks for no layer; the size is known where a frame was decoded (the rendered pair)
+    # ours publishes two layers, and each receiver of more than one video (--low-layer-above)
+    # takes the low one: half the size where a frame was decoded (the rendered pair)
     for r in names:
         (shown,), (counted,) = ours["rendered"][r], ours["counted"][r]
-        assert ours["layers"][r] == {shown: "default 320x240", counted: "default"}
+        assert ours["layers"][r] == {shown: "low 160x120", counted: "low"}
     assert result["sfu_max_n_by_engine"] == {
         e["engine"]: (3 if e["min_fps_ratio"] >= 0.9 else None) for e in (ours, sdk)
     }

@@ -256,7 +256,8 @@ def test_window_states_what_each_publisher_sent() -> None:
         # b encodes only 5 fps; from t=6000 also on the SFU (a second encoder from 0)
         enc = {"mesh": {"video": _counters(5 * k, overflows=k)}}
         if t >= 6_000:
-            enc["sfu"] = {"video": _counters(5 * (k - 5))}
+            # simulcast: the smallest layer as "video", the full one encoding 15 fps till 8000
+            enc["sfu"] = {"video": _counters(5 * (k - 5)), "video/h": _counters(15 * min(k - 5, 2))}
         b.stats.append(_sample(t, 0.1 * k, {"@a:hs|DA": 15 * k}, encoders=enc))
         v.stats.append(_sample(t, 0.0, {"@a:hs|DA": 15 * k, "@b:hs|DB": 5 * k},
                                receive_only=True, encoders={}))  # fmt: skip
@@ -266,12 +267,14 @@ def test_window_states_what_each_publisher_sent() -> None:
     assert w["start_ms"] == 3_000  # every pair has a frame at t=2000, plus the settle
     assert sent["v"] is None  # sends nothing
     assert sent["a"] == {
+        "larger_layers_fps": {},
         "video_fps_source": 15.0, "video_fps_encoded": 15.0, "keyframes": 7,
         "keyframe_requests": 14, "video_overflows": 0, "audio_overflows": 3,
     }  # fmt: skip
     # 7 s: mesh 35 frames, SFU 20 (5 fps from t=6000) → 55 / 7
     assert sent["b"]["video_fps_encoded"] == round(55 / 7, 2)
     assert sent["b"]["video_overflows"] == 7
+    assert sent["b"]["larger_layers_fps"] == {"h": round(30 / 7, 2)}  # the SFU's larger layer
     assert w["min_sent_video_fps"] == sent["b"]["video_fps_encoded"]
     assert w["min_fps_ratio"] < 0.4  # the receivers' ratio: against 15 fps, as before
 
