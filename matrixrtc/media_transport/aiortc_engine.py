@@ -145,6 +145,7 @@ class AiortcConnection:
         # Simulcast: each layer's encoder, smallest first (the full layer is also in _encoders).
         self._layers: dict[SimulcastLayer, SharedEncoder] = {}
         self._dynacast_seen = False
+        self._video_sid: str | None = None  # LiveKit's sid of our video track, once published
         self._given: list[MediaStreamTrack] = []  # what the encoders read: ours to stop on close
         self._sent_counted: dict[int, int] = {}
         self._tasks = OwnedTasks(
@@ -251,7 +252,11 @@ class AiortcConnection:
                 if e is not self._layers[plan[0]]:
                     e.set_wanted(False)
             self._tasks.spawn(self._dynacast_fallback(), "dynacast fallback")
-        await self.client.publish(list(published.values()), on_sender=adopt_sender, layers=layers)
+        sids = await self.client.publish(
+            list(published.values()), on_sender=adopt_sender, layers=layers
+        )
+        if video is not None:
+            self._video_sid = sids.get(published[video].id)
         for e in self._encoders:
             e.start()
         for e in self._layers.values():
@@ -269,6 +274,8 @@ class AiortcConnection:
         """Dynacast: encode only the layers some subscriber takes (a layer nobody takes is
         skipped until one does; it resumes at a key frame). The smallest layer always runs:
         it is what the call-test reports count as sent."""
+        if self._video_sid is not None and event.track_sid != self._video_sid:
+            return  # not our layered track (until publish() returns, ours is the only one)
         self._dynacast_seen = True
         smallest = min(self._layers, key=lambda layer: layer.width, default=None)
         for layer, encoder in self._layers.items():

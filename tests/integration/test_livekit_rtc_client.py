@@ -31,17 +31,9 @@ from matrixrtc.media.sinks import ReceiveStats
 from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.mesh.fanout import SharedEncoder, adopt_sender, install_receive_hook
 from matrixrtc.mesh.transform import CryptorTransform
+from tests.integration._livekit import join_token
 
 SDK_KEY = bytes(range(16))
-
-
-def _token(lk: LiveKit, room: str, identity: str) -> str:
-    return (
-        api.AccessToken(lk.api_key, lk.api_secret)
-        .with_identity(identity)
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .to_jwt()
-    )
 
 
 async def _publish(room: rtc.Room, stop: asyncio.Event) -> None:
@@ -75,7 +67,7 @@ async def sdk_publisher(
         await lkapi.room.create_room(api.CreateRoomRequest(name=name))
     room = rtc.Room()
     options = rtc.RoomOptions(encryption=element_call_e2ee_options() if e2ee else None)
-    await room.connect(livekit.url, _token(livekit, name, "sdk"), options)
+    await room.connect(livekit.url, join_token(livekit, name, "sdk"), options)
     if e2ee:
         provider = room.e2ee_manager.key_provider
         assert provider is not None
@@ -123,7 +115,7 @@ async def test_joins_answers_the_subscriber_offer_and_receives_media(
 
         receiver._send_rtcp = sending
 
-    client = RtcClient(livekit.url, _token(livekit, name, "ours"), on_track=spy_rtcp)
+    client = RtcClient(livekit.url, join_token(livekit, name, "ours"), on_track=spy_rtcp)
     joined = await client.connect()
     try:
         assert joined.identity == "ours"
@@ -189,7 +181,7 @@ async def test_a_joiner_whose_handshake_is_slow_still_receives_every_track(
         await asyncio.sleep(2.0)  # done for the server, which offers the tracks; not yet here
 
     monkeypatch.setattr(RTCDtlsTransport, "_do_handshake", slow_handshake)
-    client = RtcClient(livekit.url, _token(livekit, name, "late"))
+    client = RtcClient(livekit.url, join_token(livekit, name, "late"))
     await client.connect()
     try:
         async with asyncio.timeout(20):
@@ -236,7 +228,9 @@ async def test_receives_decrypts_and_counts_every_track_and_decodes_only_the_ren
     clients: dict[str, RtcClient] = {}
     for who, side in sides.items():
         side.keys.install("sdk", 0, SDK_KEY)
-        clients[who] = RtcClient(livekit.url, _token(livekit, name, who), on_track=side.on_track)
+        clients[who] = RtcClient(
+            livekit.url, join_token(livekit, name, who), on_track=side.on_track
+        )
     try:
         for who, client in clients.items():
             joined = await client.connect()
@@ -303,7 +297,7 @@ async def test_two_of_ours_and_an_sdk_participant_exchange_e2ee_media(
         side.keys.install("sdk", 0, SDK_KEY)
         side.keys.install("pub", 0, PUB_KEY)
     clients = {
-        who: RtcClient(livekit.url, _token(livekit, name, who), on_track=side.on_track)
+        who: RtcClient(livekit.url, join_token(livekit, name, who), on_track=side.on_track)
         for who, side in sides.items()
     }
     own = KeyRings()

@@ -29,17 +29,9 @@ from matrixrtc.mesh.fanout import (
     install_receive_hook,
 )
 from matrixrtc.mesh.transform import CryptorTransform
+from tests.integration._livekit import join_token
 
 KEY = bytes(range(32, 48))
-
-
-def _token(lk: LiveKit, room: str, identity: str) -> str:
-    return (
-        api.AccessToken(lk.api_key, lk.api_secret)
-        .with_identity(identity)
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .to_jwt()
-    )
 
 
 @dataclass
@@ -86,9 +78,9 @@ async def test_low_and_high_subscribers_get_their_layer(livekit: LiveKit) -> Non
     viewers = {"low": _Viewer(), "high": _Viewer()}
     for v in viewers.values():
         v.keys.install("pub", 0, KEY)
-    pub = RtcClient(livekit.url, _token(livekit, name, "pub"))
+    pub = RtcClient(livekit.url, join_token(livekit, name, "pub"))
     subs = {
-        q: RtcClient(livekit.url, _token(livekit, name, f"sub-{q}"), on_track=v.on_track)
+        q: RtcClient(livekit.url, join_token(livekit, name, f"sub-{q}"), on_track=v.on_track)
         for q, v in viewers.items()
     }
     wanted: list[signal.QualitiesWanted] = []
