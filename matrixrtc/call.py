@@ -129,6 +129,12 @@ class CallOptions:
     # receives, decrypts and counts the others; what holds 12 members on a 2-core box).
     sfu_engine: Literal["sdk", "aiortc"] = "sdk"
     render_max: int | None = None  # SFU: remote videos decoded into frames(); None: all
+    # SFU: publish video as simulcast layers (full size and half each side), as Element Call
+    # does for large calls; on the aiortc engine a larger layer nobody takes is not encoded.
+    simulcast: bool = False
+    # SFU, aiortc engine: take the low layer of every remote video once others publish more
+    # than this many (a grid of small tiles); None: always the full size.
+    low_layer_above: int | None = None
     agent: AgentConfig = field(default_factory=AgentConfig)  # transports/dialect/intent set here
 
 
@@ -214,6 +220,8 @@ class Call:
             raise ConfigError(f"sfu_engine must be sdk or aiortc, not {opts.sfu_engine!r}")
         if opts.render_max is not None and opts.render_max < 0:
             raise ConfigError(f"render_max must be None or >= 0, not {opts.render_max}")
+        if opts.low_layer_above is not None and opts.low_layer_above < 0:
+            raise ConfigError(f"low_layer_above must be None or >= 0, not {opts.low_layer_above}")
         self.room = room
         self.transport_choice: TransportChoice = transport
         self.dialect, self.auto_dialect = dialect_choice(dialect)
@@ -320,7 +328,12 @@ class Call:
             mesh_max=opts.mesh_max,
             mesh=mesh,
             sources=self._sources,
-            media=MediaOptions(engine=opts.sfu_engine, render_max=opts.render_max),
+            media=MediaOptions(
+                engine=opts.sfu_engine,
+                render_max=opts.render_max,
+                simulcast=opts.simulcast,
+                low_layer_above=opts.low_layer_above,
+            ),
         )
         switcher = await stack.enter_async_context(
             MediaSwitcher(

@@ -86,20 +86,31 @@ def simulcast_offer(sdp: str, mid: str, rids: tuple[str, ...]) -> tuple[str, int
     trailing = lines[-1] == ""
     if trailing:
         lines.pop()
+    ext_id = _free_extension_id(lines)
     starts = [i for i, line in enumerate(lines) if line.startswith("m=")] + [len(lines)]
     for start, end in itertools.pairwise(starts):
         section = lines[start:end]
         if f"a=mid:{mid}" in section:
-            rewritten, ext_id = _rewrite(section, rids)
+            rewritten = _rewrite(section, rids, ext_id)
             out = lines[:start] + rewritten + lines[end:]
             return newline.join(out) + (newline if trailing else ""), ext_id
     raise ValueError(f"the offer has no m-section with mid {mid!r}")
 
 
-def _rewrite(section: list[str], rids: tuple[str, ...]) -> tuple[list[str], int]:
+def _free_extension_id(lines: list[str]) -> int:
+    """An extension id no m-section of the offer uses. Ids are per section in SDP, but the
+    sections share one BUNDLE transport and pion reads a packet's extensions with one map for
+    all of them: with the audio section first, aiortc's ``ssrc-audio-level`` has id 2, and a
+    RID on id 2 in the video section was never read, so LiveKit never saw the layers."""
+    used = {int(m.group(1)) for line in lines if (m := _EXTMAP.match(line))}
+    free = [i for i in range(1, 15) if i not in used]  # one-byte header ids (RFC 8285)
+    if not free:
+        raise ValueError("the offer uses every one-byte header extension id")
+    return free[0]
+
+
+def _rewrite(section: list[str], rids: tuple[str, ...], ext_id: int) -> list[str]:
     rtx = {m.group(1) for line in section if (m := _RTPMAP.match(line)) and m.group(2) == "rtx"}
-    used = {int(m.group(1)) for line in section if (m := _EXTMAP.match(line))}
-    ext_id = next(i for i in range(1, 15) if i not in used)
     out: list[str] = []
     last_extmap = -1
     for line in section:
@@ -118,4 +129,4 @@ def _rewrite(section: list[str], rids: tuple[str, ...]) -> tuple[list[str], int]
     out.insert(at, f"a=extmap:{ext_id} {RID_EXTENSION_URI}")
     out += [f"a=rid:{rid} send" for rid in rids]
     out.append("a=simulcast:send " + ";".join(rids))
-    return out, ext_id
+    return out

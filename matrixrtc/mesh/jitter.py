@@ -12,8 +12,12 @@ counted 114 key frames in 40 s), which cost CPU everywhere and pushed other pair
 
 :class:`FrameAssembler` keeps aiortc's interface (``add(packet) -> (pli, frame)``) but:
 
-- a frame is complete at its marker bit (or when the next frame's first packet is there), and
-  every frame that becomes complete is handed on at once (``deliver``), not one per packet;
+- a frame is complete at its marker bit, and every frame that becomes complete is handed on at
+  once (``deliver``), not one per packet. A frame whose packets run straight into the next
+  frame's start without a marker was cut short: an SFU switching layers (LiveKit's forwarder)
+  stops the old layer mid-frame and renumbers the new one to follow on, so nothing looks lost.
+  That frame is dropped (decrypting it fails its tag); the switch starts at a key frame, so
+  nothing else is;
 - a gap is waited on for ``give_up_s`` (time for aiortc's NACK and the sender's retransmission);
   then, or when ``capacity`` packets are held, the assembler skips to the next key frame it
   holds, or drops what it holds and waits for one, asking for it with one PLI (repeated every
@@ -49,6 +53,7 @@ GIVE_UP_S: Final = 0.3
 PLI_INTERVAL_S: Final = 0.5
 CAPACITY: Final = 512
 _MALFORMED: Final = -1  # _frame_end: no frame ends here, and none will
+_CUT: Final = -2  # _frame_end: the next frame starts, but this one has no marker: cut short
 
 
 def vp8_starts_frame(payload: bytes) -> bool:
@@ -180,6 +185,18 @@ class FrameAssembler:
                 self._next = s
                 self._need_key = self._lost = True
                 continue
+            if first is not None and end == _CUT:
+                # Cut short (an SFU's layer switch): drop it. A key frame next needs nothing
+                # more; a delta frame next would not decode without this one.
+                s = self._next
+                while self._packets[s].timestamp == first.timestamp:
+                    del self._packets[s]
+                    s += 1
+                self._next = s
+                self.dropped_frames += 1
+                if not vp8_is_keyframe(self._packets[s]._data):
+                    self._need_key = self._lost = True
+                continue
             if first is None or end is None:
                 # Blocked: a missing packet (a gap, if anything later is held) or a frame
                 # still arriving.
@@ -209,16 +226,16 @@ class FrameAssembler:
 
     def _frame_end(self, start: int, timestamp: int) -> int | None:
         """The last sequence number of the frame starting at ``start``, if it is complete
-        (``_MALFORMED``: the next timestamp began without a frame start)."""
+        (``_MALFORMED``: the next timestamp began without a frame start; ``_CUT``: the next
+        frame began before this one's marker)."""
         s = start
         while True:
             p = self._packets.get(s)
             if p is None:
                 return None
             if p.timestamp != timestamp:
-                # The next frame began (a lost marker packet cannot hide here: the sequence
-                # is contiguous) and it begins properly: this one is whole.
-                return s - 1 if vp8_starts_frame(p.payload) else _MALFORMED
+                # The next frame began without this one's marker.
+                return _CUT if vp8_starts_frame(p.payload) else _MALFORMED
             if p.marker:
                 return s
             s += 1

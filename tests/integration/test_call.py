@@ -176,3 +176,46 @@ async def test_the_first_switch_settles_on_what_the_peer_publishes(
     finally:
         tone.stop()
         video.stop()
+
+
+async def test_call_with_simulcast_receivers_of_many_videos_take_the_low_layer(
+    synapse: Synapse, sfu: AuthService, user_factory: UserFactory
+) -> None:
+    """``CallOptions(simulcast=True, low_layer_above=0)`` on the aiortc engine: Alice publishes
+    320×240 as two layers and Bob, past his limit of remote videos, decodes her 160×120 one.
+    (A call's tracks go out audio first: the RID extension once shared an id with audio's
+    level extension there, and LiveKit never saw a layer.)"""
+    alice, bob = await user_factory("alice"), await user_factory("bob")
+    room = await synapse.create_call_room(alice, invite=[bob], encrypted=True)
+    layered = replace(OPTIONS, sfu_engine="aiortc", simulcast=True, low_layer_above=0)
+    big = SyntheticVideoTrack(320, 240, 15)
+
+    def call(user: UserCreds) -> Call:
+        return Call(
+            room,
+            homeserver=synapse.base_url,
+            user=user.user_id,
+            password=user.password,
+            transport="sfu",
+            sfu_url=sfu.url,
+            options=layered,
+        )
+
+    try:
+        async with call(bob) as b, call(alice) as a:
+            with b.frames("video") as frames:
+                a.publish(big)
+                async with asyncio.timeout(30):
+                    first = await _video_from(frames, alice.user_id, (160, 120))
+                assert first.transport is MediaKind.SFU
+                sizes: list[tuple[int, int]] = []
+                async with asyncio.timeout(20):
+                    async for f in frames:
+                        if f.participant.user_id == alice.user_id:
+                            assert isinstance(f.frame, av.VideoFrame)
+                            sizes.append((f.frame.width, f.frame.height))
+                            if len(sizes) == 15:
+                                break
+                assert set(sizes) == {(160, 120)}, sizes  # settled on the low layer
+    finally:
+        big.stop()

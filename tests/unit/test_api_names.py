@@ -37,6 +37,7 @@ def test_the_documented_call_signature_names_every_keyword() -> None:
     [
         ({"sfu_engine": "go"}, "sfu_engine must be sdk or aiortc"),
         ({"render_max": -1}, "render_max must be None or >= 0"),
+        ({"low_layer_above": -1}, "low_layer_above must be None or >= 0"),
     ],
 )
 def test_call_refuses_unknown_sfu_engine_and_negative_render_max(

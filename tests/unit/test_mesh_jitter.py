@@ -49,7 +49,9 @@ def _stream(start_seq: int, kinds: str, parts: int = 2) -> list[list[RtpPacket]]
     frames = []
     seq = start_seq
     for i, k in enumerate(kinds):
-        frames.append(_packets(seq, 1000 + 3000 * i, (KEY if k == "K" else DELTA) + bytes([i])))
+        frames.append(
+            _packets(seq, 1000 + 3000 * i, (KEY if k == "K" else DELTA) + bytes([i]), parts)
+        )
         seq += parts
     return frames
 
@@ -408,3 +410,37 @@ def test_a_stream_only_counted_resumes_at_the_next_whole_frame_and_asks_for_no_k
     clock.now += 0.31
     assert asm.add(second)[0] is True  # given up, no key frame held: asked for
     assert [f.timestamp for f in got][-1] == 16000  # the delta after the loss is held back
+
+
+def _cut(frame: list[RtpPacket], keep: int) -> list[RtpPacket]:
+    """The first ``keep`` packets of ``frame``: an SFU switched layers mid-frame."""
+    return frame[:keep]
+
+
+def test_a_frame_cut_short_by_a_layer_switch_is_dropped_and_the_key_frame_goes_on() -> None:
+    # LiveKit stops forwarding the old layer mid-frame and renumbers the new layer's key frame
+    # to follow straight on: no sequence gap, but the cut frame has no marker packet.
+    asm, got, _ = _rig()
+    old = _stream(1, "KD", parts=3)
+    cut = _cut(old[1], 2)
+    new_key = _packets(6, 50_000, KEY + b"\x07", parts=2)
+    new_delta = _packets(8, 53_000, DELTA + b"\x08", parts=2)
+    plis = [asm.add(p)[0] for p in [*old[0], *cut, *new_key, *new_delta]]
+    assert [f.timestamp for f in got] == [1000, 50_000, 53_000]
+    assert got[1].keyframe
+    assert asm.dropped_frames == 1
+    assert not any(plis)  # the key frame was already there: nothing to ask for
+
+
+def test_a_frame_cut_short_before_a_delta_frame_waits_for_a_key_frame() -> None:
+    asm, got, _ = _rig(pli_interval_s=0.5)
+    old = _stream(1, "KD", parts=3)
+    cut = _cut(old[1], 2)
+    delta = _packets(6, 50_000, DELTA + b"\x07", parts=2)
+    plis = [asm.add(p)[0] for p in [*old[0], *cut, *delta]]
+    assert [f.timestamp for f in got] == [1000]  # the cut frame and the delta on it: dropped
+    assert sum(plis) == 1
+    key = _packets(8, 53_000, KEY + b"\x08", parts=2)
+    for p in key:
+        asm.add(p)
+    assert got[-1].timestamp == 53_000
