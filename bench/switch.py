@@ -851,6 +851,13 @@ def main(argv: list[str] | None = None) -> int:
                 await _member(MemberArgs(**json.loads(args.member)))
 
             event_loop.run(debugged(), debug=True)
+        elif os.environ.get("BENCH_SWITCH_STACKS"):
+
+            async def sampled() -> None:
+                _sample_stalls(asyncio.get_running_loop())
+                await _member(MemberArgs(**json.loads(args.member)))
+
+            event_loop.run(sampled())
         else:
             event_loop.run(_member(MemberArgs(**json.loads(args.member))))
         return 0
@@ -885,6 +892,39 @@ def main(argv: list[str] | None = None) -> int:
                   f"(phase of each: {result['phase'][d]}; overlapping the switch: "
                   f"{result['in_switch'][d]}; steady control: {result['steady'][d]})")  # fmt: skip
     return 0
+
+
+def _sample_stalls(loop: asyncio.AbstractEventLoop, lag_s: float = 0.012) -> None:
+    """BENCH_SWITCH_STACKS=1: while the event loop is more than ``lag_s`` behind its 5 ms
+    heartbeat, a watchdog thread writes the loop thread's stack to stderr every 3 ms
+    (``@@stall <monotonic> <lag ms> <frames>``): which code a stall runs (diagnostic)."""
+    import threading
+    import traceback
+
+    loop_thread = threading.get_ident()
+    beat = [time.monotonic()]
+
+    def tick() -> None:
+        beat[0] = time.monotonic()
+        loop.call_later(0.005, tick)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.003)
+            lag = time.monotonic() - beat[0]
+            if lag <= lag_s:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is None:
+                continue
+            where = ";".join(
+                f"{Path(f.filename).name}:{f.name}:{f.lineno}"
+                for f in traceback.extract_stack(frame)[-14:]
+            )
+            sys.stderr.write(f"@@stall {time.monotonic():.4f} {lag * 1000:.0f} {where}\n")
+
+    loop.call_soon(tick)
+    threading.Thread(target=watch, name="stall-sampler", daemon=True).start()
 
 
 async def measure_switches(media: MediaOptions, runs: int, *, acks: bool = True) -> dict[str, Any]:
