@@ -132,8 +132,8 @@ class CallOptions:
     # SFU: publish video as simulcast layers (full size and half each side), as Element Call
     # does for large calls; on the aiortc engine a larger layer nobody takes is not encoded.
     simulcast: bool = False
-    # SFU, aiortc engine: take the low layer of every remote video once others publish more
-    # than this many (a grid of small tiles); None: always the full size.
+    # SFU: take the low layer of every remote video once others publish more than this many
+    # (a grid of small tiles); None: the SFU's default.
     low_layer_above: int | None = None
     agent: AgentConfig = field(default_factory=AgentConfig)  # transports/dialect/intent set here
 

@@ -487,7 +487,10 @@ class RtcClient:
         with the same parameters on its own SSRC."""
         mid = next(t.mid for t in pc.getTransceivers() if t.sender is top_sender)
         assert mid is not None  # set by setLocalDescription
-        sdp, ext_id = simulcast_offer(sdp, mid, tuple(layer.rid for layer, _ in layers))
+        try:
+            sdp, ext_id = simulcast_offer(sdp, mid, tuple(layer.rid for layer, _ in layers))
+        except ValueError as exc:  # our own offer: a bug or an aiortc change, not the peer
+            raise LocalError(f"cannot offer simulcast: {exc}") from exc
 
         def start_lower(parameters: RTCRtpSendParameters) -> None:
             for layer, track in layers[:-1]:

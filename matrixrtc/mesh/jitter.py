@@ -107,7 +107,7 @@ class FrameAssembler:
         self._last_pli: float | None = None
         self.frames = 0
         self.skips = 0  # gaps given up on
-        self.dropped_frames = 0  # complete frames not handed on (waiting for a key frame)
+        self.dropped_frames = 0  # frames not handed on: cut short, or waiting for a key frame
         self.plis = 0
 
     def add(self, packet: Any) -> tuple[bool, None]:
@@ -178,23 +178,15 @@ class FrameAssembler:
             if first is not None and end == _MALFORMED:
                 # A new timestamp on a packet that does not start a frame: this frame's end
                 # is unknowable. Drop it (the next packet is dropped as a frame's middle).
-                s = self._next
-                while s in self._packets and self._packets[s].timestamp == first.timestamp:
-                    del self._packets[s]
-                    s += 1
-                self._next = s
+                self._drop_frame(first.timestamp)
                 self._need_key = self._lost = True
                 continue
             if first is not None and end == _CUT:
                 # Cut short (an SFU's layer switch): drop it. A key frame next needs nothing
                 # more; a delta frame next would not decode without this one.
-                s = self._next
-                while self._packets[s].timestamp == first.timestamp:
-                    del self._packets[s]
-                    s += 1
-                self._next = s
+                self._drop_frame(first.timestamp)
                 self.dropped_frames += 1
-                if not vp8_is_keyframe(self._packets[s]._data):
+                if not vp8_is_keyframe(self._packets[self._next]._data):
                     self._need_key = self._lost = True
                 continue
             if first is None or end is None:
@@ -215,6 +207,15 @@ class FrameAssembler:
             self.frames += 1
             frame = AssembledFrame(b"".join(p._data for p in parts), int(first.timestamp), key)
             self._deliver(frame, parts[-1])
+
+    def _drop_frame(self, timestamp: int) -> None:
+        """Drop the held packets of the frame at ``_next`` (those with its ``timestamp``)."""
+        assert self._next is not None
+        s = self._next
+        while s in self._packets and self._packets[s].timestamp == timestamp:
+            del self._packets[s]
+            s += 1
+        self._next = s
 
     def _holds_past_gap(self) -> bool:
         """Whether a packet is held beyond the first missing sequence number from ``_next``."""
