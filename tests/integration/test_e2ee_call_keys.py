@@ -460,7 +460,9 @@ async def test_a_device_without_keys_does_not_block_the_others_and_gets_the_key_
                             assert ev.sender_device == a.hs.device_id
                             return ev.content
 
-                content = await asyncio.wait_for(from_ann(), 5.0)
+                # The retry reaches it once its device keys have reached Ann through Synapse
+                # (a device-list update on her sync): 5 s was once too short on a loaded CI box.
+                content = await asyncio.wait_for(from_ann(), 15.0)
         got = ElementCallKeys.from_json(content, room_id=room)
         assert got is not None
         assert (got.index, got.key) == own
