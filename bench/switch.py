@@ -134,7 +134,11 @@ async def _member(args: MemberArgs) -> None:
             signalling=SignallingConfig(invite_timeout_ms=4000, retry_interval_ms=1000),
         )
     )
-    config = SwitchConfig(mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks)
+    config = SwitchConfig(
+        mesh_max=args.mesh_max, media=media, mesh=mesh, acks=args.acks,
+        # BENCH_SWITCH_SHARE=0: each transport encodes its own copy (A/B against sharing).
+        share_encoders=os.environ.get("BENCH_SWITCH_SHARE", "1") != "0",
+    )  # fmt: skip
     transports = (LivekitTransport(livekit_service_url=args.service_url), FullMeshTransport())
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()

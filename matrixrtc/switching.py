@@ -93,6 +93,7 @@ from matrixrtc.media_transport import (
     TransportFactory,
     TransportProbe,
 )
+from matrixrtc.media_transport.local_media import LocalEncoders
 from matrixrtc.mesh.engine import MeshConfig
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.model.rejections import RejectionLog
@@ -149,6 +150,11 @@ class SwitchConfig:
     # Local tracks for each transport we start (a mesh, a publishing LiveKit connection); the
     # transport stops them when it closes. None: synthetic video (and a tone) from ``media``.
     sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
+    # One encoder per kind for the switcher's lifetime, shared by the transports that can
+    # (the mesh; the SFU on the aiortc engine without simulcast), so the overlap of a switch
+    # encodes each frame once (see matrixrtc.media_transport.local_media). False: each
+    # transport encodes its own copy (the behaviour before, for A/B figures).
+    share_encoders: bool = True
     settle_timeout_s: float = 10.0  # longest make-before-break overlap
     # After a member's cutover, longest wait for it to say it receives us over the new path.
     ack_timeout_s: float = 3.0
@@ -295,6 +301,10 @@ class MediaSwitcher:
         self.peers: dict[DeviceRef, PeerMedia] = {}
         self.gaps: collections.deque[GapRecord] = collections.deque(maxlen=_MAX_GAP_RECORDS)
         self._sources: dict[int, _Source] = {}
+        cfg = self.config
+        self._encoders = (
+            LocalEncoders(cfg.media, sources=cfg.sources, keys=keys) if cfg.share_encoders else None
+        )
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()
         self._tasks = OwnedTasks("switch", log, event_prefix="switch")
@@ -353,6 +363,12 @@ class MediaSwitcher:
                 self._log.error("switch.close_failed", transport=t.kind.value, error=repr(exc))
                 failure = failure or exc
         self.current = self._starting = None
+        if self._encoders is not None:
+            try:
+                await self._encoders.aclose()
+            except MatrixRTCError as exc:
+                self._log.error("switch.encoders_close_failed", error=repr(exc))
+                failure = failure or exc
         self._records.end()
         if failure is not None:
             raise failure
@@ -582,6 +598,7 @@ class MediaSwitcher:
             media=cfg.media,
             mesh=cfg.mesh,
             sources=cfg.sources,
+            encoders=self._encoders,
             frames=self._frames,
             clock=self._clock,
             wants_mesh=lambda: self._decide().kind is MediaKind.MESH,

@@ -71,9 +71,11 @@ from matrixrtc.livekit.simulcast import Quality, SimulcastLayer, layers_for
 from matrixrtc.livekit.token import SfuCredentials
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.media.sinks import ReceiveStats
-from matrixrtc.media.sources import ScaledFeed, SyntheticVideoTrack, ToneAudioTrack
+from matrixrtc.media.sources import ScaledFeed
+from matrixrtc.media_transport.local_media import LocalEncoders, local_tracks
 from matrixrtc.mesh.fanout import (
     DEFAULT_VIDEO_BITRATE,
+    FanOutTrack,
     SharedEncoder,
     adopt_sender,
     install_receive_hook,
@@ -120,6 +122,7 @@ class AiortcConnection:
         sources: Callable[[], Sequence[MediaStreamTrack]] | None,
         frames: FrameTap[str] | None,
         subscribe_when_keyed: bool,
+        shared: LocalEncoders | None = None,
     ) -> None:
         del subscribe_when_keyed  # not yet (module docstring)
         self._frames = frames
@@ -142,6 +145,12 @@ class AiortcConnection:
         self._rendered = 0
         self._asked: dict[str, Quality] = {}  # video track sid -> the layer asked of the server
         self._encoders: list[SharedEncoder] = []
+        # With ``shared`` (the call's LocalEncoders) and no simulcast: the call's encoders,
+        # which this connection subscribes to and never starts or closes.
+        self._shared = shared
+        self._owns_encoders = True
+        self._published: list[FanOutTrack] = []  # our subscriptions: every layer's
+        self._hushed = False
         # Simulcast: each layer's encoder, smallest first (the full layer is also in _encoders).
         self._layers: dict[SimulcastLayer, SharedEncoder] = {}
         self._dynacast_seen = False
@@ -206,27 +215,28 @@ class AiortcConnection:
             if self.e2ee
             else None
         )
-        if self._sources is not None:
-            tracks = list(self._sources())
+        if self._shared is not None and not self.media.simulcast:
+            # The call's running encoders (local_media): not ours to start or close. Frames
+            # they made before we came are not ours to count as sent.
+            self._encoders = list(self._shared.get().values())
+            self._owns_encoders = False
+            for e in self._encoders:
+                self._sent_counted[id(e)] = e.frames_protected + e.frames_plain
         else:
-            m = self.media
-            tracks = []
-            if m.video:
-                tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
-            if m.audio:
-                tracks.append(ToneAudioTrack(m.tone_hz))
-        self._given = tracks
-        self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
-        for e in self._encoders:
-            e.trace_label = "sfu"
+            tracks = local_tracks(self.media, self._sources)
+            self._given = tracks
+            self._encoders = [SharedEncoder(t, transform=transform) for t in tracks]
+            for e in self._encoders:
+                e.trace_label = "sfu"
         video = next((e for e in self._encoders if e.kind == "video"), None)
         plan = (
             layers_for(self.media.width, self.media.height, DEFAULT_VIDEO_BITRATE)
             if video is not None and self.media.simulcast
             else ()
         )
-        published = {e: e.subscribe() for e in self._encoders}
+        published = {e: e.subscribe(plain=not self.e2ee) for e in self._encoders}
         layers: list[tuple[SimulcastLayer, MediaStreamTrack]] = []
+        lower: list[FanOutTrack] = []  # the lower layers' tracks
         if video is not None and len(plan) > 1:
             # The lower layers read what the full layer's encoder reads (its tee), scaled.
             feeds = [ScaledFeed(layer.width, layer.height) for layer in plan[:-1]]
@@ -241,7 +251,8 @@ class AiortcConnection:
                 e.trace_label = f"sfu {layer.rid}"
                 self._layers[layer] = e
                 self._given.append(feed)
-                layers.append((layer, e.subscribe()))
+                lower.append(e.subscribe(plain=not self.e2ee))
+                layers.append((layer, lower[-1]))
             self._layers[plan[-1]] = video
             layers.append((plan[-1], published[video]))
             self.client.on_qualities = self._qualities_wanted
@@ -252,14 +263,15 @@ class AiortcConnection:
                 if e is not self._layers[plan[0]]:
                     e.set_wanted(False)
             self._tasks.spawn(self._dynacast_fallback(), "dynacast fallback")
+        self._published = [*published.values(), *lower]
+        for t in self._published:
+            t.paused = self._hushed
         sids = await self.client.publish(
             list(published.values()), on_sender=adopt_sender, layers=layers
         )
         if video is not None:
             self._video_sid = sids.get(published[video].id)
-        for e in self._encoders:
-            e.start()
-        for e in self._layers.values():
+        for e in (*self._encoders, *self._layers.values()) if self._owns_encoders else ():
             e.start()
 
     async def _dynacast_fallback(self) -> None:
@@ -294,8 +306,12 @@ class AiortcConnection:
         self.keys.detach(self)
         await self._tasks.cancel()
         try:
-            for e in {*self._encoders, *self._layers.values()}:
-                await e.aclose()
+            if self._owns_encoders:
+                for e in {*self._encoders, *self._layers.values()}:
+                    await e.aclose()
+            else:
+                for t in self._published:  # off the call's shared encoders
+                    t.stop()
         finally:
             # The tracks ``sources`` gave are ours to stop (TransportContext.sources):
             # left running, each stays subscribed to the call's published track.
@@ -459,8 +475,9 @@ class AiortcConnection:
         return frozenset(t.received.kind for sid, t in self._tracks.items() if sid in owned)
 
     def hush(self) -> None:
-        for encoder in {*self._encoders, *self._layers.values()}:
-            encoder.paused = True
+        self._hushed = True
+        for t in self._published:  # ours only: the encoders may be shared
+            t.paused = True
 
     def refresh(self) -> None:
         self._sync()

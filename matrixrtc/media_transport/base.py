@@ -13,6 +13,7 @@ from matrixrtc.agent import CallAgent, Participant
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.livekit.connection import MediaOptions
 from matrixrtc.media.frames import FrameTap
+from matrixrtc.media_transport.local_media import LocalEncoders
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef
@@ -55,6 +56,9 @@ class TransportContext:
     mesh: MeshLinkConfig = field(default_factory=MeshLinkConfig)
     # Local tracks for each transport started (it stops them on close); None: synthetic.
     sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
+    # Our media encoded once for every transport of the call that can share it (the
+    # switcher's; see local_media). None: each transport encodes its own ``sources``.
+    encoders: LocalEncoders | None = None
     # Every decoded remote frame with its sender and the transport kind that carried it.
     frames: FrameTap[tuple[Participant, MediaKind]] | None = None
     clock: Callable[[], float] = time.monotonic

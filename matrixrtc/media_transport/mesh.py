@@ -11,8 +11,8 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from matrixrtc.agent import Participant
 from matrixrtc.media.frames import FrameTap, TapFrame
-from matrixrtc.media.sources import SyntheticVideoTrack, ToneAudioTrack
 from matrixrtc.media_transport.base import FrameCounter, MediaEngine, TransportContext
+from matrixrtc.media_transport.local_media import local_tracks
 from matrixrtc.mesh.matrix_link import MatrixMesh
 from matrixrtc.session.media_policy import MediaKind
 from matrixrtc.session.mesh_signalling import DeviceRef
@@ -33,20 +33,11 @@ class MeshMedia:
         self.link: MatrixMesh | None = None
         self._tracks: list[MediaStreamTrack] = []
 
-    def _local_tracks(self) -> list[MediaStreamTrack]:
-        if self._ctx.sources is not None:
-            return list(self._ctx.sources())
-        m = self._ctx.media
-        tracks: list[MediaStreamTrack] = []
-        if m.video:
-            tracks.append(SyntheticVideoTrack(m.width, m.height, m.fps))
-        if m.audio:
-            tracks.append(ToneAudioTrack(m.tone_hz))
-        return tracks
-
     async def start(self) -> None:
         ctx = self._ctx
-        self._tracks = self._local_tracks()
+        shared = ctx.encoders.get() if ctx.encoders is not None else None
+        if shared is None:
+            self._tracks = local_tracks(ctx.media, ctx.sources)
         tap: FrameTap[DeviceRef] | None = None
         if ctx.frames is not None:
             frames = ctx.frames
@@ -55,6 +46,7 @@ class MeshMedia:
             ctx.agent,
             keys=ctx.keys,
             sources=self._tracks,
+            encoders=shared,
             config=ctx.mesh,
             frames=tap,
             admit_new=ctx.wants_mesh,
@@ -112,8 +104,7 @@ class MeshMedia:
     def hush(self) -> None:
         engine = self.link.engine if self.link is not None else None
         if engine is not None:
-            for encoder in engine.encoders.values():
-                encoder.paused = True
+            engine.hush()
 
     def failing(self) -> bool:
         """Never as a whole: each peer link repairs itself (a lost peer is that peer's gap)."""

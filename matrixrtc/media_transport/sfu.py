@@ -89,7 +89,9 @@ class LiveKitMedia:
             # that could only fail. Our senders encrypt with the first key they send it.
             subscribe_when_keyed=True,
             connection_factory=(
-                AiortcConnection if ctx.media.engine == "aiortc" else LiveKitConnection
+                functools.partial(AiortcConnection, shared=ctx.encoders)
+                if ctx.media.engine == "aiortc"
+                else LiveKitConnection
             ),
         )
         self.lk = lk

@@ -136,8 +136,13 @@ class MeshEngine:
         frames: FrameTap[DeviceRef] | None = None,
         key_sent: Callable[[DeviceRef, int], bool] | None = None,
         frame_e2ee: Callable[[DeviceRef], bool] | None = None,
+        encoders: Mapping[str, SharedEncoder] | None = None,
     ) -> None:
-        """``frames``: where every decoded remote frame goes, with the device it came from.
+        """``encoders``: running encoders to send from instead of ``sources`` (shared with
+        another transport: see :mod:`matrixrtc.media_transport.local_media`); the engine
+        subscribes each peer to them and never starts or closes them. Their transform must
+        be ``transform``'s encryption (the same sender key).
+        ``frames``: where every decoded remote frame goes, with the device it came from.
         ``key_sent(peer, index)``: whether ``peer`` has been sent our key at ``index``; with
         it, a protected frame goes to a peer only if so (it could not decrypt it otherwise:
         frames are held back, not sent undecryptable, and video resumes at a key frame).
@@ -153,8 +158,13 @@ class MeshEngine:
         self._transform = transform
         self._clock = clock
         self.signalling = MeshSignalling(local, clock=clock, config=self.config.signalling)
-        self.encoders: dict[str, SharedEncoder] = {}
-        self._sources: dict[str, MediaStreamTrack] = {}
+        self.encoders: dict[str, SharedEncoder] = dict(encoders or {})
+        self._owns_encoders = encoders is None
+        self._sources: dict[str, MediaStreamTrack] = {
+            kind: e.source for kind, e in self.encoders.items()
+        }
+        if encoders is not None and (sources or not self.config.encode_once):
+            raise LocalError("shared encoders replace sources, and need encode_once")
         self._relay: MediaRelay | None = None
         if not self.config.encode_once:
             if transform is not None:
@@ -180,6 +190,7 @@ class MeshEngine:
         self._tasks = OwnedTasks(f"mesh {self.local.device_id}", log, event_prefix="mesh")
         self._started = False
         self._closed = False
+        self._hushed = False
         # Remote audio is decoded only while the frames tap listens: nothing else reads it
         # (as the aiortc SFU engine). Received, decrypted and counted either way.
         self._decoding_audio = self._tap_listening()
@@ -201,7 +212,7 @@ class MeshEngine:
         if self._started:
             return
         self._started = True
-        for encoder in self.encoders.values():
+        for encoder in self.encoders.values() if self._owns_encoders else ():
             encoder.start()
         self._tasks.spawn(self._run_actions(), "actions")
         self._tasks.spawn(self._run_timer(), "timer")
@@ -225,7 +236,7 @@ class MeshEngine:
                 )
         for link in list(self.links.values()):
             await self._close_link(link)
-        for encoder in self.encoders.values():
+        for encoder in self.encoders.values() if self._owns_encoders else ():
             try:
                 await encoder.aclose()
             except RemoteError as exc:  # every encoder is closed; the first failure is raised
@@ -254,6 +265,14 @@ class MeshEngine:
     def link_for(self, peer: DeviceRef) -> PeerLink | None:
         call = self.signalling.call_for(peer)
         return None if call is None else self.links.get(call.call_id)
+
+    def hush(self) -> None:
+        """Send nothing more to any peer, linked now or later (we left the call); the
+        links stay up. Our peers' tracks only: the encoders may be shared."""
+        self._hushed = True
+        for link in self.links.values():
+            for track in link.tracks:
+                track.paused = True
 
     def set_video_decoding(self, peer: DeviceRef, on: bool) -> bool:
         """Decode ``peer``'s video or only receive, decrypt and count it (back on: from the
@@ -468,6 +487,7 @@ class MeshEngine:
                 sender = link.pc.addTrack(self._relay.subscribe(source, buffered=False))
             else:
                 track = self.encoders[kind].subscribe(plain=not e2ee)
+                track.paused = self._hushed
                 if self._key_sent is not None and e2ee:
                     track.admit = functools.partial(self._key_sent, link.peer)
                 sender = link.pc.addTrack(track)

@@ -181,6 +181,9 @@ class FanOutTrack(MediaStreamTrack):
         self.plain = False
         self.held = 0  # frames not sent: the peer lacked their key
         self._holding = False
+        # True: this transport sends nothing more on it (see MediaTransport.hush); the
+        # encoder skips its work once every subscriber is paused.
+        self.paused = False
 
     async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
@@ -212,6 +215,8 @@ class FanOutTrack(MediaStreamTrack):
 
     def _push(self, packet: av.Packet[Any], keyframe: bool, key_index: int | None = None) -> bool:
         """Queue one frame for this peer; False: held back or dropped."""
+        if self.paused:
+            return False
         if self.admit is not None and key_index is not None:
             if not self.admit(key_index):
                 self.held += 1
@@ -286,7 +291,6 @@ class SharedEncoder:
         self._resampler: Any = None
         self._audio_pts = 0
         self.trace_label = ""  # which transport this encoder feeds, for FRAME_TRACE
-        self.paused = False  # read and drop every frame (we left the call; see hush())
         # Nobody takes this simulcast layer now (the SFU's dynacast): read and drop every frame.
         self._unwanted = False
         # Every raw frame read, even while paused: a lower simulcast layer's source.
@@ -355,7 +359,7 @@ class SharedEncoder:
                     continue  # a pre-encoded source is not what a SharedEncoder is for
                 if self.tee is not None:
                     self.tee(frame)
-                if not self._subscribers or self.paused or self._unwanted:
+                if self._unwanted or all(t.paused for t in self._subscribers):
                     continue  # nobody listens: read (so the source never backs up), skip work
                 force, self._force_keyframe = self._force_keyframe, False
                 read_at = time.monotonic()

@@ -57,6 +57,7 @@ from matrixrtc.errors import LocalError, MatrixRTCError, RemoteError
 from matrixrtc.matrix import Homeserver, Subscription, ToDeviceEvent
 from matrixrtc.media.frames import FrameTap
 from matrixrtc.mesh.engine import MeshConfig, MeshEngine
+from matrixrtc.mesh.fanout import SharedEncoder
 from matrixrtc.mesh.ice import ice_servers_from_turn_response
 from matrixrtc.mesh.transform import CryptorTransform
 from matrixrtc.model.livekit_ids import DEFAULT_SLOT_ID, legacy_identity
@@ -155,8 +156,11 @@ class MatrixMesh:
         decrypt_rings: KeyRings | None = None,
         frames: FrameTap[DeviceRef] | None = None,
         admit_new: Callable[[], bool] | None = None,
+        encoders: Mapping[str, SharedEncoder] | None = None,
     ) -> None:
-        """``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
+        """``encoders``: running encoders (encrypting with ``keys``' sender key) to send
+        from instead of ``sources``, shared with another transport (``MeshEngine``).
+        ``decrypt_rings`` replaces the keys' rings for *decryption* only: a test hook for a
         participant that is left out of key distribution. ``frames`` gets every decoded remote
         frame. ``admit_new``: asked at each membership change whether the call's media is on
         the mesh; while it says no (the call is moving to the SFU), members already linked
@@ -170,6 +174,7 @@ class MatrixMesh:
         self.keys = keys
         self.config = config or MeshLinkConfig()
         self._sources = tuple(sources)
+        self._encoders = encoders
         self._decrypt_rings = decrypt_rings
         self._mesh_cfg = self.config.mesh  # with the TURN servers once started
         self._identities: dict[DeviceRef, str] = {}
@@ -273,6 +278,7 @@ class MatrixMesh:
             local,
             self,
             sources=self._sources,
+            encoders=self._encoders,
             config=self._mesh_cfg,
             transform=transform,
             frames=self._frames,

@@ -7,7 +7,9 @@ With ``mesh_max`` 3, three members start on mesh; a fourth joining moves the cal
 its leaving moves it back. Make-before-break, asserted as an order (not a time: CI runs this
 under load): every member tears down its old transport only after each other member took its
 media from the new one and said so. The largest video gap any member saw from any other is
-printed (bench/scale.py gives the figure) and must stay under 2 s.
+printed (bench/scale.py gives the figure) and must stay under 2 s. Each member encodes its
+video with one encoder through both switches (the transports share it: local_media), on
+either SFU engine.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -26,8 +29,10 @@ from matrixrtc.agent import AgentConfig, CallAgent
 from matrixrtc.call_keys import CallKeys
 from matrixrtc.devstack import LiveKit, Synapse, UserCreds
 from matrixrtc.livekit import MediaOptions
+from matrixrtc.livekit.connection import SfuEngine
 from matrixrtc.matrix import Homeserver, Login
 from matrixrtc.mesh.engine import MeshConfig
+from matrixrtc.mesh.fanout import SharedEncoder
 from matrixrtc.mesh.matrix_link import MeshLinkConfig
 from matrixrtc.model import FullMeshTransport, LivekitTransport
 from matrixrtc.session.media_policy import MediaKind
@@ -66,7 +71,13 @@ class Member:
 
 
 async def join(
-    synapse: Synapse, user: UserCreds, room_id: str, sfu_url: str, name: str, mesh_max: int = 3
+    synapse: Synapse,
+    user: UserCreds,
+    room_id: str,
+    sfu_url: str,
+    name: str,
+    mesh_max: int = 3,
+    media: MediaOptions = MEDIA,
 ) -> Member:
     stack = contextlib.AsyncExitStack()
     try:
@@ -80,7 +91,7 @@ async def join(
         keys = await stack.enter_async_context(CallKeys(agent))
         config = SwitchConfig(
             mesh_max=mesh_max,
-            media=MEDIA,
+            media=media,
             # Under load an acknowledgement may take a while; waiting for it is what is tested.
             ack_timeout_s=15.0,
             settle_timeout_s=25.0,
@@ -148,15 +159,33 @@ def assert_make_before_break(switched: list[Member], everyone: list[Member]) -> 
             assert cut <= last.finished_at, (m.name, "tore down before", o.name, "cut over")
 
 
+@pytest.mark.parametrize("engine", ["sdk", "aiortc"])
 async def test_fourth_member_moves_the_call_to_sfu_and_back_without_a_two_second_gap(
-    synapse: Synapse, sfu: Service, user_factory: Callable[..., Awaitable[UserCreds]]
+    synapse: Synapse,
+    sfu: Service,
+    user_factory: Callable[..., Awaitable[UserCreds]],
+    monkeypatch: pytest.MonkeyPatch,
+    engine: SfuEngine,
 ) -> None:
-    users = [await user_factory(n) for n in ("swa", "swb", "swc", "swd")]
+    media = replace(MEDIA, engine=engine)
+    video_encoders: list[SharedEncoder] = []
+    made = SharedEncoder.__init__
+
+    def counted(self: SharedEncoder, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        if self.kind == "video":
+            video_encoders.append(self)
+
+    monkeypatch.setattr(SharedEncoder, "__init__", counted)
+    users = [await user_factory(f"sw{n}{engine}") for n in "abcd"]
     room_id = await synapse.create_call_room(users[0], invite=users[1:], encrypted=True)
     t0 = time.monotonic()
     first = list(
         await asyncio.gather(
-            *(join(synapse, u, room_id, sfu.url, n) for u, n in zip(users, "abc", strict=False))
+            *(
+                join(synapse, u, room_id, sfu.url, n, media=media)
+                for u, n in zip(users, "abc", strict=False)
+            )
         )
     )
     everyone = list(first)
@@ -165,7 +194,7 @@ async def test_fourth_member_moves_the_call_to_sfu_and_back_without_a_two_second
         await flowing(first, MediaKind.MESH)
         t_mesh = time.monotonic()
 
-        d = await join(synapse, users[3], room_id, sfu.url, "d")
+        d = await join(synapse, users[3], room_id, sfu.url, "d", media=media)
         everyone.append(d)
         t_join = time.monotonic()
         await settled(everyone, MediaKind.SFU)
@@ -214,5 +243,10 @@ async def test_fourth_member_moves_the_call_to_sfu_and_back_without_a_two_second
             assert m.switcher.history[1].reason == "4 members > mesh_max 3"
         assert [(r.old, r.new) for r in d.switcher.history] == [(None, MediaKind.SFU)]
         assert largest < MAX_GAP_S, f"largest media gap {largest:.2f} s"
+        # One video encoder per member for the whole call: the mesh, the SFU and the mesh
+        # again share it (the SDK engine encodes in its own core, so the joiner, only ever on
+        # the SFU, makes none there). Without sharing: 10 (3 + 3 + 1 + 3) and 6 (3 + 3).
+        expected = 4 if engine == "aiortc" else 3
+        assert len(video_encoders) == expected, [e.trace_label for e in video_encoders]
     finally:
         await asyncio.gather(*(m.stack.aclose() for m in everyone), return_exceptions=True)

@@ -118,23 +118,48 @@ def test_target_bitrate_is_the_minimum_over_peers() -> None:
     assert encoder.target_bitrate == MAX_VIDEO_BITRATE
 
 
-async def test_a_paused_encoder_keeps_reading_its_source_and_sends_nothing() -> None:
-    """What MediaTransport.hush() relies on (we left the call and linger on the SFU): the
-    source is still read, so it never backs up, but no frame reaches a peer."""
+async def _until(done: Any, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.005)):
+        if done():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_paused_track_gets_nothing_while_its_sibling_still_does() -> None:
+    """What MediaTransport.hush() relies on when the encoder is shared (local_media): the
+    transport that left pauses its own tracks, and the other transport's keep their frames."""
+    encoder = SharedEncoder(SyntheticVideoTrack(fps=50.0))
+    hushed, other = encoder.subscribe(), encoder.subscribe()
+    encoder.start()
+    try:
+        await asyncio.wait_for(hushed.recv(), 5)  # both are sent to
+        await asyncio.wait_for(other.recv(), 5)
+        hushed.paused = True
+        while not hushed._queue.empty():  # what was queued before the pause
+            hushed._queue.get_nowait()
+        sent = other.packets_sent
+        for _ in range(5):
+            await asyncio.wait_for(other.recv(), 5)
+        assert other.packets_sent == sent + 5
+        assert hushed._queue.empty()
+    finally:
+        await encoder.aclose()
+
+
+async def test_with_every_track_paused_the_source_is_read_and_nothing_encoded() -> None:
+    """We left the call and linger on the SFU: the source is still read, so it never backs
+    up, but no frame is encoded or reaches a peer."""
     encoder = SharedEncoder(SyntheticVideoTrack(fps=50.0))
     track = encoder.subscribe()
     encoder.start()
     try:
         await asyncio.wait_for(track.recv(), 5)  # sending
-        encoder.paused = True
-        while not track._queue.empty():  # what was queued before the pause
+        track.paused = True
+        while not track._queue.empty():
             track._queue.get_nowait()
         read = encoder.frames_in
-        for _ in range(1000):  # until five frames were read while paused (5 s at most)
-            if encoder.frames_in >= read + 5:
-                break
-            await asyncio.sleep(0.005)
-        assert encoder.frames_in >= read + 5
+        await _until(lambda: encoder.frames_in >= read + 5)
         assert track._queue.empty()
         assert encoder.frames_encoded <= read + 1  # at most the one in hand at the pause
     finally:
