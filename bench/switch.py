@@ -545,7 +545,8 @@ def _causes(
         for peer, start, end, via, _open in r["gaps"]:
             if not (start >= since and end < until and (end - start) * 1000 > ms):
                 continue
-            rows = [t for t in trace.get(peer, []) if t[0] == via]
+            # The sender's encoder rows: its transport's, or the call's shared encoder's.
+            rows = [t for t in trace.get(peer, []) if t[0] in (via, "shared")]
             detail: dict[str, Any] = {}
             if not rows:
                 cause = "no trace"
@@ -598,7 +599,7 @@ def _causes(
             detail["other"] = {
                 "via": other,
                 "sent": [round((t[3] - start) * 1000) for t in trace.get(peer, [])
-                         if t[0] == other and start < t[3] < end],
+                         if t[0] in (other, "shared") and start < t[3] < end],
                 "received": [round((t[1] - start) * 1000) for t in rx_trace.get(r["user"], [])
                              if t[0].startswith(f"{other} {peer}") and start < t[1] < end],
             }  # fmt: skip
