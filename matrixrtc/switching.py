@@ -303,7 +303,14 @@ class MediaSwitcher:
         self._sources: dict[int, _Source] = {}
         cfg = self.config
         self._encoders = (
-            LocalEncoders(cfg.media, sources=cfg.sources, keys=keys) if cfg.share_encoders else None
+            LocalEncoders(
+                cfg.media,
+                sources=cfg.sources,
+                keys=keys,
+                queue_frames=cfg.mesh.mesh.send_queue_frames,
+            )
+            if cfg.share_encoders
+            else None
         )
         self._dirty = asyncio.Event()
         self._settled = asyncio.Event()

@@ -62,8 +62,11 @@ class LocalEncoders:
         *,
         sources: Callable[[], Sequence[MediaStreamTrack]] | None,
         keys: CallKeys | None,
+        queue_frames: int = 8,
     ) -> None:
+        """``queue_frames``: each subscriber's queue (``MeshConfig.send_queue_frames``)."""
         self._media = media
+        self._queue_frames = queue_frames
         self._sources = sources
         self._keys = keys
         self._tracks: list[MediaStreamTrack] = []
@@ -86,7 +89,9 @@ class LocalEncoders:
             for track in self._tracks:
                 if track.kind in encoders:
                     raise LocalError(f"one local {track.kind} track only")
-                e = encoders[track.kind] = SharedEncoder(track, transform=transform)
+                e = encoders[track.kind] = SharedEncoder(
+                    track, transform=transform, queue_frames=self._queue_frames
+                )
                 e.trace_label = "shared"
                 e.start()
             self._encoders = encoders
