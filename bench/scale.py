@@ -40,7 +40,10 @@ over the transport the receiver takes that member from). ``switch_gap_ms_without
 same, measured right before in the same run, with each member tearing down its old path
 without waiting for the others to receive it on the new one (the switcher before
 make-before-break acknowledgements; ``--no-switch-compare`` skips it). Its SFU side runs on the
-first ``--sfu-engine`` (``switch_sfu_engine``).
+first ``--sfu-engine`` (``switch_sfu_engine``). Synapse and the authorization service run at a
+lower CPU weight (``switch_homeserver_nice``, bench/switch.py's docstring says why);
+``switch_gap_ms_same_priority`` (with ``--switch-compare``) is the same measurement with them
+at the members' weight.
 
 SFU cells run each participant's LiveKit client on ``--sfu-engine`` (``MediaOptions.engine``):
 ``aiortc`` (default: our client over aiortc, ``matrixrtc/media_transport/aiortc_engine.py``,
@@ -436,7 +439,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             before = await measure_switches(media, args.switch_runs, acks=False)
             result["switch_gap_ms_without_acks"] = {d: before[d] for d in dirs}
             result["switch_detail_without_acks"] = [r["detail"] for r in before["runs"]]
+            # The homeserver at the members' CPU weight (bench/switch.py's docstring).
+            same = await measure_switches(media, args.switch_runs, homeserver_nice=0)
+            result["switch_gap_ms_same_priority"] = {d: same[d] for d in dirs}
+            result["switch_gap_ms_each_same_priority"] = same["each"]
         sw = await measure_switches(media, args.switch_runs)
+        result["switch_homeserver_nice"] = sw["homeserver_nice"]
         # The largest gap over every run (the target), with the median and each run's figure.
         result["switch_gap_ms"] = {d: sw[d] for d in dirs}
         result["switch_sfu_engine"] = media.engine

@@ -22,6 +22,16 @@ one). A gap still open at the end counts. ``mesh_to_sfu`` is the largest gap any
 from any other between the join and the leave, ``sfu_to_mesh`` from the leave to the end.
 Process clocks are comparable: ``time.monotonic`` is the machine's CLOCK_MONOTONIC.
 
+The homeserver and the authorization service run at a lower CPU weight than the members and
+LiveKit (``--homeserver-nice``, default 19: ``os.setpriority`` on every thread and the nice of
+their scheduler autogroup; 0: the same weight). On a real call they are servers elsewhere; on
+this box a switch's signalling (memberships, Olm to-device messages, acknowledgements, the
+syncs that carry them) took 0.2–0.35 of a core in Synapse at the very moment the members ran
+both paths, and what the members see was partly Synapse's scheduling. LiveKit keeps the
+members' weight: it carries the media. A lower weight makes the switch take longer (Synapse
+answers later; 1.43–1.58 s instead of 1.14–1.34 mesh→SFU), never the gap (the old path
+carries the media meanwhile). ``homeserver_nice`` in the result says what was applied.
+
 ``acks`` False (``--no-acks``): members tear down their old transport once they receive
 everyone on the new one, without waiting to be received there (the switcher before
 make-before-break acknowledgements), for before/after figures in one run.
@@ -51,6 +61,7 @@ from bench._host import (
     CpuSample,
     busy_cores,
     cpu_sample,
+    lower_cpu_weight,
     process_cpu,
     steal_cores,
     udp_drops,
@@ -81,6 +92,7 @@ SETTLE_TIMEOUT_S = 60.0
 # steady windows for the no-switch controls).
 STEADY_S = float(os.environ.get("BENCH_SWITCH_STEADY_S", "3.0"))
 LIMIT_S = 240.0
+HOMESERVER_NICE = 19  # see the module docstring
 TEARDOWN_S = 1.5
 
 
@@ -647,10 +659,16 @@ def _order(reports: Sequence[dict[str, Any]], t0: float, step: int) -> list[dict
 
 
 async def measure_switch(
-    media: MediaOptions, *, acks: bool = True, profile: Path | None = None
+    media: MediaOptions,
+    *,
+    acks: bool = True,
+    profile: Path | None = None,
+    homeserver_nice: int = HOMESERVER_NICE,
 ) -> dict[str, Any]:
     """The figures of one run (see the module docstring); with ``profile`` (a directory),
-    py-spy samples every member from each switch's start until everyone finished it."""
+    py-spy samples every member from each switch's start until everyone finished it.
+    ``homeserver_nice``: the CPU weight of Synapse and the authorization service (0: as the
+    members')."""
     run_dir = new_run_dir(prefix="bench-switch")
     procs: list[_Proc] = []
     async with (
@@ -672,6 +690,12 @@ async def measure_switch(
         def pids() -> dict[str, int | None]:
             servers = {"synapse": hs.pid, "livekit": lk.pid, "auth": svc.pid}
             return {**{p.name: p.proc.pid for p in procs}, **servers}
+
+        lowered = {
+            name: lower_cpu_weight(pid, homeserver_nice)
+            for name, pid in (("synapse", hs.pid), ("auth", svc.pid))
+            if pid is not None and homeserver_nice
+        }
 
         try:
             for i, u in enumerate(users[:3]):
@@ -756,6 +780,8 @@ async def measure_switch(
         "sfu_to_mesh": to_mesh_gap["ms"],
         "encoder": {"max_video_kbps": media.max_video_kbps, "keep_framerate": media.keep_framerate},
         "sfu_engine": media.engine,
+        # Synapse's and the authorization service's nice, and what each got (module doc).
+        "homeserver_nice": {"nice": homeserver_nice, "applied": lowered},
         "steady_gap_ms": steady,
         "in_switch_gap_ms": in_switch,
         "in_switch_gaps_over_100_ms": in_switch_over,
@@ -836,6 +862,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the SFU client (MediaOptions.engine): the LiveKit SDK, or our RtcClient on aiortc "
         "(cheaper; its encoder has no bitrate cap or frame-rate preference)",
     )
+    parser.add_argument(
+        "--homeserver-nice",
+        type=int,
+        default=HOMESERVER_NICE,
+        help="CPU weight of Synapse and the authorization service, as a nice value (default "
+        f"{HOMESERVER_NICE}: servers elsewhere on a real call; 0: the members' weight)",
+    )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
     configure_logging(level="error")
@@ -873,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
         async with asyncio.timeout(LIMIT_S):
             if a.profile is not None:
                 a.profile.mkdir(parents=True, exist_ok=True)
-            return await measure_switch(media, acks=a.acks, profile=a.profile)
+            return await measure_switch(
+                media, acks=a.acks, profile=a.profile, homeserver_nice=a.homeserver_nice
+            )
 
     if args.runs <= 1:
         result = run_bench(run, args)
@@ -887,7 +922,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def runs(a: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(LIMIT_S * a.runs):
-            return await measure_switches(media, a.runs, acks=a.acks)
+            return await measure_switches(
+                media, a.runs, acks=a.acks, homeserver_nice=a.homeserver_nice
+            )
 
     result = run_bench(runs, args)
     if result is not None:
@@ -932,9 +969,16 @@ def _sample_stalls(loop: asyncio.AbstractEventLoop, lag_s: float = 0.012) -> Non
     threading.Thread(target=watch, name="stall-sampler", daemon=True).start()
 
 
-async def measure_switches(media: MediaOptions, runs: int, *, acks: bool = True) -> dict[str, Any]:
+async def measure_switches(
+    media: MediaOptions, runs: int, *, acks: bool = True, homeserver_nice: int = HOMESERVER_NICE
+) -> dict[str, Any]:
     """:func:`measure_switch` ``runs`` times (a fresh stack each), through :func:`aggregate`."""
-    return aggregate([await measure_switch(media, acks=acks) for _ in range(runs)])
+    return aggregate(
+        [
+            await measure_switch(media, acks=acks, homeserver_nice=homeserver_nice)
+            for _ in range(runs)
+        ]
+    )
 
 
 _STEADY_OF = {"mesh_to_sfu": "sfu", "sfu_to_mesh": "mesh"}
@@ -952,6 +996,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "switches": len(results),
         "encoder": results[0].get("encoder"),
         "sfu_engine": results[0].get("sfu_engine"),
+        "homeserver_nice": results[0].get("homeserver_nice", {}).get("nice"),
         "median": {d: statistics.median(each[d]) for d in dirs},
         "each": each,
         "phase": {d: [r["detail"][d]["largest"].get("phase") for r in results] for d in dirs},

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,7 @@ from bench._host import (
     UdpSample,
     busy_cores,
     cpu_sample,
+    lower_cpu_weight,
     parse_cpu_line,
     parse_snmp_udp,
     parse_udp_socket_drops,
@@ -91,3 +96,32 @@ def test_udp_drops_between_two_samples() -> None:
     until = UdpSample(received=1100, rcvbuf_dropped=45, port_dropped=2)
     assert udp_drops(since, until) == {"received": 1000, "dropped": 40, "at_port": 0}
     assert udp_drops(since, UdpSample(1100, 45, None))["at_port"] is None
+
+
+def test_lower_cpu_weight_reaches_every_thread_and_the_session_group() -> None:
+    """What bench/switch.py does to Synapse: a child in its own session (as devstack starts
+    services), with a second thread, ends at the nice asked for, thread by thread, and so does
+    its scheduler autogroup where the kernel has them."""
+    code = (
+        "import threading, time; "
+        "threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        tasks = Path(f"/proc/{child.pid}/task")
+        for _ in range(200):  # until its second thread runs
+            if len(list(tasks.iterdir())) >= 2:
+                break
+            time.sleep(0.01)
+        got = lower_cpu_weight(child.pid, 15)
+        assert got["threads"] == 15
+        for task in tasks.iterdir():  # every thread, not just the main one
+            assert os.getpriority(os.PRIO_PROCESS, int(task.name)) == 15
+        group = Path(f"/proc/{child.pid}/autogroup")
+        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled")
+        if group.exists() and enabled.exists() and enabled.read_text().strip() == "1":
+            assert got["autogroup"] == 15
+            assert "nice 15" in group.read_text()
+    finally:
+        child.kill()
+        child.wait()
