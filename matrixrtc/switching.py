@@ -147,8 +147,9 @@ class SwitchConfig:
     mesh_max: int = DEFAULT_MESH_MAX
     media: MediaOptions = field(default_factory=MediaOptions)  # what we send on either transport
     mesh: MeshLinkConfig = field(default_factory=lambda: SWITCH_MESH)
-    # Local tracks for each transport we start (a mesh, a publishing LiveKit connection); the
-    # transport stops them when it closes. None: synthetic video (and a tone) from ``media``.
+    # Our local tracks: called once by the shared encoders (share_encoders, the default),
+    # which stop them when the switcher closes; else by each transport we start, which stops
+    # its own on close (the SDK engine always does so). None: synthetic video and a tone.
     sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
     # One encoder per kind for the switcher's lifetime, shared by the transports that can
     # (the mesh; the SFU on the aiortc engine without simulcast), so the overlap of a switch

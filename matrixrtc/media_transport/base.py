@@ -54,7 +54,8 @@ class TransportContext:
     keys: CallKeys | None
     media: MediaOptions = field(default_factory=MediaOptions)
     mesh: MeshLinkConfig = field(default_factory=MeshLinkConfig)
-    # Local tracks for each transport started (it stops them on close); None: synthetic.
+    # Local tracks for a transport that encodes its own (it stops them on close; with
+    # ``encoders`` the shared encoders read them instead); None: synthetic.
     sources: Callable[[], Sequence[MediaStreamTrack]] | None = None
     # Our media encoded once for every transport of the call that can share it (the
     # switcher's; see local_media). None: each transport encodes its own ``sources``.
