@@ -871,6 +871,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a member process (JSON args)
     args = parser.parse_args(argv)
+    if not -20 <= args.homeserver_nice <= 19:
+        parser.error("--homeserver-nice: a nice value, from -20 to 19")
+    if args.homeserver_nice < 0 and os.geteuid() != 0:
+        # setpriority would raise PermissionError once the stack is up
+        parser.error("--homeserver-nice below 0 raises a priority: that needs root")
     configure_logging(level="error")
     if args.member:
         debug = bool(os.environ.get("BENCH_SWITCH_DEBUG"))  # log callbacks blocking > 40 ms

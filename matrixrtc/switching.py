@@ -419,6 +419,11 @@ class MediaSwitcher:
         """What runs the transport carrying our media now (None before the first one)."""
         return self.current.engine if self.current is not None else None
 
+    @property
+    def local_encoders(self) -> LocalEncoders | None:
+        """The encoders every transport that can shares (None: ``share_encoders`` off)."""
+        return self._encoders
+
     def running(self, kind: MediaKind) -> MediaTransport | None:
         """The running transport of ``kind`` (carrying media, or being switched to)."""
         return next((t for t in self._running() if t.kind is kind), None)

@@ -267,16 +267,40 @@ class _Probe:
             "signalling_dropped": mesh.dropped_signalling if mesh is not None else 0,
             "loop_lag_ms": round(lag, 1),
             # transport -> kind -> counters, for each transport we publish on
-            "encoders": {
-                transport: counters
-                for transport, counters in (
-                    ("mesh", _encoder_counters(engine.encoders if engine is not None else {})),
-                    ("sfu", _encoder_counters(_sfu_encoders(media))),
-                )
-                if counters
-            },
+            "encoders": _encoder_report(
+                _shared_encoders(media),
+                mesh=engine.encoders if engine is not None else {},
+                sfu=_sfu_encoders(media),
+            ),
             "peers": peers,
         }
+
+
+def _encoder_report(
+    shared: Mapping[str, SharedEncoder],
+    *,
+    mesh: Mapping[str, SharedEncoder],
+    sfu: Mapping[str, SharedEncoder],
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Counters by transport, each encoder once: those the switcher's transports share are
+    under ``"shared"`` for the whole call (listed under both transports during a switch's
+    overlap, they were counted twice; and moving from one to the other, counted from 0
+    again by the runner's deltas); ``"mesh"`` and ``"sfu"`` hold only a transport's own."""
+    ours = {id(e) for e in shared.values()}
+    report: dict[str, dict[str, dict[str, int]]] = {}
+    for transport, encoders in (("shared", shared), ("mesh", mesh), ("sfu", sfu)):
+        own = encoders if transport == "shared" else {
+            kind: e for kind, e in encoders.items() if id(e) not in ours
+        }  # fmt: skip
+        if counters := _encoder_counters(own):
+            report[transport] = counters
+    return report
+
+
+def _shared_encoders(media: MatrixMesh | MediaSwitcher) -> Mapping[str, SharedEncoder]:
+    """The switcher's shared encoders, once a transport made them."""
+    local = media.local_encoders if isinstance(media, MediaSwitcher) else None
+    return local.get() if local is not None and local.started else {}
 
 
 def _encoder_counters(encoders: Mapping[str, SharedEncoder]) -> dict[str, dict[str, int]]:

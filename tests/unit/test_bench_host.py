@@ -125,3 +125,21 @@ def test_lower_cpu_weight_reaches_every_thread_and_the_session_group() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_switch_bench_refuses_a_nice_it_could_not_apply(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A nice outside -20..19, or a negative one without root, is refused before any stack
+    starts, with a line that says why (not a PermissionError traceback once Synapse is up)."""
+    from bench import switch
+
+    with pytest.raises(SystemExit) as exit_:
+        switch.main(["--homeserver-nice", "25"])
+    assert exit_.value.code == 2
+    assert "from -20 to 19" in capsys.readouterr().err
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as exit_:
+        switch.main(["--homeserver-nice", "-5"])
+    assert exit_.value.code == 2
+    assert "needs root" in capsys.readouterr().err

@@ -152,3 +152,27 @@ async def test_shared_encoders_replace_sources() -> None:
             )
     finally:
         await local.aclose()
+
+
+def test_call_test_report_lists_a_shared_encoder_once() -> None:
+    """The call-test report's encoder counters (what the runner's ``sent`` figures are deltas
+    of): an encoder both transports publish from is reported once, under ``shared``, not under
+    ``mesh`` and ``sfu`` (summed twice during a switch, and counted from 0 again when it
+    moves from one transport's key to the other's); a transport's own encoder stays under it."""
+    from matrixrtc.calltest.participant import _encoder_report
+    from matrixrtc.mesh.fanout import SharedEncoder
+
+    shared = SharedEncoder(SyntheticVideoTrack(64, 48, 15.0))
+    own_audio = SharedEncoder(ToneAudioTrack(440.0))
+    shared.frames_in = shared.frames_encoded = 30
+    own_audio.frames_in = own_audio.frames_encoded = 100
+    report = _encoder_report(
+        {"video": shared}, mesh={"video": shared}, sfu={"video": shared, "audio": own_audio}
+    )
+    assert sorted(report) == ["sfu", "shared"]
+    assert report["shared"]["video"]["frames_encoded"] == 30
+    assert report["sfu"] == {"audio": report["sfu"]["audio"]}
+    assert report["sfu"]["audio"]["frames_in"] == 100
+    # Nothing shared (share_encoders off, or the SDK engine): each transport's own, as before.
+    unshared = _encoder_report({}, mesh={"video": shared}, sfu={})
+    assert sorted(unshared) == ["mesh"]
